@@ -1,0 +1,52 @@
+"""Reading and verifying bundles on disk (writing is the builder's job, through ``write_files``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from app.core.errors import BundleError
+from app.core.manifest import MANIFEST_NAME, Manifest
+from app.core.models import file_sha256
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    path = bundle_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(f"{bundle_dir} is not a bundle: no {MANIFEST_NAME}")
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise BundleError(f"invalid {path}: {exc}") from exc
+
+
+def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
+    """Every listed file exists with its recorded sha256; otherwise refuse the bundle."""
+    for name, expected in manifest.files.items():
+        path = bundle_dir / name
+        if not path.is_file():
+            raise BundleError(f"bundle file missing: {path}")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise BundleError(
+                f"bundle file {name} does not match the manifest (sha256 {actual[:12]}..., "
+                f"manifest says {expected[:12]}...): the bundle was modified or corrupted"
+            )
+    referenced = {manifest.model.weights_file, manifest.detector.labels_file}
+    referenced.add(manifest.calibration.scores_file)
+    for layer in manifest.detector.layers:
+        referenced.update({layer.index_file, layer.processing_file})
+    unlisted = sorted(referenced - set(manifest.files))
+    if unlisted:
+        raise BundleError(f"manifest references files without a checksum: {unlisted}")
+    if manifest.files[manifest.model.weights_file] != manifest.model.weights_sha256:
+        raise BundleError("the model weights' sha256 differs from the manifest's model entry")
+
+
+def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
+    path = bundle_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,17 @@
+"""Errors the core raises for bad models, bad bundles and bad input: each says what to fix."""
+
+
+class AdvguardError(Exception):
+    """Base class: every error the core raises on purpose."""
+
+
+class ModelLoadError(AdvguardError):
+    """Unknown architecture, missing weights file, or weights that do not fit the architecture."""
+
+
+class BundleError(AdvguardError):
+    """A bundle that is incomplete, tampered with, or does not match its model."""
+
+
+class SourceError(AdvguardError):
+    """An image source that cannot be read at all (individual bad images are skipped instead)."""

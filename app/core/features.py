@@ -1,0 +1,135 @@
+"""The one feature extractor: image -> pixels -> (logits, pooled features of named layers).
+
+Builder, service and evaluation all compute features through ``FeatureNetwork``: one forward
+pass gives the logits and the globally average pooled activations of each requested layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from app.core.errors import ModelLoadError
+from app.core.models import PreprocessingPreset
+
+
+def image_to_pixels(image: Image.Image, preset: PreprocessingPreset) -> torch.Tensor:
+    """Decoded image -> float32 CxHxW tensor in [0, 1] (RGB, resized, centre cropped).
+
+    Any mode (grayscale, palette, CMYK, alpha, 16-bit) is converted to RGB here, so callers hand
+    over whatever Pillow decoded.
+    """
+    if image.mode != "RGB":
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16/32-bit integer grayscale: rescale to 8 bits before RGB conversion (Pillow clips).
+            array = np.asarray(image, dtype=np.float32)
+            peak = 65535.0 if array.max(initial=0) > 255 else 255.0
+            image = Image.fromarray((array * (255.0 / peak)).clip(0, 255).astype(np.uint8))
+        has_palette_alpha = image.mode == "P" and "transparency" in image.info
+        if image.mode in ("RGBA", "LA", "PA") or has_palette_alpha:
+            # Composite transparency onto white rather than letting RGB conversion reveal junk.
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        image = image.convert("RGB")
+    image = TF.resize(image, preset.resize, interpolation=TF.InterpolationMode.BILINEAR)
+    image = TF.center_crop(image, [preset.crop, preset.crop])
+    pixels: torch.Tensor = TF.pil_to_tensor(image).float().div_(255.0)
+    return pixels
+
+
+def global_average_pool(activation: torch.Tensor) -> torch.Tensor:
+    """NxCxHxW -> NxC; NxTxC token sequences -> NxC (mean over tokens); NxC unchanged."""
+    if activation.dim() == 4:
+        return activation.mean(dim=(2, 3))
+    if activation.dim() == 3:
+        return activation.mean(dim=1)
+    if activation.dim() == 2:
+        return activation
+    raise ValueError(f"cannot pool an activation of shape {tuple(activation.shape)}")
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    logits: torch.Tensor
+    features: dict[str, torch.Tensor]
+
+
+class FeatureNetwork(nn.Module):
+    """Normalisation + classifier with forward hooks on the requested layers.
+
+    Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
+    Features of layer L are the global average pool of the output of the module named L.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], preset: PreprocessingPreset):
+        super().__init__()
+        if not layers:
+            raise ValueError("at least one feature layer is needed")
+        self.model = model
+        self.layers = tuple(layers)
+        self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
+        modules = dict(model.named_modules())
+        missing = [name for name in self.layers if name not in modules]
+        if missing:
+            candidates = [name for name in modules if name and "." not in name]
+            raise ModelLoadError(f"no layer named {missing} in the model; top-level: {candidates}")
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = [
+            modules[name].register_forward_hook(self._make_hook(name)) for name in self.layers
+        ]
+
+    def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+            self._captured[name] = global_average_pool(output)
+
+        return hook
+
+    def forward(self, pixels: torch.Tensor) -> ForwardOutput:
+        self._captured = {}
+        logits = self.model((pixels - self.mean) / self.std)
+        features, self._captured = self._captured, {}
+        return ForwardOutput(logits=logits, features=features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
+
+@dataclass(frozen=True)
+class BatchFeatures:
+    """Numpy view of one inference batch: what the detector consumes."""
+
+    probabilities: np.ndarray  # (n, classes) float32
+    predictions: np.ndarray  # (n,) int64
+    features: dict[str, np.ndarray]  # layer -> (n, d) float32
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """``cuda`` when available unless told otherwise."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def infer_batch(network: FeatureNetwork, pixels: torch.Tensor) -> BatchFeatures:
+    """One inference-mode forward pass of a pixel batch -> probabilities, predictions, features."""
+    with torch.inference_mode():
+        out = network(pixels.to(network.device, non_blocking=True))
+        probabilities = torch.softmax(out.logits.float(), dim=1)
+        return BatchFeatures(
+            probabilities=probabilities.cpu().numpy(),
+            predictions=probabilities.argmax(dim=1).cpu().numpy().astype(np.int64),
+            features={k: v.float().cpu().numpy() for k, v in out.features.items()},
+        )

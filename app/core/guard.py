@@ -1,0 +1,158 @@
+"""Guard: a verified bundle turned into verdicts (classify, score, accept or reject).
+
+The service and the evaluation both go through this class; the stages (``infer`` on the model,
+``score`` on the index, ``decide``) are separate so the service can time and batch them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from app.core import search
+from app.core.bundle import read_manifest, verify_files
+from app.core.detector import Detector, LayerIndex
+from app.core.errors import BundleError, ModelLoadError
+from app.core.features import (
+    BatchFeatures,
+    FeatureNetwork,
+    image_to_pixels,
+    infer_batch,
+    pick_device,
+)
+from app.core.manifest import Manifest
+from app.core.models import PreprocessingPreset, file_sha256, load_model
+from app.core.processing import FeatureProcessing
+
+
+@dataclass(frozen=True)
+class Verdict:
+    predicted_class: int
+    class_name: str
+    probability: float
+    score: float
+    threshold: float
+    accepted: bool
+
+
+def preset_of(manifest: Manifest) -> PreprocessingPreset:
+    spec = manifest.model.preprocessing
+    return PreprocessingPreset(spec.preset, spec.resize, spec.crop, spec.mean, spec.std)
+
+
+class Guard:
+    def __init__(
+        self,
+        manifest: Manifest,
+        network: FeatureNetwork,
+        detector: Detector,
+        threshold: float,
+        index_device: str,
+    ) -> None:
+        self.manifest = manifest
+        self.network = network
+        self.detector = detector
+        self.threshold = threshold
+        self.index_device = index_device
+        self.preset = preset_of(manifest)
+        self.class_names = list(manifest.class_names)
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: Path,
+        device: str | None = None,
+        use_gpu_index: bool | None = None,
+        retention: float | None = None,
+        weights_path: Path | None = None,
+    ) -> Guard:
+        """Load and verify a bundle. ``weights_path`` may point at the model weights elsewhere,
+        but they must still match the manifest's sha256."""
+        manifest = read_manifest(bundle_dir)
+        verify_files(bundle_dir, manifest)
+        weights = weights_path or bundle_dir / manifest.model.weights_file
+        if weights_path is not None and file_sha256(weights) != manifest.model.weights_sha256:
+            raise BundleError(f"model weights {weights} do not match the bundle's model")
+        try:
+            model = load_model(manifest.model.arch, weights, manifest.model.num_classes)
+        except ModelLoadError as exc:
+            raise BundleError(f"the bundle's model cannot be loaded: {exc}") from exc
+        torch_device = pick_device(device)
+        layer_spec = manifest.detector.layers[0]
+        network = FeatureNetwork(model, [layer_spec.name], preset_of(manifest)).to(torch_device)
+        network.eval()
+        processing = FeatureProcessing.load(bundle_dir / layer_spec.processing_file)
+        if (processing.input_dim, processing.output_dim) != (
+            layer_spec.input_dim,
+            layer_spec.output_dim,
+        ):
+            raise BundleError("processing file dimensions differ from the manifest")
+        index = search.load_index(bundle_dir / layer_spec.index_file)
+        if layer_spec.nprobe is not None:
+            search.set_nprobe(index, layer_spec.nprobe)
+        want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
+        index, index_device = search.to_device(index, want_gpu)
+        labels = np.load(bundle_dir / manifest.detector.labels_file, allow_pickle=False)
+        if labels.shape[0] != manifest.counts.indexed:
+            raise BundleError("label count differs from the manifest")
+        detector = Detector(
+            LayerIndex(layer_spec.name, processing, index),
+            labels,
+            manifest.detector.k,
+            manifest.detector.score_function,
+        )
+        threshold = manifest.calibration.threshold
+        if retention is not None:
+            key = f"{retention:.2f}"
+            if key not in manifest.calibration.thresholds:
+                raise BundleError(
+                    f"no calibrated threshold for retention {key}; "
+                    f"have {sorted(manifest.calibration.thresholds)}"
+                )
+            threshold = manifest.calibration.thresholds[key]
+        return cls(manifest, network, detector, threshold, index_device)
+
+    @property
+    def layer(self) -> str:
+        return self.detector.layer.name
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        return image_to_pixels(image, self.preset)
+
+    def infer(self, pixels: torch.Tensor) -> BatchFeatures:
+        """Model stage: one forward pass for a batch of pixel tensors."""
+        return infer_batch(self.network, pixels)
+
+    def score(self, batch: BatchFeatures) -> np.ndarray:
+        """Search stage: kNN score of each predicted class."""
+        return self.detector.score(batch.features[self.layer], batch.predictions)
+
+    def decide(self, batch: BatchFeatures, scores: np.ndarray) -> list[Verdict]:
+        verdicts = []
+        for i, predicted in enumerate(batch.predictions.tolist()):
+            score = float(scores[i])
+            verdicts.append(
+                Verdict(
+                    predicted_class=predicted,
+                    class_name=self.class_names[predicted],
+                    probability=float(batch.probabilities[i, predicted]),
+                    score=score,
+                    threshold=self.threshold,
+                    accepted=score >= self.threshold,
+                )
+            )
+        return verdicts
+
+    def classify_pixels(self, pixels: torch.Tensor) -> list[Verdict]:
+        batch = self.infer(pixels)
+        return self.decide(batch, self.score(batch))
+
+    def classify_images(self, images: Sequence[Image.Image]) -> list[Verdict]:
+        if not images:
+            return []
+        return self.classify_pixels(torch.stack([self.pixels(image) for image in images]))

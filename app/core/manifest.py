@@ -1,0 +1,124 @@
+"""The bundle manifest: the one contract between the builder and the service.
+
+A bundle is a directory holding ``manifest.json`` plus the files it lists (model weights,
+per-layer processing and FAISS index, labels, calibration scores), each with its sha256.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.core.models import ModelFamily, PresetName
+from app.core.processing import ProcessingKind
+from app.core.scoring import ScoreFunction
+from app.core.search import IndexType
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PreprocessingSpec(_Frozen):
+    preset: PresetName
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class ModelSpec(_Frozen):
+    arch: str
+    family: ModelFamily
+    num_classes: int
+    weights_file: str
+    weights_sha256: str
+    preprocessing: PreprocessingSpec
+
+
+class LayerSpec(_Frozen):
+    """One feature layer: its processing and its index over the training features."""
+
+    name: str
+    input_dim: int
+    processing: ProcessingKind
+    output_dim: int
+    processing_file: str
+    index_file: str
+    index_type: IndexType
+    nlist: int | None = None
+    nprobe: int | None = None
+
+
+class DetectorSpec(_Frozen):
+    layers: list[LayerSpec] = Field(min_length=1)
+    k: int = Field(gt=0)
+    score_function: ScoreFunction
+    combination: Literal["single"] = "single"
+    labels_file: str
+
+    @model_validator(mode="after")
+    def _one_layer_for_single(self) -> DetectorSpec:
+        if self.combination == "single" and len(self.layers) != 1:
+            raise ValueError("combination 'single' takes exactly one layer")
+        return self
+
+
+class CalibrationSpec(_Frozen):
+    """Scores of correctly classified held-out authentic images and the thresholds they give."""
+
+    source: Literal["holdout", "directory"]
+    holdout_fraction: float | None
+    n_images: int
+    n_correct: int
+    accuracy: float
+    mean: float
+    std: float
+    quantiles: dict[str, float]
+    thresholds: dict[str, float]  # retention ("0.98") -> threshold
+    operating_retention: float
+    threshold: float
+    scores_file: str
+
+
+class CountsSpec(_Frozen):
+    classes: int
+    indexed: int
+    holdout: int
+    skipped: int
+    indexed_per_class: list[int]
+
+
+class ProvenanceSpec(_Frozen):
+    source: str
+    split: str | None
+    calibration_source: str | None
+    per_class_limit: int | None
+    seed: int
+    built_at: str
+    build_seconds: float
+    software: dict[str, str]
+
+
+class Manifest(_Frozen):
+    format_version: int = FORMAT_VERSION
+    name: str
+    model: ModelSpec
+    detector: DetectorSpec
+    class_names: list[str]
+    counts: CountsSpec
+    calibration: CalibrationSpec
+    provenance: ProvenanceSpec
+    files: dict[str, str]  # file name -> sha256
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if self.format_version != FORMAT_VERSION:
+            raise ValueError(f"unsupported bundle format {self.format_version}")
+        if len(self.class_names) != self.model.num_classes:
+            raise ValueError("class_names and the model's num_classes differ")
+        return self

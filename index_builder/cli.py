@@ -1,0 +1,125 @@
+"""Command-line options of the builder job (`advguard build`, `python -m index_builder`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from app.core.calibration import DEFAULT_RETENTION
+from app.core.errors import AdvguardError
+from app.core.processing import DEFAULT_PCA_DIMS, PROCESSING_KINDS
+from app.core.scoring import SCORE_FUNCTIONS
+from app.core.search import INDEX_TYPES
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--source",
+        type=Path,
+        required=True,
+        help="ImageFolder directory or .tar/.tar.gz of that layout",
+    )
+    parser.add_argument("--split", help="split folder inside the source (e.g. train)")
+    parser.add_argument(
+        "--arch", required=True, help="resnet20..resnet110 (CIFAR) or a torchvision model name"
+    )
+    parser.add_argument("--weights", type=Path, required=True, help="local state-dict file")
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    parser.add_argument(
+        "--layer",
+        action="append",
+        dest="layers",
+        default=[],
+        help="feature layer (module name); default: the last conv stage",
+    )
+    parser.add_argument("--processing", choices=PROCESSING_KINDS, default="pca_whiten")
+    parser.add_argument("--pca-dims", type=int, default=DEFAULT_PCA_DIMS)
+    parser.add_argument("--index", dest="index_type", choices=INDEX_TYPES, default="flat")
+    parser.add_argument("--nlist", type=int, default=4096, help="IVF lists")
+    parser.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")
+    parser.add_argument("--k", type=int, default=1000)
+    parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
+    parser.add_argument("--holdout-fraction", type=float, default=0.05)
+    parser.add_argument(
+        "--calibration-source",
+        type=Path,
+        help="separate calibration images (e.g. ILSVRC val) instead of a holdout",
+    )
+    parser.add_argument("--calibration-split")
+    parser.add_argument("--per-class-limit", type=int)
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=DEFAULT_RETENTION,
+        help="share of authentic images kept: 0.90/0.95/0.98/0.99",
+    )
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", dest="num_workers", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=8192)
+    parser.add_argument("--work-dir", type=Path, help="chunk directory (default: <out>.work)")
+    parser.add_argument("--keep-work-dir", action="store_true")
+    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", help="bundle name (default: the out directory's name)")
+    parser.add_argument("--license-file", type=Path, help="licence notice copied into the bundle")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from index_builder.build import BuildConfig, build_bundle
+
+    config = BuildConfig(
+        source=args.source,
+        split=args.split,
+        arch=args.arch,
+        weights=args.weights,
+        out=args.out,
+        layers=tuple(args.layers),
+        processing=args.processing,
+        pca_dims=args.pca_dims,
+        index_type=args.index_type,
+        nlist=args.nlist,
+        nprobe=args.nprobe,
+        k=args.k,
+        score_function=args.score_function,
+        holdout_fraction=args.holdout_fraction,
+        calibration_source=args.calibration_source,
+        calibration_split=args.calibration_split,
+        per_class_limit=args.per_class_limit,
+        retention=args.retention,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        chunk_size=args.chunk_size,
+        work_dir=args.work_dir,
+        keep_work_dir=args.keep_work_dir,
+        device=args.device,
+        seed=args.seed,
+        name=args.name,
+        license_file=args.license_file,
+    )
+    try:
+        report = build_bundle(config, progress=not args.quiet)
+    except AdvguardError as exc:
+        print(f"advguard build: error: {exc}", file=sys.stderr)
+        return 2
+    manifest = report.manifest
+    summary = {
+        "bundle": str(report.bundle),
+        "indexed": manifest.counts.indexed,
+        "holdout": manifest.counts.holdout,
+        "skipped": manifest.counts.skipped,
+        "holdout_accuracy": round(manifest.calibration.accuracy, 4),
+        "threshold": manifest.calibration.threshold,
+        "extract_images_per_second": round(report.images_per_second, 1),
+        "seconds": round(report.seconds, 1),
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m index_builder", description=__doc__)
+    add_build_arguments(parser)
+    return run_build(parser.parse_args(argv))

@@ -1,0 +1,250 @@
+"""Streaming feature extraction with chunked, memory-mapped, resumable output.
+
+Images flow through a DataLoader (decode + preprocessing in worker processes) into the one
+feature network. Results land in fixed-size chunks of source positions; a chunk is written to
+disk (one ``.npy`` per array, atomically renamed) as soon as all its positions are done, so a
+killed build resumes from the chunks already on disk and ILSVRC-sized feature sets never have to
+fit in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from app.core.errors import SourceError
+from app.core.features import FeatureNetwork, image_to_pixels, infer_batch
+from app.core.images import ImageDecodeError, decode_image
+from app.core.models import PreprocessingPreset
+from index_builder.sources import Entry, ImageSource
+
+Sample = tuple[int, torch.Tensor | None]
+
+
+class _SourceDataset(IterableDataset[Sample]):
+    """Yields (position, pixels or None when the image is unreadable), sharded across workers."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        entries: list[Entry],
+        positions: list[int],
+        preset: PreprocessingPreset,
+    ) -> None:
+        self.source = source
+        self.entries = entries
+        self.positions = positions
+        self.preset = preset
+
+    def _pixels(self, data: bytes) -> torch.Tensor | None:
+        try:
+            return image_to_pixels(decode_image(data), self.preset)
+        except (ImageDecodeError, OSError, ValueError):
+            return None
+
+    def __iter__(self) -> Iterator[Sample]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.positions[worker::workers]
+        if not self.source.streaming:
+            for position in mine:
+                try:
+                    data = self.source.read(self.entries[position])
+                except OSError:
+                    yield position, None
+                    continue
+                yield position, self._pixels(data)
+            return
+        by_key = {self.entries[p].key: p for p in mine}
+        seen: set[int] = set()
+        for key, data in self.source.stream(set(by_key)):
+            seen.add(by_key[key])
+            yield by_key[key], self._pixels(data)
+        for position in mine:  # members the archive stream did not yield count as unreadable
+            if position not in seen:
+                yield position, None
+
+
+def _collate(samples: list[Sample]) -> tuple[list[int], torch.Tensor | None, list[int]]:
+    ok = [(p, t) for p, t in samples if t is not None]
+    failed = [p for p, t in samples if t is None]
+    pixels = torch.stack([t for _, t in ok]) if ok else None
+    return [p for p, _ in ok], pixels, failed
+
+
+@dataclass
+class _ChunkBuffer:
+    start: int
+    length: int
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    predictions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    ok: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
+    done: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractionReport:
+    images: int
+    skipped: int
+    chunks_computed: int
+    chunks_reused: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+class ChunkStore:
+    """A directory of completed chunks ``chunk_00000/{ok,predictions,features_<layer>}.npy``."""
+
+    def __init__(self, root: Path, total: int, chunk_size: int, layers: list[str]) -> None:
+        self.root = root
+        self.total = total
+        self.chunk_size = chunk_size
+        self.layers = layers
+
+    @property
+    def n_chunks(self) -> int:
+        return (self.total + self.chunk_size - 1) // self.chunk_size
+
+    def chunk_dir(self, chunk: int) -> Path:
+        return self.root / f"chunk_{chunk:05d}"
+
+    def is_done(self, chunk: int) -> bool:
+        return (self.chunk_dir(chunk) / "ok.npy").is_file()
+
+    def span(self, chunk: int) -> range:
+        start = chunk * self.chunk_size
+        return range(start, min(start + self.chunk_size, self.total))
+
+    def write(self, chunk: int, buffer: _ChunkBuffer) -> None:
+        final = self.chunk_dir(chunk)
+        tmp = final.with_name(final.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for layer, array in buffer.features.items():
+            np.save(tmp / f"features_{layer}.npy", array)
+        np.save(tmp / "predictions.npy", buffer.predictions)
+        np.save(tmp / "ok.npy", buffer.ok)  # written last: its presence marks the chunk complete
+        tmp.rename(final)
+
+    def load(self, chunk: int, name: str) -> np.ndarray:
+        """Memory-mapped view of one array of one chunk."""
+        array: np.ndarray = np.load(self.chunk_dir(chunk) / f"{name}.npy", mmap_mode="r")
+        return array
+
+
+def check_fingerprint(root: Path, fingerprint: dict[str, object]) -> None:
+    """Refuse to resume chunks written for another source, model or layer set."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "fingerprint.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != fingerprint:
+            raise SourceError(
+                f"work directory {root} holds chunks of a different build "
+                f"(stored {stored}, now {fingerprint}); delete it or pass another --work-dir"
+            )
+    else:
+        path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+
+
+def extract_features(
+    network: FeatureNetwork,
+    source: ImageSource,
+    entries: list[Entry],
+    store: ChunkStore,
+    preset: PreprocessingPreset,
+    batch_size: int = 256,
+    num_workers: int = 2,
+    progress: bool = True,
+    on_chunk_written: Callable[[int], None] | None = None,
+) -> ExtractionReport:
+    """Fill ``store`` with the features of every entry, skipping chunks already on disk."""
+    pending_chunks = [c for c in range(store.n_chunks) if not store.is_done(c)]
+    reused = store.n_chunks - len(pending_chunks)
+    positions = [p for c in pending_chunks for p in store.span(c)]
+    started = time.perf_counter()
+    if not positions:
+        return ExtractionReport(0, 0, 0, reused, 0.0)
+    dataset = _SourceDataset(source, entries, positions, preset)
+    workers = min(num_workers, len(positions))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    buffers: dict[int, _ChunkBuffer] = {}
+    images = skipped = computed = 0
+    # Redraw often on a terminal, rarely in a log file (CI, docker logs).
+    bar = tqdm(
+        total=len(positions),
+        unit="img",
+        desc="features",
+        disable=not progress,
+        mininterval=0.5 if sys.stderr.isatty() else 15.0,
+    )
+
+    def buffer_for(position: int) -> _ChunkBuffer:
+        chunk = position // store.chunk_size
+        if chunk not in buffers:
+            span = store.span(chunk)
+            buffers[chunk] = _ChunkBuffer(span.start, len(span))
+            buffers[chunk].ok = np.zeros(len(span), dtype=bool)
+            buffers[chunk].predictions = np.full(len(span), -1, dtype=np.int64)
+        return buffers[chunk]
+
+    def mark_done(position: int) -> None:
+        nonlocal computed
+        chunk = position // store.chunk_size
+        buffer = buffers[chunk]
+        buffer.done += 1
+        if buffer.done == buffer.length:
+            for layer in store.layers:  # a chunk of unreadable images still needs arrays
+                if layer not in buffer.features:
+                    buffer.features[layer] = np.zeros((buffer.length, 0), dtype=np.float32)
+            store.write(chunk, buffers.pop(chunk))
+            computed += 1
+            if on_chunk_written is not None:
+                on_chunk_written(chunk)
+
+    for ok_positions, pixels, failed in loader:
+        if pixels is not None:
+            batch = infer_batch(network, pixels)
+            for row, position in enumerate(ok_positions):
+                buffer = buffer_for(position)
+                offset = position - buffer.start
+                for layer, values in batch.features.items():
+                    if layer not in buffer.features:
+                        buffer.features[layer] = np.zeros(
+                            (buffer.length, values.shape[1]), dtype=np.float32
+                        )
+                    buffer.features[layer][offset] = values[row]
+                buffer.predictions[offset] = batch.predictions[row]
+                buffer.ok[offset] = True
+                mark_done(position)
+        for position in failed:
+            buffer_for(position)
+            mark_done(position)
+        images += len(ok_positions)
+        skipped += len(failed)
+        bar.update(len(ok_positions) + len(failed))
+        bar.set_postfix(skipped=skipped)
+    bar.close()
+    if buffers:
+        raise SourceError(f"extraction ended with incomplete chunks {sorted(buffers)}")
+    return ExtractionReport(images, skipped, computed, reused, time.perf_counter() - started)
