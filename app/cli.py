@@ -1,66 +1,26 @@
 """``advguard``: one command, with subcommands for every job (build, classify, serve, ...).
 
-Heavy imports happen inside each subcommand so that ``advguard --help`` is instant.
+Each package contributes its subcommands through a ``register(commands)`` function in its own
+``cli`` module, listed in ``_SUBCOMMAND_MODULES``. Heavy imports happen inside each subcommand's
+run function so that ``advguard --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from dataclasses import asdict
-from pathlib import Path
+import importlib
 
-from index_builder.cli import add_build_arguments, run_build
-
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet20"
-
-
-def _classify(args: argparse.Namespace) -> int:
-    import torch
-
-    from app.core.errors import AdvguardError
-    from app.core.guard import Guard
-    from app.core.images import ImageDecodeError, decode_image
-
-    try:
-        guard = Guard.load(args.bundle, device=args.device, retention=args.retention)
-    except AdvguardError as exc:
-        print(f"advguard classify: error: {exc}", file=sys.stderr)
-        return 2
-    failures = 0
-    for start in range(0, len(args.files), args.batch_size):
-        paths: list[Path] = args.files[start : start + args.batch_size]
-        good: list[tuple[Path, torch.Tensor]] = []
-        for path in paths:
-            try:
-                good.append((path, guard.pixels(decode_image(path.read_bytes()))))
-            except (OSError, ImageDecodeError) as exc:
-                failures += 1
-                print(json.dumps({"file": str(path), "error": str(exc)}))
-        if not good:
-            continue
-        verdicts = guard.classify_pixels(torch.stack([pixels for _, pixels in good]))
-        for (path, _), verdict in zip(good, verdicts, strict=True):
-            print(json.dumps({"file": str(path), **asdict(verdict)}))
-    return 1 if failures else 0
+_SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "index_builder.cli",
+    "app.classify_cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advguard", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    build = commands.add_parser("build", help="build a bundle (features, index, calibration)")
-    add_build_arguments(build)
-    build.set_defaults(run=run_build)
-
-    classify = commands.add_parser("classify", help="print one JSON verdict per image file")
-    classify.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    classify.add_argument("--device")
-    classify.add_argument("--retention", type=float, help="use another calibrated threshold")
-    classify.add_argument("--batch-size", type=int, default=256)
-    classify.add_argument("files", type=Path, nargs="+")
-    classify.set_defaults(run=_classify)
+    for module_name in _SUBCOMMAND_MODULES:
+        importlib.import_module(module_name).register(commands)
     return parser
 
 

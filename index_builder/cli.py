@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.core.calibration import DEFAULT_RETENTION
 from app.core.errors import AdvguardError
@@ -117,6 +118,12 @@ def run_build(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary))
     return 0
+
+
+def register(commands: Any) -> None:
+    build = commands.add_parser("build", help="build a bundle (features, index, calibration)")
+    add_build_arguments(build)
+    build.set_defaults(run=run_build)
 
 
 def main(argv: list[str] | None = None) -> int:
