@@ -65,11 +65,11 @@ class _SourceDataset(IterableDataset[Sample]):
                     continue
                 yield position, self._pixels(data)
             return
-        by_key = {self.entries[p].key: p for p in mine}
+        by_member = {self.entries[p].member: p for p in mine}
         seen: set[int] = set()
-        for key, data in self.source.stream(set(by_key)):
-            seen.add(by_key[key])
-            yield by_key[key], self._pixels(data)
+        for member, data in self.source.stream(set(by_member)):
+            seen.add(by_member[member])
+            yield by_member[member], self._pixels(data)
         for position in mine:  # members the archive stream did not yield count as unreadable
             if position not in seen:
                 yield position, None

@@ -21,8 +21,9 @@ IMAGE_EXTENSIONS = frozenset(
 
 @dataclass(frozen=True)
 class Entry:
-    key: str  # path inside the source
+    key: str  # "<class>/<file>", the same for a directory and an archive of it
     label: int
+    member: str = ""  # member name inside an archive
     offset: int = -1  # data offset inside a plain tar, else -1
     size: int = -1
 
@@ -69,7 +70,7 @@ class ImageSource:
         raise NotImplementedError
 
     def stream(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
-        """(key, bytes) for the wanted keys, in archive order (streaming sources only)."""
+        """(member, bytes) for the wanted archive members, in archive order (streaming only)."""
         raise NotImplementedError
 
 
@@ -136,7 +137,7 @@ class TarSource(ImageSource):
                     if found is None:
                         continue
                     grouped.setdefault(found[0], []).append(
-                        Entry(member.name, -1, member.offset_data, member.size)
+                        Entry("/".join(found), -1, member.name, member.offset_data, member.size)
                     )
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise SourceError(f"cannot read archive {self.path}: {exc}") from exc
@@ -145,7 +146,7 @@ class TarSource(ImageSource):
             raise SourceError(f"{self.path} holds no <class>/<image> members{where}")
         classes = sorted(grouped)
         labelled = {
-            name: [Entry(e.key, label, e.offset, e.size) for e in grouped[name]]
+            name: [Entry(e.key, label, e.member, e.offset, e.size) for e in grouped[name]]
             for label, name in enumerate(classes)
         }
         return SourceListing(classes, _limit(labelled, per_class_limit))

@@ -79,7 +79,6 @@ def fit_processing(
         return FeatureProcessing(kind, input_dim, input_dim)
     if kind != "pca_whiten":
         raise ValueError(f"unknown processing {kind!r}; use one of {PROCESSING_KINDS}")
-    output_dim = min(pca_dims, input_dim)
     count = 0
     total = np.zeros(input_dim, dtype=np.float64)
     gram = np.zeros((input_dim, input_dim), dtype=np.float64)
@@ -90,6 +89,9 @@ def fit_processing(
         gram += x.T @ x
     if count < 2:
         raise ValueError("PCA needs at least two feature vectors")
+    # Capped at the feature dimension and at the rank of the centred data (count - 1): whitening
+    # a direction the data do not span would only amplify numerical noise.
+    output_dim = min(pca_dims, input_dim, count - 1)
     mean = total / count
     # Population covariance, so the fitted data come out with variance exactly 1 per component.
     covariance = gram / count - np.outer(mean, mean)

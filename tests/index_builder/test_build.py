@@ -1,0 +1,179 @@
+"""Bundle round trips through the real builder, on tiny real image folders."""
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from app.core.bundle import read_manifest
+from app.core.errors import BundleError
+from app.core.guard import Guard
+from app.core.images import decode_image
+from app.core.models import build_model
+from index_builder.build import BuildConfig, build_bundle, holdout_mask
+from index_builder.cli import main as builder_main
+from index_builder.sources import Entry
+from tests.conftest import save_state_dict
+
+
+def cifar_config(source: Path, weights: Path, out: Path, **overrides) -> BuildConfig:
+    options = dict(
+        source=source, arch="resnet20", weights=weights, out=out, k=20, holdout_fraction=0.25,
+        num_workers=0, batch_size=16, chunk_size=8,
+    )
+    options.update(overrides)
+    return BuildConfig(**options)
+
+
+def classify_folder(guard: Guard, folder: Path) -> list:
+    files = sorted(folder.rglob("*.png"))[:6]
+    return guard.classify_images([decode_image(f.read_bytes()) for f in files])
+
+
+def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
+    folder = make_image_folder(classes=3, per_class=12)
+    report = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
+    manifest = report.manifest
+    assert manifest.counts.indexed == 27 and manifest.counts.holdout == 9
+    assert manifest.model.arch == "resnet20" and manifest.detector.layers[0].name == "layer3"
+    assert manifest.detector.layers[0].output_dim == 26  # PCA capped at the sample rank
+    assert set(manifest.calibration.thresholds) == {"0.90", "0.95", "0.98", "0.99"}
+    assert manifest.calibration.threshold == manifest.calibration.thresholds["0.98"]
+    guard = Guard.load(tmp_path / "b")
+    verdicts = classify_folder(guard, folder)
+    assert len(verdicts) == 6
+    for v in verdicts:
+        assert 0.0 <= v.score <= 1.0 and v.accepted == (v.score >= v.threshold)
+        assert v.class_name == manifest.class_names[v.predicted_class]
+    assert not (tmp_path / "b.work").exists()  # chunks removed after a successful build
+
+
+def test_torchvision_resnet18_round_trip_at_224(make_image_folder, tmp_path):
+    """Random-weight ResNet-18, ImageNet preprocessing, layer avgpool (512-d), PCA to 256."""
+    folder = make_image_folder(classes=3, per_class=95, size=48)
+    torch.manual_seed(0)
+    weights = save_state_dict(build_model("resnet18", 3), tmp_path / "r18.pt", nested=False)
+    config = BuildConfig(
+        source=folder, arch="resnet18", weights=weights, out=tmp_path / "r18", layers=("avgpool",),
+        k=50, num_workers=0, batch_size=32,
+    )
+    manifest = build_bundle(config, progress=False).manifest
+    layer = manifest.detector.layers[0]
+    assert (layer.name, layer.input_dim, layer.output_dim) == ("avgpool", 512, 256)
+    assert manifest.model.preprocessing.crop == 224 and manifest.model.preprocessing.resize == 256
+    guard = Guard.load(tmp_path / "r18")
+    assert len(classify_folder(guard, folder)) == 6
+
+
+def test_corrupt_images_are_skipped_and_counted(make_image_folder, cifar_weights, tmp_path):
+    folder = make_image_folder(classes=3, per_class=10, corrupt=2)
+    manifest = build_bundle(
+        cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False
+    ).manifest
+    assert manifest.counts.skipped == 6
+    assert manifest.counts.indexed + manifest.counts.holdout - 6 <= 30
+
+
+def test_archive_with_workers_matches_directory(make_image_folder, cifar_weights, tmp_path):
+    folder = make_image_folder(classes=3, per_class=10)
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="train")
+    weights = cifar_weights(3)
+    direct = build_bundle(cifar_config(folder, weights, tmp_path / "d"), progress=False)
+    streamed = build_bundle(
+        cifar_config(archive, weights, tmp_path / "t", split="train", num_workers=2),
+        progress=False,
+    )
+    assert direct.manifest.calibration.thresholds == pytest.approx(
+        streamed.manifest.calibration.thresholds
+    )
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "d" / "labels.npy"), np.load(tmp_path / "t" / "labels.npy")
+    )
+
+
+def test_killed_build_resumes_without_recomputing(make_image_folder, cifar_weights, tmp_path):
+    folder = make_image_folder(classes=3, per_class=12)  # 36 images = 5 chunks of 8
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b")
+
+    def die_after_two(chunk: int) -> None:
+        if chunk == 1:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(config, progress=False, on_chunk_written=die_after_two)
+    assert not (tmp_path / "b").exists()
+    written: list[int] = []
+    report = build_bundle(config, progress=False, on_chunk_written=written.append)
+    assert report.extraction[0].chunks_reused == 2
+    assert report.extraction[0].chunks_computed == 3 and 0 not in written and 1 not in written
+    fresh = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "c"), progress=False)
+    np.testing.assert_array_equal(np.load(tmp_path / "b" / "calibration_scores.npy"),
+                                  np.load(tmp_path / "c" / "calibration_scores.npy"))
+
+
+def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights, tmp_path):
+    folder = make_image_folder(classes=3, per_class=8)
+    work = tmp_path / "work"
+    build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b", work_dir=work,
+                              keep_work_dir=True), progress=False)
+    other = make_image_folder(classes=3, per_class=9, name="other")
+    with pytest.raises(Exception, match="different build"):
+        build_bundle(cifar_config(other, cifar_weights(3), tmp_path / "c", work_dir=work),
+                     progress=False)
+
+
+@pytest.mark.parametrize("target", ["index_layer3.faiss", "model.pth", "labels.npy", "manifest"])
+def test_tampered_bundle_is_refused(make_image_folder, cifar_weights, tmp_path, target):
+    folder = make_image_folder(classes=3, per_class=8)
+    bundle = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"),
+                          progress=False).bundle
+    if target == "manifest":
+        data = json.loads((bundle / "manifest.json").read_text())
+        data["model"]["weights_sha256"] = "0" * 64
+        (bundle / "manifest.json").write_text(json.dumps(data))
+    else:
+        path = bundle / target
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    with pytest.raises(BundleError):
+        Guard.load(bundle)
+
+
+def test_model_not_matching_the_bundle_is_refused(make_image_folder, cifar_weights, tmp_path):
+    folder = make_image_folder(classes=3, per_class=8)
+    bundle = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"),
+                          progress=False).bundle
+    torch.manual_seed(123)
+    other = save_state_dict(build_model("resnet20", 3), tmp_path / "other.pt", nested=False)
+    with pytest.raises(BundleError, match="do not match"):
+        Guard.load(bundle, weights_path=other)
+
+
+def test_holdout_is_deterministic_per_class():
+    entries = [Entry(f"c{label}/{i}.png", label) for label in range(3) for i in range(40)]
+    mask = holdout_mask(entries, 0.05, seed=0)
+    assert mask.sum() == 6 and (mask == holdout_mask(entries, 0.05, seed=0)).all()
+    assert [int(mask[label * 40 : (label + 1) * 40].sum()) for label in range(3)] == [2, 2, 2]
+    assert (mask != holdout_mask(entries, 0.05, seed=1)).any()
+
+
+def test_python_m_index_builder_cli(make_image_folder, cifar_weights, tmp_path, capsys):
+    folder = make_image_folder(classes=3, per_class=8)
+    code = builder_main([
+        "--source", str(folder), "--arch", "resnet20", "--weights", str(cifar_weights(3)),
+        "--out", str(tmp_path / "b"), "--k", "10", "--workers", "0", "--quiet",
+    ])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["indexed"] == read_manifest(tmp_path / "b").counts.indexed
+    bad = builder_main([
+        "--source", str(folder), "--arch", "resnet21", "--weights", str(cifar_weights(3)),
+        "--out", str(tmp_path / "c"), "--quiet",
+    ])
+    assert bad == 2 and "unknown architecture" in capsys.readouterr().err
