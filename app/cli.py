@@ -13,6 +13,7 @@ import importlib
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "index_builder.cli",
     "app.classify_cli",
+    "app.service.cli",
 )
 
 

@@ -1,0 +1,1 @@
+"""The guard service: FastAPI app, micro-batching worker, per-client tracking, metrics."""

@@ -1,0 +1,92 @@
+"""Every Prometheus metric of the service, defined once, in a registry of its own per app.
+
+Names are prefixed ``advguard_`` and in base units (seconds); no metric carries a per-client
+label. Dashboards and alert rules are written against these exact names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+DECISIONS = ("accepted", "rejected", "error")
+STAGES = ("decode", "queue", "model", "search", "total")
+
+# kNN scores live in [0, 1]; the demo bundle's acceptance threshold is ~0.163 and its flag
+# threshold ~0.33, so the low end is finely bucketed.
+SCORE_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.125, 0.15, 0.163, 0.175, 0.2, 0.25,
+    0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+)  # fmt: skip
+STAGE_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "advguard_requests_total",
+            "Classification requests by decision (error: refused or failed)",
+            ["decision"],
+            registry=r,
+        )
+        self.http_responses = Counter(
+            "advguard_http_responses_total", "HTTP responses by status code", ["status"], registry=r
+        )
+        self.score = Histogram(
+            "advguard_score",
+            "kNN score of the predicted class",
+            buckets=SCORE_BUCKETS,
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "advguard_stage_seconds",
+            "Time spent per stage of a classification",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "advguard_batch_size", "Images per model batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "advguard_queue_depth", "Images waiting for the batcher", registry=r
+        )
+        self.flagged_clients = Gauge(
+            "advguard_flagged_clients", "Clients currently flagged", registry=r
+        )
+        self.tracker_errors = Counter(
+            "advguard_tracker_errors_total",
+            "Failed tracker operations and dropped buffered updates",
+            registry=r,
+        )
+        self.tracker_buffered = Gauge(
+            "advguard_tracker_buffered_updates",
+            "Tracker updates waiting for Redis to come back",
+            registry=r,
+        )
+        self.bundle = Info("advguard_bundle", "The bundle being served", registry=r)
+        self.clients_flagged = Counter(
+            "advguard_clients_flagged_total", "Clients newly flagged", registry=r
+        )
+        for decision in DECISIONS:
+            self.requests.labels(decision=decision)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage=stage)
+
+    def bind(
+        self,
+        queue_depth: Callable[[], float],
+        buffered: Callable[[], float],
+        flagged: Callable[[], float],
+    ) -> None:
+        """Gauges read at scrape time from the live objects."""
+        self.queue_depth.set_function(queue_depth)
+        self.tracker_buffered.set_function(buffered)
+        self.flagged_clients.set_function(flagged)

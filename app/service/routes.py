@@ -1,0 +1,284 @@
+"""HTTP routes: thin, with typed ``Annotated`` dependencies; the work lives in the core and the
+service objects (batcher, tracker)."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import re
+import time
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from app.core.images import ImageDecodeError, decode_image
+from app.service.batcher import BatcherClosedError, BatchResult, QueueFullError
+from app.service.identity import IdentityError, InvalidClientIdError
+from app.service.schemas import (
+    BundleSummary,
+    ClassifyResponse,
+    ClientList,
+    ClientStatsModel,
+    ErrorResponse,
+    FlagCleared,
+    Health,
+    LayerSummary,
+    Prediction,
+    Readiness,
+)
+from app.service.state import ApiError, Service
+from app.service.tracking import ClientStats, Observation, TrackerUnavailableError
+
+router = APIRouter()
+
+# Pillow names the in-memory file in some messages: nothing a client needs to see.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* object at 0x[0-9a-f]+>")
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 422, 503)
+}
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def get_service(request: Request) -> Service:
+    service = getattr(request.app.state, "service", None)
+    if not isinstance(service, Service):
+        raise ApiError(503, "not_ready", "the service is not ready")
+    return service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def get_request_id(request: Request) -> str:
+    value = getattr(request.state, "request_id", None)
+    return value if isinstance(value, str) else ""
+
+
+RequestId = Annotated[str, Depends(get_request_id)]
+
+
+def get_client_id(request: Request, service: ServiceDep) -> str:
+    settings = service.settings
+    headers = request.headers
+    try:
+        return service.identity.resolve(
+            api_key=headers.get(settings.api_key_header),
+            client_id=headers.get(settings.client_id_header),
+            peer=request.client.host if request.client else None,
+            forwarded_for=headers.get("x-forwarded-for"),
+        )
+    except IdentityError as exc:
+        raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "ApiKey"}) from exc
+    except InvalidClientIdError as exc:
+        raise ApiError(400, "invalid_client_id", str(exc)) from exc
+
+
+ClientId = Annotated[str, Depends(get_client_id)]
+
+
+def require_admin(request: Request, service: ServiceDep) -> None:
+    token = service.settings.admin_token
+    if token is None:
+        raise ApiError(403, "admin_disabled", "admin endpoints need ADVGUARD_ADMIN_TOKEN set")
+    presented = request.headers.get(service.settings.admin_token_header, "")
+    if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "a valid admin token is required")
+
+
+Admin = Annotated[None, Depends(require_admin)]
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _decode(service: Service, data: bytes) -> torch.Tensor:
+    return service.guard.pixels(decode_image(data, service.settings.max_pixels))
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
+async def classify(
+    service: ServiceDep,
+    client_id: ClientId,
+    request_id: RequestId,
+    file: Annotated[UploadFile, File(description="one image")],
+) -> ClassifyResponse:
+    started = time.perf_counter()
+    settings, metrics = service.settings, service.metrics
+    if not service.accepting:
+        raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "1"})
+    if settings.policy == "refuse" and await run_in_threadpool(
+        service.tracker.is_flagged, client_id
+    ):
+        raise ApiError(403, "client_flagged", "this client is flagged and refused service")
+    if file.size is not None and file.size > settings.max_upload_bytes:
+        raise ApiError(
+            413,
+            "payload_too_large",
+            f"file of {file.size} bytes exceeds the limit of {settings.max_upload_bytes} bytes",
+        )
+    data = await file.read(settings.max_upload_bytes + 1)
+    if len(data) > settings.max_upload_bytes:
+        raise ApiError(413, "payload_too_large", "file exceeds the byte limit")
+    try:
+        pixels = await run_in_threadpool(_decode, service, data)
+    except ImageDecodeError as exc:
+        raise ApiError(400, "invalid_image", _OBJECT_REPR.sub("", str(exc))) from exc
+    decoded = time.perf_counter()
+    metrics.stage_seconds.labels(stage="decode").observe(decoded - started)
+    retry = {"Retry-After": str(settings.retry_after_s)}
+    try:
+        future = service.batcher.submit(pixels)
+    except QueueFullError as exc:
+        raise ApiError(503, "overloaded", str(exc), retry) from exc
+    except BatcherClosedError as exc:
+        raise ApiError(503, "shutting_down", str(exc), retry) from exc
+    result: BatchResult = await asyncio.wrap_future(future)
+    verdict = result.verdict
+    metrics.stage_seconds.labels(stage="queue").observe(result.queue_s)
+    metrics.stage_seconds.labels(stage="model").observe(result.model_s)
+    metrics.stage_seconds.labels(stage="search").observe(result.search_s)
+    metrics.score.observe(verdict.score)
+    decision = "accepted" if verdict.accepted else "rejected"
+    metrics.requests.labels(decision=decision).inc()
+    observation = Observation(client_id, verdict.score, verdict.accepted, time.time())
+    tracked = await run_in_threadpool(service.tracker.record, observation)
+    if tracked.newly_flagged:
+        metrics.clients_flagged.inc()
+    metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
+    return ClassifyResponse(
+        request_id=request_id,
+        decision=decision,
+        prediction=Prediction(
+            class_index=verdict.predicted_class,
+            class_name=verdict.class_name,
+            probability=verdict.probability,
+        )
+        if verdict.accepted
+        else None,
+        score=verdict.score if settings.expose_scores else None,
+        threshold=verdict.threshold if settings.expose_scores else None,
+    )
+
+
+# --------------------------------------------------------------------------- operations
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(request: Request) -> Response:
+    service = getattr(request.app.state, "service", None)
+    if not isinstance(service, Service):
+        body = Readiness(
+            status="unavailable",
+            bundle_loaded=False,
+            batcher_running=False,
+            tracker="none",
+            tracker_backend="redis" if request.app.state.settings.redis_url else "memory",
+            tracker_buffered_updates=0,
+        )
+        return Response(body.model_dump_json(), 503, media_type="application/json")
+    tracker_state = await run_in_threadpool(service.tracker.state)
+    running = service.batcher.running and service.accepting
+    status = "unavailable" if not running else tracker_state
+    body = Readiness(
+        status=status,
+        bundle_loaded=True,
+        batcher_running=running,
+        tracker=tracker_state,
+        tracker_backend="redis" if service.settings.redis_url else "memory",
+        tracker_buffered_updates=service.tracker.buffered(),
+    )
+    return Response(body.model_dump_json(), 200 if running else 503, media_type="application/json")
+
+
+@router.get("/v1/bundle", response_model=BundleSummary)
+async def bundle(service: ServiceDep) -> BundleSummary:
+    manifest = service.guard.manifest
+    return BundleSummary(
+        name=manifest.name,
+        model_arch=manifest.model.arch,
+        num_classes=manifest.model.num_classes,
+        layers=[
+            LayerSummary(
+                name=layer.name,
+                processing=str(layer.processing),
+                output_dim=layer.output_dim,
+                index_type=str(layer.index_type),
+            )
+            for layer in manifest.detector.layers
+        ],
+        k=manifest.detector.k,
+        score_function=str(manifest.detector.score_function),
+        combination=manifest.detector.combination,
+        threshold=service.guard.threshold,
+        operating_retention=service.settings.retention or manifest.calibration.operating_retention,
+        threshold_policy=(
+            "accept when the kNN score of the predicted class is at or above the threshold, "
+            "calibrated to keep this share of correctly classified held-out authentic images"
+        ),
+        flag_threshold=service.flag_rule.threshold,
+        flag_min_requests=service.flag_rule.min_requests,
+        class_names=list(manifest.class_names),
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    registry = request.app.state.metrics.registry
+    payload = await run_in_threadpool(generate_latest, registry)
+    return Response(payload, media_type=CONTENT_TYPE_LATEST)
+
+
+# --------------------------------------------------------------------------- admin
+
+
+def _stats_model(stats: ClientStats) -> ClientStatsModel:
+    return ClientStatsModel(**stats.__dict__)
+
+
+def _unavailable(exc: TrackerUnavailableError) -> ApiError:
+    return ApiError(503, "tracker_unavailable", str(exc), {"Retry-After": "1"})
+
+
+@router.get("/clients/{client_id}", response_model=ClientStatsModel, responses=_ERRORS)
+async def client_stats(client_id: str, service: ServiceDep, _: Admin) -> ClientStatsModel:
+    try:
+        stats = await run_in_threadpool(service.tracker.get, client_id)
+    except TrackerUnavailableError as exc:
+        raise _unavailable(exc) from exc
+    if stats is None:
+        raise ApiError(404, "unknown_client", f"no statistics for client {client_id!r}")
+    return _stats_model(stats)
+
+
+@router.get("/clients", response_model=ClientList, responses=_ERRORS)
+async def clients(
+    service: ServiceDep, _: Admin, flagged: Annotated[bool, Query()] = True
+) -> ClientList:
+    if not flagged:
+        raise ApiError(400, "unsupported", "only flagged clients can be listed (flagged=true)")
+    try:
+        found = await run_in_threadpool(service.tracker.flagged_clients)
+    except TrackerUnavailableError as exc:
+        raise _unavailable(exc) from exc
+    return ClientList(clients=[_stats_model(stats) for stats in found])
+
+
+@router.delete("/clients/{client_id}/flag", response_model=FlagCleared, responses=_ERRORS)
+async def clear_flag(client_id: str, service: ServiceDep, _: Admin) -> FlagCleared:
+    try:
+        cleared = await run_in_threadpool(service.tracker.clear_flag, client_id)
+    except TrackerUnavailableError as exc:
+        raise _unavailable(exc) from exc
+    return FlagCleared(client_id=client_id, cleared=cleared)
