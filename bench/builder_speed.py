@@ -1,0 +1,124 @@
+"""Builder throughput against the bare model and the decoder, measured in one run.
+
+Three rates on the same machine, in this order: (1) bare forward pass of the model on random
+pixel batches, (2) decode + preprocessing alone over the source, (3) the builder's feature
+extraction over the whole source (decode in DataLoader workers + forward + chunk writes), then
+(1) again so drift from other load shows. Usage:
+python -m bench.builder_speed [--source TAR] [--split train] [--arch resnet20] [--weights FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from app.core.features import FeatureNetwork, image_to_pixels, infer_batch
+from app.core.images import decode_image
+from app.core.models import PRESETS, describe_architecture, load_model
+from bench.common import SHARED, write_results
+from index_builder.build import BuildConfig, build_bundle
+from index_builder.sources import open_source
+
+
+def forward_rate(network: FeatureNetwork, batch: int, crop: int, seconds: float) -> float:
+    pixels = torch.rand(batch, 3, crop, crop)
+    infer_batch(network, pixels)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        infer_batch(network, pixels)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def decode_rate(source_path: Path, split: str | None, preset_name: str, limit: int) -> float:
+    source = open_source(source_path, split)
+    listing = source.listing()
+    preset = PRESETS[preset_name]
+    wanted = listing.entries[:limit]
+    started = time.perf_counter()
+    if source.streaming:
+        members = {e.member for e in wanted}
+        count = 0
+        for _, data in source.stream(members):
+            image_to_pixels(decode_image(data), preset)
+            count += 1
+    else:
+        for entry in wanted:
+            image_to_pixels(decode_image(source.read(entry)), preset)
+        count = len(wanted)
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--arch", default="resnet20")
+    parser.add_argument("--weights", type=Path, default=SHARED / "models" / "resnet20-12fca82f.th")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--forward-seconds", type=float, default=15.0)
+    parser.add_argument("--decode-images", type=int, default=10_000)
+    args = parser.parse_args()
+
+    info = describe_architecture(args.arch)
+    classes = len(open_source(args.source, args.split).listing(per_class_limit=1).classes)
+    model = load_model(args.arch, args.weights, classes)
+    preset = PRESETS[info.preset]
+    network = FeatureNetwork(model, [info.default_layer], preset).eval()
+    forward_before = forward_rate(network, args.batch_size, preset.crop, args.forward_seconds)
+    decode = decode_rate(args.source, args.split, info.preset, args.decode_images)
+    out = Path(tempfile.mkdtemp(prefix="advguard-bench-"))
+    try:
+        report = build_bundle(
+            BuildConfig(
+                source=args.source,
+                split=args.split,
+                arch=args.arch,
+                weights=args.weights,
+                out=out / "bundle",
+                batch_size=args.batch_size,
+                num_workers=args.workers,
+            ),
+            progress=False,
+        )
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    forward_after = forward_rate(network, args.batch_size, preset.crop, args.forward_seconds)
+    extraction = report.extraction[0]
+    forward = (forward_before + forward_after) / 2
+    results = {
+        "arch": args.arch,
+        "source": str(args.source),
+        "split": args.split,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "images": extraction.images + extraction.skipped,
+        "forward_images_per_second_before": forward_before,
+        "forward_images_per_second_after": forward_after,
+        "decode_images_per_second": decode,
+        "builder_extract_images_per_second": extraction.images_per_second,
+        "builder_total_seconds": report.seconds,
+        "builder_over_forward": extraction.images_per_second / forward,
+    }
+    table = (
+        f"{args.arch} over {results['images']:,} images of {args.source.name}"
+        f"::{args.split}, batch {args.batch_size}, {args.workers} DataLoader workers.\n\n"
+        "| rate | images/s |\n|---|---|\n"
+        f"| bare forward pass (before / after the build) | {forward_before:.0f} / "
+        f"{forward_after:.0f} |\n"
+        f"| decode + preprocess only (1 process) | {decode:.0f} |\n"
+        f"| builder feature extraction | {extraction.images_per_second:.0f} |\n\n"
+        f"Builder / mean bare forward: **{results['builder_over_forward']:.0%}**. Whole build "
+        f"(extraction, PCA, index, calibration, bundle): {report.seconds:.1f} s."
+    )
+    print(write_results("builder_speed", results, table).read_text())
+
+
+if __name__ == "__main__":
+    main()

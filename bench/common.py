@@ -1,0 +1,66 @@
+"""Machine description and result writing shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_start": os.getloadavg(),
+    }
+
+
+def command_line() -> str:
+    """The command as a user would type it: ``python -m bench.<script> [args]``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    script = spec.name if spec is not None else Path(sys.argv[0]).stem
+    return " ".join(shlex.quote(a) for a in ["python", "-m", script, *sys.argv[1:]])
+
+
+def write_results(name: str, results: dict[str, Any], table: str) -> Path:
+    """bench/results/<name>.json (every number) and <name>.md (the table, command, machine)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"command": command_line(), "machine": machine(), "measured_at": _now()}
+    (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **results}, indent=2) + "\n")
+    host = meta["machine"]
+    md = (
+        f"# {name}\n\n{table.strip()}\n\n"
+        f"Command: `{meta['command']}`  \n"
+        f"Machine: {host['cpu']}, {host['cores']} cores, GPU: {host['gpu']}, "
+        f"torch {host['torch']} ({host['torch_threads']} threads); measured {meta['measured_at']}.\n"
+    )
+    (RESULTS / f"{name}.md").write_text(md)
+    return RESULTS / f"{name}.md"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
