@@ -43,10 +43,10 @@ def decode_rate(source_path: Path, split: str | None, preset_name: str, limit: i
     started = time.perf_counter()
     if source.streaming:
         members = {e.member for e in wanted}
-        count = 0
-        for _, data in source.stream(members):
-            image_to_pixels(decode_image(data), preset)
-            count += 1
+        count = sum(
+            image_to_pixels(decode_image(data), preset).shape[0] > 0
+            for _, data in source.stream(members)
+        )
     else:
         for entry in wanted:
             image_to_pixels(decode_image(source.read(entry)), preset)

@@ -56,7 +56,8 @@ def write_results(name: str, results: dict[str, Any], table: str) -> Path:
         f"# {name}\n\n{table.strip()}\n\n"
         f"Command: `{meta['command']}`  \n"
         f"Machine: {host['cpu']}, {host['cores']} cores, GPU: {host['gpu']}, "
-        f"torch {host['torch']} ({host['torch_threads']} threads); measured {meta['measured_at']}.\n"
+        f"torch {host['torch']} ({host['torch_threads']} threads); "
+        f"measured {meta['measured_at']}.\n"
     )
     (RESULTS / f"{name}.md").write_text(md)
     return RESULTS / f"{name}.md"

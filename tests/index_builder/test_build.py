@@ -111,7 +111,7 @@ def test_killed_build_resumes_without_recomputing(make_image_folder, cifar_weigh
     report = build_bundle(config, progress=False, on_chunk_written=written.append)
     assert report.extraction[0].chunks_reused == 2
     assert report.extraction[0].chunks_computed == 3 and 0 not in written and 1 not in written
-    fresh = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "c"), progress=False)
+    build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "c"), progress=False)
     np.testing.assert_array_equal(np.load(tmp_path / "b" / "calibration_scores.npy"),
                                   np.load(tmp_path / "c" / "calibration_scores.npy"))
 
