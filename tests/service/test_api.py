@@ -1,0 +1,202 @@
+"""The behavioural suite of the HTTP API, run against both trackers (in-process and Redis)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from app.core.guard import Guard
+from app.service.batcher import QueueFullError
+from tests.service.helpers import LabelledImage, fgsm, upload
+
+ADMIN = {"X-Admin-Token": "s3cret"}
+
+
+def test_classify_accepts_and_hides_scores(
+    make_client: Any, test_images: list[LabelledImage]
+) -> None:
+    with make_client() as client:
+        responses = [upload(client, image.data) for image in test_images[:10]]
+    assert all(r.status_code == 200 for r in responses)
+    bodies = [r.json() for r in responses]
+    assert {b["decision"] for b in bodies} <= {"accepted", "rejected"}
+    for body, response in zip(bodies, responses, strict=True):
+        assert re.fullmatch(r"[0-9a-f]{32}", body["request_id"])
+        assert response.headers["x-request-id"] == body["request_id"]
+        assert body["score"] is None and body["threshold"] is None
+        if body["decision"] == "accepted":
+            assert 0 <= body["prediction"]["class_index"] < 10
+            assert 0.0 < body["prediction"]["probability"] <= 1.0
+        else:
+            assert body["prediction"] is None
+    correct = sum(
+        b["prediction"] is not None and b["prediction"]["class_index"] == image.label
+        for b, image in zip(bodies, test_images[:10], strict=True)
+    )
+    assert correct >= 6  # ~80% top-1 on CIFAR-10 JPEGs
+
+
+def test_expose_scores_and_rejected_label_withheld(
+    make_client: Any, guard: Guard, test_images: list[LabelledImage]
+) -> None:
+    adversarials = fgsm(guard, test_images[:20])
+    with make_client(expose_scores=True) as client:
+        bodies = [upload(client, data).json() for data in adversarials]
+    for body in bodies:
+        assert body["threshold"] == pytest.approx(guard.threshold)
+        assert (body["score"] >= body["threshold"]) == (body["decision"] == "accepted")
+        assert (body["prediction"] is None) == (body["decision"] == "rejected")
+    assert any(b["decision"] == "rejected" for b in bodies)
+
+
+def test_health_ready_bundle(make_client: Any, tracker_kind: str, guard: Guard) -> None:
+    with make_client() as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        ready = client.get("/readyz").json()
+        assert ready["status"] == "ok" and ready["bundle_loaded"] and ready["tracker"] == "ok"
+        assert ready["tracker_backend"] == tracker_kind
+        bundle = client.get("/v1/bundle").json()
+    assert bundle["name"] == guard.manifest.name
+    assert bundle["k"] == guard.manifest.detector.k
+    assert bundle["class_names"] == guard.class_names
+    assert bundle["threshold"] == pytest.approx(guard.threshold)
+    assert 0.0 < bundle["flag_threshold"] < 1.0
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} missing"
+    return float(match.group(1))
+
+
+def test_metrics(make_client: Any, test_images: list[LabelledImage]) -> None:
+    with make_client() as client:
+        for image in test_images[:4]:
+            upload(client, image.data, {"X-Client-ID": "metrics-client"})
+        upload(client, b"not an image", {"X-Client-ID": "metrics-client"})
+        text = client.get("/metrics").text
+    accepted = _metric(text, "advguard_requests_total", '{decision="accepted"}')
+    rejected = _metric(text, "advguard_requests_total", '{decision="rejected"}')
+    assert accepted + rejected == 4
+    assert _metric(text, "advguard_requests_total", '{decision="error"}') == 1
+    assert _metric(text, "advguard_http_responses_total", '{status="400"}') == 1
+    assert _metric(text, "advguard_http_responses_total", '{status="200"}') >= 4
+    assert _metric(text, "advguard_score_count") == 4
+    assert 'advguard_score_bucket{le="0.163"}' in text
+    for stage in ("decode", "queue", "model", "search", "total"):
+        assert _metric(text, "advguard_stage_seconds_count", f'{{stage="{stage}"}}') == 4
+    assert _metric(text, "advguard_batch_size_sum") == 4
+    for gauge in (
+        "advguard_queue_depth",
+        "advguard_flagged_clients",
+        "advguard_tracker_buffered_updates",
+        "advguard_tracker_errors_total",
+        "advguard_clients_flagged_total",
+    ):
+        assert _metric(text, gauge) == 0
+    assert re.search(r'^advguard_bundle_info\{.*name="cifar10-resnet20".*\} 1\.0$', text, re.M)
+    assert "metrics-client" not in text  # no per-client label
+
+
+def test_api_keys(make_client: Any) -> None:
+    with make_client(api_keys={"alice": "key-a", "bob": "key-b"}, admin_token="s3cret") as c:
+        data = _tiny_png()
+        assert upload(c, data).status_code == 401
+        assert upload(c, data, {"X-API-Key": "wrong"}).status_code == 401
+        assert upload(c, data, {"X-API-Key": "", "X-Client-ID": "alice"}).status_code == 401
+        assert upload(c, data, {"X-API-Key": "key-b", "X-Client-ID": "alice"}).status_code == 200
+        assert c.get("/clients/bob", headers=ADMIN).json()["requests"] == 1
+        assert c.get("/clients/alice", headers=ADMIN).status_code == 404
+
+
+def test_client_identity_and_trusted_proxies(make_client: Any) -> None:
+    data = _tiny_png()
+    with make_client(trusted_proxies=["10.0.0.0/8"], admin_token="s3cret") as c:
+        upload(c, data, {"X-Client-ID": "named"})
+        upload(c, data)  # TestClient's peer is "testclient" (not an address: never trusted)
+        upload(c, data, {"X-Forwarded-For": "1.2.3.4"})
+        assert c.get("/clients/named", headers=ADMIN).json()["requests"] == 1
+        assert c.get("/clients/testclient", headers=ADMIN).json()["requests"] == 2
+        assert c.get("/clients/1.2.3.4", headers=ADMIN).status_code == 404
+        assert upload(c, data, {"X-Client-ID": "x" * 500}).status_code == 400
+
+
+def test_forwarded_for_only_from_trusted_proxies() -> None:
+    from app.service.identity import IdentityResolver
+
+    resolver = IdentityResolver.build({}, ["10.0.0.0/8", "192.168.1.1"])
+    assert resolver.peer_client("10.1.2.3", "8.8.8.8, 192.168.1.1") == "8.8.8.8"
+    assert resolver.peer_client("10.1.2.3", "6.6.6.6, 8.8.8.8, 10.9.9.9") == "8.8.8.8"
+    assert resolver.peer_client("7.7.7.7", "8.8.8.8") == "7.7.7.7"  # untrusted peer
+    assert resolver.peer_client("10.1.2.3", None) == "10.1.2.3"
+
+
+def test_admin_endpoints_and_refuse_policy(
+    make_client: Any, test_images: list[LabelledImage]
+) -> None:
+    # every score is below a flag threshold of 1.0: flagged after 3 scored requests
+    settings = {"flag_threshold": 1.0, "flag_min_requests": 3, "admin_token": "s3cret"}
+    with make_client(policy="refuse", **settings) as client:
+        hdr = {"X-Client-ID": "mallory"}
+        codes = [upload(client, image.data, hdr).status_code for image in test_images[:5]]
+        assert codes == [200, 200, 200, 403, 403]
+        assert client.get("/clients/mallory").status_code == 401  # no token
+        assert client.get("/clients/mallory", headers={"X-Admin-Token": "no"}).status_code == 401
+        stats = client.get("/clients/mallory", headers=ADMIN).json()
+        assert stats["requests"] == 3 and stats["scored"] == 3 and stats["flagged"]
+        assert stats["accepted"] + stats["rejected"] == 3
+        assert stats["first_seen"] <= stats["last_seen"]
+        listed = client.get("/clients?flagged=true", headers=ADMIN).json()["clients"]
+        assert [c["client_id"] for c in listed] == ["mallory"]
+        assert "advguard_clients_flagged_total 1.0" in client.get("/metrics").text
+        assert "advguard_flagged_clients 1.0" in client.get("/metrics").text
+        cleared = client.delete("/clients/mallory/flag", headers=ADMIN).json()
+        assert cleared == {"client_id": "mallory", "cleared": True}
+        stats = client.get("/clients/mallory", headers=ADMIN).json()
+        assert not stats["flagged"] and stats["scored"] == 0 and stats["requests"] == 3
+        assert upload(client, test_images[5].data, hdr).status_code == 200
+        assert client.get("/clients?flagged=true", headers=ADMIN).json()["clients"] == []
+        assert client.delete("/clients/nobody/flag", headers=ADMIN).json()["cleared"] is False
+
+
+def test_admin_disabled_without_token(make_client: Any) -> None:
+    with make_client() as client:
+        response = client.get("/clients?flagged=true", headers=ADMIN)
+    assert response.status_code == 403 and response.json()["error"] == "admin_disabled"
+
+
+def test_flag_only_policy_keeps_serving(make_client: Any, test_images: list[LabelledImage]) -> None:
+    with make_client(flag_threshold=1.0, flag_min_requests=2, admin_token="s3cret") as client:
+        codes = [upload(client, image.data).status_code for image in test_images[:4]]
+        assert codes == [200] * 4
+        assert client.get("/clients/testclient", headers=ADMIN).json()["flagged"]
+
+
+def test_queue_full_is_503_with_retry_after(
+    make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with make_client(retry_after_s=3) as client:
+        batcher = client.app_state.service.batcher
+
+        def full(_pixels: object) -> None:
+            raise QueueFullError("the classification queue is full")
+
+        monkeypatch.setattr(batcher, "submit", full)
+        response = upload(client, _tiny_png())
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        assert response.json()["error"] == "overloaded"
+        monkeypatch.undo()
+        assert upload(client, _tiny_png()).status_code == 200
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
