@@ -1,0 +1,142 @@
+"""``advguard serve`` as a real uvicorn process on a loopback port: same verdicts as
+``advguard classify``, streaming uploads refused early, graceful shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.helpers import LabelledImage, free_port
+
+ADVGUARD = str(Path(sys.executable).parent / "advguard")
+N_IMAGES = 60
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    env = {**os.environ, "ADVGUARD_EXPOSE_SCORES": "true", "ADVGUARD_MAX_UPLOAD_BYTES": "100000"}
+    process = subprocess.Popen(
+        [ADVGUARD, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            output = process.stdout.read().decode() if process.stdout else ""
+            process.kill()
+            raise RuntimeError(f"advguard serve did not start: {output}")
+        time.sleep(0.2)
+    yield base, process
+    if process.poll() is None:
+        process.kill()
+        process.wait(10)
+
+
+def test_same_verdicts_as_classify_cli(
+    server: tuple[str, subprocess.Popen[bytes]],
+    test_images: list[LabelledImage],
+    tmp_path: Path,
+) -> None:
+    base, _ = server
+    images = test_images[:N_IMAGES]
+    paths = []
+    for image in images:
+        path = tmp_path / image.name
+        path.write_bytes(image.data)
+        paths.append(path)
+    cli = subprocess.run(
+        [ADVGUARD, "classify", "--device", "cpu", *map(str, paths)],
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    expected = {Path(v["file"]).name: v for v in map(json.loads, cli.stdout.splitlines())}
+    assert len(expected) == N_IMAGES
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for image in images:
+            response = client.post("/classify", files={"file": (image.name, image.data)})
+            assert response.status_code == 200
+            body, want = response.json(), expected[image.name]
+            assert body["decision"] == ("accepted" if want["accepted"] else "rejected")
+            assert body["score"] == pytest.approx(want["score"], abs=1e-5)
+            assert body["threshold"] == pytest.approx(want["threshold"])
+            if want["accepted"]:
+                assert body["prediction"]["class_index"] == want["predicted_class"]
+                assert body["prediction"]["class_name"] == want["class_name"]
+                assert body["prediction"]["probability"] == pytest.approx(
+                    want["probability"], abs=1e-5
+                )
+
+
+def test_streaming_upload_refused_before_it_ends(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """A chunked upload with no Content-Length is cut off soon after the byte limit."""
+    base, _ = server
+    host, port = base.removeprefix("http://").split(":")
+    boundary = "b0undary"
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            (
+                "POST /classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+            ).encode()
+        )
+        part = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+        ).encode()
+        sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+        chunk = b"\0" * 16384
+        response = b""
+        sock.settimeout(0.05)
+        for _ in range(2000):  # up to 32 MB offered
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                response += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if response:
+                break
+        sock.settimeout(5)
+        try:
+            while b"\r\n\r\n" not in response:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                response += data
+        except OSError:
+            pass
+    assert response.startswith(b"HTTP/1.1 413"), response[:200]
+    assert sent < 2_000_000  # limit 100 kB: refused long before the 32 MB were sent
+
+
+def test_graceful_shutdown(server: tuple[str, subprocess.Popen[bytes]]) -> None:
+    _, process = server
+    process.send_signal(signal.SIGTERM)
+    # uvicorn drains, runs the lifespan shutdown (the batcher drains), then re-raises SIGTERM
+    assert process.wait(30) in (0, -signal.SIGTERM)
+    output = process.stdout.read().decode() if process.stdout else ""
+    assert "Traceback" not in output
