@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +26,12 @@ import app
 from app.core import search
 from app.core.bundle import write_manifest
 from app.core.calibration import DEFAULT_RETENTION, calibrate, retention_key
-from app.core.detector import Detector, LayerIndex
+from app.core.detector import Detector, LayerIndex, MultiLayerDetector
 from app.core.errors import SourceError
 from app.core.features import FeatureNetwork, pick_device
 from app.core.manifest import (
     CalibrationSpec,
+    Combination,
     CountsSpec,
     DetectorSpec,
     LayerSpec,
@@ -39,7 +41,12 @@ from app.core.manifest import (
     ProvenanceSpec,
 )
 from app.core.models import PRESETS, describe_architecture, file_sha256, load_model
-from app.core.processing import DEFAULT_PCA_DIMS, ProcessingKind, fit_processing
+from app.core.processing import (
+    DEFAULT_PCA_DIMS,
+    FeatureProcessing,
+    ProcessingKind,
+    fit_processing,
+)
 from app.core.scoring import ScoreFunction
 from app.core.search import IndexType
 from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
@@ -79,6 +86,17 @@ class BuildConfig:
     name: str | None = None
     license_file: Path | None = None
     keep_work_dir: bool = False
+    combination: Combination = "single"
+
+
+@dataclass(frozen=True)
+class _BuiltLayer:
+    name: str
+    input_dim: int
+    processing: FeatureProcessing
+    index: Any
+    detector: Detector
+    calibration_scores: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -189,18 +207,43 @@ def _extract(
     return store, report
 
 
+# Signature of ``_extract``; ``index_builder.distributed`` passes one that shards the chunks
+# across torch.distributed ranks and gathers them on rank 0.
+Extractor = Callable[
+    [
+        BuildConfig,
+        FeatureNetwork,
+        ImageSource,
+        list[Entry],
+        Path,
+        dict[str, object],
+        bool,
+        Callable[[int], None] | None,
+    ],
+    tuple[ChunkStore, ExtractionReport],
+]
+
+
 def build_bundle(
     config: BuildConfig,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
+    extractor: Extractor | None = None,
 ) -> BuildReport:
     started = time.perf_counter()
+    extract = extractor or _extract
     info = describe_architecture(config.arch)
     preset = PRESETS[info.preset]
     layers = list(config.layers) or [info.default_layer]
-    if len(layers) != 1:
-        raise ValueError("a bundle indexes exactly one feature layer (multi-layer scores: later)")
-    layer = layers[0]
+    combination = config.combination
+    if combination == "single" and len(layers) != 1:
+        raise ValueError(
+            "a single-layer bundle indexes exactly one feature layer; "
+            "for several, choose a combination (e.g. fisher)"
+        )
+    if combination != "single" and (len(layers) < 2 or len(set(layers)) != len(layers)):
+        raise ValueError(f"combination {combination!r} needs two distinct layers or more")
+    cal_rows: list[np.ndarray] = []
 
     source = open_source(config.source, config.split)
     listing = source.listing(config.per_class_limit)
@@ -224,7 +267,7 @@ def build_bundle(
             "chunk_size": config.chunk_size,
         }
 
-    store, main_report = _extract(
+    store, main_report = extract(
         config,
         network,
         source,
@@ -247,7 +290,7 @@ def build_bundle(
         cal_listing = cal_source.listing()
         if cal_listing.classes != listing.classes:
             raise SourceError("the calibration source's classes differ from the indexed source's")
-        cal_store, cal_report = _extract(
+        cal_store, cal_report = extract(
             config,
             network,
             cal_source,
@@ -262,38 +305,56 @@ def build_bundle(
         cal_select = np.ones(len(cal_listing.entries), dtype=bool)
 
     indexed = ~held_out
-    input_dim = next(rows.shape[1] for _, rows in _rows(store, layer, indexed))
-    processing = fit_processing(
-        config.processing,
-        (rows for _, rows in _rows(store, layer, indexed)),
-        input_dim,
-        config.pca_dims,
-    )
-    training_sample = None
-    if config.index_type == "ivf":
-        sample = np.concatenate([processing.apply(r) for _, r in _rows(store, layer, indexed)])
-        rng = np.random.default_rng(config.seed)
-        training_sample = sample[rng.permutation(len(sample))[: config.nlist * 64]]
-    index = search.new_index(
-        processing.output_dim, config.index_type, config.nlist, training_sample
-    )
-    search.add_vectors(index, (processing.apply(rows) for _, rows in _rows(store, layer, indexed)))
-    if config.index_type == "ivf":
-        search.set_nprobe(index, config.nprobe)
     index_labels = _select(store, labels_all, indexed)
-    if index_labels.shape[0] != search.index_size(index):
-        raise AssertionError("index rows and labels are out of step")
-
-    cal_features = _gather(cal_store, f"features_{layer}", cal_select)
     cal_predictions = _gather(cal_store, "predictions", cal_select)
     cal_truth = _select(cal_store, cal_labels, cal_select)
     correct = cal_predictions == cal_truth
     if not correct.any():
         raise SourceError("no held-out image is classified correctly: cannot calibrate")
-    detector = Detector(
-        LayerIndex(layer, processing, index), index_labels, config.k, config.score_function
-    )
-    cal_scores = detector.score(cal_features[correct], cal_predictions[correct])
+
+    built: list[_BuiltLayer] = []
+    for layer in layers:
+        input_dim = next(rows.shape[1] for _, rows in _rows(store, layer, indexed))
+        processing = fit_processing(
+            config.processing,
+            (rows for _, rows in _rows(store, layer, indexed)),
+            input_dim,
+            config.pca_dims,
+        )
+        training_sample = None
+        if config.index_type == "ivf":
+            sample = np.concatenate([processing.apply(r) for _, r in _rows(store, layer, indexed)])
+            rng = np.random.default_rng(config.seed)
+            training_sample = sample[rng.permutation(len(sample))[: config.nlist * 64]]
+        index = search.new_index(
+            processing.output_dim, config.index_type, config.nlist, training_sample
+        )
+        search.add_vectors(
+            index, (processing.apply(rows) for _, rows in _rows(store, layer, indexed))
+        )
+        if config.index_type == "ivf":
+            search.set_nprobe(index, config.nprobe)
+        if index_labels.shape[0] != search.index_size(index):
+            raise AssertionError("index rows and labels are out of step")
+        detector = Detector(
+            LayerIndex(layer, processing, index), index_labels, config.k, config.score_function
+        )
+        cal_features = _gather(cal_store, f"features_{layer}", cal_select)
+        layer_scores = detector.score(cal_features[correct], cal_predictions[correct])
+        built.append(_BuiltLayer(layer, input_dim, processing, index, detector, layer_scores))
+        if combination != "single":
+            cal_rows.append(cal_features[correct])
+
+    if combination == "single":
+        cal_scores = built[0].calibration_scores
+    else:
+        combined = MultiLayerDetector(
+            [b.detector for b in built], [b.calibration_scores for b in built], combination
+        )
+        cal_scores = combined.score(
+            {b.name: rows for b, rows in zip(built, cal_rows, strict=True)},
+            cal_predictions[correct],
+        )
     calibration = calibrate(cal_scores)
     operating_key = retention_key(config.retention)
     if operating_key not in calibration.thresholds:
@@ -304,20 +365,34 @@ def build_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copyfile(config.weights, staging / WEIGHTS_FILE)
-    safe_layer = layer.replace(".", "_")
-    layer_spec = LayerSpec(
-        name=layer,
-        input_dim=input_dim,
-        processing=config.processing,
-        output_dim=processing.output_dim,
-        processing_file=f"processing_{safe_layer}.npz",
-        index_file=f"index_{safe_layer}.faiss",
-        index_type=config.index_type,
-        nlist=config.nlist if config.index_type == "ivf" else None,
-        nprobe=config.nprobe if config.index_type == "ivf" else None,
-    )
-    processing.save(staging / layer_spec.processing_file)
-    search.save_index(index, staging / layer_spec.index_file)
+    layer_specs = []
+    layer_files = []
+    for b in built:
+        safe_layer = b.name.replace(".", "_")
+        layer_spec = LayerSpec(
+            name=b.name,
+            input_dim=b.input_dim,
+            processing=config.processing,
+            output_dim=b.processing.output_dim,
+            processing_file=f"processing_{safe_layer}.npz",
+            index_file=f"index_{safe_layer}.faiss",
+            index_type=config.index_type,
+            nlist=config.nlist if config.index_type == "ivf" else None,
+            nprobe=config.nprobe if config.index_type == "ivf" else None,
+            calibration_scores_file=None
+            if combination == "single"
+            else f"calibration_scores_{safe_layer}.npy",
+        )
+        b.processing.save(staging / layer_spec.processing_file)
+        search.save_index(b.index, staging / layer_spec.index_file)
+        layer_files += [layer_spec.processing_file, layer_spec.index_file]
+        if layer_spec.calibration_scores_file is not None:
+            np.save(
+                staging / layer_spec.calibration_scores_file,
+                b.calibration_scores.astype(np.float32),
+            )
+            layer_files.append(layer_spec.calibration_scores_file)
+        layer_specs.append(layer_spec)
     np.save(staging / LABELS_FILE, index_labels.astype(np.int32))
     np.save(staging / CALIBRATION_SCORES_FILE, cal_scores.astype(np.float32))
     extra_files = []
@@ -328,8 +403,7 @@ def build_bundle(
         WEIGHTS_FILE,
         LABELS_FILE,
         CALIBRATION_SCORES_FILE,
-        layer_spec.processing_file,
-        layer_spec.index_file,
+        *layer_files,
         *extra_files,
     ]
     files = {name: file_sha256(staging / name) for name in file_names}
@@ -351,9 +425,10 @@ def build_bundle(
             ),
         ),
         detector=DetectorSpec(
-            layers=[layer_spec],
+            layers=layer_specs,
             k=config.k,
             score_function=config.score_function,
+            combination=combination,
             labels_file=LABELS_FILE,
         ),
         class_names=listing.classes,

@@ -10,6 +10,7 @@ from typing import Any
 
 from app.core.calibration import DEFAULT_RETENTION
 from app.core.errors import AdvguardError
+from app.core.manifest import COMBINATIONS
 from app.core.processing import DEFAULT_PCA_DIMS, PROCESSING_KINDS
 from app.core.scoring import SCORE_FUNCTIONS
 from app.core.search import INDEX_TYPES
@@ -42,6 +43,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
+    parser.add_argument(
+        "--combination",
+        choices=COMBINATIONS,
+        default="single",
+        help="several --layer: per-layer p-values combined (fisher); one layer: single",
+    )
     parser.add_argument("--holdout-fraction", type=float, default=0.05)
     parser.add_argument(
         "--calibration-source",
@@ -70,6 +77,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from index_builder.build import BuildConfig, build_bundle
+    from index_builder.distributed import build_bundle_distributed, launched_by_torchrun
 
     config = BuildConfig(
         source=args.source,
@@ -85,6 +93,7 @@ def run_build(args: argparse.Namespace) -> int:
         nprobe=args.nprobe,
         k=args.k,
         score_function=args.score_function,
+        combination=args.combination,
         holdout_fraction=args.holdout_fraction,
         calibration_source=args.calibration_source,
         calibration_split=args.calibration_split,
@@ -101,7 +110,13 @@ def run_build(args: argparse.Namespace) -> int:
         license_file=args.license_file,
     )
     try:
-        report = build_bundle(config, progress=not args.quiet)
+        if launched_by_torchrun():  # torchrun: shard the extraction over the ranks
+            distributed_report = build_bundle_distributed(config, progress=not args.quiet)
+            if distributed_report is None:  # not rank 0: its chunks are delivered
+                return 0
+            report = distributed_report
+        else:
+            report = build_bundle(config, progress=not args.quiet)
     except AdvguardError as exc:
         print(f"advguard build: error: {exc}", file=sys.stderr)
         return 2
