@@ -38,6 +38,8 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
     referenced.add(manifest.calibration.scores_file)
     for layer in manifest.detector.layers:
         referenced.update({layer.index_file, layer.processing_file})
+        if layer.calibration_scores_file is not None:
+            referenced.add(layer.calibration_scores_file)
     unlisted = sorted(referenced - set(manifest.files))
     if unlisted:
         raise BundleError(f"manifest references files without a checksum: {unlisted}")

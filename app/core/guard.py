@@ -16,7 +16,7 @@ from PIL import Image
 
 from app.core import search
 from app.core.bundle import read_manifest, verify_files
-from app.core.detector import Detector, LayerIndex
+from app.core.detector import Detector, LayerIndex, MultiLayerDetector
 from app.core.errors import BundleError, ModelLoadError
 from app.core.features import (
     BatchFeatures,
@@ -25,7 +25,7 @@ from app.core.features import (
     infer_batch,
     pick_device,
 )
-from app.core.manifest import Manifest
+from app.core.manifest import LayerSpec, Manifest
 from app.core.models import PreprocessingPreset, file_sha256, load_model
 from app.core.processing import FeatureProcessing
 
@@ -40,6 +40,18 @@ class Verdict:
     accepted: bool
 
 
+def _load_layer(bundle_dir: Path, spec: LayerSpec, want_gpu: bool) -> tuple[LayerIndex, str]:
+    """One layer's processing and index, checked against the manifest."""
+    processing = FeatureProcessing.load(bundle_dir / spec.processing_file)
+    if (processing.input_dim, processing.output_dim) != (spec.input_dim, spec.output_dim):
+        raise BundleError("processing file dimensions differ from the manifest")
+    index = search.load_index(bundle_dir / spec.index_file)
+    if spec.nprobe is not None:
+        search.set_nprobe(index, spec.nprobe)
+    index, index_device = search.to_device(index, want_gpu)
+    return LayerIndex(spec.name, processing, index), index_device
+
+
 def preset_of(manifest: Manifest) -> PreprocessingPreset:
     spec = manifest.model.preprocessing
     return PreprocessingPreset(spec.preset, spec.resize, spec.crop, spec.mean, spec.std)
@@ -50,7 +62,7 @@ class Guard:
         self,
         manifest: Manifest,
         network: FeatureNetwork,
-        detector: Detector,
+        detector: Detector | MultiLayerDetector,
         threshold: float,
         index_device: str,
     ) -> None:
@@ -83,29 +95,34 @@ class Guard:
         except ModelLoadError as exc:
             raise BundleError(f"the bundle's model cannot be loaded: {exc}") from exc
         torch_device = pick_device(device)
-        layer_spec = manifest.detector.layers[0]
-        network = FeatureNetwork(model, [layer_spec.name], preset_of(manifest)).to(torch_device)
+        layer_specs = manifest.detector.layers
+        network = FeatureNetwork(model, [spec.name for spec in layer_specs], preset_of(manifest))
+        network = network.to(torch_device)
         network.eval()
-        processing = FeatureProcessing.load(bundle_dir / layer_spec.processing_file)
-        if (processing.input_dim, processing.output_dim) != (
-            layer_spec.input_dim,
-            layer_spec.output_dim,
-        ):
-            raise BundleError("processing file dimensions differ from the manifest")
-        index = search.load_index(bundle_dir / layer_spec.index_file)
-        if layer_spec.nprobe is not None:
-            search.set_nprobe(index, layer_spec.nprobe)
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
-        index, index_device = search.to_device(index, want_gpu)
         labels = np.load(bundle_dir / manifest.detector.labels_file, allow_pickle=False)
         if labels.shape[0] != manifest.counts.indexed:
             raise BundleError("label count differs from the manifest")
-        detector = Detector(
-            LayerIndex(layer_spec.name, processing, index),
-            labels,
-            manifest.detector.k,
-            manifest.detector.score_function,
-        )
+        index_device = "cpu"
+        layer_detectors = []
+        for layer_spec in layer_specs:
+            layer_index, index_device = _load_layer(bundle_dir, layer_spec, want_gpu)
+            layer_detectors.append(
+                Detector(layer_index, labels, manifest.detector.k, manifest.detector.score_function)
+            )
+        detector: Detector | MultiLayerDetector
+        if manifest.detector.combination == "single":
+            detector = layer_detectors[0]
+        else:
+            calibration = []
+            for layer_spec in layer_specs:
+                assert layer_spec.calibration_scores_file is not None  # manifest validator
+                calibration.append(
+                    np.load(bundle_dir / layer_spec.calibration_scores_file, allow_pickle=False)
+                )
+            detector = MultiLayerDetector(
+                layer_detectors, calibration, manifest.detector.combination
+            )
         threshold = manifest.calibration.threshold
         if retention is not None:
             key = f"{retention:.2f}"
@@ -118,8 +135,15 @@ class Guard:
         return cls(manifest, network, detector, threshold, index_device)
 
     @property
+    def layers(self) -> list[str]:
+        if isinstance(self.detector, MultiLayerDetector):
+            return self.detector.layer_names
+        return [self.detector.layer.name]
+
+    @property
     def layer(self) -> str:
-        return self.detector.layer.name
+        """The feature layer ("layer1+layer3" for a multi-layer detector)."""
+        return "+".join(self.layers)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         return image_to_pixels(image, self.preset)
@@ -129,7 +153,9 @@ class Guard:
         return infer_batch(self.network, pixels)
 
     def score(self, batch: BatchFeatures) -> np.ndarray:
-        """Search stage: kNN score of each predicted class."""
+        """Search stage: kNN score of each predicted class (combined over layers if several)."""
+        if isinstance(self.detector, MultiLayerDetector):
+            return self.detector.score(batch.features, batch.predictions)
         return self.detector.score(batch.features[self.layer], batch.predictions)
 
     def decide(self, batch: BatchFeatures, scores: np.ndarray) -> list[Verdict]:

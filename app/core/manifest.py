@@ -16,6 +16,11 @@ from app.core.scoring import ScoreFunction
 from app.core.search import IndexType
 
 MANIFEST_NAME = "manifest.json"
+# How a detector with several layers turns per-layer scores into one: "single" is the paper's
+# one-layer score; "fisher" turns each layer's score into a p-value against that layer's held-out
+# calibration scores and combines them with Fisher's method (see app.core.detector).
+Combination = Literal["single", "fisher"]
+COMBINATIONS: tuple[Combination, ...] = ("single", "fisher")
 FORMAT_VERSION = 1
 
 
@@ -52,19 +57,28 @@ class LayerSpec(_Frozen):
     index_type: IndexType
     nlist: int | None = None
     nprobe: int | None = None
+    # held-out authentic scores of this layer alone (multi-layer combinations only)
+    calibration_scores_file: str | None = None
 
 
 class DetectorSpec(_Frozen):
     layers: list[LayerSpec] = Field(min_length=1)
     k: int = Field(gt=0)
     score_function: ScoreFunction
-    combination: Literal["single"] = "single"
+    combination: Combination = "single"
     labels_file: str
 
     @model_validator(mode="after")
-    def _one_layer_for_single(self) -> DetectorSpec:
+    def _layers_fit_combination(self) -> DetectorSpec:
         if self.combination == "single" and len(self.layers) != 1:
             raise ValueError("combination 'single' takes exactly one layer")
+        if self.combination != "single":
+            if len(self.layers) < 2:
+                raise ValueError(f"combination {self.combination!r} takes two layers or more")
+            if len({layer.name for layer in self.layers}) != len(self.layers):
+                raise ValueError("a layer appears twice")
+            if any(layer.calibration_scores_file is None for layer in self.layers):
+                raise ValueError(f"combination {self.combination!r} needs per-layer calibration")
         return self
 
 

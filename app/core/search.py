@@ -103,3 +103,13 @@ def search(index: Any, queries: np.ndarray, k: int) -> SearchResult:
 
 def index_size(index: Any) -> int:
     return int(index.ntotal)
+
+
+def stored_vectors(index: Any) -> np.ndarray:
+    """(ntotal, d) float32 copy of the indexed vectors (flat indexes; used by white-box attacks)."""
+    if gpu_count() and hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    if isinstance(index, faiss.IndexIVF):
+        index.make_direct_map()
+    vectors: np.ndarray = index.reconstruct_n(0, index.ntotal)
+    return np.ascontiguousarray(vectors, dtype=np.float32)
