@@ -14,6 +14,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "index_builder.cli",
     "app.classify_cli",
     "app.service.cli",
+    "evaluation.cli",
 )
 
 

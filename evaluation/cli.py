@@ -1,0 +1,83 @@
+"""``advguard evaluate``: the paper's evaluation on a bundle's model (see ``evaluation.run``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_SOURCE = Path("../shared/data/cifar10-jpeg.tar.gz")
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--bundle", type=Path, help="bundle whose model is evaluated")
+    model.add_argument("--arch", help="or: an architecture (with --weights); a bundle is built")
+    parser.add_argument("--weights", type=Path, help="weights file for --arch")
+    parser.add_argument("--name", help="results name (default: the bundle's name)")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with train/ and test/ splits",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="results directory (default: evaluation/results/<name>)"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/evaluation"))
+    parser.add_argument("--per-class", type=int, default=100, help="authentic images per class")
+    parser.add_argument(
+        "--no-studies",
+        action="store_true",
+        help="only the given bundle (score functions at query time): no builds",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small subset, short attacks, no builds (CI)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from evaluation.run import EvaluateOptions, evaluate, quick_options
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.arch and not args.weights:
+        print("advguard evaluate: error: --arch needs --weights", file=sys.stderr)
+        return 2
+    name = args.name or (args.bundle.name if args.bundle else f"cifar10-{args.arch}")
+    out = args.out or Path("evaluation/results") / (name + ("-quick" if args.quick else ""))
+    options = EvaluateOptions(
+        source=args.source,
+        out=out,
+        bundle=args.bundle,
+        arch=args.arch,
+        weights=args.weights,
+        name=name,
+        cache_dir=args.cache_dir,
+        per_class=args.per_class,
+        studies=not args.no_studies,
+        seed=args.seed,
+    )
+    if args.quick:
+        options = quick_options(options)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    evaluate(options, log)
+    return 0
+
+
+def register(commands: Any) -> None:
+    evaluate = commands.add_parser(
+        "evaluate", help="reproduce the paper's evaluation (Table 2, Figures 2-4) and beyond"
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=run_evaluate)

@@ -1,0 +1,102 @@
+"""The evaluation's images: a split of a labelled source (CIFAR-10 test), decoded once and cached.
+
+Images are read from the source in place (a tar archive is streamed, never extracted), turned
+into pixels with the bundle's own preprocessing (``image_to_pixels``) and cached as uint8
+(exact for the 32x32 CIFAR preset, where preprocessing is the identity on 8-bit pixels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.core.features import image_to_pixels
+from app.core.images import decode_image
+from app.core.models import PreprocessingPreset
+from index_builder.sources import open_source
+
+
+@dataclass(frozen=True)
+class ImageSplit:
+    pixels: np.ndarray  # (n, 3, H, W) uint8
+    labels: np.ndarray  # (n,) int64
+    keys: list[str]
+    classes: list[str]
+
+    def tensor(self, rows: np.ndarray) -> torch.Tensor:
+        """Float pixels in [0, 1] of the given rows."""
+        return torch.from_numpy(self.pixels[rows].astype(np.float32) / 255.0)
+
+
+def _cache_key(
+    source: Path, split: str | None, preset: PreprocessingPreset, per_class_limit: int | None
+) -> str:
+    stat = source.stat()
+    blob = json.dumps(
+        {
+            "source": str(source.resolve()),
+            "size": stat.st_size,
+            "mtime": int(stat.st_mtime),
+            "split": split,
+            "preset": [preset.name, preset.resize, preset.crop],
+            "per_class_limit": per_class_limit,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_split(
+    source: Path,
+    split: str | None,
+    preset: PreprocessingPreset,
+    cache_dir: Path,
+    per_class_limit: int | None = None,
+) -> ImageSplit:
+    """The images of ``split`` (the first ``per_class_limit`` of each class) in listing order
+    (class, then file name), cached on disk."""
+    cache = cache_dir / f"split-{_cache_key(source, split, preset, per_class_limit)}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            return ImageSplit(
+                data["pixels"],
+                data["labels"].astype(np.int64),
+                [str(k) for k in data["keys"]],
+                [str(c) for c in data["classes"]],
+            )
+    image_source = open_source(source, split)
+    listing = image_source.listing(per_class_limit)
+    entries = listing.entries
+    position = {entry.key: i for i, entry in enumerate(entries)}
+    by_member = {entry.member: entry.key for entry in entries if entry.member}
+    size = preset.crop
+    pixels = np.zeros((len(entries), 3, size, size), dtype=np.uint8)
+    seen = np.zeros(len(entries), dtype=bool)
+
+    def store(key: str, data: bytes) -> None:
+        tensor = image_to_pixels(decode_image(data), preset)
+        pixels[position[key]] = (tensor * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+        seen[position[key]] = True
+
+    if image_source.streaming:
+        for member, data in image_source.stream(set(by_member)):
+            store(by_member[member], data)
+    else:
+        for entry in entries:
+            store(entry.key, image_source.read(entry))
+    if not seen.all():
+        raise RuntimeError(f"{int((~seen).sum())} images of {source} could not be read")
+    labels = np.array([entry.label for entry in entries], dtype=np.int64)
+    keys = [entry.key for entry in entries]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(
+        tmp, pixels=pixels, labels=labels, keys=np.array(keys), classes=np.array(listing.classes)
+    )
+    tmp.replace(cache)
+    return ImageSplit(pixels, labels, keys, list(listing.classes))

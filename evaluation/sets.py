@@ -1,0 +1,68 @@
+"""The paper's image sets (Section 5) and the adversarial sets built from them, cached on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evaluation.attacks import AttackOutput
+
+
+@dataclass(frozen=True)
+class Selection:
+    authentic: np.ndarray  # rows of the split: correctly classified, per_class per class
+    errors: np.ndarray  # rows of the split: misclassified, up to per_class per true class
+    targets: np.ndarray  # (len(authentic),) a random class != true class per authentic image
+
+
+def select_sets(
+    labels: np.ndarray, predictions: np.ndarray, num_classes: int, per_class: int, seed: int
+) -> Selection:
+    """Authentic: ``per_class`` random correctly classified images of each class; Authentic
+    Errors: up to ``per_class`` random misclassified images of each class; a random target
+    class (never the true one) for each authentic image."""
+    rng = np.random.default_rng(seed)
+    authentic: list[np.ndarray] = []
+    errors: list[np.ndarray] = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        members = members[rng.permutation(members.size)]
+        correct = members[predictions[members] == c]
+        wrong = members[predictions[members] != c]
+        authentic.append(np.sort(correct[:per_class]))
+        errors.append(np.sort(wrong[:per_class]))
+    chosen = np.concatenate(authentic)
+    offsets = rng.integers(1, num_classes, size=chosen.size)
+    targets = (labels[chosen] + offsets) % num_classes
+    return Selection(chosen, np.concatenate(errors), targets.astype(np.int64))
+
+
+def cache_key(parts: dict[str, object]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def cached_attack(
+    cache_dir: Path, key_parts: dict[str, object], run: Callable[[], AttackOutput]
+) -> tuple[AttackOutput, bool]:
+    """Run an attack, or load its adversarials from ``cache_dir`` (keyed by ``key_parts``).
+    Returns (output, loaded from cache)."""
+    path = cache_dir / f"{key_parts.get('attack', 'attack')}-{cache_key(key_parts)}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return AttackOutput(data["adversarial"], float(data["seconds"])), True
+    output = run()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(
+        tmp,
+        adversarial=output.adversarial,
+        seconds=np.array(output.seconds),
+        key=np.array(json.dumps(key_parts, sort_keys=True, default=str)),
+    )
+    tmp.replace(path)
+    return output, False
