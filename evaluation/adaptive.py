@@ -59,7 +59,10 @@ class SurrogateLayer:
         if p.kind == "none":
             return features
         if p.kind == "l2":
-            return features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            normalised: torch.Tensor = features / features.norm(dim=1, keepdim=True).clamp_min(
+                1e-12
+            )
+            return normalised
         assert p.mean is not None and p.projection is not None
         mean = torch.from_numpy(p.mean).to(features.dtype)
         projection = torch.from_numpy(p.projection).to(features.dtype)

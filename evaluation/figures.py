@@ -46,7 +46,8 @@ def plot_rates(
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
 
     def accepted(scores: np.ndarray) -> np.ndarray:
-        return (scores[None, :] >= grid[:, None]).mean(axis=1)
+        share: np.ndarray = (scores[None, :] >= grid[:, None]).mean(axis=1)
+        return share
 
     ax.plot(grid, accepted(authentic), color="black", linewidth=2, label="TPR authentic")
     for name, scores in sets.items():
@@ -73,7 +74,7 @@ def plot_densities(
     """Histogram densities of log10(score) per set."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     everything = np.log10(np.maximum(np.concatenate([authentic, *sets.values()]), _FLOOR))
-    bins = np.linspace(everything.min(), 0.0, 50)
+    bins = np.linspace(everything.min(), 0.0, 50).tolist()
     ax.hist(
         np.log10(np.maximum(authentic, _FLOOR)),
         bins=bins,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.core.detector import MultiLayerDetector
 from app.core.features import BatchFeatures, FeatureNetwork, infer_batch
 from app.core.guard import Guard
 from app.core.manifest import Manifest
@@ -205,7 +206,7 @@ def guard_scores(
 ) -> np.ndarray:
     """Scores of the predicted classes through the guard's own detector."""
     detector = guard.detector
-    if hasattr(detector, "layer_detectors"):  # multi-layer detector: its own score function
+    if isinstance(detector, MultiLayerDetector):  # its layers' own score function
         scores: np.ndarray = guard.score(batch)
         return scores
     return detector.score(batch.features[guard.layer], batch.predictions, score_function)
@@ -408,7 +409,11 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         adaptive_targets["adaptive_multilayer"] = guards[multi[0]][1]
     adaptive_info: dict[str, dict[str, Any]] = {}
     for set_name, target_guard in adaptive_targets.items():
-        detectors = getattr(target_guard.detector, "layer_detectors", [target_guard.detector])
+        detectors = (
+            target_guard.detector.layer_detectors
+            if isinstance(target_guard.detector, MultiLayerDetector)
+            else [target_guard.detector]
+        )
         surrogate = [SurrogateLayer.from_detector(d) for d in detectors]
         params = {
             "eps": p.adaptive_eps,
@@ -418,12 +423,11 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
             "detector": target_guard.manifest.files,
         }
         ta = time.perf_counter()
-        output, hit = cached_attack(
-            cache / "adversarials",
-            {**base_key, "attack": set_name, **params},
-            lambda s=surrogate: adaptive_pgd(
+
+        def run_adaptive(layers: list[SurrogateLayer] = surrogate) -> attacks.AttackOutput:
+            return adaptive_pgd(
                 network,
-                s,
+                layers,
                 x_auth,
                 targets,
                 p.adaptive_eps,
@@ -432,15 +436,18 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
                 p.adaptive_weight,
                 bs,
                 options.seed,
-            ),
+            )
+
+        output, hit = cached_attack(
+            cache / "adversarials", {**base_key, "attack": set_name, **params}, run_adaptive
         )
         record(set_name, {k: v for k, v in params.items() if k != "detector"}, output, hit)
         feats[set_name] = _features(network, torch.from_numpy(adversarial[set_name]))
         # the number a user should believe: misclassified AND accepted at the bundle threshold
         all_feats = _features(network, torch.from_numpy(output.adversarial))
-        scores = guard_scores(target_guard, all_feats, None)
+        adv_scores = guard_scores(target_guard, all_feats, None)
         misclassified = all_feats.predictions != y_auth
-        accepted = scores >= target_guard.threshold
+        accepted = adv_scores >= target_guard.threshold
         adaptive_info[set_name] = {
             "detector": target_guard.manifest.name,
             "threshold": target_guard.threshold,
@@ -458,7 +465,7 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
     configurations: dict[str, Any] = {}
     all_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for cname, (config, guard) in guards.items():
-        multi_layer = hasattr(guard.detector, "layer_detectors")
+        multi_layer = isinstance(guard.detector, MultiLayerDetector)
         functions: tuple[ScoreFunction | None, ...] = (None,) if multi_layer else SCORE_FUNCTIONS
         by_function: dict[str, Any] = {}
         all_scores[cname] = {}
@@ -539,5 +546,9 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
     results["runtime"] = {k: round(v, 1) for k, v in timings.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table2.md").write_text(report.markdown(results))
+    if not options.quick:
+        text = report.summary(out.parent)
+        if text is not None:
+            (out.parent / "SUMMARY.md").write_text(text)
     log(f"wrote {out}/table2.md, results.json and figures in {timings['total_seconds']:.0f} s")
     return results
