@@ -251,7 +251,11 @@ def _unavailable(exc: TrackerUnavailableError) -> ApiError:
     return ApiError(503, "tracker_unavailable", str(exc), {"Retry-After": "1"})
 
 
-@router.get("/clients/{client_id}", response_model=ClientStatsModel, responses=_ERRORS)
+@router.get(
+    "/clients/{client_id}",
+    response_model=ClientStatsModel,
+    responses={**_ERRORS, 404: {"model": ErrorResponse}},
+)
 async def client_stats(client_id: str, service: ServiceDep, _: Admin) -> ClientStatsModel:
     try:
         stats = await run_in_threadpool(service.tracker.get, client_id)
