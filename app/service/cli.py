@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
+    from app.core.bundle import read_manifest, verify_files
+    from app.core.errors import AdvguardError
     from app.service.main import create_app
     from app.service.settings import Settings
 
@@ -20,7 +24,14 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.redis_url is not None:
         overrides["redis_url"] = args.redis_url
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+        # refuse a missing, corrupted or tampered bundle with one clear line before uvicorn
+        # starts (the lifespan loads and verifies it again, and refuses it there too)
+        verify_files(settings.bundle, read_manifest(settings.bundle))
+    except (AdvguardError, ValidationError, ValueError) as exc:
+        print(f"advguard serve: refusing to start: {exc}", file=sys.stderr)
+        return 2
     uvicorn.run(
         create_app(settings),
         host=args.host,

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.errors import AdvguardError
 from app.core.flagging import FlagRule, flag_threshold_from_scores
 from app.core.guard import Guard
 from app.service.batcher import Batcher
@@ -236,7 +237,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.perf_counter()
-        service = await run_in_threadpool(build_service, settings, metrics)
+        try:
+            service = await run_in_threadpool(build_service, settings, metrics)
+        except AdvguardError as exc:  # corrupted or tampered bundle, model that does not fit
+            log.error("refusing to start: %s", exc)
+            raise
         service.batcher.start()
         app.state.service = service
         log.info(
