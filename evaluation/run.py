@@ -399,16 +399,24 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
     for name, pixels in adversarial.items():
         feats[name] = _features(network, torch.from_numpy(pixels))
 
-    # --- adaptive attacks against the base bundle and the multi-layer one --------------------
-    adaptive_targets: dict[str, Guard] = {"adaptive": base_guard}
+    # --- adaptive attacks: against the default bundle ("adaptive", also scored by every other
+    # configuration as a transfer attack), the multi-layer bundle, and each Table 2 processing and
+    # layer-study bundle ("adaptive_own": every configuration against adversarials made for it)
     default_name = f"pca_whiten-{info.default_layer}-k1000"
-    if default_name in guards:
-        adaptive_targets["adaptive"] = guards[default_name][1]
-    multi = [n for n, (c, _) in guards.items() if c.combination != "single"]
-    if multi:
-        adaptive_targets["adaptive_multilayer"] = guards[multi[0]][1]
+    default_guard = guards[default_name][1] if default_name in guards else base_guard
+    default_key = default_name if default_name in guards else base_config.name
+    adaptive_targets: dict[str, tuple[Guard, str]] = {"adaptive": (default_guard, default_key)}
+    for cname, (config, guard) in guards.items():
+        if cname == default_key:
+            continue
+        if config.combination != "single":
+            adaptive_targets["adaptive_multilayer"] = (guard, cname)
+        elif config.study in ("table2", "layers"):
+            adaptive_targets[f"adaptive@{cname}"] = (guard, cname)
+    own_adaptive: dict[str, str] = {}  # configuration -> adaptive set made against it
     adaptive_info: dict[str, dict[str, Any]] = {}
-    for set_name, target_guard in adaptive_targets.items():
+    for set_name, (target_guard, target_config) in adaptive_targets.items():
+        own_adaptive[target_config] = set_name
         detectors = (
             target_guard.detector.layer_detectors
             if isinstance(target_guard.detector, MultiLayerDetector)
@@ -461,7 +469,8 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         log(f"{set_name}: {adaptive_info[set_name]}")
 
     # --- scores and metrics --------------------------------------------------------------------
-    set_names = ["lbfgs", "fgsm", "aggr", "errors", "pgd", "cw", *adaptive_targets]
+    global_sets = ["adaptive", "adaptive_multilayer"]
+    set_names = ["lbfgs", "fgsm", "aggr", "errors", "pgd", "cw", *global_sets, "adaptive_own"]
     configurations: dict[str, Any] = {}
     all_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for cname, (config, guard) in guards.items():
@@ -471,7 +480,13 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         all_scores[cname] = {}
         for function in functions:
             key = function or guard.manifest.detector.score_function
-            scores = {name: guard_scores(guard, batch, function) for name, batch in feats.items()}
+            scores = {
+                name: guard_scores(guard, batch, function)
+                for name, batch in feats.items()
+                if not name.startswith("adaptive@")
+            }
+            if cname in own_adaptive:
+                scores["adaptive_own"] = guard_scores(guard, feats[own_adaptive[cname]], function)
             scores["aggr"] = np.concatenate([scores["lbfgs"], scores["fgsm"]])
             all_scores[cname][key] = scores
             by_function[key] = {
