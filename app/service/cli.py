@@ -29,11 +29,12 @@ def _serve(args: argparse.Namespace) -> int:
         # refuse a missing, corrupted or tampered bundle with one clear line before uvicorn
         # starts (the lifespan loads and verifies it again, and refuses it there too)
         verify_files(settings.bundle, read_manifest(settings.bundle))
+        app = create_app(settings)  # refuses empty API keys or bad proxy networks
     except (AdvguardError, ValidationError, ValueError) as exc:
         print(f"advguard serve: refusing to start: {exc}", file=sys.stderr)
         return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,

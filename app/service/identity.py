@@ -6,6 +6,7 @@ then the right-most address in the header that is not itself a trusted proxy.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 from collections.abc import Iterable, Mapping
@@ -26,6 +27,20 @@ class InvalidClientIdError(Exception):
     """An ``X-Client-ID`` that is too long or holds control characters (400)."""
 
 
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def secret_equal(a: bytes, b: bytes) -> bool:
+    """Constant-time comparison (``hmac.compare_digest``); pass equal-length digests."""
+    return hmac.compare_digest(a, b)
+
+
+def token_matches(presented: str, expected: str) -> bool:
+    """A presented secret against the configured one, in constant time, lengths hidden."""
+    return secret_equal(_digest(presented), _digest(expected))
+
+
 def _network(spec: str) -> Network:
     return ipaddress.ip_network(spec.strip(), strict=False)
 
@@ -39,24 +54,25 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 @dataclass(frozen=True)
 class IdentityResolver:
-    api_keys: tuple[tuple[str, bytes], ...]  # (client id, key)
+    api_keys: tuple[tuple[str, bytes], ...]  # (client id, sha256 of the key)
     trusted_proxies: tuple[Network, ...]
 
     @classmethod
     def build(
         cls, api_keys: Mapping[str, SecretStr], trusted_proxies: Iterable[str]
     ) -> IdentityResolver:
-        keys = tuple((cid, key.get_secret_value().encode()) for cid, key in api_keys.items())
-        if any(not key for _, key in keys):
+        if any(not key.get_secret_value() for key in api_keys.values()):
             raise ValueError("API keys must not be empty")
+        keys = tuple((cid, _digest(key.get_secret_value())) for cid, key in api_keys.items())
         return cls(keys, tuple(_network(spec) for spec in trusted_proxies))
 
     def client_for_key(self, presented: str | None) -> str:
-        """Constant-time over every configured key: no early exit on a match."""
-        candidate = (presented or "").encode()
+        """Constant-time over every configured key: no early exit on a match, and digests of
+        equal length are compared, so not even a key's length leaks."""
+        candidate = _digest(presented or "")
         found: str | None = None
         for client_id, key in self.api_keys:
-            if hmac.compare_digest(candidate, key) and presented:
+            if secret_equal(candidate, key) and presented:
                 found = client_id
         if found is None:
             raise IdentityError("a valid API key is required")

@@ -26,7 +26,7 @@ from app.core.errors import AdvguardError
 from app.core.flagging import FlagRule, flag_threshold_from_scores
 from app.core.guard import Guard
 from app.service.batcher import Batcher
-from app.service.identity import IdentityResolver
+from app.service.identity import IdentityError, IdentityResolver
 from app.service.metrics import Metrics
 from app.service.routes import router
 from app.service.schemas import ErrorResponse
@@ -66,7 +66,9 @@ def build_tracker(settings: Settings, rule: FlagRule, metrics: Metrics) -> Clien
     return InMemoryTracker(rule, alpha=settings.ewma_alpha, ttl_s=settings.client_ttl_s)
 
 
-def build_service(settings: Settings, metrics: Metrics) -> Service:
+def build_service(
+    settings: Settings, metrics: Metrics, identity: IdentityResolver | None = None
+) -> Service:
     guard = Guard.load(settings.bundle, device=settings.device, retention=settings.retention)
     rule = flag_rule_for(settings, guard)
     tracker = build_tracker(settings, rule, metrics)
@@ -77,7 +79,8 @@ def build_service(settings: Settings, metrics: Metrics) -> Service:
         queue_size=settings.queue_size,
         on_batch=metrics.batch_size.observe,
     )
-    identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
+    if identity is None:
+        identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
     service = Service(settings, metrics, guard, batcher, tracker, identity, rule)
     manifest = guard.manifest
     metrics.bundle.info(
@@ -116,12 +119,22 @@ def request_id_of(request: Request) -> str | None:
 
 
 class ServiceMiddleware:
-    """Request ids, the request body limit, HTTP status and error counting (pure ASGI)."""
+    """Request ids, the API key and request body limit checks (both before a byte of the body is
+    read), HTTP status and error counting (pure ASGI)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, body_limit: int):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        body_limit: int,
+        identity: IdentityResolver | None = None,
+        api_key_header: str = "X-API-Key",
+    ):
         self.app = app
         self.metrics = metrics
         self.body_limit = body_limit
+        self.identity = identity
+        self.api_key_header = api_key_header.lower().encode("latin-1")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -143,6 +156,22 @@ class ServiceMiddleware:
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
+
+        if is_classify and self.identity is not None and self.identity.api_keys:
+            # FastAPI parses the multipart body before it runs the route's dependencies: refuse
+            # a request without a valid key here, without reading its body
+            try:
+                self.identity.client_for_key(_header(scope, self.api_key_header))
+            except IdentityError as exc:
+                response = _error(
+                    401,
+                    "unauthorized",
+                    str(exc),
+                    request_id,
+                    **{"WWW-Authenticate": "ApiKey", "Connection": "close"},
+                )
+                await response(scope, receive, send_counted)
+                return
 
         length = _content_length(scope)
         if length is not None and length > self.body_limit:
@@ -177,6 +206,14 @@ class ServiceMiddleware:
                 if is_classify:
                     self.metrics.requests.labels(decision="error").inc()
             raise
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -233,12 +270,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The guard service. Without settings: environment (``ADVGUARD_*``) or the defaults."""
     settings = settings or Settings()
     metrics = Metrics()
+    identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         started = time.perf_counter()
         try:
-            service = await run_in_threadpool(build_service, settings, metrics)
+            service = await run_in_threadpool(build_service, settings, metrics, identity)
         except AdvguardError as exc:  # corrupted or tampered bundle, model that does not fit
             log.error("refusing to start: %s", exc)
             raise
@@ -272,5 +310,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         ServiceMiddleware,
         metrics=metrics,
         body_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        identity=identity,
+        api_key_header=settings.api_key_header,
     )
     return app

@@ -4,7 +4,6 @@ service objects (batcher, tracker)."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import re
 import time
 from typing import Annotated
@@ -17,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.images import ImageDecodeError, decode_image
 from app.service.batcher import BatcherClosedError, BatchResult, QueueFullError
-from app.service.identity import IdentityError, InvalidClientIdError
+from app.service.identity import IdentityError, InvalidClientIdError, token_matches
 from app.service.schemas import (
     BundleSummary,
     ClassifyResponse,
@@ -85,10 +84,11 @@ ClientId = Annotated[str, Depends(get_client_id)]
 
 def require_admin(request: Request, service: ServiceDep) -> None:
     token = service.settings.admin_token
-    if token is None:
+    # an empty token would match a request that sends no header at all: treat it as unset
+    if token is None or not token.get_secret_value():
         raise ApiError(403, "admin_disabled", "admin endpoints need ADVGUARD_ADMIN_TOKEN set")
     presented = request.headers.get(service.settings.admin_token_header, "")
-    if not hmac.compare_digest(presented.encode(), token.get_secret_value().encode()):
+    if not token_matches(presented, token.get_secret_value()):
         raise ApiError(401, "unauthorized", "a valid admin token is required")
 
 
