@@ -14,8 +14,10 @@ retried for ``retry_interval_s`` after a failure, so a dead Redis costs requests
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -194,8 +196,12 @@ class InMemoryTracker:
 
 # --------------------------------------------------------------------------- Redis
 
-# KEYS: client hash, flagged sorted set. ARGV: score, accepted (1/0), at, alpha, ttl seconds.
+# KEYS: client hash, flagged sorted set. ARGV: score, accepted (1/0), at, alpha, ttl seconds,
+# client id, writer (this tracker's id), seq (this tracker's sequence number of the update).
 # Returns the updated fields (floats as strings: Lua numbers would be truncated to integers).
+# Idempotent per writer: the hash keeps the last writer and its seq ('w' = "<writer>:<seq>"), and
+# an update that writer already applied (its reply was lost, so it was buffered and replayed) is
+# not applied twice; the current fields are returned instead.
 _RECORD_LUA = """
 local key = KEYS[1]
 local score = tonumber(ARGV[1])
@@ -203,8 +209,18 @@ local acc = tonumber(ARGV[2])
 local at = tonumber(ARGV[3])
 local alpha = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
+local seq = tonumber(ARGV[8])
+local f = function(x) return string.format('%.17g', x) end
 local v = redis.call('HMGET', key, 'requests', 'accepted', 'rejected', 'scored', 'mean', 'ewma',
-                     'first_seen', 'last_seen')
+                     'first_seen', 'last_seen', 'w')
+if v[9] then
+  local writer, last = string.match(v[9], '^(.*):(%d+)$')
+  if writer == ARGV[7] and tonumber(last) >= seq then
+    local flagged = redis.call('ZSCORE', KEYS[2], ARGV[6])
+    return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), f(tonumber(v[5])),
+            f(tonumber(v[6])), f(tonumber(v[7])), f(tonumber(v[8])), flagged or false}
+  end
+end
 local requests = (tonumber(v[1]) or 0) + 1
 local accepted = tonumber(v[2]) or 0
 local rejected = tonumber(v[3]) or 0
@@ -218,10 +234,9 @@ local first_seen = tonumber(v[7]) or at
 if at < first_seen then first_seen = at end
 local last_seen = tonumber(v[8]) or at
 if at > last_seen then last_seen = at end
-local f = function(x) return string.format('%.17g', x) end
 redis.call('HSET', key, 'requests', requests, 'accepted', accepted, 'rejected', rejected,
            'scored', scored, 'mean', f(mean), 'ewma', f(ewma), 'first_seen', f(first_seen),
-           'last_seen', f(last_seen))
+           'last_seen', f(last_seen), 'w', ARGV[7] .. ':' .. ARGV[8])
 redis.call('EXPIRE', key, ttl)
 local flagged_at = redis.call('ZSCORE', KEYS[2], ARGV[6])
 return {requests, accepted, rejected, scored, f(mean), f(ewma), f(first_seen), f(last_seen),
@@ -274,7 +289,12 @@ class RedisTracker:
         )
         self._record = self._redis.register_script(_RECORD_LUA)
         self._clear = self._redis.register_script(_CLEAR_LUA)
-        self._buffer: deque[Observation] = deque(maxlen=buffer_size) if buffer_size else deque()
+        # (seq, observation): an update keeps its sequence number through buffering and replay
+        self._buffer: deque[tuple[int, Observation]] = (
+            deque(maxlen=buffer_size) if buffer_size else deque()
+        )
+        self._writer = uuid.uuid4().hex[:16]
+        self._seq = itertools.count(1)
         self._buffer_size = buffer_size
         self._lock = threading.RLock()
         self._down_until = 0.0
@@ -293,21 +313,23 @@ class RedisTracker:
     def _may_try(self) -> bool:
         return not self._down or time.monotonic() >= self._down_until
 
-    def _buffer_add(self, observation: Observation) -> None:
+    def _buffer_add(self, seq: int, observation: Observation) -> None:
         if self._buffer_size == 0:
             self.on_error()  # no buffer: the update is lost
             return
         if len(self._buffer) == self._buffer_size:
             self.on_error()  # the oldest buffered update is dropped
-        self._buffer.append(observation)
+        self._buffer.append((seq, observation))
 
     def _replay(self) -> None:
-        """Apply buffered updates in order; raises (leaving the rest) if Redis fails again."""
+        """Apply buffered updates in order; raises (leaving the rest) if Redis fails again.
+        An update whose reply was lost is replayed, and the script skips it (same writer, seq)."""
         while self._buffer:
-            self._apply(self._buffer[0])
+            seq, observation = self._buffer[0]
+            self._apply(observation, seq)
             self._buffer.popleft()
 
-    def _apply(self, observation: Observation) -> RecordResult:
+    def _apply(self, observation: Observation, seq: int) -> RecordResult:
         raw = self._record(
             keys=[self.client_key(observation.client_id), self.flagged_key],
             args=[
@@ -317,6 +339,8 @@ class RedisTracker:
                 repr(self.alpha),
                 self.ttl_s,
                 observation.client_id,
+                self._writer,
+                seq,
             ],
         )
         flagged_at = None if raw[8] is None else float(_as_str(raw[8]))
@@ -345,15 +369,16 @@ class RedisTracker:
 
     def record(self, observation: Observation) -> RecordResult:
         with self._lock:
+            seq = next(self._seq)
             if self._may_try():
                 try:
                     self._replay()
-                    result = self._apply(observation)
+                    result = self._apply(observation, seq)
                     self._down = False
                     return result
                 except redis.RedisError:
                     self._failed()
-            self._buffer_add(observation)
+            self._buffer_add(seq, observation)
             return RecordResult(None, False)
 
     def _read(self, fn: Callable[[], Any]) -> Any:

@@ -18,12 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
 
 from app.core.errors import BundleError
+from app.core.flagging import FlagRule
 from app.service.main import create_app
 from app.service.settings import DEFAULT_BUNDLE, Settings
+from app.service.tracking import Observation, RedisTracker
 from tests.service.helpers import LabelledImage, RedisProcess, free_port, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
@@ -99,6 +102,43 @@ def test_redis_restarted_under_concurrent_load(
                 total += stats["requests"]
             assert total == len(images) + 1
             assert client.get("/readyz").json()["tracker_buffered_updates"] == 0
+    finally:
+        server.kill()
+
+
+def test_update_whose_reply_was_lost_is_not_counted_twice(tmp_path: Path) -> None:
+    """Redis applies an update but the reply never arrives (killed or timed out after the write):
+    the tracker buffers and replays it, and the replay must not count it again."""
+    server = RedisProcess(free_port(), tmp_path)
+    server.start()
+    try:
+        tracker = RedisTracker(
+            server.url, FlagRule(threshold=0.0, min_requests=1000), retry_interval_s=0.0
+        )
+        real = tracker._record
+        lose_next = [True]
+
+        def reply_lost(*args: object, **kwargs: object) -> object:
+            result = real(*args, **kwargs)  # type: ignore[arg-type]
+            if lose_next[0]:
+                lose_next[0] = False
+                raise redis.ConnectionError("connection lost before the reply")
+            return result
+
+        tracker._record = reply_lost  # type: ignore[method-assign]
+        now = time.time()
+        assert tracker.record(Observation("lost", 0.5, True, now)).stats is None  # buffered
+        assert tracker.buffered() == 1
+        stats = tracker.record(Observation("lost", 0.3, False, now + 1)).stats
+        assert stats is not None and tracker.buffered() == 0
+        assert (stats.requests, stats.accepted, stats.rejected, stats.scored) == (2, 1, 1, 2)
+        assert stats.mean_score == pytest.approx(0.4)
+        # another writer (a second replica) with its own sequence numbers is not mistaken for it
+        other = RedisTracker(server.url, FlagRule(threshold=0.0, min_requests=1000))
+        stats = other.record(Observation("lost", 0.2, True, now + 2)).stats
+        assert stats is not None and stats.requests == 3
+        tracker.close()
+        other.close()
     finally:
         server.kill()
 
