@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.core.calibration import threshold_for_retention
 from app.core.detector import MultiLayerDetector
 from app.core.features import BatchFeatures, FeatureNetwork, infer_batch
 from app.core.guard import Guard
@@ -51,8 +52,8 @@ class AttackParams:
     cw_steps: int = 30
     cw_lr: float = 0.02
     adaptive_eps: float = 8 / 255
-    adaptive_alpha: float = 1 / 255
-    adaptive_steps: int = 20
+    adaptive_alpha: float = 2 / 255
+    adaptive_steps: int = 10
     adaptive_weight: float = 1.0
 
 
@@ -84,11 +85,6 @@ def detector_configs(default_layer: str, layers: tuple[str, ...]) -> list[Detect
         for kind in ("none", "l2", "pca_whiten")
     ]
     configs += [
-        DetectorConfig(f"pca_whiten-{layer}-k1000", "layers", (layer,))
-        for layer in layers
-        if layer != default_layer
-    ]
-    configs += [
         DetectorConfig(f"pca_whiten-{default_layer}-k{k}", "k", (default_layer,), k=k)
         for k in (50, 200, 5000)
     ]
@@ -98,6 +94,36 @@ def detector_configs(default_layer: str, layers: tuple[str, ...]) -> list[Detect
         )
     )
     return configs
+
+
+def layer_views(
+    config: DetectorConfig, guard: Guard, skip: str
+) -> list[tuple[DetectorConfig, Guard]]:
+    """The layer study without extra builds: each layer's detector inside a multi-layer bundle
+    is exactly the single-layer detector the builder makes for that layer (same processing fit,
+    index, k and score function); its threshold comes from that layer's own held-out scores,
+    stored in the bundle, at the bundle's retention."""
+    if not isinstance(guard.detector, MultiLayerDetector):
+        return []
+    views = []
+    retention = guard.manifest.calibration.operating_retention
+    for detector, calibration in zip(
+        guard.detector.layer_detectors, guard.detector.calibration, strict=True
+    ):
+        name = detector.layer.name
+        if name == skip:
+            continue
+        view = Guard(
+            guard.manifest,
+            guard.network,
+            detector,
+            threshold_for_retention(calibration, retention),
+            guard.index_device,
+        )
+        views.append(
+            (DetectorConfig(f"{config.processing}-{name}-k{config.k}", "layers", (name,)), view)
+        )
+    return views
 
 
 @dataclass(frozen=True)
@@ -386,6 +412,10 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
                 log(f"skipping {config.name}: {exc}")
                 continue
             guards[config.name] = (config, Guard.load(path, device="cpu"))
+            for view_config, view in layer_views(
+                config, guards[config.name][1], info.default_layer
+            ):
+                guards[view_config.name] = (view_config, view)
     else:
         guards[base_config.name] = (base_config, base_guard)
     timings["build_seconds"] = time.perf_counter() - t0
