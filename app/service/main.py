@@ -129,12 +129,17 @@ class ServiceMiddleware:
         body_limit: int,
         identity: IdentityResolver | None = None,
         api_key_header: str = "X-API-Key",
+        max_in_flight: int | None = None,
+        retry_after_s: int = 1,
     ):
         self.app = app
         self.metrics = metrics
         self.body_limit = body_limit
         self.identity = identity
         self.api_key_header = api_key_header.lower().encode("latin-1")
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0  # classifications admitted and not yet answered (one event loop)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -185,6 +190,35 @@ class ServiceMiddleware:
             await response(scope, receive, send_counted)
             return
 
+        if is_classify and self.max_in_flight is not None:
+            if self.in_flight >= self.max_in_flight:
+                # the batcher's queue bounds only decoded images: bound the whole pipeline
+                # (bodies being read and decoded too) and refuse at once, before reading
+                response = _error(
+                    503,
+                    "overloaded",
+                    f"{self.in_flight} classifications in progress; try again later",
+                    request_id,
+                    **{"Retry-After": str(self.retry_after_s), "Connection": "close"},
+                )
+                await response(scope, receive, send_counted)
+                return
+            self.in_flight += 1
+            try:
+                await self._forward(scope, receive, send_counted, is_classify, status_seen)
+            finally:
+                self.in_flight -= 1
+            return
+        await self._forward(scope, receive, send_counted, is_classify, status_seen)
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send_counted: Send,
+        is_classify: bool,
+        status_seen: list[int],
+    ) -> None:
         received = 0
 
         async def receive_limited() -> Message:
@@ -312,5 +346,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
         identity=identity,
         api_key_header=settings.api_key_header,
+        max_in_flight=settings.max_in_flight or settings.queue_size + settings.max_batch_size,
+        retry_after_s=settings.retry_after_s,
     )
     return app

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(default=5.0, ge=0.0)
     queue_size: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=1, ge=1)
+    # classifications admitted at once (reading, decoding, queued, in a batch); beyond it, 503
+    # before the body is read. Default: queue_size + max_batch_size
+    max_in_flight: int | None = Field(default=None, ge=1)
 
     # input limits
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)

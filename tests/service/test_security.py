@@ -57,7 +57,25 @@ def keyed() -> Iterator[tuple[FastAPI, TestClient]]:
 # --------------------------------------------------------------------------- raw ASGI calls
 
 
-def _asgi_call(
+def _scope(headers: dict[str, str], path: str = "/classify") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "state": {},
+    }
+
+
+async def _asgi_call_async(
     app: FastAPI, headers: dict[str, str], body: bytes, path: str = "/classify"
 ) -> tuple[int, dict[bytes, bytes], bytes, int]:
     """One request straight into the ASGI app; returns status, headers, body and how many times
@@ -73,25 +91,16 @@ def _asgi_call(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-        "state": {},
-    }
-    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    await app(_scope(headers, path), receive, send)  # type: ignore[arg-type]
     start = next(m for m in sent if m["type"] == "http.response.start")
     payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return start["status"], dict(start["headers"]), payload, reads
+
+
+def _asgi_call(
+    app: FastAPI, headers: dict[str, str], body: bytes, path: str = "/classify"
+) -> tuple[int, dict[bytes, bytes], bytes, int]:
+    return asyncio.run(_asgi_call_async(app, headers, body, path))
 
 
 def _multipart(data: bytes) -> tuple[dict[str, str], bytes]:
@@ -304,3 +313,37 @@ def test_no_stack_trace_on_an_unexpected_error(
     assert "boom" not in response.text and "Traceback" not in response.text
     monkeypatch.undo()
     assert upload(client, _png(), {"X-API-Key": KEYS["bob"]}).status_code == 200
+
+
+def test_in_flight_limit_refuses_before_reading() -> None:
+    """Past ``max_in_flight`` classifications a request gets 503 + Retry-After at once, its body
+    unread; the slot frees when the admitted request is answered."""
+    app = create_app(Settings(device="cpu", max_in_flight=1, retry_after_s=2))
+    headers, body = _multipart(_png())
+    with TestClient(app):
+
+        async def scenario() -> None:
+            release = asyncio.Event()
+            sent_a: list[dict[str, Any]] = []
+
+            async def slow_receive() -> dict[str, Any]:
+                await release.wait()  # a slow upload holds its slot
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            async def send_a(message: dict[str, Any]) -> None:
+                sent_a.append(message)
+
+            scope = _scope(headers)
+            first = asyncio.create_task(app(scope, slow_receive, send_a))  # type: ignore[arg-type]
+            await asyncio.sleep(0.05)
+            status, response_headers, payload, reads = await _asgi_call_async(app, headers, body)
+            assert status == 503 and reads == 0, payload
+            assert response_headers[b"retry-after"] == b"2"
+            assert b'"error":"overloaded"' in payload
+            release.set()
+            await first
+            assert sent_a[0]["status"] == 200
+            status, _, payload, reads = await _asgi_call_async(app, headers, body)
+            assert status == 200 and reads >= 1, payload
+
+        asyncio.run(scenario())
