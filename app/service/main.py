@@ -168,14 +168,13 @@ class ServiceMiddleware:
             try:
                 self.identity.client_for_key(_header(scope, self.api_key_header))
             except IdentityError as exc:
-                response = _error(
-                    401,
-                    "unauthorized",
-                    str(exc),
-                    request_id,
-                    **{"WWW-Authenticate": "ApiKey", "Connection": "close"},
+                await _refuse(
+                    scope,
+                    receive,
+                    send_counted,
+                    (401, "unauthorized", str(exc), request_id),
+                    {"WWW-Authenticate": "ApiKey"},
                 )
-                await response(scope, receive, send_counted)
                 return
 
         length = _content_length(scope)
@@ -194,14 +193,14 @@ class ServiceMiddleware:
             if self.in_flight >= self.max_in_flight:
                 # the batcher's queue bounds only decoded images: bound the whole pipeline
                 # (bodies being read and decoded too) and refuse at once, before reading
-                response = _error(
-                    503,
-                    "overloaded",
-                    f"{self.in_flight} classifications in progress; try again later",
-                    request_id,
-                    **{"Retry-After": str(self.retry_after_s), "Connection": "close"},
+                message = f"{self.in_flight} classifications in progress; try again later"
+                await _refuse(
+                    scope,
+                    receive,
+                    send_counted,
+                    (503, "overloaded", message, request_id),
+                    {"Retry-After": str(self.retry_after_s)},
                 )
-                await response(scope, receive, send_counted)
                 return
             self.in_flight += 1
             try:
@@ -240,6 +239,32 @@ class ServiceMiddleware:
                 if is_classify:
                     self.metrics.requests.labels(decision="error").inc()
             raise
+
+
+# A refused request's body up to this size is read and discarded (never parsed), so that the
+# connection stays usable: a server that closes a socket with unread data in it resets the
+# connection, and the client may never see the response. Larger or chunked bodies are not read:
+# the response says Connection: close.
+DRAIN_BYTES = 64 * 1024
+
+
+async def _refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    error: tuple[int, str, str, str | None],
+    headers: dict[str, str],
+) -> None:
+    length = _content_length(scope)
+    if length is not None and length <= DRAIN_BYTES:
+        more = length > 0
+        while more:
+            message = await receive()
+            more = message["type"] == "http.request" and bool(message.get("more_body", False))
+    else:
+        headers = {**headers, "Connection": "close"}
+    status, code, text, request_id = error
+    await _error(status, code, text, request_id, **headers)(scope, receive, send)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

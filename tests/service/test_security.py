@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
@@ -20,7 +20,7 @@ from pydantic import SecretStr
 import app.service.identity as identity_module
 import app.service.routes as routes_module
 from app.service.identity import IdentityError, IdentityResolver
-from app.service.main import create_app
+from app.service.main import DRAIN_BYTES, create_app
 from app.service.settings import Settings
 from tests.service.helpers import LabelledImage, upload
 
@@ -120,14 +120,37 @@ def _multipart(data: bytes) -> tuple[dict[str, str], bytes]:
     return headers, body
 
 
-def test_api_key_refused_before_the_body_is_read(keyed: tuple[FastAPI, TestClient]) -> None:
+def test_api_key_refused_before_the_body_is_read(
+    keyed: tuple[FastAPI, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No valid key: 401 from the middleware. A large body is not read at all (and the
+    connection is closed); a small one is read and discarded, never parsed, so that the client
+    sees the response rather than a reset connection."""
     app, _ = keyed
-    headers, body = _multipart(_png())
+    parsed: list[int] = []
+    real_form = Request.form
+
+    def spy_form(self: Request, **kwargs: Any) -> Any:
+        parsed.append(1)
+        return real_form(self, **kwargs)
+
+    monkeypatch.setattr(Request, "form", spy_form)
+    big_headers, big_body = _multipart(b"\0" * (DRAIN_BYTES + 1000))
+    small_headers, small_body = _multipart(_png())
     for presented in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}, {"X-Client-ID": "alice"}):
-        status, response_headers, payload, reads = _asgi_call(app, {**headers, **presented}, body)
+        status, response_headers, payload, reads = _asgi_call(
+            app, {**big_headers, **presented}, big_body
+        )
         assert status == 401 and reads == 0, (presented, payload)
         assert b'"error":"unauthorized"' in payload
         assert response_headers[b"www-authenticate"] == b"ApiKey"
+        assert response_headers[b"connection"] == b"close"
+        status, response_headers, payload, reads = _asgi_call(
+            app, {**small_headers, **presented}, small_body
+        )
+        assert status == 401 and reads == 1 and b"connection" not in response_headers
+    assert parsed == []
+    headers, body = small_headers, small_body
     status, _, payload, reads = _asgi_call(app, {**headers, "X-API-Key": KEYS["bob"]}, body)
     assert status == 200 and reads >= 1, payload
 
@@ -337,9 +360,13 @@ def test_in_flight_limit_refuses_before_reading() -> None:
             first = asyncio.create_task(app(scope, slow_receive, send_a))  # type: ignore[arg-type]
             await asyncio.sleep(0.05)
             status, response_headers, payload, reads = await _asgi_call_async(app, headers, body)
-            assert status == 503 and reads == 0, payload
+            assert status == 503 and reads == 1, payload  # small: drained, not parsed
             assert response_headers[b"retry-after"] == b"2"
             assert b'"error":"overloaded"' in payload
+            big_headers, big_body = _multipart(b"\0" * (DRAIN_BYTES + 1000))
+            status, response_headers, _, reads = await _asgi_call_async(app, big_headers, big_body)
+            assert status == 503 and reads == 0
+            assert response_headers[b"connection"] == b"close"
             release.set()
             await first
             assert sent_a[0]["status"] == 200
