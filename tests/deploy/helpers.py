@@ -5,9 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -70,3 +76,35 @@ def promql_expressions() -> list[tuple[str, str]]:
             name = rule.get("alert") or rule["record"]
             found.append((f"alerts.yml: {name}", rule["expr"].strip()))
     return found
+
+
+@contextmanager
+def advguard_serve(port: int, log: Path, env: dict[str, str], *args: str) -> Iterator[Any]:
+    """``advguard serve`` on 127.0.0.1:port, ready (``/readyz`` 200) when yielded."""
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [find_tool("advguard"), "serve", "--port", str(port), "--device", "cpu", *args],
+            env={**os.environ, **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_http_ok(f"http://127.0.0.1:{port}/readyz", process, log, 90)
+            yield process
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait(10)
+
+
+def wait_http_ok(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{url} never answered 200:\n{log.read_text(errors='replace')}")
+        time.sleep(0.2)

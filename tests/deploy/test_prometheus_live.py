@@ -15,7 +15,6 @@ flagged), and with it the dashboards' ``ALERTS`` annotation.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.deploy.helpers import DEPLOY, find_tool, promql_expressions
+from tests.deploy.helpers import DEPLOY, advguard_serve, find_tool, promql_expressions, wait_http_ok
 from tests.service import conftest as service_fixtures
 from tests.service.helpers import LabelledImage, RedisProcess, fgsm, free_port
 
@@ -41,38 +40,6 @@ MAX_UPLOAD = 100_000
 ATTACKER, HONEST, CLUMSY = "attacker", "honest", "clumsy"
 HONEST_REQUESTS = 40
 DATA_TIMEOUT_S = 45.0  # how long the expressions get to return data after the traffic
-
-
-@contextmanager
-def advguard_serve(port: int, log: Path, env: dict[str, str], *args: str) -> Iterator[Any]:
-    """``advguard serve`` on 127.0.0.1:port, ready (``/readyz`` 200) when yielded."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [find_tool("advguard"), "serve", "--port", str(port), "--device", "cpu", *args],
-            env={**os.environ, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_http_ok(f"http://127.0.0.1:{port}/readyz", process, log, 90)
-            yield process
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait(10)
-
-
-def wait_http_ok(url: str, process: subprocess.Popen[bytes], log: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{url} never answered 200:\n{log.read_text(errors='replace')}")
-        time.sleep(0.2)
 
 
 def prometheus_config(api_port: int, prometheus_port: int) -> dict[str, Any]:

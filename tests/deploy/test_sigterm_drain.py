@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from tests.conftest import random_image_bytes
-from tests.deploy.test_prometheus_live import advguard_serve
+from tests.deploy.helpers import advguard_serve
 from tests.service.helpers import free_port
 
 GRACE_S = 10.0
