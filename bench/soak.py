@@ -1,0 +1,289 @@
+"""Soak benchmark of the guard service (a benchmark, not a test): loopback only.
+
+Starts a redis-server (no persistence) and ``advguard serve`` tracking clients in it with a short
+client TTL, measures saturation (closed loop at ``--calibrate-concurrency`` for
+``--calibrate-seconds``), then sends an open-loop stream at ``--fraction`` (0.7) of it for
+``--minutes`` (default 20), every request from a new client id, so that Redis keeps growing
+unless key expiry bounds it. Every ``--sample-s`` seconds: the server's RSS and open file
+descriptors (/proc), Redis ``used_memory`` and key count, and the window's served rate and p99.
+Reports growth past the warm-up (``--warmup-fraction`` of the run, at most 2 minutes) and writes
+bench/results/soak.json and .md.
+
+    .venv/bin/python -m bench.soak --minutes 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import redis
+
+from bench.common import write_results
+from bench.load_service import free_port, test_jpegs
+from bench.overload import open_fds, rss_mb, serve
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(
+        [binary, *args, "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return process
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+
+
+async def closed_loop(base: str, images: list[bytes], concurrency: int, seconds: float) -> float:
+    ok = 0
+    async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+        started = time.perf_counter()
+        deadline = started + seconds
+
+        async def worker(offset: int) -> None:
+            nonlocal ok
+            i = offset
+            while time.perf_counter() < deadline:
+                response = await client.post(
+                    "/classify", files={"file": ("x.jpg", images[i % len(images)])}
+                )
+                ok += response.status_code == 200
+                i += concurrency
+
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        return ok / (time.perf_counter() - started)
+
+
+async def open_loop(
+    base: str,
+    images: list[bytes],
+    rate: float,
+    seconds: float,
+    sample_s: float,
+    pid: int,
+    store: redis.Redis,
+) -> list[dict[str, Any]]:
+    samples: list[dict[str, Any]] = []
+    window: list[float] = []
+    statuses: dict[str, int] = {}
+    in_flight = 0
+    dropped_client_side = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            nonlocal in_flight
+            in_flight += 1
+            t0 = time.perf_counter()
+            try:
+                response = await client.post(
+                    "/classify",
+                    files={"file": ("x.jpg", images[i % len(images)])},
+                    headers={"X-Client-ID": uuid.uuid4().hex},
+                )
+                key = str(response.status_code)
+                if response.status_code == 200:
+                    window.append(time.perf_counter() - t0)
+            except httpx.HTTPError as exc:
+                key = type(exc).__name__
+            finally:
+                in_flight -= 1
+            statuses[key] = statuses.get(key, 0) + 1
+
+        started = time.perf_counter()
+        next_sample = started + sample_s
+        tasks: set[asyncio.Task[None]] = set()
+        i = 0
+        while (now := time.perf_counter()) < started + seconds:
+            due = started + i / rate
+            if due > now:
+                await asyncio.sleep(min(due - now, max(0.0, next_sample - now)))
+            if time.perf_counter() >= due:
+                if in_flight < 256:
+                    task = asyncio.create_task(one(i))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                else:
+                    dropped_client_side += 1
+                i += 1
+            if time.perf_counter() >= next_sample:
+                info = store.info("memory")
+                lat = np.array(window) * 1000.0 if window else np.array([np.nan])
+                samples.append(
+                    {
+                        "t_s": round(time.perf_counter() - started, 1),
+                        "rss_mb": round(rss_mb(pid), 1),
+                        "open_fds": open_fds(pid),
+                        "redis_used_memory_mb": round(info["used_memory"] / 2**20, 2),
+                        "redis_keys": int(store.dbsize()),
+                        "served_per_s": round(len(window) / sample_s, 1),
+                        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+                        "in_flight": in_flight,
+                        "statuses_so_far": dict(statuses),
+                        "not_sent_256_in_flight": dropped_client_side,
+                    }
+                )
+                print(samples[-1], flush=True)
+                window.clear()
+                next_sample += sample_s
+        await asyncio.gather(*tasks)
+    return samples
+
+
+def slope_per_min(ts: list[float], values: list[float]) -> float:
+    if len(ts) < 2:
+        return float("nan")
+    return float(np.polyfit(np.array(ts) / 60.0, np.array(values), 1)[0])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--fraction", type=float, default=0.7)
+    parser.add_argument(
+        "--saturation",
+        type=float,
+        help="images/s at saturation, measured elsewhere (bench/overload.py, load_service.py); "
+        "default: measure it here first (on a shared machine a quiet moment can overestimate it)",
+    )
+    parser.add_argument("--calibrate-concurrency", type=int, default=8)
+    parser.add_argument("--calibrate-seconds", type=float, default=20.0)
+    parser.add_argument("--client-ttl-s", type=int, default=60)
+    parser.add_argument("--sample-s", type=float, default=10.0)
+    parser.add_argument("--warmup-fraction", type=float, default=0.2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    load_before = os.getloadavg()
+    images = test_jpegs(1000)
+    redis_port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="advguard-soak-"))
+    redis_process = start_redis(redis_port, workdir)
+    store = redis.Redis(port=redis_port, socket_timeout=2)
+    env = {
+        "ADVGUARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "ADVGUARD_CLIENT_TTL_S": str(args.client_ttl_s),
+    }
+    try:
+        with serve(env, args.device) as (base, server):
+            saturation = args.saturation or asyncio.run(
+                closed_loop(base, images, args.calibrate_concurrency, args.calibrate_seconds)
+            )
+            rate = args.fraction * saturation
+            print(f"saturation {saturation:.1f}/s, soak at {rate:.1f}/s", flush=True)
+            samples = asyncio.run(
+                open_loop(base, images, rate, args.minutes * 60, args.sample_s, server.pid, store)
+            )
+            fds_end = open_fds(server.pid)
+    finally:
+        redis_process.kill()
+        redis_process.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+    load_after = os.getloadavg()
+
+    warmup_s = min(args.warmup_fraction * args.minutes * 60, 120.0)
+    steady = [s for s in samples if s["t_s"] >= warmup_s] or samples
+    ts = [s["t_s"] for s in steady]
+    rss = [s["rss_mb"] for s in steady]
+    fds = [s["open_fds"] for s in steady]
+    mem = [s["redis_used_memory_mb"] for s in steady]
+    keys = [s["redis_keys"] for s in steady]
+    last = samples[-1]["statuses_so_far"] if samples else {}
+    summary = {
+        "saturation_per_s": round(saturation, 1),
+        "target_rate_per_s": round(rate, 1),
+        "warmup_s": warmup_s,
+        "rss_mb_after_warmup": rss[0],
+        "rss_mb_end": rss[-1],
+        "rss_mb_max_after_warmup": max(rss),
+        "rss_slope_mb_per_min_after_warmup": round(slope_per_min(ts, rss), 3),
+        "open_fds_after_warmup": fds[0],
+        "open_fds_end": fds[-1],
+        "open_fds_max_after_warmup": max(fds),
+        "open_fds_after_stream": fds_end,
+        "redis_used_memory_mb_after_warmup": mem[0],
+        "redis_used_memory_mb_end": mem[-1],
+        "redis_used_memory_mb_max": max(mem),
+        "redis_keys_after_warmup": keys[0],
+        "redis_keys_end": keys[-1],
+        "redis_keys_max": max(keys),
+        "redis_keys_expected_plateau": round(rate * args.client_ttl_s),
+        "statuses": last,
+    }
+    full_run = args.minutes >= 20
+    note = (
+        "This is the full 20-minute run."
+        if full_run
+        else f"**This was a short {args.minutes:g}-minute run to prove the script works; the "
+        "20-minute soak (`python -m bench.soak --minutes 20`) is still to be done on a quiet "
+        "machine.** A short run cannot show slow growth."
+    )
+    rows = "\n".join(
+        f"| {s['t_s']} | {s['rss_mb']} | {s['open_fds']} | {s['redis_used_memory_mb']} "
+        f"| {s['redis_keys']} | {s['served_per_s']} | {s['p99_ms']} |"
+        for s in samples
+    )
+    table = (
+        f"{note}\n\n"
+        + (
+            f"Saturation given: {summary['saturation_per_s']} images/s; soak at "
+            if args.saturation
+            else f"Saturation measured first: {summary['saturation_per_s']} images/s (closed "
+            f"loop, {args.calibrate_concurrency} clients, {args.calibrate_seconds:g} s); soak at "
+        )
+        + f"{args.fraction:g} x = {summary['target_rate_per_s']} requests/s open loop for "
+        f"{args.minutes:g} min, each request from a new client id; Redis without persistence, "
+        f"client TTL {args.client_ttl_s} s; CIFAR-10 test JPEGs, model on {args.device}.\n\n"
+        f"Past the warm-up ({warmup_s:g} s): RSS {summary['rss_mb_after_warmup']} -> "
+        f"{summary['rss_mb_end']} MB (max {summary['rss_mb_max_after_warmup']}, slope "
+        f"{summary['rss_slope_mb_per_min_after_warmup']} MB/min); open fds "
+        f"{summary['open_fds_after_warmup']} -> {summary['open_fds_end']} (max "
+        f"{summary['open_fds_max_after_warmup']}); Redis memory "
+        f"{summary['redis_used_memory_mb_after_warmup']} -> "
+        f"{summary['redis_used_memory_mb_end']} MB, keys {summary['redis_keys_after_warmup']} "
+        f"-> {summary['redis_keys_end']} (rate x TTL = {summary['redis_keys_expected_plateau']}"
+        f"). Statuses: {summary['statuses']}.\n\n"
+        "| t s | RSS MB | open fds | Redis MB | Redis keys | served/s | p99 ms |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n"
+        f"{rows}\n\n"
+        f"Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+        f"after: {', '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} cores "
+        "(shared machine: other jobs inflate latencies).\n"
+    )
+    write_results(
+        "soak",
+        {
+            "full_20_minute_run": full_run,
+            "settings": vars(args),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+            "summary": summary,
+            "samples": samples,
+        },
+        table,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
