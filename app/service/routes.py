@@ -204,7 +204,10 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/v1/bundle", response_model=BundleSummary)
 async def bundle(service: ServiceDep) -> BundleSummary:
+    """The manifest summary. The threshold values are withheld like the scores: an attacker who
+    knows them knows how far to push an adversarial's score."""
     manifest = service.guard.manifest
+    expose = service.settings.expose_scores
     return BundleSummary(
         name=manifest.name,
         model_arch=manifest.model.arch,
@@ -221,13 +224,13 @@ async def bundle(service: ServiceDep) -> BundleSummary:
         k=manifest.detector.k,
         score_function=str(manifest.detector.score_function),
         combination=manifest.detector.combination,
-        threshold=service.guard.threshold,
+        threshold=service.guard.threshold if expose else None,
         operating_retention=service.settings.retention or manifest.calibration.operating_retention,
         threshold_policy=(
             "accept when the kNN score of the predicted class is at or above the threshold, "
             "calibrated to keep this share of correctly classified held-out authentic images"
         ),
-        flag_threshold=service.flag_rule.threshold,
+        flag_threshold=service.flag_rule.threshold if expose else None,
         flag_min_requests=service.flag_rule.min_requests,
         class_names=list(manifest.class_names),
     )

@@ -59,10 +59,10 @@ class BundleSummary(_Model):
     k: int
     score_function: str
     combination: str
-    threshold: float
+    threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES, like the scores
     operating_retention: float
     threshold_policy: str
-    flag_threshold: float
+    flag_threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES
     flag_min_requests: int
     class_names: list[str]
 

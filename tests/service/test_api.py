@@ -61,8 +61,11 @@ def test_health_ready_bundle(make_client: Any, tracker_kind: str, guard: Guard) 
     assert bundle["name"] == guard.manifest.name
     assert bundle["k"] == guard.manifest.detector.k
     assert bundle["class_names"] == guard.class_names
-    assert bundle["threshold"] == pytest.approx(guard.threshold)
-    assert 0.0 < bundle["flag_threshold"] < 1.0
+    assert bundle["threshold"] is None and bundle["flag_threshold"] is None  # withheld
+    with make_client(expose_scores=True) as client:
+        exposed = client.get("/v1/bundle").json()
+    assert exposed["threshold"] == pytest.approx(guard.threshold)
+    assert 0.0 < exposed["flag_threshold"] < 1.0
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
