@@ -179,7 +179,9 @@ def extract_features(
     if not positions:
         return ExtractionReport(0, 0, 0, reused, 0.0)
     dataset = _SourceDataset(source, entries, positions, preset)
-    workers = min(num_workers, len(positions))
+    # Each worker of a streaming source decompresses the whole archive to reach its share, so
+    # more than one only multiplies that cost.
+    workers = min(num_workers, len(positions), 1 if source.streaming else num_workers)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -13,6 +13,7 @@ from app.core.errors import BundleError
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import build_model
+from index_builder import sources
 from index_builder.build import BuildConfig, build_bundle, holdout_mask
 from index_builder.cli import main as builder_main
 from index_builder.sources import Entry
@@ -77,7 +78,12 @@ def test_corrupt_images_are_skipped_and_counted(make_image_folder, cifar_weights
     assert manifest.counts.indexed + manifest.counts.holdout - 6 <= 30
 
 
-def test_archive_with_workers_matches_directory(make_image_folder, cifar_weights, tmp_path):
+@pytest.mark.parametrize("in_memory_limit", [None, 0], ids=["in-memory", "streamed"])
+def test_archive_with_workers_matches_directory(
+    make_image_folder, cifar_weights, tmp_path, monkeypatch, in_memory_limit
+):
+    if in_memory_limit is not None:
+        monkeypatch.setattr(sources, "MAX_IN_MEMORY_ARCHIVE_BYTES", in_memory_limit)
     folder = make_image_folder(classes=3, per_class=10)
     archive = tmp_path / "imgs.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 
 from app.core.errors import SourceError
+from index_builder import sources
 from index_builder.sources import open_source
 from tests.conftest import CIFAR_TAR
 
@@ -14,8 +15,16 @@ def make_tar(folder: Path, out: Path, mode: str, split: str | None) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mode,name", [("w", "s.tar"), ("w:gz", "s.tar.gz")])
-def test_directory_and_archives_list_the_same_images(make_image_folder, tmp_path, mode, name):
+@pytest.mark.parametrize(
+    "mode,name,in_memory_limit",
+    [("w", "s.tar", None), ("w:gz", "s.tar.gz", None), ("w:gz", "s.tar.gz", 0),
+     ("w:xz", "s.tar.xz", None)],
+)
+def test_directory_and_archives_list_the_same_images(
+    make_image_folder, tmp_path, monkeypatch, mode, name, in_memory_limit
+):
+    if in_memory_limit is not None:  # force the streaming path for compressed archives
+        monkeypatch.setattr(sources, "MAX_IN_MEMORY_ARCHIVE_BYTES", in_memory_limit)
     folder = make_image_folder(classes=3, per_class=4)
     (folder / "README.txt").write_text("not an image, not a class")
     direct = open_source(folder).listing()
@@ -23,7 +32,7 @@ def test_directory_and_archives_list_the_same_images(make_image_folder, tmp_path
     listed = archive.listing()
     assert listed.classes == direct.classes == ["class_00", "class_01", "class_02"]
     assert [e.key for e in listed.entries] == [e.key for e in direct.entries]
-    assert archive.streaming == (mode == "w:gz")
+    assert archive.streaming == (in_memory_limit == 0)
     entry = next(e for e in listed.entries if e.key.endswith("class_01/0000.jpg"))
     want = (folder / "class_01" / "0000.jpg").read_bytes()
     streamed = dict(archive.stream({entry.member})) if archive.streaming else {}
