@@ -6,11 +6,17 @@ import json
 import os
 import platform
 import shlex
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -65,3 +71,39 @@ def write_results(name: str, results: dict[str, Any], table: str) -> Path:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def serve(
+    env: dict[str, str], device: str = "cpu"
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``advguard serve`` on a free loopback port, ready; terminated (SIGTERM) on exit."""
+    port = free_port()
+    advguard = str(Path(sys.executable).parent / "advguard")
+    server = subprocess.Popen(
+        [advguard, "serve", "--port", str(port), "--device", device, "--log-level", "warning"],
+        env={**os.environ, **env},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the service did not start")
+            time.sleep(0.2)
+        yield base, server
+    finally:
+        server.terminate()
+        server.wait(60)

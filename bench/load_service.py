@@ -18,8 +18,6 @@ import os
 import platform
 import re
 import shlex
-import socket
-import subprocess
 import sys
 import tarfile
 import time
@@ -29,16 +27,11 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.common import serve
+
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def test_jpegs(limit: int) -> list[bytes]:
@@ -132,29 +125,11 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]
     images = test_jpegs(1000)
-    port = free_port()
     env = {
-        **os.environ,
         "ADVGUARD_MAX_BATCH_SIZE": str(args.max_batch_size),
         "ADVGUARD_MAX_WAIT_MS": str(args.max_wait_ms),
     }
-    advguard = str(Path(sys.executable).parent / "advguard")
-    server = subprocess.Popen(
-        [advguard, "serve", "--port", str(port), "--device", args.device, "--log-level", "warning"],
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.2)
+    with serve(env, args.device) as (base, _server):
         asyncio.run(run_level(base, images, 4, args.warmup, 30.0))
         levels = []
         for concurrency in args.concurrency:
@@ -162,9 +137,6 @@ def main() -> int:
             print(json.dumps(result), flush=True)
             levels.append(result)
         bundle = httpx.get(f"{base}/v1/bundle", timeout=5).json()
-    finally:
-        server.terminate()
-        server.wait(60)
 
     load_after = os.getloadavg()[0]
     command = " ".join(

@@ -21,20 +21,17 @@ import argparse
 import asyncio
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
-from bench.common import write_results
-from bench.load_service import free_port, test_jpegs
+from bench.common import serve, write_results
+from bench.load_service import test_jpegs
 
 
 def rss_mb(pid: int) -> float:
@@ -51,35 +48,6 @@ def open_fds(pid: int) -> int:
 def gauge(text: str, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     return float(match.group(1)) if match else 0.0
-
-
-@contextmanager
-def serve(
-    env: dict[str, str], device: str = "cpu"
-) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``advguard serve`` on a free loopback port, ready; terminated (SIGTERM) on exit."""
-    port = free_port()
-    advguard = str(Path(sys.executable).parent / "advguard")
-    server = subprocess.Popen(
-        [advguard, "serve", "--port", str(port), "--device", device, "--log-level", "warning"],
-        env={**os.environ, **env},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
-            time.sleep(0.2)
-        yield base, server
-    finally:
-        server.terminate()
-        server.wait(60)
 
 
 class Sampler:

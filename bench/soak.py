@@ -29,9 +29,9 @@ import httpx
 import numpy as np
 import redis
 
-from bench.common import write_results
-from bench.load_service import free_port, test_jpegs
-from bench.overload import open_fds, rss_mb, serve
+from bench.common import free_port, serve, write_results
+from bench.load_service import test_jpegs
+from bench.overload import open_fds, rss_mb
 
 
 def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
