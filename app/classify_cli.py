@@ -30,7 +30,8 @@ def _classify(args: argparse.Namespace) -> int:
         good: list[tuple[Path, torch.Tensor]] = []
         for path in paths:
             try:
-                good.append((path, guard.pixels(decode_image(path.read_bytes()))))
+                image = decode_image(path.read_bytes(), min_size=guard.preset.resize)
+                good.append((path, guard.pixels(image)))
             except (OSError, ImageDecodeError) as exc:
                 failures += 1
                 print(json.dumps({"file": str(path), "error": str(exc)}))

@@ -15,6 +15,7 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "app.classify_cli",
     "app.service.cli",
     "evaluation.cli",
+    "bench.cli",
 )
 
 

@@ -44,17 +44,17 @@ def decode_rate(source_path: Path, split: str | None, preset_name: str, limit: i
     if source.streaming:
         members = {e.member for e in wanted}
         count = sum(
-            image_to_pixels(decode_image(data), preset).shape[0] > 0
+            image_to_pixels(decode_image(data, min_size=preset.resize), preset).shape[0] > 0
             for _, data in source.stream(members)
         )
     else:
         for entry in wanted:
-            image_to_pixels(decode_image(source.read(entry)), preset)
+            image_to_pixels(decode_image(source.read(entry), min_size=preset.resize), preset)
         count = len(wanted)
     return count / (time.perf_counter() - started)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
     parser.add_argument("--split", default="train")
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--forward-seconds", type=float, default=15.0)
     parser.add_argument("--decode-images", type=int, default=10_000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     info = describe_architecture(args.arch)
     classes = len(open_source(args.source, args.split).listing(per_class_limit=1).classes)
@@ -118,7 +118,8 @@ def main() -> None:
         f"(extraction, PCA, index, calibration, bundle): {report.seconds:.1f} s."
     )
     print(write_results("builder_speed", results, table).read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -44,12 +44,31 @@ def machine() -> dict[str, Any]:
     }
 
 
+# Set by ``advguard bench``: the words of that command, which the process's argv cannot tell
+# apart from any other ``advguard`` subcommand once the benchmark's ``main`` is called.
+_invocation: list[str] | None = None
+
+
+def set_invocation(words: list[str]) -> None:
+    """Record how the running benchmark was invoked (``advguard bench <name> [args]``)."""
+    global _invocation
+    _invocation = list(words)
+
+
 def command_line() -> str:
-    """The command as a user would type it: ``python -m bench.<script> [args]``."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    script = spec.name if spec is not None else Path(sys.argv[0]).stem
-    return " ".join(shlex.quote(a) for a in ["python", "-m", script, *sys.argv[1:]])
+    """The command as a user would type it, to rerun the measurement.
+
+    ``advguard bench <name> [args]`` when run through the CLI, ``python -m bench.<script> [args]``
+    when run as a module, ``python bench/<script>.py [args]`` when run as a file.
+    """
+    if _invocation is not None:
+        words = _invocation
+    else:
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        runner = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+        words = ["python", *runner, *sys.argv[1:]]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def write_results(name: str, results: dict[str, Any], table: str) -> Path:

@@ -43,12 +43,12 @@ def bare_top1(bundle: Path, files: list[Path], truth: list[int]) -> float:
     return correct / len(files)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "cifar10-resnet20")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
     parser.add_argument("--limit", type=int, help="images per class (default: all 1,000)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     classes = read_manifest(args.bundle).class_names
     with tempfile.TemporaryDirectory(prefix="advguard-test-") as tmp:
         with tarfile.open(args.data) as archive:
@@ -103,7 +103,8 @@ def main() -> None:
         f"| wall time of advguard classify (incl. start-up) | {seconds:.1f} s |"
     )
     print(write_results("demo_accuracy", results, table).read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,7 +6,7 @@ for at most ``--requests`` requests or ``--seconds`` seconds, whichever comes fi
 throughput (images/s), p50/p99 latency and the mean model batch size, and writes
 bench/results/service_load.json and .md.
 
-    .venv/bin/python bench/load_service.py --concurrency 1 8 32 --requests 600 --seconds 30
+    .venv/bin/python -m bench.load_service --concurrency 1 8 32 --requests 600 --seconds 30
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import json
 import os
 import platform
 import re
-import shlex
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import serve
+from bench.common import command_line, serve
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -111,7 +109,7 @@ async def run_level(
     }
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=600, help="per level, at most")
@@ -121,7 +119,7 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "service_load")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     load_before = os.getloadavg()[0]
     images = test_jpegs(1000)
@@ -139,9 +137,7 @@ def main() -> int:
         bundle = httpx.get(f"{base}/v1/bundle", timeout=5).json()
 
     load_after = os.getloadavg()[0]
-    command = " ".join(
-        [".venv/bin/python", "bench/load_service.py", *map(shlex.quote, sys.argv[1:])]
-    )
+    command = command_line()
     best = max(levels, key=lambda level: level["throughput_images_per_s"])
     report = {
         "command": command,

@@ -28,13 +28,13 @@ def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=1_281_167)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     base = clustered_vectors(args.n, args.dim, seed=0)
     index = search.new_index(args.dim, "flat")
@@ -77,7 +77,8 @@ def main() -> None:
         )
     )
     print(write_results("search_scale", results, table).read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -156,7 +156,7 @@ def slope_per_min(ts: list[float], values: list[float]) -> float:
     return float(np.polyfit(np.array(ts) / 60.0, np.array(values), 1)[0])
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--fraction", type=float, default=0.7)
@@ -172,7 +172,7 @@ def main() -> int:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     load_before = os.getloadavg()
     images = test_jpegs(1000)

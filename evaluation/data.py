@@ -79,7 +79,7 @@ def load_split(
     seen = np.zeros(len(entries), dtype=bool)
 
     def store(key: str, data: bytes) -> None:
-        tensor = image_to_pixels(decode_image(data), preset)
+        tensor = image_to_pixels(decode_image(data, min_size=preset.resize), preset)
         pixels[position[key]] = (tensor * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
         seen[position[key]] = True
 

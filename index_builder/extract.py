@@ -48,7 +48,7 @@ class _SourceDataset(IterableDataset[Sample]):
 
     def _pixels(self, data: bytes) -> torch.Tensor | None:
         try:
-            return image_to_pixels(decode_image(data), self.preset)
+            return image_to_pixels(decode_image(data, min_size=self.preset.resize), self.preset)
         except (ImageDecodeError, OSError, ValueError):
             return None
 

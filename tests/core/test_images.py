@@ -1,0 +1,138 @@
+"""decode_image's JPEG draft mode: smaller decodes, same shorter-side guarantee, same pixels."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.core.features import image_to_pixels
+from app.core.images import ImageDecodeError, decode_image
+from app.core.models import PRESETS
+
+WIDTH, HEIGHT = 1920, 1080
+EXIF_ORIENTATION = 0x0112
+
+
+def photo_like(width: int = WIDTH, height: int = HEIGHT, seed: int = 0) -> np.ndarray:
+    """Smooth colour waves plus sensor-like noise: structure at every scale, like a photo."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            128 + 100 * np.sin(x / 97 + y / 211),
+            128 + 90 * np.cos(y / 53),
+            128 + 80 * np.sin((x + y) / 150),
+        ],
+        axis=-1,
+    )
+    noise = np.random.default_rng(seed).normal(0, 12, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, fmt: str = "JPEG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def jpeg_1080p() -> bytes:
+    return encode(photo_like(), quality=90)
+
+
+def test_draft_keeps_the_shorter_side_at_least_min_size(jpeg_1080p: bytes) -> None:
+    drafted = decode_image(jpeg_1080p, min_size=256)
+    assert 256 <= min(drafted.size) < HEIGHT
+    assert drafted.size == (480, 270)  # 1/4 scale: 1/8 would give a shorter side of 135
+    assert drafted.mode == "RGB"
+
+
+def test_without_min_size_the_full_image_is_decoded(jpeg_1080p: bytes) -> None:
+    assert decode_image(jpeg_1080p).size == (WIDTH, HEIGHT)
+
+
+@pytest.mark.parametrize(
+    ("min_size", "expected"),
+    [
+        (32, (240, 135)),  # CIFAR's resize: the strongest reduction, 1/8
+        (135, (240, 135)),
+        (136, (480, 270)),
+        (540, (960, 540)),
+        (541, (WIDTH, HEIGHT)),
+        (4000, (WIDTH, HEIGHT)),  # larger than the image: never upscaled, never smaller
+    ],
+)
+def test_draft_picks_the_strongest_reduction_that_fits(
+    jpeg_1080p: bytes, min_size: int, expected: tuple[int, int]
+) -> None:
+    assert decode_image(jpeg_1080p, min_size=min_size).size == expected
+
+
+def test_progressive_jpeg_is_drafted_too() -> None:
+    data = encode(photo_like(), quality=90, progressive=True)
+    assert decode_image(data, min_size=256).size == (480, 270)
+
+
+def test_jpeg_too_small_to_halve_decodes_identically() -> None:
+    data = encode(photo_like(48, 40), quality=90)  # CIFAR-like: shorter side < 2 x min_size
+    full, drafted = decode_image(data), decode_image(data, min_size=32)
+    assert drafted.size == (48, 40)
+    assert np.array_equal(np.asarray(full), np.asarray(drafted))
+
+
+def test_png_is_decoded_in_full() -> None:
+    pixels = photo_like(640, 360)
+    data = encode(pixels, "PNG")
+    image = decode_image(data, min_size=32)
+    assert image.size == (640, 360)
+    assert np.array_equal(np.asarray(image), pixels)
+
+
+def test_first_frame_of_an_mpo_is_drafted() -> None:
+    buffer = io.BytesIO()
+    first, second = Image.fromarray(photo_like()), Image.fromarray(photo_like(960, 540, seed=1))
+    first.save(buffer, format="MPO", save_all=True, append_images=[second], quality=90)
+    assert decode_image(buffer.getvalue(), min_size=256).size == (480, 270)
+
+
+def test_exif_rotated_jpeg_is_upright_after_draft() -> None:
+    # Upright portrait (1080 wide, 1920 tall): bright top-left quadrant, dark elsewhere.
+    upright = np.full((WIDTH, HEIGHT, 3), 40, dtype=np.uint8)
+    upright[: WIDTH // 2, : HEIGHT // 2] = 220
+    # Stored turned 90 degrees counter-clockwise; orientation 6 tells viewers to turn it back.
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    data = encode(stored, quality=90, exif=exif.tobytes())
+
+    image = decode_image(data, min_size=256)
+    assert image.size == (270, 480)
+    array = np.asarray(image, dtype=np.float32)
+    top_left = array[:240, :135].mean()
+    assert top_left > 200
+    for quadrant in (array[:240, 135:], array[240:, :135], array[240:, 135:]):
+        assert quadrant.mean() < 60
+
+
+def test_pixel_limit_applies_to_the_declared_size(jpeg_1080p: bytes) -> None:
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        decode_image(jpeg_1080p, WIDTH * HEIGHT - 1, min_size=256)
+
+
+def test_min_size_must_be_positive(jpeg_1080p: bytes) -> None:
+    with pytest.raises(ValueError, match="min_size"):
+        decode_image(jpeg_1080p, min_size=0)
+
+
+def test_imagenet_pixels_barely_change_with_draft(jpeg_1080p: bytes) -> None:
+    preset = PRESETS["imagenet"]
+    full = image_to_pixels(decode_image(jpeg_1080p), preset)
+    drafted = image_to_pixels(decode_image(jpeg_1080p, min_size=preset.resize), preset)
+    assert full.shape == drafted.shape == (3, preset.crop, preset.crop)
+    # In the network's normalised units ((x - mean) / std, as FeatureNetwork feeds the model).
+    std = torch.tensor(preset.std).view(3, 1, 1)
+    difference = ((full - drafted) / std).abs().mean().item()
+    assert difference < 0.03  # measured 0.014 for this image (Pillow 13, libjpeg-turbo)
