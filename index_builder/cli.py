@@ -40,7 +40,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pca-dims", type=int, default=DEFAULT_PCA_DIMS)
     parser.add_argument("--index", dest="index_type", choices=INDEX_TYPES, default="flat")
     parser.add_argument("--nlist", type=int, default=4096, help="IVF lists")
-    parser.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")
+    parser.add_argument(
+        "--nprobe", type=int, default=256, help="IVF lists searched per query (bench.search_ivf)"
+    )
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
     parser.add_argument(
