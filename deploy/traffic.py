@@ -110,7 +110,8 @@ def fgsm_images(images: list[bytes], bundle: Path, epsilon: float) -> list[bytes
     network = FeatureNetwork(model, [layer], preset).eval()
     adversarial = []
     for data in images:
-        pixels = image_to_pixels(decode_image(data), preset).unsqueeze(0).requires_grad_(True)
+        image = decode_image(data, min_size=preset.resize)
+        pixels = image_to_pixels(image, preset).unsqueeze(0).requires_grad_(True)
         logits = network(pixels).logits
         label = logits.argmax(dim=1)
         loss = torch.nn.functional.cross_entropy(logits, label)

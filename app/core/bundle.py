@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from pydantic import ValidationError
 
 from app.core.errors import BundleError
@@ -36,6 +37,8 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
             )
     referenced = {manifest.model.weights_file, manifest.detector.labels_file}
     referenced.add(manifest.calibration.scores_file)
+    if manifest.calibration.honest_scores_file is not None:
+        referenced.add(manifest.calibration.honest_scores_file)
     for layer in manifest.detector.layers:
         referenced.update({layer.index_file, layer.processing_file})
         if layer.calibration_scores_file is not None:
@@ -52,3 +55,11 @@ def write_manifest(bundle_dir: Path, manifest: Manifest) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
     tmp.replace(path)
+
+
+def load_honest_scores(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
+    """The held-out scores that stand for honest traffic: every held-out image's score (errors
+    included) when the bundle has them, else (older bundles) the correctly classified ones."""
+    name = manifest.calibration.honest_scores_file or manifest.calibration.scores_file
+    scores: np.ndarray = np.load(bundle_dir / name, allow_pickle=False).astype(np.float64)
+    return scores

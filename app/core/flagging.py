@@ -1,75 +1,282 @@
-"""The per-client flagging rule (paper, Section 5.1): one pure function both trackers use.
+"""Per-client flagging (paper, end of Section 5.1): the statistics, the policies, their thresholds.
 
-A client is flagged when, after at least ``min_requests`` scored requests, the mean kNN score of
-its predictions falls below ``threshold``.
+Every scored request of a client advances its *window*, the statistics since the window started
+(a cleared flag restarts it): the count, the running mean of the score, a bias-corrected EWMA,
+the number of rejected predictions and a one-sided CUSUM. ``advance_window`` is the one update,
+written once over numpy so that the in-process tracker (scalars) and the threshold calibration
+(thousands of simulated clients at once) run the same arithmetic; the Redis tracker's Lua script
+mirrors it and a test holds the two equal.
 
-Default threshold: the ``DEFAULT_FLAG_QUANTILE`` (30%) quantile of the bundle's calibrated
-authentic scores (the DW-kNN scores of correctly classified held-out images, the bundle's
-``calibration.scores_file``; ``calibration.quantiles`` when the file is not at hand), with
-``DEFAULT_MIN_REQUESTS`` = 30. Why these values:
+A policy reads one statistic of the window and flags a client once it has ``min_requests`` scored
+requests and the statistic crosses the policy's threshold:
 
-- The rule compares a client's *mean* with a low quantile of *single* authentic scores. An honest
-  client's mean concentrates around the mean of honest traffic, with a standard error of
-  sigma / sqrt(n); it falls below a low single-image quantile only by a rare run of bad luck.
-- Honest traffic is not only correctly classified images: it contains the model's natural errors
-  (about 19% on the CIFAR-10 JPEG test set for the demo ResNet-20), and errors score low (mean
-  0.25 against 0.46 for correct images; the paper's premise). That drags the honest mean from the
-  calibrated 0.45 down to about 0.42. The threshold therefore sits well below the calibrated
-  mean, at the 30% quantile (0.328 on the demo bundle), not near it.
-- FGSM adversarials (eps 8/255) average about 0.31 on the demo bundle: below the threshold, but
-  only by a fraction of the per-image spread (about 0.14-0.19), so a decision needs tens of
-  requests. Simulated on 1,500 CIFAR-10 test images and their FGSM adversarials (clients drawing
-  images at random): with (30% quantile, 30 requests) about 0.5% of honest clients are ever
-  flagged within 50 requests (0.7% within 500) while about 93% of FGSM clients are flagged within
-  50. A 25% quantile flags only ~65% of FGSM clients by request 50; a 10-request minimum flags
-  ~8% of honest clients. Flagging alone refuses nothing (the default policy); an operator can
-  clear a flag, which restarts the client's score window.
+- ``mean``: the running mean of the score falls below the threshold;
+- ``ewma``: the EWMA of the score falls below the threshold (forgets old honest traffic);
+- ``rejection_rate``: the generalised likelihood-ratio statistic of a binomial test of the
+  client's rejection count against the honest rejection rate p0, n * KL(r/n || p0) when r/n > p0
+  (0 otherwise), rises above the threshold;
+- ``cusum``: Page's CUSUM for a downward shift of the score, S <- max(0, S + (ref - score)) with
+  ref = honest mean - honest std / 2 (tuned to a shift of one honest standard deviation), rises
+  above the threshold.
+
+Thresholds are never hand-picked and never fitted to the traffic being judged: ``calibrate_policy``
+replays simulated honest clients, each drawing ``horizon`` scores at random from the bundle's
+held-out honest scores (all held-out images, the model's errors included), and sets the threshold
+so that a share ``false_flag_rate`` of them is flagged within the horizon.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import numpy as np
+import numpy.typing as npt
 
-DEFAULT_FLAG_QUANTILE = 0.30
-DEFAULT_MIN_REQUESTS = 30
+PolicyKind = Literal["mean", "ewma", "rejection_rate", "cusum"]
+FLAG_POLICIES: tuple[PolicyKind, ...] = get_args(PolicyKind)
+# Statistics where a *low* value is suspicious (the others: a high value).
+_LOW_IS_SUSPICIOUS: frozenset[PolicyKind] = frozenset({"mean", "ewma"})
+
+DEFAULT_POLICY: PolicyKind = "cusum"  # measured best: evaluation/results/simulation-*
+DEFAULT_MIN_REQUESTS = 10
+DEFAULT_EWMA_ALPHA = 0.05
+DEFAULT_FALSE_FLAG_RATE = 0.001
+DEFAULT_HORIZON = 200
+DEFAULT_CALIBRATION_CLIENTS = 20_000
+
+Values = npt.NDArray[np.float64]
+F = TypeVar("F", float, Values)
 
 
 @dataclass(frozen=True)
-class FlagRule:
-    threshold: float
-    min_requests: int = DEFAULT_MIN_REQUESTS
+class WindowParams:
+    """How a window advances: the EWMA's weight and the CUSUM's reference value."""
+
+    ewma_alpha: float = DEFAULT_EWMA_ALPHA
+    cusum_reference: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.ewma_alpha <= 1.0:
+            raise ValueError(f"ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+
+
+@dataclass(frozen=True)
+class ScoreWindow:
+    """A client's statistics since its window started."""
+
+    scored: int = 0
+    mean: float = 0.0
+    ewma: float = 0.0
+    rejected: int = 0
+    cusum: float = 0.0
+
+
+def ewma_weight(alpha: float, scored: int) -> float:
+    """Weight of the newest score in a bias-corrected EWMA after ``scored`` scores (1 at first)."""
+    return alpha / (1.0 - (1.0 - alpha) ** scored)
+
+
+def advance_arrays(
+    scored: int,
+    mean: F,
+    ewma: F,
+    rejected: F,
+    cusum: F,
+    score: F,
+    rejected_now: F,
+    params: WindowParams,
+) -> tuple[F, F, F, F]:
+    """One scored request: the new (mean, ewma, rejected, cusum); ``scored`` counts it already.
+
+    Works on floats and on arrays of clients alike; the single definition of the update."""
+    new_mean = mean + (score - mean) / scored
+    new_ewma = ewma + ewma_weight(params.ewma_alpha, scored) * (score - ewma)
+    new_rejected = rejected + rejected_now
+    new_cusum = cast(F, np.maximum(0.0, cusum + (params.cusum_reference - score)))
+    return new_mean, new_ewma, new_rejected, new_cusum
+
+
+def advance_window(
+    window: ScoreWindow, score: float, accepted: bool, params: WindowParams
+) -> ScoreWindow:
+    """The window after one more scored request."""
+    scored = window.scored + 1
+    mean, ewma, rejected, cusum = advance_arrays(
+        scored,
+        window.mean,
+        window.ewma,
+        float(window.rejected),
+        window.cusum,
+        float(score),
+        0.0 if accepted else 1.0,
+        params,
+    )
+    return ScoreWindow(scored, float(mean), float(ewma), round(rejected), float(cusum))
+
+
+def rejection_glr(scored: int, rejected: F, null_rate: float) -> F:
+    """n * KL(r/n || p0) where r/n > p0, else 0: the binomial test's log-likelihood ratio."""
+    n = float(max(scored, 1))
+    rate = np.clip(np.asarray(rejected, dtype=np.float64) / n, 0.0, 1.0)
+    p0 = min(max(null_rate, 1e-9), 1.0 - 1e-9)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl = np.where(rate > 0, rate * np.log(rate / p0), 0.0) + np.where(
+            rate < 1, (1 - rate) * np.log((1 - rate) / (1 - p0)), 0.0
+        )
+    glr = np.where(rate > p0, n * kl, 0.0)
+    result: Any = glr if isinstance(rejected, np.ndarray) else float(glr)
+    return cast(F, result)
+
+
+@dataclass(frozen=True)
+class FlagPolicy:
+    """A flagging decision rule: the statistic it reads and where it flags."""
+
+    kind: PolicyKind
+    threshold: float
+    min_requests: int = DEFAULT_MIN_REQUESTS
+    window: WindowParams = WindowParams()
+    null_rejection_rate: float = 0.05  # p0 of the rejection-rate test
+
+    def __post_init__(self) -> None:
+        if self.kind not in FLAG_POLICIES:
+            raise ValueError(f"unknown flag policy {self.kind!r}; one of {FLAG_POLICIES}")
         if self.min_requests < 1:
             raise ValueError("min_requests must be at least 1")
+        if not 0.0 < self.null_rejection_rate < 1.0:
+            raise ValueError("null_rejection_rate must be in (0, 1)")
+
+    def statistic(self, window: ScoreWindow) -> float:
+        return float(
+            policy_statistic(
+                self.kind,
+                window.scored,
+                window.mean,
+                window.ewma,
+                float(window.rejected),
+                window.cusum,
+                self.null_rejection_rate,
+            )
+        )
+
+    def should_flag(self, window: ScoreWindow) -> bool:
+        """Enough scored requests and the statistic past the threshold."""
+        if window.scored < self.min_requests:
+            return False
+        return crosses(self.kind, self.statistic(window), self.threshold)
 
 
-def should_flag(scored_requests: int, mean_score: float, rule: FlagRule) -> bool:
-    """The flagging rule: enough scored requests and a mean score below the threshold."""
-    return scored_requests >= rule.min_requests and mean_score < rule.threshold
+def policy_statistic(
+    kind: PolicyKind, scored: int, mean: F, ewma: F, rejected: F, cusum: F, null_rate: float
+) -> F:
+    """The value a policy compares with its threshold."""
+    if kind == "mean":
+        return mean
+    if kind == "ewma":
+        return ewma
+    if kind == "cusum":
+        return cusum
+    return rejection_glr(scored, rejected, null_rate)
 
 
-def flag_threshold_from_scores(
-    scores: np.ndarray, quantile: float = DEFAULT_FLAG_QUANTILE
-) -> float:
-    """The ``quantile`` of the calibrated authentic scores (linear interpolation)."""
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1), got {quantile}")
-    if scores.size == 0:
-        raise ValueError("cannot derive a flag threshold from an empty score set")
-    return float(np.quantile(scores.astype(np.float64), quantile))
+def crosses(kind: PolicyKind, statistic: float, threshold: float) -> bool:
+    """Whether ``statistic`` is past ``threshold`` in the policy's suspicious direction."""
+    return statistic < threshold if kind in _LOW_IS_SUSPICIOUS else statistic > threshold
 
 
-def flag_threshold_from_quantiles(
-    quantiles: Mapping[str, float], quantile: float = DEFAULT_FLAG_QUANTILE
-) -> float:
-    """The same threshold from a manifest's quantile table, interpolating between its levels."""
-    levels = sorted((float(level), value) for level, value in quantiles.items())
-    if not levels or not levels[0][0] <= quantile <= levels[-1][0]:
-        raise ValueError(f"quantile {quantile} is outside the manifest's calibrated levels")
-    xs = np.array([level for level, _ in levels])
-    ys = np.array([value for _, value in levels])
-    return float(np.interp(quantile, xs, ys))
+# --------------------------------------------------------------------------- calibration
+
+
+@dataclass(frozen=True)
+class HonestTraffic:
+    """What honest traffic scores, from the bundle's calibration."""
+
+    scores: Values  # the predicted class's score for held-out images, errors included
+    service_threshold: float  # the acceptance threshold in force
+
+    @property
+    def rejection_rate(self) -> float:
+        return float(np.mean(self.scores < self.service_threshold))
+
+    @property
+    def cusum_reference(self) -> float:
+        """Honest mean minus half an honest standard deviation: a CUSUM tuned to a 1-sigma drop."""
+        return float(self.scores.mean() - 0.5 * self.scores.std())
+
+
+def simulate_extremes(
+    kind: PolicyKind,
+    score_paths: Values,
+    service_threshold: float,
+    min_requests: int,
+    window: WindowParams,
+    null_rate: float,
+) -> Values:
+    """Per client (row of ``score_paths``), the most suspicious value its statistic reaches at or
+    after ``min_requests`` scored requests: a client is flagged iff it crosses the threshold."""
+    clients, horizon = score_paths.shape
+    if horizon < min_requests:
+        raise ValueError("the horizon is shorter than min_requests")
+    mean = np.zeros(clients)
+    ewma = np.zeros(clients)
+    rejected = np.zeros(clients)
+    cusum = np.zeros(clients)
+    low = kind in _LOW_IS_SUSPICIOUS
+    extreme = np.full(clients, np.inf if low else -np.inf)
+    for step in range(horizon):
+        scores = score_paths[:, step]
+        mean, ewma, rejected, cusum = advance_arrays(
+            step + 1,
+            mean,
+            ewma,
+            rejected,
+            cusum,
+            scores,
+            (scores < service_threshold).astype(np.float64),
+            window,
+        )
+        if step + 1 >= min_requests:
+            value = policy_statistic(kind, step + 1, mean, ewma, rejected, cusum, null_rate)
+            extreme = np.minimum(extreme, value) if low else np.maximum(extreme, value)
+    return extreme
+
+
+def calibrate_policy(
+    kind: PolicyKind,
+    honest: HonestTraffic,
+    *,
+    min_requests: int = DEFAULT_MIN_REQUESTS,
+    ewma_alpha: float = DEFAULT_EWMA_ALPHA,
+    false_flag_rate: float = DEFAULT_FALSE_FLAG_RATE,
+    horizon: int = DEFAULT_HORIZON,
+    clients: int = DEFAULT_CALIBRATION_CLIENTS,
+    seed: int = 0,
+) -> FlagPolicy:
+    """The policy whose threshold flags ``false_flag_rate`` of simulated honest clients within
+    ``horizon`` requests (deterministic for a seed)."""
+    if not 0.0 < false_flag_rate < 1.0:
+        raise ValueError(f"false_flag_rate must be in (0, 1), got {false_flag_rate}")
+    if honest.scores.size == 0:
+        raise ValueError("cannot calibrate a flag policy on an empty score set")
+    window = WindowParams(ewma_alpha=ewma_alpha, cusum_reference=honest.cusum_reference)
+    null_rate = min(max(honest.rejection_rate, 1e-4), 0.5)
+    rng = np.random.default_rng(seed)
+    paths = rng.choice(honest.scores.astype(np.float64), size=(clients, horizon), replace=True)
+    extremes = simulate_extremes(
+        kind, paths, honest.service_threshold, min_requests, window, null_rate
+    )
+    level = false_flag_rate if kind in _LOW_IS_SUSPICIOUS else 1.0 - false_flag_rate
+    threshold = float(np.quantile(extremes, level))
+    return FlagPolicy(
+        kind=kind,
+        threshold=threshold,
+        min_requests=min_requests,
+        window=window,
+        null_rejection_rate=null_rate,
+    )
+
+
+def with_threshold(policy: FlagPolicy, threshold: float) -> FlagPolicy:
+    """The same policy with an operator's threshold."""
+    return replace(policy, threshold=threshold)

@@ -31,10 +31,18 @@ from app.core.processing import FeatureProcessing
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Classification:
+    """The model's answer alone (the guard off: nothing was checked)."""
+
     predicted_class: int
     class_name: str
     probability: float
+
+
+@dataclass(frozen=True)
+class Verdict(Classification):
+    """The model's answer and the guard's: the kNN score and whether it passed the threshold."""
+
     score: float
     threshold: float
     accepted: bool
@@ -173,6 +181,16 @@ class Guard:
                 )
             )
         return verdicts
+
+    def classify(self, pixels: torch.Tensor) -> list[Classification]:
+        """Model only (the guard off): one forward pass, no index search, no score."""
+        with torch.inference_mode():
+            logits = self.network(pixels.to(self.network.device, non_blocking=True)).logits
+            probabilities, predictions = torch.softmax(logits.float(), dim=1).max(dim=1)
+        return [
+            Classification(predicted_class=c, class_name=self.class_names[c], probability=p)
+            for c, p in zip(predictions.tolist(), probabilities.tolist(), strict=True)
+        ]
 
     def classify_pixels(self, pixels: torch.Tensor) -> list[Verdict]:
         batch = self.infer(pixels)

@@ -97,6 +97,9 @@ class CalibrationSpec(_Frozen):
     operating_retention: float
     threshold: float
     scores_file: str
+    # the predicted class's score for every held-out image, errors included: what honest traffic
+    # looks like, from which the per-client flag policies are calibrated (absent in older bundles)
+    honest_scores_file: str | None = None
 
 
 class CountsSpec(_Frozen):

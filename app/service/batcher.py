@@ -2,9 +2,19 @@
 
 Requests put their pixels on the queue and wait on a future. The worker takes the first waiting
 item, then gathers more until it has ``max_batch_size`` or ``max_wait_s`` has passed since the
-first, and runs one forward pass and one index search for the whole batch. FAISS GPU indexes are
-not thread-safe, so the index is only ever touched by this thread. A full queue refuses at once
-(the route answers 503 with Retry-After); ``stop`` refuses new work and drains what is queued.
+first, and runs one forward pass and one index search for the whole batch (the forward pass only
+when ``guarded`` is false: the guard is off). FAISS GPU indexes are not thread-safe, so the index
+is only ever touched by this thread. A full queue refuses at once (the route answers 503 with
+Retry-After); ``stop`` refuses new work and drains what is queued.
+
+Latency budget (``budget_s``): an item that has waited longer than that in the queue when a
+batch could take it is never run: its future fails with ``DeadlineExceededError`` (503 +
+Retry-After) and its place in the batch goes to the next item. The worker measures its service
+time per item (batch time / batch size, an exponentially weighted mean) so that admission can
+refuse at once a request whose expected wait is already over the budget (``expected_latency_s``).
+The budget is fixed (``latency_budget_s``) or, by default, ``auto_budget_batches`` full batches
+at the measured time per image: no refusal that full batches could absorb, and no queue longer
+than that many batch times, whatever the hardware.
 """
 
 from __future__ import annotations
@@ -18,7 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from app.core.guard import Guard, Verdict
+from app.core.guard import Classification, Guard
+
+# ADVGUARD_LATENCY_BUDGET_MS unset: a budget of this many full batches at the measured time per
+# image (see docs/reliability.md, Overload)
+AUTO_BUDGET_BATCHES = 2.0
+
+# weight of the newest batch in the service time per item: ~the last 5-10 batches count
+ITEM_TIME_ALPHA = 0.2
 
 
 class QueueFullError(Exception):
@@ -29,9 +46,13 @@ class BatcherClosedError(Exception):
     """The batcher is shutting down and takes no more work."""
 
 
+class DeadlineExceededError(Exception):
+    """The item waited past its deadline before a batch could take it: it was not run."""
+
+
 @dataclass(frozen=True)
 class BatchResult:
-    verdict: Verdict
+    verdict: Classification  # a ``Verdict`` (score, threshold, accepted) when guarded
     queue_s: float
     model_s: float
     search_s: float
@@ -43,9 +64,10 @@ class _Item:
     pixels: torch.Tensor
     future: Future[BatchResult]
     enqueued: float
+    deadline: float | None
 
 
-def _noop_batch(_size: int) -> None:
+def _noop_count(_size: int) -> None:
     return None
 
 
@@ -56,12 +78,23 @@ class Batcher:
         max_batch_size: int = 32,
         max_wait_s: float = 0.005,
         queue_size: int = 256,
-        on_batch: Callable[[int], None] = _noop_batch,
+        on_batch: Callable[[int], None] = _noop_count,
+        guarded: bool = True,
+        latency_budget_s: float | None = None,
+        auto_budget_batches: float | None = None,
+        on_expired: Callable[[int], None] = _noop_count,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         self.guard = guard
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
+        self.on_expired = on_expired
+        self.guarded = guarded
+        self.latency_budget_s = latency_budget_s  # fixed longest wait in the queue
+        self.auto_budget_batches = auto_budget_batches  # else this many full batches; None: off
+        self.clock = clock  # deadlines and queue times are on this clock
+        self._item_s: float | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
@@ -77,13 +110,39 @@ class Batcher:
     def running(self) -> bool:
         return self._thread.is_alive() and not self._closed.is_set()
 
+    @property
+    def item_seconds(self) -> float | None:
+        """Measured service time per item (model and search; an exponentially weighted mean of
+        batch time / batch size); None before the first batch."""
+        return self._item_s
+
+    def budget_s(self) -> float | None:
+        """The latency budget now: the fixed one, else ``auto_budget_batches`` full batches at
+        the measured time per image; None when off (or nothing measured yet)."""
+        if self.latency_budget_s is not None:
+            return self.latency_budget_s
+        item_s = self._item_s
+        if self.auto_budget_batches is None or item_s is None:
+            return None
+        return self.auto_budget_batches * self.max_batch_size * item_s
+
+    def expected_latency_s(self, ahead: int) -> float:
+        """Expected time until a new item is answered with ``ahead`` items in front of it
+        (queued, in the running batch, or on their way to the queue): (ahead + 1) x the measured
+        time per item; 0 before the first batch."""
+        item_s = self._item_s
+        return 0.0 if item_s is None else (ahead + 1) * item_s
+
     def submit(self, pixels: torch.Tensor) -> Future[BatchResult]:
         future: Future[BatchResult] = Future()
         with self._submit_lock:
             if self._closed.is_set():
                 raise BatcherClosedError("the service is shutting down")
+            now = self.clock()
+            budget = self.budget_s()
+            deadline = None if budget is None else now + budget
             try:
-                self._queue.put_nowait(_Item(pixels, future, time.perf_counter()))
+                self._queue.put_nowait(_Item(pixels, future, now, deadline))
             except queue.Full:
                 raise QueueFullError("the classification queue is full") from None
         return future
@@ -94,6 +153,23 @@ class Batcher:
             self._closed.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _take(self, item: _Item) -> bool:
+        """Whether the item goes into the batch: not cancelled, and not past its deadline (then
+        its future fails with DeadlineExceededError: stale work is never run)."""
+        if not item.future.set_running_or_notify_cancel():
+            return False
+        now = self.clock()
+        if item.deadline is not None and now > item.deadline:
+            waited = now - item.enqueued
+            item.future.set_exception(
+                DeadlineExceededError(
+                    f"waited {waited * 1000:.0f} ms for the model, past the latency budget"
+                )
+            )
+            self.on_expired(1)
+            return False
+        return True
 
     def _gather(self, first: _Item) -> list[_Item]:
         batch = [first]
@@ -108,7 +184,8 @@ class Batcher:
                 )
             except queue.Empty:
                 break
-            batch.append(item)
+            if self._take(item):
+                batch.append(item)
         return batch
 
     def _run(self) -> None:
@@ -119,29 +196,37 @@ class Batcher:
                 if self._closed.is_set():
                     return
                 continue
-            batch = [
-                item for item in self._gather(first) if item.future.set_running_or_notify_cancel()
-            ]
-            if batch:
-                self._process(batch)
+            if self._take(first):
+                self._process(self._gather(first))
 
     def _process(self, batch: list[_Item]) -> None:
-        started = time.perf_counter()
+        started = self.clock()
         try:
-            features = self.guard.infer(torch.stack([item.pixels for item in batch]))
-            after_model = time.perf_counter()
-            scores = self.guard.score(features)
-            after_search = time.perf_counter()
-            verdicts = self.guard.decide(features, scores)
+            pixels = torch.stack([item.pixels for item in batch])
+            results: list[Classification]
+            if self.guarded:
+                features = self.guard.infer(pixels)
+                after_model = self.clock()
+                scores = self.guard.score(features)
+                after_search = self.clock()
+                results = list(self.guard.decide(features, scores))
+            else:  # guard off: the forward pass only, no index search
+                results = self.guard.classify(pixels)
+                after_model = after_search = self.clock()
         except Exception as exc:  # the worker must survive anything a batch throws
             for item in batch:
                 item.future.set_exception(exc)
             return
+        item_s = (after_search - started) / len(batch)
+        previous = self._item_s
+        self._item_s = (
+            item_s if previous is None else previous + ITEM_TIME_ALPHA * (item_s - previous)
+        )
         self.on_batch(len(batch))
-        for item, verdict in zip(batch, verdicts, strict=True):
+        for item, result in zip(batch, results, strict=True):
             item.future.set_result(
                 BatchResult(
-                    verdict=verdict,
+                    verdict=result,
                     queue_s=started - item.enqueued,
                     model_s=after_model - started,
                     search_s=after_search - after_model,

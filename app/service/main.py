@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,10 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.bundle import load_honest_scores
 from app.core.errors import AdvguardError
-from app.core.flagging import FlagRule, flag_threshold_from_scores
+from app.core.flagging import FlagPolicy, HonestTraffic, calibrate_policy, with_threshold
 from app.core.guard import Guard
-from app.service.batcher import Batcher
+from app.service import routes
+from app.service.batcher import AUTO_BUDGET_BATCHES, Batcher
 from app.service.identity import IdentityError, IdentityResolver
 from app.service.metrics import Metrics
 from app.service.routes import router
@@ -40,22 +43,28 @@ log = logging.getLogger("advguard.service")
 MULTIPART_OVERHEAD_BYTES = 16 * 1024
 
 
-def flag_rule_for(settings: Settings, guard: Guard) -> FlagRule:
-    """The settings' threshold, else the ``flag_quantile`` of the bundle's calibrated scores."""
+def flag_policy_for(settings: Settings, guard: Guard) -> FlagPolicy:
+    """The settings' policy, calibrated on the bundle's held-out honest scores at the guard's
+    acceptance threshold; ``flag_threshold``, when set, replaces the calibrated threshold."""
+    honest = HonestTraffic(load_honest_scores(settings.bundle, guard.manifest), guard.threshold)
+    policy = calibrate_policy(
+        settings.flag_policy,
+        honest,
+        min_requests=settings.flag_min_requests,
+        ewma_alpha=settings.ewma_alpha,
+        false_flag_rate=settings.flag_false_rate,
+        horizon=max(settings.flag_horizon, settings.flag_min_requests),
+    )
     if settings.flag_threshold is not None:
-        threshold = settings.flag_threshold
-    else:
-        scores = np.load(settings.bundle / guard.manifest.calibration.scores_file)
-        threshold = flag_threshold_from_scores(scores, settings.flag_quantile)
-    return FlagRule(threshold=threshold, min_requests=settings.flag_min_requests)
+        policy = with_threshold(policy, settings.flag_threshold)
+    return policy
 
 
-def build_tracker(settings: Settings, rule: FlagRule, metrics: Metrics) -> ClientTracker:
+def build_tracker(settings: Settings, policy: FlagPolicy, metrics: Metrics) -> ClientTracker:
     if settings.redis_url:
         return RedisTracker(
             settings.redis_url,
-            rule,
-            alpha=settings.ewma_alpha,
+            policy,
             ttl_s=settings.client_ttl_s,
             prefix=settings.redis_prefix,
             timeout_s=settings.redis_timeout_s,
@@ -63,25 +72,31 @@ def build_tracker(settings: Settings, rule: FlagRule, metrics: Metrics) -> Clien
             buffer_size=settings.tracker_buffer_size,
             on_error=metrics.tracker_errors.inc,
         )
-    return InMemoryTracker(rule, alpha=settings.ewma_alpha, ttl_s=settings.client_ttl_s)
+    return InMemoryTracker(policy, ttl_s=settings.client_ttl_s)
 
 
 def build_service(
     settings: Settings, metrics: Metrics, identity: IdentityResolver | None = None
 ) -> Service:
+    torch.set_num_threads(settings.torch_threads or default_torch_threads())
     guard = Guard.load(settings.bundle, device=settings.device, retention=settings.retention)
-    rule = flag_rule_for(settings, guard)
-    tracker = build_tracker(settings, rule, metrics)
+    policy = flag_policy_for(settings, guard)
+    tracker = build_tracker(settings, policy, metrics)
+    fixed_budget, auto_batches = latency_budget(settings)
     batcher = Batcher(
         guard,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
         queue_size=settings.queue_size,
         on_batch=metrics.batch_size.observe,
+        guarded=settings.guard_enabled,
+        latency_budget_s=fixed_budget,
+        auto_budget_batches=auto_batches,
+        on_expired=metrics.shed.labels(reason="expired").inc,
     )
     if identity is None:
         identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
-    service = Service(settings, metrics, guard, batcher, tracker, identity, rule)
+    service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
     manifest = guard.manifest
     metrics.bundle.info(
         {
@@ -100,12 +115,35 @@ def build_service(
             service.last_flagged_count[0] = tracker.flagged_count()
         return float(service.last_flagged_count[0])
 
+    metrics.seconds_per_image.set_function(lambda: batcher.item_seconds or 0.0)
     metrics.bind(
         queue_depth=lambda: float(batcher.qsize()),
         buffered=lambda: float(tracker.buffered()),
         flagged=flagged_count,
     )
     return service
+
+
+def default_torch_threads() -> int:
+    """One intra-op thread per core this process may use, but one: that core is left to the
+    event loop and decoding. On 2 shared cores, two threads made a batch of one image take
+    ~0.5 s instead of ~4 ms whenever another process held a core (docs/service.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+def latency_budget(settings: Settings) -> tuple[float | None, float | None]:
+    """(fixed budget in seconds, full batches of the automatic budget) for the batcher: unset,
+    the automatic budget; 0, neither (deadlines off); else the fixed one."""
+    budget_ms = settings.latency_budget_ms
+    if budget_ms is None:
+        return None, AUTO_BUDGET_BATCHES
+    return (budget_ms / 1000.0 if budget_ms > 0 else None), None
+
+
+def _batcher_of(scope: Scope) -> Batcher | None:
+    service = getattr(getattr(scope.get("app"), "state", None), "service", None)
+    return service.batcher if isinstance(service, Service) else None
 
 
 def _error(status: int, code: str, message: str, request_id: str | None, **headers: str) -> Any:
@@ -131,6 +169,7 @@ class ServiceMiddleware:
         api_key_header: str = "X-API-Key",
         max_in_flight: int | None = None,
         retry_after_s: int = 1,
+        shed_delay_s: float = 0.0,
     ):
         self.app = app
         self.metrics = metrics
@@ -139,12 +178,15 @@ class ServiceMiddleware:
         self.api_key_header = api_key_header.lower().encode("latin-1")
         self.max_in_flight = max_in_flight
         self.retry_after_s = retry_after_s
+        self.shed_delay_s = shed_delay_s
         self.in_flight = 0  # classifications admitted and not yet answered (one event loop)
+        self.uploading = 0  # of which still receiving their body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        arrived = time.perf_counter()
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
         is_classify = scope["path"] == "/classify"
@@ -159,6 +201,9 @@ class ServiceMiddleware:
                     self.metrics.requests.labels(decision="error").inc()
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
+                if is_classify:  # time in the app, from the request's head to the answer
+                    took_ms = (time.perf_counter() - arrived) * 1000.0
+                    headers.append((b"server-timing", f"app;dur={took_ms:.1f}".encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -190,25 +235,60 @@ class ServiceMiddleware:
             return
 
         if is_classify and self.max_in_flight is not None:
-            if self.in_flight >= self.max_in_flight:
-                # the batcher's queue bounds only decoded images: bound the whole pipeline
-                # (bodies being read and decoded too) and refuse at once, before reading
-                message = f"{self.in_flight} classifications in progress; try again later"
+            # the batcher's queue bounds only decoded images: bound the whole pipeline (bodies
+            # being read and decoded too), in number and in expected wait, and refuse at once,
+            # before reading
+            batcher = _batcher_of(scope)
+            refusal = self._refusal(batcher)
+            if refusal is not None:
+                reason, message = refusal
+                self.metrics.shed.labels(reason=reason).inc()
                 await _refuse(
                     scope,
                     receive,
                     send_counted,
                     (503, "overloaded", message, request_id),
                     {"Retry-After": str(self.retry_after_s)},
+                    self.shed_delay_s,
                 )
                 return
             self.in_flight += 1
+            self.uploading += 1
+            uploaded = False
+
+            def body_received() -> None:
+                nonlocal uploaded
+                if not uploaded:
+                    uploaded = True
+                    self.uploading -= 1
+
             try:
-                await self._forward(scope, receive, send_counted, is_classify, status_seen)
+                await self._forward(
+                    scope, receive, send_counted, is_classify, status_seen, body_received
+                )
             finally:
+                body_received()
                 self.in_flight -= 1
             return
         await self._forward(scope, receive, send_counted, is_classify, status_seen)
+
+    def _refusal(self, batcher: Batcher | None) -> tuple[str, str] | None:
+        """(shed reason, message) when a new classification must be refused, else None."""
+        if self.max_in_flight is not None and self.in_flight >= self.max_in_flight:
+            return "in_flight", f"{self.in_flight} classifications in progress; try again later"
+        budget = None if batcher is None else batcher.budget_s()
+        # ahead of a new request: those with their body in (parsing, decoding, queued, in a
+        # batch); a slow upload does not hold up the model
+        ahead = self.in_flight - self.uploading
+        if budget is None or batcher is None or ahead == 0:
+            return None  # an idle service admits a request whatever the budget
+        expected = batcher.expected_latency_s(ahead)
+        if expected <= budget:
+            return None
+        return "expected_wait", (
+            f"expected wait of {expected * 1000:.0f} ms ({ahead} in progress) is over "
+            f"the latency budget of {budget * 1000:.0f} ms; try again later"
+        )
 
     async def _forward(
         self,
@@ -217,6 +297,7 @@ class ServiceMiddleware:
         send_counted: Send,
         is_classify: bool,
         status_seen: list[int],
+        body_received: Callable[[], None] | None = None,
     ) -> None:
         received = 0
 
@@ -229,6 +310,8 @@ class ServiceMiddleware:
                     raise StarletteHTTPException(
                         413, f"request body exceeds the limit of {self.body_limit} bytes"
                     )
+                if body_received is not None and not message.get("more_body", False):
+                    body_received()
             return message
 
         try:
@@ -254,6 +337,7 @@ async def _refuse(
     send: Send,
     error: tuple[int, str, str, str | None],
     headers: dict[str, str],
+    delay_s: float = 0.0,
 ) -> None:
     length = _content_length(scope)
     if length is not None and length <= DRAIN_BYTES:
@@ -263,6 +347,7 @@ async def _refuse(
             more = message["type"] == "http.request" and bool(message.get("more_body", False))
     else:
         headers = {**headers, "Connection": "close"}
+    await routes.hold_refusal(delay_s)
     status, code, text, request_id = error
     await _error(status, code, text, request_id, **headers)(scope, receive, send)
 
@@ -342,10 +427,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         service.batcher.start()
         app.state.service = service
         log.info(
-            "serving bundle %s (threshold %.4f, flag threshold %.4f) in %.2fs",
+            "serving bundle %s (threshold %.4f, flag policy %s at %.4f) in %.2fs",
             service.guard.manifest.name,
             service.guard.threshold,
-            service.flag_rule.threshold,
+            service.flag_policy.kind,
+            service.flag_policy.threshold,
             time.perf_counter() - started,
         )
         try:
@@ -373,5 +459,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api_key_header=settings.api_key_header,
         max_in_flight=settings.max_in_flight or settings.queue_size + settings.max_batch_size,
         retry_after_s=settings.retry_after_s,
+        shed_delay_s=settings.shed_delay_ms / 1000.0,
     )
     return app

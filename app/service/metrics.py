@@ -10,7 +10,10 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-DECISIONS = ("accepted", "rejected", "error")
+DECISIONS = ("accepted", "rejected", "unguarded", "error")  # unguarded: the guard is off
+# why a classification was refused with 503 overloaded: too many in flight, expected wait over
+# the latency budget, waited past the budget (never run), batcher queue full
+SHED_REASONS = ("in_flight", "expected_wait", "expired", "queue_full")
 STAGES = ("decode", "queue", "model", "search", "total")
 
 # kNN scores live in [0, 1]; the demo bundle's acceptance threshold is ~0.163 and its flag
@@ -75,10 +78,23 @@ class Metrics:
         self.clients_flagged = Counter(
             "advguard_clients_flagged_total", "Clients newly flagged", registry=r
         )
+        self.shed = Counter(
+            "advguard_shed_total",
+            "Classifications refused with 503 overloaded, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.seconds_per_image = Gauge(
+            "advguard_seconds_per_image",
+            "Measured model and search time per image (weighted mean of batch time / size)",
+            registry=r,
+        )
         for decision in DECISIONS:
             self.requests.labels(decision=decision)
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for reason in SHED_REASONS:
+            self.shed.labels(reason=reason)
 
     def bind(
         self,

@@ -4,6 +4,7 @@ service objects (batcher, tracker)."""
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import time
 from typing import Annotated
@@ -14,8 +15,14 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from app.core.guard import Verdict
 from app.core.images import ImageDecodeError, decode_image
-from app.service.batcher import BatcherClosedError, BatchResult, QueueFullError
+from app.service.batcher import (
+    BatcherClosedError,
+    BatchResult,
+    DeadlineExceededError,
+    QueueFullError,
+)
 from app.service.identity import IdentityError, InvalidClientIdError, token_matches
 from app.service.schemas import (
     BundleSummary,
@@ -45,7 +52,11 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 # --------------------------------------------------------------------------- dependencies
 
 
-def get_service(request: Request) -> Service:
+# Dependencies are ``async def`` although they do no I/O: FastAPI runs a plain ``def`` in the
+# thread pool, a hand-off and an event-loop round each, three per classification under load.
+
+
+async def get_service(request: Request) -> Service:
     service = getattr(request.app.state, "service", None)
     if not isinstance(service, Service):
         raise ApiError(503, "not_ready", "the service is not ready")
@@ -55,7 +66,7 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     value = getattr(request.state, "request_id", None)
     return value if isinstance(value, str) else ""
 
@@ -63,7 +74,7 @@ def get_request_id(request: Request) -> str:
 RequestId = Annotated[str, Depends(get_request_id)]
 
 
-def get_client_id(request: Request, service: ServiceDep) -> str:
+async def get_client_id(request: Request, service: ServiceDep) -> str:
     settings = service.settings
     headers = request.headers
     try:
@@ -98,8 +109,24 @@ Admin = Annotated[None, Depends(require_admin)]
 # --------------------------------------------------------------------------- classification
 
 
+def refusal_delay_s(delay_s: float) -> float:
+    """How long a 503 overloaded waits before it is sent: ``delay_s`` (ADVGUARD_SHED_DELAY_MS)
+    jittered +-50%, so that refused clients do not come back in lockstep waves."""
+    return delay_s * random.uniform(0.5, 1.5)
+
+
+async def hold_refusal(delay_s: float) -> None:
+    """Hold a 503 overloaded (its connection idle) so that a client that retries at once cannot
+    turn refusals into a storm that takes the event loop from the requests being served."""
+    if delay_s > 0:
+        await asyncio.sleep(refusal_delay_s(delay_s))
+
+
 def _decode(service: Service, data: bytes) -> torch.Tensor:
-    return service.guard.pixels(decode_image(data, service.settings.max_pixels))
+    guard = service.guard
+    return guard.pixels(
+        decode_image(data, service.settings.max_pixels, min_size=guard.preset.resize)
+    )
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
@@ -113,8 +140,10 @@ async def classify(
     settings, metrics = service.settings, service.metrics
     if not service.accepting:
         raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "1"})
-    if settings.policy == "refuse" and await run_in_threadpool(
-        service.tracker.is_flagged, client_id
+    if (
+        settings.policy == "refuse"
+        and settings.guard_enabled  # the guard off: no tracking, no flags
+        and await run_in_threadpool(service.tracker.is_flagged, client_id)
     ):
         raise ApiError(403, "client_flagged", "this client is flagged and refused service")
     if file.size is not None and file.size > settings.max_upload_bytes:
@@ -136,13 +165,31 @@ async def classify(
     try:
         future = service.batcher.submit(pixels)
     except QueueFullError as exc:
+        metrics.shed.labels(reason="queue_full").inc()
+        await hold_refusal(settings.shed_delay_ms / 1000.0)
         raise ApiError(503, "overloaded", str(exc), retry) from exc
     except BatcherClosedError as exc:
         raise ApiError(503, "shutting_down", str(exc), retry) from exc
-    result: BatchResult = await asyncio.wrap_future(future)
+    try:
+        result: BatchResult = await asyncio.wrap_future(future)
+    except DeadlineExceededError as exc:  # waited past the latency budget: never run
+        await hold_refusal(settings.shed_delay_ms / 1000.0)
+        raise ApiError(503, "overloaded", str(exc), retry) from exc
     verdict = result.verdict
     metrics.stage_seconds.labels(stage="queue").observe(result.queue_s)
     metrics.stage_seconds.labels(stage="model").observe(result.model_s)
+    if not isinstance(verdict, Verdict):  # the guard is off: no score, no tracking
+        metrics.requests.labels(decision="unguarded").inc()
+        metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
+        return ClassifyResponse(
+            request_id=request_id,
+            decision="unguarded",
+            prediction=Prediction(
+                class_index=verdict.predicted_class,
+                class_name=verdict.class_name,
+                probability=verdict.probability,
+            ),
+        )
     metrics.stage_seconds.labels(stage="search").observe(result.search_s)
     metrics.score.observe(verdict.score)
     decision = "accepted" if verdict.accepted else "rejected"
@@ -230,8 +277,9 @@ async def bundle(service: ServiceDep) -> BundleSummary:
             "accept when the kNN score of the predicted class is at or above the threshold, "
             "calibrated to keep this share of correctly classified held-out authentic images"
         ),
-        flag_threshold=service.flag_rule.threshold if expose else None,
-        flag_min_requests=service.flag_rule.min_requests,
+        flag_policy=service.flag_policy.kind,
+        flag_threshold=service.flag_policy.threshold if expose else None,
+        flag_min_requests=service.flag_policy.min_requests,
         class_names=list(manifest.class_names),
     )
 

@@ -19,7 +19,8 @@ class Prediction(_Model):
 
 class ClassifyResponse(_Model):
     request_id: str
-    decision: Literal["accepted", "rejected"]
+    # unguarded: the guard is off (ADVGUARD_GUARD_ENABLED=false), the prediction is unchecked
+    decision: Literal["accepted", "rejected", "unguarded"]
     prediction: Prediction | None = None  # withheld when rejected
     score: float | None = None  # only with ADVGUARD_EXPOSE_SCORES
     threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES
@@ -62,7 +63,8 @@ class BundleSummary(_Model):
     threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES, like the scores
     operating_retention: float
     threshold_policy: str
-    flag_threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES
+    flag_policy: str  # mean, ewma, rejection_rate or cusum (see docs/service.md)
+    flag_threshold: float | None = None  # on the policy's statistic; only with EXPOSE_SCORES
     flag_min_requests: int
     class_names: list[str]
 
@@ -75,6 +77,8 @@ class ClientStatsModel(_Model):
     scored: int
     mean_score: float
     ewma_score: float
+    window_rejected: int
+    cusum: float
     first_seen: float
     last_seen: float
     flagged: bool

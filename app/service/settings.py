@@ -8,7 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from app.core.flagging import DEFAULT_FLAG_QUANTILE, DEFAULT_MIN_REQUESTS
+from app.core.flagging import (
+    DEFAULT_EWMA_ALPHA,
+    DEFAULT_FALSE_FLAG_RATE,
+    DEFAULT_HORIZON,
+    DEFAULT_MIN_REQUESTS,
+    DEFAULT_POLICY,
+    PolicyKind,
+)
 from app.core.images import DEFAULT_MAX_PIXELS
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent.parent / "bundles" / "cifar10-resnet20"
@@ -35,6 +42,19 @@ class Settings(BaseSettings):
     # classifications admitted at once (reading, decoding, queued, in a batch); beyond it, 503
     # before the body is read. Default: queue_size + max_batch_size
     max_in_flight: int | None = Field(default=None, ge=1)
+    # time a classification may wait for the model: 503 + Retry-After before the body is read
+    # when its expected wait (requests ahead x measured time per image) is over it, and a queued
+    # image that waited longer is dropped, never run. Unset: two full batches at the measured
+    # time per image; 0: off (max_in_flight and queue_size remain)
+    latency_budget_ms: float | None = Field(default=None, ge=0.0)
+    # a 503 overloaded is sent after about this long (jittered +-50%; the connection held,
+    # idle), so that clients that retry at once cannot turn refusals into a storm
+    shed_delay_ms: float = Field(default=1000.0, ge=0.0)
+    # false: classify only (model, no kNN search, no client tracking): decision "unguarded"
+    guard_enabled: bool = True
+    # intra-op threads of the model on CPU (torch.set_num_threads); default: one per core but
+    # one, left to HTTP and decoding (see bench/results/service_vs_bare.md)
+    torch_threads: int | None = Field(default=None, ge=1)
 
     # input limits
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
@@ -55,8 +75,12 @@ class Settings(BaseSettings):
     redis_retry_interval_s: float = Field(default=0.5, ge=0.0)
     tracker_buffer_size: int = Field(default=10_000, ge=0)
     client_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)  # idle time before a client expires
-    ewma_alpha: float = Field(default=0.05, gt=0.0, le=1.0)
-    flag_threshold: float | None = None  # default: derived from the bundle's calibration
-    flag_quantile: float = Field(default=DEFAULT_FLAG_QUANTILE, gt=0.0, lt=1.0)
+    # per-client flagging (app.core.flagging): the policy, and the design false-flag rate of
+    # honest clients within flag_horizon requests from which its threshold is calibrated
+    flag_policy: PolicyKind = DEFAULT_POLICY
+    flag_threshold: float | None = None  # on the policy's statistic; default: calibrated
+    flag_false_rate: float = Field(default=DEFAULT_FALSE_FLAG_RATE, gt=0.0, lt=1.0)
+    flag_horizon: int = Field(default=DEFAULT_HORIZON, ge=1)
     flag_min_requests: int = Field(default=DEFAULT_MIN_REQUESTS, ge=1)
+    ewma_alpha: float = Field(default=DEFAULT_EWMA_ALPHA, gt=0.0, le=1.0)
     policy: Literal["flag", "refuse"] = "flag"  # refuse: flagged clients get 403

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.core.flagging import FlagRule
+from app.core.flagging import FlagPolicy
 from app.core.guard import Guard
 from app.service.batcher import Batcher
 from app.service.identity import IdentityResolver
@@ -32,6 +32,6 @@ class Service:
     batcher: Batcher
     tracker: ClientTracker
     identity: IdentityResolver
-    flag_rule: FlagRule
+    flag_policy: FlagPolicy
     accepting: bool = True
     last_flagged_count: list[int] = field(default_factory=lambda: [0])

@@ -1,9 +1,10 @@
 """Per-client score statistics: a ``ClientTracker`` protocol, an in-process and a Redis tracker.
 
-Both keep, per client: requests, accepted, rejected, the scored requests of the current window,
-the running mean of the score, a bias-corrected exponentially weighted mean, first and last seen.
-Both decide flags with the one pure rule ``app.core.flagging.should_flag``. Clearing a flag
-restarts the client's score window (mean, EWMA and their count), keeping lifetime counts.
+Both keep, per client: lifetime requests, accepted and rejected counts, first and last seen, and
+the client's score window (``app.core.flagging.ScoreWindow``: scored requests, running mean,
+bias-corrected EWMA, rejections and CUSUM, advanced by ``advance_window``). Both decide flags with
+the one pure rule, ``FlagPolicy.should_flag``. Clearing a flag restarts the client's window,
+keeping lifetime counts.
 
 The Redis tracker updates a client atomically with one Lua script and keeps flagged clients in a
 sorted set (score: when flagged). It fails open: when Redis is unreachable, updates wait in a
@@ -20,14 +21,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from app.core.flagging import FlagRule, should_flag
+from app.core.flagging import FlagPolicy, ScoreWindow, advance_window
 
 TrackerState = Literal["ok", "degraded"]
 
@@ -49,10 +50,18 @@ class ClientStats:
     scored: int  # requests in the current score window (restarted when a flag is cleared)
     mean_score: float
     ewma_score: float
+    window_rejected: int  # rejections in the current score window
+    cusum: float  # the window's CUSUM statistic (see app.core.flagging)
     first_seen: float
     last_seen: float
     flagged: bool
     flagged_at: float | None
+
+    @property
+    def window(self) -> ScoreWindow:
+        return ScoreWindow(
+            self.scored, self.mean_score, self.ewma_score, self.window_rejected, self.cusum
+        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class TrackerUnavailableError(Exception):
 
 
 class ClientTracker(Protocol):
-    rule: FlagRule
+    policy: FlagPolicy
 
     def record(self, observation: Observation) -> RecordResult: ...
     def get(self, client_id: str) -> ClientStats | None: ...
@@ -77,11 +86,6 @@ class ClientTracker(Protocol):
     def state(self) -> TrackerState: ...
     def buffered(self) -> int: ...
     def close(self) -> None: ...
-
-
-def ewma_weight(alpha: float, scored: int) -> float:
-    """Weight of the newest score in a bias-corrected EWMA after ``scored`` scores (1 at first)."""
-    return alpha / (1.0 - (1.0 - alpha) ** scored)
 
 
 def _noop() -> None:
@@ -96,9 +100,7 @@ class _Entry:
     requests: int = 0
     accepted: int = 0
     rejected: int = 0
-    scored: int = 0
-    mean: float = 0.0
-    ewma: float = 0.0
+    window: ScoreWindow = field(default_factory=ScoreWindow)
     first_seen: float = 0.0
     last_seen: float = 0.0
     flagged_at: float | None = None
@@ -109,9 +111,11 @@ class _Entry:
             requests=self.requests,
             accepted=self.accepted,
             rejected=self.rejected,
-            scored=self.scored,
-            mean_score=self.mean,
-            ewma_score=self.ewma,
+            scored=self.window.scored,
+            mean_score=self.window.mean,
+            ewma_score=self.window.ewma,
+            window_rejected=self.window.rejected,
+            cusum=self.window.cusum,
             first_seen=self.first_seen,
             last_seen=self.last_seen,
             flagged=self.flagged_at is not None,
@@ -122,9 +126,8 @@ class _Entry:
 class InMemoryTracker:
     """One process, one lock; entries expire ``ttl_s`` after their last request."""
 
-    def __init__(self, rule: FlagRule, alpha: float = 0.05, ttl_s: float = 7 * 24 * 3600):
-        self.rule = rule
-        self.alpha = alpha
+    def __init__(self, policy: FlagPolicy, ttl_s: float = 7 * 24 * 3600):
+        self.policy = policy
         self.ttl_s = ttl_s
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
@@ -146,12 +149,12 @@ class InMemoryTracker:
                 entry.accepted += 1
             else:
                 entry.rejected += 1
-            entry.scored += 1
-            entry.mean += (observation.score - entry.mean) / entry.scored
-            entry.ewma += ewma_weight(self.alpha, entry.scored) * (observation.score - entry.ewma)
+            entry.window = advance_window(
+                entry.window, observation.score, observation.accepted, self.policy.window
+            )
             entry.first_seen = min(entry.first_seen, observation.at)
             entry.last_seen = max(entry.last_seen, observation.at)
-            newly = entry.flagged_at is None and should_flag(entry.scored, entry.mean, self.rule)
+            newly = entry.flagged_at is None and self.policy.should_flag(entry.window)
             if newly:
                 entry.flagged_at = observation.at
             return RecordResult(entry.stats(observation.client_id), newly)
@@ -181,7 +184,7 @@ class InMemoryTracker:
             if entry is None or entry.flagged_at is None:
                 return False
             entry.flagged_at = None
-            entry.scored, entry.mean, entry.ewma = 0, 0.0, 0.0
+            entry.window = ScoreWindow()
             return True
 
     def state(self) -> TrackerState:
@@ -197,7 +200,8 @@ class InMemoryTracker:
 # --------------------------------------------------------------------------- Redis
 
 # KEYS: client hash, flagged sorted set. ARGV: score, accepted (1/0), at, alpha, ttl seconds,
-# client id, writer (this tracker's id), seq (this tracker's sequence number of the update).
+# client id, writer (this tracker's id), seq (this tracker's sequence number of the update), the
+# CUSUM's reference value. The window update mirrors app.core.flagging.advance_arrays.
 # Returns the updated fields (floats as strings: Lua numbers would be truncated to integers).
 # Idempotent per writer: the hash keeps the last writer and its seq ('w' = "<writer>:<seq>"), and
 # an update that writer already applied (its reply was lost, so it was buffered and replayed) is
@@ -210,15 +214,17 @@ local at = tonumber(ARGV[3])
 local alpha = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local seq = tonumber(ARGV[8])
+local ref = tonumber(ARGV[9])
 local f = function(x) return string.format('%.17g', x) end
 local v = redis.call('HMGET', key, 'requests', 'accepted', 'rejected', 'scored', 'mean', 'ewma',
-                     'first_seen', 'last_seen', 'w')
+                     'first_seen', 'last_seen', 'w', 'wrej', 'cusum')
 if v[9] then
   local writer, last = string.match(v[9], '^(.*):(%d+)$')
   if writer == ARGV[7] and tonumber(last) >= seq then
     local flagged = redis.call('ZSCORE', KEYS[2], ARGV[6])
     return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), f(tonumber(v[5])),
-            f(tonumber(v[6])), f(tonumber(v[7])), f(tonumber(v[8])), flagged or false}
+            f(tonumber(v[6])), f(tonumber(v[7])), f(tonumber(v[8])), flagged or false,
+            tonumber(v[10]) or 0, f(tonumber(v[11]) or 0)}
   end
 end
 local requests = (tonumber(v[1]) or 0) + 1
@@ -228,25 +234,30 @@ if acc == 1 then accepted = accepted + 1 else rejected = rejected + 1 end
 local scored = (tonumber(v[4]) or 0) + 1
 local mean = tonumber(v[5]) or 0
 local ewma = tonumber(v[6]) or 0
+local wrej = tonumber(v[10]) or 0
+local cusum = tonumber(v[11]) or 0
 mean = mean + (score - mean) / scored
 ewma = ewma + alpha / (1 - (1 - alpha) ^ scored) * (score - ewma)
+if acc ~= 1 then wrej = wrej + 1 end
+cusum = math.max(0, cusum + (ref - score))
 local first_seen = tonumber(v[7]) or at
 if at < first_seen then first_seen = at end
 local last_seen = tonumber(v[8]) or at
 if at > last_seen then last_seen = at end
 redis.call('HSET', key, 'requests', requests, 'accepted', accepted, 'rejected', rejected,
            'scored', scored, 'mean', f(mean), 'ewma', f(ewma), 'first_seen', f(first_seen),
-           'last_seen', f(last_seen), 'w', ARGV[7] .. ':' .. ARGV[8])
+           'last_seen', f(last_seen), 'w', ARGV[7] .. ':' .. ARGV[8], 'wrej', wrej,
+           'cusum', f(cusum))
 redis.call('EXPIRE', key, ttl)
 local flagged_at = redis.call('ZSCORE', KEYS[2], ARGV[6])
 return {requests, accepted, rejected, scored, f(mean), f(ewma), f(first_seen), f(last_seen),
-        flagged_at or false}
+        flagged_at or false, wrej, f(cusum)}
 """
 
 _CLEAR_LUA = """
 local removed = redis.call('ZREM', KEYS[2], ARGV[1])
 if removed == 1 and redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'scored', 0, 'mean', '0', 'ewma', '0')
+  redis.call('HSET', KEYS[1], 'scored', 0, 'mean', '0', 'ewma', '0', 'wrej', 0, 'cusum', '0')
 end
 return removed
 """
@@ -262,9 +273,8 @@ class RedisTracker:
     def __init__(
         self,
         url: str,
-        rule: FlagRule,
+        policy: FlagPolicy,
         *,
-        alpha: float = 0.05,
         ttl_s: int = 7 * 24 * 3600,
         prefix: str = "advguard",
         timeout_s: float = 0.2,
@@ -272,8 +282,7 @@ class RedisTracker:
         buffer_size: int = 10_000,
         on_error: Callable[[], None] = _noop,
     ):
-        self.rule = rule
-        self.alpha = alpha
+        self.policy = policy
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.retry_interval_s = retry_interval_s
@@ -336,11 +345,12 @@ class RedisTracker:
                 repr(float(observation.score)),
                 1 if observation.accepted else 0,
                 repr(float(observation.at)),
-                repr(self.alpha),
+                repr(self.policy.window.ewma_alpha),
                 self.ttl_s,
                 observation.client_id,
                 self._writer,
                 seq,
+                repr(self.policy.window.cusum_reference),
             ],
         )
         flagged_at = None if raw[8] is None else float(_as_str(raw[8]))
@@ -352,13 +362,15 @@ class RedisTracker:
             scored=int(raw[3]),
             mean_score=float(_as_str(raw[4])),
             ewma_score=float(_as_str(raw[5])),
+            window_rejected=int(raw[9]),
+            cusum=float(_as_str(raw[10])),
             first_seen=float(_as_str(raw[6])),
             last_seen=float(_as_str(raw[7])),
             flagged=flagged_at is not None,
             flagged_at=flagged_at,
         )
         newly = False
-        if flagged_at is None and should_flag(stats.scored, stats.mean_score, self.rule):
+        if flagged_at is None and self.policy.should_flag(stats.window):
             newly = bool(
                 self._redis.zadd(self.flagged_key, {stats.client_id: observation.at}, nx=True)
             )
@@ -403,6 +415,8 @@ class RedisTracker:
             scored=int(get("scored")),
             mean_score=float(get("mean")),
             ewma_score=float(get("ewma")),
+            window_rejected=int(get("wrej")),
+            cusum=float(get("cusum")),
             first_seen=float(get("first_seen")),
             last_seen=float(get("last_seen")),
             flagged=flagged_at is not None,

@@ -50,6 +50,13 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
         assert 0.0 <= v.score <= 1.0 and v.accepted == (v.score >= v.threshold)
         assert v.class_name == manifest.class_names[v.predicted_class]
     assert not (tmp_path / "b.work").exists()  # chunks removed after a successful build
+    # the honest scores (every held-out image, errors included) contain the calibrated ones
+    calibration = manifest.calibration
+    assert calibration.honest_scores_file is not None
+    honest = np.load(tmp_path / "b" / calibration.honest_scores_file)
+    correct = np.load(tmp_path / "b" / calibration.scores_file)
+    assert honest.shape == (calibration.n_images,) and correct.shape == (calibration.n_correct,)
+    assert np.isin(correct, honest).all()
 
 
 def test_torchvision_resnet18_round_trip_at_224(make_image_folder, tmp_path):

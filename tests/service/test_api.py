@@ -65,7 +65,10 @@ def test_health_ready_bundle(make_client: Any, tracker_kind: str, guard: Guard) 
     with make_client(expose_scores=True) as client:
         exposed = client.get("/v1/bundle").json()
     assert exposed["threshold"] == pytest.approx(guard.threshold)
-    assert 0.0 < exposed["flag_threshold"] < 1.0
+    assert exposed["flag_policy"] == client.app_state.service.flag_policy.kind
+    assert exposed["flag_threshold"] == pytest.approx(
+        client.app_state.service.flag_policy.threshold
+    )
 
 
 def _metric(text: str, name: str, labels: str = "") -> float:
@@ -139,8 +142,13 @@ def test_forwarded_for_only_from_trusted_proxies() -> None:
 def test_admin_endpoints_and_refuse_policy(
     make_client: Any, test_images: list[LabelledImage]
 ) -> None:
-    # every score is below a flag threshold of 1.0: flagged after 3 scored requests
-    settings = {"flag_threshold": 1.0, "flag_min_requests": 3, "admin_token": "s3cret"}
+    # every score is below a mean threshold of 1.0: flagged after 3 scored requests
+    settings = {
+        "flag_policy": "mean",
+        "flag_threshold": 1.0,
+        "flag_min_requests": 3,
+        "admin_token": "s3cret",
+    }
     with make_client(policy="refuse", **settings) as client:
         hdr = {"X-Client-ID": "mallory"}
         codes = [upload(client, image.data, hdr).status_code for image in test_images[:5]]
@@ -171,7 +179,9 @@ def test_admin_disabled_without_token(make_client: Any) -> None:
 
 
 def test_flag_only_policy_keeps_serving(make_client: Any, test_images: list[LabelledImage]) -> None:
-    with make_client(flag_threshold=1.0, flag_min_requests=2, admin_token="s3cret") as client:
+    with make_client(
+        flag_policy="mean", flag_threshold=1.0, flag_min_requests=2, admin_token="s3cret"
+    ) as client:
         codes = [upload(client, image.data).status_code for image in test_images[:4]]
         assert codes == [200] * 4
         assert client.get("/clients/testclient", headers=ADMIN).json()["flagged"]

@@ -23,7 +23,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.core.errors import BundleError
-from app.core.flagging import FlagRule
+from app.core.flagging import FlagPolicy
 from app.service.main import create_app
 from app.service.settings import DEFAULT_BUNDLE, Settings
 from app.service.tracking import Observation, RedisTracker
@@ -113,7 +113,7 @@ def test_update_whose_reply_was_lost_is_not_counted_twice(tmp_path: Path) -> Non
     server.start()
     try:
         tracker = RedisTracker(
-            server.url, FlagRule(threshold=0.0, min_requests=1000), retry_interval_s=0.0
+            server.url, FlagPolicy("mean", threshold=0.0, min_requests=1000), retry_interval_s=0.0
         )
         real = tracker._record
         lose_next = [True]
@@ -134,7 +134,7 @@ def test_update_whose_reply_was_lost_is_not_counted_twice(tmp_path: Path) -> Non
         assert (stats.requests, stats.accepted, stats.rejected, stats.scored) == (2, 1, 1, 2)
         assert stats.mean_score == pytest.approx(0.4)
         # another writer (a second replica) with its own sequence numbers is not mistaken for it
-        other = RedisTracker(server.url, FlagRule(threshold=0.0, min_requests=1000))
+        other = RedisTracker(server.url, FlagPolicy("mean", threshold=0.0, min_requests=1000))
         stats = other.record(Observation("lost", 0.2, True, now + 2)).stats
         assert stats is not None and stats.requests == 3
         tracker.close()

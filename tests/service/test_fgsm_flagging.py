@@ -5,11 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from app.core.flagging import ScoreWindow
 from app.core.guard import Guard
 from tests.service.helpers import LabelledImage, fgsm, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
 REQUESTS = 50
+
+
+def _window(stats: dict[str, Any]) -> ScoreWindow:
+    return ScoreWindow(
+        stats["scored"],
+        stats["mean_score"],
+        stats["ewma_score"],
+        stats["window_rejected"],
+        stats["cusum"],
+    )
 
 
 def test_fgsm_client_flagged_honest_client_not(
@@ -36,18 +47,18 @@ def test_fgsm_client_flagged_honest_client_not(
         attacker = client.get("/clients/attacker", headers=ADMIN).json()
         honest = client.get("/clients/honest", headers=ADMIN).json()
         flagged = client.get("/clients?flagged=true", headers=ADMIN).json()["clients"]
-        rule = client.app_state.service.flag_rule
+        policy = client.app_state.service.flag_policy
         prefix = client.app_state.settings.redis_prefix
     print(
         f"\n[{tracker_kind}] attacker flagged at request {flagged_at}; attacker mean "
         f"{attacker['mean_score']:.3f}, honest mean {honest['mean_score']:.3f}, "
-        f"flag threshold {rule.threshold:.3f} after {rule.min_requests}"
+        f"{policy.kind} threshold {policy.threshold:.3f} after {policy.min_requests}"
     )
     assert flagged_at is not None and flagged_at <= REQUESTS
     assert attacker["flagged"] and not honest["flagged"]
     assert [c["client_id"] for c in flagged] == ["attacker"]
     assert honest["requests"] == attacker["requests"] == REQUESTS
-    assert honest["mean_score"] > rule.threshold > attacker["mean_score"]
+    assert policy.should_flag(_window(attacker)) and not policy.should_flag(_window(honest))
     if tracker_kind == "redis":
         store = request.getfixturevalue("redis_server").client()
         for client_id, stats in (("attacker", attacker), ("honest", honest)):

@@ -171,9 +171,9 @@ def test_byte_limit_enforced_before_decoding(
     decoded: list[int] = []
     real = routes_module.decode_image
 
-    def spy(data: bytes, max_pixels: int) -> Any:
+    def spy(data: bytes, max_pixels: int, min_size: int | None = None) -> Any:
         decoded.append(len(data))
-        return real(data, max_pixels)
+        return real(data, max_pixels, min_size=min_size)
 
     monkeypatch.setattr(routes_module, "decode_image", spy)
     key = {"X-API-Key": KEYS["alice"]}

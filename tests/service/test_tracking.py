@@ -9,63 +9,48 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.flagging import (
-    FlagRule,
-    flag_threshold_from_quantiles,
-    flag_threshold_from_scores,
-    should_flag,
-)
+from app.core.flagging import FlagPolicy, WindowParams
 from app.core.guard import Guard
 from app.service.batcher import Batcher, BatcherClosedError, QueueFullError
 from app.service.tracking import InMemoryTracker, Observation, RedisTracker
 from tests.service.helpers import RedisProcess, free_port
 
 
-def test_should_flag_rule() -> None:
-    rule = FlagRule(threshold=0.3, min_requests=5)
-    assert not should_flag(4, 0.0, rule)
-    assert should_flag(5, 0.29, rule)
-    assert not should_flag(5, 0.3, rule)
-    assert not should_flag(100, 0.9, rule)
-    with pytest.raises(ValueError):
-        FlagRule(threshold=0.3, min_requests=0)
+def _policy(kind: str = "mean", threshold: float = 0.4, min_requests: int = 3) -> FlagPolicy:
+    return FlagPolicy(kind, threshold, min_requests, WindowParams(0.05, 0.35))  # type: ignore[arg-type]
 
 
-def test_default_threshold_from_bundle_calibration(guard: Guard) -> None:
-    from app.service.settings import DEFAULT_BUNDLE
-
-    calibration = guard.manifest.calibration
-    scores = np.load(DEFAULT_BUNDLE / calibration.scores_file)
-    from_file = flag_threshold_from_scores(scores, 0.30)
-    assert np.mean(scores < from_file) == pytest.approx(0.30, abs=0.01)
-    assert flag_threshold_from_scores(scores, 0.25) == pytest.approx(
-        calibration.quantiles["0.25"], abs=1e-6
-    )
-    # the manifest's quantile table gives nearly the same value without the file
-    assert flag_threshold_from_quantiles(calibration.quantiles, 0.30) == pytest.approx(
-        from_file, abs=0.02
-    )
-    assert calibration.threshold < from_file < calibration.mean
+def _trackers(
+    redis_url: str, policy: FlagPolicy | None = None
+) -> tuple[InMemoryTracker, RedisTracker]:
+    policy = policy or _policy()
+    return InMemoryTracker(policy), RedisTracker(redis_url, policy, prefix=uuid.uuid4().hex)
 
 
-def _trackers(redis_url: str) -> tuple[InMemoryTracker, RedisTracker]:
-    rule = FlagRule(threshold=0.4, min_requests=3)
-    return InMemoryTracker(rule), RedisTracker(redis_url, rule, prefix=uuid.uuid4().hex)
-
-
-def test_trackers_agree(redis_server: RedisProcess) -> None:
-    memory, red = _trackers(redis_server.url)
+@pytest.mark.parametrize(
+    "policy",
+    [_policy(), _policy("ewma", 0.3), _policy("rejection_rate", 3.0), _policy("cusum", 0.3)],
+    ids=lambda p: p.kind,
+)
+def test_trackers_agree(redis_server: RedisProcess, policy: FlagPolicy) -> None:
+    """The Lua window update equals app.core.flagging's, so both trackers flag alike."""
+    memory, red = _trackers(redis_server.url, policy)
     rng = np.random.default_rng(0)
     now = time.time()
-    for i, score in enumerate(rng.uniform(0.2, 0.6, 40)):
+    newly = []
+    for i, score in enumerate(rng.uniform(0.15, 0.6, 40)):
         obs = Observation("c", float(score), bool(score > 0.3), now + i)
         a, b = memory.record(obs), red.record(obs)
         assert a.newly_flagged == b.newly_flagged
+        newly.append(a.newly_flagged)
         assert a.stats is not None and b.stats is not None
         assert a.stats.requests == b.stats.requests == i + 1
         assert a.stats.mean_score == pytest.approx(b.stats.mean_score, abs=1e-12)
         assert a.stats.ewma_score == pytest.approx(b.stats.ewma_score, abs=1e-12)
+        assert a.stats.window_rejected == b.stats.window_rejected
+        assert a.stats.cusum == pytest.approx(b.stats.cusum, abs=1e-12)
         assert a.stats.flagged == b.stats.flagged
+    assert sum(newly) == 1  # every policy above flags this client, once
     stats = red.get("c")
     assert stats is not None and stats.first_seen == now and stats.last_seen == now + 39
     assert stats.accepted + stats.rejected == 40
@@ -85,10 +70,10 @@ def test_ewma_is_bias_corrected_and_mean_exact(redis_server: RedisProcess) -> No
 
 
 def test_clients_expire(redis_server: RedisProcess) -> None:
-    memory = InMemoryTracker(FlagRule(0.4, 1), ttl_s=10)
+    memory = InMemoryTracker(_policy(min_requests=1), ttl_s=10)
     memory.record(Observation("old", 0.1, False, time.time() - 60))
     assert memory.get("old") is None and memory.flagged_clients() == []
-    red = RedisTracker(redis_server.url, FlagRule(0.4, 1), prefix=uuid.uuid4().hex, ttl_s=1)
+    red = RedisTracker(redis_server.url, _policy(min_requests=1), prefix=uuid.uuid4().hex, ttl_s=1)
     red.record(Observation("old", 0.1, False, time.time()))
     assert red.is_flagged("old")
     time.sleep(1.2)
@@ -102,7 +87,7 @@ def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
     errors: list[int] = []
     tracker = RedisTracker(
         server.url,
-        FlagRule(0.4, 3),
+        _policy(),
         retry_interval_s=0.0,
         buffer_size=5,
         timeout_s=0.1,
