@@ -75,9 +75,44 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", type=Path, default=Path("bundles/cifar10-resnet20"))
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="CIFAR-10 test split")
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/evaluation"))
+    parser.add_argument(
+        "--sets", type=Path, help="exported attack sets (default: from `advguard evaluate`)"
+    )
+    parser.add_argument("--out", type=Path, help="default: evaluation/results/simulation-<name>")
+    parser.add_argument("--honest-clients", type=int, default=2000)
+    parser.add_argument("--attack-clients", type=int, default=300, help="per attacker kind")
+    parser.add_argument("--requests", type=int, default=200, help="per client")
+    parser.add_argument("--mix-every", type=int, default=5, help="mixed: 1 adversarial in N")
+    parser.add_argument("--max-false-flag-rate", type=float, default=0.005)
+    parser.add_argument("--seed", type=int, default=0)
+    live = parser.add_argument_group("end to end over HTTP (a running service, loopback only)")
+    live.add_argument("--url", help="e.g. http://127.0.0.1:8000; adds the live run")
+    live.add_argument("--admin-token", default="")
+    live.add_argument("--live-honest-clients", type=int, default=40)
+    live.add_argument("--live-attack-clients", type=int, default=2, help="per attacker kind")
+    live.add_argument("--live-requests", type=int, default=60)
+    live.add_argument("--live-seconds", type=float, default=600.0, help="time bound")
+    live.add_argument("--concurrency", type=int, default=8)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from evaluation.simulate_cli import simulate
+
+    return simulate(args)
+
+
 def register(commands: Any) -> None:
     evaluate = commands.add_parser(
         "evaluate", help="reproduce the paper's evaluation (Table 2, Figures 2-4) and beyond"
     )
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(run=run_evaluate)
+    simulate = commands.add_parser(
+        "simulate", help="measure per-client flag policies on simulated honest and attack traffic"
+    )
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(run=run_simulate)

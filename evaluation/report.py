@@ -269,7 +269,7 @@ def summary(results_root: Path) -> str | None:
     runs = []
     for path in sorted(results_root.glob("*/results.json")):
         data = json.loads(path.read_text())
-        if not data.get("quick"):
+        if "configurations" in data and not data.get("quick"):  # evaluations, not simulations
             runs.append(data)
     if not runs:
         return None

@@ -33,7 +33,13 @@ from evaluation import attacks, report
 from evaluation.adaptive import SurrogateLayer, adaptive_pgd
 from evaluation.data import load_split
 from evaluation.metrics import set_metrics
-from evaluation.sets import cache_key, cached_attack, select_sets
+from evaluation.sets import (
+    cache_key,
+    cached_attack,
+    export_attack_sets,
+    export_path,
+    select_sets,
+)
 
 Log = Callable[[str], None]
 
@@ -497,6 +503,11 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         }
         timings[f"attack_{set_name}_seconds"] = time.perf_counter() - ta
         log(f"{set_name}: {adaptive_info[set_name]}")
+
+    exported = export_attack_sets(
+        export_path(cache, model_name), selection, adversarial, str(options.source)
+    )
+    log(f"attack sets for `advguard simulate` in {exported}")
 
     # --- scores and metrics --------------------------------------------------------------------
     global_sets = ["adaptive", "adaptive_multilayer"]

@@ -66,3 +66,55 @@ def cached_attack(
     )
     tmp.replace(path)
     return output, False
+
+
+# The attacks whose adversarials ``advguard simulate`` replays as attacking clients.
+EXPORTED_ATTACKS: tuple[str, ...] = ("fgsm", "lbfgs", "pgd", "cw", "adaptive")
+
+
+def export_path(cache_dir: Path, model_name: str) -> Path:
+    return cache_dir / "sets" / f"{model_name}.npz"
+
+
+def export_attack_sets(
+    path: Path, selection: Selection, adversarial: dict[str, np.ndarray], source: str
+) -> Path:
+    """The successful adversarials of each exported attack as the 8-bit images a client would
+    upload (rounded from [0, 1] floats), with the authentic rows of the test split they came from.
+    """
+    arrays: dict[str, np.ndarray] = {
+        "authentic_rows": selection.authentic,
+        "error_rows": selection.errors,
+        "source": np.array(source),
+    }
+    for name in EXPORTED_ATTACKS:
+        if name in adversarial:
+            pixels = np.clip(np.rint(adversarial[name] * 255.0), 0, 255).astype(np.uint8)
+            arrays[f"attack_{name}"] = pixels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
+    tmp.replace(path)
+    return path
+
+
+@dataclass(frozen=True)
+class AttackSets:
+    authentic_rows: np.ndarray
+    error_rows: np.ndarray
+    attacks: dict[str, np.ndarray]  # attack -> (n, 3, H, W) uint8 adversarial images
+    source: str
+
+
+def load_attack_sets(path: Path) -> AttackSets:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no exported attack sets at {path}: run `advguard evaluate --bundle <bundle>` first"
+        )
+    with np.load(path, allow_pickle=False) as data:
+        attacks = {
+            name.removeprefix("attack_"): data[name]
+            for name in data.files
+            if name.startswith("attack_")
+        }
+        return AttackSets(data["authentic_rows"], data["error_rows"], attacks, str(data["source"]))

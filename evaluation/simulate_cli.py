@@ -1,0 +1,219 @@
+"""``advguard simulate``: the orchestration (I/O) around ``evaluation.simulate``."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from app.core.flagging import FlagPolicy, PolicyKind
+from app.core.guard import Guard
+from app.core.models import PRESETS
+from app.service.main import flag_policy_for
+from app.service.settings import Settings
+from evaluation import attacks, simulate_report
+from evaluation.data import ImageSplit, load_split
+from evaluation.sets import EXPORTED_ATTACKS, export_path, load_attack_sets
+from evaluation.simulate import (
+    HONEST,
+    PolicyOutcome,
+    all_policies,
+    choose_default,
+    judge,
+    live_agreement,
+    load_pools,
+    plan_population,
+    pool_summary,
+    run_live,
+)
+
+CHECKPOINTS = (20, 50, 100)
+UNTARGETED_FGSM = "fgsm_untargeted"
+FGSM_EPS = 8 / 255
+
+
+def untargeted_fgsm(guard: Guard, split: ImageSplit, rows: np.ndarray) -> np.ndarray:
+    """Untargeted FGSM (eps 8/255) of the evaluation's authentic images, the successes only, as
+    8-bit images: the one attack the evaluation's sets (all targeted) leave out."""
+    model = attacks.LogitsModel(guard.network).eval()
+    labels = torch.from_numpy(split.labels[rows])
+    output = attacks.fgsm_untargeted(model, split.tensor(rows), labels, FGSM_EPS)
+    adversarial = torch.from_numpy(output.adversarial)
+    fooled = attacks.predict(model, adversarial) != split.labels[rows]
+    pixels: np.ndarray = np.clip(np.rint(output.adversarial[fooled] * 255.0), 0, 255)
+    return pixels.astype(np.uint8)
+
+
+def is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def command_line(argv: list[str]) -> str:
+    """The command to rerun, the admin token's value withheld."""
+    words = ["advguard", "simulate"]
+    hide_next = False
+    for word in argv:
+        words.append("<admin token>" if hide_next else word)
+        hide_next = word == "--admin-token"
+        if word.startswith("--admin-token="):
+            words[-1] = "--admin-token=<admin token>"
+    return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in words)
+
+
+def policy_for(bundle: Path, guard: Guard, kind: PolicyKind) -> FlagPolicy:
+    """The policy exactly as ``advguard serve`` builds it for this bundle (default settings)."""
+    return flag_policy_for(Settings(bundle=bundle, flag_policy=kind), guard)
+
+
+def simulate(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    if args.url and not is_loopback(args.url):
+        print(f"advguard simulate: error: {args.url} is not a loopback address", file=sys.stderr)
+        return 2
+    guard = Guard.load(args.bundle, device="cpu")
+    name = guard.manifest.name
+    out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    sets = load_attack_sets(args.sets or export_path(args.cache_dir, name))
+    preset = PRESETS[guard.manifest.model.preprocessing.preset]
+    split = load_split(args.source, "test", preset, args.cache_dir / "data")
+    attack_names = [a for a in EXPORTED_ATTACKS if a in sets.attacks]
+    attack_pixels = {a: sets.attacks[a] for a in attack_names}
+    attack_pixels[UNTARGETED_FGSM] = untargeted_fgsm(guard, split, sets.authentic_rows)
+    attack_names.insert(0, UNTARGETED_FGSM)
+    print(f"scoring {len(split.labels)} test images and the sets of {attack_names}", flush=True)
+    pools = load_pools(guard, split.pixels, attack_pixels)
+    sizes = {pool: len(p.scores) for pool, p in pools.items()}
+    policies = all_policies(lambda kind: policy_for(args.bundle, guard, kind))
+    plans = plan_population(
+        sizes,
+        attack_names,
+        args.honest_clients,
+        args.attack_clients,
+        args.requests,
+        args.mix_every,
+        args.seed,
+    )
+    outcomes: dict[PolicyKind, PolicyOutcome] = {}
+    for kind, policy in policies.items():
+        t0 = time.perf_counter()
+        outcomes[kind] = judge(plans, pools, policy, CHECKPOINTS)
+        print(f"{kind}: replayed {len(plans)} clients in {time.perf_counter() - t0:.1f} s")
+    default = choose_default(outcomes, attack_names, args.max_false_flag_rate)
+    kinds = [*attack_names, *(f"mixed-{a}" for a in attack_names)]
+    settings = Settings(bundle=args.bundle)
+    meta: dict[str, Any] = {
+        "bundle": name,
+        "command": command_line(sys.argv[2:]),
+        "honest_clients": args.honest_clients,
+        "attack_clients": args.attack_clients,
+        "requests": args.requests,
+        "mix_every": args.mix_every,
+        "false_flag_rate": settings.flag_false_rate,
+        "calibration_horizon": settings.flag_horizon,
+        "max_false_flag_rate": args.max_false_flag_rate,
+        "pools": pool_summary(pools, split.labels),
+        "seed": args.seed,
+    }
+    if args.url:
+        meta["live"] = _live(args, guard, pools, sizes, attack_names)
+    meta["seconds"] = time.perf_counter() - started
+    results = {
+        **meta,
+        "default_policy": default,
+        "outcomes": {k: simulate_report.outcome_json(o) for k, o in outcomes.items()},
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = simulate_report.markdown(outcomes, kinds, default, meta)
+    if "live" in meta:
+        table += _live_markdown(meta["live"])
+    (out / "table.md").write_text(table)
+    simulate_report.write_figure(outcomes, kinds, args.requests, out / "time_to_flag.png")
+    print(table)
+    print(f"wrote {out}/table.md, results.json and time_to_flag.png")
+    return 0
+
+
+def _live(
+    args: argparse.Namespace,
+    guard: Guard,
+    pools: dict[str, Any],
+    sizes: dict[str, int],
+    attacks: list[str],
+) -> dict[str, Any]:
+    import httpx
+
+    with httpx.Client(base_url=args.url, timeout=60.0) as http:
+        served = http.get("/v1/bundle").json()
+        kind: PolicyKind = served["flag_policy"]
+        plans = plan_population(
+            sizes,
+            attacks,
+            args.live_honest_clients,
+            args.live_attack_clients,
+            args.live_requests,
+            args.mix_every,
+            args.seed + 1,
+            prefix=f"live{int(time.time())}",
+        )
+        t0 = time.perf_counter()
+        clients = run_live(
+            http, plans, pools, args.admin_token, args.concurrency, deadline_s=args.live_seconds
+        )
+        seconds = time.perf_counter() - t0
+    policy = policy_for(args.bundle, guard, kind)
+    agreement = live_agreement(clients, policy, pools)
+    requests = sum(len(c.requests) for c in clients)
+    agreement.update(
+        {
+            "url": args.url,
+            "policy": kind,
+            "clients": len(clients),
+            "requests": requests,
+            "seconds": round(seconds, 1),
+            "requests_per_second": round(requests / seconds, 1),
+            "flagged_honest": sum(
+                r["service_flagged"] for r in agreement["clients"] if r["kind"] == HONEST
+            ),
+            "flagged_attackers": sum(
+                r["service_flagged"] for r in agreement["clients"] if r["kind"] != HONEST
+            ),
+            "per_client": agreement.pop("clients"),
+        }
+    )
+    return agreement
+
+
+def _live_markdown(live: dict[str, Any]) -> str:
+    attackers = [r for r in live["per_client"] if r["kind"] != HONEST]
+    honest = [r for r in live["per_client"] if r["kind"] == HONEST]
+    same_request = sum(
+        r["replay_flagged_at"] == r["service_flagged_near_request"] for r in live["per_client"]
+    )
+    return (
+        f"\n## End to end over HTTP ({live['url']}, policy {live['policy']})\n\n"
+        f"{live['clients']} clients ({len(honest)} honest, {len(attackers)} attackers), "
+        f"{live['requests']} requests in {live['seconds']} s "
+        f"({live['requests_per_second']} req/s). "
+        f"All answered 200: {live['all_answered_200']}. The service's per-client request counts "
+        f"equal those sent: {live['counts_match']}. The service flags exactly the clients the "
+        f"replay of its served scores flags: {live['flags_match']} (same request for "
+        f"{same_request}/{len(live['per_client'])} clients; largest served-vs-offline score gap "
+        f"{live['max_score_gap']:.2g}). Flagged: {live['flagged_honest']} of {len(honest)} honest "
+        f"clients, {live['flagged_attackers']} of {len(attackers)} attackers.\n"
+    )

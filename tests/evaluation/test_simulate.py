@@ -1,0 +1,116 @@
+"""advguard simulate's pure parts: the traffic plan, the replay through the tracker, the figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.core.flagging import FlagPolicy, WindowParams
+from evaluation.simulate import (
+    HONEST,
+    ClientPlan,
+    PolicyOutcome,
+    ScoredPool,
+    TimeToFlag,
+    choose_default,
+    judge,
+    plan_population,
+    replay,
+    wilson_interval,
+)
+from evaluation.simulate_cli import is_loopback
+
+
+def _pool(scores: list[float], threshold: float = 0.2) -> ScoredPool:
+    values = np.array(scores, dtype=np.float64)
+    n = len(values)
+    return ScoredPool(
+        np.zeros((n, 3, 2, 2), np.uint8), values, values >= threshold, np.zeros(n, np.int64)
+    )
+
+
+def test_population_plan() -> None:
+    sizes = {HONEST: 1000, "fgsm": 50}
+    plans = plan_population(sizes, ["fgsm"], 4, 3, 20, 5, seed=0)
+    assert plans == plan_population(sizes, ["fgsm"], 4, 3, 20, 5, seed=0)
+    kinds = [p.kind for p in plans]
+    assert kinds.count(HONEST) == 4 and kinds.count("fgsm") == 3 and kinds.count("mixed-fgsm") == 3
+    assert len({p.client_id for p in plans}) == len(plans)
+    for plan in plans:
+        assert len(plan.requests) == 20
+        pools = [pool for pool, _ in plan.requests]
+        if plan.kind == HONEST:
+            assert set(pools) == {HONEST}
+            rows = [row for _, row in plan.requests]
+            assert len(set(rows)) == 20  # distinct images while the pool allows
+        elif plan.kind == "fgsm":
+            assert set(pools) == {"fgsm"}
+        else:  # exactly one adversarial in five, at every fifth request
+            assert [i for i, p in enumerate(pools) if p == "fgsm"] == [4, 9, 14, 19]
+        assert all(0 <= row < sizes[pool] for pool, row in plan.requests)
+
+
+def test_replay_flags_attackers_at_min_requests_and_not_honest_clients() -> None:
+    pools = {HONEST: _pool([0.6, 0.5, 0.55, 0.45]), "pgd": _pool([0.0, 0.01])}
+    policy = FlagPolicy("mean", 0.3, min_requests=4, window=WindowParams())
+    plans = [
+        ClientPlan("sim-honest-0", HONEST, [(HONEST, i % 4) for i in range(30)]),
+        ClientPlan("sim-pgd-0", "pgd", [("pgd", i % 2) for i in range(30)]),
+        ClientPlan(
+            "sim-mixed-pgd-0",
+            "mixed-pgd",
+            [("pgd", 0) if i % 2 else (HONEST, 0) for i in range(30)],
+        ),
+    ]
+    flagged = replay(plans, pools, policy)
+    assert flagged == {"sim-honest-0": None, "sim-pgd-0": 4, "sim-mixed-pgd-0": None}
+    outcome = judge(plans, pools, policy, checkpoints=[10])
+    assert outcome.honest_flagged == {10: 0.0, 30: 0.0}
+    assert outcome.attackers["pgd"] == TimeToFlag(1, 4.0, 4.0, 0.0)
+    assert outcome.attackers["mixed-pgd"].median is None  # mean 0.3 is not below 0.3
+    assert outcome.attackers["mixed-pgd"].never_share == 1.0
+
+
+def test_time_to_flag_quantiles_count_never() -> None:
+    t = TimeToFlag.of([3, 5, None, 7, None])
+    assert (t.median, t.p90, t.never_share) == (7.0, None, 0.4)
+    assert TimeToFlag.of([None, None]).median is None
+
+
+def test_wilson_interval() -> None:
+    lo, hi = wilson_interval(0, 2000)
+    assert lo == 0.0 and hi == pytest.approx(0.00192, abs=1e-4)
+    lo, hi = wilson_interval(10, 2000)
+    assert lo < 0.005 < hi and lo == pytest.approx(0.00272, abs=1e-4)
+
+
+def _outcome(kind: str, honest: float, medians: dict[str, float | None]) -> PolicyOutcome:
+    policy = FlagPolicy(kind, 0.0)  # type: ignore[arg-type]
+    attackers = {a: TimeToFlag(10, m, m, 0.0 if m else 1.0) for a, m in medians.items()}
+    return PolicyOutcome(policy, {200: honest}, (0.0, 1.0), attackers, {})
+
+
+def test_default_is_the_fastest_policy_within_the_false_flag_budget() -> None:
+    outcomes = {
+        "mean": _outcome("mean", 0.001, {"fgsm": 30.0, "pgd": 10.0}),
+        "cusum": _outcome("cusum", 0.004, {"fgsm": 15.0, "pgd": 12.0}),
+        "ewma": _outcome("ewma", 0.02, {"fgsm": 5.0, "pgd": 5.0}),  # too many honest flags
+        "rejection_rate": _outcome("rejection_rate", 0.0, {"fgsm": None, "pgd": 10.0}),
+    }
+    assert choose_default(outcomes, ["fgsm", "pgd"], 0.005) == "cusum"  # type: ignore[arg-type]
+    assert choose_default(outcomes, ["fgsm", "pgd"], 0.0) == "rejection_rate"  # type: ignore[arg-type]
+
+
+def test_live_runs_only_on_loopback() -> None:
+    assert is_loopback("http://127.0.0.1:8000") and is_loopback("http://localhost:1")
+    assert is_loopback("http://[::1]:8000")
+    assert not is_loopback("http://10.0.0.5:8000") and not is_loopback("http://example.com")
+
+
+def test_recorded_command_withholds_the_admin_token() -> None:
+    from evaluation.simulate_cli import command_line
+
+    assert command_line(["--url", "http://127.0.0.1:1", "--admin-token", "s3cret"]) == (
+        "advguard simulate --url http://127.0.0.1:1 --admin-token <admin token>"
+    )
+    assert "s3cret" not in command_line(["--admin-token=s3cret"])
