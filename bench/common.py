@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,71 @@ def serve(
     finally:
         server.terminate()
         server.wait(60)
+
+
+def multipart_request(
+    path: str, data: bytes, field: str = "file", filename: str = "x.jpg", host: str = "bench"
+) -> bytes:
+    """A complete HTTP/1.1 POST with one multipart file part, ready to write to a socket."""
+    boundary = "advguardbenchboundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+class RawConnection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams, for load generators.
+
+    The client shares the machine's cores with the service, so it must cost little: httpx's
+    connection pool does work proportional to its connections on every request (here ~90
+    requests/s in all at 64 or 512 connections against ~2,000/s from this client on /healthz),
+    which made a 512-client burst measure the client's own queue. Requests are prebuilt bytes
+    (``multipart_request``); responses need a Content-Length (uvicorn's JSON responses have one).
+    A response with ``Connection: close`` or a broken connection makes the next request
+    reconnect; transport errors raise ``OSError`` / ``asyncio.IncompleteReadError``.
+    """
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, dict[str, str], bytes]:
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        try:
+            self._writer.write(raw)
+            head = await self._reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            headers = {}
+            for line in lines[1:]:
+                if ":" in line:
+                    name, value = line.split(":", 1)
+                    headers[name.strip().lower()] = value.strip()
+            body = await self._reader.readexactly(int(headers.get("content-length", "0")))
+        except (OSError, asyncio.IncompleteReadError, ValueError):
+            await self.close()
+            raise
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        return status, headers, body
+
+    async def close(self) -> None:
+        writer, self._reader, self._writer = self._writer, None, None
+        if writer is not None:
+            writer.close()
+            with suppress(OSError):
+                await writer.wait_closed()

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--preset", default="imagenet", choices=sorted(PRESETS))
     parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--name", default="decode_speed", help="results file name")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)
 
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Pixels fed to the model, draft vs full decode, in normalised units: mean |diff| "
         f"{results['normalized_mean_abs_diff']:.4f}, max {results['normalized_max_abs_diff']:.3f}."
     )
-    print(write_results("decode_speed", results, table).read_text())
+    print(write_results(args.name, results, table).read_text())
     return 0
 
 
