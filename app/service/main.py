@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -78,7 +77,8 @@ def build_tracker(settings: Settings, policy: FlagPolicy, metrics: Metrics) -> C
 def build_service(
     settings: Settings, metrics: Metrics, identity: IdentityResolver | None = None
 ) -> Service:
-    torch.set_num_threads(settings.torch_threads or default_torch_threads())
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     guard = Guard.load(settings.bundle, device=settings.device, retention=settings.retention)
     policy = flag_policy_for(settings, guard)
     tracker = build_tracker(settings, policy, metrics)
@@ -122,14 +122,6 @@ def build_service(
         flagged=flagged_count,
     )
     return service
-
-
-def default_torch_threads() -> int:
-    """One intra-op thread per core this process may use, but one: that core is left to the
-    event loop and decoding. On 2 shared cores, two threads made a batch of one image take
-    ~0.5 s instead of ~4 ms whenever another process held a core (docs/service.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
 
 
 def latency_budget(settings: Settings) -> tuple[float | None, float | None]:

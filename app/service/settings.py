@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     shed_delay_ms: float = Field(default=1000.0, ge=0.0)
     # false: classify only (model, no kNN search, no client tracking): decision "unguarded"
     guard_enabled: bool = True
-    # intra-op threads of the model on CPU (torch.set_num_threads); default: one per core but
-    # one, left to HTTP and decoding (see bench/results/service_vs_bare.md)
+    # intra-op threads of the model on CPU (torch.set_num_threads); default: torch's (one per
+    # core), the fastest on a quiet machine (bench/results/service_vs_bare.md); 1 helps only when
+    # other processes compete for the cores
     torch_threads: int | None = Field(default=None, ge=1)
 
     # input limits
