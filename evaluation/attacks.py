@@ -56,31 +56,36 @@ def predict(model: nn.Module, pixels: torch.Tensor, batch_size: int = 500) -> np
     return np.concatenate(out).astype(np.int64)
 
 
-def fgsm_targeted(
-    model: nn.Module, pixels: torch.Tensor, target: torch.Tensor, eps: float, batch_size: int = 250
+def _fgsm(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    classes: torch.Tensor,
+    step: float,
+    batch_size: int,
 ) -> AttackOutput:
+    """One signed-gradient step of size |step| on the cross-entropy of ``classes``: negative
+    ``step`` descends it (towards a target), positive ascends it (away from the true class)."""
     started = time.perf_counter()
     out = []
     for part in _batches(pixels.shape[0], batch_size):
         x = pixels[part].clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x), target[part], reduction="sum")
+        loss = F.cross_entropy(model(x), classes[part], reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
-        out.append((x.detach() - eps * grad.sign()).clamp(0.0, 1.0).numpy())
+        out.append((x.detach() + step * grad.sign()).clamp(0.0, 1.0).numpy())
     return AttackOutput(np.concatenate(out).astype(np.float32), time.perf_counter() - started)
+
+
+def fgsm_targeted(
+    model: nn.Module, pixels: torch.Tensor, target: torch.Tensor, eps: float, batch_size: int = 250
+) -> AttackOutput:
+    return _fgsm(model, pixels, target, -eps, batch_size)
 
 
 def fgsm_untargeted(
     model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, eps: float, batch_size: int = 250
 ) -> AttackOutput:
     """One step up the true class's cross-entropy: the commonest attack in the wild."""
-    started = time.perf_counter()
-    out = []
-    for part in _batches(pixels.shape[0], batch_size):
-        x = pixels[part].clone().requires_grad_(True)
-        loss = F.cross_entropy(model(x), labels[part], reduction="sum")
-        (grad,) = torch.autograd.grad(loss, x)
-        out.append((x.detach() + eps * grad.sign()).clamp(0.0, 1.0).numpy())
-    return AttackOutput(np.concatenate(out).astype(np.float32), time.perf_counter() - started)
+    return _fgsm(model, pixels, labels, eps, batch_size)
 
 
 def _lbfgs_run(
