@@ -33,6 +33,12 @@ class ImageSplit:
         return torch.from_numpy(self.pixels[rows].astype(np.float32) / 255.0)
 
 
+def eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """[0, 1] float pixels as the 8-bit image a file holds (round half to even, clipped)."""
+    result: np.ndarray = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    return result
+
+
 def _cache_key(
     source: Path, split: str | None, preset: PreprocessingPreset, per_class_limit: int | None
 ) -> str:
@@ -80,7 +86,7 @@ def load_split(
 
     def store(key: str, data: bytes) -> None:
         tensor = image_to_pixels(decode_image(data, min_size=preset.resize), preset)
-        pixels[position[key]] = (tensor * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+        pixels[position[key]] = eight_bit(tensor.numpy())
         seen[position[key]] = True
 
     if image_source.streaming:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.attacks import AttackOutput
+from evaluation.data import eight_bit
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,7 @@ def export_attack_sets(
     }
     for name in EXPORTED_ATTACKS:
         if name in adversarial:
-            pixels = np.clip(np.rint(adversarial[name] * 255.0), 0, 255).astype(np.uint8)
-            arrays[f"attack_{name}"] = pixels
+            arrays[f"attack_{name}"] = eight_bit(adversarial[name])
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]

@@ -160,7 +160,7 @@ class PolicyOutcome:
     honest_flagged: dict[int, float]  # within n requests -> share of honest clients flagged
     honest_interval: tuple[float, float]  # 95% CI of the share within the horizon
     attackers: dict[str, TimeToFlag]  # client kind -> requests until flagged
-    flagged_at: dict[str, int | None] = field(repr=False)
+    times_by_kind: dict[str, list[int | None]] = field(repr=False)  # honest included
 
 
 def judge(
@@ -170,10 +170,12 @@ def judge(
     checkpoints: Sequence[int],
 ) -> PolicyOutcome:
     flagged_at = replay(plans, pools, policy)
-    honest = [flagged_at[p.client_id] for p in plans if p.kind == HONEST]
+    times: dict[str, list[int | None]] = {}
+    for plan in plans:
+        times.setdefault(plan.kind, []).append(flagged_at[plan.client_id])
+    honest = times.get(HONEST, [])
     horizon = max(len(p.requests) for p in plans)
     flagged_honest = sum(t is not None for t in honest)
-    kinds = sorted({p.kind for p in plans if p.kind != HONEST})
     return PolicyOutcome(
         policy=policy,
         honest_flagged={
@@ -181,11 +183,8 @@ def judge(
             for n in [*checkpoints, horizon]
         },
         honest_interval=wilson_interval(flagged_honest, len(honest)),
-        attackers={
-            kind: TimeToFlag.of([flagged_at[p.client_id] for p in plans if p.kind == kind])
-            for kind in kinds
-        },
-        flagged_at=flagged_at,
+        attackers={kind: TimeToFlag.of(t) for kind, t in sorted(times.items()) if kind != HONEST},
+        times_by_kind=times,
     )
 
 

@@ -21,7 +21,7 @@ from app.core.models import PRESETS
 from app.service.main import flag_policy_for
 from app.service.settings import Settings
 from evaluation import attacks, simulate_report
-from evaluation.data import ImageSplit, load_split
+from evaluation.data import ImageSplit, eight_bit, load_split
 from evaluation.sets import EXPORTED_ATTACKS, export_path, load_attack_sets
 from evaluation.simulate import (
     HONEST,
@@ -49,8 +49,7 @@ def untargeted_fgsm(guard: Guard, split: ImageSplit, rows: np.ndarray) -> np.nda
     output = attacks.fgsm_untargeted(model, split.tensor(rows), labels, FGSM_EPS)
     adversarial = torch.from_numpy(output.adversarial)
     fooled = attacks.predict(model, adversarial) != split.labels[rows]
-    pixels: np.ndarray = np.clip(np.rint(output.adversarial[fooled] * 255.0), 0, 255)
-    return pixels.astype(np.uint8)
+    return eight_bit(output.adversarial[fooled])
 
 
 def is_loopback(url: str) -> bool:

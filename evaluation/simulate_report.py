@@ -130,8 +130,8 @@ def write_figure(
     steps = np.arange(1, horizon + 1)
     for ax, panel in zip(axes.flat, panels, strict=False):
         for kind, outcome in outcomes.items():
-            ids = [cid for cid in outcome.flagged_at if _kind_of(cid) == panel]
-            times = np.array([outcome.flagged_at[c] or np.inf for c in ids], dtype=float)
+            flagged = outcome.times_by_kind.get(panel, [])
+            times = np.array([np.inf if t is None else t for t in flagged], dtype=float)
             share = [(times <= n).mean() for n in steps]
             ax.plot(steps, share, label=kind)
         ax.set_title(panel if panel != HONEST else "honest (false flags)")
@@ -145,8 +145,3 @@ def write_figure(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _kind_of(client_id: str) -> str:
-    """Client ids are '<prefix>-<kind>-<i>' (kind may itself contain '-')."""
-    return client_id.split("-", 1)[1].rsplit("-", 1)[0]

@@ -10,6 +10,7 @@ import pytest
 
 from app.core.guard import Guard
 from app.core.images import decode_image
+from evaluation.data import eight_bit
 from evaluation.simulate import HONEST, live_agreement, plan_population, run_live, score_pool
 from tests.service.helpers import LabelledImage, fgsm
 
@@ -17,8 +18,7 @@ ADMIN = "s3cret"
 
 
 def _uint8(guard: Guard, files: list[bytes]) -> np.ndarray:
-    pixels = np.stack([guard.pixels(decode_image(data)).numpy() for data in files])
-    return np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    return eight_bit(np.stack([guard.pixels(decode_image(data)).numpy() for data in files]))
 
 
 def test_simulated_run_leaves_the_predicted_state(
