@@ -4,18 +4,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.deploy.helpers import advguard_serve
 from tests.service.helpers import LabelledImage, free_port
 
 ADVGUARD = str(Path(sys.executable).parent / "advguard")
@@ -23,32 +22,14 @@ N_IMAGES = 60
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    env = {**os.environ, "ADVGUARD_EXPOSE_SCORES": "true", "ADVGUARD_MAX_UPLOAD_BYTES": "100000"}
-    process = subprocess.Popen(
-        [ADVGUARD, "serve", "--port", str(port), "--device", "cpu", "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            output = process.stdout.read().decode() if process.stdout else ""
-            process.kill()
-            raise RuntimeError(f"advguard serve did not start: {output}")
-        time.sleep(0.2)
-    yield base, process
-    if process.poll() is None:
-        process.kill()
-        process.wait(10)
+    env = {"ADVGUARD_EXPOSE_SCORES": "true", "ADVGUARD_MAX_UPLOAD_BYTES": "100000"}
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with advguard_serve(port, log, env, "--log-level", "warning") as process:
+        yield f"http://127.0.0.1:{port}", process
 
 
 def test_same_verdicts_as_classify_cli(
