@@ -1,8 +1,9 @@
 """The builder job: a labelled image source -> a verified bundle directory.
 
-Steps: list the source -> split a deterministic per-class holdout -> extract features in chunks
--> fit the processing on the indexed features -> build the FAISS index -> score the held-out
-correctly classified images with the same Detector the service uses -> thresholds -> bundle.
+Stages (``build_bundle``): plan (model, detector statistics) -> extract (features of every image
+in chunks; a deterministic per-class holdout, split again into a reference and a threshold part)
+-> fit (processing and class densities on the indexed features only) -> index (FAISS) ->
+calibrate (the same Detector the service uses, scored on the held-out images) -> write.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +26,13 @@ import torchvision
 import app
 from app.core import search
 from app.core.bundle import write_manifest
-from app.core.calibration import DEFAULT_RETENTION, calibrate, retention_key
-from app.core.detector import Detector, LayerIndex, MultiLayerDetector
+from app.core.calibration import DEFAULT_RETENTION, Calibration, calibrate, retention_key
+from app.core.detector import Combination, Detector
 from app.core.errors import SourceError
 from app.core.features import FeatureNetwork, pick_device
+from app.core.guard import make_statistics
 from app.core.manifest import (
     CalibrationSpec,
-    Combination,
     CountsSpec,
     DetectorSpec,
     LayerSpec,
@@ -39,6 +40,7 @@ from app.core.manifest import (
     ModelSpec,
     PreprocessingSpec,
     ProvenanceSpec,
+    StatisticSpec,
 )
 from app.core.models import PRESETS, describe_architecture, file_sha256, load_model
 from app.core.processing import (
@@ -49,6 +51,8 @@ from app.core.processing import (
 )
 from app.core.scoring import ScoreFunction
 from app.core.search import IndexType
+from app.core.statistics import DEFAULT_CLASS_K, ClassDensity, LayerIndex, fit_class_density
+from index_builder import detectors
 from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
 from index_builder.sources import Entry, ImageSource, open_source
 
@@ -87,18 +91,12 @@ class BuildConfig:
     name: str | None = None
     license_file: Path | None = None
     keep_work_dir: bool = False
-    combination: Combination = "single"
-
-
-@dataclass(frozen=True)
-class _BuiltLayer:
-    name: str
-    input_dim: int
-    processing: FeatureProcessing
-    index: Any
-    detector: Detector
-    calibration_scores: np.ndarray  # correctly classified held-out images
-    honest_scores: np.ndarray  # every held-out image, the model's errors included
+    # the detector: a preset (index_builder.detectors), or explicit kind@layer statistics, or
+    # (older form) explicit layers with one vote each; combination None: the preset's own
+    detector: str | None = None
+    statistics: tuple[str, ...] = ()
+    combination: Combination | None = None
+    class_k: int = DEFAULT_CLASS_K
 
 
 @dataclass(frozen=True)
@@ -226,56 +224,172 @@ Extractor = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Stage 0: what is built from what, before any image is read."""
+
+    source: ImageSource
+    classes: list[str]
+    entries: list[Entry]
+    network: FeatureNetwork
+    statistics: list[StatisticSpec]
+    combination: Combination
+    weights_sha256: str
+    work_dir: Path
+
+    @property
+    def indexed_layers(self) -> list[str]:
+        """Layers whose processed training features are indexed (votes, kNN distances)."""
+        return _unique(s.layer for s in self.statistics if s.kind != "mahalanobis")
+
+    @property
+    def density_layers(self) -> list[str]:
+        return _unique(s.layer for s in self.statistics if s.kind == "mahalanobis")
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """Stage 1: features of the indexed images and of the calibration images."""
+
+    store: ChunkStore
+    reports: list[ExtractionReport]
+    held_out: np.ndarray  # (positions,) bool: held out of the index (holdout calibration)
+    index_labels: np.ndarray  # (indexed,) labels of the indexed rows, in index order
+    cal_store: ChunkStore
+    cal_select: np.ndarray  # (calibration positions,) bool
+    cal_truth: np.ndarray  # (calibration rows,) true labels
+    cal_predictions: np.ndarray  # (calibration rows,)
+    cal_reference: np.ndarray  # (calibration rows,) bool: the p-values' reference part
+
+    @property
+    def indexed(self) -> np.ndarray:
+        return ~self.held_out
+
+    @property
+    def correct(self) -> np.ndarray:
+        correct: np.ndarray = self.cal_predictions == self.cal_truth
+        return correct
+
+    def cal_features(self, layers: Iterable[str]) -> dict[str, np.ndarray]:
+        return {
+            name: _gather(self.cal_store, f"features_{name}", self.cal_select) for name in layers
+        }
+
+
+@dataclass(frozen=True)
+class FittedLayer:
+    """Stage 2 (fit) and 3 (index): one layer's processing + index and/or class density."""
+
+    name: str
+    input_dim: int
+    processing: FeatureProcessing | None = None
+    index: Any = None
+    density: ClassDensity | None = None
+
+    def layer_index(self) -> LayerIndex:
+        assert self.processing is not None and self.index is not None
+        return LayerIndex(self.name, self.processing, self.index)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """Stage 4: the detector and its threshold from held-out authentic images."""
+
+    detector: Detector
+    calibration: Calibration
+    scores: np.ndarray  # combined scores of the correctly classified threshold-part images
+    honest_scores: np.ndarray  # combined scores of every threshold-part image
+    n_images: int
+    n_correct: int
+    accuracy: float
+    reference_values: np.ndarray | None  # (n_ref, S) combined detectors only
+    threshold_values: np.ndarray | None  # (n_thr_correct, S) combined detectors only
+
+
 def build_bundle(
     config: BuildConfig,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
     extractor: Extractor | None = None,
 ) -> BuildReport:
+    """extract -> fit -> index -> calibrate -> write, each a named stage below."""
     started = time.perf_counter()
-    extract = extractor or _extract
-    info = describe_architecture(config.arch)
-    preset = PRESETS[info.preset]
-    layers = list(config.layers) or [info.default_layer]
-    combination = config.combination
-    if combination == "single" and len(layers) != 1:
-        raise ValueError(
-            "a single-layer bundle indexes exactly one feature layer; "
-            "for several, choose a combination (e.g. fisher)"
-        )
-    if combination != "single" and (len(layers) < 2 or len(set(layers)) != len(layers)):
-        raise ValueError(f"combination {combination!r} needs two distinct layers or more")
-    cal_rows: list[np.ndarray] = []
+    plan = plan_build(config)
+    extracted = extract_stage(config, plan, progress, on_chunk_written, extractor or _extract)
+    fitted = {name: fit_layer(config, plan, extracted, name) for name in plan.network.layers}
+    calibrated = calibrate_stage(config, plan, extracted, fitted)
+    manifest = write_stage(config, plan, extracted, fitted, calibrated, started)
+    if not config.keep_work_dir:
+        shutil.rmtree(plan.work_dir, ignore_errors=True)
+    return BuildReport(config.out, manifest, extracted.reports, time.perf_counter() - started)
 
+
+def plan_build(config: BuildConfig) -> Plan:
+    info = describe_architecture(config.arch)
     source = open_source(config.source, config.split)
     listing = source.listing(config.per_class_limit)
-    entries = listing.entries
-    num_classes = len(listing.classes)
-    model = load_model(config.arch, config.weights, num_classes)
-    device = pick_device(config.device)
-    network = FeatureNetwork(model, layers, preset).to(device).eval()
-    weights_sha = file_sha256(config.weights)
-    work_dir = config.work_dir or config.out.with_name(config.out.name + ".work")
+    model = load_model(config.arch, config.weights, len(listing.classes))
+    statistics, combination = detectors.resolve(
+        config.detector,
+        config.statistics,
+        config.combination,
+        config.layers,
+        model,
+        config.arch,
+        config.class_k,
+    )
+    layers = _unique(s.layer for s in statistics)
+    network = FeatureNetwork(model, layers, PRESETS[info.preset])
+    network = network.to(pick_device(config.device)).eval()
+    return Plan(
+        source=source,
+        classes=listing.classes,
+        entries=listing.entries,
+        network=network,
+        statistics=statistics,
+        combination=combination,
+        weights_sha256=file_sha256(config.weights),
+        work_dir=config.work_dir or config.out.with_name(config.out.name + ".work"),
+    )
 
-    def fingerprint(src: ImageSource, items: list[Entry]) -> dict[str, object]:
-        keys = hashlib.sha256("\n".join(e.key for e in items).encode()).hexdigest()
-        return {
-            "source": src.description,
-            "entries": len(items),
-            "entries_sha256": keys,
-            "weights_sha256": weights_sha,
-            "arch": config.arch,
-            "layers": layers,
-            "chunk_size": config.chunk_size,
-        }
 
+def _fingerprint(
+    config: BuildConfig, plan: Plan, src: ImageSource, items: list[Entry]
+) -> dict[str, object]:
+    keys = hashlib.sha256("\n".join(e.key for e in items).encode()).hexdigest()
+    return {
+        "source": src.description,
+        "entries": len(items),
+        "entries_sha256": keys,
+        "weights_sha256": plan.weights_sha256,
+        "arch": config.arch,
+        "layers": list(plan.network.layers),
+        "chunk_size": config.chunk_size,
+    }
+
+
+def extract_stage(
+    config: BuildConfig,
+    plan: Plan,
+    progress: bool,
+    on_chunk_written: Callable[[int], None] | None,
+    extract: Extractor,
+) -> Extracted:
+    """Features of every image; the calibration images are a per-class holdout of the source
+    or a separate source, split again into the reference part and the threshold part."""
+    entries = plan.entries
+    fingerprint = _fingerprint(config, plan, plan.source, entries)
     store, main_report = extract(
         config,
-        network,
-        source,
+        plan.network,
+        plan.source,
         entries,
-        work_dir / "source",
-        fingerprint(source, entries),
+        plan.work_dir / "source",
+        fingerprint,
         progress,
         on_chunk_written,
     )
@@ -285,146 +399,244 @@ def build_bundle(
         held_out = holdout_mask(entries, config.holdout_fraction, config.seed)
         if not held_out.any():
             raise SourceError("the holdout is empty: too few images per class to calibrate")
-        cal_store, cal_labels, cal_select = store, labels_all, held_out
+        cal_store, cal_labels, cal_select, cal_entries = store, labels_all, held_out, entries
     else:
         held_out = np.zeros(len(entries), dtype=bool)
         cal_source = open_source(config.calibration_source, config.calibration_split)
         cal_listing = cal_source.listing()
-        if cal_listing.classes != listing.classes:
+        if cal_listing.classes != plan.classes:
             raise SourceError("the calibration source's classes differ from the indexed source's")
+        cal_entries = cal_listing.entries
         cal_store, cal_report = extract(
             config,
-            network,
+            plan.network,
             cal_source,
-            cal_listing.entries,
-            work_dir / "calibration",
-            fingerprint(cal_source, cal_listing.entries),
+            cal_entries,
+            plan.work_dir / "calibration",
+            _fingerprint(config, plan, cal_source, cal_entries),
             progress,
             None,
         )
         reports.append(cal_report)
-        cal_labels = np.array([e.label for e in cal_listing.entries], dtype=np.int64)
-        cal_select = np.ones(len(cal_listing.entries), dtype=bool)
-
-    indexed = ~held_out
-    index_labels = _select(store, labels_all, indexed)
-    cal_predictions = _gather(cal_store, "predictions", cal_select)
-    cal_truth = _select(cal_store, cal_labels, cal_select)
-    correct = cal_predictions == cal_truth
-    if not correct.any():
+        cal_labels = np.array([e.label for e in cal_entries], dtype=np.int64)
+        cal_select = np.ones(len(cal_entries), dtype=bool)
+    # The reference part: half of each class's calibration images (hashed with another salt).
+    reference = holdout_mask(
+        [e for e, chosen in zip(cal_entries, cal_select, strict=True) if chosen],
+        0.5,
+        config.seed + 1,
+    )
+    reference_by_position = np.zeros(len(cal_entries), dtype=bool)
+    reference_by_position[np.flatnonzero(cal_select)[reference]] = True
+    extracted = Extracted(
+        store=store,
+        reports=reports,
+        held_out=held_out,
+        index_labels=_select(store, labels_all, ~held_out),
+        cal_store=cal_store,
+        cal_select=cal_select,
+        cal_truth=_select(cal_store, cal_labels, cal_select),
+        cal_predictions=_gather(cal_store, "predictions", cal_select),
+        cal_reference=_select(cal_store, reference_by_position, cal_select),
+    )
+    if not extracted.correct.any():
         raise SourceError("no held-out image is classified correctly: cannot calibrate")
+    return extracted
 
-    built: list[_BuiltLayer] = []
-    for layer in layers:
-        input_dim = next(rows.shape[1] for _, rows in _rows(store, layer, indexed))
-        processing = fit_processing(
-            config.processing,
-            (rows for _, rows in _rows(store, layer, indexed)),
-            input_dim,
-            config.pca_dims,
-        )
-        training_sample = None
-        if config.index_type == "ivf":
-            sample = np.concatenate([processing.apply(r) for _, r in _rows(store, layer, indexed)])
-            rng = np.random.default_rng(config.seed)
-            training_sample = sample[rng.permutation(len(sample))[: config.nlist * 64]]
-        index = search.new_index(
-            processing.output_dim, config.index_type, config.nlist, training_sample
-        )
-        search.add_vectors(
-            index, (processing.apply(rows) for _, rows in _rows(store, layer, indexed))
-        )
-        if config.index_type == "ivf":
-            search.set_nprobe(index, config.nprobe)
-        if index_labels.shape[0] != search.index_size(index):
-            raise AssertionError("index rows and labels are out of step")
-        detector = Detector(
-            LayerIndex(layer, processing, index), index_labels, config.k, config.score_function
-        )
-        cal_features = _gather(cal_store, f"features_{layer}", cal_select)
-        honest_layer_scores = detector.score(cal_features, cal_predictions)
-        built.append(
-            _BuiltLayer(
-                layer,
-                input_dim,
-                processing,
-                index,
-                detector,
-                honest_layer_scores[correct],
-                honest_layer_scores,
-            )
-        )
-        if combination != "single":
-            cal_rows.append(cal_features)
 
-    if combination == "single":
-        honest_scores = built[0].honest_scores
+def fit_layer(config: BuildConfig, plan: Plan, extracted: Extracted, name: str) -> FittedLayer:
+    """Fitted on the indexed training features only: the processing and index where a vote or
+    a kNN distance reads the layer, the class means and tied covariance where Mahalanobis does."""
+    store, indexed = extracted.store, extracted.indexed
+    input_dim = next(rows.shape[1] for _, rows in _rows(store, name, indexed))
+    density = None
+    if name in plan.density_layers:
+        labelled = _labelled_rows(store, name, indexed, extracted.index_labels)
+        density = fit_class_density(labelled, len(plan.classes), input_dim)
+    if name not in plan.indexed_layers:
+        return FittedLayer(name, input_dim, density=density)
+    processing = fit_processing(
+        config.processing,
+        (rows for _, rows in _rows(store, name, indexed)),
+        input_dim,
+        config.pca_dims,
+    )
+    training_sample = None
+    if config.index_type == "ivf":
+        sample = np.concatenate([processing.apply(r) for _, r in _rows(store, name, indexed)])
+        rng = np.random.default_rng(config.seed)
+        training_sample = sample[rng.permutation(len(sample))[: config.nlist * 64]]
+    index = search.new_index(
+        processing.output_dim, config.index_type, config.nlist, training_sample
+    )
+    search.add_vectors(index, (processing.apply(rows) for _, rows in _rows(store, name, indexed)))
+    if config.index_type == "ivf":
+        search.set_nprobe(index, config.nprobe)
+    if extracted.index_labels.shape[0] != search.index_size(index):
+        raise AssertionError("index rows and labels are out of step")
+    return FittedLayer(name, input_dim, processing, index, density)
+
+
+def _labelled_rows(
+    store: ChunkStore, name: str, indexed: np.ndarray, index_labels: np.ndarray
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(feature rows, their labels) per chunk: index rows follow chunk order."""
+    offset = 0
+    for _, rows in _rows(store, name, indexed):
+        yield rows, index_labels[offset : offset + rows.shape[0]]
+        offset += rows.shape[0]
+
+
+def calibrate_stage(
+    config: BuildConfig, plan: Plan, extracted: Extracted, fitted: dict[str, FittedLayer]
+) -> Calibrated:
+    """The paper's single statistic is thresholded on every correctly classified held-out image.
+    A combined detector's p-values are referenced to one part of them and its threshold comes
+    from the other, so the retention it advertises is measured on images it never saw."""
+    statistics = make_statistics(
+        plan.statistics,
+        lambda name: fitted[name].layer_index(),
+        lambda name: _density(fitted[name]),
+        extracted.index_labels,
+        config.k,
+        config.score_function,
+        len(plan.classes),
+    )
+    values = np.stack(
+        [
+            s.values(extracted.cal_features([s.layer_name]), extracted.cal_predictions)
+            for s in statistics
+        ],
+        axis=1,
+    )
+    correct = extracted.correct
+    if plan.combination == "single":
+        detector = Detector(statistics)
+        threshold_part = np.ones(correct.shape, dtype=bool)
+        reference_values = threshold_values = None
     else:
-        combined = MultiLayerDetector(
-            [b.detector for b in built], [b.calibration_scores for b in built], combination
-        )
-        honest_scores = combined.score(
-            {b.name: rows for b, rows in zip(built, cal_rows, strict=True)},
-            cal_predictions,
-        )
-    cal_scores = honest_scores[correct]
-    calibration = calibrate(cal_scores)
-    operating_key = retention_key(config.retention)
-    if operating_key not in calibration.thresholds:
+        reference = extracted.cal_reference
+        threshold_part = ~reference
+        if not (reference & correct).any() or not (threshold_part & correct).any():
+            raise SourceError("too few held-out images to split into reference and threshold")
+        reference_values = values[reference & correct]
+        threshold_values = values[threshold_part & correct]
+        detector = Detector(statistics, plan.combination, reference_values)
+    honest_scores = detector.combine(values[threshold_part])
+    scores = honest_scores[correct[threshold_part]]
+    calibration = calibrate(scores)
+    if retention_key(config.retention) not in calibration.thresholds:
         raise ValueError(f"retention must be one of {sorted(calibration.thresholds)}")
+    return Calibrated(
+        detector=detector,
+        calibration=calibration,
+        scores=scores,
+        honest_scores=honest_scores,
+        n_images=int(threshold_part.sum()),
+        n_correct=int(scores.size),
+        accuracy=float(correct[threshold_part].mean()),
+        reference_values=reference_values,
+        threshold_values=threshold_values,
+    )
 
+
+def _density(layer: FittedLayer) -> ClassDensity:
+    assert layer.density is not None
+    return layer.density
+
+
+def _layer_spec(config: BuildConfig, layer: FittedLayer) -> LayerSpec:
+    safe = layer.name.replace(".", "_")
+    indexed = layer.index is not None
+    assert layer.processing is not None or not indexed
+    return LayerSpec(
+        name=layer.name,
+        input_dim=layer.input_dim,
+        processing=config.processing if indexed else "none",
+        output_dim=layer.processing.output_dim if layer.processing is not None else layer.input_dim,
+        processing_file=f"processing_{safe}.npz" if indexed else None,
+        index_file=f"index_{safe}.faiss" if indexed else None,
+        index_type=config.index_type,
+        nlist=config.nlist if indexed and config.index_type == "ivf" else None,
+        nprobe=config.nprobe if indexed and config.index_type == "ivf" else None,
+        class_density_file=f"class_density_{safe}.npz" if layer.density is not None else None,
+    )
+
+
+def _write_layer(staging: Path, spec: LayerSpec, layer: FittedLayer) -> list[str]:
+    written = []
+    if spec.processing_file is not None and layer.processing is not None:
+        layer.processing.save(staging / spec.processing_file)
+        search.save_index(layer.index, staging / str(spec.index_file))
+        written += [spec.processing_file, str(spec.index_file)]
+    if spec.class_density_file is not None and layer.density is not None:
+        layer.density.save(staging / spec.class_density_file)
+        written.append(spec.class_density_file)
+    return written
+
+
+def write_stage(
+    config: BuildConfig,
+    plan: Plan,
+    extracted: Extracted,
+    fitted: dict[str, FittedLayer],
+    calibrated: Calibrated,
+    started: float,
+) -> Manifest:
+    """Every file into a staging directory, checksummed into the manifest, then one rename."""
     out = config.out
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     shutil.copyfile(config.weights, staging / WEIGHTS_FILE)
-    layer_specs = []
-    layer_files = []
-    for b in built:
-        safe_layer = b.name.replace(".", "_")
-        layer_spec = LayerSpec(
-            name=b.name,
-            input_dim=b.input_dim,
-            processing=config.processing,
-            output_dim=b.processing.output_dim,
-            processing_file=f"processing_{safe_layer}.npz",
-            index_file=f"index_{safe_layer}.faiss",
-            index_type=config.index_type,
-            nlist=config.nlist if config.index_type == "ivf" else None,
-            nprobe=config.nprobe if config.index_type == "ivf" else None,
-            calibration_scores_file=None
-            if combination == "single"
-            else f"calibration_scores_{safe_layer}.npy",
-        )
-        b.processing.save(staging / layer_spec.processing_file)
-        search.save_index(b.index, staging / layer_spec.index_file)
-        layer_files += [layer_spec.processing_file, layer_spec.index_file]
-        if layer_spec.calibration_scores_file is not None:
-            np.save(
-                staging / layer_spec.calibration_scores_file,
-                b.calibration_scores.astype(np.float32),
-            )
-            layer_files.append(layer_spec.calibration_scores_file)
-        layer_specs.append(layer_spec)
-    np.save(staging / LABELS_FILE, index_labels.astype(np.int32))
-    np.save(staging / CALIBRATION_SCORES_FILE, cal_scores.astype(np.float32))
-    np.save(staging / HONEST_SCORES_FILE, honest_scores.astype(np.float32))
-    extra_files = []
+    layer_specs = [_layer_spec(config, fitted[name]) for name in plan.network.layers]
+    file_names = [WEIGHTS_FILE, LABELS_FILE, CALIBRATION_SCORES_FILE, HONEST_SCORES_FILE]
+    for spec in layer_specs:
+        file_names += _write_layer(staging, spec, fitted[spec.name])
+    np.save(staging / LABELS_FILE, extracted.index_labels.astype(np.int32))
+    np.save(staging / CALIBRATION_SCORES_FILE, calibrated.scores.astype(np.float32))
+    np.save(staging / HONEST_SCORES_FILE, calibrated.honest_scores.astype(np.float32))
+    statistics_files: dict[str, str | None] = {"reference": None, "threshold": None}
+    for part, values in (
+        ("reference", calibrated.reference_values),
+        ("threshold", calibrated.threshold_values),
+    ):
+        if values is not None:
+            statistics_files[part] = f"{part}_statistics.npy"
+            np.save(staging / f"{part}_statistics.npy", values.astype(np.float64))
+            file_names.append(f"{part}_statistics.npy")
     if config.license_file is not None:
         shutil.copyfile(config.license_file, staging / config.license_file.name)
-        extra_files.append(config.license_file.name)
-    file_names = [
-        WEIGHTS_FILE,
-        LABELS_FILE,
-        CALIBRATION_SCORES_FILE,
-        HONEST_SCORES_FILE,
-        *layer_files,
-        *extra_files,
-    ]
+        file_names.append(config.license_file.name)
     files = {name: file_sha256(staging / name) for name in file_names}
-    per_class = np.bincount(index_labels, minlength=num_classes).tolist()
-    manifest = Manifest(
-        name=config.name or out.name,
+    manifest = _manifest(
+        config, plan, extracted, calibrated, layer_specs, files, statistics_files, started
+    )
+    write_manifest(staging, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return manifest
+
+
+def _manifest(
+    config: BuildConfig,
+    plan: Plan,
+    extracted: Extracted,
+    calibrated: Calibrated,
+    layer_specs: list[LayerSpec],
+    files: dict[str, str],
+    statistics_files: dict[str, str | None],
+    started: float,
+) -> Manifest:
+    info = describe_architecture(config.arch)
+    preset = PRESETS[info.preset]
+    num_classes = len(plan.classes)
+    calibration = calibrated.calibration
+    per_class = np.bincount(extracted.index_labels, minlength=num_classes).tolist()
+    from_holdout = config.calibration_source is None
+    return Manifest(
+        name=config.name or config.out.name,
         model=ModelSpec(
             arch=config.arch,
             family=info.family,
@@ -443,34 +655,40 @@ def build_bundle(
             layers=layer_specs,
             k=config.k,
             score_function=config.score_function,
-            combination=combination,
+            combination=plan.combination,
             labels_file=LABELS_FILE,
+            statistics=plan.statistics,
         ),
-        class_names=listing.classes,
+        class_names=plan.classes,
         counts=CountsSpec(
             classes=num_classes,
-            indexed=int(index_labels.shape[0]),
-            holdout=int(held_out.sum()),
-            skipped=_count_skipped(store),
+            indexed=int(extracted.index_labels.shape[0]),
+            holdout=int(extracted.held_out.sum()),
+            skipped=_count_skipped(extracted.store),
             indexed_per_class=[int(v) for v in per_class],
         ),
         calibration=CalibrationSpec(
-            source="holdout" if config.calibration_source is None else "directory",
-            holdout_fraction=config.holdout_fraction if config.calibration_source is None else None,
-            n_images=int(cal_truth.shape[0]),
-            n_correct=int(correct.sum()),
-            accuracy=float(correct.mean()),
+            source="holdout" if from_holdout else "directory",
+            holdout_fraction=config.holdout_fraction if from_holdout else None,
+            n_images=calibrated.n_images,
+            n_correct=calibrated.n_correct,
+            accuracy=calibrated.accuracy,
             mean=calibration.mean,
             std=calibration.std,
             quantiles=calibration.quantiles,
             thresholds=calibration.thresholds,
             operating_retention=config.retention,
-            threshold=calibration.thresholds[operating_key],
+            threshold=calibration.thresholds[retention_key(config.retention)],
             scores_file=CALIBRATION_SCORES_FILE,
             honest_scores_file=HONEST_SCORES_FILE,
+            reference_statistics_file=statistics_files["reference"],
+            threshold_statistics_file=statistics_files["threshold"],
+            n_reference=None
+            if calibrated.reference_values is None
+            else int(calibrated.reference_values.shape[0]),
         ),
         provenance=ProvenanceSpec(
-            source=source.description,
+            source=plan.source.description,
             split=config.split,
             calibration_source=str(config.calibration_source)
             if config.calibration_source
@@ -483,13 +701,6 @@ def build_bundle(
         ),
         files=files,
     )
-    write_manifest(staging, manifest)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
-    if not config.keep_work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return BuildReport(out, manifest, reports, time.perf_counter() - started)
 
 
 def _count_skipped(store: ChunkStore) -> int:

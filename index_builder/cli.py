@@ -14,6 +14,7 @@ from app.core.manifest import COMBINATIONS
 from app.core.processing import DEFAULT_PCA_DIMS, PROCESSING_KINDS
 from app.core.scoring import SCORE_FUNCTIONS
 from app.core.search import INDEX_TYPES
+from app.core.statistics import DEFAULT_CLASS_K
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         dest="layers",
         default=[],
-        help="feature layer (module name); default: the last conv stage",
+        help="feature layer with the paper's vote (module name), repeatable; overrides --detector",
     )
     parser.add_argument("--processing", choices=PROCESSING_KINDS, default="pca_whiten")
     parser.add_argument("--pca-dims", type=int, default=DEFAULT_PCA_DIMS)
@@ -46,11 +47,25 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
     parser.add_argument(
+        "--detector",
+        help="detector preset: v2 (default: density statistics at every block + the paper's "
+        "vote, combined) or paper (the paper's one DW-kNN vote at the last layer)",
+    )
+    parser.add_argument(
+        "--statistic",
+        action="append",
+        dest="statistics",
+        default=[],
+        help="explicit statistic kind@layer (vote, mahalanobis, knn_distance; layer aliases "
+        "@blocks, @stages, @last), repeatable; overrides --detector",
+    )
+    parser.add_argument(
         "--combination",
         choices=COMBINATIONS,
-        default="single",
-        help="several --layer: per-layer p-values combined (fisher); one layer: single",
+        help="how several statistics' p-values combine: fisher, hmp, min_p (default: the "
+        "preset's; hmp for --statistic lists, fisher for several --layer)",
     )
+    parser.add_argument("--class-k", type=int, default=DEFAULT_CLASS_K, help="knn_distance's k")
     parser.add_argument("--holdout-fraction", type=float, default=0.05)
     parser.add_argument(
         "--calibration-source",
@@ -96,6 +111,9 @@ def run_build(args: argparse.Namespace) -> int:
         k=args.k,
         score_function=args.score_function,
         combination=args.combination,
+        detector=args.detector,
+        statistics=tuple(args.statistics),
+        class_k=args.class_k,
         holdout_fraction=args.holdout_fraction,
         calibration_source=args.calibration_source,
         calibration_split=args.calibration_split,

@@ -36,13 +36,21 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
                 f"manifest says {expected[:12]}...): the bundle was modified or corrupted"
             )
     referenced = {manifest.model.weights_file, manifest.detector.labels_file}
-    referenced.add(manifest.calibration.scores_file)
-    if manifest.calibration.honest_scores_file is not None:
-        referenced.add(manifest.calibration.honest_scores_file)
+    calibration = manifest.calibration
+    optional = [
+        calibration.scores_file,
+        calibration.honest_scores_file,
+        calibration.reference_statistics_file,
+        calibration.threshold_statistics_file,
+    ]
     for layer in manifest.detector.layers:
-        referenced.update({layer.index_file, layer.processing_file})
-        if layer.calibration_scores_file is not None:
-            referenced.add(layer.calibration_scores_file)
+        optional += [
+            layer.index_file,
+            layer.processing_file,
+            layer.calibration_scores_file,
+            layer.class_density_file,
+        ]
+    referenced.update(name for name in optional if name is not None)
     unlisted = sorted(referenced - set(manifest.files))
     if unlisted:
         raise BundleError(f"manifest references files without a checksum: {unlisted}")

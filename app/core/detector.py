@@ -1,72 +1,41 @@
-"""The kNN detector: processed features -> nearest training features -> score of a class."""
+"""The detector: statistics of a query's features -> one score per query -> accept or reject.
+
+One design covers every bundle:
+
+- the paper's detector is one statistic (the DW-kNN vote of the last layer) with no
+  combination: the score *is* the vote, thresholded on held-out authentic images;
+- a combined detector turns each statistic (``app.core.statistics``: votes, Mahalanobis and
+  class-conditional kNN distances at any layers) into an empirical p-value against the
+  statistic's values on held-out authentic images (the *reference* part), and combines them
+  (Fisher, harmonic mean, or Tippett's minimum). Its threshold on the combined value comes from a
+  *different* held-out part, so the retention it advertises holds on unseen images.
+
+Score conventions: every statistic is "higher = more authentic"; every combined score is a
+p-value-like number in (0, 1], higher = more authentic. A prediction is accepted when its score is
+at or above the bundle's threshold.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
-from app.core import search
-from app.core.processing import FeatureProcessing
-from app.core.scoring import ScoreFunction, class_scores
+from app.core.statistics import Statistic, statistic_name
+
+Combination = Literal["single", "fisher", "hmp", "min_p"]
+COMBINATIONS: tuple[Combination, ...] = ("single", "fisher", "hmp", "min_p")
 
 
-@dataclass(frozen=True)
-class LayerIndex:
-    name: str
-    processing: FeatureProcessing
-    index: Any  # a faiss index; only app.core.search touches it
+def empirical_p_values(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(n,) p-value of each value against authentic reference values: low values are unusual.
 
-
-class Detector:
-    """Scores the CNN's predicted class among the k nearest training features.
-
-    Not thread-safe when the index lives on a GPU: one thread must own a Detector.
+    p = (1 + #{reference <= value}) / (1 + #reference), in (0, 1].
     """
-
-    def __init__(
-        self,
-        layer: LayerIndex,
-        labels: np.ndarray,
-        k: int,
-        score_function: ScoreFunction,
-    ) -> None:
-        if search.index_size(layer.index) != labels.shape[0]:
-            raise ValueError("index size and label count differ")
-        self.layer = layer
-        self.labels = labels.astype(np.int64)
-        self.k = k
-        self.score_function = score_function
-
-    def neighbours(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(labels, squared distances) of the k nearest training features; label -1 if missing."""
-        processed = self.layer.processing.apply(features)
-        found = search.search(self.layer.index, processed, self.k)
-        neighbour_labels = np.where(found.ids >= 0, self.labels[np.maximum(found.ids, 0)], -1)
-        return neighbour_labels, found.squared_distances
-
-    def score(
-        self,
-        features: np.ndarray,
-        classes: np.ndarray,
-        score_function: ScoreFunction | None = None,
-    ) -> np.ndarray:
-        """(n,) score of ``classes[i]`` for query i."""
-        neighbour_labels, squared_distances = self.neighbours(features)
-        return class_scores(
-            neighbour_labels, squared_distances, classes, score_function or self.score_function
-        )
-
-
-def empirical_p_values(scores: np.ndarray, calibration: np.ndarray) -> np.ndarray:
-    """(n,) p-value of each score against authentic calibration scores: low scores are unusual.
-
-    p = (1 + #{calibration <= score}) / (1 + #calibration), in (0, 1].
-    """
-    ordered = np.sort(calibration.astype(np.float64))
-    at_or_below = np.searchsorted(ordered, scores.astype(np.float64), side="right")
+    ordered = np.sort(reference.astype(np.float64))
+    at_or_below = np.searchsorted(ordered, values.astype(np.float64), side="right")
     p_values: np.ndarray = (1.0 + at_or_below) / (1.0 + ordered.size)
     return p_values
 
@@ -89,46 +58,118 @@ def fisher_combination(p_values: np.ndarray) -> np.ndarray:
     return combined
 
 
-class MultiLayerDetector:
-    """Scores from several layers' detectors, each turned into a p-value against its own
-    held-out authentic scores, combined into one score in [0, 1] (higher: more authentic)."""
+def harmonic_mean_p(p_values: np.ndarray) -> np.ndarray:
+    """(n, L) -> (n,) the equally weighted harmonic mean p-value L / sum_l 1/p_l (Wilson 2019).
+
+    Valid under any dependence up to a small factor, and dominated by the smallest p-values
+    without being decided by one alone: a robust choice for correlated layers of one network.
+    """
+    p = np.clip(p_values.astype(np.float64), 1e-300, 1.0)
+    combined: np.ndarray = p.shape[1] / (1.0 / p).sum(axis=1)
+    return combined
+
+
+def tippett_combination(p_values: np.ndarray) -> np.ndarray:
+    """(n, L) -> (n,) Tippett's minimum-p: 1 - (1 - min_l p_l)^L."""
+    smallest = np.clip(p_values.astype(np.float64), 0.0, 1.0).min(axis=1)
+    combined: np.ndarray = -np.expm1(p_values.shape[1] * np.log1p(-smallest))
+    return combined
+
+
+def combine_p_values(p_values: np.ndarray, combination: Combination) -> np.ndarray:
+    if combination == "fisher":
+        return fisher_combination(p_values)
+    if combination == "hmp":
+        return harmonic_mean_p(p_values)
+    if combination == "min_p":
+        return tippett_combination(p_values)
+    raise ValueError(f"combination {combination!r} does not combine p-values")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything the detector computed for a batch: per statistic and combined."""
+
+    names: list[str]
+    values: np.ndarray  # (n, S) raw statistics, higher = more authentic
+    p_values: np.ndarray | None  # (n, S); None for a single statistic
+    scores: np.ndarray  # (n,) the combined score the threshold applies to
+
+
+class Detector:
+    """Statistics -> (p-values -> combination) -> one score per query.
+
+    Not thread-safe when an index lives on a GPU: one thread must own a Detector.
+    """
 
     def __init__(
         self,
-        detectors: Sequence[Detector],
-        calibration: Sequence[np.ndarray],
-        combination: str = "fisher",
+        statistics: Sequence[Statistic],
+        combination: Combination = "single",
+        reference: np.ndarray | None = None,
     ) -> None:
-        if len(detectors) < 2 or len(detectors) != len(calibration):
-            raise ValueError("need two layers or more, each with its calibration scores")
-        if combination != "fisher":
-            raise ValueError(f"unknown combination {combination!r}")
-        if any(c.size == 0 for c in calibration):
-            raise ValueError("empty calibration scores")
-        self.layer_detectors = list(detectors)
-        self.calibration = [np.sort(c.astype(np.float64)) for c in calibration]
-        self.combination = combination
-
-    @property
-    def layer_names(self) -> list[str]:
-        return [d.layer.name for d in self.layer_detectors]
-
-    def layer_scores(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
-        """(n, L) each layer's own score of ``classes``."""
-        return np.stack(
-            [d.score(features[d.layer.name], classes) for d in self.layer_detectors], axis=1
+        if not statistics:
+            raise ValueError("a detector needs at least one statistic")
+        if combination not in COMBINATIONS:
+            raise ValueError(f"unknown combination {combination!r}; use one of {COMBINATIONS}")
+        if combination == "single":
+            if len(statistics) != 1:
+                raise ValueError("combination 'single' takes exactly one statistic")
+        else:
+            if reference is None or reference.ndim != 2 or reference.shape[1] != len(statistics):
+                raise ValueError("a combination needs (n, statistics) reference values")
+            if reference.shape[0] == 0:
+                raise ValueError("empty reference values")
+        self.statistics = list(statistics)
+        self.combination: Combination = combination
+        self.reference = (
+            None if reference is None else np.sort(reference.astype(np.float64), axis=0)
         )
 
-    def combine(self, layer_scores: np.ndarray) -> np.ndarray:
-        p_values = np.stack(
+    @property
+    def names(self) -> list[str]:
+        return [statistic_name(s) for s in self.statistics]
+
+    @property
+    def layers(self) -> list[str]:
+        """Feature layers the statistics read, in first-use order."""
+        return list(dict.fromkeys(s.layer_name for s in self.statistics))
+
+    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        """(n, S) every statistic of ``classes[i]`` (the predicted class) for query i."""
+        return np.stack([s.values(features, classes) for s in self.statistics], axis=1)
+
+    def p_values(self, values: np.ndarray) -> np.ndarray:
+        if self.reference is None:
+            raise ValueError("a single-statistic detector has no reference values")
+        return np.stack(
             [
-                empirical_p_values(layer_scores[:, i], calibration)
-                for i, calibration in enumerate(self.calibration)
+                empirical_p_values(values[:, i], self.reference[:, i])
+                for i in range(values.shape[1])
             ],
             axis=1,
         )
-        return fisher_combination(p_values)
+
+    def combine(self, values: np.ndarray) -> np.ndarray:
+        """(n, S) statistics -> (n,) score."""
+        if self.combination == "single":
+            return values[:, 0].astype(np.float64)
+        return combine_p_values(self.p_values(values), self.combination)
 
     def score(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
-        """(n,) combined score of ``classes[i]`` for query i."""
-        return self.combine(self.layer_scores(features, classes))
+        """(n,) the score of ``classes[i]`` for query i: what the threshold applies to."""
+        return self.combine(self.values(features, classes))
+
+    def evidence(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> Evidence:
+        values = self.values(features, classes)
+        p_values = None if self.combination == "single" else self.p_values(values)
+        return Evidence(self.names, values, p_values, self.combine(values))
+
+    def subset(self, columns: Sequence[int], combination: Combination | None = None) -> Detector:
+        """The detector made of some of these statistics (ablations; same reference rows)."""
+        chosen = [self.statistics[i] for i in columns]
+        how = combination or self.combination
+        if len(chosen) == 1 and combination is None:
+            how = "single"
+        reference = None if self.reference is None else self.reference[:, list(columns)]
+        return Detector(chosen, how, reference if how != "single" else None)

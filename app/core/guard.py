@@ -6,7 +6,7 @@ The service and the evaluation both go through this class; the stages (``infer``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from app.core import search
 from app.core.bundle import read_manifest, verify_files
-from app.core.detector import Detector, LayerIndex, MultiLayerDetector
+from app.core.detector import Detector
 from app.core.errors import BundleError, ModelLoadError
 from app.core.features import (
     BatchFeatures,
@@ -25,9 +25,18 @@ from app.core.features import (
     infer_batch,
     pick_device,
 )
-from app.core.manifest import LayerSpec, Manifest
+from app.core.manifest import LayerSpec, Manifest, StatisticSpec
 from app.core.models import PreprocessingPreset, file_sha256, load_model
 from app.core.processing import FeatureProcessing
+from app.core.scoring import ScoreFunction
+from app.core.statistics import (
+    ClassDensity,
+    ClassKnnDistance,
+    KnnVote,
+    LayerIndex,
+    Mahalanobis,
+    Statistic,
+)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class Verdict(Classification):
 
 def _load_layer(bundle_dir: Path, spec: LayerSpec, want_gpu: bool) -> tuple[LayerIndex, str]:
     """One layer's processing and index, checked against the manifest."""
+    assert spec.processing_file is not None and spec.index_file is not None
     processing = FeatureProcessing.load(bundle_dir / spec.processing_file)
     if (processing.input_dim, processing.output_dim) != (spec.input_dim, spec.output_dim):
         raise BundleError("processing file dimensions differ from the manifest")
@@ -58,6 +68,103 @@ def _load_layer(bundle_dir: Path, spec: LayerSpec, want_gpu: bool) -> tuple[Laye
         search.set_nprobe(index, spec.nprobe)
     index, index_device = search.to_device(index, want_gpu)
     return LayerIndex(spec.name, processing, index), index_device
+
+
+def _reference(bundle_dir: Path, manifest: Manifest) -> np.ndarray | None:
+    """(n, S) reference values of the statistics, for combined detectors.
+
+    Format-1 Fisher bundles kept one file of held-out scores per layer (the same images for
+    every layer); newer bundles keep one (n, S) file.
+    """
+    detector = manifest.detector
+    if detector.combination == "single":
+        return None
+    if manifest.calibration.reference_statistics_file is not None:
+        reference: np.ndarray = np.load(
+            bundle_dir / manifest.calibration.reference_statistics_file, allow_pickle=False
+        )
+        return reference
+    columns = []
+    for layer in detector.layers:
+        assert layer.calibration_scores_file is not None  # manifest validator
+        columns.append(np.load(bundle_dir / layer.calibration_scores_file, allow_pickle=False))
+    return np.stack(columns, axis=1)
+
+
+def make_statistics(
+    specs: Sequence[StatisticSpec],
+    layer_index: Callable[[str], LayerIndex],
+    density: Callable[[str], ClassDensity],
+    labels: np.ndarray,
+    k: int,
+    score_function: ScoreFunction,
+    num_classes: int,
+    want_gpu: bool = False,
+) -> list[Statistic]:
+    """The statistics a manifest names, from the layers' indexes and class densities: the one
+    construction the builder (in memory) and the service (from the bundle's files) share."""
+    statistics: list[Statistic] = []
+    class_indexes: dict[str, search.ClassIndexes] = {}
+    for spec in specs:
+        if spec.kind == "vote":
+            statistics.append(KnnVote(layer_index(spec.layer), labels, k, score_function))
+        elif spec.kind == "mahalanobis":
+            statistics.append(Mahalanobis(spec.layer, density(spec.layer)))
+        else:
+            assert spec.k is not None  # manifest validator
+            indexed = layer_index(spec.layer)
+            if spec.layer not in class_indexes:
+                vectors = search.stored_vectors(indexed.index)
+                class_indexes[spec.layer] = search.ClassIndexes.from_vectors(
+                    vectors, labels, num_classes
+                )
+                class_indexes[spec.layer].to_device(want_gpu)
+            statistics.append(ClassKnnDistance(indexed, class_indexes[spec.layer], spec.k))
+    return statistics
+
+
+def load_detector(bundle_dir: Path, manifest: Manifest, want_gpu: bool) -> tuple[Detector, str]:
+    """The bundle's detector, its indexes on the GPU when asked and possible.
+    Returns (detector, "gpu" | "cpu")."""
+    spec = manifest.detector
+    labels = np.load(bundle_dir / spec.labels_file, allow_pickle=False).astype(np.int64)
+    if labels.shape[0] != manifest.counts.indexed:
+        raise BundleError("label count differs from the manifest")
+    layer_specs = {layer.name: layer for layer in spec.layers}
+    indexes: dict[str, LayerIndex] = {}
+    index_device = "cpu"
+
+    def layer_index(name: str) -> LayerIndex:
+        nonlocal index_device
+        if name not in indexes:
+            indexes[name], index_device = _load_layer(bundle_dir, layer_specs[name], want_gpu)
+            if search.index_size(indexes[name].index) != labels.shape[0]:
+                raise BundleError(f"index of {name} and the labels differ in size")
+        return indexes[name]
+
+    def density(name: str) -> ClassDensity:
+        layer = layer_specs[name]
+        assert layer.class_density_file is not None  # manifest validator
+        loaded = ClassDensity.load(bundle_dir / layer.class_density_file)
+        if loaded.means.shape != (manifest.model.num_classes, layer.input_dim):
+            raise BundleError(f"class density of {name} differs from the manifest")
+        return loaded
+
+    statistics = make_statistics(
+        spec.statistic_specs(),
+        layer_index,
+        density,
+        labels,
+        spec.k,
+        spec.score_function,
+        manifest.model.num_classes,
+        want_gpu,
+    )
+    try:
+        detector = Detector(statistics, spec.combination, _reference(bundle_dir, manifest))
+    except ValueError as exc:
+        raise BundleError(f"the bundle's detector is inconsistent: {exc}") from exc
+    return detector, index_device
 
 
 def preset_of(manifest: Manifest) -> PreprocessingPreset:
@@ -70,7 +177,7 @@ class Guard:
         self,
         manifest: Manifest,
         network: FeatureNetwork,
-        detector: Detector | MultiLayerDetector,
+        detector: Detector,
         threshold: float,
         index_device: str,
     ) -> None:
@@ -103,34 +210,12 @@ class Guard:
         except ModelLoadError as exc:
             raise BundleError(f"the bundle's model cannot be loaded: {exc}") from exc
         torch_device = pick_device(device)
-        layer_specs = manifest.detector.layers
-        network = FeatureNetwork(model, [spec.name for spec in layer_specs], preset_of(manifest))
+        layers = [spec.name for spec in manifest.detector.layers]
+        network = FeatureNetwork(model, layers, preset_of(manifest))
         network = network.to(torch_device)
         network.eval()
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
-        labels = np.load(bundle_dir / manifest.detector.labels_file, allow_pickle=False)
-        if labels.shape[0] != manifest.counts.indexed:
-            raise BundleError("label count differs from the manifest")
-        index_device = "cpu"
-        layer_detectors = []
-        for layer_spec in layer_specs:
-            layer_index, index_device = _load_layer(bundle_dir, layer_spec, want_gpu)
-            layer_detectors.append(
-                Detector(layer_index, labels, manifest.detector.k, manifest.detector.score_function)
-            )
-        detector: Detector | MultiLayerDetector
-        if manifest.detector.combination == "single":
-            detector = layer_detectors[0]
-        else:
-            calibration = []
-            for layer_spec in layer_specs:
-                assert layer_spec.calibration_scores_file is not None  # manifest validator
-                calibration.append(
-                    np.load(bundle_dir / layer_spec.calibration_scores_file, allow_pickle=False)
-                )
-            detector = MultiLayerDetector(
-                layer_detectors, calibration, manifest.detector.combination
-            )
+        detector, index_device = load_detector(bundle_dir, manifest, want_gpu)
         threshold = manifest.calibration.threshold
         if retention is not None:
             key = f"{retention:.2f}"
@@ -144,13 +229,11 @@ class Guard:
 
     @property
     def layers(self) -> list[str]:
-        if isinstance(self.detector, MultiLayerDetector):
-            return self.detector.layer_names
-        return [self.detector.layer.name]
+        return self.detector.layers
 
     @property
     def layer(self) -> str:
-        """The feature layer ("layer1+layer3" for a multi-layer detector)."""
+        """The feature layers, "+"-joined ("layer3"; "layer1+layer3" for several)."""
         return "+".join(self.layers)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
@@ -161,10 +244,8 @@ class Guard:
         return infer_batch(self.network, pixels)
 
     def score(self, batch: BatchFeatures) -> np.ndarray:
-        """Search stage: kNN score of each predicted class (combined over layers if several)."""
-        if isinstance(self.detector, MultiLayerDetector):
-            return self.detector.score(batch.features, batch.predictions)
-        return self.detector.score(batch.features[self.layer], batch.predictions)
+        """Search stage: the detector's score of each predicted class."""
+        return self.detector.score(batch.features, batch.predictions)
 
     def decide(self, batch: BatchFeatures, scores: np.ndarray) -> list[Verdict]:
         verdicts = []

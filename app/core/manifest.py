@@ -10,17 +10,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.core.detector import COMBINATIONS, Combination
 from app.core.models import ModelFamily, PresetName
 from app.core.processing import ProcessingKind
 from app.core.scoring import ScoreFunction
 from app.core.search import IndexType
+from app.core.statistics import StatisticKind
 
 MANIFEST_NAME = "manifest.json"
-# How a detector with several layers turns per-layer scores into one: "single" is the paper's
-# one-layer score; "fisher" turns each layer's score into a p-value against that layer's held-out
-# calibration scores and combines them with Fisher's method (see app.core.detector).
-Combination = Literal["single", "fisher"]
-COMBINATIONS: tuple[Combination, ...] = ("single", "fisher")
+# How a detector turns its statistics into one score (app.core.detector): "single" is the paper's
+# one-statistic score; the others combine per-statistic p-values.
+__all__ = ["COMBINATIONS", "Combination", "Manifest"]
 FORMAT_VERSION = 1
 
 
@@ -46,19 +46,30 @@ class ModelSpec(_Frozen):
 
 
 class LayerSpec(_Frozen):
-    """One feature layer: its processing and its index over the training features."""
+    """One feature layer: its processing and index over the training features (layers that a
+    vote or a kNN distance reads), and/or its class means and tied covariance (Mahalanobis)."""
 
     name: str
     input_dim: int
     processing: ProcessingKind
     output_dim: int
-    processing_file: str
-    index_file: str
+    processing_file: str | None
+    index_file: str | None
     index_type: IndexType
     nlist: int | None = None
     nprobe: int | None = None
-    # held-out authentic scores of this layer alone (multi-layer combinations only)
+    # held-out authentic scores of this layer alone (format-1 Fisher bundles only)
     calibration_scores_file: str | None = None
+    class_density_file: str | None = None
+
+
+class StatisticSpec(_Frozen):
+    """One statistic of the detector (app.core.statistics), in the column order of the
+    calibration's statistics files."""
+
+    kind: StatisticKind
+    layer: str
+    k: int | None = Field(default=None, gt=0)  # knn_distance only
 
 
 class DetectorSpec(_Frozen):
@@ -67,9 +78,21 @@ class DetectorSpec(_Frozen):
     score_function: ScoreFunction
     combination: Combination = "single"
     labels_file: str
+    # None: one vote per layer (bundles written before statistics existed)
+    statistics: list[StatisticSpec] | None = None
+
+    def statistic_specs(self) -> list[StatisticSpec]:
+        """The statistics, in column order; older bundles have one vote per layer."""
+        if self.statistics is not None:
+            return list(self.statistics)
+        return [StatisticSpec(kind="vote", layer=layer.name) for layer in self.layers]
 
     @model_validator(mode="after")
     def _layers_fit_combination(self) -> DetectorSpec:
+        if self.statistics is not None:
+            return self._statistics_fit_layers()
+        if any(layer.index_file is None or layer.processing_file is None for layer in self.layers):
+            raise ValueError("every layer of a vote-only bundle needs an index")
         if self.combination == "single" and len(self.layers) != 1:
             raise ValueError("combination 'single' takes exactly one layer")
         if self.combination != "single":
@@ -79,6 +102,29 @@ class DetectorSpec(_Frozen):
                 raise ValueError("a layer appears twice")
             if any(layer.calibration_scores_file is None for layer in self.layers):
                 raise ValueError(f"combination {self.combination!r} needs per-layer calibration")
+        return self
+
+    def _statistics_fit_layers(self) -> DetectorSpec:
+        assert self.statistics is not None
+        if not self.statistics:
+            raise ValueError("a detector needs at least one statistic")
+        if (self.combination == "single") != (len(self.statistics) == 1):
+            raise ValueError("combination 'single' takes exactly one statistic, and only it does")
+        layers = {layer.name: layer for layer in self.layers}
+        if len(layers) != len(self.layers):
+            raise ValueError("a layer appears twice")
+        for statistic in self.statistics:
+            layer = layers.get(statistic.layer)
+            if layer is None:
+                raise ValueError(
+                    f"statistic {statistic.kind} reads unknown layer {statistic.layer}"
+                )
+            if statistic.kind == "mahalanobis" and layer.class_density_file is None:
+                raise ValueError(f"mahalanobis@{layer.name} needs the layer's class density")
+            if statistic.kind != "mahalanobis" and layer.index_file is None:
+                raise ValueError(f"{statistic.kind}@{layer.name} needs the layer's index")
+            if (statistic.kind == "knn_distance") != (statistic.k is not None):
+                raise ValueError("k is set for knn_distance statistics, and only for them")
         return self
 
 
@@ -100,6 +146,12 @@ class CalibrationSpec(_Frozen):
     # the predicted class's score for every held-out image, errors included: what honest traffic
     # looks like, from which the per-client flag policies are calibrated (absent in older bundles)
     honest_scores_file: str | None = None
+    # Combined detectors with statistics: each statistic's values on the correctly classified
+    # images of the *reference* part (the p-values' reference) and of the *threshold* part (the
+    # threshold above, and any subset's threshold in ablations). Two disjoint held-out parts.
+    reference_statistics_file: str | None = None
+    threshold_statistics_file: str | None = None
+    n_reference: int | None = None
 
 
 class CountsSpec(_Frozen):

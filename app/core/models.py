@@ -132,3 +132,15 @@ def load_model(arch: str, weights_path: Path, num_classes: int) -> nn.Module:
             f"{first_lines}"
         ) from exc
     return model.eval()
+
+
+def residual_blocks(model: nn.Module) -> list[str]:
+    """Names of every residual block, in forward order: the children of each ``layerN`` stage
+    (CIFAR ResNets: 3 stages of n blocks; torchvision ResNets: ``layer1.0`` ... ``layer4.2``)."""
+    blocks = []
+    for stage_name, stage in model.named_children():
+        if stage_name.startswith("layer") and isinstance(stage, nn.Sequential):
+            blocks += [f"{stage_name}.{child}" for child, _ in stage.named_children()]
+    if not blocks:
+        raise ModelLoadError(f"{type(model).__name__} has no residual stages named layerN")
+    return blocks

@@ -101,6 +101,69 @@ def search(index: Any, queries: np.ndarray, k: int) -> SearchResult:
     return SearchResult(squared_distances=distances, ids=ids.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class Neighbours:
+    """Nearest training features of each query, with their labels (-1 where missing)."""
+
+    ids: np.ndarray  # (n, k) int64
+    labels: np.ndarray  # (n, k) int64
+    squared_distances: np.ndarray  # (n, k) float32, ascending; inf where missing
+
+    @classmethod
+    def of(cls, found: SearchResult, labels: np.ndarray) -> Neighbours:
+        valid = found.ids >= 0
+        neighbour_labels = np.where(valid, labels[np.maximum(found.ids, 0)], -1).astype(np.int64)
+        return cls(found.ids, neighbour_labels, found.squared_distances)
+
+
+class ClassIndexes:
+    """One exact flat index per class over that class's indexed vectors, for class-conditional
+    searches: queries are grouped by the class they are searched in, one search per group.
+
+    Built from a layer's main index (its stored vectors and labels), so a bundle stores each
+    layer's vectors once. On a GPU, each class index is moved like any other (``to_device``).
+    """
+
+    def __init__(self, indexes: list[Any]) -> None:
+        self.indexes = indexes
+
+    @classmethod
+    def from_vectors(
+        cls, vectors: np.ndarray, labels: np.ndarray, num_classes: int
+    ) -> ClassIndexes:
+        indexes = []
+        for c in range(num_classes):
+            index = faiss.IndexFlatL2(vectors.shape[1])
+            members = np.ascontiguousarray(vectors[labels == c], dtype=np.float32)
+            if members.shape[0] == 0:
+                raise ValueError(f"class {c} has no indexed vectors")
+            index.add(members)
+            indexes.append(index)
+        return cls(indexes)
+
+    def to_device(self, use_gpu: bool) -> str:
+        device = "cpu"
+        for c, index in enumerate(self.indexes):
+            self.indexes[c], device = to_device(index, use_gpu)
+        return device
+
+    def kth_squared_distance(self, queries: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+        """(n,) squared distance of query i to its k-th nearest vector of class ``classes[i]``
+        (the farthest one the class has, when it has fewer than k)."""
+        if classes.shape != (queries.shape[0],):
+            raise ValueError("need one class per query")
+        out = np.empty(queries.shape[0], dtype=np.float32)
+        for c in np.unique(classes):
+            if not 0 <= c < len(self.indexes):
+                raise ValueError(f"class {c} out of range")
+            rows = np.flatnonzero(classes == c)
+            index = self.indexes[int(c)]
+            kk = min(k, index_size(index))
+            found = search(index, queries[rows], kk)
+            out[rows] = found.squared_distances[:, kk - 1]
+        return out
+
+
 def index_size(index: Any) -> int:
     return int(index.ntotal)
 

@@ -1,0 +1,167 @@
+"""Per-layer statistics of a query's pooled features, all oriented "higher = more authentic".
+
+- ``vote``: the paper's kNN vote for the predicted class among the k nearest training features
+  (knn / wknn / dwknn, ``app.core.scoring``). A class *posterior*: blind to how far the query lies
+  from the training data.
+- ``mahalanobis``: minus the squared Mahalanobis distance to the predicted class's mean under a
+  covariance shared by all classes (Lee et al. 2018). Fitted on the indexed training features.
+- ``knn_distance``: minus the squared distance to the k-th nearest training feature *of the
+  predicted class*, in the layer's processed (PCA-whitened) space (after Sun et al. 2022).
+
+The two distances are density statistics: they grow when an attack pushes a feature past the
+class's cluster, where the vote still looks confident. Everything is numpy in, numpy out; the
+FAISS work goes through ``app.core.search``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from app.core import search
+from app.core.processing import FeatureProcessing
+from app.core.scoring import ScoreFunction, class_scores
+
+StatisticKind = Literal["vote", "mahalanobis", "knn_distance"]
+STATISTIC_KINDS: tuple[StatisticKind, ...] = ("vote", "mahalanobis", "knn_distance")
+DEFAULT_CLASS_K = 50  # Sun et al. 2022's k for CIFAR-10
+# Relative floor on the within-class covariance's eigenvalues (directions with no variance).
+_EIGEN_FLOOR = 1e-8
+
+
+@dataclass(frozen=True)
+class LayerIndex:
+    """A layer's fitted processing and its FAISS index over the processed training features."""
+
+    name: str
+    processing: FeatureProcessing
+    index: Any  # a faiss index; only app.core.search touches it
+
+
+@dataclass(frozen=True)
+class KnnVote:
+    """The paper's score s(x, c): the weighted share of class c among the k nearest neighbours."""
+
+    layer: LayerIndex
+    labels: np.ndarray  # (N,) int64, row i of the index
+    k: int
+    score_function: ScoreFunction
+    kind: StatisticKind = "vote"
+
+    @property
+    def layer_name(self) -> str:
+        return self.layer.name
+
+    def neighbours(self, features: np.ndarray, k: int | None = None) -> search.Neighbours:
+        """Ids, labels and squared distances of the k nearest training features."""
+        processed = self.layer.processing.apply(features)
+        found = search.search(self.layer.index, processed, k or self.k)
+        return search.Neighbours.of(found, self.labels)
+
+    def values(
+        self,
+        features: Mapping[str, np.ndarray],
+        classes: np.ndarray,
+        score_function: ScoreFunction | None = None,
+    ) -> np.ndarray:
+        found = self.neighbours(features[self.layer.name])
+        return class_scores(
+            found.labels, found.squared_distances, classes, score_function or self.score_function
+        )
+
+
+@dataclass(frozen=True)
+class ClassDensity:
+    """Class means and the whitener of the tied within-class covariance of one layer."""
+
+    means: np.ndarray  # (C, d) float64
+    whitener: np.ndarray  # (d, d) float64: ||(x - mu) @ W||^2 is the Mahalanobis distance
+
+    def squared_distances(self, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """(n,) squared Mahalanobis distance of each row to the mean of its class."""
+        centred = features.astype(np.float64) - self.means[classes]
+        whitened = centred @ self.whitener
+        distances: np.ndarray = np.einsum("ij,ij->i", whitened, whitened)
+        return distances
+
+    def save(self, path: Path) -> None:
+        with path.open("wb") as handle:
+            np.savez(handle, means=self.means, whitener=self.whitener)
+
+    @classmethod
+    def load(cls, path: Path) -> ClassDensity:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(np.asarray(data["means"]), np.asarray(data["whitener"]))
+
+
+def fit_class_density(
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int, dim: int
+) -> ClassDensity:
+    """Streaming fit over (features, labels) chunks: per-class sums and one Gram matrix, so the
+    tied covariance sum_c sum_{i in c} (x_i - mu_c)(x_i - mu_c)^T / N never needs all rows."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    sums = np.zeros((num_classes, dim), dtype=np.float64)
+    gram = np.zeros((dim, dim), dtype=np.float64)
+    for rows, labels in chunks:
+        x = np.asarray(rows, dtype=np.float64)
+        counts += np.bincount(labels, minlength=num_classes)
+        np.add.at(sums, labels, x)
+        gram += x.T @ x
+    if (counts == 0).any():
+        raise ValueError(f"classes without training features: {np.flatnonzero(counts == 0)}")
+    total = counts.sum()
+    if total <= num_classes:
+        raise ValueError("too few training features for a class-conditional covariance")
+    means = sums / counts[:, None]
+    covariance = (gram - (means * counts[:, None]).T @ means) / total
+    eigenvalues, eigenvectors = np.linalg.eigh(covariance)
+    floor = _EIGEN_FLOOR * max(float(eigenvalues.max()), 1e-30)
+    whitener = eigenvectors / np.sqrt(np.maximum(eigenvalues, floor))
+    return ClassDensity(means, whitener)
+
+
+@dataclass(frozen=True)
+class Mahalanobis:
+    """Minus the squared Mahalanobis distance to the predicted class's mean (tied covariance)."""
+
+    layer_name: str
+    density: ClassDensity
+    kind: StatisticKind = "mahalanobis"
+
+    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        distances = self.density.squared_distances(features[self.layer_name], classes)
+        return -distances
+
+
+@dataclass(frozen=True)
+class ClassKnnDistance:
+    """Minus the squared distance to the k-th nearest processed training feature of the
+    predicted class: one exact FAISS index per class, queries grouped by predicted class."""
+
+    layer: LayerIndex
+    class_indexes: search.ClassIndexes
+    k: int
+    kind: StatisticKind = "knn_distance"
+
+    @property
+    def layer_name(self) -> str:
+        return self.layer.name
+
+    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        processed = self.layer.processing.apply(features[self.layer.name])
+        distances = self.class_indexes.kth_squared_distance(processed, classes, self.k)
+        return -distances.astype(np.float64)
+
+
+Statistic = KnnVote | Mahalanobis | ClassKnnDistance
+
+
+def statistic_name(statistic: Statistic) -> str:
+    """A stable label: ``kind@layer`` (``knn_distance`` adds its k)."""
+    if isinstance(statistic, ClassKnnDistance):
+        return f"knn_distance{statistic.k}@{statistic.layer_name}"
+    return f"{statistic.kind}@{statistic.layer_name}"

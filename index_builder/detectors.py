@@ -1,0 +1,126 @@
+"""Which statistics a bundle's detector computes: named presets and ``kind@layer`` lists.
+
+A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0``,
+``knn_distance@layer3.2``. Two layer aliases expand against the model: ``@blocks`` (every
+residual block: 9 for ResNet-20, 16 for ResNet-50) and ``@last`` (the last residual block, whose
+pooled output is the paper's pool5 analogue).
+
+Presets (``--detector``):
+- ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
+- ``v2`` (the default): the configuration chosen by the selection rule in
+  ``evaluation/README.md`` (see ``evaluation/results/selection/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from app.core.detector import Combination
+from app.core.errors import ModelLoadError
+from app.core.manifest import StatisticSpec
+from app.core.models import describe_architecture, residual_blocks
+from app.core.statistics import DEFAULT_CLASS_K, STATISTIC_KINDS, StatisticKind
+
+
+@dataclass(frozen=True)
+class DetectorPreset:
+    statistics: tuple[str, ...]
+    combination: Combination
+
+
+PRESETS: dict[str, DetectorPreset] = {
+    "paper": DetectorPreset(("vote@last",), "single"),
+}
+# Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
+# vote, the mission's score.
+CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+    "maha-blocks": ("vote@last", "mahalanobis@blocks"),
+    "maha-stages": ("vote@last", "mahalanobis@stages"),
+    "knn-last": ("vote@last", "knn_distance@last"),
+    "knn-blocks": ("vote@last", "knn_distance@blocks"),
+    "maha-blocks+knn-last": ("vote@last", "mahalanobis@blocks", "knn_distance@last"),
+}
+CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
+DEFAULT_PRESET = "paper"
+
+
+def candidate_presets() -> dict[str, DetectorPreset]:
+    return {
+        f"{name}-{combination}": DetectorPreset(statistics, combination)
+        for name, statistics in CANDIDATE_STATISTICS.items()
+        for combination in CANDIDATE_COMBINATIONS
+    }
+
+
+def _expand_layer(alias: str, model: nn.Module, arch: str) -> list[str]:
+    if alias == "last":
+        try:
+            return residual_blocks(model)[-1:]
+        except ModelLoadError:  # not a ResNet: the architecture's pooled last stage
+            return [describe_architecture(arch).default_layer]
+    if alias == "blocks":
+        return residual_blocks(model)
+    if alias == "stages":  # the last block of each stage: the stage's output
+        blocks = residual_blocks(model)
+        stage = [b.split(".")[0] for b in blocks]
+        return [b for i, b in enumerate(blocks) if i + 1 == len(blocks) or stage[i + 1] != stage[i]]
+    return [alias]
+
+
+def parse_statistics(
+    written: tuple[str, ...], model: nn.Module, arch: str, class_k: int = DEFAULT_CLASS_K
+) -> list[StatisticSpec]:
+    """``kind@layer`` strings (aliases expanded) -> statistic specs, without repeats."""
+    describe_architecture(arch)  # an unknown architecture fails here, with its own message
+    specs: list[StatisticSpec] = []
+    for item in written:
+        kind, sep, layer = item.partition("@")
+        if not sep or not layer:
+            raise ValueError(f"statistic {item!r}: write it kind@layer, e.g. mahalanobis@blocks")
+        if kind not in STATISTIC_KINDS:
+            raise ValueError(f"statistic {item!r}: kind must be one of {STATISTIC_KINDS}")
+        statistic_kind: StatisticKind = kind
+        for name in _expand_layer(layer, model, arch):
+            spec = StatisticSpec(
+                kind=statistic_kind,
+                layer=name,
+                k=class_k if statistic_kind == "knn_distance" else None,
+            )
+            if spec not in specs:
+                specs.append(spec)
+    return specs
+
+
+def resolve(
+    preset: str | None,
+    statistics: tuple[str, ...],
+    combination: Combination | None,
+    layers: tuple[str, ...],
+    model: nn.Module,
+    arch: str,
+    class_k: int = DEFAULT_CLASS_K,
+) -> tuple[list[StatisticSpec], Combination]:
+    """The detector a build asks for. Explicit ``statistics`` win; then explicit ``layers``
+    (one vote per layer: the paper's detector, or the earlier multi-layer Fisher bundle); then
+    the preset (``v2`` unless told otherwise)."""
+    if statistics:
+        specs = parse_statistics(statistics, model, arch, class_k)
+        how = combination or ("single" if len(specs) == 1 else "hmp")
+    elif layers:
+        specs = [StatisticSpec(kind="vote", layer=layer) for layer in layers]
+        how = combination or ("single" if len(specs) == 1 else "fisher")
+    else:
+        chosen = preset or DEFAULT_PRESET
+        known = {**PRESETS, **candidate_presets()}
+        if chosen not in known:
+            raise ValueError(f"unknown detector preset {chosen!r}; use one of {sorted(known)}")
+        specs = parse_statistics(known[chosen].statistics, model, arch, class_k)
+        how = combination or known[chosen].combination
+    if (how == "single") != (len(specs) == 1):
+        raise ValueError(
+            "a single-statistic detector takes no combination, and several statistics need one "
+            "(fisher, hmp or min_p)"
+        )
+    return specs, how
