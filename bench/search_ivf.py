@@ -20,9 +20,10 @@ the index holds features that resemble real ones rather than Gaussian blobs:
    trained on ``nlist * 64`` random processed rows, all through ``app.core``.
 
 Queries are CIFAR-10 test images (a seeded random subset): their ResNet-56 features, lifted and
-processed the same way, scored for the class the ResNet-56 predicts by the project's Detector
-(DW-kNN). The threshold keeps 98% of the exact-search scores of the correctly classified queries
-(``threshold_for_retention``); a query's verdict is accepted when score >= threshold.
+processed the same way, scored for the class the ResNet-56 predicts by the project's DW-kNN vote
+(``app.core.statistics.KnnVote``, the paper's detector). The threshold keeps 98% of the
+exact-search scores of the correctly classified queries (``threshold_for_retention``); a query's
+verdict is accepted when score >= threshold.
 
 All indexes are built first (flat and one IVF per nlist: one 1.3 GB copy of the rows each),
 every query is scored once per configuration, then the timing runs in interleaved rounds (each
@@ -56,10 +57,10 @@ import torch
 
 from app.core import search
 from app.core.calibration import DEFAULT_RETENTION, RETENTIONS, threshold_for_retention
-from app.core.detector import Detector, LayerIndex
 from app.core.features import FeatureNetwork, infer_batch
 from app.core.models import PRESETS, file_sha256, load_model
 from app.core.processing import FeatureProcessing, fit_processing
+from app.core.statistics import KnnVote, LayerIndex
 from bench.common import REPO, SHARED, write_results
 from evaluation.data import load_split
 from evaluation.metrics import auroc
@@ -232,16 +233,17 @@ def _row_chunks(base: np.ndarray, rows: int = 65_536) -> Iterator[np.ndarray]:
 
 @dataclass(frozen=True)
 class Config:
-    """One searchable configuration: a detector over an index, and the nprobe it searches with."""
+    """One searchable configuration: the DW-kNN vote over an index, and the nprobe it searches
+    with."""
 
     name: str
-    detector: Detector
+    detector: KnnVote
     nlist: int | None = None  # None: exact flat
     nprobe: int | None = None
     train_s: float = 0.0
     build_s: float = 0.0
 
-    def activate(self) -> Detector:
+    def activate(self) -> KnnVote:
         if self.nprobe is not None:
             search.set_nprobe(self.detector.layer.index, self.nprobe)
         return self.detector
@@ -261,7 +263,10 @@ def measure(
     detector = config.activate()
     scores = np.concatenate(
         [
-            detector.score(queries[start : start + batch], classes[start : start + batch])
+            detector.values(
+                {detector.layer_name: queries[start : start + batch]},
+                classes[start : start + batch],
+            )
             for start in range(0, queries.shape[0], batch)
         ]
     )
@@ -295,7 +300,7 @@ def time_configs(
                 visit += 1
                 rows = slice(start, start + batch)
                 started = time.perf_counter()
-                detector.score(queries[rows], classes[rows])
+                detector.values({detector.layer_name: queries[rows]}, classes[rows])
                 seconds[config.name].append(time.perf_counter() - started)
     return seconds
 
@@ -412,7 +417,7 @@ def build_configs(
     t0 = time.perf_counter()
     flat = search.new_index(dim, "flat")
     search.add_vectors(flat, _row_chunks(base))
-    flat_detector = Detector(LayerIndex(LAYER, processing, flat), labels, settings.k, "dwknn")
+    flat_detector = KnnVote(LayerIndex(LAYER, processing, flat), labels, settings.k, "dwknn")
     configs = [Config("flat", flat_detector, build_s=time.perf_counter() - t0)]
     for nlist in settings.nlists:
         probes = [p for p in settings.nprobes if p <= nlist]
@@ -431,7 +436,7 @@ def build_configs(
         search.add_vectors(index, _row_chunks(base))
         build_s = time.perf_counter() - t0
         log(f"ivf nlist {nlist}: trained in {train_s:.0f}s, filled in {build_s:.0f}s")
-        detector = Detector(LayerIndex(LAYER, processing, index), labels, settings.k, "dwknn")
+        detector = KnnVote(LayerIndex(LAYER, processing, index), labels, settings.k, "dwknn")
         configs += [
             Config(f"ivf{nlist},nprobe={p}", detector, nlist, p, train_s, build_s) for p in probes
         ]

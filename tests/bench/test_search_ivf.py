@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.core import search
-from app.core.detector import Detector, LayerIndex
+from app.core.statistics import KnnVote, LayerIndex
 from bench.search_ivf import (
     Config,
     RealFeatures,
@@ -99,7 +99,7 @@ def test_two_flat_indexes_give_identical_verdicts() -> None:
     for _ in range(2):
         index = search.new_index(processing.output_dim, "flat")
         search.add_vectors(index, [base])
-        detector = Detector(LayerIndex("layer3", processing, index), scaled.labels, 50, "dwknn")
+        detector = KnnVote(LayerIndex("layer3", processing, index), scaled.labels, 50, "dwknn")
         config = Config("flat", detector)
         measured.append(measure(config, queries, real.query_predictions, 16, 40))
     assert np.array_equal(measured[0].scores, measured[1].scores)
@@ -109,7 +109,7 @@ def test_two_flat_indexes_give_identical_verdicts() -> None:
     assert result.disagreement == 0.0
     assert recall_at_k(measured[0].ids, measured[1].ids) == 1.0
     # the scores are the detector's own, batch by batch
-    expected = detector.score(queries, real.query_predictions)
+    expected = detector.values({"layer3": queries}, real.query_predictions)
     np.testing.assert_allclose(measured[1].scores, expected, rtol=1e-5)
 
 
@@ -125,10 +125,10 @@ def test_timing_visits_every_config_in_every_round() -> None:
     layer = LayerIndex("layer3", processing, ivf)
     configs = [
         Config(
-            "flat", Detector(LayerIndex("layer3", processing, flat), scaled.labels, 20, "dwknn")
+            "flat", KnnVote(LayerIndex("layer3", processing, flat), scaled.labels, 20, "dwknn")
         ),
-        Config("ivf4,nprobe=1", Detector(layer, scaled.labels, 20, "dwknn"), 4, 1),
-        Config("ivf4,nprobe=4", Detector(layer, scaled.labels, 20, "dwknn"), 4, 4),
+        Config("ivf4,nprobe=1", KnnVote(layer, scaled.labels, 20, "dwknn"), 4, 1),
+        Config("ivf4,nprobe=4", KnnVote(layer, scaled.labels, 20, "dwknn"), 4, 4),
     ]
     queries = scaled.lift.apply(real.queries)
     seconds = time_configs(configs, queries, real.query_predictions, 16, 3, 2)
