@@ -39,7 +39,12 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     report = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
     manifest = report.manifest
     assert manifest.counts.indexed == 27 and manifest.counts.holdout == 9
-    assert manifest.model.arch == "resnet20" and manifest.detector.layers[0].name == "layer3"
+    # the default detector is the paper's: one DW-kNN vote at the last residual block
+    assert manifest.model.arch == "resnet20" and manifest.detector.layers[0].name == "layer3.2"
+    assert manifest.detector.combination == "single"
+    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2")
+    ]
     assert manifest.detector.layers[0].output_dim == 26  # PCA capped at the sample rank
     assert set(manifest.calibration.thresholds) == {"0.90", "0.95", "0.98", "0.99"}
     assert manifest.calibration.threshold == manifest.calibration.thresholds["0.98"]
@@ -140,7 +145,9 @@ def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights
                      progress=False)
 
 
-@pytest.mark.parametrize("target", ["index_layer3.faiss", "model.pth", "labels.npy", "manifest"])
+@pytest.mark.parametrize(
+    "target", ["index_layer3_2.faiss", "model.pth", "labels.npy", "manifest"]
+)
 def test_tampered_bundle_is_refused(make_image_folder, cifar_weights, tmp_path, target):
     folder = make_image_folder(classes=3, per_class=8)
     bundle = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"),
