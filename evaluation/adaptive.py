@@ -1,16 +1,21 @@
-"""An adaptive white-box attack that knows the detector (issue 4, item 4c).
+"""An adaptive white-box attack that knows the detector (issue 4, item 4c; issue 12).
 
-The attacker has the bundle: model, feature processing, indexed training features and labels.
-The detector's score of a class is a kNN vote over the k nearest processed training features;
-with the neighbours picked by an exact top-k in torch and the weights 1/d^2 (or 1, or 1/rank)
-computed from differentiable distances, that vote *is* the detector's score, differentiable
-almost everywhere (through the distances of the selected neighbours). PGD-Linf then minimises
+The attacker has the bundle: model, feature processing, indexed training features, labels, class
+densities and the detector's reference values. Every statistic is rebuilt in torch, differentiable
+almost everywhere:
+- a vote: the neighbours picked by an exact top-k, weights 1/d^2 (or 1, or 1/rank) from
+  differentiable distances: that vote *is* the detector's score;
+- Mahalanobis: the whitened distance to the target class's mean;
+- the class-conditional kNN distance: exact top-k among the target class's processed features.
+PGD-Linf then minimises
 
-    CE(f(x'), target) - weight * sum_layers log(s_layer(x', target) + 1e-6)
+    CE(f(x'), target) - weight * (sum_votes log(s(x', target) + 1e-6)
+                                  + sum_distances min(z(x', target), 1))
 
-so the adversarial is classified as the target class *and* sits among the target class's
-training features at every detector layer. Per image the iterate kept is the best one seen:
-reaching the target first, then the highest summed log-score.
+where z standardises a distance statistic by its authentic reference values (mean, std): the
+adversarial is classified as the target class *and* looks authentic to every statistic (pushing a
+statistic past one standard deviation above the authentic mean buys nothing). Per image the
+iterate kept is the best one seen: reaching the target first, then the highest objective.
 """
 
 from __future__ import annotations
@@ -27,11 +32,27 @@ from app.core.detector import Detector
 from app.core.features import FeatureNetwork
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction
+from app.core.statistics import ClassKnnDistance, KnnVote, Mahalanobis
 from evaluation.attacks import AttackOutput
+
+
+def _process(processing: FeatureProcessing, features: torch.Tensor) -> torch.Tensor:
+    """The processing of ``FeatureProcessing.apply``, in torch (differentiable)."""
+    if processing.kind == "none":
+        return features
+    if processing.kind == "l2":
+        normalised: torch.Tensor = features / features.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return normalised
+    assert processing.mean is not None and processing.projection is not None
+    mean = torch.from_numpy(processing.mean).to(features.dtype)
+    projection = torch.from_numpy(processing.projection).to(features.dtype)
+    return (features - mean) @ projection
 
 
 @dataclass(frozen=True)
 class SurrogateLayer:
+    """A vote statistic rebuilt in torch."""
+
     name: str
     processing: FeatureProcessing
     vectors: torch.Tensor  # (N, d) processed training features (the index's content)
@@ -41,36 +62,24 @@ class SurrogateLayer:
     score_function: ScoreFunction
 
     @classmethod
-    def from_detector(cls, detector: Detector) -> SurrogateLayer:
-        vectors = torch.from_numpy(search.stored_vectors(detector.layer.index))
+    def from_vote(cls, vote: KnnVote) -> SurrogateLayer:
+        vectors = torch.from_numpy(search.stored_vectors(vote.layer.index))
         return cls(
-            name=detector.layer.name,
-            processing=detector.layer.processing,
+            name=vote.layer.name,
+            processing=vote.layer.processing,
             vectors=vectors,
             squared_norms=vectors.pow(2).sum(dim=1),
-            labels=torch.from_numpy(detector.labels),
-            k=detector.k,
-            score_function=detector.score_function,
+            labels=torch.from_numpy(vote.labels),
+            k=vote.k,
+            score_function=vote.score_function,
         )
 
-    def process(self, features: torch.Tensor) -> torch.Tensor:
-        """The processing of ``FeatureProcessing.apply``, in torch (differentiable)."""
-        p = self.processing
-        if p.kind == "none":
-            return features
-        if p.kind == "l2":
-            normalised: torch.Tensor = features / features.norm(dim=1, keepdim=True).clamp_min(
-                1e-12
-            )
-            return normalised
-        assert p.mean is not None and p.projection is not None
-        mean = torch.from_numpy(p.mean).to(features.dtype)
-        projection = torch.from_numpy(p.projection).to(features.dtype)
-        return (features - mean) @ projection
+    def objective(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.score(features[self.name], classes) + 1e-6)
 
     def score(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """(n,) kNN score of ``classes`` (same formula as ``app.core.scoring.class_scores``)."""
-        z = self.process(features)
+        z = _process(self.processing, features)
         d2 = (
             z.pow(2).sum(dim=1, keepdim=True) - 2.0 * z @ self.vectors.T + self.squared_norms
         ).clamp_min(1e-12)
@@ -86,9 +95,101 @@ class SurrogateLayer:
         return (weights * matches).sum(dim=1) / weights.sum(dim=1)
 
 
+@dataclass(frozen=True)
+class SurrogateDistance:
+    """A Mahalanobis or class-conditional kNN distance statistic rebuilt in torch, standardised
+    by its authentic reference values."""
+
+    name: str
+    layer: str
+    processing: FeatureProcessing | None  # knn_distance: the layer's processing
+    means: torch.Tensor | None  # mahalanobis: (C, d)
+    whitener: torch.Tensor | None  # mahalanobis: (d, d)
+    class_vectors: list[torch.Tensor] | None  # knn_distance: per class (N_c, d)
+    k: int
+    reference_mean: float
+    reference_std: float
+
+    def values(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """(n,) the statistic (higher = more authentic), as app.core.statistics computes it."""
+        x = features[self.layer].double()
+        if self.means is not None and self.whitener is not None:
+            whitened = (x - self.means[classes]) @ self.whitener
+            return -whitened.pow(2).sum(dim=1)
+        assert self.processing is not None and self.class_vectors is not None
+        z = _process(self.processing, x)
+        out = torch.empty(x.shape[0], dtype=x.dtype)
+        for c in torch.unique(classes).tolist():
+            rows = (classes == c).nonzero().squeeze(1)
+            vectors = self.class_vectors[c]
+            zc = z[rows]
+            d2 = (
+                zc.pow(2).sum(dim=1, keepdim=True)
+                - 2.0 * zc @ vectors.T
+                + vectors.pow(2).sum(dim=1)
+            ).clamp_min(0.0)
+            kk = min(self.k, vectors.shape[0])
+            out = out.index_put((rows,), -d2.topk(kk, dim=1, largest=False).values[:, -1])
+        return out
+
+    def objective(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        z = (self.values(features, classes) - self.reference_mean) / self.reference_std
+        return z.clamp(max=1.0)
+
+
+Surrogate = SurrogateLayer | SurrogateDistance
+
+
+def surrogates(detector: Detector) -> list[Surrogate]:
+    """Every statistic of ``detector`` rebuilt in torch."""
+    out: list[Surrogate] = []
+    for column, statistic in enumerate(detector.statistics):
+        if isinstance(statistic, KnnVote):
+            out.append(SurrogateLayer.from_vote(statistic))
+            continue
+        if detector.reference is None:
+            raise ValueError("a distance statistic needs the detector's reference values")
+        reference = detector.reference[:, column]
+        scale = dict(
+            reference_mean=float(reference.mean()),
+            reference_std=float(max(reference.std(), 1e-12)),
+        )
+        if isinstance(statistic, Mahalanobis):
+            out.append(
+                SurrogateDistance(
+                    name=f"mahalanobis@{statistic.layer_name}",
+                    layer=statistic.layer_name,
+                    processing=None,
+                    means=torch.from_numpy(statistic.density.means),
+                    whitener=torch.from_numpy(statistic.density.whitener),
+                    class_vectors=None,
+                    k=0,
+                    **scale,
+                )
+            )
+        else:
+            assert isinstance(statistic, ClassKnnDistance)
+            out.append(
+                SurrogateDistance(
+                    name=f"knn_distance@{statistic.layer_name}",
+                    layer=statistic.layer_name,
+                    processing=statistic.layer.processing,
+                    means=None,
+                    whitener=None,
+                    class_vectors=[
+                        torch.from_numpy(search.stored_vectors(index)).double()
+                        for index in statistic.class_indexes.indexes
+                    ],
+                    k=statistic.k,
+                    **scale,
+                )
+            )
+    return out
+
+
 def adaptive_pgd(
     network: FeatureNetwork,
-    layers: list[SurrogateLayer],
+    layers: list[Surrogate],
     pixels: torch.Tensor,
     target: torch.Tensor,
     eps: float,
@@ -111,9 +212,7 @@ def adaptive_pgd(
         for step in range(steps + 1):
             adv.requires_grad_(True)
             output = network(adv)
-            log_score = sum(
-                torch.log(layer.score(output.features[layer.name], t) + 1e-6) for layer in layers
-            )
+            log_score = sum(layer.objective(output.features, t) for layer in layers)
             assert isinstance(log_score, torch.Tensor)
             reached = output.logits.argmax(dim=1) == t
             # reaching the target dominates; among those, the highest detector score

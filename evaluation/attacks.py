@@ -233,3 +233,45 @@ def perturbation_norms(adversarial: np.ndarray, original: np.ndarray) -> tuple[n
         adversarial.shape[0], -1
     )
     return np.sqrt((delta**2).sum(axis=1)), np.abs(delta).max(axis=1)
+
+
+def torchattacks_untargeted(
+    attack: object, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
+) -> AttackOutput:
+    """Run a torchattacks attack (already configured) away from the true ``labels``."""
+    started = time.perf_counter()
+    out = []
+    for part in _batches(pixels.shape[0], batch_size):
+        adv = attack(pixels[part], labels[part])  # type: ignore[operator]
+        out.append(adv.detach().cpu().numpy())
+    return AttackOutput(np.concatenate(out).astype(np.float32), time.perf_counter() - started)
+
+
+def pgd_untargeted(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    batch_size: int = 250,
+) -> AttackOutput:
+    import torchattacks
+
+    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    return torchattacks_untargeted(attack, pixels, labels, batch_size)
+
+
+def pgd_l2_untargeted(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    batch_size: int = 250,
+) -> AttackOutput:
+    import torchattacks
+
+    attack = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    return torchattacks_untargeted(attack, pixels, labels, batch_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--transfer-from",
+        action="append",
+        default=[],
+        help="judge this evaluated model's exported adversarials too (e.g. cifar10-resnet56)",
+    )
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="only apply the v2 selection rule on selection images (evaluation/selection.py)",
+    )
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -63,6 +75,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         per_class=args.per_class,
         studies=not args.no_studies,
         seed=args.seed,
+        transfer_from=tuple(args.transfer_from),
     )
     if args.quick:
         options = quick_options(options)
@@ -71,6 +84,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
+    if args.select:
+        from evaluation.selection import select
+
+        select(replace(options, out=args.out or Path("evaluation/results/selection")), log)
+        return 0
     evaluate(options, log)
     return 0
 

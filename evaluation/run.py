@@ -1,11 +1,11 @@
 """``advguard evaluate``: the paper's protocol on a bundle's model, then the studies past it.
 
-1. The CIFAR-10 test split -> Authentic / Authentic Errors sets; targeted FGSM, L-BFGS, PGD, CW
-   adversarials of Authentic (cached). 2. Detector configurations built by the index builder
-   (processing x layer x k x combination; the score function varies at query time through
-   ``Detector.score``). 3. Every configuration scores every set through its ``Guard``'s detector;
-   EER accuracy, AUROC, TPR at 5% FPR. 4. An adaptive attack against the detector itself.
-5. ``table2.md``, ``results.json``, figures.
+A pipeline of named stages (``evaluate``): model -> sets (Authentic, Errors) -> attacks (targeted
+FGSM, L-BFGS, PGD, CW; untargeted FGSM, PGD-Linf, PGD-L2; cached) -> transfer sets (another
+model's adversarials) -> configurations (bundles built by the index builder: the paper's Table 2
+grid, layer study, k sweep, multi-layer Fisher; the v2 detector and its ablations) -> features
+-> adaptive white-box attacks -> scores (EER accuracy, AUROC, TPR at 5% FPR, share accepted at
+the threshold) -> reports (``table2.md``, ``results.json``, figures).
 """
 
 from __future__ import annotations
@@ -13,35 +13,77 @@ from __future__ import annotations
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from app.core.calibration import threshold_for_retention
-from app.core.detector import MultiLayerDetector
+from app.core.detector import Combination
+from app.core.errors import ModelLoadError
 from app.core.features import BatchFeatures, FeatureNetwork, infer_batch
 from app.core.guard import Guard
 from app.core.manifest import Manifest
-from app.core.models import PRESETS, describe_architecture, file_sha256, load_model
+from app.core.models import (
+    PRESETS,
+    ArchitectureInfo,
+    describe_architecture,
+    file_sha256,
+    load_model,
+    residual_blocks,
+)
 from app.core.processing import ProcessingKind
 from app.core.scoring import SCORE_FUNCTIONS, ScoreFunction
+from app.core.statistics import KnnVote
 from evaluation import attacks, report
-from evaluation.adaptive import SurrogateLayer, adaptive_pgd
+from evaluation.adaptive import Surrogate, adaptive_pgd, surrogates
+from evaluation.data import ImageSplit as Split
 from evaluation.data import load_split
 from evaluation.metrics import set_metrics
 from evaluation.sets import (
+    TRANSFER_ATTACKS,
+    Selection,
     cache_key,
     cached_attack,
     export_attack_sets,
     export_path,
+    load_attack_sets,
     select_sets,
 )
 
 Log = Callable[[str], None]
+
+# The order sets appear in tables; "aggr" pools L-BFGS and FGSM (the paper's Aggr.).
+SET_ORDER: tuple[str, ...] = (
+    "lbfgs",
+    "fgsm",
+    "aggr",
+    "errors",
+    "pgd",
+    "cw",
+    "fgsm_untargeted",
+    "pgd_untargeted",
+    "pgd_l2",
+    "transfer_fgsm",
+    "transfer_pgd",
+    "transfer_fgsm_untargeted",
+    "transfer_pgd_untargeted",
+    "transfer_pgd_l2",
+    "transfer_cw",
+    "transfer_lbfgs",
+    "adaptive",
+    "adaptive_multilayer",
+    "adaptive_v2",
+    "adaptive_own",
+)
+# Every statistic the ablations draw on, in one bundle (built once, not committed).
+ALL_STATISTICS: tuple[str, ...] = ("vote@last", "mahalanobis@blocks", "knn_distance@blocks")
+# Holdout of the training split for detectors with a reference part and a threshold part.
+V2_HOLDOUT_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -53,6 +95,8 @@ class AttackParams:
     pgd_eps: float = 8 / 255
     pgd_alpha: float = 2 / 255
     pgd_steps: int = 10
+    pgd_l2_eps: float = 0.5
+    pgd_l2_alpha: float = 0.1
     cw_c: float = 1.0
     cw_kappa: float = 0.0
     cw_steps: int = 30
@@ -78,11 +122,18 @@ QUICK_ATTACKS = AttackParams(
 @dataclass(frozen=True)
 class DetectorConfig:
     name: str
-    study: str  # table2 | layers | k | multilayer
+    study: str  # table2 | layers | k | multilayer | v2 | ablation
     layers: tuple[str, ...]
     processing: ProcessingKind = "pca_whiten"
     k: int = 1000
     combination: str = "single"
+    preset: str | None = None
+    statistics: tuple[str, ...] = ()
+
+
+def paper_config(default_layer: str) -> DetectorConfig:
+    """The paper's detector as the builder made it before v2 (PCA + whiten, last stage)."""
+    return DetectorConfig(f"pca_whiten-{default_layer}-k1000", "table2", (default_layer,))
 
 
 def detector_configs(default_layer: str, layers: tuple[str, ...]) -> list[DetectorConfig]:
@@ -102,33 +153,99 @@ def detector_configs(default_layer: str, layers: tuple[str, ...]) -> list[Detect
     return configs
 
 
-def layer_views(
-    config: DetectorConfig, guard: Guard, skip: str
-) -> list[tuple[DetectorConfig, Guard]]:
-    """The layer study without extra builds: each layer's detector inside a multi-layer bundle
-    is exactly the single-layer detector the builder makes for that layer (same processing fit,
-    index, k and score function); its threshold comes from that layer's own held-out scores,
-    stored in the bundle, at the bundle's retention."""
-    if not isinstance(guard.detector, MultiLayerDetector):
-        return []
-    views = []
+def threshold_values(bundle: Path, manifest: Manifest) -> np.ndarray:
+    """(n, S) statistics of the correctly classified threshold-part images of a bundle."""
+    name = manifest.calibration.threshold_statistics_file
+    if name is None:
+        raise ValueError(f"{bundle} keeps no per-statistic threshold values")
+    values: np.ndarray = np.load(bundle / name, allow_pickle=False)
+    return values
+
+
+def _view(
+    guard: Guard, detector_columns: list[int], combination: Combination | None, values: np.ndarray
+) -> Guard:
+    """A detector made of some of a bundle's statistics, thresholded on the bundle's threshold
+    part at the bundle's retention (exactly what the builder would have calibrated)."""
+    detector = guard.detector.subset(detector_columns, combination)
     retention = guard.manifest.calibration.operating_retention
-    for detector, calibration in zip(
-        guard.detector.layer_detectors, guard.detector.calibration, strict=True
-    ):
-        name = detector.layer.name
+    threshold = threshold_for_retention(detector.combine(values[:, detector_columns]), retention)
+    return Guard(guard.manifest, guard.network, detector, threshold, guard.index_device)
+
+
+def layer_views(
+    config: DetectorConfig, bundle: Path, guard: Guard, skip: str
+) -> list[tuple[DetectorConfig, Guard]]:
+    """The layer study without extra builds: each layer's vote inside the multi-layer bundle is
+    exactly the single-layer detector the builder makes for that layer (same processing fit,
+    index, k and score function), thresholded on the bundle's threshold part."""
+    if config.study != "multilayer":
+        return []
+    values = threshold_values(bundle, guard.manifest)
+    views = []
+    for column, name in enumerate(guard.layers):
         if name == skip:
             continue
-        view = Guard(
-            guard.manifest,
-            guard.network,
-            detector,
-            threshold_for_retention(calibration, retention),
-            guard.index_device,
+        view_config = DetectorConfig(f"{config.processing}-{name}-k{config.k}", "layers", (name,))
+        views.append((view_config, _view(guard, [column], None, values)))
+    return views
+
+
+def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combination | None]]:
+    """(label, columns, combination) of every ablation of the all-statistics bundle: each
+    statistic family alone, each candidate preset with each combination, layer subsets."""
+    from index_builder.detectors import CANDIDATE_COMBINATIONS
+
+    def pick(predicate: Callable[[str], bool]) -> list[int]:
+        return [i for i, n in enumerate(names) if predicate(n)]
+
+    last = names[0].split("@")[1]  # the vote is at the last block
+    stage_ends = {n.split("@")[1] for n in names if n.split("@")[1].endswith(".2")} | {last}
+    families: dict[str, list[int]] = {
+        "vote (paper)": [0],
+        "mahalanobis@last": pick(lambda n: n == f"mahalanobis@{last}"),
+        "knn_distance@last": pick(
+            lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")
+        ),
+        "mahalanobis@blocks": pick(lambda n: n.startswith("mahalanobis@")),
+        "knn_distance@blocks": pick(lambda n: n.startswith("knn_distance")),
+        "vote+mahalanobis@blocks": [0, *pick(lambda n: n.startswith("mahalanobis@"))],
+        "vote+mahalanobis@stages": [
+            0,
+            *pick(lambda n: n.startswith("mahalanobis@") and n.split("@")[1] in stage_ends),
+        ],
+        "vote+knn_distance@last": [
+            0,
+            *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
+        ],
+        "vote+knn_distance@blocks": [0, *pick(lambda n: n.startswith("knn_distance"))],
+        "vote+mahalanobis@blocks+knn_distance@last": [
+            0,
+            *pick(lambda n: n.startswith("mahalanobis@")),
+            *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
+        ],
+    }
+    for label, columns in families.items():
+        if len(columns) == 1:
+            yield label, columns, None
+            continue
+        for combination in CANDIDATE_COMBINATIONS:
+            yield f"{label} [{combination}]", columns, combination
+
+
+def statistic_views(bundle: Path) -> list[tuple[DetectorConfig, Guard]]:
+    guard = Guard.load(bundle, device="cpu")
+    values = threshold_values(bundle, guard.manifest)
+    views = []
+    for label, columns, combination in ablation_columns(guard.detector.names):
+        config = DetectorConfig(
+            label,
+            "ablation",
+            tuple(dict.fromkeys(guard.detector.names[i].split("@")[1] for i in columns)),
+            combination=combination or "single",
+            statistics=tuple(guard.detector.names[i] for i in columns),
         )
-        views.append(
-            (DetectorConfig(f"{config.processing}-{name}-k{config.k}", "layers", (name,)), view)
-        )
+        views.append((config, _view(guard, columns, combination, values)))
     return views
 
 
@@ -148,6 +265,8 @@ class EvaluateOptions:
     seed: int = 0
     attack: AttackParams = field(default_factory=AttackParams)
     batch_size: int = 250
+    # models whose exported adversarials are judged by this one (transfer sets)
+    transfer_from: tuple[str, ...] = ()
 
 
 def quick_options(options: EvaluateOptions) -> EvaluateOptions:
@@ -173,21 +292,23 @@ def _build(
     from index_builder.build import BuildConfig, build_bundle
 
     out = options.cache_dir / "bundles" / model_name / config.name
+    v2 = bool(config.preset or config.statistics)
+    holdout = V2_HOLDOUT_FRACTION if v2 else 0.05
     wanted = {
         "weights": file_sha256(weights),
         "layers": list(config.layers),
         "processing": config.processing,
         "k": config.k,
         "combination": config.combination,
+        "preset": config.preset,
+        "statistics": list(config.statistics),
+        "holdout": holdout,
     }
     stamp = out / "evaluation-config.json"
     reusable = (out / "manifest.json").is_file() and stamp.is_file()
     if reusable and json.loads(stamp.read_text()) == wanted:
         return out
     log(f"building bundle {config.name}")
-    extra: dict[str, Any] = {}
-    if config.combination != "single":
-        extra["combination"] = config.combination
     build = BuildConfig(
         source=options.source,
         split="train",
@@ -198,11 +319,17 @@ def _build(
         processing=config.processing,
         k=config.k,
         score_function="dwknn",
-        work_dir=options.cache_dir / "work" / model_name / "+".join(config.layers),
+        holdout_fraction=holdout,
+        work_dir=options.cache_dir
+        / "work"
+        / model_name
+        / ("v2" if v2 else "+".join(config.layers)),
         keep_work_dir=True,
         seed=options.seed,
         name=f"{model_name}-{config.name}",
-        **extra,
+        detector=config.preset,
+        statistics=config.statistics,
+        combination=None if v2 or config.combination == "single" else "fisher",
     )
     build_bundle(build, progress=False)
     stamp.write_text(json.dumps(wanted))
@@ -236,24 +363,64 @@ def _subset(batch: BatchFeatures, rows: np.ndarray) -> BatchFeatures:
 def guard_scores(
     guard: Guard, batch: BatchFeatures, score_function: ScoreFunction | None
 ) -> np.ndarray:
-    """Scores of the predicted classes through the guard's own detector."""
+    """Scores of the predicted classes through the guard's own detector; a single vote's score
+    function may be varied at query time (Table 2's kNN / W-kNN / DW-kNN rows)."""
     detector = guard.detector
-    if isinstance(detector, MultiLayerDetector):  # its layers' own score function
-        scores: np.ndarray = guard.score(batch)
+    statistic = detector.statistics[0]
+    if detector.combination == "single" and isinstance(statistic, KnnVote):
+        scores: np.ndarray = statistic.values(batch.features, batch.predictions, score_function)
         return scores
-    return detector.score(batch.features[guard.layer], batch.predictions, score_function)
+    return guard.score(batch)
 
 
-def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    torch.manual_seed(options.seed)
-    cache = options.cache_dir
+@dataclass(frozen=True)
+class ModelUnderTest:
+    """Stage 1: the model, its hooked network and the bundle whose model it is."""
 
-    # --- the model -------------------------------------------------------------------------
+    arch: str
+    weights: Path
+    name: str
+    manifest: Manifest
+    base_guard: Guard
+    info: ArchitectureInfo
+    network: FeatureNetwork
+    classifier: attacks.LogitsModel
+
+    @property
+    def stage_layers(self) -> tuple[str, ...]:
+        """The stage outputs of the paper-era studies (Table 2's last layer, layer study)."""
+        if self.info.family == "cifar":
+            return ("layer1", "layer2", "layer3")
+        return (self.info.default_layer,)
+
+
+@dataclass(frozen=True)
+class ImageSets:
+    """Stage 2: the test split, Authentic / Authentic Errors and the attack targets."""
+
+    split: Split
+    selection: Selection
+    test_accuracy: float
+    x_auth: torch.Tensor
+    y_auth: np.ndarray
+    targets: torch.Tensor
+    predictions: np.ndarray  # the model's prediction of every test image
+
+
+@dataclass
+class AttackSetsFound:
+    """Stage 3: successful adversarials per set, with their source rows and statistics."""
+
+    adversarial: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # rows of Authentic they came from
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    lbfgs_vs_fgsm: dict[str, Any] = field(default_factory=dict)
+
+
+def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
     if options.bundle is not None:
         base_guard = Guard.load(options.bundle, device="cpu")
-        manifest: Manifest = base_guard.manifest
+        manifest = base_guard.manifest
         arch = manifest.model.arch
         weights = options.bundle / manifest.model.weights_file
         model_name = options.name or manifest.name
@@ -263,72 +430,90 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         arch, weights = options.arch, options.weights
         model_name = options.name or f"cifar10-{arch}"
         info = describe_architecture(arch)
-        base_dir = _build(
-            options,
-            arch,
-            weights,
-            DetectorConfig(
-                f"pca_whiten-{info.default_layer}-k1000", "table2", (info.default_layer,)
-            ),
-            model_name,
-            log,
-        )
+        base_dir = _build(options, arch, weights, paper_config(info.default_layer), model_name, log)
         base_guard = Guard.load(base_dir, device="cpu")
         manifest = base_guard.manifest
-    weights_sha = manifest.model.weights_sha256
     info = describe_architecture(arch)
-    preset = PRESETS[info.preset]
-    all_layers = ("layer1", "layer2", "layer3") if info.family == "cifar" else (info.default_layer,)
     model = load_model(arch, weights, manifest.model.num_classes)
-    network = FeatureNetwork(model, list(all_layers), preset).eval()
-    classifier = attacks.LogitsModel(network).eval()
-
-    # --- image sets ------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    split = load_split(
-        options.source, "test", preset, cache / "data", options.split_per_class_limit
+    stages = ("layer1", "layer2", "layer3") if info.family == "cifar" else (info.default_layer,)
+    try:
+        blocks = tuple(residual_blocks(model))
+    except ModelLoadError:
+        blocks = ()
+    layers = list(dict.fromkeys([*stages, *blocks, *base_guard.layers]))
+    network = FeatureNetwork(model, layers, PRESETS[info.preset]).eval()
+    return ModelUnderTest(
+        arch,
+        weights,
+        model_name,
+        manifest,
+        base_guard,
+        info,
+        network,
+        attacks.LogitsModel(network).eval(),
     )
-    if split.classes != list(manifest.class_names):
+
+
+def sets_stage(options: EvaluateOptions, mut: ModelUnderTest, log: Log) -> ImageSets:
+    cache = options.cache_dir
+    split = load_split(
+        options.source,
+        "test",
+        PRESETS[mut.info.preset],
+        cache / "data",
+        options.split_per_class_limit,
+    )
+    if split.classes != list(mut.manifest.class_names):
         raise ValueError("the test split's classes differ from the bundle's")
+    weights_sha = mut.manifest.model.weights_sha256
     pred_path = (
         cache / "data" / (f"predictions-{cache_key({'w': weights_sha, 'keys': split.keys})}.npy")
     )
     if pred_path.is_file():
         predictions = np.load(pred_path)
     else:
-        predictions = attacks.predict(classifier, split.tensor(np.arange(len(split.keys))))
+        predictions = attacks.predict(mut.classifier, split.tensor(np.arange(len(split.keys))))
         np.save(pred_path, predictions)
-    test_accuracy = float((predictions == split.labels).mean())
     selection = select_sets(
         split.labels, predictions, len(split.classes), options.per_class, options.seed
     )
-    timings["data_seconds"] = time.perf_counter() - t0
+    test_accuracy = float((predictions == split.labels).mean())
     log(
         f"test accuracy {test_accuracy:.4f}; authentic {selection.authentic.size}, "
         f"errors {selection.errors.size}"
     )
-    x_auth = split.tensor(selection.authentic)
-    y_auth = split.labels[selection.authentic]
-    targets = torch.from_numpy(selection.targets)
+    return ImageSets(
+        split=split,
+        selection=selection,
+        test_accuracy=test_accuracy,
+        x_auth=split.tensor(selection.authentic),
+        y_auth=split.labels[selection.authentic],
+        targets=torch.from_numpy(selection.targets),
+        predictions=predictions,
+    )
 
-    # --- attacks -----------------------------------------------------------------------------
-    p = options.attack
-    bs = options.batch_size
-    base_key: dict[str, object] = {
-        "weights": weights_sha,
-        "rows": cache_key({"rows": selection.authentic.tolist(), "t": selection.targets.tolist()}),
-        "seed": options.seed,
-    }
-    runners: dict[str, tuple[dict[str, object], Callable[[], attacks.AttackOutput]]] = {
+
+def attack_runners(
+    p: AttackParams,
+    classifier: nn.Module,
+    x: torch.Tensor,
+    y: np.ndarray,
+    targets: torch.Tensor,
+    bs: int,
+    log: Log,
+) -> dict[str, tuple[dict[str, object], Callable[[], attacks.AttackOutput]]]:
+    """Every non-adaptive attack: the paper's targeted ones, then the untargeted ones."""
+    labels = torch.from_numpy(y)
+    return {
         "fgsm": (
             {"eps": p.fgsm_eps},
-            lambda: attacks.fgsm_targeted(classifier, x_auth, targets, p.fgsm_eps, bs),
+            lambda: attacks.fgsm_targeted(classifier, x, targets, p.fgsm_eps, bs),
         ),
         "lbfgs": (
             {"c_grid": p.lbfgs_c_grid, "binary": p.lbfgs_binary_steps, "iter": p.lbfgs_maxiter},
             lambda: attacks.lbfgs_targeted(
                 classifier,
-                x_auth,
+                x,
                 targets,
                 p.lbfgs_c_grid,
                 p.lbfgs_binary_steps,
@@ -340,194 +525,308 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         "pgd": (
             {"eps": p.pgd_eps, "alpha": p.pgd_alpha, "steps": p.pgd_steps},
             lambda: attacks.pgd_targeted(
-                classifier, x_auth, targets, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+                classifier, x, targets, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
             ),
         ),
         "cw": (
             {"c": p.cw_c, "kappa": p.cw_kappa, "steps": p.cw_steps, "lr": p.cw_lr},
             lambda: attacks.cw_targeted(
-                classifier, x_auth, targets, p.cw_c, p.cw_kappa, p.cw_steps, p.cw_lr, bs
+                classifier, x, targets, p.cw_c, p.cw_kappa, p.cw_steps, p.cw_lr, bs
+            ),
+        ),
+        "fgsm_untargeted": (
+            {"eps": p.fgsm_eps},
+            lambda: attacks.fgsm_untargeted(classifier, x, labels, p.fgsm_eps, bs),
+        ),
+        "pgd_untargeted": (
+            {"eps": p.pgd_eps, "alpha": p.pgd_alpha, "steps": p.pgd_steps},
+            lambda: attacks.pgd_untargeted(
+                classifier, x, labels, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+            ),
+        ),
+        "pgd_l2": (
+            {"eps": p.pgd_l2_eps, "alpha": p.pgd_l2_alpha, "steps": p.pgd_steps},
+            lambda: attacks.pgd_l2_untargeted(
+                classifier, x, labels, p.pgd_l2_eps, p.pgd_l2_alpha, p.pgd_steps, bs
             ),
         ),
     }
-    adversarial: dict[str, np.ndarray] = {}  # attack -> adversarial pixels of successes
-    adv_predictions: dict[str, np.ndarray] = {}
-    attack_stats: dict[str, dict[str, Any]] = {}
-    original = x_auth.numpy()
 
-    def record(
-        name: str, params: dict[str, object], output: attacks.AttackOutput, hit: bool
-    ) -> None:
-        predicted = attacks.predict(classifier, torch.from_numpy(output.adversarial))
-        success = predicted != y_auth
-        reached = predicted == selection.targets
-        l2, linf = attacks.perturbation_norms(output.adversarial, original)
-        adversarial[name] = output.adversarial[success]
-        adv_predictions[name] = predicted[success]
-        attack_stats[name] = {
-            "params": params,
-            "attempted": int(success.size),
-            "succeeded": int(success.sum()),
-            "failed": int((~success).sum()),
-            "target_reached": int(reached.sum()),
-            "target_rate": round(float(reached.mean()), 4),
-            "mean_l2": round(float(l2[success].mean()), 4) if success.any() else None,
-            "mean_linf": round(float(linf[success].mean()), 4) if success.any() else None,
-            "seconds": round(output.seconds, 1),
-            "cached": hit,
-            "_success_mask": success,
-            "_l2": l2,
-        }
-        log(
-            f"{name}: {int(success.sum())}/{success.size} misclassified, "
-            f"{int(reached.sum())} reach the target, mean L2 {attack_stats[name]['mean_l2']}, "
-            f"Linf {attack_stats[name]['mean_linf']} ({output.seconds:.0f} s"
-            f"{', cached' if hit else ''})"
-        )
 
+def record_attack(
+    found: AttackSetsFound,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    name: str,
+    params: dict[str, object],
+    output: attacks.AttackOutput,
+    hit: bool,
+    log: Log,
+) -> None:
+    """Keep the successful (misclassified) adversarials of one attack and its statistics."""
+    predicted = attacks.predict(mut.classifier, torch.from_numpy(output.adversarial))
+    success = predicted != sets.y_auth
+    reached = predicted == sets.selection.targets
+    l2, linf = attacks.perturbation_norms(output.adversarial, sets.x_auth.numpy())
+    found.adversarial[name] = output.adversarial[success]
+    found.rows[name] = np.flatnonzero(success)
+    found.stats[name] = {
+        "params": params,
+        "attempted": int(success.size),
+        "succeeded": int(success.sum()),
+        "failed": int((~success).sum()),
+        "target_reached": int(reached.sum()),
+        "target_rate": round(float(reached.mean()), 4),
+        "mean_l2": round(float(l2[success].mean()), 4) if success.any() else None,
+        "mean_linf": round(float(linf[success].mean()), 4) if success.any() else None,
+        "seconds": round(output.seconds, 1),
+        "cached": hit,
+    }
+    log(
+        f"{name}: {int(success.sum())}/{success.size} misclassified, {int(reached.sum())} reach "
+        f"the target, mean L2 {found.stats[name]['mean_l2']}, Linf "
+        f"{found.stats[name]['mean_linf']} ({output.seconds:.0f} s{', cached' if hit else ''})"
+    )
+
+
+def attack_key(mut: ModelUnderTest, sets: ImageSets, seed: int) -> dict[str, object]:
+    return {
+        "weights": mut.manifest.model.weights_sha256,
+        "rows": cache_key(
+            {"rows": sets.selection.authentic.tolist(), "t": sets.selection.targets.tolist()}
+        ),
+        "seed": seed,
+    }
+
+
+def attack_stage(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    log: Log,
+    timings: dict[str, float],
+) -> AttackSetsFound:
+    found = AttackSetsFound()
+    runners = attack_runners(
+        options.attack,
+        mut.classifier,
+        sets.x_auth,
+        sets.y_auth,
+        sets.targets,
+        options.batch_size,
+        log,
+    )
+    base_key = attack_key(mut, sets, options.seed)
     for name, (params, run) in runners.items():
         t0 = time.perf_counter()
         output, hit = cached_attack(
-            cache / "adversarials", {**base_key, "attack": name, **params}, run
+            options.cache_dir / "adversarials", {**base_key, "attack": name, **params}, run
         )
-        record(name, params, output, hit)
+        record_attack(found, mut, sets, name, params, output, hit, log)
         timings[f"attack_{name}_seconds"] = time.perf_counter() - t0
-    # L-BFGS against FGSM on the same images (both successful)
-    both = attack_stats["lbfgs"]["_success_mask"] & attack_stats["fgsm"]["_success_mask"]
-    lbfgs_vs_fgsm = {
-        "images": int(both.sum()),
-        "lbfgs_mean_l2": round(float(attack_stats["lbfgs"]["_l2"][both].mean()), 4),
-        "fgsm_mean_l2": round(float(attack_stats["fgsm"]["_l2"][both].mean()), 4),
-        "lbfgs_smaller_share": round(
-            float((attack_stats["lbfgs"]["_l2"][both] < attack_stats["fgsm"]["_l2"][both]).mean()),
-            4,
-        ),
+    found.lbfgs_vs_fgsm = _lbfgs_vs_fgsm(found, sets)
+    return found
+
+
+def _lbfgs_vs_fgsm(found: AttackSetsFound, sets: ImageSets) -> dict[str, Any]:
+    """L-BFGS against FGSM on the same images (both successful)."""
+    both = np.intersect1d(found.rows["lbfgs"], found.rows["fgsm"])
+    original = sets.x_auth.numpy()
+
+    def l2(name: str) -> np.ndarray:
+        positions = np.searchsorted(found.rows[name], both)
+        norms, _ = attacks.perturbation_norms(found.adversarial[name][positions], original[both])
+        return norms
+
+    lbfgs, fgsm = l2("lbfgs"), l2("fgsm")
+    return {
+        "images": int(both.size),
+        "lbfgs_mean_l2": round(float(lbfgs.mean()), 4),
+        "fgsm_mean_l2": round(float(fgsm.mean()), 4),
+        "lbfgs_smaller_share": round(float((lbfgs < fgsm).mean()), 4),
     }
 
-    # --- configurations ----------------------------------------------------------------------
-    t0 = time.perf_counter()
-    guards: dict[str, tuple[DetectorConfig, Guard]] = {}
-    base_config = DetectorConfig(
-        "bundle", "table2", tuple(s.name for s in manifest.detector.layers)
-    )
-    if options.studies:
-        for config in detector_configs(info.default_layer, all_layers):
-            try:
-                path = _build(options, arch, weights, config, model_name, log)
-            except TypeError as exc:  # a builder without this option
-                log(f"skipping {config.name}: {exc}")
-                continue
-            guards[config.name] = (config, Guard.load(path, device="cpu"))
-            for view_config, view in layer_views(
-                config, guards[config.name][1], info.default_layer
-            ):
-                guards[view_config.name] = (view_config, view)
-    else:
-        guards[base_config.name] = (base_config, base_guard)
-    timings["build_seconds"] = time.perf_counter() - t0
 
-    # --- features of every set, computed once for all layers ---------------------------------
-    t0 = time.perf_counter()
-    feats: dict[str, BatchFeatures] = {
-        "authentic": _features(network, x_auth),
-        "errors": _features(network, split.tensor(selection.errors)),
-    }
-    for name, pixels in adversarial.items():
-        feats[name] = _features(network, torch.from_numpy(pixels))
-
-    # --- adaptive attacks: against the default bundle ("adaptive", also scored by every other
-    # configuration as a transfer attack), the multi-layer bundle, and each Table 2 processing and
-    # layer-study bundle ("adaptive_own": every configuration against adversarials made for it)
-    default_name = f"pca_whiten-{info.default_layer}-k1000"
-    default_guard = guards[default_name][1] if default_name in guards else base_guard
-    default_key = default_name if default_name in guards else base_config.name
-    adaptive_targets: dict[str, tuple[Guard, str]] = {"adaptive": (default_guard, default_key)}
-    for cname, (config, guard) in guards.items():
-        if cname == default_key:
+def transfer_stage(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    found: AttackSetsFound,
+    log: Log,
+) -> None:
+    """Adversarials crafted on another model (its exported sets), kept where they fool this
+    one: the attacker without our weights. Missing when the other model was not evaluated."""
+    for other in options.transfer_from:
+        path = export_path(options.cache_dir, other)
+        if not path.is_file():
+            log(f"no transfer sets: {path} is missing (run the evaluation of {other} first)")
             continue
-        if config.combination != "single":
-            adaptive_targets["adaptive_multilayer"] = (guard, cname)
-        elif config.study in ("table2", "layers"):
-            adaptive_targets[f"adaptive@{cname}"] = (guard, cname)
-    own_adaptive: dict[str, str] = {}  # configuration -> adaptive set made against it
-    adaptive_info: dict[str, dict[str, Any]] = {}
-    for set_name, (target_guard, target_config) in adaptive_targets.items():
-        own_adaptive[target_config] = set_name
-        detectors = (
-            target_guard.detector.layer_detectors
-            if isinstance(target_guard.detector, MultiLayerDetector)
-            else [target_guard.detector]
+        exported = load_attack_sets(path)
+        for attack in TRANSFER_ATTACKS:
+            if attack not in exported.attacks or attack not in exported.rows:
+                continue
+            truth = sets.split.labels[exported.authentic_rows[exported.rows[attack]]]
+            images = exported.attacks[attack].astype(np.float32) / 255.0
+            predicted = attacks.predict(mut.classifier, torch.from_numpy(images))
+            fooled = predicted != truth
+            name = f"transfer_{attack}"
+            found.adversarial[name] = images[fooled]
+            found.stats[name] = {
+                "params": {"crafted_on": other, "attack": attack},
+                "attempted": int(truth.size),
+                "succeeded": int(fooled.sum()),
+                "failed": int((~fooled).sum()),
+                "target_reached": 0,
+                "target_rate": 0.0,
+                "mean_l2": None,
+                "mean_linf": None,
+                "seconds": 0.0,
+                "cached": True,
+            }
+            log(f"{name} from {other}: {int(fooled.sum())}/{truth.size} fool {mut.name}")
+
+
+def configuration_stage(
+    options: EvaluateOptions, mut: ModelUnderTest, log: Log
+) -> dict[str, tuple[DetectorConfig, Guard]]:
+    """Every detector configuration as a Guard: the paper's Table 2 grid, layer study, k sweep
+    and multi-layer Fisher bundle (studies), the v2 default bundle, and views of the all-
+    statistics bundle (ablations) that need no build of their own."""
+    guards: dict[str, tuple[DetectorConfig, Guard]] = {}
+    if not options.studies:
+        config = DetectorConfig("bundle", "table2", tuple(mut.base_guard.layers))
+        guards[config.name] = (config, mut.base_guard)
+        return guards
+    for config in detector_configs(mut.info.default_layer, mut.stage_layers):
+        path = _build(options, mut.arch, mut.weights, config, mut.name, log)
+        guards[config.name] = (config, Guard.load(path, device="cpu"))
+        for view_config, view in layer_views(
+            config, path, guards[config.name][1], mut.info.default_layer
+        ):
+            guards[view_config.name] = (view_config, view)
+    if mut.info.family == "cifar":
+        v2 = DetectorConfig("v2", "v2", (), preset="v2")
+        guards[v2.name] = (
+            v2,
+            Guard.load(_build(options, mut.arch, mut.weights, v2, mut.name, log), device="cpu"),
         )
-        surrogate = [SurrogateLayer.from_detector(d) for d in detectors]
+        every = DetectorConfig("all-statistics", "ablation", (), statistics=ALL_STATISTICS)
+        path = _build(options, mut.arch, mut.weights, every, mut.name, log)
+        for view_config, view in statistic_views(path):
+            guards[view_config.name] = (view_config, view)
+    return guards
+
+
+def feature_stage(
+    mut: ModelUnderTest, sets: ImageSets, found: AttackSetsFound
+) -> dict[str, BatchFeatures]:
+    """Features of every set at every hooked layer, computed once."""
+    feats: dict[str, BatchFeatures] = {
+        "authentic": _features(mut.network, sets.x_auth),
+        "errors": _features(mut.network, sets.split.tensor(sets.selection.errors)),
+    }
+    for name, pixels in found.adversarial.items():
+        feats[name] = _features(mut.network, torch.from_numpy(pixels))
+    return feats
+
+
+def adaptive_stage(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    found: AttackSetsFound,
+    guards: dict[str, tuple[DetectorConfig, Guard]],
+    feats: dict[str, BatchFeatures],
+    log: Log,
+    timings: dict[str, float],
+) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """White-box PGD against the paper's default detector ("adaptive", also scored by every other
+    configuration as a transfer attack), the multi-layer Fisher bundle and the v2 bundle."""
+    default_name = f"pca_whiten-{mut.info.default_layer}-k1000"
+    default_key = default_name if default_name in guards else "bundle"
+    targets = {"adaptive": default_key}
+    if "v2" in guards:
+        targets["adaptive_v2"] = "v2"
+    for cname, (config, _) in guards.items():
+        if config.study == "multilayer":
+            targets["adaptive_multilayer"] = cname
+    p = options.attack
+    base_key = attack_key(mut, sets, options.seed)
+    info: dict[str, dict[str, Any]] = {}
+    own: dict[str, str] = {}
+    for set_name, cname in targets.items():
+        guard = guards[cname][1]
+        own[cname] = set_name
+        layers = surrogates(guard.detector)
         params = {
             "eps": p.adaptive_eps,
             "alpha": p.adaptive_alpha,
             "steps": p.adaptive_steps,
             "weight": p.adaptive_weight,
-            "detector": target_guard.manifest.files,
+            "detector": guard.manifest.files,
         }
         ta = time.perf_counter()
 
-        def run_adaptive(layers: list[SurrogateLayer] = surrogate) -> attacks.AttackOutput:
+        def run(layers: list[Surrogate] = layers) -> attacks.AttackOutput:
             return adaptive_pgd(
-                network,
+                mut.network,
                 layers,
-                x_auth,
-                targets,
+                sets.x_auth,
+                sets.targets,
                 p.adaptive_eps,
                 p.adaptive_alpha,
                 p.adaptive_steps,
                 p.adaptive_weight,
-                bs,
+                options.batch_size,
                 options.seed,
             )
 
         output, hit = cached_attack(
-            cache / "adversarials", {**base_key, "attack": set_name, **params}, run_adaptive
+            options.cache_dir / "adversarials", {**base_key, "attack": set_name, **params}, run
         )
-        record(set_name, {k: v for k, v in params.items() if k != "detector"}, output, hit)
-        feats[set_name] = _features(network, torch.from_numpy(adversarial[set_name]))
+        shown = {k: v for k, v in params.items() if k != "detector"}
+        record_attack(found, mut, sets, set_name, shown, output, hit, log)
+        feats[set_name] = _features(mut.network, torch.from_numpy(found.adversarial[set_name]))
         # the number a user should believe: misclassified AND accepted at the bundle threshold
-        all_feats = _features(network, torch.from_numpy(output.adversarial))
-        adv_scores = guard_scores(target_guard, all_feats, None)
-        misclassified = all_feats.predictions != y_auth
-        accepted = adv_scores >= target_guard.threshold
-        adaptive_info[set_name] = {
-            "detector": target_guard.manifest.name,
-            "threshold": target_guard.threshold,
-            "retention": target_guard.manifest.calibration.operating_retention,
-            "attempted": int(y_auth.size),
+        every = _features(mut.network, torch.from_numpy(output.adversarial))
+        accepted = guard_scores(guard, every, None) >= guard.threshold
+        misclassified = every.predictions != sets.y_auth
+        info[set_name] = {
+            "detector": guard.manifest.name,
+            "threshold": guard.threshold,
+            "retention": guard.manifest.calibration.operating_retention,
+            "attempted": int(sets.y_auth.size),
             "misclassified": round(float(misclassified.mean()), 4),
-            "target_reached": round(float((all_feats.predictions == selection.targets).mean()), 4),
+            "target_reached": round(float((every.predictions == sets.selection.targets).mean()), 4),
             "misclassified_and_accepted": round(float((misclassified & accepted).mean()), 4),
         }
         timings[f"attack_{set_name}_seconds"] = time.perf_counter() - ta
-        log(f"{set_name}: {adaptive_info[set_name]}")
+        log(f"{set_name}: {info[set_name]}")
+    return info, own
 
-    exported = export_attack_sets(
-        export_path(cache, model_name), selection, adversarial, str(options.source)
-    )
-    log(f"attack sets for `advguard simulate` in {exported}")
 
-    # --- scores and metrics --------------------------------------------------------------------
-    global_sets = ["adaptive", "adaptive_multilayer"]
-    set_names = ["lbfgs", "fgsm", "aggr", "errors", "pgd", "cw", *global_sets, "adaptive_own"]
+def score_stage(
+    guards: dict[str, tuple[DetectorConfig, Guard]],
+    feats: dict[str, BatchFeatures],
+    own_adaptive: dict[str, str],
+) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, np.ndarray]]]]:
+    """Every configuration scores every set; EER accuracy, AUROC, TPR at 5% FPR, and the share
+    accepted at the configuration's own threshold."""
+    set_names = [s for s in SET_ORDER if s in feats or s in ("aggr", "adaptive_own")]
     configurations: dict[str, Any] = {}
     all_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for cname, (config, guard) in guards.items():
-        multi_layer = isinstance(guard.detector, MultiLayerDetector)
-        functions: tuple[ScoreFunction | None, ...] = (None,) if multi_layer else SCORE_FUNCTIONS
+        single_vote = guard.detector.combination == "single" and isinstance(
+            guard.detector.statistics[0], KnnVote
+        )
+        functions: tuple[ScoreFunction | None, ...] = SCORE_FUNCTIONS if single_vote else (None,)
         by_function: dict[str, Any] = {}
         all_scores[cname] = {}
         for function in functions:
             key = function or guard.manifest.detector.score_function
-            scores = {
-                name: guard_scores(guard, batch, function)
-                for name, batch in feats.items()
-                if not name.startswith("adaptive@")
-            }
+            scores = {name: guard_scores(guard, batch, function) for name, batch in feats.items()}
             if cname in own_adaptive:
-                scores["adaptive_own"] = guard_scores(guard, feats[own_adaptive[cname]], function)
+                scores["adaptive_own"] = scores[own_adaptive[cname]]
             scores["aggr"] = np.concatenate([scores["lbfgs"], scores["fgsm"]])
             all_scores[cname][key] = scores
             by_function[key] = {
@@ -535,10 +834,12 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
                 for name in set_names
                 if name in scores and scores[name].size
             }
-        own = all_scores[cname][guard.manifest.detector.score_function]
+        mine = all_scores[cname][guard.manifest.detector.score_function]
         configurations[cname] = {
             **asdict(config),
             "bundle": guard.manifest.name,
+            "statistics": guard.detector.names,
+            "combination": guard.detector.combination,
             "score_function": guard.manifest.detector.score_function,
             "threshold": guard.threshold,
             "retention": guard.manifest.calibration.operating_retention,
@@ -548,14 +849,62 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
                 for function, scores in all_scores[cname].items()
             },
             "accepted_at_threshold": {
-                name: round(float((own[name] >= guard.threshold).mean()), 4)
+                name: round(float((mine[name] >= guard.threshold).mean()), 4)
                 for name in ["authentic", *set_names]
-                if name in own and own[name].size
+                if name in mine and mine[name].size
             },
         }
-    timings["scoring_seconds"] = time.perf_counter() - t0
+    return configurations, all_scores
 
-    # best configuration of the paper's Table 2 grid: highest aggregated EER accuracy
+
+def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
+    """model -> sets -> attacks (+ transfer) -> configurations -> features -> adaptive attacks
+    -> scores -> reports."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    torch.manual_seed(options.seed)
+    t0 = time.perf_counter()
+    mut = model_stage(options, log)
+    sets = sets_stage(options, mut, log)
+    timings["data_seconds"] = time.perf_counter() - t0
+    found = attack_stage(options, mut, sets, log, timings)
+    transfer_stage(options, mut, sets, found, log)
+    t0 = time.perf_counter()
+    guards = configuration_stage(options, mut, log)
+    timings["build_seconds"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    feats = feature_stage(mut, sets, found)
+    adaptive_info, own_adaptive = adaptive_stage(
+        options, mut, sets, found, guards, feats, log, timings
+    )
+    exported = export_attack_sets(
+        export_path(options.cache_dir, mut.name),
+        sets.selection,
+        found.adversarial,
+        found.rows,
+        str(options.source),
+    )
+    log(f"attack sets for `advguard simulate` in {exported}")
+    configurations, all_scores = score_stage(guards, feats, own_adaptive)
+    timings["scoring_seconds"] = time.perf_counter() - t0
+    return report_stage(
+        options, mut, sets, found, adaptive_info, configurations, all_scores, timings, started, log
+    )
+
+
+def report_stage(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    found: AttackSetsFound,
+    adaptive_info: dict[str, dict[str, Any]],
+    configurations: dict[str, Any],
+    all_scores: dict[str, dict[str, dict[str, np.ndarray]]],
+    timings: dict[str, float],
+    started: float,
+    log: Log,
+) -> dict[str, Any]:
+    """results.json, table2.md, the figures (best Table 2 configuration) and SUMMARY.md."""
     candidates = [
         (m["aggr"]["eer_accuracy"], cname, function)
         for cname, c in configurations.items()
@@ -563,32 +912,26 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         for function, m in c["metrics"].items()
     ]
     _, best_name, best_function = max(candidates)
-    best = {"configuration": best_name, "score_function": best_function}
-
-    # --- outputs -------------------------------------------------------------------------------
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    for stats in attack_stats.values():
-        stats.pop("_success_mask")
-        stats.pop("_l2")
     results: dict[str, Any] = {
-        "bundle": model_name,
-        "model": {"arch": arch, "weights_sha256": weights_sha},
+        "bundle": mut.name,
+        "model": {"arch": mut.arch, "weights_sha256": mut.manifest.model.weights_sha256},
         "quick": options.quick,
         "seed": options.seed,
         "source": str(options.source),
-        "test_images": len(split.keys),
-        "test_accuracy": round(test_accuracy, 4),
+        "test_images": len(sets.split.keys),
+        "test_accuracy": round(sets.test_accuracy, 4),
         "per_class": options.per_class,
         "sets": {
-            "authentic": int(selection.authentic.size),
-            "errors": int(selection.errors.size),
+            "authentic": int(sets.selection.authentic.size),
+            "errors": int(sets.selection.errors.size),
         },
-        "attacks": attack_stats,
-        "lbfgs_vs_fgsm": lbfgs_vs_fgsm,
+        "attacks": found.stats,
+        "lbfgs_vs_fgsm": found.lbfgs_vs_fgsm,
         "adaptive": adaptive_info,
         "configurations": configurations,
-        "best": best,
+        "best": {"configuration": best_name, "score_function": best_function},
         "paper_table2_pca_dwknn": {"lbfgs": 0.865, "fgsm": 0.835, "aggr": 0.850, "errors": 0.636},
         "environment": {
             "python": platform.python_version(),
@@ -596,11 +939,16 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
             "threads": torch.get_num_threads(),
         },
     }
-    best_scores = all_scores[best_name][best_function]
-    report.write_figures(best_scores, best_name, best_function, configurations[best_name], out)
+    report.write_figures(
+        all_scores[best_name][best_function],
+        best_name,
+        best_function,
+        configurations[best_name],
+        out,
+    )
     timings["total_seconds"] = time.perf_counter() - started
     # attack time when each adversarial set was first computed (cached sets cost nothing now)
-    timings["attacks_when_computed_seconds"] = sum(a["seconds"] for a in attack_stats.values())
+    timings["attacks_when_computed_seconds"] = sum(a["seconds"] for a in found.stats.values())
     results["runtime"] = {k: round(v, 1) for k, v in timings.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table2.md").write_text(report.markdown(results))

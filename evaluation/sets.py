@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +70,27 @@ def cached_attack(
 
 
 # The attacks whose adversarials ``advguard simulate`` replays as attacking clients.
-EXPORTED_ATTACKS: tuple[str, ...] = ("fgsm", "lbfgs", "pgd", "cw", "adaptive")
+EXPORTED_ATTACKS: tuple[str, ...] = (
+    "fgsm",
+    "lbfgs",
+    "pgd",
+    "cw",
+    "fgsm_untargeted",
+    "pgd_untargeted",
+    "pgd_l2",
+    "adaptive",
+    "adaptive_v2",
+)
+# The attacks another model's evaluation judges as transfer sets (crafted without its weights).
+TRANSFER_ATTACKS: tuple[str, ...] = (
+    "fgsm",
+    "lbfgs",
+    "pgd",
+    "cw",
+    "fgsm_untargeted",
+    "pgd_untargeted",
+    "pgd_l2",
+)
 
 
 def export_path(cache_dir: Path, model_name: str) -> Path:
@@ -78,10 +98,15 @@ def export_path(cache_dir: Path, model_name: str) -> Path:
 
 
 def export_attack_sets(
-    path: Path, selection: Selection, adversarial: dict[str, np.ndarray], source: str
+    path: Path,
+    selection: Selection,
+    adversarial: dict[str, np.ndarray],
+    rows: dict[str, np.ndarray],
+    source: str,
 ) -> Path:
     """The successful adversarials of each exported attack as the 8-bit images a client would
-    upload (rounded from [0, 1] floats), with the authentic rows of the test split they came from.
+    upload (rounded from [0, 1] floats), with the authentic rows of the test split they came from
+    and, per attack, which of those authentic images each adversarial was made from.
     """
     arrays: dict[str, np.ndarray] = {
         "authentic_rows": selection.authentic,
@@ -91,6 +116,7 @@ def export_attack_sets(
     for name in EXPORTED_ATTACKS:
         if name in adversarial:
             arrays[f"attack_{name}"] = eight_bit(adversarial[name])
+            arrays[f"rows_{name}"] = rows[name]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
@@ -104,6 +130,8 @@ class AttackSets:
     error_rows: np.ndarray
     attacks: dict[str, np.ndarray]  # attack -> (n, 3, H, W) uint8 adversarial images
     source: str
+    # attack -> (n,) positions in authentic_rows each adversarial was made from (newer exports)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_attack_sets(path: Path) -> AttackSets:
@@ -117,4 +145,11 @@ def load_attack_sets(path: Path) -> AttackSets:
             for name in data.files
             if name.startswith("attack_")
         }
-        return AttackSets(data["authentic_rows"], data["error_rows"], attacks, str(data["source"]))
+        rows = {
+            name.removeprefix("rows_"): data[name]
+            for name in data.files
+            if name.startswith("rows_")
+        }
+        return AttackSets(
+            data["authentic_rows"], data["error_rows"], attacks, str(data["source"]), rows
+        )
