@@ -72,7 +72,8 @@ def harmonic_mean_p(p_values: np.ndarray) -> np.ndarray:
 def tippett_combination(p_values: np.ndarray) -> np.ndarray:
     """(n, L) -> (n,) Tippett's minimum-p: 1 - (1 - min_l p_l)^L."""
     smallest = np.clip(p_values.astype(np.float64), 0.0, 1.0).min(axis=1)
-    combined: np.ndarray = -np.expm1(p_values.shape[1] * np.log1p(-smallest))
+    with np.errstate(divide="ignore"):  # min p = 1: log1p(-1) = -inf, and the result is 1
+        combined: np.ndarray = -np.expm1(p_values.shape[1] * np.log1p(-smallest))
     return combined
 
 
