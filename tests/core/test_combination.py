@@ -1,4 +1,4 @@
-"""Multi-layer score: empirical p-values and Fisher's combination."""
+"""Multi-layer score: empirical p-values, Fisher's combination, the manifest's detector rules."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from app.core.detector import empirical_p_values, fisher_combination
-from app.core.manifest import DetectorSpec, LayerSpec
+from app.core.manifest import DetectorSpec, LayerSpec, StatisticSpec
 
 
 def test_p_values_rank_against_calibration():
@@ -57,3 +57,61 @@ def test_manifest_combination_rules():
     spec = DetectorSpec(layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")], k=5,
                         score_function="dwknn", combination="fisher", labels_file="l.npy")
     assert spec.combination == "fisher"
+
+
+def _v2_layer(name, index=True, density=False):
+    return LayerSpec(
+        name=name, input_dim=4, processing="pca_whiten" if index else "none", output_dim=4,
+        processing_file=f"p_{name}.npz" if index else None,
+        index_file=f"i_{name}.faiss" if index else None, index_type="flat",
+        class_density_file=f"d_{name}.npz" if density else None,
+    )
+
+
+def _v2_spec(layers, statistics, combination="hmp"):
+    return DetectorSpec(
+        layers=layers, k=5, score_function="dwknn", combination=combination,
+        labels_file="l.npy", statistics=[StatisticSpec(**s) for s in statistics],
+    )
+
+
+VOTE = {"kind": "vote", "layer": "b"}
+MAHA_A = {"kind": "mahalanobis", "layer": "a"}
+KNN_B = {"kind": "knn_distance", "layer": "b", "k": 3}
+
+
+def test_manifest_statistics_rules():
+    layers = [_v2_layer("a", index=False, density=True), _v2_layer("b")]
+    spec = _v2_spec(layers, [VOTE, MAHA_A, KNN_B])
+    assert [(s.kind, s.layer, s.k) for s in spec.statistic_specs()] == [
+        ("vote", "b", None), ("mahalanobis", "a", None), ("knn_distance", "b", 3),
+    ]
+    assert _v2_spec([_v2_layer("b")], [VOTE], "single").combination == "single"
+    with pytest.raises(ValueError, match="class density"):  # mahalanobis where there is none
+        _v2_spec([_v2_layer("a"), _v2_layer("b")], [VOTE, MAHA_A])
+    with pytest.raises(ValueError, match="index"):  # a vote where there is no index
+        _v2_spec([_v2_layer("a", index=False, density=True)], [{"kind": "vote", "layer": "a"},
+                                                              MAHA_A])
+    with pytest.raises(ValueError, match="unknown layer"):
+        _v2_spec(layers, [VOTE, {"kind": "mahalanobis", "layer": "c"}])
+    with pytest.raises(ValueError, match="k is set"):  # knn_distance needs its k ...
+        _v2_spec(layers, [VOTE, {"kind": "knn_distance", "layer": "b"}])
+    with pytest.raises(ValueError, match="k is set"):  # ... and only it has one
+        _v2_spec(layers, [{"kind": "vote", "layer": "b", "k": 3}, MAHA_A])
+    with pytest.raises(ValueError, match="single"):
+        _v2_spec(layers, [VOTE, MAHA_A], "single")
+    with pytest.raises(ValueError, match="single"):
+        _v2_spec(layers, [VOTE], "fisher")
+    with pytest.raises(ValueError, match="twice"):
+        _v2_spec([*layers, _v2_layer("b")], [VOTE, MAHA_A])
+    with pytest.raises(ValueError):
+        _v2_spec(layers, [])
+
+
+def test_format1_specs_read_as_one_vote_per_layer():
+    spec = DetectorSpec(layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")], k=5,
+                        score_function="dwknn", combination="fisher", labels_file="l.npy")
+    assert spec.statistics is None
+    assert [(s.kind, s.layer, s.k) for s in spec.statistic_specs()] == [
+        ("vote", "a", None), ("vote", "b", None),
+    ]
