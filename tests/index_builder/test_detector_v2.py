@@ -1,0 +1,220 @@
+"""A combined (v2) bundle through the real builder: its parts, its calibration, its integrity."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from app.core.bundle import read_manifest
+from app.core.calibration import threshold_for_retention
+from app.core.cifar_resnet import cifar_resnet
+from app.core.errors import BundleError
+from app.core.guard import Guard
+from app.core.images import decode_image
+from app.core.manifest import Manifest
+from app.core.models import build_model
+from index_builder import build, detectors
+from index_builder.build import BuildConfig, build_bundle, extract_stage, plan_build
+from tests.conftest import random_image_bytes, save_state_dict
+
+BLOCKS = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
+PRESET = "maha-blocks+knn-last-hmp"
+
+
+def _folder(root: Path, classes: int = 3, per_class: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        folder = root / f"class_{label:02d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            (folder / f"{i:04d}.png").write_bytes(random_image_bytes(rng, 32, label))
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[BuildConfig, Path]:
+    """One v2 bundle (the preset's 11 statistics, HMP), its chunks kept for the stage tests."""
+    root = tmp_path_factory.mktemp("v2")
+    torch.manual_seed(0)
+    weights = save_state_dict(cifar_resnet("resnet20", 3), root / "r20.th", nested=True)
+    config = BuildConfig(
+        source=_folder(root / "imgs"), arch="resnet20", weights=weights, out=root / "bundle",
+        detector=PRESET, k=20, holdout_fraction=0.4, num_workers=0, batch_size=32, chunk_size=16,
+        work_dir=root / "work", keep_work_dir=True, device="cpu",
+    )  # fmt: skip
+    build_bundle(config, progress=False)
+    return config, config.out
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    return copy
+
+
+def test_preset_bundle_names_its_statistics_and_loads(built):
+    config, bundle = built
+    manifest = read_manifest(bundle)
+    detector = manifest.detector
+    assert detector.combination == "hmp"
+    assert detector.statistics is not None
+    assert [(s.kind, s.layer, s.k) for s in detector.statistics] == [
+        ("vote", "layer3.2", None),
+        *[("mahalanobis", block, None) for block in BLOCKS],
+        ("knn_distance", "layer3.2", 50),
+    ]
+    layers = {layer.name: layer for layer in detector.layers}
+    assert sorted(layers) == sorted(BLOCKS)
+    # only the last block is indexed; every block has its class means and tied covariance
+    assert [name for name, layer in layers.items() if layer.index_file] == ["layer3.2"]
+    assert all(layer.class_density_file in manifest.files for layer in layers.values())
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    assert guard.detector.names == [
+        "vote@layer3.2", *[f"mahalanobis@{b}" for b in BLOCKS], "knn_distance50@layer3.2",
+    ]
+    images = [decode_image(p.read_bytes()) for p in sorted(config.source.rglob("*.png"))[::7]]
+    verdicts = guard.classify_images(images)
+    assert len(verdicts) == len(images) == 9
+    for verdict in verdicts:
+        assert 0.0 < verdict.score <= 1.0
+        assert verdict.accepted == (verdict.score >= manifest.calibration.threshold)
+
+
+def test_reference_and_threshold_parts_are_disjoint_and_both_used(built):
+    config, bundle = built
+    manifest = read_manifest(bundle)
+    calibration = manifest.calibration
+    assert calibration.reference_statistics_file is not None
+    assert calibration.threshold_statistics_file is not None
+    reference = np.load(bundle / calibration.reference_statistics_file)
+    threshold_part = np.load(bundle / calibration.threshold_statistics_file)
+    statistics = len(manifest.detector.statistic_specs())
+    assert reference.shape == (calibration.n_reference, statistics) and reference.shape[0] > 0
+    assert threshold_part.shape == (calibration.n_correct, statistics)
+    assert threshold_part.shape[0] > 0
+
+    # the build's own held-out images again (its kept chunks: nothing is recomputed)
+    plan = plan_build(config)
+    reports = []
+
+    def resume(*args):
+        store, report = build._extract(*args)
+        reports.append(report)
+        return store, report
+
+    extracted = extract_stage(config, plan, False, None, resume)
+    assert [(r.chunks_computed, r.chunks_reused) for r in reports] == [(0, 4)]  # 60 images / 16
+    part = extracted.cal_reference
+    assert part.any() and (~part).any()
+    assert part.size == manifest.counts.holdout
+    assert calibration.n_images == int((~part).sum())  # the threshold part: every other image
+    # each class is split between the two parts
+    for label in range(3):
+        in_class = extracted.cal_truth == label
+        assert (part & in_class).any() and (~part & in_class).any()
+
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    values = guard.detector.values(
+        extracted.cal_features(guard.detector.layers), extracted.cal_predictions
+    )
+    correct = extracted.correct
+    np.testing.assert_allclose(reference, values[part & correct], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(threshold_part, values[~part & correct], rtol=1e-5, atol=1e-6)
+    # no held-out image is in both parts: no row of one part reappears in the other
+    assert not any(np.allclose(row, other) for row in reference for other in threshold_part)
+    # the loaded detector's reference is the reference part's values
+    np.testing.assert_array_equal(guard.detector.reference, np.sort(reference, axis=0))
+
+
+def test_threshold_statistics_reproduce_the_calibration(built):
+    _, bundle = built
+    manifest = read_manifest(bundle)
+    calibration = manifest.calibration
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    threshold_part = np.load(bundle / str(calibration.threshold_statistics_file))
+    combined = guard.detector.combine(threshold_part)
+    stored = np.load(bundle / calibration.scores_file)
+    np.testing.assert_allclose(combined, stored, rtol=1e-6)
+    for key, threshold in calibration.thresholds.items():
+        assert threshold_for_retention(combined, float(key)) == pytest.approx(threshold, rel=1e-6)
+    assert calibration.threshold == calibration.thresholds["0.98"]
+    assert (combined >= calibration.threshold).mean() >= 0.98
+    # the honest scores are the whole threshold part (errors included), not the reference part
+    honest = np.load(bundle / str(calibration.honest_scores_file))
+    assert honest.shape == (calibration.n_images,) and np.isin(stored, honest).all()
+
+
+def test_tampered_class_density_is_refused(built, tmp_path):
+    bundle = _copy(built[1], tmp_path)
+    Guard.load(bundle, device="cpu", use_gpu_index=False)  # intact, it loads
+    path = bundle / "class_density_layer2_1.npz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"class_density_layer2_1\.npz"):
+        Guard.load(bundle, device="cpu", use_gpu_index=False)
+
+
+@pytest.mark.parametrize(
+    "dropped", ["class_density_layer1_0.npz", "reference_statistics.npy", "index_layer3_2.faiss"]
+)
+def test_referenced_file_without_checksum_is_refused(built, tmp_path, dropped):
+    bundle = _copy(built[1], tmp_path)
+    data = json.loads((bundle / "manifest.json").read_text())
+    del data["files"][dropped]
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="without a checksum"):
+        Guard.load(bundle, device="cpu", use_gpu_index=False)
+
+
+def test_statistic_on_a_layer_without_class_density_is_invalid(built, tmp_path):
+    bundle = _copy(built[1], tmp_path)
+    data = json.loads((bundle / "manifest.json").read_text())
+    layer = next(spec for spec in data["detector"]["layers"] if spec["name"] == "layer2.0")
+    del data["files"][layer["class_density_file"]]
+    layer["class_density_file"] = None
+    with pytest.raises(ValidationError, match=r"mahalanobis@layer2\.0 needs the layer's class"):
+        Manifest.model_validate(data)
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="class density"):
+        Guard.load(bundle, device="cpu", use_gpu_index=False)
+
+
+def test_layer_aliases_expand_against_the_model():
+    model = cifar_resnet("resnet20", 3)
+    specs = detectors.parse_statistics(
+        ("vote@last", "mahalanobis@stages", "knn_distance@last", "vote@last"), model, "resnet20",
+        class_k=7,
+    )  # fmt: skip
+    assert [(s.kind, s.layer, s.k) for s in specs] == [
+        ("vote", "layer3.2", None),
+        ("mahalanobis", "layer1.2", None),
+        ("mahalanobis", "layer2.2", None),
+        ("mahalanobis", "layer3.2", None),
+        ("knn_distance", "layer3.2", 7),
+    ]  # the repeated vote@last appears once
+    blocks = detectors.parse_statistics(("mahalanobis@blocks",), model, "resnet20")
+    assert [s.layer for s in blocks] == BLOCKS
+    # the paper preset, explicit layers (one vote each) and explicit statistics
+    assert detectors.resolve("paper", (), None, (), model, "resnet20") == (
+        [detectors.StatisticSpec(kind="vote", layer="layer3.2")],
+        "single",
+    )
+    specs, how = detectors.resolve(None, (), None, ("layer1", "layer3"), model, "resnet20")
+    assert [s.layer for s in specs] == ["layer1", "layer3"] and how == "fisher"
+    specs, how = detectors.resolve(
+        PRESET, ("mahalanobis@last", "vote@last"), None, (), model, "resnet20"
+    )
+    assert [s.kind for s in specs] == ["mahalanobis", "vote"] and how == "hmp"
+    torchvision_model = build_model("resnet18", 3)
+    last = detectors.parse_statistics(("vote@last",), torchvision_model, "resnet18")
+    assert [s.layer for s in last] == ["layer4.1"]
+    for bad in ("vote", "vote@", "density@last"):
+        with pytest.raises(ValueError):
+            detectors.parse_statistics((bad,), model, "resnet20")
+    with pytest.raises(ValueError, match="unknown detector preset"):
+        detectors.resolve("v3", (), None, (), model, "resnet20")
