@@ -75,7 +75,7 @@ def command_line() -> str:
 def write_results(name: str, results: dict[str, Any], table: str) -> Path:
     """bench/results/<name>.json (every number) and <name>.md (the table, command, machine)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": command_line(), "machine": machine(), "measured_at": _now()}
+    meta: dict[str, Any] = {"command": command_line(), "machine": machine(), "measured_at": _now()}
     (RESULTS / f"{name}.json").write_text(json.dumps({**meta, **results}, indent=2) + "\n")
     host = meta["machine"]
     md = (

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     command = command_line()
     best = max(levels, key=lambda level: level["throughput_images_per_s"])
-    report = {
+    report: dict[str, Any] = {
         "command": command,
         "machine": {
             "nproc": os.cpu_count(),
