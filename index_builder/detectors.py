@@ -32,6 +32,8 @@ class DetectorPreset:
 
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
+    # chosen by the selection rule: evaluation/results/selection/selection.md
+    "v2": DetectorPreset(("vote@last", "mahalanobis@stages"), "fisher"),
 }
 # Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
 # vote, the mission's score.
@@ -43,7 +45,7 @@ CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     "maha-blocks+knn-last": ("vote@last", "mahalanobis@blocks", "knn_distance@last"),
 }
 CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
-DEFAULT_PRESET = "paper"
+DEFAULT_PRESET = "v2"
 
 
 def candidate_presets() -> dict[str, DetectorPreset]:
