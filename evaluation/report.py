@@ -21,6 +21,27 @@ SET_LABELS = {
     "adaptive_multilayer": "Adaptive (multi)",
     "adaptive_own": "Adaptive (own)",
 }
+# Every set of the detector v2 tables (issue 12), in order.
+V2_LABELS = {
+    "fgsm": "FGSM",
+    "fgsm_untargeted": "FGSM-U",
+    "lbfgs": "L-BFGS",
+    "pgd": "PGD",
+    "pgd_untargeted": "PGD-U",
+    "pgd_l2": "PGD-L2",
+    "cw": "CW-L2",
+    "transfer_fgsm": "T-FGSM",
+    "transfer_fgsm_untargeted": "T-FGSM-U",
+    "transfer_pgd": "T-PGD",
+    "transfer_pgd_untargeted": "T-PGD-U",
+    "transfer_pgd_l2": "T-PGD-L2",
+    "transfer_cw": "T-CW",
+    "transfer_lbfgs": "T-L-BFGS",
+    "errors": "Errors",
+    "adaptive_own": "Adaptive (own)",
+}
+# The sets the issue-12 targets apply to (every non-adaptive attack, transfer included).
+TARGET_SETS: tuple[str, ...] = tuple(s for s in V2_LABELS if s not in ("errors", "adaptive_own"))
 PROCESSING_LABELS = {"none": "None", "l2": "L2Norm", "pca_whiten": "PCA + Whiten"}
 SCORE_LABELS = {"knn": "kNN", "wknn": "W-kNN", "dwknn": "DW-kNN"}
 
@@ -185,6 +206,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
 
+    parts += v2_sections(results)
     rows = [
         [
             SET_LABELS.get(name, name.replace("adaptive@", "Adaptive vs ")),
@@ -262,6 +284,59 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(parts)
+
+
+def v2_configurations(configs: dict[str, Any]) -> dict[str, Any]:
+    """The paper's default, the multi-layer Fisher bundle, the v2 bundle and the ablations."""
+    return {
+        name: c
+        for name, c in configs.items()
+        if c["study"] in ("v2", "ablation", "multilayer")
+        or (c["study"] == "table2" and c["processing"] == "pca_whiten")
+        or name == "bundle"
+    }
+
+
+def v2_sections(results: dict[str, Any]) -> list[str]:
+    configs = v2_configurations(results["configurations"])
+    sets = [s for s in V2_LABELS if any(s in c["accepted_at_threshold"] for c in configs.values())]
+    if not configs or not sets:
+        return []
+    header = ["Configuration", *[V2_LABELS[s] for s in sets]]
+
+    def eer(c: dict[str, Any]) -> list[str]:
+        return _row(c["metrics"][c["score_function"]], sets, "eer_accuracy")
+
+    def accepted(c: dict[str, Any]) -> list[str]:
+        return [_pct(c["accepted_at_threshold"].get(s)) for s in sets]
+
+    parts = [
+        "## Detector v2: EER accuracy (%) on every set",
+        "",
+        "Rows: the paper's detector (`pca_whiten-...`), the multi-layer Fisher vote, the v2 "
+        "default bundle (`v2`) and ablations: views of one bundle holding every statistic, each "
+        "thresholded on that bundle's threshold part. -U: untargeted; T-: transfer sets "
+        "(adversarials crafted on the other model that fool this one). Adaptive (own): the "
+        "white-box attack against the row's own detector (rows that have one).",
+        "",
+        _table(header, [[name, *eer(c)] for name, c in configs.items()]),
+        "",
+        "## Detector v2: share accepted at the configuration's threshold (%)",
+        "",
+        "Successful adversarials accepted at the operating threshold (98% retention of held-out "
+        "authentic training images): the number users live with. Authentic: correctly "
+        "classified test images accepted.",
+        "",
+        _table(
+            ["Configuration", "Authentic", *header[1:]],
+            [
+                [name, _pct(c["accepted_at_threshold"].get("authentic")), *accepted(c)]
+                for name, c in configs.items()
+            ],
+        ),
+        "",
+    ]
+    return parts
 
 
 def summary(results_root: Path) -> str | None:

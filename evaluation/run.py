@@ -323,7 +323,7 @@ def _build(
         work_dir=options.cache_dir
         / "work"
         / model_name
-        / ("v2" if v2 else "+".join(config.layers)),
+        / (config.name if v2 else "+".join(config.layers)),
         keep_work_dir=True,
         seed=options.seed,
         name=f"{model_name}-{config.name}",

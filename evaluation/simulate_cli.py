@@ -12,16 +12,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
-import torch
-
 from app.core.flagging import FlagPolicy, PolicyKind
 from app.core.guard import Guard
 from app.core.models import PRESETS
 from app.service.main import flag_policy_for
 from app.service.settings import Settings
-from evaluation import attacks, simulate_report
-from evaluation.data import ImageSplit, eight_bit, load_split
+from evaluation import simulate_report
+from evaluation.data import load_split
 from evaluation.sets import EXPORTED_ATTACKS, export_path, load_attack_sets
 from evaluation.simulate import (
     HONEST,
@@ -37,21 +34,6 @@ from evaluation.simulate import (
 )
 
 CHECKPOINTS = (20, 50, 100)
-UNTARGETED_FGSM = "fgsm_untargeted"
-FGSM_EPS = 8 / 255
-
-
-def untargeted_fgsm(guard: Guard, split: ImageSplit, rows: np.ndarray) -> np.ndarray:
-    """Untargeted FGSM (eps 8/255) of the evaluation's authentic images, the successes only, as
-    8-bit images: the one attack the evaluation's sets (all targeted) leave out."""
-    model = attacks.LogitsModel(guard.network).eval()
-    labels = torch.from_numpy(split.labels[rows])
-    output = attacks.fgsm_untargeted(model, split.tensor(rows), labels, FGSM_EPS)
-    adversarial = torch.from_numpy(output.adversarial)
-    fooled = attacks.predict(model, adversarial) != split.labels[rows]
-    return eight_bit(output.adversarial[fooled])
-
-
 def is_loopback(url: str) -> bool:
     host = urlparse(url).hostname or ""
     if host == "localhost":
@@ -93,8 +75,6 @@ def simulate(args: argparse.Namespace) -> int:
     split = load_split(args.source, "test", preset, args.cache_dir / "data")
     attack_names = [a for a in EXPORTED_ATTACKS if a in sets.attacks]
     attack_pixels = {a: sets.attacks[a] for a in attack_names}
-    attack_pixels[UNTARGETED_FGSM] = untargeted_fgsm(guard, split, sets.authentic_rows)
-    attack_names.insert(0, UNTARGETED_FGSM)
     print(f"scoring {len(split.labels)} test images and the sets of {attack_names}", flush=True)
     pools = load_pools(guard, split.pixels, attack_pixels)
     sizes = {pool: len(p.scores) for pool, p in pools.items()}

@@ -77,7 +77,7 @@ class BuildConfig:
     nprobe: int = 256  # 0.3% of verdicts differ from exact at 1.28M x 256 (bench.search_ivf)
     k: int = 1000
     score_function: ScoreFunction = "dwknn"
-    holdout_fraction: float = 0.05
+    holdout_fraction: float = 0.1
     calibration_source: Path | None = None
     calibration_split: str | None = None
     per_class_limit: int | None = None

@@ -66,7 +66,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "preset's; hmp for --statistic lists, fisher for several --layer)",
     )
     parser.add_argument("--class-k", type=int, default=DEFAULT_CLASS_K, help="knn_distance's k")
-    parser.add_argument("--holdout-fraction", type=float, default=0.05)
+    parser.add_argument("--holdout-fraction", type=float, default=0.1)
     parser.add_argument(
         "--calibration-source",
         type=Path,
