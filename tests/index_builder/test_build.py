@@ -39,11 +39,13 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     report = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
     manifest = report.manifest
     assert manifest.counts.indexed == 27 and manifest.counts.holdout == 9
-    # the default detector is the paper's: one DW-kNN vote at the last residual block
+    # the default detector (v2): the paper's vote at the last residual block + Mahalanobis at
+    # each stage's output, Fisher-combined; layers are named by block
     assert manifest.model.arch == "resnet20" and manifest.detector.layers[0].name == "layer3.2"
-    assert manifest.detector.combination == "single"
+    assert manifest.detector.combination == "fisher"
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
-        ("vote", "layer3.2")
+        ("vote", "layer3.2"), ("mahalanobis", "layer1.2"), ("mahalanobis", "layer2.2"),
+        ("mahalanobis", "layer3.2"),
     ]
     assert manifest.detector.layers[0].output_dim == 26  # PCA capped at the sample rank
     assert set(manifest.calibration.thresholds) == {"0.90", "0.95", "0.98", "0.99"}
@@ -71,7 +73,7 @@ def test_torchvision_resnet18_round_trip_at_224(make_image_folder, tmp_path):
     weights = save_state_dict(build_model("resnet18", 3), tmp_path / "r18.pt", nested=False)
     config = BuildConfig(
         source=folder, arch="resnet18", weights=weights, out=tmp_path / "r18", layers=("avgpool",),
-        k=50, num_workers=0, batch_size=32,
+        k=50, num_workers=0, batch_size=32, holdout_fraction=0.05,  # 270 indexed: PCA to 256
     )
     manifest = build_bundle(config, progress=False).manifest
     layer = manifest.detector.layers[0]
@@ -188,10 +190,16 @@ def test_python_m_index_builder_cli(make_image_folder, cifar_weights, tmp_path, 
     code = builder_main([
         "--source", str(folder), "--arch", "resnet20", "--weights", str(cifar_weights(3)),
         "--out", str(tmp_path / "b"), "--k", "10", "--workers", "0", "--quiet",
+        "--detector", "paper",
     ])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary["indexed"] == read_manifest(tmp_path / "b").counts.indexed
+    manifest = read_manifest(tmp_path / "b")
+    assert summary["indexed"] == manifest.counts.indexed
+    assert manifest.detector.combination == "single"
+    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2")
+    ]
     bad = builder_main([
         "--source", str(folder), "--arch", "resnet21", "--weights", str(cifar_weights(3)),
         "--out", str(tmp_path / "c"), "--quiet",
