@@ -19,6 +19,7 @@ from app.core.manifest import Manifest
 from app.core.models import build_model
 from index_builder import build, detectors
 from index_builder.build import BuildConfig, build_bundle, extract_stage, plan_build
+from index_builder.cli import main as builder_main
 from tests.conftest import random_image_bytes, save_state_dict
 
 BLOCKS = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
@@ -182,6 +183,43 @@ def test_statistic_on_a_layer_without_class_density_is_invalid(built, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(data))
     with pytest.raises(BundleError, match="class density"):
         Guard.load(bundle, device="cpu", use_gpu_index=False)
+
+
+def test_cli_statistics_and_combination(built, tmp_path, capsys):
+    config, _ = built
+    code = builder_main([
+        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
+        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
+        "--holdout-fraction", "0.4", "--device", "cpu", "--statistic", "vote@last",
+        "--statistic", "mahalanobis@stages", "--statistic", "knn_distance@last",
+        "--class-k", "3", "--combination", "min_p",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.detector.combination == "min_p"
+    assert [(s.kind, s.layer, s.k) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2", None),
+        ("mahalanobis", "layer1.2", None),
+        ("mahalanobis", "layer2.2", None),
+        ("mahalanobis", "layer3.2", None),
+        ("knn_distance", "layer3.2", 3),
+    ]
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+    assert guard.detector.names[-1] == "knn_distance3@layer3.2"
+
+
+def test_holdout_too_small_to_split_is_an_error(tmp_path, capsys):
+    """One held-out image per class cannot feed both a reference and a threshold part."""
+    torch.manual_seed(0)
+    weights = save_state_dict(cifar_resnet("resnet20", 3), tmp_path / "r20.th", nested=True)
+    code = builder_main([
+        "--source", str(_folder(tmp_path / "imgs", per_class=6)), "--arch", "resnet20",
+        "--weights", str(weights), "--out", str(tmp_path / "b"), "--k", "5", "--workers", "0",
+        "--quiet", "--device", "cpu", "--holdout-fraction", "0.1",
+    ])  # fmt: skip
+    assert code == 2
+    assert "too few held-out images to split" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 def test_layer_aliases_expand_against_the_model():
