@@ -70,8 +70,11 @@ def build_tracker(settings: Settings, policy: FlagPolicy, metrics: Metrics) -> C
             retry_interval_s=settings.redis_retry_interval_s,
             buffer_size=settings.tracker_buffer_size,
             on_error=metrics.tracker_errors.inc,
+            cluster=settings.redis_cluster,
         )
-    return InMemoryTracker(policy, ttl_s=settings.client_ttl_s)
+    return InMemoryTracker(
+        policy, ttl_s=settings.client_ttl_s, max_clients=settings.tracker_max_clients
+    )
 
 
 def build_service(

@@ -71,11 +71,16 @@ class Settings(BaseSettings):
 
     # tracking
     redis_url: str | None = None  # unset: in-process tracker
-    redis_prefix: str = "advguard"
+    # true: redis_url names one node of a Redis Cluster (redis.cluster.RedisCluster finds the rest)
+    redis_cluster: bool = False
+    redis_prefix: str = Field(default="advguard", pattern=r"^[^{}]*$")  # braces: hash tags
     redis_timeout_s: float = Field(default=0.2, gt=0.0)
     redis_retry_interval_s: float = Field(default=0.5, ge=0.0)
     tracker_buffer_size: int = Field(default=10_000, ge=0)
     client_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)  # idle time before a client expires
+    # in-process tracker: clients kept at most (least recently seen unflagged evicted first),
+    # so that rotating X-Client-ID values cannot grow memory without bound
+    tracker_max_clients: int = Field(default=100_000, ge=1)
     # per-client flagging (app.core.flagging): the policy, and the design false-flag rate of
     # honest clients within flag_horizon requests from which its threshold is calibrated
     flag_policy: PolicyKind = DEFAULT_POLICY

@@ -6,11 +6,18 @@ bias-corrected EWMA, rejections and CUSUM, advanced by ``advance_window``). Both
 the one pure rule, ``FlagPolicy.should_flag``. Clearing a flag restarts the client's window,
 keeping lifetime counts.
 
-The Redis tracker updates a client atomically with one Lua script and keeps flagged clients in a
-sorted set (score: when flagged). It fails open: when Redis is unreachable, updates wait in a
-bounded in-memory buffer (oldest dropped when full) and are replayed, in order, once Redis answers
-again; meanwhile the tracker reports itself degraded. Socket timeouts are short and Redis is not
-retried for ``retry_interval_s`` after a failure, so a dead Redis costs requests nothing.
+Both are bounded under client-id rotation (without API keys every ``X-Client-ID`` value is a new
+client) and keep flags longest: the in-process store holds at most ``max_clients`` entries and
+evicts least recently seen unflagged clients first; in Redis the statistics carry a TTL and flags
+do not, so that ``maxmemory`` with ``volatile-lru`` evicts statistics and never flags.
+
+The Redis tracker updates a client atomically with one Lua script over that client's keys only,
+which share a hash tag, so it runs unchanged on a Redis Cluster (``cluster=True``); flagged ids
+are also kept in an index (a sorted set) for listing. It fails open: when Redis is unreachable,
+updates wait in a bounded in-memory buffer (oldest dropped when full) and are replayed, in order,
+once Redis answers again; meanwhile the tracker reports itself degraded. Socket timeouts are short
+and Redis is not retried for ``retry_interval_s`` after a failure, so a dead Redis costs requests
+nothing.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ import itertools
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from app.core.flagging import FlagPolicy, ScoreWindow, advance_window
@@ -94,8 +104,13 @@ def _noop() -> None:
 
 # --------------------------------------------------------------------------- in-process
 
+DEFAULT_MAX_CLIENTS = 100_000
+# Expired entries removed per update at most: more than one, so that expiry outpaces the at most
+# one entry an update can add, and few, so that no single request pays for a mass expiry.
+SWEEP_BATCH = 8
 
-@dataclass
+
+@dataclass(slots=True)
 class _Entry:
     requests: int = 0
     accepted: int = 0
@@ -124,26 +139,73 @@ class _Entry:
 
 
 class InMemoryTracker:
-    """One process, one lock; entries expire ``ttl_s`` after their last request."""
+    """One process, one lock, at most ``max_clients`` entries; an entry expires ``ttl_s`` after
+    its client's last request.
 
-    def __init__(self, policy: FlagPolicy, ttl_s: float = 7 * 24 * 3600):
+    Without API keys every ``X-Client-ID`` value is a new client, so a client rotating ids would
+    otherwise grow the store without bound (measured before the cap: ~1.3 KB per id, and an entry
+    only expired when its id came back). Entries live in two recency-ordered tables, unflagged
+    and flagged (oldest update first). Each update sweeps up to ``SWEEP_BATCH`` expired entries
+    from the old end of each table, and a new client that finds the store full evicts the least
+    recently updated *unflagged* client, a flagged one only when every entry is flagged: flags are
+    what the refuse policy acts on, so they are kept longest.
+    """
+
+    def __init__(
+        self,
+        policy: FlagPolicy,
+        ttl_s: float = 7 * 24 * 3600,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+    ):
+        if max_clients < 1:
+            raise ValueError(f"max_clients must be at least 1, got {max_clients}")
         self.policy = policy
         self.ttl_s = ttl_s
-        self._entries: dict[str, _Entry] = {}
+        self.max_clients = max_clients
+        self.evicted = 0  # entries removed to make room (not by expiry)
+        self._unflagged: OrderedDict[str, _Entry] = OrderedDict()
+        self._flagged: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
 
+    def __len__(self) -> int:
+        return len(self._unflagged) + len(self._flagged)
+
+    def _table(self, entry: _Entry) -> OrderedDict[str, _Entry]:
+        return self._unflagged if entry.flagged_at is None else self._flagged
+
+    def _expired(self, entry: _Entry, now: float) -> bool:
+        return now - entry.last_seen > self.ttl_s
+
     def _live(self, client_id: str, now: float) -> _Entry | None:
-        entry = self._entries.get(client_id)
-        if entry is not None and now - entry.last_seen > self.ttl_s:
-            del self._entries[client_id]
+        entry = self._unflagged.get(client_id) or self._flagged.get(client_id)
+        if entry is not None and self._expired(entry, now):
+            del self._table(entry)[client_id]
             return None
         return entry
 
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries from the old end of each table, ``SWEEP_BATCH`` at most each."""
+        for table in (self._unflagged, self._flagged):
+            for _ in range(SWEEP_BATCH):
+                oldest = next(iter(table.items()), None)
+                if oldest is None or not self._expired(oldest[1], now):
+                    break
+                del table[oldest[0]]
+
+    def _make_room(self) -> None:
+        """Evict least recently updated clients, unflagged first, until one more fits."""
+        while len(self) >= self.max_clients:
+            table = self._unflagged or self._flagged
+            table.popitem(last=False)
+            self.evicted += 1
+
     def record(self, observation: Observation) -> RecordResult:
         with self._lock:
+            self._sweep(observation.at)
             entry = self._live(observation.client_id, observation.at)
             if entry is None:
-                entry = self._entries[observation.client_id] = _Entry(first_seen=observation.at)
+                self._make_room()
+                entry = self._unflagged[observation.client_id] = _Entry(first_seen=observation.at)
             entry.requests += 1
             if observation.accepted:
                 entry.accepted += 1
@@ -156,7 +218,10 @@ class InMemoryTracker:
             entry.last_seen = max(entry.last_seen, observation.at)
             newly = entry.flagged_at is None and self.policy.should_flag(entry.window)
             if newly:
+                del self._unflagged[observation.client_id]
                 entry.flagged_at = observation.at
+                self._flagged[observation.client_id] = entry
+            self._table(entry).move_to_end(observation.client_id)
             return RecordResult(entry.stats(observation.client_id), newly)
 
     def get(self, client_id: str) -> ClientStats | None:
@@ -167,8 +232,8 @@ class InMemoryTracker:
     def flagged_clients(self) -> list[ClientStats]:
         now = time.time()
         with self._lock:
-            found = [(cid, self._live(cid, now)) for cid in list(self._entries)]
-            flagged = [e.stats(cid) for cid, e in found if e is not None and e.flagged_at]
+            found = [(cid, self._live(cid, now)) for cid in list(self._flagged)]
+            flagged = [e.stats(cid) for cid, e in found if e is not None]
         return sorted(flagged, key=lambda s: (s.flagged_at or 0.0, s.client_id))
 
     def flagged_count(self) -> int:
@@ -179,12 +244,15 @@ class InMemoryTracker:
         return stats is not None and stats.flagged
 
     def clear_flag(self, client_id: str) -> bool:
+        """Unflag and restart the window; the client then counts as just updated."""
         with self._lock:
             entry = self._live(client_id, time.time())
             if entry is None or entry.flagged_at is None:
                 return False
+            del self._flagged[client_id]
             entry.flagged_at = None
             entry.window = ScoreWindow()
+            self._unflagged[client_id] = entry
             return True
 
     def state(self) -> TrackerState:
@@ -199,31 +267,54 @@ class InMemoryTracker:
 
 # --------------------------------------------------------------------------- Redis
 
-# KEYS: client hash, flagged sorted set. ARGV: score, accepted (1/0), at, alpha, ttl seconds,
-# client id, writer (this tracker's id), seq (this tracker's sequence number of the update), the
-# CUSUM's reference value. The window update mirrors app.core.flagging.advance_arrays.
-# Returns the updated fields (floats as strings: Lua numbers would be truncated to integers).
+# Key layout. Every script touches the keys of one client only, and those share a hash tag, the
+# escaped client id in braces, so each script call stays in one slot of a Redis Cluster:
+#   <prefix>:client:{<id>}  hash, the client's statistics; TTL = client TTL, refreshed on update
+#   <prefix>:flag:{<id>}    hash {at: flagged at, seen: last seen}; no TTL
+#   <prefix>:flagged        sorted set of flagged ids, the index for listing; no TTL
+# Under maxmemory with `volatile-lru` only keys with a TTL are evicted: statistics go, least
+# recently used first, and flags stay. A flag's idle expiry is therefore kept by the tracker: it
+# expires `ttl` after `seen` (checked by every script that reads it, and swept from the index).
+# The index is the one key outside a client's slot; it is written only when a flag is set or
+# removed, by separate commands (see RedisTracker).
+
+# KEYS: client hash, flag hash. ARGV: score, accepted (1/0), at, alpha, ttl seconds, writer (this
+# tracker's id), seq (this tracker's sequence number of the update), the CUSUM's reference value.
+# The window update mirrors app.core.flagging.advance_arrays.
+# Returns the updated fields (floats as strings: Lua numbers would be truncated to integers) and
+# the live flag's time or false; an expired flag is deleted, and a live one's `seen` advanced.
 # Idempotent per writer: the hash keeps the last writer and its seq ('w' = "<writer>:<seq>"), and
 # an update that writer already applied (its reply was lost, so it was buffered and replayed) is
 # not applied twice; the current fields are returned instead.
 _RECORD_LUA = """
 local key = KEYS[1]
+local flag = KEYS[2]
 local score = tonumber(ARGV[1])
 local acc = tonumber(ARGV[2])
 local at = tonumber(ARGV[3])
 local alpha = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
-local seq = tonumber(ARGV[8])
-local ref = tonumber(ARGV[9])
+local seq = tonumber(ARGV[7])
+local ref = tonumber(ARGV[8])
 local f = function(x) return string.format('%.17g', x) end
+local flagged_at = function()
+  local fv = redis.call('HMGET', flag, 'at', 'seen')
+  if not fv[1] then return false end
+  local seen = tonumber(fv[2]) or 0
+  if at - seen > ttl then
+    redis.call('DEL', flag)
+    return false
+  end
+  if at > seen then redis.call('HSET', flag, 'seen', f(at)) end
+  return fv[1]
+end
 local v = redis.call('HMGET', key, 'requests', 'accepted', 'rejected', 'scored', 'mean', 'ewma',
                      'first_seen', 'last_seen', 'w', 'wrej', 'cusum')
 if v[9] then
   local writer, last = string.match(v[9], '^(.*):(%d+)$')
-  if writer == ARGV[7] and tonumber(last) >= seq then
-    local flagged = redis.call('ZSCORE', KEYS[2], ARGV[6])
+  if writer == ARGV[6] and tonumber(last) >= seq then
     return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), f(tonumber(v[5])),
-            f(tonumber(v[6])), f(tonumber(v[7])), f(tonumber(v[8])), flagged or false,
+            f(tonumber(v[6])), f(tonumber(v[7])), f(tonumber(v[8])), flagged_at(),
             tonumber(v[10]) or 0, f(tonumber(v[11]) or 0)}
   end
 end
@@ -246,29 +337,121 @@ local last_seen = tonumber(v[8]) or at
 if at > last_seen then last_seen = at end
 redis.call('HSET', key, 'requests', requests, 'accepted', accepted, 'rejected', rejected,
            'scored', scored, 'mean', f(mean), 'ewma', f(ewma), 'first_seen', f(first_seen),
-           'last_seen', f(last_seen), 'w', ARGV[7] .. ':' .. ARGV[8], 'wrej', wrej,
+           'last_seen', f(last_seen), 'w', ARGV[6] .. ':' .. ARGV[7], 'wrej', wrej,
            'cusum', f(cusum))
 redis.call('EXPIRE', key, ttl)
-local flagged_at = redis.call('ZSCORE', KEYS[2], ARGV[6])
 return {requests, accepted, rejected, scored, f(mean), f(ewma), f(first_seen), f(last_seen),
-        flagged_at or false, wrej, f(cusum)}
+        flagged_at(), wrej, f(cusum)}
 """
 
+# KEYS: flag hash. ARGV: at. Sets the flag unless one is there: 1 when this call set it.
+_FLAG_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'at', ARGV[1], 'seen', ARGV[1])
+return 1
+"""
+
+# KEYS: client hash, flag hash. ARGV: now, ttl. Removes the flag; when it was live (not expired),
+# restarts the client's window and returns 1.
 _CLEAR_LUA = """
-local removed = redis.call('ZREM', KEYS[2], ARGV[1])
-if removed == 1 and redis.call('EXISTS', KEYS[1]) == 1 then
+local seen = redis.call('HGET', KEYS[2], 'seen')
+if not seen then return 0 end
+redis.call('DEL', KEYS[2])
+if tonumber(ARGV[1]) - tonumber(seen) > tonumber(ARGV[2]) then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'scored', 0, 'mean', '0', 'ewma', '0', 'wrej', 0, 'cusum', '0')
 end
-return removed
+return 1
 """
+
+# KEYS: flag hash. ARGV: now, ttl. Deletes an expired flag; returns a live flag's `seen`.
+_EXPIRE_FLAG_LUA = """
+local seen = redis.call('HGET', KEYS[1], 'seen')
+if not seen then return false end
+if tonumber(ARGV[1]) - tonumber(seen) > tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  return false
+end
+return seen
+"""
+
+# KEYS: the index. ARGV: member, score as read. Removes the member only if its score is still the
+# one read: a flag set again meanwhile (which rewrites the score) keeps its index entry.
+_UNINDEX_LUA = """
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+_SCRIPTS = {
+    "record": _RECORD_LUA,
+    "flag": _FLAG_LUA,
+    "clear": _CLEAR_LUA,
+    "expire_flag": _EXPIRE_FLAG_LUA,
+    "unindex": _UNINDEX_LUA,
+}
+
+# Index entries examined per sweep (each listing and each flagged_count, i.e. each scrape).
+FLAG_SWEEP_BATCH = 100
+
+# What a Redis or Redis Cluster call may raise: RedisClusterException (no connectable node, keys
+# in several slots) is not a RedisError.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
+
+RedisClient = redis.Redis | RedisCluster
 
 
 def _as_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def hash_tag(client_id: str) -> str:
+    """The client's hash tag: its id with '%', '{' and '}' percent-escaped (one-to-one), so that
+    the braces around it delimit the whole id; '%' for the empty id (an empty tag `{}` would
+    make Redis Cluster hash each key whole, splitting a client's keys over slots)."""
+    if not client_id:
+        return "%"
+    return client_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def connect(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
+    """A client with short timeouts and no retries: a dead Redis must cost requests nothing.
+
+    ``cluster``: a Redis Cluster client (``redis.cluster.RedisCluster``) bootstrapped from the
+    node in ``url``; it discovers the others and routes each command to its slot's node. It
+    connects when created, so the tracker creates it on first use, inside its error handling."""
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+        )
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+@dataclass
+class _Connection:
+    client: RedisClient
+    scripts: dict[str, Script]
+
+
 class RedisTracker:
-    """Atomic Lua updates in Redis, failing open to a bounded replay buffer."""
+    """Atomic Lua updates in Redis or a Redis Cluster, failing open to a bounded replay buffer.
+
+    Setting a flag takes two writes in different slots: the id is added to the index, then the
+    client's flag is set by a script that reports whether this call set it. A failure between
+    them leaves an index entry without a flag, which listing skips and the sweep removes; the
+    reverse order could leave a flag that no listing shows."""
 
     def __init__(
         self,
@@ -281,23 +464,20 @@ class RedisTracker:
         retry_interval_s: float = 0.5,
         buffer_size: int = 10_000,
         on_error: Callable[[], None] = _noop,
+        cluster: bool = False,
     ):
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
         self.policy = policy
         self.ttl_s = ttl_s
         self.prefix = prefix
         self.retry_interval_s = retry_interval_s
         self.on_error = on_error
         self.flagged_key = f"{prefix}:flagged"
-        self._redis = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            health_check_interval=0,
-        )
-        self._record = self._redis.register_script(_RECORD_LUA)
-        self._clear = self._redis.register_script(_CLEAR_LUA)
+        self._url = url
+        self._cluster = cluster
+        self._timeout_s = timeout_s
+        self._connection: _Connection | None = None
         # (seq, observation): an update keeps its sequence number through buffering and replay
         self._buffer: deque[tuple[int, Observation]] = (
             deque(maxlen=buffer_size) if buffer_size else deque()
@@ -310,7 +490,29 @@ class RedisTracker:
         self._down = False
 
     def client_key(self, client_id: str) -> str:
-        return f"{self.prefix}:client:{client_id}"
+        return f"{self.prefix}:client:{{{hash_tag(client_id)}}}"
+
+    def flag_key(self, client_id: str) -> str:
+        return f"{self.prefix}:flag:{{{hash_tag(client_id)}}}"
+
+    # -- the connection, made on first use
+
+    @property
+    def _redis(self) -> RedisClient:
+        return self._connect().client
+
+    def _connect(self) -> _Connection:
+        if self._connection is None:
+            client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
+            scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+            self._connection = _Connection(client, scripts)
+        return self._connection
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return self._connect().scripts[name](keys=keys, args=args)
+
+    def _record(self, keys: list[str], args: list[Any]) -> Any:
+        return self._script("record", keys, args)
 
     # -- outage handling
 
@@ -340,14 +542,13 @@ class RedisTracker:
 
     def _apply(self, observation: Observation, seq: int) -> RecordResult:
         raw = self._record(
-            keys=[self.client_key(observation.client_id), self.flagged_key],
+            keys=[self.client_key(observation.client_id), self.flag_key(observation.client_id)],
             args=[
                 repr(float(observation.score)),
                 1 if observation.accepted else 0,
                 repr(float(observation.at)),
                 repr(self.policy.window.ewma_alpha),
                 self.ttl_s,
-                observation.client_id,
                 self._writer,
                 seq,
                 repr(self.policy.window.cusum_reference),
@@ -371,11 +572,14 @@ class RedisTracker:
         )
         newly = False
         if flagged_at is None and self.policy.should_flag(stats.window):
-            newly = bool(
-                self._redis.zadd(self.flagged_key, {stats.client_id: observation.at}, nx=True)
-            )
-            stats = ClientStats(**{**stats.__dict__, "flagged": True, "flagged_at": observation.at})
+            newly = self._set_flag(observation.client_id, observation.at)
+            stats = replace(stats, flagged=True, flagged_at=observation.at)
         return RecordResult(stats, newly)
+
+    def _set_flag(self, client_id: str, at: float) -> bool:
+        """Index first, then the flag (see the class docstring); True when this call set it."""
+        self._redis.zadd(self.flagged_key, {client_id: at})
+        return bool(self._script("flag", [self.flag_key(client_id)], [repr(float(at))]))
 
     # -- the protocol
 
@@ -388,7 +592,7 @@ class RedisTracker:
                     result = self._apply(observation, seq)
                     self._down = False
                     return result
-                except redis.RedisError:
+                except REDIS_ERRORS:
                     self._failed()
             self._buffer_add(seq, observation)
             return RecordResult(None, False)
@@ -397,15 +601,30 @@ class RedisTracker:
         with self._lock:
             try:
                 return fn()
-            except redis.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 self._failed()
                 raise TrackerUnavailableError(f"redis: {exc}") from exc
 
-    def _stats_from_hash(
-        self, client_id: str, fields: dict[bytes, bytes], flagged_at: float | None
+    def _live_flag(self, fields: list[Any], now: float) -> tuple[float, float] | None:
+        """(flagged at, last seen) of a flag hash's HMGET at, seen; None when absent or expired."""
+        at, seen = fields
+        if at is None or seen is None or now - float(_as_str(seen)) > self.ttl_s:
+            return None
+        return float(_as_str(at)), float(_as_str(seen))
+
+    def _stats(
+        self, client_id: str, fields: dict[bytes, bytes], flag: tuple[float, float] | None
     ) -> ClientStats:
-        def get(name: str, default: str = "0") -> str:
-            return _as_str(fields.get(name.encode(), default.encode()))
+        """From the client's hash and its live flag. A flagged client whose statistics were
+        evicted (maxmemory) shows zero counts, first seen when flagged, last seen per the flag."""
+
+        values = {_as_str(name): _as_str(value) for name, value in fields.items()}
+        flagged_at = None if flag is None else flag[0]
+        if not values and flag is not None:
+            values = {"first_seen": repr(flag[0]), "last_seen": repr(flag[1])}
+
+        def get(name: str) -> str:
+            return values.get(name, "0")
 
         return ClientStats(
             client_id=client_id,
@@ -425,42 +644,71 @@ class RedisTracker:
 
     def get(self, client_id: str) -> ClientStats | None:
         def read() -> ClientStats | None:
-            pipe = self._redis.pipeline(transaction=True)
+            pipe = self._redis.pipeline(transaction=False)  # one slot: one node
             pipe.hgetall(self.client_key(client_id))
-            pipe.zscore(self.flagged_key, client_id)
-            fields, flagged_at = pipe.execute()
-            if not fields:
+            pipe.hmget(self.flag_key(client_id), ["at", "seen"])
+            fields, flag_fields = pipe.execute()
+            flag = self._live_flag(flag_fields, time.time())
+            if not fields and flag is None:
                 return None
-            return self._stats_from_hash(client_id, fields, flagged_at)
+            return self._stats(client_id, fields, flag)
 
         result: ClientStats | None = self._read(read)
         return result
 
+    def _sweep_flags(self, now: float) -> None:
+        """Bound the flags kept without TTL: examine up to ``FLAG_SWEEP_BATCH`` index entries
+        whose score is over ``ttl`` old. An expired flag is deleted and unindexed (so is an entry
+        whose flag is gone); a live one's score becomes its last seen, due again ``ttl`` later."""
+        due: list[tuple[bytes, str]] = list(
+            self._redis.zrangebyscore(  # type: ignore[arg-type]
+                self.flagged_key,
+                "-inf",
+                repr(now - self.ttl_s),
+                start=0,
+                num=FLAG_SWEEP_BATCH,
+                withscores=True,
+                score_cast_func=_as_str,
+            )
+        )
+        for member, score in due:
+            client_id = _as_str(member)
+            seen = self._script("expire_flag", [self.flag_key(client_id)], [repr(now), self.ttl_s])
+            if seen is None:
+                self._script("unindex", [self.flagged_key], [client_id, score])
+            else:
+                self._redis.zadd(self.flagged_key, {client_id: float(_as_str(seen))}, xx=True)
+
     def flagged_clients(self) -> list[ClientStats]:
         def read() -> list[ClientStats]:
-            members: list[tuple[bytes, float]] = list(
-                self._redis.zrange(self.flagged_key, 0, -1, withscores=True)  # type: ignore[arg-type]
-            )
+            now = time.time()
+            self._sweep_flags(now)
+            members = [_as_str(m) for m in self._redis.zrange(self.flagged_key, 0, -1)]
             pipe = self._redis.pipeline(transaction=False)
-            for member, _ in members:
-                pipe.hgetall(self.client_key(_as_str(member)))
-            hashes = pipe.execute()
-            found, expired = [], []
-            for (member, flagged_at), fields in zip(members, hashes, strict=True):
-                client_id = _as_str(member)
-                if fields:
-                    found.append(self._stats_from_hash(client_id, fields, float(flagged_at)))
-                else:
-                    expired.append(client_id)
-            if expired:  # the client's statistics expired: so does its flag
-                self._redis.zrem(self.flagged_key, *expired)
-            return found
+            for client_id in members:
+                pipe.hmget(self.flag_key(client_id), ["at", "seen"])
+                pipe.hgetall(self.client_key(client_id))
+            replies = pipe.execute()
+            found = []
+            for i, client_id in enumerate(members):
+                flag = self._live_flag(replies[2 * i], now)
+                if flag is not None:  # else: being set, or expired and not swept yet
+                    found.append(self._stats(client_id, replies[2 * i + 1], flag))
+            return sorted(found, key=lambda s: (s.flagged_at or 0.0, s.client_id))
 
         result: list[ClientStats] = self._read(read)
         return result
 
     def flagged_count(self) -> int:
-        return int(self._read(lambda: self._redis.zcard(self.flagged_key)))
+        """The index's size after a sweep: exact but for flags expired beyond one sweep batch
+        and flags whose setting failed half-way (both removed by later sweeps)."""
+
+        def read() -> int:
+            self._sweep_flags(time.time())
+            return int(self._redis.zcard(self.flagged_key))
+
+        result: int = self._read(read)
+        return result
 
     def is_flagged(self, client_id: str) -> bool:
         """Fails open: an unreachable Redis flags nobody."""
@@ -468,14 +716,21 @@ class RedisTracker:
             if not self._may_try():
                 return False
             try:
-                return self._redis.zscore(self.flagged_key, client_id) is not None
-            except redis.RedisError:
+                fields = self._redis.hmget(self.flag_key(client_id), ["at", "seen"])
+            except REDIS_ERRORS:
                 self._failed()
                 return False
+            return self._live_flag(list(fields), time.time()) is not None
 
     def clear_flag(self, client_id: str) -> bool:
-        keys = [self.client_key(client_id), self.flagged_key]
-        return bool(self._read(lambda: self._clear(keys=keys, args=[client_id])))
+        def clear() -> bool:
+            keys = [self.client_key(client_id), self.flag_key(client_id)]
+            cleared = bool(self._script("clear", keys, [repr(time.time()), self.ttl_s]))
+            self._redis.zrem(self.flagged_key, client_id)
+            return cleared
+
+        result: bool = self._read(clear)
+        return result
 
     def state(self) -> TrackerState:
         """Ping Redis and replay the buffer; degraded while either fails."""
@@ -485,7 +740,7 @@ class RedisTracker:
             try:
                 self._redis.ping()
                 self._replay()
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 self._failed()
                 return "degraded"
             self._down = False
@@ -495,4 +750,6 @@ class RedisTracker:
         return len(self._buffer)
 
     def close(self) -> None:
-        self._redis.close()
+        if self._connection is not None:
+            self._connection.client.close()
+            self._connection = None

@@ -77,4 +77,4 @@ def test_redis_outage(persistent_redis: RedisProcess, test_images: list[Labelled
             assert stats["accepted"] + stats["rejected"] == count
         assert client.get("/readyz").json()["tracker_buffered_updates"] == 0
     store = persistent_redis.client()
-    assert int(store.hget("advguard:client:a", "requests") or 0) == 18
+    assert int(store.hget("advguard:client:{a}", "requests") or 0) == 18
