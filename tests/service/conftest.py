@@ -1,5 +1,5 @@
-"""Fixtures of the service tests: a real redis-server, CIFAR-10 test images, FGSM adversarials,
-and an app factory parametrised over both trackers."""
+"""Fixtures of the service tests: a real redis-server, a local 3-master Redis Cluster, CIFAR-10
+test images, FGSM adversarials, and an app factory parametrised over both trackers."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tests.service.helpers import (
     CIFAR_TAR,
     PER_CLASS,
     LabelledImage,
+    RedisClusterProcesses,
     RedisProcess,
     free_port,
 )
@@ -30,6 +31,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc
     server.start()
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcesses]:
+    """A local 3-master Redis Cluster, shared by the session (tests use their own key prefix)."""
+    cluster = RedisClusterProcesses(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.kill()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import random
 import shutil
 import socket
 import subprocess
@@ -118,3 +120,137 @@ def upload(client: TestClient, data: bytes, headers: dict[str, str] | None = Non
     return client.post(
         "/classify", files={"file": ("image", data, "application/octet-stream")}, headers=headers
     )
+
+
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+class RedisClusterProcesses:
+    """A local Redis Cluster of three masters, no replicas, on free loopback ports.
+
+    Each node is ``redis-server --cluster-enabled yes`` with its own config file and directory
+    (so a killed node restarts with its id and slots); ``redis-cli --cluster create`` assigns the
+    slots, and ``start`` returns once every node reports ``cluster_state:ok``. The node timeout is
+    short (2 s) so that a node restarted after a kill is serving again within seconds."""
+
+    NODE_TIMEOUT_MS = 2000
+
+    def __init__(self, workdir: Path, masters: int = 3):
+        self.workdir = workdir
+        self.ports: list[int] = []
+        while len(self.ports) < masters:
+            port = free_cluster_port()
+            if port not in self.ports:
+                self.ports.append(port)
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+
+    @property
+    def url(self) -> str:
+        """The first node: the cluster client discovers the others from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start_node(self, port: int) -> None:
+        directory = self.workdir / str(port)
+        directory.mkdir(exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port", str(port),
+                "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(directory / "nodes.conf"),
+                "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        _wait_for_ping(port)
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.start_node(port)
+        nodes = [f"127.0.0.1:{port}" for port in self.ports]
+        created = subprocess.run(
+            [REDIS_CLI, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if created.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {created.stdout}")
+        self.wait_ok()
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every node says cluster_state:ok."""
+        deadline = time.monotonic() + timeout_s
+        for port in self.ports:
+            client = redis.Redis(port=port, socket_timeout=0.5)
+            try:
+                while True:
+                    with contextlib.suppress(redis.RedisError):
+                        if client.cluster("info")["cluster_state"] == "ok":
+                            break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"cluster node {port} never reached cluster_state:ok")
+                    time.sleep(0.1)
+            finally:
+                client.close()
+
+    def port_of_slot(self, slot: int) -> int:
+        """The port of the master serving ``slot``."""
+        client = redis.Redis(port=self.ports[0], socket_timeout=1)
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return int(master[1])
+        finally:
+            client.close()
+        raise LookupError(f"no node serves slot {slot}")
+
+    def kill_node(self, port: int) -> None:
+        process = self.processes.pop(port)
+        process.kill()
+        process.wait(10)
+
+    def kill(self) -> None:
+        for port in list(self.processes):
+            self.kill_node(port)
+
+
+def _is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too. Redis Cluster needs
+    P <= 55535, so the kernel's ephemeral ports (free_port) do not do: draw below them."""
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(15_000, 30_000)
+        if _is_free(port) and _is_free(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _wait_for_ping(port: int, timeout_s: float = 10.0) -> None:
+    client = redis.Redis(port=port, socket_timeout=0.5)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()

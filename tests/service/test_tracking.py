@@ -1,30 +1,98 @@
-"""The trackers and the flagging rule, without HTTP: both trackers agree, the rule is pure."""
+"""The trackers and the flagging rule, without HTTP: both trackers agree, the rule is pure; the
+Redis tracker behaves the same on a single redis-server and on a local 3-master Redis Cluster; the
+in-process store stays under its cap, and Redis under maxmemory, both keeping flags longest."""
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi.testclient import TestClient
+from redis.crc import key_slot
 
 from app.core.flagging import FlagPolicy, WindowParams
 from app.core.guard import Guard
 from app.service.batcher import Batcher, BatcherClosedError, QueueFullError
-from app.service.tracking import InMemoryTracker, Observation, RedisTracker
-from tests.service.helpers import RedisProcess, free_port
+from app.service.main import create_app
+from app.service.settings import Settings
+from app.service.tracking import (
+    SWEEP_BATCH,
+    ClientStats,
+    InMemoryTracker,
+    Observation,
+    RecordResult,
+    RedisTracker,
+    hash_tag,
+)
+from tests.service.helpers import (
+    LabelledImage,
+    RedisClusterProcesses,
+    RedisProcess,
+    free_port,
+    upload,
+)
 
 
 def _policy(kind: str = "mean", threshold: float = 0.4, min_requests: int = 3) -> FlagPolicy:
     return FlagPolicy(kind, threshold, min_requests, WindowParams(0.05, 0.35))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class Backend:
+    """Where a Redis tracker keeps its state: one redis-server, or a Redis Cluster."""
+
+    url: str
+    cluster: bool
+
+    def tracker(self, policy: FlagPolicy, **options: object) -> RedisTracker:
+        return RedisTracker(
+            self.url,
+            policy,
+            prefix=uuid.uuid4().hex,
+            cluster=self.cluster,
+            **options,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    if request.param == "redis":
+        server: RedisProcess = request.getfixturevalue("redis_server")
+        return Backend(server.url, cluster=False)
+    cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
+    return Backend(cluster.url, cluster=True)
+
+
 def _trackers(
-    redis_url: str, policy: FlagPolicy | None = None
+    backend: Backend, policy: FlagPolicy | None = None
 ) -> tuple[InMemoryTracker, RedisTracker]:
     policy = policy or _policy()
-    return InMemoryTracker(policy), RedisTracker(redis_url, policy, prefix=uuid.uuid4().hex)
+    return InMemoryTracker(policy), backend.tracker(policy)
+
+
+def _assert_same(a: ClientStats | None, b: ClientStats | None) -> None:
+    """Equal statistics; floats to 1e-12 (Lua's and Python's arithmetic may differ in the last
+    bit, e.g. the EWMA's power)."""
+    assert (a is None) == (b is None)
+    if a is None or b is None:
+        return
+    for name, value in a.__dict__.items():
+        other = b.__dict__[name]
+        if isinstance(value, float):
+            assert other == pytest.approx(value, abs=1e-12), name
+        else:
+            assert other == value, name
+
+
+def _assert_same_result(a: RecordResult, b: RecordResult) -> None:
+    assert a.newly_flagged == b.newly_flagged
+    _assert_same(a.stats, b.stats)
 
 
 @pytest.mark.parametrize(
@@ -32,9 +100,9 @@ def _trackers(
     [_policy(), _policy("ewma", 0.3), _policy("rejection_rate", 3.0), _policy("cusum", 0.3)],
     ids=lambda p: p.kind,
 )
-def test_trackers_agree(redis_server: RedisProcess, policy: FlagPolicy) -> None:
+def test_trackers_agree(backend: Backend, policy: FlagPolicy) -> None:
     """The Lua window update equals app.core.flagging's, so both trackers flag alike."""
-    memory, red = _trackers(redis_server.url, policy)
+    memory, red = _trackers(backend, policy)
     rng = np.random.default_rng(0)
     now = time.time()
     newly = []
@@ -59,7 +127,7 @@ def test_trackers_agree(redis_server: RedisProcess, policy: FlagPolicy) -> None:
 
 def test_ewma_is_bias_corrected_and_mean_exact(redis_server: RedisProcess) -> None:
     now = time.time()
-    for tracker in _trackers(redis_server.url):
+    for tracker in _trackers(Backend(redis_server.url, cluster=False)):
         tracker.record(Observation("e", 0.8, True, now))
         first = tracker.get("e")
         assert first is not None and first.ewma_score == pytest.approx(0.8)
@@ -69,16 +137,17 @@ def test_ewma_is_bias_corrected_and_mean_exact(redis_server: RedisProcess) -> No
         assert 0.2 < second.ewma_score < 0.5  # the newer score weighs more
 
 
-def test_clients_expire(redis_server: RedisProcess) -> None:
+def test_clients_expire(backend: Backend) -> None:
     memory = InMemoryTracker(_policy(min_requests=1), ttl_s=10)
     memory.record(Observation("old", 0.1, False, time.time() - 60))
     assert memory.get("old") is None and memory.flagged_clients() == []
-    red = RedisTracker(redis_server.url, _policy(min_requests=1), prefix=uuid.uuid4().hex, ttl_s=1)
+    red = backend.tracker(_policy(min_requests=1), ttl_s=1)
     red.record(Observation("old", 0.1, False, time.time()))
     assert red.is_flagged("old")
     time.sleep(1.2)
-    assert red.get("old") is None
+    assert red.get("old") is None and not red.is_flagged("old")
     assert red.flagged_clients() == [] and red.flagged_count() == 0
+    assert not red.clear_flag("old")
 
 
 def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
@@ -109,6 +178,232 @@ def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
         assert stats.first_seen == 3.0 and stats.last_seen == 7.0
     finally:
         tracker.close()
+        server.kill()
+
+
+def test_many_clients_agree_on_flags_listing_and_clearing(backend: Backend) -> None:
+    """Interleaved clients over many slots (ids with braces and '%' among them): every update,
+    the flagged list, clearing and the state after it are the same in both trackers."""
+    memory, red = _trackers(backend, _policy("cusum", 0.3))
+    ids = [f"client-{i}" for i in range(40)] + ["", "{", "}", "{x}", "%7D", "%", "a b:c"]
+    rng = np.random.default_rng(1)
+    now = time.time()
+    for step in range(600):
+        index = int(rng.integers(len(ids)))
+        attacker = index % 3 == 0
+        score = float(rng.uniform(0.05, 0.3) if attacker else rng.uniform(0.3, 0.7))
+        obs = Observation(ids[index], score, score > 0.25, now + step * 0.001)
+        _assert_same_result(memory.record(obs), red.record(obs))
+    flagged = memory.flagged_clients()
+    assert len(flagged) >= 10  # most attackers
+    assert [s.client_id for s in red.flagged_clients()] == [s.client_id for s in flagged]
+    for a, b in zip(flagged, red.flagged_clients(), strict=True):
+        _assert_same(a, b)
+    assert red.flagged_count() == memory.flagged_count() == len(flagged)
+    for stats in flagged[::2]:
+        assert memory.clear_flag(stats.client_id) and red.clear_flag(stats.client_id)
+    assert not red.clear_flag(flagged[0].client_id)  # cleared already
+    assert red.flagged_count() == memory.flagged_count() == len(flagged) - len(flagged[::2])
+    for cid in ids:
+        _assert_same(memory.get(cid), red.get(cid))
+        assert memory.is_flagged(cid) == red.is_flagged(cid)
+    slots = {key_slot(red.client_key(cid).encode()) for cid in ids}
+    assert len(slots) > 30  # spread over the cluster, not one slot
+    red.close()
+
+
+def test_keys_of_one_client_share_a_slot() -> None:
+    """Every script touches one client's keys only: they must hash to one cluster slot, whatever
+    the id (braces would otherwise end the hash tag early, and an empty tag hashes the key)."""
+    tracker = RedisTracker("redis://127.0.0.1:1/0", _policy())
+    for cid in ["alice", "", "{", "}", "}{", "{}", "a}b{c", "%", "%7B", "10.0.0.1", "::1"]:
+        assert key_slot(tracker.client_key(cid).encode()) == key_slot(
+            tracker.flag_key(cid).encode()
+        )
+    tags = [hash_tag(cid) for cid in ["", "%", "{", "%7B", "}", "%7D"]]
+    assert len(set(tags)) == len(tags)  # one-to-one
+    with pytest.raises(ValueError, match="braces"):
+        RedisTracker("redis://127.0.0.1:1/0", _policy(), prefix="a{b")
+
+
+def test_cluster_buffer_is_bounded_and_replayed(redis_cluster: RedisClusterProcesses) -> None:
+    """The master holding a client's slot dies: updates are buffered (fast), flags elsewhere are
+    still read, and the buffer is replayed when the node is back."""
+    errors: list[int] = []
+    tracker = Backend(redis_cluster.url, cluster=True).tracker(
+        _policy(min_requests=1),
+        retry_interval_s=0.0,
+        buffer_size=5,
+        timeout_s=0.1,
+        on_error=lambda: errors.append(1),
+    )
+    port = redis_cluster.port_of_slot(key_slot(tracker.client_key("x").encode()))
+    other = next(f"y{i}" for i in range(100) if _port_of(redis_cluster, tracker, f"y{i}") != port)
+    tracker.record(Observation(other, 0.1, False, time.time()))
+    assert tracker.is_flagged(other)
+    redis_cluster.kill_node(port)
+    try:
+        for i in range(8):
+            started = time.perf_counter()
+            assert tracker.record(Observation("x", 0.5, True, float(i))).stats is None
+            assert time.perf_counter() - started < 0.5
+        assert tracker.buffered() == 5 and tracker.state() == "degraded"
+        assert not tracker.is_flagged("x")  # fails open
+        assert tracker.is_flagged(other)  # its node is up
+        assert len(errors) >= 3
+    finally:
+        redis_cluster.start_node(port)
+        redis_cluster.wait_ok()
+    deadline = time.monotonic() + 30
+    while tracker.state() != "ok":
+        assert time.monotonic() < deadline, "the tracker never recovered"
+        time.sleep(0.1)
+    assert tracker.buffered() == 0
+    stats = tracker.get("x")
+    assert stats is not None and stats.requests == 5  # the 5 newest survived
+    assert stats.first_seen == 3.0 and stats.last_seen == 7.0
+    tracker.close()
+
+
+def _port_of(cluster: RedisClusterProcesses, tracker: RedisTracker, client_id: str) -> int:
+    return cluster.port_of_slot(key_slot(tracker.client_key(client_id).encode()))
+
+
+def test_service_on_a_cluster_flags_refuses_lists_and_clears(
+    redis_cluster: RedisClusterProcesses, test_images: list[LabelledImage]
+) -> None:
+    """ADVGUARD_REDIS_CLUSTER=true: the service end to end (the admin API's listing included)."""
+    admin = {"X-Admin-Token": "s3cret"}
+    settings = Settings(
+        device="cpu",
+        max_wait_ms=1.0,
+        redis_url=redis_cluster.url,
+        redis_cluster=True,
+        redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
+        flag_policy="mean",
+        flag_threshold=1.0,  # every score is below: flagged after 3 scored requests
+        flag_min_requests=3,
+        admin_token="s3cret",  # type: ignore[arg-type]
+        policy="refuse",
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["tracker"] == "ok"
+        for cid in ("mallory", "trudy"):
+            codes = [
+                upload(client, image.data, {"X-Client-ID": cid}).status_code
+                for image in test_images[:4]
+            ]
+            assert codes == [200, 200, 200, 403]
+        listed = client.get("/clients?flagged=true", headers=admin).json()["clients"]
+        assert sorted(c["client_id"] for c in listed) == ["mallory", "trudy"]
+        assert all(c["requests"] == 3 and c["flagged"] for c in listed)
+        assert "advguard_flagged_clients 2.0" in client.get("/metrics").text
+        cleared = client.delete("/clients/mallory/flag", headers=admin).json()
+        assert cleared == {"client_id": "mallory", "cleared": True}
+        stats = client.get("/clients/mallory", headers=admin).json()
+        assert not stats["flagged"] and stats["scored"] == 0 and stats["requests"] == 3
+        listed = client.get("/clients?flagged=true", headers=admin).json()["clients"]
+        assert [c["client_id"] for c in listed] == ["trudy"]
+
+
+# --------------------------------------------------------------------------- bounded state
+
+
+def _honest(client_id: str, at: float) -> Observation:
+    return Observation(client_id, 0.9, True, at)
+
+
+def _attacker(client_id: str, at: float) -> Observation:
+    return Observation(client_id, 0.1, False, at)  # flagged at once with min_requests=1
+
+
+def test_memory_store_never_exceeds_its_cap() -> None:
+    memory = InMemoryTracker(_policy(min_requests=1), max_clients=50)
+    now = time.time()
+    for i in range(1000):
+        memory.record(_honest(f"id-{i}", now + i * 1e-3))
+        assert len(memory) <= 50
+    assert len(memory) == 50 and memory.evicted == 950
+    assert memory.get("id-949") is None and memory.get("id-950") is not None  # the 50 newest
+
+
+def test_memory_store_evicts_unflagged_before_flagged() -> None:
+    memory = InMemoryTracker(_policy(min_requests=1), max_clients=10)
+    now = time.time()
+    for i in range(3):
+        assert memory.record(_attacker(f"bad-{i}", now + i)).newly_flagged
+    for i in range(30):
+        memory.record(_honest(f"ok-{i}", now + 10 + i))
+    assert [s.client_id for s in memory.flagged_clients()] == ["bad-0", "bad-1", "bad-2"]
+    kept = [f"ok-{i}" for i in range(30) if memory.get(f"ok-{i}") is not None]
+    assert kept == [f"ok-{i}" for i in range(23, 30)]  # least recently seen went first
+    memory.record(_attacker("bad-0", now + 50))  # bad-0 seen again: bad-1 is now the oldest
+    for i in range(8):  # 7 more flagged fill the store; the 8th evicts the oldest flagged
+        memory.record(_attacker(f"new-{i}", now + 60 + i))
+    assert len(memory) == 10 and memory.flagged_count() == 10
+    assert memory.get("bad-1") is None and memory.is_flagged("bad-0")
+    assert memory.is_flagged("bad-2") and memory.is_flagged("new-7")
+    assert memory.clear_flag("bad-0")  # cleared: unflagged again, so evicted first
+    memory.record(_attacker("new-8", now + 70))
+    assert memory.get("bad-0") is None and memory.flagged_count() == 10
+
+
+def test_memory_store_sweeps_expired_entries() -> None:
+    memory = InMemoryTracker(_policy(min_requests=1), ttl_s=10)
+    now = time.time()
+    for i in range(100):
+        observe = _attacker if i % 10 == 0 else _honest
+        memory.record(observe(f"old-{i}", now - 100 + i * 0.01))
+    assert len(memory) == 100
+    later = math.ceil(100 / SWEEP_BATCH)
+    for i in range(later):  # no old id comes back: each update sweeps a batch per table
+        memory.record(_honest(f"new-{i}", now + i * 0.01))
+    assert len(memory) == later and memory.evicted == 0
+    assert memory.flagged_clients() == []
+
+
+def test_rotating_ids_keep_every_flag_in_both_trackers(tmp_path: Path) -> None:
+    """20,000 rotating ids, every 200th an attacker, through a capped in-process store and a
+    redis-server under a small maxmemory with volatile-lru (as deployed): both stay bounded,
+    both keep and list every flag, and they agree on which clients are flagged."""
+    server = RedisProcess(free_port(), tmp_path)
+    server.start()
+    store = server.client()
+    try:
+        store.config_set("maxmemory-policy", "volatile-lru")
+        limit = int(store.info("memory")["used_memory"]) + 1024 * 1024
+        store.config_set("maxmemory", limit)
+        memory = InMemoryTracker(_policy(min_requests=1), max_clients=2000)
+        red = RedisTracker(server.url, _policy(min_requests=1), timeout_s=2.0)
+        now = time.time()
+        attackers = []
+        for i in range(20_000):
+            cid = f"id-{i}"
+            observe = _honest
+            if i % 200 == 0:
+                observe = _attacker
+                attackers.append(cid)
+            obs = observe(cid, now + i * 1e-4)
+            a, b = memory.record(obs), red.record(obs)
+            assert b.stats is not None and a.newly_flagged == b.newly_flagged
+            assert len(memory) <= 2000
+        info = store.info()
+        assert info["evicted_keys"] > 10_000
+        # Redis evicts before each command: the last command's writes may stand above the limit
+        assert info["used_memory"] <= limit + 16 * 1024
+        assert memory.get("id-19999") is not None and memory.get("id-1") is None
+        for tracker in (memory, red):
+            assert [s.client_id for s in tracker.flagged_clients()] == attackers
+            assert tracker.flagged_count() == len(attackers)
+            assert all(tracker.is_flagged(cid) for cid in attackers)
+        # Redis evicted most statistics, attackers' among them; their flags stayed
+        assert any(s.requests == 0 for s in red.flagged_clients())
+        assert {s.flagged_at for s in memory.flagged_clients()} == {
+            s.flagged_at for s in red.flagged_clients()
+        }
+        red.close()
+    finally:
+        store.close()
         server.kill()
 
 
