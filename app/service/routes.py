@@ -271,11 +271,16 @@ async def bundle(service: ServiceDep) -> BundleSummary:
         k=manifest.detector.k,
         score_function=str(manifest.detector.score_function),
         combination=manifest.detector.combination,
+        statistics=service.guard.detector.names,
         threshold=service.guard.threshold if expose else None,
         operating_retention=service.settings.retention or manifest.calibration.operating_retention,
         threshold_policy=(
             "accept when the kNN score of the predicted class is at or above the threshold, "
             "calibrated to keep this share of correctly classified held-out authentic images"
+            if manifest.detector.combination == "single"
+            else "accept when the combined p-value of the statistics of the predicted class is at "
+            "or above the threshold, calibrated on held-out authentic images the p-values' "
+            "reference never saw, to keep this share of the correctly classified ones"
         ),
         flag_policy=service.flag_policy.kind,
         flag_threshold=service.flag_policy.threshold if expose else None,

@@ -60,6 +60,7 @@ class BundleSummary(_Model):
     k: int
     score_function: str
     combination: str
+    statistics: list[str]  # kind@layer, in the detector's order
     threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES, like the scores
     operating_retention: float
     threshold_policy: str
