@@ -85,6 +85,9 @@ def test_redis_is_persistent_and_health_checked(base: Any) -> None:
     redis = base["services"]["redis"]
     command = redis["command"]
     assert command[command.index("--appendonly") + 1] == "yes"
+    # bounded, evicting statistics (TTL) and never flags (no TTL)
+    assert command[command.index("--maxmemory") + 1] == "512mb"
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-lru"
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert _volumes(redis)["/data"]["type"] == "volume"
 

@@ -118,6 +118,9 @@ def test_services_hpa_and_pdb_select_the_right_pods() -> None:
     redis = by_kind("StatefulSet")["advguard-redis"]
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    limit = redis["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert (args[args.index("--maxmemory") + 1], limit) == ("512mb", "1Gi")  # room for the fork
     config = by_kind("ConfigMap")["advguard-config"]["data"]
     assert config["ADVGUARD_REDIS_URL"] == "redis://advguard-redis:6379/0"
     assert set(by_kind("Secret")["advguard-secrets"]["stringData"]) == {
