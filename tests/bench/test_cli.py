@@ -15,6 +15,7 @@ from bench.cli import discover
 
 KNOWN = (
     "builder_speed",
+    "client_rotation",
     "decode_speed",
     "demo_accuracy",
     "load_service",

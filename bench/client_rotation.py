@@ -1,0 +1,317 @@
+"""Memory of both client trackers under client-id rotation: 100,000 distinct ids, loopback only.
+
+Without API keys every ``X-Client-ID`` value is a new client, so a client that rotates ids grows
+whatever tracks clients. This drives ``--ids`` distinct ids (one honest request each; every
+``--attacker-every``-th id an attacker sending ``--attacker-requests`` low-scoring requests, so
+that it is flagged) straight through the trackers, without HTTP:
+
+1. ``memory``: the in-process tracker at its default cap (``ADVGUARD_TRACKER_MAX_CLIENTS``);
+2. ``memory-capped``: the in-process tracker capped at ``--cap`` ids, to show the plateau;
+3. ``redis``: the Redis tracker on a redis-server without maxmemory (what one client costs);
+4. ``redis-maxmemory``: the Redis tracker on a redis-server with ``--maxmemory`` and
+   ``volatile-lru``, as deployed (docker-compose.yml, deploy/k8s/redis.yaml).
+
+Each phase runs in a fresh Python process (RSS only grows within a process, and this one has
+imported torch), which records its own RSS, the tracker's size and, for Redis, ``used_memory``
+and evicted keys every ``--sample-every`` ids, and at the end checks that every attacker is still
+flagged. Writes bench/results/client_rotation.json and .md.
+
+    .venv/bin/python -m bench.client_rotation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from app.core.flagging import FlagPolicy
+from app.service.tracking import (
+    DEFAULT_MAX_CLIENTS,
+    ClientTracker,
+    InMemoryTracker,
+    Observation,
+    RedisTracker,
+)
+
+PHASES = ("memory", "memory-capped", "redis", "redis-maxmemory")
+# Honest traffic scores about the demo bundle's honest mean (0.42); attackers score far lower.
+HONEST_SCORE = 0.42
+ATTACKER_SCORE = 0.1
+POLICY = FlagPolicy("mean", threshold=0.3, min_requests=10)
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (/proc/self/status, VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+# --------------------------------------------------------------------------- one phase (child)
+
+
+def drive(
+    tracker: ClientTracker,
+    args: argparse.Namespace,
+    sample: Callable[[int], dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Send every id through ``tracker``; a sample at 0 and every ``sample_every`` ids."""
+    samples = [sample(0)]
+    attackers: list[str] = []
+    now = time.time()
+    for i in range(1, args.ids + 1):
+        client_id = f"rotating-{i:07d}"
+        at = now + i * 1e-3
+        if i % args.attacker_every == 0:
+            attackers.append(client_id)
+            for j in range(args.attacker_requests):
+                tracker.record(Observation(client_id, ATTACKER_SCORE, False, at + j * 1e-6))
+        else:
+            tracker.record(Observation(client_id, HONEST_SCORE, True, at))
+        if i % args.sample_every == 0:
+            samples.append(sample(i))
+            print(json.dumps({"phase": args.phase, **samples[-1]}), file=sys.stderr, flush=True)
+    return samples, attackers
+
+
+def run_phase(args: argparse.Namespace) -> dict[str, Any]:
+    """One phase in this process: its samples, and how many attackers are still flagged."""
+    started = time.perf_counter()
+    tracker: ClientTracker
+    store: redis.Redis | None = None
+    if args.phase.startswith("memory"):
+        cap = args.cap if args.phase == "memory-capped" else DEFAULT_MAX_CLIENTS
+        memory = tracker = InMemoryTracker(POLICY, max_clients=cap)
+
+        def sample(ids: int) -> dict[str, Any]:
+            return {
+                "ids": ids,
+                "t_s": round(time.perf_counter() - started, 2),
+                "rss_bytes": rss_bytes(),
+                "entries": len(memory),
+                "evicted": memory.evicted,
+            }
+
+    else:
+        tracker = RedisTracker(args.redis_url, POLICY, timeout_s=5.0)
+        store = redis.Redis.from_url(args.redis_url, socket_timeout=5.0)
+        redis_store = store
+
+        def sample(ids: int) -> dict[str, Any]:
+            memory_info = redis_store.info("memory")
+            return {
+                "ids": ids,
+                "t_s": round(time.perf_counter() - started, 2),
+                "rss_bytes": rss_bytes(),
+                "redis_used_memory": int(memory_info["used_memory"]),
+                "redis_used_memory_rss": int(memory_info["used_memory_rss"]),
+                "redis_keys": int(redis_store.dbsize()),
+                "redis_evicted_keys": int(redis_store.info("stats")["evicted_keys"]),
+            }
+
+    samples, attackers = drive(tracker, args, sample)
+    flagged = {stats.client_id for stats in tracker.flagged_clients()}
+    result = {
+        "phase": args.phase,
+        "samples": samples,
+        "attackers": len(attackers),
+        "attackers_still_flagged": sum(client_id in flagged for client_id in attackers),
+        "flagged_listed": len(flagged),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    tracker.close()
+    if store is not None:
+        store.close()
+    return result
+
+
+# --------------------------------------------------------------------------- the run (parent)
+
+
+def start_redis(workdir: Path, maxmemory: str | None) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server without persistence on a free loopback port, bounded when asked."""
+    from bench.common import free_port
+
+    port = free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    command += ["--save", "", "--appendonly", "no"]
+    if maxmemory:
+        command += ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lru"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+    client.close()
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def child(args: argparse.Namespace, phase: str, redis_url: str | None) -> dict[str, Any]:
+    """Run one phase in a fresh interpreter (``--phase``) and read back its JSON."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, "-m", "bench.client_rotation", "--phase", phase]
+        command += ["--out", out.name, "--ids", str(args.ids), "--cap", str(args.cap)]
+        command += ["--sample-every", str(args.sample_every)]
+        command += ["--attacker-every", str(args.attacker_every)]
+        command += ["--attacker-requests", str(args.attacker_requests)]
+        if redis_url:
+            command += ["--redis-url", redis_url]
+        subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
+        result: dict[str, Any] = json.loads(Path(out.name).read_text())
+        return result
+
+
+def summarise(result: dict[str, Any]) -> dict[str, Any]:
+    """Growth from the first sample to the last, and per id."""
+    first, last = result["samples"][0], result["samples"][-1]
+    ids = max(last["ids"], 1)
+    summary = {
+        "rss_mb_start": round(first["rss_bytes"] / 2**20, 1),
+        "rss_mb_end": round(last["rss_bytes"] / 2**20, 1),
+        "rss_bytes_per_id": round((last["rss_bytes"] - first["rss_bytes"]) / ids),
+    }
+    if "redis_used_memory" in last:
+        summary |= {
+            "redis_used_memory_mb_start": round(first["redis_used_memory"] / 2**20, 2),
+            "redis_used_memory_mb_end": round(last["redis_used_memory"] / 2**20, 2),
+            "redis_used_memory_mb_max": round(
+                max(s["redis_used_memory"] for s in result["samples"]) / 2**20, 2
+            ),
+            "redis_bytes_per_id": round(
+                (last["redis_used_memory"] - first["redis_used_memory"]) / ids
+            ),
+            "redis_keys_end": last["redis_keys"],
+            "redis_evicted_keys": last["redis_evicted_keys"],
+        }
+    else:
+        summary |= {"entries_end": last["entries"], "evicted": last["evicted"]}
+    return summary
+
+
+def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
+    mb = 2**20
+    head = (
+        "| ids | memory: RSS MB (entries) | memory-capped: RSS MB (entries) "
+        "| redis: used_memory MB (keys) | redis-maxmemory: used_memory MB (keys, evicted) |"
+    )
+    rows = [head, "| --- | --- | --- | --- | --- |"]
+    samples = {phase: result["samples"] for phase, result in results.items()}
+    for k, base in enumerate(samples["memory"]):
+        m, c = base, samples["memory-capped"][k]
+        r, x = samples["redis"][k], samples["redis-maxmemory"][k]
+        rows.append(
+            f"| {base['ids']:,} | {m['rss_bytes'] / mb:.1f} ({m['entries']:,}) "
+            f"| {c['rss_bytes'] / mb:.1f} ({c['entries']:,}) "
+            f"| {r['redis_used_memory'] / mb:.2f} ({r['redis_keys']:,}) "
+            f"| {x['redis_used_memory'] / mb:.2f} ({x['redis_keys']:,}, "
+            f"{x['redis_evicted_keys']:,}) |"
+        )
+    s = {phase: result["summary"] for phase, result in results.items()}
+    flags = ", ".join(
+        f"{phase} {r['attackers_still_flagged']}/{r['attackers']}" for phase, r in results.items()
+    )
+    return (
+        f"{args.ids:,} distinct client ids, one honest request each; every "
+        f"{args.attacker_every:,}th id an attacker sending {args.attacker_requests} low-scoring "
+        f"requests (flagged: mean policy, 10 requests). Trackers driven directly (no HTTP); each "
+        f"phase in a fresh process. In-process: RSS of that process. Redis: redis-server 7 "
+        f"`used_memory` (no persistence); the client process's RSS stays flat "
+        f"({s['redis']['rss_mb_start']} -> {s['redis']['rss_mb_end']} MB).\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        f"- in-process, default cap ({DEFAULT_MAX_CLIENTS:,}): RSS +"
+        f"{s['memory']['rss_mb_end'] - s['memory']['rss_mb_start']:.1f} MB at "
+        f"{args.ids:,} ids, **{s['memory']['rss_bytes_per_id']} bytes per client**; at the cap "
+        f"that is the most the store can hold.\n"
+        f"- in-process capped at {args.cap:,}: RSS +"
+        f"{s['memory-capped']['rss_mb_end'] - s['memory-capped']['rss_mb_start']:.1f} MB, flat "
+        f"once full ({s['memory-capped']['evicted']:,} least recently seen unflagged clients "
+        f"evicted).\n"
+        f"- Redis: used_memory +"
+        f"{s['redis']['redis_used_memory_mb_end'] - s['redis']['redis_used_memory_mb_start']:.2f}"
+        f" MB at {args.ids:,} ids, **{s['redis']['redis_bytes_per_id']} bytes per client** "
+        f"(statistics hash with its TTL; flagged clients add a flag hash and an index entry).\n"
+        f"- Redis with `maxmemory {args.maxmemory}` and `volatile-lru`: used_memory at most "
+        f"{s['redis-maxmemory']['redis_used_memory_mb_max']} MB, "
+        f"{s['redis-maxmemory']['redis_evicted_keys']:,} statistics evicted.\n"
+        f"- Attackers still flagged at the end: {flags}.\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ids", type=int, default=100_000)
+    parser.add_argument("--sample-every", type=int, default=10_000)
+    parser.add_argument("--cap", type=int, default=20_000, help="memory-capped's max_clients")
+    parser.add_argument("--maxmemory", default="8mb", help="redis-maxmemory's maxmemory")
+    parser.add_argument("--attacker-every", type=int, default=1000)
+    parser.add_argument("--attacker-requests", type=int, default=10)
+    parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # the child's part
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--redis-url", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.phase:
+        Path(args.out).write_text(json.dumps(run_phase(args)))
+        return 0
+
+    from bench.common import write_results  # imports torch: only here, never in a phase
+
+    load_before = os.getloadavg()
+    results: dict[str, dict[str, Any]] = {}
+    workdir = Path(tempfile.mkdtemp(prefix="advguard-rotation-"))
+    try:
+        for phase in PHASES:
+            process, url = None, None
+            if phase.startswith("redis"):
+                bound = args.maxmemory if phase == "redis-maxmemory" else None
+                process, url = start_redis(workdir, bound)
+            try:
+                results[phase] = child(args, phase, url)
+            finally:
+                if process is not None:
+                    process.kill()
+                    process.wait(10)
+            results[phase]["summary"] = summarise(results[phase])
+            print(phase, json.dumps(results[phase]["summary"]), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    config = {k: v for k, v in vars(args).items() if k not in ("phase", "out", "redis_url")}
+    path = write_results(
+        "client_rotation",
+        {
+            "config": config,
+            "load_average_before_after": [load_before, os.getloadavg()],
+            "phases": results,
+        },
+        table(args, results),
+    )
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
