@@ -34,6 +34,7 @@ from tests.service.helpers import (
     LabelledImage,
     RedisClusterProcesses,
     RedisProcess,
+    free_cluster_port,
     free_port,
     upload,
 )
@@ -262,6 +263,19 @@ def test_cluster_buffer_is_bounded_and_replayed(redis_cluster: RedisClusterProce
     stats = tracker.get("x")
     assert stats is not None and stats.requests == 5  # the 5 newest survived
     assert stats.first_seen == 3.0 and stats.last_seen == 7.0
+    tracker.close()
+
+
+def test_cluster_down_at_start_fails_open() -> None:
+    """The cluster client connects when created: the tracker creates it on first use, so a
+    cluster unreachable at start-up buffers updates and flags nobody instead of failing."""
+    tracker = RedisTracker(
+        f"redis://127.0.0.1:{free_cluster_port()}/0", _policy(), cluster=True, retry_interval_s=0
+    )
+    started = time.perf_counter()
+    assert tracker.record(Observation("a", 0.1, False, time.time())).stats is None
+    assert tracker.state() == "degraded" and not tracker.is_flagged("a")
+    assert tracker.buffered() == 1 and time.perf_counter() - started < 1.0
     tracker.close()
 
 
