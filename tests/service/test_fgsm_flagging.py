@@ -62,9 +62,9 @@ def test_fgsm_client_flagged_honest_client_not(
     if tracker_kind == "redis":
         store = request.getfixturevalue("redis_server").client()
         for client_id, stats in (("attacker", attacker), ("honest", honest)):
-            stored = store.hgetall(f"{prefix}:client:{client_id}")
+            stored = store.hgetall(f"{prefix}:client:{{{client_id}}}")
             assert int(stored["requests"]) == REQUESTS
             assert int(stored["accepted"]) == stats["accepted"]
             assert float(stored["mean"]) == stats["mean_score"]
-            assert 0 < store.ttl(f"{prefix}:client:{client_id}") <= 7 * 24 * 3600
+            assert 0 < store.ttl(f"{prefix}:client:{{{client_id}}}") <= 7 * 24 * 3600
         assert store.zrange(f"{prefix}:flagged", 0, -1) == ["attacker"]

@@ -58,7 +58,7 @@ def test_simulated_run_leaves_the_predicted_state(
         flagged = {r["client_id"] for r in agreement["clients"] if r["replay_flagged_at"]}
         assert set(store.zrange(f"{prefix}:flagged", 0, -1)) == flagged
         for live in clients:
-            stored = store.hgetall(f"{prefix}:client:{live.plan.client_id}")
+            stored = store.hgetall(f"{prefix}:client:{{{live.plan.client_id}}}")
             assert int(stored["requests"]) == len(live.plan.requests)
             assert int(stored["scored"]) == len(live.plan.requests)
             scores = [float(r.score) for r in live.requests if r.score is not None]
