@@ -7,7 +7,9 @@ pass gives the logits and the globally average pooled activations of each reques
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -18,6 +20,12 @@ from torch.utils.hooks import RemovableHandle
 
 from app.core.errors import ModelLoadError
 from app.core.models import PreprocessingPreset
+
+# Arithmetic of the model's forward pass: "fp32", or autocast to bfloat16 / float16 (matmuls and
+# convolutions in the lower precision, reductions in float32). Search never runs under it.
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[Precision, ...] = ("fp32", "bf16", "fp16")
+_AUTOCAST_DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def image_to_pixels(image: Image.Image, preset: PreprocessingPreset) -> torch.Tensor:
@@ -46,7 +54,11 @@ def image_to_pixels(image: Image.Image, preset: PreprocessingPreset) -> torch.Te
 
 
 def global_average_pool(activation: torch.Tensor) -> torch.Tensor:
-    """NxCxHxW -> NxC; NxTxC token sequences -> NxC (mean over tokens); NxC unchanged."""
+    """NxCxHxW -> NxC; NxTxC token sequences -> NxC (mean over tokens); NxC unchanged.
+
+    The mean is taken in float32 whatever the activation's dtype (bf16/fp16 under autocast), so a
+    lower-precision forward pass loses no further precision in the pooling."""
+    activation = activation.float()
     if activation.dim() == 4:
         return activation.mean(dim=(2, 3))
     if activation.dim() == 3:
@@ -67,6 +79,9 @@ class FeatureNetwork(nn.Module):
 
     Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
     Features of layer L are the global average pool of the output of the module named L.
+    ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
+    memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
+    and calibrated with, so anything else must be checked to leave decisions unchanged.
     """
 
     mean: torch.Tensor
@@ -89,6 +104,22 @@ class FeatureNetwork(nn.Module):
         self._handles: list[RemovableHandle] = [
             modules[name].register_forward_hook(self._make_hook(name)) for name in self.layers
         ]
+        self.precision: Precision = "fp32"
+        self.channels_last = False
+
+    def set_execution(self, precision: Precision = "fp32", channels_last: bool = False) -> None:
+        """Autocast precision and memory format of later forward passes (call after ``.to``)."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
+        self.precision = precision
+        self.channels_last = channels_last
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model.to(memory_format=memory_format)
+
+    def _autocast(self) -> AbstractContextManager[object]:
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
 
     def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
@@ -98,7 +129,11 @@ class FeatureNetwork(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> ForwardOutput:
         self._captured = {}
-        logits = self.model((pixels - self.mean) / self.std)
+        normalised = (pixels - self.mean) / self.std
+        if self.channels_last:
+            normalised = normalised.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            logits = self.model(normalised)
         features, self._captured = self._captured, {}
         return ForwardOutput(logits=logits, features=features)
 

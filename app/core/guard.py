@@ -21,6 +21,7 @@ from app.core.errors import BundleError, ModelLoadError
 from app.core.features import (
     BatchFeatures,
     FeatureNetwork,
+    Precision,
     image_to_pixels,
     infer_batch,
     pick_device,
@@ -57,8 +58,10 @@ class Verdict(Classification):
     accepted: bool
 
 
-def _load_layer(bundle_dir: Path, spec: LayerSpec, want_gpu: bool) -> tuple[LayerIndex, str]:
-    """One layer's processing and index, checked against the manifest."""
+def _load_layer(
+    bundle_dir: Path, spec: LayerSpec, want_gpu: bool, backend: search.SearchBackend = "faiss"
+) -> tuple[LayerIndex, str]:
+    """One layer's processing and index, checked against the manifest, on ``backend``."""
     assert spec.processing_file is not None and spec.index_file is not None
     processing = FeatureProcessing.load(bundle_dir / spec.processing_file)
     if (processing.input_dim, processing.output_dim) != (spec.input_dim, spec.output_dim):
@@ -66,7 +69,10 @@ def _load_layer(bundle_dir: Path, spec: LayerSpec, want_gpu: bool) -> tuple[Laye
     index = search.load_index(bundle_dir / spec.index_file)
     if spec.nprobe is not None:
         search.set_nprobe(index, spec.nprobe)
-    index, index_device = search.to_device(index, want_gpu)
+    try:
+        index, index_device = search.to_device(index, want_gpu, backend)
+    except ValueError as exc:  # e.g. an IVF index, which the exact torch backend refuses
+        raise BundleError(f"index of {spec.name}: {exc}") from exc
     return LayerIndex(spec.name, processing, index), index_device
 
 
@@ -100,9 +106,11 @@ def make_statistics(
     score_function: ScoreFunction,
     num_classes: int,
     want_gpu: bool = False,
+    backend: search.SearchBackend = "faiss",
 ) -> list[Statistic]:
     """The statistics a manifest names, from the layers' indexes and class densities: the one
-    construction the builder (in memory) and the service (from the bundle's files) share."""
+    construction the builder (in memory) and the service (from the bundle's files) share.
+    Class-conditional indexes are searched with ``backend``, like the layers' own."""
     statistics: list[Statistic] = []
     class_indexes: dict[str, search.ClassIndexes] = {}
     for spec in specs:
@@ -118,14 +126,19 @@ def make_statistics(
                 class_indexes[spec.layer] = search.ClassIndexes.from_vectors(
                     vectors, labels, num_classes
                 )
-                class_indexes[spec.layer].to_device(want_gpu)
+                class_indexes[spec.layer].to_device(want_gpu, backend)
             statistics.append(ClassKnnDistance(indexed, class_indexes[spec.layer], spec.k))
     return statistics
 
 
-def load_detector(bundle_dir: Path, manifest: Manifest, want_gpu: bool) -> tuple[Detector, str]:
-    """The bundle's detector, its indexes on the GPU when asked and possible.
-    Returns (detector, "gpu" | "cpu")."""
+def load_detector(
+    bundle_dir: Path,
+    manifest: Manifest,
+    want_gpu: bool,
+    backend: search.SearchBackend = "faiss",
+) -> tuple[Detector, str]:
+    """The bundle's detector, its indexes searched by ``backend`` (faiss, or torch's exact
+    matmul + top-k), on the GPU when asked and possible. Returns (detector, "gpu" | "cpu")."""
     spec = manifest.detector
     labels = np.load(bundle_dir / spec.labels_file, allow_pickle=False).astype(np.int64)
     if labels.shape[0] != manifest.counts.indexed:
@@ -137,7 +150,9 @@ def load_detector(bundle_dir: Path, manifest: Manifest, want_gpu: bool) -> tuple
     def layer_index(name: str) -> LayerIndex:
         nonlocal index_device
         if name not in indexes:
-            indexes[name], index_device = _load_layer(bundle_dir, layer_specs[name], want_gpu)
+            indexes[name], index_device = _load_layer(
+                bundle_dir, layer_specs[name], want_gpu, backend
+            )
             if search.index_size(indexes[name].index) != labels.shape[0]:
                 raise BundleError(f"index of {name} and the labels differ in size")
         return indexes[name]
@@ -159,6 +174,7 @@ def load_detector(bundle_dir: Path, manifest: Manifest, want_gpu: bool) -> tuple
         spec.score_function,
         manifest.model.num_classes,
         want_gpu,
+        backend,
     )
     try:
         detector = Detector(statistics, spec.combination, _reference(bundle_dir, manifest))
@@ -197,9 +213,15 @@ class Guard:
         use_gpu_index: bool | None = None,
         retention: float | None = None,
         weights_path: Path | None = None,
+        search_backend: search.SearchBackend = "faiss",
+        precision: Precision = "fp32",
+        channels_last: bool = False,
     ) -> Guard:
         """Load and verify a bundle. ``weights_path`` may point at the model weights elsewhere,
-        but they must still match the manifest's sha256."""
+        but they must still match the manifest's sha256. ``search_backend`` picks faiss or the
+        torch exact search (on the GPU with ``use_gpu_index``, which defaults to "the model is on
+        cuda"); ``precision`` and ``channels_last`` set the model's forward pass (fp32 and the
+        default memory format are what the bundle was calibrated with)."""
         manifest = read_manifest(bundle_dir)
         verify_files(bundle_dir, manifest)
         weights = weights_path or bundle_dir / manifest.model.weights_file
@@ -214,8 +236,9 @@ class Guard:
         network = FeatureNetwork(model, layers, preset_of(manifest))
         network = network.to(torch_device)
         network.eval()
+        network.set_execution(precision, channels_last)
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
-        detector, index_device = load_detector(bundle_dir, manifest, want_gpu)
+        detector, index_device = load_detector(bundle_dir, manifest, want_gpu, search_backend)
         threshold = manifest.calibration.threshold
         if retention is not None:
             key = f"{retention:.2f}"

@@ -82,7 +82,14 @@ def build_service(
 ) -> Service:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
-    guard = Guard.load(settings.bundle, device=settings.device, retention=settings.retention)
+    guard = Guard.load(
+        settings.bundle,
+        device=settings.device,
+        retention=settings.retention,
+        search_backend=settings.search_backend,
+        precision=settings.model_precision,
+        channels_last=settings.channels_last,
+    )
     policy = flag_policy_for(settings, guard)
     tracker = build_tracker(settings, policy, metrics)
     fixed_budget, auto_batches = latency_budget(settings)

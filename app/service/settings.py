@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.core.features import Precision
 from app.core.flagging import (
     DEFAULT_EWMA_ALPHA,
     DEFAULT_FALSE_FLAG_RATE,
@@ -17,6 +18,7 @@ from app.core.flagging import (
     PolicyKind,
 )
 from app.core.images import DEFAULT_MAX_PIXELS
+from app.core.search import SearchBackend
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent.parent / "bundles" / "cifar10-resnet20"
 
@@ -30,6 +32,14 @@ class Settings(BaseSettings):
     bundle: Path = DEFAULT_BUNDLE
     device: str | None = None  # cuda / cpu; default: cuda when available
     retention: float | None = None  # another calibrated acceptance threshold ("0.95", ...)
+    # exact kNN search: faiss (on the GPU only with faiss-gpu), or torch's matmul + top-k on the
+    # model's device (flat indexes only; the way to search on a GPU without faiss-gpu)
+    search_backend: SearchBackend = "faiss"
+    # the model's forward pass: fp32 (what the bundle was calibrated with), or bf16/fp16
+    # autocast, and the channels_last memory format; faster on GPUs, but check that decisions
+    # stay unchanged first (bench/gpu/run.sh does)
+    model_precision: Precision = "fp32"
+    channels_last: bool = False
 
     # responses
     expose_scores: bool = False  # return the kNN score and threshold (trusted deployments only)
