@@ -182,16 +182,21 @@ def lbfgs_targeted(
     return AttackOutput(result, time.perf_counter() - started)
 
 
-def torchattacks_targeted(
-    attack: object, pixels: torch.Tensor, target: torch.Tensor, batch_size: int = 250
+def torchattacks_run(
+    attack: object,
+    pixels: torch.Tensor,
+    classes: torch.Tensor,
+    targeted: bool,
+    batch_size: int = 250,
 ) -> AttackOutput:
-    """Run a torchattacks attack (already configured) targeted at ``target``."""
+    """Run a torchattacks attack (already configured) towards ``classes`` (targeted) or away
+    from them (the true labels, untargeted)."""
     started = time.perf_counter()
-    set_targeted = attack.set_mode_targeted_by_label  # type: ignore[attr-defined]
-    set_targeted(quiet=True)
+    if targeted:
+        attack.set_mode_targeted_by_label(quiet=True)  # type: ignore[attr-defined]
     out = []
     for part in _batches(pixels.shape[0], batch_size):
-        adv = attack(pixels[part], target[part])  # type: ignore[operator]
+        adv = attack(pixels[part], classes[part])  # type: ignore[operator]
         out.append(adv.detach().cpu().numpy())
     return AttackOutput(np.concatenate(out).astype(np.float32), time.perf_counter() - started)
 
@@ -208,7 +213,7 @@ def pgd_targeted(
     import torchattacks
 
     attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    return torchattacks_targeted(attack, pixels, target, batch_size)
+    return torchattacks_run(attack, pixels, target, True, batch_size)
 
 
 def cw_targeted(
@@ -224,7 +229,7 @@ def cw_targeted(
     import torchattacks
 
     attack = torchattacks.CW(model, c=c, kappa=kappa, steps=steps, lr=lr)
-    return torchattacks_targeted(attack, pixels, target, batch_size)
+    return torchattacks_run(attack, pixels, target, True, batch_size)
 
 
 def perturbation_norms(adversarial: np.ndarray, original: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -233,18 +238,6 @@ def perturbation_norms(adversarial: np.ndarray, original: np.ndarray) -> tuple[n
         adversarial.shape[0], -1
     )
     return np.sqrt((delta**2).sum(axis=1)), np.abs(delta).max(axis=1)
-
-
-def torchattacks_untargeted(
-    attack: object, pixels: torch.Tensor, labels: torch.Tensor, batch_size: int = 250
-) -> AttackOutput:
-    """Run a torchattacks attack (already configured) away from the true ``labels``."""
-    started = time.perf_counter()
-    out = []
-    for part in _batches(pixels.shape[0], batch_size):
-        adv = attack(pixels[part], labels[part])  # type: ignore[operator]
-        out.append(adv.detach().cpu().numpy())
-    return AttackOutput(np.concatenate(out).astype(np.float32), time.perf_counter() - started)
 
 
 def pgd_untargeted(
@@ -259,7 +252,7 @@ def pgd_untargeted(
     import torchattacks
 
     attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    return torchattacks_untargeted(attack, pixels, labels, batch_size)
+    return torchattacks_run(attack, pixels, labels, False, batch_size)
 
 
 def pgd_l2_untargeted(
@@ -274,4 +267,4 @@ def pgd_l2_untargeted(
     import torchattacks
 
     attack = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    return torchattacks_untargeted(attack, pixels, labels, batch_size)
+    return torchattacks_run(attack, pixels, labels, False, batch_size)

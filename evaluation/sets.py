@@ -82,14 +82,8 @@ EXPORTED_ATTACKS: tuple[str, ...] = (
     "adaptive_v2",
 )
 # The attacks another model's evaluation judges as transfer sets (crafted without its weights).
-TRANSFER_ATTACKS: tuple[str, ...] = (
-    "fgsm",
-    "lbfgs",
-    "pgd",
-    "cw",
-    "fgsm_untargeted",
-    "pgd_untargeted",
-    "pgd_l2",
+TRANSFER_ATTACKS: tuple[str, ...] = tuple(
+    a for a in EXPORTED_ATTACKS if not a.startswith("adaptive")
 )
 
 

@@ -328,11 +328,11 @@ def build_bundle(
     return BuildReport(config.out, manifest, extracted.reports, time.perf_counter() - started)
 
 
-def plan_build(config: BuildConfig) -> Plan:
-    info = describe_architecture(config.arch)
-    source = open_source(config.source, config.split)
-    listing = source.listing(config.per_class_limit)
-    model = load_model(config.arch, config.weights, len(listing.classes))
+def resolve_detector(
+    config: BuildConfig, model: torch.nn.Module
+) -> tuple[list[StatisticSpec], Combination, list[str]]:
+    """The detector a build asks for: its statistics, combination and the layers they read
+    (what every rank of a distributed build extracts)."""
     statistics, combination = detectors.resolve(
         config.detector,
         config.statistics,
@@ -342,7 +342,15 @@ def plan_build(config: BuildConfig) -> Plan:
         config.arch,
         config.class_k,
     )
-    layers = _unique(s.layer for s in statistics)
+    return statistics, combination, _unique(s.layer for s in statistics)
+
+
+def plan_build(config: BuildConfig) -> Plan:
+    info = describe_architecture(config.arch)
+    source = open_source(config.source, config.split)
+    listing = source.listing(config.per_class_limit)
+    model = load_model(config.arch, config.weights, len(listing.classes))
+    statistics, combination, layers = resolve_detector(config, model)
     network = FeatureNetwork(model, layers, PRESETS[info.preset])
     network = network.to(pick_device(config.device)).eval()
     return Plan(

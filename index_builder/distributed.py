@@ -35,8 +35,7 @@ import torch.distributed as dist
 from app.core.errors import SourceError
 from app.core.features import FeatureNetwork
 from app.core.models import PRESETS, describe_architecture, load_model
-from index_builder import detectors
-from index_builder.build import BuildConfig, BuildReport, build_bundle
+from index_builder.build import BuildConfig, BuildReport, build_bundle, resolve_detector
 from index_builder.extract import (
     ChunkStore,
     ExtractionReport,
@@ -220,16 +219,7 @@ def _network(config: BuildConfig, num_classes: int) -> FeatureNetwork:
     """The layers rank 0's plan extracts (``plan_build``): those the detector's statistics read."""
     info = describe_architecture(config.arch)
     model = load_model(config.arch, config.weights, num_classes)
-    statistics, _ = detectors.resolve(
-        config.detector,
-        config.statistics,
-        config.combination,
-        config.layers,
-        model,
-        config.arch,
-        config.class_k,
-    )
-    layers = list(dict.fromkeys(s.layer for s in statistics))
+    _, _, layers = resolve_detector(config, model)
     device = torch.device(config.device or "cpu")
     return FeatureNetwork(model, layers, PRESETS[info.preset]).to(device).eval()
 
