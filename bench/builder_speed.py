@@ -14,10 +14,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from app.core.features import FeatureNetwork, image_to_pixels, infer_batch
+from app.core.features import FeatureNetwork, image_to_pixels, infer_batch, pick_device
 from app.core.images import decode_image
 from app.core.models import PRESETS, describe_architecture, load_model
 from bench.common import SHARED, write_results
@@ -26,7 +27,9 @@ from index_builder.sources import open_source
 
 
 def forward_rate(network: FeatureNetwork, batch: int, crop: int, seconds: float) -> float:
-    pixels = torch.rand(batch, 3, crop, crop)
+    """Images/s of the bare forward pass on random pixels already on the model's device (on a
+    GPU, a host copy per batch would measure the bus, not the model)."""
+    pixels = torch.rand(batch, 3, crop, crop, device=network.device)
     infer_batch(network, pixels)
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -54,6 +57,87 @@ def decode_rate(source_path: Path, split: str | None, preset_name: str, limit: i
     return count / (time.perf_counter() - started)
 
 
+def measure(
+    source: Path,
+    split: str | None,
+    arch: str,
+    weights: Path,
+    batch_size: int = 256,
+    workers: int = 2,
+    forward_seconds: float = 15.0,
+    decode_images: int = 10_000,
+    device: str | None = None,
+    keep_bundle: Path | None = None,
+    **build_options: Any,
+) -> dict[str, Any]:
+    """Bare forward, decode alone, the builder's extraction, bare forward again (see the module
+    docstring); ``device`` for the model (default: cuda when available), ``keep_bundle`` keeps
+    the built bundle there (else it is deleted), ``build_options`` go to ``BuildConfig``."""
+    info = describe_architecture(arch)
+    classes = len(open_source(source, split).listing(per_class_limit=1).classes)
+    model = load_model(arch, weights, classes)
+    preset = PRESETS[info.preset]
+    network = FeatureNetwork(model, [info.default_layer], preset)
+    network = network.to(pick_device(device)).eval()
+    forward_before = forward_rate(network, batch_size, preset.crop, forward_seconds)
+    decode = decode_rate(source, split, info.preset, decode_images)
+    out = Path(tempfile.mkdtemp(prefix="advguard-bench-"))
+    try:
+        report = build_bundle(
+            BuildConfig(
+                source=source,
+                split=split,
+                arch=arch,
+                weights=weights,
+                out=out / "bundle",
+                batch_size=batch_size,
+                num_workers=workers,
+                device=device,
+                **build_options,
+            ),
+            progress=False,
+        )
+        if keep_bundle is not None:
+            shutil.rmtree(keep_bundle, ignore_errors=True)
+            shutil.move(out / "bundle", keep_bundle)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    forward_after = forward_rate(network, batch_size, preset.crop, forward_seconds)
+    extraction = report.extraction[0]
+    forward = (forward_before + forward_after) / 2
+    return {
+        "arch": arch,
+        "source": str(source),
+        "split": split,
+        "device": str(network.device),
+        "batch_size": batch_size,
+        "workers": workers,
+        "images": extraction.images + extraction.skipped,
+        "forward_images_per_second_before": forward_before,
+        "forward_images_per_second_after": forward_after,
+        "decode_images_per_second": decode,
+        "builder_extract_images_per_second": extraction.images_per_second,
+        "builder_total_seconds": report.seconds,
+        "builder_over_forward": extraction.images_per_second / forward,
+    }
+
+
+def table(results: dict[str, Any]) -> str:
+    source = Path(results["source"]).name + (f"::{results['split']}" if results["split"] else "")
+    return (
+        f"{results['arch']} on {results['device']} over {results['images']:,} images of "
+        f"{source}, batch {results['batch_size']}, {results['workers']} DataLoader workers.\n\n"
+        "| rate | images/s |\n|---|---|\n"
+        f"| bare forward pass (before / after the build) | "
+        f"{results['forward_images_per_second_before']:.0f} / "
+        f"{results['forward_images_per_second_after']:.0f} |\n"
+        f"| decode + preprocess only (1 process) | {results['decode_images_per_second']:.0f} |\n"
+        f"| builder feature extraction | {results['builder_extract_images_per_second']:.0f} |\n\n"
+        f"Builder / mean bare forward: **{results['builder_over_forward']:.0%}**. Whole build "
+        f"(extraction, PCA, index, calibration, bundle): {results['builder_total_seconds']:.1f} s."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
@@ -64,60 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--forward-seconds", type=float, default=15.0)
     parser.add_argument("--decode-images", type=int, default=10_000)
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    parser.add_argument("--keep-bundle", type=Path, default=None, help="keep the built bundle")
     args = parser.parse_args(argv)
 
-    info = describe_architecture(args.arch)
-    classes = len(open_source(args.source, args.split).listing(per_class_limit=1).classes)
-    model = load_model(args.arch, args.weights, classes)
-    preset = PRESETS[info.preset]
-    network = FeatureNetwork(model, [info.default_layer], preset).eval()
-    forward_before = forward_rate(network, args.batch_size, preset.crop, args.forward_seconds)
-    decode = decode_rate(args.source, args.split, info.preset, args.decode_images)
-    out = Path(tempfile.mkdtemp(prefix="advguard-bench-"))
-    try:
-        report = build_bundle(
-            BuildConfig(
-                source=args.source,
-                split=args.split,
-                arch=args.arch,
-                weights=args.weights,
-                out=out / "bundle",
-                batch_size=args.batch_size,
-                num_workers=args.workers,
-            ),
-            progress=False,
-        )
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-    forward_after = forward_rate(network, args.batch_size, preset.crop, args.forward_seconds)
-    extraction = report.extraction[0]
-    forward = (forward_before + forward_after) / 2
-    results = {
-        "arch": args.arch,
-        "source": str(args.source),
-        "split": args.split,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "images": extraction.images + extraction.skipped,
-        "forward_images_per_second_before": forward_before,
-        "forward_images_per_second_after": forward_after,
-        "decode_images_per_second": decode,
-        "builder_extract_images_per_second": extraction.images_per_second,
-        "builder_total_seconds": report.seconds,
-        "builder_over_forward": extraction.images_per_second / forward,
-    }
-    table = (
-        f"{args.arch} over {results['images']:,} images of {args.source.name}"
-        f"::{args.split}, batch {args.batch_size}, {args.workers} DataLoader workers.\n\n"
-        "| rate | images/s |\n|---|---|\n"
-        f"| bare forward pass (before / after the build) | {forward_before:.0f} / "
-        f"{forward_after:.0f} |\n"
-        f"| decode + preprocess only (1 process) | {decode:.0f} |\n"
-        f"| builder feature extraction | {extraction.images_per_second:.0f} |\n\n"
-        f"Builder / mean bare forward: **{results['builder_over_forward']:.0%}**. Whole build "
-        f"(extraction, PCA, index, calibration, bundle): {report.seconds:.1f} s."
+    results = measure(
+        args.source,
+        args.split or None,
+        args.arch,
+        args.weights,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        forward_seconds=args.forward_seconds,
+        decode_images=args.decode_images,
+        device=args.device,
+        keep_bundle=args.keep_bundle,
     )
-    print(write_results("builder_speed", results, table).read_text())
+    print(write_results("builder_speed", results, table(results)).read_text())
     return 0
 
 

@@ -100,17 +100,22 @@ def free_port() -> int:
         return port
 
 
+def advguard_command() -> list[str]:
+    """How to run ``advguard``: its console script beside this Python when the project is
+    installed, else ``python -m app.cli`` (a checkout on PYTHONPATH, as on the GPU machine,
+    where the project is not installed and only its dependencies are, from carried wheels)."""
+    script = Path(sys.executable).parent / "advguard"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "app.cli"]
+
+
 @contextmanager
 def serve(
     env: dict[str, str], device: str = "cpu"
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``advguard serve`` on a free loopback port, ready; terminated (SIGTERM) on exit."""
     port = free_port()
-    advguard = str(Path(sys.executable).parent / "advguard")
-    server = subprocess.Popen(
-        [advguard, "serve", "--port", str(port), "--device", device, "--log-level", "warning"],
-        env={**os.environ, **env},
-    )
+    command = [*advguard_command(), "serve", "--port", str(port), "--device", device]
+    server = subprocess.Popen([*command, "--log-level", "warning"], env={**os.environ, **env})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

@@ -32,9 +32,11 @@ CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO / "bench" / "results"
 
 
-def test_jpegs(limit: int) -> list[bytes]:
+def test_jpegs(limit: int, tar_path: Path = CIFAR_TAR) -> list[bytes]:
+    """The first ``limit`` CIFAR-10 test JPEGs (``test/<class>/<name>.jpg`` members) of a tar:
+    the full ../shared archive, or a smaller one of the same layout carried elsewhere."""
     images: list[bytes] = []
-    with tarfile.open(CIFAR_TAR) as tar:
+    with tarfile.open(tar_path) as tar:
         for member in tar:
             parts = member.name.split("/")
             if member.isfile() and len(parts) >= 3 and parts[-3] == "test":

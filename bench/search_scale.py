@@ -1,13 +1,18 @@
 """Exact k=1000 search at ILSVRC scale: 1.28M x 256 synthetic vectors in a flat index.
 
-Reports ms per query at batch 1 and batch 64 on this machine's CPU (faiss-cpu), through the
-project's own search module. Usage: python -m bench.search_scale [--n 1281167] [--repeats 5]
+Reports ms per query at each batch size (1 and 64 by default) through the project's own search
+module, with either backend: faiss (``--backend faiss``, CPU with faiss-cpu) or the torch exact
+search (``--backend torch --device cuda`` on a GPU). ``--compare-queries N`` also checks that the
+backend returns the CPU flat index's neighbours for N queries (``search.compare_neighbours``).
+Usage: python -m bench.search_scale [--n 1281167] [--repeats 5] [--backend torch --device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,17 +20,81 @@ from app.core import search
 from bench.common import write_results
 
 
-def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
-    """Gaussian clusters (1000 classes), whitened scale: closer to real features than iid noise."""
+def clustered(n: int, dim: int, seed: int, classes: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, cluster labels): Gaussian clusters at whitened scale, closer to real features
+    than iid noise (``classes`` centres; the labels say which centre each row came from)."""
     rng = np.random.default_rng(seed)
-    centres = rng.normal(0, 1.0, (1000, dim)).astype(np.float32)
+    centres = rng.normal(0, 1.0, (classes, dim)).astype(np.float32)
     out = np.empty((n, dim), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int64)
     step = 100_000
     for start in range(0, n, step):
         stop = min(start + step, n)
-        labels = rng.integers(0, 1000, stop - start)
-        out[start:stop] = centres[labels] + rng.normal(0, 0.8, (stop - start, dim))
-    return out
+        labels[start:stop] = rng.integers(0, classes, stop - start)
+        out[start:stop] = centres[labels[start:stop]] + rng.normal(0, 0.8, (stop - start, dim))
+    return out, labels
+
+
+def clustered_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    return clustered(n, dim, seed)[0]
+
+
+def flat_index(
+    base: np.ndarray, backend: search.SearchBackend = "faiss", device: str = "cpu"
+) -> Any:
+    """An exact index over ``base`` on ``backend``; ``device`` "cuda" puts it on the GPU (the
+    torch backend always can; faiss only with a GPU build)."""
+    if backend == "torch":  # straight from the array: no faiss copy of 1.3 GB on the way
+        return search.TorchFlatIndex(base, "cuda" if device == "cuda" else "cpu")
+    index = search.new_index(base.shape[1], "flat")
+    search.add_vectors(index, np.array_split(base, 16))
+    moved, _ = search.to_device(index, device == "cuda", backend)
+    return moved
+
+
+def time_search(
+    index: Any, queries: np.ndarray, k: int, batches: Sequence[int], repeats: int
+) -> dict[str, dict[str, float]]:
+    """Per batch size: one warm-up search, then ``repeats`` searches of distinct query slices.
+    A search returns numpy arrays, so every timing includes the device's work to the end."""
+    rows: dict[str, dict[str, float]] = {}
+    for batch in batches:
+        if queries.shape[0] < batch * repeats:
+            raise ValueError(f"need {batch * repeats} queries for batch {batch}")
+        search.search(index, queries[:batch], k)  # warm-up
+        timings = []
+        for r in range(repeats):
+            chunk = queries[r * batch : (r + 1) * batch]
+            t0 = time.perf_counter()
+            search.search(index, chunk, k)
+            timings.append(time.perf_counter() - t0)
+        per_query_ms = [1000 * t / batch for t in timings]
+        rows[str(batch)] = {
+            "batch_ms_median": 1000 * float(np.median(timings)),
+            "per_query_ms_median": float(np.median(per_query_ms)),
+            "per_query_ms_min": float(np.min(per_query_ms)),
+        }
+    return rows
+
+
+def neighbours_against_flat(
+    reference: Any, index: Any, queries: np.ndarray, k: int
+) -> dict[str, Any]:
+    """``index``'s neighbours against the CPU flat index's for the same queries."""
+    agreement = search.compare_neighbours(
+        search.search(reference, queries, k), search.search(index, queries, k)
+    )
+    return {**vars(agreement), "identical_neighbours": agreement.identical_neighbours}
+
+
+def timing_table(rows: dict[str, dict[str, float]]) -> str:
+    return "| batch | ms per batch | ms per query | best ms per query |\n|---|---|---|---|\n" + (
+        "\n".join(
+            f"| {b} | {r['batch_ms_median']:.2f} | {r['per_query_ms_median']:.3f} | "
+            f"{r['per_query_ms_min']:.3f} |"
+            for b, r in rows.items()
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,49 +103,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--backend", choices=search.SEARCH_BACKENDS, default="faiss")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--compare-queries", type=int, default=0, help="check neighbours against CPU flat"
+    )
+    parser.add_argument("--name", default="search_scale", help="result file name")
     args = parser.parse_args(argv)
 
     base = clustered_vectors(args.n, args.dim, seed=0)
-    index = search.new_index(args.dim, "flat")
     started = time.perf_counter()
-    search.add_vectors(index, np.array_split(base, 16))
+    index = flat_index(base, args.backend, args.device)
     add_seconds = time.perf_counter() - started
-    queries = clustered_vectors(64 * args.repeats + args.repeats, args.dim, seed=1)
-    rows = {}
-    for batch in (1, 64):
-        search.search(index, queries[:batch], args.k)  # warm-up
-        timings = []
-        for r in range(args.repeats):
-            chunk = queries[r * batch : (r + 1) * batch]
-            t0 = time.perf_counter()
-            search.search(index, chunk, args.k)
-            timings.append(time.perf_counter() - t0)
-        per_query_ms = [1000 * t / batch for t in timings]
-        rows[batch] = {
-            "batch_ms_median": 1000 * float(np.median(timings)),
-            "per_query_ms_median": float(np.median(per_query_ms)),
-            "per_query_ms_min": float(np.min(per_query_ms)),
-        }
-    results = {
+    queries = clustered_vectors(max(args.batches) * args.repeats + args.repeats, args.dim, seed=1)
+    rows = time_search(index, queries, args.k, args.batches, args.repeats)
+    results: dict[str, Any] = {
         "n": args.n,
         "dim": args.dim,
         "k": args.k,
         "index": "flat (exact L2)",
+        "backend": args.backend,
+        "device": args.device,
         "faiss": search.faiss_version(),
         "add_seconds": add_seconds,
         "batches": rows,
     }
-    table = (
-        f"Exact flat index, {args.n:,} x {args.dim} float32, k = {args.k}, faiss "
-        f"{search.faiss_version()} on CPU, median of {args.repeats} batches.\n\n"
-        "| batch | ms per batch | ms per query | best ms per query |\n|---|---|---|---|\n"
-        + "\n".join(
-            f"| {b} | {r['batch_ms_median']:.1f} | {r['per_query_ms_median']:.1f} | "
-            f"{r['per_query_ms_min']:.1f} |"
-            for b, r in rows.items()
+    if args.compare_queries:
+        reference = flat_index(base)
+        results["neighbours"] = neighbours_against_flat(
+            reference, index, queries[: args.compare_queries], args.k
         )
+    where = "CPU" if args.device == "cpu" else "GPU"
+    table = (
+        f"Exact flat index, {args.n:,} x {args.dim} float32, k = {args.k}, {args.backend} "
+        f"backend on {where} (faiss {search.faiss_version()}), median of {args.repeats} "
+        f"batches.\n\n{timing_table(rows)}"
     )
-    print(write_results("search_scale", results, table).read_text())
+    print(write_results(args.name, results, table).read_text())
     return 0
 
 

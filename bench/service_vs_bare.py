@@ -300,12 +300,18 @@ async def load_level(
 
 
 def run_service(
-    env: dict[str, str], args: argparse.Namespace, jpegs: list[bytes], label: str
+    env: dict[str, str],
+    args: argparse.Namespace,
+    jpegs: list[bytes],
+    label: str,
+    warmup_s: float = 3.0,
 ) -> dict[str, Any]:
+    """``advguard serve`` with ``env`` under closed-loop load at each of ``args.concurrency``
+    for ``args.seconds`` (model on ``args.device``), after ``warmup_s`` at 4 clients."""
     requests = [multipart_request("/classify", data) for data in jpegs]
     with serve(env, args.device) as (base, _server):
         host, port = base.removeprefix("http://").rsplit(":", 1)
-        asyncio.run(load_level(host, int(port), requests, 4, 3.0))  # warm-up
+        asyncio.run(load_level(host, int(port), requests, 4, warmup_s))  # warm-up
         levels = []
         for concurrency in args.concurrency:
             level = asyncio.run(load_level(host, int(port), requests, concurrency, args.seconds))
