@@ -1,0 +1,241 @@
+"""The service on the GPU under load: guard on, guard off and the in-process limit, in one run.
+
+The bundle is ResNet-50 with random weights (224 px) whose vote searches a synthetic
+1.28M x 256 flat index (``bench.gpu.synthetic.enlarge_bundle``) with the torch exact search on
+the GPU; the Mahalanobis statistics are numpy on the CPU, as in production. Steps, in order:
+
+1. Execution of the model (in process): fp32, bf16 and fp16 autocast, each with and without
+   channels_last, on the same images at one batch size. A variant is eligible only if every
+   decision (predicted class and accepted/rejected) equals fp32's; the eligible variant with the
+   highest model-only rate is kept for everything after (these settings change the model alone,
+   so its own rate ranks them; the guarded rate is reported beside it). On random weights the
+   logits of different classes are close, so a lower precision may well flip a prediction: then
+   fp32 is kept, which is the answer the check exists to give.
+2. (c) the in-process limit: ``bench.service_vs_bare.in_process`` at each batch size (model +
+   search, and model only), and the detector's time by stage (``stage_times``).
+3. (a) ``advguard serve`` with the guard, one run per ``ADVGUARD_MAX_BATCH_SIZE`` of the sweep,
+   closed-loop load at one concurrency (``run_service``); (b) the same with the guard off at the
+   best batch size. Deadline shedding is off (``ADVGUARD_LATENCY_BUDGET_MS=0``) and the queue
+   holds every client, so the figures are throughput, not the admission policy. The client
+   tracker is the in-process one (no Redis on that machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from app.core.features import Precision
+from app.core.guard import Guard, Verdict
+from app.core.images import decode_image
+from bench.service_vs_bare import in_process, ratio, run_service, saturation, stage_times
+from bench.service_vs_bare import time_batches as timed
+
+VARIANTS: tuple[tuple[Precision, bool], ...] = (
+    ("fp32", False),
+    ("fp32", True),
+    ("bf16", False),
+    ("bf16", True),
+    ("fp16", False),
+    ("fp16", True),
+)
+
+
+def verdicts(guard: Guard, pixels: torch.Tensor, batch: int) -> list[Verdict]:
+    found: list[Verdict] = []
+    for start in range(0, pixels.shape[0], batch):
+        found += guard.classify_pixels(pixels[start : start + batch])
+    return found
+
+
+def guarded_run(guard: Guard) -> Callable[[torch.Tensor], None]:
+    def run(batch: torch.Tensor) -> None:
+        features = guard.infer(batch)
+        guard.decide(features, guard.score(features))
+
+    return run
+
+
+def variant_row(
+    guard: Guard,
+    pixels: list[torch.Tensor],
+    reference: list[Verdict],
+    batch: int,
+    min_s: float,
+) -> dict[str, Any]:
+    """Decisions against fp32's and the rates of the network's current execution settings."""
+    found = verdicts(guard, torch.stack(pixels), batch)
+    pairs = list(zip(found, reference, strict=True))
+    same_prediction = [f.predicted_class == r.predicted_class for f, r in pairs]
+    same_decision = [
+        f.predicted_class == r.predicted_class and f.accepted == r.accepted for f, r in pairs
+    ]
+    return {
+        "predictions_identical": sum(same_prediction),
+        "decisions_identical": sum(same_decision),
+        "max_abs_score_difference": max(abs(f.score - r.score) for f, r in pairs),
+        "model_only": timed(guard.classify, pixels, batch, min_s),
+        "model_and_search": timed(guarded_run(guard), pixels, batch, min_s),
+    }
+
+
+def choose_execution(guard: Guard, jpegs: list[bytes], batch: int, min_s: float) -> dict[str, Any]:
+    """Every variant of ``VARIANTS``; leaves the guard on the one kept (see the docstring)."""
+    pixels = [guard.pixels(decode_image(data)) for data in jpegs]
+    guard.network.set_execution("fp32", False)
+    reference = verdicts(guard, torch.stack(pixels), batch)
+    rows = []
+    for precision, channels_last in VARIANTS:
+        row: dict[str, Any] = {"precision": precision, "channels_last": channels_last}
+        try:
+            guard.network.set_execution(precision, channels_last)
+            row |= variant_row(guard, pixels, reference, batch, min_s)
+        except (RuntimeError, NotImplementedError) as exc:  # a kernel this device lacks
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print("execution:", row, flush=True)
+        rows.append(row)
+    eligible = [r for r in rows if r.get("decisions_identical") == len(pixels)]
+    kept = max(eligible, key=lambda r: r["model_only"]["images_per_s"], default=rows[0])
+    guard.network.set_execution(kept["precision"], kept["channels_last"])
+    return {
+        "images": len(pixels),
+        "batch_size": batch,
+        "variants": rows,
+        "kept": {"precision": kept["precision"], "channels_last": kept["channels_last"]},
+    }
+
+
+def service_env(bundle: Path, kept: dict[str, Any], concurrency: int) -> dict[str, str]:
+    return {
+        "ADVGUARD_BUNDLE": str(bundle),
+        "ADVGUARD_SEARCH_BACKEND": "torch",
+        "ADVGUARD_MODEL_PRECISION": kept["precision"],
+        "ADVGUARD_CHANNELS_LAST": str(kept["channels_last"]).lower(),
+        "ADVGUARD_LATENCY_BUDGET_MS": "0",
+        "ADVGUARD_QUEUE_SIZE": str(max(concurrency, 1)),
+    }
+
+
+def run(
+    bundle: Path,
+    jpegs: list[bytes],
+    device: str,
+    max_batch_sizes: tuple[int, ...],
+    in_process_batches: tuple[int, ...],
+    concurrency: int,
+    seconds: float,
+    min_s: float,
+    execution_batch: int,
+    stage_batch: int,
+    warmup_s: float,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    guard = Guard.load(bundle, device=device, search_backend="torch")
+    load_s = time.perf_counter() - started
+    execution = choose_execution(guard, jpegs, execution_batch, min_s)
+    limit = in_process(guard, jpegs, list(in_process_batches), min_s)
+    pixels = [guard.pixels(decode_image(data)) for data in jpegs]
+    stages = stage_times(guard, pixels, stage_batch, min_s)
+    index_device = guard.index_device
+    del guard, pixels
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    env = service_env(bundle, execution["kept"], concurrency)
+    load = argparse.Namespace(device=device, concurrency=[concurrency], seconds=seconds)
+    sweep = []
+    for size in max_batch_sizes:
+        label = f"(a) guard on, max batch {size}"
+        size_env = {**env, "ADVGUARD_MAX_BATCH_SIZE": str(size)}
+        served = run_service(size_env, load, jpegs, label, warmup_s)
+        sweep.append({"max_batch_size": size, **served})
+    best = max(sweep, key=saturation)
+    off_env = {**env, "ADVGUARD_MAX_BATCH_SIZE": str(best["max_batch_size"])}
+    off_env["ADVGUARD_GUARD_ENABLED"] = "false"
+    unguarded = run_service(off_env, load, jpegs, "(b) guard off", warmup_s)
+    a, b = saturation(best), saturation(unguarded)
+    c = limit["limit"]["images_per_s"]
+    return {
+        "bundle": bundle.name,
+        "device": device,
+        "index_device": index_device,
+        "load_seconds": round(load_s, 1),
+        "images": len(jpegs),
+        "image_size": _image_size(jpegs[0]),
+        "concurrency": concurrency,
+        "seconds_per_level": seconds,
+        "execution": execution,
+        "in_process": limit,
+        "detector_stages": stages,
+        "guard_on_sweep": sweep,
+        "best_max_batch_size": best["max_batch_size"],
+        "guard_off": unguarded,
+        "a_images_per_s": a,
+        "b_images_per_s": b,
+        "c_images_per_s": c,
+        "a_over_b": ratio(a, b),
+        "a_over_c": ratio(a, c),
+    }
+
+
+def _image_size(data: bytes) -> str:
+    width, height = decode_image(data).size
+    return f"{width}x{height}"
+
+
+def table(results: dict[str, Any]) -> str:
+    kept = results["execution"]["kept"]
+    variants = "\n".join(
+        f"| {r['precision']}{' + channels_last' if r['channels_last'] else ''} | "
+        + (
+            f"error: {r['error'][:60]} | | | |"
+            if "error" in r
+            else f"{r['decisions_identical']} / {results['execution']['images']} | "
+            f"{r['max_abs_score_difference']:.2e} | {r['model_only']['images_per_s']} | "
+            f"{r['model_and_search']['images_per_s']} |"
+        )
+        for r in results["execution"]["variants"]
+    )
+    sweep = "\n".join(
+        f"| {row['max_batch_size']} | {saturation(row)} | "
+        f"{row['saturation']['latency_ms_p50']} / {row['saturation']['latency_ms_p99']} | "
+        f"{row['saturation']['mean_batch_size']} | {row['saturation']['statuses']} |"
+        for row in results["guard_on_sweep"]
+    )
+    off = results["guard_off"]["saturation"]
+    limit = results["in_process"]["limit"]
+    model_only = results["in_process"]["limit_model_only"]
+    stages = results["detector_stages"]
+    return (
+        f"Bundle `{results['bundle']}` (model on {results['device']}, index on "
+        f"{results['index_device']}, torch exact search), {results['images']} synthetic "
+        f"{results['image_size']} px JPEGs, {results['concurrency']} closed-loop clients for "
+        f"{results['seconds_per_level']} s per run.\n\n"
+        f"| | images/s |\n| --- | --- |\n"
+        f"| (a) service, guard on (best max batch {results['best_max_batch_size']}) "
+        f"| {results['a_images_per_s']} |\n"
+        f"| (b) service, guard off | {results['b_images_per_s']} |\n"
+        f"| (c) in process, model + search (batch {limit['batch_size']}) "
+        f"| {results['c_images_per_s']} |\n"
+        f"| in process, model only (batch {model_only['batch_size']}) "
+        f"| {model_only['images_per_s']} |\n\n"
+        f"a / b = {results['a_over_b']:.1%}, a / c = {results['a_over_c']:.1%}.\n\n"
+        "Guard-on sweep of ADVGUARD_MAX_BATCH_SIZE:\n\n"
+        "| max batch | images/s | p50 / p99 ms | mean batch | statuses |\n"
+        f"| --- | --- | --- | --- | --- |\n{sweep}\n\n"
+        f"Guard off at max batch {results['best_max_batch_size']}: {results['b_images_per_s']} "
+        f"images/s, p50 / p99 {off['latency_ms_p50']} / {off['latency_ms_p99']} ms.\n\n"
+        f"Model execution (batch {results['execution']['batch_size']}, decisions against "
+        f"fp32's); kept: **{kept['precision']}"
+        f"{' + channels_last' if kept['channels_last'] else ''}**.\n\n"
+        "| execution | same decisions | max score difference | model only images/s "
+        f"| model + search images/s |\n| --- | --- | --- | --- | --- |\n{variants}\n\n"
+        f"Detector by stage at batch {stages['batch_size']}, ms per image: model "
+        f"{stages['model_ms']}, "
+        + ", ".join(f"{kind} {ms}" for kind, ms in stages["statistic_ms"].items())
+        + f", combination {stages['combination_ms']}."
+    )
