@@ -139,11 +139,20 @@ def run(bundle: Path, jpegs: list[bytes], device: str) -> dict[str, Any]:
         "bundle": bundle.name,
         "images": len(jpegs),
         "statistic_tolerance_of_spread": STATISTIC_TOLERANCE,
-        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "cudnn_allow_tf32": cudnn_tf32(),
         "accepted_share_reference": float(reference.accepted.mean()),
         "configurations": rows,
         "passed": all(row["passed"] for row in compared),
     }
+
+
+def cudnn_tf32() -> bool | None:
+    """Whether cuDNN may use TF32 (PyTorch's default); None where the flag cannot be read
+    (newer torch releases move it behind another API)."""
+    try:
+        return bool(torch.backends.cudnn.allow_tf32)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def table(results: dict[str, Any]) -> str:

@@ -252,7 +252,8 @@ class Run:
         return self.budget_s - (time.monotonic() - self.started)
 
     def step(self, name: str, body: Callable[[], tuple[dict[str, Any], str]]) -> None:
-        """Run one step unless the budget cannot hold it; record ok / error / skipped."""
+        """Run one step unless the budget cannot hold it; record ok / partial (it finished, but
+        parts of it failed: its results list them under "errors") / error / skipped."""
         record: dict[str, Any]
         if self.left_s() < self.estimates[name]:
             record = {"status": "skipped", "reason": f"{self.left_s():.0f} s left of the budget"}
@@ -261,7 +262,8 @@ class Run:
             started = time.monotonic()
             try:
                 results, table = body()
-                record = {"status": "ok", "results": results}
+                record = {"status": "partial" if results.get("errors") else "ok"}
+                record["results"] = results
                 self.tables[name] = table
             except Exception as exc:  # one step's failure must not cost the others
                 record = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
@@ -307,7 +309,7 @@ def summary(results: dict[str, Any], tables: dict[str, str]) -> str:
             continue
         status = record["status"]
         lines += ["", f"## {name}: {status} ({record.get('seconds', 0)} s)", ""]
-        if status == "ok" and name in tables:
+        if status in ("ok", "partial") and name in tables:
             lines.append(tables[name])
         elif status == "error":
             lines.append(f"    {record['error']}")
@@ -326,6 +328,7 @@ def environment(run: Run) -> tuple[dict[str, Any], str]:
     import torch
 
     from app.core import search
+    from bench.gpu.parity import cudnn_tf32
 
     versions: dict[str, str | None] = {}
     for name in DISTRIBUTIONS:
@@ -349,7 +352,7 @@ def environment(run: Run) -> tuple[dict[str, Any], str]:
         if cuda
         else None,
         "cuda": torch.version.cuda,
-        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+        "cudnn_allow_tf32": cudnn_tf32(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "faiss_gpus": search.gpu_count(),
         "versions": versions,
@@ -548,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     run.write()
     statuses = {name: record["status"] for name, record in run.results["steps"].items()}
     print(f"results in {run.out}: {statuses}", flush=True)
-    return 1 if "error" in statuses.values() else 0
+    return 1 if {"error", "partial"} & set(statuses.values()) else 0
 
 
 if __name__ == "__main__":

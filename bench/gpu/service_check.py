@@ -147,17 +147,27 @@ def run(
         torch.cuda.empty_cache()
     env = service_env(bundle, execution["kept"], concurrency)
     load = argparse.Namespace(device=device, concurrency=[concurrency], seconds=seconds)
-    sweep = []
-    for size in max_batch_sizes:
-        label = f"(a) guard on, max batch {size}"
-        size_env = {**env, "ADVGUARD_MAX_BATCH_SIZE": str(size)}
-        served = run_service(size_env, load, jpegs, label, warmup_s)
-        sweep.append({"max_batch_size": size, **served})
-    best = max(sweep, key=saturation)
+    sweep = [
+        {
+            "max_batch_size": size,
+            **served(
+                {**env, "ADVGUARD_MAX_BATCH_SIZE": str(size)},
+                load,
+                jpegs,
+                f"(a) guard on, max batch {size}",
+                warmup_s,
+            ),
+        }
+        for size in max_batch_sizes
+    ]
+    ran = [row for row in sweep if "error" not in row]
+    best = max(ran, key=saturation) if ran else sweep[0]
     off_env = {**env, "ADVGUARD_MAX_BATCH_SIZE": str(best["max_batch_size"])}
     off_env["ADVGUARD_GUARD_ENABLED"] = "false"
-    unguarded = run_service(off_env, load, jpegs, "(b) guard off", warmup_s)
-    a, b = saturation(best), saturation(unguarded)
+    unguarded = served(off_env, load, jpegs, "(b) guard off", warmup_s)
+    errors = [row["error"] for row in [*sweep, unguarded] if "error" in row]
+    a = saturation(best) if "error" not in best else None
+    b = saturation(unguarded) if "error" not in unguarded else None
     c = limit["limit"]["images_per_s"]
     return {
         "bundle": bundle.name,
@@ -177,9 +187,28 @@ def run(
         "a_images_per_s": a,
         "b_images_per_s": b,
         "c_images_per_s": c,
-        "a_over_b": ratio(a, b),
-        "a_over_c": ratio(a, c),
+        "a_over_b": None if a is None or b is None else ratio(a, b),
+        "a_over_c": None if a is None else ratio(a, c),
+        "errors": errors,
     }
+
+
+def served(
+    env: dict[str, str], load: argparse.Namespace, jpegs: list[bytes], label: str, warmup_s: float
+) -> dict[str, Any]:
+    """One ``run_service``; a service that fails to start or breaks under load is recorded as
+    an error, so the runs that did work (and the in-process figures) are kept."""
+    started = time.perf_counter()
+    try:
+        result = run_service(env, load, jpegs, label, warmup_s)
+    except Exception as exc:  # a subprocess and sockets: anything may go wrong there
+        print(f"{label}: {type(exc).__name__}: {exc}", flush=True)
+        result = {"env": env, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {**result, "wall_seconds": round(time.perf_counter() - started, 1)}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _image_size(data: bytes) -> str:
@@ -201,12 +230,14 @@ def table(results: dict[str, Any]) -> str:
         for r in results["execution"]["variants"]
     )
     sweep = "\n".join(
-        f"| {row['max_batch_size']} | {saturation(row)} | "
+        f"| {row['max_batch_size']} | error: {row['error'][:80]} | | | |"
+        if "error" in row
+        else f"| {row['max_batch_size']} | {saturation(row)} | "
         f"{row['saturation']['latency_ms_p50']} / {row['saturation']['latency_ms_p99']} | "
         f"{row['saturation']['mean_batch_size']} | {row['saturation']['statuses']} |"
         for row in results["guard_on_sweep"]
     )
-    off = results["guard_off"]["saturation"]
+    off = results["guard_off"].get("saturation", {})
     limit = results["in_process"]["limit"]
     model_only = results["in_process"]["limit_model_only"]
     stages = results["detector_stages"]
@@ -223,12 +254,13 @@ def table(results: dict[str, Any]) -> str:
         f"| {results['c_images_per_s']} |\n"
         f"| in process, model only (batch {model_only['batch_size']}) "
         f"| {model_only['images_per_s']} |\n\n"
-        f"a / b = {results['a_over_b']:.1%}, a / c = {results['a_over_c']:.1%}.\n\n"
+        f"a / b = {_percent(results['a_over_b'])}, a / c = {_percent(results['a_over_c'])}.\n\n"
         "Guard-on sweep of ADVGUARD_MAX_BATCH_SIZE:\n\n"
         "| max batch | images/s | p50 / p99 ms | mean batch | statuses |\n"
         f"| --- | --- | --- | --- | --- |\n{sweep}\n\n"
         f"Guard off at max batch {results['best_max_batch_size']}: {results['b_images_per_s']} "
-        f"images/s, p50 / p99 {off['latency_ms_p50']} / {off['latency_ms_p99']} ms.\n\n"
+        f"images/s, p50 / p99 {off.get('latency_ms_p50')} / {off.get('latency_ms_p99')} ms"
+        f"{'; ' + results['guard_off']['error'] if 'error' in results['guard_off'] else ''}.\n\n"
         f"Model execution (batch {results['execution']['batch_size']}, decisions against "
         f"fp32's); kept: **{kept['precision']}"
         f"{' + channels_last' if kept['channels_last'] else ''}**.\n\n"

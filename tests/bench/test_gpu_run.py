@@ -108,6 +108,7 @@ def _check_builder(builder: dict[str, Any]) -> None:
 
 def _check_service(service: dict[str, Any]) -> None:
     assert service["index_rows"] == gpu_run.DRY.service_rows
+    assert service["errors"] == []
     assert service["image_size"] == "32x32"
     assert [row["max_batch_size"] for row in service["guard_on_sweep"]] == [4, 16]
     assert service["best_max_batch_size"] in (4, 16)
@@ -180,6 +181,7 @@ def test_steps_are_isolated_and_held_to_the_budget(tmp_path: Path) -> None:
 
     run.step("parity", broken)
     run.step("search", lambda: ({"passed": True}, "| a table |"))
+    run.step("builder", lambda: ({"errors": ["one run failed"]}, "| kept |"))
     run.budget_s = 0.0  # spent: the next step must not start
     run.step("service", lambda: pytest.fail("ran past the budget"))
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -188,10 +190,12 @@ def test_steps_are_isolated_and_held_to_the_budget(tmp_path: Path) -> None:
     assert "RuntimeError: no kernel image" in steps["parity"]["error"]
     assert "Traceback" in steps["parity"]["traceback"]
     assert steps["search"] == {"status": "ok", "results": {"passed": True}, "seconds": 0.0}
+    assert steps["builder"]["status"] == "partial"
     assert steps["service"]["status"] == "skipped"
     summary = (tmp_path / "summary.md").read_text()
     assert "## parity: error" in summary and "RuntimeError" in summary
     assert "## search: ok" in summary and "| a table |" in summary
+    assert "## builder: partial" in summary and "| kept |" in summary
     assert "## service: skipped" in summary and "left of the budget" in summary
 
 
@@ -222,3 +226,81 @@ def test_synthetic_jpegs_have_the_asked_size_and_folder_layout(tmp_path: Path) -
     root = synthetic.jpeg_folder(tmp_path / "f", images=7, classes=2, size=(40, 30), distinct=4)
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
     assert len(files) == 7 and {f.split("/")[0] for f in files} == {"class_00", "class_01"}
+
+
+def test_a_service_that_fails_is_recorded_and_the_others_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A service that does not start on the GPU machine must not cost the runs that did, nor
+    the in-process figures measured before it."""
+    from argparse import Namespace
+
+    from bench.gpu import service_check
+
+    def broken(*_args: Any, **_kwargs: Any) -> dict[str, Any]:
+        raise RuntimeError("the service did not start")
+
+    monkeypatch.setattr(service_check, "run_service", broken)
+    env = {"ADVGUARD_MAX_BATCH_SIZE": "64"}
+    row = service_check.served(env, Namespace(), [], "(a)", 0.0)
+    assert row["env"] == env and row["error"] == "RuntimeError: the service did not start"
+    assert row["wall_seconds"] >= 0
+    level = {"throughput_images_per_s": 10.0, "latency_ms_p50": 1, "latency_ms_p99": 2}
+    level |= {"mean_batch_size": 3.0, "statuses": {"200": 5}}
+    results = {
+        "bundle": "b",
+        "device": "cuda",
+        "index_device": "gpu",
+        "images": 4,
+        "image_size": "224x224",
+        "concurrency": 8,
+        "seconds_per_level": 1.0,
+        "execution": {
+            "images": 4,
+            "batch_size": 2,
+            "variants": [],
+            "kept": {"precision": "fp32", "channels_last": False},
+        },
+        "in_process": {
+            "limit": {"batch_size": 2},
+            "limit_model_only": {"batch_size": 2, "images_per_s": 9.0},
+        },
+        "detector_stages": {
+            "batch_size": 2,
+            "model_ms": 1.0,
+            "statistic_ms": {"vote": 0.5},
+            "combination_ms": 0.1,
+        },
+        "guard_on_sweep": [
+            {"max_batch_size": 32, **row},
+            {"max_batch_size": 64, "saturation": level},
+        ],
+        "best_max_batch_size": 64,
+        "guard_off": {**row},
+        "a_images_per_s": 10.0,
+        "b_images_per_s": None,
+        "c_images_per_s": 12.0,
+        "a_over_b": None,
+        "a_over_c": 10.0 / 12.0,
+    }
+    text = service_check.table(results)
+    assert "| 32 | error: RuntimeError: the service did not start |" in text
+    assert "| 64 | 10.0 |" in text
+    assert "a / b = -, a / c = 83.3%" in text
+    assert "RuntimeError: the service did not start." in text
+
+
+def test_full_sizes_are_the_issues_and_fit_eight_minutes() -> None:
+    """The GPU run measures what issue 15 names, and its budget (every step's estimate inside
+    it) leaves the wheel install and Python's start-up inside 8 minutes."""
+    full = gpu_run.FULL
+    assert full.parity_images == 2000
+    assert (full.search_rows, full.search_dim, full.search_k) == (1_281_167, 256, 1000)
+    assert full.search_batches == (1, 64, 256)
+    assert (full.arch, full.service_image_size, full.service_rows) == ("resnet50", 224, 1_281_167)
+    assert len(full.max_batch_sizes) >= 3  # a sweep
+    assert (full.builder_images, full.builder_image_size) == (20_000, (500, 375))
+    assert full.builder_workers == 14
+    assert sum(seconds for _, seconds in full.estimates_s) <= full.budget_s <= 8 * 60 - 45
+    assert [name for name, _ in full.estimates_s] == list(gpu_run.STEPS)
+    assert [name for name, _ in gpu_run.DRY.estimates_s] == list(gpu_run.STEPS)
