@@ -202,8 +202,14 @@ def new_index(
     index_type: IndexType = "flat",
     nlist: int = 4096,
     training_sample: np.ndarray | None = None,
+    backend: SearchBackend = "faiss",
 ) -> Any:
-    """An empty index, trained when it needs training (IVF: k-means on ``training_sample``)."""
+    """An empty index, trained when it needs training (IVF: k-means on ``training_sample``).
+    ``backend="torch"`` gives an empty ``TorchFlatIndex`` on the CPU (flat only)."""
+    if backend == "torch":
+        if index_type != "flat":
+            raise ValueError("the torch backend searches exact L2 (flat) indexes only")
+        return TorchFlatIndex(np.empty((0, dim), dtype=np.float32))
     if index_type == "flat":
         return faiss.IndexFlatL2(dim)
     if index_type != "ivf":

@@ -108,6 +108,22 @@ def test_torch_backend_matches_faiss_and_round_trips_through_the_module(tmp_path
     )
 
 
+def test_a_torch_index_is_built_like_a_faiss_one() -> None:
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(400, 8)).astype(np.float32)
+    queries = rng.normal(size=(5, 8)).astype(np.float32)
+    built = search.new_index(8, "flat", backend="torch")
+    assert isinstance(built, search.TorchFlatIndex) and search.index_size(built) == 0
+    empty = search.search(built, queries, 3)  # nothing indexed yet: all missing
+    assert (empty.ids == -1).all() and np.isinf(empty.squared_distances).all()
+    search.add_vectors(built, np.array_split(base, 3))
+    np.testing.assert_array_equal(
+        search.search(built, queries, 30).ids, search.search(_flat(base), queries, 30).ids
+    )
+    with pytest.raises(ValueError, match="flat"):
+        search.new_index(8, "ivf", nlist=4, training_sample=base, backend="torch")
+
+
 def test_torch_backend_refuses_approximate_indexes() -> None:
     rng = np.random.default_rng(3)
     base = rng.normal(size=(600, 8)).astype(np.float32)
