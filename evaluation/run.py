@@ -360,17 +360,37 @@ def _subset(batch: BatchFeatures, rows: np.ndarray) -> BatchFeatures:
     )
 
 
+# (id of a statistic object, id of a feature batch) -> its values: the ablation views share the
+# statistics of one bundle, so each statistic is computed once per set, not once per view.
+StatisticMemo = dict[tuple[int, int], np.ndarray]
+
+
 def guard_scores(
-    guard: Guard, batch: BatchFeatures, score_function: ScoreFunction | None
+    guard: Guard,
+    batch: BatchFeatures,
+    score_function: ScoreFunction | None,
+    memo: StatisticMemo | None = None,
 ) -> np.ndarray:
     """Scores of the predicted classes through the guard's own detector; a single vote's score
     function may be varied at query time (Table 2's kNN / W-kNN / DW-kNN rows)."""
     detector = guard.detector
-    statistic = detector.statistics[0]
-    if detector.combination == "single" and isinstance(statistic, KnnVote):
-        scores: np.ndarray = statistic.values(batch.features, batch.predictions, score_function)
-        return scores
-    return guard.score(batch)
+    vote = detector.statistics[0]
+    if (
+        detector.combination == "single"
+        and isinstance(vote, KnnVote)
+        and score_function not in (None, vote.score_function)
+    ):
+        varied: np.ndarray = vote.values(batch.features, batch.predictions, score_function)
+        return varied
+    if memo is None:
+        return guard.score(batch)
+    columns = []
+    for s in detector.statistics:
+        key = (id(s), id(batch))
+        if key not in memo:
+            memo[key] = s.values(batch.features, batch.predictions)
+        columns.append(memo[key])
+    return detector.combine(np.stack(columns, axis=1))
 
 
 @dataclass(frozen=True)
@@ -815,6 +835,7 @@ def score_stage(
     set_names = [s for s in SET_ORDER if s in feats or s in ("aggr", "adaptive_own")]
     configurations: dict[str, Any] = {}
     all_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    memo: StatisticMemo = {}
     for cname, (config, guard) in guards.items():
         single_vote = guard.detector.combination == "single" and isinstance(
             guard.detector.statistics[0], KnnVote
@@ -824,7 +845,9 @@ def score_stage(
         all_scores[cname] = {}
         for function in functions:
             key = function or guard.manifest.detector.score_function
-            scores = {name: guard_scores(guard, batch, function) for name, batch in feats.items()}
+            scores = {
+                name: guard_scores(guard, batch, function, memo) for name, batch in feats.items()
+            }
             if cname in own_adaptive:
                 scores["adaptive_own"] = scores[own_adaptive[cname]]
             scores["aggr"] = np.concatenate([scores["lbfgs"], scores["fgsm"]])
