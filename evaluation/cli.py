@@ -35,7 +35,17 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="only the given bundle (score functions at query time): no builds",
     )
     parser.add_argument(
+        "--v2-only",
+        action="store_true",
+        help="only the paper's default detector and v2: no Table 2 grid, k sweep or ablations",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="small subset, short attacks, no builds (CI)"
+    )
+    parser.add_argument(
+        "--v2-only",
+        action="store_true",
+        help="only the paper's default detector and v2: no Table 2 grid, k sweep or ablations",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -74,6 +84,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         per_class=args.per_class,
         studies=not args.no_studies,
+        v2_only=args.v2_only,
         seed=args.seed,
         transfer_from=tuple(args.transfer_from),
     )

@@ -262,6 +262,8 @@ class EvaluateOptions:
     split_per_class_limit: int | None = None
     quick: bool = False
     studies: bool = True
+    # only the paper's default detector and v2 (no Table 2 grid, k sweep, Fisher or ablations)
+    v2_only: bool = False
     seed: int = 0
     attack: AttackParams = field(default_factory=AttackParams)
     batch_size: int = 250
@@ -717,7 +719,10 @@ def configuration_stage(
         config = DetectorConfig("bundle", "table2", tuple(mut.base_guard.layers))
         guards[config.name] = (config, mut.base_guard)
         return guards
-    for config in detector_configs(mut.info.default_layer, mut.stage_layers):
+    configs = detector_configs(mut.info.default_layer, mut.stage_layers)
+    if options.v2_only:  # the paper's default and v2: the comparison without the studies
+        configs = [paper_config(mut.info.default_layer)]
+    for config in configs:
         path = _build(options, mut.arch, mut.weights, config, mut.name, log)
         guards[config.name] = (config, Guard.load(path, device="cpu"))
         for view_config, view in layer_views(
@@ -730,6 +735,8 @@ def configuration_stage(
             v2,
             Guard.load(_build(options, mut.arch, mut.weights, v2, mut.name, log), device="cpu"),
         )
+        if options.v2_only:
+            return guards
         every = DetectorConfig("all-statistics", "ablation", (), statistics=ALL_STATISTICS)
         path = _build(options, mut.arch, mut.weights, every, mut.name, log)
         for view_config, view in statistic_views(path):
