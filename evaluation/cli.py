@@ -42,11 +42,6 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small subset, short attacks, no builds (CI)"
     )
-    parser.add_argument(
-        "--v2-only",
-        action="store_true",
-        help="only the paper's default detector and v2: no Table 2 grid, k sweep or ablations",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
