@@ -1,0 +1,182 @@
+"""Honest traffic that looks like a query attack, for the stateful detector's false-flag rate.
+
+Built from one split's photos (the *training* split to calibrate, the *test* split to judge;
+never from the attack runs). Every query is what the service would see: the client's upload
+(PNG or JPEG bytes, any size) decoded and preprocessed exactly as ``POST /classify`` does
+(``decode_image`` + ``image_to_pixels``), as 8-bit pixels. Kinds of client:
+
+- ``plain``: distinct photos;
+- ``resend``: one photo sent again and again (the same file);
+- ``burst``: one photo and a burst of edits of it: crops, resizes, flips, brightness changes and
+  JPEG recompressions at several qualities, each upload itself a PNG or a JPEG;
+- ``viral``: a few photos that hundreds of clients each send once, every sender's copy one of a
+  handful of circulating versions (the original, re-encodings, a resize, a crop), amid their
+  own plain photos.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from app.core.features import image_to_pixels
+from app.core.images import decode_image
+from app.core.models import PreprocessingPreset
+from evaluation.data import eight_bit
+
+TrafficKind = Literal["plain", "resend", "burst", "viral"]
+TRAFFIC_KINDS: tuple[TrafficKind, ...] = get_args(TrafficKind)
+Edit = Literal["jpeg", "crop", "resize", "flip", "brightness"]
+EDITS: tuple[Edit, ...] = get_args(Edit)
+JPEG_QUALITIES = (95, 90, 85, 75, 60, 50, 30)
+UPLOAD_QUALITIES = (95, 90, 85, 75)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
+
+
+def encode(image: Image.Image, quality: int | None) -> bytes:
+    """The uploaded file: PNG when ``quality`` is None, else JPEG at that quality."""
+    buffer = io.BytesIO()
+    if quality is None:
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def as_served(data: bytes, preset: PreprocessingPreset) -> np.ndarray:
+    """An upload as the service sees it: decoded and preprocessed like ``POST /classify``,
+    8-bit (exact for CIFAR's 32x32 preset)."""
+    pixels = image_to_pixels(decode_image(data, min_size=preset.resize), preset)
+    return eight_bit(pixels.numpy())
+
+
+def edit(image: np.ndarray, kind: Edit, rng: np.random.Generator) -> Image.Image:
+    """One honest edit of a photo ((3, H, W) uint8), with random parameters."""
+    picture = to_pil(image)
+    width, height = picture.size
+    if kind == "jpeg":
+        quality = int(rng.choice(JPEG_QUALITIES))
+        return Image.open(io.BytesIO(encode(picture, quality))).convert("RGB")
+    if kind == "crop":
+        side = int(rng.integers(int(0.75 * min(width, height)), min(width, height)))
+        left = int(rng.integers(0, width - side + 1))
+        top = int(rng.integers(0, height - side + 1))
+        return picture.crop((left, top, left + side, top + side))
+    if kind == "resize":
+        scale = float(rng.choice([0.75, 0.875, 1.25, 1.5, 2.0]))
+        return picture.resize((round(width * scale), round(height * scale)))
+    if kind == "flip":
+        return picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    factor = float(rng.choice([rng.uniform(0.7, 0.95), rng.uniform(1.05, 1.3)]))
+    return ImageEnhance.Brightness(picture).enhance(factor)
+
+
+def upload_quality(rng: np.random.Generator) -> int | None:
+    """Half the uploads are PNG, half JPEG at a camera or app quality."""
+    return None if rng.random() < 0.5 else int(rng.choice(UPLOAD_QUALITIES))
+
+
+def edited_upload(
+    image: np.ndarray, rng: np.random.Generator, preset: PreprocessingPreset
+) -> np.ndarray:
+    kind: Edit = EDITS[int(rng.integers(len(EDITS)))]
+    return as_served(encode(edit(image, kind, rng), upload_quality(rng)), preset)
+
+
+@dataclass(frozen=True)
+class HonestQuery:
+    client: str
+    kind: TrafficKind
+    image: np.ndarray  # (3, H, W) uint8, as served
+
+
+@dataclass(frozen=True)
+class TrafficPlan:
+    """How much honest traffic of each kind (clients per kind, queries per client)."""
+
+    clients: int = 1000
+    plain_queries: int = 20
+    resends: int = 10
+    burst_edits: int = 15
+    viral_images: int = 4
+    viral_versions: int = 6
+    viral_plain: int = 9
+
+
+def viral_versions(
+    image: np.ndarray, count: int, rng: np.random.Generator, preset: PreprocessingPreset
+) -> list[np.ndarray]:
+    """The versions of a viral photo in circulation: the original PNG, re-encodings at a few
+    qualities, and edited copies (a resize, a crop, ...)."""
+    picture = to_pil(image)
+    versions = [as_served(encode(picture, None), preset)]
+    for quality in (90, 75):
+        versions.append(as_served(encode(picture, quality), preset))
+    while len(versions) < count:
+        versions.append(edited_upload(image, rng, preset))
+    return versions[:count]
+
+
+def honest_clients(
+    pixels: np.ndarray, plan: TrafficPlan, preset: PreprocessingPreset, seed: int, prefix: str
+) -> dict[TrafficKind, list[list[HonestQuery]]]:
+    """Per kind, ``plan.clients`` clients, each a list of its queries in order."""
+    rng = np.random.default_rng(seed)
+    n = len(pixels)
+
+    def served(row: int) -> np.ndarray:
+        return as_served(encode(to_pil(pixels[row]), None), preset)
+
+    out: dict[TrafficKind, list[list[HonestQuery]]] = {kind: [] for kind in TRAFFIC_KINDS}
+    for c in range(plan.clients):
+        rows = rng.choice(n, size=plan.plain_queries, replace=False)
+        client = f"{prefix}-plain-{c}"
+        out["plain"].append([HonestQuery(client, "plain", served(int(r))) for r in rows])
+    for c in range(plan.clients):
+        photo = served(int(rng.integers(n)))
+        client = f"{prefix}-resend-{c}"
+        out["resend"].append([HonestQuery(client, "resend", photo) for _ in range(plan.resends)])
+    for c in range(plan.clients):
+        row = int(rng.integers(n))
+        client = f"{prefix}-burst-{c}"
+        burst = [HonestQuery(client, "burst", served(row))]
+        burst += [
+            HonestQuery(client, "burst", edited_upload(pixels[row], rng, preset))
+            for _ in range(plan.burst_edits)
+        ]
+        out["burst"].append(burst)
+    photos = rng.choice(n, size=plan.viral_images, replace=False)
+    versions = [viral_versions(pixels[int(r)], plan.viral_versions, rng, preset) for r in photos]
+    for c in range(plan.clients):
+        client = f"{prefix}-viral-{c}"
+        copies = versions[c % plan.viral_images]
+        queries = [
+            HonestQuery(client, "viral", served(int(r)))
+            for r in rng.choice(n, size=plan.viral_plain, replace=False)
+        ]
+        position = int(rng.integers(len(queries) + 1))
+        queries.insert(
+            position, HonestQuery(client, "viral", copies[int(rng.integers(len(copies)))])
+        )
+        out["viral"].append(queries)
+    return out
+
+
+def interleave(clients: Sequence[list[HonestQuery]], seed: int) -> Iterator[HonestQuery]:
+    """All clients' queries on one timeline: a random interleaving that keeps each client's
+    order (every position is drawn in proportion to the queries each client has left)."""
+    rng = np.random.default_rng(seed)
+    owners = np.concatenate([np.full(len(queries), i) for i, queries in enumerate(clients)])
+    rng.shuffle(owners)
+    cursor = [0] * len(clients)
+    for owner in owners.tolist():
+        yield clients[owner][cursor[owner]]
+        cursor[owner] += 1
