@@ -42,6 +42,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small subset, short attacks, no builds (CI)"
     )
+    parser.add_argument(
+        "--no-adaptive", action="store_true", help="skip the white-box adaptive attacks"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument(
@@ -80,6 +83,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         per_class=args.per_class,
         studies=not args.no_studies,
         v2_only=args.v2_only,
+        adaptive=not args.no_adaptive,
         seed=args.seed,
         transfer_from=tuple(args.transfer_from),
     )

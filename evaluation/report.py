@@ -339,6 +339,41 @@ def v2_sections(results: dict[str, Any]) -> list[str]:
     return parts
 
 
+def _v2_summary(runs: list[dict[str, Any]]) -> list[str]:
+    """The paper's default detector against v2 on every set: EER accuracy / share accepted."""
+    rows = []
+    for r in runs:
+        configs = r["configurations"]
+        paper = [
+            n
+            for n, c in configs.items()
+            if c["study"] == "table2" and c["processing"] == "pca_whiten" and c["k"] == 1000
+        ]
+        for name in [*paper[:1], *(["v2"] if "v2" in configs else [])]:
+            c = configs[name]
+            metrics = c["metrics"][c["score_function"]]
+            cells = [
+                f"{_pct(metrics[s]['eer_accuracy'])} / {_pct(c['accepted_at_threshold'][s])}"
+                if s in metrics
+                else "-"
+                for s in TARGET_SETS
+            ]
+            rows.append(
+                [r["model"]["arch"], name, _pct(c["accepted_at_threshold"]["authentic"]), *cells]
+            )
+    if not any(row[1] == "v2" for row in rows):
+        return []
+    return [
+        "## Detector v2 against the paper's detector: EER accuracy % / share accepted %",
+        "",
+        "Accepted: successful adversarials accepted at the operating threshold (98% retention); "
+        "Authentic: correctly classified test images accepted. T-: transfer sets.",
+        "",
+        _table(["Model", "Detector", "Authentic", *[V2_LABELS[s] for s in TARGET_SETS]], rows),
+        "",
+    ]
+
+
 def summary(results_root: Path) -> str | None:
     """``SUMMARY.md`` across the models under ``results_root`` (full runs only)."""
     runs = []
@@ -363,6 +398,8 @@ def summary(results_root: Path) -> str | None:
             picks.append((default[0], configs[default[0]]["score_function"], "default"))
         if multi:
             picks.append((multi[0], configs[multi[0]]["score_function"], "multi-layer"))
+        if "v2" in configs:
+            picks.append(("v2", configs["v2"]["score_function"], "v2 default"))
         seen = set()
         for name, function, label in picks:
             if (name, function) in seen:
@@ -394,6 +431,7 @@ def summary(results_root: Path) -> str | None:
         "",
         _table(header, rows),
         "",
+        *_v2_summary(runs),
         "## Attacks and the adaptive attack",
         "",
     ]

@@ -264,6 +264,7 @@ class EvaluateOptions:
     studies: bool = True
     # only the paper's default detector and v2 (no Table 2 grid, k sweep, Fisher or ablations)
     v2_only: bool = False
+    adaptive: bool = True  # the white-box attacks (the slowest stage on a CPU)
     seed: int = 0
     attack: AttackParams = field(default_factory=AttackParams)
     batch_size: int = 250
@@ -777,6 +778,8 @@ def adaptive_stage(
     for cname, (config, _) in guards.items():
         if config.study == "multilayer":
             targets["adaptive_multilayer"] = cname
+    if not options.adaptive:
+        targets = {}
     p = options.attack
     base_key = attack_key(mut, sets, options.seed)
     info: dict[str, dict[str, Any]] = {}
