@@ -34,6 +34,8 @@ from evaluation.simulate import (
 )
 
 CHECKPOINTS = (20, 50, 100)
+
+
 def is_loopback(url: str) -> bool:
     host = urlparse(url).hostname or ""
     if host == "localhost":
