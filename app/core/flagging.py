@@ -38,7 +38,8 @@ FLAG_POLICIES: tuple[PolicyKind, ...] = get_args(PolicyKind)
 # Statistics where a *low* value is suspicious (the others: a high value).
 _LOW_IS_SUSPICIOUS: frozenset[PolicyKind] = frozenset({"mean", "ewma"})
 
-DEFAULT_POLICY: PolicyKind = "ewma"  # the rule in evaluation/simulate.py:choose_default, on the v2 bundle
+# chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle
+DEFAULT_POLICY: PolicyKind = "ewma"
 DEFAULT_MIN_REQUESTS = 10
 DEFAULT_EWMA_ALPHA = 0.05
 DEFAULT_FALSE_FLAG_RATE = 0.001
