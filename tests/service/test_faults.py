@@ -182,7 +182,10 @@ def _serve_refused(bundle: Path) -> str:
     return done.stderr
 
 
-@pytest.mark.parametrize("name", ["index_layer3.faiss", "labels.npy", "processing_layer3.npz"])
+@pytest.mark.parametrize(
+    "name",
+    ["index_layer3_2.faiss", "labels.npy", "processing_layer3_2.npz", "class_density_layer1_2.npz"],
+)
 def test_corrupted_bundle_file_refused(bundle_copy: Path, name: str) -> None:
     _flip_byte(bundle_copy / name, (bundle_copy / name).stat().st_size // 2)
     _app_refuses(bundle_copy, f"bundle file {name} does not match the manifest")

@@ -19,10 +19,11 @@ from pydantic import SecretStr
 
 import app.service.identity as identity_module
 import app.service.routes as routes_module
+from app.core.guard import Guard
 from app.service.identity import IdentityError, IdentityResolver
 from app.service.main import DRAIN_BYTES, create_app
 from app.service.settings import Settings
-from tests.service.helpers import LabelledImage, upload
+from tests.service.helpers import LabelledImage, fgsm, upload
 
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-9876543210xyz"}
 TOKEN = "admin-s3cret-token"
@@ -299,12 +300,14 @@ def test_forwarded_for_honoured_only_from_trusted_proxies() -> None:
 
 
 def test_scores_and_threshold_never_returned_unless_enabled(
-    keyed: tuple[FastAPI, TestClient], test_images: list[LabelledImage]
+    keyed: tuple[FastAPI, TestClient], test_images: list[LabelledImage], guard: Guard
 ) -> None:
     _, client = keyed
     decisions = set()
-    for image in test_images[:30]:
-        response = upload(client, image.data, {"X-API-Key": KEYS["bob"]})
+    # authentic images, and FGSM adversarials of others so that some answers are rejections
+    uploads = [image.data for image in test_images[:20]] + fgsm(guard, test_images[20:30])
+    for data in uploads:
+        response = upload(client, data, {"X-API-Key": KEYS["bob"]})
         body = response.json()
         decisions.add(body["decision"])
         assert body["score"] is None and body["threshold"] is None
