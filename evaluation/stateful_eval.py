@@ -1,0 +1,608 @@
+"""The stateful detector on recorded query attacks and on honest look-alike traffic (issue 13).
+
+Three fingerprints (``app.core.stateful``: window hashes, a perceptual hash, an embedding of the
+guard's forward pass), each at a few match thresholds, are put through the same experiment:
+
+1. *Calibrate* on honest traffic built from CIFAR-10 **training** photos
+   (``evaluation.honest_traffic``: plain, resends, near-duplicate bursts, a viral photo), all
+   clients on one timeline in one account-oblivious store: each count threshold of the
+   ``DetectionRule`` is set one above the highest count any honest client reached, so no
+   calibration client is flagged.
+2. *Replay* every recorded attack sequence (``evaluation.query_attacks``; test images) through a
+   fresh store, as one client and spread round-robin over ``--sybil-ids`` client ids: queries
+   until the first match (a query near-duplicating an earlier one of its sequence), queries to
+   detection, share detected before the attack's first success.
+3. *Judge* the calibrated rule on fresh honest traffic from **test** photos: the share of honest
+   clients flagged per traffic kind, with Wilson 95% intervals.
+
+The fingerprint is chosen by a rule fixed before measuring: the highest mean (over attack x
+setting, single client) share detected before first success; ties by the lower mean median
+queries to detection. Replays stop at detection or after ``--horizon`` queries; a sequence not
+detected within the horizon counts as undetected (conservative).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.core.guard import Guard
+from app.core.stateful import (
+    DetectionRule,
+    EmbeddingScheme,
+    InProcessFingerprintStore,
+    MatchEvidence,
+    PerceptualHashScheme,
+    Scheme,
+    WindowHashScheme,
+    pixel_digests,
+)
+from evaluation.data import load_split
+from evaluation.honest_traffic import (
+    TRAFFIC_KINDS,
+    HonestQuery,
+    TrafficKind,
+    TrafficPlan,
+    honest_clients,
+    interleave,
+)
+from evaluation.query_attacks import (
+    ATTACKS,
+    DEFAULT_BUNDLE,
+    DEFAULT_CACHE,
+    DEFAULT_RESULTS,
+    DEFAULT_SOURCE,
+    SETTINGS,
+    AttackRecord,
+    load_records,
+    records_path,
+)
+from evaluation.simulate import wilson_interval
+
+EVALUATION_SECRET = b"advguard-evaluation-secret"  # the service takes its own from settings
+EMBEDDING_LAYER = "layer1.2"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A fingerprint at one match threshold; candidates of one ``family`` share fingerprints."""
+
+    family: str
+    scheme: Scheme
+
+
+def candidate_schemes() -> dict[str, Candidate]:
+    """The fingerprints compared, each at a few match thresholds (names say which)."""
+    schemes: dict[str, Candidate] = {}
+    for step, shared_bits in ((25, (20, 25, 30, 35)), (50, (30, 35, 40))):
+        for shared in shared_bits:
+            schemes[f"window_hash step={step} shared>={shared}"] = Candidate(
+                f"window_hash step={step}",
+                WindowHashScheme(EVALUATION_SECRET, step=step, threshold=float(shared)),
+            )
+    schemes["phash hamming<=8"] = Candidate("phash", PerceptualHashScheme(threshold=56.0))
+    for cosine in (0.999, 0.9999):
+        schemes[f"embedding {EMBEDDING_LAYER} cosine>={cosine}"] = Candidate(
+            "embedding", EmbeddingScheme(EMBEDDING_LAYER, threshold=cosine)
+        )
+    return schemes
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint_all(
+    scheme: Scheme, images: np.ndarray, guard: Guard, batch: int = 512
+) -> np.ndarray:
+    """Fingerprints of (n, 3, H, W) uint8 images; embeddings run the guard's forward pass."""
+    rows = []
+    for start in range(0, len(images), batch):
+        part = images[start : start + batch]
+        features = None
+        if scheme.kind == "embedding":
+            pixels = torch.from_numpy(part.astype(np.float32) / 255.0)
+            features = guard.infer(pixels).features
+        rows.append(scheme.fingerprints(part, features))
+    return np.concatenate(rows) if rows else np.zeros((0, 1))
+
+
+class LazyFingerprints:
+    """An attack sequence's fingerprints, computed a chunk at a time as a replay reaches them
+    (replays mostly stop after a few queries) and kept for the family's other thresholds."""
+
+    def __init__(self, scheme: Scheme, images: np.ndarray, guard: Guard, chunk: int = 64) -> None:
+        self.scheme = scheme
+        self.images = images
+        self.guard = guard
+        self.chunk = chunk
+        self._parts: list[np.ndarray] = []
+        self._done = 0
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        while self._done <= i:
+            part = self.images[self._done : self._done + self.chunk]
+            self._parts.append(fingerprint_all(self.scheme, part, self.guard))
+            self._done += len(part)
+        row: np.ndarray = self._parts[i // self.chunk][i % self.chunk]
+        return row
+
+
+# --------------------------------------------------------------------------- honest traffic
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Honest queries in arrival order: who sent each, of which kind, the pixels."""
+
+    clients: list[str]
+    kinds: list[TrafficKind]
+    images: np.ndarray  # (n, 3, H, W) uint8
+    digests: list[bytes]
+
+
+def timeline(queries: Sequence[HonestQuery]) -> Timeline:
+    images = np.stack([q.image for q in queries])
+    return Timeline(
+        [q.client for q in queries], [q.kind for q in queries], images, pixel_digests(images)
+    )
+
+
+def honest_timeline(
+    guard: Guard,
+    source: Path,
+    split: str,
+    cache: Path,
+    data_cache: Path,
+    plan: TrafficPlan,
+    seed: int,
+) -> Timeline:
+    """One split's honest traffic, built once and cached (JPEG round trips take a minute)."""
+    path = cache / f"honest-{split}-{plan.clients}-{seed}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            images = data["images"]
+            return Timeline(
+                [str(c) for c in data["clients"]],
+                [str(k) for k in data["kinds"]],  # type: ignore[misc]
+                images,
+                pixel_digests(images),
+            )
+    pixels = load_split(source, split, guard.preset, data_cache).pixels
+    clients = honest_clients(pixels, plan, guard.preset, seed, split)
+    everyone = [client for kind in TRAFFIC_KINDS for client in clients[kind]]
+    result = timeline(list(interleave(everyone, seed)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path, clients=np.array(result.clients), kinds=np.array(result.kinds), images=result.images
+    )
+    return result
+
+
+@dataclass(frozen=True)
+class HonestCounts:
+    """Per honest client: its kind and the highest counts any of its queries reached."""
+
+    kind: dict[str, TrafficKind]
+    client_max: dict[str, int]
+    global_max: dict[str, int]
+
+
+def replay_honest(scheme: Scheme, traffic: Timeline, fingerprints: np.ndarray) -> HonestCounts:
+    """Every honest query through one store holding all of them (nothing expires: the worst
+    case), one second apart."""
+    size = len(traffic.clients) + 1
+    store = InProcessFingerprintStore(
+        scheme, max_fingerprints=size, ttl_s=np.inf, max_clients=size, client_ttl_s=np.inf
+    )
+    kind: dict[str, TrafficKind] = {}
+    client_max: dict[str, int] = {}
+    global_max: dict[str, int] = {}
+    for i, client in enumerate(traffic.clients):
+        evidence = store.check_and_add(client, fingerprints[i], traffic.digests[i], float(i))
+        kind[client] = traffic.kinds[i]
+        client_max[client] = max(client_max.get(client, 0), evidence.client.distinct)
+        global_max[client] = max(global_max.get(client, 0), evidence.everyone.distinct)
+    return HonestCounts(kind, client_max, global_max)
+
+
+def calibrate(counts: HonestCounts) -> DetectionRule:
+    """One above the highest count any honest calibration client reached: none is flagged."""
+    return DetectionRule(
+        client_matches=max(counts.client_max.values(), default=0) + 1,
+        global_matches=max(counts.global_max.values(), default=0) + 1,
+    )
+
+
+def false_flags(counts: HonestCounts, rule: DetectionRule) -> dict[str, Any]:
+    """Share of honest clients flagged, per kind, with Wilson 95% intervals."""
+    out: dict[str, Any] = {}
+    for kind in TRAFFIC_KINDS:
+        clients = [c for c, k in counts.kind.items() if k == kind]
+        flagged = sum(
+            counts.client_max[c] >= rule.client_matches
+            or counts.global_max[c] >= rule.global_matches
+            for c in clients
+        )
+        low, high = wilson_interval(flagged, len(clients))
+        out[kind] = {
+            "clients": len(clients),
+            "flagged": flagged,
+            "rate": flagged / len(clients) if clients else None,
+            "wilson95": [low, high],
+            "max_client_matches": max((counts.client_max[c] for c in clients), default=0),
+            "max_global_matches": max((counts.global_max[c] for c in clients), default=0),
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- attack replays
+
+
+@dataclass(frozen=True)
+class SequenceOutcome:
+    first_match: int | None  # queries until one matched an earlier query of the sequence
+    detection: int | None  # queries until the rule detected it
+    success: int | None  # queries to the attack's first success
+
+
+def replay_attack(
+    scheme: Scheme,
+    rule: DetectionRule,
+    record: AttackRecord,
+    fingerprints: LazyFingerprints,
+    ids: int,
+    horizon: int,
+) -> SequenceOutcome:
+    """One recorded sequence through a fresh store, its queries sent round-robin by ``ids``
+    client ids (1: a single client), one second apart; stops at detection."""
+    store = InProcessFingerprintStore(
+        scheme, max_fingerprints=horizon + 1, ttl_s=np.inf, client_ttl_s=np.inf
+    )
+    digests = pixel_digests(record.queries[:horizon])
+    first_match: int | None = None
+    for i in range(min(horizon, len(record.queries))):
+        client = f"attacker-{i % ids}"
+        evidence: MatchEvidence = store.check_and_add(client, fingerprints[i], digests[i], float(i))
+        if first_match is None and evidence.everyone.distinct >= 1:
+            first_match = i + 1
+        if rule.detects(evidence):
+            return SequenceOutcome(first_match, i + 1, record.queries_to_success)
+    return SequenceOutcome(first_match, None, record.queries_to_success)
+
+
+def _median(values: Sequence[int]) -> float | None:
+    return float(np.median(values)) if values else None
+
+
+def summarise_outcomes(outcomes: Sequence[SequenceOutcome]) -> dict[str, Any]:
+    """Detection before the first success counts a never-successful run as caught when it is
+    detected at all; the share over successful runs only is given beside it."""
+    before = [
+        o.detection is not None and (o.success is None or o.detection < o.success) for o in outcomes
+    ]
+    successful = [o for o in outcomes if o.success is not None]
+    before_successful = [o.detection is not None and o.detection < o.success for o in successful]  # type: ignore[operator]
+    detections = [o.detection for o in outcomes if o.detection is not None]
+    matches = [o.first_match for o in outcomes if o.first_match is not None]
+    return {
+        "runs": len(outcomes),
+        "detected": len(detections),
+        "detected_before_success": float(np.mean(before)) if outcomes else None,
+        "detected_before_success_of_successful": (
+            float(np.mean(before_successful)) if successful else None
+        ),
+        "successful_runs": len(successful),
+        "median_queries_to_detection": _median(detections),
+        "p90_queries_to_detection": (float(np.percentile(detections, 90)) if detections else None),
+        "median_queries_to_first_match": _median(matches),
+        "median_queries_to_success": _median([o.success for o in successful if o.success]),
+    }
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def measure_cost(scheme: Scheme, images: np.ndarray, guard: Guard) -> dict[str, float]:
+    """Fingerprint time per query (one at a time, as the service would), store time per
+    check-and-add with the ring full, and the store's Python heap per stored fingerprint."""
+    import tracemalloc
+
+    n = len(images)
+    started = time.perf_counter()
+    prints = np.concatenate([fingerprint_all(scheme, images[i : i + 1], guard) for i in range(n)])
+    fingerprint_s = (time.perf_counter() - started) / n
+    digests = pixel_digests(images)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    store = InProcessFingerprintStore(scheme, max_fingerprints=n, max_clients=n)
+    started = time.perf_counter()
+    for i in range(n):
+        store.check_and_add(f"client-{i % 1000}", prints[i], digests[i], float(i))
+    store_s = (time.perf_counter() - started) / n
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return {
+        "queries": n,
+        "fingerprint_ms": 1000 * fingerprint_s,
+        "check_and_add_ms": 1000 * store_s,
+        "bytes_per_fingerprint": (after - before) / n,
+    }
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def load_attack_records(cache: Path) -> dict[str, list[AttackRecord]]:
+    found = {}
+    for attack in ATTACKS:
+        for setting in SETTINGS:
+            path = records_path(cache, attack, setting)
+            if path.is_file():
+                found[f"{attack}/{setting}"] = load_records(path)
+    return found
+
+
+@dataclass
+class FamilyPrints:
+    """Fingerprints of one family, shared by its thresholds."""
+
+    calibration: np.ndarray
+    judging: np.ndarray
+    attacks: dict[str, list[LazyFingerprints]]
+
+
+def family_prints(
+    scheme: Scheme,
+    guard: Guard,
+    calibration: Timeline,
+    judging: Timeline,
+    attacks: dict[str, list[AttackRecord]],
+    horizon: int,
+) -> FamilyPrints:
+    return FamilyPrints(
+        fingerprint_all(scheme, calibration.images, guard),
+        fingerprint_all(scheme, judging.images, guard),
+        {
+            key: [LazyFingerprints(scheme, r.queries[:horizon], guard) for r in records]
+            for key, records in attacks.items()
+        },
+    )
+
+
+def evaluate_scheme(
+    name: str,
+    scheme: Scheme,
+    prints: FamilyPrints,
+    calibration: Timeline,
+    judging: Timeline,
+    attacks: dict[str, list[AttackRecord]],
+    horizon: int,
+    sybil_ids: int,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    counts = replay_honest(scheme, calibration, prints.calibration)
+    rule = calibrate(counts)
+    log(f"{name}: calibrated {rule}")
+    judged = replay_honest(scheme, judging, prints.judging)
+    result: dict[str, Any] = {
+        "rule": {"client_matches": rule.client_matches, "global_matches": rule.global_matches},
+        "calibration_false_flags": false_flags(counts, rule),
+        "false_flags": false_flags(judged, rule),
+        "attacks": {},
+        "sybil": {},
+    }
+    for key, records in attacks.items():
+        single, spread = [], []
+        for record, lazy in zip(records, prints.attacks[key], strict=True):
+            single.append(replay_attack(scheme, rule, record, lazy, 1, horizon))
+            spread.append(replay_attack(scheme, rule, record, lazy, sybil_ids, horizon))
+        result["attacks"][key] = summarise_outcomes(single)
+        result["sybil"][key] = summarise_outcomes(spread)
+        log(f"{name} {key}: {json.dumps(result['attacks'][key])}")
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def choose(results: dict[str, dict[str, Any]]) -> str:
+    """The rule fixed in advance: highest mean share detected before first success (single
+    client), then the lowest mean median queries to detection."""
+
+    def key(name: str) -> tuple[float, float]:
+        attacks = results[name]["attacks"].values()
+        share = float(np.mean([a["detected_before_success"] for a in attacks]))
+        medians = [a["median_queries_to_detection"] for a in attacks]
+        median = float(np.mean([m if m is not None else 1e9 for m in medians]))
+        return (-share, median)
+
+    return min(results, key=key)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def report(summary: dict[str, Any]) -> str:
+    """The committed markdown: fingerprint comparison, then the chosen one in detail."""
+    lines = [
+        "# Stateful detection of query attacks (issue 13)",
+        "",
+        "Detection rule: a query is flagged when it has at least `client_matches` distinct "
+        "near-duplicates (similarity at or above the fingerprint's threshold; exact copies do not "
+        "count) among its client's recent queries, or `global_matches` among all clients'. Both "
+        "counts are calibrated on honest traffic from CIFAR-10 *training* photos (one above the "
+        "highest honest count); false flags are judged on fresh traffic from *test* photos. "
+        f"Attack replays stop at detection or after {summary['horizon']} queries (then: "
+        "undetected).",
+        "",
+        "## Fingerprints compared",
+        "",
+        "| fingerprint | rule (client, global) | detected before first success (mean over "
+        "attacks) | median queries to detection (mean) | honest flagged: plain / resend / "
+        "burst / viral |",
+        "|---|---|---|---|---|",
+    ]
+    for name, result in summary["schemes"].items():
+        attacks = result["attacks"].values()
+        share = float(np.mean([a["detected_before_success"] for a in attacks]))
+        medians = [a["median_queries_to_detection"] for a in attacks]
+        known = [m for m in medians if m is not None]
+        flags = " / ".join(
+            f"{result['false_flags'][k]['flagged']}/{result['false_flags'][k]['clients']}"
+            for k in TRAFFIC_KINDS
+        )
+        chosen = " **(chosen)**" if name == summary["chosen"] else ""
+        lines.append(
+            f"| {name}{chosen} | {result['rule']['client_matches']}, "
+            f"{result['rule']['global_matches']} | {share:.1%} | "
+            f"{_num(float(np.mean(known)) if known else None)} | {flags} |"
+        )
+    chosen = summary["schemes"][summary["chosen"]]
+    lines += [
+        "",
+        f"## Chosen: {summary['chosen']}",
+        "",
+        "| attack | setting | runs | successful | median queries to success | first match "
+        "(median) | detected | detected before first success | of the successful | median "
+        f"queries to detection | p90 | {summary['sybil_ids']} ids: before success | "
+        f"{summary['sybil_ids']} ids: median queries to detection |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, a in chosen["attacks"].items():
+        s = chosen["sybil"][key]
+        attack, setting = key.split("/")
+        lines.append(
+            f"| {attack} | {setting.replace('_', ' ')} | {a['runs']} | {a['successful_runs']} | "
+            f"{_num(a['median_queries_to_success'])} | {_num(a['median_queries_to_first_match'])} "
+            f"| {a['detected']} | {_pct(a['detected_before_success'])} | "
+            f"{_pct(a['detected_before_success_of_successful'])} | "
+            f"{_num(a['median_queries_to_detection'])} | {_num(a['p90_queries_to_detection'])} | "
+            f"{_pct(s['detected_before_success'])} | {_num(s['median_queries_to_detection'])} |"
+        )
+    lines += [
+        "",
+        "Honest clients flagged (test photos; Wilson 95% interval):",
+        "",
+        "| traffic | clients | flagged | rate | 95% interval | highest client / global count |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, f in chosen["false_flags"].items():
+        low, high = f["wilson95"]
+        lines.append(
+            f"| {kind} | {f['clients']} | {f['flagged']} | {_pct(f['rate'])} | "
+            f"{low:.2%}-{high:.2%} | {f['max_client_matches']} / {f['max_global_matches']} |"
+        )
+    cost = summary["cost"]
+    lines += [
+        "",
+        f"Cost (in process, one CPU thread, {cost['queries']} queries): fingerprint "
+        f"{cost['fingerprint_ms']:.3f} ms per query, check-and-add {cost['check_and_add_ms']:.3f} "
+        f"ms with the store full, {cost['bytes_per_fingerprint']:.0f} B of Python heap per stored "
+        "fingerprint (the shared ring and the clients' buffers).",
+        "",
+        "Command:",
+        "",
+        "```",
+        summary["command"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.stateful_eval",
+        description="fingerprints and the stateful rule on recorded attacks and honest traffic",
+    )
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--clients", type=int, default=1000, help="honest clients per kind")
+    parser.add_argument("--horizon", type=int, default=500, help="queries replayed per attack")
+    parser.add_argument("--sybil-ids", type=int, default=50)
+    parser.add_argument("--schemes", nargs="*", help="only these candidates (names)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    guard = Guard.load(args.bundle, device="cpu")
+    plan = TrafficPlan(clients=args.clients)
+    calibration = honest_timeline(
+        guard, args.source, "train", args.cache, args.data_cache, plan, args.seed
+    )
+    judging = honest_timeline(
+        guard, args.source, "test", args.cache, args.data_cache, plan, args.seed + 1
+    )
+    log(f"honest traffic: {len(calibration.clients)} + {len(judging.clients)} queries")
+    attacks = load_attack_records(args.cache)
+    schemes = candidate_schemes()
+    if args.schemes:
+        schemes = {name: schemes[name] for name in args.schemes}
+    results: dict[str, dict[str, Any]] = {}
+    families: dict[str, FamilyPrints] = {}
+    for name, candidate in schemes.items():
+        if candidate.family not in families:
+            families.clear()  # one family's fingerprints in memory at a time
+            families[candidate.family] = family_prints(
+                candidate.scheme, guard, calibration, judging, attacks, args.horizon
+            )
+        results[name] = evaluate_scheme(
+            name,
+            candidate.scheme,
+            families[candidate.family],
+            calibration,
+            judging,
+            attacks,
+            args.horizon,
+            args.sybil_ids,
+            log,
+        )
+    chosen = choose(results)
+    cost = measure_cost(schemes[chosen].scheme, judging.images[:20_000], guard)
+    log(f"cost of {chosen}: {cost}")
+    summary = {
+        "bundle": str(args.bundle),
+        "honest_plan": plan.__dict__,
+        "horizon": args.horizon,
+        "sybil_ids": args.sybil_ids,
+        "chosen": chosen,
+        "cost": cost,
+        "schemes": results,
+        "command": " ".join(["python -m evaluation.stateful_eval", *map(shlex.quote, argv)]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "stateful.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "stateful.md").write_text(report(summary))
+    log(f"chosen: {summary['chosen']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

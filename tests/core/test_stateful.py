@@ -1,0 +1,279 @@
+"""The stateful detector's pure core on real CIFAR-10 photos: fingerprints, the match rule, the
+bounded account-oblivious store, a Sybil spread and honest near-duplicate bursts."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from app.core.models import PRESETS
+from app.core.stateful import (
+    DEFAULT_RULE,
+    DetectionRule,
+    EmbeddingScheme,
+    InProcessFingerprintStore,
+    MatchCount,
+    MatchEvidence,
+    PerceptualHashScheme,
+    count_matches,
+    default_scheme,
+    hamming,
+    perceptual_hashes,
+    pixel_digests,
+    shared_hashes,
+    window_hashes,
+)
+from evaluation.honest_traffic import EDITS, as_served, edit, encode
+from tests.conftest import CIFAR_TAR
+
+SECRET = b"test-secret"
+
+
+@pytest.fixture(scope="module")
+def photos() -> np.ndarray:
+    """The first 40 CIFAR-10 training photos of the archive, (40, 3, 32, 32) uint8."""
+    found = []
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            if member.isfile() and member.name.startswith("train/") and member.name[-4:] == ".jpg":
+                handle = tar.extractfile(member)
+                assert handle is not None
+                picture = Image.open(io.BytesIO(handle.read())).convert("RGB")
+                found.append(np.asarray(picture).transpose(2, 0, 1))
+                if len(found) == 40:
+                    break
+    return np.stack(found)
+
+
+def square_step(image: np.ndarray, rng: np.random.Generator, size: int = 5) -> np.ndarray:
+    """What a Square attack query looks like: its current image with a square moved by +-8/255
+    per channel."""
+    out = image.astype(np.int16)
+    top, left = rng.integers(0, 32 - size, 2)
+    out[:, top : top + size, left : left + size] += rng.choice([-8, 8], size=(3, 1, 1))
+    stepped: np.ndarray = np.clip(out, 0, 255).astype(np.uint8)
+    return stepped
+
+
+def noise_step(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """What a HopSkipJump gradient-estimation query looks like once rounded to 8 bits: its
+    boundary point with +-1 grey level on a third of the values (the recorded runs' consecutive
+    queries share a median of 30 sketch bits; these pairs too)."""
+    change = rng.choice([-1, 0, 1], p=[1 / 6, 2 / 3, 1 / 6], size=image.shape)
+    stepped: np.ndarray = np.clip(image.astype(np.int16) + change, 0, 255).astype(np.uint8)
+    return stepped
+
+
+def attack_sequence(image: np.ndarray, length: int, seed: int) -> np.ndarray:
+    """The photo, then probes around it, alternately Square-like and HopSkipJump-like."""
+    rng = np.random.default_rng(seed)
+    probes = [(square_step if i % 2 else noise_step)(image, rng) for i in range(length - 1)]
+    return np.stack([image, *probes])
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def test_window_hashes_shape_and_determinism(photos: np.ndarray) -> None:
+    hashes = window_hashes(photos[:3], SECRET, step=25, window=20, top=50)
+    assert hashes.shape == (3, 50) and hashes.dtype == np.uint64
+    assert np.all(np.diff(hashes.astype(np.float64), axis=1) <= 0)  # sorted, descending
+    assert np.array_equal(hashes, window_hashes(photos[:3], SECRET, 25, 20, 50))
+    assert shared_hashes(hashes[0], hashes[:1])[0] == 50
+
+
+def test_salts_change_hashes(photos: np.ndarray) -> None:
+    """Another secret selects other windows: an attacker without it cannot tell which count."""
+    a = window_hashes(photos[:5], SECRET, 25, 20, 50)
+    b = window_hashes(photos[:5], b"another-secret", 25, 20, 50)
+    for i in range(5):
+        assert shared_hashes(a[i], b[i : i + 1])[0] == 0
+    # while under each secret the near-duplicate relation is the same
+    rng = np.random.default_rng(0)
+    near = np.stack([square_step(p, rng) for p in photos[:5]])
+    for secret in (SECRET, b"another-secret"):
+        scheme = default_scheme(secret)
+        original, moved = scheme.fingerprints(photos[:5]), scheme.fingerprints(near)
+        for i in range(5):
+            assert scheme.similarity(original[i], moved[i : i + 1])[0] >= scheme.threshold
+
+
+@pytest.mark.parametrize(("step", "share"), [(square_step, 1.0), (noise_step, 0.9)])
+def test_near_duplicate_matches_unrelated_does_not(photos: np.ndarray, step, share: float) -> None:  # type: ignore[no-untyped-def]
+    scheme = default_scheme(SECRET)
+    rng = np.random.default_rng(1)
+    prints = scheme.fingerprints(photos)
+    near = scheme.fingerprints(np.stack([step(p, rng) for p in photos]))
+    matched = [
+        scheme.similarity(near[i], prints[i : i + 1])[0] >= scheme.threshold for i in range(40)
+    ]
+    assert np.mean(matched) >= share
+    for i in range(len(photos)):
+        others = np.delete(prints, i, axis=0)
+        assert np.all(scheme.similarity(prints[i], others) < scheme.threshold)
+        assert np.all(scheme.similarity(near[i], others) < scheme.threshold)
+
+
+def test_honest_edits_are_not_near_exact(photos: np.ndarray) -> None:
+    """Crops, resizes, flips and brightness changes move most pixels by more than an attack's
+    step: the window hashes keep few windows in common (JPEG re-encodings may match)."""
+    scheme = default_scheme(SECRET)
+    rng = np.random.default_rng(2)
+    preset = PRESETS["cifar"]
+    for kind in ("crop", "resize", "flip", "brightness"):
+        edited = np.stack(
+            [as_served(encode(edit(p, kind, rng), None), preset) for p in photos[:20]]
+        )
+        similar = [
+            scheme.similarity(a, b[None])[0]
+            for a, b in zip(
+                scheme.fingerprints(photos[:20]), scheme.fingerprints(edited), strict=True
+            )
+        ]
+        assert np.mean(np.array(similar) >= scheme.threshold) <= 0.15, kind
+
+
+def test_perceptual_hash(photos: np.ndarray) -> None:
+    hashes = perceptual_hashes(photos)
+    assert hashes.shape == (40,) and hashes.dtype == np.uint64
+    brighter = np.clip(photos.astype(np.int16) + 10, 0, 255).astype(np.uint8)
+    assert np.all(hamming(hashes[0], perceptual_hashes(brighter[:1])) <= 4)
+    assert np.median(hamming(hashes[0], hashes[1:])) > 16
+    scheme = PerceptualHashScheme()
+    prints = scheme.fingerprints(photos[:2])
+    assert scheme.similarity(prints[0], prints)[0] == 64
+
+
+def test_embedding_scheme_needs_features() -> None:
+    scheme = EmbeddingScheme("layer1.2")
+    features = {"layer1.2": np.array([[3.0, 4.0], [0.0, 2.0]], dtype=np.float32)}
+    prints = scheme.fingerprints(np.zeros((2, 3, 32, 32), np.uint8), features)
+    assert np.allclose(np.linalg.norm(prints, axis=1), 1.0)
+    assert scheme.similarity(prints[0], prints) == pytest.approx([1.0, 0.8])
+    with pytest.raises(ValueError):
+        scheme.fingerprints(np.zeros((1, 3, 32, 32), np.uint8))
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_count_matches_pure() -> None:
+    similarities = np.array([50.0, 40.0, 40.0, 10.0, 45.0])
+    digests = [b"own", b"a", b"a", b"b", b"c"]
+    count = count_matches(similarities, digests, b"own", threshold=30.0)
+    assert count == MatchCount(distinct=2, exact=1, best=45.0)  # "a" once, "own" an exact copy
+    assert count_matches(np.zeros(0), [], b"x", 1.0) == MatchCount(0, 0, -np.inf)
+
+
+def test_detection_rule() -> None:
+    rule = DetectionRule(client_matches=3, global_matches=5)
+    none = MatchCount(0, 0, -np.inf)
+    assert rule.detects(MatchEvidence(MatchCount(3, 0, 40.0), none, ()))
+    assert rule.detects(MatchEvidence(none, MatchCount(5, 0, 40.0), ("x",)))
+    assert not rule.detects(MatchEvidence(MatchCount(2, 9, 40.0), MatchCount(4, 9, 40.0), ()))
+    with pytest.raises(ValueError):
+        DetectionRule(0, 1)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _send(
+    store: InProcessFingerprintStore, client: str, images: np.ndarray, start: float = 0.0
+) -> list[MatchEvidence]:
+    scheme = store.scheme
+    prints = scheme.fingerprints(images)
+    digests = pixel_digests(images)
+    return [
+        store.check_and_add(client, prints[i], digests[i], start + i) for i in range(len(images))
+    ]
+
+
+def test_account_oblivious_matching(photos: np.ndarray) -> None:
+    store = InProcessFingerprintStore(default_scheme(SECRET))
+    near = attack_sequence(photos[0], 2, seed=3)
+    _send(store, "alice", near[:1])
+    (evidence,) = _send(store, "mallory", near[1:], start=1.0)
+    assert evidence.client.distinct == 0  # mallory has sent nothing before
+    assert evidence.everyone.distinct == 1 and evidence.other_clients == ("alice",)
+
+
+def test_resends_are_exact_copies_not_near_duplicates(photos: np.ndarray) -> None:
+    store = InProcessFingerprintStore(default_scheme(SECRET))
+    evidence = _send(store, "alice", np.repeat(photos[:1], 20, axis=0))
+    assert all(e.client.distinct == 0 and e.everyone.distinct == 0 for e in evidence)
+    assert evidence[-1].client.exact == 19
+
+
+def test_store_ring_is_bounded(photos: np.ndarray) -> None:
+    store = InProcessFingerprintStore(default_scheme(SECRET), max_fingerprints=10, per_client=4)
+    _send(store, "alice", photos[:30])
+    assert len(store) == 10
+    # the oldest photos have left both the shared ring and alice's buffer
+    near_old = attack_sequence(photos[0], 2, seed=4)[1:]
+    (evidence,) = _send(store, "bob", near_old, start=100.0)
+    assert evidence.everyone.distinct == 0
+    near_new = attack_sequence(photos[29], 2, seed=4)[1:]
+    (evidence,) = _send(store, "alice", near_new, start=101.0)
+    assert evidence.everyone.distinct == 1 and evidence.client.distinct == 1
+
+
+def test_store_ttl_and_client_cap(photos: np.ndarray) -> None:
+    store = InProcessFingerprintStore(
+        default_scheme(SECRET), ttl_s=10.0, client_ttl_s=10.0, max_clients=3
+    )
+    _send(store, "alice", photos[:1], start=0.0)
+    near = attack_sequence(photos[0], 2, seed=5)[1:]
+    (late,) = _send(store, "alice", near, start=50.0)
+    assert late.client.distinct == 0 and late.everyone.distinct == 0  # expired
+    assert len(store) == 1  # the expired entry was swept
+    for i, client in enumerate(["b", "c", "d", "e"]):
+        _send(store, client, photos[i + 1 : i + 2], start=51.0 + i)
+    assert store.clients == 3
+
+
+def test_sybil_spread_is_still_detected(photos: np.ndarray) -> None:
+    """One attack sequence sent round-robin by 50 client ids: no id sends twice within the
+    first 50 queries, but the account-oblivious count sees every earlier step."""
+    store = InProcessFingerprintStore(default_scheme(SECRET))
+    sequence = attack_sequence(photos[5], 40, seed=6)
+    prints = store.scheme.fingerprints(sequence)
+    digests = pixel_digests(sequence)
+    detected = None
+    for i in range(len(sequence)):
+        evidence = store.check_and_add(f"sybil-{i % 50}", prints[i], digests[i], float(i))
+        assert evidence.client.distinct == 0
+        if DEFAULT_RULE.detects(evidence):
+            detected = i + 1
+            assert len(evidence.other_clients) >= DEFAULT_RULE.global_matches - 1
+            break
+    assert detected is not None and detected <= DEFAULT_RULE.global_matches + 3
+
+
+def test_single_client_attack_detected_within_a_few_queries(photos: np.ndarray) -> None:
+    store = InProcessFingerprintStore(default_scheme(SECRET))
+    for seed, photo in enumerate(photos[:10]):
+        evidence = _send(store, f"attacker-{seed}", attack_sequence(photo, 20, seed))
+        first = next(i + 1 for i, e in enumerate(evidence) if DEFAULT_RULE.detects(e))
+        assert first <= DEFAULT_RULE.client_matches + 3
+
+
+def test_honest_near_duplicate_bursts_not_flagged(photos: np.ndarray) -> None:
+    """Each photo and 15 edits of it (every kind, PNG or JPEG uploads), 40 clients in one store,
+    and the photo resent: no query reaches the default rule."""
+    store = InProcessFingerprintStore(default_scheme(SECRET))
+    rng = np.random.default_rng(7)
+    preset = PRESETS["cifar"]
+    for c, photo in enumerate(photos):
+        burst = [photo, photo]
+        for i in range(15):
+            quality = None if i % 2 else int(rng.choice([95, 90, 85, 75]))
+            burst.append(
+                as_served(encode(edit(photo, EDITS[i % len(EDITS)], rng), quality), preset)
+            )
+        for evidence in _send(store, f"honest-{c}", np.stack(burst), start=100.0 * c):
+            assert not DEFAULT_RULE.detects(evidence)

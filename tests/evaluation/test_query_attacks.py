@@ -1,0 +1,268 @@
+"""Query attacks through the client's view (evaluation.query_attacks), the honest look-alike
+traffic and the stateful replay (evaluation.stateful_eval), on the demo bundle and real
+CIFAR-10 photos: the attacker's encodings, the recorder's memory, cap and stop, the record
+cache, tiny end-to-end ART runs in process and one over HTTP."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.core.guard import Guard
+from app.core.stateful import DEFAULT_RULE, default_scheme
+from evaluation.honest_traffic import HonestQuery, as_served, encode, interleave, to_pil
+from evaluation.query_attacks import (
+    SQUARE_EPS,
+    Answer,
+    AttackStopped,
+    Budget,
+    GuardOracle,
+    HttpOracle,
+    QueryRecorder,
+    decision_vectors,
+    is_loopback,
+    load_records,
+    parse_answer,
+    run_attack,
+    save_records,
+    score_vectors,
+    square_adversarial,
+    square_margin,
+)
+from evaluation.stateful_eval import LazyFingerprints, replay_attack, summarise_outcomes
+from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
+
+
+@pytest.fixture(scope="module")
+def guard() -> Guard:
+    torch.set_num_threads(1)
+    return Guard.load(DEMO_BUNDLE, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def labelled(guard: Guard) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 test photos the model classifies correctly and the guard accepts, 2 per class."""
+    images, labels = [], []
+    names = guard.class_names
+    counts = dict.fromkeys(names, 0)
+    with tarfile.open(CIFAR_TAR) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or parts[0] != "test" or counts.get(parts[1], 2) >= 4:
+                continue
+            handle = tar.extractfile(member)
+            assert handle is not None
+            picture = Image.open(io.BytesIO(handle.read())).convert("RGB")
+            images.append(np.asarray(picture).transpose(2, 0, 1))
+            labels.append(names.index(parts[1]))
+            counts[parts[1]] += 1
+            if all(c >= 4 for c in counts.values()):
+                break
+    pixels, targets = np.stack(images), np.array(labels)
+    verdicts = guard.classify_pixels(torch.from_numpy(pixels.astype(np.float32) / 255.0))
+    keep = [v.accepted and v.predicted_class == t for v, t in zip(verdicts, targets, strict=True)]
+    return pixels[keep], targets[keep]
+
+
+# --------------------------------------------------------------------------- the client's view
+
+
+def test_score_vectors_hide_what_the_answer_hides() -> None:
+    answers = [Answer("accepted", 2, 0.91), Answer("rejected"), Answer("unguarded", 0, 0.5)]
+    vectors = score_vectors(answers, 4)
+    assert vectors.shape == (3, 5)
+    assert vectors[0, 2] == pytest.approx(0.91) and vectors[0, 0] == pytest.approx(0.03)
+    assert np.allclose(vectors[1, :4], 0.25) and vectors[1, 4] == 1.0
+    labels = np.array([2, 2, 1])
+    assert square_margin(vectors, labels) == pytest.approx([0.88, 0.0, -(0.5 - 0.5 / 3)])
+    assert square_adversarial(vectors, labels).tolist() == [False, False, True]
+
+
+def test_decision_vectors_read_a_rejection_as_the_true_label() -> None:
+    answers = [Answer("accepted", 2, 0.9), Answer("rejected"), Answer("refused")]
+    vectors = decision_vectors(answers, 4, label=1)
+    assert vectors.argmax(axis=1).tolist() == [2, 1, 1]
+
+
+def test_parse_answer() -> None:
+    body = {"decision": "accepted", "prediction": {"class_index": 3, "probability": 0.7}}
+    assert parse_answer(200, body) == Answer("accepted", 3, 0.7)
+    assert parse_answer(200, {"decision": "rejected", "prediction": None}) == Answer("rejected")
+    assert parse_answer(403, {"error": "client_flagged"}) == Answer("refused")
+    assert is_loopback("http://127.0.0.1:8000") and not is_loopback("http://10.0.0.1:8000")
+    with pytest.raises(ValueError):
+        HttpOracle("http://192.0.2.1:8000")
+
+
+class CountingOracle:
+    """Answers class (sum of pixels) % 3, accepted, and keeps what it was sent."""
+
+    num_classes = 3
+
+    def __init__(self, constant: int | None = None) -> None:
+        self.constant = constant
+        self.sent: list[np.ndarray] = []
+
+    def ask(self, images: np.ndarray) -> list[Answer]:
+        self.sent.extend(images)
+        return [
+            Answer(
+                "accepted", self.constant if self.constant is not None else int(i.sum()) % 3, 0.9
+            )
+            for i in images
+        ]
+
+
+def test_recorder_memory_and_cap() -> None:
+    """Repeats, and float queries that round to an image already sent, are answered from the
+    attacker's memory; the query past the cap ends the run."""
+    original = np.full((3, 4, 4), 100, np.uint8)
+    oracle = CountingOracle(constant=0)  # always the true class: never a success
+    recorder = QueryRecorder(oracle, original, label=0, cap=3, budget=Budget("inf", 8 / 255))
+    x = original[None].astype(np.float32) / 255.0
+    recorder.ask(np.concatenate([x, x]))
+    recorder.ask(x + 0.2 / 255)
+    assert len(oracle.sent) == 1 and len(recorder.queries) == 1
+    recorder.ask(np.concatenate([x + 1 / 255, x + 2 / 255, x]))
+    assert len(recorder.queries) == 3 and recorder.first_success is None
+    with pytest.raises(AttackStopped):
+        recorder.ask(x + 3 / 255)
+    assert recorder.stopped == "cap" and len(oracle.sent) == 3
+
+
+def test_recorder_stops_at_first_in_budget_success() -> None:
+    original = np.full((3, 4, 4), 100, np.uint8)  # sum 4800, class 0
+    recorder = QueryRecorder(CountingOracle(), original, 0, 10, Budget("inf", 8 / 255))
+    x = original[None].astype(np.float32) / 255.0
+    step = np.zeros_like(x)
+    step[0, 0, 0, 0] = 1 / 255  # sum 4801: class 1, one grey level away
+    with pytest.raises(AttackStopped):
+        recorder.ask(np.concatenate([x, x + step]))
+    assert recorder.stopped == "success" and recorder.first_success == 1
+
+
+def test_guard_oracle_answers_like_the_service(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = labelled
+    pixels = torch.from_numpy(images.astype(np.float32) / 255.0)
+    on = GuardOracle(guard, guarded=True).ask(images)
+    for answer, verdict in zip(on, guard.classify_pixels(pixels), strict=True):
+        assert answer.decision == ("accepted" if verdict.accepted else "rejected")
+        assert answer.class_index == (verdict.predicted_class if verdict.accepted else None)
+    off = GuardOracle(guard, guarded=False).ask(images)
+    assert {a.decision for a in off} == {"unguarded"}
+    assert [a.class_index for a in off] == labels.tolist()
+
+
+# --------------------------------------------------------------------------- ART end to end
+
+
+@pytest.mark.parametrize(("attack", "cap"), [("square", 60), ("hopskipjump", 150)])
+def test_tiny_attack_runs_in_process(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray], attack: str, cap: int, tmp_path: Path
+) -> None:
+    images, labels = labelled
+    pool = images[labels != labels[0]]
+    records = []
+    for guarded in (False, True):
+        oracle = GuardOracle(guard, guarded=guarded)
+        record = run_attack(oracle, attack, images[0], int(labels[0]), cap, 0, 0, pool)  # type: ignore[arg-type]
+        assert 0 < len(record.queries) <= cap and record.queries.dtype == np.uint8
+        assert np.array_equal(record.queries[0], images[0])  # ART asks about the original first
+        assert len({q.tobytes() for q in record.queries}) == len(record.queries)  # no repeats
+        assert record.stopped in ("success", "cap", "finished")
+        if record.succeeded:
+            i = record.first_success
+            assert record.classes[i] not in (-1, labels[0])
+            if attack == "square":
+                gap = np.abs(record.queries[i].astype(int) - images[0].astype(int)).max()
+                assert gap <= round(SQUARE_EPS * 255)
+        records.append(record)
+    path = tmp_path / "records.npz"
+    save_records(records, path)
+    for loaded, record in zip(load_records(path), records, strict=True):
+        assert np.array_equal(loaded.queries, record.queries)
+        assert np.array_equal(loaded.classes, record.classes)
+        assert loaded.first_success == record.first_success
+
+
+@pytest.mark.slow
+def test_http_oracle_gives_the_same_run(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """The same Square run over HTTP against ``advguard serve`` and in process: the same queries,
+    the same answers, the same outcome."""
+    from tests.deploy.helpers import advguard_serve
+    from tests.service.helpers import free_port
+
+    images, labels = labelled
+    port = free_port()
+    env = {"ADVGUARD_TORCH_THREADS": "1"}
+    with advguard_serve(port, tmp_path / "serve.log", env, "--log-level", "warning"):
+        http = HttpOracle(f"http://127.0.0.1:{port}", client_id="attacker", max_queries=200)
+        try:
+            for a, b in zip(http.ask(images[:4]), GuardOracle(guard).ask(images[:4]), strict=True):
+                assert (a.decision, a.class_index) == (b.decision, b.class_index)
+                assert a.probability == pytest.approx(b.probability, abs=1e-5)  # batch float noise
+            over_http = run_attack(http, "square", images[1], int(labels[1]), 40, 1)
+        finally:
+            http.close()
+    in_process = run_attack(GuardOracle(guard), "square", images[1], int(labels[1]), 40, 1)
+    assert np.array_equal(over_http.queries, in_process.queries)
+    assert np.array_equal(over_http.classes, in_process.classes)
+    assert over_http.first_success == in_process.first_success
+
+
+# --------------------------------------------------------------------------- honest traffic
+
+
+def test_honest_queries_are_what_the_service_sees(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, _ = labelled
+    png = as_served(encode(to_pil(images[0]), None), guard.preset)
+    assert np.array_equal(png, images[0])  # a 32x32 PNG passes unchanged
+    big = as_served(encode(to_pil(images[0]).resize((64, 64)), 90), guard.preset)
+    assert big.shape == (3, 32, 32) and big.dtype == np.uint8
+
+
+def test_interleave_keeps_each_clients_order() -> None:
+    image = np.zeros((3, 2, 2), np.uint8)
+    clients = [[HonestQuery(f"c{c}", "plain", image + i) for i in range(5)] for c in range(4)]
+    merged = list(interleave(clients, seed=0))
+    assert len(merged) == 20
+    for c in range(4):
+        mine = [int(q.image[0, 0, 0]) for q in merged if q.client == f"c{c}"]
+        assert mine == list(range(5))
+
+
+def test_replay_detects_a_recorded_attack(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = labelled
+    record = run_attack(
+        GuardOracle(guard, False),
+        "hopskipjump",
+        images[2],
+        int(labels[2]),
+        120,
+        0,
+        2,
+        images[labels != labels[2]],
+    )
+    scheme = default_scheme(b"s")
+    rule = DEFAULT_RULE
+    lazy = LazyFingerprints(scheme, record.queries, guard)
+    single = replay_attack(scheme, rule, record, lazy, 1, 120)
+    spread = replay_attack(scheme, rule, record, lazy, 50, 120)
+    assert single.detection is not None and single.detection <= 30
+    assert spread.detection is not None
+    summary = summarise_outcomes([single, spread])
+    assert summary["detected"] == 2 and summary["runs"] == 2
