@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ from PIL import Image
 
 from app.core.guard import Guard
 from evaluation.data import ImageSplit, eight_bit, load_split
+from evaluation.simulate_cli import is_loopback
 
 Decision = Literal["accepted", "rejected", "unguarded", "refused"]
 DECISIONS: tuple[Decision, ...] = get_args(Decision)
@@ -133,19 +133,6 @@ class GuardOracle:
 
 class OracleError(RuntimeError):
     """The service answered something no client can read as a verdict."""
-
-
-def is_loopback(url: str) -> bool:
-    """Only a service on this machine may be attacked (``localhost`` or a loopback address)."""
-    import ipaddress
-
-    host = urlparse(url).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def png_bytes(image: np.ndarray) -> bytes:
