@@ -139,20 +139,19 @@ def run(bundle: Path, jpegs: list[bytes], device: str) -> dict[str, Any]:
         "bundle": bundle.name,
         "images": len(jpegs),
         "statistic_tolerance_of_spread": STATISTIC_TOLERANCE,
-        "cudnn_allow_tf32": cudnn_tf32(),
+        "cudnn_conv_fp32_precision": cudnn_conv_fp32_precision(),
         "accepted_share_reference": float(reference.accepted.mean()),
         "configurations": rows,
         "passed": all(row["passed"] for row in compared),
     }
 
 
-def cudnn_tf32() -> bool | None:
-    """Whether cuDNN may use TF32 (PyTorch's default); None where the flag cannot be read
-    (newer torch releases move it behind another API)."""
-    try:
-        return bool(torch.backends.cudnn.allow_tf32)
-    except (AttributeError, RuntimeError):
-        return None
+def cudnn_conv_fp32_precision() -> str:
+    """cuDNN's float32 convolution arithmetic outside the model's forward pass: "tf32" is
+    PyTorch's default; the forward pass itself runs "ieee" under fp32
+    (``app.core.features.ieee_float32_convolutions``). Read through torch's new API only: the
+    legacy ``allow_tf32`` getter raises once the two APIs disagree."""
+    return str(torch.backends.cudnn.conv.fp32_precision)  # type: ignore[attr-defined]
 
 
 def table(results: dict[str, Any]) -> str:

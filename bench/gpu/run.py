@@ -328,7 +328,7 @@ def environment(run: Run) -> tuple[dict[str, Any], str]:
     import torch
 
     from app.core import search
-    from bench.gpu.parity import cudnn_tf32
+    from bench.gpu.parity import cudnn_conv_fp32_precision
 
     versions: dict[str, str | None] = {}
     for name in DISTRIBUTIONS:
@@ -352,7 +352,7 @@ def environment(run: Run) -> tuple[dict[str, Any], str]:
         if cuda
         else None,
         "cuda": torch.version.cuda,
-        "cudnn_allow_tf32": cudnn_tf32(),
+        "cudnn_conv_fp32_precision": cudnn_conv_fp32_precision(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "faiss_gpus": search.gpu_count(),
         "versions": versions,

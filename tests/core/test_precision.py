@@ -65,3 +65,34 @@ def test_guard_load_applies_the_execution_settings() -> None:
     assert guard.network.precision == "bf16" and guard.network.channels_last
     verdicts = guard.classify_pixels(torch.rand(3, 3, 32, 32))
     assert len(verdicts) == 3 and all(0.0 <= v.probability <= 1.0 for v in verdicts)
+
+
+def _conv_precision_seen_in_forward(network: FeatureNetwork) -> list[str]:
+    """What cuDNN's float32 convolution setting was while the model ran (read from a hook)."""
+    seen: list[str] = []
+
+    def record(_module: torch.nn.Module, _inputs: object, _output: object) -> None:
+        seen.append(str(torch.backends.cudnn.conv.fp32_precision))  # type: ignore[attr-defined]
+
+    handle = network.model.register_forward_hook(record)
+    try:
+        infer_batch(network, torch.rand(2, 3, 32, 32))
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_fp32_means_ieee_convolutions_inside_the_forward_pass_only() -> None:
+    """cuDNN's default TF32 moved predictions on the H200 (bench/results/gpu): under fp32 the
+    forward pass runs IEEE float32 convolutions, and the process's setting is restored after."""
+    conv = torch.backends.cudnn.conv  # type: ignore[attr-defined]
+    before = conv.fp32_precision
+    conv.fp32_precision = "tf32"
+    try:
+        network = _network()
+        assert _conv_precision_seen_in_forward(network) == ["ieee"]
+        assert conv.fp32_precision == "tf32"
+        network.set_execution("bf16")  # the explicit lower-precision choice is left alone
+        assert _conv_precision_seen_in_forward(network) == ["tf32"]
+    finally:
+        conv.fp32_precision = before
