@@ -280,6 +280,18 @@ def replay_attack(
     return SequenceOutcome(first_match, None, record.queries_to_success)
 
 
+def succeeds_despite(outcome: SequenceOutcome) -> bool:
+    """Whether the attack still succeeds when every query from its detection on is refused
+    (``refuse``) or answered with its anchor's answer (``silent``): its first success came
+    strictly before the detecting query, or it was never detected. The replay cannot show what
+    the library would have sent after an answer it did not get; both policies withhold every
+    later answer's signal, and each later query of the run is a near-duplicate of the ones
+    already stored, so the count that detected it only grows (``--url`` runs check it live)."""
+    if outcome.success is None:
+        return False
+    return outcome.detection is None or outcome.success < outcome.detection
+
+
 def _median(values: Sequence[int]) -> float | None:
     return float(np.median(values)) if values else None
 
@@ -296,6 +308,9 @@ def summarise_outcomes(outcomes: Sequence[SequenceOutcome]) -> dict[str, Any]:
     matches = [o.first_match for o in outcomes if o.first_match is not None]
     return {
         "runs": len(outcomes),
+        "succeeded_despite_detection": float(np.mean([succeeds_despite(o) for o in outcomes]))
+        if outcomes
+        else None,
         "detected": len(detections),
         "detected_before_success": float(np.mean(before)) if outcomes else None,
         "detected_before_success_of_successful": (
@@ -401,6 +416,7 @@ def evaluate_scheme(
         "false_flags": false_flags(judged, rule),
         "attacks": {},
         "sybil": {},
+        "outcomes": {},  # per run: [first match, detection, success] (queries; null: none)
     }
     for key, records in attacks.items():
         single, spread = [], []
@@ -409,6 +425,10 @@ def evaluate_scheme(
             spread.append(replay_attack(scheme, rule, record, lazy, sybil_ids, horizon))
         result["attacks"][key] = summarise_outcomes(single)
         result["sybil"][key] = summarise_outcomes(spread)
+        result["outcomes"][key] = {
+            "single": [[o.first_match, o.detection, o.success] for o in single],
+            "sybil": [[o.first_match, o.detection, o.success] for o in spread],
+        }
         log(f"{name} {key}: {json.dumps(result['attacks'][key])}")
     result["seconds"] = time.perf_counter() - started
     return result
@@ -585,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log,
         )
     chosen = choose(results)
+    for name, result in results.items():  # per-run replays only for the chosen one (size)
+        if name != chosen:
+            result.pop("outcomes")
     cost = measure_cost(schemes[chosen].scheme, judging.images[:20_000], guard)
     log(f"cost of {chosen}: {cost}")
     summary = {

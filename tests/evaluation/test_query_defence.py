@@ -1,0 +1,74 @@
+"""The issue-13 table and plot from stateful_eval's per-run replays (no attack is rerun)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evaluation.query_defence import detection_curves, main, rows
+from evaluation.stateful_eval import SequenceOutcome, succeeds_despite, summarise_outcomes
+
+
+def test_a_run_survives_refusal_only_when_it_succeeded_before_its_detection() -> None:
+    assert succeeds_despite(SequenceOutcome(first_match=2, detection=7, success=3))
+    assert not succeeds_despite(SequenceOutcome(first_match=2, detection=7, success=7))
+    assert not succeeds_despite(SequenceOutcome(first_match=2, detection=7, success=500))
+    assert succeeds_despite(SequenceOutcome(first_match=None, detection=None, success=40))
+    assert not succeeds_despite(SequenceOutcome(first_match=3, detection=None, success=None))
+
+
+def test_curves_count_runs_detected_and_succeeded_by_each_query() -> None:
+    runs = [[2, 7, 3], [3, 7, None], [None, None, 40]]
+    queries, detected, succeeded = detection_curves(runs, horizon=50)
+    assert queries[0] == 1 and queries[-1] == 50
+    assert detected[5] == 0 and detected[6] == 2 / 3 and detected[-1] == 2 / 3
+    assert succeeded[1] == 0 and succeeded[2] == 1 / 3 and succeeded[39] == 2 / 3
+
+
+def _summary() -> dict[str, Any]:
+    single = [SequenceOutcome(2, 7, 3), SequenceOutcome(3, 7, None), SequenceOutcome(3, 8, 20)]
+    spread = [SequenceOutcome(2, 9, 3), SequenceOutcome(3, None, None), SequenceOutcome(3, 8, 20)]
+
+    def runs(outcomes: list[SequenceOutcome]) -> list[list[int | None]]:
+        return [[o.first_match, o.detection, o.success] for o in outcomes]
+
+    keys = [
+        f"{a}/{s}" for a in ("square", "hopskipjump", "boundary") for s in ("guard_off", "guard_on")
+    ]
+    chosen = {
+        "attacks": {k: summarise_outcomes(single) for k in keys},
+        "sybil": {k: summarise_outcomes(spread) for k in keys},
+        "outcomes": {k: {"single": runs(single), "sybil": runs(spread)} for k in keys},
+    }
+    return {
+        "chosen": "fp",
+        "schemes": {"fp": chosen},
+        "sybil_ids": 50,
+        "horizon": 30,
+        "command": "python -m evaluation.stateful_eval",
+    }
+
+
+def test_rows_give_each_attack_its_settings_and_the_stateful_layer(tmp_path: Path) -> None:
+    table = rows(_summary())
+    assert len(table) == 3 * 2 * 3
+    plain, one_id, sybil = table[0], table[1], table[2]
+    assert (plain.attack, plain.defence) == ("square", "no guard")
+    assert plain.success_rate == 2 / 3 and plain.median_queries_to_success == 11.5
+    assert plain.succeeded_despite_detection is None
+    assert one_id.defence == "no guard + stateful, 1 id"
+    assert one_id.succeeded_despite_detection == 1 / 3  # the run that succeeded at query 3
+    assert one_id.median_queries_to_detection == 7 and one_id.detected_before_success == 2 / 3
+    assert sybil.defence == "no guard + stateful, 50 ids"
+    assert np.isclose(sybil.detected_before_success, 1 / 3)
+
+
+def test_the_command_writes_the_table_and_the_plot(tmp_path: Path) -> None:
+    (tmp_path / "stateful.json").write_text(json.dumps(_summary()))
+    assert main(["--results", str(tmp_path)]) == 0
+    markdown = (tmp_path / "defence.md").read_text()
+    assert "| square | guard (v2) + stateful, 50 ids | 67% | 12 | 8 |" in markdown
+    assert (tmp_path / "time_to_detection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
