@@ -45,6 +45,9 @@ RUN pip install --no-cache-dir -r /tmp/requirements-gpu.txt
 COPY pyproject.toml README.md /tmp/src/
 COPY app /tmp/src/app
 COPY index_builder /tmp/src/index_builder
+# the `advguard` command registers the evaluate and bench subcommands too (code only)
+COPY evaluation /tmp/src/evaluation
+COPY bench /tmp/src/bench
 RUN pip install --no-cache-dir -c /tmp/requirements-gpu.txt "/tmp/src[gpu]" \
     && rm -rf /tmp/src \
     && advguard --help > /dev/null
