@@ -16,6 +16,7 @@ from tests.deploy.test_compose import compose_config
 
 VERIFY = DEPLOY / "verify-image.sh"
 STACK = DEPLOY / "podman" / "check-stack.sh"
+REDIS_ENTRYPOINT = DEPLOY / "podman" / "redis-entrypoint.sh"
 OVERRIDE = "deploy/podman/docker-compose.podman.yml"
 
 
@@ -27,8 +28,9 @@ def run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_shellcheck_passes(tool: Callable[[str], str]) -> None:
     done = subprocess.run(
-        [tool("shellcheck"), str(VERIFY), str(STACK)], capture_output=True, text=True, timeout=60
-    )
+        [tool("shellcheck"), str(VERIFY), str(STACK), str(REDIS_ENTRYPOINT)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -72,6 +74,25 @@ def test_verify_image_names_the_metrics_port_and_defaults_to_the_admin_port() ->
 def test_verify_image_refuses_bad_arguments_before_building(args: list[str], message: str) -> None:
     done = run(VERIFY, *args)
     assert done.returncode != 0 and message in done.stderr
+
+
+def test_redis_entrypoint_turns_protected_mode_off_for_redis_server_only(tmp_path: Path) -> None:
+    """The compose file's `redis-server --appendonly yes ...` gains `--protected-mode no` (as in
+    the official image); any other command runs as given."""
+    fake = tmp_path / "redis-server"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+
+    def entry(*args: str) -> str:
+        done = subprocess.run(
+            ["sh", str(REDIS_ENTRYPOINT), *args], capture_output=True, text=True, env=env,
+            timeout=10, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
+    assert entry("redis-server", "--appendonly", "yes") == "--protected-mode no --appendonly yes"
+    assert entry("echo", "redis-cli", "ping") == "redis-cli ping"
 
 
 def test_containerfiles_pass_hadolint(tool: Callable[[str], str]) -> None:
