@@ -1,7 +1,7 @@
-"""deploy/verify-image.sh and the podman stack, without podman: the image build and run take ~10
-minutes and several GB, so they are a release check (docs/deploy.md, "Verifying the image"); CI
-checks what is cheap: shellcheck, the scripts' argument handling, hadolint on the Containerfiles
-and docker-compose on the podman override."""
+"""deploy/verify-image.sh and the podman stack, without podman: shellcheck, the scripts' argument
+handling, the Redis entrypoint, hadolint on the Containerfiles and docker-compose on the podman
+override. The image build and run itself is a step of .ci/run after pytest (minutes, several GB:
+docs/deploy.md, "Verifying the image"); check-stack.sh is run by hand before a release."""
 
 from __future__ import annotations
 
