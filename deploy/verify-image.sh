@@ -57,7 +57,8 @@ Options:
   --runtime NAME        OCI runtime (default: runc where cgroups are mounted in hybrid mode,
                         which crun refuses; else podman's default)
   --ca-bundle FILE      CA bundle pip trusts during the build, mounted, never copied into the
-                        image (default: \$PIP_CERT when set, for a TLS-intercepting proxy)
+                        image (default: \$PIP_CERT, else the host pip's cert setting; for a
+                        TLS-intercepting proxy)
   --skip-build          run the existing --tag image
   -h, --help            this text
 EOF
@@ -97,6 +98,11 @@ done
 for tool in podman curl; do
   command -v "$tool" >/dev/null || die "$tool is not installed"
 done
+
+if [ -z "$CA_BUNDLE" ]; then  # else the host pip's own `cert` setting (pip.conf), if any
+  CA_BUNDLE=$("$VENV/bin/python" -m pip config list 2>/dev/null \
+    | sed -n "/^global\.cert='/{s/^global\.cert='\(.*\)'\$/\1/p;q;}")
+fi
 
 started=$(date +%s)
 mkdir -p "$CACHE"
