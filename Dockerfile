@@ -7,6 +7,8 @@
 #
 # The base is NVIDIA's CUDA runtime image (driver integration through the NVIDIA container
 # toolkit); torch's wheel brings its own CUDA 13 libraries and faiss-gpu its CUDA 12 ones.
+# Any Debian-family base with python3 >= 3.11 works (--build-arg CUDA_IMAGE=...):
+# deploy/verify-image.sh builds and runs this file with podman on a local Debian 12 base.
 # Pinned: the base image tag, torch/torchvision/faiss-gpu (deploy/docker/requirements-gpu.txt),
 # the project's own dependencies through pyproject.toml.
 
@@ -22,8 +24,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# Ubuntu's python3 (3.12) in a virtualenv. Apt packages are left at the release's current
-# security level rather than pinned to versions Ubuntu stops serving.
+# The base's python3 (Ubuntu 24.04: 3.12; Debian 12: 3.11) in a virtualenv. Apt packages are
+# left at the release's current security level rather than pinned to versions it stops serving.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
@@ -43,6 +45,9 @@ RUN pip install --no-cache-dir -r /tmp/requirements-gpu.txt
 COPY pyproject.toml README.md /tmp/src/
 COPY app /tmp/src/app
 COPY index_builder /tmp/src/index_builder
+# the `advguard` command registers the evaluate and bench subcommands too (code only)
+COPY evaluation /tmp/src/evaluation
+COPY bench /tmp/src/bench
 RUN pip install --no-cache-dir -c /tmp/requirements-gpu.txt "/tmp/src[gpu]" \
     && rm -rf /tmp/src \
     && advguard --help > /dev/null
