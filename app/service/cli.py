@@ -29,8 +29,10 @@ async def serve_listeners(public: uvicorn.Server, admin: uvicorn.Server) -> None
     so that /metrics stays scrapable during the drain; the admin listener stops after it. A
     second SIGINT forces the exit, as with plain uvicorn."""
     loop = asyncio.get_running_loop()
+    captured: list[signal.Signals] = []
 
     def stop(sig: signal.Signals) -> None:
+        captured.append(sig)
         if public.should_exit and sig == signal.SIGINT:
             public.force_exit = True
         public.should_exit = True
@@ -43,6 +45,12 @@ async def serve_listeners(public: uvicorn.Server, admin: uvicorn.Server) -> None
     finally:
         admin.should_exit = True
         await admin_task
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    # as uvicorn does: once shut down, exit by the signal received (code -SIGTERM), without
+    # waiting for idle worker threads at interpreter exit
+    for sig in reversed(captured):
+        signal.raise_signal(sig)
 
 
 def _serve(args: argparse.Namespace) -> int:
