@@ -41,6 +41,7 @@ class Neighbour:
 
 @dataclass(frozen=True)
 class Explanation:
+    predicted_class: int  # the class every statistic is of (withheld from the public if rejected)
     score: float  # what the threshold applies to
     threshold: float
     statistics: list[StatisticEvidence]
@@ -67,13 +68,15 @@ def explain(
     detector: Detector,
     evidence: Evidence,
     features: Mapping[str, np.ndarray],
+    predictions: np.ndarray,
     rows: Sequence[int],
     threshold: float,
     num_classes: int,
     nearest: int = NEAREST_SHOWN,
 ) -> list[Explanation]:
     """Explanations of the batch rows ``rows``: ``evidence`` is the batch's own (the decision's),
-    ``features`` the batch's features; the vote's index is searched again for these rows only."""
+    ``features`` and ``predictions`` the batch's; the vote's index is searched again for these
+    rows only."""
     if not rows:
         return []
     selected = list(rows)
@@ -109,6 +112,7 @@ def explain(
             ]
         explanations.append(
             Explanation(
+                predicted_class=int(predictions[row]),
                 score=float(evidence.scores[row]),
                 threshold=threshold,
                 statistics=statistics,

@@ -284,6 +284,7 @@ class Guard:
             self.detector,
             evidence,
             batch.features,
+            batch.predictions,
             rows,
             self.threshold,
             len(self.class_names),

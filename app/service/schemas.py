@@ -35,6 +35,8 @@ class NeighbourModel(_Model):
 class ExplanationModel(_Model):
     """The evidence behind a decision (``?explain=true``, trusted callers only)."""
 
+    predicted_class: int  # every statistic is of this class (shown even when rejected)
+    predicted_class_name: str
     score: float  # combined score; accepted when >= threshold
     threshold: float
     combination: str  # single (the score is the statistic), fisher, hmp or min_p
@@ -49,6 +51,8 @@ class ExplanationModel(_Model):
         cls, explanation: Explanation, class_names: list[str], combination: str, images: bool
     ) -> ExplanationModel:
         return cls(
+            predicted_class=explanation.predicted_class,
+            predicted_class_name=class_names[explanation.predicted_class],
             score=explanation.score,
             threshold=explanation.threshold,
             combination=combination,

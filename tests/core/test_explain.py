@@ -31,6 +31,7 @@ def test_explanations_match_the_batch_evidence_for_the_rows_asked(guard):
     found = vote.neighbours(batch.features[vote.layer_name][[3, 1]])
     for position, (row, ex) in enumerate(zip([3, 1], explained, strict=True)):
         assert ex.score == evidence.scores[row] and ex.threshold == guard.threshold
+        assert ex.predicted_class == batch.predictions[row]
         assert [s.value for s in ex.statistics] == evidence.values[row].tolist()
         assert [s.p_value for s in ex.statistics] == evidence.p_values[row].tolist()
         assert sum(ex.vote_histogram) == guard.manifest.detector.k
@@ -45,6 +46,6 @@ def test_a_detector_without_a_vote_explains_without_neighbours(guard):
     torch.manual_seed(1)
     batch = guard.infer(torch.rand(2, 3, 32, 32))
     evidence = no_vote.evidence(batch.features, batch.predictions)
-    (ex,) = explain(no_vote, evidence, batch.features, [0], 0.01, 10)
+    (ex,) = explain(no_vote, evidence, batch.features, batch.predictions, [0], 0.01, 10)
     assert ex.vote_statistic is None and ex.vote_histogram == [] and ex.nearest == []
     assert len(ex.statistics) == 3

@@ -146,6 +146,8 @@ def test_trusted_caller_sees_the_evidence_of_a_rejection(
     assert "< threshold" in browser.find_element(By.ID, "score-text").text
     rows = browser.find_elements(By.CSS_SELECTOR, "#histogram .row")
     assert len(rows) == 10
+    (predicted,) = browser.find_elements(By.CSS_SELECTOR, "#histogram .row.predicted")
+    assert predicted.text.split()[0] in browser.find_element(By.ID, "result").text
     counts = [int(row.text.split()[-1]) for row in rows]
     assert sum(counts) == 1000  # the vote's k neighbours
     assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == 4

@@ -67,6 +67,8 @@ def test_trusted_evidence_is_the_decision_s_own(
         verdict = guard.classify_images([Image.open(io.BytesIO(data)).convert("RGB")])[0]
         assert ex["score"] == pytest.approx(verdict.score, rel=1e-6)
         assert ex["threshold"] == guard.threshold
+        assert ex["predicted_class"] == verdict.predicted_class
+        assert ex["predicted_class_name"] == verdict.class_name
         assert (ex["score"] >= ex["threshold"]) == (body["decision"] == "accepted")
         assert [s["name"] for s in ex["statistics"]] == guard.detector.names
         assert all(0 < s["p_value"] <= 1 for s in ex["statistics"])

@@ -139,6 +139,10 @@ function fmt(x) {
 
 function showEvidence(ex, body) {
   $("evidence").hidden = false;
+  if (!body.prediction) {
+    const withheld = $("result").querySelector(".muted");
+    if (withheld) withheld.textContent = ` the prediction (${ex.predicted_class_name}) is withheld from public callers`;
+  }
   const accepted = ex.score >= ex.threshold;
   $("combination").textContent = ex.combination === "single"
     ? "(the vote itself)" : `(${ex.combination} over p-values; log scale 1e-10 … 1)`;
@@ -162,7 +166,7 @@ function showEvidence(ex, body) {
   const histogram = $("histogram");
   histogram.textContent = "";
   const most = Math.max(1, ...ex.vote_histogram);
-  const predicted = body.prediction ? body.prediction.class_index : null;
+  const predicted = ex.predicted_class;
   ex.vote_histogram.forEach((count, index) => {
     const name = bundle ? bundle.class_names[index] : String(index);
     const isPredicted = predicted === index;
