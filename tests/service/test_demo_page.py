@@ -31,7 +31,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "app" / "service" / "static" / 
 TOKEN = "demo-page-admin-token"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-WAIT_S = 60
+WAIT_S = 120  # generous: CI machines are shared; the first thumbnail scans the archive
 
 
 def _example(kind: str) -> dict[str, Any]:
