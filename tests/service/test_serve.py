@@ -121,3 +121,10 @@ def test_graceful_shutdown(server: tuple[str, subprocess.Popen[bytes]]) -> None:
     assert process.wait(30) in (0, -signal.SIGTERM)
     output = process.stdout.read().decode() if process.stdout else ""
     assert "Traceback" not in output
+
+
+def test_admin_port_must_differ_from_the_public_port(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    assert main(["serve", "--port", "18765", "--admin-port", "18765", "--device", "cpu"]) == 2
+    assert "the admin port is the public port" in capsys.readouterr().err
