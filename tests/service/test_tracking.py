@@ -438,6 +438,12 @@ class _SlowGuard:
     def score(self, batch):  # type: ignore[no-untyped-def]
         return self.real.score(batch)
 
+    def evidence(self, batch):  # type: ignore[no-untyped-def]
+        return self.real.evidence(batch)
+
+    def explain(self, batch, evidence, rows):  # type: ignore[no-untyped-def]
+        return self.real.explain(batch, evidence, rows)
+
     def decide(self, batch, scores):  # type: ignore[no-untyped-def]
         return self.real.decide(batch, scores)
 
