@@ -117,6 +117,29 @@ def test_untrusted_visitor_sees_verdicts_without_evidence(service: str, browser:
     assert body["decision"] == "rejected" and body["explanation"] is None
 
 
+def test_an_image_dropped_on_the_page_is_classified(service: str, browser: WebDriver) -> None:
+    """Drag and drop: a real ``drop`` event carrying the file, as a browser fires it."""
+    _open(browser, service)
+    authentic = _example("authentic")
+    browser.execute_script("document.getElementById('result').textContent = ''")
+    browser.execute_async_script(
+        """
+        const [file, done] = arguments;
+        fetch('/static/examples/' + file).then(r => r.blob()).then(blob => {
+          const transfer = new DataTransfer();
+          transfer.items.add(new File([blob], file, {type: 'image/png'}));
+          document.getElementById('drop').dispatchEvent(
+            new DragEvent('drop', {dataTransfer: transfer, bubbles: true, cancelable: true}));
+          done();
+        });
+        """,
+        authentic["file"],
+    )
+    WebDriverWait(browser, WAIT_S).until(lambda d: d.find_elements(By.ID, "decision"))
+    assert browser.find_element(By.ID, "decision").text.strip().lower() == "accepted"
+    assert browser.find_element(By.ID, "class").text.strip() == authentic["true_class"]
+
+
 def test_trusted_caller_sees_the_evidence_of_a_rejection(
     service: str, browser: WebDriver, tmp_path: Path
 ) -> None:
