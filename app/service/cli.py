@@ -108,7 +108,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
     )
     asyncio.run(serve_listeners(public, admin))
-    return 0
+    # the lifespan refused to start (e.g. a neighbour source the bundle cannot use): uvicorn's
+    # startup-failure code, not a clean exit
+    return 0 if public.started else 3
 
 
 def register(commands: Any) -> None:
