@@ -14,6 +14,9 @@ most ~64 KiB before it stops reading the socket, so memory stays flat), until th
 ``max_bytes`` were discarded, or the client was silent for ``idle_s``, or ``max_s`` passed. Then
 the response ends and, the refusal carrying ``Connection: close``, the connection closes. Past a
 bound the close may still reset the connection: a client sending more than that is not waited for.
+At most ``max_active`` connections linger at once (each costs the event loop a read per chunk);
+beyond, refusals close at once, as before, so a flood of oversize uploads cannot buy event-loop
+time with bodies the service throws away.
 """
 
 from __future__ import annotations
@@ -77,8 +80,11 @@ class LingeringClose:
         max_bytes: int = 128 << 20,
         max_s: float = 30.0,
         idle_s: float = 5.0,
+        max_active: int = 64,
     ) -> None:
         self.app = app
+        self.max_active = max_active
+        self.active = 0  # connections lingering now (one event loop: no lock needed)
         self.statuses = statuses
         self.max_bytes = max_bytes
         self.max_s = max_s
@@ -96,13 +102,16 @@ class LingeringClose:
                 progress.done = True
             return message
 
-        lingering = False
+        lingering = False  # this refusal lingers; it holds one of the max_active places
 
         async def lingering_send(message: Message) -> None:
             nonlocal lingering
             if message["type"] == "http.response.start":
-                lingering = message["status"] in self.statuses and not progress.done
-                if lingering:
+                refused_unread = message["status"] in self.statuses and not progress.done
+                if refused_unread and self.active < self.max_active:
+                    lingering = True
+                    self.active += 1
+                if refused_unread:
                     headers = [h for h in message.get("headers", []) if h[0].lower() != CLOSE[0]]
                     message = {**message, "headers": [*headers, CLOSE]}
             elif (
@@ -116,4 +125,8 @@ class LingeringClose:
                 return
             await send(message)
 
-        await self.app(scope, tracked_receive, lingering_send)
+        try:
+            await self.app(scope, tracked_receive, lingering_send)
+        finally:
+            if lingering:
+                self.active -= 1

@@ -488,6 +488,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.linger_max_bytes,
         max_s=settings.linger_max_s,
         idle_s=settings.linger_idle_s,
+        max_active=settings.linger_max_connections,
     )
     # the private listener (metrics, admin routes): ``advguard serve`` runs it on admin_port
     app.state.admin_app = create_admin_app(app)

@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     linger_max_bytes: int = Field(default=128 * 1024 * 1024, ge=0)
     linger_max_s: float = Field(default=30.0, ge=0.0)
     linger_idle_s: float = Field(default=5.0, gt=0.0)
+    linger_max_connections: int = Field(default=64, ge=0)  # beyond: close at once, as before
 
     # identity
     api_keys: dict[str, SecretStr] = Field(default_factory=dict)  # client id -> key

@@ -183,3 +183,37 @@ def test_without_draining_urllib_gets_a_reset(tmp_path: Path) -> None:
         pytest.raises((urllib.error.URLError, ConnectionError)),
     ):
         urllib_upload(f"http://127.0.0.1:{port}", 64 * MB)
+
+
+def test_at_most_max_active_connections_linger() -> None:
+    """Past ``max_active`` lingering connections a refusal closes at once (not drained), so a
+    flood of oversize uploads cannot buy event-loop time; the places free up afterwards."""
+    middleware = LingeringClose(_refuse_413, idle_s=0.05, max_active=1)
+    outcomes: list[tuple[int, bool]] = []
+
+    async def one(delay: float) -> None:
+        await asyncio.sleep(delay)
+        sent: list[dict[str, Any]] = []
+        read = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal read
+            read += 1
+            await asyncio.sleep(0.02)  # a client trickling its body
+            return {"type": "http.request", "body": b"x" * 100, "more_body": read < 10}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "headers": [(b"content-length", b"1000")]}
+        await middleware(scope, receive, send)  # type: ignore[arg-type]
+        outcomes.append((read, any(m.get("more_body") for m in sent)))
+
+    async def both() -> None:
+        await asyncio.gather(one(0.0), one(0.05))
+
+    asyncio.run(both())
+    assert sorted(outcomes) == [(0, False), (10, True)]  # one drained, the other closed at once
+    assert middleware.active == 0
+    _, read = _run([b"x" * 10] * 3, middleware)
+    assert read == 3  # the place is free again
