@@ -60,9 +60,12 @@ RUN mkdir -p /bundles && chown advguard:advguard /bundles
 
 USER 10001:10001
 
+# 8000: the public API and demo page; 9000: the admin listener (/metrics, /clients), which only
+# Prometheus and operators should reach (compose publishes it on the host's loopback only).
 ENV ADVGUARD_BUNDLE=/opt/advguard/bundles/cifar10-resnet20 \
-    ADVGUARD_PORT=8000
-EXPOSE 8000
+    ADVGUARD_PORT=8000 \
+    ADVGUARD_ADMIN_PORT=9000
+EXPOSE 8000 9000
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "/opt/advguard/bin/healthcheck.py"]

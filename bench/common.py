@@ -112,9 +112,11 @@ def advguard_command() -> list[str]:
 def serve(
     env: dict[str, str], device: str = "cpu"
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``advguard serve`` on a free loopback port, ready; terminated (SIGTERM) on exit."""
+    """``advguard serve`` on a free loopback port (and a free admin port: ``admin_base``),
+    ready; terminated (SIGTERM) on exit."""
     port = free_port()
     command = [*advguard_command(), "serve", "--port", str(port), "--device", device]
+    command += ["--admin-port", str(free_port())]
     server = subprocess.Popen([*command, "--log-level", "warning"], env={**os.environ, **env})
     base = f"http://127.0.0.1:{port}"
     try:
@@ -132,6 +134,12 @@ def serve(
     finally:
         server.terminate()
         server.wait(60)
+
+
+def admin_base(server: subprocess.Popen[bytes]) -> str:
+    """The admin listener (/metrics) of a service ``serve`` started: its --admin-port."""
+    args = [str(a) for a in server.args]  # type: ignore[union-attr]
+    return f"http://127.0.0.1:{args[args.index('--admin-port') + 1]}"
 
 
 def multipart_request(

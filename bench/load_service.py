@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import command_line, serve
+from bench.common import admin_base, command_line, serve
 
 REPO = Path(__file__).resolve().parent.parent
 CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -64,14 +64,19 @@ def metric_sum(text: str, name: str) -> float:
 
 
 async def run_level(
-    base: str, images: list[bytes], concurrency: int, max_requests: int, max_seconds: float
+    base: str,
+    admin: str,
+    images: list[bytes],
+    concurrency: int,
+    max_requests: int,
+    max_seconds: float,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-        before = (await client.get("/metrics")).text
+        before = (await client.get(f"{admin}/metrics")).text
         started = time.perf_counter()
         deadline = started + max_seconds
 
@@ -88,7 +93,7 @@ async def run_level(
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-        after = (await client.get("/metrics")).text
+        after = (await client.get(f"{admin}/metrics")).text
     batches = metric_sum(after, "advguard_batch_size_count") - metric_sum(
         before, "advguard_batch_size_count"
     )
@@ -130,10 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         "ADVGUARD_MAX_WAIT_MS": str(args.max_wait_ms),
     }
     with serve(env, args.device) as (base, _server):
-        asyncio.run(run_level(base, images, 4, args.warmup, 30.0))
+        asyncio.run(run_level(base, admin_base(_server), images, 4, args.warmup, 30.0))
         levels = []
         for concurrency in args.concurrency:
-            result = asyncio.run(run_level(base, images, concurrency, args.requests, args.seconds))
+            result = asyncio.run(
+                run_level(
+                    base, admin_base(_server), images, concurrency, args.requests, args.seconds
+                )
+            )
             print(json.dumps(result), flush=True)
             levels.append(result)
         bundle = httpx.get(f"{base}/v1/bundle", timeout=5).json()

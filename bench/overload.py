@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from bench.common import RawConnection, multipart_request, serve, write_results
+from bench.common import RawConnection, admin_base, multipart_request, serve, write_results
 from bench.load_service import test_jpegs
 
 
@@ -256,12 +256,12 @@ def run_config(
         asyncio.run(sequential(kind, base, images, 20))  # warm-up
         rss_idle = rss_mb(server.pid)
         baseline = asyncio.run(sequential(kind, base, images, args.baseline_requests))
-        with Sampler(server.pid, base) as sampler:
+        with Sampler(server.pid, admin_base(server)) as sampler:
             loaded = asyncio.run(
                 burst(kind, base, images, args.burst_concurrency, args.burst_seconds)
             )
         rss_after_burst = rss_mb(server.pid)
-        text = httpx.get(f"{base}/metrics", timeout=10).text
+        text = httpx.get(f"{admin_base(server)}/metrics", timeout=10).text
         shed = counters(text, "advguard_shed_total", "reason")
         seconds_per_image = gauge(text, "advguard_seconds_per_image")
         after = asyncio.run(recovery(kind, base, images, args.baseline_requests))

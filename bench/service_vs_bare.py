@@ -44,7 +44,7 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.statistics import STATISTIC_KINDS
 from app.service.settings import DEFAULT_BUNDLE
-from bench.common import RawConnection, multipart_request, serve, write_results
+from bench.common import RawConnection, admin_base, multipart_request, serve, write_results
 from bench.load_service import test_jpegs
 
 STAGES = ("decode", "queue", "model", "search", "total")
@@ -243,13 +243,18 @@ async def scrape(host: str, port: int) -> dict[str, float]:
 
 
 async def load_level(
-    host: str, port: int, requests: list[bytes], concurrency: int, seconds: float
+    host: str,
+    port: int,
+    admin_port: int,
+    requests: list[bytes],
+    concurrency: int,
+    seconds: float,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     in_app: list[float] = []
     statuses: dict[str, int] = {}
     issued = 0
-    before = await scrape(host, port)
+    before = await scrape(host, admin_port)
     started = time.perf_counter()
     deadline = started + seconds
 
@@ -272,7 +277,7 @@ async def load_level(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    after = await scrape(host, port)
+    after = await scrape(host, admin_port)
     delta = {key: after[key] - before[key] for key in after}
     ok = statuses.get("200", 0)
     count = delta["total_count"] or 1.0
@@ -311,10 +316,13 @@ def run_service(
     requests = [multipart_request("/classify", data) for data in jpegs]
     with serve(env, args.device) as (base, _server):
         host, port = base.removeprefix("http://").rsplit(":", 1)
-        asyncio.run(load_level(host, int(port), requests, 4, warmup_s))  # warm-up
+        admin = int(admin_base(_server).rsplit(":", 1)[1])
+        asyncio.run(load_level(host, int(port), admin, requests, 4, warmup_s))  # warm-up
         levels = []
         for concurrency in args.concurrency:
-            level = asyncio.run(load_level(host, int(port), requests, concurrency, args.seconds))
+            level = asyncio.run(
+                load_level(host, int(port), admin, requests, concurrency, args.seconds)
+            )
             print(f"{label}:", level, flush=True)
             levels.append(level)
     best = max(levels, key=lambda level: level["throughput_images_per_s"])

@@ -120,6 +120,11 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     live = parser.add_argument_group("end to end over HTTP (a running service, loopback only)")
     live.add_argument("--url", help="e.g. http://127.0.0.1:8000; adds the live run")
     live.add_argument("--admin-token", default="")
+    live.add_argument(
+        "--admin-url",
+        help="the service's admin listener (client statistics), e.g. http://127.0.0.1:9000; "
+        "default: --url's host on port 9000",
+    )
     live.add_argument("--live-honest-clients", type=int, default=40)
     live.add_argument("--live-attack-clients", type=int, default=2, help="per attacker kind")
     live.add_argument("--live-requests", type=int, default=60)

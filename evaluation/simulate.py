@@ -239,6 +239,7 @@ class LiveClient:
 
 def run_live(
     http: httpx.Client,
+    admin: httpx.Client,
     plans: Sequence[ClientPlan],
     pools: dict[str, ScoredPool],
     admin_token: str,
@@ -249,7 +250,8 @@ def run_live(
 ) -> list[LiveClient]:
     """Each client sends its requests in order; clients run ``concurrency`` at a time. Bounded:
     a client stops at the first non-200 answer (after retrying 503s as Retry-After says) or when
-    ``deadline_s`` has passed."""
+    ``deadline_s`` has passed. ``admin`` talks to the service's admin listener (the client
+    statistics live there, not on the public port)."""
     stop_at = time.monotonic() + deadline_s
     lock = threading.Lock()
     payloads: dict[tuple[str, int], bytes] = {}
@@ -291,7 +293,7 @@ def run_live(
             )
             if response.status_code != 200:
                 break
-        answer = http.get(f"/clients/{plan.client_id}", headers={admin_header: admin_token})
+        answer = admin.get(f"/clients/{plan.client_id}", headers={admin_header: admin_token})
         return LiveClient(plan, done, answer.json() if answer.status_code == 200 else None)
 
     with ThreadPoolExecutor(max_workers=concurrency) as pool:

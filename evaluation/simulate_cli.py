@@ -65,9 +65,10 @@ def policy_for(bundle: Path, guard: Guard, kind: PolicyKind) -> FlagPolicy:
 
 def simulate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.url and not is_loopback(args.url):
-        print(f"advguard simulate: error: {args.url} is not a loopback address", file=sys.stderr)
-        return 2
+    for url in (args.url, args.admin_url):
+        if url and not is_loopback(url):
+            print(f"advguard simulate: error: {url} is not a loopback address", file=sys.stderr)
+            return 2
     guard = Guard.load(args.bundle, device="cpu")
     name = guard.manifest.name
     out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"
@@ -139,7 +140,11 @@ def _live(
 ) -> dict[str, Any]:
     import httpx
 
-    with httpx.Client(base_url=args.url, timeout=60.0) as http:
+    admin_url = args.admin_url or str(httpx.URL(args.url).copy_with(port=9000))
+    with (
+        httpx.Client(base_url=args.url, timeout=60.0) as http,
+        httpx.Client(base_url=admin_url, timeout=60.0) as admin,
+    ):
         served = http.get("/v1/bundle").json()
         kind: PolicyKind = served["flag_policy"]
         plans = plan_population(
@@ -154,7 +159,13 @@ def _live(
         )
         t0 = time.perf_counter()
         clients = run_live(
-            http, plans, pools, args.admin_token, args.concurrency, deadline_s=args.live_seconds
+            http,
+            admin,
+            plans,
+            pools,
+            args.admin_token,
+            args.concurrency,
+            deadline_s=args.live_seconds,
         )
         seconds = time.perf_counter() - t0
     policy = policy_for(args.bundle, guard, kind)

@@ -9,6 +9,7 @@ calibrate (the same Detector the service uses, scored on the held-out images) ->
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import platform
 import shutil
@@ -54,10 +55,11 @@ from app.core.search import IndexType
 from app.core.statistics import DEFAULT_CLASS_K, ClassDensity, LayerIndex, fit_class_density
 from index_builder import detectors
 from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
-from index_builder.sources import Entry, ImageSource, open_source
+from index_builder.sources import Entry, ImageSource, open_source, source_reference
 
 WEIGHTS_FILE = "model.pth"
 LABELS_FILE = "labels.npy"
+SOURCES_FILE = "sources.json"
 CALIBRATION_SCORES_FILE = "calibration_scores.npy"
 HONEST_SCORES_FILE = "calibration_honest_scores.npy"
 
@@ -598,10 +600,19 @@ def write_stage(
     staging.mkdir(parents=True)
     shutil.copyfile(config.weights, staging / WEIGHTS_FILE)
     layer_specs = [_layer_spec(config, fitted[name]) for name in plan.network.layers]
-    file_names = [WEIGHTS_FILE, LABELS_FILE, CALIBRATION_SCORES_FILE, HONEST_SCORES_FILE]
+    file_names = [
+        WEIGHTS_FILE,
+        LABELS_FILE,
+        SOURCES_FILE,
+        CALIBRATION_SCORES_FILE,
+        HONEST_SCORES_FILE,
+    ]
     for spec in layer_specs:
         file_names += _write_layer(staging, spec, fitted[spec.name])
     np.save(staging / LABELS_FILE, extracted.index_labels.astype(np.int32))
+    (staging / SOURCES_FILE).write_text(
+        json.dumps(index_sources(plan.entries, extracted, config.split)) + "\n"
+    )
     np.save(staging / CALIBRATION_SCORES_FILE, calibrated.scores.astype(np.float32))
     np.save(staging / HONEST_SCORES_FILE, calibrated.honest_scores.astype(np.float32))
     statistics_files: dict[str, str | None] = {"reference": None, "threshold": None}
@@ -665,6 +676,7 @@ def _manifest(
             score_function=config.score_function,
             combination=plan.combination,
             labels_file=LABELS_FILE,
+            sources_file=SOURCES_FILE,
             statistics=plan.statistics,
         ),
         class_names=plan.classes,
@@ -709,6 +721,13 @@ def _manifest(
         ),
         files=files,
     )
+
+
+def index_sources(entries: list[Entry], extracted: Extracted, split: str | None) -> list[str]:
+    """Row i of the index -> its image's source reference: the indexed, decoded positions in
+    chunk order, exactly as the index rows and labels were selected."""
+    positions = _select(extracted.store, np.arange(len(entries)), extracted.indexed)
+    return [source_reference(entries[int(p)], split) for p in positions]
 
 
 def _count_skipped(store: ChunkStore) -> int:

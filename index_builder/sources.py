@@ -43,6 +43,14 @@ class SourceListing:
     entries: list[Entry]
 
 
+def source_reference(entry: Entry, split: str | None) -> str:
+    """Where an image lies in its source, for a bundle's ``sources_file``: the member path inside
+    an archive, else the path under the source directory (with the split folder)."""
+    if entry.member:
+        return entry.member
+    return f"{split}/{entry.key}" if split else entry.key
+
+
 def _is_image(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
 

@@ -38,6 +38,7 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
     referenced = {manifest.model.weights_file, manifest.detector.labels_file}
     calibration = manifest.calibration
     optional = [
+        manifest.detector.sources_file,
         calibration.scores_file,
         calibration.honest_scores_file,
         calibration.reference_statistics_file,
@@ -71,3 +72,18 @@ def load_honest_scores(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
     name = manifest.calibration.honest_scores_file or manifest.calibration.scores_file
     scores: np.ndarray = np.load(bundle_dir / name, allow_pickle=False).astype(np.float64)
     return scores
+
+
+def load_sources(bundle_dir: Path, manifest: Manifest) -> list[str] | None:
+    """Each indexed row's source reference (``detector.sources_file``), or None for bundles built
+    before the builder recorded them. The file was verified against the manifest's sha256."""
+    name = manifest.detector.sources_file
+    if name is None:
+        return None
+    references = json.loads((bundle_dir / name).read_text())
+    if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+        raise BundleError(f"{name} is not a JSON list of source references")
+    if len(references) != manifest.counts.indexed:
+        indexed = manifest.counts.indexed
+        raise BundleError(f"{name} lists {len(references)} sources for {indexed} indexed rows")
+    return references

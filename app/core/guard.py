@@ -16,8 +16,9 @@ from PIL import Image
 
 from app.core import search
 from app.core.bundle import read_manifest, verify_files
-from app.core.detector import Detector
+from app.core.detector import Detector, Evidence
 from app.core.errors import BundleError, ModelLoadError
+from app.core.explain import Explanation, explain
 from app.core.features import (
     BatchFeatures,
     FeatureNetwork,
@@ -269,6 +270,25 @@ class Guard:
     def score(self, batch: BatchFeatures) -> np.ndarray:
         """Search stage: the detector's score of each predicted class."""
         return self.detector.score(batch.features, batch.predictions)
+
+    def evidence(self, batch: BatchFeatures) -> Evidence:
+        """Search stage with every statistic kept: ``evidence.scores`` are ``score``'s."""
+        return self.detector.evidence(batch.features, batch.predictions)
+
+    def explain(
+        self, batch: BatchFeatures, evidence: Evidence, rows: Sequence[int]
+    ) -> list[Explanation]:
+        """The evidence behind the decisions of ``rows`` (trusted callers only: see
+        ``app.core.explain``), from the batch's own evidence."""
+        return explain(
+            self.detector,
+            evidence,
+            batch.features,
+            batch.predictions,
+            rows,
+            self.threshold,
+            len(self.class_names),
+        )
 
     def decide(self, batch: BatchFeatures, scores: np.ndarray) -> list[Verdict]:
         verdicts = []

@@ -78,6 +78,10 @@ class DetectorSpec(_Frozen):
     score_function: ScoreFunction
     combination: Combination = "single"
     labels_file: str
+    # JSON list: row i of the index came from this source reference (an archive member path or a
+    # path under the source directory), so a service can show a query's nearest training images.
+    # None: bundles built before it; they load and answer as before, without neighbour images.
+    sources_file: str | None = None
     # None: one vote per layer (bundles written before statistics existed)
     statistics: list[StatisticSpec] | None = None
 

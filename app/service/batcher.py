@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from app.core.explain import Explanation
 from app.core.guard import Classification, Guard
 
 # ADVGUARD_LATENCY_BUDGET_MS unset: a budget of this many full batches at the measured time per
@@ -57,6 +58,7 @@ class BatchResult:
     model_s: float
     search_s: float
     batch_size: int
+    explanation: Explanation | None = None  # when submitted with explain=True and guarded
 
 
 @dataclass
@@ -65,6 +67,7 @@ class _Item:
     future: Future[BatchResult]
     enqueued: float
     deadline: float | None
+    explain: bool = False
 
 
 def _noop_count(_size: int) -> None:
@@ -133,7 +136,9 @@ class Batcher:
         item_s = self._item_s
         return 0.0 if item_s is None else (ahead + 1) * item_s
 
-    def submit(self, pixels: torch.Tensor) -> Future[BatchResult]:
+    def submit(self, pixels: torch.Tensor, explain: bool = False) -> Future[BatchResult]:
+        """Queue one image; ``explain`` also computes its evidence (``app.core.explain``) in
+        the worker, the one thread that may search the index."""
         future: Future[BatchResult] = Future()
         with self._submit_lock:
             if self._closed.is_set():
@@ -142,7 +147,7 @@ class Batcher:
             budget = self.budget_s()
             deadline = None if budget is None else now + budget
             try:
-                self._queue.put_nowait(_Item(pixels, future, now, deadline))
+                self._queue.put_nowait(_Item(pixels, future, now, deadline, explain))
             except queue.Full:
                 raise QueueFullError("the classification queue is full") from None
         return future
@@ -204,12 +209,16 @@ class Batcher:
         try:
             pixels = torch.stack([item.pixels for item in batch])
             results: list[Classification]
+            explanations: dict[int, Explanation] = {}
             if self.guarded:
                 features = self.guard.infer(pixels)
                 after_model = self.clock()
-                scores = self.guard.score(features)
+                evidence = self.guard.evidence(features)
                 after_search = self.clock()
-                results = list(self.guard.decide(features, scores))
+                results = list(self.guard.decide(features, evidence.scores))
+                rows = [i for i, item in enumerate(batch) if item.explain]
+                explained = self.guard.explain(features, evidence, rows)
+                explanations = dict(zip(rows, explained, strict=True))
             else:  # guard off: the forward pass only, no index search
                 results = self.guard.classify(pixels)
                 after_model = after_search = self.clock()
@@ -223,7 +232,7 @@ class Batcher:
             item_s if previous is None else previous + ITEM_TIME_ALPHA * (item_s - previous)
         )
         self.on_batch(len(batch))
-        for item, result in zip(batch, results, strict=True):
+        for row, (item, result) in enumerate(zip(batch, results, strict=True)):
             item.future.set_result(
                 BatchResult(
                     verdict=result,
@@ -231,5 +240,6 @@ class Batcher:
                     model_s=after_model - started,
                     search_s=after_search - after_model,
                     batch_size=len(batch),
+                    explanation=explanations.get(row),
                 )
             )

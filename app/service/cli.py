@@ -3,13 +3,57 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
+
+class _Listener(uvicorn.Server):
+    """A uvicorn server that leaves the signals to ``serve_listeners`` (uvicorn's own handlers
+    would let one server's handler replace the other's)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_listeners(public: uvicorn.Server, admin: uvicorn.Server) -> None:
+    """Run the public and the admin listener in one event loop. SIGTERM/SIGINT stop the public
+    one first (refuse new work, finish in-flight requests, drain the batcher in its lifespan),
+    so that /metrics stays scrapable during the drain; the admin listener stops after it. A
+    second SIGINT forces the exit, as with plain uvicorn."""
+    loop = asyncio.get_running_loop()
+    captured: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        captured.append(sig)
+        if public.should_exit and sig == signal.SIGINT:
+            public.force_exit = True
+        public.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    admin_task = asyncio.create_task(admin.serve())
+    try:
+        await public.serve()
+    finally:
+        admin.should_exit = True
+        await admin_task
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    # as uvicorn does: once shut down, exit by the signal received (code -SIGTERM), without
+    # waiting for idle worker threads at interpreter exit
+    for sig in reversed(captured):
+        signal.raise_signal(sig)
+
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
     from pydantic import ValidationError
 
     from app.core.bundle import read_manifest, verify_files
@@ -24,6 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["device"] = args.device
     if args.redis_url is not None:
         overrides["redis_url"] = args.redis_url
+    if args.admin_port is not None:
+        overrides["admin_port"] = args.admin_port
+    if args.admin_host is not None:
+        overrides["admin_host"] = args.admin_host
     try:
         settings = Settings(**overrides)
         # refuse a missing, corrupted or tampered bundle with one clear line before uvicorn
@@ -33,15 +81,36 @@ def _serve(args: argparse.Namespace) -> int:
     except (AdvguardError, ValidationError, ValueError) as exc:
         print(f"advguard serve: refusing to start: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=args.graceful_shutdown_s,
+    if settings.admin_port == args.port:
+        print(
+            "advguard serve: refusing to start: the admin port is the public port", file=sys.stderr
+        )
+        return 2
+    public = _Listener(
+        uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=args.graceful_shutdown_s,
+        )
     )
-    return 0
+    admin = _Listener(
+        uvicorn.Config(
+            app.state.admin_app,
+            host=settings.admin_host or args.host,
+            port=settings.admin_port,
+            log_level=args.log_level,
+            access_log=args.access_log,
+            lifespan="off",  # the public app's lifespan loads and stops the shared service
+            timeout_graceful_shutdown=5,
+        )
+    )
+    asyncio.run(serve_listeners(public, admin))
+    # the lifespan refused to start (e.g. a neighbour source the bundle cannot use): uvicorn's
+    # startup-failure code, not a clean exit
+    return 0 if public.started else 3
 
 
 def register(commands: Any) -> None:
@@ -56,6 +125,14 @@ def register(commands: Any) -> None:
     serve.add_argument("--bundle", type=Path, help="bundle directory (ADVGUARD_BUNDLE)")
     serve.add_argument("--device", help="cuda / cpu (ADVGUARD_DEVICE)")
     serve.add_argument("--redis-url", help="Redis URL for client tracking (ADVGUARD_REDIS_URL)")
+    serve.add_argument(
+        "--admin-port",
+        type=int,
+        help="private port of /metrics and the admin routes (ADVGUARD_ADMIN_PORT, default 9000)",
+    )
+    serve.add_argument(
+        "--admin-host", help="address of the admin port (ADVGUARD_ADMIN_HOST; default --host)"
+    )
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--graceful-shutdown-s", type=float, default=30.0)

@@ -22,14 +22,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.bundle import load_honest_scores
+from app.core.bundle import load_honest_scores, load_sources
 from app.core.errors import AdvguardError
 from app.core.flagging import FlagPolicy, HonestTraffic, calibrate_policy, with_threshold
 from app.core.guard import Guard
 from app.service import routes
+from app.service.admin import create_admin_app
 from app.service.batcher import AUTO_BUDGET_BATCHES, Batcher
+from app.service.demo import install_demo
 from app.service.identity import IdentityError, IdentityResolver
+from app.service.linger import LingeringClose
 from app.service.metrics import Metrics
+from app.service.neighbours import NeighbourImages, NeighbourSourceError
 from app.service.routes import router
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
@@ -107,6 +111,7 @@ def build_service(
     if identity is None:
         identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
     service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
+    service.neighbour_images = neighbour_images(settings, guard)
     manifest = guard.manifest
     metrics.bundle.info(
         {
@@ -132,6 +137,20 @@ def build_service(
         flagged=flagged_count,
     )
     return service
+
+
+def neighbour_images(settings: Settings, guard: Guard) -> NeighbourImages | None:
+    """The bundle's source images when ``neighbour_source`` is set; a bundle without source
+    references (built before the builder recorded them) cannot use one: refused at start."""
+    if settings.neighbour_source is None:
+        return None
+    references = load_sources(settings.bundle, guard.manifest)
+    if references is None:
+        raise NeighbourSourceError(
+            f"ADVGUARD_NEIGHBOUR_SOURCE is set but the bundle {settings.bundle} records no source "
+            "references (sources.json): rebuild it with this version of advguard build"
+        )
+    return NeighbourImages(settings.neighbour_source, references)
 
 
 def latency_budget(settings: Settings) -> tuple[float | None, float | None]:
@@ -452,6 +471,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.include_router(router)
+    install_demo(app)
     install_error_handlers(app)
     app.add_middleware(
         ServiceMiddleware,
@@ -463,4 +483,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after_s=settings.retry_after_s,
         shed_delay_s=settings.shed_delay_ms / 1000.0,
     )
+    app.add_middleware(  # outermost: sees the final response of every refusal
+        LingeringClose,
+        max_bytes=settings.linger_max_bytes,
+        max_s=settings.linger_max_s,
+        idle_s=settings.linger_idle_s,
+        max_active=settings.linger_max_connections,
+    )
+    # the private listener (metrics, admin routes): ``advguard serve`` runs it on admin_port
+    app.state.admin_app = create_admin_app(app)
     return app

@@ -12,7 +12,6 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from app.core.guard import Verdict
@@ -23,21 +22,20 @@ from app.service.batcher import (
     DeadlineExceededError,
     QueueFullError,
 )
-from app.service.identity import IdentityError, InvalidClientIdError, token_matches
+from app.service.identity import IdentityError, InvalidClientIdError
 from app.service.schemas import (
     BundleSummary,
     ClassifyResponse,
-    ClientList,
-    ClientStatsModel,
     ErrorResponse,
-    FlagCleared,
+    ExplanationModel,
     Health,
     LayerSummary,
     Prediction,
     Readiness,
 )
 from app.service.state import ApiError, Service
-from app.service.tracking import ClientStats, Observation, TrackerUnavailableError
+from app.service.tracking import Observation
+from app.service.trust import Trusted
 
 router = APIRouter()
 
@@ -93,19 +91,6 @@ async def get_client_id(request: Request, service: ServiceDep) -> str:
 ClientId = Annotated[str, Depends(get_client_id)]
 
 
-def require_admin(request: Request, service: ServiceDep) -> None:
-    token = service.settings.admin_token
-    # an empty token would match a request that sends no header at all: treat it as unset
-    if token is None or not token.get_secret_value():
-        raise ApiError(403, "admin_disabled", "admin endpoints need ADVGUARD_ADMIN_TOKEN set")
-    presented = request.headers.get(service.settings.admin_token_header, "")
-    if not token_matches(presented, token.get_secret_value()):
-        raise ApiError(401, "unauthorized", "a valid admin token is required")
-
-
-Admin = Annotated[None, Depends(require_admin)]
-
-
 # --------------------------------------------------------------------------- classification
 
 
@@ -135,6 +120,11 @@ async def classify(
     client_id: ClientId,
     request_id: RequestId,
     file: Annotated[UploadFile, File(description="one image")],
+    trusted: Trusted,
+    explain: Annotated[
+        bool,
+        Query(description="add the detector's evidence (trusted callers only; else omitted)"),
+    ] = False,
 ) -> ClassifyResponse:
     started = time.perf_counter()
     settings, metrics = service.settings, service.metrics
@@ -163,7 +153,7 @@ async def classify(
     metrics.stage_seconds.labels(stage="decode").observe(decoded - started)
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
-        future = service.batcher.submit(pixels)
+        future = service.batcher.submit(pixels, explain=explain and trusted)
     except QueueFullError as exc:
         metrics.shed.labels(reason="queue_full").inc()
         await hold_refusal(settings.shed_delay_ms / 1000.0)
@@ -211,6 +201,14 @@ async def classify(
         else None,
         score=verdict.score if settings.expose_scores else None,
         threshold=verdict.threshold if settings.expose_scores else None,
+        explanation=None
+        if result.explanation is None
+        else ExplanationModel.of(
+            result.explanation,
+            service.guard.class_names,
+            service.guard.manifest.detector.combination,
+            service.neighbour_images is not None,
+        ),
     )
 
 
@@ -287,58 +285,3 @@ async def bundle(service: ServiceDep) -> BundleSummary:
         flag_min_requests=service.flag_policy.min_requests,
         class_names=list(manifest.class_names),
     )
-
-
-@router.get("/metrics", include_in_schema=False)
-async def metrics(request: Request) -> Response:
-    registry = request.app.state.metrics.registry
-    payload = await run_in_threadpool(generate_latest, registry)
-    return Response(payload, media_type=CONTENT_TYPE_LATEST)
-
-
-# --------------------------------------------------------------------------- admin
-
-
-def _stats_model(stats: ClientStats) -> ClientStatsModel:
-    return ClientStatsModel(**stats.__dict__)
-
-
-def _unavailable(exc: TrackerUnavailableError) -> ApiError:
-    return ApiError(503, "tracker_unavailable", str(exc), {"Retry-After": "1"})
-
-
-@router.get(
-    "/clients/{client_id}",
-    response_model=ClientStatsModel,
-    responses={**_ERRORS, 404: {"model": ErrorResponse}},
-)
-async def client_stats(client_id: str, service: ServiceDep, _: Admin) -> ClientStatsModel:
-    try:
-        stats = await run_in_threadpool(service.tracker.get, client_id)
-    except TrackerUnavailableError as exc:
-        raise _unavailable(exc) from exc
-    if stats is None:
-        raise ApiError(404, "unknown_client", f"no statistics for client {client_id!r}")
-    return _stats_model(stats)
-
-
-@router.get("/clients", response_model=ClientList, responses=_ERRORS)
-async def clients(
-    service: ServiceDep, _: Admin, flagged: Annotated[bool, Query()] = True
-) -> ClientList:
-    if not flagged:
-        raise ApiError(400, "unsupported", "only flagged clients can be listed (flagged=true)")
-    try:
-        found = await run_in_threadpool(service.tracker.flagged_clients)
-    except TrackerUnavailableError as exc:
-        raise _unavailable(exc) from exc
-    return ClientList(clients=[_stats_model(stats) for stats in found])
-
-
-@router.delete("/clients/{client_id}/flag", response_model=FlagCleared, responses=_ERRORS)
-async def clear_flag(client_id: str, service: ServiceDep, _: Admin) -> FlagCleared:
-    try:
-        cleared = await run_in_threadpool(service.tracker.clear_flag, client_id)
-    except TrackerUnavailableError as exc:
-        raise _unavailable(exc) from exc
-    return FlagCleared(client_id=client_id, cleared=cleared)

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from app.core.explain import Explanation
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -17,6 +19,62 @@ class Prediction(_Model):
     probability: float
 
 
+class StatisticEvidenceModel(_Model):
+    name: str  # kind@layer
+    value: float  # higher = more authentic
+    p_value: float | None  # against held-out authentic images; None for a single statistic
+
+
+class NeighbourModel(_Model):
+    id: int  # the bundle's index row: GET /v1/neighbours/{id} serves its image (trusted)
+    label: int
+    class_name: str
+    squared_distance: float
+
+
+class ExplanationModel(_Model):
+    """The evidence behind a decision (``?explain=true``, trusted callers only)."""
+
+    predicted_class: int  # every statistic is of this class (shown even when rejected)
+    predicted_class_name: str
+    score: float  # combined score; accepted when >= threshold
+    threshold: float
+    combination: str  # single (the score is the statistic), fisher, hmp or min_p
+    statistics: list[StatisticEvidenceModel]
+    vote_statistic: str | None  # whose neighbours follow
+    vote_histogram: list[int]  # per class index: neighbours of that class among the vote's k
+    nearest: list[NeighbourModel]  # nearest training images, nearest first
+    neighbour_images: bool  # whether GET /v1/neighbours/{id} can serve their images
+
+    @classmethod
+    def of(
+        cls, explanation: Explanation, class_names: list[str], combination: str, images: bool
+    ) -> ExplanationModel:
+        return cls(
+            predicted_class=explanation.predicted_class,
+            predicted_class_name=class_names[explanation.predicted_class],
+            score=explanation.score,
+            threshold=explanation.threshold,
+            combination=combination,
+            statistics=[
+                StatisticEvidenceModel(name=s.name, value=s.value, p_value=s.p_value)
+                for s in explanation.statistics
+            ],
+            vote_statistic=explanation.vote_statistic,
+            vote_histogram=explanation.vote_histogram,
+            nearest=[
+                NeighbourModel(
+                    id=n.id,
+                    label=n.label,
+                    class_name=class_names[n.label],
+                    squared_distance=n.squared_distance,
+                )
+                for n in explanation.nearest
+            ],
+            neighbour_images=images,
+        )
+
+
 class ClassifyResponse(_Model):
     request_id: str
     # unguarded: the guard is off (ADVGUARD_GUARD_ENABLED=false), the prediction is unchecked
@@ -24,6 +82,8 @@ class ClassifyResponse(_Model):
     prediction: Prediction | None = None  # withheld when rejected
     score: float | None = None  # only with ADVGUARD_EXPOSE_SCORES
     threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES
+    # only with ?explain=true from a trusted caller (app.service.trust); else silently omitted
+    explanation: ExplanationModel | None = None
 
 
 class ErrorResponse(_Model):
@@ -93,3 +153,19 @@ class ClientList(_Model):
 class FlagCleared(_Model):
     client_id: str
     cleared: bool
+
+
+class DemoSession(_Model):
+    """Who the service takes the caller for (GET /v1/demo/session; the demo page's header)."""
+
+    client_id: str
+    trusted: bool  # may see the evidence (?explain=true), its own flag state, neighbour images
+    neighbour_images: bool  # the service can serve neighbour thumbnails
+
+
+class ClientState(_Model):
+    """The caller's own tracking state (GET /v1/client, trusted callers)."""
+
+    client_id: str
+    known: bool  # false before its first classification
+    stats: ClientStatsModel | None

@@ -41,6 +41,16 @@ class Settings(BaseSettings):
     model_precision: Precision = "fp32"
     channels_last: bool = False
 
+    # the private listener: /metrics and the admin routes (app.service.admin); the public port
+    # answers them 404. Host: --admin-host, default the public listener's --host
+    admin_port: int = Field(default=9000, ge=1, le=65535)
+    admin_host: str | None = None
+
+    # the bundle's source images (the ImageFolder directory or .tar/.tar.gz it was built from),
+    # so trusted callers see a decision's nearest training images; needs a bundle built with
+    # sources.json (app.service.neighbours)
+    neighbour_source: Path | None = None
+
     # responses
     expose_scores: bool = False  # return the kNN score and threshold (trusted deployments only)
 
@@ -70,6 +80,13 @@ class Settings(BaseSettings):
     # input limits
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    # lingering close after a 413 (app.service.linger): the rest of the refused body is read
+    # and discarded, at most this many bytes / seconds in all / seconds of client silence, so
+    # that clients that send the whole body before reading the reply get the 413, not a reset
+    linger_max_bytes: int = Field(default=128 * 1024 * 1024, ge=0)
+    linger_max_s: float = Field(default=30.0, ge=0.0)
+    linger_idle_s: float = Field(default=5.0, gt=0.0)
+    linger_max_connections: int = Field(default=64, ge=0)  # beyond: close at once, as before
 
     # identity
     api_keys: dict[str, SecretStr] = Field(default_factory=dict)  # client id -> key

@@ -9,6 +9,7 @@ from app.core.guard import Guard
 from app.service.batcher import Batcher
 from app.service.identity import IdentityResolver
 from app.service.metrics import Metrics
+from app.service.neighbours import NeighbourImages
 from app.service.settings import Settings
 from app.service.tracking import ClientTracker
 
@@ -33,5 +34,6 @@ class Service:
     tracker: ClientTracker
     identity: IdentityResolver
     flag_policy: FlagPolicy
+    neighbour_images: NeighbourImages | None = None  # ADVGUARD_NEIGHBOUR_SOURCE
     accepting: bool = True
     last_flagged_count: list[int] = field(default_factory=lambda: [0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -78,12 +79,33 @@ def promql_expressions() -> list[tuple[str, str]]:
     return found
 
 
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @contextmanager
-def advguard_serve(port: int, log: Path, env: dict[str, str], *args: str) -> Iterator[Any]:
-    """``advguard serve`` on 127.0.0.1:port, ready (``/readyz`` 200) when yielded."""
+def advguard_serve(
+    port: int, log: Path, env: dict[str, str], *args: str, admin_port: int | None = None
+) -> Iterator[Any]:
+    """``advguard serve`` on 127.0.0.1:port with its admin listener on ``admin_port`` (default:
+    a free port, never the shared 9000), ready (``/readyz`` 200) when yielded."""
+    admin = admin_port or free_tcp_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [find_tool("advguard"), "serve", "--port", str(port), "--device", "cpu", *args],
+            [
+                find_tool("advguard"),
+                "serve",
+                "--port",
+                str(port),
+                "--admin-port",
+                str(admin),
+                "--device",
+                "cpu",
+                *args,
+            ],
             env={**os.environ, **env},
             stdout=out,
             stderr=subprocess.STDOUT,

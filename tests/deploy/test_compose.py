@@ -81,6 +81,21 @@ def test_api_reserves_a_gpu_and_reads_the_bundle_volume(base: Any) -> None:
     assert "8000:8000" in str(api["ports"]) or api["ports"][0]["target"] == 8000
 
 
+def test_api_admin_port_and_neighbour_source(base: Any) -> None:
+    """/metrics and the admin routes on 9000 (published on the host's loopback only), and the
+    CIFAR-10 archive mounted for the demo page's neighbour images."""
+    api = base["services"]["api"]
+    command = api["command"]
+    assert command[command.index("--admin-port") + 1] == "9000"
+    # docker-compose 1.29 writes a host-ip mapping in the short form
+    assert "127.0.0.1:9000:9000/tcp" in api["ports"], api["ports"]
+    assert not any(isinstance(p, dict) and int(p["target"]) == 9000 for p in api["ports"])
+    source = api["environment"]["ADVGUARD_NEIGHBOUR_SOURCE"]
+    archive = _volumes(api)[source]
+    assert archive["type"] == "bind" and archive["read_only"]
+    assert archive["source"].endswith("cifar10-jpeg.tar.gz")
+
+
 def test_redis_is_persistent_and_health_checked(base: Any) -> None:
     redis = base["services"]["redis"]
     command = redis["command"]

@@ -41,7 +41,7 @@ def test_every_manifest_validates_against_the_schema(version: str) -> None:
     kinds = {d["kind"] for _, d in docs}
     assert kinds >= {
         "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "StatefulSet",
-        "ConfigMap", "Secret", "Job", "PersistentVolumeClaim",
+        "ConfigMap", "Secret", "Job", "PersistentVolumeClaim", "NetworkPolicy",
     }  # fmt: skip
     for path, doc in docs:
         try:
@@ -90,6 +90,12 @@ def test_the_api_deployment_uses_a_gpu_probes_and_drains() -> None:
     args = _serve_args(container["args"])
     assert args.command == "serve" and args.host == "0.0.0.0"
     assert container["ports"][0]["containerPort"] == args.port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": args.port, "admin": args.admin_port}
+    annotations = api["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(args.admin_port)  # /metrics is admin-only
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == "http"
     # preStop, then SIGTERM -> drain for --graceful-shutdown-s, all inside the grace period
     assert int(pre_stop[1]) + args.graceful_shutdown_s < pod["terminationGracePeriodSeconds"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
@@ -126,6 +132,26 @@ def test_services_hpa_and_pdb_select_the_right_pods() -> None:
     assert set(by_kind("Secret")["advguard-secrets"]["stringData"]) == {
         "ADVGUARD_API_KEYS", "ADVGUARD_ADMIN_TOKEN"
     }  # fmt: skip
+
+
+def test_the_admin_port_is_reachable_by_prometheus_and_admins_only() -> None:
+    """The public Service exposes only the public port; the NetworkPolicy admits anyone to 8000
+    and only Prometheus and admin-labelled pods to 9000."""
+    deployment = by_kind("Deployment")["advguard-api"]
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    public = by_kind("Service")["advguard-api"]
+    assert [p["targetPort"] for p in public["spec"]["ports"]] == ["http"]
+    admin = by_kind("Service")["advguard-api-admin"]
+    assert admin["spec"]["type"] == "ClusterIP"
+    assert [p["targetPort"] for p in admin["spec"]["ports"]] == ["admin"]
+    policy = by_kind("NetworkPolicy")["advguard-api"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    rules = {tuple(p["port"] for p in rule["ports"]): rule for rule in policy["ingress"]}
+    assert set(rules) == {(8000,), (9000,)}
+    assert "from" not in rules[(8000,)]  # the public port: anyone
+    allowed = [peer["podSelector"]["matchLabels"] for peer in rules[(9000,)]["from"]]
+    assert allowed == [{"app.kubernetes.io/name": "prometheus"}, {"advguard.io/admin": "true"}]
 
 
 def test_the_builder_job_runs_torchrun_advguard_build() -> None:

@@ -156,7 +156,7 @@ def post(client: httpx.Client, client_id: str, name: str, data: bytes) -> httpx.
 
 
 def send_traffic(
-    base: str, honest: list[LabelledImage], adversarial: list[bytes]
+    base: str, admin_base: str, honest: list[LabelledImage], adversarial: list[bytes]
 ) -> dict[str, Any]:
     """An honest client and an FGSM client in parallel (the attacker until it is flagged), then
     a client sending a non-image (400, decision ``error``) and an oversized file (413)."""
@@ -170,10 +170,13 @@ def send_traffic(
 
     def attacker() -> None:
         admin = {"X-Admin-Token": ADMIN_TOKEN}
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with (
+            httpx.Client(base_url=base, timeout=30) as client,
+            httpx.Client(base_url=admin_base, timeout=30) as operator,
+        ):
             for i, data in enumerate(adversarial, start=1):
                 report["statuses"].append(post(client, ATTACKER, f"adv{i}.png", data).status_code)
-                if client.get(f"/clients/{ATTACKER}", headers=admin).json()["flagged"]:
+                if operator.get(f"/clients/{ATTACKER}", headers=admin).json()["flagged"]:
                     report["flagged_at"] = i
                     return
 
@@ -209,7 +212,7 @@ def test_every_dashboard_and_alert_expression_returns_data(
     assert len(expressions) > 20
     redis_server = RedisProcess(free_port(), tmp_path)
     redis_server.start()
-    api_port = free_port()
+    api_port, admin_port = free_port(), free_port()
     env = {
         "ADVGUARD_REDIS_URL": redis_server.url,
         "ADVGUARD_REDIS_PREFIX": f"live-{uuid.uuid4().hex[:8]}",
@@ -218,9 +221,11 @@ def test_every_dashboard_and_alert_expression_returns_data(
     }
     try:
         with (
-            prometheus(tmp_path, api_port) as prom,
-            advguard_serve(api_port, tmp_path / "serve.log", env) as _,
+            # Prometheus scrapes the admin listener, as deploy/prometheus/prometheus.yml does
+            prometheus(tmp_path, admin_port) as prom,
+            advguard_serve(api_port, tmp_path / "serve.log", env, admin_port=admin_port) as _,
         ):
+            assert httpx.get(f"http://127.0.0.1:{api_port}/metrics").status_code == 404
             # the honest client sends authentic test images; the attacker FGSM (8/255) ones
             # made from other test images, as in tests/service/test_fgsm_flagging.py
             honest = test_images[:HONEST_REQUESTS]
@@ -232,7 +237,12 @@ def test_every_dashboard_and_alert_expression_returns_data(
                 while not query(client, 'advguard_clients_flagged_total{job="advguard-api"}'):
                     assert time.monotonic() < deadline, "Prometheus never scraped the service"
                     time.sleep(0.5)
-            traffic = send_traffic(f"http://127.0.0.1:{api_port}", honest, adversarial)
+            traffic = send_traffic(
+                f"http://127.0.0.1:{api_port}",
+                f"http://127.0.0.1:{admin_port}",
+                honest,
+                adversarial,
+            )
             assert traffic["statuses"].count(200) == len(traffic["statuses"]), traffic
             assert "flagged_at" in traffic, "the FGSM client was never flagged"
             assert (traffic["invalid"], traffic["too_large"]) == (400, 413)

@@ -63,5 +63,8 @@ def test_the_scrape_job_matches_the_alerts() -> None:
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["advguard-api"]["metrics_path"] == "/metrics"
+    # /metrics lives on the admin listener (ADVGUARD_ADMIN_PORT, 9000); the public 8000 is 404
+    targets = [t for static in jobs["advguard-api"]["static_configs"] for t in static["targets"]]
+    assert targets == ["api:9000"]
     assert 'job="advguard-api"' in (PROMETHEUS / "alerts.yml").read_text()
     assert config["rule_files"] == ["alerts.yml"]

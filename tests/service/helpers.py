@@ -254,3 +254,10 @@ def _wait_for_ping(port: int, timeout_s: float = 10.0) -> None:
                 time.sleep(0.05)
     finally:
         client.close()
+
+
+def admin_of(client: TestClient) -> TestClient:
+    """A client of the admin listener (/metrics, /clients) of ``client``'s service: the admin app
+    shares the public app's state, so it sees the service ``client``'s lifespan started."""
+    app: Any = client.app
+    return TestClient(app.state.admin_app)

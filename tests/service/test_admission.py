@@ -26,7 +26,7 @@ from app.service import routes as service_routes
 from app.service.batcher import Batcher, BatchResult, DeadlineExceededError
 from app.service.main import ServiceMiddleware, create_app, latency_budget
 from app.service.settings import Settings
-from tests.service.helpers import LabelledImage, upload
+from tests.service.helpers import LabelledImage, admin_of, upload
 
 WAIT_S = 30.0  # generous bound on waiting for a thread to reach a point; never a measurement
 
@@ -61,6 +61,12 @@ class GatedGuard:
 
     def score(self, batch: Any) -> Any:
         return self.real.score(batch)
+
+    def evidence(self, batch: Any) -> Any:
+        return self.real.evidence(batch)
+
+    def explain(self, batch: Any, evidence: Any, rows: Any) -> Any:
+        return self.real.explain(batch, evidence, rows)
 
     def decide(self, batch: Any, scores: Any) -> Any:
         return self.real.decide(batch, scores)
@@ -267,7 +273,7 @@ def test_service_sheds_by_expected_wait_and_deadline(
         gated.gate.set()
         assert third.result(WAIT_S).status_code == 200
         assert upload(client, images[5]).status_code == 200  # idle again: admitted
-        text = client.get("/metrics").text
+        text = admin_of(client).get("/metrics").text
     assert gated.sizes == [1, 1, 1, 1]
     assert held == [2.0, 2.0]  # both refusals held ADVGUARD_SHED_DELAY_MS
     assert _metric(text, "advguard_shed_total", reason="expired") == 1.0
@@ -331,8 +337,8 @@ def test_guard_off_classifies_without_search_or_tracking(
 
         monkeypatch.setattr(served.detector, "score", no_search)
         responses = [upload(client, image.data, {"X-Client-ID": "alice"}) for image in images]
-        stats = client.get("/clients/alice", headers={"X-Admin-Token": "s3cret"})
-        text = client.get("/metrics").text
+        stats = admin_of(client).get("/clients/alice", headers={"X-Admin-Token": "s3cret"})
+        text = admin_of(client).get("/metrics").text
     assert [r.status_code for r in responses] == [200] * len(images), responses[0].text
     bodies = [r.json() for r in responses]
     expected = guard.classify_pixels(

@@ -9,7 +9,7 @@ import pytest
 
 from app.core.guard import Guard
 from app.service.batcher import QueueFullError
-from tests.service.helpers import LabelledImage, fgsm, upload
+from tests.service.helpers import LabelledImage, admin_of, fgsm, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
 
@@ -82,7 +82,7 @@ def test_metrics(make_client: Any, test_images: list[LabelledImage]) -> None:
         for image in test_images[:4]:
             upload(client, image.data, {"X-Client-ID": "metrics-client"})
         upload(client, b"not an image", {"X-Client-ID": "metrics-client"})
-        text = client.get("/metrics").text
+        text = admin_of(client).get("/metrics").text
     accepted = _metric(text, "advguard_requests_total", '{decision="accepted"}')
     rejected = _metric(text, "advguard_requests_total", '{decision="rejected"}')
     assert accepted + rejected == 4
@@ -113,8 +113,8 @@ def test_api_keys(make_client: Any) -> None:
         assert upload(c, data, {"X-API-Key": "wrong"}).status_code == 401
         assert upload(c, data, {"X-API-Key": "", "X-Client-ID": "alice"}).status_code == 401
         assert upload(c, data, {"X-API-Key": "key-b", "X-Client-ID": "alice"}).status_code == 200
-        assert c.get("/clients/bob", headers=ADMIN).json()["requests"] == 1
-        assert c.get("/clients/alice", headers=ADMIN).status_code == 404
+        assert admin_of(c).get("/clients/bob", headers=ADMIN).json()["requests"] == 1
+        assert admin_of(c).get("/clients/alice", headers=ADMIN).status_code == 404
 
 
 def test_client_identity_and_trusted_proxies(make_client: Any) -> None:
@@ -123,9 +123,9 @@ def test_client_identity_and_trusted_proxies(make_client: Any) -> None:
         upload(c, data, {"X-Client-ID": "named"})
         upload(c, data)  # TestClient's peer is "testclient" (not an address: never trusted)
         upload(c, data, {"X-Forwarded-For": "1.2.3.4"})
-        assert c.get("/clients/named", headers=ADMIN).json()["requests"] == 1
-        assert c.get("/clients/testclient", headers=ADMIN).json()["requests"] == 2
-        assert c.get("/clients/1.2.3.4", headers=ADMIN).status_code == 404
+        assert admin_of(c).get("/clients/named", headers=ADMIN).json()["requests"] == 1
+        assert admin_of(c).get("/clients/testclient", headers=ADMIN).json()["requests"] == 2
+        assert admin_of(c).get("/clients/1.2.3.4", headers=ADMIN).status_code == 404
         assert upload(c, data, {"X-Client-ID": "x" * 500}).status_code == 400
 
 
@@ -153,28 +153,34 @@ def test_admin_endpoints_and_refuse_policy(
         hdr = {"X-Client-ID": "mallory"}
         codes = [upload(client, image.data, hdr).status_code for image in test_images[:5]]
         assert codes == [200, 200, 200, 403, 403]
-        assert client.get("/clients/mallory").status_code == 401  # no token
-        assert client.get("/clients/mallory", headers={"X-Admin-Token": "no"}).status_code == 401
-        stats = client.get("/clients/mallory", headers=ADMIN).json()
+        assert admin_of(client).get("/clients/mallory").status_code == 401  # no token
+        assert (
+            admin_of(client).get("/clients/mallory", headers={"X-Admin-Token": "no"}).status_code
+            == 401
+        )
+        stats = admin_of(client).get("/clients/mallory", headers=ADMIN).json()
         assert stats["requests"] == 3 and stats["scored"] == 3 and stats["flagged"]
         assert stats["accepted"] + stats["rejected"] == 3
         assert stats["first_seen"] <= stats["last_seen"]
-        listed = client.get("/clients?flagged=true", headers=ADMIN).json()["clients"]
+        listed = admin_of(client).get("/clients?flagged=true", headers=ADMIN).json()["clients"]
         assert [c["client_id"] for c in listed] == ["mallory"]
-        assert "advguard_clients_flagged_total 1.0" in client.get("/metrics").text
-        assert "advguard_flagged_clients 1.0" in client.get("/metrics").text
-        cleared = client.delete("/clients/mallory/flag", headers=ADMIN).json()
+        assert "advguard_clients_flagged_total 1.0" in admin_of(client).get("/metrics").text
+        assert "advguard_flagged_clients 1.0" in admin_of(client).get("/metrics").text
+        cleared = admin_of(client).delete("/clients/mallory/flag", headers=ADMIN).json()
         assert cleared == {"client_id": "mallory", "cleared": True}
-        stats = client.get("/clients/mallory", headers=ADMIN).json()
+        stats = admin_of(client).get("/clients/mallory", headers=ADMIN).json()
         assert not stats["flagged"] and stats["scored"] == 0 and stats["requests"] == 3
         assert upload(client, test_images[5].data, hdr).status_code == 200
-        assert client.get("/clients?flagged=true", headers=ADMIN).json()["clients"] == []
-        assert client.delete("/clients/nobody/flag", headers=ADMIN).json()["cleared"] is False
+        assert admin_of(client).get("/clients?flagged=true", headers=ADMIN).json()["clients"] == []
+        assert (
+            admin_of(client).delete("/clients/nobody/flag", headers=ADMIN).json()["cleared"]
+            is False
+        )
 
 
 def test_admin_disabled_without_token(make_client: Any) -> None:
     with make_client() as client:
-        response = client.get("/clients?flagged=true", headers=ADMIN)
+        response = admin_of(client).get("/clients?flagged=true", headers=ADMIN)
     assert response.status_code == 403 and response.json()["error"] == "admin_disabled"
 
 
@@ -184,7 +190,7 @@ def test_flag_only_policy_keeps_serving(make_client: Any, test_images: list[Labe
     ) as client:
         codes = [upload(client, image.data).status_code for image in test_images[:4]]
         assert codes == [200] * 4
-        assert client.get("/clients/testclient", headers=ADMIN).json()["flagged"]
+        assert admin_of(client).get("/clients/testclient", headers=ADMIN).json()["flagged"]
 
 
 def test_queue_full_is_503_with_retry_after(
@@ -193,7 +199,7 @@ def test_queue_full_is_503_with_retry_after(
     with make_client(retry_after_s=3) as client:
         batcher = client.app_state.service.batcher
 
-        def full(_pixels: object) -> None:
+        def full(_pixels: object, explain: bool = False) -> None:
             raise QueueFullError("the classification queue is full")
 
         monkeypatch.setattr(batcher, "submit", full)

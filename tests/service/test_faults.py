@@ -27,7 +27,7 @@ from app.core.flagging import FlagPolicy
 from app.service.main import create_app
 from app.service.settings import DEFAULT_BUNDLE, Settings
 from app.service.tracking import Observation, RedisTracker
-from tests.service.helpers import LabelledImage, RedisProcess, free_port, upload
+from tests.service.helpers import LabelledImage, RedisProcess, admin_of, free_port, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
 ADVGUARD = str(Path(sys.executable).parent / "advguard")
@@ -54,12 +54,12 @@ def test_redis_unreachable_from_the_start(tmp_path: Path, test_images: list[Labe
             for image in test_images[:10]:
                 assert upload(client, image.data, {"X-Client-ID": "early"}).status_code == 200
             assert client.get("/readyz").json()["tracker_buffered_updates"] == 10
-            assert client.get("/clients/early", headers=ADMIN).status_code == 503
+            assert admin_of(client).get("/clients/early", headers=ADMIN).status_code == 503
             server.start()
             _wait_ready(client, "ok")
             for image in test_images[10:15]:
                 assert upload(client, image.data, {"X-Client-ID": "early"}).status_code == 200
-            stats = client.get("/clients/early", headers=ADMIN).json()
+            stats = admin_of(client).get("/clients/early", headers=ADMIN).json()
             assert stats["requests"] == 15 and stats["accepted"] + stats["rejected"] == 15
             assert client.get("/readyz").json()["tracker_buffered_updates"] == 0
     finally:
@@ -98,7 +98,7 @@ def test_redis_restarted_under_concurrent_load(
             assert upload(client, images[0].data, {"X-Client-ID": "c0"}).status_code == 200
             total = 0
             for cid in clients:
-                stats = client.get(f"/clients/{cid}", headers=ADMIN).json()
+                stats = admin_of(client).get(f"/clients/{cid}", headers=ADMIN).json()
                 total += stats["requests"]
             assert total == len(images) + 1
             assert client.get("/readyz").json()["tracker_buffered_updates"] == 0

@@ -7,7 +7,7 @@ from typing import Any
 
 from app.core.flagging import ScoreWindow
 from app.core.guard import Guard
-from tests.service.helpers import LabelledImage, fgsm, upload
+from tests.service.helpers import LabelledImage, admin_of, fgsm, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
 REQUESTS = 50
@@ -39,14 +39,14 @@ def test_fgsm_client_flagged_honest_client_not(
             assert upload(client, data, {"X-Client-ID": "attacker"}).status_code == 200
             if (
                 flagged_at is None
-                and client.get("/clients/attacker", headers=ADMIN).json()["flagged"]
+                and admin_of(client).get("/clients/attacker", headers=ADMIN).json()["flagged"]
             ):
                 flagged_at = i
         for image in authentic:
             assert upload(client, image.data, {"X-Client-ID": "honest"}).status_code == 200
-        attacker = client.get("/clients/attacker", headers=ADMIN).json()
-        honest = client.get("/clients/honest", headers=ADMIN).json()
-        flagged = client.get("/clients?flagged=true", headers=ADMIN).json()["clients"]
+        attacker = admin_of(client).get("/clients/attacker", headers=ADMIN).json()
+        honest = admin_of(client).get("/clients/honest", headers=ADMIN).json()
+        flagged = admin_of(client).get("/clients?flagged=true", headers=ADMIN).json()["clients"]
         policy = client.app_state.service.flag_policy
         prefix = client.app_state.settings.redis_prefix
     print(

@@ -32,6 +32,7 @@ from PIL import Image
 
 from app.service.main import create_app
 from app.service.settings import Settings
+from tests.service.helpers import admin_of
 
 EXAMPLES = int(os.environ.get("ADVGUARD_FUZZ_EXAMPLES", "250"))
 LIMIT = 200_000
@@ -323,7 +324,7 @@ def test_raw_bodies(client: TestClient, pieces: list[bytes], content_type: str) 
 
 def test_still_serving_after_fuzzing(client: TestClient) -> None:
     still_serving(client)
-    metrics = client.get("/metrics").text
+    metrics = admin_of(client).get("/metrics").text
     assert 'advguard_http_responses_total{status="500"}' not in metrics
 
 
@@ -350,9 +351,19 @@ def test_schemathesis(schema_app: FastAPI, client: TestClient) -> None:
         status_code_conformance,
     )
 
-    schema = _schema(schema_app)
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/classify", "/clients/{client_id}", "/readyz"}
+    # both listeners: the public app and the admin app (app.service.admin), which shares its state
+    public = [result.ok() for result in _schema(schema_app).get_all_operations()]
+    admin_app = schema_app.state.admin_app
+    private = [result.ok() for result in _schema(admin_app).get_all_operations()]
+    assert {op.path for op in public} >= {
+        "/classify",
+        "/readyz",
+        "/v1/client",
+        "/v1/neighbours/{row}",
+    }
+    assert {op.path for op in private} >= {"/clients/{client_id}", "/clients", "/readyz"}
+    assert not {op.path for op in public} & {"/clients/{client_id}", "/clients"}
+    operations = public + private
     checks = [
         not_a_server_error,
         status_code_conformance,

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.service.main import create_app
 from app.service.settings import Settings
-from tests.service.helpers import LabelledImage, RedisProcess, free_port, upload
+from tests.service.helpers import LabelledImage, RedisProcess, admin_of, free_port, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
 
@@ -55,8 +55,8 @@ def test_redis_outage(persistent_redis: RedisProcess, test_images: list[Labelled
         assert ready.status_code == 200
         assert ready.json()["status"] == "degraded" and ready.json()["tracker"] == "degraded"
         assert ready.json()["tracker_buffered_updates"] == 18
-        assert client.get("/clients/a", headers=ADMIN).status_code == 503
-        metrics = client.get("/metrics").text
+        assert admin_of(client).get("/clients/a", headers=ADMIN).status_code == 503
+        metrics = admin_of(client).get("/metrics").text
         assert "advguard_tracker_buffered_updates 18.0" in metrics
         errors = [line for line in metrics.splitlines() if line.startswith("advguard_tracker_e")]
         assert errors and float(errors[0].split()[-1]) >= 1
@@ -72,7 +72,7 @@ def test_redis_outage(persistent_redis: RedisProcess, test_images: list[Labelled
             assert upload(client, image.data, {"X-Client-ID": cid}).status_code == 200
             sent[cid] += 1
         for cid, count in sent.items():
-            stats = client.get(f"/clients/{cid}", headers=ADMIN).json()
+            stats = admin_of(client).get(f"/clients/{cid}", headers=ADMIN).json()
             assert stats["requests"] == count == 18
             assert stats["accepted"] + stats["rejected"] == count
         assert client.get("/readyz").json()["tracker_buffered_updates"] == 0

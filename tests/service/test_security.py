@@ -23,7 +23,7 @@ from app.core.guard import Guard
 from app.service.identity import IdentityError, IdentityResolver
 from app.service.main import DRAIN_BYTES, create_app
 from app.service.settings import Settings
-from tests.service.helpers import LabelledImage, fgsm, upload
+from tests.service.helpers import LabelledImage, admin_of, fgsm, upload
 
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-9876543210xyz"}
 TOKEN = "admin-s3cret-token"
@@ -157,10 +157,28 @@ def test_api_key_refused_before_the_body_is_read(
 
 
 def test_byte_limit_refused_before_the_body_is_read(keyed: tuple[FastAPI, TestClient]) -> None:
+    """The 413 is decided and sent whole before a byte of the body is read; the body is then
+    read only to be discarded (lingering close, app.service.linger), and the response ends."""
     app, _ = keyed
     headers, body = _multipart(b"\0" * (LIMIT + 50_000))
-    status, _, payload, reads = _asgi_call(app, {**headers, "X-API-Key": KEYS["bob"]}, body)
-    assert status == 413 and reads == 0, payload
+    events: list[str] = []
+
+    async def receive() -> dict[str, Any]:
+        events.append("read")
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        more = message.get("more_body", False)
+        events.append(f"{message['type']}{'+' if more else ''}:{message.get('status', '')}")
+
+    scope = _scope({**headers, "X-API-Key": KEYS["bob"]})
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert events == [
+        "http.response.start:413",
+        "http.response.body+:",  # the whole JSON refusal
+        "read",  # the unread body, discarded
+        "http.response.body:",  # the end of the response
+    ]
 
 
 def test_byte_limit_enforced_before_decoding(
@@ -212,7 +230,10 @@ def test_secrets_compared_in_constant_time(
     _, client = keyed
     calls.clear()
     assert (
-        client.get("/clients?flagged=true", headers={"X-Admin-Token": "short"}).status_code == 401
+        admin_of(client)
+        .get("/clients?flagged=true", headers={"X-Admin-Token": "short"})
+        .status_code
+        == 401
     )
     assert calls == [(32, 32)]
 
@@ -229,13 +250,25 @@ def test_admin_routes_need_the_admin_token(keyed: tuple[FastAPI, TestClient]) ->
         {"X-API-Key": KEYS["alice"]},  # a client key is not an admin token
         {"Authorization": f"Bearer {TOKEN}"},
     )
+    admin = admin_of(client)
     for method, path in ADMIN_ROUTES:
         for headers in wrong:
-            response = client.request(method, path, headers=headers)
+            response = admin.request(method, path, headers=headers)
             assert response.status_code == 401, (method, path, headers)
             assert response.json()["error"] == "unauthorized"
-        right = client.request(method, path, headers={"X-Admin-Token": TOKEN})
+        right = admin.request(method, path, headers={"X-Admin-Token": TOKEN})
         assert right.status_code in (200, 404), (method, path, right.text)
+
+
+def test_public_port_answers_admin_paths_404(keyed: tuple[FastAPI, TestClient]) -> None:
+    """/metrics and the admin routes live on the admin listener only: the public one does not
+    know them, even with the right token, so they cannot leak through a public ingress."""
+    _, client = keyed
+    for method, path in (*ADMIN_ROUTES, ("GET", "/metrics")):
+        response = client.request(method, path, headers={"X-Admin-Token": TOKEN})
+        assert response.status_code == 404, (method, path)
+        assert response.json()["error"] == "not_found"
+    assert admin_of(client).get("/metrics").status_code == 200
 
 
 @pytest.mark.parametrize("token", [None, ""])
@@ -246,7 +279,7 @@ def test_admin_routes_disabled_without_a_token(token: str | None) -> None:
     with TestClient(app) as client:
         for method, path in ADMIN_ROUTES:
             for headers in ({}, {"X-Admin-Token": ""}):
-                response = client.request(method, path, headers=headers)
+                response = admin_of(client).request(method, path, headers=headers)
                 assert response.status_code == 403, (token, method, path, headers)
                 assert response.json()["error"] == "admin_disabled"
 
@@ -259,7 +292,7 @@ def test_client_id_ignored_once_keys_are_configured(keyed: tuple[FastAPI, TestCl
     admin = {"X-Admin-Token": TOKEN}
 
     def requests(cid: str) -> int:
-        response = client.get(f"/clients/{cid}", headers=admin)
+        response = admin_of(client).get(f"/clients/{cid}", headers=admin)
         return int(response.json()["requests"]) if response.status_code == 200 else 0
 
     before = {cid: requests(cid) for cid in ("alice", "bob", "9.9.9.9", "testclient")}
@@ -287,7 +320,7 @@ def test_forwarded_for_honoured_only_from_trusted_proxies() -> None:
         assert upload(untrusted, _png(), {"X-Forwarded-For": "10.1.2.3"}).status_code == 200
 
         def requests(cid: str) -> int:
-            response = proxied.get(f"/clients/{cid}", headers=admin)
+            response = admin_of(proxied).get(f"/clients/{cid}", headers=admin)
             return int(response.json()["requests"]) if response.status_code == 200 else 0
 
         assert requests("8.8.8.8") == 2  # only the two from the trusted proxy
@@ -325,7 +358,7 @@ def test_no_stack_trace_on_an_unexpected_error(
     app, client = keyed
     batcher = app.state.service.batcher
 
-    def broken(_pixels: object) -> None:
+    def broken(_pixels: object, explain: bool = False) -> None:
         raise RuntimeError("boom in /srv/secret/path.py line 42")
 
     monkeypatch.setattr(batcher, "submit", broken)

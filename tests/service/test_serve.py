@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -121,3 +122,26 @@ def test_graceful_shutdown(server: tuple[str, subprocess.Popen[bytes]]) -> None:
     assert process.wait(30) in (0, -signal.SIGTERM)
     output = process.stdout.read().decode() if process.stdout else ""
     assert "Traceback" not in output
+
+
+def test_admin_port_must_differ_from_the_public_port(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
+
+    assert main(["serve", "--port", "18765", "--admin-port", "18765", "--device", "cpu"]) == 2
+    assert "the admin port is the public port" in capsys.readouterr().err
+
+
+def test_a_refused_start_exits_non_zero(tmp_path: Path) -> None:
+    """A setting the lifespan refuses (here a neighbour source that does not exist) ends the
+    process with uvicorn's startup-failure code and says why."""
+    port, admin = free_port(), free_port()
+    env = {**os.environ, "ADVGUARD_NEIGHBOUR_SOURCE": str(tmp_path / "nowhere.tar")}
+    done = subprocess.run(
+        [ADVGUARD, "serve", "--port", str(port), "--admin-port", str(admin), "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "neighbour source not found" in done.stderr

@@ -12,7 +12,7 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from evaluation.data import eight_bit
 from evaluation.simulate import HONEST, live_agreement, plan_population, run_live, score_pool
-from tests.service.helpers import LabelledImage, fgsm
+from tests.service.helpers import LabelledImage, admin_of, fgsm
 
 ADMIN = "s3cret"
 
@@ -43,7 +43,7 @@ def test_simulated_run_leaves_the_predicted_state(
         "flag_min_requests": 5,
     }
     with make_client(**settings) as client:
-        clients = run_live(client, plans, pools, ADMIN, concurrency=1)
+        clients = run_live(client, admin_of(client), plans, pools, ADMIN, concurrency=1)
         policy = client.app_state.service.flag_policy
         prefix = client.app_state.settings.redis_prefix
     agreement = live_agreement(clients, policy, pools)

@@ -34,6 +34,7 @@ from tests.service.helpers import (
     LabelledImage,
     RedisClusterProcesses,
     RedisProcess,
+    admin_of,
     free_cluster_port,
     free_port,
     upload,
@@ -308,15 +309,15 @@ def test_service_on_a_cluster_flags_refuses_lists_and_clears(
                 for image in test_images[:4]
             ]
             assert codes == [200, 200, 200, 403]
-        listed = client.get("/clients?flagged=true", headers=admin).json()["clients"]
+        listed = admin_of(client).get("/clients?flagged=true", headers=admin).json()["clients"]
         assert sorted(c["client_id"] for c in listed) == ["mallory", "trudy"]
         assert all(c["requests"] == 3 and c["flagged"] for c in listed)
-        assert "advguard_flagged_clients 2.0" in client.get("/metrics").text
-        cleared = client.delete("/clients/mallory/flag", headers=admin).json()
+        assert "advguard_flagged_clients 2.0" in admin_of(client).get("/metrics").text
+        cleared = admin_of(client).delete("/clients/mallory/flag", headers=admin).json()
         assert cleared == {"client_id": "mallory", "cleared": True}
-        stats = client.get("/clients/mallory", headers=admin).json()
+        stats = admin_of(client).get("/clients/mallory", headers=admin).json()
         assert not stats["flagged"] and stats["scored"] == 0 and stats["requests"] == 3
-        listed = client.get("/clients?flagged=true", headers=admin).json()["clients"]
+        listed = admin_of(client).get("/clients?flagged=true", headers=admin).json()["clients"]
         assert [c["client_id"] for c in listed] == ["trudy"]
 
 
@@ -436,6 +437,12 @@ class _SlowGuard:
 
     def score(self, batch):  # type: ignore[no-untyped-def]
         return self.real.score(batch)
+
+    def evidence(self, batch):  # type: ignore[no-untyped-def]
+        return self.real.evidence(batch)
+
+    def explain(self, batch, evidence, rows):  # type: ignore[no-untyped-def]
+        return self.real.explain(batch, evidence, rows)
 
     def decide(self, batch, scores):  # type: ignore[no-untyped-def]
         return self.real.decide(batch, scores)

@@ -1,0 +1,124 @@
+"""Why the detector decided what it did, for one query: the evidence a trusted caller may see.
+
+The figures come from the computations the decision itself used (``Detector.evidence``: each
+statistic's value and p-value, the combined score) plus one more search of the vote's index for
+the neighbours it counted. Nothing here recomputes a statistic another way, so the explanation
+cannot disagree with the verdict. Exposing it to an attacker would hand them the gradient-free
+signal they need to tune an adversarial, which is why the service shows it to trusted callers only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.core.detector import Detector, Evidence
+from app.core.statistics import KnnVote
+
+NEAREST_SHOWN = 8  # nearest training images listed per explained query
+
+
+@dataclass(frozen=True)
+class StatisticEvidence:
+    """One statistic of the predicted class: its value (higher = more authentic) and, for a
+    combined detector, its empirical p-value against held-out authentic images."""
+
+    name: str  # kind@layer
+    value: float
+    p_value: float | None
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """One of the nearest indexed training images: its index row (the bundle's id) and label."""
+
+    id: int
+    label: int
+    squared_distance: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    predicted_class: int  # the class every statistic is of (withheld from the public if rejected)
+    score: float  # what the threshold applies to
+    threshold: float
+    statistics: list[StatisticEvidence]
+    vote_statistic: str | None  # the vote whose neighbours are shown; None without a vote
+    vote_histogram: list[int]  # per class: how many of the vote's k neighbours have that label
+    nearest: list[Neighbour]  # the NEAREST_SHOWN closest of those neighbours, nearest first
+
+
+def first_vote(detector: Detector) -> KnnVote | None:
+    """The vote statistic whose neighbours an explanation shows (the first one; v2 has one)."""
+    return next((s for s in detector.statistics if isinstance(s, KnnVote)), None)
+
+
+def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(n, k) neighbour labels (-1 where missing) -> (n, classes) counts per class."""
+    counts = np.zeros((labels.shape[0], num_classes), dtype=np.int64)
+    for row, row_labels in enumerate(labels):
+        valid = row_labels[row_labels >= 0]
+        counts[row] = np.bincount(valid, minlength=num_classes)[:num_classes]
+    return counts
+
+
+def explain(
+    detector: Detector,
+    evidence: Evidence,
+    features: Mapping[str, np.ndarray],
+    predictions: np.ndarray,
+    rows: Sequence[int],
+    threshold: float,
+    num_classes: int,
+    nearest: int = NEAREST_SHOWN,
+) -> list[Explanation]:
+    """Explanations of the batch rows ``rows``: ``evidence`` is the batch's own (the decision's),
+    ``features`` and ``predictions`` the batch's; the vote's index is searched again for these
+    rows only."""
+    if not rows:
+        return []
+    selected = list(rows)
+    vote = first_vote(detector)
+    histograms: np.ndarray | None = None
+    ids = labels = distances = None
+    if vote is not None:
+        found = vote.neighbours(features[vote.layer_name][selected])
+        histograms = class_histogram(found.labels, num_classes)
+        ids, labels, distances = found.ids, found.labels, found.squared_distances
+    explanations = []
+    p_values = evidence.p_values
+    for position, row in enumerate(selected):
+        statistics = [
+            StatisticEvidence(
+                name=name,
+                value=float(evidence.values[row, column]),
+                p_value=None if p_values is None else float(p_values[row, column]),
+            )
+            for column, name in enumerate(evidence.names)
+        ]
+        shown: list[Neighbour] = []
+        if ids is not None and labels is not None and distances is not None:
+            shown = [
+                Neighbour(int(i), int(label), float(d))
+                for i, label, d in zip(
+                    ids[position, :nearest],
+                    labels[position, :nearest],
+                    distances[position, :nearest],
+                    strict=True,
+                )
+                if i >= 0
+            ]
+        explanations.append(
+            Explanation(
+                predicted_class=int(predictions[row]),
+                score=float(evidence.scores[row]),
+                threshold=threshold,
+                statistics=statistics,
+                vote_statistic=None if vote is None else f"vote@{vote.layer_name}",
+                vote_histogram=[] if histograms is None else histograms[position].tolist(),
+                nearest=shown,
+            )
+        )
+    return explanations
