@@ -201,6 +201,14 @@ def embeddings(features: Mapping[str, npt.NDArray[np.float32]], layer: str) -> F
     return normalised
 
 
+def eight_bit(pixels: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """[0, 1] float pixels as the 8-bit image a file holds (round half to even, clipped): the
+    preprocessed pixels the model sees, as the fingerprints read them. Exact for pixels made by
+    ``image_to_pixels`` (8-bit values divided by 255)."""
+    result: npt.NDArray[np.uint8] = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    return result
+
+
 def pixel_digests(images: npt.NDArray[np.uint8]) -> list[bytes]:
     """A 16-byte digest of each image's exact pixels: resends (exact copies) are told apart from
     near-duplicates by it, and never count as distinct matches."""
@@ -251,7 +259,15 @@ class WindowHashScheme:
         images: npt.NDArray[np.uint8],
         features: Mapping[str, npt.NDArray[np.float32]] | None = None,
     ) -> U64:
-        return window_sketch(window_hashes(images, self.secret, self.step, self.window, self.top))
+        return self.fingerprints_and_keys(images)[0]
+
+    def fingerprints_and_keys(self, images: npt.NDArray[np.uint8]) -> tuple[U64, U64]:
+        """(sketches, window hashes) from one hashing pass: the sketch is what the match rule
+        compares; the hashes themselves (0: padding) are the keys of a store's index, since two
+        queries whose sketches share ``threshold`` bits share almost as many hashes (chance
+        bit collisions: ~2.4 of ~50)."""
+        hashes = window_hashes(images, self.secret, self.step, self.window, self.top)
+        return window_sketch(hashes), hashes
 
     def similarity(
         self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
@@ -341,15 +357,77 @@ def count_matches(
 
 
 @dataclass(frozen=True)
+class Answer:
+    """The compact answer served for a query, kept beside its fingerprint: under the ``silent``
+    policy a detected query is served its anchor's answer (the earliest stored near-duplicate),
+    so that neither a refusal nor a changed label tells the attacker it was detected (OARS,
+    CCS 2023)."""
+
+    decision: Literal["accepted", "rejected", "unguarded"]
+    class_index: int
+    probability: float
+    score: float
+
+
+@dataclass(frozen=True)
 class MatchEvidence:
     """What one query matched: the counts the rule reads, and who sent the matching queries."""
 
     client: MatchCount  # among the same client's recent queries
     everyone: MatchCount  # among all clients' recent queries (the client's own included)
     other_clients: tuple[str, ...]  # other senders of near-duplicates (at most MAX_EVIDENCE_IDS)
+    anchor: Answer | None = None  # the answer kept with the earliest near-duplicate or copy
 
 
 MAX_EVIDENCE_IDS = 16
+
+
+@dataclass(frozen=True)
+class ScopeMatch:
+    """The matches of a query in one scope (its client's queries, or everyone's)."""
+
+    count: MatchCount
+    others: tuple[str, ...]  # other senders of near-duplicates, oldest first
+    anchor: Answer | None  # the answer kept with the earliest match (near-duplicate or copy)
+    anchor_at: float  # when that match was stored (inf when none)
+
+
+NO_MATCH = ScopeMatch(MatchCount(0, 0, -np.inf), (), None, np.inf)
+
+
+def summarise_matches(
+    similarities: npt.NDArray[np.float64],
+    digests: Sequence[bytes],
+    clients: Sequence[str],
+    answers: Sequence[Answer | None],
+    own_digest: bytes,
+    client_id: str,
+    threshold: float,
+    stored_at: npt.NDArray[np.float64],
+) -> ScopeMatch:
+    """Every store's one summary of a query against its *live* earlier queries of one scope,
+    given oldest first: the rule's counts (``count_matches``), the other senders and the anchor.
+    Which entries are live is the store's business; what a match is, and what it counts, is
+    decided here only."""
+    count = count_matches(similarities, digests, own_digest, threshold)
+    matched = np.flatnonzero(similarities >= threshold).tolist()
+    if not matched:
+        return ScopeMatch(count, (), None, np.inf)
+    first = min(matched, key=lambda i: float(stored_at[i]))  # ties: the oldest stored
+    others: list[str] = []
+    for i in matched:
+        sender = clients[i]
+        if sender != client_id and sender not in others:
+            others.append(sender)
+            if len(others) == MAX_EVIDENCE_IDS:
+                break
+    return ScopeMatch(count, tuple(others), answers[first], float(stored_at[first]))
+
+
+def evidence_of(client: ScopeMatch, everyone: ScopeMatch) -> MatchEvidence:
+    """Both scopes' matches as the rule's evidence; the anchor is the earlier of the two."""
+    anchor = client.anchor if client.anchor_at < everyone.anchor_at else everyone.anchor
+    return MatchEvidence(client.count, everyone.count, everyone.others, anchor)
 
 
 @dataclass(frozen=True)
@@ -376,13 +454,39 @@ class DetectionRule:
 # --------------------------------------------------------------------------- the store
 
 
+@dataclass(frozen=True)
+class Stored:
+    """Where a store put a query: what ``relabel`` needs to change the answer kept with it."""
+
+    client_id: str
+    entry: int  # the store's sequence number of the query (1, 2, ...)
+
+
 class FingerprintStore(Protocol):
     """Recent queries' fingerprints: each new query is matched against its client's recent
-    queries and against all clients', then stored."""
+    queries and against all clients', then stored with the answer it was given."""
 
     def check_and_add(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
     ) -> MatchEvidence: ...
+
+    def check_and_store(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
+    ) -> tuple[MatchEvidence, Stored]: ...
+
+    def relabel(self, stored: Stored, answer: Answer) -> None: ...
 
     def __len__(self) -> int: ...
 
@@ -392,6 +496,8 @@ class _ClientBuffer:
     rows: list[npt.NDArray[np.generic]]
     digests: list[bytes]
     at: list[float]
+    answers: list[Answer | None]
+    entries: list[int]
 
 
 class InProcessFingerprintStore:
@@ -405,6 +511,7 @@ class InProcessFingerprintStore:
 
     A query is compared with every live entry by one vectorised scan (fingerprints are small
     fixed-width rows: 128 bytes for the window-hash sketch), so there is no index to maintain.
+    Not thread-safe: the service holds a lock around it.
     """
 
     def __init__(
@@ -427,10 +534,13 @@ class InProcessFingerprintStore:
         self._rows: npt.NDArray[np.generic] | None = None
         self._digests: list[bytes] = [b""] * max_fingerprints
         self._clients: list[str] = [""] * max_fingerprints
+        self._answers: list[Answer | None] = [None] * max_fingerprints
         self._at = np.full(max_fingerprints, -np.inf)
+        self._entry = np.zeros(max_fingerprints, dtype=np.int64)  # sequence number per slot
         self._next = 0  # ring position of the next entry
         self._size = 0  # live entries
         self._written = 0  # slots ever written (the ring's used prefix)
+        self._count = 0  # queries ever added (the last one's sequence number)
         self._buffers: OrderedDict[str, _ClientBuffer] = OrderedDict()
 
     def __len__(self) -> int:
@@ -441,39 +551,83 @@ class InProcessFingerprintStore:
         return len(self._buffers)
 
     def check_and_add(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
     ) -> MatchEvidence:
+        return self.check_and_store(client_id, fingerprint, digest, at, answer, keys)[0]
+
+    def check_and_store(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
+    ) -> tuple[MatchEvidence, Stored]:
+        """Match the query against its client's and everyone's live queries, then store it with
+        ``answer``. ``keys`` (a store index's keys) are not needed: the scan sees every entry."""
         client = self._match_client(client_id, fingerprint, digest, at)
-        everyone, others = self._match_everyone(client_id, fingerprint, digest, at)
-        self._add_client(client_id, fingerprint, digest, at)
-        self._add_everyone(client_id, fingerprint, digest, at)
-        return MatchEvidence(client, everyone, others)
+        everyone = self._match_everyone(client_id, fingerprint, digest, at)
+        self._count += 1
+        self._add_client(client_id, fingerprint, digest, at, answer)
+        self._add_everyone(client_id, fingerprint, digest, at, answer)
+        return evidence_of(client, everyone), Stored(client_id, self._count)
+
+    def relabel(self, stored: Stored, answer: Answer) -> None:
+        """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
+        slots = np.flatnonzero(self._entry[: self._written] == stored.entry)
+        for slot in slots.tolist():
+            self._answers[slot] = answer
+        buffer = self._buffers.get(stored.client_id)
+        if buffer is not None and stored.entry in buffer.entries:
+            buffer.answers[buffer.entries.index(stored.entry)] = answer
 
     # -- each client's recent queries
 
     def _match_client(
         self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
-    ) -> MatchCount:
+    ) -> ScopeMatch:
         buffer = self._buffers.get(client_id)
         if buffer is None:
-            return MatchCount(0, 0, -np.inf)
+            return NO_MATCH
         fresh = [i for i, t in enumerate(buffer.at) if t >= at - self.client_ttl_s]
         if not fresh:
-            return MatchCount(0, 0, -np.inf)
+            return NO_MATCH
         rows = np.stack([buffer.rows[i] for i in fresh])
-        similarities = self.scheme.similarity(fingerprint, rows)
-        digests = [buffer.digests[i] for i in fresh]
-        return count_matches(similarities, digests, digest, self.scheme.threshold)
+        return summarise_matches(
+            self.scheme.similarity(fingerprint, rows),
+            [buffer.digests[i] for i in fresh],
+            [client_id] * len(fresh),
+            [buffer.answers[i] for i in fresh],
+            digest,
+            client_id,
+            self.scheme.threshold,
+            np.array([buffer.at[i] for i in fresh], dtype=np.float64),
+        )
 
     def _add_client(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
     ) -> None:
-        buffer = self._buffers.pop(client_id, None) or _ClientBuffer([], [], [])
+        buffer = self._buffers.pop(client_id, None) or _ClientBuffer([], [], [], [], [])
         buffer.rows.append(fingerprint)
         buffer.digests.append(digest)
         buffer.at.append(at)
+        buffer.answers.append(answer)
+        buffer.entries.append(self._count)
         if len(buffer.rows) > self.per_client:
-            del buffer.rows[0], buffer.digests[0], buffer.at[0]
+            del buffer.rows[0], buffer.digests[0], buffer.at[0], buffer.answers[0]
+            del buffer.entries[0]
         self._buffers[client_id] = buffer  # most recently seen last
         while len(self._buffers) > self.max_clients:
             self._buffers.popitem(last=False)
@@ -486,26 +640,33 @@ class InProcessFingerprintStore:
 
     def _match_everyone(
         self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
-    ) -> tuple[MatchCount, tuple[str, ...]]:
+    ) -> ScopeMatch:
         if self._rows is None or self._size == 0:
-            return MatchCount(0, 0, -np.inf), ()
-        # scan every slot ever written in place (no copy), then keep the live matches
+            return NO_MATCH
+        # scan every slot ever written in place (no copy), then keep the live matches, oldest
+        # first (the ring's slot order is not arrival order once it has wrapped)
         similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
         live = self._at[: self._written] >= at - self.ttl_s
         slots = np.flatnonzero(live & (similarities >= self.scheme.threshold))
-        digests = [self._digests[s] for s in slots.tolist()]
-        count = count_matches(similarities[slots], digests, digest, self.scheme.threshold)
-        others: list[str] = []
-        for s in slots.tolist():
-            sender = self._clients[s]
-            if sender != client_id and sender not in others:
-                others.append(sender)
-                if len(others) == MAX_EVIDENCE_IDS:
-                    break
-        return count, tuple(others)
+        slots = slots[np.argsort(self._entry[slots], kind="stable")].tolist()
+        return summarise_matches(
+            similarities[slots],
+            [self._digests[s] for s in slots],
+            [self._clients[s] for s in slots],
+            [self._answers[s] for s in slots],
+            digest,
+            client_id,
+            self.scheme.threshold,
+            self._at[slots],
+        )
 
     def _add_everyone(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
     ) -> None:
         if self._rows is None:
             self._rows = np.zeros((self.max_fingerprints, *fingerprint.shape), fingerprint.dtype)
@@ -515,7 +676,9 @@ class InProcessFingerprintStore:
         self._rows[slot] = fingerprint
         self._digests[slot] = digest
         self._clients[slot] = client_id
+        self._answers[slot] = answer
         self._at[slot] = at
+        self._entry[slot] = self._count
         self._written = max(self._written, slot + 1)
         self._next = (slot + 1) % self.max_fingerprints
         self._sweep(at)
@@ -533,6 +696,8 @@ class InProcessFingerprintStore:
             self._at[oldest] = -np.inf
             self._digests[oldest] = b""
             self._clients[oldest] = ""
+            self._answers[oldest] = None
+            self._entry[oldest] = 0
             self._size -= 1
 
 
