@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.core.flagging import FlagPolicy
 from app.core.guard import Guard
@@ -11,6 +12,9 @@ from app.service.identity import IdentityResolver
 from app.service.metrics import Metrics
 from app.service.settings import Settings
 from app.service.tracking import ClientTracker
+
+if TYPE_CHECKING:
+    from app.service.stateful import StatefulDetector
 
 
 class ApiError(Exception):
@@ -35,3 +39,4 @@ class Service:
     flag_policy: FlagPolicy
     accepting: bool = True
     last_flagged_count: list[int] = field(default_factory=lambda: [0])
+    stateful: StatefulDetector | None = None  # stateful detection of query attacks; None: off
