@@ -1,0 +1,254 @@
+"""Stateful detection: fingerprint time, store time, Redis memory per query, throughput on/off.
+
+1. *Fingerprint*: ``StatefulDetector.fingerprint`` (8-bit conversion, window hashes, sketch,
+   digest) on decoded CIFAR-10 test images, one at a time as the service does.
+2. *Stores*: ``--queries`` distinct CIFAR-10 training photos through the in-process store and
+   the Redis store (a fresh redis-server, no persistence) capped at ``--cap``: time per
+   check-and-store, and Redis ``used_memory`` as the store fills (bytes per stored query) and
+   once it is full (steady state: the cap and the sweep hold it).
+3. *Service*: ``advguard serve`` under closed-loop load of CIFAR-10 test JPEGs (``--images``
+   distinct) at ``--concurrency`` for ``--seconds``, stateful detection off and on, in process
+   and with Redis (tracker and fingerprints), all in this one run: the throughput ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from PIL import Image
+
+from app.core.guard import Guard
+from app.core.images import decode_image
+from app.core.stateful import (
+    DEFAULT_RULE,
+    InProcessFingerprintStore,
+    default_scheme,
+    pixel_digests,
+)
+from app.service.fingerprints import RedisFingerprintStore
+from app.service.settings import DEFAULT_BUNDLE
+from app.service.stateful import StatefulDetector
+from bench.client_rotation import start_redis
+from bench.common import write_results
+from bench.load_service import CIFAR_TAR, test_jpegs
+from bench.service_vs_bare import run_service
+
+SECRET = b"bench-secret"
+THROUGHPUT_TARGET = 0.90  # stateful on / off (issue 13)
+
+
+def train_photos(limit: int, tar_path: Path = CIFAR_TAR) -> np.ndarray:
+    """The first ``limit`` CIFAR-10 training photos of the archive, (n, 3, 32, 32) uint8."""
+    found = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if member.isfile() and member.name.startswith("train/") and member.name[-4:] == ".jpg":
+                handle = tar.extractfile(member)
+                assert handle is not None
+                picture = Image.open(io.BytesIO(handle.read())).convert("RGB")
+                found.append(np.asarray(picture).transpose(2, 0, 1))
+                if len(found) == limit:
+                    break
+    return np.stack(found)
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values) * 1000.0
+    return {
+        "mean": round(float(array.mean()), 4),
+        "p50": round(float(np.percentile(array, 50)), 4),
+        "p99": round(float(np.percentile(array, 99)), 4),
+    }
+
+
+def fingerprint_cost(guard: Guard, jpegs: list[bytes]) -> dict[str, Any]:
+    scheme = default_scheme(SECRET)
+    detector = StatefulDetector(scheme, DEFAULT_RULE, InProcessFingerprintStore(scheme), "silent")
+    pixels = [guard.pixels(decode_image(data)) for data in jpegs]
+    times = []
+    for p in pixels:
+        t0 = time.perf_counter()
+        detector.fingerprint(p)
+        times.append(time.perf_counter() - t0)
+    return {"images": len(pixels), "ms": ms(times)}
+
+
+def used_memory(client: redis.Redis) -> int:
+    return int(client.info("memory")["used_memory"])
+
+
+def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
+    """Both stores on the same queries (client ids cycling over 1,000): time per query, and
+    the Redis store's memory as it fills and past its cap."""
+    scheme = default_scheme(SECRET)
+    prints, keys = scheme.fingerprints_and_keys(photos)
+    digests = pixel_digests(photos)
+    n = len(photos)
+    memory = InProcessFingerprintStore(scheme, max_fingerprints=cap, per_client=per_client)
+    in_process = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        memory.check_and_store(f"c{i % 1000}", prints[i], digests[i], float(i))
+        in_process.append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as workdir:
+        server, url = start_redis(Path(workdir), None)
+        try:
+            client = redis.Redis.from_url(url)
+            red = RedisFingerprintStore(
+                url, scheme, max_fingerprints=cap, per_client=per_client, timeout_s=5.0
+            )
+            base = used_memory(client)
+            samples: list[tuple[int, int]] = []
+            in_redis = []
+            for i in range(n):
+                t0 = time.perf_counter()
+                red.check_and_store(f"c{i % 1000}", prints[i], digests[i], float(i), None, keys[i])
+                in_redis.append(time.perf_counter() - t0)
+                if (i + 1) % max(1, n // 40) == 0:
+                    samples.append((i + 1, used_memory(client) - base))
+            entries = len(red)
+        finally:
+            server.terminate()
+            server.wait(10)
+    at_cap = [used for stored, used in samples if stored <= cap]
+    past_cap = [used for stored, used in samples if stored > cap]
+    full = at_cap[-1] if at_cap else samples[-1][1]
+    return {
+        "queries": n,
+        "cap": cap,
+        "per_client": per_client,
+        "clients": min(n, 1000),
+        "in_process_ms": ms(in_process),
+        "in_process_ms_full": ms(in_process[cap:]) if n > cap else None,
+        "redis_ms": ms(in_redis),
+        "redis_ms_full": ms(in_redis[cap:]) if n > cap else None,
+        "redis_used_memory_base_bytes": base,
+        "redis_used_memory_samples": samples,
+        "redis_bytes_at_cap": full,
+        "redis_bytes_per_stored_query": round(full / min(cap, n), 1),
+        "redis_bytes_past_cap_max": max(past_cap) if past_cap else None,
+        "redis_entries_at_end": entries,
+    }
+
+
+def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
+    base = {"ADVGUARD_SHED_DELAY_MS": "0", "ADVGUARD_STATEFUL_SECRET": "bench-secret"}
+    runs: dict[str, Any] = {}
+    variants = [("memory", {})]
+    if not args.no_redis_service:
+        variants.append(("redis", {"ADVGUARD_REDIS_URL": ""}))
+    for backend, extra in variants:
+        server = None
+        with tempfile.TemporaryDirectory() as workdir:
+            env = {**base, **extra}
+            if backend == "redis":
+                server, url = start_redis(Path(workdir), None)
+                env["ADVGUARD_REDIS_URL"] = url
+            try:
+                for enabled in ("false", "true"):
+                    label = f"{backend}, stateful {'on' if enabled == 'true' else 'off'}"
+                    result = run_service(
+                        {**env, "ADVGUARD_STATEFUL_ENABLED": enabled}, args, jpegs, label
+                    )
+                    runs[f"{backend}_stateful_{'on' if enabled == 'true' else 'off'}"] = result
+            finally:
+                if server is not None:
+                    server.terminate()
+                    server.wait(10)
+    ratios = {}
+    for backend, _ in variants:
+        on = runs[f"{backend}_stateful_on"]["saturation"]["throughput_images_per_s"]
+        off = runs[f"{backend}_stateful_off"]["saturation"]["throughput_images_per_s"]
+        ratios[backend] = round(on / off, 3) if off else None
+    return {"runs": runs, "on_over_off": ratios}
+
+
+def table(results: dict[str, Any], args: argparse.Namespace) -> str:
+    fp = results["fingerprint"]["ms"]
+    st = results["stores"]
+    lines = [
+        "Stateful detection's cost (issue 13). **The machine was shared** with other engineers' "
+        f"jobs (load average {results['loadavg_before'][0]:.1f} before, "
+        f"{results['loadavg_after'][0]:.1f} after, 2 cores): absolute times are noisy; the "
+        "on/off ratios were measured back to back in one run.",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| fingerprint per query (8-bit pixels, window hashes, sketch, digest; 32x32) | "
+        f"{fp['mean']:.3f} ms mean, {fp['p99']:.3f} ms p99 |",
+        f"| in-process store, check + store per query (cap {st['cap']:,}, full) | "
+        f"{(st['in_process_ms_full'] or st['in_process_ms'])['mean']:.3f} ms mean |",
+        f"| Redis store, check + store per query (two scripts, loopback, full) | "
+        f"{(st['redis_ms_full'] or st['redis_ms'])['mean']:.3f} ms mean, "
+        f"{(st['redis_ms_full'] or st['redis_ms'])['p99']:.3f} ms p99 |",
+        f"| Redis memory per stored query (used_memory at the cap / cap) | "
+        f"{st['redis_bytes_per_stored_query']:,.0f} bytes |",
+        f"| Redis memory at the cap ({st['cap']:,} queries, {st['clients']:,} clients' strings) "
+        f"| {st['redis_bytes_at_cap'] / 1e6:.1f} MB |",
+    ]
+    if st["redis_bytes_past_cap_max"] is not None:
+        lines.append(
+            f"| Redis memory at steady state (up to {st['queries']:,} queries, cap "
+            f"{st['cap']:,}) | at most {st['redis_bytes_past_cap_max'] / 1e6:.1f} MB |"
+        )
+    tp = results.get("throughput")
+    if tp:
+        lines += ["", "| service (concurrency, seconds) | stateful off | on | on / off |"]
+        lines.append("|---|---|---|---|")
+        for backend, ratio in tp["on_over_off"].items():
+            off = tp["runs"][f"{backend}_stateful_off"]["saturation"]
+            on = tp["runs"][f"{backend}_stateful_on"]["saturation"]
+            verdict = "met" if ratio is not None and ratio >= THROUGHPUT_TARGET else "not met"
+            lines.append(
+                f"| {backend} tracker and store ({on['concurrency']}, {args.seconds:g}) | "
+                f"{off['throughput_images_per_s']:.0f} img/s | "
+                f"{on['throughput_images_per_s']:.0f} img/s "
+                f"(stateful stage {on['stage_ms_mean'].get('stateful', 0.0):.2f} ms) | "
+                f"**{ratio:.0%}** (target {THROUGHPUT_TARGET:.0%}: {verdict}) |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=20_000, help="store benchmark queries")
+    parser.add_argument("--cap", type=int, default=10_000, help="the stores' global cap")
+    parser.add_argument("--per-client", type=int, default=256)
+    parser.add_argument("--images", type=int, default=5000, help="distinct service uploads")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[32])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-service", action="store_true", help="skip the throughput runs")
+    parser.add_argument("--no-redis-service", action="store_true")
+    parser.add_argument("--out", default="stateful_cost")
+    args = parser.parse_args(argv)
+
+    load_before = os.getloadavg()
+    guard = Guard.load(DEFAULT_BUNDLE, device="cpu")
+    jpegs = test_jpegs(args.images)
+    results: dict[str, Any] = {"loadavg_before": load_before}
+    results["fingerprint"] = fingerprint_cost(guard, jpegs[:2000])
+    print("fingerprint:", results["fingerprint"], flush=True)
+    results["stores"] = store_cost(train_photos(args.queries), args.cap, args.per_client)
+    print("stores:", {k: v for k, v in results["stores"].items() if "samples" not in k}, flush=True)
+    if not args.no_service:
+        results["throughput"] = throughput(args, jpegs)
+        print("throughput:", results["throughput"]["on_over_off"], flush=True)
+    results["loadavg_after"] = os.getloadavg()
+    results["settings"] = vars(args)
+    path = write_results(args.out, results, table(results, args))
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
