@@ -24,6 +24,7 @@ Three fingerprints were compared (evaluation/stateful_eval.py); all are pure fun
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -272,7 +273,9 @@ class WindowHashScheme:
     def similarity(
         self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
     ) -> npt.NDArray[np.float64]:
-        return shared_bits(query.astype(np.uint64), stored.astype(np.uint64)).astype(np.float64)
+        return shared_bits(
+            query.astype(np.uint64, copy=False), stored.astype(np.uint64, copy=False)
+        ).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -451,6 +454,26 @@ class DetectionRule:
         )
 
 
+# --------------------------------------------------------------------------- the index
+
+# A store's index files each query under buckets of its window hashes. Two queries whose
+# sketches share the match threshold's 25 bits share about that many window hashes (chance bit
+# collisions add ~2.4 of ~50), so they share at least MIN_SHARED_KEYS buckets with near
+# certainty, while unrelated photos share almost none: a lookup compares the query with the few
+# entries filed in at least that many of its buckets instead of scanning every entry.
+BUCKET_BITS = 17  # 131,072 buckets: ~8 entries each with 20,000 queries of 50 hashes stored
+BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the largest): skip them
+MIN_SHARED_KEYS = 3
+
+
+def index_buckets(keys: U64) -> list[int]:
+    """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
+    present = keys[keys != 0]
+    mask = np.uint64((1 << BUCKET_BITS) - 1)
+    numbers: list[int] = np.unique((present >> np.uint64(BUCKET_SHIFT)) & mask).tolist()
+    return numbers
+
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -509,9 +532,12 @@ class InProcessFingerprintStore:
       ``max_clients`` clients (least recently seen evicted first). It keeps a slow attacker's
       history after the shared ring has moved on.
 
-    A query is compared with every live entry by one vectorised scan (fingerprints are small
-    fixed-width rows: 128 bytes for the window-hash sketch), so there is no index to maintain.
-    Not thread-safe: the service holds a lock around it.
+    Given a query's index keys (``fingerprints_and_keys``), everyone's queries are looked up
+    through the same bucket index as the Redis store's (``index_buckets``): the query is
+    compared with the entries filed in at least ``MIN_SHARED_KEYS`` of its buckets. Without
+    keys (the evaluation's replays), it is compared with every live entry by one vectorised scan
+    (fingerprints are small fixed-width rows: 128 bytes for the window-hash sketch); both find
+    the same matches. Not thread-safe: the service holds a lock around it.
     """
 
     def __init__(
@@ -542,6 +568,7 @@ class InProcessFingerprintStore:
         self._written = 0  # slots ever written (the ring's used prefix)
         self._count = 0  # queries ever added (the last one's sequence number)
         self._buffers: OrderedDict[str, _ClientBuffer] = OrderedDict()
+        self._index: dict[int, list[int]] = {}  # bucket -> entry numbers filed there, ascending
 
     def __len__(self) -> int:
         return self._size
@@ -573,11 +600,40 @@ class InProcessFingerprintStore:
         """Match the query against its client's and everyone's live queries, then store it with
         ``answer``. ``keys`` (a store index's keys) are not needed: the scan sees every entry."""
         client = self._match_client(client_id, fingerprint, digest, at)
-        everyone = self._match_everyone(client_id, fingerprint, digest, at)
+        buckets = None if keys is None else index_buckets(keys)
+        everyone = self._match_everyone(client_id, fingerprint, digest, at, buckets)
         self._count += 1
         self._add_client(client_id, fingerprint, digest, at, answer)
         self._add_everyone(client_id, fingerprint, digest, at, answer)
+        if buckets is not None:
+            self._file(buckets, self._count)
         return evidence_of(client, everyone), Stored(client_id, self._count)
+
+    def _candidates(self, buckets: list[int]) -> npt.NDArray[np.int64]:
+        """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets``; drops
+        the numbers of entries the ring has overwritten from every bucket it reads."""
+        lowest = self._count - self.max_fingerprints + 1  # entries below left the ring
+        hits: dict[int, int] = {}
+        for bucket in buckets:
+            filed = self._index.get(bucket)
+            if filed is None:
+                continue
+            if filed[0] < lowest:
+                filed[:] = filed[bisect.bisect_left(filed, lowest) :]
+            for entry in filed:
+                hits[entry] = hits.get(entry, 0) + 1
+        found = [e for e, n in hits.items() if n >= MIN_SHARED_KEYS]
+        slots = (np.asarray(found, dtype=np.int64) - 1) % self.max_fingerprints
+        kept: npt.NDArray[np.int64] = slots[self._entry[slots] == np.asarray(found)]
+        return kept
+
+    def _file(self, buckets: list[int], entry: int) -> None:
+        for bucket in buckets:
+            filed = self._index.get(bucket)
+            if filed is None:
+                self._index[bucket] = [entry]
+            else:
+                filed.append(entry)
 
     def relabel(self, stored: Stored, answer: Answer) -> None:
         """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
@@ -639,18 +695,28 @@ class InProcessFingerprintStore:
     # -- everyone's recent queries
 
     def _match_everyone(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        buckets: list[int] | None = None,
     ) -> ScopeMatch:
         if self._rows is None or self._size == 0:
             return NO_MATCH
-        # scan every slot ever written in place (no copy), then keep the live matches, oldest
-        # first (the ring's slot order is not arrival order once it has wrapped)
-        similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
-        live = self._at[: self._written] >= at - self.ttl_s
-        slots = np.flatnonzero(live & (similarities >= self.scheme.threshold))
-        slots = slots[np.argsort(self._entry[slots], kind="stable")].tolist()
+        if buckets is None:  # scan every slot ever written, in place (no copy)
+            candidates = np.arange(self._written)
+            similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
+        else:  # the index's candidates only
+            candidates = self._candidates(buckets)
+            similarities = self.scheme.similarity(fingerprint, self._rows[candidates])
+        # the live matches, oldest first (slot order is not arrival order once the ring wraps)
+        live = self._at[candidates] >= at - self.ttl_s
+        found = np.flatnonzero(live & (similarities >= self.scheme.threshold))
+        found = found[np.argsort(self._entry[candidates[found]], kind="stable")]
+        slots = candidates[found].tolist()
         return summarise_matches(
-            similarities[slots],
+            similarities[found],
             [self._digests[s] for s in slots],
             [self._clients[s] for s in slots],
             [self._answers[s] for s in slots],

@@ -17,11 +17,12 @@ stays in one slot of a Redis Cluster):
 - each client's queries: ``<p>:fp:client:{<id>}`` string, its last ``per_client`` fixed-size
   records, TTL ``client_ttl_s`` refreshed on every query (evictable like the statistics).
 
-The index: each window hash of a query files the query's entry number in bucket
-``(hash >> 20) mod 2^BUCKET_BITS``. A lookup counts, per entry, the query's buckets it is filed
-in, and fetches the entries with at least ``MIN_SHARED_KEYS``. Two queries whose sketches share
-the match threshold's 25 bits share about that many window hashes (chance bit collisions add
-~2.4), so a match always reaches that count; the match rule then runs on the fetched sketches.
+The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash
+of a query files the query's entry number in bucket ``(hash >> 20) mod 2^17``. A lookup
+counts, per entry, the query's buckets it is filed in, and fetches the entries with at least
+``MIN_SHARED_KEYS``. Two queries whose sketches share the match threshold's 25 bits share
+about that many window hashes (chance bit collisions add ~2.4), so a match always reaches
+that count; the match rule then runs on the fetched sketches.
 A bucket drops the numbers below ``lo`` (deleted entries) whenever a query touches it, and the
 sweep deletes a few of the oldest entries per query (over the cap or past the TTL), so memory
 follows the live entries.
@@ -35,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 
 from app.core.stateful import (
+    MIN_SHARED_KEYS,
     NO_MATCH,
     Answer,
     MatchEvidence,
@@ -42,13 +44,11 @@ from app.core.stateful import (
     ScopeMatch,
     Stored,
     evidence_of,
+    index_buckets,
     summarise_matches,
 )
 from app.service.tracking import RedisClient, connect, hash_tag
 
-BUCKET_BITS = 17  # 131,072 buckets: ~19 entries each with 50,000 queries of 50 hashes stored
-BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the largest): skip them
-MIN_SHARED_KEYS = 3  # buckets a stored query must share with the query to be a candidate
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
 
 DECISIONS: tuple[str, ...] = ("", "accepted", "rejected", "unguarded")  # byte code -> decision
@@ -171,14 +171,6 @@ _SCRIPTS = {
     "relabel_global": _RELABEL_GLOBAL_LUA,
     "relabel_client": _RELABEL_CLIENT_LUA,
 }
-
-
-def buckets(keys: npt.NDArray[np.uint64]) -> list[int]:
-    """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
-    present = keys[keys != 0]
-    mask = np.uint64((1 << BUCKET_BITS) - 1)
-    numbers: list[int] = np.unique((present >> np.uint64(BUCKET_SHIFT)) & mask).tolist()
-    return numbers
 
 
 class RedisFingerprintStore:
@@ -339,7 +331,7 @@ class RedisFingerprintStore:
                 self.max_fingerprints,
                 MIN_SHARED_KEYS,
                 record.tobytes() + client_id.encode(),
-                *buckets(keys),
+                *index_buckets(keys),
             ],
         )
         seq, entry = int(raw[0]), int(raw[1])

@@ -38,7 +38,7 @@ from app.service.schemas import (
     Readiness,
 )
 from app.service.state import ApiError, Service
-from app.service.stateful import QueryPrint, served_answer
+from app.service.stateful import QueryPrint, track_and_screen
 from app.service.tracking import ClientStats, Observation, TrackerUnavailableError
 
 router = APIRouter()
@@ -200,11 +200,9 @@ async def classify(
     decision: Literal["accepted", "rejected"] = "accepted" if verdict.accepted else "rejected"
     metrics.requests.labels(decision=decision).inc()
     observation = Observation(client_id, verdict.score, verdict.accepted, time.time())
-    tracked = await run_in_threadpool(service.tracker.record, observation)
-    if tracked.newly_flagged:
-        metrics.clients_flagged.inc()
     answer = Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
-    answer = await served_answer(service, client_id, query, answer)  # the stateful detector's
+    # the tracker, then the stateful detector, which may change the answer (or refuse: 403)
+    answer = await track_and_screen(service, observation, query, answer)
     metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
     return ClassifyResponse(
         request_id=request_id,

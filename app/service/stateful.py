@@ -42,7 +42,7 @@ from app.service.fingerprints import RedisFingerprintStore
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics
 from app.service.settings import Settings, StatefulPolicy
 from app.service.state import ApiError, Service
-from app.service.tracking import REDIS_ERRORS
+from app.service.tracking import REDIS_ERRORS, Observation
 
 QUERY_ATTACK = "query_attack"  # the flag reason of a stateful detection
 
@@ -204,16 +204,27 @@ def _screen(service: Service, client_id: str, query: QueryPrint, answer: Answer)
     return anchor
 
 
-async def served_answer(
-    service: Service, client_id: str, query: QueryPrint | None, answer: Answer
-) -> Answer:
-    """The answer a classified query gets once the stateful detector has seen it; raises the
-    403 of the ``refuse`` policy."""
+def _track_and_screen(
+    service: Service, observation: Observation, query: QueryPrint | None, answer: Answer
+) -> Answer | None:
+    """In one worker thread (one hand-off per request, not two): the client's statistics, then
+    the stateful detector; the answer to serve, or None to refuse."""
+    if service.tracker.record(observation).newly_flagged:
+        service.metrics.clients_flagged.inc()
     if service.stateful is None or query is None:
         return answer
     started = time.perf_counter()
-    served = await run_in_threadpool(_screen, service, client_id, query, answer)
+    served = _screen(service, observation.client_id, query, answer)
     service.metrics.stage_seconds.labels(stage="stateful").observe(time.perf_counter() - started)
+    return served
+
+
+async def track_and_screen(
+    service: Service, observation: Observation, query: QueryPrint | None, answer: Answer
+) -> Answer:
+    """Record the classified query and pass it through the stateful detector: the answer it
+    gets; raises the 403 of the ``refuse`` policy."""
+    served = await run_in_threadpool(_track_and_screen, service, observation, query, answer)
     if served is None:
         raise ApiError(403, "query_refused", "this query was refused")
     return served

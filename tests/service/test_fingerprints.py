@@ -1,6 +1,6 @@
-"""The Redis fingerprint store against the in-process one, on a real redis-server and on the
-local 3-master cluster: the same queries give the same evidence, every time; bounds, index and
-key layout."""
+"""The Redis fingerprint store against the in-process one (scanning, and through its index), on
+a real redis-server and on the local 3-master cluster: the same queries give the same evidence,
+every time; bounds, index and key layout."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ import redis
 from app.core.models import PRESETS
 from app.core.stateful import (
     DEFAULT_RULE,
+    MIN_SHARED_KEYS,
     Answer,
     InProcessFingerprintStore,
     MatchEvidence,
     default_scheme,
     pixel_digests,
 )
-from app.service.fingerprints import MIN_SHARED_KEYS, RedisFingerprintStore, buckets
+from app.core.stateful import index_buckets as buckets
+from app.service.fingerprints import RedisFingerprintStore
 from evaluation.honest_traffic import EDITS, as_served, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.helpers import RedisClusterProcesses, RedisProcess
@@ -78,6 +80,7 @@ def _replay(
 ) -> tuple[int, RedisFingerprintStore]:
     bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
     memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    indexed = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type] (given keys)
     red = RedisFingerprintStore(
         url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", cluster=cluster, timeout_s=2.0, **bounds
     )
@@ -89,14 +92,19 @@ def _replay(
     for i, (client, _, at) in enumerate(queries):
         a, stored_a = memory.check_and_store(client, prints[i], digests[i], at, _answer(i))
         b, stored_b = red.check_and_store(client, prints[i], digests[i], at, _answer(i), keys[i])
+        c, stored_c = indexed.check_and_store(
+            client, prints[i], digests[i], at, _answer(i), keys[i]
+        )
         _same(a, b)
-        assert stored_a.entry == stored_b.entry == i + 1
+        _same(a, c)
+        assert stored_a.entry == stored_b.entry == stored_c.entry == i + 1
         if DEFAULT_RULE.detects(a):
             detections += 1
             assert a.anchor is not None
-            # silent: the detected query keeps the anchor's answer, in both stores
+            # silent: the detected query keeps the anchor's answer, in every store
             memory.relabel(stored_a, a.anchor)
             red.relabel(stored_b, a.anchor)
+            indexed.relabel(stored_c, a.anchor)
     return detections, red
 
 
