@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import os
 import tarfile
@@ -38,12 +39,23 @@ from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector
 from bench.client_rotation import start_redis
-from bench.common import write_results
+from bench.common import multipart_request, serve, write_results
 from bench.load_service import CIFAR_TAR, test_jpegs
-from bench.service_vs_bare import run_service
+from bench.service_vs_bare import load_level
 
 SECRET = b"bench-secret"
 THROUGHPUT_TARGET = 0.90  # stateful on / off (issue 13)
+RATE = 100.0  # queries per second of the stores' timeline: all stay within the default TTL
+
+
+def query_photos(count: int) -> np.ndarray:
+    """``count`` distinct-looking queries from the 50,000 CIFAR-10 training photos: beyond
+    them, the photos again, mirrored on odd rounds (a mirror reverses every window: a new
+    fingerprint) and unchanged on even ones (by then their first copies have left a store
+    capped below 100,000)."""
+    photos = train_photos(min(count, 50_000))
+    rounds = [photos if r % 2 == 0 else photos[..., ::-1] for r in range(-(-count // len(photos)))]
+    return np.ascontiguousarray(np.concatenate(rounds)[:count])
 
 
 def train_photos(limit: int, tar_path: Path = CIFAR_TAR) -> np.ndarray:
@@ -87,17 +99,21 @@ def used_memory(client: redis.Redis) -> int:
 
 
 def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
-    """Both stores on the same queries (client ids cycling over 1,000): time per query, and
-    the Redis store's memory as it fills and past its cap."""
+    """Both stores on the same queries (client ids cycling over 1,000, ``RATE`` queries a
+    second, so that the cap, not the TTL, bounds everyone's queries): time per query, and the
+    Redis store's memory as it fills and past its cap."""
     scheme = default_scheme(SECRET)
-    prints, keys = scheme.fingerprints_and_keys(photos)
+    chunks = range(0, len(photos), 2000)
+    parts = [scheme.fingerprints_and_keys(photos[i : i + 2000]) for i in chunks]
+    prints = np.concatenate([part[0] for part in parts])
+    keys = np.concatenate([part[1] for part in parts])
     digests = pixel_digests(photos)
     n = len(photos)
     memory = InProcessFingerprintStore(scheme, max_fingerprints=cap, per_client=per_client)
     in_process = []
     for i in range(n):
         t0 = time.perf_counter()
-        memory.check_and_store(f"c{i % 1000}", prints[i], digests[i], float(i))
+        memory.check_and_store(f"c{i % 1000}", prints[i], digests[i], i / RATE, None, keys[i])
         in_process.append(time.perf_counter() - t0)
     with tempfile.TemporaryDirectory() as workdir:
         server, url = start_redis(Path(workdir), None)
@@ -111,7 +127,7 @@ def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
             in_redis = []
             for i in range(n):
                 t0 = time.perf_counter()
-                red.check_and_store(f"c{i % 1000}", prints[i], digests[i], float(i), None, keys[i])
+                red.check_and_store(f"c{i % 1000}", prints[i], digests[i], i / RATE, None, keys[i])
                 in_redis.append(time.perf_counter() - t0)
                 if (i + 1) % max(1, n // 40) == 0:
                     samples.append((i + 1, used_memory(client) - base))
@@ -138,6 +154,36 @@ def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
         "redis_bytes_past_cap_max": max(past_cap) if past_cap else None,
         "redis_entries_at_end": entries,
     }
+
+
+def requests_of(jpegs: list[bytes], clients: int) -> list[bytes]:
+    """One prebuilt request per image, from ``clients`` ids in turn (``X-Client-ID``); 0: no
+    header, so every request is the one client of the load generator's address."""
+    requests = [multipart_request("/classify", data) for data in jpegs]
+    if clients == 0:
+        return requests
+    return [
+        raw.replace(b"Host: bench\r\n", f"Host: bench\r\nX-Client-ID: c{i % clients}\r\n".encode())
+        for i, raw in enumerate(requests)
+    ]
+
+
+def run_service(
+    env: dict[str, str], args: argparse.Namespace, jpegs: list[bytes], label: str
+) -> dict[str, Any]:
+    """``advguard serve`` with ``env`` under closed-loop load (service_vs_bare's load level)
+    at each of ``args.concurrency`` for ``args.seconds``, after 3 s at 4 clients."""
+    requests = requests_of(jpegs, args.clients)
+    with serve(env, args.device) as (base, _server):
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        asyncio.run(load_level(host, int(port), requests, 4, 3.0))  # warm-up
+        levels = []
+        for concurrency in args.concurrency:
+            level = asyncio.run(load_level(host, int(port), requests, concurrency, args.seconds))
+            print(f"{label}:", level, flush=True)
+            levels.append(level)
+    best = max(levels, key=lambda level: level["throughput_images_per_s"])
+    return {"env": env, "levels": levels, "saturation": best}
 
 
 def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
@@ -185,7 +231,7 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|",
         f"| fingerprint per query (8-bit pixels, window hashes, sketch, digest; 32x32) | "
         f"{fp['mean']:.3f} ms mean, {fp['p99']:.3f} ms p99 |",
-        f"| in-process store, check + store per query (cap {st['cap']:,}, full) | "
+        f"| in-process store, check + store per query (index; cap {st['cap']:,}, full) | "
         f"{(st['in_process_ms_full'] or st['in_process_ms'])['mean']:.3f} ms mean |",
         f"| Redis store, check + store per query (two scripts, loopback, full) | "
         f"{(st['redis_ms_full'] or st['redis_ms'])['mean']:.3f} ms mean, "
@@ -202,7 +248,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         )
     tp = results.get("throughput")
     if tp:
-        lines += ["", "| service (concurrency, seconds) | stateful off | on | on / off |"]
+        who = f"{args.clients:,} client ids in turn" if args.clients else "one client"
+        lines += ["", f"| service ({who}; concurrency, seconds) | stateful off | on | on / off |"]
         lines.append("|---|---|---|---|")
         for backend, ratio in tp["on_over_off"].items():
             off = tp["runs"][f"{backend}_stateful_off"]["saturation"]
@@ -226,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=5000, help="distinct service uploads")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32])
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--clients", type=int, default=1000, help="X-Client-ID values in turn; 0: one client"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-service", action="store_true", help="skip the throughput runs")
     parser.add_argument("--no-redis-service", action="store_true")
@@ -238,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"loadavg_before": load_before}
     results["fingerprint"] = fingerprint_cost(guard, jpegs[:2000])
     print("fingerprint:", results["fingerprint"], flush=True)
-    results["stores"] = store_cost(train_photos(args.queries), args.cap, args.per_client)
+    results["stores"] = store_cost(query_photos(args.queries), args.cap, args.per_client)
     print("stores:", {k: v for k, v in results["stores"].items() if "samples" not in k}, flush=True)
     if not args.no_service:
         results["throughput"] = throughput(args, jpegs)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections import OrderedDict
+import itertools
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -516,11 +517,46 @@ class FingerprintStore(Protocol):
 
 @dataclass
 class _ClientBuffer:
-    rows: list[npt.NDArray[np.generic]]
+    """A client's last queries, oldest first: sketches and times in arrays (one allocation,
+    compared without stacking rows), grown as needed up to the per-client bound."""
+
+    rows: npt.NDArray[np.generic]  # (capacity, width); the first ``size`` rows are used
+    at: npt.NDArray[np.float64]  # (capacity,)
     digests: list[bytes]
-    at: list[float]
     answers: list[Answer | None]
     entries: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.digests)
+
+    def append(
+        self,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
+        entry: int,
+        limit: int,
+    ) -> None:
+        size = self.size
+        if size == limit:  # drop the oldest
+            self.rows[:-1] = self.rows[1:]
+            self.at[:-1] = self.at[1:]
+            del self.digests[0], self.answers[0], self.entries[0]
+            size -= 1
+        elif size == len(self.rows):  # grow (doubling, up to the limit)
+            capacity = min(limit, max(4, 2 * size))
+            rows = np.zeros((capacity, *self.rows.shape[1:]), self.rows.dtype)
+            rows[:size] = self.rows[:size]
+            times = np.full(capacity, -np.inf)
+            times[:size] = self.at[:size]
+            self.rows, self.at = rows, times
+        self.rows[size] = fingerprint
+        self.at[size] = at
+        self.digests.append(digest)
+        self.answers.append(answer)
+        self.entries.append(entry)
 
 
 class InProcessFingerprintStore:
@@ -613,15 +649,15 @@ class InProcessFingerprintStore:
         """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets``; drops
         the numbers of entries the ring has overwritten from every bucket it reads."""
         lowest = self._count - self.max_fingerprints + 1  # entries below left the ring
-        hits: dict[int, int] = {}
+        lists = []
         for bucket in buckets:
             filed = self._index.get(bucket)
             if filed is None:
                 continue
             if filed[0] < lowest:
                 filed[:] = filed[bisect.bisect_left(filed, lowest) :]
-            for entry in filed:
-                hits[entry] = hits.get(entry, 0) + 1
+            lists.append(filed)
+        hits = Counter(itertools.chain.from_iterable(lists))
         found = [e for e, n in hits.items() if n >= MIN_SHARED_KEYS]
         slots = (np.asarray(found, dtype=np.int64) - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == np.asarray(found)]
@@ -650,21 +686,29 @@ class InProcessFingerprintStore:
         self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
     ) -> ScopeMatch:
         buffer = self._buffers.get(client_id)
-        if buffer is None:
+        if buffer is None or buffer.size == 0:
             return NO_MATCH
-        fresh = [i for i, t in enumerate(buffer.at) if t >= at - self.client_ttl_s]
-        if not fresh:
+        size = buffer.size
+        # times only grow within a client's buffer in practice, but test each one: exact
+        fresh = np.flatnonzero(buffer.at[:size] >= at - self.client_ttl_s)
+        if len(fresh) == 0:
             return NO_MATCH
-        rows = np.stack([buffer.rows[i] for i in fresh])
+        if len(fresh) == size:
+            similarities = self.scheme.similarity(fingerprint, buffer.rows[:size])
+            digests, answers = buffer.digests, buffer.answers
+        else:
+            similarities = self.scheme.similarity(fingerprint, buffer.rows[fresh])
+            digests = [buffer.digests[i] for i in fresh.tolist()]
+            answers = [buffer.answers[i] for i in fresh.tolist()]
         return summarise_matches(
-            self.scheme.similarity(fingerprint, rows),
-            [buffer.digests[i] for i in fresh],
+            similarities,
+            digests,
             [client_id] * len(fresh),
-            [buffer.answers[i] for i in fresh],
+            answers,
             digest,
             client_id,
             self.scheme.threshold,
-            np.array([buffer.at[i] for i in fresh], dtype=np.float64),
+            buffer.at[fresh],
         )
 
     def _add_client(
@@ -675,21 +719,17 @@ class InProcessFingerprintStore:
         at: float,
         answer: Answer | None,
     ) -> None:
-        buffer = self._buffers.pop(client_id, None) or _ClientBuffer([], [], [], [], [])
-        buffer.rows.append(fingerprint)
-        buffer.digests.append(digest)
-        buffer.at.append(at)
-        buffer.answers.append(answer)
-        buffer.entries.append(self._count)
-        if len(buffer.rows) > self.per_client:
-            del buffer.rows[0], buffer.digests[0], buffer.at[0], buffer.answers[0]
-            del buffer.entries[0]
+        buffer = self._buffers.pop(client_id, None)
+        if buffer is None:
+            empty = np.zeros((0, *fingerprint.shape), fingerprint.dtype)
+            buffer = _ClientBuffer(empty, np.zeros(0), [], [], [])
+        buffer.append(fingerprint, digest, at, answer, self._count, self.per_client)
         self._buffers[client_id] = buffer  # most recently seen last
         while len(self._buffers) > self.max_clients:
             self._buffers.popitem(last=False)
         # sweep one expired client per update: expiry outpaces the one client an update adds
         oldest_id, oldest = next(iter(self._buffers.items()))
-        if oldest.at[-1] < at - self.client_ttl_s:
+        if oldest.at[oldest.size - 1] < at - self.client_ttl_s:
             del self._buffers[oldest_id]
 
     # -- everyone's recent queries
