@@ -50,6 +50,10 @@ from app.core.stateful import (
 from app.service.tracking import RedisClient, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
+# candidates fetched at most (in the order met; the in-process store has no such bound): a bound
+# on one script's reply, far above
+# what honest photos or an attack produce (a query's near-duplicates and a few chance sharers)
+MAX_CANDIDATES = 2000
 
 DECISIONS: tuple[str, ...] = ("", "accepted", "rejected", "unguarded")  # byte code -> decision
 
@@ -74,7 +78,7 @@ def record_dtype(words: int) -> np.dtype[Any]:
 # KEYS: meta, entries, buckets. ARGV: now, ttl, cap, min shared buckets, record, bucket ...
 # Sweeps, looks up candidates, then adds the query. Returns {seq before the add, the new entry's
 # number, candidate number, candidate record, ...}.
-_GLOBAL_LUA = """
+_GLOBAL_BODY = """
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
@@ -94,9 +98,13 @@ while lo <= seq and swept < SWEEP_BATCH do
   lo = lo + 1
   swept = swept + 1
 end
+local fields = {}
+for i = BUCKET_START, #ARGV do fields[#fields + 1] = ARGV[i] end
+local lists = {}
+if #fields > 0 then lists = redis.call('HMGET', KEYS[3], unpack(fields)) end
 local hits, order, kept = {}, {}, {}
-for i = 6, #ARGV do
-  local ids = redis.call('HGET', KEYS[3], ARGV[i]) or ''
+for k = 1, #fields do
+  local ids = lists[k] or ''
   local n = #ids / 4
   local first = 1
   while first <= n and struct.unpack('>I4', ids, 4 * first - 3) < lo do first = first + 1 end
@@ -105,26 +113,59 @@ for i = 6, #ARGV do
     local h = hits[id]
     if h then hits[id] = h + 1 else hits[id] = 1; order[#order + 1] = id end
   end
-  kept[i] = string.sub(ids, 4 * first - 3)
+  kept[k] = string.sub(ids, 4 * first - 3)
 end
 local id = seq + 1
 local out = {seq, id}
+local found = {}
 for _, c in ipairs(order) do
-  if hits[c] >= min_hits then
-    local rec = redis.call('HGET', KEYS[2], c)
-    if rec then
-      out[#out + 1] = c
-      out[#out + 1] = rec
+  if hits[c] >= min_hits and #found < MAX_CANDIDATES then found[#found + 1] = c end
+end
+if #found > 0 then
+  local recs = redis.call('HMGET', KEYS[2], unpack(found))
+  for k = 1, #found do
+    if recs[k] then
+      out[#out + 1] = found[k]
+      out[#out + 1] = recs[k]
     end
   end
 end
 redis.call('HSET', KEYS[1], 'seq', id, 'lo', lo)
 redis.call('HSET', KEYS[2], id, ARGV[5])
-for i = 6, #ARGV do
-  redis.call('HSET', KEYS[3], ARGV[i], kept[i] .. struct.pack('>I4', id))
+if #fields > 0 then
+  local writes = {}
+  for k = 1, #fields do
+    writes[#writes + 1] = fields[k]
+    writes[#writes + 1] = kept[k] .. struct.pack('>I4', id)
+  end
+  redis.call('HSET', KEYS[3], unpack(writes))
 end
+CLIENT_PART
 return out
-""".replace("SWEEP_BATCH", str(SWEEP_BATCH))
+""".replace("SWEEP_BATCH", str(SWEEP_BATCH)).replace("MAX_CANDIDATES", str(MAX_CANDIDATES))
+_GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_START", "6").replace("CLIENT_PART", "")
+
+# One Redis (not a cluster): everyone's part and the client's in one script, one round trip.
+# KEYS: meta, entries, buckets, the client's string. ARGV: now, ttl, cap, min shared buckets,
+# record, the client's record, per client, client ttl, record size, entry offset, bucket ...
+# The client's record gets the new entry's number. Returns the global script's reply with the
+# client's previous records inserted third.
+_BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_START", "11").replace(
+    "CLIENT_PART",
+    """
+local size = tonumber(ARGV[9])
+local keep = tonumber(ARGV[7])
+local old = redis.call('GET', KEYS[4]) or ''
+if #old > keep * size then old = string.sub(old, #old - keep * size + 1) end
+local last = old
+if #last > (keep - 1) * size then last = string.sub(last, #last - (keep - 1) * size + 1) end
+local off = tonumber(ARGV[10])
+local own = string.sub(ARGV[6], 1, off) .. struct.pack('<I4', id) ..
+            string.rep(string.char(0), 4) .. string.sub(ARGV[6], off + 9)
+redis.call('SET', KEYS[4], last .. own, 'EX', ARGV[8])
+table.insert(out, 3, old)
+""",
+)
 
 # KEYS: the client's string. ARGV: record, per client, client ttl, record size. Returns the
 # client's last `per client` records before this one, then keeps the last `per client` with it.
@@ -166,6 +207,7 @@ return 0
 """
 
 _SCRIPTS = {
+    "both": _BOTH_LUA,
     "global": _GLOBAL_LUA,
     "client": _CLIENT_LUA,
     "relabel_global": _RELABEL_GLOBAL_LUA,
@@ -176,9 +218,10 @@ _SCRIPTS = {
 class RedisFingerprintStore:
     """Everyone's recent queries (indexed) and each client's, in Redis or a Redis Cluster.
 
-    A query is two atomic scripts: everyone's (sweep, candidates, add) and then its client's
-    (read, append, trim). Matching runs here on what they return, with the in-process store's
-    pure function. Errors propagate (``REDIS_ERRORS``): the caller fails open."""
+    A query is one atomic script on one Redis; on a cluster, two: everyone's (sweep, candidates,
+    add) and then its client's (read, append, trim), each in its own slot. Matching runs here
+    on what they return, with the in-process store's pure function. Errors propagate
+    (``REDIS_ERRORS``): the caller fails open."""
 
     def __init__(
         self,
@@ -322,20 +365,36 @@ class RedisFingerprintStore:
         if keys is None:
             raise ValueError("the Redis store needs the query's index keys (its window hashes)")
         record = self._record(fingerprint, digest, at, answer)
-        raw = self._run(
-            "global",
-            [self.meta_key, self.entries_key, self.buckets_key],
-            [
-                repr(float(at)),
-                repr(float(self.ttl_s)),
-                self.max_fingerprints,
-                MIN_SHARED_KEYS,
-                record.tobytes() + client_id.encode(),
-                *index_buckets(keys),
-            ],
-        )
-        seq, entry = int(raw[0]), int(raw[1])
         size = self.dtype.itemsize
+        client_ttl = max(1, int(np.ceil(self.client_ttl_s)))
+        global_keys = [self.meta_key, self.entries_key, self.buckets_key]
+        global_args = [
+            repr(float(at)),
+            repr(float(self.ttl_s)),
+            self.max_fingerprints,
+            MIN_SHARED_KEYS,
+            record.tobytes() + client_id.encode(),
+        ]
+        previous: bytes | None = None
+        if self._cluster:  # two slots: two scripts
+            raw = self._run("global", global_keys, [*global_args, *index_buckets(keys)])
+        else:  # one script, one round trip
+            raw = self._run(
+                "both",
+                [*global_keys, self.client_key(client_id)],
+                [
+                    *global_args,
+                    record.tobytes(),
+                    self.per_client,
+                    client_ttl,
+                    size,
+                    self._entry_offset,
+                    *index_buckets(keys),
+                ],
+            )
+            previous = raw[2]
+            raw = [raw[0], raw[1], *raw[3:]]
+        seq, entry = int(raw[0]), int(raw[1])
         numbers = [int(n) for n in raw[2::2]]
         blobs: list[bytes] = list(raw[3::2])
         order = np.argsort(numbers, kind="stable")  # oldest first
@@ -353,12 +412,13 @@ class RedisFingerprintStore:
             digest,
             client_id,
         )
-        record["entry"] = entry
-        previous: bytes = self._run(
-            "client",
-            [self.client_key(client_id)],
-            [record.tobytes(), self.per_client, max(1, int(np.ceil(self.client_ttl_s))), size],
-        )
+        if self._cluster:
+            record["entry"] = entry
+            previous = self._run(
+                "client",
+                [self.client_key(client_id)],
+                [record.tobytes(), self.per_client, client_ttl, size],
+            )
         own = np.frombuffer(previous or b"", self.dtype)
         own = own[own["at"] >= at - self.client_ttl_s]
         client = self._scope(own, [client_id] * len(own), fingerprint, digest, client_id)
