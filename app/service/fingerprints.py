@@ -51,8 +51,8 @@ from app.service.tracking import RedisClient, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
 # candidates fetched at most (in the order met; the in-process store has no such bound): a bound
-# on one script's reply, far above
-# what honest photos or an attack produce (a query's near-duplicates and a few chance sharers)
+# on one script's reply, far above what honest photos or an attack produce (a query's
+# near-duplicates and a few chance sharers)
 MAX_CANDIDATES = 2000
 
 DECISIONS: tuple[str, ...] = ("", "accepted", "rejected", "unguarded")  # byte code -> decision
