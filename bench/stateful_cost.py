@@ -227,6 +227,8 @@ def interleaved(
 
 def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
     base = {"ADVGUARD_SHED_DELAY_MS": "0", "ADVGUARD_STATEFUL_SECRET": "bench-secret"}
+    if args.torch_threads:
+        base["ADVGUARD_TORCH_THREADS"] = str(args.torch_threads)
     backends = ["memory"] if args.no_redis_service else ["memory", "redis"]
     runs: dict[str, Any] = {}
     for backend in backends:
@@ -340,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-service", action="store_true", help="skip the throughput runs")
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="the services' torch threads; 0: torch's"
+    )
     parser.add_argument("--no-redis-service", action="store_true")
     parser.add_argument("--out", default="stateful_cost")
     args = parser.parse_args(argv)
