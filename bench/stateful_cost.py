@@ -268,8 +268,8 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     lines = [
         "Stateful detection's cost (issue 13). **The machine was shared** with other engineers' "
         f"jobs (load average {results['loadavg_before'][0]:.1f} before, "
-        f"{results['loadavg_after'][0]:.1f} after, 2 cores): absolute times are noisy; the "
-        "on/off ratios were measured back to back in one run.",
+        f"{results['loadavg_after'][0]:.1f} after, 2 cores): absolute times are noisy"
+        + ("; the on/off variants were measured together." if "throughput" in results else "."),
         "",
         "| figure | value |",
         "|---|---|",
