@@ -158,7 +158,7 @@ def test_refuse_answers_403_and_nothing_else(
 
 def test_a_sybil_spread_is_detected(make_client: AppFactory, photos: np.ndarray) -> None:  # noqa: F811
     """One attack sent by 50 client ids (each id's first query): detected account-obliviously."""
-    sequence = attack_sequence(photos[13], 20, seed=22)
+    sequence = attack_sequence(photos[13], 50, seed=22)
     ids = [f"sybil-{i}" for i in range(len(sequence))]
     with make_client(**_settings("flag")) as client:
         bodies(client, sequence, ids)
