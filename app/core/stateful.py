@@ -115,7 +115,7 @@ def window_sketch(hashes: U64, bits: int = SKETCH_BITS) -> U64:
     set (the low bits: the top hashes' high bits are all ones). Two images' sketches share about
     as many bits as their lists share hashes, plus chance collisions (~top^2 / bits: 2.4 for
     50 hashes in 1024 bits), at 128 bytes instead of 400, and compare by AND + popcount: a scan
-    of the whole store is a few vector operations, with no index to keep."""
+    of many entries is a few vector operations (the stores' index only narrows which)."""
     if bits % 64:
         raise ValueError("the sketch is whole 64-bit words")
     n = hashes.shape[0]
