@@ -47,7 +47,7 @@ from app.service.settings import DEFAULT_BUNDLE
 from bench.common import RawConnection, admin_base, multipart_request, serve, write_results
 from bench.load_service import test_jpegs
 
-STAGES = ("decode", "queue", "model", "search", "total")
+STAGES = ("decode", "queue", "model", "search", "stateful", "total")
 DEFAULT_THREADS = torch.get_num_threads()
 A_OVER_B_TARGET = 0.9  # the guard's own cost
 A_OVER_C_TARGET = 0.7  # the service's overhead over the bare limit

@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     store = redis.Redis(port=redis_port, socket_timeout=2)
     env = {
         "ADVGUARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "ADVGUARD_STATEFUL_SECRET": "soak-secret",
         "ADVGUARD_CLIENT_TTL_S": str(args.client_ttl_s),
     }
     try:

@@ -18,6 +18,7 @@ import torch
 from app.core.features import image_to_pixels
 from app.core.images import decode_image
 from app.core.models import PreprocessingPreset
+from app.core.stateful import eight_bit as stateful_eight_bit
 from index_builder.sources import open_source
 
 
@@ -34,9 +35,9 @@ class ImageSplit:
 
 
 def eight_bit(pixels: np.ndarray) -> np.ndarray:
-    """[0, 1] float pixels as the 8-bit image a file holds (round half to even, clipped)."""
-    result: np.ndarray = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
-    return result
+    """[0, 1] float pixels as the 8-bit image a file holds: ``app.core.stateful.eight_bit``, the
+    conversion the service's fingerprints read."""
+    return stateful_eight_bit(pixels)
 
 
 def _cache_key(

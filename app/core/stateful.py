@@ -24,8 +24,10 @@ Three fingerprints were compared (evaluation/stateful_eval.py); all are pure fun
 
 from __future__ import annotations
 
+import bisect
 import hashlib
-from collections import OrderedDict
+import itertools
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -113,7 +115,7 @@ def window_sketch(hashes: U64, bits: int = SKETCH_BITS) -> U64:
     set (the low bits: the top hashes' high bits are all ones). Two images' sketches share about
     as many bits as their lists share hashes, plus chance collisions (~top^2 / bits: 2.4 for
     50 hashes in 1024 bits), at 128 bytes instead of 400, and compare by AND + popcount: a scan
-    of the whole store is a few vector operations, with no index to keep."""
+    of many entries is a few vector operations (the stores' index only narrows which)."""
     if bits % 64:
         raise ValueError("the sketch is whole 64-bit words")
     n = hashes.shape[0]
@@ -201,6 +203,14 @@ def embeddings(features: Mapping[str, npt.NDArray[np.float32]], layer: str) -> F
     return normalised
 
 
+def eight_bit(pixels: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
+    """[0, 1] float pixels as the 8-bit image a file holds (round half to even, clipped): the
+    preprocessed pixels the model sees, as the fingerprints read them. Exact for pixels made by
+    ``image_to_pixels`` (8-bit values divided by 255)."""
+    result: npt.NDArray[np.uint8] = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    return result
+
+
 def pixel_digests(images: npt.NDArray[np.uint8]) -> list[bytes]:
     """A 16-byte digest of each image's exact pixels: resends (exact copies) are told apart from
     near-duplicates by it, and never count as distinct matches."""
@@ -251,12 +261,22 @@ class WindowHashScheme:
         images: npt.NDArray[np.uint8],
         features: Mapping[str, npt.NDArray[np.float32]] | None = None,
     ) -> U64:
-        return window_sketch(window_hashes(images, self.secret, self.step, self.window, self.top))
+        return self.fingerprints_and_keys(images)[0]
+
+    def fingerprints_and_keys(self, images: npt.NDArray[np.uint8]) -> tuple[U64, U64]:
+        """(sketches, window hashes) from one hashing pass: the sketch is what the match rule
+        compares; the hashes themselves (0: padding) are the keys of a store's index, since two
+        queries whose sketches share ``threshold`` bits share almost as many hashes (chance
+        bit collisions: ~2.4 of ~50)."""
+        hashes = window_hashes(images, self.secret, self.step, self.window, self.top)
+        return window_sketch(hashes), hashes
 
     def similarity(
         self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
     ) -> npt.NDArray[np.float64]:
-        return shared_bits(query.astype(np.uint64), stored.astype(np.uint64)).astype(np.float64)
+        return shared_bits(
+            query.astype(np.uint64, copy=False), stored.astype(np.uint64, copy=False)
+        ).astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -341,15 +361,77 @@ def count_matches(
 
 
 @dataclass(frozen=True)
+class Answer:
+    """The compact answer served for a query, kept beside its fingerprint: under the ``silent``
+    policy a detected query is served its anchor's answer (the earliest stored near-duplicate),
+    so that neither a refusal nor a changed label tells the attacker it was detected (OARS,
+    CCS 2023)."""
+
+    decision: Literal["accepted", "rejected", "unguarded"]
+    class_index: int
+    probability: float
+    score: float
+
+
+@dataclass(frozen=True)
 class MatchEvidence:
     """What one query matched: the counts the rule reads, and who sent the matching queries."""
 
     client: MatchCount  # among the same client's recent queries
     everyone: MatchCount  # among all clients' recent queries (the client's own included)
     other_clients: tuple[str, ...]  # other senders of near-duplicates (at most MAX_EVIDENCE_IDS)
+    anchor: Answer | None = None  # the answer kept with the earliest near-duplicate or copy
 
 
 MAX_EVIDENCE_IDS = 16
+
+
+@dataclass(frozen=True)
+class ScopeMatch:
+    """The matches of a query in one scope (its client's queries, or everyone's)."""
+
+    count: MatchCount
+    others: tuple[str, ...]  # other senders of near-duplicates, oldest first
+    anchor: Answer | None  # the answer kept with the earliest match (near-duplicate or copy)
+    anchor_at: float  # when that match was stored (inf when none)
+
+
+NO_MATCH = ScopeMatch(MatchCount(0, 0, -np.inf), (), None, np.inf)
+
+
+def summarise_matches(
+    similarities: npt.NDArray[np.float64],
+    digests: Sequence[bytes],
+    clients: Sequence[str],
+    answers: Sequence[Answer | None],
+    own_digest: bytes,
+    client_id: str,
+    threshold: float,
+    stored_at: npt.NDArray[np.float64],
+) -> ScopeMatch:
+    """Every store's one summary of a query against its *live* earlier queries of one scope,
+    given oldest first: the rule's counts (``count_matches``), the other senders and the anchor.
+    Which entries are live is the store's business; what a match is, and what it counts, is
+    decided here only."""
+    count = count_matches(similarities, digests, own_digest, threshold)
+    matched = np.flatnonzero(similarities >= threshold).tolist()
+    if not matched:
+        return ScopeMatch(count, (), None, np.inf)
+    first = min(matched, key=lambda i: float(stored_at[i]))  # ties: the oldest stored
+    others: list[str] = []
+    for i in matched:
+        sender = clients[i]
+        if sender != client_id and sender not in others:
+            others.append(sender)
+            if len(others) == MAX_EVIDENCE_IDS:
+                break
+    return ScopeMatch(count, tuple(others), answers[first], float(stored_at[first]))
+
+
+def evidence_of(client: ScopeMatch, everyone: ScopeMatch) -> MatchEvidence:
+    """Both scopes' matches as the rule's evidence; the anchor is the earlier of the two."""
+    anchor = client.anchor if client.anchor_at < everyone.anchor_at else everyone.anchor
+    return MatchEvidence(client.count, everyone.count, everyone.others, anchor)
 
 
 @dataclass(frozen=True)
@@ -373,25 +455,112 @@ class DetectionRule:
         )
 
 
+# --------------------------------------------------------------------------- the index
+
+# A store's index files each query under buckets of its window hashes. Two queries whose
+# sketches share the match threshold's 25 bits share about that many window hashes (chance bit
+# collisions add ~2.4 of ~50), so they share at least MIN_SHARED_KEYS buckets with near
+# certainty (missing one needs 16 chance collisions: ~5e-9), while unrelated photos share
+# almost none: a lookup compares the query with the few entries filed in at least that many of
+# its buckets instead of scanning every entry. Measured on the recorded Square, HopSkipJump and
+# Boundary runs (40 images each, first 60 queries): all 227,606 matching pairs shared 20
+# buckets or more. At 3, photos with large uniform areas (shared windows) made ~16 candidates
+# per query at 4,000 stored; at 10, 0.03.
+BUCKET_BITS = 17  # 131,072 buckets: ~8 entries each with 20,000 queries of 50 hashes stored
+BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the largest): skip them
+MIN_SHARED_KEYS = 10
+
+
+def index_buckets(keys: U64) -> list[int]:
+    """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
+    present = keys[keys != 0]
+    mask = np.uint64((1 << BUCKET_BITS) - 1)
+    numbers: list[int] = np.unique((present >> np.uint64(BUCKET_SHIFT)) & mask).tolist()
+    return numbers
+
+
 # --------------------------------------------------------------------------- the store
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Where a store put a query: what ``relabel`` needs to change the answer kept with it."""
+
+    client_id: str
+    entry: int  # the store's sequence number of the query (1, 2, ...)
 
 
 class FingerprintStore(Protocol):
     """Recent queries' fingerprints: each new query is matched against its client's recent
-    queries and against all clients', then stored."""
+    queries and against all clients', then stored with the answer it was given."""
 
     def check_and_add(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
     ) -> MatchEvidence: ...
+
+    def check_and_store(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
+    ) -> tuple[MatchEvidence, Stored]: ...
+
+    def relabel(self, stored: Stored, answer: Answer) -> None: ...
 
     def __len__(self) -> int: ...
 
 
 @dataclass
 class _ClientBuffer:
-    rows: list[npt.NDArray[np.generic]]
+    """A client's last queries, oldest first: sketches and times in arrays (one allocation,
+    compared without stacking rows), grown as needed up to the per-client bound."""
+
+    rows: npt.NDArray[np.generic]  # (capacity, width); the first ``size`` rows are used
+    at: npt.NDArray[np.float64]  # (capacity,)
     digests: list[bytes]
-    at: list[float]
+    answers: list[Answer | None]
+    entries: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.digests)
+
+    def append(
+        self,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
+        entry: int,
+        limit: int,
+    ) -> None:
+        size = self.size
+        if size == limit:  # drop the oldest
+            self.rows[:-1] = self.rows[1:]
+            self.at[:-1] = self.at[1:]
+            del self.digests[0], self.answers[0], self.entries[0]
+            size -= 1
+        elif size == len(self.rows):  # grow (doubling, up to the limit)
+            capacity = min(limit, max(4, 2 * size))
+            rows = np.zeros((capacity, *self.rows.shape[1:]), self.rows.dtype)
+            rows[:size] = self.rows[:size]
+            times = np.full(capacity, -np.inf)
+            times[:size] = self.at[:size]
+            self.rows, self.at = rows, times
+        self.rows[size] = fingerprint
+        self.at[size] = at
+        self.digests.append(digest)
+        self.answers.append(answer)
+        self.entries.append(entry)
 
 
 class InProcessFingerprintStore:
@@ -403,8 +572,12 @@ class InProcessFingerprintStore:
       ``max_clients`` clients (least recently seen evicted first). It keeps a slow attacker's
       history after the shared ring has moved on.
 
-    A query is compared with every live entry by one vectorised scan (fingerprints are small
-    fixed-width rows: 128 bytes for the window-hash sketch), so there is no index to maintain.
+    Given a query's index keys (``fingerprints_and_keys``), everyone's queries are looked up
+    through the same bucket index as the Redis store's (``index_buckets``): the query is
+    compared with the entries filed in at least ``MIN_SHARED_KEYS`` of its buckets. Without
+    keys (the evaluation's replays), it is compared with every live entry by one vectorised scan
+    (fingerprints are small fixed-width rows: 128 bytes for the window-hash sketch); both find
+    the same matches. Not thread-safe: the service holds a lock around it.
     """
 
     def __init__(
@@ -427,11 +600,15 @@ class InProcessFingerprintStore:
         self._rows: npt.NDArray[np.generic] | None = None
         self._digests: list[bytes] = [b""] * max_fingerprints
         self._clients: list[str] = [""] * max_fingerprints
+        self._answers: list[Answer | None] = [None] * max_fingerprints
         self._at = np.full(max_fingerprints, -np.inf)
+        self._entry = np.zeros(max_fingerprints, dtype=np.int64)  # sequence number per slot
         self._next = 0  # ring position of the next entry
         self._size = 0  # live entries
         self._written = 0  # slots ever written (the ring's used prefix)
+        self._count = 0  # queries ever added (the last one's sequence number)
         self._buffers: OrderedDict[str, _ClientBuffer] = OrderedDict()
+        self._index: dict[int, list[int]] = {}  # bucket -> entry numbers filed there, ascending
 
     def __len__(self) -> int:
         return self._size
@@ -441,71 +618,165 @@ class InProcessFingerprintStore:
         return len(self._buffers)
 
     def check_and_add(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
     ) -> MatchEvidence:
+        return self.check_and_store(client_id, fingerprint, digest, at, answer, keys)[0]
+
+    def check_and_store(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: U64 | None = None,
+    ) -> tuple[MatchEvidence, Stored]:
+        """Match the query against its client's and everyone's live queries, then store it with
+        ``answer``. ``keys`` (a store index's keys) are not needed: the scan sees every entry."""
         client = self._match_client(client_id, fingerprint, digest, at)
-        everyone, others = self._match_everyone(client_id, fingerprint, digest, at)
-        self._add_client(client_id, fingerprint, digest, at)
-        self._add_everyone(client_id, fingerprint, digest, at)
-        return MatchEvidence(client, everyone, others)
+        buckets = None if keys is None else index_buckets(keys)
+        everyone = self._match_everyone(client_id, fingerprint, digest, at, buckets)
+        self._count += 1
+        self._add_client(client_id, fingerprint, digest, at, answer)
+        self._add_everyone(client_id, fingerprint, digest, at, answer)
+        if buckets is not None:
+            self._file(buckets, self._count)
+        return evidence_of(client, everyone), Stored(client_id, self._count)
+
+    def _candidates(self, buckets: list[int]) -> npt.NDArray[np.int64]:
+        """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets``; drops
+        the numbers of entries the ring has overwritten from every bucket it reads."""
+        lowest = self._count - self.max_fingerprints + 1  # entries below left the ring
+        lists = []
+        for bucket in buckets:
+            filed = self._index.get(bucket)
+            if filed is None:
+                continue
+            if filed[0] < lowest:
+                filed[:] = filed[bisect.bisect_left(filed, lowest) :]
+            lists.append(filed)
+        hits = Counter(itertools.chain.from_iterable(lists))
+        found = [e for e, n in hits.items() if n >= MIN_SHARED_KEYS]
+        slots = (np.asarray(found, dtype=np.int64) - 1) % self.max_fingerprints
+        kept: npt.NDArray[np.int64] = slots[self._entry[slots] == np.asarray(found)]
+        return kept
+
+    def _file(self, buckets: list[int], entry: int) -> None:
+        for bucket in buckets:
+            filed = self._index.get(bucket)
+            if filed is None:
+                self._index[bucket] = [entry]
+            else:
+                filed.append(entry)
+
+    def relabel(self, stored: Stored, answer: Answer) -> None:
+        """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
+        slots = np.flatnonzero(self._entry[: self._written] == stored.entry)
+        for slot in slots.tolist():
+            self._answers[slot] = answer
+        buffer = self._buffers.get(stored.client_id)
+        if buffer is not None and stored.entry in buffer.entries:
+            buffer.answers[buffer.entries.index(stored.entry)] = answer
 
     # -- each client's recent queries
 
     def _match_client(
         self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
-    ) -> MatchCount:
+    ) -> ScopeMatch:
         buffer = self._buffers.get(client_id)
-        if buffer is None:
-            return MatchCount(0, 0, -np.inf)
-        fresh = [i for i, t in enumerate(buffer.at) if t >= at - self.client_ttl_s]
-        if not fresh:
-            return MatchCount(0, 0, -np.inf)
-        rows = np.stack([buffer.rows[i] for i in fresh])
-        similarities = self.scheme.similarity(fingerprint, rows)
-        digests = [buffer.digests[i] for i in fresh]
-        return count_matches(similarities, digests, digest, self.scheme.threshold)
+        if buffer is None or buffer.size == 0:
+            return NO_MATCH
+        size = buffer.size
+        # times only grow within a client's buffer in practice, but test each one: exact
+        fresh = np.flatnonzero(buffer.at[:size] >= at - self.client_ttl_s)
+        if len(fresh) == 0:
+            return NO_MATCH
+        if len(fresh) == size:
+            similarities = self.scheme.similarity(fingerprint, buffer.rows[:size])
+            digests, answers = buffer.digests, buffer.answers
+        else:
+            similarities = self.scheme.similarity(fingerprint, buffer.rows[fresh])
+            digests = [buffer.digests[i] for i in fresh.tolist()]
+            answers = [buffer.answers[i] for i in fresh.tolist()]
+        return summarise_matches(
+            similarities,
+            digests,
+            [client_id] * len(fresh),
+            answers,
+            digest,
+            client_id,
+            self.scheme.threshold,
+            buffer.at[fresh],
+        )
 
     def _add_client(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
     ) -> None:
-        buffer = self._buffers.pop(client_id, None) or _ClientBuffer([], [], [])
-        buffer.rows.append(fingerprint)
-        buffer.digests.append(digest)
-        buffer.at.append(at)
-        if len(buffer.rows) > self.per_client:
-            del buffer.rows[0], buffer.digests[0], buffer.at[0]
+        buffer = self._buffers.pop(client_id, None)
+        if buffer is None:
+            empty = np.zeros((0, *fingerprint.shape), fingerprint.dtype)
+            buffer = _ClientBuffer(empty, np.zeros(0), [], [], [])
+        buffer.append(fingerprint, digest, at, answer, self._count, self.per_client)
         self._buffers[client_id] = buffer  # most recently seen last
         while len(self._buffers) > self.max_clients:
             self._buffers.popitem(last=False)
         # sweep one expired client per update: expiry outpaces the one client an update adds
         oldest_id, oldest = next(iter(self._buffers.items()))
-        if oldest.at[-1] < at - self.client_ttl_s:
+        if oldest.at[oldest.size - 1] < at - self.client_ttl_s:
             del self._buffers[oldest_id]
 
     # -- everyone's recent queries
 
     def _match_everyone(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
-    ) -> tuple[MatchCount, tuple[str, ...]]:
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        buckets: list[int] | None = None,
+    ) -> ScopeMatch:
         if self._rows is None or self._size == 0:
-            return MatchCount(0, 0, -np.inf), ()
-        # scan every slot ever written in place (no copy), then keep the live matches
-        similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
-        live = self._at[: self._written] >= at - self.ttl_s
-        slots = np.flatnonzero(live & (similarities >= self.scheme.threshold))
-        digests = [self._digests[s] for s in slots.tolist()]
-        count = count_matches(similarities[slots], digests, digest, self.scheme.threshold)
-        others: list[str] = []
-        for s in slots.tolist():
-            sender = self._clients[s]
-            if sender != client_id and sender not in others:
-                others.append(sender)
-                if len(others) == MAX_EVIDENCE_IDS:
-                    break
-        return count, tuple(others)
+            return NO_MATCH
+        if buckets is None:  # scan every slot ever written, in place (no copy)
+            candidates = np.arange(self._written)
+            similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
+        else:  # the index's candidates only
+            candidates = self._candidates(buckets)
+            similarities = self.scheme.similarity(fingerprint, self._rows[candidates])
+        # the live matches, oldest first (slot order is not arrival order once the ring wraps)
+        live = self._at[candidates] >= at - self.ttl_s
+        found = np.flatnonzero(live & (similarities >= self.scheme.threshold))
+        found = found[np.argsort(self._entry[candidates[found]], kind="stable")]
+        slots = candidates[found].tolist()
+        return summarise_matches(
+            similarities[found],
+            [self._digests[s] for s in slots],
+            [self._clients[s] for s in slots],
+            [self._answers[s] for s in slots],
+            digest,
+            client_id,
+            self.scheme.threshold,
+            self._at[slots],
+        )
 
     def _add_everyone(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
     ) -> None:
         if self._rows is None:
             self._rows = np.zeros((self.max_fingerprints, *fingerprint.shape), fingerprint.dtype)
@@ -515,7 +786,9 @@ class InProcessFingerprintStore:
         self._rows[slot] = fingerprint
         self._digests[slot] = digest
         self._clients[slot] = client_id
+        self._answers[slot] = answer
         self._at[slot] = at
+        self._entry[slot] = self._count
         self._written = max(self._written, slot + 1)
         self._next = (slot + 1) % self.max_fingerprints
         self._sweep(at)
@@ -533,6 +806,8 @@ class InProcessFingerprintStore:
             self._at[oldest] = -np.inf
             self._digests[oldest] = b""
             self._clients[oldest] = ""
+            self._answers[oldest] = None
+            self._entry[oldest] = 0
             self._size -= 1
 
 

@@ -38,6 +38,7 @@ from app.service.routes import router
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
+from app.service.stateful import build_stateful
 from app.service.tracking import ClientTracker, InMemoryTracker, RedisTracker
 
 log = logging.getLogger("advguard.service")
@@ -112,6 +113,7 @@ def build_service(
         identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
     service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
     service.neighbour_images = neighbour_images(settings, guard)
+    service.stateful = build_stateful(settings, metrics)
     manifest = guard.manifest
     metrics.bundle.info(
         {
@@ -461,6 +463,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             service.accepting = False
             await run_in_threadpool(service.batcher.stop)
             service.tracker.close()
+            if service.stateful is not None:
+                service.stateful.close()
 
     app = FastAPI(
         title="advguard",

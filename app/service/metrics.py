@@ -14,7 +14,10 @@ DECISIONS = ("accepted", "rejected", "unguarded", "error")  # unguarded: the gua
 # why a classification was refused with 503 overloaded: too many in flight, expected wait over
 # the latency budget, waited past the budget (never run), batcher queue full
 SHED_REASONS = ("in_flight", "expected_wait", "expired", "queue_full")
-STAGES = ("decode", "queue", "model", "search", "total")
+STAGES = ("decode", "queue", "model", "search", "stateful", "total")
+# what the stateful detector made of a query: no attack seen, detected, or its store failed (the
+# query answered as usual: fail open)
+STATEFUL_OUTCOMES = ("clear", "detected", "error")
 
 # kNN scores live in [0, 1]; the demo bundle's acceptance threshold is ~0.163 and its flag
 # threshold ~0.33, so the low end is finely bucketed.
@@ -82,6 +85,12 @@ class Metrics:
             "advguard_shed_total",
             "Classifications refused with 503 overloaded, by reason",
             ["reason"],
+            registry=r,
+        )
+        self.stateful = Counter(
+            "advguard_stateful_queries_total",
+            "Queries checked by the stateful detector, by policy and outcome",
+            ["policy", "outcome"],
             registry=r,
         )
         self.seconds_per_image = Gauge(

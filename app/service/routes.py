@@ -7,7 +7,7 @@ import asyncio
 import random
 import re
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.guard import Verdict
 from app.core.images import ImageDecodeError, decode_image
+from app.core.stateful import Answer
 from app.service.batcher import (
     BatcherClosedError,
     BatchResult,
@@ -34,6 +35,7 @@ from app.service.schemas import (
     Readiness,
 )
 from app.service.state import ApiError, Service
+from app.service.stateful import QueryPrint, track_and_screen
 from app.service.tracking import Observation
 from app.service.trust import Trusted
 
@@ -107,11 +109,14 @@ async def hold_refusal(delay_s: float) -> None:
         await asyncio.sleep(refusal_delay_s(delay_s))
 
 
-def _decode(service: Service, data: bytes) -> torch.Tensor:
+def _decode(service: Service, data: bytes) -> tuple[torch.Tensor, QueryPrint | None]:
+    """The pixels the model gets and, with stateful detection on, their fingerprint."""
     guard = service.guard
-    return guard.pixels(
+    pixels = guard.pixels(
         decode_image(data, service.settings.max_pixels, min_size=guard.preset.resize)
     )
+    stateful = service.stateful
+    return pixels, None if stateful is None else stateful.fingerprint(pixels)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
@@ -146,7 +151,7 @@ async def classify(
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "payload_too_large", "file exceeds the byte limit")
     try:
-        pixels = await run_in_threadpool(_decode, service, data)
+        pixels, query = await run_in_threadpool(_decode, service, data)
     except ImageDecodeError as exc:
         raise ApiError(400, "invalid_image", _OBJECT_REPR.sub("", str(exc))) from exc
     decoded = time.perf_counter()
@@ -182,24 +187,24 @@ async def classify(
         )
     metrics.stage_seconds.labels(stage="search").observe(result.search_s)
     metrics.score.observe(verdict.score)
-    decision = "accepted" if verdict.accepted else "rejected"
+    decision: Literal["accepted", "rejected"] = "accepted" if verdict.accepted else "rejected"
     metrics.requests.labels(decision=decision).inc()
     observation = Observation(client_id, verdict.score, verdict.accepted, time.time())
-    tracked = await run_in_threadpool(service.tracker.record, observation)
-    if tracked.newly_flagged:
-        metrics.clients_flagged.inc()
+    answer = Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
+    # the tracker, then the stateful detector, which may change the answer (or refuse: 403)
+    answer = await track_and_screen(service, observation, query, answer)
     metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
     return ClassifyResponse(
         request_id=request_id,
-        decision=decision,
+        decision=answer.decision,
         prediction=Prediction(
-            class_index=verdict.predicted_class,
-            class_name=verdict.class_name,
-            probability=verdict.probability,
+            class_index=answer.class_index,
+            class_name=service.guard.class_names[answer.class_index],
+            probability=answer.probability,
         )
-        if verdict.accepted
+        if answer.decision == "accepted"
         else None,
-        score=verdict.score if settings.expose_scores else None,
+        score=answer.score if settings.expose_scores else None,
         threshold=verdict.threshold if settings.expose_scores else None,
         explanation=None
         if result.explanation is None

@@ -144,6 +144,7 @@ class ClientStatsModel(_Model):
     last_seen: float
     flagged: bool
     flagged_at: float | None
+    flag_reasons: list[str] = []  # "score", "query_attack"
 
 
 class ClientList(_Model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.features import Precision
@@ -19,6 +19,9 @@ from app.core.flagging import (
 )
 from app.core.images import DEFAULT_MAX_PIXELS
 from app.core.search import SearchBackend
+from app.core.stateful import DEFAULT_RULE
+
+StatefulPolicy = Literal["flag", "refuse", "silent"]
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent.parent / "bundles" / "cifar10-resnet20"
 
@@ -117,3 +120,36 @@ class Settings(BaseSettings):
     flag_min_requests: int = Field(default=DEFAULT_MIN_REQUESTS, ge=1)
     ewma_alpha: float = Field(default=DEFAULT_EWMA_ALPHA, gt=0.0, le=1.0)
     policy: Literal["flag", "refuse"] = "flag"  # refuse: flagged clients get 403
+
+    # stateful detection of query attacks (app/service/stateful.py, docs/service.md): each
+    # query's fingerprint is matched against its client's and everyone's recent queries
+    stateful_enabled: bool = True
+    # what a detected query gets: "flag" answers as usual; "refuse" answers 403; "silent" (the
+    # default) answers what its anchor, the earliest stored near-duplicate, was answered, so
+    # that detection is no oracle (see docs/service.md for why this default)
+    stateful_policy: StatefulPolicy = "silent"
+    # the salt of the window hashes (an attacker who knows it can pick what the hashes miss);
+    # required with Redis, where every replica must hash alike; unset in process: random per
+    # process (its fingerprints live and die with it)
+    stateful_secret: SecretStr | None = None
+    stateful_ttl_s: float = Field(default=3600.0, gt=0.0)  # everyone's queries remembered
+    stateful_client_ttl_s: float = Field(default=86_400.0, gt=0.0)  # a client's own queries
+    stateful_max_fingerprints: int = Field(default=50_000, ge=1)  # everyone's queries kept
+    stateful_per_client: int = Field(default=256, ge=1)  # a client's own queries kept
+    stateful_max_clients: int = Field(default=100_000, ge=1)  # in process: clients kept
+    # distinct near-duplicates that detect a query among its client's / everyone's queries
+    stateful_client_matches: int = Field(default=DEFAULT_RULE.client_matches, ge=1)
+    stateful_global_matches: int = Field(default=DEFAULT_RULE.global_matches, ge=1)
+
+    @model_validator(mode="after")
+    def _shared_secret_with_redis(self) -> Settings:
+        """Replicas sharing Redis must hash with one secret: a random one per process would
+        make every replica's fingerprints of the same image differ, and nothing would match."""
+        secret = self.stateful_secret
+        stateful = self.stateful_enabled and self.guard_enabled
+        if stateful and self.redis_url and (secret is None or not secret.get_secret_value()):
+            raise ValueError(
+                "ADVGUARD_STATEFUL_SECRET is required with ADVGUARD_REDIS_URL (every replica "
+                "must hash queries with the same secret); or set ADVGUARD_STATEFUL_ENABLED=false"
+            )
+        return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from app.core.flagging import FlagPolicy
 from app.core.guard import Guard
@@ -12,6 +13,9 @@ from app.service.metrics import Metrics
 from app.service.neighbours import NeighbourImages
 from app.service.settings import Settings
 from app.service.tracking import ClientTracker
+
+if TYPE_CHECKING:
+    from app.service.stateful import StatefulDetector
 
 
 class ApiError(Exception):
@@ -37,3 +41,4 @@ class Service:
     neighbour_images: NeighbourImages | None = None  # ADVGUARD_NEIGHBOUR_SOURCE
     accepting: bool = True
     last_flagged_count: list[int] = field(default_factory=lambda: [0])
+    stateful: StatefulDetector | None = None  # stateful detection of query attacks; None: off

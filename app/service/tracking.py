@@ -41,6 +41,7 @@ from redis.retry import Retry
 from app.core.flagging import FlagPolicy, ScoreWindow, advance_window
 
 TrackerState = Literal["ok", "degraded"]
+SCORE_REASON = "score"  # flagged by the flag policy's statistic of the client's scores
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class ClientStats:
     last_seen: float
     flagged: bool
     flagged_at: float | None
+    # what flagged the client: "score" (the flag policy's statistic), "query_attack" (the
+    # stateful detector, app/service/stateful.py); a flag set by one reason gains the other's
+    # only when query_attack is detected on it (a set flag's score statistic is not re-read)
+    flag_reasons: tuple[str, ...] = ()
 
     @property
     def window(self) -> ScoreWindow:
@@ -92,6 +97,7 @@ class ClientTracker(Protocol):
     def flagged_clients(self) -> list[ClientStats]: ...
     def flagged_count(self) -> int: ...
     def is_flagged(self, client_id: str) -> bool: ...
+    def flag(self, client_id: str, reason: str, at: float) -> bool: ...
     def clear_flag(self, client_id: str) -> bool: ...
     def state(self) -> TrackerState: ...
     def buffered(self) -> int: ...
@@ -119,6 +125,7 @@ class _Entry:
     first_seen: float = 0.0
     last_seen: float = 0.0
     flagged_at: float | None = None
+    flag_reasons: tuple[str, ...] = ()
 
     def stats(self, client_id: str) -> ClientStats:
         return ClientStats(
@@ -135,6 +142,7 @@ class _Entry:
             last_seen=self.last_seen,
             flagged=self.flagged_at is not None,
             flagged_at=self.flagged_at,
+            flag_reasons=self.flag_reasons,
         )
 
 
@@ -218,11 +226,33 @@ class InMemoryTracker:
             entry.last_seen = max(entry.last_seen, observation.at)
             newly = entry.flagged_at is None and self.policy.should_flag(entry.window)
             if newly:
-                del self._unflagged[observation.client_id]
-                entry.flagged_at = observation.at
-                self._flagged[observation.client_id] = entry
+                self._set_flag(observation.client_id, entry, SCORE_REASON, observation.at)
             self._table(entry).move_to_end(observation.client_id)
             return RecordResult(entry.stats(observation.client_id), newly)
+
+    def _set_flag(self, client_id: str, entry: _Entry, reason: str, at: float) -> bool:
+        """Flag an unflagged entry (True), or add ``reason`` to its flag's reasons (False)."""
+        if entry.flagged_at is not None:
+            if reason not in entry.flag_reasons:
+                entry.flag_reasons = (*entry.flag_reasons, reason)
+            return False
+        del self._unflagged[client_id]
+        entry.flagged_at = at
+        entry.flag_reasons = (reason,)
+        self._flagged[client_id] = entry
+        return True
+
+    def flag(self, client_id: str, reason: str, at: float) -> bool:
+        """Flag a client for ``reason`` (a query attack); True when this call set the flag. A
+        client the tracker no longer holds starts an entry with no requests."""
+        with self._lock:
+            entry = self._live(client_id, at)
+            if entry is None:
+                self._make_room()
+                entry = self._unflagged[client_id] = _Entry(first_seen=at, last_seen=at)
+            newly = self._set_flag(client_id, entry, reason, at)
+            self._table(entry).move_to_end(client_id)
+            return newly
 
     def get(self, client_id: str) -> ClientStats | None:
         with self._lock:
@@ -251,6 +281,7 @@ class InMemoryTracker:
                 return False
             del self._flagged[client_id]
             entry.flagged_at = None
+            entry.flag_reasons = ()
             entry.window = ScoreWindow()
             self._unflagged[client_id] = entry
             return True
@@ -298,7 +329,7 @@ local seq = tonumber(ARGV[7])
 local ref = tonumber(ARGV[8])
 local f = function(x) return string.format('%.17g', x) end
 local flagged_at = function()
-  local fv = redis.call('HMGET', flag, 'at', 'seen')
+  local fv = redis.call('HMGET', flag, 'at', 'seen', 'reasons')
   if not fv[1] then return false end
   local seen = tonumber(fv[2]) or 0
   if at - seen > ttl then
@@ -306,7 +337,7 @@ local flagged_at = function()
     return false
   end
   if at > seen then redis.call('HSET', flag, 'seen', f(at)) end
-  return fv[1]
+  return fv[1] .. ' ' .. (fv[3] or 'score')
 end
 local v = redis.call('HMGET', key, 'requests', 'accepted', 'rejected', 'scored', 'mean', 'ewma',
                      'first_seen', 'last_seen', 'w', 'wrej', 'cusum')
@@ -344,10 +375,18 @@ return {requests, accepted, rejected, scored, f(mean), f(ewma), f(first_seen), f
         flagged_at(), wrej, f(cusum)}
 """
 
-# KEYS: flag hash. ARGV: at. Sets the flag unless one is there: 1 when this call set it.
+# KEYS: flag hash. ARGV: at, reason. Sets the flag unless one is there: 1 when this call set it;
+# a flag already there gains the reason (`reasons`: comma-separated; absent on flags set before
+# reasons existed, which were all the score's).
 _FLAG_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'at', ARGV[1], 'seen', ARGV[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local reasons = redis.call('HGET', KEYS[1], 'reasons') or 'score'
+  if not string.find(',' .. reasons .. ',', ',' .. ARGV[2] .. ',', 1, true) then
+    redis.call('HSET', KEYS[1], 'reasons', reasons .. ',' .. ARGV[2])
+  end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'at', ARGV[1], 'seen', ARGV[1], 'reasons', ARGV[2])
 return 1
 """
 
@@ -554,7 +593,9 @@ class RedisTracker:
                 repr(self.policy.window.cusum_reference),
             ],
         )
-        flagged_at = None if raw[8] is None else float(_as_str(raw[8]))
+        flag_at, _, flag_reasons = ("" if raw[8] is None else _as_str(raw[8])).partition(" ")
+        flagged_at = float(flag_at) if flag_at else None
+        reasons = tuple(flag_reasons.split(",")) if flagged_at is not None else ()
         stats = ClientStats(
             client_id=observation.client_id,
             requests=int(raw[0]),
@@ -569,17 +610,35 @@ class RedisTracker:
             last_seen=float(_as_str(raw[7])),
             flagged=flagged_at is not None,
             flagged_at=flagged_at,
+            flag_reasons=reasons,
         )
         newly = False
         if flagged_at is None and self.policy.should_flag(stats.window):
-            newly = self._set_flag(observation.client_id, observation.at)
-            stats = replace(stats, flagged=True, flagged_at=observation.at)
+            newly = self._set_flag(observation.client_id, observation.at, SCORE_REASON)
+            stats = replace(
+                stats, flagged=True, flagged_at=observation.at, flag_reasons=(SCORE_REASON,)
+            )
         return RecordResult(stats, newly)
 
-    def _set_flag(self, client_id: str, at: float) -> bool:
+    def _set_flag(self, client_id: str, at: float, reason: str) -> bool:
         """Index first, then the flag (see the class docstring); True when this call set it."""
         self._redis.zadd(self.flagged_key, {client_id: at})
-        return bool(self._script("flag", [self.flag_key(client_id)], [repr(float(at))]))
+        return bool(self._script("flag", [self.flag_key(client_id)], [repr(float(at)), reason]))
+
+    def flag(self, client_id: str, reason: str, at: float) -> bool:
+        """Flag a client for ``reason`` (a query attack); True when this call set the flag.
+        Fails open: with Redis unreachable nothing is flagged and the error is counted."""
+        with self._lock:
+            if not self._may_try():
+                self.on_error()
+                return False
+            try:
+                newly = self._set_flag(client_id, at, reason)
+            except REDIS_ERRORS:
+                self._failed()
+                return False
+            self._down = False
+            return newly
 
     # -- the protocol
 
@@ -613,7 +672,11 @@ class RedisTracker:
         return float(_as_str(at)), float(_as_str(seen))
 
     def _stats(
-        self, client_id: str, fields: dict[bytes, bytes], flag: tuple[float, float] | None
+        self,
+        client_id: str,
+        fields: dict[bytes, bytes],
+        flag: tuple[float, float] | None,
+        reasons: Any = None,
     ) -> ClientStats:
         """From the client's hash and its live flag. A flagged client whose statistics were
         evicted (maxmemory) shows zero counts, first seen when flagged, last seen per the flag."""
@@ -640,18 +703,23 @@ class RedisTracker:
             last_seen=float(get("last_seen")),
             flagged=flagged_at is not None,
             flagged_at=flagged_at,
+            flag_reasons=(
+                tuple((_as_str(reasons) if reasons else SCORE_REASON).split(","))
+                if flag is not None
+                else ()
+            ),
         )
 
     def get(self, client_id: str) -> ClientStats | None:
         def read() -> ClientStats | None:
             pipe = self._redis.pipeline(transaction=False)  # one slot: one node
             pipe.hgetall(self.client_key(client_id))
-            pipe.hmget(self.flag_key(client_id), ["at", "seen"])
+            pipe.hmget(self.flag_key(client_id), ["at", "seen", "reasons"])
             fields, flag_fields = pipe.execute()
-            flag = self._live_flag(flag_fields, time.time())
+            flag = self._live_flag(flag_fields[:2], time.time())
             if not fields and flag is None:
                 return None
-            return self._stats(client_id, fields, flag)
+            return self._stats(client_id, fields, flag, flag_fields[2])
 
         result: ClientStats | None = self._read(read)
         return result
@@ -686,14 +754,15 @@ class RedisTracker:
             members = [_as_str(m) for m in self._redis.zrange(self.flagged_key, 0, -1)]
             pipe = self._redis.pipeline(transaction=False)
             for client_id in members:
-                pipe.hmget(self.flag_key(client_id), ["at", "seen"])
+                pipe.hmget(self.flag_key(client_id), ["at", "seen", "reasons"])
                 pipe.hgetall(self.client_key(client_id))
             replies = pipe.execute()
             found = []
             for i, client_id in enumerate(members):
-                flag = self._live_flag(replies[2 * i], now)
+                flag = self._live_flag(replies[2 * i][:2], now)
                 if flag is not None:  # else: being set, or expired and not swept yet
-                    found.append(self._stats(client_id, replies[2 * i + 1], flag))
+                    reasons = replies[2 * i][2]
+                    found.append(self._stats(client_id, replies[2 * i + 1], flag, reasons))
             return sorted(found, key=lambda s: (s.flagged_at or 0.0, s.client_id))
 
         result: list[ClientStats] = self._read(read)

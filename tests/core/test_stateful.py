@@ -13,6 +13,8 @@ from PIL import Image
 from app.core.models import PRESETS
 from app.core.stateful import (
     DEFAULT_RULE,
+    NO_MATCH,
+    Answer,
     DetectionRule,
     EmbeddingScheme,
     InProcessFingerprintStore,
@@ -21,10 +23,13 @@ from app.core.stateful import (
     PerceptualHashScheme,
     count_matches,
     default_scheme,
+    eight_bit,
+    evidence_of,
     hamming,
     perceptual_hashes,
     pixel_digests,
     shared_hashes,
+    summarise_matches,
     window_hashes,
 )
 from evaluation.honest_traffic import EDITS, as_served, edit, encode
@@ -277,3 +282,58 @@ def test_honest_near_duplicate_bursts_not_flagged(photos: np.ndarray) -> None:
             )
         for evidence in _send(store, f"honest-{c}", np.stack(burst), start=100.0 * c):
             assert not DEFAULT_RULE.detects(evidence)
+
+
+# --------------------------------------------------------------------------- answers and anchors
+
+
+def test_summarise_matches_pure() -> None:
+    """Counts as ``count_matches``; the anchor is the earliest match (copies included, ties: the
+    oldest stored); other senders in order, the query's own client left out."""
+    a1, a2, a3 = (Answer("accepted", i, 0.9, 0.5) for i in range(3))
+    summary = summarise_matches(
+        np.array([50.0, 10.0, 40.0, 45.0]),
+        [b"own", b"x", b"a", b"b"],
+        ["bob", "carol", "me", "bob"],
+        [a1, a2, a3, None],
+        b"own",
+        "me",
+        30.0,
+        np.array([5.0, 1.0, 3.0, 3.0]),
+    )
+    assert summary.count == MatchCount(distinct=2, exact=1, best=45.0)
+    assert (summary.anchor, summary.anchor_at) == (a3, 3.0)  # carol's is older but no match
+    assert summary.others == ("bob",)
+    none = summarise_matches(np.array([1.0]), [b"x"], ["a"], [a1], b"y", "me", 30.0, np.ones(1))
+    assert none.anchor is None and none.count.distinct == 0
+    # the earlier anchor of the two scopes wins
+    later = summary.__class__(summary.count, (), a1, 9.0)
+    assert evidence_of(later, summary).anchor == a3
+    assert evidence_of(summary, NO_MATCH).anchor == a3
+
+
+def test_the_store_keeps_answers_and_relabels(photos: np.ndarray) -> None:
+    store = InProcessFingerprintStore(default_scheme(SECRET), ttl_s=2.5)
+    near = attack_sequence(photos[3], 3, seed=8)
+    prints, digests = store.scheme.fingerprints(near), pixel_digests(near)
+    first, second = Answer("accepted", 3, 0.8, 0.4), Answer("rejected", 5, 0.6, 0.1)
+    relabelled = Answer("accepted", 7, 0.7, 0.3)
+    evidence, _ = store.check_and_store("a", prints[0], digests[0], 0.0, first)
+    assert evidence.anchor is None
+    evidence, stored = store.check_and_store("b", prints[1], digests[1], 1.0, second)
+    assert evidence.anchor == first  # another client's: account-oblivious
+    store.relabel(stored, relabelled)
+    # at 3.0 a's query has left everyone's window; b's own, relabelled, is the anchor
+    evidence, _ = store.check_and_store("b", prints[2], digests[2], 3.0, second)
+    assert evidence.anchor == relabelled
+
+
+def test_eight_bit_inverts_image_to_pixels(photos: np.ndarray) -> None:
+    assert np.array_equal(eight_bit(photos.astype(np.float32) / 255.0), photos)
+
+
+def test_fingerprints_and_keys_agree_with_fingerprints(photos: np.ndarray) -> None:
+    scheme = default_scheme(SECRET)
+    sketches, keys = scheme.fingerprints_and_keys(photos[:4])
+    assert np.array_equal(sketches, scheme.fingerprints(photos[:4]))
+    assert np.array_equal(keys, window_hashes(photos[:4], SECRET, scheme.step, scheme.window, 50))

@@ -24,6 +24,7 @@ COUNTERS = {
     "advguard_http_responses_total",
     "advguard_clients_flagged_total",
     "advguard_tracker_errors_total",
+    "advguard_stateful_queries_total",
 }
 GAUGES = {"advguard_queue_depth", "advguard_flagged_clients", "advguard_tracker_buffered_updates"}
 HISTOGRAMS = {"advguard_score", "advguard_stage_seconds", "advguard_batch_size"}
@@ -50,6 +51,7 @@ REQUIRED_PANELS = {
     "Queue depth",
     "Flagged clients",
     "Tracker errors",
+    "Query attacks (stateful detection)",
 }
 
 

@@ -130,7 +130,7 @@ def test_services_hpa_and_pdb_select_the_right_pods() -> None:
     config = by_kind("ConfigMap")["advguard-config"]["data"]
     assert config["ADVGUARD_REDIS_URL"] == "redis://advguard-redis:6379/0"
     assert set(by_kind("Secret")["advguard-secrets"]["stringData"]) == {
-        "ADVGUARD_API_KEYS", "ADVGUARD_ADMIN_TOKEN"
+        "ADVGUARD_API_KEYS", "ADVGUARD_ADMIN_TOKEN", "ADVGUARD_STATEFUL_SECRET"
     }  # fmt: skip
 
 

@@ -215,6 +215,7 @@ def test_every_dashboard_and_alert_expression_returns_data(
     api_port, admin_port = free_port(), free_port()
     env = {
         "ADVGUARD_REDIS_URL": redis_server.url,
+        "ADVGUARD_STATEFUL_SECRET": "live-test-secret",
         "ADVGUARD_REDIS_PREFIX": f"live-{uuid.uuid4().hex[:8]}",
         "ADVGUARD_ADMIN_TOKEN": ADMIN_TOKEN,
         "ADVGUARD_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),

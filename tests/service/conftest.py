@@ -92,6 +92,7 @@ def make_client(tracker_kind: str, request: pytest.FixtureRequest) -> Iterator[C
         if tracker_kind == "redis":
             server: RedisProcess = request.getfixturevalue("redis_server")
             values["redis_url"] = server.url
+            values["stateful_secret"] = "test-secret"
             values["redis_prefix"] = f"test-{uuid.uuid4().hex[:12]}"
         values.update(overrides)
         app = create_app(Settings(**values))

@@ -45,7 +45,11 @@ def test_redis_unreachable_from_the_start(tmp_path: Path, test_images: list[Labe
     every update once Redis comes up on that address."""
     server = RedisProcess(free_port(), tmp_path)  # not started yet
     settings = Settings(
-        device="cpu", redis_url=server.url, redis_retry_interval_s=0.1, admin_token="s3cret"
+        device="cpu",
+        redis_url=server.url,
+        stateful_secret="test-secret",
+        redis_retry_interval_s=0.1,
+        admin_token="s3cret",
     )
     try:
         with TestClient(create_app(settings)) as client:
@@ -74,7 +78,11 @@ def test_redis_restarted_under_concurrent_load(
     server = RedisProcess(free_port(), tmp_path, persistent=True)
     server.start()
     settings = Settings(
-        device="cpu", redis_url=server.url, redis_retry_interval_s=0.1, admin_token="s3cret"
+        device="cpu",
+        redis_url=server.url,
+        stateful_secret="test-secret",
+        redis_retry_interval_s=0.1,
+        admin_token="s3cret",
     )
     images = test_images[:40]
     clients = ("c0", "c1", "c2", "c3")

@@ -30,6 +30,7 @@ def test_redis_outage(persistent_redis: RedisProcess, test_images: list[Labelled
     settings = Settings(
         device="cpu",
         redis_url=persistent_redis.url,
+        stateful_secret="test-secret",
         redis_retry_interval_s=0.1,
         admin_token="s3cret",
     )

@@ -293,6 +293,7 @@ def test_service_on_a_cluster_flags_refuses_lists_and_clears(
         device="cpu",
         max_wait_ms=1.0,
         redis_url=redis_cluster.url,
+        stateful_secret="test-secret",  # type: ignore[arg-type]
         redis_cluster=True,
         redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
         flag_policy="mean",

@@ -1,0 +1,452 @@
+"""The Redis fingerprint store of the stateful detector: the in-process store's twin, shared by
+replicas, with an index so that a lookup reads only candidates.
+
+It keeps what ``app.core.stateful.InProcessFingerprintStore`` keeps, with the same bounds and the
+same notion of a live entry, and decides matches with the same pure function
+(``summarise_matches``): Redis only finds candidates and stores records.
+
+Key layout (``<p>`` = the prefix; a script touches the keys of one hash tag only, so every call
+stays in one slot of a Redis Cluster):
+
+- everyone's queries, under the tag ``{<p>:fp}`` (one slot, so one node of a cluster):
+  ``<p>:fp:{<p>:fp}:meta`` hash {seq: last entry number, lo: lowest entry not deleted};
+  ``<p>:fp:{<p>:fp}:entries`` hash entry number -> record (fixed part + sender's id);
+  ``<p>:fp:{<p>:fp}:buckets`` hash bucket -> the entry numbers filed there, 4 bytes each,
+  ascending. No TTL: they are bounded by ``max_fingerprints`` (a volatile-lru Redis never
+  evicts them, and a lost ``meta`` cannot renumber live entries);
+- each client's queries: ``<p>:fp:client:{<id>}`` string, its last ``per_client`` fixed-size
+  records, TTL ``client_ttl_s`` refreshed on every query (evictable like the statistics).
+
+The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash
+of a query files the query's entry number in bucket ``(hash >> 20) mod 2^17``. A lookup
+counts, per entry, the query's buckets it is filed in, and fetches the entries with at least
+``MIN_SHARED_KEYS``. Two queries whose sketches share the match threshold's 25 bits share
+about that many window hashes (chance bit collisions add ~2.4), so a match always reaches
+that count; the match rule then runs on the fetched sketches.
+A bucket drops the numbers below ``lo`` (deleted entries) whenever a query touches it, and the
+sweep deletes a few of the oldest entries per query (over the cap or past the TTL), so memory
+follows the live entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from app.core.stateful import (
+    MIN_SHARED_KEYS,
+    NO_MATCH,
+    Answer,
+    MatchEvidence,
+    Scheme,
+    ScopeMatch,
+    Stored,
+    evidence_of,
+    index_buckets,
+    summarise_matches,
+)
+from app.service.tracking import RedisClient, connect, hash_tag
+
+SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
+# candidates fetched at most (in the order met; the in-process store has no such bound): a bound
+# on one script's reply, far above what honest photos or an attack produce (a query's
+# near-duplicates and a few chance sharers)
+MAX_CANDIDATES = 2000
+
+DECISIONS: tuple[str, ...] = ("", "accepted", "rejected", "unguarded")  # byte code -> decision
+
+
+def record_dtype(words: int) -> np.dtype[Any]:
+    """The fixed-size record of one stored query: ``at`` first (the Lua sweep reads it at byte
+    1), the sketch, the pixel digest, the answer served, and its entry number."""
+    return np.dtype(
+        [
+            ("at", "<f8"),
+            ("sketch", "<u8", (words,)),
+            ("digest", "V16"),
+            ("decision", "u1"),
+            ("class_index", "<i4"),
+            ("probability", "<f8"),
+            ("score", "<f8"),
+            ("entry", "<u8"),
+        ]
+    )
+
+
+# KEYS: meta, entries, buckets. ARGV: now, ttl, cap, min shared buckets, record, bucket ...
+# Sweeps, looks up candidates, then adds the query. Returns {seq before the add, the new entry's
+# number, candidate number, candidate record, ...}.
+_GLOBAL_BODY = """
+local now = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
+local min_hits = tonumber(ARGV[4])
+local meta = redis.call('HMGET', KEYS[1], 'seq', 'lo')
+local seq = tonumber(meta[1]) or 0
+local lo = tonumber(meta[2]) or 1
+local swept = 0
+while lo <= seq and swept < SWEEP_BATCH do
+  local gone = lo <= seq - cap
+  if not gone then
+    local rec = redis.call('HGET', KEYS[2], lo)
+    gone = (not rec) or struct.unpack('<d', rec) < now - ttl
+  end
+  if not gone then break end
+  redis.call('HDEL', KEYS[2], lo)
+  lo = lo + 1
+  swept = swept + 1
+end
+local fields = {}
+for i = BUCKET_START, #ARGV do fields[#fields + 1] = ARGV[i] end
+local lists = {}
+if #fields > 0 then lists = redis.call('HMGET', KEYS[3], unpack(fields)) end
+local hits, order, kept = {}, {}, {}
+for k = 1, #fields do
+  local ids = lists[k] or ''
+  local n = #ids / 4
+  local first = 1
+  while first <= n and struct.unpack('>I4', ids, 4 * first - 3) < lo do first = first + 1 end
+  for j = first, n do
+    local id = struct.unpack('>I4', ids, 4 * j - 3)
+    local h = hits[id]
+    if h then hits[id] = h + 1 else hits[id] = 1; order[#order + 1] = id end
+  end
+  kept[k] = string.sub(ids, 4 * first - 3)
+end
+local id = seq + 1
+local out = {seq, id}
+local found = {}
+for _, c in ipairs(order) do
+  if hits[c] >= min_hits and #found < MAX_CANDIDATES then found[#found + 1] = c end
+end
+if #found > 0 then
+  local recs = redis.call('HMGET', KEYS[2], unpack(found))
+  for k = 1, #found do
+    if recs[k] then
+      out[#out + 1] = found[k]
+      out[#out + 1] = recs[k]
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', id, 'lo', lo)
+redis.call('HSET', KEYS[2], id, ARGV[5])
+if #fields > 0 then
+  local writes = {}
+  for k = 1, #fields do
+    writes[#writes + 1] = fields[k]
+    writes[#writes + 1] = kept[k] .. struct.pack('>I4', id)
+  end
+  redis.call('HSET', KEYS[3], unpack(writes))
+end
+CLIENT_PART
+return out
+""".replace("SWEEP_BATCH", str(SWEEP_BATCH)).replace("MAX_CANDIDATES", str(MAX_CANDIDATES))
+_GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_START", "6").replace("CLIENT_PART", "")
+
+# One Redis (not a cluster): everyone's part and the client's in one script, one round trip.
+# KEYS: meta, entries, buckets, the client's string. ARGV: now, ttl, cap, min shared buckets,
+# record, the client's record, per client, client ttl, record size, entry offset, bucket ...
+# The client's record gets the new entry's number. Returns the global script's reply with the
+# client's previous records inserted third.
+_BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_START", "11").replace(
+    "CLIENT_PART",
+    """
+local size = tonumber(ARGV[9])
+local keep = tonumber(ARGV[7])
+local old = redis.call('GET', KEYS[4]) or ''
+if #old > keep * size then old = string.sub(old, #old - keep * size + 1) end
+local last = old
+if #last > (keep - 1) * size then last = string.sub(last, #last - (keep - 1) * size + 1) end
+local off = tonumber(ARGV[10])
+local own = string.sub(ARGV[6], 1, off) .. struct.pack('<I4', id) ..
+            string.rep(string.char(0), 4) .. string.sub(ARGV[6], off + 9)
+redis.call('SET', KEYS[4], last .. own, 'EX', ARGV[8])
+table.insert(out, 3, old)
+""",
+)
+
+# KEYS: the client's string. ARGV: record, per client, client ttl, record size. Returns the
+# client's last `per client` records before this one, then keeps the last `per client` with it.
+_CLIENT_LUA = """
+local size = tonumber(ARGV[4])
+local keep = tonumber(ARGV[2])
+local old = redis.call('GET', KEYS[1]) or ''
+if #old > keep * size then old = string.sub(old, #old - keep * size + 1) end
+local kept = old
+if #kept > (keep - 1) * size then kept = string.sub(kept, #kept - (keep - 1) * size + 1) end
+redis.call('SET', KEYS[1], kept .. ARGV[1], 'EX', ARGV[3])
+return old
+"""
+
+# KEYS: entries. ARGV: entry number, answer offset, answer bytes. Rewrites a record's answer.
+_RELABEL_GLOBAL_LUA = """
+local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if not rec then return 0 end
+local off = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], ARGV[1],
+           string.sub(rec, 1, off) .. ARGV[3] .. string.sub(rec, off + #ARGV[3] + 1))
+return 1
+"""
+
+# KEYS: the client's string. ARGV: entry bytes, entry offset, answer offset, answer bytes, record
+# size. Rewrites the answer of the client's record with that entry number (TTL kept).
+_RELABEL_CLIENT_LUA = """
+local s = redis.call('GET', KEYS[1])
+if not s then return 0 end
+local size = tonumber(ARGV[5])
+local entry_off = tonumber(ARGV[2])
+for start = #s - size, 0, -size do
+  if string.sub(s, start + entry_off + 1, start + entry_off + 8) == ARGV[1] then
+    redis.call('SETRANGE', KEYS[1], start + tonumber(ARGV[3]), ARGV[4])
+    return 1
+  end
+end
+return 0
+"""
+
+_SCRIPTS = {
+    "both": _BOTH_LUA,
+    "global": _GLOBAL_LUA,
+    "client": _CLIENT_LUA,
+    "relabel_global": _RELABEL_GLOBAL_LUA,
+    "relabel_client": _RELABEL_CLIENT_LUA,
+}
+
+
+class RedisFingerprintStore:
+    """Everyone's recent queries (indexed) and each client's, in Redis or a Redis Cluster.
+
+    A query is one atomic script on one Redis; on a cluster, two: everyone's (sweep, candidates,
+    add) and then its client's (read, append, trim), each in its own slot. Matching runs here
+    on what they return, with the in-process store's pure function. Errors propagate
+    (``REDIS_ERRORS``): the caller fails open."""
+
+    def __init__(
+        self,
+        url: str,
+        scheme: Scheme,
+        *,
+        prefix: str = "advguard",
+        max_fingerprints: int = 50_000,
+        ttl_s: float = 3600.0,
+        per_client: int = 256,
+        client_ttl_s: float = 86_400.0,
+        timeout_s: float = 0.2,
+        cluster: bool = False,
+        words: int = 16,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
+        if min(max_fingerprints, per_client) < 1:
+            raise ValueError("store bounds must be positive")
+        self.scheme = scheme
+        self.prefix = prefix
+        self.max_fingerprints = max_fingerprints
+        self.ttl_s = ttl_s
+        self.per_client = per_client
+        self.client_ttl_s = client_ttl_s
+        self.dtype = record_dtype(words)
+        self._answer_offset = self.dtype.fields["decision"][1]  # type: ignore[index]
+        self._entry_offset = self.dtype.fields["entry"][1]  # type: ignore[index]
+        tag = f"{{{prefix}:fp}}"
+        self.meta_key = f"{prefix}:fp:{tag}:meta"
+        self.entries_key = f"{prefix}:fp:{tag}:entries"
+        self.buckets_key = f"{prefix}:fp:{tag}:buckets"
+        self._url = url
+        self._cluster = cluster
+        self._timeout_s = timeout_s
+        self._client: RedisClient | None = None
+        self._scripts: dict[str, Any] = {}
+
+    def client_key(self, client_id: str) -> str:
+        return f"{self.prefix}:fp:client:{{{hash_tag(client_id)}}}"
+
+    @property
+    def redis(self) -> RedisClient:
+        """Connected on first use (a cluster client connects when made)."""
+        if self._client is None:
+            client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
+            self._scripts = {name: client.register_script(lua) for name, lua in _SCRIPTS.items()}
+            self._client = client
+        return self._client
+
+    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        self.redis  # noqa: B018 (connects and registers the scripts)
+        return self._scripts[name](keys=keys, args=args)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __len__(self) -> int:
+        """Entries held (live or not yet swept)."""
+        return int(self.redis.hlen(self.entries_key))
+
+    # -- records
+
+    def _record(
+        self,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
+        entry: int = 0,
+    ) -> npt.NDArray[Any]:
+        record = np.zeros(1, dtype=self.dtype)
+        record["at"] = at
+        record["sketch"] = fingerprint.astype(np.uint64)
+        record["digest"] = np.void(digest.ljust(16, b"\0")[:16])
+        record["entry"] = entry
+        if answer is not None:
+            record["decision"] = DECISIONS.index(answer.decision)
+            record["class_index"] = answer.class_index
+            record["probability"] = answer.probability
+            record["score"] = answer.score
+        return record
+
+    def _answer_bytes(self, answer: Answer) -> bytes:
+        record = self._record(np.zeros(self.dtype["sketch"].shape, np.uint64), b"", 0.0, answer)
+        start = self._answer_offset
+        return record.tobytes()[start : self._entry_offset]
+
+    @staticmethod
+    def _answers(records: npt.NDArray[Any]) -> list[Answer | None]:
+        return [
+            None
+            if int(r["decision"]) == 0
+            else Answer(
+                DECISIONS[int(r["decision"])],  # type: ignore[arg-type]
+                int(r["class_index"]),
+                float(r["probability"]),
+                float(r["score"]),
+            )
+            for r in records
+        ]
+
+    def _scope(
+        self,
+        records: npt.NDArray[Any],
+        senders: list[str],
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        client_id: str,
+    ) -> ScopeMatch:
+        if len(records) == 0:
+            return NO_MATCH
+        return summarise_matches(
+            self.scheme.similarity(fingerprint, records["sketch"]),
+            [bytes(d) for d in records["digest"]],
+            senders,
+            self._answers(records),
+            digest,
+            client_id,
+            self.scheme.threshold,
+            records["at"].astype(np.float64),
+        )
+
+    # -- the store
+
+    def check_and_store(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: npt.NDArray[np.uint64] | None = None,
+    ) -> tuple[MatchEvidence, Stored]:
+        """Match the query against everyone's live queries (candidates from the index) and its
+        client's, then store it; live means what it means in process: among the last
+        ``max_fingerprints`` queries and within ``ttl_s`` (everyone's), among the client's last
+        ``per_client`` and within ``client_ttl_s`` (the client's)."""
+        if keys is None:
+            raise ValueError("the Redis store needs the query's index keys (its window hashes)")
+        record = self._record(fingerprint, digest, at, answer)
+        size = self.dtype.itemsize
+        client_ttl = max(1, int(np.ceil(self.client_ttl_s)))
+        global_keys = [self.meta_key, self.entries_key, self.buckets_key]
+        global_args = [
+            repr(float(at)),
+            repr(float(self.ttl_s)),
+            self.max_fingerprints,
+            MIN_SHARED_KEYS,
+            record.tobytes() + client_id.encode(),
+        ]
+        previous: bytes | None = None
+        if self._cluster:  # two slots: two scripts
+            raw = self._run("global", global_keys, [*global_args, *index_buckets(keys)])
+        else:  # one script, one round trip
+            raw = self._run(
+                "both",
+                [*global_keys, self.client_key(client_id)],
+                [
+                    *global_args,
+                    record.tobytes(),
+                    self.per_client,
+                    client_ttl,
+                    size,
+                    self._entry_offset,
+                    *index_buckets(keys),
+                ],
+            )
+            previous = raw[2]
+            raw = [raw[0], raw[1], *raw[3:]]
+        seq, entry = int(raw[0]), int(raw[1])
+        numbers = [int(n) for n in raw[2::2]]
+        blobs: list[bytes] = list(raw[3::2])
+        order = np.argsort(numbers, kind="stable")  # oldest first
+        live_numbers, live_blobs = [], []
+        for i in order.tolist():
+            if numbers[i] > seq - self.max_fingerprints:
+                live_numbers.append(numbers[i])
+                live_blobs.append(blobs[i])
+        everyone_records = np.frombuffer(b"".join(b[:size] for b in live_blobs), self.dtype)
+        fresh = everyone_records["at"] >= at - self.ttl_s
+        everyone = self._scope(
+            everyone_records[fresh],
+            [b[size:].decode() for b, keep in zip(live_blobs, fresh, strict=True) if keep],
+            fingerprint,
+            digest,
+            client_id,
+        )
+        if self._cluster:
+            record["entry"] = entry
+            previous = self._run(
+                "client",
+                [self.client_key(client_id)],
+                [record.tobytes(), self.per_client, client_ttl, size],
+            )
+        own = np.frombuffer(previous or b"", self.dtype)
+        own = own[own["at"] >= at - self.client_ttl_s]
+        client = self._scope(own, [client_id] * len(own), fingerprint, digest, client_id)
+        return evidence_of(client, everyone), Stored(client_id, entry)
+
+    def check_and_add(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None = None,
+        keys: npt.NDArray[np.uint64] | None = None,
+    ) -> MatchEvidence:
+        return self.check_and_store(client_id, fingerprint, digest, at, answer, keys)[0]
+
+    def relabel(self, stored: Stored, answer: Answer) -> None:
+        """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
+        data = self._answer_bytes(answer)
+        self._run("relabel_global", [self.entries_key], [stored.entry, self._answer_offset, data])
+        self._run(
+            "relabel_client",
+            [self.client_key(stored.client_id)],
+            [
+                np.array([stored.entry], "<u8").tobytes(),
+                self._entry_offset,
+                self._answer_offset,
+                data,
+                self.dtype.itemsize,
+            ],
+        )

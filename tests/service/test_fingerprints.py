@@ -1,0 +1,164 @@
+"""The Redis fingerprint store against the in-process one (scanning, and through its index), on
+a real redis-server and on the local 3-master cluster: the same queries give the same evidence,
+every time; bounds, index and key layout."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+import redis
+
+from app.core.models import PRESETS
+from app.core.stateful import (
+    DEFAULT_RULE,
+    MIN_SHARED_KEYS,
+    Answer,
+    InProcessFingerprintStore,
+    MatchEvidence,
+    default_scheme,
+    pixel_digests,
+)
+from app.core.stateful import index_buckets as buckets
+from app.service.fingerprints import RedisFingerprintStore
+from evaluation.honest_traffic import EDITS, as_served, edit, encode
+from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
+from tests.service.helpers import RedisClusterProcesses, RedisProcess
+
+SCHEME = default_scheme(b"test-secret")
+
+
+def _answer(i: int) -> Answer:
+    return Answer("accepted" if i % 3 else "rejected", i % 10, 0.5 + i / 1000, i / 100)
+
+
+def _queries(photos: np.ndarray) -> list[tuple[str, np.ndarray, float]]:  # noqa: F811
+    """(client, image, at): two attackers, a Sybil spread over 50 ids, honest bursts of edits,
+    resends and plain photos, interleaved; time jumps past the TTLs twice."""
+    rng = np.random.default_rng(11)
+    preset = PRESETS["cifar"]
+    streams: list[list[tuple[str, np.ndarray]]] = [
+        [("mallory", image) for image in attack_sequence(photos[0], 25, seed=1)],
+        [("eve", image) for image in attack_sequence(photos[1], 25, seed=2)],
+        [(f"sybil-{i % 50}", image) for i, image in enumerate(attack_sequence(photos[2], 30, 3))],
+        [("alice", photos[3])] * 5,
+        [("plain", photos[i]) for i in range(10, 40)],
+    ]
+    for c in range(4, 8):
+        burst = [photos[c]] + [
+            as_served(encode(edit(photos[c], EDITS[i % len(EDITS)], rng), None), preset)
+            for i in range(12)
+        ]
+        streams.append([(f"honest-{c}", image) for image in burst])
+    order = np.concatenate([np.full(len(s), i) for i, s in enumerate(streams)])
+    rng.shuffle(order)
+    cursor = [0] * len(streams)
+    out: list[tuple[str, np.ndarray, float]] = []
+    at = 1000.0
+    for n, s in enumerate(order.tolist()):
+        client, image = streams[s][cursor[s]]
+        cursor[s] += 1
+        at += 500.0 if n in (90, 150) else 1.0  # past the shared TTL (300 s) twice
+        out.append((client, image, at))
+    return out
+
+
+def _same(a: MatchEvidence, b: MatchEvidence) -> None:
+    assert (a.client.distinct, a.client.exact) == (b.client.distinct, b.client.exact)
+    assert (a.everyone.distinct, a.everyone.exact) == (b.everyone.distinct, b.everyone.exact)
+    assert a.client.best == b.client.best and a.everyone.best == b.everyone.best
+    assert set(a.other_clients) == set(b.other_clients)
+    assert a.anchor == b.anchor
+    assert DEFAULT_RULE.detects(a) == DEFAULT_RULE.detects(b)
+
+
+def _replay(
+    photos: np.ndarray,  # noqa: F811
+    url: str,
+    cluster: bool = False,
+) -> tuple[int, RedisFingerprintStore]:
+    bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
+    memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    indexed = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type] (given keys)
+    red = RedisFingerprintStore(
+        url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", cluster=cluster, timeout_s=2.0, **bounds
+    )
+    queries = _queries(photos)
+    images = np.stack([image for _, image, _ in queries])
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    detections = 0
+    for i, (client, _, at) in enumerate(queries):
+        a, stored_a = memory.check_and_store(client, prints[i], digests[i], at, _answer(i))
+        b, stored_b = red.check_and_store(client, prints[i], digests[i], at, _answer(i), keys[i])
+        c, stored_c = indexed.check_and_store(
+            client, prints[i], digests[i], at, _answer(i), keys[i]
+        )
+        _same(a, b)
+        _same(a, c)
+        assert stored_a.entry == stored_b.entry == stored_c.entry == i + 1
+        if DEFAULT_RULE.detects(a):
+            detections += 1
+            assert a.anchor is not None
+            # silent: the detected query keeps the anchor's answer, in every store
+            memory.relabel(stored_a, a.anchor)
+            red.relabel(stored_b, a.anchor)
+            indexed.relabel(stored_c, a.anchor)
+    return detections, red
+
+
+def test_redis_and_in_process_stores_agree_query_by_query(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    detections, red = _replay(photos, redis_server.url)
+    assert detections >= 30  # the attacks are detected (the test compares something)
+    # bounded: at most the cap plus the sweep's lag, and each client's string at most per_client
+    assert len(red) <= red.max_fingerprints + 8
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.strlen(red.client_key("mallory")) == red.per_client * red.dtype.itemsize
+    assert 0 < client.ttl(red.client_key("mallory")) <= 400
+    assert client.ttl(red.entries_key) == -1  # bounded by the cap, never evicted
+
+
+def test_the_stores_agree_on_the_cluster_and_keys_stay_in_one_slot(
+    redis_cluster: RedisClusterProcesses,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    detections, red = _replay(photos, redis_cluster.url, cluster=True)
+    assert detections >= 30
+    slots = {
+        red.redis.keyslot(key)  # type: ignore[union-attr]
+        for key in (red.meta_key, red.entries_key, red.buckets_key)
+    }
+    assert len(slots) == 1
+    assert red.client_key("a{b}").endswith(":{a%7Bb%7D}")  # the escaped id is the hash tag
+
+
+def test_index_finds_every_match_of_the_scan(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """Near-duplicates share many index buckets; unrelated photos almost none, so a lookup
+    fetches the few candidates that can match, not the store."""
+    sequence = attack_sequence(photos[8], 12, seed=9)
+    prints, keys = SCHEME.fingerprints_and_keys(np.concatenate([sequence, photos[10:40]]))
+    near = [len(set(buckets(keys[0])) & set(buckets(keys[i]))) for i in range(1, 12)]
+    far = [len(set(buckets(keys[0])) & set(buckets(keys[i]))) for i in range(12, len(keys))]
+    shared = [int(SCHEME.similarity(prints[0], prints[i : i + 1])[0]) for i in range(1, 12)]
+    for count, bits in zip(near, shared, strict=True):
+        if bits >= SCHEME.threshold:
+            assert count >= MIN_SHARED_KEYS
+    assert max(far) < MIN_SHARED_KEYS
+
+
+def test_redis_down_raises_for_the_caller_to_fail_open() -> None:
+    red = RedisFingerprintStore("redis://127.0.0.1:1/0", SCHEME, timeout_s=0.05)
+    prints, keys = SCHEME.fingerprints_and_keys(np.zeros((1, 3, 32, 32), np.uint8))
+    with pytest.raises(redis.RedisError):
+        red.check_and_store("a", prints[0], b"d", 1.0, None, keys[0])
+    with pytest.raises(ValueError, match="index keys"):
+        red.check_and_store("a", prints[0], b"d", 1.0)
+    with pytest.raises(ValueError, match="braces"):
+        RedisFingerprintStore("redis://127.0.0.1:1/0", SCHEME, prefix="a{b}")

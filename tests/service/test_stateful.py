@@ -1,0 +1,232 @@
+"""Stateful detection in ``POST /classify``, over HTTP, with the in-process store and with Redis
+(and one run on the 3-master cluster): each policy, the client's flag reason, the metrics, a
+Sybil spread, honest bursts, and failing open when Redis is down."""
+
+from __future__ import annotations
+
+import io
+import re
+import uuid
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from app.core.stateful import (
+    DEFAULT_RULE,
+    Answer,
+    InProcessFingerprintStore,
+    default_scheme,
+    pixel_digests,
+)
+from app.service.main import create_app
+from app.service.settings import Settings
+from evaluation.honest_traffic import EDITS, edit, encode
+from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
+from tests.service.conftest import AppFactory
+from tests.service.helpers import RedisClusterProcesses, admin_of, free_port, upload
+
+SECRET = "test-secret"
+ADMIN = {"X-Admin-Token": "s3cret"}
+LENGTH = 16
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def expected(images: np.ndarray) -> list[int | None]:
+    """Per query, the index of the query whose answer ``silent`` serves (None: not detected),
+    replayed through the in-process store with the service's secret and rule."""
+    scheme = default_scheme(SECRET.encode())
+    store = InProcessFingerprintStore(scheme)
+    prints = scheme.fingerprints(images)
+    digests = pixel_digests(images)
+    out: list[int | None] = []
+    for i in range(len(images)):
+        tag = Answer("accepted", i, 0.0, 0.0)  # the class index tags whose answer it is
+        evidence, stored = store.check_and_store("mallory", prints[i], digests[i], float(i), tag)
+        if DEFAULT_RULE.detects(evidence):
+            assert evidence.anchor is not None
+            store.relabel(stored, evidence.anchor)
+            out.append(evidence.anchor.class_index)
+        else:
+            out.append(None)
+    return out
+
+
+def metric(client: TestClient, name: str, **labels: str) -> float:
+    text = admin_of(client).get("/metrics").text
+    wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        match = re.match(rf"{name}(?:\{{(.*)\}})? (\S+)$", line)
+        if match and ",".join(sorted((match.group(1) or "").split(","))) == wanted:
+            return float(match.group(2))
+    return 0.0
+
+
+def bodies(client: TestClient, images: np.ndarray, ids: list[str]) -> list[Any]:
+    out = []
+    for image, cid in zip(images, ids, strict=True):
+        response = upload(client, png(image), {"X-Client-ID": cid})
+        body = response.json()
+        body.pop("request_id", None)
+        out.append((response.status_code, body))
+    return out
+
+
+@pytest.fixture
+def sequence(photos: np.ndarray) -> np.ndarray:  # noqa: F811
+    return attack_sequence(photos[12], LENGTH, seed=21)
+
+
+def _settings(policy: str) -> dict[str, Any]:
+    # the score-based flag stays out of the way: these tests are about query_attack
+    return {
+        "stateful_policy": policy,
+        "stateful_secret": SECRET,
+        "admin_token": "s3cret",
+        "flag_min_requests": 1000,
+        "expose_scores": True,
+    }
+
+
+def test_silent_serves_the_anchors_answer(make_client: AppFactory, sequence: np.ndarray) -> None:
+    plan = expected(sequence)
+    detected = [i for i, anchor in enumerate(plan) if anchor is not None]
+    assert len(detected) >= LENGTH // 2
+    with make_client(**_settings("flag")) as client:
+        honest = bodies(client, sequence, ["mallory"] * LENGTH)
+    with make_client(**_settings("silent")) as client:
+        silent = bodies(client, sequence, ["mallory"] * LENGTH)
+        stats = admin_of(client).get("/clients/mallory", headers=ADMIN).json()
+        assert metric(
+            client, "advguard_stateful_queries_total", policy="silent", outcome="detected"
+        ) == len(detected)
+    assert all(status == 200 for status, _ in honest + silent)
+    for i, anchor in enumerate(plan):
+        if anchor is None:
+            assert silent[i] == honest[i]  # not detected: its own answer
+        else:
+            assert silent[i] == honest[anchor]  # the anchor's answer, score included
+    # the silent answers are not what the model said of those queries (the test can fail)
+    assert any(honest[i] != honest[plan[i]] for i in detected)  # type: ignore[index]
+    assert stats["flagged"] and stats["flag_reasons"] == ["query_attack"]
+
+
+def test_flag_answers_as_usual_and_flags(make_client: AppFactory, sequence: np.ndarray) -> None:
+    first = next(i for i, anchor in enumerate(expected(sequence)) if anchor is not None)
+    with make_client(**_settings("flag")) as client:
+        answers = bodies(client, sequence[:first], ["mallory"] * first)
+        assert admin_of(client).get("/clients/mallory", headers=ADMIN).json()["flagged"] is False
+        answers += bodies(client, sequence[first:], ["mallory"] * (LENGTH - first))
+        listed = admin_of(client).get("/clients", headers=ADMIN).json()["clients"]
+        assert [(c["client_id"], c["flag_reasons"]) for c in listed] == [
+            ("mallory", ["query_attack"])
+        ]
+        assert metric(client, "advguard_clients_flagged_total") == 1
+        assert (
+            metric(client, "advguard_stateful_queries_total", policy="flag", outcome="clear")
+            == first
+        )
+    assert all(status == 200 and "prediction" in body for status, body in answers)
+
+
+def test_refuse_answers_403_and_nothing_else(
+    make_client: AppFactory,
+    sequence: np.ndarray,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    plan = expected(sequence)
+    with make_client(**_settings("refuse")) as client:
+        answers = bodies(client, sequence, ["mallory"] * LENGTH)
+        # another client's photo is unaffected
+        other = upload(client, png(photos[14]), {"X-Client-ID": "alice"})
+        assert other.status_code == 200, other.json()
+    for (status, body), anchor in zip(answers, plan, strict=True):
+        if anchor is None:
+            assert status == 200
+        else:
+            assert status == 403
+            assert set(body) == {"error", "message"}
+            assert body["error"] == "query_refused"
+
+
+def test_a_sybil_spread_is_detected(make_client: AppFactory, photos: np.ndarray) -> None:  # noqa: F811
+    """One attack sent by 50 client ids (each id's first query): detected account-obliviously."""
+    sequence = attack_sequence(photos[13], 50, seed=22)
+    ids = [f"sybil-{i}" for i in range(len(sequence))]
+    with make_client(**_settings("flag")) as client:
+        bodies(client, sequence, ids)
+        detected = metric(
+            client, "advguard_stateful_queries_total", policy="flag", outcome="detected"
+        )
+        flagged = admin_of(client).get("/clients", headers=ADMIN).json()["clients"]
+    assert detected >= len(sequence) - DEFAULT_RULE.global_matches - 3
+    assert len(flagged) == detected and all(c["flag_reasons"] == ["query_attack"] for c in flagged)
+
+
+def test_honest_near_duplicate_bursts_are_not_flagged(
+    make_client: AppFactory,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """evaluation.honest_traffic's edits of a few training photos (crops, resizes, flips,
+    brightness, JPEG at several qualities; PNG or JPEG uploads), each photo resent too."""
+    rng = np.random.default_rng(5)
+    with make_client(**_settings("refuse")) as client:
+        for c, photo in enumerate(photos[20:26]):
+            uploads = [png(photo), png(photo)]
+            for i in range(12):
+                quality = None if i % 2 else int(rng.choice([95, 90, 85, 75]))
+                uploads.append(encode(edit(photo, EDITS[i % len(EDITS)], rng), quality))
+            for data in uploads:
+                assert upload(client, data, {"X-Client-ID": f"honest-{c}"}).status_code == 200
+        assert (
+            metric(client, "advguard_stateful_queries_total", policy="refuse", outcome="detected")
+            == 0
+        )
+        assert admin_of(client).get("/clients", headers=ADMIN).json()["clients"] == []
+
+
+def test_redis_down_fails_open(sequence: np.ndarray) -> None:
+    settings = Settings(
+        device="cpu",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        redis_retry_interval_s=0.0,
+        **_settings("refuse"),
+    )
+    with TestClient(create_app(settings)) as client:
+        answers = bodies(client, sequence, ["mallory"] * LENGTH)
+        errors = metric(client, "advguard_stateful_queries_total", policy="refuse", outcome="error")
+    assert all(status == 200 for status, _ in answers)  # never refused: fail open
+    assert errors == LENGTH
+
+
+def test_the_secret_is_required_with_redis() -> None:
+    with pytest.raises(ValueError, match="ADVGUARD_STATEFUL_SECRET"):
+        Settings(redis_url="redis://127.0.0.1:6379/0")
+    Settings(redis_url="redis://127.0.0.1:6379/0", stateful_enabled=False)
+    Settings(redis_url="redis://127.0.0.1:6379/0", guard_enabled=False)
+
+
+def test_silent_on_the_cluster(redis_cluster: RedisClusterProcesses, sequence: np.ndarray) -> None:
+    plan = expected(sequence)
+    base = {"device": "cpu", "max_wait_ms": 1.0, **_settings("flag")}
+    cluster = {
+        "redis_url": redis_cluster.url,
+        "redis_cluster": True,
+        "redis_prefix": f"test-{uuid.uuid4().hex[:12]}",
+    }
+    with TestClient(create_app(Settings(**base))) as client:
+        honest = bodies(client, sequence, ["mallory"] * LENGTH)
+    base["stateful_policy"] = "silent"
+    with TestClient(create_app(Settings(**base, **cluster))) as client:
+        silent = bodies(client, sequence, ["mallory"] * LENGTH)
+        stats = admin_of(client).get("/clients/mallory", headers=ADMIN).json()
+    for i, anchor in enumerate(plan):
+        assert silent[i] == (honest[i] if anchor is None else honest[anchor])
+    assert stats["flag_reasons"] == ["query_attack"]
