@@ -139,6 +139,13 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write(results: dict[str, Any], directory: Path) -> None:
+    (directory / "policy_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    (directory / "policy_check.md").write_text(
+        "# The stateful policies live (evaluation.policy_check)\n\n" + table(results) + "\n"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.policy_check",
@@ -187,12 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
         )
         results["checks"][f"{attack}/{args.policy}"] = summary
+        write(results, args.results)  # after each attack: a long run keeps what it finished
         brief = {k: v for k, v in summary.items() if k != "per_image"}
         print(f"{attack} {args.policy}: {json.dumps(brief)}", flush=True)
-    out_file.write_text(json.dumps(results, indent=2) + "\n")
-    (args.results / "policy_check.md").write_text(
-        "# The stateful policies live (evaluation.policy_check)\n\n" + table(results) + "\n"
-    )
     return 0
 
 
