@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import os
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import redis
-from PIL import Image
 
 from app.core.guard import Guard
 from app.core.images import decode_image
@@ -45,6 +42,7 @@ from bench.client_rotation import start_redis
 from bench.common import admin_base, multipart_request, serve, write_results
 from bench.load_service import CIFAR_TAR, test_jpegs
 from bench.service_vs_bare import load_level
+from evaluation.honest_traffic import train_photos
 
 SECRET = b"bench-secret"
 THROUGHPUT_TARGET = 0.90  # stateful on / off (issue 13)
@@ -56,24 +54,9 @@ def query_photos(count: int) -> np.ndarray:
     them, the photos again, mirrored on odd rounds (a mirror reverses every window: a new
     fingerprint) and unchanged on even ones (by then their first copies have left a store
     capped below 100,000)."""
-    photos = train_photos(min(count, 50_000))
+    photos = train_photos(CIFAR_TAR, min(count, 50_000))
     rounds = [photos if r % 2 == 0 else photos[..., ::-1] for r in range(-(-count // len(photos)))]
     return np.ascontiguousarray(np.concatenate(rounds)[:count])
-
-
-def train_photos(limit: int, tar_path: Path = CIFAR_TAR) -> np.ndarray:
-    """The first ``limit`` CIFAR-10 training photos of the archive, (n, 3, 32, 32) uint8."""
-    found = []
-    with tarfile.open(tar_path) as tar:
-        for member in tar:
-            if member.isfile() and member.name.startswith("train/") and member.name[-4:] == ".jpg":
-                handle = tar.extractfile(member)
-                assert handle is not None
-                picture = Image.open(io.BytesIO(handle.read())).convert("RGB")
-                found.append(np.asarray(picture).transpose(2, 0, 1))
-                if len(found) == limit:
-                    break
-    return np.stack(found)
 
 
 def ms(values: list[float]) -> dict[str, float]:

@@ -17,8 +17,10 @@ never from the attack runs). Every query is what the service would see: the clie
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 import numpy as np
@@ -180,3 +182,20 @@ def interleave(clients: Sequence[list[HonestQuery]], seed: int) -> Iterator[Hone
     for owner in owners.tolist():
         yield clients[owner][cursor[owner]]
         cursor[owner] += 1
+
+
+def train_photos(tar_path: Path, limit: int) -> np.ndarray:
+    """The first ``limit`` training photos of a CIFAR-10 JPEG archive (``train/<class>/...``),
+    (n, 3, 32, 32) uint8 as stored: the raw material of honest look-alike traffic for tests and
+    benchmarks that need a few photos without the evaluation's cached splits."""
+    found = []
+    with tarfile.open(tar_path) as tar:
+        for member in tar:
+            if member.isfile() and member.name.startswith("train/") and member.name[-4:] == ".jpg":
+                handle = tar.extractfile(member)
+                assert handle is not None
+                picture = Image.open(io.BytesIO(handle.read())).convert("RGB")
+                found.append(np.asarray(picture).transpose(2, 0, 1))
+                if len(found) == limit:
+                    break
+    return np.stack(found)

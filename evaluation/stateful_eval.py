@@ -208,7 +208,7 @@ def replay_honest(scheme: Scheme, traffic: Timeline, fingerprints: np.ndarray) -
     client_max: dict[str, int] = {}
     global_max: dict[str, int] = {}
     for i, client in enumerate(traffic.clients):
-        evidence = store.check_and_add(client, fingerprints[i], traffic.digests[i], float(i))
+        evidence = store.check_and_store(client, fingerprints[i], traffic.digests[i], float(i))[0]
         kind[client] = traffic.kinds[i]
         client_max[client] = max(client_max.get(client, 0), evidence.client.distinct)
         global_max[client] = max(global_max.get(client, 0), evidence.everyone.distinct)
@@ -272,7 +272,9 @@ def replay_attack(
     first_match: int | None = None
     for i in range(min(horizon, len(record.queries))):
         client = f"attacker-{i % ids}"
-        evidence: MatchEvidence = store.check_and_add(client, fingerprints[i], digests[i], float(i))
+        evidence: MatchEvidence = store.check_and_store(
+            client, fingerprints[i], digests[i], float(i)
+        )[0]
         if first_match is None and evidence.everyone.distinct >= 1:
             first_match = i + 1
         if rule.detects(evidence):
@@ -342,7 +344,7 @@ def measure_cost(scheme: Scheme, images: np.ndarray, guard: Guard) -> dict[str, 
     store = InProcessFingerprintStore(scheme, max_fingerprints=n, max_clients=n)
     started = time.perf_counter()
     for i in range(n):
-        store.check_and_add(f"client-{i % 1000}", prints[i], digests[i], float(i))
+        store.check_and_store(f"client-{i % 1000}", prints[i], digests[i], float(i))
     store_s = (time.perf_counter() - started) / n
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()

@@ -494,16 +494,6 @@ class FingerprintStore(Protocol):
     """Recent queries' fingerprints: each new query is matched against its client's recent
     queries and against all clients', then stored with the answer it was given."""
 
-    def check_and_add(
-        self,
-        client_id: str,
-        fingerprint: npt.NDArray[np.generic],
-        digest: bytes,
-        at: float,
-        answer: Answer | None = None,
-        keys: U64 | None = None,
-    ) -> MatchEvidence: ...
-
     def check_and_store(
         self,
         client_id: str,
@@ -616,17 +606,6 @@ class InProcessFingerprintStore:
     @property
     def clients(self) -> int:
         return len(self._buffers)
-
-    def check_and_add(
-        self,
-        client_id: str,
-        fingerprint: npt.NDArray[np.generic],
-        digest: bytes,
-        at: float,
-        answer: Answer | None = None,
-        keys: U64 | None = None,
-    ) -> MatchEvidence:
-        return self.check_and_store(client_id, fingerprint, digest, at, answer, keys)[0]
 
     def check_and_store(
         self,

@@ -424,17 +424,6 @@ class RedisFingerprintStore:
         client = self._scope(own, [client_id] * len(own), fingerprint, digest, client_id)
         return evidence_of(client, everyone), Stored(client_id, entry)
 
-    def check_and_add(
-        self,
-        client_id: str,
-        fingerprint: npt.NDArray[np.generic],
-        digest: bytes,
-        at: float,
-        answer: Answer | None = None,
-        keys: npt.NDArray[np.uint64] | None = None,
-    ) -> MatchEvidence:
-        return self.check_and_store(client_id, fingerprint, digest, at, answer, keys)[0]
-
     def relabel(self, stored: Stored, answer: Answer) -> None:
         """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
         data = self._answer_bytes(answer)

@@ -3,12 +3,8 @@ bounded account-oblivious store, a Sybil spread and honest near-duplicate bursts
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import numpy as np
 import pytest
-from PIL import Image
 
 from app.core.models import PRESETS
 from app.core.stateful import (
@@ -32,7 +28,7 @@ from app.core.stateful import (
     summarise_matches,
     window_hashes,
 )
-from evaluation.honest_traffic import EDITS, as_served, edit, encode
+from evaluation.honest_traffic import EDITS, as_served, edit, encode, train_photos
 from tests.conftest import CIFAR_TAR
 
 SECRET = b"test-secret"
@@ -41,17 +37,7 @@ SECRET = b"test-secret"
 @pytest.fixture(scope="module")
 def photos() -> np.ndarray:
     """The first 40 CIFAR-10 training photos of the archive, (40, 3, 32, 32) uint8."""
-    found = []
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            if member.isfile() and member.name.startswith("train/") and member.name[-4:] == ".jpg":
-                handle = tar.extractfile(member)
-                assert handle is not None
-                picture = Image.open(io.BytesIO(handle.read())).convert("RGB")
-                found.append(np.asarray(picture).transpose(2, 0, 1))
-                if len(found) == 40:
-                    break
-    return np.stack(found)
+    return train_photos(CIFAR_TAR, 40)
 
 
 def square_step(image: np.ndarray, rng: np.random.Generator, size: int = 5) -> np.ndarray:
@@ -194,7 +180,8 @@ def _send(
     prints = scheme.fingerprints(images)
     digests = pixel_digests(images)
     return [
-        store.check_and_add(client, prints[i], digests[i], start + i) for i in range(len(images))
+        store.check_and_store(client, prints[i], digests[i], start + i)[0]
+        for i in range(len(images))
     ]
 
 
@@ -250,7 +237,7 @@ def test_sybil_spread_is_still_detected(photos: np.ndarray) -> None:
     digests = pixel_digests(sequence)
     detected = None
     for i in range(len(sequence)):
-        evidence = store.check_and_add(f"sybil-{i % 50}", prints[i], digests[i], float(i))
+        evidence = store.check_and_store(f"sybil-{i % 50}", prints[i], digests[i], float(i))[0]
         assert evidence.client.distinct == 0
         if DEFAULT_RULE.detects(evidence):
             detected = i + 1
