@@ -156,7 +156,7 @@ def slope_per_min(ts: list[float], values: list[float]) -> float:
     return float(np.polyfit(np.array(ts) / 60.0, np.array(values), 1)[0])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--fraction", type=float, default=0.7)
@@ -172,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    return parser
 
-    load_before = os.getloadavg()
+
+def run_soak(args: argparse.Namespace) -> tuple[float, float, list[dict[str, Any]], int]:
+    """Redis and the service started, saturation measured (or given), the open-loop soak run:
+    (saturation, rate, samples, open fds after the stream)."""
     images = test_jpegs(1000)
     redis_port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="advguard-soak-"))
@@ -200,8 +203,17 @@ def main(argv: list[str] | None = None) -> int:
         redis_process.kill()
         redis_process.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-    load_after = os.getloadavg()
+    return saturation, rate, samples, fds_end
 
+
+def summarise(
+    args: argparse.Namespace,
+    saturation: float,
+    rate: float,
+    samples: list[dict[str, Any]],
+    fds_end: int,
+) -> dict[str, Any]:
+    """Past the warm-up: the first, last and largest RSS, fds, Redis memory and keys."""
     warmup_s = min(args.warmup_fraction * args.minutes * 60, 120.0)
     steady = [s for s in samples if s["t_s"] >= warmup_s] or samples
     ts = [s["t_s"] for s in steady]
@@ -231,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         "redis_keys_expected_plateau": round(rate * args.client_ttl_s),
         "statuses": last,
     }
+    return summary
+
+
+def report(
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    samples: list[dict[str, Any]],
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+) -> str:
+    """The results file's markdown: what was run, the summary, every sample, the load."""
+    warmup_s = summary["warmup_s"]
     full_run = args.minutes >= 20
     note = (
         "This is the full 20-minute run."
@@ -271,6 +295,17 @@ def main(argv: list[str] | None = None) -> int:
         f"after: {', '.join(f'{x:.2f}' for x in load_after)} on {os.cpu_count()} cores "
         "(shared machine: other jobs inflate latencies).\n"
     )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    load_before = os.getloadavg()
+    saturation, rate, samples, fds_end = run_soak(args)
+    load_after = os.getloadavg()
+    summary = summarise(args, saturation, rate, samples, fds_end)
+    table = report(args, summary, samples, load_before, load_after)
+    full_run = args.minutes >= 20
     write_results(
         "soak",
         {
