@@ -45,7 +45,7 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix64(x: U64) -> U64:
+def mix64(x: U64) -> U64:
     x = x ^ (x >> np.uint64(30))
     x = x * _MIX1
     x = x ^ (x >> np.uint64(27))
@@ -65,6 +65,51 @@ def window_keys(secret: bytes, window: int) -> U64:
     return keys
 
 
+CODE_BITS = 16  # a chunk of consecutive quantised values packed into one table index
+
+
+@cache
+def _chunk_tables(secret: bytes, step: int, window: int) -> tuple[int, np.uint64, tuple[U64, ...]]:
+    """The keyed hash's multiply-add, precomputed: the window's positions in chunks of ``per``,
+    and for each chunk a table from the chunk's packed values (``bits`` each) to its share of
+    the sum. (bits, the hash's offset, tables); at most 2^16 entries (512 KB) a table."""
+    bits = max(1, (255 // step).bit_length())
+    per = max(1, CODE_BITS // bits)
+    keys = window_keys(secret, window)
+    mask = np.uint64((1 << bits) - 1)
+    tables = []
+    for start in range(0, window, per):
+        size = min(per, window - start)
+        codes = np.arange(1 << (bits * size), dtype=np.uint64)
+        table = np.zeros(len(codes), dtype=np.uint64)
+        for i in range(size):
+            table += ((codes >> np.uint64(bits * i)) & mask) * keys[start + i]
+        table.flags.writeable = False  # cached and shared
+        tables.append(table)
+    return bits, keys[window], tuple(tables)
+
+
+def _packed(values: npt.NDArray[np.intp], bits: int, size: int) -> npt.NDArray[np.intp]:
+    """(n, L) values -> (n, L - size + 1): the ``size`` values from each position, packed."""
+    span = values.shape[1] - size + 1
+    codes = values[:, :span].copy()
+    for i in range(1, size):
+        codes |= values[:, i : i + span] << (bits * i)
+    return codes
+
+
+def _top_distinct(row: U64, top: int) -> U64:
+    """The ``top`` largest distinct values of ``row``, descending (fewer if it has fewer). The
+    hashes are near uniform, so those above the quantile that leaves ~2 ``top`` of them are
+    almost always enough; the full sort is the fallback (flat images repeat windows)."""
+    cutoff = np.uint64(max(0, (1 << 64) - ((2 * top) << 64) // max(len(row), 1)))
+    for candidates in (row[row >= cutoff], row):
+        distinct = np.unique(candidates)[::-1][:top]
+        if len(distinct) == top:
+            return distinct
+    return distinct
+
+
 def window_hashes(
     images: npt.NDArray[np.uint8], secret: bytes, step: int, window: int, top: int
 ) -> U64:
@@ -73,26 +118,33 @@ def window_hashes(
 
     Pixels are quantised to ``value // step`` and read in file order (row by row, RGB
     interleaved); every run of ``window`` consecutive values is hashed with a keyed
-    multiply-add hash mixed by splitmix64's finaliser, and the ``top`` largest distinct hashes
-    are kept (Blacklight's selection: which windows those are depends on the secret). The keyed
-    hash is not SHA-256 as in Blacklight: vectorised, it costs ~0.1 ms per 32x32 image instead of
-    ~3 ms, and its only job is to make the selection unpredictable without the secret.
+    multiply-add hash (``offset + sum_j value_j * key_j``, mod 2^64) mixed by splitmix64's
+    finaliser, and the ``top`` largest distinct hashes are kept (Blacklight's selection: which
+    windows those are depends on the secret). The keyed hash is not SHA-256 as in Blacklight:
+    vectorised, it costs ~0.05 ms per 32x32 image instead of ~3 ms, and its only job is to make
+    the selection unpredictable without the secret. The sum is read from precomputed tables, a
+    chunk of the window's positions at a time (``_chunk_tables``): the same value as the
+    position-by-position sum (the tests check it against that), in a fifth of the operations.
     """
     n = images.shape[0]
-    values = (images // step).transpose(0, 2, 3, 1).reshape(n, -1).astype(np.uint64)
+    values = (images // step).transpose(0, 2, 3, 1).reshape(n, -1).astype(np.intp)
     length = values.shape[1] - window + 1
     if length < 1:
         raise ValueError(f"images of {values.shape[1]} values are shorter than a window")
-    keys = window_keys(secret, window)
-    acc = np.full((n, length), keys[window], dtype=np.uint64)
-    for j in range(window):
-        acc += values[:, j : j + length] * keys[j]
-    hashes = _mix64(acc)
-    hashes.sort(axis=1)
+    bits, offset, tables = _chunk_tables(secret, step, window)
+    per = max(1, CODE_BITS // bits)
+    acc = np.full((n, length), offset, dtype=np.uint64)
+    packed: dict[int, npt.NDArray[np.intp]] = {}
+    for chunk, table in enumerate(tables):
+        size = min(per, window - chunk * per)
+        if size not in packed:
+            packed[size] = _packed(values, bits, size)
+        start = chunk * per
+        acc += np.take(table, packed[size][:, start : start + length])
+    hashes = mix64(acc)
     out = np.zeros((n, top), dtype=np.uint64)
     for i in range(n):
-        row = hashes[i]
-        distinct = row[np.concatenate(([True], row[1:] != row[:-1]))][::-1][:top]
+        distinct = _top_distinct(hashes[i], top)
         out[i, : len(distinct)] = distinct
     return out
 

@@ -22,11 +22,13 @@ from app.core.stateful import (
     eight_bit,
     evidence_of,
     hamming,
+    mix64,
     perceptual_hashes,
     pixel_digests,
     shared_hashes,
     summarise_matches,
     window_hashes,
+    window_keys,
 )
 from evaluation.honest_traffic import EDITS, as_served, edit, encode, train_photos
 from tests.conftest import CIFAR_TAR
@@ -75,6 +77,42 @@ def test_window_hashes_shape_and_determinism(photos: np.ndarray) -> None:
     assert np.all(np.diff(hashes.astype(np.float64), axis=1) <= 0)  # sorted, descending
     assert np.array_equal(hashes, window_hashes(photos[:3], SECRET, 25, 20, 50))
     assert shared_hashes(hashes[0], hashes[:1])[0] == 50
+
+
+def reference_window_hashes(
+    images: np.ndarray, secret: bytes, step: int, window: int, top: int
+) -> np.ndarray:
+    """The definition, position by position: offset + sum_j value_j * key_j (mod 2^64), mixed,
+    the ``top`` largest distinct kept, descending, 0 padding."""
+    keys = [int(k) for k in window_keys(secret, window)]
+    out = np.zeros((len(images), top), dtype=np.uint64)
+    for i, image in enumerate(images):
+        values = (image // step).transpose(1, 2, 0).reshape(-1).tolist()
+        sums = [
+            (keys[window] + sum(v * k for v, k in zip(values[p : p + window], keys, strict=False)))
+            % (1 << 64)
+            for p in range(len(values) - window + 1)
+        ]
+        mixed = mix64(np.array(sums, dtype=np.uint64))
+        distinct = sorted(set(mixed.tolist()), reverse=True)[:top]
+        out[i, : len(distinct)] = distinct
+    return out
+
+
+@pytest.mark.parametrize(("step", "window", "top"), [(25, 20, 50), (50, 20, 50), (7, 9, 30)])
+def test_window_hashes_match_their_definition(
+    photos: np.ndarray, step: int, window: int, top: int
+) -> None:
+    """The table-driven sums and the quantile shortcut give exactly the definition's hashes, on
+    photos, on a flat image (few distinct windows: the full-sort fallback) and on noise."""
+    rng = np.random.default_rng(3)
+    flat = np.full((1, 3, 32, 32), 128, dtype=np.uint8)
+    noise = rng.integers(0, 256, size=(1, 3, 32, 32), dtype=np.uint8)
+    images = np.concatenate([photos[:2], flat, noise])
+    assert np.array_equal(
+        window_hashes(images, SECRET, step, window, top),
+        reference_window_hashes(images, SECRET, step, window, top),
+    )
 
 
 def test_salts_change_hashes(photos: np.ndarray) -> None:
