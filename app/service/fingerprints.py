@@ -30,6 +30,7 @@ follows the live entries.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,10 +40,13 @@ from app.core.stateful import (
     MIN_SHARED_KEYS,
     NO_MATCH,
     Answer,
+    Decide,
     MatchEvidence,
     Scheme,
     ScopeMatch,
     Stored,
+    StoreQuery,
+    check_and_store_each,
     evidence_of,
     index_buckets,
     summarise_matches,
@@ -362,41 +366,106 @@ class RedisFingerprintStore:
         client's, then store it; live means what it means in process: among the last
         ``max_fingerprints`` queries and within ``ttl_s`` (everyone's), among the client's last
         ``per_client`` and within ``client_ttl_s`` (the client's)."""
-        if keys is None:
+        query = StoreQuery(client_id, fingerprint, digest, at, answer, keys)
+        if self._cluster:  # two slots: two scripts
+            record = self._record(fingerprint, digest, at, answer)
+            raw = self._run("global", self._global_keys, self._global_args(query, record))
+            seq, entry = int(raw[0]), int(raw[1])
+            record["entry"] = entry
+            previous = self._run(
+                "client",
+                [self.client_key(client_id)],
+                [record.tobytes(), self.per_client, self._client_ttl, self.dtype.itemsize],
+            )
+            return self._evidence(query, seq, entry, raw[2:], previous or b"", {})
+        keys_, args = self._both_call(query)
+        return self._parse_both(query, self._run("both", keys_, args), {})
+
+    def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
+        """On one Redis, the whole batch in one round trip: every query's script pipelined
+        (Redis runs them in order, so each sees the ones before), then each reply matched and
+        decided in order. A kept answer (``decide``) is written to the replies of the later
+        queries here, as if written before they ran, and to Redis after; the same outcome as
+        one query at a time. On a cluster (two scripts a query, the second needing the first's
+        entry number): one query at a time."""
+        if self._cluster or len(queries) < 2:
+            check_and_store_each(self, queries, decide)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for query in queries:
+            keys_, args = self._both_call(query)
+            self._scripts["both"](keys=keys_, args=args, client=pipe)
+        replies = pipe.execute()
+        kept: dict[int, Answer] = {}
+        changed: list[tuple[Stored, Answer]] = []
+        for query, raw in zip(queries, replies, strict=True):
+            evidence, stored = self._parse_both(query, raw, kept)
+            answer = decide(query, evidence)
+            if answer is not None:
+                kept[stored.entry] = answer
+                changed.append((stored, answer))
+        if changed:
+            pipe = self.redis.pipeline(transaction=False)
+            for stored, answer in changed:
+                self._relabel(stored, answer, pipe)
+            pipe.execute()
+
+    @property
+    def _global_keys(self) -> list[str]:
+        return [self.meta_key, self.entries_key, self.buckets_key]
+
+    @property
+    def _client_ttl(self) -> int:
+        return max(1, int(np.ceil(self.client_ttl_s)))
+
+    def _global_args(self, query: StoreQuery, record: npt.NDArray[Any]) -> list[Any]:
+        if query.keys is None:
             raise ValueError("the Redis store needs the query's index keys (its window hashes)")
-        record = self._record(fingerprint, digest, at, answer)
-        size = self.dtype.itemsize
-        client_ttl = max(1, int(np.ceil(self.client_ttl_s)))
-        global_keys = [self.meta_key, self.entries_key, self.buckets_key]
-        global_args = [
-            repr(float(at)),
+        return [
+            repr(float(query.at)),
             repr(float(self.ttl_s)),
             self.max_fingerprints,
             MIN_SHARED_KEYS,
-            record.tobytes() + client_id.encode(),
+            record.tobytes() + query.client_id.encode(),
+            *index_buckets(query.keys),
         ]
-        previous: bytes | None = None
-        if self._cluster:  # two slots: two scripts
-            raw = self._run("global", global_keys, [*global_args, *index_buckets(keys)])
-        else:  # one script, one round trip
-            raw = self._run(
-                "both",
-                [*global_keys, self.client_key(client_id)],
-                [
-                    *global_args,
-                    record.tobytes(),
-                    self.per_client,
-                    client_ttl,
-                    size,
-                    self._entry_offset,
-                    *index_buckets(keys),
-                ],
-            )
-            previous = raw[2]
-            raw = [raw[0], raw[1], *raw[3:]]
-        seq, entry = int(raw[0]), int(raw[1])
-        numbers = [int(n) for n in raw[2::2]]
-        blobs: list[bytes] = list(raw[3::2])
+
+    def _both_call(self, query: StoreQuery) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of the one-Redis script (everyone's part and the client's)."""
+        record = self._record(query.fingerprint, query.digest, query.at, query.answer)
+        global_args = self._global_args(query, record)
+        return (
+            [*self._global_keys, self.client_key(query.client_id)],
+            [
+                *global_args[:5],
+                record.tobytes(),
+                self.per_client,
+                self._client_ttl,
+                self.dtype.itemsize,
+                self._entry_offset,
+                *global_args[5:],
+            ],
+        )
+
+    def _parse_both(
+        self, query: StoreQuery, raw: list[Any], kept: Mapping[int, Answer]
+    ) -> tuple[MatchEvidence, Stored]:
+        return self._evidence(query, int(raw[0]), int(raw[1]), raw[3:], raw[2] or b"", kept)
+
+    def _evidence(
+        self,
+        query: StoreQuery,
+        seq: int,
+        entry: int,
+        candidates: list[Any],
+        previous: bytes,
+        kept: Mapping[int, Answer],
+    ) -> tuple[MatchEvidence, Stored]:
+        """Match a script's reply (candidate numbers and records, then the client's previous
+        records); ``kept``: answers to read instead for some entries."""
+        size = self.dtype.itemsize
+        numbers = [int(n) for n in candidates[0::2]]
+        blobs: list[bytes] = list(candidates[1::2])
         order = np.argsort(numbers, kind="stable")  # oldest first
         live_numbers, live_blobs = [], []
         for i in order.tolist():
@@ -404,38 +473,58 @@ class RedisFingerprintStore:
                 live_numbers.append(numbers[i])
                 live_blobs.append(blobs[i])
         everyone_records = np.frombuffer(b"".join(b[:size] for b in live_blobs), self.dtype)
-        fresh = everyone_records["at"] >= at - self.ttl_s
+        if kept:
+            everyone_records = self._with_kept(everyone_records, live_numbers, kept)
+        fresh = everyone_records["at"] >= query.at - self.ttl_s
         everyone = self._scope(
             everyone_records[fresh],
             [b[size:].decode() for b, keep in zip(live_blobs, fresh, strict=True) if keep],
-            fingerprint,
-            digest,
-            client_id,
+            query.fingerprint,
+            query.digest,
+            query.client_id,
         )
-        if self._cluster:
-            record["entry"] = entry
-            previous = self._run(
-                "client",
-                [self.client_key(client_id)],
-                [record.tobytes(), self.per_client, client_ttl, size],
-            )
-        own = np.frombuffer(previous or b"", self.dtype)
-        own = own[own["at"] >= at - self.client_ttl_s]
-        client = self._scope(own, [client_id] * len(own), fingerprint, digest, client_id)
-        return evidence_of(client, everyone), Stored(client_id, entry)
+        own = np.frombuffer(previous, self.dtype)
+        if kept:
+            own = self._with_kept(own, own["entry"].tolist(), kept)
+        own = own[own["at"] >= query.at - self.client_ttl_s]
+        client = self._scope(
+            own, [query.client_id] * len(own), query.fingerprint, query.digest, query.client_id
+        )
+        return evidence_of(client, everyone), Stored(query.client_id, entry)
+
+    def _with_kept(
+        self, records: npt.NDArray[Any], entries: list[int], kept: Mapping[int, Answer]
+    ) -> npt.NDArray[Any]:
+        """A copy of ``records`` with the kept answers of those entries in place."""
+        out = records.copy()
+        for i, entry in enumerate(entries):
+            answer = kept.get(int(entry))
+            if answer is not None:
+                out[i]["decision"] = DECISIONS.index(answer.decision)
+                out[i]["class_index"] = answer.class_index
+                out[i]["probability"] = answer.probability
+                out[i]["score"] = answer.score
+        return out
 
     def relabel(self, stored: Stored, answer: Answer) -> None:
         """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
+        self._relabel(stored, answer, None)
+
+    def _relabel(self, stored: Stored, answer: Answer, pipe: Any) -> None:
+        """Both relabel scripts, run now or queued on ``pipe``."""
         data = self._answer_bytes(answer)
-        self._run("relabel_global", [self.entries_key], [stored.entry, self._answer_offset, data])
-        self._run(
-            "relabel_client",
-            [self.client_key(stored.client_id)],
-            [
+        self.redis  # noqa: B018 (connects and registers the scripts)
+        self._scripts["relabel_global"](
+            keys=[self.entries_key], args=[stored.entry, self._answer_offset, data], client=pipe
+        )
+        self._scripts["relabel_client"](
+            keys=[self.client_key(stored.client_id)],
+            args=[
                 np.array([stored.entry], "<u8").tobytes(),
                 self._entry_offset,
                 self._answer_offset,
                 data,
                 self.dtype.itemsize,
             ],
+            client=pipe,
         )

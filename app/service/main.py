@@ -38,7 +38,7 @@ from app.service.routes import router
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
-from app.service.stateful import build_stateful
+from app.service.stateful import ScreeningWorker, build_stateful
 from app.service.tracking import ClientTracker, InMemoryTracker, RedisTracker
 
 log = logging.getLogger("advguard.service")
@@ -113,7 +113,9 @@ def build_service(
         identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
     service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
     service.neighbour_images = neighbour_images(settings, guard)
-    service.stateful = build_stateful(settings, metrics)
+    service.stateful = build_stateful(settings, metrics, tracker.flag)
+    if service.stateful is not None:
+        service.screening = ScreeningWorker(service.stateful.screen_batch)
     manifest = guard.manifest
     metrics.bundle.info(
         {
@@ -448,6 +450,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("refusing to start: %s", exc)
             raise
         service.batcher.start()
+        if service.screening is not None:
+            service.screening.start()
         app.state.service = service
         log.info(
             "serving bundle %s (threshold %.4f, flag policy %s at %.4f) in %.2fs",
@@ -462,6 +466,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             service.accepting = False
             await run_in_threadpool(service.batcher.stop)
+            if service.screening is not None:
+                await run_in_threadpool(service.screening.stop)
             service.tracker.close()
             if service.stateful is not None:
                 service.stateful.close()

@@ -35,7 +35,7 @@ from app.service.schemas import (
     Readiness,
 )
 from app.service.state import ApiError, Service
-from app.service.stateful import QueryPrint, track_and_screen
+from app.service.stateful import track_and_screen
 from app.service.tracking import Observation
 from app.service.trust import Trusted
 
@@ -109,14 +109,11 @@ async def hold_refusal(delay_s: float) -> None:
         await asyncio.sleep(refusal_delay_s(delay_s))
 
 
-def _decode(service: Service, data: bytes) -> tuple[torch.Tensor, QueryPrint | None]:
-    """The pixels the model gets and, with stateful detection on, their fingerprint."""
+def _decode(service: Service, data: bytes) -> torch.Tensor:
+    """The pixels the model gets."""
     guard = service.guard
-    pixels = guard.pixels(
-        decode_image(data, service.settings.max_pixels, min_size=guard.preset.resize)
-    )
-    stateful = service.stateful
-    return pixels, None if stateful is None else stateful.fingerprint(pixels)
+    image = decode_image(data, service.settings.max_pixels, min_size=guard.preset.resize)
+    return guard.pixels(image)
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_ERRORS)
@@ -151,7 +148,7 @@ async def classify(
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "payload_too_large", "file exceeds the byte limit")
     try:
-        pixels, query = await run_in_threadpool(_decode, service, data)
+        pixels = await run_in_threadpool(_decode, service, data)
     except ImageDecodeError as exc:
         raise ApiError(400, "invalid_image", _OBJECT_REPR.sub("", str(exc))) from exc
     decoded = time.perf_counter()
@@ -192,7 +189,7 @@ async def classify(
     observation = Observation(client_id, verdict.score, verdict.accepted, time.time())
     answer = Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
     # the tracker, then the stateful detector, which may change the answer (or refuse: 403)
-    answer = await track_and_screen(service, observation, query, answer)
+    answer = await track_and_screen(service, observation, pixels, answer)
     metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
     return ClassifyResponse(
         request_id=request_id,

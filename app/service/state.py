@@ -15,7 +15,7 @@ from app.service.settings import Settings
 from app.service.tracking import ClientTracker
 
 if TYPE_CHECKING:
-    from app.service.stateful import StatefulDetector
+    from app.service.stateful import ScreeningWorker, StatefulDetector
 
 
 class ApiError(Exception):
@@ -42,3 +42,4 @@ class Service:
     accepting: bool = True
     last_flagged_count: list[int] = field(default_factory=lambda: [0])
     stateful: StatefulDetector | None = None  # stateful detection of query attacks; None: off
+    screening: ScreeningWorker | None = None  # the one thread that runs ``stateful``

@@ -15,8 +15,10 @@ from app.core.stateful import (
     DEFAULT_RULE,
     MIN_SHARED_KEYS,
     Answer,
+    Decide,
     InProcessFingerprintStore,
     MatchEvidence,
+    StoreQuery,
     default_scheme,
     pixel_digests,
 )
@@ -162,3 +164,46 @@ def test_redis_down_raises_for_the_caller_to_fail_open() -> None:
         red.check_and_store("a", prints[0], b"d", 1.0)
     with pytest.raises(ValueError, match="braces"):
         RedisFingerprintStore("redis://127.0.0.1:1/0", SCHEME, prefix="a{b}")
+
+
+@pytest.mark.parametrize("batch", [7, 64])
+def test_batches_in_one_round_trip_give_what_one_query_at_a_time_gives(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+    batch: int,
+) -> None:
+    """``check_and_store_many`` pipelines a batch's scripts and decides on the replies in
+    order, writing kept (silent) answers into the later replies itself: the same evidence and
+    the same kept answers as the in-process store one query at a time, in every batch size."""
+    bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
+    memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    red = RedisFingerprintStore(
+        redis_server.url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=2.0, **bounds
+    )
+    queries = _queries(photos)
+    images = np.stack([image for _, image, _ in queries])
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    batch_queries = [
+        StoreQuery(client, prints[i], digests[i], at, _answer(i), keys[i])
+        for i, (client, _, at) in enumerate(queries)
+    ]
+
+    def silent(log: list[MatchEvidence]) -> Decide:
+        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
+            log.append(evidence)
+            detected = DEFAULT_RULE.detects(evidence) and evidence.anchor != query.answer
+            return evidence.anchor if detected else None
+
+        return decide
+
+    expected: list[MatchEvidence] = []
+    memory.check_and_store_many(batch_queries, silent(expected))
+    got: list[MatchEvidence] = []
+    for start in range(0, len(batch_queries), batch):
+        red.check_and_store_many(batch_queries[start : start + batch], silent(got))
+    assert len(got) == len(expected) == len(queries)
+    for a, b in zip(expected, got, strict=True):
+        _same(a, b)
+    relabelled = [e for e in expected if DEFAULT_RULE.detects(e) and e.anchor is not None]
+    assert len(relabelled) >= 30  # detections whose kept answers later queries read

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -23,6 +26,7 @@ from app.core.stateful import (
 )
 from app.service.main import create_app
 from app.service.settings import Settings
+from app.service.stateful import Pending, ScreeningWorker
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
@@ -230,3 +234,73 @@ def test_silent_on_the_cluster(redis_cluster: RedisClusterProcesses, sequence: n
     for i, anchor in enumerate(plan):
         assert silent[i] == (honest[i] if anchor is None else honest[anchor])
     assert stats["flag_reasons"] == ["query_attack"]
+
+
+# --------------------------------------------------------------------------- the screening thread
+
+
+def _answer(i: int) -> Answer:
+    return Answer("accepted", i, 0.5, 1.0)
+
+
+def test_the_screening_thread_batches_what_waits_in_arrival_order() -> None:
+    """While one batch is screened, later queries wait; the next pass takes them all (up to
+    ``max_batch``), in the order they came, and each future gets its own answer."""
+    release, first_taken = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+
+    def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        batches.append([pending.client_id for pending in batch])
+        first_taken.set()
+        release.wait(10)
+        return [None if pending.client_id == "c3" else pending.answer for pending in batch]
+
+    worker = ScreeningWorker(screen_batch, max_batch=4)
+    worker.start()
+    pixels = torch.zeros(3, 32, 32)
+    futures = [worker.submit("c0", pixels, _answer(0))]
+    assert first_taken.wait(10)
+    futures += [worker.submit(f"c{i}", pixels, _answer(i)) for i in range(1, 7)]
+    release.set()
+    results = [future.result(10) for future in futures if future is not None]
+    worker.stop()
+    assert batches == [["c0"], ["c1", "c2", "c3", "c4"], ["c5", "c6"]]
+    assert results == [None if i == 3 else _answer(i) for i in range(7)]
+
+
+def test_the_screening_thread_stops_after_the_queued_and_takes_no_more() -> None:
+    seen: list[str] = []
+
+    def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        seen.extend(pending.client_id for pending in batch)
+        return [pending.answer for pending in batch]
+
+    worker = ScreeningWorker(screen_batch)
+    queued = [worker.submit(f"c{i}", torch.zeros(3, 4, 4), _answer(i)) for i in range(5)]
+    worker.start()
+    worker.stop()
+    assert [future.result(0) for future in queued if future is not None] == [
+        _answer(i) for i in range(5)
+    ]
+    assert worker.submit("late", torch.zeros(3, 4, 4), _answer(9)) is None  # caller fails open
+    assert seen == [f"c{i}" for i in range(5)]
+
+
+def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
+    calls = []
+
+    def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        return [pending.answer for pending in batch]
+
+    worker = ScreeningWorker(screen_batch)
+    worker.start()
+    broken = worker.submit("a", torch.zeros(3, 4, 4), _answer(1))
+    assert broken is not None
+    with pytest.raises(RuntimeError, match="a bug"):
+        broken.result(10)
+    fine = worker.submit("b", torch.zeros(3, 4, 4), _answer(2))
+    assert fine is not None and fine.result(10) == _answer(2)
+    worker.stop()
