@@ -95,6 +95,47 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def earliest_detection(summary: dict[str, Any]) -> int:
+    """The first query the chosen rule can detect: one with ``min(client, global)`` distinct
+    earlier near-duplicates, the attack's own first image included, is at least query
+    ``min + 1``."""
+    rule = summary["schemes"][summary["chosen"]]["rule"]
+    return int(min(rule["client_matches"], rule["global_matches"])) + 1
+
+
+def floor_rows(summary: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """Per attack and setting: (attack, defence, the share of runs that succeed under refuse
+    whatever the fingerprint, the share that did): a run whose first success comes before the
+    earliest query the rule can detect succeeds under any fingerprint with that rule, so the
+    honest traffic the rule is calibrated on (how many near-duplicates an honest client may
+    send) bounds what ``refuse`` and ``silent`` can stop."""
+    chosen = summary["schemes"][summary["chosen"]]
+    first = earliest_detection(summary)
+    out = []
+    for attack in ATTACK_ORDER:
+        for setting, label in SETTING_LABELS.items():
+            key = f"{attack}/{setting}"
+            if key not in chosen["outcomes"]:
+                continue
+            runs = chosen["outcomes"][key]["single"]
+            floor = float(np.mean([r[2] is not None and r[2] < first for r in runs]))
+            out.append(
+                (attack, label, floor, chosen["attacks"][key]["succeeded_despite_detection"])
+            )
+    return out
+
+
+def floor_table(summary: dict[str, Any]) -> str:
+    lines = [
+        "| attack | defence | succeed under refuse, any fingerprint (at best) "
+        "| with the chosen one |",
+        "|---|---|---|---|",
+    ]
+    for attack, label, floor, actual in floor_rows(summary):
+        lines.append(f"| {attack} | {label} | {_pct(floor)} | {_pct(actual)} |")
+    return "\n".join(lines)
+
+
 def detection_curves(
     outcomes: Sequence[Sequence[int | None]], horizon: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -163,6 +204,16 @@ def report(summary: dict[str, Any]) -> str:
             table(summary),
             "",
             "![time to detection](time_to_detection.png)",
+            "",
+            "**What no fingerprint can stop at this rule.** The rule detects a query with "
+            f"{earliest_detection(summary) - 1} distinct earlier near-duplicates, so no query "
+            f"before the {earliest_detection(summary)}th of a run (its first image included) "
+            "can be detected, whatever the fingerprint; a run whose first success comes earlier "
+            "succeeds under `refuse` and `silent` alike. The threshold comes from honest "
+            "traffic (a photo and its edits and re-encodings: calibrated on training photos), "
+            "so this floor is the price of not flagging such users:",
+            "",
+            floor_table(summary),
             "",
             "Commands: `" + summary["command"] + "`, then `python -m evaluation.query_defence`.",
             "",

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.query_defence import detection_curves, main, rows
+from evaluation.query_defence import detection_curves, earliest_detection, floor_rows, main, rows
 from evaluation.stateful_eval import SequenceOutcome, succeeds_despite, summarise_outcomes
 
 
@@ -43,6 +43,7 @@ def _summary() -> dict[str, Any]:
         "sybil": {k: summarise_outcomes(spread) for k in keys},
         "outcomes": {k: {"single": runs(single), "sybil": runs(spread)} for k in keys},
     }
+    chosen["rule"] = {"client_matches": 5, "global_matches": 4}
     return {
         "chosen": "fp",
         "schemes": {"fp": chosen},
@@ -66,9 +67,22 @@ def test_rows_give_each_attack_its_settings_and_the_stateful_layer(tmp_path: Pat
     assert np.isclose(sybil.detected_before_success, 1 / 3)
 
 
+def test_the_floor_counts_runs_that_succeed_before_the_rule_can_detect() -> None:
+    """min(5, 4) = 4 matches: nothing before query 5 is detected; of the three runs, the one
+    that succeeded at query 3 survives under any fingerprint, the one at 20 does not."""
+    summary = _summary()
+    assert earliest_detection(summary) == 5
+    floors = floor_rows(summary)
+    assert len(floors) == 6
+    attack, defence, floor, actual = floors[0]
+    assert (attack, defence) == ("square", "no guard")
+    assert floor == 1 / 3 and actual == 1 / 3
+
+
 def test_the_command_writes_the_table_and_the_plot(tmp_path: Path) -> None:
     (tmp_path / "stateful.json").write_text(json.dumps(_summary()))
     assert main(["--results", str(tmp_path)]) == 0
     markdown = (tmp_path / "defence.md").read_text()
     assert "| square | guard (v2) + stateful, 50 ids | 67% | 12 | 8 |" in markdown
+    assert "| boundary | guard (v2) | 33% | 33% |" in markdown  # the floor table
     assert (tmp_path / "time_to_detection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
