@@ -100,14 +100,22 @@ def _packed(values: npt.NDArray[np.intp], bits: int, size: int) -> npt.NDArray[n
 
 def _top_distinct(row: U64, top: int) -> U64:
     """The ``top`` largest distinct values of ``row``, descending (fewer if it has fewer). The
-    hashes are near uniform, so those above the quantile that leaves ~2 ``top`` of them are
-    almost always enough; the full sort is the fallback (flat images repeat windows)."""
-    cutoff = np.uint64(max(0, (1 << 64) - ((2 * top) << 64) // max(len(row), 1)))
-    for candidates in (row[row >= cutoff], row):
+    hashes are near uniform, so those above the quantile that leaves ~2 ``top`` of them almost
+    always hold ``top`` distinct ones; images with many repeated windows (flat areas, upscaled
+    photos) need a lower cutoff, tried 8 times lower each time down to the whole row. Every value
+    above a cutoff is a candidate, so the answer is the full sort's."""
+    size = len(row)
+    wanted = 2 * top
+    while True:
+        if wanted >= size:
+            candidates = row
+        else:
+            cutoff = np.uint64((1 << 64) - (wanted << 64) // size)
+            candidates = row[row >= cutoff]
         distinct = np.unique(candidates)[::-1][:top]
-        if len(distinct) == top:
+        if len(distinct) == top or wanted >= size:
             return distinct
-    return distinct
+        wanted *= 8
 
 
 def window_hashes(
