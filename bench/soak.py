@@ -150,6 +150,10 @@ async def open_loop(
     return samples
 
 
+def stateful_client_ttl_s(args: argparse.Namespace) -> int:
+    return int(args.stateful_client_ttl_s or args.client_ttl_s)
+
+
 def slope_per_min(ts: list[float], values: list[float]) -> float:
     if len(ts) < 2:
         return float("nan")
@@ -171,7 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-ttl-s", type=int, default=60)
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--stateful-max-fingerprints",
+        type=int,
+        help="ADVGUARD_STATEFUL_MAX_FINGERPRINTS (default: the service's, 50,000)",
+    )
+    parser.add_argument(
+        "--stateful-client-ttl-s",
+        type=int,
+        help="ADVGUARD_STATEFUL_CLIENT_TTL_S (default: --client-ttl-s, so that a rotated id's "
+        "fingerprints expire with its statistics)",
+    )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="soak", help="results file name under bench/results")
     return parser
 
 
@@ -187,7 +203,10 @@ def run_soak(args: argparse.Namespace) -> tuple[float, float, list[dict[str, Any
         "ADVGUARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "ADVGUARD_STATEFUL_SECRET": "soak-secret",
         "ADVGUARD_CLIENT_TTL_S": str(args.client_ttl_s),
+        "ADVGUARD_STATEFUL_CLIENT_TTL_S": str(stateful_client_ttl_s(args)),
     }
+    if args.stateful_max_fingerprints:
+        env["ADVGUARD_STATEFUL_MAX_FINGERPRINTS"] = str(args.stateful_max_fingerprints)
     try:
         with serve(env, args.device) as (base, server):
             saturation = args.saturation or asyncio.run(
@@ -259,9 +278,8 @@ def report(
     note = (
         "This is the full 20-minute run."
         if full_run
-        else f"**This was a short {args.minutes:g}-minute run to prove the script works; the "
-        "20-minute soak (`python -m bench.soak --minutes 20`) is still to be done on a quiet "
-        "machine.** A short run cannot show slow growth."
+        else f"**A {args.minutes:g}-minute run**: it cannot show growth slower than that; the "
+        "20-minute soak is `python -m bench.soak --minutes 20`."
     )
     rows = "\n".join(
         f"| {s['t_s']} | {s['rss_mb']} | {s['open_fds']} | {s['redis_used_memory_mb']} "
@@ -278,7 +296,10 @@ def report(
         )
         + f"{args.fraction:g} x = {summary['target_rate_per_s']} requests/s open loop for "
         f"{args.minutes:g} min, each request from a new client id; Redis without persistence, "
-        f"client TTL {args.client_ttl_s} s; CIFAR-10 test JPEGs, model on {args.device}.\n\n"
+        f"client TTL {args.client_ttl_s} s; stateful detection on (the default), its "
+        f"fingerprints capped at {args.stateful_max_fingerprints or 50_000:,} queries, a "
+        f"client's own for {stateful_client_ttl_s(args)} s; CIFAR-10 test JPEGs, model on "
+        f"{args.device}.\n\n"
         f"Past the warm-up ({warmup_s:g} s): RSS {summary['rss_mb_after_warmup']} -> "
         f"{summary['rss_mb_end']} MB (max {summary['rss_mb_max_after_warmup']}, slope "
         f"{summary['rss_slope_mb_per_min_after_warmup']} MB/min); open fds "
@@ -307,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     table = report(args, summary, samples, load_before, load_after)
     full_run = args.minutes >= 20
     write_results(
-        "soak",
+        args.out,
         {
             "full_20_minute_run": full_run,
             "settings": vars(args),
