@@ -54,9 +54,10 @@ from evaluation.stateful_eval import SequenceOutcome, succeeds_despite
 class ImageCheck:
     row: int
     predicted_success: bool  # by the replay: the first success came before the detection
-    live_success: bool
+    live_success: bool  # the attacker got an adversarial example: ``truly_adversarial``
     live_queries: int
     answers_withheld: int  # answers that differ from the guard's own (403, or the anchor's)
+    believed_success: bool  # the attack stopped on a served answer that said "adversarial"
 
 
 def replay_predictions(stateful: dict[str, Any], attack: str) -> list[bool]:
@@ -79,9 +80,23 @@ def withheld(record: AttackRecord, guard: Guard) -> int:
     )
 
 
+def truly_adversarial(record: AttackRecord, guard: Guard) -> bool:
+    """Whether the query the attack stopped on as its success is adversarial by the guard's own
+    answer (accepted, another class than the true one). Under ``silent`` a served answer may be
+    the anchor's, so an attack can stop on a query that the guard gets right: it believes it
+    succeeded and holds nothing. Under ``refuse`` served answers are the guard's or a 403, so
+    what the attack believes is true."""
+    if not record.succeeded:
+        return False
+    query = record.queries[record.first_success : record.first_success + 1]
+    answer = GuardOracle(guard).ask(query)[0]
+    return answer.decision == "accepted" and answer.class_index != record.label
+
+
 def summarise(checks: Sequence[ImageCheck]) -> dict[str, Any]:
     return {
         "images": len(checks),
+        "believed_success": sum(c.believed_success for c in checks),
         "live_success": sum(c.live_success for c in checks),
         "predicted_success": sum(c.predicted_success for c in checks),
         "same_outcome": sum(c.live_success == c.predicted_success for c in checks),
@@ -116,7 +131,12 @@ def check_attack(
             oracle.close()
         checks.append(
             ImageCheck(
-                row, predictions[i], record.succeeded, len(record.queries), withheld(record, guard)
+                row,
+                predictions[i],
+                truly_adversarial(record, guard),
+                len(record.queries),
+                withheld(record, guard),
+                record.succeeded,
             )
         )
     return checks
@@ -124,15 +144,17 @@ def check_attack(
 
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| attack | policy | images | succeeded live | predicted by the replay | same outcome | "
-        "answers withheld (median per image) |",
-        "|---|---|---|---|---|---|---|",
+        "| attack | policy | images | stopped on a served success | succeeded live (truly "
+        "adversarial) | predicted by the replay | same outcome | answers withheld (median per "
+        "image) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results["checks"].items():
         attack, policy = key.split("/")
         withheld_median = float(np.median([c["answers_withheld"] for c in r["per_image"]]))
+        believed = r.get("believed_success", r["live_success"])  # refuse: the same
         lines.append(
-            f"| {attack} | {policy} | {r['images']} | {r['live_success']} | "
+            f"| {attack} | {policy} | {r['images']} | {believed} | {r['live_success']} | "
             f"{r['predicted_success']} | {r['same_outcome']}/{r['images']} | "
             f"{withheld_median:.0f} |"
         )
