@@ -135,10 +135,30 @@ def window_hashes(
     position-by-position sum (the tests check it against that), in a fifth of the operations.
     """
     n = images.shape[0]
+    size = int(np.prod(images.shape[1:]))
+    if size - window + 1 < 1:
+        raise ValueError(f"images of {size} values are shorter than a window")
+    # a few images at a time: the temporaries are 8 bytes a value per image, and past the
+    # caches a batch of 64 ImageNet-size images hashed ~10x slower per image than one
+    per_pass = max(1, HASHED_VALUES_PER_PASS // size)
+    out = np.zeros((n, top), dtype=np.uint64)
+    for first in range(0, n, per_pass):
+        part = images[first : first + per_pass]
+        hashes = _window_hash_rows(part, secret, step, window)
+        for i in range(len(part)):
+            distinct = _top_distinct(hashes[i], top)
+            out[first + i, : len(distinct)] = distinct
+    return out
+
+
+HASHED_VALUES_PER_PASS = 1 << 17  # ~1 MB of uint64 a temporary: well inside the L2 cache
+
+
+def _window_hash_rows(images: npt.NDArray[np.uint8], secret: bytes, step: int, window: int) -> U64:
+    """(n, 3, H, W) -> (n, positions): every window's mixed hash, in file order."""
+    n = images.shape[0]
     values = (images // step).transpose(0, 2, 3, 1).reshape(n, -1).astype(np.intp)
     length = values.shape[1] - window + 1
-    if length < 1:
-        raise ValueError(f"images of {values.shape[1]} values are shorter than a window")
     bits, offset, tables = _chunk_tables(secret, step, window)
     per = max(1, CODE_BITS // bits)
     acc = np.full((n, length), offset, dtype=np.uint64)
@@ -149,12 +169,7 @@ def window_hashes(
             packed[size] = _packed(values, bits, size)
         start = chunk * per
         acc += np.take(table, packed[size][:, start : start + length])
-    hashes = mix64(acc)
-    out = np.zeros((n, top), dtype=np.uint64)
-    for i in range(n):
-        distinct = _top_distinct(hashes[i], top)
-        out[i, : len(distinct)] = distinct
-    return out
+    return mix64(acc)
 
 
 def shared_hashes(query: U64, stored: U64) -> npt.NDArray[np.int64]:

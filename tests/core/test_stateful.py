@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.core import stateful
 from app.core.models import PRESETS
 from app.core.stateful import (
     DEFAULT_RULE,
@@ -362,3 +363,14 @@ def test_fingerprints_and_keys_agree_with_fingerprints(photos: np.ndarray) -> No
     sketches, keys = scheme.fingerprints_and_keys(photos[:4])
     assert np.array_equal(sketches, scheme.fingerprints(photos[:4]))
     assert np.array_equal(keys, window_hashes(photos[:4], SECRET, scheme.step, scheme.window, 50))
+
+
+def test_window_hashes_in_passes_are_the_one_pass_hashes(
+    photos: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large images are hashed a few at a time; the rows do not depend on the grouping."""
+    whole = window_hashes(photos[:7], SECRET, 25, 20, 50)
+    monkeypatch.setattr(stateful, "HASHED_VALUES_PER_PASS", 2 * 3 * 32 * 32)  # 2 images a pass
+    assert np.array_equal(window_hashes(photos[:7], SECRET, 25, 20, 50), whole)
+    monkeypatch.setattr(stateful, "HASHED_VALUES_PER_PASS", 1)  # one a pass
+    assert np.array_equal(window_hashes(photos[:7], SECRET, 25, 20, 50), whole)
