@@ -76,57 +76,44 @@ def ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def fingerprint_cost(guard: Guard, jpegs: list[bytes]) -> dict[str, Any]:
+def fingerprint_times(pixels: list[torch.Tensor]) -> dict[str, Any]:
+    """``StatefulDetector.fingerprints`` per query, one at a time and in batches of
+    ``FINGERPRINT_BATCH`` (what the screening thread does)."""
     scheme = default_scheme(SECRET)
     detector = StatefulDetector(scheme, DEFAULT_RULE, InProcessFingerprintStore(scheme), "silent")
-    pixels = [guard.pixels(decode_image(data)) for data in jpegs]
-    times = []
+    single = []
     for p in pixels:
         t0 = time.perf_counter()
         detector.fingerprint(p)
-        times.append(time.perf_counter() - t0)
-    return {
-        "images": len(pixels),
-        "ms": ms(times),
-        "batch": FINGERPRINT_BATCH,
-        "batch_ms": ms(batch_times(detector, pixels)),
-    }
-
-
-def batch_times(detector: StatefulDetector, pixels: list[torch.Tensor]) -> list[float]:
-    """Seconds per query of ``fingerprints`` over batches of ``FINGERPRINT_BATCH``."""
-    out = []
+        single.append(time.perf_counter() - t0)
+    batched = []
     for start in range(0, len(pixels) - FINGERPRINT_BATCH + 1, FINGERPRINT_BATCH):
         t0 = time.perf_counter()
         detector.fingerprints(pixels[start : start + FINGERPRINT_BATCH])
-        out.append((time.perf_counter() - t0) / FINGERPRINT_BATCH)
-    return out
+        batched.append((time.perf_counter() - t0) / FINGERPRINT_BATCH)
+    return {
+        "images": len(pixels),
+        "ms": ms(single),
+        "batch": FINGERPRINT_BATCH,
+        "batch_ms": ms(batched),
+    }
+
+
+def fingerprint_cost(guard: Guard, jpegs: list[bytes]) -> dict[str, Any]:
+    return fingerprint_times([guard.pixels(decode_image(data)) for data in jpegs])
 
 
 def fingerprint_cost_imagenet(jpegs: list[bytes]) -> dict[str, Any]:
-    """The fingerprint at ImageNet's input size, one query at a time: CIFAR-10 photos upscaled
-    to 256 px and preprocessed like an ImageNet bundle's uploads (resize 256, crop 224), 150,528
-    values a query instead of 3,072 (no ImageNet here; the cost depends on the size, not on what
-    the photo shows)."""
+    """The fingerprint at ImageNet's input size: CIFAR-10 photos upscaled to 256 px and
+    preprocessed like an ImageNet bundle's uploads (resize 256, crop 224), 150,528 values a
+    query instead of 3,072 (no ImageNet here; the cost depends on the size, not on what the
+    photo shows)."""
     preset = PRESETS["imagenet"]
-    scheme = default_scheme(SECRET)
-    detector = StatefulDetector(scheme, DEFAULT_RULE, InProcessFingerprintStore(scheme), "silent")
     pixels = []
     for data in jpegs:
         picture = decode_image(data).resize((preset.resize, preset.resize), Image.BICUBIC)
         pixels.append(image_to_pixels(picture, preset))
-    times = []
-    for p in pixels:
-        t0 = time.perf_counter()
-        detector.fingerprint(p)
-        times.append(time.perf_counter() - t0)
-    return {
-        "images": len(pixels),
-        "side": preset.crop,
-        "ms": ms(times),
-        "batch": FINGERPRINT_BATCH,
-        "batch_ms": ms(batch_times(detector, pixels)),
-    }
+    return fingerprint_times(pixels) | {"side": preset.crop}
 
 
 def used_memory(client: redis.Redis) -> int:
