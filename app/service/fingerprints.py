@@ -149,6 +149,20 @@ return out
 """.replace("SWEEP_BATCH", str(SWEEP_BATCH)).replace("MAX_CANDIDATES", str(MAX_CANDIDATES))
 _GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_START", "6").replace("CLIENT_PART", "")
 
+
+def _client_read(key: str, size: str, keep: str) -> str:
+    """Lua: the client's string ``key`` read as ``old`` (its last ``keep`` records of ``size``
+    bytes) and ``kept`` (the last ``keep - 1``: what stays beside the new record)."""
+    return f"""
+local size = tonumber({size})
+local keep = tonumber({keep})
+local old = redis.call('GET', {key}) or ''
+if #old > keep * size then old = string.sub(old, #old - keep * size + 1) end
+local kept = old
+if #kept > (keep - 1) * size then kept = string.sub(kept, #kept - (keep - 1) * size + 1) end
+"""
+
+
 # One Redis (not a cluster): everyone's part and the client's in one script, one round trip.
 # KEYS: meta, entries, buckets, the client's string. ARGV: now, ttl, cap, min shared buckets,
 # record, the client's record, per client, client ttl, record size, entry offset, bucket ...
@@ -156,33 +170,25 @@ _GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_START", "6").replace("CLIENT_PART", "
 # client's previous records inserted third.
 _BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_START", "11").replace(
     "CLIENT_PART",
-    """
-local size = tonumber(ARGV[9])
-local keep = tonumber(ARGV[7])
-local old = redis.call('GET', KEYS[4]) or ''
-if #old > keep * size then old = string.sub(old, #old - keep * size + 1) end
-local last = old
-if #last > (keep - 1) * size then last = string.sub(last, #last - (keep - 1) * size + 1) end
+    _client_read("KEYS[4]", "ARGV[9]", "ARGV[7]")
+    + """
 local off = tonumber(ARGV[10])
 local own = string.sub(ARGV[6], 1, off) .. struct.pack('<I4', id) ..
             string.rep(string.char(0), 4) .. string.sub(ARGV[6], off + 9)
-redis.call('SET', KEYS[4], last .. own, 'EX', ARGV[8])
+redis.call('SET', KEYS[4], kept .. own, 'EX', ARGV[8])
 table.insert(out, 3, old)
 """,
 )
 
 # KEYS: the client's string. ARGV: record, per client, client ttl, record size. Returns the
 # client's last `per client` records before this one, then keeps the last `per client` with it.
-_CLIENT_LUA = """
-local size = tonumber(ARGV[4])
-local keep = tonumber(ARGV[2])
-local old = redis.call('GET', KEYS[1]) or ''
-if #old > keep * size then old = string.sub(old, #old - keep * size + 1) end
-local kept = old
-if #kept > (keep - 1) * size then kept = string.sub(kept, #kept - (keep - 1) * size + 1) end
+_CLIENT_LUA = (
+    _client_read("KEYS[1]", "ARGV[4]", "ARGV[2]")
+    + """
 redis.call('SET', KEYS[1], kept .. ARGV[1], 'EX', ARGV[3])
 return old
 """
+)
 
 # KEYS: entries. ARGV: entry number, answer offset, answer bytes. Rewrites a record's answer.
 _RELABEL_GLOBAL_LUA = """
