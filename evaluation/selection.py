@@ -1,16 +1,26 @@
 """``advguard evaluate --select``: choose the v2 default detector by a rule fixed in advance.
 
-The rule (written before any candidate was measured; see evaluation/README.md):
+Round 2 (rule and candidates committed on 2026-11-29 before any candidate holding the margin
+statistic, or any DeepFool adversarial, was computed; round 1's rule and result are kept in
+``evaluation/results/selection/``):
+
 1. the bundle (ResNet-20, CIFAR-10 train) is at most 20 MB;
 2. the most selection attacks with EER accuracy >= 93%;
 3. then the lowest mean share of successful selection adversarials accepted at the candidate's
    own threshold (98% retention on its threshold part);
 4. then the fewest statistics (the cheapest).
 
-Candidates: ``index_builder.detectors.candidate_presets()``. Selection data: 50 correctly
-classified test images per class that are in neither the reported Authentic nor Errors sets,
-attacked by targeted and untargeted FGSM and PGD-Linf (8/255). The reported sets (other images,
-and L-BFGS, CW, PGD-L2, transfer and adaptive attacks) never enter the choice.
+Candidates: ``index_builder.detectors.candidate_presets()``: round 1's statistic sets, each
+also with the logit margin (``margin@logits``) added, and the vote with the margin alone; each
+with Fisher, harmonic mean and min-p. Selection data: 50 correctly classified test images per
+class that are in neither the reported Authentic nor Errors sets, attacked by targeted and
+untargeted FGSM and PGD-Linf (8/255), as in round 1, plus untargeted DeepFool (L2, torchattacks'
+defaults: 50 steps, overshoot 0.02), a minimal-perturbation attack that no reported set uses.
+
+What round 2 knew: round 1's reported results, where L-BFGS, CW-L2 and the transferred sets
+were missed. That is why a boundary statistic and a minimal-perturbation selection attack were
+added; the choice among candidates is still made on selection data only. The reported sets
+(other images; L-BFGS, CW, PGD-L2, transfer and adaptive attacks) never enter the choice.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ from index_builder.detectors import candidate_presets, parse_statistics
 SELECTION_PER_CLASS = 50
 MAX_BUNDLE_BYTES = 20 * 1024 * 1024
 MIN_EER = 0.93
-SELECTION_ATTACKS = ("fgsm", "fgsm_untargeted", "pgd", "pgd_untargeted")
+SELECTION_ATTACKS = ("fgsm", "fgsm_untargeted", "pgd", "pgd_untargeted", "deepfool")
 
 
 def _name(spec: StatisticSpec) -> str:

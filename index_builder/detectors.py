@@ -37,12 +37,19 @@ PRESETS: dict[str, DetectorPreset] = {
 }
 # Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
 # vote, the mission's score.
-CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+_ROUND_1_STATISTICS: dict[str, tuple[str, ...]] = {
     "maha-blocks": ("vote@last", "mahalanobis@blocks"),
     "maha-stages": ("vote@last", "mahalanobis@stages"),
     "knn-last": ("vote@last", "knn_distance@last"),
     "knn-blocks": ("vote@last", "knn_distance@blocks"),
     "maha-blocks+knn-last": ("vote@last", "mahalanobis@blocks", "knn_distance@last"),
+}
+# Round 2 (evaluation/selection.py): round 1's sets, each also with the logit margin, and the
+# vote with the margin alone.
+CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+    **_ROUND_1_STATISTICS,
+    **{f"{name}+margin": (*stats, "margin@logits") for name, stats in _ROUND_1_STATISTICS.items()},
+    "margin": ("vote@last", "margin@logits"),
 }
 CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
 DEFAULT_PRESET = "v2"
