@@ -6,16 +6,17 @@ almost everywhere:
 - a vote: the neighbours picked by an exact top-k, weights 1/d^2 (or 1, or 1/rank) from
   differentiable distances: that vote *is* the detector's score;
 - Mahalanobis: the whitened distance to the target class's mean;
-- the class-conditional kNN distance: exact top-k among the target class's processed features.
+- the class-conditional kNN distance: exact top-k among the target class's processed features;
+- the logit margin: the target's logit minus the largest other logit.
 PGD-Linf then minimises
 
     CE(f(x'), target) - weight * (sum_votes log(s(x', target) + 1e-6)
-                                  + sum_distances min(z(x', target), 1))
+                                  + sum_others min(z(x', target), 1))
 
-where z standardises a distance statistic by its authentic reference values (mean, std): the
-adversarial is classified as the target class *and* looks authentic to every statistic (pushing a
-statistic past one standard deviation above the authentic mean buys nothing). Per image the
-iterate kept is the best one seen: reaching the target first, then the highest objective.
+where z standardises a distance (or margin) statistic by its authentic reference values (mean,
+std): the adversarial is classified as the target class *and* looks authentic to every statistic
+(pushing a statistic past one standard deviation above the authentic mean buys nothing). Per
+image the iterate kept is the best one seen: reaching the target first, then the highest objective.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from app.core.detector import Detector
 from app.core.features import FeatureNetwork
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction
-from app.core.statistics import ClassKnnDistance, KnnVote, Mahalanobis
+from app.core.statistics import ClassKnnDistance, KnnVote, Mahalanobis, Margin
 from evaluation.attacks import AttackOutput
 
 
@@ -133,11 +134,36 @@ class SurrogateDistance:
         return out
 
     def objective(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
-        z = (self.values(features, classes) - self.reference_mean) / self.reference_std
-        return z.clamp(max=1.0)
+        return _capped_z(self.values(features, classes), self.reference_mean, self.reference_std)
 
 
-Surrogate = SurrogateLayer | SurrogateDistance
+def _capped_z(values: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """A statistic standardised by its authentic reference values, capped at +1 std: looking
+    more authentic than that buys the attacker nothing."""
+    return ((values - mean) / std).clamp(max=1.0)
+
+
+@dataclass(frozen=True)
+class SurrogateMargin:
+    """The logit margin statistic in torch, standardised by its authentic reference values."""
+
+    name: str
+    layer: str  # the layer whose output is the logits
+    reference_mean: float
+    reference_std: float
+
+    def values(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        """(n,) logit of ``classes`` minus the largest other logit (as ``logit_margins``)."""
+        logits = features[self.layer].double()
+        own = logits.gather(1, classes[:, None]).squeeze(1)
+        chosen = F.one_hot(classes, logits.shape[1]).bool()
+        return own - logits.masked_fill(chosen, -torch.inf).amax(dim=1)
+
+    def objective(self, features: dict[str, torch.Tensor], classes: torch.Tensor) -> torch.Tensor:
+        return _capped_z(self.values(features, classes), self.reference_mean, self.reference_std)
+
+
+Surrogate = SurrogateLayer | SurrogateDistance | SurrogateMargin
 
 
 def surrogates(detector: Detector) -> list[Surrogate]:
@@ -154,7 +180,11 @@ def surrogates(detector: Detector) -> list[Surrogate]:
             reference_mean=float(reference.mean()),
             reference_std=float(max(reference.std(), 1e-12)),
         )
-        if isinstance(statistic, Mahalanobis):
+        if isinstance(statistic, Margin):
+            out.append(
+                SurrogateMargin(f"margin@{statistic.layer_name}", statistic.layer_name, **scale)
+            )
+        elif isinstance(statistic, Mahalanobis):
             out.append(
                 SurrogateDistance(
                     name=f"mahalanobis@{statistic.layer_name}",

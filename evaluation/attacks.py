@@ -232,6 +232,22 @@ def cw_targeted(
     return torchattacks_run(attack, pixels, target, True, batch_size)
 
 
+def deepfool_untargeted(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int = 50,
+    overshoot: float = 0.02,
+    batch_size: int = 250,
+) -> AttackOutput:
+    """DeepFool (Moosavi-Dezfooli et al. 2016): the smallest L2 step across the nearest linearised
+    decision boundary, repeated; adversarials end just past the boundary (torchattacks)."""
+    import torchattacks
+
+    attack = torchattacks.DeepFool(model, steps=steps, overshoot=overshoot)
+    return torchattacks_run(attack, pixels, labels, False, batch_size)
+
+
 def perturbation_norms(adversarial: np.ndarray, original: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per-image (L2, Linf) norms of the perturbation, in [0, 1] pixel units."""
     delta = (adversarial.astype(np.float64) - original.astype(np.float64)).reshape(

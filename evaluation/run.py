@@ -10,6 +10,7 @@ the threshold) -> reports (``table2.md``, ``results.json``, figures).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -34,6 +35,7 @@ from app.core.models import (
     describe_architecture,
     file_sha256,
     load_model,
+    logits_layer,
     residual_blocks,
 )
 from app.core.processing import ProcessingKind
@@ -81,7 +83,12 @@ SET_ORDER: tuple[str, ...] = (
     "adaptive_own",
 )
 # Every statistic the ablations draw on, in one bundle (built once, not committed).
-ALL_STATISTICS: tuple[str, ...] = ("vote@last", "mahalanobis@blocks", "knn_distance@blocks")
+ALL_STATISTICS: tuple[str, ...] = (
+    "vote@last",
+    "mahalanobis@blocks",
+    "knn_distance@blocks",
+    "margin@logits",
+)
 # Holdout of the training split for detectors with a reference part and a threshold part.
 V2_HOLDOUT_FRACTION = 0.1
 
@@ -225,6 +232,13 @@ def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combina
             *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
         ],
     }
+    margin = pick(lambda n: n.startswith("margin@"))
+    if margin:  # the boundary statistic alone and added to every family that holds the vote
+        with_vote = [(label, columns) for label, columns in families.items() if 0 in columns]
+        families["margin"] = margin
+        families.update(
+            {f"{label.removesuffix(' (paper)')}+margin": [*c, *margin] for label, c in with_vote}
+        )
     for label, columns in families.items():
         if len(columns) == 1:
             yield label, columns, None
@@ -293,10 +307,14 @@ def _build(
 ) -> Path:
     """Build (or reuse from the cache) the bundle of one detector configuration."""
     from index_builder.build import BuildConfig, build_bundle
+    from index_builder.detectors import PRESETS as DETECTOR_PRESETS
+    from index_builder.detectors import candidate_presets
 
     out = options.cache_dir / "bundles" / model_name / config.name
     v2 = bool(config.preset or config.statistics)
     holdout = V2_HOLDOUT_FRACTION if v2 else 0.05
+    # a preset is stamped with what it means today, so a changed preset is rebuilt
+    preset = {**DETECTOR_PRESETS, **candidate_presets()}.get(config.preset or "")
     wanted = {
         "weights": file_sha256(weights),
         "layers": list(config.layers),
@@ -304,9 +322,13 @@ def _build(
         "k": config.k,
         "combination": config.combination,
         "preset": config.preset,
+        "preset_means": None if preset is None else [list(preset.statistics), preset.combination],
         "statistics": list(config.statistics),
         "holdout": holdout,
     }
+    # feature chunks are kept per set of statistics: a different set extracts other layers
+    what = json.dumps([wanted["preset_means"], wanted["statistics"]]).encode()
+    work_name = f"{config.name}-{hashlib.sha256(what).hexdigest()[:8]}"
     stamp = out / "evaluation-config.json"
     reusable = (out / "manifest.json").is_file() and stamp.is_file()
     if reusable and json.loads(stamp.read_text()) == wanted:
@@ -326,7 +348,7 @@ def _build(
         work_dir=options.cache_dir
         / "work"
         / model_name
-        / (config.name if v2 else "+".join(config.layers)),
+        / (work_name if v2 else "+".join(config.layers)),
         keep_work_dir=True,
         seed=options.seed,
         name=f"{model_name}-{config.name}",
@@ -463,7 +485,7 @@ def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
         blocks = tuple(residual_blocks(model))
     except ModelLoadError:
         blocks = ()
-    layers = list(dict.fromkeys([*stages, *blocks, *base_guard.layers]))
+    layers = list(dict.fromkeys([*stages, *blocks, logits_layer(model), *base_guard.layers]))
     network = FeatureNetwork(model, layers, PRESETS[info.preset]).eval()
     return ModelUnderTest(
         arch,

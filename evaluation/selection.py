@@ -36,6 +36,7 @@ import torch
 from app.core.calibration import threshold_for_retention
 from app.core.guard import Guard
 from app.core.manifest import StatisticSpec
+from app.core.statistics import INDEXED_KINDS
 from evaluation import attacks
 from evaluation.metrics import set_metrics
 from evaluation.run import (
@@ -85,12 +86,10 @@ def _bundle_bytes(bundle: Path, guard: Guard, specs: list[StatisticSpec]) -> int
     files |= {manifest.calibration.scores_file, str(manifest.calibration.honest_scores_file)}
     for spec in specs:
         layer = layers[spec.layer]
-        wanted = (
-            [layer.class_density_file]
-            if spec.kind == "mahalanobis"
-            else [layer.index_file, layer.processing_file]
-        )
-        files |= {str(name) for name in wanted}
+        if spec.kind == "mahalanobis":
+            files.add(str(layer.class_density_file))
+        elif spec.kind in INDEXED_KINDS:
+            files |= {str(layer.index_file), str(layer.processing_file)}
     return sum((bundle / name).stat().st_size for name in files) + 64 * 1024  # manifest etc.
 
 
@@ -118,6 +117,7 @@ def select(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         "pgd_untargeted": lambda: attacks.pgd_untargeted(
             mut.classifier, x, labels, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
         ),
+        "deepfool": lambda: attacks.deepfool_untargeted(mut.classifier, x, labels, batch_size=bs),
     }
     bundle = _build(
         options,

@@ -52,7 +52,13 @@ from app.core.processing import (
 )
 from app.core.scoring import ScoreFunction
 from app.core.search import IndexType
-from app.core.statistics import DEFAULT_CLASS_K, ClassDensity, LayerIndex, fit_class_density
+from app.core.statistics import (
+    DEFAULT_CLASS_K,
+    INDEXED_KINDS,
+    ClassDensity,
+    LayerIndex,
+    fit_class_density,
+)
 from index_builder import detectors
 from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
 from index_builder.sources import Entry, ImageSource, open_source, source_reference
@@ -242,7 +248,7 @@ class Plan:
     @property
     def indexed_layers(self) -> list[str]:
         """Layers whose processed training features are indexed (votes, kNN distances)."""
-        return _unique(s.layer for s in self.statistics if s.kind != "mahalanobis")
+        return _unique(s.layer for s in self.statistics if s.kind in INDEXED_KINDS)
 
     @property
     def density_layers(self) -> list[str]:

@@ -1,9 +1,10 @@
 """Which statistics a bundle's detector computes: named presets and ``kind@layer`` lists.
 
 A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0``,
-``knn_distance@layer3.2``. Two layer aliases expand against the model: ``@blocks`` (every
-residual block: 9 for ResNet-20, 16 for ResNet-50) and ``@last`` (the last residual block, whose
-pooled output is the paper's pool5 analogue).
+``knn_distance@layer3.2``, ``margin@logits``. Layer aliases expand against the model: ``@blocks``
+(every residual block: 9 for ResNet-20, 16 for ResNet-50), ``@stages`` (each stage's last block),
+``@last`` (the last residual block, whose pooled output is the paper's pool5 analogue) and
+``@logits`` (the classifier's last linear layer, for ``margin``).
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
@@ -20,7 +21,7 @@ from torch import nn
 from app.core.detector import Combination
 from app.core.errors import ModelLoadError
 from app.core.manifest import StatisticSpec
-from app.core.models import describe_architecture, residual_blocks
+from app.core.models import describe_architecture, logits_layer, residual_blocks
 from app.core.statistics import DEFAULT_CLASS_K, STATISTIC_KINDS, StatisticKind
 
 
@@ -71,6 +72,8 @@ def _expand_layer(alias: str, model: nn.Module, arch: str) -> list[str]:
             return [describe_architecture(arch).default_layer]
     if alias == "blocks":
         return residual_blocks(model)
+    if alias == "logits":
+        return [logits_layer(model)]
     if alias == "stages":  # the last block of each stage: the stage's output
         blocks = residual_blocks(model)
         stage = [b.split(".")[0] for b in blocks]

@@ -37,6 +37,7 @@ from app.core.statistics import (
     KnnVote,
     LayerIndex,
     Mahalanobis,
+    Margin,
     Statistic,
 )
 
@@ -119,6 +120,8 @@ def make_statistics(
             statistics.append(KnnVote(layer_index(spec.layer), labels, k, score_function))
         elif spec.kind == "mahalanobis":
             statistics.append(Mahalanobis(spec.layer, density(spec.layer)))
+        elif spec.kind == "margin":
+            statistics.append(Margin(spec.layer))
         else:
             assert spec.k is not None  # manifest validator
             indexed = layer_index(spec.layer)

@@ -15,7 +15,7 @@ from app.core.models import ModelFamily, PresetName
 from app.core.processing import ProcessingKind
 from app.core.scoring import ScoreFunction
 from app.core.search import IndexType
-from app.core.statistics import StatisticKind
+from app.core.statistics import INDEXED_KINDS, StatisticKind
 
 MANIFEST_NAME = "manifest.json"
 # How a detector turns its statistics into one score (app.core.detector): "single" is the paper's
@@ -125,7 +125,7 @@ class DetectorSpec(_Frozen):
                 )
             if statistic.kind == "mahalanobis" and layer.class_density_file is None:
                 raise ValueError(f"mahalanobis@{layer.name} needs the layer's class density")
-            if statistic.kind != "mahalanobis" and layer.index_file is None:
+            if statistic.kind in INDEXED_KINDS and layer.index_file is None:
                 raise ValueError(f"{statistic.kind}@{layer.name} needs the layer's index")
             if (statistic.kind == "knn_distance") != (statistic.k is not None):
                 raise ValueError("k is set for knn_distance statistics, and only for them")

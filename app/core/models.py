@@ -144,3 +144,14 @@ def residual_blocks(model: nn.Module) -> list[str]:
     if not blocks:
         raise ModelLoadError(f"{type(model).__name__} has no residual stages named layerN")
     return blocks
+
+
+def logits_layer(model: nn.Module) -> str:
+    """Name of the module whose output is the logits: the last linear layer in the model's
+    module order (``linear`` for the CIFAR ResNets, ``fc`` for torchvision's)."""
+    linear: list[str] = [
+        name for name, module in model.named_modules() if isinstance(module, nn.Linear)
+    ]
+    if not linear:
+        raise ModelLoadError(f"{type(model).__name__} has no linear layer to read logits from")
+    return linear[-1]

@@ -8,9 +8,15 @@
 - ``knn_distance``: minus the squared distance to the k-th nearest training feature *of the
   predicted class*, in the layer's processed (PCA-whitened) space (after Sun et al. 2022).
 
+- ``margin``: the predicted class's logit minus the largest other logit, read from the output
+  of the classifier's last linear layer (the logits: ``models.logits_layer``). Needs no fitting.
+
 The two distances are density statistics: they grow when an attack pushes a feature past the
-class's cluster, where the vote still looks confident. Everything is numpy in, numpy out; the
-FAISS work goes through ``app.core.search``.
+class's cluster, where the vote still looks confident. The margin sees the opposite failure:
+minimal-perturbation attacks (L-BFGS, CW, DeepFool) stop just past the decision boundary, where
+the features still look like the data but the classifier is barely decided.
+
+Everything is numpy in, numpy out; the FAISS work goes through ``app.core.search``.
 """
 
 from __future__ import annotations
@@ -26,8 +32,10 @@ from app.core import search
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction, class_scores
 
-StatisticKind = Literal["vote", "mahalanobis", "knn_distance"]
-STATISTIC_KINDS: tuple[StatisticKind, ...] = ("vote", "mahalanobis", "knn_distance")
+StatisticKind = Literal["vote", "mahalanobis", "knn_distance", "margin"]
+STATISTIC_KINDS: tuple[StatisticKind, ...] = ("vote", "mahalanobis", "knn_distance", "margin")
+# Kinds that search the layer's index of processed training features.
+INDEXED_KINDS: tuple[StatisticKind, ...] = ("vote", "knn_distance")
 DEFAULT_CLASS_K = 50  # Sun et al. 2022's k for CIFAR-10
 # Relative floor on the within-class covariance's eigenvalues (directions with no variance).
 _EIGEN_FLOOR = 1e-8
@@ -157,7 +165,33 @@ class ClassKnnDistance:
         return -distances.astype(np.float64)
 
 
-Statistic = KnnVote | Mahalanobis | ClassKnnDistance
+def logit_margins(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """(n,) logit of ``classes[i]`` minus the largest logit of any other class, for row i."""
+    rows = np.arange(logits.shape[0])
+    values = logits.astype(np.float64)
+    own = values[rows, classes]
+    others = values.copy()
+    others[rows, classes] = -np.inf
+    margins: np.ndarray = own - others.max(axis=1)
+    return margins
+
+
+@dataclass(frozen=True)
+class Margin:
+    """The classifier's logit margin of the predicted class (Carlini & Wagner's f_6 quantity,
+    oriented higher = more authentic): authentic images are classified with room to spare."""
+
+    layer_name: str  # the layer whose output is the logits
+    kind: StatisticKind = "margin"
+
+    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        logits = features[self.layer_name]
+        if logits.ndim != 2 or logits.shape[1] < 2:
+            raise ValueError(f"{self.layer_name} does not output logits: shape {logits.shape}")
+        return logit_margins(logits, classes)
+
+
+Statistic = KnnVote | Mahalanobis | ClassKnnDistance | Margin
 
 
 def statistic_name(statistic: Statistic) -> str:

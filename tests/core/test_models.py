@@ -5,7 +5,7 @@ import torch
 
 from app.core.errors import ModelLoadError
 from app.core.features import FeatureNetwork, global_average_pool
-from app.core.models import PRESETS, build_model, describe_architecture, load_model
+from app.core.models import PRESETS, build_model, describe_architecture, load_model, logits_layer
 from tests.conftest import RESNET20, save_state_dict
 
 
@@ -61,3 +61,23 @@ def test_unknown_layer_and_pooling_shapes():
         FeatureNetwork(build_model("resnet20", 10), ["pool5"], PRESETS["cifar"])
     assert global_average_pool(torch.ones(2, 5, 3, 3)).shape == (2, 5)
     assert global_average_pool(torch.ones(2, 7, 5)).shape == (2, 5)
+
+
+@pytest.mark.parametrize(
+    ("arch", "size", "expected"), [("resnet20", 32, "linear"), ("resnet18", 64, "fc")]
+)
+def test_logits_layer_outputs_the_logits(arch: str, size: int, expected: str):
+    """The hooked output of ``logits_layer`` is what the forward pass returns: the margin
+    statistic reads the same numbers the prediction comes from."""
+    torch.manual_seed(0)
+    model = build_model(arch, 7).eval()
+    name = logits_layer(model)
+    assert name == expected
+    preset = PRESETS[describe_architecture(arch).preset]
+    out = FeatureNetwork(model, [name], preset)(torch.rand(3, 3, size, size))
+    torch.testing.assert_close(out.features[name], out.logits.float(), rtol=0, atol=0)
+
+
+def test_logits_layer_of_a_model_without_a_linear_layer_is_an_error():
+    with pytest.raises(ModelLoadError, match="no linear layer"):
+        logits_layer(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten()))

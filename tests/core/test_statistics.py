@@ -15,6 +15,7 @@ from app.core.statistics import (
     KnnVote,
     LayerIndex,
     Mahalanobis,
+    Margin,
     fit_class_density,
     statistic_name,
 )
@@ -234,3 +235,43 @@ def test_knn_vote_matches_a_brute_force_vote(function):
     assert values.shape == (50,) and ((values >= 0) & (values <= 1)).all()
     np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-6)
     assert 0.05 < float(values.mean()) < 0.95  # neither degenerate all-in nor all-out
+
+
+def _brute_margins(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    out = []
+    for row, c in zip(logits.tolist(), classes.tolist(), strict=True):
+        out.append(row[c] - max(v for j, v in enumerate(row) if j != c))
+    return np.array(out)
+
+
+def test_margin_matches_brute_force():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(40, 10)).astype(np.float32)
+    logits[3] = 2.0  # ties: the margin of any class is 0
+    predicted = logits.argmax(axis=1)
+    other = (predicted + 1 + rng.integers(0, 9, size=40)) % 10
+    statistic = Margin("linear")
+    for classes in (predicted, other):
+        values = statistic.values({"linear": logits}, classes)
+        np.testing.assert_allclose(values, _brute_margins(logits, classes), rtol=1e-12)
+    assert (statistic.values({"linear": logits}, predicted) >= 0).all()
+    assert (statistic.values({"linear": logits}, other) <= 0).all()
+    assert statistic_name(statistic) == "margin@linear"
+
+
+def test_margin_refuses_a_layer_that_is_not_logits():
+    with pytest.raises(ValueError, match="does not output logits"):
+        Margin("layer3.2").values({"layer3.2": np.zeros((2, 1))}, np.zeros(2, dtype=np.int64))
+
+
+def test_margin_spec_needs_no_fitted_file():
+    (statistic,) = make_statistics(
+        [StatisticSpec(kind="margin", layer="linear")],
+        lambda name: pytest.fail(f"margin read the index of {name}"),
+        lambda name: pytest.fail(f"margin read the class density of {name}"),
+        np.zeros(0, dtype=np.int64),
+        k=5,
+        score_function="dwknn",
+        num_classes=10,
+    )
+    assert isinstance(statistic, Margin)

@@ -256,3 +256,47 @@ def test_layer_aliases_expand_against_the_model():
             detectors.parse_statistics((bad,), model, "resnet20")
     with pytest.raises(ValueError, match="unknown detector preset"):
         detectors.resolve("v3", (), None, (), model, "resnet20")
+
+
+def test_margin_bundle_reads_the_logits_without_fitted_files(built, tmp_path, capsys):
+    """``margin@logits``: the classifier's last linear layer is hooked and kept in the manifest,
+    with no index or class density; the margin the service computes is the one of the logits
+    the prediction came from."""
+    config, _ = built
+    code = builder_main([
+        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
+        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
+        "--holdout-fraction", "0.4", "--device", "cpu", "--statistic", "vote@last",
+        "--statistic", "margin@logits", "--combination", "fisher",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = read_manifest(tmp_path / "b")
+    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2"),
+        ("margin", "linear"),
+    ]
+    linear = next(layer for layer in manifest.detector.layers if layer.name == "linear")
+    assert (linear.index_file, linear.processing_file, linear.class_density_file) == (None,) * 3
+    assert linear.input_dim == 3
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+    pixels = torch.stack(
+        [guard.pixels(decode_image(p.read_bytes())) for p in sorted(config.source.rglob("*.png"))]
+    )
+    batch = guard.infer(pixels)
+    with torch.no_grad():
+        logits = guard.network(pixels).logits.numpy().astype(np.float64)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    evidence = guard.evidence(batch)
+    np.testing.assert_allclose(evidence.values[:, 1], top2[:, 1] - top2[:, 0], atol=1e-5)
+    # a vote on the logits layer would need an index the builder did not write
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    data["detector"]["statistics"][1]["kind"] = "vote"
+    with pytest.raises(ValidationError, match=r"vote@linear needs the layer's index"):
+        Manifest.model_validate(data)
+
+
+def test_logits_alias_names_the_last_linear_layer():
+    specs = detectors.parse_statistics(("margin@logits",), cifar_resnet("resnet20", 3), "resnet20")
+    assert [(s.kind, s.layer, s.k) for s in specs] == [("margin", "linear", None)]
+    tv = detectors.parse_statistics(("margin@logits",), build_model("resnet18", 4), "resnet18")
+    assert [s.layer for s in tv] == ["fc"]

@@ -1,0 +1,46 @@
+"""The adaptive attack's torch statistics compute what the detector computes."""
+
+import numpy as np
+import torch
+
+from app.core.detector import Detector
+from app.core.statistics import Margin, logit_margins
+from evaluation.adaptive import SurrogateMargin, surrogates
+from evaluation.run import ablation_columns
+
+
+def test_surrogate_margin_equals_the_statistic_and_is_standardised_by_its_reference():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(30, 10))
+    classes = rng.integers(0, 10, size=30)
+    reference = rng.normal(4.0, 2.0, size=(50, 1))
+    detector = Detector([Margin("linear"), Margin("linear")], "fisher", np.hstack([reference] * 2))
+    surrogate = surrogates(detector)[0]
+    assert isinstance(surrogate, SurrogateMargin)
+    features = {"linear": torch.from_numpy(logits)}
+    got = surrogate.values(features, torch.from_numpy(classes)).numpy()
+    np.testing.assert_allclose(got, logit_margins(logits, classes), rtol=1e-12)
+    z = (logit_margins(logits, classes) - reference.mean()) / reference.std()
+    objective = surrogate.objective(features, torch.from_numpy(classes)).numpy()
+    np.testing.assert_allclose(objective, np.minimum(z, 1.0), rtol=1e-9)
+    # the attacker's gradient reaches the logits
+    features["linear"].requires_grad_(True)
+    surrogate.objective(features, torch.from_numpy(classes)).sum().backward()
+    assert features["linear"].grad is not None and features["linear"].grad.abs().sum() > 0
+
+
+def test_ablations_add_the_margin_to_every_family_with_the_vote():
+    names = [
+        "vote@layer3.2",
+        "mahalanobis@layer1.2",
+        "mahalanobis@layer3.2",
+        "knn_distance50@layer3.2",
+        "margin@linear",
+    ]
+    rows = {label: (columns, how) for label, columns, how in ablation_columns(names)}
+    assert rows["margin"] == ([4], None)
+    assert rows["vote+margin [hmp]"] == ([0, 4], "hmp")
+    assert rows["vote+mahalanobis@stages+margin [fisher]"] == ([0, 1, 2, 4], "fisher")
+    assert rows["vote+mahalanobis@stages [fisher]"] == ([0, 1, 2], "fisher")
+    assert "mahalanobis@blocks+margin [hmp]" not in rows  # families without the vote keep none
+    assert all(4 not in columns for label, (columns, _) in rows.items() if "margin" not in label)
