@@ -9,7 +9,10 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/README.md`` (see ``evaluation/results/selection/``).
+  ``evaluation/selection.py`` (see ``evaluation/results/selection-3/``): the vote at the last
+  block, Mahalanobis at every block and the logit margin, combined by the harmonic-mean p-value;
+- the default of rounds 1 and 2 (vote + Mahalanobis at the stage outputs, Fisher), which bundles
+  built before round 3 hold, is the candidate ``maha-stages-fisher``.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ class DetectorPreset:
 
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule: evaluation/results/selection/selection.md
-    "v2": DetectorPreset(("vote@last", "mahalanobis@stages"), "fisher"),
+    # chosen by the selection rule (round 3): evaluation/results/selection-3/selection.md
+    "v2": DetectorPreset(("vote@last", "mahalanobis@blocks", "margin@logits"), "hmp"),
 }
 # Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
 # vote, the mission's score.

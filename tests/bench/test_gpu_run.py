@@ -129,7 +129,7 @@ def _check_service(service: dict[str, Any]) -> None:
     assert kept_row["decisions_identical"] == service["execution"]["images"]
     env = service["guard_off"]["env"]
     assert env["ADVGUARD_MODEL_PRECISION"] == kept["precision"]
-    assert set(service["detector_stages"]["statistic_ms"]) == {"vote", "mahalanobis"}
+    assert set(service["detector_stages"]["statistic_ms"]) == {"vote", "mahalanobis", "margin"}
 
 
 def gpu_run_variants() -> list[tuple[str, bool]]:

@@ -40,12 +40,12 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     manifest = report.manifest
     assert manifest.counts.indexed == 27 and manifest.counts.holdout == 9
     # the default detector (v2): the paper's vote at the last residual block + Mahalanobis at
-    # each stage's output, Fisher-combined; layers are named by block
+    # every block + the logit margin, combined by the harmonic mean p-value
     assert manifest.model.arch == "resnet20" and manifest.detector.layers[0].name == "layer3.2"
-    assert manifest.detector.combination == "fisher"
+    assert manifest.detector.combination == "hmp"
+    blocks = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
-        ("vote", "layer3.2"), ("mahalanobis", "layer1.2"), ("mahalanobis", "layer2.2"),
-        ("mahalanobis", "layer3.2"),
+        ("vote", "layer3.2"), *[("mahalanobis", b) for b in blocks], ("margin", "linear"),
     ]
     assert manifest.detector.layers[0].output_dim == 26  # PCA capped at the sample rank
     assert set(manifest.calibration.thresholds) == {"0.90", "0.95", "0.98", "0.99"}

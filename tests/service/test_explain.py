@@ -72,7 +72,7 @@ def test_trusted_evidence_is_the_decision_s_own(
         assert (ex["score"] >= ex["threshold"]) == (body["decision"] == "accepted")
         assert [s["name"] for s in ex["statistics"]] == guard.detector.names
         assert all(0 < s["p_value"] <= 1 for s in ex["statistics"])
-        assert ex["combination"] == "fisher" and ex["vote_statistic"] == "vote@layer3.2"
+        assert ex["combination"] == "hmp" and ex["vote_statistic"] == "vote@layer3.2"
         assert len(ex["vote_histogram"]) == 10
         assert sum(ex["vote_histogram"]) == guard.manifest.detector.k
         nearest = ex["nearest"]
