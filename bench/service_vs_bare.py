@@ -5,6 +5,8 @@
     a request's time goes (the service's stage histograms and its Server-Timing header);
 (a') the same with the guard on a second bundle (``--compare-bundle``, e.g. the paper's one-vote
     detector next to a combined one), so two detectors' costs come from the same run;
+(a-) the guard of (a) without the query-attack screening (``ADVGUARD_STATEFUL_ENABLED=false``):
+    the per-image detector's own cost, apart from issue 13's fingerprints;
 (b) the same service with the guard off (``ADVGUARD_GUARD_ENABLED=false``: model only);
 (c) the in-process limit, no HTTP: the bundle's Guard on pixels decoded beforehand, model +
     search (``infer``, ``score``, ``decide``, as the batcher runs them) at each batch size of
@@ -20,9 +22,10 @@ says which statistics the search time goes to.
 Saturation of a service is its best throughput over the concurrency levels. Ratios against the
 targets: a/b >= 90% (the guard's own cost) and a/c >= 70% (the service's overhead over the bare
 limit); issue 12's target for a combined detector: guarded throughput >= 85% of the unguarded one
-in the same run (a/b and a'/b). The load client is ``bench.common.RawConnection`` (one keep-alive
-connection per worker, prebuilt requests) and shares the cores with the service; (c) and the
-stages are measured with nothing else running. Writes bench/results/service_vs_bare.json and .md.
+in the same run (a/b, a-/b and a'/b). The load client is ``bench.common.RawConnection`` (one
+keep-alive connection per worker, prebuilt requests) and shares the cores with the service; (c)
+and the stages are measured with nothing else running. Writes bench/results/service_vs_bare.json
+and .md.
 
     .venv/bin/python -m bench.service_vs_bare --compare-bundle PAPER_BUNDLE
 """
@@ -367,6 +370,12 @@ def run_variant(
             jpegs,
             f"(a') guard on, {args.compare_bundle.name}, {label}",
         )
+    unscreened = run_service(
+        {**env, "ADVGUARD_STATEFUL_ENABLED": "false"},
+        args,
+        jpegs,
+        f"(a-) guard on, no query screening, {label}",
+    )
     unguarded = run_service(
         {**env, "ADVGUARD_GUARD_ENABLED": "false"}, args, jpegs, f"(b) guard off, {label}"
     )
@@ -384,10 +393,12 @@ def run_variant(
         "torch_threads": threads,
         "service_guard_on": guarded,
         "service_guard_on_compare": compared,
+        "service_guard_on_unscreened": unscreened,
         "service_guard_off": unguarded,
         "in_process": bare,
         "a_over_b": ratio(a, b),
         "a_prime_over_b": None if a_prime is None else ratio(a_prime, b),
+        "a_unscreened_over_b": ratio(saturation(unscreened), b),
         "a_over_a_prime": None if a_prime is None else ratio(a, a_prime),
         "a_over_c": ratio(a, bare["limit"]["images_per_s"]),
     }
@@ -424,16 +435,19 @@ def ratio_table(variants: list[dict[str, Any]], compare: str) -> str:
     rows = [
         f"| {v['torch_threads']} | {saturation(v['service_guard_on'])} "
         f"| {saturation(v['service_guard_on_compare']) if v['service_guard_on_compare'] else '-'} "
+        f"| {saturation(v['service_guard_on_unscreened'])} "
         f"| {saturation(v['service_guard_off'])} | {v['in_process']['limit']['images_per_s']} "
-        f"| {percent(v['a_over_b'], A_OVER_B_TARGET)} | {percent(v['a_prime_over_b'])} "
+        f"| {percent(v['a_over_b'], A_OVER_B_TARGET)} | {percent(v['a_unscreened_over_b'])} "
+        f"| {percent(v['a_prime_over_b'])} "
         f"| {percent(v['a_over_a_prime'])} | {percent(v['a_over_c'], A_OVER_C_TARGET)} |"
         for v in variants
     ]
     return (
         f"| torch threads | (a) guard on images/s | (a') guard on, {compare} images/s "
-        "| (b) guard off images/s | (c) in-process limit | a / b (target 90%) | a' / b | a / a' "
-        "| a / c (target 70%) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
-        + "\n".join(rows)
+        "| (a-) guard on, no query screening images/s | (b) guard off images/s "
+        "| (c) in-process limit | a / b (target 90%) | a- / b | a' / b | a / a' "
+        "| a / c (target 70%) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |\n" + "\n".join(rows)
     )
 
 
@@ -442,7 +456,11 @@ def issue_target_line(variants: list[dict[str, Any]], compare: str) -> str:
     for each bundle at each thread setting."""
     parts = []
     for v in variants:
-        checks = [f"(a) {percent(v['a_over_b'], GUARDED_OVER_UNGUARDED_TARGET)}"]
+        checks = [
+            f"(a) {percent(v['a_over_b'], GUARDED_OVER_UNGUARDED_TARGET)}",
+            "(a-) without query screening "
+            + percent(v["a_unscreened_over_b"], GUARDED_OVER_UNGUARDED_TARGET),
+        ]
         if v["a_prime_over_b"] is not None:
             checks.append(
                 f"(a') {compare} {percent(v['a_prime_over_b'], GUARDED_OVER_UNGUARDED_TARGET)}"
@@ -494,6 +512,9 @@ def markdown(
         services += service_rows("(a) guard on", threads, v["service_guard_on"])
         services += service_rows(
             f"(a') guard on, {compare}", threads, v["service_guard_on_compare"]
+        )
+        services += service_rows(
+            "(a-) guard on, no query screening", threads, v["service_guard_on_unscreened"]
         )
         services += service_rows("(b) guard off", threads, v["service_guard_off"])
     bare_rows = "\n".join(
