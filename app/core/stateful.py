@@ -29,6 +29,7 @@ import hashlib
 import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal, Protocol
@@ -119,7 +120,12 @@ def _top_distinct(row: U64, top: int) -> U64:
 
 
 def window_hashes(
-    images: npt.NDArray[np.uint8], secret: bytes, step: int, window: int, top: int
+    images: npt.NDArray[np.uint8],
+    secret: bytes,
+    step: int,
+    window: int,
+    top: int,
+    pool: Executor | None = None,
 ) -> U64:
     """(n, 3, H, W) uint8 -> (n, top) uint64, each row sorted descending, 0 padding a row with
     fewer distinct windows than ``top``.
@@ -133,6 +139,11 @@ def window_hashes(
     the selection unpredictable without the secret. The sum is read from precomputed tables, a
     chunk of the window's positions at a time (``_chunk_tables``): the same value as the
     position-by-position sum (the tests check it against that), in a fifth of the operations.
+
+    With a ``pool``, images large enough to fill a pass alone (ImageNet's 224x224: 150,528
+    values) are hashed on its threads at once: numpy releases the interpreter lock on arrays that
+    size, and each pass writes its own rows, so the result is the same. Smaller images stay on
+    the calling thread, where the lock, not the arithmetic, would bound them.
     """
     n = images.shape[0]
     size = int(np.prod(images.shape[1:]))
@@ -142,12 +153,21 @@ def window_hashes(
     # caches a batch of 64 ImageNet-size images hashed ~10x slower per image than one
     per_pass = max(1, HASHED_VALUES_PER_PASS // size)
     out = np.zeros((n, top), dtype=np.uint64)
-    for first in range(0, n, per_pass):
+
+    def hash_pass(first: int) -> None:
         part = images[first : first + per_pass]
         hashes = _window_hash_rows(part, secret, step, window)
         for i in range(len(part)):
             distinct = _top_distinct(hashes[i], top)
             out[first + i, : len(distinct)] = distinct
+
+    starts = range(0, n, per_pass)
+    if pool is not None and size >= HASHED_VALUES_PER_PASS and len(starts) > 1:
+        for _ in pool.map(hash_pass, starts):  # re-raises a pass's exception
+            pass
+    else:
+        for first in starts:
+            hash_pass(first)
     return out
 
 
@@ -338,12 +358,14 @@ class WindowHashScheme:
     ) -> U64:
         return self.fingerprints_and_keys(images)[0]
 
-    def fingerprints_and_keys(self, images: npt.NDArray[np.uint8]) -> tuple[U64, U64]:
+    def fingerprints_and_keys(
+        self, images: npt.NDArray[np.uint8], pool: Executor | None = None
+    ) -> tuple[U64, U64]:
         """(sketches, window hashes) from one hashing pass: the sketch is what the match rule
         compares; the hashes themselves (0: padding) are the keys of a store's index, since two
         queries whose sketches share ``threshold`` bits share almost as many hashes (chance
-        bit collisions: ~2.4 of ~50)."""
-        hashes = window_hashes(images, self.secret, self.step, self.window, self.top)
+        bit collisions: ~2.4 of ~50). ``pool``: threads for large images (``window_hashes``)."""
+        hashes = window_hashes(images, self.secret, self.step, self.window, self.top, pool)
         return window_sketch(hashes), hashes
 
     def similarity(

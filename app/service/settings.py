@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # distinct near-duplicates that detect a query among its client's / everyone's queries
     stateful_client_matches: int = Field(default=DEFAULT_RULE.client_matches, ge=1)
     stateful_global_matches: int = Field(default=DEFAULT_RULE.global_matches, ge=1)
+    # threads that hash large uploads (ImageNet size) of one screening batch at once; images of
+    # CIFAR size are hashed on the screening thread whatever this says
+    stateful_fingerprint_threads: int = Field(default=2, ge=1, le=64)
 
     @model_validator(mode="after")
     def _shared_secret_with_redis(self) -> Settings:

@@ -31,7 +31,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,8 +98,15 @@ class StatefulDetector:
         flag: Flag | None = None,
         *,
         retry_interval_s: float = 0.5,
+        fingerprint_threads: int = 1,
     ) -> None:
         self.scheme = scheme
+        # large uploads of a batch are hashed on these threads at once (bit-identical)
+        self._pool = (
+            ThreadPoolExecutor(fingerprint_threads, thread_name_prefix="advguard-fingerprint")
+            if fingerprint_threads > 1
+            else None
+        )
         self.rule = rule
         self.store = store
         self.policy: StatefulPolicy = policy
@@ -112,7 +119,7 @@ class StatefulDetector:
         """The preprocessed pixels the model sees (each C, H, W in [0, 1]) as 8-bit values,
         hashed in one pass: the same conversion and fingerprint as the evaluation's."""
         images = eight_bit(torch.stack(list(pixels)).detach().cpu().numpy())
-        sketches, keys = self.scheme.fingerprints_and_keys(images)
+        sketches, keys = self.scheme.fingerprints_and_keys(images, self._pool)
         digests = pixel_digests(images)
         return [QueryPrint(sketches[i], keys[i], digests[i]) for i in range(len(images))]
 
@@ -180,6 +187,8 @@ class StatefulDetector:
             self.metrics.stateful.labels(policy=self.policy, outcome=outcome).inc(n)
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         if isinstance(self.store, RedisFingerprintStore):
             self.store.close()
 
@@ -297,6 +306,7 @@ def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> Stateful
         metrics,
         flag,
         retry_interval_s=settings.redis_retry_interval_s,
+        fingerprint_threads=settings.stateful_fingerprint_threads,
     )
 
 
