@@ -8,7 +8,8 @@ import io
 import re
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -304,3 +305,39 @@ def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
     fine = worker.submit("b", torch.zeros(3, 4, 4), _answer(2))
     assert fine is not None and fine.result(10) == _answer(2)
     worker.stop()
+
+
+def test_follow_ups_run_on_the_screening_thread_before_their_answer() -> None:
+    """A query's ``then`` (the client's statistics, in the service) runs on the screening thread
+    after its batch is screened and before its future resolves; one that raises fails only its
+    own query."""
+    ran: list[tuple[str, str, bool]] = []
+    futures: dict[str, Future[Answer | None]] = {}
+
+    def then(name: str) -> Callable[[], None]:
+        def follow_up() -> None:
+            ran.append((name, threading.current_thread().name, futures[name].done()))
+            if name == "bad":
+                raise ValueError("tracker bug")
+
+        return follow_up
+
+    release = threading.Event()
+
+    def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        release.wait(10)
+        return [pending.answer for pending in batch]
+
+    worker = ScreeningWorker(screen_batch)
+    worker.start()
+    for i, name in enumerate(("a", "bad", "c")):
+        future = worker.submit(name, torch.zeros(3, 4, 4), _answer(i), then(name))
+        assert future is not None
+        futures[name] = future
+    release.set()
+    assert futures["a"].result(10) == _answer(0) and futures["c"].result(10) == _answer(2)
+    with pytest.raises(ValueError, match="tracker bug"):
+        futures["bad"].result(10)
+    worker.stop()
+    assert [name for name, _, _ in ran] == ["a", "bad", "c"]
+    assert all(thread == "advguard-screening" and not done for _, thread, done in ran)
