@@ -225,6 +225,21 @@ _SCRIPTS = {
 }
 
 
+def _put_answer(record: Any, answer: Answer) -> None:
+    """Write ``answer`` into one record (a row of the store's dtype)."""
+    record["decision"] = DECISIONS.index(answer.decision)
+    record["class_index"] = answer.class_index
+    record["probability"] = answer.probability
+    record["score"] = answer.score
+
+
+def _buckets(query: StoreQuery) -> list[int]:
+    """The index buckets a query is filed under: the scripts' trailing arguments."""
+    if query.keys is None:
+        raise ValueError("the Redis store needs the query's index keys (its window hashes)")
+    return index_buckets(query.keys)
+
+
 class RedisFingerprintStore:
     """Everyone's recent queries (indexed) and each client's, in Redis or a Redis Cluster.
 
@@ -282,9 +297,10 @@ class RedisFingerprintStore:
             self._client = client
         return self._client
 
-    def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+    def _run(self, name: str, keys: list[str], args: list[Any], pipe: Any = None) -> Any:
+        """Run a script now, or queue it on ``pipe`` (a pipeline of this store's client)."""
         self.redis  # noqa: B018 (connects and registers the scripts)
-        return self._scripts[name](keys=keys, args=args)
+        return self._scripts[name](keys=keys, args=args, client=pipe)
 
     def close(self) -> None:
         if self._client is not None:
@@ -311,10 +327,7 @@ class RedisFingerprintStore:
         record["digest"] = np.void(digest.ljust(16, b"\0")[:16])
         record["entry"] = entry
         if answer is not None:
-            record["decision"] = DECISIONS.index(answer.decision)
-            record["class_index"] = answer.class_index
-            record["probability"] = answer.probability
-            record["score"] = answer.score
+            _put_answer(record[0], answer)
         return record
 
     def _answer_bytes(self, answer: Answer) -> bytes:
@@ -375,7 +388,9 @@ class RedisFingerprintStore:
         query = StoreQuery(client_id, fingerprint, digest, at, answer, keys)
         if self._cluster:  # two slots: two scripts
             record = self._record(fingerprint, digest, at, answer)
-            raw = self._run("global", self._global_keys, self._global_args(query, record))
+            raw = self._run(
+                "global", self._global_keys, [*self._global_args(query, record), *_buckets(query)]
+            )
             seq, entry = int(raw[0]), int(raw[1])
             record["entry"] = entry
             previous = self._run(
@@ -400,7 +415,7 @@ class RedisFingerprintStore:
         pipe = self.redis.pipeline(transaction=False)
         for query in queries:
             keys_, args = self._both_call(query)
-            self._scripts["both"](keys=keys_, args=args, client=pipe)
+            self._run("both", keys_, args, pipe)
         replies = pipe.execute()
         kept: dict[int, Answer] = {}
         changed: list[tuple[Stored, Answer]] = []
@@ -425,31 +440,28 @@ class RedisFingerprintStore:
         return max(1, int(np.ceil(self.client_ttl_s)))
 
     def _global_args(self, query: StoreQuery, record: npt.NDArray[Any]) -> list[Any]:
-        if query.keys is None:
-            raise ValueError("the Redis store needs the query's index keys (its window hashes)")
+        """Everyone's part's arguments before the buckets (both scripts start with them)."""
         return [
             repr(float(query.at)),
             repr(float(self.ttl_s)),
             self.max_fingerprints,
             MIN_SHARED_KEYS,
             record.tobytes() + query.client_id.encode(),
-            *index_buckets(query.keys),
         ]
 
     def _both_call(self, query: StoreQuery) -> tuple[list[str], list[Any]]:
         """Keys and arguments of the one-Redis script (everyone's part and the client's)."""
         record = self._record(query.fingerprint, query.digest, query.at, query.answer)
-        global_args = self._global_args(query, record)
         return (
             [*self._global_keys, self.client_key(query.client_id)],
             [
-                *global_args[:5],
+                *self._global_args(query, record),
                 record.tobytes(),
                 self.per_client,
                 self._client_ttl,
                 self.dtype.itemsize,
                 self._entry_offset,
-                *global_args[5:],
+                *_buckets(query),
             ],
         )
 
@@ -506,10 +518,7 @@ class RedisFingerprintStore:
         for i, entry in enumerate(entries):
             answer = kept.get(int(entry))
             if answer is not None:
-                out[i]["decision"] = DECISIONS.index(answer.decision)
-                out[i]["class_index"] = answer.class_index
-                out[i]["probability"] = answer.probability
-                out[i]["score"] = answer.score
+                _put_answer(out[i], answer)
         return out
 
     def relabel(self, stored: Stored, answer: Answer) -> None:
@@ -519,18 +528,18 @@ class RedisFingerprintStore:
     def _relabel(self, stored: Stored, answer: Answer, pipe: Any) -> None:
         """Both relabel scripts, run now or queued on ``pipe``."""
         data = self._answer_bytes(answer)
-        self.redis  # noqa: B018 (connects and registers the scripts)
-        self._scripts["relabel_global"](
-            keys=[self.entries_key], args=[stored.entry, self._answer_offset, data], client=pipe
+        self._run(
+            "relabel_global", [self.entries_key], [stored.entry, self._answer_offset, data], pipe
         )
-        self._scripts["relabel_client"](
-            keys=[self.client_key(stored.client_id)],
-            args=[
+        self._run(
+            "relabel_client",
+            [self.client_key(stored.client_id)],
+            [
                 np.array([stored.entry], "<u8").tobytes(),
                 self._entry_offset,
                 self._answer_offset,
                 data,
                 self.dtype.itemsize,
             ],
-            client=pipe,
+            pipe,
         )
