@@ -7,7 +7,6 @@
   covariance shared by all classes (Lee et al. 2018). Fitted on the indexed training features.
 - ``knn_distance``: minus the squared distance to the k-th nearest training feature *of the
   predicted class*, in the layer's processed (PCA-whitened) space (after Sun et al. 2022).
-
 - ``margin``: the predicted class's logit minus the largest other logit, read from the output
   of the classifier's last linear layer (the logits: ``models.logits_layer``). Needs no fitting.
 
@@ -168,9 +167,8 @@ class ClassKnnDistance:
 def logit_margins(logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """(n,) logit of ``classes[i]`` minus the largest logit of any other class, for row i."""
     rows = np.arange(logits.shape[0])
-    values = logits.astype(np.float64)
-    own = values[rows, classes]
-    others = values.copy()
+    others = logits.astype(np.float64)  # a copy: the predicted class is masked in it below
+    own = others[rows, classes]  # fancy indexing: a copy, taken before the masking
     others[rows, classes] = -np.inf
     margins: np.ndarray = own - others.max(axis=1)
     return margins
