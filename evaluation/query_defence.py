@@ -96,11 +96,17 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def earliest_detection(summary: dict[str, Any]) -> int:
-    """The first query the chosen rule can detect: one with ``min(client, global)`` distinct
-    earlier near-duplicates, the attack's own first image included, is at least query
-    ``min + 1``."""
+    """The first query the chosen rule can detect: one with the fewest distinct earlier
+    near-duplicates any of its counts needs (client, global, changed answer), the attack's own
+    first image included, is at least query ``fewest + 1``."""
     rule = summary["schemes"][summary["chosen"]]["rule"]
-    return int(min(rule["client_matches"], rule["global_matches"])) + 1
+    counts = [rule["client_matches"], rule["global_matches"], rule.get("changed_matches")]
+    return int(min(c for c in counts if c is not None)) + 1
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def floor_rows(summary: dict[str, Any]) -> list[tuple[str, str, float, float]]:
@@ -190,25 +196,28 @@ def report(summary: dict[str, Any]) -> str:
             "training photos (`stateful.md`). Runs: 100 correctly classified CIFAR-10 test "
             "images per attack (`table.md`: budgets, query caps, ART's settings). *Success* "
             "counts a run that got an answer with another class within the budget; *detected "
-            "before first success* counts a never-successful run as caught when it is detected "
-            f"at all. Replays stop at detection or after {summary['horizon']} queries. The "
+            "before first success* counts a run detected at a query before its first successful "
+            "one or at that query itself (screened before it is answered), and a "
+            "never-successful run when it is detected at all. Replays stop at detection or "
+            f"after {summary['horizon']} queries. The "
             f"Sybil rows send each run's queries round-robin over {summary['sybil_ids']} client "
             "ids.",
             "",
             "Policies: `flag` answers as usual (success as without the detector); `refuse` "
             "answers 403 and `silent` the anchor query's earlier answer from the detecting query "
-            "on, so under both a run succeeds only when its first success came before its "
-            "detection. These two columns come from the replays, not from attacks rerun against "
-            "the policy: the library never saw the answers it was denied.",
+            "on, so under both a run succeeds only when its first success came strictly before "
+            "its detection. These two columns come from the replays, not from attacks rerun "
+            "against the policy: the library never saw the answers it was denied.",
             "",
             table(summary),
             "",
             "![time to detection](time_to_detection.png)",
             "",
-            "**What no fingerprint can stop at this rule.** The rule detects a query with "
-            f"{earliest_detection(summary) - 1} distinct earlier near-duplicates, so no query "
-            f"before the {earliest_detection(summary)}th of a run (its first image included) "
-            "can be detected, whatever the fingerprint; a run whose first success comes earlier "
+            "**What no fingerprint can stop at this rule.** The rule detects a query with at "
+            f"least {earliest_detection(summary) - 1} distinct earlier near-duplicates, so no "
+            f"query before the {_ordinal(earliest_detection(summary))} of a run (its first image "
+            "included) can be detected, whatever the fingerprint; a run whose first success "
+            "comes earlier "
             "succeeds under `refuse` and `silent` alike. The threshold comes from honest "
             "traffic (a photo and its edits and re-encodings: calibrated on training photos), "
             "so this floor is the price of not flagging such users:",

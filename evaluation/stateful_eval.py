@@ -5,9 +5,10 @@ guard's forward pass), each at a few match thresholds, are put through the same 
 
 1. *Calibrate* on honest traffic built from CIFAR-10 **training** photos
    (``evaluation.honest_traffic``: plain, resends, near-duplicate bursts, a viral photo), all
-   clients on one timeline in one account-oblivious store: each count threshold of the
-   ``DetectionRule`` is set one above the highest count any honest client reached, so no
-   calibration client is flagged.
+   clients on one timeline in one account-oblivious store, each query stored with the answer
+   the service gives it (``service_answers``): each count threshold of the ``DetectionRule``
+   (client, global, and the changed-answer count) is set one above the highest count any honest
+   client reached, so no calibration client is flagged.
 2. *Replay* every recorded attack sequence (``evaluation.query_attacks``; test images) through a
    fresh store, as one client and spread round-robin over ``--sybil-ids`` client ids: queries
    until the first match (a query near-duplicating an earlier one of its sequence), queries to
@@ -19,6 +20,15 @@ The fingerprint is chosen by a rule fixed before measuring: the highest mean (ov
 setting, single client) share detected before first success; ties by the lower mean median
 queries to detection. Replays stop at detection or after ``--horizon`` queries; a sequence not
 detected within the horizon counts as undetected (conservative).
+
+The changed-answer count (``app.core.stateful.changes_answer``) was added, with its calibration
+above, before any attack was replayed through it, against the records of the default bundle
+then (v2, selection round 3). Why: with the counts alone, about a quarter of Square runs
+succeeded in queries 2-5, before any count could reach its threshold, and the query that
+succeeds is by definition the one whose class changes. With it, "detected before first
+success" also counts a run detected *at* its successful query (screened before it is answered;
+``caught_before_success``), and the share strictly before is reported beside it. The chosen
+fingerprint is also replayed under the counts alone (``chosen_counts_only``), as the ablation.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import torch
 
 from app.core.guard import Guard
 from app.core.stateful import (
+    Answer,
     DetectionRule,
     EmbeddingScheme,
     InProcessFingerprintStore,
@@ -45,6 +56,7 @@ from app.core.stateful import (
     PerceptualHashScheme,
     Scheme,
     WindowHashScheme,
+    changes_answer,
     pixel_digests,
 )
 from evaluation.data import load_split
@@ -58,6 +70,7 @@ from evaluation.honest_traffic import (
 )
 from evaluation.query_attacks import (
     ATTACKS,
+    DECISIONS,
     DEFAULT_BUNDLE,
     DEFAULT_CACHE,
     DEFAULT_RESULTS,
@@ -66,6 +79,7 @@ from evaluation.query_attacks import (
     AttackRecord,
     load_records,
     records_path,
+    to_pil,
 )
 from evaluation.simulate import wilson_interval
 
@@ -137,6 +151,56 @@ class LazyFingerprints:
         return row
 
 
+def service_answers(guard: Guard, images: np.ndarray, guarded: bool = True) -> list[Answer]:
+    """What the service keeps with each (n, 3, H, W) uint8 upload (``routes.classify``): its
+    decision and the model's class, also for a rejected one (the client does not see that class;
+    the detector's ``changes_answer`` reads it). The service's own preprocessing of the decoded
+    image, as ``GuardOracle``."""
+    if len(images) == 0:
+        return []
+    pixels = torch.stack([guard.pixels(to_pil(image)) for image in images])
+    if not guarded:
+        return [
+            Answer("unguarded", c.predicted_class, c.probability, float("nan"))
+            for c in guard.classify(pixels)
+        ]
+    return [
+        Answer("accepted" if v.accepted else "rejected", v.predicted_class, v.probability, v.score)
+        for v in guard.classify_pixels(pixels)
+    ]
+
+
+class LazyAnswers:
+    """A recorded attack sequence's answers as the service keeps them (``service_answers``),
+    computed a chunk at a time as a replay reaches them. Each is checked against what the
+    recording saw (decision, and class where the client was shown one): a replay judged on
+    other answers than the attack got would not describe that attack."""
+
+    def __init__(self, record: AttackRecord, guard: Guard, guarded: bool, chunk: int = 64) -> None:
+        self.record = record
+        self.guard = guard
+        self.guarded = guarded
+        self.chunk = chunk
+        self._answers: list[Answer] = []
+
+    def __getitem__(self, i: int) -> Answer:
+        while len(self._answers) <= i:
+            start = len(self._answers)
+            part = self.record.queries[start : start + self.chunk]
+            for j, answer in enumerate(service_answers(self.guard, part, self.guarded)):
+                seen = DECISIONS[int(self.record.decisions[start + j])]
+                shown = int(self.record.classes[start + j])
+                if seen != answer.decision or (shown >= 0 and shown != answer.class_index):
+                    raise ValueError(
+                        f"{self.record.attack} row {self.record.row} query {start + j}: recorded "
+                        f"{seen} {shown}, the guard now answers {answer.decision} "
+                        f"{answer.class_index} (the records are another bundle's: rerun "
+                        "evaluation.query_attacks)"
+                    )
+                self._answers.append(answer)
+        return self._answers[i]
+
+
 # --------------------------------------------------------------------------- honest traffic
 
 
@@ -195,11 +259,16 @@ class HonestCounts:
     kind: dict[str, TrafficKind]
     client_max: dict[str, int]
     global_max: dict[str, int]
+    # the most distinct near-duplicates (either scope) a query of the client had when its answer
+    # changed its anchor's class (``changes_answer``); 0: never
+    changed_max: dict[str, int]
 
 
-def replay_honest(scheme: Scheme, traffic: Timeline, fingerprints: np.ndarray) -> HonestCounts:
+def replay_honest(
+    scheme: Scheme, traffic: Timeline, fingerprints: np.ndarray, answers: Sequence[Answer]
+) -> HonestCounts:
     """Every honest query through one store holding all of them (nothing expires: the worst
-    case), one second apart."""
+    case), one second apart, each stored with the answer the service gives it."""
     size = len(traffic.clients) + 1
     store = InProcessFingerprintStore(
         scheme, max_fingerprints=size, ttl_s=np.inf, max_clients=size, client_ttl_s=np.inf
@@ -207,19 +276,38 @@ def replay_honest(scheme: Scheme, traffic: Timeline, fingerprints: np.ndarray) -
     kind: dict[str, TrafficKind] = {}
     client_max: dict[str, int] = {}
     global_max: dict[str, int] = {}
+    changed_max: dict[str, int] = {}
     for i, client in enumerate(traffic.clients):
-        evidence = store.check_and_store(client, fingerprints[i], traffic.digests[i], float(i))[0]
+        evidence = store.check_and_store(
+            client, fingerprints[i], traffic.digests[i], float(i), answers[i]
+        )[0]
         kind[client] = traffic.kinds[i]
         client_max[client] = max(client_max.get(client, 0), evidence.client.distinct)
         global_max[client] = max(global_max.get(client, 0), evidence.everyone.distinct)
-    return HonestCounts(kind, client_max, global_max)
+        changed = 0
+        if changes_answer(evidence, answers[i]):
+            changed = max(evidence.client.distinct, evidence.everyone.distinct)
+        changed_max[client] = max(changed_max.get(client, 0), changed)
+    return HonestCounts(kind, client_max, global_max, changed_max)
 
 
-def calibrate(counts: HonestCounts) -> DetectionRule:
-    """One above the highest count any honest calibration client reached: none is flagged."""
+def calibrate(counts: HonestCounts, changed: bool = True) -> DetectionRule:
+    """One above the highest count any honest calibration client reached, for each count the
+    rule reads: none is flagged. ``changed``: with the changed-answer count
+    (``DetectionRule.changed_matches``), else the near-duplicate counts alone."""
     return DetectionRule(
         client_matches=max(counts.client_max.values(), default=0) + 1,
         global_matches=max(counts.global_max.values(), default=0) + 1,
+        changed_matches=max(counts.changed_max.values(), default=0) + 1 if changed else None,
+    )
+
+
+def flagged(counts: HonestCounts, rule: DetectionRule, client: str) -> bool:
+    """Whether ``rule`` flags ``client`` at any of its queries in the replay ``counts`` holds."""
+    return (
+        counts.client_max[client] >= rule.client_matches
+        or counts.global_max[client] >= rule.global_matches
+        or (rule.changed_matches is not None and counts.changed_max[client] >= rule.changed_matches)
     )
 
 
@@ -228,16 +316,12 @@ def false_flags(counts: HonestCounts, rule: DetectionRule) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in TRAFFIC_KINDS:
         clients = [c for c, k in counts.kind.items() if k == kind]
-        flagged = sum(
-            counts.client_max[c] >= rule.client_matches
-            or counts.global_max[c] >= rule.global_matches
-            for c in clients
-        )
-        low, high = wilson_interval(flagged, len(clients))
+        n_flagged = sum(flagged(counts, rule, c) for c in clients)
+        low, high = wilson_interval(n_flagged, len(clients))
         out[kind] = {
             "clients": len(clients),
-            "flagged": flagged,
-            "rate": flagged / len(clients) if clients else None,
+            "flagged": n_flagged,
+            "rate": n_flagged / len(clients) if clients else None,
             "wilson95": [low, high],
             "max_client_matches": max((counts.client_max[c] for c in clients), default=0),
             "max_global_matches": max((counts.global_max[c] for c in clients), default=0),
@@ -260,11 +344,13 @@ def replay_attack(
     rule: DetectionRule,
     record: AttackRecord,
     fingerprints: LazyFingerprints,
+    answers: LazyAnswers,
     ids: int,
     horizon: int,
 ) -> SequenceOutcome:
     """One recorded sequence through a fresh store, its queries sent round-robin by ``ids``
-    client ids (1: a single client), one second apart; stops at detection."""
+    client ids (1: a single client), one second apart, each stored with the answer the service
+    gives it; stops at detection."""
     store = InProcessFingerprintStore(
         scheme, max_fingerprints=horizon + 1, ttl_s=np.inf, client_ttl_s=np.inf
     )
@@ -273,11 +359,11 @@ def replay_attack(
     for i in range(min(horizon, len(record.queries))):
         client = f"attacker-{i % ids}"
         evidence: MatchEvidence = store.check_and_store(
-            client, fingerprints[i], digests[i], float(i)
+            client, fingerprints[i], digests[i], float(i), answers[i]
         )[0]
         if first_match is None and evidence.everyone.distinct >= 1:
             first_match = i + 1
-        if rule.detects(evidence):
+        if rule.detects(evidence, answers[i]):
             return SequenceOutcome(first_match, i + 1, record.queries_to_success)
     return SequenceOutcome(first_match, None, record.queries_to_success)
 
@@ -298,14 +384,27 @@ def _median(values: Sequence[int]) -> float | None:
     return float(np.median(values)) if values else None
 
 
+def caught_before_success(outcome: SequenceOutcome, strictly: bool = False) -> bool:
+    """Whether the run was detected before its first successful answer was served: at a query
+    before the successful one, or at that query itself (``strictly``: not then), since a query
+    is screened before it is answered and ``refuse`` / ``silent`` withhold the answer of the
+    query they detect. A never-successful run counts as caught when it is detected at all."""
+    if outcome.detection is None:
+        return False
+    if outcome.success is None:
+        return True
+    return outcome.detection < outcome.success or (
+        not strictly and outcome.detection == outcome.success
+    )
+
+
 def summarise_outcomes(outcomes: Sequence[SequenceOutcome]) -> dict[str, Any]:
-    """Detection before the first success counts a never-successful run as caught when it is
-    detected at all; the share over successful runs only is given beside it."""
-    before = [
-        o.detection is not None and (o.success is None or o.detection < o.success) for o in outcomes
-    ]
+    """Shares caught before the first success (``caught_before_success``), over every run and
+    over the successful ones, and strictly before the successful query."""
+    before = [caught_before_success(o) for o in outcomes]
+    strictly = [caught_before_success(o, strictly=True) for o in outcomes]
     successful = [o for o in outcomes if o.success is not None]
-    before_successful = [o.detection is not None and o.detection < o.success for o in successful]  # type: ignore[operator]
+    before_successful = [caught_before_success(o) for o in successful]
     detections = [o.detection for o in outcomes if o.detection is not None]
     matches = [o.first_match for o in outcomes if o.first_match is not None]
     return {
@@ -315,6 +414,7 @@ def summarise_outcomes(outcomes: Sequence[SequenceOutcome]) -> dict[str, Any]:
         else None,
         "detected": len(detections),
         "detected_before_success": float(np.mean(before)) if outcomes else None,
+        "detected_strictly_before_success": float(np.mean(strictly)) if outcomes else None,
         "detected_before_success_of_successful": (
             float(np.mean(before_successful)) if successful else None
         ),
@@ -396,24 +496,66 @@ def family_prints(
     )
 
 
+@dataclass(frozen=True)
+class ServedAnswers:
+    """The answers the service gives every replayed query (``service_answers``): they do not
+    depend on the fingerprint, so every candidate shares them."""
+
+    calibration: list[Answer]
+    judging: list[Answer]
+    attacks: dict[str, list[LazyAnswers]]
+
+
+def served_answers(
+    guard: Guard,
+    calibration: Timeline,
+    judging: Timeline,
+    attacks: dict[str, list[AttackRecord]],
+    batch: int = 512,
+) -> ServedAnswers:
+    def all_of(images: np.ndarray) -> list[Answer]:
+        return [
+            answer
+            for start in range(0, len(images), batch)
+            for answer in service_answers(guard, images[start : start + batch])
+        ]
+
+    return ServedAnswers(
+        all_of(calibration.images),
+        all_of(judging.images),
+        {
+            key: [LazyAnswers(r, guard, guarded=key.endswith("/guard_on")) for r in records]
+            for key, records in attacks.items()
+        },
+    )
+
+
 def evaluate_scheme(
     name: str,
     scheme: Scheme,
     prints: FamilyPrints,
+    answers: ServedAnswers,
     calibration: Timeline,
     judging: Timeline,
     attacks: dict[str, list[AttackRecord]],
     horizon: int,
     sybil_ids: int,
     log: Callable[[str], None],
+    changed: bool = True,
 ) -> dict[str, Any]:
+    """Calibrate ``scheme``'s rule (``changed``: with the changed-answer count), judge it on
+    fresh honest traffic and replay every attack through it."""
     started = time.perf_counter()
-    counts = replay_honest(scheme, calibration, prints.calibration)
-    rule = calibrate(counts)
+    counts = replay_honest(scheme, calibration, prints.calibration, answers.calibration)
+    rule = calibrate(counts, changed)
     log(f"{name}: calibrated {rule}")
-    judged = replay_honest(scheme, judging, prints.judging)
+    judged = replay_honest(scheme, judging, prints.judging, answers.judging)
     result: dict[str, Any] = {
-        "rule": {"client_matches": rule.client_matches, "global_matches": rule.global_matches},
+        "rule": {
+            "client_matches": rule.client_matches,
+            "global_matches": rule.global_matches,
+            "changed_matches": rule.changed_matches,
+        },
         "calibration_false_flags": false_flags(counts, rule),
         "false_flags": false_flags(judged, rule),
         "attacks": {},
@@ -422,9 +564,11 @@ def evaluate_scheme(
     }
     for key, records in attacks.items():
         single, spread = [], []
-        for record, lazy in zip(records, prints.attacks[key], strict=True):
-            single.append(replay_attack(scheme, rule, record, lazy, 1, horizon))
-            spread.append(replay_attack(scheme, rule, record, lazy, sybil_ids, horizon))
+        for record, lazy, served in zip(
+            records, prints.attacks[key], answers.attacks[key], strict=True
+        ):
+            single.append(replay_attack(scheme, rule, record, lazy, served, 1, horizon))
+            spread.append(replay_attack(scheme, rule, record, lazy, served, sybil_ids, horizon))
         result["attacks"][key] = summarise_outcomes(single)
         result["sybil"][key] = summarise_outcomes(spread)
         result["outcomes"][key] = {
@@ -458,6 +602,43 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _rule(rule: dict[str, int | None]) -> str:
+    changed = rule.get("changed_matches")
+    return f"{rule['client_matches']}, {rule['global_matches']}, {_num(changed)}"
+
+
+def ablation(summary: dict[str, Any]) -> list[str]:
+    """The chosen fingerprint with and without the changed-answer count, attack by attack."""
+    chosen = summary["schemes"][summary["chosen"]]
+    alone = summary["chosen_counts_only"]
+    lines = [
+        "## The changed-answer count, on and off (the chosen fingerprint)",
+        "",
+        f"Rules: with it {_rule(chosen['rule'])}; counts alone {_rule(alone['rule'])} "
+        "(client, global, changed).",
+        "",
+        "| attack | setting | detected before first success: counts alone / with it | "
+        "median queries to detection | succeed under refuse |",
+        "|---|---|---|---|---|",
+    ]
+    for key, a in chosen["attacks"].items():
+        b = alone["attacks"][key]
+        attack, setting = key.split("/")
+        lines.append(
+            f"| {attack} | {setting.replace('_', ' ')} | {_pct(b['detected_before_success'])} / "
+            f"{_pct(a['detected_before_success'])} | {_num(b['median_queries_to_detection'])} / "
+            f"{_num(a['median_queries_to_detection'])} | "
+            f"{_pct(b['succeeded_despite_detection'])} / "
+            f"{_pct(a['succeeded_despite_detection'])} |"
+        )
+    flags = " / ".join(
+        f"{alone['false_flags'][k]['flagged']} and {chosen['false_flags'][k]['flagged']}"
+        for k in TRAFFIC_KINDS
+    )
+    lines += ["", f"Honest test clients flagged (plain / resend / burst / viral): {flags}."]
+    return lines
+
+
 def report(summary: dict[str, Any]) -> str:
     """The committed markdown: fingerprint comparison, then the chosen one in detail."""
     lines = [
@@ -465,15 +646,20 @@ def report(summary: dict[str, Any]) -> str:
         "",
         "Detection rule: a query is flagged when it has at least `client_matches` distinct "
         "near-duplicates (similarity at or above the fingerprint's threshold; exact copies do not "
-        "count) among its client's recent queries, or `global_matches` among all clients'. Both "
-        "counts are calibrated on honest traffic from CIFAR-10 *training* photos (one above the "
-        "highest honest count); false flags are judged on fresh traffic from *test* photos. "
+        "count) among its client's recent queries, or `global_matches` among all clients', or "
+        "when its answer would carry a class other than the one the model gave its anchor (its "
+        "earliest stored near-duplicate) and it has at least `changed_matches` distinct "
+        "near-duplicates in either scope. The three counts are calibrated on honest traffic from "
+        "CIFAR-10 *training* photos (one above the highest honest count); false flags are judged "
+        "on fresh traffic from *test* photos. "
         f"Attack replays stop at detection or after {summary['horizon']} queries (then: "
-        "undetected).",
+        "undetected). *Detected before first success*: at a query before the first successful "
+        "one, or at that query itself, which is screened before it is answered (under `refuse` "
+        "and `silent` its answer is withheld); the share *strictly* before is given beside it.",
         "",
         "## Fingerprints compared",
         "",
-        "| fingerprint | rule (client, global) | detected before first success (mean over "
+        "| fingerprint | rule (client, global, changed) | detected before first success (mean over "
         "attacks) | median queries to detection (mean) | honest flagged: plain / resend / "
         "burst / viral |",
         "|---|---|---|---|---|",
@@ -489,8 +675,7 @@ def report(summary: dict[str, Any]) -> str:
         )
         chosen = " **(chosen)**" if name == summary["chosen"] else ""
         lines.append(
-            f"| {name}{chosen} | {result['rule']['client_matches']}, "
-            f"{result['rule']['global_matches']} | {share:.1%} | "
+            f"| {name}{chosen} | {_rule(result['rule'])} | {share:.1%} | "
             f"{_num(float(np.mean(known)) if known else None)} | {flags} |"
         )
     chosen = summary["schemes"][summary["chosen"]]
@@ -499,10 +684,11 @@ def report(summary: dict[str, Any]) -> str:
         f"## Chosen: {summary['chosen']}",
         "",
         "| attack | setting | runs | successful | median queries to success | first match "
-        "(median) | detected | detected before first success | of the successful | median "
-        f"queries to detection | p90 | {summary['sybil_ids']} ids: before success | "
+        "(median) | detected | detected before first success | strictly before | of the "
+        "successful | median queries to detection | p90 | "
+        f"{summary['sybil_ids']} ids: before success | "
         f"{summary['sybil_ids']} ids: median queries to detection |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, a in chosen["attacks"].items():
         s = chosen["sybil"][key]
@@ -511,6 +697,7 @@ def report(summary: dict[str, Any]) -> str:
             f"| {attack} | {setting.replace('_', ' ')} | {a['runs']} | {a['successful_runs']} | "
             f"{_num(a['median_queries_to_success'])} | {_num(a['median_queries_to_first_match'])} "
             f"| {a['detected']} | {_pct(a['detected_before_success'])} | "
+            f"{_pct(a['detected_strictly_before_success'])} | "
             f"{_pct(a['detected_before_success_of_successful'])} | "
             f"{_num(a['median_queries_to_detection'])} | {_num(a['p90_queries_to_detection'])} | "
             f"{_pct(s['detected_before_success'])} | {_num(s['median_queries_to_detection'])} |"
@@ -528,6 +715,7 @@ def report(summary: dict[str, Any]) -> str:
             f"| {kind} | {f['clients']} | {f['flagged']} | {_pct(f['rate'])} | "
             f"{low:.2%}-{high:.2%} | {f['max_client_matches']} / {f['max_global_matches']} |"
         )
+    lines += ["", *ablation(summary)]
     cost = summary["cost"]
     lines += [
         "",
@@ -587,6 +775,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     schemes = candidate_schemes()
     if args.schemes:
         schemes = {name: schemes[name] for name in args.schemes}
+    answers = served_answers(guard, calibration, judging, attacks)
+    log("answers of the honest traffic")
     results: dict[str, dict[str, Any]] = {}
     families: dict[str, FamilyPrints] = {}
     for name, candidate in schemes.items():
@@ -599,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             name,
             candidate.scheme,
             families[candidate.family],
+            answers,
             calibration,
             judging,
             attacks,
@@ -610,6 +801,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, result in results.items():  # per-run replays only for the chosen one (size)
         if name != chosen:
             result.pop("outcomes")
+    # the ablation: the chosen fingerprint under the near-duplicate counts alone
+    family = schemes[chosen].family
+    if family not in families:
+        families = {
+            family: family_prints(
+                schemes[chosen].scheme, guard, calibration, judging, attacks, args.horizon
+            )
+        }
+    counts_only = evaluate_scheme(
+        chosen,
+        schemes[chosen].scheme,
+        families[family],
+        answers,
+        calibration,
+        judging,
+        attacks,
+        args.horizon,
+        args.sybil_ids,
+        log,
+        changed=False,
+    )
+    counts_only.pop("outcomes")
     cost = measure_cost(schemes[chosen].scheme, judging.images[:20_000], guard)
     log(f"cost of {chosen}: {cost}")
     summary = {
@@ -618,6 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "horizon": args.horizon,
         "sybil_ids": args.sybil_ids,
         "chosen": chosen,
+        "chosen_counts_only": counts_only,
         "cost": cost,
         "schemes": results,
         "command": " ".join(["python -m evaluation.stateful_eval", *map(shlex.quote, argv)]),

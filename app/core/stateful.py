@@ -531,24 +531,55 @@ def evidence_of(client: ScopeMatch, everyone: ScopeMatch) -> MatchEvidence:
     return MatchEvidence(client.count, everyone.count, everyone.others, anchor)
 
 
+def changes_answer(evidence: MatchEvidence, answer: Answer | None) -> bool:
+    """Whether ``answer`` would tell its client a class other than the one the model gave the
+    query's anchor (its earliest stored near-duplicate or copy, whatever that query's decision):
+    the answer carries a class (accepted, or the guard is off) and the anchor's class differs.
+    A query attack is exactly a search for such a near-duplicate; an honest edit of a photo
+    rarely is one."""
+    anchor = evidence.anchor
+    return (
+        answer is not None
+        and answer.decision != "rejected"
+        and anchor is not None
+        and anchor.class_index != answer.class_index
+    )
+
+
 @dataclass(frozen=True)
 class DetectionRule:
     """Flag a query with at least ``client_matches`` distinct near-duplicates among its client's
     recent queries, or at least ``global_matches`` among everyone's. The second catches an attack
     spread over many client ids; it is higher because a viral photo's circulating versions are
-    near-duplicates of each other across clients. Both are calibrated on honest traffic."""
+    near-duplicates of each other across clients.
+
+    With ``changed_matches``, also flag a query whose answer would change the class its anchor
+    got (``changes_answer``) once it has that many distinct near-duplicates in either scope. A
+    score-based attack (Square) can succeed in its first few queries, before any count reaches
+    its threshold; the query that would succeed is the one whose class changes, and it is
+    screened before it is answered. All thresholds are calibrated on honest traffic."""
 
     client_matches: int
     global_matches: int
+    changed_matches: int | None = None
 
     def __post_init__(self) -> None:
         if self.client_matches < 1 or self.global_matches < 1:
             raise ValueError("match counts must be at least 1")
+        if self.changed_matches is not None and self.changed_matches < 1:
+            raise ValueError("changed_matches must be at least 1 (None: off)")
 
-    def detects(self, evidence: MatchEvidence) -> bool:
-        return (
+    def detects(self, evidence: MatchEvidence, answer: Answer | None = None) -> bool:
+        """``answer``: the one the query is about to be given (None: judge by counts only)."""
+        if (
             evidence.client.distinct >= self.client_matches
             or evidence.everyone.distinct >= self.global_matches
+        ):
+            return True
+        return (
+            self.changed_matches is not None
+            and max(evidence.client.distinct, evidence.everyone.distinct) >= self.changed_matches
+            and changes_answer(evidence, answer)
         )
 
 

@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     # distinct near-duplicates that detect a query among its client's / everyone's queries
     stateful_client_matches: int = Field(default=DEFAULT_RULE.client_matches, ge=1)
     stateful_global_matches: int = Field(default=DEFAULT_RULE.global_matches, ge=1)
+    # distinct near-duplicates from which a query whose answer would change its anchor's class
+    # is detected (DetectionRule.changed_matches); 0: off
+    stateful_changed_matches: int = Field(default=DEFAULT_RULE.changed_matches or 0, ge=0)
     # threads that hash large uploads (ImageNet size) of one screening batch at once; images of
     # CIFAR size are hashed on the screening thread whatever this says
     stateful_fingerprint_threads: int = Field(default=2, ge=1, le=64)

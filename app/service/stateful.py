@@ -171,7 +171,7 @@ class StatefulDetector:
         instead of its own, or None): counts the outcome and flags a detected client."""
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
-        if not self.rule.detects(evidence):
+        if not self.rule.detects(evidence, answer):
             self._count("clear")
             return answer, None
         self._count("detected")
@@ -287,7 +287,11 @@ def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> Stateful
     # in process only (Settings requires a secret with Redis): fingerprints die with the process
     secret = given.get_secret_value().encode() if given is not None else secrets.token_bytes(32)
     scheme = default_scheme(secret)
-    rule = DetectionRule(settings.stateful_client_matches, settings.stateful_global_matches)
+    rule = DetectionRule(
+        settings.stateful_client_matches,
+        settings.stateful_global_matches,
+        settings.stateful_changed_matches or None,
+    )
     store: FingerprintStore
     if settings.redis_url:
         store = RedisFingerprintStore(

@@ -21,6 +21,7 @@ from app.core.stateful import (
     MatchCount,
     MatchEvidence,
     PerceptualHashScheme,
+    changes_answer,
     count_matches,
     default_scheme,
     eight_bit,
@@ -210,6 +211,29 @@ def test_detection_rule() -> None:
     assert not rule.detects(MatchEvidence(MatchCount(2, 9, 40.0), MatchCount(4, 9, 40.0), ()))
     with pytest.raises(ValueError):
         DetectionRule(0, 1)
+    with pytest.raises(ValueError):
+        DetectionRule(1, 1, changed_matches=0)
+
+
+def test_a_changed_answer_detects_from_its_own_count() -> None:
+    """A query whose answer would carry another class than its anchor's is detected from
+    ``changed_matches`` near-duplicates, in either scope; a rejected answer tells no class, and
+    without an answer (or the count off) only the near-duplicate counts apply."""
+    rule = DetectionRule(client_matches=5, global_matches=5, changed_matches=2)
+    cat = Answer("rejected", 3, 0.6, 0.001)  # the anchor's class counts whatever its decision
+    two = MatchCount(2, 0, 40.0)
+    one = MatchCount(1, 0, 40.0)
+    dog = Answer("accepted", 5, 0.9, 0.4)
+    assert changes_answer(MatchEvidence(two, two, (), cat), dog)
+    assert rule.detects(MatchEvidence(two, two, (), cat), dog)
+    assert rule.detects(MatchEvidence(one, two, ("x",), cat), dog)  # everyone's count
+    assert rule.detects(MatchEvidence(two, one, (), cat), Answer("unguarded", 5, 0.9, 0.0))
+    assert not rule.detects(MatchEvidence(one, one, (), cat), dog)  # too few near-duplicates
+    assert not rule.detects(MatchEvidence(two, two, (), cat), Answer("accepted", 3, 0.9, 0.4))
+    assert not rule.detects(MatchEvidence(two, two, (), cat), Answer("rejected", 5, 0.9, 0.0))
+    assert not rule.detects(MatchEvidence(two, two, (), None), dog)  # no anchor
+    assert not rule.detects(MatchEvidence(two, two, (), cat))  # no answer given
+    assert not DetectionRule(5, 5).detects(MatchEvidence(two, two, (), cat), dog)  # off
 
 
 # --------------------------------------------------------------------------- the store

@@ -5,6 +5,8 @@ cache, tiny end-to-end ART runs in process and one over HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import tarfile
 from pathlib import Path
@@ -35,7 +37,15 @@ from evaluation.query_attacks import (
     square_adversarial,
     square_margin,
 )
-from evaluation.stateful_eval import LazyFingerprints, replay_attack, summarise_outcomes
+from evaluation.stateful_eval import (
+    HonestCounts,
+    LazyAnswers,
+    LazyFingerprints,
+    calibrate,
+    false_flags,
+    replay_attack,
+    summarise_outcomes,
+)
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
 
 
@@ -260,9 +270,32 @@ def test_replay_detects_a_recorded_attack(
     scheme = default_scheme(b"s")
     rule = DEFAULT_RULE
     lazy = LazyFingerprints(scheme, record.queries, guard)
-    single = replay_attack(scheme, rule, record, lazy, 1, 120)
-    spread = replay_attack(scheme, rule, record, lazy, 50, 120)
+    served = LazyAnswers(record, guard, guarded=False)
+    single = replay_attack(scheme, rule, record, lazy, served, 1, 120)
+    spread = replay_attack(scheme, rule, record, lazy, served, 50, 120)
     assert single.detection is not None and single.detection <= 30
     assert spread.detection is not None
     summary = summarise_outcomes([single, spread])
     assert summary["detected"] == 2 and summary["runs"] == 2
+    # the answers the replay stores are the ones the attack was given, checked query by query
+    assert served[0].decision == "unguarded" and served[0].class_index == record.classes[0]
+    tampered = dataclasses.replace(record, classes=(record.classes + 1) % 10)
+    with pytest.raises(ValueError, match="another bundle"):
+        LazyAnswers(tampered, guard, guarded=False)[0]
+    with pytest.raises(ValueError, match="another bundle"):  # guarded: the decision differs
+        LazyAnswers(record, guard, guarded=True)[0]
+
+
+def test_calibration_sets_each_count_one_above_the_honest_highest() -> None:
+    counts = HonestCounts(
+        kind={"a": "plain", "b": "burst", "c": "viral"},
+        client_max={"a": 0, "b": 4, "c": 0},
+        global_max={"a": 1, "b": 4, "c": 3},
+        changed_max={"a": 0, "b": 2, "c": 0},
+    )
+    rule = calibrate(counts)
+    assert (rule.client_matches, rule.global_matches, rule.changed_matches) == (5, 5, 3)
+    assert calibrate(counts, changed=False).changed_matches is None
+    assert all(f["flagged"] == 0 for f in false_flags(counts, rule).values())
+    stricter = dataclasses.replace(rule, changed_matches=2)  # b changed an answer at 2
+    assert false_flags(counts, stricter)["burst"]["flagged"] == 1

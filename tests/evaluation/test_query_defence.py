@@ -20,6 +20,15 @@ def test_a_run_survives_refusal_only_when_it_succeeded_before_its_detection() ->
     assert not succeeds_despite(SequenceOutcome(first_match=3, detection=None, success=None))
 
 
+def test_a_run_detected_at_its_successful_query_counts_as_caught_not_strictly() -> None:
+    """The successful query is screened before it is answered: detected then, it is caught."""
+    at_success = SequenceOutcome(first_match=2, detection=7, success=7)
+    summary = summarise_outcomes([at_success, SequenceOutcome(2, 9, 3)])
+    assert summary["detected_before_success"] == 0.5
+    assert summary["detected_strictly_before_success"] == 0.0
+    assert summary["succeeded_despite_detection"] == 0.5
+
+
 def test_curves_count_runs_detected_and_succeeded_by_each_query() -> None:
     runs = [[2, 7, 3], [3, 7, None], [None, None, 40]]
     queries, detected, succeeded = detection_curves(runs, horizon=50)
@@ -72,6 +81,9 @@ def test_the_floor_counts_runs_that_succeed_before_the_rule_can_detect() -> None
     that succeeded at query 3 survives under any fingerprint, the one at 20 does not."""
     summary = _summary()
     assert earliest_detection(summary) == 5
+    summary["schemes"]["fp"]["rule"]["changed_matches"] = 2  # a changed answer from 2 matches
+    assert earliest_detection(summary) == 3
+    summary["schemes"]["fp"]["rule"]["changed_matches"] = None
     floors = floor_rows(summary)
     assert len(floors) == 6
     attack, defence, floor, actual = floors[0]

@@ -27,7 +27,8 @@ from app.core.stateful import (
 )
 from app.service.main import create_app
 from app.service.settings import Settings
-from app.service.stateful import Pending, ScreeningWorker
+from app.service.metrics import Metrics
+from app.service.stateful import Pending, ScreeningWorker, build_stateful
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
@@ -341,3 +342,39 @@ def test_follow_ups_run_on_the_screening_thread_before_their_answer() -> None:
     worker.stop()
     assert [name for name, _, _ in ran] == ["a", "bad", "c"]
     assert all(thread == "advguard-screening" and not done for _, thread, done in ran)
+
+
+@pytest.mark.parametrize("store", ["in_process", "redis"])
+def test_a_changed_answer_is_screened_before_it_is_served(
+    store: str,
+    sequence: np.ndarray,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The changed-answer count, through the screening path the service runs: a near-duplicate
+    whose answer would carry another class than its anchor's is detected at that query (below
+    the near-duplicate counts), and ``silent`` serves the anchor's answer instead; a rejected
+    near-duplicate tells no class and passes."""
+    overrides: dict[str, Any] = {"stateful_changed_matches": 1}
+    if store == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_server").url
+        overrides["redis_prefix"] = f"t-{uuid.uuid4().hex[:8]}"
+    settings = Settings(device="cpu", **_settings("silent") | overrides)
+    flagged: list[tuple[str, str]] = []
+
+    def flag(client: str, reason: str, at: float) -> bool:
+        flagged.append((client, reason))
+        return True
+
+    detector = build_stateful(settings, Metrics(), flag)
+    assert detector is not None and detector.rule.changed_matches == 1
+    pixels = torch.from_numpy(sequence[:4].astype(np.float32) / 255.0)
+    cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
+    rejected_dog = Answer("rejected", 5, 0.7, 0.001)
+    answers = [cat, rejected_dog, cat, dog]
+    batch = [Pending("mallory", pixels[i], answers[i], Future()) for i in range(4)]
+    try:
+        served = detector.screen_batch(batch)
+    finally:
+        detector.close()
+    assert served == [cat, rejected_dog, cat, cat]  # the dog answer withheld: the anchor's
+    assert flagged == [("mallory", "query_attack")]
