@@ -6,7 +6,6 @@ cache, tiny end-to-end ART runs in process and one over HTTP."""
 from __future__ import annotations
 
 import dataclasses
-
 import io
 import tarfile
 from pathlib import Path

@@ -9,7 +9,12 @@ from typing import Any
 import numpy as np
 
 from evaluation.query_defence import detection_curves, earliest_detection, floor_rows, main, rows
-from evaluation.stateful_eval import SequenceOutcome, succeeds_despite, summarise_outcomes
+from evaluation.stateful_eval import (
+    SequenceOutcome,
+    choose,
+    succeeds_despite,
+    summarise_outcomes,
+)
 
 
 def test_a_run_survives_refusal_only_when_it_succeeded_before_its_detection() -> None:
@@ -98,3 +103,13 @@ def test_the_command_writes_the_table_and_the_plot(tmp_path: Path) -> None:
     assert "| square | guard (v2) + stateful, 50 ids | 67% | 12 | 8 |" in markdown
     assert "| boundary | guard (v2) | 33% | 33% |" in markdown  # the floor table
     assert (tmp_path / "time_to_detection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_fingerprint_is_chosen_among_the_kinds_the_service_runs() -> None:
+    def result(share: float, median: float) -> dict[str, Any]:
+        attack = {"detected_before_success": share, "median_queries_to_detection": median}
+        return {"attacks": {"square/guard_on": attack}}
+
+    results = {"ph": result(0.99, 3), "wh-a": result(0.9, 9), "wh-b": result(0.9, 7)}
+    kinds = {"ph": "phash", "wh-a": "window_hash", "wh-b": "window_hash"}
+    assert choose(results, kinds) == "wh-b"  # ph scores best but the service cannot run it

@@ -26,8 +26,8 @@ from app.core.stateful import (
     pixel_digests,
 )
 from app.service.main import create_app
-from app.service.settings import Settings
 from app.service.metrics import Metrics
+from app.service.settings import Settings
 from app.service.stateful import Pending, ScreeningWorker, build_stateful
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
