@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 
 from app.core.guard import Guard
+from app.core.stateful import Answer as ServedAnswer
 from evaluation.data import ImageSplit, eight_bit, load_split
 from evaluation.simulate_cli import is_loopback
 
@@ -100,11 +101,38 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
 
 
+def service_answers(guard: Guard, images: np.ndarray, guarded: bool = True) -> list[ServedAnswer]:
+    """What the service keeps with each (n, 3, H, W) uint8 upload (``routes.classify``): the
+    decision and the model's class, also for a rejected one, whose class the client is not shown
+    (``client_view``) but the stateful detector reads. The service's preprocessing of the
+    decoded image; the guard's verdict, or the model alone when ``guarded`` is false."""
+    if len(images) == 0:
+        return []
+    pixels = torch.stack([guard.pixels(to_pil(image)) for image in images])
+    if not guarded:
+        return [
+            ServedAnswer("unguarded", c.predicted_class, c.probability, math.nan)
+            for c in guard.classify(pixels)
+        ]
+    return [
+        ServedAnswer(
+            "accepted" if v.accepted else "rejected", v.predicted_class, v.probability, v.score
+        )
+        for v in guard.classify_pixels(pixels)
+    ]
+
+
+def client_view(answer: ServedAnswer) -> Answer:
+    """What ``POST /classify`` shows of a served answer: no class when it was rejected."""
+    if answer.decision == "rejected":
+        return Answer("rejected")
+    return Answer(answer.decision, answer.class_index, answer.probability)
+
+
 class GuardOracle:
     """In process, over a loaded ``Guard``: the answers ``POST /classify`` gives for the same
-    uploads (the service's preprocessing of the decoded image, then the guard's verdict, or the
-    model alone when ``guarded`` is false), without HTTP. Bulk runs use it; ``HttpOracle`` checks
-    that it stands in for the service."""
+    uploads (``service_answers`` as the client sees them), without HTTP. Bulk runs use it;
+    ``HttpOracle`` checks that it stands in for the service."""
 
     def __init__(self, guard: Guard, guarded: bool = True) -> None:
         self.guard = guard
@@ -115,20 +143,7 @@ class GuardOracle:
         return len(self.guard.class_names)
 
     def ask(self, images: np.ndarray) -> list[Answer]:
-        if len(images) == 0:
-            return []
-        pixels = torch.stack([self.guard.pixels(to_pil(image)) for image in images])
-        if not self.guarded:
-            return [
-                Answer("unguarded", c.predicted_class, c.probability)
-                for c in self.guard.classify(pixels)
-            ]
-        return [
-            Answer("accepted", v.predicted_class, v.probability)
-            if v.accepted
-            else Answer("rejected")
-            for v in self.guard.classify_pixels(pixels)
-        ]
+        return [client_view(a) for a in service_answers(self.guard, images, self.guarded)]
 
 
 class OracleError(RuntimeError):

@@ -80,7 +80,7 @@ from evaluation.query_attacks import (
     AttackRecord,
     load_records,
     records_path,
-    to_pil,
+    service_answers,
 )
 from evaluation.simulate import wilson_interval
 
@@ -150,25 +150,6 @@ class LazyFingerprints:
             self._done += len(part)
         row: np.ndarray = self._parts[i // self.chunk][i % self.chunk]
         return row
-
-
-def service_answers(guard: Guard, images: np.ndarray, guarded: bool = True) -> list[Answer]:
-    """What the service keeps with each (n, 3, H, W) uint8 upload (``routes.classify``): its
-    decision and the model's class, also for a rejected one (the client does not see that class;
-    the detector's ``changes_answer`` reads it). The service's own preprocessing of the decoded
-    image, as ``GuardOracle``."""
-    if len(images) == 0:
-        return []
-    pixels = torch.stack([guard.pixels(to_pil(image)) for image in images])
-    if not guarded:
-        return [
-            Answer("unguarded", c.predicted_class, c.probability, float("nan"))
-            for c in guard.classify(pixels)
-        ]
-    return [
-        Answer("accepted" if v.accepted else "rejected", v.predicted_class, v.probability, v.score)
-        for v in guard.classify_pixels(pixels)
-    ]
 
 
 class LazyAnswers:
