@@ -965,10 +965,12 @@ class InProcessFingerprintStore:
 # Chosen and calibrated by evaluation/stateful_eval.py on CIFAR-10 (results in
 # evaluation/results/query-attacks/stateful.md): window hashes of values quantised in steps of
 # 25 grey levels, a match from 25 shared sketch bits (of ~50); flag at 5 distinct near-duplicates,
-# one above the most any of 4,000 honest calibration clients reached (a burst of edits: 4).
+# one above the most any of 4,000 honest calibration clients reached (a burst of edits: 4), and
+# a query whose answer changes its anchor's class at 4, one above the most any honest
+# calibration client had when that happened (3: edits of a photo the model is unsure of).
 DEFAULT_STEP = 25
 DEFAULT_SHARED = 25
-DEFAULT_RULE = DetectionRule(client_matches=5, global_matches=5)
+DEFAULT_RULE = DetectionRule(client_matches=5, global_matches=5, changed_matches=4)
 
 
 def default_scheme(secret: bytes) -> WindowHashScheme:
