@@ -592,6 +592,12 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _attack_cells(key: str) -> str:
+    """``square/guard_on`` -> the table's first two cells, ``square | guard on``."""
+    attack, setting = key.split("/")
+    return f"{attack} | {setting.replace('_', ' ')}"
+
+
 def _rule(rule: dict[str, int | None]) -> str:
     changed = rule.get("changed_matches")
     return f"{rule['client_matches']}, {rule['global_matches']}, {_num(changed)}"
@@ -613,9 +619,8 @@ def ablation(summary: dict[str, Any]) -> list[str]:
     ]
     for key, a in chosen["attacks"].items():
         b = alone["attacks"][key]
-        attack, setting = key.split("/")
         lines.append(
-            f"| {attack} | {setting.replace('_', ' ')} | {_pct(b['detected_before_success'])} / "
+            f"| {_attack_cells(key)} | {_pct(b['detected_before_success'])} / "
             f"{_pct(a['detected_before_success'])} | {_num(b['median_queries_to_detection'])} / "
             f"{_num(a['median_queries_to_detection'])} | "
             f"{_pct(b['succeeded_despite_detection'])} / "
@@ -682,9 +687,8 @@ def report(summary: dict[str, Any]) -> str:
     ]
     for key, a in chosen["attacks"].items():
         s = chosen["sybil"][key]
-        attack, setting = key.split("/")
         lines.append(
-            f"| {attack} | {setting.replace('_', ' ')} | {a['runs']} | {a['successful_runs']} | "
+            f"| {_attack_cells(key)} | {a['runs']} | {a['successful_runs']} | "
             f"{_num(a['median_queries_to_success'])} | {_num(a['median_queries_to_first_match'])} "
             f"| {a['detected']} | {_pct(a['detected_before_success'])} | "
             f"{_pct(a['detected_strictly_before_success'])} | "
