@@ -22,6 +22,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ from app.core.images import decode_image
 from app.core.models import PRESETS
 from app.core.stateful import (
     DEFAULT_RULE,
+    FingerprintStore,
     InProcessFingerprintStore,
+    WindowHashScheme,
     default_scheme,
     pixel_digests,
 )
@@ -133,23 +136,23 @@ def used_memory(client: redis.Redis) -> int:
     return int(client.info("memory")["used_memory"])
 
 
+BUSY_QUERIES = 3000  # one client's queries after the stores are full
+
+
 def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
     """Both stores on the same queries (client ids cycling over 1,000, ``RATE`` queries a
     second, so that the cap, not the TTL, bounds everyone's queries): time per query, and the
-    Redis store's memory as it fills and past its cap."""
+    Redis store's memory as it fills and past its cap. Then, on the full stores,
+    ``BUSY_QUERIES`` more (the photos flipped upside down: new fingerprints) from one busy
+    client, each compared with that client's last ``per_client`` queries too."""
     scheme = default_scheme(SECRET)
-    chunks = range(0, len(photos), 2000)
-    parts = [scheme.fingerprints_and_keys(photos[i : i + 2000]) for i in chunks]
-    prints = np.concatenate([part[0] for part in parts])
-    keys = np.concatenate([part[1] for part in parts])
-    digests = pixel_digests(photos)
     n = len(photos)
+    busy = min(BUSY_QUERIES, n)
+    everyone = _prints(scheme, photos)
+    busy_prints = _prints(scheme, np.ascontiguousarray(photos[:busy, :, ::-1, :]))
     memory = InProcessFingerprintStore(scheme, max_fingerprints=cap, per_client=per_client)
-    in_process = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        memory.check_and_store(f"c{i % 1000}", prints[i], digests[i], i / RATE, None, keys[i])
-        in_process.append(time.perf_counter() - t0)
+    in_process = _timed(memory, everyone, lambda i: f"c{i % 1000}", 0)
+    in_process_busy = _timed(memory, busy_prints, lambda i: "busy", n)
     with tempfile.TemporaryDirectory() as workdir:
         server, url = start_redis(Path(workdir), None)
         try:
@@ -159,14 +162,14 @@ def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
             )
             base = used_memory(client)
             samples: list[tuple[int, int]] = []
-            in_redis = []
-            for i in range(n):
-                t0 = time.perf_counter()
-                red.check_and_store(f"c{i % 1000}", prints[i], digests[i], i / RATE, None, keys[i])
-                in_redis.append(time.perf_counter() - t0)
+
+            def sample(i: int) -> None:
                 if (i + 1) % max(1, n // 40) == 0:
                     samples.append((i + 1, used_memory(client) - base))
+
+            in_redis = _timed(red, everyone, lambda i: f"c{i % 1000}", 0, sample)
             entries = len(red)
+            redis_busy = _timed(red, busy_prints, lambda i: "busy", n)
         finally:
             server.terminate()
             server.wait(10)
@@ -182,6 +185,9 @@ def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
         "in_process_ms_full": ms(in_process[cap:]) if n > cap else None,
         "redis_ms": ms(in_redis),
         "redis_ms_full": ms(in_redis[cap:]) if n > cap else None,
+        "busy_queries": busy,
+        "in_process_ms_busy_client": ms(in_process_busy),
+        "redis_ms_busy_client": ms(redis_busy),
         "redis_used_memory_base_bytes": base,
         "redis_used_memory_samples": samples,
         "redis_bytes_at_cap": full,
@@ -189,6 +195,38 @@ def store_cost(photos: np.ndarray, cap: int, per_client: int) -> dict[str, Any]:
         "redis_bytes_past_cap_max": max(past_cap) if past_cap else None,
         "redis_entries_at_end": entries,
     }
+
+
+Prints = tuple[np.ndarray, np.ndarray, list[bytes]]  # sketches, index keys, digests
+
+
+def _prints(scheme: WindowHashScheme, photos: np.ndarray) -> Prints:
+    chunks = range(0, len(photos), 2000)
+    parts = [scheme.fingerprints_and_keys(photos[i : i + 2000]) for i in chunks]
+    sketches = np.concatenate([part[0] for part in parts])
+    keys = np.concatenate([part[1] for part in parts])
+    return sketches, keys, pixel_digests(photos)
+
+
+def _timed(
+    store: FingerprintStore,
+    prints: Prints,
+    client_of: Callable[[int], str],
+    start: int,
+    after: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Seconds per check-and-store of each query, the i-th stored at ``(start + i) / RATE``."""
+    sketches, keys, digests = prints
+    times = []
+    for i in range(len(digests)):
+        t0 = time.perf_counter()
+        store.check_and_store(
+            client_of(i), sketches[i], digests[i], (start + i) / RATE, None, keys[i]
+        )
+        times.append(time.perf_counter() - t0)
+        if after is not None:
+            after(i)
+    return times
 
 
 def requests_of(jpegs: list[bytes], clients: int) -> list[bytes]:
@@ -323,6 +361,10 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"| Redis store, check + store per query (one script on one Redis, loopback, full) | "
         f"{(st['redis_ms_full'] or st['redis_ms'])['mean']:.3f} ms mean, "
         f"{(st['redis_ms_full'] or st['redis_ms'])['p99']:.3f} ms p99 |",
+        f"| the same, {st['busy_queries']:,} queries of one busy client on the full stores (each "
+        f"also compared with its last {st['per_client']} queries): in process / Redis | "
+        f"{st['in_process_ms_busy_client']['mean']:.3f} / "
+        f"{st['redis_ms_busy_client']['mean']:.3f} ms mean |",
         f"| Redis memory per stored query (used_memory at the cap / cap) | "
         f"{st['redis_bytes_per_stored_query']:,.0f} bytes |",
         f"| Redis memory at the cap ({st['cap']:,} queries, {st['clients']:,} clients' strings) "

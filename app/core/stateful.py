@@ -435,6 +435,13 @@ class MatchCount:
     best: float  # highest similarity among the near-duplicates (-inf when none)
 
 
+def near_duplicates(
+    similarities: npt.NDArray[np.float64], threshold: float
+) -> npt.NDArray[np.bool_]:
+    """The match rule's one test: which earlier queries are near-duplicates of the query."""
+    return similarities >= threshold
+
+
 def count_matches(
     similarities: npt.NDArray[np.float64],
     digests: Sequence[bytes],
@@ -444,7 +451,7 @@ def count_matches(
     """The match rule, pure: earlier queries with ``similarity >= threshold`` are near-duplicates;
     those with the query's own pixels (``own_digest``) are exact copies, which count apart (an
     honest resend is not a probe), and copies among the others count once."""
-    matched = np.flatnonzero(similarities >= threshold)
+    matched = np.flatnonzero(near_duplicates(similarities, threshold))
     distinct: set[bytes] = set()
     exact = 0
     best = -np.inf
@@ -511,7 +518,7 @@ def summarise_matches(
     Which entries are live is the store's business; what a match is, and what it counts, is
     decided here only."""
     count = count_matches(similarities, digests, own_digest, threshold)
-    matched = np.flatnonzero(similarities >= threshold).tolist()
+    matched = np.flatnonzero(near_duplicates(similarities, threshold)).tolist()
     if not matched:
         return ScopeMatch(count, (), None, np.inf)
     first = min(matched, key=lambda i: float(stored_at[i]))  # ties: the oldest stored
@@ -905,7 +912,7 @@ class InProcessFingerprintStore:
             similarities = self.scheme.similarity(fingerprint, self._rows[candidates])
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
-        found = np.flatnonzero(live & (similarities >= self.scheme.threshold))
+        found = np.flatnonzero(live & near_duplicates(similarities, self.scheme.threshold))
         found = found[np.argsort(self._entry[candidates[found]], kind="stable")]
         slots = candidates[found].tolist()
         return summarise_matches(

@@ -49,6 +49,7 @@ from app.core.stateful import (
     check_and_store_each,
     evidence_of,
     index_buckets,
+    near_duplicates,
     summarise_matches,
 )
 from app.service.tracking import RedisClient, connect, hash_tag
@@ -79,7 +80,8 @@ def record_dtype(words: int) -> np.dtype[Any]:
     )
 
 
-# KEYS: meta, entries, buckets. ARGV: now, ttl, cap, min shared buckets, record, bucket ...
+# KEYS: meta, entries, buckets. ARGV: now, ttl, cap, min shared buckets, record, buckets (the
+# bucket numbers packed 4 bytes each, big-endian: one argument, not ~50 to encode and parse).
 # Sweeps, looks up candidates, then adds the query. Returns {seq before the add, the new entry's
 # number, candidate number, candidate record, ...}.
 _GLOBAL_BODY = """
@@ -103,7 +105,8 @@ while lo <= seq and swept < SWEEP_BATCH do
   swept = swept + 1
 end
 local fields = {}
-for i = BUCKET_START, #ARGV do fields[#fields + 1] = ARGV[i] end
+local packed = ARGV[BUCKET_ARG]
+for at = 1, #packed, 4 do fields[#fields + 1] = tostring(struct.unpack('>I4', packed, at)) end
 local lists = {}
 if #fields > 0 then lists = redis.call('HMGET', KEYS[3], unpack(fields)) end
 local hits, order, kept = {}, {}, {}
@@ -147,7 +150,7 @@ end
 CLIENT_PART
 return out
 """.replace("SWEEP_BATCH", str(SWEEP_BATCH)).replace("MAX_CANDIDATES", str(MAX_CANDIDATES))
-_GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_START", "6").replace("CLIENT_PART", "")
+_GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_ARG", "6").replace("CLIENT_PART", "")
 
 
 def _client_read(key: str, size: str, keep: str) -> str:
@@ -165,10 +168,10 @@ if #kept > (keep - 1) * size then kept = string.sub(kept, #kept - (keep - 1) * s
 
 # One Redis (not a cluster): everyone's part and the client's in one script, one round trip.
 # KEYS: meta, entries, buckets, the client's string. ARGV: now, ttl, cap, min shared buckets,
-# record, the client's record, per client, client ttl, record size, entry offset, bucket ...
+# record, the client's record, per client, client ttl, record size, entry offset, buckets.
 # The client's record gets the new entry's number. Returns the global script's reply with the
 # client's previous records inserted third.
-_BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_START", "11").replace(
+_BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_ARG", "11").replace(
     "CLIENT_PART",
     _client_read("KEYS[4]", "ARGV[9]", "ARGV[7]")
     + """
@@ -233,11 +236,12 @@ def _put_answer(record: Any, answer: Answer) -> None:
     record["score"] = answer.score
 
 
-def _buckets(query: StoreQuery) -> list[int]:
-    """The index buckets a query is filed under: the scripts' trailing arguments."""
+def _buckets(query: StoreQuery) -> bytes:
+    """The index buckets a query is filed under, packed as the scripts' last argument (each
+    script files them under the same decimal field names as before)."""
     if query.keys is None:
         raise ValueError("the Redis store needs the query's index keys (its window hashes)")
-    return index_buckets(query.keys)
+    return np.asarray(index_buckets(query.keys), dtype=">u4").tobytes()
 
 
 class RedisFingerprintStore:
@@ -359,15 +363,22 @@ class RedisFingerprintStore:
     ) -> ScopeMatch:
         if len(records) == 0:
             return NO_MATCH
+        similarities = self.scheme.similarity(fingerprint, records["sketch"])
+        # only the near-duplicates' records are decoded: a client's string holds up to
+        # ``per_client`` of them, and decoding all was most of a query's CPU (one busy client)
+        hits = np.flatnonzero(near_duplicates(similarities, self.scheme.threshold))
+        if len(hits) == 0:
+            return NO_MATCH
+        matched = records[hits]
         return summarise_matches(
-            self.scheme.similarity(fingerprint, records["sketch"]),
-            [bytes(d) for d in records["digest"]],
-            senders,
-            self._answers(records),
+            similarities[hits],
+            [bytes(d) for d in matched["digest"]],
+            [senders[i] for i in hits.tolist()],
+            self._answers(matched),
             digest,
             client_id,
             self.scheme.threshold,
-            records["at"].astype(np.float64),
+            matched["at"].astype(np.float64),
         )
 
     # -- the store
@@ -389,7 +400,7 @@ class RedisFingerprintStore:
         if self._cluster:  # two slots: two scripts
             record = self._record(fingerprint, digest, at, answer)
             raw = self._run(
-                "global", self._global_keys, [*self._global_args(query, record), *_buckets(query)]
+                "global", self._global_keys, [*self._global_args(query, record), _buckets(query)]
             )
             seq, entry = int(raw[0]), int(raw[1])
             record["entry"] = entry
@@ -461,7 +472,7 @@ class RedisFingerprintStore:
                 self._client_ttl,
                 self.dtype.itemsize,
                 self._entry_offset,
-                *_buckets(query),
+                _buckets(query),
             ],
         )
 
