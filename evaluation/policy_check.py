@@ -13,6 +13,13 @@ service with the evaluation's secret so that its window hashes are the replay's:
       ADVGUARD_STATEFUL_SECRET=advguard-evaluation-secret advguard serve --port 8765 &
     python -m evaluation.policy_check --url http://127.0.0.1:8765 \\
       --redis-url redis://127.0.0.1:6390/0 --policy refuse --images 10
+
+``--in-process`` runs the same closed loop without HTTP: each query goes through the service's
+own ``StatefulDetector`` (its rule, its policy, an in-process store with the evaluation's
+secret, fresh per image) and comes back as ``POST /classify`` would show it (``ScreenedOracle``).
+The Redis store gives the same evidence query by query (tests/service/test_fingerprints.py), so
+the HTTP runs on the first images check that it stands in; it is fast enough for every image,
+and ``--sybil-ids`` spreads each attack's queries round-robin over that many client ids.
 """
 
 from __future__ import annotations
@@ -22,15 +29,19 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis
 
 from app.core.guard import Guard
+from app.core.stateful import DEFAULT_RULE, InProcessFingerprintStore, default_scheme
+from app.service.settings import StatefulPolicy
+from app.service.stateful import Pending, StatefulDetector
 from evaluation.data import ImageSplit, load_split
 from evaluation.query_attacks import (
     ATTACKS,
@@ -39,15 +50,63 @@ from evaluation.query_attacks import (
     DEFAULT_CAPS,
     DEFAULT_RESULTS,
     DEFAULT_SOURCE,
+    Answer,
     AttackName,
     AttackRecord,
     GuardOracle,
     HttpOracle,
+    Oracle,
+    answers_of_pixels,
     candidate_pool,
+    client_view,
     pick_images,
     run_attack,
+    service_pixels,
 )
-from evaluation.stateful_eval import SequenceOutcome, succeeds_despite
+from evaluation.stateful_eval import EVALUATION_SECRET, SequenceOutcome, succeeds_despite
+
+
+class ScreenedOracle:
+    """``POST /classify`` in process, stateful detection included: each query's answer from the
+    guard (``answers_of_pixels``), then screened by the service's ``StatefulDetector`` (a fresh
+    in-process store) as the service screens it, and shown as the client sees it (a 403 under
+    ``refuse``: ``refused``). Queries are sent by ``client_ids`` in turn (one: a single client;
+    several: a Sybil attacker)."""
+
+    def __init__(self, guard: Guard, policy: StatefulPolicy, client_ids: Sequence[str]) -> None:
+        if not client_ids:
+            raise ValueError("at least one client id")
+        scheme = default_scheme(EVALUATION_SECRET)
+        store = InProcessFingerprintStore(scheme)
+        self.detector = StatefulDetector(scheme, DEFAULT_RULE, store, policy)
+        self.guard = guard
+        self.client_ids = list(client_ids)
+        self.sent = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.guard.class_names)
+
+    def ask(self, images: np.ndarray) -> list[Answer]:
+        if len(images) == 0:
+            return []
+        pixels = service_pixels(self.guard, images)
+        answers = answers_of_pixels(self.guard, pixels)
+        batch = []
+        for query, answer in zip(pixels, answers, strict=True):
+            client = self.client_ids[self.sent % len(self.client_ids)]
+            batch.append(Pending(client, query, answer, Future()))
+            self.sent += 1
+        # a batch is screened in arrival order, as one query at a time would be
+        served = self.detector.screen_batch(batch)
+        return [Answer("refused") if a is None else client_view(a) for a in served]
+
+    def close(self) -> None:
+        self.detector.close()
+
+
+class ClosableOracle(Oracle, Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,11 +119,13 @@ class ImageCheck:
     believed_success: bool  # the attack stopped on a served answer that said "adversarial"
 
 
-def replay_predictions(stateful: dict[str, Any], attack: str) -> list[bool]:
-    """Per recorded run of ``attack`` against the guard (one client id), in image order:
-    whether it survives ``refuse``/``silent`` according to the replay."""
-    runs = stateful["schemes"][stateful["chosen"]]["outcomes"][f"{attack}/guard_on"]["single"]
-    return [succeeds_despite(SequenceOutcome(*run)) for run in runs]
+def replay_predictions(stateful: dict[str, Any], attack: str, sybil: bool = False) -> list[bool]:
+    """Per recorded run of ``attack`` against the guard (one client id, or the replay's Sybil
+    spread), in image order: whether it survives ``refuse``/``silent`` according to the replay."""
+    outcomes = stateful["schemes"][stateful["chosen"]]["outcomes"][f"{attack}/guard_on"]
+    return [
+        succeeds_despite(SequenceOutcome(*run)) for run in outcomes["sybil" if sybil else "single"]
+    ]
 
 
 def withheld(record: AttackRecord, guard: Guard) -> int:
@@ -104,9 +165,32 @@ def summarise(checks: Sequence[ImageCheck]) -> dict[str, Any]:
     }
 
 
+OracleFor = Callable[[AttackName, int], ClosableOracle]  # (attack, row) -> a fresh oracle
+
+
+def http_oracles(url: str, store: redis.Redis) -> OracleFor:
+    """A running service, its Redis flushed before each image (a fresh fingerprint store, as
+    the replay's), one client id per image."""
+
+    def start(attack: AttackName, row: int) -> ClosableOracle:
+        store.flushdb()
+        return HttpOracle(url, client_id=f"policy-check-{attack}-{row}")
+
+    return start
+
+
+def in_process_oracles(guard: Guard, policy: StatefulPolicy, ids: int) -> OracleFor:
+    """``ScreenedOracle``s, a fresh store per image, ``ids`` client ids per attacker."""
+
+    def start(attack: AttackName, row: int) -> ClosableOracle:
+        names = [f"policy-check-{attack}-{row}-{i}" for i in range(ids)]
+        return ScreenedOracle(guard, policy, names)
+
+    return start
+
+
 def check_attack(
-    url: str,
-    store: redis.Redis,
+    oracle_for: OracleFor,
     attack: AttackName,
     guard: Guard,
     split: ImageSplit,
@@ -115,13 +199,13 @@ def check_attack(
     images: int,
     seed: int,
 ) -> list[ImageCheck]:
-    """The first ``images`` of the recorded rows, attacked over HTTP one at a time."""
+    """The first ``images`` of the recorded rows, attacked one at a time, each through a fresh
+    oracle (``oracle_for``)."""
     checks = []
     for i, row in enumerate(rows[:images].tolist()):
-        store.flushdb()  # a fresh fingerprint store, as the replay's
         label = int(split.labels[row])
         pool = candidate_pool(split, rows, label, 20, seed + row) if attack != "square" else None
-        oracle = HttpOracle(url, client_id=f"policy-check-{attack}-{row}")
+        oracle = oracle_for(attack, row)
         try:
             cap = DEFAULT_CAPS[attack]
             record = run_attack(
@@ -142,23 +226,38 @@ def check_attack(
     return checks
 
 
+def oracle_label(key: str) -> str:
+    """How a result's queries were answered, from its key (attack/policy[/mode])."""
+    parts = key.split("/")
+    if len(parts) == 2:
+        return "HTTP + Redis"
+    ids = parts[2].removeprefix("in_process").strip("_").removesuffix("ids")
+    return f"in process, {ids} ids" if ids else "in process"
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [
-        "| attack | policy | images | stopped on a served success | succeeded live (truly "
-        "adversarial) | predicted by the replay | same outcome | answers withheld (median per "
-        "image) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | policy | answered by | images | stopped on a served success | succeeded "
+        "live (truly adversarial) | predicted by the replay | same outcome | answers withheld "
+        "(median per image) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results["checks"].items():
-        attack, policy = key.split("/")
+        attack, policy = key.split("/")[:2]
         withheld_median = float(np.median([c["answers_withheld"] for c in r["per_image"]]))
         believed = r.get("believed_success", r["live_success"])  # refuse: the same
         lines.append(
-            f"| {attack} | {policy} | {r['images']} | {believed} | {r['live_success']} | "
-            f"{r['predicted_success']} | {r['same_outcome']}/{r['images']} | "
-            f"{withheld_median:.0f} |"
+            f"| {attack} | {policy} | {oracle_label(key)} | {r['images']} | {believed} | "
+            f"{r['live_success']} | {r['predicted_success']} | "
+            f"{r['same_outcome']}/{r['images']} | {withheld_median:.0f} |"
         )
     return "\n".join(lines)
+
+
+def result_key(attack: str, policy: str, in_process: bool, ids: int) -> str:
+    if not in_process:
+        return f"{attack}/{policy}"
+    return f"{attack}/{policy}/in_process" + (f"_{ids}ids" if ids > 1 else "")
 
 
 def write(results: dict[str, Any], directory: Path) -> None:
@@ -173,8 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m evaluation.policy_check",
         description="the stateful policies live over HTTP against the replay's prediction",
     )
-    parser.add_argument("--url", required=True, help="a running advguard serve (loopback)")
-    parser.add_argument("--redis-url", required=True, help="its throwaway Redis (flushed)")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running advguard serve (loopback)")
+    where.add_argument(
+        "--in-process", action="store_true", help="the service's screening in process, no HTTP"
+    )
+    parser.add_argument("--redis-url", help="with --url: its throwaway Redis (flushed)")
+    parser.add_argument(
+        "--sybil-ids", type=int, default=1, help="with --in-process: client ids per attacker"
+    )
     parser.add_argument("--policy", required=True, choices=("refuse", "silent"))
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--images", type=int, default=10)
@@ -188,12 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.url and not args.redis_url:
+        parser.error("--url needs --redis-url (its Redis is flushed before each image)")
+    if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
+        parser.error("--sybil-ids: a positive count, with --in-process")
     guard = Guard.load(args.bundle, device="cpu")
     split = load_split(args.source, "test", guard.preset, args.data_cache)
     rows = pick_images(guard, split, 100, args.seed)  # query_attacks' images, in its order
     stateful = json.loads((args.results / "stateful.json").read_text())
-    store = redis.Redis.from_url(args.redis_url)
+    oracle_for = (
+        in_process_oracles(guard, args.policy, args.sybil_ids)
+        if args.in_process
+        else http_oracles(args.url, redis.Redis.from_url(args.redis_url))
+    )
     out_file = args.results / "policy_check.json"
     results: dict[str, Any] = (
         json.loads(out_file.read_text()) if out_file.is_file() else {"checks": {}}
@@ -201,13 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for attack in args.attacks:
         started = time.perf_counter()
         checks = check_attack(
-            args.url,
-            store,
+            oracle_for,
             attack,
             guard,
             split,
             rows,
-            replay_predictions(stateful, attack),
+            replay_predictions(stateful, attack, sybil=args.sybil_ids > 1),
             args.images,
             args.seed,
         )
@@ -215,10 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["command"] = " ".join(
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
         )
-        results["checks"][f"{attack}/{args.policy}"] = summary
+        key = result_key(attack, args.policy, args.in_process, args.sybil_ids)
+        results["checks"][key] = summary
         write(results, args.results)  # after each attack: a long run keeps what it finished
         brief = {k: v for k, v in summary.items() if k != "per_image"}
-        print(f"{attack} {args.policy}: {json.dumps(brief)}", flush=True)
+        print(f"{key}: {json.dumps(brief)}", flush=True)
     return 0
 
 

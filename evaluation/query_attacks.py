@@ -101,6 +101,12 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
 
 
+def service_pixels(guard: Guard, images: np.ndarray) -> torch.Tensor:
+    """The (n, 3, H, W) uint8 uploads as the service's model sees them: each decoded image
+    through the guard's preprocessing (what its stateful detector fingerprints too)."""
+    return torch.stack([guard.pixels(to_pil(image)) for image in images])
+
+
 def service_answers(guard: Guard, images: np.ndarray, guarded: bool = True) -> list[ServedAnswer]:
     """What the service keeps with each (n, 3, H, W) uint8 upload (``routes.classify``): the
     decision and the model's class, also for a rejected one, whose class the client is not shown
@@ -108,7 +114,13 @@ def service_answers(guard: Guard, images: np.ndarray, guarded: bool = True) -> l
     decoded image; the guard's verdict, or the model alone when ``guarded`` is false."""
     if len(images) == 0:
         return []
-    pixels = torch.stack([guard.pixels(to_pil(image)) for image in images])
+    return answers_of_pixels(guard, service_pixels(guard, images), guarded)
+
+
+def answers_of_pixels(
+    guard: Guard, pixels: torch.Tensor, guarded: bool = True
+) -> list[ServedAnswer]:
+    """``service_answers`` on uploads already preprocessed (``service_pixels``)."""
     if not guarded:
         return [
             ServedAnswer("unguarded", c.predicted_class, c.probability, math.nan)

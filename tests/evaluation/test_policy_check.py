@@ -1,21 +1,28 @@
-"""The live policy check's bookkeeping (the live runs themselves need a service and Redis)."""
+"""The live policy check: its bookkeeping, and the in-process closed loop (``ScreenedOracle``)
+against the service's own screening, in process and over HTTP."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from app.core.guard import Guard
+from app.core.stateful import DEFAULT_RULE
 from evaluation.policy_check import (
     ImageCheck,
+    ScreenedOracle,
+    oracle_label,
     replay_predictions,
+    result_key,
     summarise,
     truly_adversarial,
     withheld,
 )
-from evaluation.query_attacks import DECISIONS, AttackRecord, GuardOracle
+from evaluation.query_attacks import DECISIONS, Answer, AttackRecord, GuardOracle, HttpOracle
+from evaluation.stateful_eval import EVALUATION_SECRET
 from tests.conftest import DEMO_BUNDLE
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "app" / "service" / "static" / "examples"
@@ -111,3 +118,85 @@ def test_a_success_counts_only_when_the_guard_itself_is_fooled() -> None:
             assert not truly_adversarial(record(i, answer.class_index), guard)
         else:  # rejected: no class, nothing to hold
             assert not truly_adversarial(record(i, 0), guard)
+
+
+# --------------------------------------------------------------------------- the closed loop
+
+
+@pytest.fixture(scope="module")
+def guard() -> Guard:
+    return Guard.load(DEMO_BUNDLE, device="cpu")
+
+
+def probes(count: int) -> np.ndarray:
+    """An accepted demo photo, then ``count - 1`` edits of it by one grey level in one pixel
+    each: distinct uploads, all near-duplicates of each other (what a query attack sends)."""
+    picture = Image.open(EXAMPLES / "authentic-airplane-0000.png").convert("RGB")
+    photo = np.asarray(picture).transpose(2, 0, 1)
+    out = np.repeat(photo[None], count, axis=0).astype(np.int16)
+    for i in range(1, count):
+        out[i, 0, i, i] += 1 if out[i, 0, i, i] < 255 else -1
+    return out.astype(np.uint8)
+
+
+def labels(answers: list[Answer]) -> list[tuple[str, int | None]]:
+    """Decision and class: probabilities differ in the last bits between batch sizes."""
+    return [(a.decision, a.class_index) for a in answers]
+
+
+def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guard) -> None:
+    """Under ``refuse`` the first queries get the guard's own answers; from the one with
+    ``client_matches`` distinct earlier near-duplicates on, 403s; the same over 50 Sybil ids
+    (the global count); under ``silent`` the anchor's answer instead of a refusal."""
+    queries = probes(DEFAULT_RULE.client_matches + 3)
+    own = GuardOracle(guard).ask(queries)
+    detected_from = DEFAULT_RULE.client_matches  # 0-based: that many earlier near-duplicates
+    for ids in (1, 50):
+        oracle = ScreenedOracle(guard, "refuse", [f"c{i}" for i in range(ids)])
+        answers = [oracle.ask(queries[i : i + 1])[0] for i in range(len(queries))]
+        oracle.close()
+        assert labels(answers[:detected_from]) == labels(own[:detected_from])
+        assert {a.decision for a in answers[detected_from:]} == {"refused"}
+    oracle = ScreenedOracle(guard, "silent", ["one"])
+    batched = oracle.ask(queries)  # one batch is screened as one query at a time would be
+    oracle.close()
+    assert labels(batched[:detected_from]) == labels(own[:detected_from])
+    anchor = batched[0]  # the photo itself, as it was answered in this batch
+    assert all(a == anchor for a in batched[detected_from:])
+    # not by chance: the guard's own answers to those edits carry other probabilities
+    assert all(a.probability != anchor.probability for a in own[detected_from:])
+
+
+def test_result_keys_name_how_the_queries_were_answered() -> None:
+    assert oracle_label(result_key("square", "refuse", False, 1)) == "HTTP + Redis"
+    assert oracle_label(result_key("square", "refuse", True, 1)) == "in process"
+    assert oracle_label(result_key("boundary", "silent", True, 50)) == "in process, 50 ids"
+
+
+@pytest.mark.slow
+def test_screened_oracle_gives_what_the_service_gives_over_http(
+    guard: Guard, tmp_path: Path
+) -> None:
+    """The same uploads to ``advguard serve`` (stateful detection on, ``refuse``, the
+    evaluation's secret) and to the in-process closed loop: the same answers, refusals included."""
+    from tests.deploy.helpers import advguard_serve
+    from tests.service.helpers import free_port
+
+    queries = probes(DEFAULT_RULE.client_matches + 3)
+    port = free_port()
+    env = {
+        "ADVGUARD_TORCH_THREADS": "1",
+        "ADVGUARD_STATEFUL_POLICY": "refuse",
+        "ADVGUARD_STATEFUL_SECRET": EVALUATION_SECRET.decode(),
+    }
+    with advguard_serve(port, tmp_path / "serve.log", env, "--log-level", "warning"):
+        http = HttpOracle(f"http://127.0.0.1:{port}", client_id="attacker", max_queries=50)
+        try:
+            over_http = http.ask(queries)
+        finally:
+            http.close()
+    oracle = ScreenedOracle(guard, "refuse", ["attacker"])
+    in_process = oracle.ask(queries)
+    oracle.close()
+    assert labels(over_http) == labels(in_process)
+    assert over_http[-1].decision == "refused"
