@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,7 +39,7 @@ from app.service.routes import router
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
-from app.service.stateful import ScreeningWorker, build_stateful
+from app.service.stateful import ScreeningWorker, build_stateful, track_all
 from app.service.tracking import ClientTracker, InMemoryTracker, RedisTracker
 
 log = logging.getLogger("advguard.service")
@@ -115,7 +116,9 @@ def build_service(
     service.neighbour_images = neighbour_images(settings, guard)
     service.stateful = build_stateful(settings, metrics, tracker.flag)
     if service.stateful is not None:
-        service.screening = ScreeningWorker(service.stateful.screen_batch)
+        service.screening = ScreeningWorker(
+            service.stateful.screen_batch, track=partial(track_all, service)
+        )
     manifest = guard.manifest
     metrics.bundle.info(
         {

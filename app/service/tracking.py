@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
@@ -93,6 +93,10 @@ class ClientTracker(Protocol):
     policy: FlagPolicy
 
     def record(self, observation: Observation) -> RecordResult: ...
+    def record_many(self, observations: Sequence[Observation]) -> list[RecordResult]:
+        """``record`` of each, in order (one Redis round trip where the tracker can)."""
+        ...
+
     def get(self, client_id: str) -> ClientStats | None: ...
     def flagged_clients(self) -> list[ClientStats]: ...
     def flagged_count(self) -> int: ...
@@ -229,6 +233,9 @@ class InMemoryTracker:
                 self._set_flag(observation.client_id, entry, SCORE_REASON, observation.at)
             self._table(entry).move_to_end(observation.client_id)
             return RecordResult(entry.stats(observation.client_id), newly)
+
+    def record_many(self, observations: Sequence[Observation]) -> list[RecordResult]:
+        return [self.record(observation) for observation in observations]
 
     def _set_flag(self, client_id: str, entry: _Entry, reason: str, at: float) -> bool:
         """Flag an unflagged entry (True), or add ``reason`` to its flag's reasons (False)."""
@@ -579,10 +586,11 @@ class RedisTracker:
             self._apply(observation, seq)
             self._buffer.popleft()
 
-    def _apply(self, observation: Observation, seq: int) -> RecordResult:
-        raw = self._record(
-            keys=[self.client_key(observation.client_id), self.flag_key(observation.client_id)],
-            args=[
+    def _record_call(self, observation: Observation, seq: int) -> tuple[list[str], list[Any]]:
+        """Keys and arguments of the record script for one update."""
+        return (
+            [self.client_key(observation.client_id), self.flag_key(observation.client_id)],
+            [
                 repr(float(observation.score)),
                 1 if observation.accepted else 0,
                 repr(float(observation.at)),
@@ -593,6 +601,41 @@ class RedisTracker:
                 repr(self.policy.window.cusum_reference),
             ],
         )
+
+    def _apply(self, observation: Observation, seq: int) -> RecordResult:
+        keys, args = self._record_call(observation, seq)
+        return self._result(observation, self._record(keys, args))
+
+    def _apply_many(self, updates: Sequence[tuple[int, Observation]]) -> list[RecordResult]:
+        """The record scripts of several updates pipelined (one round trip; Redis runs them in
+        order), then each reply read as ``_apply`` reads it. On a cluster one at a time: a
+        pipeline's scripts would span slots."""
+        if self._cluster or len(updates) < 2:
+            return [self._apply(observation, seq) for seq, observation in updates]
+        connection = self._connect()
+        pipe = connection.client.pipeline(transaction=False)
+        for seq, observation in updates:
+            keys, args = self._record_call(observation, seq)
+            connection.scripts["record"](keys=keys, args=args, client=pipe)
+        replies = pipe.execute()
+        # a flag set while reading an earlier reply was not there when the later scripts ran:
+        # read their replies as if it had been, as one update at a time would see it
+        flags: dict[str, str] = {}
+        results = []
+        for (_, observation), raw in zip(updates, replies, strict=True):
+            if raw[8] is None and observation.client_id in flags:
+                raw = [*raw[:8], flags[observation.client_id], *raw[9:]]
+            result = self._result(observation, raw)
+            stats = result.stats
+            if stats is not None and stats.flagged_at is not None:
+                reasons = ",".join(stats.flag_reasons)
+                flags[observation.client_id] = f"{stats.flagged_at!r} {reasons}"
+            results.append(result)
+        return results
+
+    def _result(self, observation: Observation, raw: Any) -> RecordResult:
+        """One record script's reply as the client's statistics; flags the client when the
+        policy says so."""
         flag_at, _, flag_reasons = ("" if raw[8] is None else _as_str(raw[8])).partition(" ")
         flagged_at = float(flag_at) if flag_at else None
         reasons = tuple(flag_reasons.split(",")) if flagged_at is not None else ()
@@ -655,6 +698,23 @@ class RedisTracker:
                     self._failed()
             self._buffer_add(seq, observation)
             return RecordResult(None, False)
+
+    def record_many(self, observations: Sequence[Observation]) -> list[RecordResult]:
+        """``record`` of each in one round trip. Redis down: all are buffered, as ``record``
+        buffers one (an update that ran before the failure is skipped when replayed)."""
+        with self._lock:
+            updates = [(next(self._seq), observation) for observation in observations]
+            if self._may_try():
+                try:
+                    self._replay()
+                    results = self._apply_many(updates)
+                    self._down = False
+                    return results
+                except REDIS_ERRORS:
+                    self._failed()
+            for seq, observation in updates:
+                self._buffer_add(seq, observation)
+            return [RecordResult(None, False) for _ in updates]
 
     def _read(self, fn: Callable[[], Any]) -> Any:
         with self._lock:

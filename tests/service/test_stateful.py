@@ -8,7 +8,7 @@ import io
 import re
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -29,6 +29,7 @@ from app.service.main import create_app
 from app.service.metrics import Metrics
 from app.service.settings import Settings
 from app.service.stateful import Pending, ScreeningWorker, build_stateful
+from app.service.tracking import Observation
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
@@ -308,40 +309,57 @@ def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
     worker.stop()
 
 
-def test_follow_ups_run_on_the_screening_thread_before_their_answer() -> None:
-    """A query's ``then`` (the client's statistics, in the service) runs on the screening thread
-    after its batch is screened and before its future resolves; one that raises fails only its
-    own query."""
-    ran: list[tuple[str, str, bool]] = []
+def test_a_batchs_statistics_are_recorded_at_once_on_the_screening_thread() -> None:
+    """The observations of a screened batch go to ``track`` in one call, in arrival order, on
+    the screening thread, before any of the batch's futures resolves; when it raises, the
+    queries it was recording fail and the others are answered."""
+    calls: list[tuple[list[str], str, bool]] = []
     futures: dict[str, Future[Answer | None]] = {}
 
-    def then(name: str) -> Callable[[], None]:
-        def follow_up() -> None:
-            ran.append((name, threading.current_thread().name, futures[name].done()))
-            if name == "bad":
-                raise ValueError("tracker bug")
+    def track(observations: Sequence[Observation]) -> None:
+        names = [o.client_id for o in observations]
+        done = any(futures[name].done() for name in names)
+        calls.append((names, threading.current_thread().name, done))
+        if "bad" in names:
+            raise ValueError("tracker bug")
 
-        return follow_up
-
-    release = threading.Event()
+    release, taken = threading.Event(), threading.Event()
 
     def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        taken.set()
         release.wait(10)
         return [pending.answer for pending in batch]
 
-    worker = ScreeningWorker(screen_batch)
-    worker.start()
-    for i, name in enumerate(("a", "bad", "c")):
-        future = worker.submit(name, torch.zeros(3, 4, 4), _answer(i), then(name))
+    def send(name: str, i: int, tracked: bool = True) -> None:
+        observation = Observation(name, 0.5, True, float(i)) if tracked else None
+        future = worker.submit(name, torch.zeros(3, 4, 4), _answer(i), observation)
         assert future is not None
         futures[name] = future
+
+    worker = ScreeningWorker(screen_batch, track=track)
+    worker.start()
+    send("first", 0)
+    assert taken.wait(10)  # "first" is being screened: the next three wait together
+    for i, name in enumerate(("a", "b", "c"), start=1):
+        send(name, i)
     release.set()
-    assert futures["a"].result(10) == _answer(0) and futures["c"].result(10) == _answer(2)
+    assert [futures[n].result(10) for n in ("first", "a", "b", "c")] == [
+        _answer(i) for i in range(4)
+    ]
+    assert [names for names, _, _ in calls] == [["first"], ["a", "b", "c"]]
+    assert all(thread == "advguard-screening" and not done for _, thread, done in calls)
+    release.clear()
+    taken.clear()
+    send("blocker", 4)
+    assert taken.wait(10)
+    send("bad", 5)
+    send("untracked", 6, tracked=False)
+    release.set()
+    assert futures["blocker"].result(10) == _answer(4)
     with pytest.raises(ValueError, match="tracker bug"):
         futures["bad"].result(10)
+    assert futures["untracked"].result(10) == _answer(6)
     worker.stop()
-    assert [name for name, _, _ in ran] == ["a", "bad", "c"]
-    assert all(thread == "advguard-screening" and not done for _, thread, done in ran)
 
 
 @pytest.mark.parametrize("store", ["in_process", "redis"])

@@ -127,6 +127,48 @@ def test_trackers_agree(backend: Backend, policy: FlagPolicy) -> None:
     assert memory.get("c") == stats
 
 
+def test_a_batch_of_updates_gives_what_one_at_a_time_gives(backend: Backend) -> None:
+    """``record_many`` (one pipelined round trip on one Redis, one script at a time on a
+    cluster) returns the results, flags included, that ``record`` gives one update at a time,
+    and leaves the same statistics."""
+    policy = _policy("cusum", 0.3)
+    one, many, memory = backend.tracker(policy), backend.tracker(policy), InMemoryTracker(policy)
+    rng = np.random.default_rng(3)
+    now = time.time()
+    updates = [
+        Observation(f"c{i % 3}", float(score), bool(score > 0.3), now + i)
+        for i, score in enumerate(rng.uniform(0.15, 0.6, 30))
+    ]
+    singles = [one.record(update) for update in updates]
+    batched = [r for i in range(0, 30, 7) for r in many.record_many(updates[i : i + 7])]
+    in_memory = memory.record_many(updates)
+    assert sum(r.newly_flagged for r in singles) >= 1
+    for a, b, c in zip(singles, batched, in_memory, strict=True):
+        _assert_same_result(a, b)
+        _assert_same_result(a, c)
+    for client in ("c0", "c1", "c2"):
+        _assert_same(one.get(client), many.get(client))
+
+
+def test_a_batch_is_buffered_while_redis_is_down_and_replayed(tmp_path: Path) -> None:
+    server = RedisProcess(free_port(), tmp_path)
+    server.start()
+    tracker = RedisTracker(server.url, _policy(), retry_interval_s=0.0, timeout_s=0.1)
+    try:
+        tracker.record_many([Observation("x", 0.5, True, 0.0), Observation("y", 0.5, True, 0.0)])
+        server.kill()
+        down = tracker.record_many([Observation("x", 0.5, True, float(i)) for i in (1, 2, 3)])
+        assert [r.stats for r in down] == [None, None, None] and tracker.buffered() == 3
+        server.start()
+        assert tracker.state() == "ok" and tracker.buffered() == 0
+        stats = tracker.get("x")  # the server kept nothing: the replayed three alone
+        assert stats is not None and stats.requests == 3
+        assert (stats.first_seen, stats.last_seen) == (1.0, 3.0)
+    finally:
+        tracker.close()
+        server.kill()
+
+
 def test_ewma_is_bias_corrected_and_mean_exact(redis_server: RedisProcess) -> None:
     now = time.time()
     for tracker in _trackers(Backend(redis_server.url, cluster=False)):
