@@ -429,3 +429,24 @@ def test_large_images_hashed_on_a_pool_give_the_same_rows(photos: np.ndarray) ->
         small = scheme.fingerprints_and_keys(photos[:40], pool)
         assert not used  # CIFAR-size images stay on the calling thread
         assert np.array_equal(small[1], scheme.fingerprints_and_keys(photos[:40])[1])
+
+
+def test_square_attacks_first_probe_shares_no_window_hash_match_with_its_photo() -> None:
+    """The threat model's Square floor, measured: Square's first probe adds ±8/255 to each
+    column of each channel (ART's initialisation), which moves nearly every pixel across a
+    quantisation step of 25 somewhere in each window, so the probe is no near-duplicate of the
+    photo it was made from (README: 0 of 200 training photos match, a median of 3 shared sketch
+    bits of the 25 a match needs; chance collisions alone give ~2.4)."""
+    scheme = default_scheme(b"advguard-evaluation-secret")
+    originals = train_photos(CIFAR_TAR, 200)
+    signs = np.random.default_rng(0).choice([-8, 8], size=(len(originals), 3, 1, 32))
+    probes = np.clip(originals.astype(int) + signs, 0, 255).astype(np.uint8)
+    a, b = scheme.fingerprints(originals), scheme.fingerprints(probes)
+    shared = np.array([scheme.similarity(a[i], b[i : i + 1])[0] for i in range(len(a))])
+    assert int((shared >= scheme.threshold).sum()) == 0
+    assert float(np.median(shared)) == 3.0
+    # the same photos edited by one grey level in one pixel still match: the scheme works
+    edited = originals.copy()
+    edited[:, 0, 0, 0] ^= 1
+    c = scheme.fingerprints(edited)
+    assert all(scheme.similarity(a[i], c[i : i + 1])[0] >= scheme.threshold for i in range(50))
