@@ -620,25 +620,26 @@ class RedisTracker:
         replies = pipe.execute()
         # a flag set while reading an earlier reply was not there when the later scripts ran:
         # read their replies as if it had been, as one update at a time would see it
-        flags: dict[str, str] = {}
+        flagged: dict[str, ClientStats] = {}
         results = []
         for (_, observation), raw in zip(updates, replies, strict=True):
-            if raw[8] is None and observation.client_id in flags:
-                raw = [*raw[:8], flags[observation.client_id], *raw[9:]]
-            result = self._result(observation, raw)
-            stats = result.stats
-            if stats is not None and stats.flagged_at is not None:
-                reasons = ",".join(stats.flag_reasons)
-                flags[observation.client_id] = f"{stats.flagged_at!r} {reasons}"
+            result = self._result(observation, raw, flagged.get(observation.client_id))
+            if result.stats is not None and result.stats.flagged:
+                flagged[observation.client_id] = result.stats
             results.append(result)
         return results
 
-    def _result(self, observation: Observation, raw: Any) -> RecordResult:
+    def _result(
+        self, observation: Observation, raw: Any, earlier: ClientStats | None = None
+    ) -> RecordResult:
         """One record script's reply as the client's statistics; flags the client when the
-        policy says so."""
+        policy says so. ``earlier``: the client's flagged statistics from an earlier reply of
+        the same pipeline, whose flag the script could not see yet."""
         flag_at, _, flag_reasons = ("" if raw[8] is None else _as_str(raw[8])).partition(" ")
         flagged_at = float(flag_at) if flag_at else None
         reasons = tuple(flag_reasons.split(",")) if flagged_at is not None else ()
+        if flagged_at is None and earlier is not None:
+            flagged_at, reasons = earlier.flagged_at, earlier.flag_reasons
         stats = ClientStats(
             client_id=observation.client_id,
             requests=int(raw[0]),
