@@ -22,7 +22,11 @@ says which statistics the search time goes to.
 Saturation of a service is its best throughput over the concurrency levels. Ratios against the
 targets: a/b >= 90% (the guard's own cost) and a/c >= 70% (the service's overhead over the bare
 limit); issue 12's target for a combined detector: guarded throughput >= 85% of the unguarded one
-in the same run (a/b, a-/b and a'/b). The load client is ``bench.common.RawConnection`` (one
+in the same run (a/b, a-/b and a'/b). Run one after the other, the services meet different
+slices of a shared machine's drifting load, so the ratios are also measured *interleaved*
+(``--rounds`` slices of ``--slice`` seconds per service, all services up at once, loaded in
+turn), with the CPU time each service spent per answered request. Requests come from
+``--clients`` ids in turn. The load client is ``bench.common.RawConnection`` (one
 keep-alive connection per worker, prebuilt requests) and shares the cores with the service; (c)
 and the stages are measured with nothing else running. Writes bench/results/service_vs_bare.json
 and .md.
@@ -34,9 +38,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,12 @@ A_OVER_B_TARGET = 0.9  # the guard's own cost
 A_OVER_C_TARGET = 0.7  # the service's overhead over the bare limit
 GUARDED_OVER_UNGUARDED_TARGET = 0.85  # issue 12: a combined detector's cost, a/b and a'/b
 ROLE_LABELS = {"a": "(a)", "a_prime": "(a')"}  # the bundle of (a) and the compare bundle
+SERVICES = {  # the services compared, by role
+    "a": "(a) guard on",
+    "a_prime": "(a') guard on, compare bundle",
+    "a_minus": "(a-) guard on, no query screening",
+    "b": "(b) guard off",
+}
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -307,16 +319,97 @@ async def load_level(
     }
 
 
+@dataclass(frozen=True)
+class Interleaving:
+    """How services are compared on a shared machine: ``rounds`` slices of ``slice_s`` seconds
+    each, per service, at ``concurrency`` clients, the model on ``device``."""
+
+    rounds: int
+    slice_s: float
+    concurrency: int
+    device: str
+
+
+def requests_of(jpegs: list[bytes], clients: int) -> list[bytes]:
+    """One prebuilt request per image, from ``clients`` ids in turn (``X-Client-ID``); 0: no
+    header, so every request is the one client of the load generator's address."""
+    requests = [multipart_request("/classify", data) for data in jpegs]
+    if clients == 0:
+        return requests
+    return [
+        raw.replace(b"Host: bench\r\n", f"Host: bench\r\nX-Client-ID: c{i % clients}\r\n".encode())
+        for i, raw in enumerate(requests)
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(
+    envs: dict[str, dict[str, str]],
+    requests: list[bytes],
+    plan: Interleaving,
+    label: str,
+    redis_pid: int | None = None,
+) -> dict[str, Any]:
+    """Every service of ``envs`` started at once and loaded in turn, one slice each per round
+    (the order flipped every round): on a machine shared with other jobs, whose load drifts over
+    minutes, each service sees the same drift. Throughput = all answered requests / all loaded
+    seconds of the service. Also the CPU time the service (and Redis, when given) spent per
+    answered request: on cores shared with other jobs, far steadier than throughput, and what
+    bounds throughput on busy cores."""
+    with contextlib.ExitStack() as stack:
+        ports, pids = {}, {}
+        for name, env in envs.items():
+            base, server = stack.enter_context(serve(env, plan.device))
+            host, port_text = base.removeprefix("http://").rsplit(":", 1)
+            admin = int(admin_base(server).rsplit(":", 1)[1])
+            ports[name], pids[name] = (host, int(port_text), admin), server.pid
+            asyncio.run(load_level(host, int(port_text), admin, requests, 4, 3.0))  # warm-up
+        slices: dict[str, list[dict[str, Any]]] = {name: [] for name in envs}
+        cpu: dict[str, float] = {name: 0.0 for name in envs}
+        order = list(envs)
+        for r in range(plan.rounds):
+            for name in order if r % 2 == 0 else order[::-1]:
+                host, port, admin = ports[name]
+                watched = [pids[name]] + ([redis_pid] if redis_pid is not None else [])
+                before = sum(cpu_seconds(pid) for pid in watched)
+                level = asyncio.run(
+                    load_level(host, port, admin, requests, plan.concurrency, plan.slice_s)
+                )
+                cpu[name] += sum(cpu_seconds(pid) for pid in watched) - before
+                slices[name].append(level)
+                print(f"{label} {name} round {r}:", level["throughput_images_per_s"], flush=True)
+    out: dict[str, Any] = {}
+    for name, levels in slices.items():
+        answered = sum(level["statuses"].get("200", 0) for level in levels)
+        seconds = sum(level["seconds"] for level in levels)
+        stateful = [level["stage_ms_mean"].get("stateful", 0.0) for level in levels]
+        out[name] = {
+            "throughput_images_per_s": round(answered / seconds, 1),
+            "cpu_ms_per_request": round(1000.0 * cpu[name] / max(answered, 1), 3),
+            "per_round_images_per_s": [level["throughput_images_per_s"] for level in levels],
+            "stateful_stage_ms_mean": round(float(np.mean(stateful)), 2),
+            "levels": levels,
+        }
+    return out
+
+
 def run_service(
     env: dict[str, str],
     args: argparse.Namespace,
     jpegs: list[bytes],
     label: str,
     warmup_s: float = 3.0,
+    clients: int = 0,
 ) -> dict[str, Any]:
     """``advguard serve`` with ``env`` under closed-loop load at each of ``args.concurrency``
-    for ``args.seconds`` (model on ``args.device``), after ``warmup_s`` at 4 clients."""
-    requests = [multipart_request("/classify", data) for data in jpegs]
+    for ``args.seconds`` (model on ``args.device``), after ``warmup_s`` at 4 clients; requests
+    from ``clients`` ids in turn (0: one client, no ``X-Client-ID``)."""
+    requests = requests_of(jpegs, clients)
     with serve(env, args.device) as (base, _server):
         host, port = base.removeprefix("http://").rsplit(":", 1)
         admin = int(admin_base(_server).rsplit(":", 1)[1])
@@ -354,31 +447,25 @@ def saturation(service: dict[str, Any]) -> float:
 def run_variant(
     threads: int, args: argparse.Namespace, guard: Guard, jpegs: list[bytes]
 ) -> dict[str, Any]:
-    """(c), (a), (a') and (b) with ``threads`` intra-op torch threads, in the benchmark process
-    and in the services. The services run one after the other on the same cores, so their
-    ratios compare like with like; (c) is timed again at the end to show the machine's drift."""
+    """(c), (a), (a'), (a-) and (b) with ``threads`` intra-op torch threads, in the benchmark
+    process and in the services. The services' concurrency sweeps run one after the other; then
+    (unless ``--rounds 0``) all of them at once, loaded in turn in short slices, so that the
+    drifting load of a shared machine hits each alike: those are the ratios to read. (c) is
+    timed again at the end to show the machine's drift."""
     threads = use_threads(threads)
     label = f"{threads} torch threads"
     bare = in_process(guard, jpegs, args.batch_sizes, args.min_seconds)
-    env = {"ADVGUARD_BUNDLE": str(args.bundle), "ADVGUARD_TORCH_THREADS": str(threads)}
-    guarded = run_service(env, args, jpegs, f"(a) guard on, {label}")
-    compared = None
-    if args.compare_bundle is not None:
-        compared = run_service(
-            {**env, "ADVGUARD_BUNDLE": str(args.compare_bundle)},
-            args,
-            jpegs,
-            f"(a') guard on, {args.compare_bundle.name}, {label}",
-        )
-    unscreened = run_service(
-        {**env, "ADVGUARD_STATEFUL_ENABLED": "false"},
-        args,
-        jpegs,
-        f"(a-) guard on, no query screening, {label}",
-    )
-    unguarded = run_service(
-        {**env, "ADVGUARD_GUARD_ENABLED": "false"}, args, jpegs, f"(b) guard off, {label}"
-    )
+    envs = service_envs(args, threads)
+    swept = {
+        role: run_service(env, args, jpegs, f"{SERVICES[role]}, {label}", clients=args.clients)
+        for role, env in envs.items()
+    }
+    guarded, unscreened, unguarded = swept["a"], swept["a_minus"], swept["b"]
+    compared = swept.get("a_prime")
+    together = None
+    if args.rounds > 0:
+        plan = Interleaving(args.rounds, args.slice, max(args.concurrency), args.device)
+        together = interleaved(envs, requests_of(jpegs, args.clients), plan, label)
     pixels = decoded(guard, jpegs)
 
     def model_and_search(batch: torch.Tensor) -> None:
@@ -401,6 +488,35 @@ def run_variant(
         "a_unscreened_over_b": ratio(saturation(unscreened), b),
         "a_over_a_prime": None if a_prime is None else ratio(a, a_prime),
         "a_over_c": ratio(a, bare["limit"]["images_per_s"]),
+        "interleaved": None if together is None else interleaved_ratios(together),
+    }
+
+
+def service_envs(args: argparse.Namespace, threads: int) -> dict[str, dict[str, str]]:
+    """The services compared, by role: (a), (a') when a compare bundle is given, (a-), (b)."""
+    env = {"ADVGUARD_BUNDLE": str(args.bundle), "ADVGUARD_TORCH_THREADS": str(threads)}
+    envs = {"a": env}
+    if args.compare_bundle is not None:
+        envs["a_prime"] = {**env, "ADVGUARD_BUNDLE": str(args.compare_bundle)}
+    envs["a_minus"] = {**env, "ADVGUARD_STATEFUL_ENABLED": "false"}
+    envs["b"] = {**env, "ADVGUARD_GUARD_ENABLED": "false"}
+    return envs
+
+
+def interleaved_ratios(together: dict[str, Any]) -> dict[str, Any]:
+    """Each service of an interleaved run against (b): throughput ratio and the inverse ratio
+    of CPU per answered request (the steadier of the two on shared cores)."""
+    off = together["b"]
+    return {
+        "services": together,
+        "throughput_over_b": {
+            role: ratio(run["throughput_images_per_s"], off["throughput_images_per_s"])
+            for role, run in together.items()
+        },
+        "b_cpu_over_cpu": {
+            role: ratio(off["cpu_ms_per_request"], run["cpu_ms_per_request"])
+            for role, run in together.items()
+        },
     }
 
 
@@ -456,6 +572,16 @@ def issue_target_line(variants: list[dict[str, Any]], compare: str) -> str:
     for each bundle at each thread setting."""
     parts = []
     for v in variants:
+        if v["interleaved"] is not None:  # the steadier comparison, when it ran
+            run = v["interleaved"]
+            checks = [
+                f"{SERVICES[role].split(' ', 1)[0]} "
+                f"{percent(run['throughput_over_b'][role], GUARDED_OVER_UNGUARDED_TARGET)} of "
+                f"the throughput, {percent(run['b_cpu_over_cpu'][role])} by CPU per request"
+                for role in run["services"]
+                if role != "b"
+            ]
+            parts.append(f"{v['torch_threads']} torch threads, interleaved: " + ", ".join(checks))
         checks = [
             f"(a) {percent(v['a_over_b'], GUARDED_OVER_UNGUARDED_TARGET)}",
             "(a-) without query screening "
@@ -465,11 +591,42 @@ def issue_target_line(variants: list[dict[str, Any]], compare: str) -> str:
             checks.append(
                 f"(a') {compare} {percent(v['a_prime_over_b'], GUARDED_OVER_UNGUARDED_TARGET)}"
             )
-        parts.append(f"{v['torch_threads']} torch threads: " + ", ".join(checks))
+        parts.append(f"{v['torch_threads']} torch threads, best levels: " + ", ".join(checks))
     return (
         "Issue 12 target, guarded throughput >= 85% of the unguarded one (b) in the same run: "
         + "; ".join(parts)
         + "."
+    )
+
+
+def interleaved_table(variants: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The services run at once and loaded in turn: throughput and CPU per request against (b),
+    and issue 12's target read on both."""
+    rows = []
+    for v in variants:
+        run = v["interleaved"]
+        if run is None:
+            continue
+        for role, service in run["services"].items():
+            to_b, cpu_to_b = run["throughput_over_b"][role], run["b_cpu_over_cpu"][role]
+            target = None if role == "b" else GUARDED_OVER_UNGUARDED_TARGET
+            rows.append(
+                f"| {SERVICES[role]} | {v['torch_threads']} "
+                f"| {service['throughput_images_per_s']} | {percent(to_b, target)} "
+                f"| {service['cpu_ms_per_request']} | {percent(cpu_to_b, target)} "
+                f"| {service['per_round_images_per_s']} |"
+            )
+    if not rows:
+        return "Interleaved comparison: not run (`--rounds 0`)."
+    who = f"{args.clients:,} client ids in turn" if args.clients else "one client"
+    return (
+        f"Interleaved: every service started at once and loaded in turn, {args.rounds} slices "
+        f"of {args.slice:g} s each at concurrency {max(args.concurrency)} (the order flipped "
+        f"every round), {who}. On shared cores the CPU per answered request is the steadier "
+        "figure; issue 12's target (>= 85% of (b)) is read on both.\n\n"
+        "| service | torch threads | images/s | / (b) | CPU ms per request "
+        "| (b)'s CPU / this CPU | images/s per slice |\n"
+        "| --- | --- | --- | --- | --- | --- | --- |\n" + "\n".join(rows)
     )
 
 
@@ -541,6 +698,7 @@ def markdown(
         "pixels decoded beforehand.\n\n"
         f"{ratio_table(variants, compare)}\n\n"
         f"{issue_target_line(variants, compare)}\n\n"
+        f"{interleaved_table(variants, args)}\n\n"
         f"Best service (a) over best in-process limit (c): {a_best} / {c_best} images/s = "
         f"{ratios['best_a_over_best_c']:.1%}.\n\n"
         f"{stage_table(stages, args.stage_batch)}\n\n"
@@ -580,6 +738,16 @@ def main(argv: list[str] | None = None) -> int:
         help="intra-op torch threads, one run of (c), (a), (a'), (b) each; 0: torch's default",
     )
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument(
+        "--clients", type=int, default=1000, help="X-Client-ID values in turn (0: one client)"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=6,
+        help="interleaved slices per service at the highest concurrency (0: sweeps only)",
+    )
+    parser.add_argument("--slice", type=float, default=5.0, help="seconds per interleaved slice")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument(

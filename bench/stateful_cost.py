@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
 import tempfile
 import time
@@ -47,9 +45,9 @@ from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector
 from bench.client_rotation import start_redis
-from bench.common import admin_base, multipart_request, serve, write_results
+from bench.common import write_results
 from bench.load_service import CIFAR_TAR, test_jpegs
-from bench.service_vs_bare import load_level
+from bench.service_vs_bare import Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
 
 SECRET = b"bench-secret"
@@ -229,75 +227,6 @@ def _timed(
     return times
 
 
-def requests_of(jpegs: list[bytes], clients: int) -> list[bytes]:
-    """One prebuilt request per image, from ``clients`` ids in turn (``X-Client-ID``); 0: no
-    header, so every request is the one client of the load generator's address."""
-    requests = [multipart_request("/classify", data) for data in jpegs]
-    if clients == 0:
-        return requests
-    return [
-        raw.replace(b"Host: bench\r\n", f"Host: bench\r\nX-Client-ID: c{i % clients}\r\n".encode())
-        for i, raw in enumerate(requests)
-    ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def interleaved(
-    envs: dict[str, dict[str, str]],
-    args: argparse.Namespace,
-    jpegs: list[bytes],
-    label: str,
-    redis_pid: int | None = None,
-) -> dict[str, Any]:
-    """Every service of ``envs`` started at once and loaded in turn, ``args.slice`` seconds each
-    for ``args.rounds`` rounds (the order flipped every round), at ``args.concurrency``: on a
-    machine shared with other jobs, whose load drifts over minutes, each variant sees the same
-    drift. Throughput = all answered requests / all loaded seconds of the variant. Also the CPU
-    time the service (and Redis, when given) spent per answered request: on cores shared with
-    other jobs, far steadier than throughput, and what bounds throughput on busy cores."""
-    requests = requests_of(jpegs, args.clients)
-    with contextlib.ExitStack() as stack:
-        ports, pids = {}, {}
-        for name, env in envs.items():
-            base, server = stack.enter_context(serve(env, args.device))
-            host, port = base.removeprefix("http://").rsplit(":", 1)
-            admin = int(admin_base(server).rsplit(":", 1)[1])
-            ports[name], pids[name] = (host, int(port), admin), server.pid
-            asyncio.run(load_level(host, int(port), admin, requests, 4, 3.0))  # warm-up
-        slices: dict[str, list[dict[str, Any]]] = {name: [] for name in envs}
-        cpu: dict[str, float] = {name: 0.0 for name in envs}
-        order = list(envs)
-        for r in range(args.rounds):
-            for name in order if r % 2 == 0 else order[::-1]:
-                host, port, admin = ports[name]
-                watched = [pids[name]] + ([redis_pid] if redis_pid is not None else [])
-                before = sum(cpu_seconds(pid) for pid in watched)
-                level = asyncio.run(
-                    load_level(host, port, admin, requests, args.concurrency, args.slice)
-                )
-                cpu[name] += sum(cpu_seconds(pid) for pid in watched) - before
-                slices[name].append(level)
-                print(f"{label} {name} round {r}:", level["throughput_images_per_s"], flush=True)
-    out: dict[str, Any] = {}
-    for name, levels in slices.items():
-        answered = sum(level["statuses"].get("200", 0) for level in levels)
-        seconds = sum(level["seconds"] for level in levels)
-        stateful = [level["stage_ms_mean"].get("stateful", 0.0) for level in levels]
-        out[name] = {
-            "throughput_images_per_s": round(answered / seconds, 1),
-            "cpu_ms_per_request": round(1000.0 * cpu[name] / max(answered, 1), 3),
-            "per_round_images_per_s": [level["throughput_images_per_s"] for level in levels],
-            "stateful_stage_ms_mean": round(float(np.mean(stateful)), 2),
-            "levels": levels,
-        }
-    return out
-
-
 def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
     base = {"ADVGUARD_SHED_DELAY_MS": "0", "ADVGUARD_STATEFUL_SECRET": "bench-secret"}
     if args.torch_threads:
@@ -317,7 +246,9 @@ def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
                     for state in ("off", "on")
                 }
                 pid = None if server is None else server.pid
-                runs[backend] = interleaved(envs, args, jpegs, backend, pid)
+                plan = Interleaving(args.rounds, args.slice, args.concurrency, args.device)
+                requests = requests_of(jpegs, args.clients)
+                runs[backend] = interleaved(envs, requests, plan, backend, pid)
             finally:
                 if server is not None:
                     server.terminate()

@@ -6,11 +6,18 @@ a few random images with a random-weight model, the tables on made-up rows.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from app.core.guard import Guard
 from app.core.images import decode_image
-from bench.service_vs_bare import stage_table, stage_times
+from bench.service_vs_bare import (
+    interleaved_ratios,
+    interleaved_table,
+    issue_target_line,
+    stage_table,
+    stage_times,
+)
 from index_builder.build import BuildConfig, build_bundle
 
 
@@ -65,3 +72,46 @@ def test_stage_times_cover_every_statistic_kind_of_a_combined_bundle(
     assert lines[-2].startswith("| (a) v2 | 2 |")
     assert lines[-1].startswith("| (a') paper | 2 |")
     assert "| 0.5 (1) | - | - |" in lines[-1]
+
+
+def _interleaved_service(images_per_s: float, cpu_ms: float) -> dict[str, object]:
+    return {
+        "throughput_images_per_s": images_per_s,
+        "cpu_ms_per_request": cpu_ms,
+        "per_round_images_per_s": [images_per_s, images_per_s],
+        "stateful_stage_ms_mean": 0.0,
+        "levels": [],
+    }
+
+
+def test_interleaved_ratios_read_throughput_and_cpu_against_the_unguarded_service() -> None:
+    together = {
+        "a": _interleaved_service(240.0, 8.0),
+        "a_minus": _interleaved_service(300.0, 6.4),
+        "b": _interleaved_service(400.0, 5.6),
+    }
+    run = interleaved_ratios(together)
+    assert run["throughput_over_b"] == {"a": 0.6, "a_minus": 0.75, "b": 1.0}
+    assert run["b_cpu_over_cpu"] == {"a": 0.7, "a_minus": 0.875, "b": 1.0}
+
+    variant = {
+        "torch_threads": 2,
+        "interleaved": run,
+        "a_over_b": 0.5,
+        "a_unscreened_over_b": 0.9,
+        "a_prime_over_b": None,
+    }
+    args = argparse.Namespace(rounds=2, slice=5.0, concurrency=[8, 32], clients=1000)
+    table = interleaved_table([variant], args).splitlines()
+    assert "2 slices of 5 s each at concurrency 32" in table[0]
+    assert "1,000 client ids" in table[0]
+    assert table[-3].startswith("| (a) guard on | 2 | 240.0 | 60.0% (not met) | 8.0 | 70.0% (not")
+    assert "| 87.5% (met) |" in table[-2]  # (a-) by CPU per request
+    assert table[-1].startswith("| (b) guard off | 2 | 400.0 | 100.0% | 5.6 | 100.0% |")
+
+    line = issue_target_line([variant], "paper")
+    assert "interleaved: (a) 60.0% (not met) of the throughput, 70.0% by CPU" in line
+    assert "best levels: (a) 50.0% (not met), (a-) without query screening 90.0% (met)" in line
+    assert interleaved_table([{**variant, "interleaved": None}], args).startswith(
+        "Interleaved comparison: not run"
+    )
