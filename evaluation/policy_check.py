@@ -117,6 +117,7 @@ class ImageCheck:
     live_queries: int
     answers_withheld: int  # answers that differ from the guard's own (403, or the anchor's)
     believed_success: bool  # the attack stopped on a served answer that said "adversarial"
+    stopped: str = "finished"  # the run's end: success, cap, finished or stalled
 
 
 def replay_predictions(stateful: dict[str, Any], attack: str, sybil: bool = False) -> list[bool]:
@@ -161,6 +162,7 @@ def summarise(checks: Sequence[ImageCheck]) -> dict[str, Any]:
         "live_success": sum(c.live_success for c in checks),
         "predicted_success": sum(c.predicted_success for c in checks),
         "same_outcome": sum(c.live_success == c.predicted_success for c in checks),
+        "stalled": sum(c.stopped == "stalled" for c in checks),
         "per_image": [asdict(c) for c in checks],
     }
 
@@ -198,9 +200,10 @@ def check_attack(
     predictions: Sequence[bool],
     images: int,
     seed: int,
+    stall_asks: int | None = None,
 ) -> list[ImageCheck]:
     """The first ``images`` of the recorded rows, attacked one at a time, each through a fresh
-    oracle (``oracle_for``)."""
+    oracle (``oracle_for``); ``stall_asks``: see ``QueryRecorder``."""
     checks = []
     for i, row in enumerate(rows[:images].tolist()):
         label = int(split.labels[row])
@@ -209,7 +212,7 @@ def check_attack(
         try:
             cap = DEFAULT_CAPS[attack]
             record = run_attack(
-                oracle, attack, split.pixels[row], label, cap, seed + row, row, pool
+                oracle, attack, split.pixels[row], label, cap, seed + row, row, pool, stall_asks
             )
         finally:
             oracle.close()
@@ -221,6 +224,7 @@ def check_attack(
                 len(record.queries),
                 withheld(record, guard),
                 record.succeeded,
+                record.stopped,
             )
         )
     return checks
@@ -239,8 +243,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "| attack | policy | answered by | images | stopped on a served success | succeeded "
         "live (truly adversarial) | predicted by the replay | same outcome | answers withheld "
-        "(median per image) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(median per image) | stopped as stalled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results["checks"].items():
         attack, policy = key.split("/")[:2]
@@ -249,7 +253,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {attack} | {policy} | {oracle_label(key)} | {r['images']} | {believed} | "
             f"{r['live_success']} | {r['predicted_success']} | "
-            f"{r['same_outcome']}/{r['images']} | {withheld_median:.0f} |"
+            f"{r['same_outcome']}/{r['images']} | {withheld_median:.0f} | {r.get('stalled', 0)} |"
         )
     return "\n".join(lines)
 
@@ -289,6 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
     parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stall-asks",
+        type=int,
+        default=None,
+        help="stop a run after this many consecutive asks answered from memory (ART's Boundary "
+        "spins for minutes per fresh query once everything is refused); default: never",
+    )
     return parser
 
 
@@ -324,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             replay_predictions(stateful, attack, sybil=args.sybil_ids > 1),
             args.images,
             args.seed,
+            args.stall_asks,
         )
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
         summary["command"] = " ".join(

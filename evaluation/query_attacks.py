@@ -272,7 +272,11 @@ def is_success(answer: Answer, label: int) -> bool:
 class QueryRecorder:
     """The attacker's client for one image: rounds ART's float queries to the 8-bit uploads,
     answers repeats from memory, sends the rest (in order) up to ``cap``, records every sent query
-    and its answer, and stops the run at the first in-budget success."""
+    and its answer, and stops the run at the first in-budget success. With ``stall_asks``, it
+    also stops a run whose last ``stall_asks`` asks were all answered from memory (``stalled``):
+    refused everything, ART's Boundary shrinks its steps below one grey level and spins for
+    minutes per fresh query (measured: one per ~10,000 asks), which only a closed-loop check
+    needs to cut short."""
 
     oracle: Oracle
     original: np.ndarray  # (3, H, W) uint8
@@ -280,11 +284,13 @@ class QueryRecorder:
     cap: int
     budget: Budget
     stop_at_success: bool = True
+    stall_asks: int | None = None
     queries: list[np.ndarray] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
     first_success: int | None = None  # index into queries
     stopped: str = "finished"
     _memory: dict[bytes, Answer] = field(default_factory=dict)
+    _stale_asks: int = 0  # consecutive asks answered from memory alone
 
     def ask(self, floats: np.ndarray) -> list[Answer]:
         images = eight_bit(np.asarray(floats, dtype=np.float32))
@@ -306,6 +312,10 @@ class QueryRecorder:
         if len(to_send) < len(fresh):
             self.stopped = "cap"
             raise AttackStopped("query cap")
+        self._stale_asks = 0 if fresh else self._stale_asks + 1
+        if self.stall_asks is not None and self._stale_asks >= self.stall_asks:
+            self.stopped = "stalled"
+            raise AttackStopped("stalled")
         return [self._memory[key] for key in keys]
 
     def _check_success(self, sent: np.ndarray, answers: Sequence[Answer]) -> None:
@@ -465,7 +475,7 @@ class AttackRecord:
     classes: np.ndarray  # (q,) int16, -1 when the answer carries no prediction
     probabilities: np.ndarray  # (q,) float32, nan when none
     first_success: int  # index of the first in-budget success, -1 when none
-    stopped: str  # "success", "cap" or "finished" (ART gave up)
+    stopped: str  # "success", "cap", "finished" (ART gave up) or "stalled" (QueryRecorder)
     seconds: float
 
     @property
@@ -490,12 +500,13 @@ def run_attack(
     seed: int,
     row: int = -1,
     candidates: np.ndarray | None = None,
+    stall_asks: int | None = None,
 ) -> AttackRecord:
     """One ART attack on one image through ``oracle``, recorded. ``candidates``: the attacker's
     natural images of other classes (decision-based starts). ART's initial search draws from an
-    unseeded RandomState; ``seed`` fixes everything else."""
+    unseeded RandomState; ``seed`` fixes everything else. ``stall_asks``: see ``QueryRecorder``."""
     np.random.seed(seed % 2**32)
-    recorder = QueryRecorder(oracle, image, label, cap, budget_of(attack))
+    recorder = QueryRecorder(oracle, image, label, cap, budget_of(attack), stall_asks=stall_asks)
     started = time.perf_counter()
     try:
         if attack == "square":

@@ -7,6 +7,11 @@ per-run replays of the recorded attacks, one client id and spread over Sybil ids
 and the plot always describe the same replays as ``stateful.md``.
 
     python -m evaluation.query_defence            # after python -m evaluation.stateful_eval
+
+Where ``evaluation.policy_check`` has rerun an attack in closed loop against a policy (its
+``policy_check.json`` beside ``stateful.json``), the table shows that live count beside the
+replay's share: the replay cannot follow an attack past an answer it was denied, and under
+``silent`` the denied answer may be the true one (see ``live_cell``).
 """
 
 from __future__ import annotations
@@ -37,13 +42,16 @@ class Row:
     median_queries_to_detection: float | None = None
     detected_before_success: float | None = None
     succeeded_despite_detection: float | None = None
+    spread: str | None = None  # "1 id" or "N ids" on a stateful row of the guard setting
 
 
 def rows(summary: dict[str, Any]) -> list[Row]:
     """Per attack: the two recorded settings alone, then each with the stateful detector for
     one client id and for the Sybil spread. ``flag`` answers as usual, so its success rate is
-    the setting's; ``refuse`` and ``silent`` withhold every answer's signal from the detecting
-    query on, so both leave exactly the runs that succeeded before it."""
+    the setting's. The replay counts a run as stopped from its detecting query on, under
+    ``refuse`` and ``silent`` alike: exact for ``refuse`` (every later answer is a 403), a lower
+    bound for ``silent``, whose anchor answer is the true one whenever the anchor had the same
+    answer (the closed-loop counts, ``live_cell``, are the figures for ``silent``)."""
     chosen = summary["schemes"][summary["chosen"]]
     ids = summary["sybil_ids"]
     out: list[Row] = []
@@ -65,6 +73,7 @@ def rows(summary: dict[str, Any]) -> list[Row]:
                         result["median_queries_to_detection"],
                         result["detected_before_success"],
                         result["succeeded_despite_detection"],
+                        spread if setting == "guard_on" else None,
                     )
                 )
     return out
@@ -78,19 +87,34 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
-def table(summary: dict[str, Any]) -> str:
+def live_cell(row: Row, policy: str, live: dict[str, Any]) -> str:
+    """The closed-loop count for ``row`` under ``policy``: attacks rerun against the service's
+    own screening in process (``policy_check --in-process``, ``--sybil-ids`` for the spread)
+    that ended on a truly adversarial answer, out of the images run; "–" where none ran."""
+    if row.spread is None:
+        return "–"
+    ids = row.spread.split(" ", 1)[0]
+    key = f"{row.attack}/{policy}/in_process" + ("" if ids == "1" else f"_{ids}ids")
+    if key not in live:
+        return "–"
+    return f"{live[key]['live_success']}/{live[key]['images']}"
+
+
+def table(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
+    """``live``: ``policy_check.json``'s checks, when the policies were rerun in closed loop."""
+    live = live or {}
     lines = [
         "| attack | defence | success rate (flag) | median queries to success | median queries "
-        "to detection | detected before first success | success under refuse | success under "
-        "silent |",
-        "|---|---|---|---|---|---|---|---|",
+        "to detection | detected before first success | success under refuse or silent, "
+        "replayed | succeeded under refuse, closed loop | succeeded under silent, closed loop |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows(summary):
-        policy = _pct(row.succeeded_despite_detection)
         lines.append(
             f"| {row.attack} | {row.defence} | {_pct(row.success_rate)} | "
             f"{_num(row.median_queries_to_success)} | {_num(row.median_queries_to_detection)} | "
-            f"{_pct(row.detected_before_success)} | {policy} | {policy} |"
+            f"{_pct(row.detected_before_success)} | {_pct(row.succeeded_despite_detection)} | "
+            f"{live_cell(row, 'refuse', live)} | {live_cell(row, 'silent', live)} |"
         )
     return "\n".join(lines)
 
@@ -186,7 +210,7 @@ def plot(summary: dict[str, Any], path: Path, setting: str = "guard_on") -> None
     plt.close(figure)
 
 
-def report(summary: dict[str, Any]) -> str:
+def report(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
     chosen = summary["chosen"]
     return "\n".join(
         [
@@ -205,11 +229,16 @@ def report(summary: dict[str, Any]) -> str:
             "",
             "Policies: `flag` answers as usual (success as without the detector); `refuse` "
             "answers 403 and `silent` the anchor query's earlier answer from the detecting query "
-            "on, so under both a run succeeds only when its first success came strictly before "
-            "its detection. These two columns come from the replays, not from attacks rerun "
-            "against the policy: the library never saw the answers it was denied.",
+            "on. The *replayed* column counts a run as stopped at its detection, under both: "
+            "exact for `refuse`, whose every later answer is a 403, but only a lower bound for "
+            "`silent`, because the anchor's answer is the true one whenever the anchor was "
+            "answered the same (a decision-based attack started from another class's photo "
+            "gets its own adversarial label back, truthfully). The *closed loop* columns rerun "
+            "the attacks against the service's own screening (`python -m "
+            "evaluation.policy_check --in-process`, `--sybil-ids` for the spread): runs that "
+            "ended on a truly adversarial answer, out of the images run; – where none ran.",
             "",
-            table(summary),
+            table(summary, live),
             "",
             "![time to detection](time_to_detection.png)",
             "",
@@ -242,9 +271,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = json.loads((args.results / "stateful.json").read_text())
-    (args.results / "defence.md").write_text(report(summary))
+    checks = args.results / "policy_check.json"
+    live = json.loads(checks.read_text())["checks"] if checks.is_file() else {}
+    (args.results / "defence.md").write_text(report(summary, live))
     plot(summary, args.results / "time_to_detection.png")
-    print(table(summary))
+    print(table(summary, live))
     return 0
 
 

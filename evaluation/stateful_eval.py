@@ -352,11 +352,13 @@ def replay_attack(
 
 def succeeds_despite(outcome: SequenceOutcome) -> bool:
     """Whether the attack still succeeds when every query from its detection on is refused
-    (``refuse``) or answered with its anchor's answer (``silent``): its first success came
-    strictly before the detecting query, or it was never detected. The replay cannot show what
-    the library would have sent after an answer it did not get; both policies withhold every
-    later answer's signal, and each later query of the run is a near-duplicate of the ones
-    already stored, so the count that detected it only grows (``--url`` runs check it live)."""
+    (``refuse``): its first success came strictly before the detecting query, or it was never
+    detected. Each later query of the run is a near-duplicate of the ones already stored, so the
+    count that detected it only grows. The replay cannot show what the library would have sent
+    after an answer it did not get. For ``silent`` this is a lower bound only: the anchor's
+    answer is the true one whenever the anchor was answered the same, so a decision-based
+    attack started from another class's photo keeps hearing "adversarial", truthfully, on that
+    side of the boundary (``evaluation.policy_check`` measures ``silent`` in closed loop)."""
     if outcome.success is None:
         return False
     return outcome.detection is None or outcome.success < outcome.detection

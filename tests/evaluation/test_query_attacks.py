@@ -145,6 +145,30 @@ def test_recorder_memory_and_cap() -> None:
     assert recorder.stopped == "cap" and len(oracle.sent) == 3
 
 
+def test_recorder_stops_a_run_that_only_repeats_itself_when_asked_to() -> None:
+    """``stall_asks``: that many consecutive asks answered from memory end the run; a fresh
+    query resets the count; without it a run may repeat itself forever."""
+    original = np.full((3, 4, 4), 100, np.uint8)
+    x = original[None].astype(np.float32) / 255.0
+    patient = QueryRecorder(CountingOracle(0), original, 0, 10, Budget("inf", 8 / 255))
+    for _ in range(50):
+        patient.ask(x)
+    assert patient.stopped == "finished" and len(patient.queries) == 1
+
+    recorder = QueryRecorder(
+        CountingOracle(0), original, 0, 10, Budget("inf", 8 / 255), stall_asks=3
+    )
+    recorder.ask(x)  # fresh
+    recorder.ask(x)
+    recorder.ask(x)  # two stale asks
+    recorder.ask(x + 1 / 255)  # fresh again: the count restarts
+    recorder.ask(x)
+    recorder.ask(x)
+    with pytest.raises(AttackStopped):
+        recorder.ask(x + 1 / 255)  # the third stale ask in a row
+    assert recorder.stopped == "stalled" and len(recorder.queries) == 2
+
+
 def test_recorder_stops_at_first_in_budget_success() -> None:
     original = np.full((3, 4, 4), 100, np.uint8)  # sum 4800, class 0
     recorder = QueryRecorder(CountingOracle(), original, 0, 10, Budget("inf", 8 / 255))

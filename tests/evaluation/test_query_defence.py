@@ -8,7 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.query_defence import detection_curves, earliest_detection, floor_rows, main, rows
+from evaluation.query_defence import (
+    detection_curves,
+    earliest_detection,
+    floor_rows,
+    main,
+    rows,
+    table,
+)
 from evaluation.stateful_eval import (
     SequenceOutcome,
     choose,
@@ -113,3 +120,21 @@ def test_the_fingerprint_is_chosen_among_the_kinds_the_service_runs() -> None:
     results = {"ph": result(0.99, 3), "wh-a": result(0.9, 9), "wh-b": result(0.9, 7)}
     kinds = {"ph": "phash", "wh-a": "window_hash", "wh-b": "window_hash"}
     assert choose(results, kinds) == "wh-b"  # ph scores best but the service cannot run it
+
+
+def test_the_table_shows_closed_loop_counts_beside_the_replay_on_the_guarded_rows() -> None:
+    live = {
+        "boundary/silent/in_process": {"live_success": 18, "images": 100},
+        "boundary/refuse/in_process": {"live_success": 0, "images": 100},
+        "square/refuse/in_process_50ids": {"live_success": 27, "images": 100},
+        "square/refuse": {"live_success": 5, "images": 20},  # over HTTP: not a table cell
+    }
+    lines = table(_summary(), live).splitlines()
+    by_defence = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in lines}
+    boundary = by_defence[("boundary", "guard (v2) + stateful, 1 id")]
+    assert boundary.endswith("| 33% | 0/100 | 18/100 |")  # replayed, refuse, silent
+    square_spread = by_defence[("square", "guard (v2) + stateful, 50 ids")]
+    assert square_spread.endswith("| 27/100 | – |")
+    assert by_defence[("square", "guard (v2) + stateful, 1 id")].endswith("| – | – |")
+    assert by_defence[("boundary", "no guard + stateful, 1 id")].endswith("| – | – |")
+    assert all(line.endswith("| – | – |") for line in table(_summary()).splitlines()[2:])
