@@ -239,6 +239,12 @@ def oracle_label(key: str) -> str:
     return f"in process, {ids} ids" if ids else "in process"
 
 
+def table_order(key: str) -> tuple[str, int, str]:
+    """Rows by policy, then attack (as ``ATTACKS``), then HTTP before in process."""
+    attack, policy = key.split("/")[:2]
+    return policy, [str(a) for a in ATTACKS].index(attack), key
+
+
 def table(results: dict[str, Any]) -> str:
     lines = [
         "| attack | policy | answered by | images | stopped on a served success | succeeded "
@@ -246,7 +252,8 @@ def table(results: dict[str, Any]) -> str:
         "(median per image) | stopped as stalled |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, r in results["checks"].items():
+    for key in sorted(results["checks"], key=table_order):
+        r = results["checks"][key]
         attack, policy = key.split("/")[:2]
         withheld_median = float(np.median([c["answers_withheld"] for c in r["per_image"]]))
         believed = r.get("believed_success", r["live_success"])  # refuse: the same

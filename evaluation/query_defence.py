@@ -49,9 +49,10 @@ def rows(summary: dict[str, Any]) -> list[Row]:
     """Per attack: the two recorded settings alone, then each with the stateful detector for
     one client id and for the Sybil spread. ``flag`` answers as usual, so its success rate is
     the setting's. The replay counts a run as stopped from its detecting query on, under
-    ``refuse`` and ``silent`` alike: exact for ``refuse`` (every later answer is a 403), a lower
-    bound for ``silent``, whose anchor answer is the true one whenever the anchor had the same
-    answer (the closed-loop counts, ``live_cell``, are the figures for ``silent``)."""
+    ``refuse`` and ``silent`` alike. That is only what the recording can say: a live attack
+    denied an answer walks elsewhere, and some of its later probes may match nothing stored
+    (``refuse``); under ``silent`` the anchor's answer is the true one whenever the anchor had
+    the same answer. The closed-loop counts (``live_cell``) are the figures to read."""
     chosen = summary["schemes"][summary["chosen"]]
     ids = summary["sybil_ids"]
     out: list[Row] = []
@@ -229,10 +230,11 @@ def report(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
             "",
             "Policies: `flag` answers as usual (success as without the detector); `refuse` "
             "answers 403 and `silent` the anchor query's earlier answer from the detecting query "
-            "on. The *replayed* column counts a run as stopped at its detection, under both: "
-            "exact for `refuse`, whose every later answer is a 403, but only a lower bound for "
-            "`silent`, because the anchor's answer is the true one whenever the anchor was "
-            "answered the same (a decision-based attack started from another class's photo "
+            "on. The *replayed* column counts a run as stopped at its detection, under both, "
+            "which is all the recording can say: a live attack denied an answer walks elsewhere, "
+            "and some of its later probes may match too few stored queries to be detected "
+            "(`refuse`); under `silent` the anchor's answer is the true one whenever the anchor "
+            "was answered the same (a decision-based attack started from another class's photo "
             "gets its own adversarial label back, truthfully). The *closed loop* columns rerun "
             "the attacks against the service's own screening (`python -m "
             "evaluation.policy_check --in-process`, `--sybil-ids` for the spread): runs that "

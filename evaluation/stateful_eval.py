@@ -353,12 +353,14 @@ def replay_attack(
 def succeeds_despite(outcome: SequenceOutcome) -> bool:
     """Whether the attack still succeeds when every query from its detection on is refused
     (``refuse``): its first success came strictly before the detecting query, or it was never
-    detected. Each later query of the run is a near-duplicate of the ones already stored, so the
-    count that detected it only grows. The replay cannot show what the library would have sent
-    after an answer it did not get. For ``silent`` this is a lower bound only: the anchor's
-    answer is the true one whenever the anchor was answered the same, so a decision-based
-    attack started from another class's photo keeps hearing "adversarial", truthfully, on that
-    side of the boundary (``evaluation.policy_check`` measures ``silent`` in closed loop)."""
+    detected. The replay cannot show what the library would have sent after an answer it did
+    not get, so this is what the recording predicts, not a bound: a live attack denied an answer
+    walks elsewhere, and some of its later probes may match too few stored queries to be
+    detected (HopSkipJump under ``refuse``: 2 of 50 succeeded in closed loop, none predicted).
+    Under ``silent`` the anchor's answer is the true one whenever the anchor was answered the
+    same, so a decision-based attack started from another class's photo keeps hearing
+    "adversarial", truthfully, on that side of the boundary. ``evaluation.policy_check``
+    measures both policies in closed loop."""
     if outcome.success is None:
         return False
     return outcome.detection is None or outcome.success < outcome.detection

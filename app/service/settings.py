@@ -124,10 +124,11 @@ class Settings(BaseSettings):
     # stateful detection of query attacks (app/service/stateful.py, docs/service.md): each
     # query's fingerprint is matched against its client's and everyone's recent queries
     stateful_enabled: bool = True
-    # what a detected query gets: "flag" answers as usual; "refuse" answers 403; "silent" (the
-    # default) answers what its anchor, the earliest stored near-duplicate, was answered, so
-    # that detection is no oracle (see docs/service.md for why this default)
-    stateful_policy: StatefulPolicy = "silent"
+    # what a detected query gets: "flag" answers as usual; "refuse" (the default) answers 403;
+    # "silent" answers what its anchor, the earliest stored near-duplicate, was answered, so
+    # that detection is no oracle, but that answer is often the true one (see docs/service.md
+    # for the measured reason behind this default)
+    stateful_policy: StatefulPolicy = "refuse"
     # the salt of the window hashes (an attacker who knows it can pick what the hashes miss);
     # required with Redis, where every replica must hash alike; unset in process: random per
     # process (its fingerprints live and die with it)

@@ -4,10 +4,12 @@ stored with the answer it was served. A detection flags the client (reason ``que
 and the policy decides what the query gets:
 
 - ``flag``: its answer, as usual;
-- ``refuse``: 403 ``query_refused`` (and nothing else);
-- ``silent`` (default): the answer its *anchor* was served, the earliest stored near-duplicate,
-  so that neither a refusal nor a changed label tells the attacker that it was detected (OARS,
-  CCS 2023); the query is stored with that answer, so every later copy gets it too.
+- ``refuse`` (default): 403 ``query_refused`` (and nothing else);
+- ``silent``: the answer its *anchor* was served, the earliest stored near-duplicate, so that
+  neither a refusal nor a changed label tells the attacker that it was detected (OARS, CCS
+  2023); the query is stored with that answer, so every later copy gets it too. Measured in
+  closed loop it protects less than ``refuse``: the anchor's answer is the true one whenever the
+  anchor was answered the same (docs/service.md).
 
 One thread does all of it (``ScreeningWorker``), a batch of the queries waiting at a time:
 fingerprints for the batch in one vectorised pass, then each query matched and stored in
