@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="stop a run after this many consecutive asks answered from memory (ART's Boundary "
-        "spins for minutes per fresh query once everything is refused); default: never",
+        "spins for minutes per fresh query once everything is refused, and HopSkipJump's step "
+        "search may never end); default: never",
     )
     return parser
 
