@@ -61,7 +61,7 @@ DEFAULT_THREADS = torch.get_num_threads()
 A_OVER_B_TARGET = 0.9  # the guard's own cost
 A_OVER_C_TARGET = 0.7  # the service's overhead over the bare limit
 GUARDED_OVER_UNGUARDED_TARGET = 0.85  # issue 12: a combined detector's cost, a/b and a'/b
-ROLE_LABELS = {"a": "(a)", "a_prime": "(a')"}  # the bundle of (a) and the compare bundle
+ROLE_LABELS = {"a": "(a)", "a_prime": "(a')", "a_minus": "(a-)", "b": "(b)"}
 SERVICES = {  # the services compared, by role
     "a": "(a) guard on",
     "a_prime": "(a') guard on, compare bundle",
@@ -575,7 +575,7 @@ def issue_target_line(variants: list[dict[str, Any]], compare: str) -> str:
         if v["interleaved"] is not None:  # the steadier comparison, when it ran
             run = v["interleaved"]
             checks = [
-                f"{SERVICES[role].split(' ', 1)[0]} "
+                f"{ROLE_LABELS[role]} "
                 f"{percent(run['throughput_over_b'][role], GUARDED_OVER_UNGUARDED_TARGET)} of "
                 f"the throughput, {percent(run['b_cpu_over_cpu'][role])} by CPU per request"
                 for role in run["services"]

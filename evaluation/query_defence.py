@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.policy_check import result_key
 from evaluation.query_attacks import DEFAULT_RESULTS
 
 ATTACK_ORDER = ("square", "hopskipjump", "boundary")
@@ -42,7 +43,7 @@ class Row:
     median_queries_to_detection: float | None = None
     detected_before_success: float | None = None
     succeeded_despite_detection: float | None = None
-    spread: str | None = None  # "1 id" or "N ids" on a stateful row of the guard setting
+    ids: int | None = None  # client ids of a stateful row of the guard setting (1: no spread)
 
 
 def rows(summary: dict[str, Any]) -> list[Row]:
@@ -64,7 +65,8 @@ def rows(summary: dict[str, Any]) -> list[Row]:
             single = chosen["attacks"][key]
             success = single["successful_runs"] / single["runs"]
             out.append(Row(attack, label, success, single["median_queries_to_success"]))
-            for spread, result in (("1 id", single), (f"{ids} ids", chosen["sybil"][key])):
+            for count, result in ((1, single), (ids, chosen["sybil"][key])):
+                spread = "1 id" if count == 1 else f"{count} ids"
                 out.append(
                     Row(
                         attack,
@@ -74,7 +76,7 @@ def rows(summary: dict[str, Any]) -> list[Row]:
                         result["median_queries_to_detection"],
                         result["detected_before_success"],
                         result["succeeded_despite_detection"],
-                        spread if setting == "guard_on" else None,
+                        count if setting == "guard_on" else None,
                     )
                 )
     return out
@@ -92,10 +94,9 @@ def live_cell(row: Row, policy: str, live: dict[str, Any]) -> str:
     """The closed-loop count for ``row`` under ``policy``: attacks rerun against the service's
     own screening in process (``policy_check --in-process``, ``--sybil-ids`` for the spread)
     that ended on a truly adversarial answer, out of the images run; "–" where none ran."""
-    if row.spread is None:
+    if row.ids is None:
         return "–"
-    ids = row.spread.split(" ", 1)[0]
-    key = f"{row.attack}/{policy}/in_process" + ("" if ids == "1" else f"_{ids}ids")
+    key = result_key(row.attack, policy, in_process=True, ids=row.ids)
     if key not in live:
         return "–"
     return f"{live[key]['live_success']}/{live[key]['images']}"
