@@ -275,9 +275,8 @@ class QueryRecorder:
     and its answer, and stops the run at the first in-budget success. With ``stall_asks``, it
     also stops a run whose last ``stall_asks`` asks were all answered from memory (``stalled``):
     refused everything, ART's Boundary shrinks its steps below one grey level and spins for
-    minutes per fresh query (measured: one per ~10,000 asks), and HopSkipJump's step-size search
-    (``while not success``) has no bound when its answers repeat; only a closed-loop check needs
-    to cut them short."""
+    minutes per fresh query, and HopSkipJump's step-size search (``while not success``) has no
+    bound when its answers repeat; only a closed-loop check needs to cut them short."""
 
     oracle: Oracle
     original: np.ndarray  # (3, H, W) uint8
