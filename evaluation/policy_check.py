@@ -39,7 +39,12 @@ import numpy as np
 import redis
 
 from app.core.guard import Guard
-from app.core.stateful import DEFAULT_RULE, InProcessFingerprintStore, default_scheme
+from app.core.stateful import (
+    DEFAULT_RULE,
+    DetectionRule,
+    InProcessFingerprintStore,
+    default_scheme,
+)
 from app.service.settings import StatefulPolicy
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.data import ImageSplit, load_split
@@ -249,8 +254,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "| attack | policy | answered by | images | stopped on a served success | succeeded "
         "live (truly adversarial) | predicted by the replay | same outcome | answers withheld "
-        "(median per image) | stopped as stalled |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "(median per image) | stopped as stalled | rule (client, global, changed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results["checks"], key=table_order):
         r = results["checks"][key]
@@ -260,9 +265,25 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {attack} | {policy} | {oracle_label(key)} | {r['images']} | {believed} | "
             f"{r['live_success']} | {r['predicted_success']} | "
-            f"{r['same_outcome']}/{r['images']} | {withheld_median:.0f} | {r.get('stalled', 0)} |"
+            f"{r['same_outcome']}/{r['images']} | {withheld_median:.0f} | {r.get('stalled', 0)} | "
+            f"{_rule_cell(r.get('rule'))} |"
         )
     return "\n".join(lines)
+
+
+def rule_counts(rule: DetectionRule) -> list[int | None]:
+    """The rule a check ran under, as (client, global, changed) counts: a rule change
+    invalidates a check, and the table says which rule each row measured."""
+    return [rule.client_matches, rule.global_matches, rule.changed_matches]
+
+
+def rule_text(counts: list[int | None]) -> str:
+    """[5, 5, None] -> "5, 5, -" (a count that is off: -)."""
+    return ", ".join("-" if c is None else str(c) for c in counts)
+
+
+def _rule_cell(counts: list[int | None] | None) -> str:
+    return "the service's settings" if counts is None else rule_text(counts)
 
 
 def result_key(attack: str, policy: str, in_process: bool, ids: int) -> str:
@@ -346,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.stall_asks,
         )
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
+        if args.in_process:  # over HTTP the rule is the running service's settings
+            summary["rule"] = rule_counts(DEFAULT_RULE)
         summary["command"] = " ".join(
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
         )

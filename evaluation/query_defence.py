@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.policy_check import result_key
+from evaluation.policy_check import result_key, rule_text
 from evaluation.query_attacks import DEFAULT_RESULTS
 
 ATTACK_ORDER = ("square", "hopskipjump", "boundary")
@@ -90,21 +90,34 @@ def _num(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
-def live_cell(row: Row, policy: str, live: dict[str, Any]) -> str:
+def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None]) -> str:
     """The closed-loop count for ``row`` under ``policy``: attacks rerun against the service's
     own screening in process (``policy_check --in-process``, ``--sybil-ids`` for the spread)
-    that ended on a truly adversarial answer, out of the images run; "–" where none ran."""
+    that ended on a truly adversarial answer, out of the images run; "–" where none ran. A
+    check run under another rule than the replay's (``rule``: client, global, changed) says
+    which: it measured that rule, not this one."""
     if row.ids is None:
         return "–"
     key = result_key(row.attack, policy, in_process=True, ids=row.ids)
     if key not in live:
         return "–"
-    return f"{live[key]['live_success']}/{live[key]['images']}"
+    cell = f"{live[key]['live_success']}/{live[key]['images']}"
+    ran_under = live[key].get("rule")
+    if ran_under is not None and ran_under != rule:
+        cell += f" (rule {rule_text(ran_under)})"
+    return cell
+
+
+def chosen_rule(summary: dict[str, Any]) -> list[int | None]:
+    """The replayed rule as (client, global, changed) counts, as ``policy_check`` records it."""
+    rule = summary["schemes"][summary["chosen"]]["rule"]
+    return [rule["client_matches"], rule["global_matches"], rule.get("changed_matches")]
 
 
 def table(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
     """``live``: ``policy_check.json``'s checks, when the policies were rerun in closed loop."""
     live = live or {}
+    rule = chosen_rule(summary)
     lines = [
         "| attack | defence | success rate (flag) | median queries to success | median queries "
         "to detection | detected before first success | success under refuse or silent, "
@@ -116,7 +129,7 @@ def table(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
             f"| {row.attack} | {row.defence} | {_pct(row.success_rate)} | "
             f"{_num(row.median_queries_to_success)} | {_num(row.median_queries_to_detection)} | "
             f"{_pct(row.detected_before_success)} | {_pct(row.succeeded_despite_detection)} | "
-            f"{live_cell(row, 'refuse', live)} | {live_cell(row, 'silent', live)} |"
+            f"{live_cell(row, 'refuse', live, rule)} | {live_cell(row, 'silent', live, rule)} |"
         )
     return "\n".join(lines)
 
@@ -251,8 +264,9 @@ def report(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
             "included) can be detected, whatever the fingerprint; a run whose first success "
             "comes earlier "
             "succeeds under `refuse` and `silent` alike. The threshold comes from honest "
-            "traffic (a photo and its edits and re-encodings: calibrated on training photos), "
-            "so this floor is the price of not flagging such users:",
+            "traffic (a photo and its edits and re-encodings: calibrated on training photos "
+            "to flag at most half the issue's false-flag targets), so this floor is the price "
+            "of flagging so few such users:",
             "",
             floor_table(summary),
             "",

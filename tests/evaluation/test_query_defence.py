@@ -138,3 +138,17 @@ def test_the_table_shows_closed_loop_counts_beside_the_replay_on_the_guarded_row
     assert by_defence[("square", "guard (v2) + stateful, 1 id")].endswith("| – | – |")
     assert by_defence[("boundary", "no guard + stateful, 1 id")].endswith("| – | – |")
     assert all(line.endswith("| – | – |") for line in table(_summary()).splitlines()[2:])
+
+
+def test_a_closed_loop_count_under_another_rule_says_which() -> None:
+    # _summary's rule is (5, 4, -): a check recorded under it, or before rules were recorded,
+    # is a plain count; one run under another rule carries that rule
+    same = {"live_success": 3, "images": 100, "rule": [5, 4, None]}
+    other = {"live_success": 27, "images": 100, "rule": [5, 5, 4]}
+    for check, cell in ((same, "3/100"), (other, "27/100 (rule 5, 5, 4)")):
+        line = next(
+            line
+            for line in table(_summary(), {"square/refuse/in_process": check}).splitlines()
+            if "| square | guard (v2) + stateful, 1 id |" in line
+        )
+        assert line.endswith(f"| {cell} | – |")
