@@ -6,9 +6,11 @@ guard's forward pass), each at a few match thresholds, are put through the same 
 1. *Calibrate* on honest traffic built from CIFAR-10 **training** photos
    (``evaluation.honest_traffic``: plain, resends, near-duplicate bursts, a viral photo), all
    clients on one timeline in one account-oblivious store, each query stored with the answer
-   the service gives it (``service_answers``): each count threshold of the ``DetectionRule``
-   (client, global, and the changed-answer count) is set one above the highest count any honest
-   client reached, so no calibration client is flagged.
+   the service gives it (``service_answers``): the near-duplicate counts of the
+   ``DetectionRule`` (client, global) are set one above the highest count any honest client
+   reached, so they flag no calibration client; the changed-answer count is the lowest that
+   keeps the calibration clients flagged within half the issue's false-flag targets
+   (``CALIBRATION_BUDGET``; until the stop of 2026-11-29 it too was set to flag none).
 2. *Replay* every recorded attack sequence (``evaluation.query_attacks``; test images) through a
    fresh store, as one client and spread round-robin over ``--sybil-ids`` client ids: queries
    until the first match (a query near-duplicating an earlier one of its sequence), queries to
@@ -35,6 +37,7 @@ fingerprint is also replayed under the counts alone (``chosen_counts_only``), as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -273,15 +276,54 @@ def replay_honest(
     return HonestCounts(kind, client_max, global_max, changed_max)
 
 
-def calibrate(counts: HonestCounts, changed: bool = True) -> DetectionRule:
-    """One above the highest count any honest calibration client reached, for each count the
-    rule reads: none is flagged. ``changed``: with the changed-answer count
+# Half of the issue's false-flag targets (at most 0.1% of plain clients and 1% on near-duplicate
+# traffic; no sender of a viral photo), so that a rule within them on the calibration traffic
+# keeps the targets on traffic it was not calibrated on. Fixed before any attack was replayed
+# through a rule calibrated to it.
+CALIBRATION_BUDGET: dict[TrafficKind, float] = {
+    "plain": 0.0005,
+    "resend": 0.005,
+    "burst": 0.005,
+    "viral": 0.0,
+}
+
+
+def within_budget(
+    counts: HonestCounts, rule: DetectionRule, budget: dict[TrafficKind, float]
+) -> bool:
+    """Whether ``rule`` flags at most ``budget`` of each kind's calibration clients (rounded
+    down: with 1,000 clients a budget of 0.05% allows none, 0.5% allows five)."""
+    flags = false_flags(counts, rule)
+    return all(
+        flags[kind]["flagged"] <= int(budget[kind] * flags[kind]["clients"])
+        for kind in TRAFFIC_KINDS
+    )
+
+
+def calibrate(
+    counts: HonestCounts,
+    changed: bool = True,
+    budget: dict[TrafficKind, float] = CALIBRATION_BUDGET,
+) -> DetectionRule:
+    """The near-duplicate counts one above the highest any honest calibration client reached
+    (they flag none); the changed-answer count the lowest whose calibration flags stay within
+    ``budget`` per kind. The changed-answer count is the one lowered because it judges the
+    query about to be answered: a score-based attack's successful query is by definition one
+    whose class changes, often within its first few queries, while an honest edit of a photo
+    rarely changes its class. ``changed``: with that count
     (``DetectionRule.changed_matches``), else the near-duplicate counts alone."""
-    return DetectionRule(
+    counts_alone = DetectionRule(
         client_matches=max(counts.client_max.values(), default=0) + 1,
         global_matches=max(counts.global_max.values(), default=0) + 1,
-        changed_matches=max(counts.changed_max.values(), default=0) + 1 if changed else None,
     )
+    if not changed:
+        return counts_alone
+    none_flagged = max(counts.changed_max.values(), default=0) + 1
+    for threshold in range(1, none_flagged):
+        rule = dataclasses.replace(counts_alone, changed_matches=threshold)
+        if within_budget(counts, rule, budget):
+            return rule
+    return dataclasses.replace(counts_alone, changed_matches=none_flagged)
 
 
 def flagged(counts: HonestCounts, rule: DetectionRule, client: str) -> bool:
@@ -588,6 +630,11 @@ def choose(results: dict[str, dict[str, Any]], kinds: dict[str, str]) -> str:
     return min((name for name in results if kinds[name] in SERVED_KINDS), key=key)
 
 
+def _budget(budget: dict[str, float]) -> str:
+    """``{"plain": 0.0005, ...}`` -> ``0.05% of plain clients, ...``."""
+    return ", ".join(f"{share:.2%} of {kind} clients" for kind, share in budget.items())
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -649,8 +696,11 @@ def report(summary: dict[str, Any]) -> str:
         "when its answer would carry a class other than the one the model gave its anchor (its "
         "earliest stored near-duplicate) and it has at least `changed_matches` distinct "
         "near-duplicates in either scope. The three counts are calibrated on honest traffic from "
-        "CIFAR-10 *training* photos (one above the highest honest count); false flags are judged "
-        "on fresh traffic from *test* photos. "
+        "CIFAR-10 *training* photos: the two near-duplicate counts one above the highest honest "
+        "count (they flag no calibration client), the changed-answer count the lowest that keeps "
+        "the calibration clients flagged within half the issue's targets (at most "
+        f"{_budget(summary['calibration_budget'])}); false flags are judged on fresh traffic "
+        "from *test* photos. "
         f"Attack replays stop at detection or after {summary['horizon']} queries (then: "
         "undetected). *Detected before first success*: at a query before the first successful "
         "one, or at that query itself, which is screened before it is answered (under `refuse` "
@@ -830,6 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sybil_ids": args.sybil_ids,
         "chosen": chosen,
         "chosen_counts_only": counts_only,
+        "calibration_budget": CALIBRATION_BUDGET,
         "cost": cost,
         "schemes": results,
         "command": " ".join(["python -m evaluation.stateful_eval", *map(shlex.quote, argv)]),

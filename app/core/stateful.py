@@ -977,7 +977,7 @@ class InProcessFingerprintStore:
 # calibration client had when that happened (3: edits of a photo the model is unsure of).
 DEFAULT_STEP = 25
 DEFAULT_SHARED = 25
-DEFAULT_RULE = DetectionRule(client_matches=5, global_matches=5, changed_matches=4)
+DEFAULT_RULE = DetectionRule(client_matches=5, global_matches=5, changed_matches=2)
 
 
 def default_scheme(secret: bytes) -> WindowHashScheme:

@@ -17,7 +17,14 @@ from PIL import Image
 
 from app.core.guard import Guard
 from app.core.stateful import DEFAULT_RULE, default_scheme
-from evaluation.honest_traffic import HonestQuery, as_served, encode, interleave, to_pil
+from evaluation.honest_traffic import (
+    HonestQuery,
+    TrafficKind,
+    as_served,
+    encode,
+    interleave,
+    to_pil,
+)
 from evaluation.query_attacks import (
     SQUARE_EPS,
     Answer,
@@ -37,6 +44,7 @@ from evaluation.query_attacks import (
     square_margin,
 )
 from evaluation.stateful_eval import (
+    CALIBRATION_BUDGET,
     HonestCounts,
     LazyAnswers,
     LazyFingerprints,
@@ -316,9 +324,29 @@ def test_calibration_sets_each_count_one_above_the_honest_highest() -> None:
         global_max={"a": 1, "b": 4, "c": 3},
         changed_max={"a": 0, "b": 2, "c": 0},
     )
-    rule = calibrate(counts)
+    no_flags = {"plain": 0.0, "resend": 0.0, "burst": 0.0, "viral": 0.0}
+    rule = calibrate(counts, budget=no_flags)
     assert (rule.client_matches, rule.global_matches, rule.changed_matches) == (5, 5, 3)
     assert calibrate(counts, changed=False).changed_matches is None
     assert all(f["flagged"] == 0 for f in false_flags(counts, rule).values())
     stricter = dataclasses.replace(rule, changed_matches=2)  # b changed an answer at 2
     assert false_flags(counts, stricter)["burst"]["flagged"] == 1
+    # a budget of one burst client in one lets the changed-answer count drop to 1 (b is flagged,
+    # a and c never changed an answer); the near-duplicate counts still flag nobody
+    one_burst = {**no_flags, "burst": 1.0}
+    assert calibrate(counts, budget=one_burst) == dataclasses.replace(rule, changed_matches=1)
+    # the default budget rounds down: 0.5% of one client allows none
+    assert calibrate(counts) == rule
+
+
+def test_calibration_budget_counts_clients_per_kind() -> None:
+    kinds: dict[str, TrafficKind] = {f"b{i}": "burst" for i in range(400)}
+    kinds.update({f"p{i}": "plain" for i in range(400)})
+    changed = {c: (1 if c in {"b0", "b1", "p0"} else 0) for c in kinds}
+    zeros = dict.fromkeys(kinds, 0)
+    counts = HonestCounts(kinds, zeros, zeros, changed)
+    # two bursts of 400 in a 0.5% budget (2 allowed) but one plain client of 400 in 0.05% (none)
+    assert calibrate(counts).changed_matches == 2
+    counts = HonestCounts(kinds, zeros, zeros, {**changed, "p0": 0})
+    assert calibrate(counts).changed_matches == 1
+    assert calibrate(counts, budget={**CALIBRATION_BUDGET, "burst": 0.004}).changed_matches == 2
