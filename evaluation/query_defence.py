@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.policy_check import result_key, rule_text
+from app.core.stateful import DetectionRule
+from evaluation.policy_check import result_key, rule_counts, rule_text
 from evaluation.query_attacks import DEFAULT_RESULTS
 
 ATTACK_ORDER = ("square", "hopskipjump", "boundary")
@@ -110,8 +111,7 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
 
 def chosen_rule(summary: dict[str, Any]) -> list[int | None]:
     """The replayed rule as (client, global, changed) counts, as ``policy_check`` records it."""
-    rule = summary["schemes"][summary["chosen"]]["rule"]
-    return [rule["client_matches"], rule["global_matches"], rule.get("changed_matches")]
+    return rule_counts(DetectionRule(**summary["schemes"][summary["chosen"]]["rule"]))
 
 
 def table(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
