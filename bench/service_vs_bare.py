@@ -8,6 +8,9 @@
 (a-) the guard of (a) without the query-attack screening (``ADVGUARD_STATEFUL_ENABLED=false``):
     the per-image detector's own cost, apart from issue 13's fingerprints;
 (b) the same service with the guard off (``ADVGUARD_GUARD_ENABLED=false``: model only);
+(a, SETTING) with ``--also ADVGUARD_NAME=VALUE`` (repeatable), (a) with that setting changed,
+    in the interleaved run only: what a default buys, measured beside it (for example
+    ``ADVGUARD_SEARCH_WORKER=false``, ``ADVGUARD_SEARCH_THREADS=2``);
 (c) the in-process limit, no HTTP: the bundle's Guard on pixels decoded beforehand, model +
     search (``infer``, ``score``, ``decide``, as the batcher runs them) at each batch size of
     ``--batch-sizes``; the best is the limit. Model only (``Guard.classify``) likewise, the limit
@@ -49,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.core import search
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.statistics import STATISTIC_KINDS
@@ -68,6 +72,31 @@ SERVICES = {  # the services compared, by role
     "a_minus": "(a-) guard on, no query screening",
     "b": "(b) guard off",
 }
+
+
+ALSO = "a+"  # role of (a) with an ``--also`` setting: ``a+ADVGUARD_NAME=VALUE``
+
+
+def service_name(role: str) -> str:
+    """A service's name in the tables, by role (``ALSO`` roles carry their setting)."""
+    if role.startswith(ALSO):
+        return f"(a) guard on, {role[len(ALSO) :]}"
+    return SERVICES[role]
+
+
+def role_label(role: str) -> str:
+    """A service's short label, by role."""
+    if role.startswith(ALSO):
+        return f"(a, {role[len(ALSO) :]})"
+    return ROLE_LABELS[role]
+
+
+def also_setting(text: str) -> str:
+    """``--also``'s argument: ``ADVGUARD_NAME=VALUE``."""
+    name, sep, _ = text.partition("=")
+    if not sep or not name.startswith("ADVGUARD_") or not name[len("ADVGUARD_") :]:
+        raise argparse.ArgumentTypeError(f"expected ADVGUARD_NAME=VALUE, got {text!r}")
+    return text
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -465,7 +494,12 @@ def run_variant(
     together = None
     if args.rounds > 0:
         plan = Interleaving(args.rounds, args.slice, max(args.concurrency), args.device)
-        together = interleaved(envs, requests_of(jpegs, args.clients), plan, label)
+        together = interleaved(
+            {**envs, **also_envs(args, envs["a"])},
+            requests_of(jpegs, args.clients),
+            plan,
+            label,
+        )
     pixels = decoded(guard, jpegs)
 
     def model_and_search(batch: torch.Tensor) -> None:
@@ -494,12 +528,25 @@ def run_variant(
 
 def service_envs(args: argparse.Namespace, threads: int) -> dict[str, dict[str, str]]:
     """The services compared, by role: (a), (a') when a compare bundle is given, (a-), (b)."""
-    env = {"ADVGUARD_BUNDLE": str(args.bundle), "ADVGUARD_TORCH_THREADS": str(threads)}
+    env = {
+        "ADVGUARD_BUNDLE": str(args.bundle),
+        "ADVGUARD_TORCH_THREADS": str(threads),
+        "ADVGUARD_SEARCH_THREADS": str(args.search_threads),
+    }
     envs = {"a": env}
     if args.compare_bundle is not None:
         envs["a_prime"] = {**env, "ADVGUARD_BUNDLE": str(args.compare_bundle)}
     envs["a_minus"] = {**env, "ADVGUARD_STATEFUL_ENABLED": "false"}
     envs["b"] = {**env, "ADVGUARD_GUARD_ENABLED": "false"}
+    return envs
+
+
+def also_envs(args: argparse.Namespace, guarded: dict[str, str]) -> dict[str, dict[str, str]]:
+    """(a) with each ``--also`` setting, by role (interleaved run only)."""
+    envs = {}
+    for setting in args.also or []:
+        name, _, value = setting.partition("=")
+        envs[ALSO + setting] = {**guarded, name: value}
     return envs
 
 
@@ -575,7 +622,7 @@ def issue_target_line(variants: list[dict[str, Any]], compare: str) -> str:
         if v["interleaved"] is not None:  # the steadier comparison, when it ran
             run = v["interleaved"]
             checks = [
-                f"{ROLE_LABELS[role]} "
+                f"{role_label(role)} "
                 f"{percent(run['throughput_over_b'][role], GUARDED_OVER_UNGUARDED_TARGET)} of "
                 f"the throughput, {percent(run['b_cpu_over_cpu'][role])} by CPU per request"
                 for role in run["services"]
@@ -611,7 +658,7 @@ def interleaved_table(variants: list[dict[str, Any]], args: argparse.Namespace) 
             to_b, cpu_to_b = run["throughput_over_b"][role], run["b_cpu_over_cpu"][role]
             target = None if role == "b" else GUARDED_OVER_UNGUARDED_TARGET
             rows.append(
-                f"| {SERVICES[role]} | {v['torch_threads']} "
+                f"| {service_name(role)} | {v['torch_threads']} "
                 f"| {service['throughput_images_per_s']} | {percent(to_b, target)} "
                 f"| {service['cpu_ms_per_request']} | {percent(cpu_to_b, target)} "
                 f"| {service['per_round_images_per_s']} |"
@@ -655,6 +702,12 @@ def stage_table(stages: list[dict[str, Any]], batch: int) -> str:
     )
 
 
+def also_note(args: argparse.Namespace) -> str:
+    if not args.also:
+        return ""
+    return f" (and (a) with {', '.join(args.also)}: interleaved run only)"
+
+
 def markdown(
     args: argparse.Namespace,
     variants: list[dict[str, Any]],
@@ -692,7 +745,8 @@ def markdown(
     load_before, load_after = load
     return (
         f"CIFAR-10 test JPEGs ({args.images}), bundle `{args.bundle.name}` (a), compare bundle "
-        f"`{compare}` (a'), model on {args.device}. Services: closed-loop load for "
+        f"`{compare}` (a'), model on {args.device}, faiss search threads "
+        f"{args.search_threads}{also_note(args)}. Services: closed-loop load for "
         f"{args.seconds} s per level, one keep-alive connection per client (raw asyncio client, "
         "on the same cores as the service); saturation = the best level. In process: no HTTP, "
         "pixels decoded beforehand.\n\n"
@@ -737,6 +791,19 @@ def main(argv: list[str] | None = None) -> int:
         default=[0, 1],
         help="intra-op torch threads, one run of (c), (a), (a'), (b) each; 0: torch's default",
     )
+    parser.add_argument(
+        "--search-threads",
+        type=int,
+        default=search.SERVING_THREADS,
+        help="faiss CPU search threads, in this process (c, stages) and in every service",
+    )
+    parser.add_argument(
+        "--also",
+        type=also_setting,
+        action="append",
+        metavar="ADVGUARD_NAME=VALUE",
+        help="also interleave (a) with this setting changed (repeatable)",
+    )
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument(
         "--clients", type=int, default=1000, help="X-Client-ID values in turn (0: one client)"
@@ -758,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    search.set_threads(args.search_threads)
     load_before = os.getloadavg()
     jpegs = test_jpegs(args.images)
     guard = Guard.load(args.bundle, device=args.device)

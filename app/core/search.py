@@ -4,7 +4,7 @@ Indexes are exact L2 (``flat``) by default; ``ivf`` (inverted lists over a k-mea
 quantiser, searched with ``nprobe`` lists) is an option for very large sets. Distances returned
 are squared L2, as faiss gives them. On a CUDA machine with a GPU build of faiss, ``to_device``
 moves the index to the GPU; GPU indexes are not thread-safe, so exactly one thread (the service's
-batch worker, or the builder) must own an index.
+search worker, or the builder) must own an index.
 
 Two search backends (``SearchBackend``): ``faiss`` (the default, as above) and ``torch``, an
 exact flat search by matmul + top-k over the vectors held in a torch tensor on the CPU or a
@@ -189,6 +189,31 @@ def _sorted_by_distance_then_id(
 
 def faiss_version() -> str:
     return str(faiss.__version__)
+
+
+# faiss's OpenMP threads for CPU searches in a serving process (``set_threads``). A flat search
+# of a serving batch splits its queries (or, for one query, the vectors) over threads; on cores
+# the model's forward pass and the web server also use, a second thread cost more CPU than it
+# saved time: bench/results/service_vs_bare.md compares the two in one run.
+SERVING_THREADS = 1
+
+
+def set_threads(threads: int) -> None:
+    """OpenMP threads of the faiss CPU searches the *calling thread* makes: OpenMP keeps the
+    setting per thread, so the thread that searches (the service's search worker) calls it.
+    GPU indexes ignore it. Scores do
+    not depend on it for batches of two or more (measured on the demo bundle: identical at 1
+    and 2 threads, batches of 2 to 128). A lone query takes another faiss kernel than a batch
+    at any thread count, and its float32 distances round differently: statistics moved by under
+    2e-3, no decision of 1,000 CIFAR-10 test images changed."""
+    if threads < 1:
+        raise ValueError(f"search threads must be at least 1, got {threads}")
+    faiss.omp_set_num_threads(threads)
+
+
+def threads() -> int:
+    """The OpenMP threads the calling thread's faiss CPU searches use."""
+    return int(faiss.omp_get_max_threads())
 
 
 def gpu_count() -> int:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
+
 from app.core.guard import Guard
 from app.core.images import decode_image
 from bench.service_vs_bare import (
+    also_envs,
+    also_setting,
     interleaved_ratios,
     interleaved_table,
     issue_target_line,
@@ -115,3 +119,40 @@ def test_interleaved_ratios_read_throughput_and_cpu_against_the_unguarded_servic
     assert interleaved_table([{**variant, "interleaved": None}], args).startswith(
         "Interleaved comparison: not run"
     )
+
+
+def test_also_adds_the_guarded_service_with_a_setting_changed_to_the_interleaved_run() -> None:
+    """``--also ADVGUARD_NAME=VALUE``: (a) with that setting, beside the others, labelled by it."""
+    guarded = {"ADVGUARD_BUNDLE": "b", "ADVGUARD_SEARCH_THREADS": "1"}
+    assert also_envs(argparse.Namespace(also=None), guarded) == {}
+    settings = ["ADVGUARD_SEARCH_THREADS=2", "ADVGUARD_SEARCH_WORKER=false"]
+    assert also_envs(argparse.Namespace(also=settings), guarded) == {
+        "a+ADVGUARD_SEARCH_THREADS=2": {"ADVGUARD_BUNDLE": "b", "ADVGUARD_SEARCH_THREADS": "2"},
+        "a+ADVGUARD_SEARCH_WORKER=false": {
+            "ADVGUARD_BUNDLE": "b",
+            "ADVGUARD_SEARCH_THREADS": "1",
+            "ADVGUARD_SEARCH_WORKER": "false",
+        },
+    }
+    for bad in ("SEARCH_THREADS=2", "ADVGUARD_SEARCH_THREADS", "ADVGUARD_=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="ADVGUARD_NAME=VALUE"):
+            also_setting(bad)
+    run = interleaved_ratios(
+        {
+            "a": _interleaved_service(300.0, 6.0),
+            "a+ADVGUARD_SEARCH_WORKER=false": _interleaved_service(270.0, 6.6),
+            "b": _interleaved_service(400.0, 5.1),
+        }
+    )
+    variant = {
+        "torch_threads": 2,
+        "interleaved": run,
+        "a_over_b": 0.75,
+        "a_unscreened_over_b": 0.8,
+        "a_prime_over_b": None,
+    }
+    args = argparse.Namespace(rounds=2, slice=5.0, concurrency=[32], clients=0)
+    table = interleaved_table([variant], args).splitlines()
+    assert table[-2].startswith("| (a) guard on, ADVGUARD_SEARCH_WORKER=false | 2 | 270.0 | 67.5%")
+    line = issue_target_line([variant], "paper")
+    assert "(a, ADVGUARD_SEARCH_WORKER=false) 67.5% (not met) of the throughput" in line

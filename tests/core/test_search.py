@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 
 from app.core import search
 
@@ -28,3 +29,26 @@ def test_ivf_index_finds_near_neighbours(tmp_path):
     search.set_nprobe(loaded, 16)
     found = search.search(loaded, base[:20], 1)
     np.testing.assert_array_equal(found.ids[:, 0], np.arange(20))
+
+
+def test_search_threads_are_set_process_wide_and_leave_batch_results_unchanged():
+    """The serving default (one faiss thread) is a cost choice only: a batch's neighbours and
+    distances are the same at any thread count; zero threads is refused."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(5000, 16)).astype(np.float32)
+    queries = rng.normal(size=(16, 16)).astype(np.float32)
+    index = search.new_index(16, "flat")
+    search.add_vectors(index, [base])
+    before = search.threads()
+    try:
+        found = {}
+        for count in (1, 2):
+            search.set_threads(count)
+            assert search.threads() == count
+            found[count] = search.search(index, queries, 300)
+        np.testing.assert_array_equal(found[1].ids, found[2].ids)
+        np.testing.assert_array_equal(found[1].squared_distances, found[2].squared_distances)
+        with pytest.raises(ValueError, match="at least 1"):
+            search.set_threads(0)
+    finally:
+        search.set_threads(before)

@@ -219,3 +219,22 @@ def _tiny_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (120, 80, 40)).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_search_threads_setting_is_applied_on_the_search_worker(
+    make_client: Any, test_images: list[LabelledImage]
+) -> None:
+    """``ADVGUARD_SEARCH_THREADS`` sets faiss's search threads on the thread that searches (the
+    search worker: OpenMP keeps the setting per thread), default one; zero is refused."""
+    from pydantic import ValidationError
+
+    from app.core import search
+    from app.service.settings import Settings
+
+    for overrides, expected in (({}, search.SERVING_THREADS), ({"search_threads": 3}, 3)):
+        with make_client(**overrides) as client:
+            assert upload(client, test_images[0].data).status_code == 200  # the worker ran
+            assert client.app_state.service.batcher.search_threads_in_use == expected
+    assert search.SERVING_THREADS == 1
+    with pytest.raises(ValidationError, match="search_threads"):
+        Settings(search_threads=0)
