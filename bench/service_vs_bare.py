@@ -10,7 +10,7 @@
 (b) the same service with the guard off (``ADVGUARD_GUARD_ENABLED=false``: model only);
 (a, SETTING) with ``--also ADVGUARD_NAME=VALUE`` (repeatable), (a) with that setting changed,
     in the interleaved run only: what a default buys, measured beside it (for example
-    ``ADVGUARD_SEARCH_WORKER=false``, ``ADVGUARD_SEARCH_THREADS=2``);
+    ``ADVGUARD_SEARCH_THREADS=2``, ``ADVGUARD_MAX_BATCH_SIZE=64``);
 (c) the in-process limit, no HTTP: the bundle's Guard on pixels decoded beforehand, model +
     search (``infer``, ``score``, ``decide``, as the batcher runs them) at each batch size of
     ``--batch-sizes``; the best is the limit. Model only (``Guard.classify``) likewise, the limit

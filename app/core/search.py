@@ -4,7 +4,7 @@ Indexes are exact L2 (``flat``) by default; ``ivf`` (inverted lists over a k-mea
 quantiser, searched with ``nprobe`` lists) is an option for very large sets. Distances returned
 are squared L2, as faiss gives them. On a CUDA machine with a GPU build of faiss, ``to_device``
 moves the index to the GPU; GPU indexes are not thread-safe, so exactly one thread (the service's
-search worker, or the builder) must own an index.
+batch worker, or the builder) must own an index.
 
 Two search backends (``SearchBackend``): ``faiss`` (the default, as above) and ``torch``, an
 exact flat search by matmul + top-k over the vectors held in a torch tensor on the CPU or a
@@ -200,7 +200,7 @@ SERVING_THREADS = 1
 
 def set_threads(threads: int) -> None:
     """OpenMP threads of the faiss CPU searches the *calling thread* makes: OpenMP keeps the
-    setting per thread, so the thread that searches (the service's search worker) calls it.
+    setting per thread, so the thread that searches (the service's batch worker) calls it.
     GPU indexes ignore it. Scores do
     not depend on it for batches of two or more (measured on the demo bundle: identical at 1
     and 2 threads, batches of 2 to 128). A lone query takes another faiss kernel than a batch

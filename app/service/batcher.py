@@ -1,24 +1,17 @@
-"""Micro-batching: a two-stage pipeline of worker threads serves a bounded queue.
+"""Micro-batching: one worker thread owns the Guard (model and index) and serves a bounded queue.
 
-Requests put their pixels on the queue and wait on a future. The model worker takes the first
-waiting item, then gathers more until it has ``max_batch_size`` or ``max_wait_s`` has passed
-since the first, and runs one forward pass for the whole batch. When ``guarded``, it hands the
-batch's features to the search worker, which runs the detector (the index searches), decides and
-answers, while the model worker already runs the next batch: a batch costs the slower of the two
-stages, not their sum (measured: bench/results/service_vs_bare.md). The hand-off holds one batch
-at most, so a slow search holds the model back instead of piling up features. The model worker
-alone owns the model, the search worker alone the index (FAISS GPU indexes are not
-thread-safe). With the guard off there is no search stage; with ``pipelined`` false
-(``ADVGUARD_SEARCH_WORKER=false``) the model worker searches each batch itself, as one thread
-owning model and index. A full queue refuses at once (the route answers 503 with Retry-After);
-``stop`` refuses new work and drains both stages.
+Requests put their pixels on the queue and wait on a future. The worker takes the first waiting
+item, then gathers more until it has ``max_batch_size`` or ``max_wait_s`` has passed since the
+first, and runs one forward pass and one index search for the whole batch (the forward pass only
+when ``guarded`` is false: the guard is off). FAISS GPU indexes are not thread-safe, so the index
+is only ever touched by this thread. A full queue refuses at once (the route answers 503 with
+Retry-After); ``stop`` refuses new work and drains what is queued.
 
 Latency budget (``budget_s``): an item that has waited longer than that in the queue when a
 batch could take it is never run: its future fails with ``DeadlineExceededError`` (503 +
-Retry-After) and its place in the batch goes to the next item. Each stage measures its time per
-item (stage time / batch size, an exponentially weighted mean); the pipeline's service time per
-item is the slower stage's, so that admission can refuse at once a request whose expected wait
-is already over the budget (``expected_latency_s``).
+Retry-After) and its place in the batch goes to the next item. The worker measures its service
+time per item (batch time / batch size, an exponentially weighted mean) so that admission can
+refuse at once a request whose expected wait is already over the budget (``expected_latency_s``).
 The budget is fixed (``latency_budget_s``) or, by default, ``auto_budget_batches`` full batches
 at the measured time per image: no refusal that full batches could absorb, and no queue longer
 than that many batch times, whatever the hardware.
@@ -29,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -37,7 +30,6 @@ import torch
 
 from app.core import search
 from app.core.explain import Explanation
-from app.core.features import BatchFeatures
 from app.core.guard import Classification, Guard
 
 # ADVGUARD_LATENCY_BUDGET_MS unset: a budget of this many full batches at the measured time per
@@ -70,17 +62,6 @@ class BatchResult:
     explanation: Explanation | None = None  # when submitted with explain=True and guarded
 
 
-@dataclass(frozen=True)
-class _Inferred:
-    """A batch between the stages: its items, the forward pass's output, and when it started
-    and left the model."""
-
-    items: list[_Item]
-    features: BatchFeatures
-    started: float
-    after_model: float
-
-
 @dataclass
 class _Item:
     pixels: torch.Tensor
@@ -108,7 +89,6 @@ class Batcher:
         on_expired: Callable[[int], None] = _noop_count,
         clock: Callable[[], float] = time.perf_counter,
         search_threads: int | None = None,
-        pipelined: bool = True,
     ):
         self.guard = guard
         self.max_batch_size = max_batch_size
@@ -119,27 +99,17 @@ class Batcher:
         self.latency_budget_s = latency_budget_s  # fixed longest wait in the queue
         self.auto_budget_batches = auto_budget_batches  # else this many full batches; None: off
         self.clock = clock  # deadlines and queue times are on this clock
-        # faiss's CPU search threads, set on the search worker (OpenMP keeps it per thread);
-        # None: leave OpenMP's default (one per core). ``search_threads_in_use``: read back there
+        # faiss's CPU search threads, set on the worker (OpenMP keeps the setting per thread);
+        # None: OpenMP's default (one per core). ``search_threads_in_use``: read back there
         self.search_threads = search_threads
         self.search_threads_in_use: int | None = None
-        # the search on its own worker, side by side with the model's; False: the model worker
-        # searches each batch itself after its forward pass (one thread owns model and index)
-        self.pipelined = pipelined and guarded
-        self._model_item_s: float | None = None  # per stage: see ``item_seconds``
-        self._search_item_s: float | None = None
+        self._item_s: float | None = None
         self._queue: queue.Queue[_Item] = queue.Queue(maxsize=queue_size)
         self._closed = threading.Event()
         self._submit_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="advguard-batcher", daemon=True)
-        self._inferred: queue.Queue[_Inferred | None] = queue.Queue(maxsize=1)
-        self._search_thread = threading.Thread(
-            target=self._search_run, name="advguard-search", daemon=True
-        )
 
     def start(self) -> None:
-        if self.pipelined:
-            self._search_thread.start()
         self._thread.start()
 
     def qsize(self) -> int:
@@ -147,25 +117,20 @@ class Batcher:
 
     @property
     def running(self) -> bool:
-        searching = self._search_thread.is_alive() or not self.pipelined
-        return self._thread.is_alive() and searching and not self._closed.is_set()
+        return self._thread.is_alive() and not self._closed.is_set()
 
     @property
     def item_seconds(self) -> float | None:
-        """Measured service time per item, from each stage's (an exponentially weighted mean of
-        stage time / batch size): the slower stage's when they run side by side (``pipelined``),
-        else their sum; None before the first batch."""
-        measured = [t for t in (self._model_item_s, self._search_item_s) if t is not None]
-        if not measured:
-            return None
-        return max(measured) if self.pipelined else sum(measured)
+        """Measured service time per item (model and search; an exponentially weighted mean of
+        batch time / batch size); None before the first batch."""
+        return self._item_s
 
     def budget_s(self) -> float | None:
         """The latency budget now: the fixed one, else ``auto_budget_batches`` full batches at
         the measured time per image; None when off (or nothing measured yet)."""
         if self.latency_budget_s is not None:
             return self.latency_budget_s
-        item_s = self.item_seconds
+        item_s = self._item_s
         if self.auto_budget_batches is None or item_s is None:
             return None
         return self.auto_budget_batches * self.max_batch_size * item_s
@@ -174,12 +139,12 @@ class Batcher:
         """Expected time until a new item is answered with ``ahead`` items in front of it
         (queued, in the running batch, or on their way to the queue): (ahead + 1) x the measured
         time per item; 0 before the first batch."""
-        item_s = self.item_seconds
+        item_s = self._item_s
         return 0.0 if item_s is None else (ahead + 1) * item_s
 
     def submit(self, pixels: torch.Tensor, explain: bool = False) -> Future[BatchResult]:
         """Queue one image; ``explain`` also computes its evidence (``app.core.explain``) in
-        the search worker, the one thread that may search the index."""
+        the worker, the one thread that may search the index."""
         future: Future[BatchResult] = Future()
         with self._submit_lock:
             if self._closed.is_set():
@@ -194,14 +159,11 @@ class Batcher:
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new work, finish everything already queued (both stages), then end the
-        workers."""
+        """Refuse new work, finish everything already queued, then end the worker."""
         with self._submit_lock:
             self._closed.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if self._search_thread.is_alive():
-            self._search_thread.join(timeout)
 
     def _take(self, item: _Item) -> bool:
         """Whether the item goes into the batch: not cancelled, and not past its deadline (then
@@ -238,102 +200,55 @@ class Batcher:
         return batch
 
     def _run(self) -> None:
-        if self.guarded and not self.pipelined:
-            self._use_search_threads()
-        try:
-            while True:
-                try:
-                    first = self._queue.get(timeout=0.05)
-                except queue.Empty:
-                    if self._closed.is_set():
-                        return
-                    continue
-                if self._take(first):
-                    self._process(self._gather(first))
-        finally:
-            if self.pipelined:
-                self._inferred.put(None)  # after the last batch: the search worker ends
-
-    def _process(self, batch: list[_Item]) -> None:
-        """The model stage: the forward pass, handed to the search stage when guarded, else
-        answered here (guard off: no index search)."""
-        started = self.clock()
-        try:
-            pixels = torch.stack([item.pixels for item in batch])
-            if self.guarded:
-                features = self.guard.infer(pixels)
-            else:
-                results = self.guard.classify(pixels)
-        except Exception as exc:  # the worker must survive anything a batch throws
-            for item in batch:
-                item.future.set_exception(exc)
-            return
-        after_model = self.clock()
-        self._model_item_s = _weighted(self._model_item_s, (after_model - started) / len(batch))
-        self.on_batch(len(batch))
-        if self.pipelined:
-            self._inferred.put(_Inferred(batch, features, started, after_model))  # waits: one
-        elif self.guarded:
-            self._search(_Inferred(batch, features, started, after_model))
-        else:
-            _answer(batch, results, started, after_model - started, 0.0, {})
-
-    def _search_run(self) -> None:
-        """The search worker: the one thread that touches the index."""
-        self._use_search_threads()
-        while (inferred := self._inferred.get()) is not None:
-            self._search(inferred)
-
-    def _use_search_threads(self) -> None:
-        """On the thread that searches: faiss's threads (OpenMP keeps the setting per thread)."""
         if self.search_threads is not None:
             search.set_threads(self.search_threads)
         self.search_threads_in_use = search.threads()
+        while True:
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._closed.is_set():
+                    return
+                continue
+            if self._take(first):
+                self._process(self._gather(first))
 
-    def _search(self, inferred: _Inferred) -> None:
-        """The search stage: the detector's statistics and decisions, evidence for the items
-        that asked for it, and the answers."""
-        batch, features = inferred.items, inferred.features
-        began = self.clock()
+    def _process(self, batch: list[_Item]) -> None:
+        started = self.clock()
         try:
-            evidence = self.guard.evidence(features)
-            after_search = self.clock()
-            results = list(self.guard.decide(features, evidence.scores))
-            rows = [i for i, item in enumerate(batch) if item.explain]
-            explained = self.guard.explain(features, evidence, rows)
+            pixels = torch.stack([item.pixels for item in batch])
+            results: list[Classification]
+            explanations: dict[int, Explanation] = {}
+            if self.guarded:
+                features = self.guard.infer(pixels)
+                after_model = self.clock()
+                evidence = self.guard.evidence(features)
+                after_search = self.clock()
+                results = list(self.guard.decide(features, evidence.scores))
+                rows = [i for i, item in enumerate(batch) if item.explain]
+                explained = self.guard.explain(features, evidence, rows)
+                explanations = dict(zip(rows, explained, strict=True))
+            else:  # guard off: the forward pass only, no index search
+                results = self.guard.classify(pixels)
+                after_model = after_search = self.clock()
         except Exception as exc:  # the worker must survive anything a batch throws
             for item in batch:
                 item.future.set_exception(exc)
             return
-        self._search_item_s = _weighted(self._search_item_s, (after_search - began) / len(batch))
-        explanations = dict(zip(rows, explained, strict=True))
-        model_s = inferred.after_model - inferred.started
-        _answer(batch, results, inferred.started, model_s, after_search - began, explanations)
-
-
-def _weighted(previous: float | None, latest: float) -> float:
-    """The exponentially weighted mean of a stage's time per item, with ``latest`` added."""
-    return latest if previous is None else previous + ITEM_TIME_ALPHA * (latest - previous)
-
-
-def _answer(
-    batch: list[_Item],
-    results: Sequence[Classification],
-    started: float,
-    model_s: float,
-    search_s: float,
-    explanations: dict[int, Explanation],
-) -> None:
-    """Each item's result, with its wait for the model and the batch's stage times (the wait
-    between the stages, one batch at most, is in neither)."""
-    for row, (item, result) in enumerate(zip(batch, results, strict=True)):
-        item.future.set_result(
-            BatchResult(
-                verdict=result,
-                queue_s=started - item.enqueued,
-                model_s=model_s,
-                search_s=search_s,
-                batch_size=len(batch),
-                explanation=explanations.get(row),
-            )
+        item_s = (after_search - started) / len(batch)
+        previous = self._item_s
+        self._item_s = (
+            item_s if previous is None else previous + ITEM_TIME_ALPHA * (item_s - previous)
         )
+        self.on_batch(len(batch))
+        for row, (item, result) in enumerate(zip(batch, results, strict=True)):
+            item.future.set_result(
+                BatchResult(
+                    verdict=result,
+                    queue_s=started - item.enqueued,
+                    model_s=after_model - started,
+                    search_s=after_search - after_model,
+                    batch_size=len(batch),
+                    explanation=explanations.get(row),
+                )
+            )

@@ -110,7 +110,6 @@ def build_service(
         auto_budget_batches=auto_batches,
         on_expired=metrics.shed.labels(reason="expired").inc,
         search_threads=settings.search_threads,
-        pipelined=settings.search_worker,
     )
     if identity is None:
         identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)

@@ -41,10 +41,6 @@ class Settings(BaseSettings):
     # faiss's CPU search threads (process-wide): one, since a second costs more CPU than it saves
     # time on cores shared with the model and the web server (app.core.search.SERVING_THREADS)
     search_threads: int = Field(default=SERVING_THREADS, ge=1)
-    # the detector's searches on their own worker thread, side by side with the model's forward
-    # pass on the next batch (app.service.batcher); false: the model's worker searches each batch
-    # after its forward pass (one thread owns model and index)
-    search_worker: bool = True
     # the model's forward pass: fp32 (what the bundle was calibrated with), or bf16/fp16
     # autocast, and the channels_last memory format; faster on GPUs, but check that decisions
     # stay unchanged first (bench/gpu/run.sh does)

@@ -125,13 +125,13 @@ def test_also_adds_the_guarded_service_with_a_setting_changed_to_the_interleaved
     """``--also ADVGUARD_NAME=VALUE``: (a) with that setting, beside the others, labelled by it."""
     guarded = {"ADVGUARD_BUNDLE": "b", "ADVGUARD_SEARCH_THREADS": "1"}
     assert also_envs(argparse.Namespace(also=None), guarded) == {}
-    settings = ["ADVGUARD_SEARCH_THREADS=2", "ADVGUARD_SEARCH_WORKER=false"]
+    settings = ["ADVGUARD_SEARCH_THREADS=2", "ADVGUARD_MAX_BATCH_SIZE=64"]
     assert also_envs(argparse.Namespace(also=settings), guarded) == {
         "a+ADVGUARD_SEARCH_THREADS=2": {"ADVGUARD_BUNDLE": "b", "ADVGUARD_SEARCH_THREADS": "2"},
-        "a+ADVGUARD_SEARCH_WORKER=false": {
+        "a+ADVGUARD_MAX_BATCH_SIZE=64": {
             "ADVGUARD_BUNDLE": "b",
             "ADVGUARD_SEARCH_THREADS": "1",
-            "ADVGUARD_SEARCH_WORKER": "false",
+            "ADVGUARD_MAX_BATCH_SIZE": "64",
         },
     }
     for bad in ("SEARCH_THREADS=2", "ADVGUARD_SEARCH_THREADS", "ADVGUARD_=1"):
@@ -140,7 +140,7 @@ def test_also_adds_the_guarded_service_with_a_setting_changed_to_the_interleaved
     run = interleaved_ratios(
         {
             "a": _interleaved_service(300.0, 6.0),
-            "a+ADVGUARD_SEARCH_WORKER=false": _interleaved_service(270.0, 6.6),
+            "a+ADVGUARD_MAX_BATCH_SIZE=64": _interleaved_service(270.0, 6.6),
             "b": _interleaved_service(400.0, 5.1),
         }
     )
@@ -153,6 +153,6 @@ def test_also_adds_the_guarded_service_with_a_setting_changed_to_the_interleaved
     }
     args = argparse.Namespace(rounds=2, slice=5.0, concurrency=[32], clients=0)
     table = interleaved_table([variant], args).splitlines()
-    assert table[-2].startswith("| (a) guard on, ADVGUARD_SEARCH_WORKER=false | 2 | 270.0 | 67.5%")
+    assert table[-2].startswith("| (a) guard on, ADVGUARD_MAX_BATCH_SIZE=64 | 2 | 270.0 | 67.5%")
     line = issue_target_line([variant], "paper")
-    assert "(a, ADVGUARD_SEARCH_WORKER=false) 67.5% (not met) of the throughput" in line
+    assert "(a, ADVGUARD_MAX_BATCH_SIZE=64) 67.5% (not met) of the throughput" in line

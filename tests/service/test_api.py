@@ -221,11 +221,11 @@ def _tiny_png() -> bytes:
     return buffer.getvalue()
 
 
-def test_search_threads_setting_is_applied_on_the_search_worker(
+def test_search_threads_setting_is_applied_on_the_batch_worker(
     make_client: Any, test_images: list[LabelledImage]
 ) -> None:
     """``ADVGUARD_SEARCH_THREADS`` sets faiss's search threads on the thread that searches (the
-    search worker: OpenMP keeps the setting per thread), default one; zero is refused."""
+    batch worker: OpenMP keeps the setting per thread), default one; zero is refused."""
     from pydantic import ValidationError
 
     from app.core import search
