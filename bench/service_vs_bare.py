@@ -771,7 +771,7 @@ def markdown(
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
@@ -823,7 +823,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a second bundle served as (a') and timed by stage (e.g. the paper's detector)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     search.set_threads(args.search_threads)
     load_before = os.getloadavg()
