@@ -201,11 +201,11 @@ SERVING_THREADS = 1
 def set_threads(threads: int) -> None:
     """OpenMP threads of the faiss CPU searches the *calling thread* makes: OpenMP keeps the
     setting per thread, so the thread that searches (the service's batch worker) calls it.
-    GPU indexes ignore it. Scores do
-    not depend on it for batches of two or more (measured on the demo bundle: identical at 1
-    and 2 threads, batches of 2 to 128). A lone query takes another faiss kernel than a batch
-    at any thread count, and its float32 distances round differently: statistics moved by under
-    2e-3, no decision of 1,000 CIFAR-10 test images changed."""
+    GPU indexes ignore it. Scores do not depend on it for batches of two or more (measured on
+    the demo bundle: identical at 1 and 2 threads, batches of 2 to 128). A lone query takes
+    another faiss kernel than a batch at any thread count, and its float32 distances round
+    differently: statistics moved by under 2e-3, no decision of 1,000 CIFAR-10 test images
+    changed."""
     if threads < 1:
         raise ValueError(f"search threads must be at least 1, got {threads}")
     faiss.omp_set_num_threads(threads)

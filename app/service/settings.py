@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     # exact kNN search: faiss (on the GPU only with faiss-gpu), or torch's matmul + top-k on the
     # model's device (flat indexes only; the way to search on a GPU without faiss-gpu)
     search_backend: SearchBackend = "faiss"
-    # faiss's CPU search threads (process-wide): one, since a second costs more CPU than it saves
-    # time on cores shared with the model and the web server (app.core.search.SERVING_THREADS)
+    # faiss's CPU search threads on the batch worker: one, since a second costs more CPU than it
+    # saves time on cores shared with the model and the web server (search.SERVING_THREADS)
     search_threads: int = Field(default=SERVING_THREADS, ge=1)
     # the model's forward pass: fp32 (what the bundle was calibrated with), or bf16/fp16
     # autocast, and the channels_last memory format; faster on GPUs, but check that decisions
