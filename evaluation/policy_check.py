@@ -30,7 +30,6 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -100,7 +99,7 @@ class ScreenedOracle:
         batch = []
         for query, answer in zip(pixels, answers, strict=True):
             client = self.client_ids[self.sent % len(self.client_ids)]
-            batch.append(Pending(client, query, answer, Future()))
+            batch.append(Pending(client, query, answer))
             self.sent += 1
         # a batch is screened in arrival order, as one query at a time would be
         served = self.detector.screen_batch(batch)

@@ -815,10 +815,14 @@ class InProcessFingerprintStore:
             if filed[0] < lowest:
                 filed[:] = filed[bisect.bisect_left(filed, lowest) :]
             lists.append(filed)
-        # counted in numpy: a Counter over the few hundred numbers filed was most of a lookup
-        filed_all = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64)
-        entries, hits = np.unique(filed_all, return_counts=True)
-        found = entries[hits >= MIN_SHARED_KEYS]
+        # counted in numpy: a Counter over the few hundred numbers filed was most of a lookup.
+        # Sorted, an entry filed in n buckets is a run of n equal numbers, so it is in at least
+        # MIN_SHARED_KEYS of them where a number equals the one MIN_SHARED_KEYS - 1 places on:
+        # half the time of np.unique's counts, and what passes is a few numbers to deduplicate
+        filed_all = np.sort(np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64))
+        gap = MIN_SHARED_KEYS - 1
+        repeated = filed_all[gap:][filed_all[gap:] == filed_all[: max(len(filed_all) - gap, 0)]]
+        found = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))[: len(repeated)]]
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]
         return kept

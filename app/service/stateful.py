@@ -27,13 +27,14 @@ query is answered as usual, counted as ``outcome="error"``, and Redis is not tri
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,7 @@ class Pending:
     client_id: str
     pixels: torch.Tensor
     answer: Answer
-    future: Future[Answer | None]
+    future: asyncio.Future[Answer | None] | None = None  # None: no one waits (the replays)
     observation: Observation | None = None
 
 
@@ -202,7 +203,13 @@ class ScreeningWorker:
     """The one thread that screens queries: it takes the first waiting query, then every other
     one already waiting (up to ``max_batch``), and hands them to ``screen_batch`` in arrival
     order. A query submitted after ``stop`` is not screened (``submit`` returns None: the caller
-    fails open, as when the store is down); ``stop`` screens what is queued first."""
+    fails open, as when the store is down); ``stop`` screens what is queued first.
+
+    ``submit`` runs on an event loop and returns a future of that loop; a screened batch's
+    futures are settled in one call on their loop (``settle``). Settling each one from this
+    thread (``concurrent.futures`` + ``asyncio.wrap_future``) woke the loop once per query, and
+    each wake-up hands the interpreter lock over: 16% of this thread's samples under load
+    (docs/service.md)."""
 
     def __init__(
         self,
@@ -227,8 +234,8 @@ class ScreeningWorker:
         pixels: torch.Tensor,
         answer: Answer,
         observation: Observation | None = None,
-    ) -> Future[Answer | None] | None:
-        future: Future[Answer | None] = Future()
+    ) -> asyncio.Future[Answer | None] | None:
+        future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._closed:
                 return None
@@ -268,8 +275,7 @@ class ScreeningWorker:
             answers = self.screen_batch(batch)
         except Exception as exc:  # a bug, not an outage (those fail open inside): fail the batch
             log.exception("stateful screening failed for a batch of %d", len(batch))
-            for pending in batch:
-                pending.future.set_exception(exc)
+            settle([(pending.future, exc) for pending in batch if pending.future is not None])
             return
         failed: Exception | None = None
         observations = [p.observation for p in batch if p.observation is not None]
@@ -279,11 +285,41 @@ class ScreeningWorker:
             except Exception as exc:  # a bug (an outage fails open inside): fail those queries
                 log.exception("recording the statistics of a screened batch failed")
                 failed = exc
-        for pending, answer in zip(batch, answers, strict=True):
-            if failed is not None and pending.observation is not None:
-                pending.future.set_exception(failed)
-            else:
-                pending.future.set_result(answer)
+        settle(
+            [
+                (
+                    pending.future,
+                    failed if failed is not None and pending.observation is not None else answer,
+                )
+                for pending, answer in zip(batch, answers, strict=True)
+                if pending.future is not None
+            ]
+        )
+
+
+Outcome = tuple["asyncio.Future[Answer | None]", "Answer | Exception | None"]
+
+
+def settle(outcomes: Sequence[Outcome]) -> None:
+    """Give each future its answer (or exception), from any thread: one call on each loop the
+    futures belong to (one wake-up), not one per future. A future cancelled meanwhile (its
+    client went away) is skipped; a loop already closed has no one waiting."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
+    for loop, theirs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(_settle_now, theirs)
+
+
+def _settle_now(outcomes: Sequence[Outcome]) -> None:
+    for future, outcome in outcomes:
+        if future.done():
+            continue
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> StatefulDetector | None:
@@ -365,7 +401,7 @@ async def track_and_screen(
         policy = service.settings.stateful_policy  # shutting down: fail open
         service.metrics.stateful.labels(policy=policy, outcome="error").inc()
         return answer
-    served = await asyncio.wrap_future(future)
+    served = await future
     service.metrics.stage_seconds.labels(stage="stateful").observe(time.perf_counter() - started)
     if served is None:
         raise ApiError(403, "query_refused", "this query was refused")

@@ -4,12 +4,12 @@ Sybil spread, honest bursts, and failing open when Redis is down."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import threading
 import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from app.core.stateful import (
 from app.service.main import create_app
 from app.service.metrics import Metrics
 from app.service.settings import Settings
-from app.service.stateful import Pending, ScreeningWorker, build_stateful
+from app.service.stateful import Pending, ScreeningWorker, build_stateful, settle
 from app.service.tracking import Observation
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
@@ -258,15 +258,19 @@ def test_the_screening_thread_batches_what_waits_in_arrival_order() -> None:
         release.wait(10)
         return [None if pending.client_id == "c3" else pending.answer for pending in batch]
 
-    worker = ScreeningWorker(screen_batch, max_batch=4)
-    worker.start()
-    pixels = torch.zeros(3, 32, 32)
-    futures = [worker.submit("c0", pixels, _answer(0))]
-    assert first_taken.wait(10)
-    futures += [worker.submit(f"c{i}", pixels, _answer(i)) for i in range(1, 7)]
-    release.set()
-    results = [future.result(10) for future in futures if future is not None]
-    worker.stop()
+    async def run() -> list[Answer | None]:
+        worker = ScreeningWorker(screen_batch, max_batch=4)
+        worker.start()
+        pixels = torch.zeros(3, 32, 32)
+        futures = [worker.submit("c0", pixels, _answer(0))]
+        assert await asyncio.to_thread(first_taken.wait, 10)
+        futures += [worker.submit(f"c{i}", pixels, _answer(i)) for i in range(1, 7)]
+        release.set()
+        results = [await asyncio.wait_for(f, 10) for f in futures if f is not None]
+        worker.stop()
+        return results
+
+    results = asyncio.run(run())
     assert batches == [["c0"], ["c1", "c2", "c3", "c4"], ["c5", "c6"]]
     assert results == [None if i == 3 else _answer(i) for i in range(7)]
 
@@ -278,14 +282,16 @@ def test_the_screening_thread_stops_after_the_queued_and_takes_no_more() -> None
         seen.extend(pending.client_id for pending in batch)
         return [pending.answer for pending in batch]
 
-    worker = ScreeningWorker(screen_batch)
-    queued = [worker.submit(f"c{i}", torch.zeros(3, 4, 4), _answer(i)) for i in range(5)]
-    worker.start()
-    worker.stop()
-    assert [future.result(0) for future in queued if future is not None] == [
-        _answer(i) for i in range(5)
-    ]
-    assert worker.submit("late", torch.zeros(3, 4, 4), _answer(9)) is None  # caller fails open
+    async def run() -> None:
+        worker = ScreeningWorker(screen_batch)
+        queued = [worker.submit(f"c{i}", torch.zeros(3, 4, 4), _answer(i)) for i in range(5)]
+        worker.start()
+        worker.stop()
+        answered = [await asyncio.wait_for(f, 10) for f in queued if f is not None]
+        assert answered == [_answer(i) for i in range(5)]
+        assert worker.submit("late", torch.zeros(3, 4, 4), _answer(9)) is None  # fails open
+
+    asyncio.run(run())
     assert seen == [f"c{i}" for i in range(5)]
 
 
@@ -298,15 +304,18 @@ def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
             raise RuntimeError("a bug")
         return [pending.answer for pending in batch]
 
-    worker = ScreeningWorker(screen_batch)
-    worker.start()
-    broken = worker.submit("a", torch.zeros(3, 4, 4), _answer(1))
-    assert broken is not None
-    with pytest.raises(RuntimeError, match="a bug"):
-        broken.result(10)
-    fine = worker.submit("b", torch.zeros(3, 4, 4), _answer(2))
-    assert fine is not None and fine.result(10) == _answer(2)
-    worker.stop()
+    async def run() -> None:
+        worker = ScreeningWorker(screen_batch)
+        worker.start()
+        broken = worker.submit("a", torch.zeros(3, 4, 4), _answer(1))
+        assert broken is not None
+        with pytest.raises(RuntimeError, match="a bug"):
+            await asyncio.wait_for(broken, 10)
+        fine = worker.submit("b", torch.zeros(3, 4, 4), _answer(2))
+        assert fine is not None and await asyncio.wait_for(fine, 10) == _answer(2)
+        worker.stop()
+
+    asyncio.run(run())
 
 
 def test_a_batchs_statistics_are_recorded_at_once_on_the_screening_thread() -> None:
@@ -314,7 +323,7 @@ def test_a_batchs_statistics_are_recorded_at_once_on_the_screening_thread() -> N
     the screening thread, before any of the batch's futures resolves; when it raises, the
     queries it was recording fail and the others are answered."""
     calls: list[tuple[list[str], str, bool]] = []
-    futures: dict[str, Future[Answer | None]] = {}
+    futures: dict[str, asyncio.Future[Answer | None]] = {}
 
     def track(observations: Sequence[Observation]) -> None:
         names = [o.client_id for o in observations]
@@ -330,36 +339,77 @@ def test_a_batchs_statistics_are_recorded_at_once_on_the_screening_thread() -> N
         release.wait(10)
         return [pending.answer for pending in batch]
 
+    worker = ScreeningWorker(screen_batch, track=track)
+
     def send(name: str, i: int, tracked: bool = True) -> None:
         observation = Observation(name, 0.5, True, float(i)) if tracked else None
         future = worker.submit(name, torch.zeros(3, 4, 4), _answer(i), observation)
         assert future is not None
         futures[name] = future
 
-    worker = ScreeningWorker(screen_batch, track=track)
-    worker.start()
-    send("first", 0)
-    assert taken.wait(10)  # "first" is being screened: the next three wait together
-    for i, name in enumerate(("a", "b", "c"), start=1):
-        send(name, i)
-    release.set()
-    assert [futures[n].result(10) for n in ("first", "a", "b", "c")] == [
-        _answer(i) for i in range(4)
-    ]
-    assert [names for names, _, _ in calls] == [["first"], ["a", "b", "c"]]
-    assert all(thread == "advguard-screening" and not done for _, thread, done in calls)
-    release.clear()
-    taken.clear()
-    send("blocker", 4)
-    assert taken.wait(10)
-    send("bad", 5)
-    send("untracked", 6, tracked=False)
-    release.set()
-    assert futures["blocker"].result(10) == _answer(4)
-    with pytest.raises(ValueError, match="tracker bug"):
-        futures["bad"].result(10)
-    assert futures["untracked"].result(10) == _answer(6)
-    worker.stop()
+    async def answer_of(name: str) -> Answer | None:
+        return await asyncio.wait_for(futures[name], 10)
+
+    async def run() -> None:
+        worker.start()
+        send("first", 0)
+        assert await asyncio.to_thread(taken.wait, 10)  # being screened: the next three wait
+        for i, name in enumerate(("a", "b", "c"), start=1):
+            send(name, i)
+        release.set()
+        assert [await answer_of(n) for n in ("first", "a", "b", "c")] == [
+            _answer(i) for i in range(4)
+        ]
+        assert [names for names, _, _ in calls] == [["first"], ["a", "b", "c"]]
+        assert all(thread == "advguard-screening" and not done for _, thread, done in calls)
+        release.clear()
+        taken.clear()
+        send("blocker", 4)
+        assert await asyncio.to_thread(taken.wait, 10)
+        send("bad", 5)
+        send("untracked", 6, tracked=False)
+        release.set()
+        assert await answer_of("blocker") == _answer(4)
+        with pytest.raises(ValueError, match="tracker bug"):
+            await answer_of("bad")
+        assert await answer_of("untracked") == _answer(6)
+        worker.stop()
+
+    asyncio.run(run())
+
+
+def test_a_batch_is_settled_in_one_call_on_its_loop() -> None:
+    """``settle`` wakes each loop once per batch, not once per future; a future cancelled
+    meanwhile (its client left) is skipped, and a closed loop (shut down) is not an error."""
+    wakeups: list[int] = []
+
+    async def run() -> tuple[list[Answer | None], bool]:
+        loop = asyncio.get_running_loop()
+        wake = loop.call_soon_threadsafe
+
+        def counted(callback: Any, *args: Any) -> Any:
+            if getattr(callback, "__name__", "") == "_settle_now":  # not to_thread's own
+                wakeups.append(len(args[0]))
+            return wake(callback, *args)
+
+        loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+        futures = [loop.create_future() for _ in range(5)]
+        futures[2].cancel()
+        outcomes = [(f, None if i == 1 else _answer(i)) for i, f in enumerate(futures)]
+        await asyncio.to_thread(settle, [*outcomes[:4], (futures[4], RuntimeError("x"))])
+        answered = [await f for i, f in enumerate(futures) if i not in (2, 4)]
+        with pytest.raises(RuntimeError, match="x"):
+            await futures[4]
+        return answered, futures[2].cancelled()
+
+    answered, cancelled = asyncio.run(run())
+    assert wakeups == [5]
+    assert answered == [_answer(0), None, _answer(3)] and cancelled
+    closed = asyncio.new_event_loop()
+    late = closed.create_future()
+    closed.close()
+    settle([(late, _answer(0))])  # nobody waits: no error
+    assert not late.done()
 
 
 @pytest.mark.parametrize("store", ["in_process", "redis"])
@@ -389,7 +439,7 @@ def test_a_changed_answer_is_screened_before_it_is_served(
     cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
     rejected_dog = Answer("rejected", 5, 0.7, 0.001)
     answers = [cat, rejected_dog, cat, dog]
-    batch = [Pending("mallory", pixels[i], answers[i], Future()) for i in range(4)]
+    batch = [Pending("mallory", pixels[i], answers[i]) for i in range(4)]
     try:
         served = detector.screen_batch(batch)
     finally:
