@@ -1,11 +1,13 @@
 """Micro-batching: one worker thread owns the Guard (model and index) and serves a bounded queue.
 
-Requests put their pixels on the queue and wait on a future. The worker takes the first waiting
-item, then gathers more until it has ``max_batch_size`` or ``max_wait_s`` has passed since the
-first, and runs one forward pass and one index search for the whole batch (the forward pass only
-when ``guarded`` is false: the guard is off). FAISS GPU indexes are not thread-safe, so the index
-is only ever touched by this thread. A full queue refuses at once (the route answers 503 with
-Retry-After); ``stop`` refuses new work and drains what is queued.
+Requests put their pixels on the queue and wait on a future of their event loop (``submit`` runs
+on the loop; the worker answers a batch with one wake-up of it: ``app.service.settle``). The
+worker takes the first waiting item, then gathers more until it has ``max_batch_size`` or
+``max_wait_s`` has passed since the first, and runs one forward pass and one index search for
+the whole batch (the forward pass only when ``guarded`` is false: the guard is off). FAISS GPU
+indexes are not thread-safe, so the index is only ever touched by this thread. A full queue
+refuses at once (the route answers 503 with Retry-After); ``stop`` refuses new work and drains
+what is queued.
 
 Latency budget (``budget_s``): an item that has waited longer than that in the queue when a
 batch could take it is never run: its future fails with ``DeadlineExceededError`` (503 +
@@ -19,11 +21,11 @@ than that many batch times, whatever the hardware.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,7 @@ import torch
 from app.core import search
 from app.core.explain import Explanation
 from app.core.guard import Classification, Guard
+from app.service.settle import settle
 
 # ADVGUARD_LATENCY_BUDGET_MS unset: a budget of this many full batches at the measured time per
 # image (see docs/reliability.md, Overload)
@@ -65,7 +68,7 @@ class BatchResult:
 @dataclass
 class _Item:
     pixels: torch.Tensor
-    future: Future[BatchResult]
+    future: asyncio.Future[BatchResult]
     enqueued: float
     deadline: float | None
     explain: bool = False
@@ -142,10 +145,11 @@ class Batcher:
         item_s = self._item_s
         return 0.0 if item_s is None else (ahead + 1) * item_s
 
-    def submit(self, pixels: torch.Tensor, explain: bool = False) -> Future[BatchResult]:
-        """Queue one image; ``explain`` also computes its evidence (``app.core.explain``) in
-        the worker, the one thread that may search the index."""
-        future: Future[BatchResult] = Future()
+    def submit(self, pixels: torch.Tensor, explain: bool = False) -> asyncio.Future[BatchResult]:
+        """Queue one image, from a running event loop: the future of that loop that gets its
+        result. ``explain`` also computes its evidence (``app.core.explain``) in the worker, the
+        one thread that may search the index."""
+        future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         with self._submit_lock:
             if self._closed.is_set():
                 raise BatcherClosedError("the service is shutting down")
@@ -166,18 +170,16 @@ class Batcher:
             self._thread.join(timeout)
 
     def _take(self, item: _Item) -> bool:
-        """Whether the item goes into the batch: not cancelled, and not past its deadline (then
-        its future fails with DeadlineExceededError: stale work is never run)."""
-        if not item.future.set_running_or_notify_cancel():
+        """Whether the item goes into the batch: not cancelled (its client went away; read on
+        this thread, so one cancelled meanwhile still runs, unanswered), and not past its
+        deadline (then its future fails with DeadlineExceededError: stale work is never run)."""
+        if item.future.cancelled():
             return False
         now = self.clock()
         if item.deadline is not None and now > item.deadline:
             waited = now - item.enqueued
-            item.future.set_exception(
-                DeadlineExceededError(
-                    f"waited {waited * 1000:.0f} ms for the model, past the latency budget"
-                )
-            )
+            message = f"waited {waited * 1000:.0f} ms for the model, past the latency budget"
+            settle([(item.future, DeadlineExceededError(message))])
             self.on_expired(1)
             return False
         return True
@@ -232,8 +234,7 @@ class Batcher:
                 results = self.guard.classify(pixels)
                 after_model = after_search = self.clock()
         except Exception as exc:  # the worker must survive anything a batch throws
-            for item in batch:
-                item.future.set_exception(exc)
+            settle([(item.future, exc) for item in batch])
             return
         item_s = (after_search - started) / len(batch)
         previous = self._item_s
@@ -241,14 +242,19 @@ class Batcher:
             item_s if previous is None else previous + ITEM_TIME_ALPHA * (item_s - previous)
         )
         self.on_batch(len(batch))
-        for row, (item, result) in enumerate(zip(batch, results, strict=True)):
-            item.future.set_result(
-                BatchResult(
-                    verdict=result,
-                    queue_s=started - item.enqueued,
-                    model_s=after_model - started,
-                    search_s=after_search - after_model,
-                    batch_size=len(batch),
-                    explanation=explanations.get(row),
+        settle(
+            [
+                (
+                    item.future,
+                    BatchResult(
+                        verdict=result,
+                        queue_s=started - item.enqueued,
+                        model_s=after_model - started,
+                        search_s=after_search - after_model,
+                        batch_size=len(batch),
+                        explanation=explanations.get(row),
+                    ),
                 )
-            )
+                for row, (item, result) in enumerate(zip(batch, results, strict=True))
+            ]
+        )

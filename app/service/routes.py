@@ -163,7 +163,7 @@ async def classify(
     except BatcherClosedError as exc:
         raise ApiError(503, "shutting_down", str(exc), retry) from exc
     try:
-        result: BatchResult = await asyncio.wrap_future(future)
+        result: BatchResult = await future
     except DeadlineExceededError as exc:  # waited past the latency budget: never run
         await hold_refusal(settings.shed_delay_ms / 1000.0)
         raise ApiError(503, "overloaded", str(exc), retry) from exc

@@ -27,7 +27,6 @@ query is answered as usual, counted as ``outcome="error"``, and Redis is not tri
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import secrets
@@ -56,6 +55,7 @@ from app.core.stateful import (
 from app.service.fingerprints import RedisFingerprintStore
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics
 from app.service.settings import Settings, StatefulPolicy
+from app.service.settle import settle
 from app.service.state import ApiError, Service
 from app.service.tracking import REDIS_ERRORS, Observation
 
@@ -206,10 +206,7 @@ class ScreeningWorker:
     fails open, as when the store is down); ``stop`` screens what is queued first.
 
     ``submit`` runs on an event loop and returns a future of that loop; a screened batch's
-    futures are settled in one call on their loop (``settle``). Settling each one from this
-    thread (``concurrent.futures`` + ``asyncio.wrap_future``) woke the loop once per query, and
-    each wake-up hands the interpreter lock over: 16% of this thread's samples under load
-    (docs/service.md)."""
+    futures are answered with one wake-up of the loop (``app.service.settle``)."""
 
     def __init__(
         self,
@@ -295,31 +292,6 @@ class ScreeningWorker:
                 if pending.future is not None
             ]
         )
-
-
-Outcome = tuple["asyncio.Future[Answer | None]", "Answer | Exception | None"]
-
-
-def settle(outcomes: Sequence[Outcome]) -> None:
-    """Give each future its answer (or exception), from any thread: one call on each loop the
-    futures belong to (one wake-up), not one per future. A future cancelled meanwhile (its
-    client went away) is skipped; a loop already closed has no one waiting."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[Outcome]] = {}
-    for outcome in outcomes:
-        by_loop.setdefault(outcome[0].get_loop(), []).append(outcome)
-    for loop, theirs in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed
-            loop.call_soon_threadsafe(_settle_now, theirs)
-
-
-def _settle_now(outcomes: Sequence[Outcome]) -> None:
-    for future, outcome in outcomes:
-        if future.done():
-            continue
-        if isinstance(outcome, Exception):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> StatefulDetector | None:

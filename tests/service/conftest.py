@@ -19,6 +19,7 @@ from tests.service.helpers import (
     CIFAR_TAR,
     PER_CLASS,
     LabelledImage,
+    LoopThread,
     RedisClusterProcesses,
     RedisProcess,
     free_port,
@@ -42,6 +43,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.kill()
+
+
+@pytest.fixture
+def loop_thread() -> Iterator[LoopThread]:
+    """An event loop on its own thread (``LoopThread``), closed after the test."""
+    running = LoopThread()
+    yield running
+    running.close()
 
 
 @pytest.fixture(scope="session")

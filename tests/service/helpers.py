@@ -1,17 +1,21 @@
-"""Helpers of the service tests: redis-server processes, CIFAR-10 images, FGSM, uploads."""
+"""Helpers of the service tests: redis-server processes, CIFAR-10 images, FGSM, uploads, and an
+event loop on its own thread for driving the service's loop-bound workers from blocking code."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import random
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -25,6 +29,37 @@ from app.core.images import decode_image
 CIFAR_TAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 PER_CLASS = 10  # test images read per class
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running on its own thread. The batch worker's and the screening thread's
+    ``submit`` must run on an event loop (their futures belong to it), while the tests that
+    drive them block on threading events: ``call`` runs a function on the loop and ``result``
+    waits there for a future, both from the test's thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        async def run() -> T:
+            return function(*args, **kwargs)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(30.0)
+
+    def result(self, future: asyncio.Future[T], timeout: float = 30.0) -> T:
+        async def wait() -> T:
+            return await future
+
+        return asyncio.run_coroutine_threadsafe(wait(), self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30.0)
+        self.loop.close()
 
 
 def free_port() -> int:

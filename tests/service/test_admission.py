@@ -13,6 +13,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from app.service import routes as service_routes
 from app.service.batcher import Batcher, BatchResult, DeadlineExceededError
 from app.service.main import ServiceMiddleware, create_app, latency_budget
 from app.service.settings import Settings
-from tests.service.helpers import LabelledImage, admin_of, upload
+from tests.service.helpers import LabelledImage, LoopThread, admin_of, upload
 
 WAIT_S = 30.0  # generous bound on waiting for a thread to reach a point; never a measurement
 
@@ -92,7 +93,7 @@ def pixels(guard: Guard, test_images: list[LabelledImage]) -> list[torch.Tensor]
 
 
 def test_stale_items_are_refused_never_run_and_fresh_ones_served(
-    guard: Guard, pixels: list[torch.Tensor]
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
 ) -> None:
     clock = FakeClock()
     gated = GatedGuard(guard, clock, delay=1.0)  # every batch "takes" 1 s
@@ -108,15 +109,16 @@ def test_stale_items_are_refused_never_run_and_fresh_ones_served(
     )
     batcher.start()
     try:
-        first = batcher.submit(pixels[0])
+        submit, result = partial(loop_thread.call, batcher.submit), loop_thread.result
+        first = submit(pixels[0])
         assert gated.entered.wait(WAIT_S)  # its batch is closed and running (gated)
-        stale = [batcher.submit(p) for p in pixels[1:3]]  # will wait 1 s, over the 0.5 s budget
+        stale = [submit(p) for p in pixels[1:3]]  # will wait 1 s, over the 0.5 s budget
         gated.gate.set()
-        served = [first.result(WAIT_S)]
+        served = [result(first)]
         for future in stale:
             with pytest.raises(DeadlineExceededError, match="past the latency budget"):
-                future.result(WAIT_S)
-        served.append(batcher.submit(pixels[3]).result(WAIT_S))  # a fresh one is served
+                result(future)
+        served.append(result(submit(pixels[3])))  # a fresh one is served
     finally:
         batcher.stop()
     assert gated.sizes == [1, 1]  # the stale items never reached the model
@@ -126,7 +128,9 @@ def test_stale_items_are_refused_never_run_and_fresh_ones_served(
     assert [r.verdict.predicted_class for r in served] == [v.predicted_class for v in expected]
 
 
-def test_items_within_the_budget_are_served(guard: Guard, pixels: list[torch.Tensor]) -> None:
+def test_items_within_the_budget_are_served(
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
+) -> None:
     clock = FakeClock()
     gated = GatedGuard(guard, clock, delay=0.4)  # under the 0.5 s budget
     batcher = Batcher(
@@ -138,11 +142,12 @@ def test_items_within_the_budget_are_served(guard: Guard, pixels: list[torch.Ten
     )
     batcher.start()
     try:
-        first = batcher.submit(pixels[0])
+        submit = partial(loop_thread.call, batcher.submit)
+        first = submit(pixels[0])
         assert gated.entered.wait(WAIT_S)
-        queued = [batcher.submit(p) for p in pixels[1:]]
+        queued = [submit(p) for p in pixels[1:]]
         gated.gate.set()
-        results = [f.result(WAIT_S) for f in [first, *queued]]
+        results = [loop_thread.result(f) for f in [first, *queued]]
     finally:
         batcher.stop()
     assert gated.sizes == [1, 3]
@@ -150,7 +155,7 @@ def test_items_within_the_budget_are_served(guard: Guard, pixels: list[torch.Ten
 
 
 def test_service_time_per_image_and_expected_latency(
-    guard: Guard, pixels: list[torch.Tensor]
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
 ) -> None:
     clock = FakeClock()
     gated = GatedGuard(guard, clock, delay=1.0)
@@ -158,11 +163,12 @@ def test_service_time_per_image_and_expected_latency(
     assert batcher.item_seconds is None and batcher.expected_latency_s(10) == 0.0
     batcher.start()
     try:
-        futures = [batcher.submit(pixels[0])]
+        submit = partial(loop_thread.call, batcher.submit)
+        futures = [submit(pixels[0])]
         assert gated.entered.wait(WAIT_S)
-        futures += [batcher.submit(p) for p in pixels[1:3]]  # queued together: one batch of 2
+        futures += [submit(p) for p in pixels[1:3]]  # queued together: one batch of 2
         gated.gate.set()
-        results: list[BatchResult] = [f.result(WAIT_S) for f in futures]
+        results: list[BatchResult] = [loop_thread.result(f) for f in futures]
     finally:
         batcher.stop()
     assert gated.sizes == [1, 2]
@@ -180,7 +186,9 @@ def test_refusals_are_held_with_jitter() -> None:
     assert service_routes.refusal_delay_s(0.0) == 0.0
 
 
-def test_automatic_budget_is_two_full_batches(guard: Guard, pixels: list[torch.Tensor]) -> None:
+def test_automatic_budget_is_two_full_batches(
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
+) -> None:
     assert latency_budget(Settings()) == (None, 2.0)  # unset: automatic
     assert latency_budget(Settings(latency_budget_ms=0.0)) == (None, None)  # off
     assert latency_budget(Settings(latency_budget_ms=250.0)) == (0.25, None)
@@ -197,7 +205,7 @@ def test_automatic_budget_is_two_full_batches(guard: Guard, pixels: list[torch.T
     assert batcher.budget_s() is None  # nothing measured yet: no deadline
     batcher.start()
     try:
-        batcher.submit(pixels[0]).result(WAIT_S)  # 0.5 s for one image
+        loop_thread.result(loop_thread.call(batcher.submit, pixels[0]))  # 0.5 s for one image
     finally:
         batcher.stop()
     assert batcher.budget_s() == pytest.approx(2 * 4 * 0.5)

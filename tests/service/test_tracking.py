@@ -8,6 +8,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from app.service.tracking import (
 )
 from tests.service.helpers import (
     LabelledImage,
+    LoopThread,
     RedisClusterProcesses,
     RedisProcess,
     admin_of,
@@ -491,21 +493,22 @@ class _SlowGuard:
         return self.real.decide(batch, scores)
 
 
-def test_batcher_batches_bounds_and_drains(guard: Guard) -> None:
+def test_batcher_batches_bounds_and_drains(guard: Guard, loop_thread: LoopThread) -> None:
     slow = _SlowGuard(guard)
     batcher = Batcher(slow, max_batch_size=4, max_wait_s=0.05, queue_size=6)  # type: ignore[arg-type]
     batcher.start()
     pixels = torch.rand(3, 32, 32)
-    futures = [batcher.submit(pixels)]
+    submit = partial(loop_thread.call, batcher.submit, pixels)
+    futures = [submit()]
     time.sleep(0.1)  # the worker holds the first item, blocked in infer
-    futures += [batcher.submit(pixels) for _ in range(6)]
+    futures += [submit() for _ in range(6)]
     with pytest.raises(QueueFullError):
-        batcher.submit(pixels)
+        submit()
     slow.release.set()
     batcher.stop()  # drains everything queued
     with pytest.raises(BatcherClosedError):
-        batcher.submit(pixels)
-    results = [f.result(timeout=10) for f in futures]
+        submit()
+    results = [loop_thread.result(f, timeout=10) for f in futures]
     assert slow.sizes == [1, 4, 2]
     assert [r.batch_size for r in results] == [1, 4, 4, 4, 4, 2, 2]
     first = results[0].verdict
