@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from app.core.guard import Verdict
+from app.core.guard import Classification, Verdict
 from app.core.images import ImageDecodeError, decode_image
 from app.core.stateful import Answer
 from app.service.batcher import (
@@ -34,6 +34,7 @@ from app.service.schemas import (
     Prediction,
     Readiness,
 )
+from app.service.settings import Settings
 from app.service.state import ApiError, Service
 from app.service.stateful import track_and_screen
 from app.service.tracking import Observation
@@ -128,8 +129,26 @@ async def classify(
         Query(description="add the detector's evidence (trusted callers only; else omitted)"),
     ] = False,
 ) -> ClassifyResponse:
+    """Admit, read, decode, classify in a batch, then judge: each stage below raises the
+    ``ApiError`` its failure answers with."""
     started = time.perf_counter()
-    settings, metrics = service.settings, service.metrics
+    await _admit(service, client_id)
+    data = await _read_upload(service.settings, file)
+    pixels = await _decoded(service, data)
+    service.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
+    result = await _classified(service, pixels, explain and trusted)
+    if not isinstance(result.verdict, Verdict):  # the guard is off: no score, no tracking
+        response = _unguarded(request_id, result.verdict)
+        service.metrics.requests.labels(decision="unguarded").inc()
+    else:
+        response = await _judged(service, client_id, request_id, pixels, result, result.verdict)
+    service.metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
+    return response
+
+
+async def _admit(service: Service, client_id: str) -> None:
+    """Refuse before the upload is read: shutting down, or a flagged client under ``refuse``."""
+    settings = service.settings
     if not service.accepting:
         raise ApiError(503, "shutting_down", "the service is shutting down", {"Retry-After": "1"})
     if (
@@ -138,6 +157,10 @@ async def classify(
         and await run_in_threadpool(service.tracker.is_flagged, client_id)
     ):
         raise ApiError(403, "client_flagged", "this client is flagged and refused service")
+
+
+async def _read_upload(settings: Settings, file: UploadFile) -> bytes:
+    """The upload's bytes, at most ``max_upload_bytes`` (413 beyond)."""
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise ApiError(
             413,
@@ -147,15 +170,24 @@ async def classify(
     data = await file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
         raise ApiError(413, "payload_too_large", "file exceeds the byte limit")
+    return data
+
+
+async def _decoded(service: Service, data: bytes) -> torch.Tensor:
+    """The model's pixels, decoded on a worker thread (400 for what is not an image)."""
     try:
-        pixels = await run_in_threadpool(_decode, service, data)
+        return await run_in_threadpool(_decode, service, data)
     except ImageDecodeError as exc:
         raise ApiError(400, "invalid_image", _OBJECT_REPR.sub("", str(exc))) from exc
-    decoded = time.perf_counter()
-    metrics.stage_seconds.labels(stage="decode").observe(decoded - started)
+
+
+async def _classified(service: Service, pixels: torch.Tensor, explain: bool) -> BatchResult:
+    """The batch worker's result for the pixels: 503 (held, with Retry-After) when its queue is
+    full or the image waited past the latency budget, or when it is shutting down."""
+    settings, metrics = service.settings, service.metrics
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
-        future = service.batcher.submit(pixels, explain=explain and trusted)
+        future = service.batcher.submit(pixels, explain=explain)
     except QueueFullError as exc:
         metrics.shed.labels(reason="queue_full").inc()
         await hold_refusal(settings.shed_delay_ms / 1000.0)
@@ -163,34 +195,45 @@ async def classify(
     except BatcherClosedError as exc:
         raise ApiError(503, "shutting_down", str(exc), retry) from exc
     try:
-        result: BatchResult = await future
+        result = await future
     except DeadlineExceededError as exc:  # waited past the latency budget: never run
         await hold_refusal(settings.shed_delay_ms / 1000.0)
         raise ApiError(503, "overloaded", str(exc), retry) from exc
-    verdict = result.verdict
     metrics.stage_seconds.labels(stage="queue").observe(result.queue_s)
     metrics.stage_seconds.labels(stage="model").observe(result.model_s)
-    if not isinstance(verdict, Verdict):  # the guard is off: no score, no tracking
-        metrics.requests.labels(decision="unguarded").inc()
-        metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
-        return ClassifyResponse(
-            request_id=request_id,
-            decision="unguarded",
-            prediction=Prediction(
-                class_index=verdict.predicted_class,
-                class_name=verdict.class_name,
-                probability=verdict.probability,
-            ),
-        )
+    return result
+
+
+def _unguarded(request_id: str, classification: Classification) -> ClassifyResponse:
+    return ClassifyResponse(
+        request_id=request_id,
+        decision="unguarded",
+        prediction=Prediction(
+            class_index=classification.predicted_class,
+            class_name=classification.class_name,
+            probability=classification.probability,
+        ),
+    )
+
+
+async def _judged(
+    service: Service,
+    client_id: str,
+    request_id: str,
+    pixels: torch.Tensor,
+    result: BatchResult,
+    verdict: Verdict,
+) -> ClassifyResponse:
+    """The guard's answer: counted, recorded in the client's statistics, then screened by the
+    stateful detector, which may change it (``silent``) or refuse it (403, ``refuse``)."""
+    settings, metrics = service.settings, service.metrics
     metrics.stage_seconds.labels(stage="search").observe(result.search_s)
     metrics.score.observe(verdict.score)
     decision: Literal["accepted", "rejected"] = "accepted" if verdict.accepted else "rejected"
     metrics.requests.labels(decision=decision).inc()
     observation = Observation(client_id, verdict.score, verdict.accepted, time.time())
     answer = Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
-    # the tracker, then the stateful detector, which may change the answer (or refuse: 403)
     answer = await track_and_screen(service, observation, pixels, answer)
-    metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
     return ClassifyResponse(
         request_id=request_id,
         decision=answer.decision,
