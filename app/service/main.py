@@ -220,6 +220,24 @@ class ServiceMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         is_classify = scope["path"] == "/classify"
         status_seen: list[int] = []
+        send_counted = self._counting(send, request_id, is_classify, arrived, status_seen)
+        if await self._refused_unread(scope, receive, send_counted, is_classify, request_id):
+            return
+        if is_classify and self.max_in_flight is not None:
+            await self._admitted(scope, receive, send_counted, status_seen, request_id)
+            return
+        await self._forward(scope, receive, send_counted, is_classify, status_seen)
+
+    def _counting(
+        self,
+        send: Send,
+        request_id: str,
+        is_classify: bool,
+        arrived: float,
+        status_seen: list[int],
+    ) -> Send:
+        """``send`` that counts the response's status (and a classification's error), notes it
+        in ``status_seen``, and adds X-Request-ID (and a classification's Server-Timing)."""
 
         async def send_counted(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -236,6 +254,13 @@ class ServiceMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        return send_counted
+
+    async def _refused_unread(
+        self, scope: Scope, receive: Receive, send: Send, is_classify: bool, request_id: str
+    ) -> bool:
+        """Answer before the body is read, and say so: a classification without a valid API
+        key (401), a declared body over the limit (413)."""
         if is_classify and self.identity is not None and self.identity.api_keys:
             # FastAPI parses the multipart body before it runs the route's dependencies: refuse
             # a request without a valid key here, without reading its body
@@ -245,12 +270,11 @@ class ServiceMiddleware:
                 await _refuse(
                     scope,
                     receive,
-                    send_counted,
+                    send,
                     (401, "unauthorized", str(exc), request_id),
                     {"WWW-Authenticate": "ApiKey"},
                 )
-                return
-
+                return True
         length = _content_length(scope)
         if length is not None and length > self.body_limit:
             response = _error(
@@ -260,46 +284,49 @@ class ServiceMiddleware:
                 request_id,
                 Connection="close",
             )
-            await response(scope, receive, send_counted)
+            await response(scope, receive, send)
+            return True
+        return False
+
+    async def _admitted(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        status_seen: list[int],
+        request_id: str,
+    ) -> None:
+        """A classification, admitted or refused at once (503 before reading): the batcher's
+        queue bounds only decoded images, so this bounds the whole pipeline (bodies being read
+        and decoded too), in number and in expected wait."""
+        refusal = self._refusal(_batcher_of(scope))
+        if refusal is not None:
+            reason, message = refusal
+            self.metrics.shed.labels(reason=reason).inc()
+            await _refuse(
+                scope,
+                receive,
+                send,
+                (503, "overloaded", message, request_id),
+                {"Retry-After": str(self.retry_after_s)},
+                self.shed_delay_s,
+            )
             return
+        self.in_flight += 1
+        self.uploading += 1
+        uploaded = False
 
-        if is_classify and self.max_in_flight is not None:
-            # the batcher's queue bounds only decoded images: bound the whole pipeline (bodies
-            # being read and decoded too), in number and in expected wait, and refuse at once,
-            # before reading
-            batcher = _batcher_of(scope)
-            refusal = self._refusal(batcher)
-            if refusal is not None:
-                reason, message = refusal
-                self.metrics.shed.labels(reason=reason).inc()
-                await _refuse(
-                    scope,
-                    receive,
-                    send_counted,
-                    (503, "overloaded", message, request_id),
-                    {"Retry-After": str(self.retry_after_s)},
-                    self.shed_delay_s,
-                )
-                return
-            self.in_flight += 1
-            self.uploading += 1
-            uploaded = False
+        def body_received() -> None:
+            nonlocal uploaded
+            if not uploaded:
+                uploaded = True
+                self.uploading -= 1
 
-            def body_received() -> None:
-                nonlocal uploaded
-                if not uploaded:
-                    uploaded = True
-                    self.uploading -= 1
-
-            try:
-                await self._forward(
-                    scope, receive, send_counted, is_classify, status_seen, body_received
-                )
-            finally:
-                body_received()
-                self.in_flight -= 1
-            return
-        await self._forward(scope, receive, send_counted, is_classify, status_seen)
+        try:
+            await self._forward(scope, receive, send, True, status_seen, body_received)
+        finally:
+            body_received()
+            self.in_flight -= 1
 
     def _refusal(self, batcher: Batcher | None) -> tuple[str, str] | None:
         """(shed reason, message) when a new classification must be refused, else None."""
