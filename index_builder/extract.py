@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from app.core.errors import SourceError
-from app.core.features import FeatureNetwork, image_to_pixels, infer_batch
+from app.core.features import BatchFeatures, FeatureNetwork, image_to_pixels, infer_batch
 from app.core.images import ImageDecodeError, decode_image
 from app.core.models import PreprocessingPreset
 from index_builder.sources import Entry, ImageSource
@@ -90,6 +90,63 @@ class _ChunkBuffer:
     predictions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     ok: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     done: int = 0
+
+
+class _ChunkAssembler:
+    """Rows arrive from the loader by position, a batch at a time; a chunk is written to the
+    store once every one of its positions is in, computed or unreadable (``fail``: its row
+    stays zero, ``ok`` false)."""
+
+    def __init__(self, store: ChunkStore, on_written: Callable[[int], None] | None) -> None:
+        self.store = store
+        self.on_written = on_written
+        self.buffers: dict[int, _ChunkBuffer] = {}
+        self.written = 0
+
+    @property
+    def incomplete(self) -> list[int]:
+        return sorted(self.buffers)
+
+    def add(self, positions: list[int], batch: BatchFeatures) -> None:
+        for row, position in enumerate(positions):
+            buffer = self._buffer(position)
+            offset = position - buffer.start
+            for layer, values in batch.features.items():
+                if layer not in buffer.features:
+                    buffer.features[layer] = np.zeros(
+                        (buffer.length, values.shape[1]), dtype=np.float32
+                    )
+                buffer.features[layer][offset] = values[row]
+            buffer.predictions[offset] = batch.predictions[row]
+            buffer.ok[offset] = True
+            self._done(position)
+
+    def fail(self, positions: list[int]) -> None:
+        for position in positions:
+            self._buffer(position)
+            self._done(position)
+
+    def _buffer(self, position: int) -> _ChunkBuffer:
+        chunk = position // self.store.chunk_size
+        if chunk not in self.buffers:
+            span = self.store.span(chunk)
+            self.buffers[chunk] = _ChunkBuffer(span.start, len(span))
+            self.buffers[chunk].ok = np.zeros(len(span), dtype=bool)
+            self.buffers[chunk].predictions = np.full(len(span), -1, dtype=np.int64)
+        return self.buffers[chunk]
+
+    def _done(self, position: int) -> None:
+        chunk = position // self.store.chunk_size
+        buffer = self.buffers[chunk]
+        buffer.done += 1
+        if buffer.done == buffer.length:
+            for layer in self.store.layers:  # a chunk of unreadable images still needs arrays
+                if layer not in buffer.features:
+                    buffer.features[layer] = np.zeros((buffer.length, 0), dtype=np.float32)
+            self.store.write(chunk, self.buffers.pop(chunk))
+            self.written += 1
+            if self.on_written is not None:
+                self.on_written(chunk)
 
 
 @dataclass(frozen=True)
@@ -190,8 +247,8 @@ def extract_features(
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
     )
-    buffers: dict[int, _ChunkBuffer] = {}
-    images = skipped = computed = 0
+    chunks = _ChunkAssembler(store, on_chunk_written)
+    images = skipped = 0
     # Redraw often on a terminal, rarely in a log file (CI, docker logs).
     bar = tqdm(
         total=len(positions),
@@ -200,53 +257,16 @@ def extract_features(
         disable=not progress,
         mininterval=0.5 if sys.stderr.isatty() else 15.0,
     )
-
-    def buffer_for(position: int) -> _ChunkBuffer:
-        chunk = position // store.chunk_size
-        if chunk not in buffers:
-            span = store.span(chunk)
-            buffers[chunk] = _ChunkBuffer(span.start, len(span))
-            buffers[chunk].ok = np.zeros(len(span), dtype=bool)
-            buffers[chunk].predictions = np.full(len(span), -1, dtype=np.int64)
-        return buffers[chunk]
-
-    def mark_done(position: int) -> None:
-        nonlocal computed
-        chunk = position // store.chunk_size
-        buffer = buffers[chunk]
-        buffer.done += 1
-        if buffer.done == buffer.length:
-            for layer in store.layers:  # a chunk of unreadable images still needs arrays
-                if layer not in buffer.features:
-                    buffer.features[layer] = np.zeros((buffer.length, 0), dtype=np.float32)
-            store.write(chunk, buffers.pop(chunk))
-            computed += 1
-            if on_chunk_written is not None:
-                on_chunk_written(chunk)
-
     for ok_positions, pixels, failed in loader:
         if pixels is not None:
-            batch = infer_batch(network, pixels)
-            for row, position in enumerate(ok_positions):
-                buffer = buffer_for(position)
-                offset = position - buffer.start
-                for layer, values in batch.features.items():
-                    if layer not in buffer.features:
-                        buffer.features[layer] = np.zeros(
-                            (buffer.length, values.shape[1]), dtype=np.float32
-                        )
-                    buffer.features[layer][offset] = values[row]
-                buffer.predictions[offset] = batch.predictions[row]
-                buffer.ok[offset] = True
-                mark_done(position)
-        for position in failed:
-            buffer_for(position)
-            mark_done(position)
+            chunks.add(ok_positions, infer_batch(network, pixels))
+        chunks.fail(failed)
         images += len(ok_positions)
         skipped += len(failed)
         bar.update(len(ok_positions) + len(failed))
         bar.set_postfix(skipped=skipped)
     bar.close()
-    if buffers:
-        raise SourceError(f"extraction ended with incomplete chunks {sorted(buffers)}")
-    return ExtractionReport(images, skipped, computed, reused, time.perf_counter() - started)
+    if chunks.incomplete:
+        raise SourceError(f"extraction ended with incomplete chunks {chunks.incomplete}")
+    seconds = time.perf_counter() - started
+    return ExtractionReport(images, skipped, chunks.written, reused, seconds)
