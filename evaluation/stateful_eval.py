@@ -687,7 +687,22 @@ def ablation(summary: dict[str, Any]) -> list[str]:
 
 def report(summary: dict[str, Any]) -> str:
     """The committed markdown: fingerprint comparison, then the chosen one in detail."""
+    chosen = summary["schemes"][summary["chosen"]]
     lines = [
+        *_report_rule(summary),
+        *_report_schemes(summary),
+        *_report_chosen(summary, chosen),
+        *_report_honest(chosen),
+        "",
+        *ablation(summary),
+        *_report_cost(summary),
+    ]
+    return "\n".join(lines)
+
+
+def _report_rule(summary: dict[str, Any]) -> list[str]:
+    """The detection rule and how its counts were calibrated."""
+    return [
         "# Stateful detection of query attacks (issue 13)",
         "",
         "Detection rule: a query is flagged when it has at least `client_matches` distinct "
@@ -706,6 +721,12 @@ def report(summary: dict[str, Any]) -> str:
         "one, or at that query itself, which is screened before it is answered (under `refuse` "
         "and `silent` its answer is withheld); the share *strictly* before is given beside it.",
         "",
+    ]
+
+
+def _report_schemes(summary: dict[str, Any]) -> list[str]:
+    """Each fingerprint compared: detection and honest flags."""
+    lines = [
         "## Fingerprints compared",
         "",
         "| fingerprint | rule (client, global, changed) | detected before first success (mean over "
@@ -727,8 +748,12 @@ def report(summary: dict[str, Any]) -> str:
             f"| {name}{chosen} | {_rule(result['rule'])} | {share:.1%} | "
             f"{_num(float(np.mean(known)) if known else None)} | {flags} |"
         )
-    chosen = summary["schemes"][summary["chosen"]]
-    lines += [
+    return lines
+
+
+def _report_chosen(summary: dict[str, Any], chosen: dict[str, Any]) -> list[str]:
+    """The chosen fingerprint, attack by attack (also spread over Sybil ids)."""
+    lines = [
         "",
         f"## Chosen: {summary['chosen']}",
         "",
@@ -750,7 +775,12 @@ def report(summary: dict[str, Any]) -> str:
             f"{_num(a['median_queries_to_detection'])} | {_num(a['p90_queries_to_detection'])} | "
             f"{_pct(s['detected_before_success'])} | {_num(s['median_queries_to_detection'])} |"
         )
-    lines += [
+    return lines
+
+
+def _report_honest(chosen: dict[str, Any]) -> list[str]:
+    """Honest clients flagged per traffic kind, with Wilson intervals."""
+    lines = [
         "",
         "Honest clients flagged (test photos; Wilson 95% interval):",
         "",
@@ -763,9 +793,13 @@ def report(summary: dict[str, Any]) -> str:
             f"| {kind} | {f['clients']} | {f['flagged']} | {_pct(f['rate'])} | "
             f"{low:.2%}-{high:.2%} | {f['max_client_matches']} / {f['max_global_matches']} |"
         )
-    lines += ["", *ablation(summary)]
+    return lines
+
+
+def _report_cost(summary: dict[str, Any]) -> list[str]:
+    """The in-process cost, and the command that produced the report."""
     cost = summary["cost"]
-    lines += [
+    return [
         "",
         f"Cost (in process, one CPU thread, {cost['queries']} queries): fingerprint "
         f"{cost['fingerprint_ms']:.3f} ms per query, check-and-add {cost['check_and_add_ms']:.3f} "
@@ -779,7 +813,6 @@ def report(summary: dict[str, Any]) -> str:
         "```",
         "",
     ]
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
