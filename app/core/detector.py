@@ -34,7 +34,12 @@ def empirical_p_values(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
     p = (1 + #{reference <= value}) / (1 + #reference), in (0, 1].
     """
-    ordered = np.sort(reference.astype(np.float64))
+    return sorted_reference_p_values(values, np.sort(reference.astype(np.float64)))
+
+
+def sorted_reference_p_values(values: np.ndarray, ordered: np.ndarray) -> np.ndarray:
+    """``empirical_p_values`` against a reference already sorted ascending (float64): what a
+    detector, which sorts its reference once, computes for every batch."""
     at_or_below = np.searchsorted(ordered, values.astype(np.float64), side="right")
     p_values: np.ndarray = (1.0 + at_or_below) / (1.0 + ordered.size)
     return p_values
@@ -143,9 +148,10 @@ class Detector:
     def p_values(self, values: np.ndarray) -> np.ndarray:
         if self.reference is None:
             raise ValueError("a single-statistic detector has no reference values")
+        reference = self.reference  # sorted per column when the detector was made
         return np.stack(
             [
-                empirical_p_values(values[:, i], self.reference[:, i])
+                sorted_reference_p_values(values[:, i], reference[:, i])
                 for i in range(values.shape[1])
             ],
             axis=1,
@@ -163,8 +169,10 @@ class Detector:
 
     def evidence(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> Evidence:
         values = self.values(features, classes)
-        p_values = None if self.combination == "single" else self.p_values(values)
-        return Evidence(self.names, values, p_values, self.combine(values))
+        if self.combination == "single":
+            return Evidence(self.names, values, None, self.combine(values))
+        p_values = self.p_values(values)  # once: the score combines these
+        return Evidence(self.names, values, p_values, combine_p_values(p_values, self.combination))
 
     def subset(self, columns: Sequence[int], combination: Combination | None = None) -> Detector:
         """The detector made of some of these statistics (ablations; same reference rows)."""
