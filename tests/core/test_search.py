@@ -31,7 +31,7 @@ def test_ivf_index_finds_near_neighbours(tmp_path):
     np.testing.assert_array_equal(found.ids[:, 0], np.arange(20))
 
 
-def test_search_threads_are_set_process_wide_and_leave_batch_results_unchanged():
+def test_search_threads_are_set_for_the_calling_thread_and_leave_batch_results_unchanged():
     """The serving default (one faiss thread) is a cost choice only: a batch's neighbours and
     distances are the same at any thread count; zero threads is refused."""
     rng = np.random.default_rng(1)

@@ -6,9 +6,12 @@ import re
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
+from app.core import search
 from app.core.guard import Guard
 from app.service.batcher import QueueFullError
+from app.service.settings import Settings
 from tests.service.helpers import LabelledImage, admin_of, fgsm, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}
@@ -226,11 +229,6 @@ def test_search_threads_setting_is_applied_on_the_batch_worker(
 ) -> None:
     """``ADVGUARD_SEARCH_THREADS`` sets faiss's search threads on the thread that searches (the
     batch worker: OpenMP keeps the setting per thread), default one; zero is refused."""
-    from pydantic import ValidationError
-
-    from app.core import search
-    from app.service.settings import Settings
-
     for overrides, expected in (({}, search.SERVING_THREADS), ({"search_threads": 3}, 3)):
         with make_client(**overrides) as client:
             assert upload(client, test_images[0].data).status_code == 200  # the worker ran
