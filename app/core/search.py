@@ -201,11 +201,12 @@ SERVING_THREADS = 1
 def set_threads(threads: int) -> None:
     """OpenMP threads of the faiss CPU searches the *calling thread* makes: OpenMP keeps the
     setting per thread, so the thread that searches (the service's batch worker) calls it.
-    GPU indexes ignore it. Scores do not depend on it for batches of two or more (measured on
-    the demo bundle: identical at 1 and 2 threads, batches of 2 to 128). A lone query takes
-    another faiss kernel than a batch at any thread count, and its float32 distances round
-    differently: statistics moved by under 2e-3, no decision of 1,000 CIFAR-10 test images
-    changed."""
+    GPU indexes ignore it. Neighbours do not depend on it; distances may, by float rounding:
+    faiss's own batched search gave identical scores at 1 and 2 threads (demo bundle, batches of
+    2 to 128), while the threshold selection's matrix product (``_flat_search_by_threshold``)
+    rounds by under 1e-6 relative differently. A lone query takes another faiss kernel than a
+    batch at any thread count, and its float32 distances round differently: statistics moved by
+    under 2e-3, no decision of 1,000 CIFAR-10 test images changed."""
     if threads < 1:
         raise ValueError(f"search threads must be at least 1, got {threads}")
     faiss.omp_set_num_threads(threads)
@@ -309,12 +310,119 @@ def to_device(index: Any, use_gpu: bool, backend: SearchBackend = "faiss") -> tu
 
 def search(index: Any, queries: np.ndarray, k: int) -> SearchResult:
     """k nearest neighbours of each query row; missing results are id -1 with distance inf.
-    ``index`` is a faiss index or a ``TorchFlatIndex`` (the same ``search(queries, k)`` call)."""
+    ``index`` is a faiss index or a ``TorchFlatIndex`` (the same ``search(queries, k)`` call).
+    A large-k batch on a CPU flat index is answered by ``_flat_search_by_threshold`` (the same
+    exact neighbours, at about half faiss's cost for the vote's k = 1000)."""
     if queries.ndim != 2 or queries.shape[1] != index.d:
         raise ValueError(f"queries must be (n, {index.d}), got {queries.shape}")
-    distances, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    if k <= 0:
+        raise ValueError("k must be positive")
+    rows = np.ascontiguousarray(queries, dtype=np.float32)
+    if _selects_by_threshold(index, rows, k):
+        distances, ids = _flat_search_by_threshold(index, rows, k)
+    else:
+        distances, ids = index.search(rows, k)
     distances = np.where(ids < 0, np.inf, distances).astype(np.float32)
     return SearchResult(squared_distances=distances, ids=ids.astype(np.int64))
+
+
+# Exact large-k search on a CPU flat index (``_flat_search_by_threshold``).
+#
+# faiss's flat search keeps each query's k best in a heap, or for k above
+# ``distance_compute_min_k_reservoir`` (100) in a reservoir; at the vote's k = 1000 over the demo
+# bundle's 45,000 x 64 vectors that selection, not the distances, is most of the cost (0.55 ms
+# per query on one thread, of which the distances are ~0.1). The threshold selection below
+# computes the same distance matrix with faiss (``pairwise_distances``: one BLAS product, the
+# formula faiss's own batched search uses) and then, per query:
+#   1. takes the SAMPLE_RANK-th smallest distance of an evenly strided sample of the vectors, the
+#      stride chosen so that about CANDIDATE_SLACK * k vectors are expected to lie below it;
+#   2. keeps the vectors at or below that threshold, and selects the k smallest among them.
+# When at least k vectors pass, the threshold is at or beyond the k-th smallest distance, so
+# every true neighbour passes: the result is exact. When fewer pass (a sample that happened to
+# fall low; with 64 sampled ranks for 32 expected, about 1 in 10^7 queries) the whole row is
+# selected from instead. Ties are broken by the smaller id, as the torch backend does.
+# bench/results/search_selection.md measures it against faiss's own search.
+THRESHOLD_SELECTION_MIN_K = 101  # faiss's reservoir starts above 100
+THRESHOLD_SELECTION_MIN_QUERIES = 4  # below this, faiss's one-query kernels are cheaper
+SAMPLE_RANK = 64
+CANDIDATE_SLACK = 2
+# Largest (queries x vectors) float32 distance block held at once: larger indexes are scanned in
+# chunks of vectors, each chunk's k best kept, then merged.
+THRESHOLD_SELECTION_CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def _selects_by_threshold(index: Any, queries: np.ndarray, k: int) -> bool:
+    """A CPU exact-L2 faiss flat index (GPU and IVF indexes are other classes), a batch, a large
+    k and finite queries (a NaN query goes to faiss, which answers it as it always has)."""
+    return (
+        isinstance(index, faiss.IndexFlat)
+        and index.metric_type == faiss.METRIC_L2
+        and k >= THRESHOLD_SELECTION_MIN_K
+        and queries.shape[0] >= THRESHOLD_SELECTION_MIN_QUERIES
+        and index.ntotal > 0
+        and bool(np.isfinite(queries).all())
+    )
+
+
+def _flat_search_by_threshold(
+    index: Any, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, ids) like ``faiss.Index.search`` on a flat L2 index, padded with inf / -1
+    where the index holds fewer than k vectors (see the comment above)."""
+    n, total = queries.shape[0], int(index.ntotal)
+    vectors = faiss.rev_swig_ptr(index.get_xb(), total * index.d).reshape(total, index.d)
+    step = max(1, THRESHOLD_SELECTION_CHUNK_BYTES // (4 * n))
+    kept_d: list[np.ndarray] = []
+    kept_i: list[np.ndarray] = []
+    for start in range(0, total, step):
+        block = faiss.pairwise_distances(queries, vectors[start : start + step])
+        np.maximum(block, 0.0, out=block)  # rounding can take a squared distance below 0
+        values, columns = k_smallest(block, k)
+        kept_d.append(values)
+        kept_i.append(np.where(columns >= 0, columns + start, -1))
+    distances, ids = np.concatenate(kept_d, axis=1), np.concatenate(kept_i, axis=1)
+    if len(kept_d) > 1:  # merge the chunks' k best
+        chosen = np.argsort(distances, axis=1, kind="stable")[:, :k]  # chunks ascend in id
+        distances = np.take_along_axis(distances, chosen, axis=1)
+        ids = np.take_along_axis(ids, chosen, axis=1)
+    return distances, ids
+
+
+def k_smallest(distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest values of each row of ``distances`` (n, m; float32, non-negative) and
+    their columns, ascending, equal values by the smaller column; rows padded with inf / -1 when
+    m < k. Exact: a strided sample's threshold only narrows the candidates when at least k of
+    them pass it."""
+    n, m = distances.shape
+    kept = min(k, m)
+    out_d = np.full((n, k), np.inf, dtype=np.float32)
+    out_i = np.full((n, k), -1, dtype=np.int64)
+    stride = CANDIDATE_SLACK * kept // SAMPLE_RANK
+    thresholds: np.ndarray | None = None
+    if stride >= 2 and m // stride > SAMPLE_RANK:
+        sample = distances[:, ::stride]
+        thresholds = np.partition(sample, SAMPLE_RANK - 1, axis=1)[:, SAMPLE_RANK - 1]
+    for row in range(n):
+        values = distances[row]
+        columns = None if thresholds is None else np.flatnonzero(values <= thresholds[row])
+        if columns is None or columns.size < kept:
+            columns = np.arange(m)
+        out_i[row, :kept] = _smallest_by_value_then_column(values[columns], columns, kept)
+        out_d[row, :kept] = values[out_i[row, :kept]]
+    return out_d, out_i
+
+
+def _smallest_by_value_then_column(values: np.ndarray, columns: np.ndarray, k: int) -> np.ndarray:
+    """The columns of the k smallest ``values`` (non-negative float32), ascending by value then
+    column. One int64 key per candidate, the value's bits over the column's: the bits of a
+    non-negative float32 order as the floats do, and the keys are unique, so one partition and
+    one sort of plain integers give the order without a stable sort."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)  # + 0: -0.0 becomes 0.0
+    keys = (bits << 32) | columns.astype(np.int64)
+    if keys.size > k:
+        keys = np.partition(keys, k - 1)[:k]
+    keys.sort()
+    return keys & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
