@@ -3,8 +3,11 @@
 Reports ms per query at each batch size (1 and 64 by default) through the project's own search
 module, with either backend: faiss (``--backend faiss``, CPU with faiss-cpu) or the torch exact
 search (``--backend torch --device cuda`` on a GPU). ``--compare-queries N`` also checks that the
-backend returns the CPU flat index's neighbours for N queries (``search.compare_neighbours``).
-Usage: python -m bench.search_scale [--n 1281167] [--repeats 5] [--backend torch --device cuda]
+backend returns the CPU flat index's neighbours for N queries (``search.compare_neighbours``;
+for faiss on the CPU, those of faiss's own k-selection). ``--faiss-own`` also times faiss's own
+k-selection in the same run (the project's search selects by a threshold at batches >= 4).
+Usage: python -m bench.search_scale [--n 1281167] [--repeats 5] [--faiss-own]
+       [--backend torch --device cuda]
 """
 
 from __future__ import annotations
@@ -50,6 +53,20 @@ def flat_index(
     search.add_vectors(index, np.array_split(base, 16))
     moved, _ = search.to_device(index, device == "cuda", backend)
     return moved
+
+
+class FaissOwnSearch:
+    """A CPU faiss index seen through ``search.search`` without its threshold selection:
+    ``search.search`` hands this wrapper's ``search`` faiss's own k-selection (the reference
+    ``--faiss-own`` times beside the project's search)."""
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self.d = int(index.d)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        distances, ids = self.index.search(queries, k)
+        return distances, ids
 
 
 def time_search(
@@ -109,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare-queries", type=int, default=0, help="check neighbours against CPU flat"
     )
+    parser.add_argument(
+        "--faiss-own",
+        action="store_true",
+        help="also time faiss's own k-selection (faiss backend on the CPU), in the same run",
+    )
     parser.add_argument("--name", default="search_scale", help="result file name")
     args = parser.parse_args(argv)
 
@@ -118,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     add_seconds = time.perf_counter() - started
     queries = clustered_vectors(max(args.batches) * args.repeats + args.repeats, args.dim, seed=1)
     rows = time_search(index, queries, args.k, args.batches, args.repeats)
+    own_rows = None
+    if args.faiss_own:
+        if args.backend != "faiss" or args.device != "cpu":
+            parser.error("--faiss-own times the faiss backend on the CPU")
+        own_rows = time_search(FaissOwnSearch(index), queries, args.k, args.batches, args.repeats)
     results: dict[str, Any] = {
         "n": args.n,
         "dim": args.dim,
@@ -129,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         "add_seconds": add_seconds,
         "batches": rows,
     }
+    if own_rows is not None:
+        results["faiss_own_selection_batches"] = own_rows
     if args.compare_queries:
-        reference = flat_index(base)
+        # the faiss backend on the CPU: against faiss's own k-selection over the same index
+        on_cpu_faiss = args.backend == "faiss" and args.device == "cpu"
+        reference = FaissOwnSearch(index) if on_cpu_faiss else flat_index(base)
         results["neighbours"] = neighbours_against_flat(
             reference, index, queries[: args.compare_queries], args.k
         )
@@ -140,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         f"backend on {where} (faiss {search.faiss_version()}), median of {args.repeats} "
         f"batches.\n\n{timing_table(rows)}"
     )
+    if own_rows is not None:
+        table += (
+            "\n\nThe same index and queries through faiss's own k-selection (the project's search "
+            "takes its threshold selection for batches of 4 or more at k above 100: "
+            f"app/core/search.py):\n\n{timing_table(own_rows)}"
+        )
     print(write_results(args.name, results, table).read_text())
     return 0
 
