@@ -338,9 +338,10 @@ def search(index: Any, queries: np.ndarray, k: int) -> SearchResult:
 #      stride chosen so that about CANDIDATE_SLACK * k vectors are expected to lie below it;
 #   2. keeps the vectors at or below that threshold, and selects the k smallest among them.
 # When at least k vectors pass, the threshold is at or beyond the k-th smallest distance, so
-# every true neighbour passes: the result is exact. When fewer pass (a sample that happened to
-# fall low; with 64 sampled ranks for 32 expected, about 1 in 10^7 queries) the whole row is
-# selected from instead. Ties are broken by the smaller id, as the torch backend does.
+# every true neighbour passes: the result is exact. When fewer pass, the whole row is selected
+# from instead: slower, never wrong. That needs 64 of the sampled vectors among the k nearest,
+# where ~32 are expected; for vectors stored in an order unrelated to their distance to the
+# query, well under one query in a million. Ties go to the smaller id, as in the torch backend.
 # bench/results/search_selection.md measures it against faiss's own search.
 THRESHOLD_SELECTION_MIN_K = 101  # faiss's reservoir starts above 100
 THRESHOLD_SELECTION_MIN_QUERIES = 4  # below this, faiss's one-query kernels are cheaper
@@ -394,6 +395,8 @@ def k_smallest(distances: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     m < k. Exact: a strided sample's threshold only narrows the candidates when at least k of
     them pass it."""
     n, m = distances.shape
+    if m >= 2**32:
+        raise ValueError("at most 2^32 - 1 columns: a column must fit in 32 bits of its key")
     kept = min(k, m)
     out_d = np.full((n, k), np.inf, dtype=np.float32)
     out_i = np.full((n, k), -1, dtype=np.int64)
