@@ -37,7 +37,7 @@ from app.service.schemas import (
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
 from app.service.stateful import track_and_screen
-from app.service.tracking import Observation
+from app.service.tracking import Observation, tracker_call
 from app.service.trust import Trusted
 
 router = APIRouter()
@@ -154,7 +154,7 @@ async def _admit(service: Service, client_id: str) -> None:
     if (
         settings.policy == "refuse"
         and settings.guard_enabled  # the guard off: no tracking, no flags
-        and await run_in_threadpool(service.tracker.is_flagged, client_id)
+        and await tracker_call(service.tracker, service.tracker.is_flagged, client_id)
     ):
         raise ApiError(403, "client_flagged", "this client is flagged and refused service")
 

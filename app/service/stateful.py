@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from starlette.concurrency import run_in_threadpool
 
 from app.core.stateful import (
     Answer,
@@ -57,7 +56,7 @@ from app.service.metrics import STATEFUL_OUTCOMES, Metrics
 from app.service.settings import Settings, StatefulPolicy
 from app.service.settle import settle
 from app.service.state import ApiError, Service
-from app.service.tracking import REDIS_ERRORS, Observation
+from app.service.tracking import REDIS_ERRORS, Observation, tracker_call
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +356,9 @@ async def track_and_screen(
     """Pass the classified query through the stateful detector (when on) and record it in the
     client's statistics: the answer it gets; raises the 403 of the ``refuse`` policy. With the
     detector on, the screening thread records it after screening its batch, with the rest of
-    the batch (one thread hop per request, as with the detector off: a second hop measurably
-    cost throughput); otherwise a worker thread does."""
+    the batch (one thread hop per request: a second hop measurably cost throughput);
+    otherwise it is recorded here (``tracker_call``: on the event loop for the in-process
+    tracker, on a worker thread for Redis)."""
     worker = service.screening
     started = time.perf_counter()
     future = (
@@ -367,7 +367,7 @@ async def track_and_screen(
         else worker.submit(observation.client_id, pixels, answer, observation)
     )
     if future is None:
-        await run_in_threadpool(track_all, service, [observation])
+        await tracker_call(service.tracker, track_all, service, [observation])
         if worker is None:
             return answer
         policy = service.settings.stateful_policy  # shutting down: fail open

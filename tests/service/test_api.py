@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -236,3 +238,34 @@ def test_search_threads_setting_is_applied_on_the_batch_worker(
     assert search.SERVING_THREADS == 1
     with pytest.raises(ValidationError, match="search_threads"):
         Settings(search_threads=0)
+
+
+def test_the_in_process_tracker_is_called_on_the_event_loop_and_redis_on_a_worker_thread(
+    make_client: Any, tracker_kind: str, test_images: list[LabelledImage]
+) -> None:
+    """Without the query screening, the route records each classification itself, and under
+    ``refuse`` checks the client's flag first: the in-process tracker is called right on the
+    event loop (its lock is held for microseconds; a hop to a thread cost more than the call),
+    Redis on a worker thread (a round trip must not hold the loop)."""
+    with make_client(stateful_enabled=False, policy="refuse") as client:
+        service = client.app_state.service
+        called_on: dict[str, str] = {}
+
+        def spy(name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                called_on[name] = threading.current_thread().name
+                return method(*args, **kwargs)
+
+            return wrapped
+
+        # the batcher's submit must run on the event loop: it names the loop's thread
+        service.batcher.submit = spy("submit", service.batcher.submit)
+        service.tracker.record_many = spy("record_many", service.tracker.record_many)
+        service.tracker.is_flagged = spy("is_flagged", service.tracker.is_flagged)
+        assert upload(client, test_images[0].data, {"X-Client-ID": "t1"}).status_code == 200
+        assert service.tracker.get("t1").requests == 1
+    loop = called_on["submit"]
+    if tracker_kind == "memory":
+        assert called_on["record_many"] == loop and called_on["is_flagged"] == loop
+    else:
+        assert called_on["record_many"] != loop and called_on["is_flagged"] != loop
