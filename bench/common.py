@@ -20,6 +20,8 @@ from typing import Any
 import httpx
 import torch
 
+from app.core import search
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
@@ -70,6 +72,19 @@ def command_line() -> str:
         runner = ["-m", spec.name] if spec is not None else [sys.argv[0]]
         words = ["python", *runner, *sys.argv[1:]]
     return " ".join(shlex.quote(word) for word in words)
+
+
+@contextmanager
+def faiss_selection_only() -> Iterator[None]:
+    """Every search through ``app.core.search.search`` uses faiss's own k-selection (the code
+    path before the threshold selection): the reference the search benchmarks measure against.
+    It sets a module setting of the search for the process: benchmarks only."""
+    before = search.THRESHOLD_SELECTION_MIN_K
+    search.THRESHOLD_SELECTION_MIN_K = sys.maxsize
+    try:
+        yield
+    finally:
+        search.THRESHOLD_SELECTION_MIN_K = before
 
 
 def write_results(name: str, results: dict[str, Any], table: str) -> Path:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from app.core import search
-from bench.common import write_results
+from bench.common import faiss_selection_only, write_results
 
 
 def clustered(n: int, dim: int, seed: int, classes: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -55,20 +55,6 @@ def flat_index(
     return moved
 
 
-class FaissOwnSearch:
-    """A CPU faiss index seen through ``search.search`` without its threshold selection:
-    ``search.search`` hands this wrapper's ``search`` faiss's own k-selection (the reference
-    ``--faiss-own`` times beside the project's search)."""
-
-    def __init__(self, index: Any) -> None:
-        self.index = index
-        self.d = int(index.d)
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        distances, ids = self.index.search(queries, k)
-        return distances, ids
-
-
 def time_search(
     index: Any, queries: np.ndarray, k: int, batches: Sequence[int], repeats: int
 ) -> dict[str, dict[str, float]]:
@@ -98,10 +84,12 @@ def neighbours_against_flat(
     reference: Any, index: Any, queries: np.ndarray, k: int
 ) -> dict[str, Any]:
     """``index``'s neighbours against the CPU flat index's for the same queries."""
-    agreement = search.compare_neighbours(
-        search.search(reference, queries, k), search.search(index, queries, k)
-    )
-    return {**vars(agreement), "identical_neighbours": agreement.identical_neighbours}
+    return agreement(search.search(reference, queries, k), search.search(index, queries, k))
+
+
+def agreement(reference: search.SearchResult, found: search.SearchResult) -> dict[str, Any]:
+    compared = search.compare_neighbours(reference, found)
+    return {**vars(compared), "identical_neighbours": compared.identical_neighbours}
 
 
 def timing_table(rows: dict[str, dict[str, float]]) -> str:
@@ -144,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.faiss_own:
         if args.backend != "faiss" or args.device != "cpu":
             parser.error("--faiss-own times the faiss backend on the CPU")
-        own_rows = time_search(FaissOwnSearch(index), queries, args.k, args.batches, args.repeats)
+        with faiss_selection_only():
+            own_rows = time_search(index, queries, args.k, args.batches, args.repeats)
     results: dict[str, Any] = {
         "n": args.n,
         "dim": args.dim,
@@ -159,12 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     if own_rows is not None:
         results["faiss_own_selection_batches"] = own_rows
     if args.compare_queries:
-        # the faiss backend on the CPU: against faiss's own k-selection over the same index
-        on_cpu_faiss = args.backend == "faiss" and args.device == "cpu"
-        reference = FaissOwnSearch(index) if on_cpu_faiss else flat_index(base)
-        results["neighbours"] = neighbours_against_flat(
-            reference, index, queries[: args.compare_queries], args.k
-        )
+        probe = queries[: args.compare_queries]
+        if args.backend == "faiss" and args.device == "cpu":  # against faiss's own k-selection
+            with faiss_selection_only():
+                reference = search.search(index, probe, args.k)
+            results["neighbours"] = agreement(reference, search.search(index, probe, args.k))
+        else:
+            results["neighbours"] = neighbours_against_flat(flat_index(base), index, probe, args.k)
     where = "CPU" if args.device == "cpu" else "GPU"
     table = (
         f"Exact flat index, {args.n:,} x {args.dim} float32, k = {args.k}, {args.backend} "

@@ -19,8 +19,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +30,10 @@ from PIL import Image
 from app.core import search
 from app.core.guard import Guard
 from app.core.statistics import KnnVote
-from bench.common import REPO, write_results
+from bench.common import REPO, faiss_selection_only, write_results
 from bench.load_service import test_jpegs
 
 SCORING_BATCH = 32
-
-
-@contextmanager
-def faiss_selection_only() -> Iterator[None]:
-    """Every search through ``search.search`` uses faiss's own selection (the code path before
-    the threshold selection): the reference this benchmark measures against."""
-    before = search.THRESHOLD_SELECTION_MIN_K
-    search.THRESHOLD_SELECTION_MIN_K = np.iinfo(np.int64).max
-    try:
-        yield
-    finally:
-        search.THRESHOLD_SELECTION_MIN_K = before
 
 
 def the_vote(guard: Guard) -> KnnVote:
@@ -110,16 +97,19 @@ def ms_per_query(run: Callable[[], object], queries: int, min_s: float) -> float
 def time_both(
     index: Any, queries: np.ndarray, k: int, batches: list[int], rounds: int, min_s: float
 ) -> dict[str, dict[str, list[float]]]:
-    """ms per query of faiss's own ``index.search`` and of ``search.search``, per batch size,
-    one faiss thread, the two alternating within every round (order flipped every round)."""
+    """ms per query of ``search.search`` with faiss's own k-selection and with the threshold
+    selection, per batch size, one faiss thread, the two alternating within every round (order
+    flipped every round)."""
     search.set_threads(1)
     times: dict[str, dict[str, list[float]]] = {}
     for batch in batches:
         rows = np.ascontiguousarray(queries[:batch])
-        runs = {
-            "faiss": lambda rows=rows: index.search(rows, k),
-            "threshold": lambda rows=rows: search.search(index, rows, k),
-        }
+
+        def faiss_own(rows: np.ndarray = rows) -> search.SearchResult:
+            with faiss_selection_only():
+                return search.search(index, rows, k)
+
+        runs = {"faiss": faiss_own, "threshold": lambda rows=rows: search.search(index, rows, k)}
         times[str(batch)] = {name: [] for name in runs}
         for round_ in range(rounds):
             order = list(runs) if round_ % 2 == 0 else list(reversed(runs))

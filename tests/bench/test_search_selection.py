@@ -9,9 +9,9 @@ import numpy as np
 
 from app.core import search
 from app.core.guard import Guard
+from bench.common import faiss_selection_only
 from bench.load_service import test_jpegs as cifar_test_jpegs
 from bench.search_selection import (
-    faiss_selection_only,
     markdown,
     pixels_of,
     score_both_ways,
