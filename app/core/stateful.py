@@ -24,9 +24,9 @@ Three fingerprints were compared (evaluation/stateful_eval.py); all are pure fun
 
 from __future__ import annotations
 
+import array
 import bisect
 import hashlib
-import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -614,6 +614,33 @@ def index_buckets(keys: U64) -> list[int]:
     return numbers
 
 
+def repeated_at_least(
+    numbers: npt.NDArray[np.int64], times: int, low: int, high: int
+) -> npt.NDArray[np.int64]:
+    """The distinct values of ``numbers`` (each in ``[low, high]``) that occur at least
+    ``times`` times, ascending. Counted in one ``bincount`` over the range when the range is
+    short against the numbers (the in-process index: thousands of numbers filed in a ring of
+    tens of thousands of entries), else by one sort, where an entry filed ``times`` times is a
+    run whose first number equals the one ``times - 1`` places on. Measured at 50,000 entries:
+    sorting 7,000 numbers took 158 us, counting them 25 us; at 800 numbers, 9 and 18 us."""
+    if times < 1:
+        raise ValueError("times must be positive")
+    if len(numbers) < times:
+        return np.zeros(0, dtype=np.int64)
+    if (high - low + 1) <= BINCOUNT_RANGE_PER_NUMBER * len(numbers):
+        counts = np.bincount(numbers - low, minlength=high - low + 1)
+        counted: npt.NDArray[np.int64] = np.flatnonzero(counts >= times).astype(np.int64) + low
+        return counted
+    ordered = np.sort(numbers)
+    gap = times - 1
+    repeated = ordered[gap:][ordered[gap:] == ordered[: len(ordered) - gap]]
+    first = np.concatenate(([True], repeated[1:] != repeated[:-1]))[: len(repeated)]
+    distinct: npt.NDArray[np.int64] = repeated[first]
+    return distinct
+
+
+BINCOUNT_RANGE_PER_NUMBER = 32  # count over the range up to this many values per number
+
 # --------------------------------------------------------------------------- the store
 
 
@@ -770,7 +797,8 @@ class InProcessFingerprintStore:
         self._written = 0  # slots ever written (the ring's used prefix)
         self._count = 0  # queries ever added (the last one's sequence number)
         self._buffers: OrderedDict[str, _ClientBuffer] = OrderedDict()
-        self._index: dict[int, list[int]] = {}  # bucket -> entry numbers filed there, ascending
+        # bucket -> entry numbers filed there, ascending (int64 arrays: copied out in one join)
+        self._index: dict[int, array.array[int]] = {}
 
     def __len__(self) -> int:
         return self._size
@@ -813,16 +841,13 @@ class InProcessFingerprintStore:
             if not filed:
                 continue
             if filed[0] < lowest:
-                filed[:] = filed[bisect.bisect_left(filed, lowest) :]
+                del filed[: bisect.bisect_left(filed, lowest)]
             lists.append(filed)
-        # counted in numpy: a Counter over the few hundred numbers filed was most of a lookup.
-        # Sorted, an entry filed in n buckets is a run of n equal numbers, so it is in at least
-        # MIN_SHARED_KEYS of them where a number equals the one MIN_SHARED_KEYS - 1 places on:
-        # half the time of np.unique's counts, and what passes is a few numbers to deduplicate
-        filed_all = np.sort(np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64))
-        gap = MIN_SHARED_KEYS - 1
-        repeated = filed_all[gap:][filed_all[gap:] == filed_all[: max(len(filed_all) - gap, 0)]]
-        found = repeated[np.concatenate(([True], repeated[1:] != repeated[:-1]))[: len(repeated)]]
+        # one copy of the numbers filed (the buckets are int64 arrays): building them from
+        # Python ints was most of a lookup once a few popular buckets (flat image areas) held
+        # thousands of entries
+        filed_all = np.frombuffer(b"".join(lists), dtype=np.int64)
+        found = repeated_at_least(filed_all, MIN_SHARED_KEYS, max(lowest, 1), self._count)
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]
         return kept
@@ -831,7 +856,7 @@ class InProcessFingerprintStore:
         for bucket in buckets:
             filed = self._index.get(bucket)
             if filed is None:
-                self._index[bucket] = [entry]
+                self._index[bucket] = array.array("q", (entry,))
             else:
                 filed.append(entry)
 
