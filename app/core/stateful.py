@@ -674,6 +674,8 @@ class FingerprintStore(Protocol):
     """Recent queries' fingerprints: each new query is matched against its client's recent
     queries and against all clients', then stored with the answer it was given."""
 
+    blocks: bool  # a call may wait on the network: the service screens on a thread of its own
+
     def check_and_store(
         self,
         client_id: str,
@@ -780,6 +782,7 @@ class InProcessFingerprintStore:
     ) -> None:
         if min(max_fingerprints, per_client, max_clients) < 1:
             raise ValueError("store bounds must be positive")
+        self.blocks = False  # numpy on this process's memory, no I/O
         self.scheme = scheme
         self.max_fingerprints = max_fingerprints
         self.ttl_s = ttl_s

@@ -4,10 +4,11 @@ Requests put their pixels on the queue and wait on a future of their event loop 
 on the loop; the worker answers a batch with one wake-up of it: ``app.service.settle``). The
 worker takes the first waiting item, then gathers more until it has ``max_batch_size`` or
 ``max_wait_s`` has passed since the first, and runs one forward pass and one index search for
-the whole batch (the forward pass only when ``guarded`` is false: the guard is off). FAISS GPU
-indexes are not thread-safe, so the index is only ever touched by this thread. A full queue
-refuses at once (the route answers 503 with Retry-After); ``stop`` refuses new work and drains
-what is queued.
+the whole batch (the forward pass only when ``guarded`` is false: the guard is off), then, with
+a ``screen`` (the stateful detector, when its store never waits on the network), screens the
+batch's queries. FAISS GPU indexes are not thread-safe, so the index is only ever touched by
+this thread. A full queue refuses at once (the route answers 503 with Retry-After); ``stop``
+refuses new work and drains what is queued.
 
 Latency budget (``budget_s``): an item that has waited longer than that in the queue when a
 batch could take it is never run: its future fails with ``DeadlineExceededError`` (503 +
@@ -25,14 +26,15 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from app.core import search
 from app.core.explain import Explanation
-from app.core.guard import Classification, Guard
+from app.core.guard import Classification, Guard, Verdict
+from app.core.stateful import Answer
 from app.service.settle import settle
 
 # ADVGUARD_LATENCY_BUDGET_MS unset: a budget of this many full batches at the measured time per
@@ -41,6 +43,12 @@ AUTO_BUDGET_BATCHES = 2.0
 
 # weight of the newest batch in the service time per item: ~the last 5-10 batches count
 ITEM_TIME_ALPHA = 0.2
+
+
+# Screens a guarded batch's queries on the worker, in arrival order: (client id, pixels, verdict)
+# each -> the answer to serve each, or None to refuse (the stateful detector's, when its store
+# never waits on the network: app.service.stateful.batch_screening)
+Screen = Callable[[Sequence[tuple[str, torch.Tensor, Verdict]]], list[Answer | None]]
 
 
 class QueueFullError(Exception):
@@ -63,6 +71,9 @@ class BatchResult:
     search_s: float
     batch_size: int
     explanation: Explanation | None = None  # when submitted with explain=True and guarded
+    screened: bool = False  # screened on the worker (``Batcher.screen``): ``served`` holds
+    served: Answer | None = None  # the answer to serve, or None to refuse
+    screen_s: float = 0.0  # the batch's screening time
 
 
 @dataclass
@@ -72,6 +83,7 @@ class _Item:
     enqueued: float
     deadline: float | None
     explain: bool = False
+    client_id: str | None = None  # screened on the worker when it has a ``screen``
 
 
 def _noop_count(_size: int) -> None:
@@ -92,8 +104,10 @@ class Batcher:
         on_expired: Callable[[int], None] = _noop_count,
         clock: Callable[[], float] = time.perf_counter,
         search_threads: int | None = None,
+        screen: Screen | None = None,
     ):
         self.guard = guard
+        self.screen = screen  # set before ``start``: the worker then screens guarded batches
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
@@ -145,10 +159,13 @@ class Batcher:
         item_s = self._item_s
         return 0.0 if item_s is None else (ahead + 1) * item_s
 
-    def submit(self, pixels: torch.Tensor, explain: bool = False) -> asyncio.Future[BatchResult]:
+    def submit(
+        self, pixels: torch.Tensor, explain: bool = False, client_id: str | None = None
+    ) -> asyncio.Future[BatchResult]:
         """Queue one image, from a running event loop: the future of that loop that gets its
         result. ``explain`` also computes its evidence (``app.core.explain``) in the worker, the
-        one thread that may search the index."""
+        one thread that may search the index. With ``client_id`` and a ``screen``, a guarded
+        result is also screened there (``BatchResult.screened``)."""
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         with self._submit_lock:
             if self._closed.is_set():
@@ -157,7 +174,7 @@ class Batcher:
             budget = self.budget_s()
             deadline = None if budget is None else now + budget
             try:
-                self._queue.put_nowait(_Item(pixels, future, now, deadline, explain))
+                self._queue.put_nowait(_Item(pixels, future, now, deadline, explain, client_id))
             except queue.Full:
                 raise QueueFullError("the classification queue is full") from None
         return future
@@ -233,10 +250,12 @@ class Batcher:
             else:  # guard off: the forward pass only, no index search
                 results = self.guard.classify(pixels)
                 after_model = after_search = self.clock()
+            served = self._screened(batch, results)
+            after_screen = self.clock()
         except Exception as exc:  # the worker must survive anything a batch throws
             settle([(item.future, exc) for item in batch])
             return
-        item_s = (after_search - started) / len(batch)
+        item_s = (after_screen - started) / len(batch)
         previous = self._item_s
         self._item_s = (
             item_s if previous is None else previous + ITEM_TIME_ALPHA * (item_s - previous)
@@ -253,8 +272,28 @@ class Batcher:
                         search_s=after_search - after_model,
                         batch_size=len(batch),
                         explanation=explanations.get(row),
+                        screened=row in served,
+                        served=served.get(row),
+                        screen_s=after_screen - after_search,
                     ),
                 )
                 for row, (item, result) in enumerate(zip(batch, results, strict=True))
             ]
         )
+
+    def _screened(
+        self, batch: list[_Item], results: list[Classification]
+    ) -> dict[int, Answer | None]:
+        """Row -> the answer to serve (None: refuse), for the batch's guarded items submitted
+        with a client id, screened in arrival order; empty without a ``screen``."""
+        if self.screen is None:
+            return {}
+        rows: list[int] = []
+        queries: list[tuple[str, torch.Tensor, Verdict]] = []
+        for row, (item, result) in enumerate(zip(batch, results, strict=True)):
+            if item.client_id is not None and isinstance(result, Verdict):
+                rows.append(row)
+                queries.append((item.client_id, item.pixels, result))
+        if not rows:
+            return {}
+        return dict(zip(rows, self.screen(queries), strict=True))

@@ -270,6 +270,7 @@ class RedisFingerprintStore:
             raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
         if min(max_fingerprints, per_client) < 1:
             raise ValueError("store bounds must be positive")
+        self.blocks = True  # a round trip to Redis (up to timeout_s)
         self.scheme = scheme
         self.prefix = prefix
         self.max_fingerprints = max_fingerprints

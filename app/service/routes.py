@@ -7,7 +7,7 @@ import asyncio
 import random
 import re
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.guard import Classification, Verdict
 from app.core.images import ImageDecodeError, decode_image
-from app.core.stateful import Answer
 from app.service.batcher import (
     BatcherClosedError,
     BatchResult,
@@ -36,8 +35,8 @@ from app.service.schemas import (
 )
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
-from app.service.stateful import track_and_screen
-from app.service.tracking import Observation, tracker_call
+from app.service.stateful import answer_of, observation_of, track_and_screen
+from app.service.tracking import tracker_call
 from app.service.trust import Trusted
 
 router = APIRouter()
@@ -136,7 +135,7 @@ async def classify(
     data = await _read_upload(service.settings, file)
     pixels = await _decoded(service, data)
     service.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
-    result = await _classified(service, pixels, explain and trusted)
+    result = await _classified(service, pixels, explain and trusted, client_id)
     if not isinstance(result.verdict, Verdict):  # the guard is off: no score, no tracking
         response = _unguarded(request_id, result.verdict)
         service.metrics.requests.labels(decision="unguarded").inc()
@@ -181,13 +180,16 @@ async def _decoded(service: Service, data: bytes) -> torch.Tensor:
         raise ApiError(400, "invalid_image", _OBJECT_REPR.sub("", str(exc))) from exc
 
 
-async def _classified(service: Service, pixels: torch.Tensor, explain: bool) -> BatchResult:
-    """The batch worker's result for the pixels: 503 (held, with Retry-After) when its queue is
-    full or the image waited past the latency budget, or when it is shutting down."""
+async def _classified(
+    service: Service, pixels: torch.Tensor, explain: bool, client_id: str
+) -> BatchResult:
+    """The batch worker's result for the pixels (screened there too when it screens): 503
+    (held, with Retry-After) when its queue is full or the image waited past the latency
+    budget, or when it is shutting down."""
     settings, metrics = service.settings, service.metrics
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
-        future = service.batcher.submit(pixels, explain=explain)
+        future = service.batcher.submit(pixels, explain=explain, client_id=client_id)
     except QueueFullError as exc:
         metrics.shed.labels(reason="queue_full").inc()
         await hold_refusal(settings.shed_delay_ms / 1000.0)
@@ -225,15 +227,20 @@ async def _judged(
     verdict: Verdict,
 ) -> ClassifyResponse:
     """The guard's answer: counted, recorded in the client's statistics, then screened by the
-    stateful detector, which may change it (``silent``) or refuse it (403, ``refuse``)."""
+    stateful detector, which may change it (``silent``) or refuse it (403, ``refuse``); the
+    batch worker has done the last two when it screens."""
     settings, metrics = service.settings, service.metrics
     metrics.stage_seconds.labels(stage="search").observe(result.search_s)
     metrics.score.observe(verdict.score)
-    decision: Literal["accepted", "rejected"] = "accepted" if verdict.accepted else "rejected"
-    metrics.requests.labels(decision=decision).inc()
-    observation = Observation(client_id, verdict.score, verdict.accepted, time.time())
-    answer = Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
-    answer = await track_and_screen(service, observation, pixels, answer)
+    metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
+    if result.screened:
+        metrics.stage_seconds.labels(stage="stateful").observe(result.screen_s)
+        if result.served is None:
+            raise ApiError(403, "query_refused", "this query was refused")
+        answer = result.served
+    else:
+        observation = observation_of(client_id, verdict, time.time())
+        answer = await track_and_screen(service, observation, pixels, answer_of(verdict))
     return ClassifyResponse(
         request_id=request_id,
         decision=answer.decision,

@@ -11,12 +11,18 @@ and the policy decides what the query gets:
   closed loop it protects less than ``refuse``: the anchor's answer is the true one whenever the
   anchor was answered the same (docs/service.md).
 
-One thread does all of it (``ScreeningWorker``), a batch of the queries waiting at a time:
-fingerprints for the batch in one vectorised pass, then each query matched and stored in
-arrival order. Measured (bench/results/stateful_cost.md), the numpy work of fingerprinting
-cost 0.11 ms of CPU per query on one thread and 0.3-0.4 ms with 8 threads doing it at once
-(every call hands the interpreter lock back and forth), and the in-process store needed a
-lock: one owner thread has neither cost, and the store needs no lock.
+One thread does all of it, a batch of queries at a time: fingerprints for the batch in one
+vectorised pass, then each query matched and stored in arrival order. Measured
+(bench/results/stateful_cost.md), the numpy work of fingerprinting cost 0.11 ms of CPU per query
+on one thread and 0.3-0.4 ms with 8 threads doing it at once (every call hands the interpreter
+lock back and forth), and the in-process store needed a lock: one owner thread has neither
+cost, and the store needs no lock. Which thread:
+
+- a store that never waits on the network (in process): the batch worker, right after the
+  guard decides the batch (``batch_screening``): no second hand-off and no second wake-up of
+  the event loop per batch, and the screening never competes for the cores with the model's
+  threads, since it runs between its batches;
+- Redis: its own thread (``ScreeningWorker``), so that the model never waits on Redis.
 
 The fingerprint, the match rule and the in-process store are ``app.core.stateful``'s; the
 Redis store is ``app.service.fingerprints``. A store that fails (Redis down) fails open: the
@@ -35,10 +41,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
+from app.core.guard import Verdict
 from app.core.stateful import (
     Answer,
     DetectionRule,
@@ -51,6 +59,7 @@ from app.core.stateful import (
     eight_bit,
     pixel_digests,
 )
+from app.service.batcher import Screen
 from app.service.fingerprints import RedisFingerprintStore
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics
 from app.service.settings import Settings, StatefulPolicy
@@ -341,6 +350,37 @@ def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> Stateful
         retry_interval_s=settings.redis_retry_interval_s,
         fingerprint_threads=settings.stateful_fingerprint_threads,
     )
+
+
+def answer_of(verdict: Verdict) -> Answer:
+    """The answer the guard gives a query: what the detector stores and may serve again."""
+    decision: Literal["accepted", "rejected"] = "accepted" if verdict.accepted else "rejected"
+    return Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
+
+
+def observation_of(client_id: str, verdict: Verdict, at: float) -> Observation:
+    """What the client's statistics record of a query."""
+    return Observation(client_id, verdict.score, verdict.accepted, at)
+
+
+def batch_screening(service: Service, detector: StatefulDetector) -> Screen:
+    """The batch worker's screening (``Batcher.screen``) for a store that never waits on the
+    network: the batch's queries screened in arrival order, then recorded in their clients'
+    statistics together, as the screening thread does (``ScreeningWorker``)."""
+
+    def screen(queries: Sequence[tuple[str, torch.Tensor, Verdict]]) -> list[Answer | None]:
+        at = time.time()
+        batch = [
+            Pending(
+                client_id, pixels, answer_of(verdict), None, observation_of(client_id, verdict, at)
+            )
+            for client_id, pixels, verdict in queries
+        ]
+        served = detector.screen_batch(batch)
+        track_all(service, [pending.observation for pending in batch if pending.observation])
+        return served
+
+    return screen
 
 
 def track_all(service: Service, observations: Sequence[Observation]) -> None:

@@ -358,7 +358,7 @@ def test_no_stack_trace_on_an_unexpected_error(
     app, client = keyed
     batcher = app.state.service.batcher
 
-    def broken(_pixels: object, explain: bool = False) -> None:
+    def broken(_pixels: object, explain: bool = False, client_id: str | None = None) -> None:
         raise RuntimeError("boom in /srv/secret/path.py line 42")
 
     monkeypatch.setattr(batcher, "submit", broken)

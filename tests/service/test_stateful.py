@@ -143,6 +143,35 @@ def test_flag_answers_as_usual_and_flags(make_client: AppFactory, sequence: np.n
     assert all(status == 200 and "prediction" in body for status, body in answers)
 
 
+def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_own_thread(
+    make_client: AppFactory, tracker_kind: str, sequence: np.ndarray
+) -> None:
+    """A store that never waits on the network is screened by the batch worker right after the
+    guard (no second hand-off); Redis by the screening thread, so that the model never waits on
+    it. Either way the query is screened once and recorded once in the client's statistics."""
+    with make_client(**_settings("flag")) as client:
+        service = client.app_state.service
+        store = service.stateful.store
+        screened_on: list[str] = []
+        real = store.check_and_store_many
+
+        def spy(queries: Sequence[Any], decide: Any) -> None:
+            screened_on.extend(threading.current_thread().name for _ in queries)
+            real(queries, decide)
+
+        store.check_and_store_many = spy
+        answers = bodies(client, sequence[:3], ["t1"] * 3)
+        assert service.tracker.get("t1").requests == 3
+        assert (
+            metric(client, "advguard_stateful_queries_total", policy="flag", outcome="clear") == 3
+        )
+    assert [status for status, _ in answers] == [200, 200, 200]
+    if tracker_kind == "memory":
+        assert screened_on == ["advguard-batcher"] * 3 and service.screening is None
+    else:
+        assert screened_on == ["advguard-screening"] * 3 and service.screening is not None
+
+
 def test_refuse_answers_403_and_nothing_else(
     make_client: AppFactory,
     sequence: np.ndarray,

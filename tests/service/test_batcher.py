@@ -1,0 +1,99 @@
+"""The batch worker's screening hook (``Batcher.screen``): the stateful detector runs on the
+worker, right after the guard decides a batch, when its store never waits on the network."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from functools import partial
+
+import pytest
+import torch
+
+from app.core.guard import Guard, Verdict
+from app.core.images import decode_image
+from app.core.stateful import Answer
+from app.service.batcher import Batcher
+from tests.service.helpers import LabelledImage, LoopThread
+
+Query = tuple[str, torch.Tensor, Verdict]
+
+
+@pytest.fixture
+def pixels(guard: Guard, test_images: list[LabelledImage]) -> list[torch.Tensor]:
+    return [guard.pixels(decode_image(image.data)) for image in test_images[:6]]
+
+
+def test_a_batchs_queries_with_a_client_id_are_screened_on_the_worker_in_arrival_order(
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
+) -> None:
+    screened: list[tuple[str, list[str]]] = []  # (thread, client ids) per call
+
+    def screen(queries: Sequence[Query]) -> list[Answer | None]:
+        screened.append((threading.current_thread().name, [q[0] for q in queries]))
+        # refuse the second client's query, answer the others with class 7
+        return [
+            None if client == "b" else Answer("accepted", 7, 0.5, verdict.score)
+            for client, _, verdict in queries
+        ]
+
+    # the worker waits up to 30 s to fill a batch of 6: the six submissions make one batch
+    batcher = Batcher(guard, max_batch_size=6, max_wait_s=30.0, screen=screen)
+    batcher.start()
+    try:
+        submit = partial(loop_thread.call, batcher.submit)
+        clients = ["a", None, "b", "c", None, "a"]
+        futures = [submit(p, client_id=c) for p, c in zip(pixels, clients, strict=True)]
+        results = [loop_thread.result(f) for f in futures]
+    finally:
+        batcher.stop()
+    assert screened == [("advguard-batcher", ["a", "b", "c", "a"])]
+    assert [r.screened for r in results] == [True, False, True, True, False, True]
+    assert results[2].served is None  # refused
+    for r in (results[0], results[3], results[5]):
+        assert r.served is not None and r.served.class_index == 7
+        assert r.screen_s >= 0.0
+    assert results[1].served is None and results[4].served is None  # not screened
+    expected = guard.classify_pixels(torch.stack(pixels))
+    assert [r.verdict.predicted_class for r in results] == [v.predicted_class for v in expected]
+
+
+def test_a_failing_screen_fails_its_batch_and_the_worker_goes_on(
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
+) -> None:
+    calls: list[int] = []
+
+    def screen(queries: Sequence[Query]) -> list[Answer | None]:
+        calls.append(len(queries))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the screening")
+        return [None for _ in queries]
+
+    batcher = Batcher(guard, max_batch_size=1, max_wait_s=0.0, screen=screen)
+    batcher.start()
+    try:
+        submit = partial(loop_thread.call, batcher.submit)
+        with pytest.raises(RuntimeError, match="a bug in the screening"):
+            loop_thread.result(submit(pixels[0], client_id="a"))
+        after = loop_thread.result(submit(pixels[1], client_id="a"))
+        unscreened = loop_thread.result(submit(pixels[2]))
+    finally:
+        batcher.stop()
+    assert calls == [1, 1]
+    assert after.screened and after.served is None
+    assert not unscreened.screened
+
+
+def test_the_guard_off_screens_nothing(
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
+) -> None:
+    def screen(queries: Sequence[Query]) -> list[Answer | None]:
+        raise AssertionError("an unguarded result was screened")
+
+    batcher = Batcher(guard, max_batch_size=1, max_wait_s=0.0, guarded=False, screen=screen)
+    batcher.start()
+    try:
+        result = loop_thread.result(loop_thread.call(batcher.submit, pixels[0], client_id="a"))
+    finally:
+        batcher.stop()
+    assert not result.screened and not isinstance(result.verdict, Verdict)
