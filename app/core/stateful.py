@@ -99,6 +99,19 @@ def _packed(values: npt.NDArray[np.intp], bits: int, size: int) -> npt.NDArray[n
     return codes
 
 
+def distinct_ascending(values: U64) -> U64:
+    """``np.unique`` for the few dozen values of one query: a sort and one comparison, a third
+    of ``np.unique``'s time at this size (its fixed cost dominates), twice per query."""
+    ordered = np.sort(values)
+    if len(ordered) < 2:
+        return ordered
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    distinct: U64 = ordered[keep]
+    return distinct
+
+
 def _top_distinct(row: U64, top: int) -> U64:
     """The ``top`` largest distinct values of ``row``, descending (fewer if it has fewer). The
     hashes are near uniform, so those above the quantile that leaves ~2 ``top`` of them almost
@@ -113,7 +126,7 @@ def _top_distinct(row: U64, top: int) -> U64:
         else:
             cutoff = np.uint64((1 << 64) - (wanted << 64) // size)
             candidates = row[row >= cutoff]
-        distinct = np.unique(candidates)[::-1][:top]
+        distinct = distinct_ascending(candidates)[::-1][:top]
         if len(distinct) == top or wanted >= size:
             return distinct
         wanted *= 8
@@ -610,7 +623,7 @@ def index_buckets(keys: U64) -> list[int]:
     """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
     present = keys[keys != 0]
     mask = np.uint64((1 << BUCKET_BITS) - 1)
-    numbers: list[int] = np.unique((present >> np.uint64(BUCKET_SHIFT)) & mask).tolist()
+    numbers: list[int] = distinct_ascending((present >> np.uint64(BUCKET_SHIFT)) & mask).tolist()
     return numbers
 
 

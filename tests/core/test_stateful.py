@@ -27,6 +27,7 @@ from app.core.stateful import (
     changes_answer,
     count_matches,
     default_scheme,
+    distinct_ascending,
     eight_bit,
     evidence_of,
     hamming,
@@ -351,6 +352,16 @@ def test_honest_near_duplicate_bursts_not_flagged(photos: np.ndarray) -> None:
 
 
 # --------------------------------------------------------------------------- answers and anchors
+
+
+def test_distinct_ascending_is_np_unique() -> None:
+    rng = np.random.default_rng(3)
+    for size in (0, 1, 2, 3, 50, 120):
+        for high in (2, 40, 1 << 62):
+            values = rng.integers(0, high, size).astype(np.uint64)
+            got = distinct_ascending(values)
+            assert got.dtype == np.uint64
+            assert got.tolist() == np.unique(values).tolist()
 
 
 @pytest.mark.parametrize("size", [5, 40, 3_000])  # short and long ranges: both ways of counting
