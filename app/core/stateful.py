@@ -835,46 +835,45 @@ class InProcessFingerprintStore:
         """Match the query against its client's and everyone's live queries, then store it with
         ``answer``. ``keys`` (a store index's keys) are not needed: the scan sees every entry."""
         client = self._match_client(client_id, fingerprint, digest, at)
-        buckets = None if keys is None else index_buckets(keys)
-        everyone = self._match_everyone(client_id, fingerprint, digest, at, buckets)
+        filed = None if keys is None else self._bucket_lists(index_buckets(keys))
+        everyone = self._match_everyone(client_id, fingerprint, digest, at, filed)
         self._count += 1
         self._add_client(client_id, fingerprint, digest, at, answer)
         self._add_everyone(client_id, fingerprint, digest, at, answer)
-        if buckets is not None:
-            self._file(buckets, self._count)
+        for numbers in filed or ():  # filed in its buckets
+            numbers.append(self._count)
         return evidence_of(client, everyone), Stored(client_id, self._count)
 
     def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
         check_and_store_each(self, queries, decide)
 
-    def _candidates(self, buckets: list[int]) -> npt.NDArray[np.int64]:
-        """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets``; drops
-        the numbers of entries the ring has overwritten from every bucket it reads."""
+    def _bucket_lists(self, buckets: list[int]) -> list[array.array[int]]:
+        """The index's list of each of ``buckets`` (made when new), each without the numbers of
+        entries the ring has overwritten: one lookup a bucket serves the match and the filing."""
         lowest = self._count - self.max_fingerprints + 1  # entries below left the ring
+        index = self._index
         lists = []
         for bucket in buckets:
-            filed = self._index.get(bucket)
-            if not filed:
-                continue
-            if filed[0] < lowest:
+            filed = index.get(bucket)
+            if filed is None:
+                filed = index[bucket] = array.array("q")
+            elif filed and filed[0] < lowest:
                 del filed[: bisect.bisect_left(filed, lowest)]
             lists.append(filed)
+        return lists
+
+    def _candidates(self, filed: list[array.array[int]]) -> npt.NDArray[np.int64]:
+        """Ring slots of the entries in at least ``MIN_SHARED_KEYS`` of the query's bucket
+        lists (``_bucket_lists``)."""
         # one copy of the numbers filed (the buckets are int64 arrays): building them from
         # Python ints was most of a lookup once a few popular buckets (flat image areas) held
         # thousands of entries
-        filed_all = np.frombuffer(b"".join(lists), dtype=np.int64)
-        found = repeated_at_least(filed_all, MIN_SHARED_KEYS, max(lowest, 1), self._count)
+        numbers = np.frombuffer(b"".join(filed), dtype=np.int64)
+        lowest = max(self._count - self.max_fingerprints + 1, 1)
+        found = repeated_at_least(numbers, MIN_SHARED_KEYS, lowest, self._count)
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]
         return kept
-
-    def _file(self, buckets: list[int], entry: int) -> None:
-        for bucket in buckets:
-            filed = self._index.get(bucket)
-            if filed is None:
-                self._index[bucket] = array.array("q", (entry,))
-            else:
-                filed.append(entry)
 
     def relabel(self, stored: Stored, answer: Answer) -> None:
         """Keep ``answer`` with a stored query instead (the answer it was actually served)."""
@@ -945,15 +944,15 @@ class InProcessFingerprintStore:
         fingerprint: npt.NDArray[np.generic],
         digest: bytes,
         at: float,
-        buckets: list[int] | None = None,
+        filed: list[array.array[int]] | None = None,
     ) -> ScopeMatch:
         if self._rows is None or self._size == 0:
             return NO_MATCH
-        if buckets is None:  # scan every slot ever written, in place (no copy)
+        if filed is None:  # scan every slot ever written, in place (no copy)
             candidates = np.arange(self._written)
             similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
         else:  # the index's candidates only
-            candidates = self._candidates(buckets)
+            candidates = self._candidates(filed)
             similarities = self.scheme.similarity(fingerprint, self._rows[candidates])
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
