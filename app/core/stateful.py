@@ -904,6 +904,8 @@ class InProcessFingerprintStore:
             similarities = self.scheme.similarity(fingerprint, buffer.rows[fresh])
             digests = [buffer.digests[i] for i in fresh.tolist()]
             answers = [buffer.answers[i] for i in fresh.tolist()]
+        if not near_duplicates(similarities, self.scheme.threshold).any():
+            return NO_MATCH  # what summarise_matches gives no matches, without its work
         return summarise_matches(
             similarities,
             digests,
@@ -957,6 +959,8 @@ class InProcessFingerprintStore:
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
         found = np.flatnonzero(live & near_duplicates(similarities, self.scheme.threshold))
+        if len(found) == 0:  # what summarise_matches gives no matches, without its work
+            return NO_MATCH
         found = found[np.argsort(self._entry[candidates[found]], kind="stable")]
         slots = candidates[found].tolist()
         return summarise_matches(

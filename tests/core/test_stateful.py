@@ -386,6 +386,17 @@ def test_repeated_at_least_against_a_counter(size: int, times: int) -> None:
         repeated_at_least(short_range, 0, 7, 9)
 
 
+def test_no_near_duplicate_summarises_to_no_match() -> None:
+    """The stores return NO_MATCH without summarising when nothing is a near-duplicate: it must
+    be exactly what the summary of such a scope is."""
+    for similarities in (np.zeros(0), np.array([3.0, 24.0])):
+        n = len(similarities)
+        summary = summarise_matches(
+            similarities, [b"a", b"b"][:n], ["c", "d"][:n], [None] * n, b"x", "c", 25.0, np.zeros(n)
+        )
+        assert summary == NO_MATCH
+
+
 def test_summarise_matches_pure() -> None:
     """Counts as ``count_matches``; the anchor is the earliest match (copies included, ties: the
     oldest stored); other senders in order, the query's own client left out."""
