@@ -2,7 +2,8 @@
 
 1. *Fingerprint*: ``StatefulDetector.fingerprints`` (8-bit conversion, window hashes, sketch,
    digest) on decoded CIFAR-10 test images, one at a time and in batches of ``FINGERPRINT_BATCH``
-   (the service's screening thread takes whatever is waiting, up to 64).
+   (the service screens a model batch at a time in process, whatever is waiting up to 64 on the
+   screening thread with Redis).
 2. *Stores*: ``--queries`` distinct CIFAR-10 training photos through the in-process store and
    the Redis store (a fresh redis-server, no persistence) capped at ``--cap``: time per
    check-and-store, and Redis ``used_memory`` as the store fills (bytes per stored query) and
@@ -81,7 +82,7 @@ def ms(values: list[float]) -> dict[str, float]:
 
 def fingerprint_times(pixels: list[torch.Tensor], threads: int = 1) -> dict[str, Any]:
     """``StatefulDetector.fingerprints`` per query, one at a time and in batches of
-    ``FINGERPRINT_BATCH`` (what the screening thread does), with ``threads`` fingerprint
+    ``FINGERPRINT_BATCH`` (a screened batch's size), with ``threads`` fingerprint
     threads (``ADVGUARD_STATEFUL_FINGERPRINT_THREADS``)."""
     scheme = default_scheme(SECRET)
     detector = StatefulDetector(

@@ -148,7 +148,7 @@ class Settings(BaseSettings):
     # is detected (DetectionRule.changed_matches); 0: off
     stateful_changed_matches: int = Field(default=DEFAULT_RULE.changed_matches or 0, ge=0)
     # threads that hash large uploads (ImageNet size) of one screening batch at once; images of
-    # CIFAR size are hashed on the screening thread whatever this says
+    # CIFAR size are hashed on the thread that screens whatever this says
     stateful_fingerprint_threads: int = Field(default=2, ge=1, le=64)
 
     @model_validator(mode="after")

@@ -100,7 +100,8 @@ class Pending:
 
 class StatefulDetector:
     """A scheme, a rule and a store, with the store's outage handling and the policy. Only the
-    screening thread touches the store (``ScreeningWorker``); ``screen_batch`` is its work."""
+    thread that screens touches the store (the batch worker in process, ``ScreeningWorker``
+    with Redis); ``screen_batch`` is its work."""
 
     def __init__(
         self,
@@ -394,7 +395,8 @@ async def track_and_screen(
     service: Service, observation: Observation, pixels: torch.Tensor, answer: Answer
 ) -> Answer:
     """Pass the classified query through the stateful detector (when on) and record it in the
-    client's statistics: the answer it gets; raises the 403 of the ``refuse`` policy. With the
+    client's statistics: the answer it gets; raises the 403 of the ``refuse`` policy (a query
+    the batch worker did not screen already: with Redis, or the detector off). With the
     detector on, the screening thread records it after screening its batch, with the rest of
     the batch (one thread hop per request: a second hop measurably cost throughput);
     otherwise it is recorded here (``tracker_call``: on the event loop for the in-process
