@@ -3,8 +3,9 @@
 The batch worker and the screening thread (Redis) each answer a batch of requests at once.
 Answering each request's ``concurrent.futures`` future, awaited through ``asyncio.wrap_future``,
 woke the event loop once per request (a write to its self-pipe, and the interpreter lock
-handed over each time). Measured on 2 cores under load (docs/service.md, micro-batching): one wake-up per batch saved
-about 0.23 ms of CPU per request in the batch worker and 0.1-0.2 ms in the screening thread.
+handed over each time). Measured on 2 cores under load (docs/service.md, micro-batching): one
+wake-up per batch saved about 0.23 ms of CPU per request in the batch worker and 0.1-0.2 ms in
+the screening thread.
 
 So the workers' ``submit`` runs on the loop and returns a future of that loop, and a worker
 answers a whole batch with ``settle``: one call on each loop its futures belong to.
