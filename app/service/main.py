@@ -39,7 +39,13 @@ from app.service.routes import router
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
-from app.service.stateful import ScreeningWorker, batch_screening, build_stateful, track_all
+from app.service.stateful import (
+    ScreeningWorker,
+    batch_screening,
+    build_stateful,
+    screens_on_batch_worker,
+    track_all,
+)
 from app.service.tracking import ClientTracker, InMemoryTracker, RedisTracker
 
 log = logging.getLogger("advguard.service")
@@ -116,12 +122,15 @@ def build_service(
     service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
     service.neighbour_images = neighbour_images(settings, guard)
     service.stateful = build_stateful(settings, metrics, tracker.flag)
-    if service.stateful is not None and (service.stateful.store.blocks or tracker.blocks):
-        service.screening = ScreeningWorker(
-            service.stateful.screen_batch, track=partial(track_all, service)
-        )
-    elif service.stateful is not None:  # never waits: screened on the batch worker
-        batcher.screen = batch_screening(service, service.stateful)
+    if service.stateful is not None:
+        if screens_on_batch_worker(
+            service.stateful.store.blocks, tracker.blocks, guard.network.device.type
+        ):
+            batcher.screen = batch_screening(service, service.stateful)
+        else:
+            service.screening = ScreeningWorker(
+                service.stateful.screen_batch, track=partial(track_all, service)
+            )
     manifest = guard.manifest
     metrics.bundle.info(
         {

@@ -28,7 +28,12 @@ from app.core.stateful import (
 from app.service.main import create_app
 from app.service.metrics import Metrics
 from app.service.settings import Settings
-from app.service.stateful import Pending, ScreeningWorker, build_stateful
+from app.service.stateful import (
+    Pending,
+    ScreeningWorker,
+    build_stateful,
+    screens_on_batch_worker,
+)
 from app.service.tracking import Observation
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
@@ -170,6 +175,22 @@ def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_o
         assert screened_on == ["advguard-batcher"] * 3 and service.screening is None
     else:
         assert screened_on == ["advguard-screening"] * 3 and service.screening is not None
+
+
+@pytest.mark.parametrize(
+    ("store_blocks", "tracker_blocks", "device", "on_worker"),
+    [
+        (False, False, "cpu", True),  # in process on the CPU: the batch worker
+        (True, True, "cpu", False),  # Redis: never make the model wait on it
+        (True, False, "cpu", False),
+        (False, True, "cpu", False),
+        (False, False, "cuda", False),  # a GPU's batches overlap the screening thread's work
+    ],
+)
+def test_where_the_service_screens(
+    store_blocks: bool, tracker_blocks: bool, device: str, on_worker: bool
+) -> None:
+    assert screens_on_batch_worker(store_blocks, tracker_blocks, device) is on_worker
 
 
 def test_refuse_answers_403_and_nothing_else(
