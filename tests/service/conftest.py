@@ -10,9 +10,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from app.core.guard import Guard
+from app.core.images import decode_image
 from app.service.main import create_app
 from app.service.settings import DEFAULT_BUNDLE, Settings
 from tests.service.helpers import (
@@ -56,6 +58,12 @@ def loop_thread() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def guard() -> Guard:
     return Guard.load(DEFAULT_BUNDLE, device="cpu")
+
+
+@pytest.fixture
+def pixels(guard: Guard, test_images: list[LabelledImage]) -> list[torch.Tensor]:
+    """The first four test images as the model's pixels (the batcher's tests submit these)."""
+    return [guard.pixels(decode_image(image.data)) for image in test_images[:4]]
 
 
 @pytest.fixture(scope="session")

@@ -84,11 +84,6 @@ def _wait_for(condition: Any, what: str) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture
-def pixels(guard: Guard, test_images: list[LabelledImage]) -> list[torch.Tensor]:
-    return [guard.pixels(decode_image(image.data)) for image in test_images[:4]]
-
-
 # --------------------------------------------------------------------------- the batcher
 
 
