@@ -531,10 +531,12 @@ def summarise_matches(
     Which entries are live is the store's business; what a match is, and what it counts, is
     decided here only."""
     count = count_matches(similarities, digests, own_digest, threshold)
-    matched = np.flatnonzero(near_duplicates(similarities, threshold)).tolist()
-    if not matched:
+    matched_rows = np.flatnonzero(near_duplicates(similarities, threshold))
+    if len(matched_rows) == 0:
         return ScopeMatch(count, (), None, np.inf)
-    first = min(matched, key=lambda i: float(stored_at[i]))  # ties: the oldest stored
+    # the earliest stored; ties: the first given (argmin's first minimum), the oldest stored
+    first = int(matched_rows[np.argmin(stored_at[matched_rows])])
+    matched = matched_rows.tolist()
     others: list[str] = []
     for i in matched:
         sender = clients[i]
