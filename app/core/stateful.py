@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -99,7 +99,10 @@ def _packed(values: npt.NDArray[np.intp], bits: int, size: int) -> npt.NDArray[n
     return codes
 
 
-def distinct_ascending(values: U64) -> U64:
+Ints = TypeVar("Ints", U64, npt.NDArray[np.int64])
+
+
+def distinct_ascending(values: Ints) -> Ints:
     """``np.unique`` for the few dozen values of one query: a sort and one comparison, a third
     of ``np.unique``'s time at this size (its fixed cost dominates), twice per query."""
     ordered = np.sort(values)
@@ -108,7 +111,7 @@ def distinct_ascending(values: U64) -> U64:
     keep = np.empty(len(ordered), dtype=bool)
     keep[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
-    distinct: U64 = ordered[keep]
+    distinct: Ints = ordered[keep]
     return distinct
 
 
@@ -629,6 +632,9 @@ def index_buckets(keys: U64) -> list[int]:
     return numbers
 
 
+BINCOUNT_RANGE_PER_NUMBER = 32  # count over the range up to this many values per number
+
+
 def repeated_at_least(
     numbers: npt.NDArray[np.int64], times: int, low: int, high: int
 ) -> npt.NDArray[np.int64]:
@@ -648,13 +654,8 @@ def repeated_at_least(
         return counted
     ordered = np.sort(numbers)
     gap = times - 1
-    repeated = ordered[gap:][ordered[gap:] == ordered[: len(ordered) - gap]]
-    first = np.concatenate(([True], repeated[1:] != repeated[:-1]))[: len(repeated)]
-    distinct: npt.NDArray[np.int64] = repeated[first]
-    return distinct
+    return distinct_ascending(ordered[gap:][ordered[gap:] == ordered[: len(ordered) - gap]])
 
-
-BINCOUNT_RANGE_PER_NUMBER = 32  # count over the range up to this many values per number
 
 # --------------------------------------------------------------------------- the store
 

@@ -382,14 +382,11 @@ def batch_screening(service: Service, detector: StatefulDetector) -> Screen:
 
     def screen(queries: Sequence[tuple[str, torch.Tensor, Verdict]]) -> list[Answer | None]:
         at = time.time()
-        batch = [
-            Pending(
-                client_id, pixels, answer_of(verdict), None, observation_of(client_id, verdict, at)
-            )
-            for client_id, pixels, verdict in queries
-        ]
-        served = detector.screen_batch(batch)
-        track_all(service, [pending.observation for pending in batch if pending.observation])
+        observations = [observation_of(client, verdict, at) for client, _, verdict in queries]
+        served = detector.screen_batch(
+            [Pending(client, pixels, answer_of(verdict)) for client, pixels, verdict in queries]
+        )
+        track_all(service, observations)
         return served
 
     return screen
