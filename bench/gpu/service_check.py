@@ -15,9 +15,12 @@ the GPU; the Mahalanobis statistics are numpy on the CPU, as in production. Step
    search, and model only), and the detector's time by stage (``stage_times``).
 3. (a) ``advguard serve`` with the guard, one run per ``ADVGUARD_MAX_BATCH_SIZE`` of the sweep,
    closed-loop load at one concurrency (``run_service``); (b) the same with the guard off at the
-   best batch size. Deadline shedding is off (``ADVGUARD_LATENCY_BUDGET_MS=0``) and the queue
-   holds every client, so the figures are throughput, not the admission policy. The client
-   tracker is the in-process one (no Redis on that machine).
+   best batch size, and (a-) the guard without the query screening (issue 13's stateful
+   detection, which the default service runs) at the same size. Deadline shedding is off
+   (``ADVGUARD_LATENCY_BUDGET_MS=0``) and the queue holds every client, so the figures are
+   throughput, not the admission policy. Requests come from ``CLIENT_IDS`` client ids in turn,
+   as in ``bench.service_vs_bare``; the client tracker is the in-process one (no Redis on that
+   machine), and with the model on the GPU the screening runs on its own thread.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ VARIANTS: tuple[tuple[Precision, bool], ...] = (
     ("fp16", False),
     ("fp16", True),
 )
+CLIENT_IDS = 1000  # X-Client-ID values in turn, as bench.service_vs_bare's default
 
 
 def verdicts(guard: Guard, pixels: torch.Tensor, batch: int) -> list[Verdict]:
@@ -165,9 +169,13 @@ def run(
     off_env = {**env, "ADVGUARD_MAX_BATCH_SIZE": str(best["max_batch_size"])}
     off_env["ADVGUARD_GUARD_ENABLED"] = "false"
     unguarded = served(off_env, load, jpegs, "(b) guard off", warmup_s)
-    errors = [row["error"] for row in [*sweep, unguarded] if "error" in row]
+    unscreened_env = {**off_env, "ADVGUARD_GUARD_ENABLED": "true"}
+    unscreened_env["ADVGUARD_STATEFUL_ENABLED"] = "false"
+    unscreened = served(unscreened_env, load, jpegs, "(a-) guard on, screening off", warmup_s)
+    errors = [row["error"] for row in [*sweep, unguarded, unscreened] if "error" in row]
     a = saturation(best) if "error" not in best else None
     b = saturation(unguarded) if "error" not in unguarded else None
+    a_minus = saturation(unscreened) if "error" not in unscreened else None
     c = limit["limit"]["images_per_s"]
     return {
         "bundle": bundle.name,
@@ -184,10 +192,14 @@ def run(
         "guard_on_sweep": sweep,
         "best_max_batch_size": best["max_batch_size"],
         "guard_off": unguarded,
+        "guard_without_screening": unscreened,
+        "client_ids": CLIENT_IDS,
         "a_images_per_s": a,
+        "a_minus_images_per_s": a_minus,
         "b_images_per_s": b,
         "c_images_per_s": c,
         "a_over_b": None if a is None or b is None else ratio(a, b),
+        "a_minus_over_b": None if a_minus is None or b is None else ratio(a_minus, b),
         "a_over_c": None if a is None else ratio(a, c),
         "errors": errors,
     }
@@ -200,7 +212,7 @@ def served(
     an error, so the runs that did work (and the in-process figures) are kept."""
     started = time.perf_counter()
     try:
-        result = run_service(env, load, jpegs, label, warmup_s)
+        result = run_service(env, load, jpegs, label, warmup_s, clients=CLIENT_IDS)
     except Exception as exc:  # a subprocess and sockets: anything may go wrong there
         print(f"{label}: {type(exc).__name__}: {exc}", flush=True)
         result = {"env": env, "error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -244,17 +256,20 @@ def table(results: dict[str, Any]) -> str:
     return (
         f"Bundle `{results['bundle']}` (model on {results['device']}, index on "
         f"{results['index_device']}, torch exact search), {results['images']} synthetic "
-        f"{results['image_size']} px JPEGs, {results['concurrency']} closed-loop clients for "
-        f"{results['seconds_per_level']} s per run.\n\n"
+        f"{results['image_size']} px JPEGs, {results['concurrency']} closed-loop connections "
+        f"for {results['seconds_per_level']} s per run, {results['client_ids']:,} client ids "
+        "in turn.\n\n"
         f"| | images/s |\n| --- | --- |\n"
-        f"| (a) service, guard on (best max batch {results['best_max_batch_size']}) "
-        f"| {results['a_images_per_s']} |\n"
+        f"| (a) service, guard on with query screening (best max batch "
+        f"{results['best_max_batch_size']}) | {results['a_images_per_s']} |\n"
+        f"| (a-) service, guard on, no query screening | {results['a_minus_images_per_s']} |\n"
         f"| (b) service, guard off | {results['b_images_per_s']} |\n"
         f"| (c) in process, model + search (batch {limit['batch_size']}) "
         f"| {results['c_images_per_s']} |\n"
         f"| in process, model only (batch {model_only['batch_size']}) "
         f"| {model_only['images_per_s']} |\n\n"
-        f"a / b = {_percent(results['a_over_b'])}, a / c = {_percent(results['a_over_c'])}.\n\n"
+        f"a / b = {_percent(results['a_over_b'])}, a- / b = "
+        f"{_percent(results['a_minus_over_b'])}, a / c = {_percent(results['a_over_c'])}.\n\n"
         "Guard-on sweep of ADVGUARD_MAX_BATCH_SIZE:\n\n"
         "| max batch | images/s | p50 / p99 ms | mean batch | statuses |\n"
         f"| --- | --- | --- | --- | --- |\n{sweep}\n\n"

@@ -112,11 +112,16 @@ def _check_service(service: dict[str, Any]) -> None:
     assert service["image_size"] == "32x32"
     assert [row["max_batch_size"] for row in service["guard_on_sweep"]] == [4, 16]
     assert service["best_max_batch_size"] in (4, 16)
-    for key in ("a_images_per_s", "b_images_per_s", "c_images_per_s"):
+    for key in ("a_images_per_s", "a_minus_images_per_s", "b_images_per_s", "c_images_per_s"):
         assert service[key] > 0
-    for run in [*service["guard_on_sweep"], service["guard_off"]]:
+    unscreened = service["guard_without_screening"]
+    for run in [*service["guard_on_sweep"], service["guard_off"], unscreened]:
         assert set(run["saturation"]["statuses"]) == {"200"}
     assert service["guard_off"]["env"]["ADVGUARD_GUARD_ENABLED"] == "false"
+    assert unscreened["env"]["ADVGUARD_GUARD_ENABLED"] == "true"
+    assert unscreened["env"]["ADVGUARD_STATEFUL_ENABLED"] == "false"
+    assert unscreened["env"]["ADVGUARD_MAX_BATCH_SIZE"] == str(service["best_max_batch_size"])
+    assert service["client_ids"] == 1000
     assert service["guard_off"]["env"]["ADVGUARD_SEARCH_BACKEND"] == "torch"
     variants = service["execution"]["variants"]
     assert [(v["precision"], v["channels_last"]) for v in variants] == list(gpu_run_variants())
@@ -277,16 +282,20 @@ def test_a_service_that_fails_is_recorded_and_the_others_kept(
         ],
         "best_max_batch_size": 64,
         "guard_off": {**row},
+        "guard_without_screening": {**row},
+        "client_ids": 1000,
         "a_images_per_s": 10.0,
+        "a_minus_images_per_s": None,
         "b_images_per_s": None,
         "c_images_per_s": 12.0,
         "a_over_b": None,
+        "a_minus_over_b": None,
         "a_over_c": 10.0 / 12.0,
     }
     text = service_check.table(results)
     assert "| 32 | error: RuntimeError: the service did not start |" in text
     assert "| 64 | 10.0 |" in text
-    assert "a / b = -, a / c = 83.3%" in text
+    assert "a / b = -, a- / b = -, a / c = 83.3%" in text
     assert "RuntimeError: the service did not start." in text
 
 
