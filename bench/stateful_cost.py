@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +69,9 @@ def query_photos(count: int) -> np.ndarray:
 
 
 FINGERPRINT_BATCH = 32
-IMAGENET_FINGERPRINT_THREADS = 2  # the service's default ADVGUARD_STATEFUL_FINGERPRINT_THREADS
-IMAGENET_IMAGES = 320  # ten batches of 32 at 224x224 for each thread setting
+IMAGENET_FINGERPRINT_PROCESSES = 2  # the service's ADVGUARD_STATEFUL_FINGERPRINT_PROCESSES
+IMAGENET_IMAGES = 320  # ten batches of 32 at 224x224 for each setting
+BUSY_IMAGES = 64  # two batches of 32 beside a busy interpreter thread (on one thread: slow)
 
 
 def ms(values: list[float]) -> dict[str, float]:
@@ -80,24 +83,48 @@ def ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def fingerprint_times(pixels: list[torch.Tensor], threads: int = 1) -> dict[str, Any]:
-    """``StatefulDetector.fingerprints`` per query, one at a time and in batches of
-    ``FINGERPRINT_BATCH`` (a screened batch's size), with ``threads`` fingerprint
-    threads (``ADVGUARD_STATEFUL_FINGERPRINT_THREADS``)."""
+@contextmanager
+def busy_interpreter() -> Iterator[None]:
+    """A thread that runs Python bytecode and never waits, as the service's event loop does at
+    saturation: every thread that gives the interpreter lock back (numpy over a large array)
+    must then wait for it."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        total = 0
+        while not stop.is_set():
+            for i in range(1000):
+                total += i
+
+    thread = threading.Thread(target=spin, name="busy-interpreter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fingerprint_times(
+    pixels: list[torch.Tensor], processes: int = 0, single: bool = True
+) -> dict[str, Any]:
+    """``StatefulDetector.fingerprints`` per query, one at a time (``single``) and in batches
+    of ``FINGERPRINT_BATCH`` (a screened batch's size), with ``processes`` fingerprint worker
+    processes (``ADVGUARD_STATEFUL_FINGERPRINT_PROCESSES``; they take large images only)."""
     scheme = default_scheme(SECRET)
     detector = StatefulDetector(
         scheme,
         DEFAULT_RULE,
         InProcessFingerprintStore(scheme),
         "silent",
-        fingerprint_threads=threads,
+        fingerprint_processes=processes,
     )
-    detector.fingerprints(pixels[:FINGERPRINT_BATCH])  # warm: the hash tables, the pool's threads
-    single = []
-    for p in pixels:
+    detector.fingerprints(pixels[:FINGERPRINT_BATCH])  # warm: hash tables, worker processes
+    alone = []
+    for p in pixels if single else []:
         t0 = time.perf_counter()
         detector.fingerprint(p)
-        single.append(time.perf_counter() - t0)
+        alone.append(time.perf_counter() - t0)
     batched = []
     for start in range(0, len(pixels) - FINGERPRINT_BATCH + 1, FINGERPRINT_BATCH):
         t0 = time.perf_counter()
@@ -106,8 +133,8 @@ def fingerprint_times(pixels: list[torch.Tensor], threads: int = 1) -> dict[str,
     detector.close()
     return {
         "images": len(pixels),
-        "threads": threads,
-        "ms": ms(single),
+        "processes": processes,
+        **({"ms": ms(alone)} if single else {}),
         "batch": FINGERPRINT_BATCH,
         "batch_ms": ms(batched),
     }
@@ -121,14 +148,20 @@ def fingerprint_cost_imagenet(jpegs: list[bytes]) -> dict[str, Any]:
     """The fingerprint at ImageNet's input size: CIFAR-10 photos upscaled to 256 px and
     preprocessed like an ImageNet bundle's uploads (resize 256, crop 224), 150,528 values a
     query instead of 3,072 (no ImageNet here; the cost depends on the size, not on what the
-    photo shows)."""
+    photo shows). On the screening thread and on the worker processes, each alone and beside a
+    busy interpreter thread (``busy_interpreter``)."""
     preset = PRESETS["imagenet"]
     pixels = []
     for data in jpegs:
         picture = decode_image(data).resize((preset.resize, preset.resize), Image.BICUBIC)
         pixels.append(image_to_pixels(picture, preset))
-    threaded = fingerprint_times(pixels, IMAGENET_FINGERPRINT_THREADS)
-    return fingerprint_times(pixels) | {"side": preset.crop, "threaded": threaded}
+    processes = IMAGENET_FINGERPRINT_PROCESSES
+    pooled = fingerprint_times(pixels, processes)
+    busy = {}
+    for label, count in (("thread", 0), ("processes", processes)):
+        with busy_interpreter():
+            busy[label] = fingerprint_times(pixels[:BUSY_IMAGES], count, single=False)
+    return fingerprint_times(pixels) | {"side": preset.crop, "processes": pooled, "busy": busy}
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -285,9 +318,13 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{results['fingerprint']['batch_ms']['mean']:.3f} ms mean per query |",
         f"| fingerprint per query at ImageNet's {imagenet['side']}x{imagenet['side']} (CIFAR-10 "
         f"photos upscaled) | {imagenet['ms']['mean']:.2f} ms mean, {imagenet['ms']['p99']:.2f} ms "
-        f"p99; in batches of {imagenet['batch']}: {imagenet['batch_ms']['mean']:.2f} ms on one "
-        f"thread, {imagenet['threaded']['batch_ms']['mean']:.2f} ms on "
-        f"{imagenet['threaded']['threads']} fingerprint threads |",
+        f"p99; in batches of {imagenet['batch']}: {imagenet['batch_ms']['mean']:.2f} ms on the "
+        f"screening thread, {imagenet['processes']['batch_ms']['mean']:.2f} ms on "
+        f"{imagenet['processes']['processes']} worker processes |",
+        f"| the same batches beside a busy interpreter thread (the event loop at saturation): "
+        f"on the screening thread / on the worker processes | "
+        f"{imagenet['busy']['thread']['batch_ms']['mean']:.2f} / "
+        f"{imagenet['busy']['processes']['batch_ms']['mean']:.2f} ms per query |",
         f"| in-process store, check + store per query (index; cap {st['cap']:,}, full) | "
         f"{(st['in_process_ms_full'] or st['in_process_ms'])['mean']:.3f} ms mean |",
         f"| Redis store, check + store per query (one script on one Redis, loopback, full) | "

@@ -29,7 +29,6 @@ import bisect
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import cache
 from typing import Literal, Protocol, TypeVar
@@ -141,7 +140,6 @@ def window_hashes(
     step: int,
     window: int,
     top: int,
-    pool: Executor | None = None,
 ) -> U64:
     """(n, 3, H, W) uint8 -> (n, top) uint64, each row sorted descending, 0 padding a row with
     fewer distinct windows than ``top``.
@@ -156,10 +154,9 @@ def window_hashes(
     chunk of the window's positions at a time (``_chunk_tables``): the same value as the
     position-by-position sum (the tests check it against that), in a fifth of the operations.
 
-    With a ``pool``, images large enough to fill a pass alone (ImageNet's 224x224: 150,528
-    values) are hashed on its threads at once: numpy releases the interpreter lock on arrays that
-    size, and each pass writes its own rows, so the result is the same. Smaller images stay on
-    the calling thread, where the lock, not the arithmetic, would bound them.
+    Large images (ImageNet's 224x224: 150,528 values) are hashed one per pass, each pass a few
+    numpy calls over the image that hand the interpreter lock back and forth: the service hashes
+    them in worker processes (``app.service.hashing``), where no other thread waits for it.
     """
     n = images.shape[0]
     size = int(np.prod(images.shape[1:]))
@@ -177,13 +174,8 @@ def window_hashes(
             distinct = _top_distinct(hashes[i], top)
             out[first + i, : len(distinct)] = distinct
 
-    starts = range(0, n, per_pass)
-    if pool is not None and size >= HASHED_VALUES_PER_PASS and len(starts) > 1:
-        for _ in pool.map(hash_pass, starts):  # re-raises a pass's exception
-            pass
-    else:
-        for first in starts:
-            hash_pass(first)
+    for first in range(0, n, per_pass):
+        hash_pass(first)
     return out
 
 
@@ -374,14 +366,12 @@ class WindowHashScheme:
     ) -> U64:
         return self.fingerprints_and_keys(images)[0]
 
-    def fingerprints_and_keys(
-        self, images: npt.NDArray[np.uint8], pool: Executor | None = None
-    ) -> tuple[U64, U64]:
+    def fingerprints_and_keys(self, images: npt.NDArray[np.uint8]) -> tuple[U64, U64]:
         """(sketches, window hashes) from one hashing pass: the sketch is what the match rule
         compares; the hashes themselves (0: padding) are the keys of a store's index, since two
         queries whose sketches share ``threshold`` bits share almost as many hashes (chance
-        bit collisions: ~2.4 of ~50). ``pool``: threads for large images (``window_hashes``)."""
-        hashes = window_hashes(images, self.secret, self.step, self.window, self.top, pool)
+        bit collisions: ~2.4 of ~50)."""
+        hashes = window_hashes(images, self.secret, self.step, self.window, self.top)
         return window_sketch(hashes), hashes
 
     def similarity(
@@ -390,6 +380,23 @@ class WindowHashScheme:
         return shared_bits(
             query.astype(np.uint64, copy=False), stored.astype(np.uint64, copy=False)
         ).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ImagePrints:
+    """What a store keeps of a batch of 8-bit images, row i for image i: the sketches the match
+    rule compares, the window hashes that key the index, and the exact-pixel digests."""
+
+    sketches: U64
+    keys: U64
+    digests: list[bytes]
+
+
+def fingerprint_images(scheme: WindowHashScheme, images: npt.NDArray[np.uint8]) -> ImagePrints:
+    """The one computation of a batch's prints (a module-level function, so that worker
+    processes can run it on parts of a batch: the parts' rows concatenated are the batch's)."""
+    sketches, keys = scheme.fingerprints_and_keys(images)
+    return ImagePrints(sketches, keys, pixel_digests(images))
 
 
 @dataclass(frozen=True)

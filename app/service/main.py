@@ -121,7 +121,8 @@ def build_service(
         identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
     service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
     service.neighbour_images = neighbour_images(settings, guard)
-    service.stateful = build_stateful(settings, metrics, tracker.flag)
+    crop = guard.preset.crop
+    service.stateful = build_stateful(settings, metrics, tracker.flag, 3 * crop * crop)
     if service.stateful is not None:
         if screens_on_batch_worker(
             service.stateful.store.blocks, tracker.blocks, guard.network.device.type

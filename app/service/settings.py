@@ -147,9 +147,10 @@ class Settings(BaseSettings):
     # distinct near-duplicates from which a query whose answer would change its anchor's class
     # is detected (DetectionRule.changed_matches); 0: off
     stateful_changed_matches: int = Field(default=DEFAULT_RULE.changed_matches or 0, ge=0)
-    # threads that hash large uploads (ImageNet size) of one screening batch at once; images of
-    # CIFAR size are hashed on the thread that screens whatever this says
-    stateful_fingerprint_threads: int = Field(default=2, ge=1, le=64)
+    # worker processes that hash the large uploads (ImageNet size) of a screening batch, parts
+    # at once (app/service/hashing.py); 0: on the thread that screens. CIFAR-size uploads are
+    # hashed on that thread whatever this says
+    stateful_fingerprint_processes: int = Field(default=2, ge=0, le=64)
 
     @model_validator(mode="after")
     def _shared_secret_with_redis(self) -> Settings:

@@ -40,7 +40,6 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -58,10 +57,10 @@ from app.core.stateful import (
     WindowHashScheme,
     default_scheme,
     eight_bit,
-    pixel_digests,
 )
 from app.service.batcher import Screen
 from app.service.fingerprints import RedisFingerprintStore
+from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics
 from app.service.settings import Settings, StatefulPolicy
 from app.service.settle import settle
@@ -114,15 +113,11 @@ class StatefulDetector:
         flag: Flag | None = None,
         *,
         retry_interval_s: float = 0.5,
-        fingerprint_threads: int = 1,
+        fingerprint_processes: int = 0,
     ) -> None:
         self.scheme = scheme
-        # large uploads of a batch are hashed on these threads at once (bit-identical)
-        self._pool = (
-            ThreadPoolExecutor(fingerprint_threads, thread_name_prefix="advguard-fingerprint")
-            if fingerprint_threads > 1
-            else None
-        )
+        # large uploads are hashed on worker processes (bit-identical; app.service.hashing)
+        self.hasher = FingerprintHasher(scheme, fingerprint_processes)
         self.rule = rule
         self.store = store
         self.policy: StatefulPolicy = policy
@@ -135,9 +130,11 @@ class StatefulDetector:
         """The preprocessed pixels the model sees (each C, H, W in [0, 1]) as 8-bit values,
         hashed in one pass: the same conversion and fingerprint as the evaluation's."""
         images = eight_bit(torch.stack(list(pixels)).detach().cpu().numpy())
-        sketches, keys = self.scheme.fingerprints_and_keys(images, self._pool)
-        digests = pixel_digests(images)
-        return [QueryPrint(sketches[i], keys[i], digests[i]) for i in range(len(images))]
+        prints = self.hasher.fingerprints(images)
+        return [
+            QueryPrint(prints.sketches[i], prints.keys[i], prints.digests[i])
+            for i in range(len(images))
+        ]
 
     def fingerprint(self, pixels: torch.Tensor) -> QueryPrint:
         return self.fingerprints([pixels])[0]
@@ -203,8 +200,7 @@ class StatefulDetector:
             self.metrics.stateful.labels(policy=self.policy, outcome=outcome).inc(n)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        self.hasher.close()
         if isinstance(self.store, RedisFingerprintStore):
             self.store.close()
 
@@ -304,9 +300,12 @@ class ScreeningWorker:
         )
 
 
-def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> StatefulDetector | None:
+def build_stateful(
+    settings: Settings, metrics: Metrics, flag: Flag, image_values: int
+) -> StatefulDetector | None:
     """The settings' detector; None when disabled or with the guard off (nothing is tracked).
-    ``flag`` flags a client (the tracker's)."""
+    ``flag`` flags a client (the tracker's); ``image_values``: values of one preprocessed
+    upload (3 x crop x crop), which decides whether the fingerprint workers start now."""
     if not (settings.stateful_enabled and settings.guard_enabled):
         return None
     given = settings.stateful_secret
@@ -342,7 +341,7 @@ def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> Stateful
         )
     for outcome in STATEFUL_OUTCOMES:
         metrics.stateful.labels(policy=settings.stateful_policy, outcome=outcome)
-    return StatefulDetector(
+    detector = StatefulDetector(
         scheme,
         rule,
         store,
@@ -350,8 +349,11 @@ def build_stateful(settings: Settings, metrics: Metrics, flag: Flag) -> Stateful
         metrics,
         flag,
         retry_interval_s=settings.redis_retry_interval_s,
-        fingerprint_threads=settings.stateful_fingerprint_threads,
+        fingerprint_processes=settings.stateful_fingerprint_processes,
     )
+    if is_large(image_values):
+        detector.hasher.start()
+    return detector
 
 
 def answer_of(verdict: Verdict) -> Answer:

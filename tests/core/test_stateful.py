@@ -4,8 +4,6 @@ bounded account-oblivious store, a Sybil spread and honest near-duplicate bursts
 from __future__ import annotations
 
 import collections
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -30,6 +28,7 @@ from app.core.stateful import (
     distinct_ascending,
     eight_bit,
     evidence_of,
+    fingerprint_images,
     hamming,
     mix64,
     perceptual_hashes,
@@ -460,32 +459,21 @@ def test_window_hashes_in_passes_are_the_one_pass_hashes(
     assert np.array_equal(window_hashes(photos[:7], SECRET, 25, 20, 50), whole)
 
 
-def test_large_images_hashed_on_a_pool_give_the_same_rows(photos: np.ndarray) -> None:
-    """ImageNet-size uploads of a batch are hashed on several threads at once: row for row what
-    one thread computes, in the batch's order; small images ignore the pool."""
+def test_a_batchs_prints_are_its_parts_prints_in_order(photos: np.ndarray) -> None:
+    """The service hashes large uploads in parts on worker processes (``app.service.hashing``):
+    the parts' rows, concatenated, must be the whole batch's, whatever the split."""
     large = np.repeat(np.repeat(photos[:5], 7, axis=2), 7, axis=3)  # 5 x 3 x 224 x 224
     large[2] = 255 - large[2]
-    assert large[0].size >= stateful.HASHED_VALUES_PER_PASS
     scheme = default_scheme(SECRET)
-    alone = scheme.fingerprints_and_keys(large)
-    used: set[str] = set()
-
-    class Recording(ThreadPoolExecutor):
-        def map(self, fn, *iterables, **kwargs):  # type: ignore[no-untyped-def,override]
-            def recorded(*args):  # type: ignore[no-untyped-def]
-                used.add(threading.current_thread().name)
-                return fn(*args)
-
-            return super().map(recorded, *iterables, **kwargs)
-
-    with Recording(3, thread_name_prefix="hash") as pool:
-        pooled = scheme.fingerprints_and_keys(large, pool)
-        assert len(used) > 1 and all(name.startswith("hash") for name in used)
-        assert all(np.array_equal(a, b) for a, b in zip(pooled, alone, strict=True))
-        used.clear()
-        small = scheme.fingerprints_and_keys(photos[:40], pool)
-        assert not used  # CIFAR-size images stay on the calling thread
-        assert np.array_equal(small[1], scheme.fingerprints_and_keys(photos[:40])[1])
+    whole = fingerprint_images(scheme, large)
+    sketches, keys = scheme.fingerprints_and_keys(large)
+    assert np.array_equal(whole.sketches, sketches) and np.array_equal(whole.keys, keys)
+    assert whole.digests == pixel_digests(large)
+    for split in ([2, 3], [1, 4], [4]):
+        parts = [fingerprint_images(scheme, part) for part in np.split(large, split)]
+        assert np.array_equal(np.concatenate([p.sketches for p in parts]), whole.sketches)
+        assert np.array_equal(np.concatenate([p.keys for p in parts]), whole.keys)
+        assert [d for p in parts for d in p.digests] == whole.digests
 
 
 def test_square_attacks_first_probe_shares_no_window_hash_match_with_its_photo() -> None:

@@ -449,7 +449,7 @@ def test_a_changed_answer_is_screened_before_it_is_served(
         flagged.append((client, reason))
         return True
 
-    detector = build_stateful(settings, Metrics(), flag)
+    detector = build_stateful(settings, Metrics(), flag, 3 * 32 * 32)
     assert detector is not None and detector.rule.changed_matches == 1
     pixels = torch.from_numpy(sequence[:4].astype(np.float32) / 255.0)
     cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)

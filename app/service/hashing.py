@@ -1,0 +1,105 @@
+"""Worker processes that fingerprint a screening batch's large uploads.
+
+At ImageNet's input size (224x224: 150,528 values a query) a window-hash fingerprint is
+~1.5 ms of numpy per image, in ~15 calls over the image that each give the interpreter lock
+back and take it again. On the GPU service, whose event loop keeps the lock busy, each retake
+waited for the loop's switch interval: measured on an H200 (bench/results/gpu), the screening
+thread fingerprinted ~130 queries/s and the guarded service answered 131 images/s against
+319 without the screening. Threads cannot fix that (they share the lock); processes can. A
+batch is cut into one contiguous part per process, each part hashed there by
+``app.core.stateful.fingerprint_images``, and the parts' rows concatenated: bit-identical to
+hashing the batch on the calling thread, which then takes the lock once per part.
+
+Small uploads (CIFAR's 3,072 values) stay on the calling thread: their whole batch is a few
+numpy calls, cheaper than sending it to a process. So do the uploads of a service whose pool
+is off (``processes=0``) or broken (a worker died: the batch is hashed here, logged, and a new
+pool is started for the next one), so that screening never fails for want of a worker.
+
+Workers start from a clean ``forkserver`` process, not by forking the service (which may hold
+CUDA state and threads), and are started with the service, not on its first large upload.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+
+import numpy as np
+import numpy.typing as npt
+
+from app.core.stateful import (
+    HASHED_VALUES_PER_PASS,
+    ImagePrints,
+    WindowHashScheme,
+    fingerprint_images,
+)
+
+log = logging.getLogger(__name__)
+
+# images of at least this many values go to the processes: one fills a hashing pass alone
+LARGE_IMAGE_VALUES = HASHED_VALUES_PER_PASS
+
+
+def is_large(image_values: int) -> bool:
+    return image_values >= LARGE_IMAGE_VALUES
+
+
+class FingerprintHasher:
+    """``fingerprints`` of a batch of 8-bit images, on ``processes`` worker processes when they
+    are large. One thread calls it (the one that screens)."""
+
+    def __init__(self, scheme: WindowHashScheme, processes: int) -> None:
+        if processes < 0:
+            raise ValueError("processes must be >= 0")
+        self.scheme = scheme
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+        self.restarts = 0  # pools replaced after a worker died
+
+    def start(self) -> None:
+        """Start every worker now (each imports numpy and the hashing code once), so that the
+        first large batch does not wait for them."""
+        if self.processes == 0 or self._pool is not None:
+            return
+        self._pool = ProcessPoolExecutor(
+            self.processes, mp_context=multiprocessing.get_context("forkserver")
+        )
+        tiny = np.zeros((1, 3, 8, 8), dtype=np.uint8)
+        waiting = [
+            self._pool.submit(fingerprint_images, self.scheme, tiny) for _ in range(self.processes)
+        ]
+        for future in waiting:
+            future.result()
+
+    def fingerprints(self, images: npt.NDArray[np.uint8]) -> ImagePrints:
+        n = len(images)
+        if self.processes == 0 or n == 0 or not is_large(int(images[0].size)):
+            return fingerprint_images(self.scheme, images)
+        self.start()
+        assert self._pool is not None
+        parts = np.array_split(images, min(self.processes, n))
+        try:
+            done = list(self._pool.map(partial(fingerprint_images, self.scheme), parts))
+        except BrokenProcessPool:
+            log.exception("a fingerprint worker died: hashing this batch here, restarting them")
+            self._replace_pool()
+            return fingerprint_images(self.scheme, images)
+        return ImagePrints(
+            np.concatenate([part.sketches for part in done]),
+            np.concatenate([part.keys for part in done]),
+            [digest for part in done for digest in part.digests],
+        )
+
+    def _replace_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self.restarts += 1
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,113 @@
+"""The fingerprint worker processes: the same prints as the calling thread, and screening that
+never fails for want of a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from app.core.stateful import default_scheme, fingerprint_images
+from app.service.hashing import FingerprintHasher, is_large
+from app.service.metrics import Metrics
+from app.service.settings import Settings
+from app.service.stateful import build_stateful
+
+SCHEME = default_scheme(b"hashing-test-secret")
+
+
+@pytest.fixture(scope="module")
+def large() -> np.ndarray:
+    """Five 224x224 uploads (ImageNet's input size): smooth blocks plus noise, one inverted."""
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (5, 3, 28, 28), dtype=np.uint8)
+    images = np.repeat(np.repeat(blocks, 8, axis=2), 8, axis=3).astype(np.int16)
+    images += rng.integers(-12, 13, images.shape, dtype=np.int16)
+    out = np.clip(images, 0, 255).astype(np.uint8)
+    out[2] = 255 - out[2]
+    return out
+
+
+@pytest.fixture
+def hasher() -> Iterator[FingerprintHasher]:
+    made = FingerprintHasher(SCHEME, processes=2)
+    yield made
+    made.close()
+
+
+def _equal(a: object, b: object) -> bool:
+    return (
+        np.array_equal(a.sketches, b.sketches)  # type: ignore[attr-defined]
+        and np.array_equal(a.keys, b.keys)  # type: ignore[attr-defined]
+        and a.digests == b.digests  # type: ignore[attr-defined]
+    )
+
+
+def _workers(hasher: FingerprintHasher) -> list[int]:
+    pool = hasher._pool
+    assert pool is not None
+    processes = pool._processes or {}
+    return [process.pid for process in processes.values() if process.pid is not None]
+
+
+def test_large_uploads_are_hashed_on_worker_processes_bit_for_bit(
+    hasher: FingerprintHasher, large: np.ndarray
+) -> None:
+    assert is_large(int(large[0].size))
+    prints = hasher.fingerprints(large)
+    workers = _workers(hasher)
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert _equal(prints, fingerprint_images(SCHEME, large))
+    for n in (1, 2, 3):  # fewer images than processes, and uneven parts
+        assert _equal(hasher.fingerprints(large[:n]), fingerprint_images(SCHEME, large[:n]))
+
+
+def test_small_uploads_stay_on_the_calling_thread(
+    hasher: FingerprintHasher, large: np.ndarray
+) -> None:
+    small = np.ascontiguousarray(large[:, :, :32, :32])
+    assert not is_large(int(small[0].size))
+    assert _equal(hasher.fingerprints(small), fingerprint_images(SCHEME, small))
+    assert hasher._pool is None  # no process was started for them
+
+
+def test_no_processes_hashes_on_the_calling_thread(large: np.ndarray) -> None:
+    hasher = FingerprintHasher(SCHEME, processes=0)
+    assert _equal(hasher.fingerprints(large[:2]), fingerprint_images(SCHEME, large[:2]))
+    assert hasher._pool is None
+    with pytest.raises(ValueError, match="processes"):
+        FingerprintHasher(SCHEME, processes=-1)
+
+
+def test_a_dead_worker_costs_no_batch_and_the_pool_is_replaced(
+    hasher: FingerprintHasher, large: np.ndarray
+) -> None:
+    hasher.start()
+    first = _workers(hasher)
+    os.kill(first[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not hasher._pool._broken and time.monotonic() < deadline:  # type: ignore[union-attr]
+        time.sleep(0.01)  # the pool's manager thread sees the death
+    expected = fingerprint_images(SCHEME, large)
+    assert _equal(hasher.fingerprints(large), expected)  # answered, on this thread if need be
+    assert _equal(hasher.fingerprints(large), expected)
+    assert hasher.restarts == 1
+    assert not set(_workers(hasher)) & set(first)  # a new pool, new processes
+
+
+def test_the_service_starts_the_workers_only_for_large_uploads() -> None:
+    """``build_stateful`` starts them with the service (not on the first upload) when its
+    bundle's uploads are large, and never for CIFAR-size ones."""
+    settings = Settings(device="cpu", stateful_fingerprint_processes=2)
+    for values, started in ((3 * 32 * 32, False), (3 * 224 * 224, True)):
+        detector = build_stateful(settings, Metrics(), lambda *_: False, values)
+        assert detector is not None
+        try:
+            assert (detector.hasher._pool is not None) is started
+        finally:
+            detector.close()
+        assert detector.hasher._pool is None
