@@ -40,6 +40,7 @@ Results (``--out``, default bench/results/gpu; ``$OUT`` on the device machine): 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -201,6 +202,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cifar", type=Path, help="CIFAR-10 JPEG tar (test/<class>/<file>)")
     parser.add_argument("--work", type=Path, help="scratch directory (default: a temporary one)")
     parser.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
+    parser.add_argument(
+        "--max-batch-sizes", type=_sizes, help="service: ADVGUARD_MAX_BATCH_SIZE sweep, e.g. 64,128"
+    )
+    parser.add_argument(
+        "--service-seconds", type=float, help="service: seconds of load per service"
+    )
+    parser.add_argument(
+        "--execution",
+        type=_execution,
+        help="service: one model execution (fp32, bf16, fp16, each +cl for channels_last) "
+        "instead of choosing among all six",
+    )
+    parser.add_argument(
+        "--service-env",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="ADVGUARD_NAME=VALUE",
+        help="service: a setting of every service (repeatable)",
+    )
+    parser.add_argument(
+        "--also",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="ADVGUARD_NAME=VALUE",
+        help="service: one more guarded service (a+) with this setting changed (repeatable)",
+    )
     parser.add_argument("--parse-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= 0:
@@ -214,6 +243,33 @@ def _steps(text: str) -> tuple[str, ...]:
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(f"unknown steps {unknown}; choose from {STEPS}")
     return tuple(step for step in STEPS if step in chosen)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 64,128, got {text!r}")
+    return sizes
+
+
+EXECUTIONS = ("fp32", "bf16", "fp16")
+
+
+def _execution(text: str) -> tuple[str, bool]:
+    precision, _, layout = text.partition("+")
+    if precision not in EXECUTIONS or layout not in ("", "cl"):
+        raise argparse.ArgumentTypeError(f"expected one of {EXECUTIONS}, each optionally +cl")
+    return precision, layout == "cl"
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("ADVGUARD_") or not name[9:].replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"expected ADVGUARD_NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def cifar_tar(given: Path | None) -> Path:
@@ -483,6 +539,9 @@ def service_step(run: Run) -> tuple[dict[str, Any], str]:
         execution_batch=s.execution_batch,
         stage_batch=s.stage_batch,
         warmup_s=s.warmup_seconds,
+        variants=(run.args.execution,) if run.args.execution else service_check.VARIANTS,
+        extra_env=dict(run.args.service_env),
+        also=tuple(run.args.also),
     )
     results |= {"index_rows": int(vectors.shape[0]), "enlarge_seconds": round(enlarge_s, 1)}
     return results, service_check.table(results)
@@ -539,7 +598,12 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("run.sh: no CUDA device here; use --dry-run for the CPU rehearsal", file=sys.stderr)
         return 2
-    run = Run(args, DRY if args.dry_run else FULL, device)
+    sizes = DRY if args.dry_run else FULL
+    if args.max_batch_sizes:
+        sizes = dataclasses.replace(sizes, max_batch_sizes=args.max_batch_sizes)
+    if args.service_seconds:
+        sizes = dataclasses.replace(sizes, service_seconds=args.service_seconds)
+    run = Run(args, sizes, device)
     work = args.work or Path(tempfile.mkdtemp(prefix="advguard-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     run.state["work"] = work

@@ -88,13 +88,19 @@ def variant_row(
     }
 
 
-def choose_execution(guard: Guard, jpegs: list[bytes], batch: int, min_s: float) -> dict[str, Any]:
-    """Every variant of ``VARIANTS``; leaves the guard on the one kept (see the docstring)."""
+def choose_execution(
+    guard: Guard,
+    jpegs: list[bytes],
+    batch: int,
+    min_s: float,
+    variants: tuple[tuple[Precision, bool], ...] = VARIANTS,
+) -> dict[str, Any]:
+    """Every variant of ``variants``; leaves the guard on the one kept (see the docstring)."""
     pixels = [guard.pixels(decode_image(data)) for data in jpegs]
     guard.network.set_execution("fp32", False)
     reference = verdicts(guard, torch.stack(pixels), batch)
     rows = []
-    for precision, channels_last in VARIANTS:
+    for precision, channels_last in variants:
         row: dict[str, Any] = {"precision": precision, "channels_last": channels_last}
         try:
             guard.network.set_execution(precision, channels_last)
@@ -114,8 +120,10 @@ def choose_execution(guard: Guard, jpegs: list[bytes], batch: int, min_s: float)
     }
 
 
-def service_env(bundle: Path, kept: dict[str, Any], concurrency: int) -> dict[str, str]:
-    return {
+def service_env(
+    bundle: Path, kept: dict[str, Any], concurrency: int, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    return (extra or {}) | {
         "ADVGUARD_BUNDLE": str(bundle),
         "ADVGUARD_SEARCH_BACKEND": "torch",
         "ADVGUARD_MODEL_PRECISION": kept["precision"],
@@ -137,11 +145,16 @@ def run(
     execution_batch: int,
     stage_batch: int,
     warmup_s: float,
+    variants: tuple[tuple[Precision, bool], ...] = VARIANTS,
+    extra_env: dict[str, str] | None = None,
+    also: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, Any]:
+    """``extra_env``: settings of every service; ``also``: one more guarded service (a+) per
+    setting, changed from (a)'s, at (a)'s batch size (e.g. the interpreter's switch interval)."""
     started = time.perf_counter()
     guard = Guard.load(bundle, device=device, search_backend="torch")
     load_s = time.perf_counter() - started
-    execution = choose_execution(guard, jpegs, execution_batch, min_s)
+    execution = choose_execution(guard, jpegs, execution_batch, min_s, variants)
     limit = in_process(guard, jpegs, list(in_process_batches), min_s)
     pixels = [guard.pixels(decode_image(data)) for data in jpegs]
     stages = stage_times(guard, pixels, stage_batch, min_s)
@@ -149,7 +162,7 @@ def run(
     del guard, pixels
     if device == "cuda":
         torch.cuda.empty_cache()
-    env = service_env(bundle, execution["kept"], concurrency)
+    env = service_env(bundle, execution["kept"], concurrency, extra_env)
     load = argparse.Namespace(device=device, concurrency=[concurrency], seconds=seconds)
     sweep = [
         {
@@ -172,7 +185,15 @@ def run(
     unscreened_env = {**off_env, "ADVGUARD_GUARD_ENABLED": "true"}
     unscreened_env["ADVGUARD_STATEFUL_ENABLED"] = "false"
     unscreened = served(unscreened_env, load, jpegs, "(a-) guard on, screening off", warmup_s)
-    errors = [row["error"] for row in [*sweep, unguarded, unscreened] if "error" in row]
+    on_env = {**env, "ADVGUARD_MAX_BATCH_SIZE": str(best["max_batch_size"])}
+    changed = [
+        {
+            "setting": f"{name}={value}",
+            **served({**on_env, name: value}, load, jpegs, f"(a+) {name}={value}", warmup_s),
+        }
+        for name, value in also
+    ]
+    errors = [row["error"] for row in [*sweep, unguarded, unscreened, *changed] if "error" in row]
     a = saturation(best) if "error" not in best else None
     b = saturation(unguarded) if "error" not in unguarded else None
     a_minus = saturation(unscreened) if "error" not in unscreened else None
@@ -193,6 +214,8 @@ def run(
         "best_max_batch_size": best["max_batch_size"],
         "guard_off": unguarded,
         "guard_without_screening": unscreened,
+        "guard_on_also": changed,
+        "extra_env": extra_env or {},
         "client_ids": CLIENT_IDS,
         "a_images_per_s": a,
         "a_minus_images_per_s": a_minus,
@@ -258,7 +281,9 @@ def table(results: dict[str, Any]) -> str:
         f"{results['index_device']}, torch exact search), {results['images']} synthetic "
         f"{results['image_size']} px JPEGs, {results['concurrency']} closed-loop connections "
         f"for {results['seconds_per_level']} s per run, {results['client_ids']:,} client ids "
-        "in turn.\n\n"
+        "in turn"
+        + "".join(f", {name}={value}" for name, value in results.get("extra_env", {}).items())
+        + ".\n\n"
         f"| | images/s |\n| --- | --- |\n"
         f"| (a) service, guard on with query screening (best max batch "
         f"{results['best_max_batch_size']}) | {results['a_images_per_s']} |\n"
@@ -267,7 +292,14 @@ def table(results: dict[str, Any]) -> str:
         f"| (c) in process, model + search (batch {limit['batch_size']}) "
         f"| {results['c_images_per_s']} |\n"
         f"| in process, model only (batch {model_only['batch_size']}) "
-        f"| {model_only['images_per_s']} |\n\n"
+        f"| {model_only['images_per_s']} |\n"
+        + "".join(
+            f"| (a+) guard on, {row['setting']} | "
+            + (f"error: {row['error'][:60]}" if "error" in row else f"{saturation(row)}")
+            + " |\n"
+            for row in results.get("guard_on_also", [])
+        )
+        + "\n"
         f"a / b = {_percent(results['a_over_b'])}, a- / b = "
         f"{_percent(results['a_minus_over_b'])}, a / c = {_percent(results['a_over_c'])}.\n\n"
         "Guard-on sweep of ADVGUARD_MAX_BATCH_SIZE:\n\n"
