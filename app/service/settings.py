@@ -82,11 +82,6 @@ class Settings(BaseSettings):
     # core), the fastest on a quiet machine (bench/results/service_vs_bare.md); 1 helps only when
     # other processes compete for the cores
     torch_threads: int | None = Field(default=None, ge=1)
-    # the interpreter's switch interval (sys.setswitchinterval), in ms; unset: CPython's 5 ms.
-    # Every torch op gives the interpreter lock back and takes it again; while another thread
-    # runs Python (the event loop, the screening), each retake can wait a whole interval
-    # (docs/service.md, "The interpreter lock")
-    switch_interval_ms: float | None = Field(default=None, gt=0.0, le=100.0)
 
     # input limits
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
