@@ -7,9 +7,16 @@ both on cuda) classifies the same CIFAR-10 test images, and every image is compa
 - predictions and decisions (accepted or rejected) must be identical: that is the requirement;
 - the statistics (the kNN vote, each Mahalanobis distance) must agree within
   ``STATISTIC_TOLERANCE`` of each statistic's spread (the std of its values on the bundle's
-  held-out authentic images). cuDNN may run convolutions in TF32 on a GPU (PyTorch's default),
-  which moves features by ~1e-3 relative; a spread-relative bound is scale-free, so one number
-  serves votes in [0, 1] and squared Mahalanobis distances in the hundreds alike;
+  held-out authentic images), plus, for the kNN vote, ``BOUNDARY_SWAPS`` *neighbour steps*.
+  cuDNN may run convolutions in TF32 on a GPU (PyTorch's default), which moves features by
+  ~1e-3 relative; a spread-relative bound is scale-free, so one number serves votes in [0, 1]
+  and squared Mahalanobis distances in the hundreds alike. The vote also needs the steps: it
+  is a step function of which training features are the k nearest, so any nudge that swaps the
+  k-th neighbour for the (k+1)-th moves it by about the k-th's share of the weights
+  (``vote_steps``), however small the nudge. Measured on the demo bundle (2,000 test images), a
+  nudge of the CPU's own features by 1e-7 relative moved the vote by 5.1e-3 of its spread and
+  the Mahalanobis distances by < 1e-4; the H200's IEEE float32 forward pass moved them by
+  5.13e-3 and < 4e-5 (bench/results/gpu, 2026-11-30);
 - the score (Fisher's combination of empirical p-values) is reported, not bounded: it is a step
   function of the statistics, so a statistic that moves by a hair across one of the reference
   values moves the score by one step. ``p_value_steps`` counts how many reference values any
@@ -28,9 +35,12 @@ import torch
 
 from app.core.guard import Guard
 from app.core.images import decode_image
+from app.core.scoring import neighbour_weights
 from app.core.search import SearchBackend
+from app.core.statistics import KnnVote
 
 STATISTIC_TOLERANCE = 1e-3  # of each statistic's spread on held-out authentic images
+BOUNDARY_SWAPS = 2  # k-th neighbour steps a vote may move by, beyond the tolerance
 BATCH = 256
 
 
@@ -75,9 +85,35 @@ def spreads(guard: Guard, reference: Answers) -> np.ndarray:
     return floored
 
 
-def compare(guard: Guard, reference: Answers, other: Answers) -> dict[str, Any]:
+def vote_steps(guard: Guard, pixels: torch.Tensor) -> np.ndarray:
+    """(n, S) per image, the share of the weights its k-th nearest neighbour carries in each
+    kNN vote (0 for the other statistics): what swapping that neighbour moves the vote by."""
+    statistics = guard.detector.statistics
+    steps = np.zeros((pixels.shape[0], len(statistics)))
+    for start in range(0, pixels.shape[0], BATCH):
+        features = guard.infer(pixels[start : start + BATCH]).features
+        for column, statistic in enumerate(statistics):
+            if isinstance(statistic, KnnVote):
+                found = statistic.neighbours(features[statistic.layer_name])
+                valid = found.labels >= 0
+                weights = neighbour_weights(
+                    found.squared_distances, valid, statistic.score_function
+                )
+                total = np.maximum(weights.sum(axis=1), 1e-300)
+                steps[start : start + BATCH, column] = weights[:, -1] / total
+    return steps
+
+
+def compare(
+    guard: Guard,
+    reference: Answers,
+    other: Answers,
+    neighbour_steps: np.ndarray,
+) -> dict[str, Any]:
+    """``neighbour_steps``: ``vote_steps`` of the reference's images."""
     spread = spreads(guard, reference)
     moved = np.abs(other.values - reference.values) / spread
+    allowed = STATISTIC_TOLERANCE + BOUNDARY_SWAPS * neighbour_steps / spread
     same_prediction = other.predictions == reference.predictions
     same_decision = same_prediction & (other.accepted == reference.accepted)
     steps = 0
@@ -87,7 +123,7 @@ def compare(guard: Guard, reference: Answers, other: Answers) -> dict[str, Any]:
         steps = int(
             np.rint(np.abs(other.p_values - reference.p_values) * (len(held_out) + 1)).max()
         )
-    within = bool(moved.max(initial=0.0) <= STATISTIC_TOLERANCE)
+    within = bool((moved <= allowed).all())
     return {
         "images": int(reference.predictions.size),
         "predictions_identical": int(same_prediction.sum()),
@@ -95,6 +131,10 @@ def compare(guard: Guard, reference: Answers, other: Answers) -> dict[str, Any]:
         "all_decisions_identical": bool(same_decision.all()),
         "statistics_max_moved_over_spread": {
             name: float(moved[:, i].max(initial=0.0)) for i, name in enumerate(guard.detector.names)
+        },
+        "statistics_max_allowed_over_spread": {
+            name: float(allowed[:, i].max(initial=0.0))
+            for i, name in enumerate(guard.detector.names)
         },
         "statistics_within_tolerance": within,
         "max_abs_score_difference": float(np.abs(other.scores - reference.scores).max(initial=0)),
@@ -110,6 +150,7 @@ def run(bundle: Path, jpegs: list[bytes], device: str) -> dict[str, Any]:
     pixels = torch.stack([reference_guard.pixels(decode_image(data)) for data in jpegs])
     started = time.perf_counter()
     reference = answers(reference_guard, pixels)
+    neighbour_steps = vote_steps(reference_guard, pixels)
     configurations: list[tuple[str, SearchBackend]] = [("faiss", "faiss"), ("torch", "torch")]
     rows = [
         {
@@ -131,7 +172,7 @@ def run(bundle: Path, jpegs: list[bytes], device: str) -> dict[str, Any]:
                 "search_backend": backend,
                 "index_device": guard.index_device,
                 "seconds": round(time.perf_counter() - started, 2),
-                **compare(guard, reference, other),
+                **compare(guard, reference, other, neighbour_steps),
             }
         )
     compared = rows[1:]
@@ -139,6 +180,7 @@ def run(bundle: Path, jpegs: list[bytes], device: str) -> dict[str, Any]:
         "bundle": bundle.name,
         "images": len(jpegs),
         "statistic_tolerance_of_spread": STATISTIC_TOLERANCE,
+        "vote_boundary_swaps": BOUNDARY_SWAPS,
         "cudnn_conv_fp32_precision": cudnn_conv_fp32_precision(),
         "accepted_share_reference": float(reference.accepted.mean()),
         "configurations": rows,
@@ -166,7 +208,9 @@ def table(results: dict[str, Any]) -> str:
     return (
         f"Demo bundle `{results['bundle']}` on {results['images']} CIFAR-10 test images against "
         "the CPU (model and faiss flat search on the CPU). Pass: every decision identical and "
-        f"every statistic within {results['statistic_tolerance_of_spread']:g} of its spread.\n\n"
+        f"every statistic within {results['statistic_tolerance_of_spread']:g} of its spread, "
+        f"the kNN vote also within {results['vote_boundary_swaps']} steps of its k-th "
+        "neighbour's weight per image (a swap at the boundary of the k nearest).\n\n"
         "| configuration | same decisions | same predictions | max statistic moved / spread "
         "| max score difference | p-value steps | |\n| --- | --- | --- | --- | --- | --- | --- |\n"
         + "\n".join(rows)
