@@ -56,11 +56,11 @@ from app.core import search
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.statistics import STATISTIC_KINDS
+from app.service.metrics import SCREENING_PARTS, STAGES
 from app.service.settings import DEFAULT_BUNDLE
 from bench.common import RawConnection, admin_base, multipart_request, serve, write_results
 from bench.load_service import test_jpegs
 
-STAGES = ("decode", "queue", "model", "search", "stateful", "total")
 DEFAULT_THREADS = torch.get_num_threads()
 A_OVER_B_TARGET = 0.9  # the guard's own cost
 A_OVER_C_TARGET = 0.7  # the service's overhead over the bare limit
@@ -273,6 +273,12 @@ def metric_values(text: str) -> dict[str, float]:
     for kind in ("sum", "count"):
         match = re.search(rf"^advguard_batch_size_{kind} (\S+)$", text, re.MULTILINE)
         values[f"batch_{kind}"] = float(match.group(1)) if match else 0.0
+    for part in SCREENING_PARTS:
+        name = "advguard_screening_seconds_total"
+        match = re.search(rf'^{name}\{{part="{part}"\}} (\S+)$', text, re.MULTILINE)
+        values[f"screening_{part}"] = float(match.group(1)) if match else 0.0
+    screened = re.findall(r"^advguard_stateful_queries_total\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    values["screened"] = sum(float(value) for value in screened)
     return values
 
 
@@ -330,6 +336,10 @@ async def load_level(
         stage: round(delta[f"{stage}_sum"] / (delta[f"{stage}_count"] or 1.0) * 1000.0, 2)
         for stage in STAGES
     }
+    screened = delta["screened"] or 1.0
+    screening_ms = {
+        part: round(delta[f"screening_{part}"] / screened * 1000.0, 3) for part in SCREENING_PARTS
+    }
     return {
         "concurrency": concurrency,
         "requests": len(latencies),
@@ -342,6 +352,11 @@ async def load_level(
         "in_app_ms_mean": round(float(np.mean(in_app)) * 1000.0, 2) if in_app else None,
         "in_app_ms_p99": pct(in_app, 99),
         "stage_ms_mean": mean_ms,
+        # per screened query, and the share of one thread the screening kept busy
+        "screening_ms_per_query": screening_ms,
+        "screening_busy": round(
+            sum(delta[f"screening_{part}"] for part in SCREENING_PARTS) / elapsed, 3
+        ),
         "mean_batch_size": round(delta["batch_sum"] / batches, 2),
         "batches_per_s": round(delta["batch_count"] / elapsed, 1),
         "classified": int(count),

@@ -43,8 +43,8 @@ from app.service.stateful import (
     ScreeningWorker,
     batch_screening,
     build_stateful,
+    record_screened,
     screens_on_batch_worker,
-    track_all,
 )
 from app.service.tracking import ClientTracker, InMemoryTracker, RedisTracker
 
@@ -130,7 +130,7 @@ def build_service(
             batcher.screen = batch_screening(service, service.stateful)
         else:
             service.screening = ScreeningWorker(
-                service.stateful.screen_batch, track=partial(track_all, service)
+                service.stateful.screen_batch, track=partial(record_screened, service)
             )
     manifest = guard.manifest
     metrics.bundle.info(

@@ -15,6 +15,10 @@ DECISIONS = ("accepted", "rejected", "unguarded", "error")  # unguarded: the gua
 # the latency budget, waited past the budget (never run), batcher queue full
 SHED_REASONS = ("in_flight", "expected_wait", "expired", "queue_full")
 STAGES = ("decode", "queue", "model", "search", "stateful", "total")
+# the screening's work, by part: the batch's 8-bit pixels (stacked, rounded), their window
+# hashes (on worker processes for large uploads), the matching and storing of its queries, the
+# recording of their clients' statistics
+SCREENING_PARTS = ("pixels", "hash", "match", "record")
 # what the stateful detector made of a query: no attack seen, detected, or its store failed (the
 # query answered as usual: fail open)
 STATEFUL_OUTCOMES = ("clear", "detected", "error")
@@ -93,6 +97,13 @@ class Metrics:
             ["policy", "outcome"],
             registry=r,
         )
+        self.screening_seconds = Counter(
+            "advguard_screening_seconds_total",
+            "Time the query screening spent, by part; its rate is the share of one thread it "
+            "keeps busy (1: the screening is the bottleneck)",
+            ["part"],
+            registry=r,
+        )
         self.seconds_per_image = Gauge(
             "advguard_seconds_per_image",
             "Measured model and search time per image (weighted mean of batch time / size)",
@@ -104,6 +115,8 @@ class Metrics:
             self.stage_seconds.labels(stage=stage)
         for reason in SHED_REASONS:
             self.shed.labels(reason=reason)
+        for part in SCREENING_PARTS:
+            self.screening_seconds.labels(part=part)
 
     def bind(
         self,

@@ -129,8 +129,12 @@ class StatefulDetector:
     def fingerprints(self, pixels: Sequence[torch.Tensor]) -> list[QueryPrint]:
         """The preprocessed pixels the model sees (each C, H, W in [0, 1]) as 8-bit values,
         hashed in one pass: the same conversion and fingerprint as the evaluation's."""
+        started = time.perf_counter()
         images = eight_bit(torch.stack(list(pixels)).detach().cpu().numpy())
+        hashing = time.perf_counter()
         prints = self.hasher.fingerprints(images)
+        self.spent("pixels", hashing - started)
+        self.spent("hash", time.perf_counter() - hashing)
         return [
             QueryPrint(prints.sketches[i], prints.keys[i], prints.digests[i])
             for i in range(len(images))
@@ -153,6 +157,7 @@ class StatefulDetector:
             self._count("error", len(batch))
             return [pending.answer for pending in batch]
         prints = self.fingerprints([pending.pixels for pending in batch])
+        matching = time.perf_counter()
         at = time.time()
         queries = [
             StoreQuery(pending.client_id, q.fingerprint, q.digest, at, pending.answer, q.keys)
@@ -172,7 +177,14 @@ class StatefulDetector:
             if len(served) < len(batch):  # not judged: answered as usual
                 self._count("error", len(batch) - len(served))
                 served += [pending.answer for pending in batch[len(served) :]]
+        finally:
+            self.spent("match", time.perf_counter() - matching)
         return served
+
+    def spent(self, part: str, seconds: float) -> None:
+        """Add to the screening's time in ``part`` (``SCREENING_PARTS``)."""
+        if self.metrics is not None:
+            self.metrics.screening_seconds.labels(part=part).inc(seconds)
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence
@@ -388,7 +400,7 @@ def batch_screening(service: Service, detector: StatefulDetector) -> Screen:
         served = detector.screen_batch(
             [Pending(client, pixels, answer_of(verdict)) for client, pixels, verdict in queries]
         )
-        track_all(service, observations)
+        record_screened(service, observations)
         return served
 
     return screen
@@ -399,6 +411,15 @@ def track_all(service: Service, observations: Sequence[Observation]) -> None:
     for result in service.tracker.record_many(observations):
         if result.newly_flagged:
             service.metrics.clients_flagged.inc()
+
+
+def record_screened(service: Service, observations: Sequence[Observation]) -> None:
+    """``track_all`` for a screened batch, its time counted as the screening's ``record``."""
+    started = time.perf_counter()
+    try:
+        track_all(service, observations)
+    finally:
+        service.metrics.screening_seconds.labels(part="record").inc(time.perf_counter() - started)
 
 
 async def track_and_screen(

@@ -242,6 +242,25 @@ def served(
     return {**result, "wall_seconds": round(time.perf_counter() - started, 1)}
 
 
+def _screening_line(results: dict[str, Any]) -> str:
+    """Where (a)'s screening spent its time (``advguard_screening_seconds_total``: pixels,
+    hash, match, record)."""
+    best = next(
+        (
+            row
+            for row in results["guard_on_sweep"]
+            if row.get("max_batch_size") == results["best_max_batch_size"] and "error" not in row
+        ),
+        None,
+    )
+    parts = None if best is None else best["saturation"].get("screening_ms_per_query")
+    if not parts:
+        return ""
+    spent = ", ".join(f"{part} {ms}" for part, ms in parts.items())
+    busy = best["saturation"].get("screening_busy")  # type: ignore[index]
+    return f"(a)'s screening, ms per screened query: {spent}; busy {busy} of one thread.\n\n"
+
+
 def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
@@ -302,6 +321,7 @@ def table(results: dict[str, Any]) -> str:
         + "\n"
         f"a / b = {_percent(results['a_over_b'])}, a- / b = "
         f"{_percent(results['a_minus_over_b'])}, a / c = {_percent(results['a_over_c'])}.\n\n"
+        f"{_screening_line(results)}"
         "Guard-on sweep of ADVGUARD_MAX_BATCH_SIZE:\n\n"
         "| max batch | images/s | p50 / p99 ms | mean batch | statuses |\n"
         f"| --- | --- | --- | --- | --- |\n{sweep}\n\n"

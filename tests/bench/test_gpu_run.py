@@ -42,7 +42,17 @@ def _run_sh(*args: str, out: Path, timeout: float = 60) -> subprocess.CompletedP
 @pytest.mark.slow
 def test_dry_run_writes_every_result_in_its_format(tmp_path: Path) -> None:
     out = tmp_path / "out"  # as on the device machine: $OUT names the result directory
-    done = _run_sh("--dry-run", "--work", str(tmp_path / "work"), out=out, timeout=600)
+    done = _run_sh(
+        "--dry-run",
+        "--work",
+        str(tmp_path / "work"),
+        "--service-env",
+        "ADVGUARD_STATEFUL_SECRET=dry-run-secret",
+        "--also",
+        "ADVGUARD_MAX_WAIT_MS=1",
+        out=out,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "run.log", "summary.md"]
     assert not (tmp_path / "work").exists()  # scratch removed
@@ -82,6 +92,10 @@ def _check_parity(parity: dict[str, Any]) -> None:
         assert row["decisions_identical"] == row["images"] == 48
         assert row["statistics_within_tolerance"] and row["passed"]
         assert set(row["statistics_max_moved_over_spread"]) >= {"vote@layer3.2"}
+        allowed = row["statistics_max_allowed_over_spread"]
+        assert set(allowed) == set(row["statistics_max_moved_over_spread"])
+        assert min(allowed.values()) >= parity["statistic_tolerance_of_spread"]
+        assert allowed["vote@layer3.2"] > parity["statistic_tolerance_of_spread"]  # its steps
 
 
 def _check_search(found: dict[str, Any]) -> None:
@@ -122,6 +136,21 @@ def _check_service(service: dict[str, Any]) -> None:
     assert unscreened["env"]["ADVGUARD_STATEFUL_ENABLED"] == "false"
     assert unscreened["env"]["ADVGUARD_MAX_BATCH_SIZE"] == str(service["best_max_batch_size"])
     assert service["client_ids"] == 1000
+    (also,) = service["guard_on_also"]  # --also: one more guarded service, (a)'s batch size
+    assert also["setting"] == "ADVGUARD_MAX_WAIT_MS=1"
+    assert also["env"]["ADVGUARD_MAX_WAIT_MS"] == "1"
+    assert also["env"]["ADVGUARD_MAX_BATCH_SIZE"] == str(service["best_max_batch_size"])
+    assert set(also["saturation"]["statuses"]) == {"200"}
+    for run in [*service["guard_on_sweep"], service["guard_off"], unscreened, also]:
+        assert run["env"]["ADVGUARD_STATEFUL_SECRET"] == "dry-run-secret"  # --service-env
+    best = next(
+        row
+        for row in service["guard_on_sweep"]
+        if row["max_batch_size"] == service["best_max_batch_size"]
+    )
+    spent = best["saturation"]["screening_ms_per_query"]
+    assert set(spent) == {"pixels", "hash", "match", "record"} and spent["hash"] > 0
+    assert unscreened["saturation"]["screening_busy"] == 0  # no screening, no time
     assert service["guard_off"]["env"]["ADVGUARD_SEARCH_BACKEND"] == "torch"
     variants = service["execution"]["variants"]
     assert [(v["precision"], v["channels_last"]) for v in variants] == list(gpu_run_variants())
@@ -154,6 +183,10 @@ def test_help_and_bad_arguments_cost_nothing(tmp_path: Path) -> None:
         (["--budget-s", "0"], "--budget-s must be positive"),
         (["--out"], "--out needs a value"),
         (["--python"], "--python needs a value"),
+        (["--max-batch-sizes", "0,64"], "expected positive integers"),
+        (["--execution", "fp8"], "expected one of"),
+        (["--also", "MAX_BATCH=3"], "expected ADVGUARD_NAME=VALUE"),
+        (["--service-env", "ADVGUARD_X"], "expected ADVGUARD_NAME=VALUE"),
     ):
         done = _run_sh(*bad, out=tmp_path)
         assert done.returncode == 2, bad
@@ -166,6 +199,11 @@ def test_parse_args_orders_steps_and_defaults_the_out_dir() -> None:
     assert args.only == ("parity", "service") and args.out == gpu_run.DEFAULT_OUT
     assert gpu_run.parse_args([]).only == gpu_run.STEPS
     assert not gpu_run.parse_args([]).dry_run
+    service = gpu_run.parse_args(
+        ["--max-batch-sizes", "64,128", "--execution", "bf16+cl", "--also", "ADVGUARD_A_B=x=1"]
+    )
+    assert service.max_batch_sizes == (64, 128) and service.execution == ("bf16", True)
+    assert service.also == [("ADVGUARD_A_B", "x=1")] and service.service_env == []
 
 
 def test_full_run_without_cuda_is_refused(

@@ -26,7 +26,7 @@ from app.core.stateful import (
     pixel_digests,
 )
 from app.service.main import create_app
-from app.service.metrics import Metrics
+from app.service.metrics import SCREENING_PARTS, Metrics
 from app.service.settings import Settings
 from app.service.stateful import (
     Pending,
@@ -170,6 +170,8 @@ def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_o
         assert (
             metric(client, "advguard_stateful_queries_total", policy="flag", outcome="clear") == 3
         )
+        for part in SCREENING_PARTS:  # where the screening's time went, on either thread
+            assert metric(client, "advguard_screening_seconds_total", part=part) > 0, part
     assert [status for status, _ in answers] == [200, 200, 200]
     if tracker_kind == "memory":
         assert screened_on == ["advguard-batcher"] * 3 and service.screening is None
