@@ -58,28 +58,40 @@ class FingerprintHasher:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self.restarts = 0  # pools replaced after a worker died
+        self.unavailable = False  # the workers could not start: hash on the calling thread
 
     def start(self) -> None:
         """Start every worker now (each imports numpy and the hashing code once), so that the
-        first large batch does not wait for them."""
-        if self.processes == 0 or self._pool is not None:
+        first large batch does not wait for them. Workers that cannot start (no process may be
+        spawned here, or the main module fails to import in them) are logged once, and the
+        hashing stays on the calling thread."""
+        if self.processes == 0 or self._pool is not None or self.unavailable:
             return
-        self._pool = ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("forkserver")
-        )
         tiny = np.zeros((1, 3, 8, 8), dtype=np.uint8)
-        waiting = [
-            self._pool.submit(fingerprint_images, self.scheme, tiny) for _ in range(self.processes)
-        ]
-        for future in waiting:
-            future.result()
+        try:
+            self._pool = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("forkserver")
+            )
+            waiting = [
+                self._pool.submit(fingerprint_images, self.scheme, tiny)
+                for _ in range(self.processes)
+            ]
+            for future in waiting:
+                future.result()
+        except (BrokenProcessPool, OSError, RuntimeError):
+            log.exception("fingerprint workers could not start: hashing on the screening thread")
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            self.unavailable = True
 
     def fingerprints(self, images: npt.NDArray[np.uint8]) -> ImagePrints:
         n = len(images)
         if self.processes == 0 or n == 0 or not is_large(int(images[0].size)):
             return fingerprint_images(self.scheme, images)
         self.start()
-        assert self._pool is not None
+        if self._pool is None:  # they could not start
+            return fingerprint_images(self.scheme, images)
         parts = np.array_split(images, min(self.processes, n))
         try:
             done = list(self._pool.map(partial(fingerprint_images, self.scheme), parts))

@@ -3,15 +3,20 @@ never fails for want of a worker."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 import pytest
 
 from app.core.stateful import default_scheme, fingerprint_images
+from app.service import hashing
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import Metrics
 from app.service.settings import Settings
@@ -97,6 +102,30 @@ def test_a_dead_worker_costs_no_batch_and_the_pool_is_replaced(
     assert _equal(hasher.fingerprints(large), expected)
     assert hasher.restarts == 1
     assert not set(_workers(hasher)) & set(first)  # a new pool, new processes
+
+
+def test_workers_that_cannot_start_leave_the_hashing_on_the_calling_thread(
+    large: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host where the workers cannot start still screens: the failure is logged once and
+    every batch is hashed here, without trying to start them again for each one."""
+    started: list[int] = []
+
+    class Unstartable(ProcessPoolExecutor):
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            started.append(1)
+            raise BrokenProcessPool("a child process terminated abruptly")
+
+    monkeypatch.setattr(hashing, "ProcessPoolExecutor", Unstartable)
+    hasher = FingerprintHasher(SCHEME, processes=2)
+    with caplog.at_level(logging.ERROR, logger="app.service.hashing"):
+        hasher.start()
+    assert hasher.unavailable and hasher._pool is None
+    assert "could not start" in caplog.text
+    for n in (2, 3):
+        assert _equal(hasher.fingerprints(large[:n]), fingerprint_images(SCHEME, large[:n]))
+    assert started == [1]  # tried once
+    hasher.close()
 
 
 def test_the_service_starts_the_workers_only_for_large_uploads() -> None:
