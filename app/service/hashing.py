@@ -1,14 +1,18 @@
 """Worker processes that fingerprint a screening batch's large uploads.
 
 At ImageNet's input size (224x224: 150,528 values a query) a window-hash fingerprint is
-~1.5 ms of numpy per image, in ~15 calls over the image that each give the interpreter lock
-back and take it again. On the GPU service, whose event loop keeps the lock busy, each retake
-waited for the loop's switch interval: measured on an H200 (bench/results/gpu), the screening
-thread fingerprinted ~130 queries/s and the guarded service answered 131 images/s against
-319 without the screening. Threads cannot fix that (they share the lock); processes can. A
-batch is cut into one contiguous part per process, each part hashed there by
+~1.5-1.9 ms of numpy per image, in ~15 calls over the image that each give the interpreter lock
+back and take it again. Beside a thread that runs Python without pause (what a saturated event
+loop does) each retake waits for the switch interval: measured by ``bench.stateful_cost`` on
+two cores, a batch of 32 costs 182 ms per query on the screening thread, 8.4 ms on two worker
+processes (bench/results/stateful_cost.md). Threads cannot avoid that (they share the lock);
+processes can. A batch is cut into one contiguous part per process, each part hashed there by
 ``app.core.stateful.fingerprint_images``, and the parts' rows concatenated: bit-identical to
-hashing the batch on the calling thread, which then takes the lock once per part.
+hashing the batch on the calling thread, which then takes the lock once per part. The price:
+with nothing else running, on two cores, 3.5 ms per query against 1.9 on the thread (the
+batch's pixels are pickled through a pipe to the workers; a shared-memory file instead measured
+no faster). On an H200 the move did not raise the GPU service's screening rate (~130 queries/s
+before and after, docs/deploy.md): something else limits it there, not yet found.
 
 Small uploads (CIFAR's 3,072 values) stay on the calling thread: their whole batch is a few
 numpy calls, cheaper than sending it to a process. So do the uploads of a service whose pool
@@ -16,7 +20,9 @@ is off (``processes=0``) or broken (a worker died: the batch is hashed here, log
 pool is started for the next one), so that screening never fails for want of a worker.
 
 Workers start from a clean ``forkserver`` process, not by forking the service (which may hold
-CUDA state and threads), and are started with the service, not on its first large upload.
+CUDA state and threads), and are started with the service, not on its first large upload. As
+with any non-fork start, each worker imports the program's main module (``advguard``'s imports
+only ``app.cli``, which loads the rest lazily: ~30 MB a worker).
 """
 
 from __future__ import annotations
