@@ -126,6 +126,8 @@ def _check_service(service: dict[str, Any]) -> None:
     assert service["image_size"] == "32x32"
     assert [row["max_batch_size"] for row in service["guard_on_sweep"]] == [4, 16]
     assert service["best_max_batch_size"] in (4, 16)
+    assert service["compared_max_batch_size"] == 16  # the sweep's largest, for every service
+    assert service["guard_off"]["env"]["ADVGUARD_MAX_BATCH_SIZE"] == "16"
     for key in ("a_images_per_s", "a_minus_images_per_s", "b_images_per_s", "c_images_per_s"):
         assert service[key] > 0
     unscreened = service["guard_without_screening"]
@@ -134,19 +136,19 @@ def _check_service(service: dict[str, Any]) -> None:
     assert service["guard_off"]["env"]["ADVGUARD_GUARD_ENABLED"] == "false"
     assert unscreened["env"]["ADVGUARD_GUARD_ENABLED"] == "true"
     assert unscreened["env"]["ADVGUARD_STATEFUL_ENABLED"] == "false"
-    assert unscreened["env"]["ADVGUARD_MAX_BATCH_SIZE"] == str(service["best_max_batch_size"])
+    assert unscreened["env"]["ADVGUARD_MAX_BATCH_SIZE"] == "16"
     assert service["client_ids"] == 1000
     (also,) = service["guard_on_also"]  # --also: one more guarded service, (a)'s batch size
     assert also["setting"] == "ADVGUARD_MAX_WAIT_MS=1"
     assert also["env"]["ADVGUARD_MAX_WAIT_MS"] == "1"
-    assert also["env"]["ADVGUARD_MAX_BATCH_SIZE"] == str(service["best_max_batch_size"])
+    assert also["env"]["ADVGUARD_MAX_BATCH_SIZE"] == "16"
     assert set(also["saturation"]["statuses"]) == {"200"}
     for run in [*service["guard_on_sweep"], service["guard_off"], unscreened, also]:
         assert run["env"]["ADVGUARD_STATEFUL_SECRET"] == "dry-run-secret"  # --service-env
     best = next(
         row
         for row in service["guard_on_sweep"]
-        if row["max_batch_size"] == service["best_max_batch_size"]
+        if row["max_batch_size"] == service["compared_max_batch_size"]
     )
     spent = best["saturation"]["screening_ms_per_query"]
     assert set(spent) == {"pixels", "hash", "match", "record"} and spent["hash"] > 0
@@ -319,6 +321,7 @@ def test_a_service_that_fails_is_recorded_and_the_others_kept(
             {"max_batch_size": 64, "saturation": level},
         ],
         "best_max_batch_size": 64,
+        "compared_max_batch_size": 64,
         "guard_off": {**row},
         "guard_without_screening": {**row},
         "client_ids": 1000,
