@@ -19,6 +19,7 @@ from bench.service_vs_bare import (
     interleaved_ratios,
     interleaved_table,
     issue_target_line,
+    screening_means,
     stage_table,
     stage_times,
 )
@@ -89,8 +90,15 @@ def _interleaved_service(images_per_s: float, cpu_ms: float) -> dict[str, object
 
 
 def test_interleaved_ratios_read_throughput_and_cpu_against_the_unguarded_service() -> None:
+    screened = [  # two load slices of (a), as load_level reports them
+        {"screening_ms_per_query": {"pixels": 0.01, "hash": 0.1, "match": 0.12, "record": 0.02}},
+        {"screening_ms_per_query": {"pixels": 0.03, "hash": 0.08, "match": 0.1, "record": 0.0}},
+    ]
     together = {
-        "a": _interleaved_service(240.0, 8.0),
+        "a": {
+            **_interleaved_service(240.0, 8.0),
+            "screening_ms_per_query": screening_means(screened),
+        },
         "a_minus": _interleaved_service(300.0, 6.4),
         "b": _interleaved_service(400.0, 5.6),
     }
@@ -110,6 +118,8 @@ def test_interleaved_ratios_read_throughput_and_cpu_against_the_unguarded_servic
     assert "2 slices of 5 s each at concurrency 32" in table[0]
     assert "1,000 client ids" in table[0]
     assert table[-3].startswith("| (a) guard on | 2 | 240.0 | 60.0% (not met) | 8.0 | 70.0% (not")
+    assert "| 0.02 / 0.09 / 0.11 / 0.01 |" in table[-3]  # the screening's parts, slice means
+    assert "| - |" in table[-2]  # (a-) screens nothing
     assert "| 87.5% (met) |" in table[-2]  # (a-) by CPU per request
     assert table[-1].startswith("| (b) guard off | 2 | 400.0 | 100.0% | 5.6 | 100.0% |")
 
