@@ -118,6 +118,10 @@ class Metrics:
         for part in SCREENING_PARTS:
             self.screening_seconds.labels(part=part)
 
+    def spent_screening(self, part: str, seconds: float) -> None:
+        """Add ``seconds`` to the query screening's time in ``part`` (``SCREENING_PARTS``)."""
+        self.screening_seconds.labels(part=part).inc(seconds)
+
     def bind(
         self,
         queue_depth: Callable[[], float],

@@ -35,7 +35,12 @@ from app.service.schemas import (
 )
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
-from app.service.stateful import answer_of, observation_of, track_and_screen
+from app.service.stateful import (
+    answer_of,
+    observation_of,
+    served_or_refused,
+    track_and_screen,
+)
 from app.service.tracking import tracker_call
 from app.service.trust import Trusted
 
@@ -235,9 +240,7 @@ async def _judged(
     metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
     if result.screened:
         metrics.stage_seconds.labels(stage="stateful").observe(result.screen_s)
-        if result.served is None:
-            raise ApiError(403, "query_refused", "this query was refused")
-        answer = result.served
+        answer = served_or_refused(result.served)
     else:
         observation = observation_of(client_id, verdict, time.time())
         answer = await track_and_screen(service, observation, pixels, answer_of(verdict))

@@ -184,7 +184,7 @@ class StatefulDetector:
     def spent(self, part: str, seconds: float) -> None:
         """Add to the screening's time in ``part`` (``SCREENING_PARTS``)."""
         if self.metrics is not None:
-            self.metrics.screening_seconds.labels(part=part).inc(seconds)
+            self.metrics.spent_screening(part, seconds)
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence
@@ -419,7 +419,7 @@ def record_screened(service: Service, observations: Sequence[Observation]) -> No
     try:
         track_all(service, observations)
     finally:
-        service.metrics.screening_seconds.labels(part="record").inc(time.perf_counter() - started)
+        service.metrics.spent_screening("record", time.perf_counter() - started)
 
 
 async def track_and_screen(
@@ -448,6 +448,12 @@ async def track_and_screen(
         return answer
     served = await future
     service.metrics.stage_seconds.labels(stage="stateful").observe(time.perf_counter() - started)
+    return served_or_refused(served)
+
+
+def served_or_refused(served: Answer | None) -> Answer:
+    """The screened answer to serve; None (a detection under ``refuse``) raises its 403,
+    whichever thread screened the query."""
     if served is None:
         raise ApiError(403, "query_refused", "this query was refused")
     return served
