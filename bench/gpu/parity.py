@@ -13,10 +13,10 @@ both on cuda) classifies the same CIFAR-10 test images, and every image is compa
   and squared Mahalanobis distances in the hundreds alike. The vote also needs the steps: it
   is a step function of which training features are the k nearest, so any nudge that swaps the
   k-th neighbour for the (k+1)-th moves it by about the k-th's share of the weights
-  (``vote_steps``), however small the nudge. Measured on the demo bundle (2,000 test images), a
-  nudge of the CPU's own features by 1e-7 relative moved the vote by 5.1e-3 of its spread and
-  the Mahalanobis distances by < 1e-4; the H200's IEEE float32 forward pass moved them by
-  5.13e-3 and < 4e-5 (bench/results/gpu, 2026-11-30);
+  (``vote_steps``), however small the nudge. Measured ad hoc on the demo bundle (2,000 test
+  images), a nudge of the CPU's own features by 1e-7 relative moved the vote by 5.1e-3 of its
+  spread and the Mahalanobis distances by < 1e-4; the H200's IEEE float32 forward pass moved
+  them by 5.13e-3 and < 4e-5 (bench/results/gpu, 2026-11-30);
 - the score (Fisher's combination of empirical p-values) is reported, not bounded: it is a step
   function of the statistics, so a statistic that moves by a hair across one of the reference
   values moves the score by one step. ``p_value_steps`` counts how many reference values any
