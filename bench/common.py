@@ -10,6 +10,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -223,3 +224,25 @@ class RawConnection:
             writer.close()
             with suppress(OSError):
                 await writer.wait_closed()
+
+
+@contextmanager
+def busy_interpreter() -> Iterator[None]:
+    """A thread that runs Python bytecode and never waits, as the service's event loop does at
+    saturation: every thread that gives the interpreter lock back (numpy over a large array)
+    must then wait for it."""
+    stop = threading.Event()
+
+    def spin() -> None:
+        total = 0
+        while not stop.is_set():
+            for i in range(1000):
+                total += i
+
+    thread = threading.Thread(target=spin, name="busy-interpreter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,7 @@ from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector
 from bench.client_rotation import start_redis
-from bench.common import write_results
+from bench.common import busy_interpreter, write_results
 from bench.load_service import CIFAR_TAR, test_jpegs
 from bench.service_vs_bare import Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
@@ -71,7 +69,7 @@ def query_photos(count: int) -> np.ndarray:
 FINGERPRINT_BATCH = 32
 IMAGENET_FINGERPRINT_PROCESSES = 2  # the service's ADVGUARD_STATEFUL_FINGERPRINT_PROCESSES
 IMAGENET_IMAGES = 320  # ten batches of 32 at 224x224 for each setting
-BUSY_IMAGES = 64  # two batches of 32 beside a busy interpreter thread (on one thread: slow)
+BUSY_THREAD_IMAGES = 64  # two batches of 32 beside a busy interpreter thread, on its thread
 
 
 def ms(values: list[float]) -> dict[str, float]:
@@ -81,28 +79,6 @@ def ms(values: list[float]) -> dict[str, float]:
         "p50": round(float(np.percentile(array, 50)), 4),
         "p99": round(float(np.percentile(array, 99)), 4),
     }
-
-
-@contextmanager
-def busy_interpreter() -> Iterator[None]:
-    """A thread that runs Python bytecode and never waits, as the service's event loop does at
-    saturation: every thread that gives the interpreter lock back (numpy over a large array)
-    must then wait for it."""
-    stop = threading.Event()
-
-    def spin() -> None:
-        total = 0
-        while not stop.is_set():
-            for i in range(1000):
-                total += i
-
-    thread = threading.Thread(target=spin, name="busy-interpreter", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def fingerprint_times(
@@ -158,9 +134,10 @@ def fingerprint_cost_imagenet(jpegs: list[bytes]) -> dict[str, Any]:
     processes = IMAGENET_FINGERPRINT_PROCESSES
     pooled = fingerprint_times(pixels, processes)
     busy = {}
-    for label, count in (("thread", 0), ("processes", processes)):
+    # on the thread ~0.2 s a query: two batches; on the processes all ten
+    for label, count, images in (("thread", 0, BUSY_THREAD_IMAGES), ("processes", processes, None)):
         with busy_interpreter():
-            busy[label] = fingerprint_times(pixels[:BUSY_IMAGES], count, single=False)
+            busy[label] = fingerprint_times(pixels[:images], count, single=False)
     return fingerprint_times(pixels) | {"side": preset.crop, "processes": pooled, "busy": busy}
 
 
@@ -324,7 +301,9 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"| the same batches beside a busy interpreter thread (the event loop at saturation): "
         f"on the screening thread / on the worker processes | "
         f"{imagenet['busy']['thread']['batch_ms']['mean']:.2f} / "
-        f"{imagenet['busy']['processes']['batch_ms']['mean']:.2f} ms per query |",
+        f"{imagenet['busy']['processes']['batch_ms']['mean']:.2f} ms per query (median "
+        f"{imagenet['busy']['processes']['batch_ms']['p50']:.2f} over "
+        f"{imagenet['busy']['processes']['images'] // imagenet['batch']} batches) |",
         f"| in-process store, check + store per query (index; cap {st['cap']:,}, full) | "
         f"{(st['in_process_ms_full'] or st['in_process_ms'])['mean']:.3f} ms mean |",
         f"| Redis store, check + store per query (one script on one Redis, loopback, full) | "

@@ -399,6 +399,13 @@ def fingerprint_images(scheme: WindowHashScheme, images: npt.NDArray[np.uint8]) 
     return ImagePrints(sketches, keys, pixel_digests(images))
 
 
+def fingerprint_pixels(scheme: WindowHashScheme, pixels: npt.NDArray[np.floating]) -> ImagePrints:
+    """The prints of a batch of preprocessed float pixels in [0, 1] (N, C, H, W), the model's
+    input, which the service screens: converted to the 8-bit image (``eight_bit``), then
+    ``fingerprint_images``. Module-level, as the worker processes run it on their parts."""
+    return fingerprint_images(scheme, eight_bit(pixels))
+
+
 @dataclass(frozen=True)
 class PerceptualHashScheme:
     """64-bit DCT pHash; similarity = 64 - Hamming distance."""

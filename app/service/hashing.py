@@ -1,61 +1,165 @@
 """Worker processes that fingerprint a screening batch's large uploads.
 
-At ImageNet's input size (224x224: 150,528 values a query) a window-hash fingerprint is
-~1.5-1.9 ms of numpy per image, in ~15 calls over the image that each give the interpreter lock
-back and take it again. Beside a thread that runs Python without pause (what a saturated event
-loop does) each retake waits for the switch interval: measured by ``bench.stateful_cost`` on
-two cores, a batch of 32 costs 182 ms per query on the screening thread, 8.4 ms on two worker
-processes (bench/results/stateful_cost.md). Threads cannot avoid that (they share the lock);
-processes can. A batch is cut into one contiguous part per process, each part hashed there by
-``app.core.stateful.fingerprint_images``, and the parts' rows concatenated: bit-identical to
-hashing the batch on the calling thread, which then takes the lock once per part. The price:
-with nothing else running, on two cores, 3.5 ms per query against 1.9 on the thread (the
-batch's pixels are pickled through a pipe to the workers; a shared-memory file instead measured
-no faster). On an H200 the move did not raise the GPU service's screening rate (~130 queries/s
-before and after, docs/deploy.md): something else limits it there, not yet found.
+At ImageNet's input size (224x224: 150,528 values a query) a fingerprint is ~1.5-1.9 ms of
+numpy per image (the 8-bit conversion, then the window hashes), in ~20 calls over the image
+that each give the interpreter lock back and take it again. Beside a thread that runs Python
+without pause (what a saturated event loop does) each retake waits for the switch interval.
+Threads cannot avoid that (they share the lock); processes can, if handing the work over does
+not bring it back. Until 2026-11-30 it did: the screening thread converted the batch to 8 bits
+itself (four numpy calls over 4.8 MB) and pickled the result through the pool's pipe, a 64 KB
+pipe written in many pieces; ad hoc, beside a busy thread on two cores, the conversion took
+1.9 ms per query of a batch of 32, the handover with the workers' hashing 4.7 (2.5 alone).
+Now the screening thread copies the batch's float pixels once into a shared-memory block
+(``SharedPixels``: one torch call) and sends each worker only where its part lies; the worker converts its part to 8 bits and hashes it (``fingerprint_held``), and
+only the prints come back through the pipe. ``bench.stateful_cost`` on two cores, batches of 32
+at 224x224 (bench/results/stateful_cost.md): beside a busy thread 8.4 ms per query before, 3.6
+after (median 3.2; the busy thread and both workers share the two cores); alone 3.5 before and
+1.5 after, against 2.1 on the screening thread. On an H200 the GPU service screened ~130 queries
+a second before the change (7.5 ms a query, docs/deploy.md); the change has not run there yet.
+The parts' rows concatenated are bit-identical to the calling thread's prints.
 
 Small uploads (CIFAR's 3,072 values) stay on the calling thread: their whole batch is a few
 numpy calls, cheaper than sending it to a process. So do the uploads of a service whose pool
-is off (``processes=0``) or broken (a worker died: the batch is hashed here, logged, and a new
-pool is started for the next one), so that screening never fails for want of a worker.
+is off (``processes=0``) or broken (a worker died: the batch is hashed here from the shared
+block, logged, and a new pool is started for the next one), and of a host whose workers or
+shared memory cannot be had (logged once), so that screening never fails for want of either.
 
 Workers start from a clean ``forkserver`` process, not by forking the service (which may hold
 CUDA state and threads), and are started with the service, not on its first large upload. As
 with any non-fork start, each worker imports the program's main module (``advguard``'s imports
-only ``app.cli``, which loads the rest lazily: ~30 MB a worker).
+only ``app.cli``, which loads the rest lazily: ~30 MB a worker). The shared block lives in
+/dev/shm (a container's default 64 MB holds a full screening batch of 64 at 224 px: 38.5 MB);
+should the service be killed, multiprocessing's resource tracker removes it.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing
+import os
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from functools import partial
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import numpy.typing as npt
+import torch
 
 from app.core.stateful import (
     HASHED_VALUES_PER_PASS,
     ImagePrints,
     WindowHashScheme,
     fingerprint_images,
+    fingerprint_pixels,
 )
 
 log = logging.getLogger(__name__)
 
 # images of at least this many values go to the processes: one fills a hashing pass alone
 LARGE_IMAGE_VALUES = HASHED_VALUES_PER_PASS
+SHARED_MEMORY_DIR = "/dev/shm"  # where POSIX shared memory lives on Linux (its free space)
 
 
 def is_large(image_values: int) -> bool:
     return image_values >= LARGE_IMAGE_VALUES
 
 
+Spent = Callable[[str, float], None]  # (part, seconds): where the screening's time went
+
+
+def _unrecorded(part: str, seconds: float) -> None:
+    return None
+
+
+def cpu_float(pixels: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """``pixels`` as float32 on the CPU, converted only when they are not: every torch call gives
+    the interpreter lock back and takes it again, and beside a busy event loop each retake waits
+    (measured: converting a batch of 32 tensor by tensor, which is a no-op for the service's
+    CPU float32 pixels, cost 2.5-7 ms per query; one stack of them, 0.06 ms). Reading a
+    tensor's dtype and device is no torch call."""
+    cpu = torch.device("cpu")
+    if all(p.dtype == torch.float32 and p.device == cpu for p in pixels):
+        return pixels
+    return [p.detach().to(cpu, torch.float32) for p in pixels]
+
+
+@dataclass(frozen=True)
+class HeldPixels:
+    """Where a batch's float pixels lie in shared memory: the block's name and its shape
+    (capacity, C, H, W); a worker's part is rows [start, stop)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+
+_attached: dict[HeldPixels, tuple[SharedMemory, npt.NDArray[np.float32]]] = {}
+
+
+def fingerprint_held(
+    scheme: WindowHashScheme, held: HeldPixels, start: int, stop: int
+) -> ImagePrints:
+    """A worker's part of a batch, read from the shared block: attached once per block (the
+    last block only: a new one replaces it when the batch outgrows it)."""
+    if held not in _attached:
+        for block, _ in _attached.values():
+            block.close()
+        _attached.clear()
+        block = SharedMemory(held.name)
+        _attached[held] = (block, np.ndarray(held.shape, dtype=np.float32, buffer=block.buf))
+    return fingerprint_pixels(scheme, _attached[held][1][start:stop])
+
+
+class SharedPixels:
+    """The screening thread's shared block, grown (replaced) when a batch outgrows it. Only that
+    thread writes it, and only between batches: a batch's parts are read before the next is
+    written."""
+
+    def __init__(self) -> None:
+        self._block: SharedMemory | None = None
+        self._view: torch.Tensor | None = None
+        self.held: HeldPixels | None = None
+
+    def hold(self, pixels: Sequence[torch.Tensor]) -> tuple[HeldPixels, npt.NDArray[np.float32]]:
+        """Copy ``pixels`` (each C, H, W) into the block: where they lie, and this process's view
+        of them. Raises OSError when no block of that size can be had."""
+        n, image = len(pixels), tuple(pixels[0].shape)
+        if self.held is None or self.held.shape[1:] != image or self.held.shape[0] < n:
+            self._grow(n, image)
+        assert self.held is not None and self._view is not None
+        with torch.no_grad():
+            torch.stack(list(cpu_float(pixels)), out=self._view[:n])
+        return self.held, self._view[:n].numpy()
+
+    def _grow(self, n: int, image: tuple[int, ...]) -> None:
+        capacity = 1 << max(3, (n - 1).bit_length())  # powers of two: few replacements
+        shape = (capacity, *image)
+        size = int(np.prod(shape)) * 4
+        if os.path.isdir(SHARED_MEMORY_DIR):  # a full tmpfs would kill the writer (SIGBUS)
+            stats = os.statvfs(SHARED_MEMORY_DIR)
+            if stats.f_bavail * stats.f_frsize < size:
+                raise OSError(f"{SHARED_MEMORY_DIR} has no room for {size:,} bytes")
+        block = SharedMemory(create=True, size=size)
+        self.close()
+        self._block = block
+        self._view = torch.from_numpy(np.ndarray(shape, dtype=np.float32, buffer=block.buf))
+        self.held = HeldPixels(block.name, shape)
+
+    def close(self) -> None:
+        """Free the block: the workers' mappings stay valid until they attach the next one."""
+        if self._block is not None:
+            self._view = None
+            self._block.close()
+            self._block.unlink()
+            self._block, self.held = None, None
+
+
 class FingerprintHasher:
-    """``fingerprints`` of a batch of 8-bit images, on ``processes`` worker processes when they
-    are large. One thread calls it (the one that screens)."""
+    """``prints`` of a batch of preprocessed pixels, on ``processes`` worker processes when the
+    images are large. One thread calls it (the one that screens)."""
 
     def __init__(self, scheme: WindowHashScheme, processes: int) -> None:
         if processes < 0:
@@ -63,8 +167,9 @@ class FingerprintHasher:
         self.scheme = scheme
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
+        self._shared = SharedPixels()
         self.restarts = 0  # pools replaced after a worker died
-        self.unavailable = False  # the workers could not start: hash on the calling thread
+        self.unavailable = False  # the workers or shared memory could not be had: hash here
 
     def start(self) -> None:
         """Start every worker now (each imports numpy and the hashing code once), so that the
@@ -86,30 +191,67 @@ class FingerprintHasher:
                 future.result()
         except (BrokenProcessPool, OSError, RuntimeError):
             log.exception("fingerprint workers could not start: hashing on the screening thread")
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-            self.unavailable = True
+            self._unavailable()
 
-    def fingerprints(self, images: npt.NDArray[np.uint8]) -> ImagePrints:
-        n = len(images)
-        if self.processes == 0 or n == 0 or not is_large(int(images[0].size)):
-            return fingerprint_images(self.scheme, images)
+    def prints(self, pixels: Sequence[torch.Tensor], spent: Spent = _unrecorded) -> ImagePrints:
+        """The prints of preprocessed pixels (each C, H, W in [0, 1]), as ``fingerprint_pixels``
+        gives them. ``spent(part, seconds)`` hears the time of the ``pixels`` (stacked, or
+        copied into the shared block) and of the ``hash`` (with the conversion to 8 bits)."""
+        n = len(pixels)
+        started = time.perf_counter()
+        if n == 0 or self.processes == 0 or not is_large(int(pixels[0].numel())):
+            return self._here(pixels, spent, started)
         self.start()
         if self._pool is None:  # they could not start
-            return fingerprint_images(self.scheme, images)
-        parts = np.array_split(images, min(self.processes, n))
+            return self._here(pixels, spent, started)
         try:
-            done = list(self._pool.map(partial(fingerprint_images, self.scheme), parts))
+            held, mine = self._shared.hold(pixels)
+        except OSError:
+            log.exception("no shared memory for the fingerprint workers: hashing here")
+            self._unavailable()
+            return self._here(pixels, spent, started)
+        hashing = time.perf_counter()
+        spent("pixels", hashing - started)
+        try:
+            return self._on_workers(held, mine)
+        finally:
+            spent("hash", time.perf_counter() - hashing)
+
+    def _on_workers(self, held: HeldPixels, mine: npt.NDArray[np.float32]) -> ImagePrints:
+        assert self._pool is not None
+        n = len(mine)
+        bounds = np.linspace(0, n, min(self.processes, n) + 1).round().astype(int).tolist()
+        try:
+            parts = [
+                self._pool.submit(fingerprint_held, self.scheme, held, start, stop)
+                for start, stop in itertools.pairwise(bounds)
+            ]
+            done = [part.result() for part in parts]
         except BrokenProcessPool:
             log.exception("a fingerprint worker died: hashing this batch here, restarting them")
             self._replace_pool()
-            return fingerprint_images(self.scheme, images)
+            return fingerprint_pixels(self.scheme, mine)
         return ImagePrints(
             np.concatenate([part.sketches for part in done]),
             np.concatenate([part.keys for part in done]),
             [digest for part in done for digest in part.digests],
         )
+
+    def _here(self, pixels: Sequence[torch.Tensor], spent: Spent, started: float) -> ImagePrints:
+        with torch.no_grad():
+            stacked = torch.stack(list(cpu_float(pixels)))
+        hashing = time.perf_counter()
+        spent("pixels", hashing - started)
+        try:
+            return fingerprint_pixels(self.scheme, stacked.numpy())
+        finally:
+            spent("hash", time.perf_counter() - hashing)
+
+    def _unavailable(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool = None
+        self.unavailable = True
 
     def _replace_pool(self) -> None:
         if self._pool is not None:
@@ -121,3 +263,4 @@ class FingerprintHasher:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        self._shared.close()

@@ -56,7 +56,6 @@ from app.core.stateful import (
     StoreQuery,
     WindowHashScheme,
     default_scheme,
-    eight_bit,
 )
 from app.service.batcher import Screen
 from app.service.fingerprints import RedisFingerprintStore
@@ -129,15 +128,10 @@ class StatefulDetector:
     def fingerprints(self, pixels: Sequence[torch.Tensor]) -> list[QueryPrint]:
         """The preprocessed pixels the model sees (each C, H, W in [0, 1]) as 8-bit values,
         hashed in one pass: the same conversion and fingerprint as the evaluation's."""
-        started = time.perf_counter()
-        images = eight_bit(torch.stack(list(pixels)).detach().cpu().numpy())
-        hashing = time.perf_counter()
-        prints = self.hasher.fingerprints(images)
-        self.spent("pixels", hashing - started)
-        self.spent("hash", time.perf_counter() - hashing)
+        prints = self.hasher.prints(pixels, self.spent)
         return [
             QueryPrint(prints.sketches[i], prints.keys[i], prints.digests[i])
-            for i in range(len(images))
+            for i in range(len(pixels))
         ]
 
     def fingerprint(self, pixels: torch.Tensor) -> QueryPrint:

@@ -1,5 +1,5 @@
-"""The fingerprint worker processes: the same prints as the calling thread, and screening that
-never fails for want of a worker."""
+"""The fingerprint worker processes: the same prints as the calling thread, read from one shared
+block, and screening that never fails for want of a worker or of shared memory."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from app.core.stateful import default_scheme, fingerprint_images
 from app.service import hashing
@@ -35,6 +37,11 @@ def large() -> np.ndarray:
     out = np.clip(images, 0, 255).astype(np.uint8)
     out[2] = 255 - out[2]
     return out
+
+
+def floats(images: np.ndarray) -> list[torch.Tensor]:
+    """8-bit images as the preprocessed pixels the service screens (k / 255: exact in 8 bits)."""
+    return list(torch.from_numpy(images.astype(np.float32) / 255.0))
 
 
 @pytest.fixture
@@ -63,12 +70,41 @@ def test_large_uploads_are_hashed_on_worker_processes_bit_for_bit(
     hasher: FingerprintHasher, large: np.ndarray
 ) -> None:
     assert is_large(int(large[0].size))
-    prints = hasher.fingerprints(large)
+    prints = hasher.prints(floats(large))
     workers = _workers(hasher)
     assert len(workers) == 2 and os.getpid() not in workers
     assert _equal(prints, fingerprint_images(SCHEME, large))
     for n in (1, 2, 3):  # fewer images than processes, and uneven parts
-        assert _equal(hasher.fingerprints(large[:n]), fingerprint_images(SCHEME, large[:n]))
+        assert _equal(hasher.prints(floats(large[:n])), fingerprint_images(SCHEME, large[:n]))
+
+
+def test_the_shared_block_grows_with_the_batch_and_is_freed_on_close(
+    hasher: FingerprintHasher, large: np.ndarray
+) -> None:
+    """A batch larger than the block gets a new one (the workers attach it), a smaller one
+    reuses it, and closing the hasher removes it from the system."""
+    assert _equal(hasher.prints(floats(large[:2])), fingerprint_images(SCHEME, large[:2]))
+    first = hasher._shared.held
+    assert first is not None and first.shape[0] == 8  # the smallest block
+    more = np.concatenate([large, 255 - large[:, :, ::-1]])  # 10 distinct images
+    assert _equal(hasher.prints(floats(more)), fingerprint_images(SCHEME, more))
+    grown = hasher._shared.held
+    assert grown is not None and grown.shape[0] == 16 and grown.name != first.name
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(first.name)  # the outgrown block is gone
+    assert _equal(hasher.prints(floats(large[:3])), fingerprint_images(SCHEME, large[:3]))
+    assert hasher._shared.held == grown
+    hasher.close()
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(grown.name)
+
+
+def test_the_time_is_told_by_part(hasher: FingerprintHasher, large: np.ndarray) -> None:
+    for images in (large[:3], np.ascontiguousarray(large[:3, :, :32, :32])):
+        heard: list[tuple[str, float]] = []
+        hasher.prints(floats(images), lambda part, seconds, to=heard: to.append((part, seconds)))
+        assert [part for part, _ in heard] == ["pixels", "hash"]
+        assert all(seconds >= 0 for _, seconds in heard)
 
 
 def test_small_uploads_stay_on_the_calling_thread(
@@ -76,13 +112,13 @@ def test_small_uploads_stay_on_the_calling_thread(
 ) -> None:
     small = np.ascontiguousarray(large[:, :, :32, :32])
     assert not is_large(int(small[0].size))
-    assert _equal(hasher.fingerprints(small), fingerprint_images(SCHEME, small))
-    assert hasher._pool is None  # no process was started for them
+    assert _equal(hasher.prints(floats(small)), fingerprint_images(SCHEME, small))
+    assert hasher._pool is None and hasher._shared.held is None  # no process, no block
 
 
 def test_no_processes_hashes_on_the_calling_thread(large: np.ndarray) -> None:
     hasher = FingerprintHasher(SCHEME, processes=0)
-    assert _equal(hasher.fingerprints(large[:2]), fingerprint_images(SCHEME, large[:2]))
+    assert _equal(hasher.prints(floats(large[:2])), fingerprint_images(SCHEME, large[:2]))
     assert hasher._pool is None
     with pytest.raises(ValueError, match="processes"):
         FingerprintHasher(SCHEME, processes=-1)
@@ -98,8 +134,8 @@ def test_a_dead_worker_costs_no_batch_and_the_pool_is_replaced(
     while not hasher._pool._broken and time.monotonic() < deadline:  # type: ignore[union-attr]
         time.sleep(0.01)  # the pool's manager thread sees the death
     expected = fingerprint_images(SCHEME, large)
-    assert _equal(hasher.fingerprints(large), expected)  # answered, on this thread if need be
-    assert _equal(hasher.fingerprints(large), expected)
+    assert _equal(hasher.prints(floats(large)), expected)  # answered, here if need be
+    assert _equal(hasher.prints(floats(large)), expected)
     assert hasher.restarts == 1
     assert not set(_workers(hasher)) & set(first)  # a new pool, new processes
 
@@ -123,9 +159,27 @@ def test_workers_that_cannot_start_leave_the_hashing_on_the_calling_thread(
     assert hasher.unavailable and hasher._pool is None
     assert "could not start" in caplog.text
     for n in (2, 3):
-        assert _equal(hasher.fingerprints(large[:n]), fingerprint_images(SCHEME, large[:n]))
+        assert _equal(hasher.prints(floats(large[:n])), fingerprint_images(SCHEME, large[:n]))
     assert started == [1]  # tried once
     hasher.close()
+
+
+def test_without_shared_memory_the_hashing_stays_on_the_calling_thread(
+    large: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host with no room in /dev/shm (a full or tiny tmpfs) screens on the calling thread,
+    logged once: it neither fails the batch nor writes past the end of the tmpfs."""
+    monkeypatch.setattr(hashing, "SHARED_MEMORY_DIR", "/proc")  # reports no free space
+    hasher = FingerprintHasher(SCHEME, processes=2)
+    try:
+        with caplog.at_level(logging.ERROR, logger="app.service.hashing"):
+            for n in (2, 3):
+                got = hasher.prints(floats(large[:n]))
+                assert _equal(got, fingerprint_images(SCHEME, large[:n]))
+        assert hasher.unavailable and hasher._pool is None and hasher._shared.held is None
+        assert caplog.text.count("no shared memory") == 1
+    finally:
+        hasher.close()
 
 
 def test_the_service_starts_the_workers_only_for_large_uploads() -> None:
