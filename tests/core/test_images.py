@@ -7,9 +7,10 @@ import io
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
-from app.core.features import image_to_pixels
+from app.core.features import eight_bit_to_pixels, image_to_pixels
 from app.core.images import ImageDecodeError, decode_image
 from app.core.models import PRESETS
 
@@ -136,3 +137,34 @@ def test_imagenet_pixels_barely_change_with_draft(jpeg_1080p: bytes) -> None:
     std = torch.tensor(preset.std).view(3, 1, 1)
     difference = ((full - drafted) / std).abs().mean().item()
     assert difference < 0.03  # measured 0.014 for this image (Pillow 13, libjpeg-turbo)
+
+
+def torchvision_pixels(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """The preprocessing as torchvision's functions chain it (what bundles were built with)."""
+    image = TF.resize(image, resize, interpolation=TF.InterpolationMode.BILINEAR)
+    image = TF.center_crop(image, [crop, crop])
+    return TF.pil_to_tensor(image).float().div_(255.0)
+
+
+def test_eight_bit_to_pixels_gives_torchvisions_values_for_every_byte() -> None:
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    image = np.stack([values, values.T, 255 - values], axis=-1)  # every value in every channel
+    converted = eight_bit_to_pixels(image)
+    expected = TF.pil_to_tensor(Image.fromarray(image)).float().div_(255.0)
+    assert converted.dtype == torch.float32 and converted.shape == (3, 16, 16)
+    assert converted.is_contiguous()
+    assert np.array_equal(converted.numpy().view(np.uint32), expected.numpy().view(np.uint32))
+
+
+@pytest.mark.parametrize("preset", ["imagenet", "cifar"])
+@pytest.mark.parametrize("size", [(300, 260), (64, 48), (20, 24)])  # wide, upscaled, tall
+def test_image_to_pixels_is_torchvisions_chain_bit_for_bit(
+    preset: str, size: tuple[int, int]
+) -> None:
+    chosen = PRESETS[preset]
+    image = Image.fromarray(photo_like(*size, seed=size[0]))
+    pixels = image_to_pixels(image, chosen)
+    expected = torchvision_pixels(image, chosen.resize, chosen.crop)
+    assert pixels.shape == expected.shape == (3, chosen.crop, chosen.crop)
+    assert np.array_equal(pixels.numpy().view(np.uint32), expected.numpy().view(np.uint32))
+    pixels.mul_(2.0)  # the tensor is the caller's: writable, sharing nothing
