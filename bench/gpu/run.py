@@ -61,7 +61,7 @@ DEFAULT_OUT = REPO / "bench" / "results" / "gpu"
 DEMO_BUNDLE = REPO / "bundles" / "cifar10-resnet20"
 CIFAR_CARRIED = REPO / ".gpudata" / "cifar10-test-2000.tar.gz"
 CIFAR_SHARED = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-STEPS = ("environment", "parity", "search", "builder", "service")
+STEPS = ("environment", "parity", "search", "builder", "service", "host")
 SERVICE_IMPORTS: tuple[str, ...] = ("fastapi", "starlette", "uvicorn", "pydantic", "multipart")
 SERVICE_IMPORTS += ("pydantic_settings", "redis", "prometheus_client", "httpx", "faiss", "PIL")
 DISTRIBUTIONS: tuple[str, ...] = ("torch", "torchvision", "numpy", "pillow", "faiss-cpu")
@@ -102,6 +102,10 @@ class Sizes:
     min_seconds: float
     execution_batch: int
     stage_batch: int
+    host_uploads: int
+    host_rounds: int
+    host_batches: int
+    host_processes: tuple[int, ...]
     estimates_s: tuple[tuple[str, float], ...]  # per step, for the budget
     budget_s: float
 
@@ -137,12 +141,17 @@ FULL = Sizes(
     min_seconds=1.0,
     execution_batch=128,
     stage_batch=64,
+    host_uploads=48,
+    host_rounds=3,
+    host_batches=10,
+    host_processes=(2, 6),
     estimates_s=(
         ("environment", 5),
         ("parity", 30),
         ("search", 60),
         ("builder", 60),
         ("service", 200),
+        ("host", 40),
     ),
     budget_s=420.0,
 )
@@ -177,12 +186,17 @@ DRY = Sizes(
     min_seconds=0.05,
     execution_batch=4,
     stage_batch=8,
+    host_uploads=4,
+    host_rounds=1,
+    host_batches=1,
+    host_processes=(2,),
     estimates_s=(
         ("environment", 1),
         ("parity", 5),
         ("search", 5),
         ("builder", 10),
         ("service", 30),
+        ("host", 5),
     ),
     budget_s=600.0,
 )
@@ -547,6 +561,13 @@ def service_step(run: Run) -> tuple[dict[str, Any], str]:
     return results, service_check.table(results)
 
 
+def host_step(run: Run) -> tuple[dict[str, Any], str]:
+    from bench.gpu import host_check
+
+    s = run.sizes
+    return host_check.run(s.host_uploads, s.host_rounds, s.host_batches, s.host_processes)
+
+
 def fallback_bundle(run: Run) -> Path:
     """A small bundle of the same model when the builder step did not leave one."""
     from bench.gpu import synthetic
@@ -585,6 +606,7 @@ STEP_BODIES: dict[str, Callable[[Run], tuple[dict[str, Any], str]]] = {
     "search": search_step,
     "builder": builder_step,
     "service": service_step,
+    "host": host_step,
 }
 
 

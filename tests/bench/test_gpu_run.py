@@ -70,6 +70,7 @@ def test_dry_run_writes_every_result_in_its_format(tmp_path: Path) -> None:
     _check_search(steps["search"]["results"])
     _check_builder(steps["builder"]["results"])
     _check_service(steps["service"]["results"])
+    _check_host(steps["host"]["results"])
     summary = (out / "summary.md").read_text()
     for name in gpu_run.STEPS:
         assert f"## {name}: ok" in summary
@@ -118,6 +119,18 @@ def _check_builder(builder: dict[str, Any]) -> None:
     for key in ("forward_images_per_second_before", "builder_extract_images_per_second"):
         assert builder[key] > 0
     assert builder["builder_over_forward"] > 0
+
+
+def _check_host(host: dict[str, Any]) -> None:
+    """Each preparing step and each worker count, alone and beside the busy thread."""
+    preparing = host["preparing_median_ms"]
+    assert len(preparing) == 5
+    assert all(ms["alone"] > 0 and ms["busy"] > 0 for ms in preparing.values())
+    assert list(host["fingerprint_ms_per_query"]) == [
+        str(count) for count in gpu_run.DRY.host_processes
+    ]
+    for ms in host["fingerprint_ms_per_query"].values():
+        assert ms["alone_ms"] > 0 and ms["busy_ms"] > 0
 
 
 def _check_service(service: dict[str, Any]) -> None:
