@@ -10,8 +10,9 @@ itself (four numpy calls over 4.8 MB) and pickled the result through the pool's 
 pipe written in many pieces; ad hoc, beside a busy thread on two cores, the conversion took
 1.9 ms per query of a batch of 32, the handover with the workers' hashing 4.7 (2.5 alone).
 Now the screening thread copies the batch's float pixels once into a shared-memory block
-(``SharedPixels``: one torch call) and sends each worker only where its part lies; the worker converts its part to 8 bits and hashes it (``fingerprint_held``), and
-only the prints come back through the pipe. ``bench.stateful_cost`` on two cores, batches of 32
+(``SharedPixels``: one torch call) and sends each worker only where its part lies; the worker
+converts its part to 8 bits and hashes it (``fingerprint_held``), and only the prints come back
+through the pipe. ``bench.stateful_cost`` on two cores, batches of 32
 at 224x224 (bench/results/stateful_cost.md): beside a busy thread 8.4 ms per query before, 3.6
 after (median 3.2; the busy thread and both workers share the two cores); alone 3.5 before and
 1.5 after, against 2.1 on the screening thread. On an H200 the GPU service screened ~130 queries
@@ -78,9 +79,9 @@ def _unrecorded(part: str, seconds: float) -> None:
 def cpu_float(pixels: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     """``pixels`` as float32 on the CPU, converted only when they are not: every torch call gives
     the interpreter lock back and takes it again, and beside a busy event loop each retake waits
-    (measured: converting a batch of 32 tensor by tensor, which is a no-op for the service's
-    CPU float32 pixels, cost 2.5-7 ms per query; one stack of them, 0.06 ms). Reading a
-    tensor's dtype and device is no torch call."""
+    (ad hoc, two cores, beside a busy thread: converting a batch of 32 tensor by tensor, a no-op
+    for the service's CPU float32 pixels, cost 2.5-6.8 ms per query of the batch, the one stack
+    alone 0.1-0.6 ms). Reading a tensor's dtype and device is no torch call."""
     cpu = torch.device("cpu")
     if all(p.dtype == torch.float32 and p.device == cpu for p in pixels):
         return pixels
