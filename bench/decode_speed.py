@@ -7,7 +7,9 @@ alternate so that load from other jobs hits both alike. Reports the median ms of
 ``decode_image`` alone and of decode + ``image_to_pixels`` for the ImageNet preset, and how far
 the draft's pixels are from the full decode's. One torch thread by default, as in the builder's
 DataLoader workers: with more, on a busy machine, the tiny uint8 -> float conversion of the crop
-waits for descheduled intra-op threads (milliseconds) and swamps what is measured here. Usage:
+waited for descheduled intra-op threads (milliseconds) and swamped what was measured here, until
+2026-11-30, when ``image_to_pixels`` began to convert with numpy (``bench.decode_contention``).
+Usage:
 python -m bench.decode_speed [--runs 200] [--image PHOTO.jpg] [--torch-threads 1]
 """
 
