@@ -17,12 +17,18 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.stateful import default_scheme, fingerprint_images
+from app.core.stateful import (
+    DEFAULT_RULE,
+    Answer,
+    InProcessFingerprintStore,
+    default_scheme,
+    fingerprint_images,
+)
 from app.service import hashing
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import Metrics
 from app.service.settings import Settings
-from app.service.stateful import build_stateful
+from app.service.stateful import Pending, StatefulDetector, build_stateful
 
 SCHEME = default_scheme(b"hashing-test-secret")
 
@@ -194,3 +200,47 @@ def test_the_service_starts_the_workers_only_for_large_uploads() -> None:
         finally:
             detector.close()
         assert detector.hasher._pool is None
+
+
+def test_a_large_batch_is_screened_as_the_pure_replay_screens_it(large: np.ndarray) -> None:
+    """The service's path for 224 px uploads (shared block, worker processes) detects the same
+    probes and serves the same anchors under ``silent`` as the pure store replaying the 8-bit
+    images: the photo, then probes that each move 300 random values."""
+    rng = np.random.default_rng(11)
+    images = np.repeat(large[:1], 8, axis=0).astype(np.int16)
+    for probe in images[1:]:
+        flat = probe.reshape(-1)
+        where = rng.choice(flat.size, 300, replace=False)
+        flat[where] += rng.choice([-40, 40], 300)
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    answers = [Answer("accepted", 3, float(i), 0.0) for i in range(len(images))]  # one class
+
+    store = InProcessFingerprintStore(SCHEME)
+    prints = fingerprint_images(SCHEME, images)
+    replayed: list[Answer] = []
+    for i, answer in enumerate(answers):
+        evidence, stored = store.check_and_store(
+            "mallory", prints.sketches[i], prints.digests[i], float(i), answer, prints.keys[i]
+        )
+        detected = DEFAULT_RULE.detects(evidence, answer) and evidence.anchor is not None
+        served = evidence.anchor if detected else answer
+        assert served is not None
+        if detected:
+            store.relabel(stored, served)
+        replayed.append(served)
+    assert replayed[-1] != answers[-1]  # the sequence is detected, so the check can fail
+
+    detector = StatefulDetector(
+        SCHEME, DEFAULT_RULE, InProcessFingerprintStore(SCHEME), "silent", fingerprint_processes=2
+    )
+    try:
+        pixels = floats(images)
+        served_batches = detector.screen_batch(
+            [Pending("mallory", p, a) for p, a in zip(pixels[:3], answers[:3], strict=True)]
+        ) + detector.screen_batch(
+            [Pending("mallory", p, a) for p, a in zip(pixels[3:], answers[3:], strict=True)]
+        )
+        assert detector.hasher._pool is not None and detector.hasher._shared.held is not None
+    finally:
+        detector.close()
+    assert served_batches == replayed
