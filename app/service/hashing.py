@@ -7,17 +7,17 @@ without pause (what a saturated event loop does) each retake waits for the switc
 Threads cannot avoid that (they share the lock); processes can, if handing the work over does
 not bring it back. Until 2026-11-30 it did: the screening thread converted the batch to 8 bits
 itself (four numpy calls over 4.8 MB) and pickled the result through the pool's pipe, a 64 KB
-pipe written in many pieces; ad hoc, beside a busy thread on two cores, the conversion took
-1.9 ms per query of a batch of 32, the handover with the workers' hashing 4.7 (2.5 alone).
-Now the screening thread copies the batch's float pixels once into a shared-memory block
+pipe written in many pieces; ad hoc, beside a busy thread on two cores, the conversion took 1.9
+ms per query of a batch of 32, the handover with the workers' hashing 4.7 (2.5 alone). Now the
+screening thread copies the batch's float pixels once into a shared-memory block
 (``SharedPixels``: one torch call) and sends each worker only where its part lies; the worker
 converts its part to 8 bits and hashes it (``fingerprint_held``), and only the prints come back
-through the pipe. ``bench.stateful_cost`` on two cores, batches of 32
-at 224x224 (bench/results/stateful_cost.md): beside a busy thread 8.4 ms per query before, 3.1-3.6
-after in two runs (the busy thread and both workers share the two cores); alone 3.5 before and
-1.5-1.8 after, against 2.1 on the screening thread. On an H200 the GPU service screened ~130 queries
-a second before the change (7.5 ms a query, docs/deploy.md); the change has not run there yet.
-The parts' rows concatenated are bit-identical to the calling thread's prints.
+through the pipe. ``bench.stateful_cost`` on two cores, batches of 32 at 224x224
+(bench/results/stateful_cost.md): beside a busy thread 8.4 ms per query before, 3.1-3.6 after in
+two runs (the busy thread and both workers share the two cores); alone 3.5 before and 1.5-1.8
+after, against 2.1 on the screening thread. On an H200 the GPU service screened ~130 queries a
+second before the change (7.5 ms a query, docs/deploy.md); the change has not run there yet. The
+parts' rows concatenated are bit-identical to the calling thread's prints.
 
 Small uploads (CIFAR's 3,072 values) stay on the calling thread: their whole batch is a few
 numpy calls, cheaper than sending it to a process. So do the uploads of a service whose pool
