@@ -148,40 +148,13 @@ class FeatureNetwork(nn.Module):
         self.channels_last = False
 
     def set_execution(self, precision: Precision = "fp32", channels_last: bool = False) -> None:
-        """Autocast precision and memory format of later forward passes (call after ``.to``).
-        A traced graph (``trace``) is dropped: it recorded the execution before."""
+        """Autocast precision and memory format of later forward passes (call after ``.to``)."""
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
         self.precision = precision
         self.channels_last = channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=memory_format)
-        self.__dict__["_traced"] = None
-
-    def trace(self, example: torch.Tensor) -> None:
-        """Record the model and the layers' pooling as one TorchScript graph (``torch.jit.trace``
-        on ``example``, a pixel batch of the input size) that later forward passes without
-        gradients run instead of the eager modules (call after ``.to`` and ``set_execution``).
-
-        The graph makes the same ATen calls, so the same values (the tests compare logits and
-        features bit for bit at several batch sizes), but it is one call from Python where the
-        eager modules make one per layer, and each of those gives the interpreter lock back and
-        takes it again: beside an event loop that runs Python without pause every retake waits
-        for the switch interval (ad hoc, ResNet-20, a batch of 24 on one torch thread beside a
-        busy thread: 686 ms eager against 44 ms traced, both ~34 ms alone). Forward passes
-        with gradients (the attacks) stay eager. fp32 only: autocast is not traced."""
-        if self.precision != "fp32":
-            raise ValueError("only the fp32 forward pass can be traced")
-        with torch.no_grad():
-            normalised = self._normalised(example.to(self.device))
-            traced = torch.jit.trace(  # type: ignore[no-untyped-call]
-                _Traceable(self), (normalised,), check_trace=False
-            )
-        self.__dict__["_traced"] = traced  # not a registered submodule: no second state dict
-
-    @property
-    def traced(self) -> bool:
-        return self.__dict__.get("_traced") is not None
 
     def _autocast(self) -> AbstractContextManager[object]:
         if self.precision == "fp32":
@@ -194,45 +167,19 @@ class FeatureNetwork(nn.Module):
 
         return hook
 
-    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor) -> ForwardOutput:
+        self._captured = {}
         normalised = (pixels - self.mean) / self.std
         if self.channels_last:
             normalised = normalised.contiguous(memory_format=torch.channels_last)
-        return normalised
-
-    def captured_forward(self, normalised: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The model on normalised pixels: its logits, then each layer's pooled features in
-        ``layers`` order (what ``trace`` records)."""
-        self._captured = {}
-        logits = self.model(normalised)
-        features, self._captured = self._captured, {}
-        return (logits, *(features[name] for name in self.layers))
-
-    def forward(self, pixels: torch.Tensor) -> ForwardOutput:
-        normalised = self._normalised(pixels)
-        traced = self.__dict__.get("_traced")
         with self._autocast():
-            if traced is not None and not torch.is_grad_enabled():
-                logits, *pooled = traced(normalised)
-            else:
-                logits, *pooled = self.captured_forward(normalised)
-        return ForwardOutput(logits=logits, features=dict(zip(self.layers, pooled, strict=True)))
+            logits = self.model(normalised)
+        features, self._captured = self._captured, {}
+        return ForwardOutput(logits=logits, features=features)
 
     @property
     def device(self) -> torch.device:
         return self.mean.device
-
-
-class _Traceable(nn.Module):
-    """A ``FeatureNetwork``'s ``captured_forward`` as a module's forward, for ``torch.jit.trace``
-    (a traced module keeps the parameters as parameters, where a traced function could not)."""
-
-    def __init__(self, network: FeatureNetwork) -> None:
-        super().__init__()
-        self.network = network
-
-    def forward(self, normalised: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.network.captured_forward(normalised)
 
 
 @dataclass(frozen=True)

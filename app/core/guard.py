@@ -220,14 +220,12 @@ class Guard:
         search_backend: search.SearchBackend = "faiss",
         precision: Precision = "fp32",
         channels_last: bool = False,
-        traced: bool = False,
     ) -> Guard:
         """Load and verify a bundle. ``weights_path`` may point at the model weights elsewhere,
         but they must still match the manifest's sha256. ``search_backend`` picks faiss or the
         torch exact search (on the GPU with ``use_gpu_index``, which defaults to "the model is on
         cuda"); ``precision`` and ``channels_last`` set the model's forward pass (fp32 and the
-        default memory format are what the bundle was calibrated with); ``traced`` runs the
-        model as one TorchScript graph (``FeatureNetwork.trace``: the same values)."""
+        default memory format are what the bundle was calibrated with)."""
         manifest = read_manifest(bundle_dir)
         verify_files(bundle_dir, manifest)
         weights = weights_path or bundle_dir / manifest.model.weights_file
@@ -243,9 +241,6 @@ class Guard:
         network = network.to(torch_device)
         network.eval()
         network.set_execution(precision, channels_last)
-        if traced:
-            crop = preset_of(manifest).crop
-            network.trace(torch.zeros(2, 3, crop, crop))
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
         detector, index_device = load_detector(bundle_dir, manifest, want_gpu, search_backend)
         threshold = manifest.calibration.threshold

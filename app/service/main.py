@@ -101,7 +101,6 @@ def build_service(
         search_backend=settings.search_backend,
         precision=settings.model_precision,
         channels_last=settings.channels_last,
-        traced=settings.model_traced,
     )
     policy = flag_policy_for(settings, guard)
     tracker = build_tracker(settings, policy, metrics)

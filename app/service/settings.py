@@ -46,9 +46,6 @@ class Settings(BaseSettings):
     # stay unchanged first (bench/gpu/run.sh does)
     model_precision: Precision = "fp32"
     channels_last: bool = False
-    # run the model as one TorchScript graph (same values; one call from Python instead of one
-    # per layer, each of which waits for the interpreter lock beside a busy event loop); fp32
-    model_traced: bool = False
 
     # the private listener: /metrics and the admin routes (app.service.admin); the public port
     # answers them 404. Host: --admin-host, default the public listener's --host

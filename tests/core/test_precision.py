@@ -6,7 +6,6 @@ on the CPU, they must run, keep features float32 and stay close to the fp32 forw
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -59,9 +58,6 @@ def test_the_service_reads_precision_and_memory_format(monkeypatch: pytest.Monke
     monkeypatch.setenv("ADVGUARD_MODEL_PRECISION", "bf16")
     monkeypatch.setenv("ADVGUARD_CHANNELS_LAST", "true")
     assert (Settings().model_precision, Settings().channels_last) == ("bf16", True)
-    assert not settings.model_traced
-    monkeypatch.setenv("ADVGUARD_MODEL_TRACED", "true")
-    assert Settings().model_traced
 
 
 def test_guard_load_applies_the_execution_settings() -> None:
@@ -100,63 +96,3 @@ def test_fp32_means_ieee_convolutions_inside_the_forward_pass_only() -> None:
         assert _conv_precision_seen_in_forward(network) == ["tf32"]
     finally:
         conv.fp32_precision = before
-
-
-def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
-
-
-def test_a_traced_forward_gives_the_eager_values_bit_for_bit() -> None:
-    """The demo bundle's model and pooled features, traced, at batch sizes other than the one
-    it was traced with: the same logits, probabilities, predictions and features, bit for bit,
-    and the same verdicts."""
-    eager = Guard.load(DEMO_BUNDLE, device="cpu")
-    traced = Guard.load(DEMO_BUNDLE, device="cpu", traced=True)
-    assert traced.network.traced and not eager.network.traced
-    torch.manual_seed(3)
-    for n in (1, 5, 33):
-        pixels = torch.rand(n, 3, 32, 32)
-        a, b = infer_batch(eager.network, pixels), infer_batch(traced.network, pixels)
-        assert _same_bits(a.probabilities, b.probabilities)
-        assert _same_bits(a.predictions, b.predictions)
-        assert sorted(a.features) == sorted(b.features)
-        assert all(_same_bits(a.features[k], b.features[k]) for k in a.features)
-        assert eager.classify_pixels(pixels) == traced.classify_pixels(pixels)
-
-
-def test_only_forward_passes_without_gradients_run_the_traced_graph(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The attacks' forward passes (with gradients) stay on the eager modules, and get the
-    eager gradient; a gradient-free pass never calls them."""
-    network = _network()
-    pixels = torch.rand(4, 3, 32, 32, requires_grad=True)
-    network(pixels).logits.sum().backward()
-    assert pixels.grad is not None
-    eager_grad = pixels.grad.clone()
-    network.trace(torch.zeros(2, 3, 32, 32))
-    pixels.grad = None
-    network(pixels).logits.sum().backward()
-    assert torch.equal(pixels.grad, eager_grad)
-
-    def eager_forbidden(normalised: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise AssertionError("the eager modules ran")
-
-    monkeypatch.setattr(network, "captured_forward", eager_forbidden)
-    with torch.inference_mode():
-        assert network(torch.rand(2, 3, 32, 32)).logits.shape == (2, 10)
-    with pytest.raises(AssertionError, match="eager modules ran"):
-        network(pixels)
-
-
-def test_tracing_needs_fp32_and_a_new_execution_drops_the_trace() -> None:
-    network = _network()
-    network.set_execution("bf16")
-    with pytest.raises(ValueError, match="fp32"):
-        network.trace(torch.zeros(1, 3, 32, 32))
-    network.set_execution("fp32", channels_last=True)
-    network.trace(torch.zeros(1, 3, 32, 32))
-    assert network.traced
-    assert sorted(network.state_dict()) == sorted(_network().state_dict())  # no second copy
-    network.set_execution("fp32")
-    assert not network.traced

@@ -8,13 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app.core import search
 from app.core.guard import Guard
 from app.service.batcher import QueueFullError
-from app.service.main import create_app
 from app.service.settings import Settings
 from tests.service.helpers import LabelledImage, admin_of, fgsm, upload
 
@@ -271,16 +269,3 @@ def test_the_in_process_tracker_is_called_on_the_event_loop_and_redis_on_a_worke
         assert called_on["record_many"] == loop and called_on["is_flagged"] == loop
     else:
         assert called_on["record_many"] != loop and called_on["is_flagged"] != loop
-
-
-def test_a_traced_model_answers_as_the_eager_one(test_images: list[LabelledImage]) -> None:
-    """``ADVGUARD_MODEL_TRACED``: the service runs the traced graph and answers every upload as
-    the eager model does, scores included."""
-    answers = []
-    for traced in (False, True):
-        app = create_app(Settings(device="cpu", expose_scores=True, model_traced=traced))
-        with TestClient(app) as client:
-            assert app.state.service.guard.network.traced is traced
-            bodies = [upload(client, image.data).json() for image in test_images[:12]]
-        answers.append([{k: v for k, v in b.items() if k != "request_id"} for b in bodies])
-    assert answers[0] == answers[1]
