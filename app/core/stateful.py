@@ -393,8 +393,8 @@ class ImagePrints:
 
 
 def fingerprint_images(scheme: WindowHashScheme, images: npt.NDArray[np.uint8]) -> ImagePrints:
-    """The one computation of a batch's prints (a module-level function, so that worker
-    processes can run it on parts of a batch: the parts' rows concatenated are the batch's)."""
+    """The one computation of a batch's prints: the parts' rows of a batch cut in parts,
+    concatenated, are the batch's (the service's worker processes hash parts of a batch)."""
     sketches, keys = scheme.fingerprints_and_keys(images)
     return ImagePrints(sketches, keys, pixel_digests(images))
 

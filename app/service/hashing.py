@@ -248,16 +248,17 @@ class FingerprintHasher:
         finally:
             spent("hash", time.perf_counter() - hashing)
 
-    def _unavailable(self) -> None:
+    def _drop_pool(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self._pool = None
+
+    def _unavailable(self) -> None:
+        self._drop_pool()
         self.unavailable = True
 
     def _replace_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-        self._pool = None
+        self._drop_pool()
         self.restarts += 1
 
     def close(self) -> None:
