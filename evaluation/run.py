@@ -274,6 +274,9 @@ class EvaluateOptions:
     cache_dir: Path = Path(".cache/evaluation")
     per_class: int = 100
     split_per_class_limit: int | None = None
+    # training images per class in the bundles the evaluation builds (None: all of them); a
+    # smaller build for pipeline checks, never for reported figures
+    build_per_class_limit: int | None = None
     quick: bool = False
     studies: bool = True
     # only the paper's default detector and v2 (no Table 2 grid, k sweep, Fisher or ablations)
@@ -326,9 +329,13 @@ def _build(
         "statistics": list(config.statistics),
         "holdout": holdout,
     }
+    limit = options.build_per_class_limit
+    if limit is not None:  # (stamps written before the option stay valid for full builds)
+        wanted["per_class_limit"] = limit
     # feature chunks are kept per set of statistics: a different set extracts other layers
     what = json.dumps([wanted["preset_means"], wanted["statistics"]]).encode()
     work_name = f"{config.name}-{hashlib.sha256(what).hexdigest()[:8]}"
+    limited = "" if limit is None else f"-first{limit}"
     stamp = out / "evaluation-config.json"
     reusable = (out / "manifest.json").is_file() and stamp.is_file()
     if reusable and json.loads(stamp.read_text()) == wanted:
@@ -348,9 +355,10 @@ def _build(
         work_dir=options.cache_dir
         / "work"
         / model_name
-        / (work_name if v2 else "+".join(config.layers)),
+        / ((work_name if v2 else "+".join(config.layers)) + limited),
         keep_work_dir=True,
         seed=options.seed,
+        per_class_limit=limit,
         name=f"{model_name}-{config.name}",
         detector=config.preset,
         statistics=config.statistics,

@@ -29,7 +29,8 @@ sets (other images; L-BFGS, CW, PGD-L2, transfer and adaptive attacks) never ent
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ from evaluation.run import (
     DetectorConfig,
     EvaluateOptions,
     Log,
+    ModelUnderTest,
     _build,
     _features,
     model_stage,
@@ -96,32 +98,153 @@ def _bundle_bytes(bundle: Path, guard: Guard, specs: list[StatisticSpec]) -> int
     return sum((bundle / name).stat().st_size for name in files) + 64 * 1024  # manifest etc.
 
 
-def select(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
-    mut = model_stage(replace(options, studies=False), log)
+@dataclass(frozen=True)
+class SelectionImages:
+    """Stage 1: the selection images (outside every reported set), their labels and the
+    targets of the targeted attacks."""
+
+    pixels: torch.Tensor
+    labels: np.ndarray
+    targets: torch.Tensor
+    weights_sha256: str
+    rows: np.ndarray  # their rows in the test split
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """Stage 4: one candidate judged on the selection images at its own threshold."""
+
+    candidate: str
+    statistics: int
+    bundle_bytes: int
+    eer: dict[str, float]  # EER accuracy per selection attack
+    accepted: dict[str, float]  # share of the attack's successful adversarials accepted
+    authentic_accepted: float
+
+    @property
+    def fits(self) -> bool:
+        return self.bundle_bytes <= MAX_BUNDLE_BYTES
+
+    @property
+    def mean_accepted(self) -> float:
+        return float(np.mean(list(self.accepted.values())))
+
+    def row(self) -> dict[str, Any]:
+        """The candidate's row of ``selection.json``."""
+        return {
+            "candidate": self.candidate,
+            "statistics": self.statistics,
+            "bundle_mb": round(self.bundle_bytes / 2**20, 2),
+            "fits": self.fits,
+            "attacks_at_min_eer": sum(e >= MIN_EER for e in self.eer.values()),
+            "mean_accepted": self.mean_accepted,
+            "eer": self.eer,
+            "accepted": self.accepted,
+            "authentic_accepted": self.authentic_accepted,
+        }
+
+
+def selection_images(options: EvaluateOptions, mut: ModelUnderTest, log: Log) -> SelectionImages:
     sets = sets_stage(options, mut, log)
     excluded = np.concatenate([sets.selection.authentic, sets.selection.errors])
     rows = selection_rows(sets.split.labels, sets.predictions, excluded, options.seed)
-    x = sets.split.tensor(rows)
-    y = sets.split.labels[rows]
+    labels = sets.split.labels[rows]
     rng = np.random.default_rng(options.seed + 1001)
     num_classes = len(sets.split.classes)
-    targets = torch.from_numpy((y + rng.integers(1, num_classes, size=y.size)) % num_classes)
-    p = options.attack
-    labels = torch.from_numpy(y)
-    bs = options.batch_size
-    runners = {
-        "fgsm": lambda: attacks.fgsm_targeted(mut.classifier, x, targets, p.fgsm_eps, bs),
-        "fgsm_untargeted": lambda: attacks.fgsm_untargeted(
-            mut.classifier, x, labels, p.fgsm_eps, bs
-        ),
+    targets = (labels + rng.integers(1, num_classes, size=labels.size)) % num_classes
+    return SelectionImages(
+        sets.split.tensor(rows),
+        labels,
+        torch.from_numpy(targets),
+        mut.manifest.model.weights_sha256,
+        rows,
+    )
+
+
+def _attack_runners(
+    options: EvaluateOptions, mut: ModelUnderTest, images: SelectionImages
+) -> dict[str, Callable[[], attacks.AttackOutput]]:
+    x, targets, labels = images.pixels, images.targets, torch.from_numpy(images.labels)
+    p, bs, model = options.attack, options.batch_size, mut.classifier
+    return {
+        "fgsm": lambda: attacks.fgsm_targeted(model, x, targets, p.fgsm_eps, bs),
+        "fgsm_untargeted": lambda: attacks.fgsm_untargeted(model, x, labels, p.fgsm_eps, bs),
         "pgd": lambda: attacks.pgd_targeted(
-            mut.classifier, x, targets, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+            model, x, targets, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
         ),
         "pgd_untargeted": lambda: attacks.pgd_untargeted(
-            mut.classifier, x, labels, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+            model, x, labels, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
         ),
-        "deepfool": lambda: attacks.deepfool_untargeted(mut.classifier, x, labels, batch_size=bs),
+        "deepfool": lambda: attacks.deepfool_untargeted(model, x, labels, batch_size=bs),
     }
+
+
+def selection_values(
+    options: EvaluateOptions, mut: ModelUnderTest, images: SelectionImages, guard: Guard, log: Log
+) -> dict[str, np.ndarray]:
+    """Stage 3: every statistic of the all-statistics bundle on the authentic selection images
+    and on each attack's successful adversarials (cached attacks)."""
+    authentic = _features(mut.network, images.pixels)
+    values = {"authentic": guard.detector.values(authentic.features, authentic.predictions)}
+    key = {"weights": images.weights_sha256, "rows": images.rows.tolist(), "selection": 1}
+    p = options.attack
+    runners = _attack_runners(options, mut, images)
+    for attack in SELECTION_ATTACKS:
+        output, _ = cached_attack(
+            options.cache_dir / "adversarials",
+            {**key, "attack": f"selection_{attack}", "eps": p.fgsm_eps, "steps": p.pgd_steps},
+            runners[attack],
+        )
+        feats = _features(mut.network, torch.from_numpy(output.adversarial))
+        fooled = feats.predictions != images.labels
+        values[attack] = guard.detector.values(feats.features, feats.predictions)[fooled]
+        log(f"selection {attack}: {int(fooled.sum())}/{images.labels.size} misclassified")
+    return values
+
+
+def score_candidates(
+    bundle: Path, guard: Guard, mut: ModelUnderTest, values: dict[str, np.ndarray]
+) -> list[CandidateScore]:
+    """Stage 4: each candidate as a view of the all-statistics bundle: its columns combined
+    its way, thresholded at the bundle's retention on the bundle's threshold part."""
+    names = guard.detector.names
+    threshold_part = threshold_values(bundle, guard.manifest)
+    retention = guard.manifest.calibration.operating_retention
+    scored = []
+    for candidate, preset in candidate_presets().items():
+        specs = parse_statistics(preset.statistics, mut.network.model, mut.arch)
+        columns = [names.index(_name(spec)) for spec in specs]
+        detector = guard.detector.subset(columns, preset.combination)
+        threshold = threshold_for_retention(detector.combine(threshold_part[:, columns]), retention)
+        scores = {name: detector.combine(v[:, columns]) for name, v in values.items()}
+        authentic = scores["authentic"]
+        scored.append(
+            CandidateScore(
+                candidate,
+                len(specs),
+                _bundle_bytes(bundle, guard, specs),
+                {a: set_metrics(authentic, scores[a]).eer_accuracy for a in SELECTION_ATTACKS},
+                {a: float((scores[a] >= threshold).mean()) for a in SELECTION_ATTACKS},
+                float((authentic >= threshold).mean()),
+            )
+        )
+    return scored
+
+
+def choose(scored: Sequence[CandidateScore]) -> CandidateScore:
+    """Stage 5, the rule: among the candidates whose bundle fits, the lowest mean share
+    accepted, then the fewest statistics (then the first listed)."""
+    eligible = [s for s in scored if s.fits]
+    if not eligible:
+        raise ValueError(f"no candidate's bundle fits in {MAX_BUNDLE_BYTES} bytes")
+    return min(eligible, key=lambda s: (s.mean_accepted, s.statistics))
+
+
+def select(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
+    """The selection run: images -> all-statistics bundle -> statistics -> candidates -> the
+    choice, written to ``options.out`` (``selection.json``, ``selection.md``)."""
+    mut = model_stage(replace(options, studies=False), log)
+    images = selection_images(options, mut, log)
     bundle = _build(
         options,
         mut.arch,
@@ -131,61 +254,20 @@ def select(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
         log,
     )
     guard = Guard.load(bundle, device="cpu")
-    names = guard.detector.names
-    authentic = _features(mut.network, x)
-    values = {"authentic": guard.detector.values(authentic.features, authentic.predictions)}
-    key = {"weights": mut.manifest.model.weights_sha256, "rows": rows.tolist(), "selection": 1}
-    for attack in SELECTION_ATTACKS:
-        output, _ = cached_attack(
-            options.cache_dir / "adversarials",
-            {**key, "attack": f"selection_{attack}", "eps": p.fgsm_eps, "steps": p.pgd_steps},
-            runners[attack],
-        )
-        feats = _features(mut.network, torch.from_numpy(output.adversarial))
-        fooled = feats.predictions != y
-        all_values = guard.detector.values(feats.features, feats.predictions)
-        values[attack] = all_values[fooled]
-        log(f"selection {attack}: {int(fooled.sum())}/{y.size} misclassified")
-    threshold_part = threshold_values(bundle, guard.manifest)
-    retention = guard.manifest.calibration.operating_retention
-    rows_out: list[dict[str, Any]] = []
-    for candidate, preset in candidate_presets().items():
-        specs = parse_statistics(preset.statistics, mut.network.model, mut.arch)
-        columns = [names.index(_name(spec)) for spec in specs]
-        detector = guard.detector.subset(columns, preset.combination)
-        threshold = threshold_for_retention(detector.combine(threshold_part[:, columns]), retention)
-        scores = {name: detector.combine(v[:, columns]) for name, v in values.items()}
-        eer = {
-            a: set_metrics(scores["authentic"], scores[a]).eer_accuracy for a in SELECTION_ATTACKS
-        }
-        accepted = {a: float((scores[a] >= threshold).mean()) for a in SELECTION_ATTACKS}
-        size = _bundle_bytes(bundle, guard, specs)
-        rows_out.append(
-            {
-                "candidate": candidate,
-                "statistics": len(specs),
-                "bundle_mb": round(size / 2**20, 2),
-                "fits": size <= MAX_BUNDLE_BYTES,
-                "attacks_at_min_eer": sum(e >= MIN_EER for e in eer.values()),
-                "mean_accepted": float(np.mean(list(accepted.values()))),
-                "eer": eer,
-                "accepted": accepted,
-                "authentic_accepted": float((scores["authentic"] >= threshold).mean()),
-            }
-        )
-    eligible = [r for r in rows_out if r["fits"]]
-    chosen = min(eligible, key=lambda r: (float(r["mean_accepted"]), int(r["statistics"])))
+    values = selection_values(options, mut, images, guard, log)
+    scored = score_candidates(bundle, guard, mut, values)
+    chosen = choose(scored)
     result = {
         "rule": __doc__,
-        "selection_images": int(y.size),
-        "candidates": rows_out,
-        "chosen": chosen["candidate"],
+        "selection_images": int(images.labels.size),
+        "candidates": [s.row() for s in scored],
+        "chosen": chosen.candidate,
     }
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "selection.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "selection.md").write_text(_markdown(result))
-    log(f"chosen: {chosen['candidate']}")
+    log(f"chosen: {chosen.candidate}")
     return result
 
 
