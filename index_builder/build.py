@@ -644,6 +644,65 @@ def write_stage(
     return manifest
 
 
+def _model_spec(config: BuildConfig, num_classes: int, weights_sha256: str) -> ModelSpec:
+    info = describe_architecture(config.arch)
+    preset = PRESETS[info.preset]
+    return ModelSpec(
+        arch=config.arch,
+        family=info.family,
+        num_classes=num_classes,
+        weights_file=WEIGHTS_FILE,
+        weights_sha256=weights_sha256,
+        preprocessing=PreprocessingSpec(
+            preset=preset.name,
+            resize=preset.resize,
+            crop=preset.crop,
+            mean=preset.mean,
+            std=preset.std,
+        ),
+    )
+
+
+def _calibration_spec(
+    config: BuildConfig, calibrated: Calibrated, statistics_files: dict[str, str | None]
+) -> CalibrationSpec:
+    calibration = calibrated.calibration
+    from_holdout = config.calibration_source is None
+    return CalibrationSpec(
+        source="holdout" if from_holdout else "directory",
+        holdout_fraction=config.holdout_fraction if from_holdout else None,
+        n_images=calibrated.n_images,
+        n_correct=calibrated.n_correct,
+        accuracy=calibrated.accuracy,
+        mean=calibration.mean,
+        std=calibration.std,
+        quantiles=calibration.quantiles,
+        thresholds=calibration.thresholds,
+        operating_retention=config.retention,
+        threshold=calibration.thresholds[retention_key(config.retention)],
+        scores_file=CALIBRATION_SCORES_FILE,
+        honest_scores_file=HONEST_SCORES_FILE,
+        reference_statistics_file=statistics_files["reference"],
+        threshold_statistics_file=statistics_files["threshold"],
+        n_reference=None
+        if calibrated.reference_values is None
+        else int(calibrated.reference_values.shape[0]),
+    )
+
+
+def _provenance_spec(config: BuildConfig, plan: Plan, started: float) -> ProvenanceSpec:
+    return ProvenanceSpec(
+        source=plan.source.description,
+        split=config.split,
+        calibration_source=str(config.calibration_source) if config.calibration_source else None,
+        per_class_limit=config.per_class_limit,
+        seed=config.seed,
+        built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        build_seconds=round(time.perf_counter() - started, 2),
+        software=_software(),
+    )
+
+
 def _manifest(
     config: BuildConfig,
     plan: Plan,
@@ -654,28 +713,13 @@ def _manifest(
     statistics_files: dict[str, str | None],
     started: float,
 ) -> Manifest:
-    info = describe_architecture(config.arch)
-    preset = PRESETS[info.preset]
+    """The bundle's manifest: the model, the detector, the counts, the calibration and where
+    it all came from, with every file's checksum (``files``)."""
     num_classes = len(plan.classes)
-    calibration = calibrated.calibration
     per_class = np.bincount(extracted.index_labels, minlength=num_classes).tolist()
-    from_holdout = config.calibration_source is None
     return Manifest(
         name=config.name or config.out.name,
-        model=ModelSpec(
-            arch=config.arch,
-            family=info.family,
-            num_classes=num_classes,
-            weights_file=WEIGHTS_FILE,
-            weights_sha256=files[WEIGHTS_FILE],
-            preprocessing=PreprocessingSpec(
-                preset=preset.name,
-                resize=preset.resize,
-                crop=preset.crop,
-                mean=preset.mean,
-                std=preset.std,
-            ),
-        ),
+        model=_model_spec(config, num_classes, files[WEIGHTS_FILE]),
         detector=DetectorSpec(
             layers=layer_specs,
             k=config.k,
@@ -693,38 +737,8 @@ def _manifest(
             skipped=_count_skipped(extracted.store),
             indexed_per_class=[int(v) for v in per_class],
         ),
-        calibration=CalibrationSpec(
-            source="holdout" if from_holdout else "directory",
-            holdout_fraction=config.holdout_fraction if from_holdout else None,
-            n_images=calibrated.n_images,
-            n_correct=calibrated.n_correct,
-            accuracy=calibrated.accuracy,
-            mean=calibration.mean,
-            std=calibration.std,
-            quantiles=calibration.quantiles,
-            thresholds=calibration.thresholds,
-            operating_retention=config.retention,
-            threshold=calibration.thresholds[retention_key(config.retention)],
-            scores_file=CALIBRATION_SCORES_FILE,
-            honest_scores_file=HONEST_SCORES_FILE,
-            reference_statistics_file=statistics_files["reference"],
-            threshold_statistics_file=statistics_files["threshold"],
-            n_reference=None
-            if calibrated.reference_values is None
-            else int(calibrated.reference_values.shape[0]),
-        ),
-        provenance=ProvenanceSpec(
-            source=plan.source.description,
-            split=config.split,
-            calibration_source=str(config.calibration_source)
-            if config.calibration_source
-            else None,
-            per_class_limit=config.per_class_limit,
-            seed=config.seed,
-            built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            build_seconds=round(time.perf_counter() - started, 2),
-            software=_software(),
-        ),
+        calibration=_calibration_spec(config, calibrated, statistics_files),
+        provenance=_provenance_spec(config, plan, started),
         files=files,
     )
 
