@@ -834,15 +834,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class ReplayInputs:
+    """Stage 1: what every candidate is replayed on: honest traffic from training photos
+    (calibration) and from test photos (judging), the recorded attacks, and the answers the
+    service gives all of them."""
 
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+    guard: Guard
+    plan: TrafficPlan
+    calibration: Timeline
+    judging: Timeline
+    attacks: dict[str, list[AttackRecord]]
+    answers: ServedAnswers
 
+
+def replay_inputs(args: argparse.Namespace, log: Callable[[str], None]) -> ReplayInputs:
     guard = Guard.load(args.bundle, device="cpu")
     plan = TrafficPlan(clients=args.clients)
     calibration = honest_timeline(
@@ -853,62 +859,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     log(f"honest traffic: {len(calibration.clients)} + {len(judging.clients)} queries")
     attacks = load_attack_records(args.cache)
+    answers = served_answers(guard, calibration, judging, attacks)
+    log("answers of the honest traffic")
+    return ReplayInputs(guard, plan, calibration, judging, attacks, answers)
+
+
+class _FamilyPrintsCache:
+    """One family's fingerprints in memory at a time (they are large), made when first asked."""
+
+    def __init__(self, inputs: ReplayInputs, horizon: int) -> None:
+        self.inputs = inputs
+        self.horizon = horizon
+        self._family: str | None = None
+        self._prints: FamilyPrints | None = None
+
+    def of(self, candidate: Candidate) -> FamilyPrints:
+        if self._prints is None or self._family != candidate.family:
+            self._prints = None  # drop the previous family before making the next
+            i = self.inputs
+            self._prints = family_prints(
+                candidate.scheme, i.guard, i.calibration, i.judging, i.attacks, self.horizon
+            )
+            self._family = candidate.family
+        return self._prints
+
+
+def replay_candidate(
+    name: str,
+    candidate: Candidate,
+    prints: _FamilyPrintsCache,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    changed: bool = True,
+) -> dict[str, Any]:
+    """``evaluate_scheme`` of one candidate on the stage-1 inputs."""
+    i = prints.inputs
+    return evaluate_scheme(
+        name,
+        candidate.scheme,
+        prints.of(candidate),
+        i.answers,
+        i.calibration,
+        i.judging,
+        i.attacks,
+        args.horizon,
+        args.sybil_ids,
+        log,
+        changed=changed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stages: replay inputs -> every candidate replayed -> the choice (``choose``) -> the
+    chosen one without the changed-answer count (the ablation) -> its cost -> the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f}s] {message}", flush=True)
+
+    inputs = replay_inputs(args, log)
     schemes = candidate_schemes()
     if args.schemes:
         schemes = {name: schemes[name] for name in args.schemes}
-    answers = served_answers(guard, calibration, judging, attacks)
-    log("answers of the honest traffic")
-    results: dict[str, dict[str, Any]] = {}
-    families: dict[str, FamilyPrints] = {}
-    for name, candidate in schemes.items():
-        if candidate.family not in families:
-            families.clear()  # one family's fingerprints in memory at a time
-            families[candidate.family] = family_prints(
-                candidate.scheme, guard, calibration, judging, attacks, args.horizon
-            )
-        results[name] = evaluate_scheme(
-            name,
-            candidate.scheme,
-            families[candidate.family],
-            answers,
-            calibration,
-            judging,
-            attacks,
-            args.horizon,
-            args.sybil_ids,
-            log,
-        )
+    prints = _FamilyPrintsCache(inputs, args.horizon)
+    results = {
+        name: replay_candidate(name, candidate, prints, args, log)
+        for name, candidate in schemes.items()
+    }
     chosen = choose(results, {name: c.scheme.kind for name, c in schemes.items()})
     for name, result in results.items():  # per-run replays only for the chosen one (size)
         if name != chosen:
             result.pop("outcomes")
-    # the ablation: the chosen fingerprint under the near-duplicate counts alone
-    family = schemes[chosen].family
-    if family not in families:
-        families = {
-            family: family_prints(
-                schemes[chosen].scheme, guard, calibration, judging, attacks, args.horizon
-            )
-        }
-    counts_only = evaluate_scheme(
-        chosen,
-        schemes[chosen].scheme,
-        families[family],
-        answers,
-        calibration,
-        judging,
-        attacks,
-        args.horizon,
-        args.sybil_ids,
-        log,
-        changed=False,
-    )
+    counts_only = replay_candidate(chosen, schemes[chosen], prints, args, log, changed=False)
     counts_only.pop("outcomes")
-    cost = measure_cost(schemes[chosen].scheme, judging.images[:20_000], guard)
+    cost = measure_cost(schemes[chosen].scheme, inputs.judging.images[:20_000], inputs.guard)
     log(f"cost of {chosen}: {cost}")
     summary = {
         "bundle": str(args.bundle),
-        "honest_plan": plan.__dict__,
+        "honest_plan": inputs.plan.__dict__,
         "horizon": args.horizon,
         "sybil_ids": args.sybil_ids,
         "chosen": chosen,
