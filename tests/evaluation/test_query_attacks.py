@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from evaluation.query_attacks import (
     is_loopback,
     load_records,
     parse_answer,
+    records_path,
     run_attack,
     save_records,
     score_vectors,
@@ -53,6 +55,7 @@ from evaluation.stateful_eval import (
     replay_attack,
     summarise_outcomes,
 )
+from evaluation.stateful_eval import main as stateful_eval_main
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
 
 
@@ -350,3 +353,40 @@ def test_calibration_budget_counts_clients_per_kind() -> None:
     counts = HonestCounts(kinds, zeros, zeros, {**changed, "p0": 0})
     assert calibrate(counts).changed_matches == 1
     assert calibrate(counts, budget={**CALIBRATION_BUDGET, "burst": 0.004}).changed_matches == 2
+
+
+@pytest.mark.slow
+def test_stateful_eval_end_to_end(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """``python -m evaluation.stateful_eval`` on a tiny recorded Square attack (3 images, with
+    and without the guard) and 3 honest clients of each kind: every stage runs, the report is
+    written, and the chosen candidate's replays are the recorded runs."""
+    images, labels = labelled
+    pool = images[labels != labels[0]]
+    cache = tmp_path / "cache"
+    for setting, guarded in (("guard_off", False), ("guard_on", True)):
+        oracle = GuardOracle(guard, guarded=guarded)
+        records = [
+            run_attack(oracle, "square", images[i], int(labels[i]), 40, 0, i, pool)
+            for i in range(3)
+        ]
+        save_records(records, records_path(cache, "square", setting))
+    scheme = "window_hash step=25 shared>=25"
+    out = tmp_path / "out"
+    argv = [
+        "--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR), "--cache", str(cache),
+        "--data-cache", str(tmp_path / "data"), "--out", str(out), "--clients", "3",
+        "--horizon", "40", "--schemes", scheme, "--threads", "1",
+    ]  # fmt: skip
+    assert stateful_eval_main(argv) == 0
+    summary = json.loads((out / "stateful.json").read_text())
+    assert summary["chosen"] == scheme and summary["honest_plan"]["clients"] == 3
+    result = summary["schemes"][scheme]
+    for setting in ("square/guard_off", "square/guard_on"):
+        for spread in ("single", "sybil"):  # one client id, and the Sybil spread
+            assert len(result["outcomes"][setting][spread]) == 3
+    assert "outcomes" not in summary["chosen_counts_only"]
+    assert summary["cost"]["fingerprint_ms"] > 0 and summary["cost"]["bytes_per_fingerprint"] > 0
+    assert summary["command"].startswith("python -m evaluation.stateful_eval")
+    assert scheme in (out / "stateful.md").read_text()
