@@ -12,13 +12,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import torch
 
 from app.core import search
@@ -246,3 +248,53 @@ def busy_interpreter() -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """One service's throughput over another's, round by round (``paired_ratio``)."""
+
+    ratio: float  # geometric mean of the per-round ratios
+    low: float  # the interval's ends (``level``)
+    high: float
+    rounds: int
+    level: float
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "ratio": round(self.ratio, 4),
+            "low": round(self.low, 4),
+            "high": round(self.high, 4),
+            "rounds": self.rounds,
+            "level": self.level,
+        }
+
+
+def paired_ratio(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    level: float = 0.95,
+    resamples: int = 10_000,
+    seed: int = 0,
+) -> PairedRatio:
+    """The ratio of two services loaded in turn, with an interval over rounds. A round's two
+    slices run back to back under the same load of a shared machine, so each round's ratio
+    cancels the drift that the ratio of the totals averages over, and the spread of the rounds'
+    ratios says how sure the figure is: the geometric mean of the per-round ratios, and a
+    percentile-bootstrap interval of it (rounds resampled; ``seed`` makes it repeatable)."""
+    top = np.asarray(numerators, dtype=np.float64)
+    bottom = np.asarray(denominators, dtype=np.float64)
+    if top.shape != bottom.shape or top.ndim != 1 or top.size == 0:
+        raise ValueError("need the same positive number of rounds on both sides")
+    if (top <= 0).any() or (bottom <= 0).any():
+        raise ValueError("a round with no throughput has no ratio")
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must be in (0, 1)")
+    logs = np.log(top / bottom)
+    picks = np.random.default_rng(seed).integers(0, logs.size, size=(resamples, logs.size))
+    means = logs[picks].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return PairedRatio(
+        float(np.exp(logs.mean())), float(np.exp(low)), float(np.exp(high)), logs.size, level
+    )

@@ -46,7 +46,7 @@ from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector
 from bench.client_rotation import start_redis
-from bench.common import busy_interpreter, write_results
+from bench.common import busy_interpreter, paired_ratio, write_results
 from bench.load_service import CIFAR_TAR, test_jpegs
 from bench.service_vs_bare import Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
@@ -274,7 +274,18 @@ def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
         backend: round(run["off"]["cpu_ms_per_request"] / run["on"]["cpu_ms_per_request"], 3)
         for backend, run in runs.items()
     }
-    return {"runs": runs, "on_over_off": ratios, "cpu_off_over_on": cpu_ratios}
+    by_round = {
+        backend: paired_ratio(
+            run["on"]["per_round_images_per_s"], run["off"]["per_round_images_per_s"]
+        ).as_dict()
+        for backend, run in runs.items()
+    }
+    return {
+        "runs": runs,
+        "on_over_off": ratios,
+        "on_over_off_by_round": by_round,
+        "cpu_off_over_on": cpu_ratios,
+    }
 
 
 def table(results: dict[str, Any], args: argparse.Namespace) -> str:
@@ -331,18 +342,25 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"Service: both variants started together and loaded in turn ({args.rounds} rounds "
             f"of {args.slice:g} s each, concurrency {args.concurrency}, {who}).",
             "",
-            "| service | stateful off | on | on / off | CPU per request, off / on "
-            "(service + Redis) |",
-            "|---|---|---|---|---|",
+            "| service | stateful off | on | on / off | on / off by round (95% interval) "
+            "| CPU per request, off / on (service + Redis) |",
+            "|---|---|---|---|---|---|",
         ]
         for backend, ratio in tp["on_over_off"].items():
             off, on = tp["runs"][backend]["off"], tp["runs"][backend]["on"]
             cpu_ratio = tp["cpu_off_over_on"][backend]
             verdict = "met" if cpu_ratio >= THROUGHPUT_TARGET else "not met"
+            by_round = tp.get("on_over_off_by_round", {}).get(backend)  # None: an older run
+            round_cell = (
+                "-"
+                if by_round is None
+                else f"{by_round['ratio']:.1%} ({by_round['low']:.1%}-{by_round['high']:.1%})"
+            )
             lines.append(
                 f"| {backend} tracker and store | {off['throughput_images_per_s']:.0f} img/s | "
                 f"{on['throughput_images_per_s']:.0f} img/s (stateful stage "
                 f"{on['stateful_stage_ms_mean']:.2f} ms) | {ratio:.0%} | "
+                f"{round_cell} | "
                 f"{off['cpu_ms_per_request']:.2f} / {on['cpu_ms_per_request']:.2f} ms: "
                 f"**{cpu_ratio:.0%}** (target {THROUGHPUT_TARGET:.0%}: {verdict}) |"
             )

@@ -117,14 +117,21 @@ def test_interleaved_ratios_read_throughput_and_cpu_against_the_unguarded_servic
     table = interleaved_table([variant], args).splitlines()
     assert "2 slices of 5 s each at concurrency 32" in table[0]
     assert "1,000 client ids" in table[0]
-    assert table[-3].startswith("| (a) guard on | 2 | 240.0 | 60.0% (not met) | 8.0 | 70.0% (not")
+    assert table[-3].startswith(
+        "| (a) guard on | 2 | 240.0 | 60.0% (not met) | 60.0% (60.0%-60.0%) | 8.0 | 70.0% (not"
+    )
     assert "| 0.02 / 0.09 / 0.11 / 0.01 |" in table[-3]  # the screening's parts, slice means
     assert "| - |" in table[-2]  # (a-) screens nothing
     assert "| 87.5% (met) |" in table[-2]  # (a-) by CPU per request
-    assert table[-1].startswith("| (b) guard off | 2 | 400.0 | 100.0% | 5.6 | 100.0% |")
+    assert table[-1].startswith(
+        "| (b) guard off | 2 | 400.0 | 100.0% | 100.0% (100.0%-100.0%) | 5.6 | 100.0% |"
+    )
 
     line = issue_target_line([variant], "paper")
-    assert "interleaved: (a) 60.0% (not met) of the throughput, 70.0% by CPU" in line
+    assert (
+        "interleaved: (a) 60.0% (not met) of the throughput (60.0% (60.0%-60.0%) by round), "
+        "70.0% by CPU" in line
+    )
     assert "best levels: (a) 50.0% (not met), (a-) without query screening 90.0% (met)" in line
     assert interleaved_table([{**variant, "interleaved": None}], args).startswith(
         "Interleaved comparison: not run"

@@ -1,0 +1,54 @@
+"""``bench.stateful_cost``'s report, from the committed results file of a real run."""
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.common import paired_ratio
+from bench.stateful_cost import table
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "stateful_cost.json"
+
+
+@pytest.fixture
+def results() -> dict:
+    return json.loads(RESULTS.read_text())
+
+
+def _service_rows(report: str) -> dict[str, str]:
+    return {
+        line.split(" |")[0].strip("| "): line
+        for line in report.splitlines()
+        if line.startswith(("| memory tracker", "| redis tracker"))
+    }
+
+
+def test_the_report_gives_each_store_its_ratio_by_round_with_an_interval(results: dict) -> None:
+    args = argparse.Namespace(**results["settings"])
+    runs = results["throughput"]["runs"]
+    results["throughput"]["on_over_off_by_round"] = {
+        backend: paired_ratio(
+            run["on"]["per_round_images_per_s"], run["off"]["per_round_images_per_s"]
+        ).as_dict()
+        for backend, run in runs.items()
+    }
+    rows = _service_rows(table(results, args))
+    assert set(rows) == {"memory tracker and store", "redis tracker and store"}
+    for backend in ("memory", "redis"):
+        row = rows[f"{backend} tracker and store"]
+        found = results["throughput"]["on_over_off_by_round"][backend]
+        cells = [cell.strip() for cell in row.split("|")]
+        assert cells[4] == f"{results['throughput']['on_over_off'][backend]:.0%}"
+        assert cells[5] == f"{found['ratio']:.1%} ({found['low']:.1%}-{found['high']:.1%})"
+        assert found["low"] < found["ratio"] < found["high"]
+        assert "(target 90%: " in cells[6]  # the verdict, read on the CPU per request
+
+
+def test_a_results_file_from_before_the_interval_still_renders(results: dict) -> None:
+    older = copy.deepcopy(results)
+    older["throughput"].pop("on_over_off_by_round", None)
+    rows = _service_rows(table(older, argparse.Namespace(**older["settings"])))
+    assert all(row.split("|")[5].strip() == "-" for row in rows.values())
