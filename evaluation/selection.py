@@ -145,6 +145,8 @@ class CandidateScore:
 
 
 def selection_images(options: EvaluateOptions, mut: ModelUnderTest, log: Log) -> SelectionImages:
+    """Stage 1: ``selection_rows`` of the test split, outside the reported Authentic and Errors
+    sets (stage 2, in ``select``, is the all-statistics bundle every candidate is a view of)."""
     sets = sets_stage(options, mut, log)
     excluded = np.concatenate([sets.selection.authentic, sets.selection.errors])
     rows = selection_rows(sets.split.labels, sets.predictions, excluded, options.seed)

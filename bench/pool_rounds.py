@@ -1,0 +1,102 @@
+"""Pool the rounds of several interleaved runs into one ratio with its interval.
+
+One run of ``bench.stateful_cost`` or ``bench.service_vs_bare`` gives ten rounds, and on shared
+cores a 95% interval ten points wide: whether a ratio clears a target a few points away is then
+a coin flip from run to run. Runs of the *same code* can be pooled round by round (each round's
+two slices ran back to back, so each round's ratio is a fair sample whatever the machine's load
+that minute), and the pooled interval is the figure to judge a target by.
+
+    python -m bench.pool_rounds c5d40cc:bench/results/stateful_cost.json \\
+        349dc27:bench/results/stateful_cost.json bench/results/stateful_cost.json
+
+Each argument is a results file, or ``REV:PATH`` for one committed at a git revision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, PairedRatio, paired_ratio
+
+# a service's rounds against its baseline's: (numerators, denominators)
+Rounds = dict[str, tuple[list[float], list[float]]]
+
+
+def rounds_of(results: dict[str, Any]) -> Rounds:
+    """Per compared pair, its per-round throughputs: ``stateful_cost`` gives the screening on
+    against off for each store; ``service_vs_bare`` each service against the guard off (b)."""
+    found: Rounds = {}
+    if "throughput" in results:  # bench.stateful_cost
+        for backend, run in results["throughput"]["runs"].items():
+            found[f"{backend}: on / off"] = (
+                list(run["on"]["per_round_images_per_s"]),
+                list(run["off"]["per_round_images_per_s"]),
+            )
+    for variant in results.get("variants", []):  # bench.service_vs_bare
+        services = (variant.get("interleaved") or {}).get("services", {})
+        if "b" not in services:
+            continue
+        baseline = list(services["b"]["per_round_images_per_s"])
+        for role, service in services.items():
+            if role != "b":
+                key = f"{role} / b, {variant['torch_threads']} torch threads"
+                found[key] = (list(service["per_round_images_per_s"]), baseline)
+    if not found:
+        raise ValueError("no interleaved rounds in these results")
+    return found
+
+
+def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, PairedRatio]:
+    """Each pair's rounds of every run together, as one ``paired_ratio``. A pair missing from a
+    run is pooled over the runs that have it."""
+    together: Rounds = {}
+    for results in runs:
+        for key, (top, bottom) in rounds_of(results).items():
+            have = together.setdefault(key, ([], []))
+            have[0].extend(top)
+            have[1].extend(bottom)
+    return {key: paired_ratio(top, bottom) for key, (top, bottom) in together.items()}
+
+
+def read_results(source: str) -> dict[str, Any]:
+    """A results file, or ``REV:PATH`` read with ``git show`` from the repository."""
+    path = Path(source)
+    if not path.is_file() and ":" in source:
+        text = subprocess.run(
+            ["git", "show", source], cwd=REPO, check=True, capture_output=True, text=True
+        ).stdout
+    else:
+        text = path.read_text()
+    loaded: dict[str, Any] = json.loads(text)
+    return loaded
+
+
+def report(sources: Sequence[str], found: dict[str, PairedRatio]) -> str:
+    lines = [
+        f"Pooled over {len(sources)} runs: {', '.join(f'`{s}`' for s in sources)}.",
+        "",
+        "| pair | rounds | ratio (geometric mean of the rounds) | 95% interval |",
+        "|---|---|---|---|",
+    ]
+    for key, ratio in found.items():
+        lines.append(
+            f"| {key} | {ratio.rounds} | {ratio.ratio:.1%} | {ratio.low:.1%}-{ratio.high:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.pool_rounds", description=__doc__)
+    parser.add_argument("results", nargs="+", help="results files, or REV:PATH")
+    args = parser.parse_args(argv)
+    print(report(args.results, pooled([read_results(s) for s in args.results])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""``bench.pool_rounds``: several interleaved runs' rounds pooled into one ratio."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench.common import REPO, paired_ratio
+from bench.pool_rounds import main, pooled, read_results, rounds_of
+
+
+def _stateful_cost(on: list[float], off: list[float]) -> dict:
+    run = {"on": {"per_round_images_per_s": on}, "off": {"per_round_images_per_s": off}}
+    return {"throughput": {"runs": {"memory": run}}}
+
+
+def _service_vs_bare(a: list[float], b: list[float]) -> dict:
+    services = {"a": {"per_round_images_per_s": a}, "b": {"per_round_images_per_s": b}}
+    return {"variants": [{"torch_threads": 2, "interleaved": {"services": services}}]}
+
+
+def test_runs_pool_round_by_round() -> None:
+    first = _stateful_cost([90.0, 80.0], [100.0, 100.0])
+    second = _stateful_cost([300.0, 290.0, 280.0], [310.0, 300.0, 320.0])
+    found = pooled([first, second])
+    expected = paired_ratio([90.0, 80.0, 300.0, 290.0, 280.0], [100.0, 100.0, 310.0, 300.0, 320.0])
+    assert found == {"memory: on / off": expected}
+
+
+def test_service_vs_bare_runs_compare_each_service_with_the_guard_off() -> None:
+    found = rounds_of(_service_vs_bare([80.0, 70.0], [100.0, 100.0]))
+    assert found == {"a / b, 2 torch threads": ([80.0, 70.0], [100.0, 100.0])}
+    with pytest.raises(ValueError, match="no interleaved rounds"):
+        rounds_of({"variants": [{"torch_threads": 2, "interleaved": None}]})
+
+
+def test_the_command_reads_files_and_committed_revisions(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_stateful_cost([90.0, 81.0], [100.0, 90.0])))
+    assert main([str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| memory: on / off | 4 | 90.0% | 90.0%-90.0% |" in out
+    # REV:PATH reads the file as committed at that revision
+    committed = "HEAD:bench/results/service_vs_bare.json"
+    shown = subprocess.run(
+        ["git", "show", committed], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
+    assert read_results(committed) == json.loads(shown)
+    assert "a / b, 2 torch threads" in rounds_of(read_results(committed))
+    with pytest.raises(FileNotFoundError):
+        read_results(str(tmp_path / "missing.json"))
