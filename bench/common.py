@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -298,3 +298,21 @@ def paired_ratio(
     return PairedRatio(
         float(np.exp(logs.mean())), float(np.exp(low)), float(np.exp(high)), logs.size, level
     )
+
+
+def ratio_by_round(
+    numerators: Sequence[float], denominators: Sequence[float]
+) -> dict[str, float | int] | None:
+    """``paired_ratio(...).as_dict()`` for a results file, or None when a round answered nothing
+    (a slice of a failing service): the report of a long run must still be written."""
+    try:
+        return paired_ratio(numerators, denominators).as_dict()
+    except ValueError:
+        return None
+
+
+def ratio_cell(found: Mapping[str, float | int] | None) -> str:
+    """``87.1% (85.0%-89.3%)`` for a report; ``-`` when there is none."""
+    if found is None:
+        return "-"
+    return f"{found['ratio']:.1%} ({found['low']:.1%}-{found['high']:.1%})"

@@ -62,7 +62,8 @@ from bench.common import (
     RawConnection,
     admin_base,
     multipart_request,
-    paired_ratio,
+    ratio_by_round,
+    ratio_cell,
     serve,
     write_results,
 )
@@ -596,9 +597,7 @@ def interleaved_ratios(together: dict[str, Any]) -> dict[str, Any]:
             for role, run in together.items()
         },
         "throughput_over_b_by_round": {
-            role: paired_ratio(
-                run["per_round_images_per_s"], off["per_round_images_per_s"]
-            ).as_dict()
+            role: ratio_by_round(run["per_round_images_per_s"], off["per_round_images_per_s"])
             for role, run in together.items()
         },
     }
@@ -687,10 +686,7 @@ def issue_target_line(variants: list[dict[str, Any]], compare: str) -> str:
 def by_round(run: dict[str, Any], role: str) -> str:
     """``87.1% (85.0-89.3%)``: a service's throughput over (b) round by round, with its
     interval (``bench.common.paired_ratio``); ``-`` for runs written before it."""
-    found = run.get("throughput_over_b_by_round", {}).get(role)
-    if found is None:
-        return "-"
-    return f"{found['ratio']:.1%} ({found['low']:.1%}-{found['high']:.1%})"
+    return ratio_cell(run.get("throughput_over_b_by_round", {}).get(role))
 
 
 def interleaved_table(variants: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -46,7 +46,7 @@ from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector
 from bench.client_rotation import start_redis
-from bench.common import busy_interpreter, paired_ratio, write_results
+from bench.common import busy_interpreter, ratio_by_round, ratio_cell, write_results
 from bench.load_service import CIFAR_TAR, test_jpegs
 from bench.service_vs_bare import Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
@@ -275,9 +275,9 @@ def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
         for backend, run in runs.items()
     }
     by_round = {
-        backend: paired_ratio(
+        backend: ratio_by_round(
             run["on"]["per_round_images_per_s"], run["off"]["per_round_images_per_s"]
-        ).as_dict()
+        )
         for backend, run in runs.items()
     }
     return {
@@ -351,11 +351,7 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
             cpu_ratio = tp["cpu_off_over_on"][backend]
             verdict = "met" if cpu_ratio >= THROUGHPUT_TARGET else "not met"
             by_round = tp.get("on_over_off_by_round", {}).get(backend)  # None: an older run
-            round_cell = (
-                "-"
-                if by_round is None
-                else f"{by_round['ratio']:.1%} ({by_round['low']:.1%}-{by_round['high']:.1%})"
-            )
+            round_cell = ratio_cell(by_round)
             lines.append(
                 f"| {backend} tracker and store | {off['throughput_images_per_s']:.0f} img/s | "
                 f"{on['throughput_images_per_s']:.0f} img/s (stateful stage "

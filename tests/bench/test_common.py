@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.common import paired_ratio
+from bench.common import paired_ratio, ratio_by_round, ratio_cell
 
 
 def test_rounds_with_one_ratio_give_that_ratio_and_no_spread() -> None:
@@ -64,3 +64,10 @@ def test_as_dict_rounds_for_the_results_file() -> None:
     found = paired_ratio([88.123456, 90.0], [100.0, 100.0]).as_dict()
     assert set(found) == {"ratio", "low", "high", "rounds", "level"}
     assert found["rounds"] == 2 and found["ratio"] == round(found["ratio"], 4)
+
+
+def test_a_report_survives_a_round_that_answered_nothing() -> None:
+    assert ratio_by_round([100.0, 0.0], [100.0, 90.0]) is None
+    assert ratio_cell(None) == "-"
+    found = ratio_by_round([90.0, 90.0], [100.0, 100.0])
+    assert found is not None and ratio_cell(found) == "90.0% (90.0%-90.0%)"
