@@ -305,10 +305,9 @@ def ratio_by_round(
 ) -> dict[str, float | int] | None:
     """``paired_ratio(...).as_dict()`` for a results file, or None when a round answered nothing
     (a slice of a failing service): the report of a long run must still be written."""
-    try:
-        return paired_ratio(numerators, denominators).as_dict()
-    except ValueError:
+    if min(numerators, default=0.0) <= 0 or min(denominators, default=0.0) <= 0:
         return None
+    return paired_ratio(numerators, denominators).as_dict()
 
 
 def ratio_cell(found: Mapping[str, float | int] | None) -> str:
