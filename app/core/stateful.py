@@ -24,8 +24,6 @@ Three fingerprints were compared (evaluation/stateful_eval.py); all are pure fun
 
 from __future__ import annotations
 
-import array
-import bisect
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +33,8 @@ from typing import Literal, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
+from app.core.bucket_index import BucketIndex, table_width
 
 FingerprintKind = Literal["window_hash", "phash", "embedding"]
 U64 = npt.NDArray[np.uint64]
@@ -90,11 +90,11 @@ def _chunk_tables(secret: bytes, step: int, window: int) -> tuple[int, np.uint64
 
 
 def _packed(values: npt.NDArray[np.intp], bits: int, size: int) -> npt.NDArray[np.intp]:
-    """(n, L) values -> (n, L - size + 1): the ``size`` values from each position, packed."""
-    span = values.shape[1] - size + 1
-    codes = values[:, :span].copy()
+    """(L,) values -> (L - size + 1,): the ``size`` values from each position, packed."""
+    span = len(values) - size + 1
+    codes = values[:span].copy()
     for i in range(1, size):
-        codes |= values[:, i : i + span] << (bits * i)
+        codes |= values[i : i + span] << (bits * i)
     return codes
 
 
@@ -183,21 +183,25 @@ HASHED_VALUES_PER_PASS = 1 << 17  # ~1 MB of uint64 a temporary: well inside the
 
 
 def _window_hash_rows(images: npt.NDArray[np.uint8], secret: bytes, step: int, window: int) -> U64:
-    """(n, 3, H, W) -> (n, positions): every window's mixed hash, in file order."""
+    """(n, 3, H, W) -> (n, positions): every window's mixed hash, in file order. The images are
+    hashed as one run of values, the windows that straddle two images dropped at the end: whole
+    contiguous operands, ~15% faster than image by image (32 CIFAR-10 images a pass)."""
     n = images.shape[0]
-    values = (images // step).transpose(0, 2, 3, 1).reshape(n, -1).astype(np.intp)
-    length = values.shape[1] - window + 1
+    values = (images // step).transpose(0, 2, 3, 1).reshape(-1).astype(np.intp)
+    image_values = len(values) // n
+    starts = len(values) - window + 1  # window starts in the run
     bits, offset, tables = _chunk_tables(secret, step, window)
     per = max(1, CODE_BITS // bits)
-    acc = np.full((n, length), offset, dtype=np.uint64)
+    acc = np.full(len(values), offset, dtype=np.uint64)  # the last window - 1: dropped below
     packed: dict[int, npt.NDArray[np.intp]] = {}
     for chunk, table in enumerate(tables):
         size = min(per, window - chunk * per)
         if size not in packed:
             packed[size] = _packed(values, bits, size)
         start = chunk * per
-        acc += np.take(table, packed[size][:, start : start + length])
-    return mix64(acc)
+        acc[:starts] += np.take(table, packed[size][start : start + starts])
+    rows: U64 = mix64(acc).reshape(n, image_values)[:, : image_values - window + 1]
+    return rows
 
 
 def shared_hashes(query: U64, stored: U64) -> npt.NDArray[np.int64]:
@@ -638,12 +642,14 @@ BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the larges
 MIN_SHARED_KEYS = 10
 
 
-def index_buckets(keys: U64) -> list[int]:
+def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
     """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
     present = keys[keys != 0]
     mask = np.uint64((1 << BUCKET_BITS) - 1)
-    numbers: list[int] = distinct_ascending((present >> np.uint64(BUCKET_SHIFT)) & mask).tolist()
-    return numbers
+    buckets: npt.NDArray[np.int64] = distinct_ascending(
+        (present >> np.uint64(BUCKET_SHIFT)) & mask
+    ).astype(np.int64)
+    return buckets
 
 
 BINCOUNT_RANGE_PER_NUMBER = 32  # count over the range up to this many values per number
@@ -794,8 +800,9 @@ class InProcessFingerprintStore:
       history after the shared ring has moved on.
 
     Given a query's index keys (``fingerprints_and_keys``), everyone's queries are looked up
-    through the same bucket index as the Redis store's (``index_buckets``): the query is
-    compared with the entries filed in at least ``MIN_SHARED_KEYS`` of its buckets. Without
+    through the same buckets as the Redis store's (``index_buckets``, held in a
+    ``BucketIndex``): the query is compared with the entries filed in at least
+    ``MIN_SHARED_KEYS`` of its buckets. Without
     keys (the evaluation's replays), it is compared with every live entry by one vectorised scan
     (fingerprints are small fixed-width rows: 128 bytes for the window-hash sketch); both find
     the same matches. Not thread-safe: the service holds a lock around it.
@@ -830,8 +837,7 @@ class InProcessFingerprintStore:
         self._written = 0  # slots ever written (the ring's used prefix)
         self._count = 0  # queries ever added (the last one's sequence number)
         self._buffers: OrderedDict[str, _ClientBuffer] = OrderedDict()
-        # bucket -> entry numbers filed there, ascending (int64 arrays: copied out in one join)
-        self._index: dict[int, array.array[int]] = {}
+        self._index: BucketIndex | None = None  # made by the first query given keys
 
     def __len__(self) -> int:
         return self._size
@@ -850,43 +856,36 @@ class InProcessFingerprintStore:
         keys: U64 | None = None,
     ) -> tuple[MatchEvidence, Stored]:
         """Match the query against its client's and everyone's live queries, then store it with
-        ``answer``. ``keys`` (a store index's keys) are not needed: the scan sees every entry."""
+        ``answer``. Given ``keys`` (the query's window hashes), everyone's queries are looked up
+        through the bucket index; without, scanned."""
         client = self._match_client(client_id, fingerprint, digest, at)
-        filed = None if keys is None else self._bucket_lists(index_buckets(keys))
-        everyone = self._match_everyone(client_id, fingerprint, digest, at, filed)
+        buckets, candidates = None, None
+        if keys is not None:
+            buckets = index_buckets(keys)
+            candidates = self._candidates(buckets, len(keys))
+        everyone = self._match_everyone(client_id, fingerprint, digest, at, candidates)
         self._count += 1
         self._add_client(client_id, fingerprint, digest, at, answer)
         self._add_everyone(client_id, fingerprint, digest, at, answer)
-        for numbers in filed or ():  # filed in its buckets
-            numbers.append(self._count)
+        if buckets is not None and self._index is not None:  # filed in its buckets
+            self._index.file(buckets, self._count, self._lowest())
         return evidence_of(client, everyone), Stored(client_id, self._count)
 
     def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
         check_and_store_each(self, queries, decide)
 
-    def _bucket_lists(self, buckets: list[int]) -> list[array.array[int]]:
-        """The index's list of each of ``buckets`` (made when new), each without the numbers of
-        entries the ring has overwritten: one lookup a bucket serves the match and the filing."""
-        lowest = self._count - self.max_fingerprints + 1  # entries below left the ring
-        index = self._index
-        lists = []
-        for bucket in buckets:
-            filed = index.get(bucket)
-            if filed is None:
-                filed = index[bucket] = array.array("q")
-            elif filed and filed[0] < lowest:
-                del filed[: bisect.bisect_left(filed, lowest)]
-            lists.append(filed)
-        return lists
+    def _lowest(self) -> int:
+        """The lowest entry number still in the ring (those below were overwritten)."""
+        return max(self._count - self.max_fingerprints + 1, 1)
 
-    def _candidates(self, filed: list[array.array[int]]) -> npt.NDArray[np.int64]:
-        """Ring slots of the entries in at least ``MIN_SHARED_KEYS`` of the query's bucket
-        lists (``_bucket_lists``)."""
-        # one copy of the numbers filed (the buckets are int64 arrays): building them from
-        # Python ints was most of a lookup once a few popular buckets (flat image areas) held
-        # thousands of entries
-        numbers = np.frombuffer(b"".join(filed), dtype=np.int64)
-        lowest = max(self._count - self.max_fingerprints + 1, 1)
+    def _candidates(self, buckets: npt.NDArray[np.int64], keys: int) -> npt.NDArray[np.int64]:
+        """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets`` (a
+        query's, of its ``keys`` window hashes)."""
+        if self._index is None:
+            width = table_width(self.max_fingerprints, keys, 1 << BUCKET_BITS)
+            self._index = BucketIndex(1 << BUCKET_BITS, width)
+        lowest = self._lowest()
+        numbers = self._index.filed(buckets, lowest)
         found = repeated_at_least(numbers, MIN_SHARED_KEYS, lowest, self._count)
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]
@@ -963,15 +962,16 @@ class InProcessFingerprintStore:
         fingerprint: npt.NDArray[np.generic],
         digest: bytes,
         at: float,
-        filed: list[array.array[int]] | None = None,
+        indexed: npt.NDArray[np.int64] | None = None,
     ) -> ScopeMatch:
+        """``indexed``: the index's candidates (ring slots); None: every slot."""
         if self._rows is None or self._size == 0:
             return NO_MATCH
-        if filed is None:  # scan every slot ever written, in place (no copy)
+        if indexed is None:  # scan every slot ever written, in place (no copy)
             candidates = np.arange(self._written)
             similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
         else:  # the index's candidates only
-            candidates = self._candidates(filed)
+            candidates = indexed
             similarities = self.scheme.similarity(fingerprint, self._rows[candidates])
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
