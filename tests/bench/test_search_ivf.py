@@ -124,9 +124,7 @@ def test_timing_visits_every_config_in_every_round() -> None:
     search.add_vectors(ivf, [base])
     layer = LayerIndex("layer3", processing, ivf)
     configs = [
-        Config(
-            "flat", KnnVote(LayerIndex("layer3", processing, flat), scaled.labels, 20, "dwknn")
-        ),
+        Config("flat", KnnVote(LayerIndex("layer3", processing, flat), scaled.labels, 20, "dwknn")),
         Config("ivf4,nprobe=1", KnnVote(layer, scaled.labels, 20, "dwknn"), 4, 1),
         Config("ivf4,nprobe=4", KnnVote(layer, scaled.labels, 20, "dwknn"), 4, 4),
     ]

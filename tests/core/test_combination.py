@@ -37,8 +37,13 @@ def test_fisher_is_monotone_in_each_layer():
 
 def _layer(name, calibration=None):
     return LayerSpec(
-        name=name, input_dim=4, processing="none", output_dim=4,
-        processing_file=f"p_{name}.npz", index_file=f"i_{name}.faiss", index_type="flat",
+        name=name,
+        input_dim=4,
+        processing="none",
+        output_dim=4,
+        processing_file=f"p_{name}.npz",
+        index_file=f"i_{name}.faiss",
+        index_type="flat",
         calibration_scores_file=calibration,
     )
 
@@ -46,32 +51,56 @@ def _layer(name, calibration=None):
 def test_manifest_combination_rules():
     DetectorSpec(layers=[_layer("a")], k=5, score_function="dwknn", labels_file="l.npy")
     with pytest.raises(ValueError):
-        DetectorSpec(layers=[_layer("a"), _layer("b")], k=5, score_function="dwknn",
-                     labels_file="l.npy")
+        DetectorSpec(
+            layers=[_layer("a"), _layer("b")], k=5, score_function="dwknn", labels_file="l.npy"
+        )
     with pytest.raises(ValueError):  # fisher needs per-layer calibration scores
-        DetectorSpec(layers=[_layer("a"), _layer("b")], k=5, score_function="dwknn",
-                     combination="fisher", labels_file="l.npy")
+        DetectorSpec(
+            layers=[_layer("a"), _layer("b")],
+            k=5,
+            score_function="dwknn",
+            combination="fisher",
+            labels_file="l.npy",
+        )
     with pytest.raises(ValueError):  # and two layers or more
-        DetectorSpec(layers=[_layer("a", "c.npy")], k=5, score_function="dwknn",
-                     combination="fisher", labels_file="l.npy")
-    spec = DetectorSpec(layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")], k=5,
-                        score_function="dwknn", combination="fisher", labels_file="l.npy")
+        DetectorSpec(
+            layers=[_layer("a", "c.npy")],
+            k=5,
+            score_function="dwknn",
+            combination="fisher",
+            labels_file="l.npy",
+        )
+    spec = DetectorSpec(
+        layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")],
+        k=5,
+        score_function="dwknn",
+        combination="fisher",
+        labels_file="l.npy",
+    )
     assert spec.combination == "fisher"
 
 
 def _v2_layer(name, index=True, density=False):
     return LayerSpec(
-        name=name, input_dim=4, processing="pca_whiten" if index else "none", output_dim=4,
+        name=name,
+        input_dim=4,
+        processing="pca_whiten" if index else "none",
+        output_dim=4,
         processing_file=f"p_{name}.npz" if index else None,
-        index_file=f"i_{name}.faiss" if index else None, index_type="flat",
+        index_file=f"i_{name}.faiss" if index else None,
+        index_type="flat",
         class_density_file=f"d_{name}.npz" if density else None,
     )
 
 
 def _v2_spec(layers, statistics, combination="hmp"):
     return DetectorSpec(
-        layers=layers, k=5, score_function="dwknn", combination=combination,
-        labels_file="l.npy", statistics=[StatisticSpec(**s) for s in statistics],
+        layers=layers,
+        k=5,
+        score_function="dwknn",
+        combination=combination,
+        labels_file="l.npy",
+        statistics=[StatisticSpec(**s) for s in statistics],
     )
 
 
@@ -84,14 +113,17 @@ def test_manifest_statistics_rules():
     layers = [_v2_layer("a", index=False, density=True), _v2_layer("b")]
     spec = _v2_spec(layers, [VOTE, MAHA_A, KNN_B])
     assert [(s.kind, s.layer, s.k) for s in spec.statistic_specs()] == [
-        ("vote", "b", None), ("mahalanobis", "a", None), ("knn_distance", "b", 3),
+        ("vote", "b", None),
+        ("mahalanobis", "a", None),
+        ("knn_distance", "b", 3),
     ]
     assert _v2_spec([_v2_layer("b")], [VOTE], "single").combination == "single"
     with pytest.raises(ValueError, match="class density"):  # mahalanobis where there is none
         _v2_spec([_v2_layer("a"), _v2_layer("b")], [VOTE, MAHA_A])
     with pytest.raises(ValueError, match="index"):  # a vote where there is no index
-        _v2_spec([_v2_layer("a", index=False, density=True)], [{"kind": "vote", "layer": "a"},
-                                                              MAHA_A])
+        _v2_spec(
+            [_v2_layer("a", index=False, density=True)], [{"kind": "vote", "layer": "a"}, MAHA_A]
+        )
     with pytest.raises(ValueError, match="unknown layer"):
         _v2_spec(layers, [VOTE, {"kind": "mahalanobis", "layer": "c"}])
     with pytest.raises(ValueError, match="k is set"):  # knn_distance needs its k ...
@@ -109,9 +141,15 @@ def test_manifest_statistics_rules():
 
 
 def test_format1_specs_read_as_one_vote_per_layer():
-    spec = DetectorSpec(layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")], k=5,
-                        score_function="dwknn", combination="fisher", labels_file="l.npy")
+    spec = DetectorSpec(
+        layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")],
+        k=5,
+        score_function="dwknn",
+        combination="fisher",
+        labels_file="l.npy",
+    )
     assert spec.statistics is None
     assert [(s.kind, s.layer, s.k) for s in spec.statistic_specs()] == [
-        ("vote", "a", None), ("vote", "b", None),
+        ("vote", "a", None),
+        ("vote", "b", None),
     ]

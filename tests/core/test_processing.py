@@ -30,8 +30,9 @@ def test_pca_dims_capped_at_feature_and_sample_rank():
 
 def test_l2_and_none():
     x = correlated(10, 8)
-    np.testing.assert_allclose(np.linalg.norm(fit_processing("l2", [x], 8).apply(x), axis=1), 1.0,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.linalg.norm(fit_processing("l2", [x], 8).apply(x), axis=1), 1.0, rtol=1e-6
+    )
     np.testing.assert_array_equal(fit_processing("none", [x], 8).apply(x), x)
 
 

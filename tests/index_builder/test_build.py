@@ -22,8 +22,15 @@ from tests.conftest import save_state_dict
 
 def cifar_config(source: Path, weights: Path, out: Path, **overrides) -> BuildConfig:
     options = dict(
-        source=source, arch="resnet20", weights=weights, out=out, k=20, holdout_fraction=0.25,
-        num_workers=0, batch_size=16, chunk_size=8,
+        source=source,
+        arch="resnet20",
+        weights=weights,
+        out=out,
+        k=20,
+        holdout_fraction=0.25,
+        num_workers=0,
+        batch_size=16,
+        chunk_size=8,
     )
     options.update(overrides)
     return BuildConfig(**options)
@@ -45,7 +52,9 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     assert manifest.detector.combination == "hmp"
     blocks = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
-        ("vote", "layer3.2"), *[("mahalanobis", b) for b in blocks], ("margin", "linear"),
+        ("vote", "layer3.2"),
+        *[("mahalanobis", b) for b in blocks],
+        ("margin", "linear"),
     ]
     assert manifest.detector.layers[0].output_dim == 26  # PCA capped at the sample rank
     assert set(manifest.calibration.thresholds) == {"0.90", "0.95", "0.98", "0.99"}
@@ -72,8 +81,15 @@ def test_torchvision_resnet18_round_trip_at_224(make_image_folder, tmp_path):
     torch.manual_seed(0)
     weights = save_state_dict(build_model("resnet18", 3), tmp_path / "r18.pt", nested=False)
     config = BuildConfig(
-        source=folder, arch="resnet18", weights=weights, out=tmp_path / "r18", layers=("avgpool",),
-        k=50, num_workers=0, batch_size=32, holdout_fraction=0.05,  # 270 indexed: PCA to 256
+        source=folder,
+        arch="resnet18",
+        weights=weights,
+        out=tmp_path / "r18",
+        layers=("avgpool",),
+        k=50,
+        num_workers=0,
+        batch_size=32,
+        holdout_fraction=0.05,  # 270 indexed: PCA to 256
     )
     manifest = build_bundle(config, progress=False).manifest
     layer = manifest.detector.layers[0]
@@ -132,28 +148,32 @@ def test_killed_build_resumes_without_recomputing(make_image_folder, cifar_weigh
     assert report.extraction[0].chunks_reused == 2
     assert report.extraction[0].chunks_computed == 3 and 0 not in written and 1 not in written
     build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "c"), progress=False)
-    np.testing.assert_array_equal(np.load(tmp_path / "b" / "calibration_scores.npy"),
-                                  np.load(tmp_path / "c" / "calibration_scores.npy"))
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "b" / "calibration_scores.npy"),
+        np.load(tmp_path / "c" / "calibration_scores.npy"),
+    )
 
 
 def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights, tmp_path):
     folder = make_image_folder(classes=3, per_class=8)
     work = tmp_path / "work"
-    build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b", work_dir=work,
-                              keep_work_dir=True), progress=False)
+    build_bundle(
+        cifar_config(folder, cifar_weights(3), tmp_path / "b", work_dir=work, keep_work_dir=True),
+        progress=False,
+    )
     other = make_image_folder(classes=3, per_class=9, name="other")
     with pytest.raises(Exception, match="different build"):
-        build_bundle(cifar_config(other, cifar_weights(3), tmp_path / "c", work_dir=work),
-                     progress=False)
+        build_bundle(
+            cifar_config(other, cifar_weights(3), tmp_path / "c", work_dir=work), progress=False
+        )
 
 
-@pytest.mark.parametrize(
-    "target", ["index_layer3_2.faiss", "model.pth", "labels.npy", "manifest"]
-)
+@pytest.mark.parametrize("target", ["index_layer3_2.faiss", "model.pth", "labels.npy", "manifest"])
 def test_tampered_bundle_is_refused(make_image_folder, cifar_weights, tmp_path, target):
     folder = make_image_folder(classes=3, per_class=8)
-    bundle = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"),
-                          progress=False).bundle
+    bundle = build_bundle(
+        cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False
+    ).bundle
     if target == "manifest":
         data = json.loads((bundle / "manifest.json").read_text())
         data["model"]["weights_sha256"] = "0" * 64
@@ -169,8 +189,9 @@ def test_tampered_bundle_is_refused(make_image_folder, cifar_weights, tmp_path, 
 
 def test_model_not_matching_the_bundle_is_refused(make_image_folder, cifar_weights, tmp_path):
     folder = make_image_folder(classes=3, per_class=8)
-    bundle = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"),
-                          progress=False).bundle
+    bundle = build_bundle(
+        cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False
+    ).bundle
     torch.manual_seed(123)
     other = save_state_dict(build_model("resnet20", 3), tmp_path / "other.pt", nested=False)
     with pytest.raises(BundleError, match="do not match"):
@@ -187,11 +208,25 @@ def test_holdout_is_deterministic_per_class():
 
 def test_python_m_index_builder_cli(make_image_folder, cifar_weights, tmp_path, capsys):
     folder = make_image_folder(classes=3, per_class=8)
-    code = builder_main([
-        "--source", str(folder), "--arch", "resnet20", "--weights", str(cifar_weights(3)),
-        "--out", str(tmp_path / "b"), "--k", "10", "--workers", "0", "--quiet",
-        "--detector", "paper",
-    ])
+    code = builder_main(
+        [
+            "--source",
+            str(folder),
+            "--arch",
+            "resnet20",
+            "--weights",
+            str(cifar_weights(3)),
+            "--out",
+            str(tmp_path / "b"),
+            "--k",
+            "10",
+            "--workers",
+            "0",
+            "--quiet",
+            "--detector",
+            "paper",
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     manifest = read_manifest(tmp_path / "b")
@@ -200,8 +235,17 @@ def test_python_m_index_builder_cli(make_image_folder, cifar_weights, tmp_path, 
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2")
     ]
-    bad = builder_main([
-        "--source", str(folder), "--arch", "resnet21", "--weights", str(cifar_weights(3)),
-        "--out", str(tmp_path / "c"), "--quiet",
-    ])
+    bad = builder_main(
+        [
+            "--source",
+            str(folder),
+            "--arch",
+            "resnet21",
+            "--weights",
+            str(cifar_weights(3)),
+            "--out",
+            str(tmp_path / "c"),
+            "--quiet",
+        ]
+    )
     assert bad == 2 and "unknown architecture" in capsys.readouterr().err

@@ -75,7 +75,9 @@ def test_preset_bundle_names_its_statistics_and_loads(built):
     assert all(layer.class_density_file in manifest.files for layer in layers.values())
     guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
     assert guard.detector.names == [
-        "vote@layer3.2", *[f"mahalanobis@{b}" for b in BLOCKS], "knn_distance50@layer3.2",
+        "vote@layer3.2",
+        *[f"mahalanobis@{b}" for b in BLOCKS],
+        "knn_distance50@layer3.2",
     ]
     images = [decode_image(p.read_bytes()) for p in sorted(config.source.rglob("*.png"))[::7]]
     verdicts = guard.classify_images(images)

@@ -14,8 +14,15 @@ from index_builder.build import BuildConfig, build_bundle
 
 def _config(source: Path, weights: Path, out: Path, **overrides) -> BuildConfig:
     options = dict(
-        source=source, arch="resnet20", weights=weights, out=out, k=20, holdout_fraction=0.25,
-        num_workers=0, batch_size=16, chunk_size=8,
+        source=source,
+        arch="resnet20",
+        weights=weights,
+        out=out,
+        k=20,
+        holdout_fraction=0.25,
+        num_workers=0,
+        batch_size=16,
+        chunk_size=8,
     )
     options.update(overrides)
     return BuildConfig(**options)
@@ -24,7 +31,10 @@ def _config(source: Path, weights: Path, out: Path, **overrides) -> BuildConfig:
 def test_fisher_bundle_round_trip(make_image_folder, cifar_weights, tmp_path):
     folder = make_image_folder(classes=3, per_class=12)
     config = _config(
-        folder, cifar_weights(3), tmp_path / "m", layers=("layer1", "layer3"),
+        folder,
+        cifar_weights(3),
+        tmp_path / "m",
+        layers=("layer1", "layer3"),
         combination="fisher",
     )
     manifest = build_bundle(config, progress=False).manifest
@@ -33,7 +43,8 @@ def test_fisher_bundle_round_trip(make_image_folder, cifar_weights, tmp_path):
     assert [s.name for s in manifest.detector.layers] == ["layer1", "layer3"]
     assert manifest.detector.statistics is not None
     assert [(s.kind, s.layer) for s in manifest.detector.statistics] == [
-        ("vote", "layer1"), ("vote", "layer3"),
+        ("vote", "layer1"),
+        ("vote", "layer3"),
     ]
     # the p-values' reference lives in one (n, S) file, not per layer
     calibration = manifest.calibration
@@ -61,8 +72,9 @@ def test_fisher_bundle_round_trip(make_image_folder, cifar_weights, tmp_path):
 
 def test_single_layer_manifest_still_loads(make_image_folder, cifar_weights, tmp_path):
     folder = make_image_folder(classes=3, per_class=12)
-    build_bundle(_config(folder, cifar_weights(3), tmp_path / "s", layers=("layer3",)),
-                 progress=False)
+    build_bundle(
+        _config(folder, cifar_weights(3), tmp_path / "s", layers=("layer3",)), progress=False
+    )
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["detector"]["combination"] == "single"
     assert manifest["detector"]["statistics"] == [{"kind": "vote", "layer": "layer3", "k": None}]
@@ -82,8 +94,9 @@ def test_several_layers_default_to_fisher_and_refuse_single(
     assert manifest.detector.combination == "fisher"
     with pytest.raises(ValueError, match="single"):
         build_bundle(
-            _config(folder, weights, tmp_path / "y", layers=("layer1", "layer3"),
-                    combination="single"),
+            _config(
+                folder, weights, tmp_path / "y", layers=("layer1", "layer3"), combination="single"
+            ),
             progress=False,
         )
     assert not (tmp_path / "y").exists()

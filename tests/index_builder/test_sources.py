@@ -17,8 +17,12 @@ def make_tar(folder: Path, out: Path, mode: str, split: str | None) -> Path:
 
 @pytest.mark.parametrize(
     "mode,name,in_memory_limit",
-    [("w", "s.tar", None), ("w:gz", "s.tar.gz", None), ("w:gz", "s.tar.gz", 0),
-     ("w:xz", "s.tar.xz", None)],
+    [
+        ("w", "s.tar", None),
+        ("w:gz", "s.tar.gz", None),
+        ("w:gz", "s.tar.gz", 0),
+        ("w:xz", "s.tar.xz", None),
+    ],
 )
 def test_directory_and_archives_list_the_same_images(
     make_image_folder, tmp_path, monkeypatch, mode, name, in_memory_limit
