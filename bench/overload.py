@@ -136,7 +136,8 @@ async def clients(
 
 
 async def sequential(kind: str, base: str, images: list[bytes], n: int) -> dict[str, Any]:
-    latencies, statuses = [], {}
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
     async with clients(kind, base, images, 1) as new:
         post = new()
         for i in range(n):

@@ -129,7 +129,9 @@ def fingerprint_cost_imagenet(jpegs: list[bytes]) -> dict[str, Any]:
     preset = PRESETS["imagenet"]
     pixels = []
     for data in jpegs:
-        picture = decode_image(data).resize((preset.resize, preset.resize), Image.BICUBIC)
+        picture = decode_image(data).resize(
+            (preset.resize, preset.resize), Image.Resampling.BICUBIC
+        )
         pixels.append(image_to_pixels(picture, preset))
     processes = IMAGENET_FINGERPRINT_PROCESSES
     pooled = fingerprint_times(pixels, processes)
