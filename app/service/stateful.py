@@ -158,10 +158,12 @@ class StatefulDetector:
             for pending, q in zip(batch, prints, strict=True)
         ]
         served: list[Answer | None] = []
+        detected: list[bool] = []
 
         def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
-            answer, kept = self._judge(query, evidence)
+            answer, kept, seen = self._judge(query, evidence)
             served.append(answer)
+            detected.append(seen)
             return kept
 
         try:
@@ -172,6 +174,9 @@ class StatefulDetector:
                 self._count("error", len(batch) - len(served))
                 served += [pending.answer for pending in batch[len(served) :]]
         finally:
+            # once per batch, not per query: a labelled counter's lookup is ~3 us a call
+            self._count("detected", sum(detected))
+            self._count("clear", len(detected) - sum(detected))
             self.spent("match", time.perf_counter() - matching)
         return served
 
@@ -182,27 +187,25 @@ class StatefulDetector:
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence
-    ) -> tuple[Answer | None, Answer | None]:
+    ) -> tuple[Answer | None, Answer | None, bool]:
         """(the answer to serve, or None to refuse; the answer to keep with the stored query
-        instead of its own, or None): counts the outcome and flags a detected client."""
+        instead of its own, or None; whether it was detected): flags a detected client."""
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
         if not self.rule.detects(evidence, answer):
-            self._count("clear")
-            return answer, None
-        self._count("detected")
+            return answer, None, False
         newly_flagged = self.flag is not None and self.flag(query.client_id, QUERY_ATTACK, query.at)
         if newly_flagged and self.metrics is not None:
             self.metrics.clients_flagged.inc()
         if self.policy == "refuse":
-            return None, None
+            return None, None, True
         anchor = evidence.anchor
         if self.policy == "flag" or anchor is None or anchor == answer:
-            return answer, None
-        return anchor, anchor
+            return answer, None, True
+        return anchor, anchor, True
 
     def _count(self, outcome: str, n: int = 1) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and n > 0:
             self.metrics.stateful.labels(policy=self.policy, outcome=outcome).inc(n)
 
     def close(self) -> None:
