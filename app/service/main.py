@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -94,6 +95,8 @@ def build_service(
 ) -> Service:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
+    if settings.switch_interval_ms is not None:
+        sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
     guard = Guard.load(
         settings.bundle,
         device=settings.device,

@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     # core), the fastest on a quiet machine (bench/results/service_vs_bare.md); 1 helps only when
     # other processes compete for the cores
     torch_threads: int | None = Field(default=None, ge=1)
+    # the interpreter's switch interval (sys.setswitchinterval), in ms; default: Python's (5)
+    switch_interval_ms: float | None = Field(default=None, gt=0.0, le=100.0)
 
     # input limits
     max_upload_bytes: int = Field(default=10 * 1024 * 1024, ge=1)

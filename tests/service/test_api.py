@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -269,3 +270,21 @@ def test_the_in_process_tracker_is_called_on_the_event_loop_and_redis_on_a_worke
         assert called_on["record_many"] == loop and called_on["is_flagged"] == loop
     else:
         assert called_on["record_many"] != loop and called_on["is_flagged"] != loop
+
+
+def test_switch_interval_setting_is_applied_and_bounded(make_client: Any) -> None:
+    """``ADVGUARD_SWITCH_INTERVAL_MS`` sets the interpreter's switch interval at start; unset,
+    Python's stays."""
+    before = sys.getswitchinterval()
+    try:
+        with make_client() as client:
+            assert client.get("/healthz").status_code == 200
+            assert sys.getswitchinterval() == before
+        with make_client(switch_interval_ms=0.5) as client:
+            assert client.get("/healthz").status_code == 200
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
+    for bad in (0.0, -1.0, 1000.0):
+        with pytest.raises(ValidationError):
+            Settings(switch_interval_ms=bad)
