@@ -185,7 +185,7 @@ HASHED_VALUES_PER_PASS = 1 << 17  # ~1 MB of uint64 a temporary: well inside the
 def _window_hash_rows(images: npt.NDArray[np.uint8], secret: bytes, step: int, window: int) -> U64:
     """(n, 3, H, W) -> (n, positions): every window's mixed hash, in file order. The images are
     hashed as one run of values, the windows that straddle two images dropped at the end: whole
-    contiguous operands, ~15% faster than image by image (32 CIFAR-10 images a pass)."""
+    contiguous operands, ~10-15% faster than image by image (32 CIFAR-10 images a pass)."""
     n = images.shape[0]
     values = (images // step).transpose(0, 2, 3, 1).reshape(-1).astype(np.intp)
     image_values = len(values) // n
