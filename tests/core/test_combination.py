@@ -70,14 +70,19 @@ def test_manifest_combination_rules():
             combination="fisher",
             labels_file="l.npy",
         )
-    spec = DetectorSpec(
+    spec = _fisher_spec()
+    assert spec.combination == "fisher"
+
+
+def _fisher_spec() -> DetectorSpec:
+    """A format-1 Fisher detector over two layers, each with its calibration scores."""
+    return DetectorSpec(
         layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")],
         k=5,
         score_function="dwknn",
         combination="fisher",
         labels_file="l.npy",
     )
-    assert spec.combination == "fisher"
 
 
 def _v2_layer(name, index=True, density=False):
@@ -141,13 +146,7 @@ def test_manifest_statistics_rules():
 
 
 def test_format1_specs_read_as_one_vote_per_layer():
-    spec = DetectorSpec(
-        layers=[_layer("a", "ca.npy"), _layer("b", "cb.npy")],
-        k=5,
-        score_function="dwknn",
-        combination="fisher",
-        labels_file="l.npy",
-    )
+    spec = _fisher_spec()
     assert spec.statistics is None
     assert [(s.kind, s.layer, s.k) for s in spec.statistic_specs()] == [
         ("vote", "a", None),

@@ -9,23 +9,8 @@ import pytest
 from app.core.detector import Detector
 from app.core.guard import Guard
 from app.core.images import decode_image
-from index_builder.build import BuildConfig, build_bundle
-
-
-def _config(source: Path, weights: Path, out: Path, **overrides) -> BuildConfig:
-    options = dict(
-        source=source,
-        arch="resnet20",
-        weights=weights,
-        out=out,
-        k=20,
-        holdout_fraction=0.25,
-        num_workers=0,
-        batch_size=16,
-        chunk_size=8,
-    )
-    options.update(overrides)
-    return BuildConfig(**options)
+from index_builder.build import build_bundle
+from tests.index_builder.test_build import cifar_config as _config
 
 
 def test_fisher_bundle_round_trip(make_image_folder, cifar_weights, tmp_path):
