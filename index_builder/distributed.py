@@ -133,28 +133,20 @@ def extract_sharded(
     progress: bool,
     on_chunk_written: Callable[[int], None] | None = None,
 ) -> tuple[ChunkStore, ExtractionReport] | None:
-    """One source's extraction on every rank; rank 0 returns the complete store, others None.
+    """One source's extraction on every rank; rank 0 returns the complete store, others None:
+    the plan (rank 0's pending chunks) shared → each rank extracts its share → the other ranks
+    send theirs to rank 0, which writes them into its store.
 
     ``fingerprint`` is rank 0's (the other ranks receive it and check their own listing).
     """
     started = time.perf_counter()
-    layers = list(network.layers)
-    store = ChunkStore(work_root, len(entries), config.chunk_size, layers)
-    plan: list[object] = [None, None]
-    if ctx.rank == 0:
-        assert fingerprint is not None
-        check_fingerprint(work_root, fingerprint)
-        plan = [fingerprint, [c for c in range(store.n_chunks) if not store.is_done(c)]]
-    dist.broadcast_object_list(plan, src=0, device=_object_device(ctx))
-    shared_fingerprint, pending = plan
-    assert isinstance(shared_fingerprint, dict) and isinstance(pending, list)
-    if ctx.rank != 0:
-        _check_same_listing(ctx, shared_fingerprint, entries)
+    store = ChunkStore(work_root, len(entries), config.chunk_size, list(network.layers))
+    shared_fingerprint, pending = _shared_plan(ctx, store, work_root, fingerprint, entries)
     mine = pending[ctx.rank :: ctx.world_size]
     root = work_root if ctx.rank == 0 else work_root.with_name(f"{work_root.name}.rank{ctx.rank}")
     if ctx.rank != 0:
         check_fingerprint(root, shared_fingerprint)
-    shard = _ShardStore(root, len(entries), config.chunk_size, layers, set(mine))
+    shard = _ShardStore(root, len(entries), config.chunk_size, list(network.layers), set(mine))
     preset = PRESETS[describe_architecture(config.arch).preset]
     report = extract_features(
         network,
@@ -174,6 +166,50 @@ def extract_sharded(
         _send(ctx, report)
         shutil.rmtree(root, ignore_errors=True)
         return None
+    reports = [report, *_receive_shares(ctx, store, pending, on_chunk_written)]
+    missing = [c for c in range(store.n_chunks) if not store.is_done(c)]
+    if missing:
+        raise SourceError(f"chunks {missing} are missing after the distributed extraction")
+    total = ExtractionReport(
+        images=sum(r.images for r in reports),
+        skipped=sum(r.skipped for r in reports),
+        chunks_computed=sum(r.chunks_computed for r in reports),
+        chunks_reused=store.n_chunks - len(pending),
+        seconds=time.perf_counter() - started,
+    )
+    return store, total
+
+
+def _shared_plan(
+    ctx: Rank,
+    store: ChunkStore,
+    work_root: Path,
+    fingerprint: dict[str, object] | None,
+    entries: list[Entry],
+) -> tuple[dict[str, object], list[int]]:
+    """Rank 0's fingerprint and pending chunks, on every rank: rank 0 checks its work folder's
+    fingerprint and lists what is not done yet; the others check their listing against it."""
+    plan: list[object] = [None, None]
+    if ctx.rank == 0:
+        assert fingerprint is not None
+        check_fingerprint(work_root, fingerprint)
+        plan = [fingerprint, [c for c in range(store.n_chunks) if not store.is_done(c)]]
+    dist.broadcast_object_list(plan, src=0, device=_object_device(ctx))
+    shared_fingerprint, pending = plan
+    assert isinstance(shared_fingerprint, dict) and isinstance(pending, list)
+    if ctx.rank != 0:
+        _check_same_listing(ctx, shared_fingerprint, entries)
+    return shared_fingerprint, pending
+
+
+def _receive_shares(
+    ctx: Rank,
+    store: ChunkStore,
+    pending: list[int],
+    on_chunk_written: Callable[[int], None] | None,
+) -> list[ExtractionReport]:
+    """On rank 0: every other rank's chunks, in the order they were dealt, written into
+    ``store``; then their reports."""
     for position, chunk in enumerate(pending):
         owner = position % ctx.world_size
         if owner == 0:
@@ -186,22 +222,12 @@ def extract_sharded(
         _write_chunk(store, chunk, arrays)
         if on_chunk_written is not None:
             on_chunk_written(chunk)
-    reports = [report]
+    reports = []
     for other in range(1, ctx.world_size):
         received = _receive(ctx, other)
         assert isinstance(received, ExtractionReport)
         reports.append(received)
-    missing = [c for c in range(store.n_chunks) if not store.is_done(c)]
-    if missing:
-        raise SourceError(f"chunks {missing} are missing after the distributed extraction")
-    total = ExtractionReport(
-        images=sum(r.images for r in reports),
-        skipped=sum(r.skipped for r in reports),
-        chunks_computed=sum(r.chunks_computed for r in reports),
-        chunks_reused=store.n_chunks - len(pending),
-        seconds=time.perf_counter() - started,
-    )
-    return store, total
+    return reports
 
 
 def _check_same_listing(ctx: Rank, fingerprint: dict[str, object], entries: list[Entry]) -> None:

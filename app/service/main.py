@@ -93,11 +93,33 @@ def build_tracker(settings: Settings, policy: FlagPolicy, metrics: Metrics) -> C
 def build_service(
     settings: Settings, metrics: Metrics, identity: IdentityResolver | None = None
 ) -> Service:
+    """The service the settings describe: process settings → guard → flag policy and tracker →
+    batcher → identity → stateful screening → metrics bound to the live parts."""
+    apply_process_settings(settings)
+    guard = load_guard(settings)
+    policy = flag_policy_for(settings, guard)
+    tracker = build_tracker(settings, policy, metrics)
+    batcher = build_batcher(settings, guard, metrics)
+    if identity is None:
+        identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
+    service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
+    service.neighbour_images = neighbour_images(settings, guard)
+    attach_stateful(service)
+    bind_metrics(service)
+    return service
+
+
+def apply_process_settings(settings: Settings) -> None:
+    """The settings that are the process's, not the service's: torch's intra-op threads and the
+    interpreter's switch interval."""
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     if settings.switch_interval_ms is not None:
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
-    guard = Guard.load(
+
+
+def load_guard(settings: Settings) -> Guard:
+    return Guard.load(
         settings.bundle,
         device=settings.device,
         retention=settings.retention,
@@ -105,10 +127,11 @@ def build_service(
         precision=settings.model_precision,
         channels_last=settings.channels_last,
     )
-    policy = flag_policy_for(settings, guard)
-    tracker = build_tracker(settings, policy, metrics)
+
+
+def build_batcher(settings: Settings, guard: Guard, metrics: Metrics) -> Batcher:
     fixed_budget, auto_batches = latency_budget(settings)
-    batcher = Batcher(
+    return Batcher(
         guard,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_wait_ms / 1000.0,
@@ -120,21 +143,35 @@ def build_service(
         on_expired=metrics.shed.labels(reason="expired").inc,
         search_threads=settings.search_threads,
     )
-    if identity is None:
-        identity = IdentityResolver.build(settings.api_keys, settings.trusted_proxies)
-    service = Service(settings, metrics, guard, batcher, tracker, identity, policy)
-    service.neighbour_images = neighbour_images(settings, guard)
+
+
+def attach_stateful(service: Service) -> None:
+    """The stateful detector (when on) and where it screens: on the batch worker when nothing
+    it calls waits on the network and the model is on the CPU, else on a thread of its own
+    (``screens_on_batch_worker``)."""
+    settings, guard, tracker = service.settings, service.guard, service.tracker
     crop = guard.preset.crop
-    service.stateful = build_stateful(settings, metrics, tracker.flag, 3 * crop * crop)
-    if service.stateful is not None:
-        if screens_on_batch_worker(
-            service.stateful.store.blocks, tracker.blocks, guard.network.device.type
-        ):
-            batcher.screen = batch_screening(service, service.stateful)
-        else:
-            service.screening = ScreeningWorker(
-                service.stateful.screen_batch, track=partial(record_screened, service)
-            )
+    service.stateful = build_stateful(settings, service.metrics, tracker.flag, 3 * crop * crop)
+    if service.stateful is None:
+        return
+    if screens_on_batch_worker(
+        service.stateful.store.blocks, tracker.blocks, guard.network.device.type
+    ):
+        service.batcher.screen = batch_screening(service, service.stateful)
+    else:
+        service.screening = ScreeningWorker(
+            service.stateful.screen_batch, track=partial(record_screened, service)
+        )
+
+
+def bind_metrics(service: Service) -> None:
+    """The bundle's info and the gauges read from the live parts at each scrape."""
+    metrics, guard, batcher, tracker = (
+        service.metrics,
+        service.guard,
+        service.batcher,
+        service.tracker,
+    )
     manifest = guard.manifest
     metrics.bundle.info(
         {
@@ -159,7 +196,6 @@ def build_service(
         buffered=lambda: float(tracker.buffered()),
         flagged=flagged_count,
     )
-    return service
 
 
 def neighbour_images(settings: Settings, guard: Guard) -> NeighbourImages | None:
