@@ -409,55 +409,86 @@ def extract_stage(
         progress,
         on_chunk_written,
     )
-    reports = [main_report]
     labels_all = np.array([e.label for e in entries], dtype=np.int64)
     if config.calibration_source is None:
-        held_out = holdout_mask(entries, config.holdout_fraction, config.seed)
-        if not held_out.any():
-            raise SourceError("the holdout is empty: too few images per class to calibrate")
-        cal_store, cal_labels, cal_select, cal_entries = store, labels_all, held_out, entries
+        cal = _held_out_calibration(config, store, entries, labels_all)
     else:
-        held_out = np.zeros(len(entries), dtype=bool)
-        cal_source = open_source(config.calibration_source, config.calibration_split)
-        cal_listing = cal_source.listing()
-        if cal_listing.classes != plan.classes:
-            raise SourceError("the calibration source's classes differ from the indexed source's")
-        cal_entries = cal_listing.entries
-        cal_store, cal_report = extract(
-            config,
-            plan.network,
-            cal_source,
-            cal_entries,
-            plan.work_dir / "calibration",
-            _fingerprint(config, plan, cal_source, cal_entries),
-            progress,
-            None,
-        )
-        reports.append(cal_report)
-        cal_labels = np.array([e.label for e in cal_entries], dtype=np.int64)
-        cal_select = np.ones(len(cal_entries), dtype=bool)
-    # The reference part: half of each class's calibration images (hashed with another salt).
-    reference = holdout_mask(
-        [e for e, chosen in zip(cal_entries, cal_select, strict=True) if chosen],
-        0.5,
-        config.seed + 1,
-    )
-    reference_by_position = np.zeros(len(cal_entries), dtype=bool)
-    reference_by_position[np.flatnonzero(cal_select)[reference]] = True
+        cal = _separate_calibration(config, plan, progress, extract)
+    held_out = np.zeros(len(entries), dtype=bool) if cal.held_out is None else cal.held_out
+    reference = _reference_part(config, cal)
     extracted = Extracted(
         store=store,
-        reports=reports,
+        reports=[main_report, *cal.reports],
         held_out=held_out,
         index_labels=_select(store, labels_all, ~held_out),
-        cal_store=cal_store,
-        cal_select=cal_select,
-        cal_truth=_select(cal_store, cal_labels, cal_select),
-        cal_predictions=_gather(cal_store, "predictions", cal_select),
-        cal_reference=_select(cal_store, reference_by_position, cal_select),
+        cal_store=cal.store,
+        cal_select=cal.select,
+        cal_truth=_select(cal.store, cal.labels, cal.select),
+        cal_predictions=_gather(cal.store, "predictions", cal.select),
+        cal_reference=_select(cal.store, reference, cal.select),
     )
     if not extracted.correct.any():
         raise SourceError("no held-out image is classified correctly: cannot calibrate")
     return extracted
+
+
+@dataclass(frozen=True)
+class CalibrationImages:
+    """Where the calibration images' features are: ``select`` marks them among ``store``'s
+    images (``entries``, ``labels``); ``held_out`` marks the indexed source's images kept out of
+    the index (None: a separate source, nothing held out); ``reports``: extractions made."""
+
+    store: ChunkStore
+    entries: list[Entry]
+    labels: np.ndarray
+    select: np.ndarray
+    held_out: np.ndarray | None
+    reports: list[ExtractionReport]
+
+
+def _held_out_calibration(
+    config: BuildConfig, store: ChunkStore, entries: list[Entry], labels: np.ndarray
+) -> CalibrationImages:
+    """A per-class holdout of the indexed source (hashed, so a rebuild holds out the same)."""
+    held_out = holdout_mask(entries, config.holdout_fraction, config.seed)
+    if not held_out.any():
+        raise SourceError("the holdout is empty: too few images per class to calibrate")
+    return CalibrationImages(store, entries, labels, held_out, held_out, [])
+
+
+def _separate_calibration(
+    config: BuildConfig, plan: Plan, progress: bool, extract: Extractor
+) -> CalibrationImages:
+    """Every image of ``--calibration-source``, which must have the indexed source's classes."""
+    assert config.calibration_source is not None
+    source = open_source(config.calibration_source, config.calibration_split)
+    listing = source.listing()
+    if listing.classes != plan.classes:
+        raise SourceError("the calibration source's classes differ from the indexed source's")
+    entries = listing.entries
+    store, report = extract(
+        config,
+        plan.network,
+        source,
+        entries,
+        plan.work_dir / "calibration",
+        _fingerprint(config, plan, source, entries),
+        progress,
+        None,
+    )
+    labels = np.array([e.label for e in entries], dtype=np.int64)
+    return CalibrationImages(store, entries, labels, np.ones(len(entries), bool), None, [report])
+
+
+def _reference_part(config: BuildConfig, cal: CalibrationImages) -> np.ndarray:
+    """The p-values' reference part: half of each class's calibration images (hashed with
+    another salt than the holdout's), by position among ``cal.store``'s images; the other half
+    sets the threshold."""
+    chosen = [e for e, picked in zip(cal.entries, cal.select, strict=True) if picked]
+    reference = holdout_mask(chosen, 0.5, config.seed + 1)
+    by_position = np.zeros(len(cal.entries), dtype=bool)
+    by_position[np.flatnonzero(cal.select)[reference]] = True
+    return by_position
 
 
 def fit_layer(config: BuildConfig, plan: Plan, extracted: Extracted, name: str) -> FittedLayer:

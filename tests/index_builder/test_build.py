@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.core.bundle import read_manifest
-from app.core.errors import BundleError
+from app.core.errors import BundleError, SourceError
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import build_model
@@ -73,6 +73,28 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     correct = np.load(tmp_path / "b" / calibration.scores_file)
     assert honest.shape == (calibration.n_images,) and correct.shape == (calibration.n_correct,)
     assert np.isin(correct, honest).all()
+
+
+def test_a_separate_calibration_source_holds_nothing_out(
+    make_image_folder, cifar_weights, tmp_path
+):
+    """``--calibration-source``: every source image is indexed, every calibration image is
+    calibrated on (half the reference, half the threshold), and its classes must match."""
+    folder = make_image_folder(classes=3, per_class=12)
+    calibration = make_image_folder(classes=3, per_class=8, name="cal")
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", calibration_source=calibration)
+    manifest = build_bundle(config, progress=False).manifest
+    assert manifest.counts.indexed == 36 and manifest.counts.holdout == 0
+    assert manifest.calibration.source == "directory"
+    assert manifest.provenance.calibration_source == str(calibration)
+    reference = np.load(tmp_path / "b" / manifest.calibration.reference_statistics_file)
+    assert 0 < manifest.calibration.n_images < 24  # the threshold part
+    assert 0 < len(reference) <= 24 - manifest.calibration.n_images  # the reference part
+    assert len(classify_folder(Guard.load(tmp_path / "b"), folder)) == 6
+    other = make_image_folder(classes=2, per_class=8, name="other")
+    wrong = cifar_config(folder, cifar_weights(3), tmp_path / "c", calibration_source=other)
+    with pytest.raises(SourceError, match="classes differ"):
+        build_bundle(wrong, progress=False)
 
 
 def test_torchvision_resnet18_round_trip_at_224(make_image_folder, tmp_path):
