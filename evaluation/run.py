@@ -42,7 +42,7 @@ from app.core.processing import ProcessingKind
 from app.core.scoring import SCORE_FUNCTIONS, ScoreFunction
 from app.core.statistics import KnnVote
 from evaluation import attacks, report
-from evaluation.adaptive import Surrogate, adaptive_pgd, surrogates
+from evaluation.adaptive import adaptive_pgd, surrogates
 from evaluation.data import ImageSplit as Split
 from evaluation.data import load_split
 from evaluation.metrics import set_metrics
@@ -799,70 +799,101 @@ def adaptive_stage(
     timings: dict[str, float],
 ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """White-box PGD against the paper's default detector ("adaptive", also scored by every other
-    configuration as a transfer attack), the multi-layer Fisher bundle and the v2 bundle."""
+    configuration as a transfer attack), the multi-layer Fisher bundle and the v2 bundle: for
+    each target, the attack (cached) -> its set's features -> what a user of that detector
+    meets. Returns (each set's outcome, configuration -> the set crafted against it)."""
+    base_key = attack_key(mut, sets, options.seed)
+    info: dict[str, dict[str, Any]] = {}
+    own: dict[str, str] = {}
+    for set_name, cname in adaptive_targets(options, mut, guards).items():
+        guard = guards[cname][1]
+        own[cname] = set_name
+        started = time.perf_counter()
+        output = _adaptive_attack(options, mut, sets, found, guard, set_name, base_key, log)
+        feats[set_name] = _features(mut.network, torch.from_numpy(found.adversarial[set_name]))
+        info[set_name] = adaptive_outcome(guard, mut, sets, output)
+        timings[f"attack_{set_name}_seconds"] = time.perf_counter() - started
+        log(f"{set_name}: {info[set_name]}")
+    return info, own
+
+
+def adaptive_targets(
+    options: EvaluateOptions, mut: ModelUnderTest, guards: dict[str, tuple[DetectorConfig, Guard]]
+) -> dict[str, str]:
+    """Adaptive set -> the configuration it attacks (none with ``options.adaptive`` off)."""
+    if not options.adaptive:
+        return {}
     default_name = f"pca_whiten-{mut.info.default_layer}-k1000"
-    default_key = default_name if default_name in guards else "bundle"
-    targets = {"adaptive": default_key}
+    targets = {"adaptive": default_name if default_name in guards else "bundle"}
     if "v2" in guards:
         targets["adaptive_v2"] = "v2"
     for cname, (config, _) in guards.items():
         if config.study == "multilayer":
             targets["adaptive_multilayer"] = cname
-    if not options.adaptive:
-        targets = {}
+    return targets
+
+
+def _adaptive_attack(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    found: AttackSetsFound,
+    guard: Guard,
+    set_name: str,
+    base_key: dict[str, Any],
+    log: Log,
+) -> attacks.AttackOutput:
+    """The white-box PGD against ``guard``'s detector (every statistic's surrogate), from the
+    cache when the same attack on the same detector files ran before; recorded in ``found``."""
     p = options.attack
-    base_key = attack_key(mut, sets, options.seed)
-    info: dict[str, dict[str, Any]] = {}
-    own: dict[str, str] = {}
-    for set_name, cname in targets.items():
-        guard = guards[cname][1]
-        own[cname] = set_name
-        layers = surrogates(guard.detector)
-        params = {
-            "eps": p.adaptive_eps,
-            "alpha": p.adaptive_alpha,
-            "steps": p.adaptive_steps,
-            "weight": p.adaptive_weight,
-            "detector": guard.manifest.files,
-        }
-        ta = time.perf_counter()
+    layers = surrogates(guard.detector)
+    params = {
+        "eps": p.adaptive_eps,
+        "alpha": p.adaptive_alpha,
+        "steps": p.adaptive_steps,
+        "weight": p.adaptive_weight,
+        "detector": guard.manifest.files,
+    }
 
-        def run(layers: list[Surrogate] = layers) -> attacks.AttackOutput:
-            return adaptive_pgd(
-                mut.network,
-                layers,
-                sets.x_auth,
-                sets.targets,
-                p.adaptive_eps,
-                p.adaptive_alpha,
-                p.adaptive_steps,
-                p.adaptive_weight,
-                options.batch_size,
-                options.seed,
-            )
-
-        output, hit = cached_attack(
-            options.cache_dir / "adversarials", {**base_key, "attack": set_name, **params}, run
+    def run() -> attacks.AttackOutput:
+        return adaptive_pgd(
+            mut.network,
+            layers,
+            sets.x_auth,
+            sets.targets,
+            p.adaptive_eps,
+            p.adaptive_alpha,
+            p.adaptive_steps,
+            p.adaptive_weight,
+            options.batch_size,
+            options.seed,
         )
-        shown = {k: v for k, v in params.items() if k != "detector"}
-        record_attack(found, mut, sets, set_name, shown, output, hit, log)
-        feats[set_name] = _features(mut.network, torch.from_numpy(found.adversarial[set_name]))
-        # the number a user should believe: misclassified AND accepted at the bundle threshold
-        every = _features(mut.network, torch.from_numpy(output.adversarial))
-        accepted = guard_scores(guard, every, None) >= guard.threshold
-        misclassified = every.predictions != sets.y_auth
-        info[set_name] = {
-            "detector": guard.manifest.name,
-            "threshold": guard.threshold,
-            "retention": guard.manifest.calibration.operating_retention,
-            "attempted": int(sets.y_auth.size),
-            "misclassified": round(float(misclassified.mean()), 4),
-            "target_reached": round(float((every.predictions == sets.selection.targets).mean()), 4),
-            "misclassified_and_accepted": round(float((misclassified & accepted).mean()), 4),
-        }
-        timings[f"attack_{set_name}_seconds"] = time.perf_counter() - ta
-        log(f"{set_name}: {info[set_name]}")
-    return info, own
+
+    output, hit = cached_attack(
+        options.cache_dir / "adversarials", {**base_key, "attack": set_name, **params}, run
+    )
+    shown = {k: v for k, v in params.items() if k != "detector"}
+    record_attack(found, mut, sets, set_name, shown, output, hit, log)
+    return output
+
+
+def adaptive_outcome(
+    guard: Guard, mut: ModelUnderTest, sets: ImageSets, output: attacks.AttackOutput
+) -> dict[str, Any]:
+    """What a user of ``guard`` meets, over every attempted image (not only the successes): the
+    number to believe is the share misclassified AND accepted at the bundle's threshold."""
+    every = _features(mut.network, torch.from_numpy(output.adversarial))
+    accepted = guard_scores(guard, every, None) >= guard.threshold
+    misclassified = every.predictions != sets.y_auth
+    return {
+        "detector": guard.manifest.name,
+        "threshold": guard.threshold,
+        "retention": guard.manifest.calibration.operating_retention,
+        "attempted": int(sets.y_auth.size),
+        "misclassified": round(float(misclassified.mean()), 4),
+        "target_reached": round(float((every.predictions == sets.selection.targets).mean()), 4),
+        "misclassified_and_accepted": round(float((misclassified & accepted).mean()), 4),
+    }
 
 
 def score_stage(
