@@ -525,34 +525,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        started = time.perf_counter()
-        try:
-            service = await run_in_threadpool(build_service, settings, metrics, identity)
-        except AdvguardError as exc:  # corrupted or tampered bundle, model that does not fit
-            log.error("refusing to start: %s", exc)
-            raise
-        service.batcher.start()
-        if service.screening is not None:
-            service.screening.start()
+        service = await start_service(settings, metrics, identity)
         app.state.service = service
-        log.info(
-            "serving bundle %s (threshold %.4f, flag policy %s at %.4f) in %.2fs",
-            service.guard.manifest.name,
-            service.guard.threshold,
-            service.flag_policy.kind,
-            service.flag_policy.threshold,
-            time.perf_counter() - started,
-        )
         try:
             yield
         finally:
-            service.accepting = False
-            await run_in_threadpool(service.batcher.stop)
-            if service.screening is not None:
-                await run_in_threadpool(service.screening.stop)
-            service.tracker.close()
-            if service.stateful is not None:
-                service.stateful.close()
+            await stop_service(service)
 
     app = FastAPI(
         title="advguard",
@@ -565,6 +543,53 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     install_demo(app)
     install_error_handlers(app)
+    install_middleware(app, settings, metrics, identity)
+    # the private listener (metrics, admin routes): ``advguard serve`` runs it on admin_port
+    app.state.admin_app = create_admin_app(app)
+    return app
+
+
+async def start_service(
+    settings: Settings, metrics: Metrics, identity: IdentityResolver
+) -> Service:
+    """Build the service off the event loop (loading the bundle takes seconds) and start its
+    threads; a bundle that fails its checks refuses the start."""
+    started = time.perf_counter()
+    try:
+        service = await run_in_threadpool(build_service, settings, metrics, identity)
+    except AdvguardError as exc:  # corrupted or tampered bundle, model that does not fit
+        log.error("refusing to start: %s", exc)
+        raise
+    service.batcher.start()
+    if service.screening is not None:
+        service.screening.start()
+    log.info(
+        "serving bundle %s (threshold %.4f, flag policy %s at %.4f) in %.2fs",
+        service.guard.manifest.name,
+        service.guard.threshold,
+        service.flag_policy.kind,
+        service.flag_policy.threshold,
+        time.perf_counter() - started,
+    )
+    return service
+
+
+async def stop_service(service: Service) -> None:
+    """Refuse new work, finish what is queued (batches, then their screening), then close the
+    tracker and the stateful detector."""
+    service.accepting = False
+    await run_in_threadpool(service.batcher.stop)
+    if service.screening is not None:
+        await run_in_threadpool(service.screening.stop)
+    service.tracker.close()
+    if service.stateful is not None:
+        service.stateful.close()
+
+
+def install_middleware(
+    app: FastAPI, settings: Settings, metrics: Metrics, identity: IdentityResolver
+) -> None:
+    """Admission (identity, body limit, in-flight cap, metrics) inside the lingering close."""
     app.add_middleware(
         ServiceMiddleware,
         metrics=metrics,
@@ -582,6 +607,3 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         idle_s=settings.linger_idle_s,
         max_active=settings.linger_max_connections,
     )
-    # the private listener (metrics, admin routes): ``advguard serve`` runs it on admin_port
-    app.state.admin_app = create_admin_app(app)
-    return app
