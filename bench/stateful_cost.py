@@ -52,6 +52,8 @@ from bench.service_vs_bare import Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
 
 SECRET = b"bench-secret"
+# every benchmarked service: overload 503s answered at once, one stateful secret
+SERVICE_ENV = {"ADVGUARD_SHED_DELAY_MS": "0", "ADVGUARD_STATEFUL_SECRET": SECRET.decode()}
 THROUGHPUT_TARGET = 0.90  # stateful on / off (issue 13)
 RATE = 100.0  # queries per second of the stores' timeline: all stay within the default TTL
 
@@ -241,7 +243,7 @@ def _timed(
 
 
 def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
-    base = {"ADVGUARD_SHED_DELAY_MS": "0", "ADVGUARD_STATEFUL_SECRET": "bench-secret"}
+    base = dict(SERVICE_ENV)
     if args.torch_threads:
         base["ADVGUARD_TORCH_THREADS"] = str(args.torch_threads)
     backends = ["memory"] if args.no_redis_service else ["memory", "redis"]

@@ -23,6 +23,7 @@ from typing import Any
 from bench.common import ratio_by_round, ratio_cell, write_results
 from bench.load_service import test_jpegs
 from bench.service_vs_bare import Interleaving, interleaved, requests_of
+from bench.stateful_cost import SERVICE_ENV
 
 DEFAULT = "default"
 
@@ -32,11 +33,7 @@ def service_envs(intervals: list[str]) -> dict[str, dict[str, str]]:
     envs = {}
     for interval in intervals:
         for state in ("off", "on"):
-            env = {
-                "ADVGUARD_SHED_DELAY_MS": "0",
-                "ADVGUARD_STATEFUL_SECRET": "bench-secret",
-                "ADVGUARD_STATEFUL_ENABLED": str(state == "on").lower(),
-            }
+            env = {**SERVICE_ENV, "ADVGUARD_STATEFUL_ENABLED": str(state == "on").lower()}
             if interval != DEFAULT:
                 env["ADVGUARD_SWITCH_INTERVAL_MS"] = interval
             envs[f"{interval}/{state}"] = env
