@@ -9,9 +9,14 @@ import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from app.service.settings import Settings
 
 
 class _Listener(uvicorn.Server):
@@ -53,7 +58,22 @@ async def serve_listeners(public: uvicorn.Server, admin: uvicorn.Server) -> None
         signal.raise_signal(sig)
 
 
-def _serve(args: argparse.Namespace) -> int:
+_OVERRIDDEN = ("bundle", "device", "redis_url", "admin_port", "admin_host")
+
+
+class _RefusedError(Exception):
+    """``advguard serve`` does not start: the reason, printed on one line."""
+
+
+def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line; everything else comes from the environment."""
+    return {name: getattr(args, name) for name in _OVERRIDDEN if getattr(args, name) is not None}
+
+
+def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
+    """(settings, app), or a refusal: one clear line (``_RefusedError``) before uvicorn starts, for
+    a missing, corrupted or tampered bundle (the lifespan loads and verifies it again, and
+    refuses it there too), bad settings, or the admin port on the public port."""
     from pydantic import ValidationError
 
     from app.core.bundle import read_manifest, verify_files
@@ -61,31 +81,21 @@ def _serve(args: argparse.Namespace) -> int:
     from app.service.main import create_app
     from app.service.settings import Settings
 
-    overrides: dict[str, Any] = {}
-    if args.bundle is not None:
-        overrides["bundle"] = args.bundle
-    if args.device is not None:
-        overrides["device"] = args.device
-    if args.redis_url is not None:
-        overrides["redis_url"] = args.redis_url
-    if args.admin_port is not None:
-        overrides["admin_port"] = args.admin_port
-    if args.admin_host is not None:
-        overrides["admin_host"] = args.admin_host
     try:
-        settings = Settings(**overrides)
-        # refuse a missing, corrupted or tampered bundle with one clear line before uvicorn
-        # starts (the lifespan loads and verifies it again, and refuses it there too)
+        settings = Settings(**_settings_overrides(args))
         verify_files(settings.bundle, read_manifest(settings.bundle))
         app = create_app(settings)  # refuses empty API keys or bad proxy networks
     except (AdvguardError, ValidationError, ValueError) as exc:
-        print(f"advguard serve: refusing to start: {exc}", file=sys.stderr)
-        return 2
+        raise _RefusedError(str(exc)) from exc
     if settings.admin_port == args.port:
-        print(
-            "advguard serve: refusing to start: the admin port is the public port", file=sys.stderr
-        )
-        return 2
+        raise _RefusedError("the admin port is the public port")
+    return settings, app
+
+
+def _listeners(
+    args: argparse.Namespace, settings: Settings, app: FastAPI
+) -> tuple[_Listener, _Listener]:
+    """The public listener and the admin one (metrics, client state) on its own port."""
     public = _Listener(
         uvicorn.Config(
             app,
@@ -107,6 +117,17 @@ def _serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=5,
         )
     )
+    return public, admin
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Settings and app (or a refusal, exit 2) -> the two listeners -> serve until a signal."""
+    try:
+        settings, app = _configured_app(args)
+    except _RefusedError as refused:
+        print(f"advguard serve: refusing to start: {refused}", file=sys.stderr)
+        return 2
+    public, admin = _listeners(args, settings, app)
     asyncio.run(serve_listeners(public, admin))
     # the lifespan refused to start (e.g. a neighbour source the bundle cannot use): uvicorn's
     # startup-failure code, not a clean exit
