@@ -300,25 +300,29 @@ def quick_options(options: EvaluateOptions) -> EvaluateOptions:
     )
 
 
-def _build(
-    options: EvaluateOptions,
-    arch: str,
-    weights: Path,
-    config: DetectorConfig,
-    model_name: str,
-    log: Log,
-) -> Path:
-    """Build (or reuse from the cache) the bundle of one detector configuration."""
-    from index_builder.build import BuildConfig, build_bundle
+@dataclass(frozen=True)
+class _BuildPlan:
+    """Where one configuration's bundle goes, what it is stamped with (a stamp that matches
+    lets the cached bundle be reused), and its feature work directory."""
+
+    out: Path
+    stamp: dict[str, Any]
+    work_dir: Path
+    v2: bool
+    holdout: float
+
+
+def _build_plan(
+    options: EvaluateOptions, weights: Path, config: DetectorConfig, model_name: str
+) -> _BuildPlan:
     from index_builder.detectors import PRESETS as DETECTOR_PRESETS
     from index_builder.detectors import candidate_presets
 
-    out = options.cache_dir / "bundles" / model_name / config.name
     v2 = bool(config.preset or config.statistics)
     holdout = V2_HOLDOUT_FRACTION if v2 else 0.05
     # a preset is stamped with what it means today, so a changed preset is rebuilt
     preset = {**DETECTOR_PRESETS, **candidate_presets()}.get(config.preset or "")
-    wanted = {
+    stamp: dict[str, Any] = {
         "weights": file_sha256(weights),
         "layers": list(config.layers),
         "processing": config.processing,
@@ -331,42 +335,61 @@ def _build(
     }
     limit = options.build_per_class_limit
     if limit is not None:  # (stamps written before the option stay valid for full builds)
-        wanted["per_class_limit"] = limit
+        stamp["per_class_limit"] = limit
     # feature chunks are kept per set of statistics: a different set extracts other layers
-    what = json.dumps([wanted["preset_means"], wanted["statistics"]]).encode()
+    what = json.dumps([stamp["preset_means"], stamp["statistics"]]).encode()
     work_name = f"{config.name}-{hashlib.sha256(what).hexdigest()[:8]}"
     limited = "" if limit is None else f"-first{limit}"
-    stamp = out / "evaluation-config.json"
-    reusable = (out / "manifest.json").is_file() and stamp.is_file()
-    if reusable and json.loads(stamp.read_text()) == wanted:
-        return out
+    work_dir = (
+        options.cache_dir
+        / "work"
+        / model_name
+        / ((work_name if v2 else "+".join(config.layers)) + limited)
+    )
+    out = options.cache_dir / "bundles" / model_name / config.name
+    return _BuildPlan(out, stamp, work_dir, v2, holdout)
+
+
+def _build(
+    options: EvaluateOptions,
+    arch: str,
+    weights: Path,
+    config: DetectorConfig,
+    model_name: str,
+    log: Log,
+) -> Path:
+    """Build (or reuse from the cache) the bundle of one detector configuration."""
+    from index_builder.build import BuildConfig, build_bundle
+
+    plan = _build_plan(options, weights, config, model_name)
+    stamp_file = plan.out / "evaluation-config.json"
+    reusable = (plan.out / "manifest.json").is_file() and stamp_file.is_file()
+    if reusable and json.loads(stamp_file.read_text()) == plan.stamp:
+        return plan.out
     log(f"building bundle {config.name}")
     build = BuildConfig(
         source=options.source,
         split="train",
         arch=arch,
         weights=weights,
-        out=out,
+        out=plan.out,
         layers=config.layers,
         processing=config.processing,
         k=config.k,
         score_function="dwknn",
-        holdout_fraction=holdout,
-        work_dir=options.cache_dir
-        / "work"
-        / model_name
-        / ((work_name if v2 else "+".join(config.layers)) + limited),
+        holdout_fraction=plan.holdout,
+        work_dir=plan.work_dir,
         keep_work_dir=True,
         seed=options.seed,
-        per_class_limit=limit,
+        per_class_limit=options.build_per_class_limit,
         name=f"{model_name}-{config.name}",
         detector=config.preset,
         statistics=config.statistics,
-        combination=None if v2 or config.combination == "single" else "fisher",
+        combination=None if plan.v2 or config.combination == "single" else "fisher",
     )
     build_bundle(build, progress=False)
-    stamp.write_text(json.dumps(wanted))
-    return out
+    stamp_file.write_text(json.dumps(plan.stamp))
+    return plan.out
 
 
 def _features(
@@ -986,19 +1009,9 @@ def evaluate(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
     )
 
 
-def report_stage(
-    options: EvaluateOptions,
-    mut: ModelUnderTest,
-    sets: ImageSets,
-    found: AttackSetsFound,
-    adaptive_info: dict[str, dict[str, Any]],
-    configurations: dict[str, Any],
-    all_scores: dict[str, dict[str, dict[str, np.ndarray]]],
-    timings: dict[str, float],
-    started: float,
-    log: Log,
-) -> dict[str, Any]:
-    """results.json, table2.md, the figures (best Table 2 configuration) and SUMMARY.md."""
+def best_table2(configurations: dict[str, Any]) -> tuple[str, str]:
+    """(configuration, score function) of the Table 2 study with the highest aggregate EER
+    accuracy: the one the figures show."""
     candidates = [
         (m["aggr"]["eer_accuracy"], cname, function)
         for cname, c in configurations.items()
@@ -1006,9 +1019,20 @@ def report_stage(
         for function, m in c["metrics"].items()
     ]
     _, best_name, best_function = max(candidates)
-    out = options.out
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
+    return best_name, best_function
+
+
+def results_document(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    found: AttackSetsFound,
+    adaptive_info: dict[str, dict[str, Any]],
+    configurations: dict[str, Any],
+) -> dict[str, Any]:
+    """results.json's content, before the run times are added."""
+    best_name, best_function = best_table2(configurations)
+    return {
         "bundle": mut.name,
         "model": {"arch": mut.arch, "weights_sha256": mut.manifest.model.weights_sha256},
         "quick": options.quick,
@@ -1033,6 +1057,26 @@ def report_stage(
             "threads": torch.get_num_threads(),
         },
     }
+
+
+def report_stage(
+    options: EvaluateOptions,
+    mut: ModelUnderTest,
+    sets: ImageSets,
+    found: AttackSetsFound,
+    adaptive_info: dict[str, dict[str, Any]],
+    configurations: dict[str, Any],
+    all_scores: dict[str, dict[str, dict[str, np.ndarray]]],
+    timings: dict[str, float],
+    started: float,
+    log: Log,
+) -> dict[str, Any]:
+    """results.json, table2.md, the figures (best Table 2 configuration) and SUMMARY.md."""
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    results = results_document(options, mut, sets, found, adaptive_info, configurations)
+    best = results["best"]
+    best_name, best_function = best["configuration"], best["score_function"]
     report.write_figures(
         all_scores[best_name][best_function],
         best_name,
