@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.core.detector import Detector, Evidence
+from app.core.search import Neighbours
 from app.core.statistics import KnnVote
 
 NEAREST_SHOWN = 8  # nearest training images listed per explained query
@@ -64,6 +65,34 @@ def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return counts
 
 
+def statistics_of(evidence: Evidence, row: int) -> list[StatisticEvidence]:
+    """Row ``row``'s value (and p-value, when combined) of every statistic."""
+    p_values = evidence.p_values
+    return [
+        StatisticEvidence(
+            name=name,
+            value=float(evidence.values[row, column]),
+            p_value=None if p_values is None else float(p_values[row, column]),
+        )
+        for column, name in enumerate(evidence.names)
+    ]
+
+
+def nearest_of(found: Neighbours, position: int, nearest: int) -> list[Neighbour]:
+    """The ``nearest`` closest of one searched row's neighbours, nearest first (missing ones
+    left out)."""
+    return [
+        Neighbour(int(i), int(label), float(d))
+        for i, label, d in zip(
+            found.ids[position, :nearest],
+            found.labels[position, :nearest],
+            found.squared_distances[position, :nearest],
+            strict=True,
+        )
+        if i >= 0
+    ]
+
+
 def explain(
     detector: Detector,
     evidence: Evidence,
@@ -81,44 +110,17 @@ def explain(
         return []
     selected = list(rows)
     vote = first_vote(detector)
-    histograms: np.ndarray | None = None
-    ids = labels = distances = None
-    if vote is not None:
-        found = vote.neighbours(features[vote.layer_name][selected])
-        histograms = class_histogram(found.labels, num_classes)
-        ids, labels, distances = found.ids, found.labels, found.squared_distances
-    explanations = []
-    p_values = evidence.p_values
-    for position, row in enumerate(selected):
-        statistics = [
-            StatisticEvidence(
-                name=name,
-                value=float(evidence.values[row, column]),
-                p_value=None if p_values is None else float(p_values[row, column]),
-            )
-            for column, name in enumerate(evidence.names)
-        ]
-        shown: list[Neighbour] = []
-        if ids is not None and labels is not None and distances is not None:
-            shown = [
-                Neighbour(int(i), int(label), float(d))
-                for i, label, d in zip(
-                    ids[position, :nearest],
-                    labels[position, :nearest],
-                    distances[position, :nearest],
-                    strict=True,
-                )
-                if i >= 0
-            ]
-        explanations.append(
-            Explanation(
-                predicted_class=int(predictions[row]),
-                score=float(evidence.scores[row]),
-                threshold=threshold,
-                statistics=statistics,
-                vote_statistic=None if vote is None else f"vote@{vote.layer_name}",
-                vote_histogram=[] if histograms is None else histograms[position].tolist(),
-                nearest=shown,
-            )
+    found = None if vote is None else vote.neighbours(features[vote.layer_name][selected])
+    histograms = None if found is None else class_histogram(found.labels, num_classes)
+    return [
+        Explanation(
+            predicted_class=int(predictions[row]),
+            score=float(evidence.scores[row]),
+            threshold=threshold,
+            statistics=statistics_of(evidence, row),
+            vote_statistic=None if vote is None else f"vote@{vote.layer_name}",
+            vote_histogram=[] if histograms is None else histograms[position].tolist(),
+            nearest=[] if found is None else nearest_of(found, position, nearest),
         )
-    return explanations
+        for position, row in enumerate(selected)
+    ]
