@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.core.calibration import DEFAULT_RETENTION
 from app.core.errors import AdvguardError
@@ -15,6 +15,9 @@ from app.core.processing import DEFAULT_PCA_DIMS, PROCESSING_KINDS
 from app.core.scoring import SCORE_FUNCTIONS
 from app.core.search import INDEX_TYPES
 from app.core.statistics import DEFAULT_CLASS_K
+
+if TYPE_CHECKING:
+    from index_builder.build import BuildConfig, BuildReport
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,11 +95,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run_build(args: argparse.Namespace) -> int:
-    from index_builder.build import BuildConfig, build_bundle
-    from index_builder.distributed import build_bundle_distributed, launched_by_torchrun
+def config_of(args: argparse.Namespace) -> BuildConfig:
+    """The build's configuration, from ``advguard build``'s arguments."""
+    from index_builder.build import BuildConfig
 
-    config = BuildConfig(
+    return BuildConfig(
         source=args.source,
         split=args.split,
         arch=args.arch,
@@ -129,19 +132,23 @@ def run_build(args: argparse.Namespace) -> int:
         name=args.name,
         license_file=args.license_file,
     )
-    try:
-        if launched_by_torchrun():  # torchrun: shard the extraction over the ranks
-            distributed_report = build_bundle_distributed(config, progress=not args.quiet)
-            if distributed_report is None:  # not rank 0: its chunks are delivered
-                return 0
-            report = distributed_report
-        else:
-            report = build_bundle(config, progress=not args.quiet)
-    except AdvguardError as exc:
-        print(f"advguard build: error: {exc}", file=sys.stderr)
-        return 2
+
+
+def built(config: BuildConfig, progress: bool) -> BuildReport | None:
+    """Build the bundle, sharded over the ranks under torchrun; None on a rank other than 0
+    (its chunks are delivered to rank 0, which writes the bundle)."""
+    from index_builder.build import build_bundle
+    from index_builder.distributed import build_bundle_distributed, launched_by_torchrun
+
+    if launched_by_torchrun():
+        return build_bundle_distributed(config, progress=progress)
+    return build_bundle(config, progress=progress)
+
+
+def summary_of(report: BuildReport) -> dict[str, Any]:
+    """The one JSON line ``advguard build`` prints."""
     manifest = report.manifest
-    summary = {
+    return {
         "bundle": str(report.bundle),
         "indexed": manifest.counts.indexed,
         "holdout": manifest.counts.holdout,
@@ -151,7 +158,17 @@ def run_build(args: argparse.Namespace) -> int:
         "extract_images_per_second": round(report.images_per_second, 1),
         "seconds": round(report.seconds, 1),
     }
-    print(json.dumps(summary))
+
+
+def run_build(args: argparse.Namespace) -> int:
+    """Arguments -> configuration -> bundle (or a one-line error, exit 2) -> summary."""
+    try:
+        report = built(config_of(args), progress=not args.quiet)
+    except AdvguardError as exc:
+        print(f"advguard build: error: {exc}", file=sys.stderr)
+        return 2
+    if report is not None:
+        print(json.dumps(summary_of(report)))
     return 0
 
 
