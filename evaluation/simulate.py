@@ -237,6 +237,47 @@ class LiveClient:
     stats: dict[str, Any] | None  # the service's /clients/{id} answer
 
 
+class _Payloads:
+    """Each pool image's PNG upload, encoded once and shared by the client threads."""
+
+    def __init__(self, pools: dict[str, ScoredPool]) -> None:
+        self._pools = pools
+        self._lock = threading.Lock()
+        self._encoded: dict[tuple[str, int], bytes] = {}
+
+    def __call__(self, pool: str, row: int) -> bytes:
+        with self._lock:
+            key = (pool, row)
+            if key not in self._encoded:
+                self._encoded[key] = png_bytes(self._pools[pool].pixels[row])
+            return self._encoded[key]
+
+
+def _classified(
+    http: httpx.Client, data: bytes, headers: dict[str, str], stop_at: float
+) -> LiveRequest:
+    """One upload, as a well-behaved client sends it: a 503 is retried after its Retry-After
+    (at most 5 s) until ``stop_at``."""
+    while True:
+        sent = time.time()
+        response = http.post(
+            "/classify", files={"file": ("image.png", data, "image/png")}, headers=headers
+        )
+        answered = time.time()
+        if response.status_code != 503 or time.monotonic() > stop_at:
+            break
+        time.sleep(min(float(response.headers.get("Retry-After", "1")), 5.0))
+    body = response.json() if response.status_code == 200 else {}
+    decision = body.get("decision")
+    return LiveRequest(
+        response.status_code,
+        body.get("score"),
+        None if decision is None else decision == "accepted",
+        sent,
+        answered,
+    )
+
+
 def run_live(
     http: httpx.Client,
     admin: httpx.Client,
@@ -253,45 +294,18 @@ def run_live(
     ``deadline_s`` has passed. ``admin`` talks to the service's admin listener (the client
     statistics live there, not on the public port)."""
     stop_at = time.monotonic() + deadline_s
-    lock = threading.Lock()
-    payloads: dict[tuple[str, int], bytes] = {}
-
-    def payload(pool: str, row: int) -> bytes:
-        with lock:
-            key = (pool, row)
-            if key not in payloads:
-                payloads[key] = png_bytes(pools[pool].pixels[row])
-            return payloads[key]
+    payload = _Payloads(pools)
 
     def send(plan: ClientPlan) -> LiveClient:
         done: list[LiveRequest] = []
         for pool, row in plan.requests:
             if time.monotonic() > stop_at:
                 break
-            data = payload(pool, row)
-            while True:  # a well-behaved client: a 503 is retried after its Retry-After
-                sent = time.time()
-                response = http.post(
-                    "/classify",
-                    files={"file": ("image.png", data, "image/png")},
-                    headers={client_header: plan.client_id},
-                )
-                answered = time.time()
-                if response.status_code != 503 or time.monotonic() > stop_at:
-                    break
-                time.sleep(min(float(response.headers.get("Retry-After", "1")), 5.0))
-            body = response.json() if response.status_code == 200 else {}
-            decision = body.get("decision")
-            done.append(
-                LiveRequest(
-                    response.status_code,
-                    body.get("score"),
-                    None if decision is None else decision == "accepted",
-                    sent,
-                    answered,
-                )
+            request = _classified(
+                http, payload(pool, row), {client_header: plan.client_id}, stop_at
             )
-            if response.status_code != 200:
+            done.append(request)
+            if request.status != 200:
                 break
         answer = admin.get(f"/clients/{plan.client_id}", headers={admin_header: admin_token})
         return LiveClient(plan, done, answer.json() if answer.status_code == 200 else None)
