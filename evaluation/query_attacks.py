@@ -750,6 +750,42 @@ def attack_images(
         yield record
 
 
+def _replayed_answers(url: str, attack: AttackName, want: AttackRecord) -> tuple[int, int]:
+    """(replayed, answered alike): the reference's first ``REPLAYED`` queries sent over HTTP
+    by a client of their own, compared with the decisions and classes recorded in process."""
+    oracle = HttpOracle(url, client_id=f"query-attack-replay-{attack}-{want.row}")
+    try:
+        answers = oracle.ask(want.queries[:REPLAYED])
+    finally:
+        oracle.close()
+    alike = sum(
+        (DECISIONS.index(a.decision), -1 if a.class_index is None else a.class_index)
+        == (int(want.decisions[i]), int(want.classes[i]))
+        for i, a in enumerate(answers)
+    )
+    return len(answers), alike
+
+
+def _attack_over_http(
+    url: str,
+    attack: AttackName,
+    split: ImageSplit,
+    row: int,
+    cap: int,
+    seed: int,
+    attacked: np.ndarray,
+) -> AttackRecord:
+    """The attack on one image, run against the service over HTTP, one client id per image."""
+    label = int(split.labels[row])
+    # the attacker's own images exclude every attacked one, as in the in-process run
+    pool = candidate_pool(split, attacked, label, 20, seed + row) if attack != "square" else None
+    oracle = HttpOracle(url, client_id=f"query-attack-{attack}-{row}", max_queries=cap + 10)
+    try:
+        return run_attack(oracle, attack, split.pixels[row], label, cap, seed + row, row, pool)
+    finally:
+        oracle.close()
+
+
 def http_check(
     url: str,
     attack: AttackName,
@@ -771,35 +807,14 @@ def http_check(
     images = []
     for row in rows.tolist():
         want = by_row[row]
-        oracle = HttpOracle(url, client_id=f"query-attack-replay-{attack}-{row}")
-        try:
-            answers = oracle.ask(want.queries[:REPLAYED])
-        finally:
-            oracle.close()
-        replayed += len(answers)
-        same_answers += sum(
-            (DECISIONS.index(a.decision), -1 if a.class_index is None else a.class_index)
-            == (int(want.decisions[i]), int(want.classes[i]))
-            for i, a in enumerate(answers)
-        )
-        label = int(split.labels[row])
-        # the attacker's own images exclude every attacked one, as in the in-process run
-        pool = (
-            candidate_pool(split, attacked, label, 20, seed + row) if attack != "square" else None
-        )
-        oracle = HttpOracle(url, client_id=f"query-attack-{attack}-{row}", max_queries=cap + 10)
-        try:
-            record = run_attack(
-                oracle, attack, split.pixels[row], label, cap, seed + row, row, pool
-            )
-        finally:
-            oracle.close()
-        outcome = record.queries_to_success == want.queries_to_success
-        queries = len(record.queries) == len(want.queries) and np.array_equal(
+        sent, alike = _replayed_answers(url, attack, want)
+        replayed += sent
+        same_answers += alike
+        record = _attack_over_http(url, attack, split, row, cap, seed, attacked)
+        same_outcome += record.queries_to_success == want.queries_to_success
+        same_queries += len(record.queries) == len(want.queries) and np.array_equal(
             record.queries, want.queries
         )
-        same_outcome += outcome
-        same_queries += queries
         images.append(
             {"row": row, "http": record.queries_to_success, "in_process": want.queries_to_success}
         )

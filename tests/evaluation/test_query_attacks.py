@@ -18,6 +18,7 @@ from PIL import Image
 
 from app.core.guard import Guard
 from app.core.stateful import DEFAULT_RULE, default_scheme
+from evaluation.data import ImageSplit
 from evaluation.honest_traffic import (
     HonestQuery,
     TrafficKind,
@@ -27,6 +28,7 @@ from evaluation.honest_traffic import (
     to_pil,
 )
 from evaluation.query_attacks import (
+    REPLAYED,
     SQUARE_EPS,
     Answer,
     AttackStopped,
@@ -35,6 +37,7 @@ from evaluation.query_attacks import (
     HttpOracle,
     QueryRecorder,
     decision_vectors,
+    http_check,
     is_loopback,
     load_records,
     parse_answer,
@@ -262,6 +265,47 @@ def test_http_oracle_gives_the_same_run(
     assert np.array_equal(over_http.queries, in_process.queries)
     assert np.array_equal(over_http.classes, in_process.classes)
     assert over_http.first_success == in_process.first_success
+
+
+@pytest.mark.slow
+def test_http_check_compares_each_image_with_its_in_process_run(
+    guard: Guard, labelled: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    """``http_check`` against ``advguard serve`` (without the query screening, like the
+    in-process guard-on runs): the recorded queries replayed over HTTP get the recorded answers,
+    and each attack rerun over HTTP has its in-process outcome. A reference altered in one
+    answer and one outcome is counted as differing in exactly those."""
+    from tests.deploy.helpers import advguard_serve
+    from tests.service.helpers import free_port
+
+    images, labels = labelled
+    split = ImageSplit(images, labels, [f"test/{i}" for i in range(len(labels))], guard.class_names)
+    rows, cap, seed = np.array([1, 2]), 30, 1
+    reference = [
+        run_attack(GuardOracle(guard), "square", images[r], int(labels[r]), cap, seed + r, int(r))
+        for r in rows
+    ]
+    decisions = reference[0].decisions.copy()
+    decisions[0] = (decisions[0] + 1) % 3
+    altered = [
+        dataclasses.replace(reference[0], decisions=decisions),
+        dataclasses.replace(
+            reference[1], first_success=-1 if reference[1].first_success >= 0 else 0
+        ),
+    ]
+    port = free_port()
+    env = {"ADVGUARD_TORCH_THREADS": "1", "ADVGUARD_STATEFUL_ENABLED": "false"}
+    with advguard_serve(port, tmp_path / "serve.log", env, "--log-level", "warning"):
+        url = f"http://127.0.0.1:{port}"
+        same = http_check(url, "square", split, rows, reference, cap, seed, rows)
+        differing = http_check(url, "square", split, rows, altered, cap, seed, rows)
+    replayed = sum(min(REPLAYED, len(r.queries)) for r in reference)
+    assert same["images"] == 2 and same["replayed_queries"] == replayed
+    assert same["same_outcome"] == same["same_queries"] == 2
+    assert same["same_answers"] == replayed
+    assert [i["http"] for i in same["per_image"]] == [r.queries_to_success for r in reference]
+    assert differing["same_answers"] == replayed - 1
+    assert differing["same_outcome"] == 1 and differing["same_queries"] == 2
 
 
 # --------------------------------------------------------------------------- honest traffic
