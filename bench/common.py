@@ -310,6 +310,21 @@ def ratio_by_round(
     return paired_ratio(numerators, denominators).as_dict()
 
 
+def interval_verdict(found: Mapping[str, float | int] | None, target: float) -> str:
+    """A throughput target read on a by-round interval (``paired_ratio``): "met" when the whole
+    interval clears it, "missed" when the whole interval falls short, else "not shown either
+    way" (one run on shared cores, or too few rounds, cannot tell); "not measured" without
+    rounds. A point ratio alone is never a verdict: on two shared cores one run's interval is
+    ten points wide."""
+    if found is None:
+        return "not measured"
+    if found["low"] >= target:
+        return "met"
+    if found["high"] < target:
+        return "missed"
+    return "not shown either way"
+
+
 def ratio_cell(found: Mapping[str, float | int] | None) -> str:
     """``87.1% (85.0%-89.3%)`` for a report; ``-`` when there is none."""
     if found is None:

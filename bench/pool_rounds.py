@@ -7,7 +7,7 @@ two slices ran back to back, so each round's ratio is a fair sample whatever the
 that minute), and the pooled interval is the figure to judge a target by.
 
     python -m bench.pool_rounds c5d40cc:bench/results/stateful_cost.json \\
-        349dc27:bench/results/stateful_cost.json bench/results/stateful_cost.json
+        349dc27:bench/results/stateful_cost.json bench/results/stateful_cost.json --target 0.9
 
 Each argument is a results file, or ``REV:PATH`` for one committed at a git revision.
 """
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.common import REPO, PairedRatio, paired_ratio
+from bench.common import REPO, PairedRatio, interval_verdict, paired_ratio
 
 # a service's rounds against its baseline's: (numerators, denominators)
 Rounds = dict[str, tuple[list[float], list[float]]]
@@ -76,16 +76,23 @@ def read_results(source: str) -> dict[str, Any]:
     return loaded
 
 
-def report(sources: Sequence[str], found: dict[str, PairedRatio]) -> str:
+def report(
+    sources: Sequence[str], found: dict[str, PairedRatio], target: float | None = None
+) -> str:
+    """The pooled ratios; with a ``target``, each one's verdict on its interval."""
+    judged = target is not None
     lines = [
         f"Pooled over {len(sources)} runs: {', '.join(f'`{s}`' for s in sources)}.",
         "",
-        "| pair | rounds | ratio (geometric mean of the rounds) | 95% interval |",
-        "|---|---|---|---|",
+        "| pair | rounds | ratio (geometric mean of the rounds) | 95% interval |"
+        + (f" target {target:.0%} |" if judged else ""),
+        "|---|---|---|---|" + ("---|" if judged else ""),
     ]
     for key, ratio in found.items():
+        verdict = "" if target is None else f" {interval_verdict(ratio.as_dict(), target)} |"
         lines.append(
             f"| {key} | {ratio.rounds} | {ratio.ratio:.1%} | {ratio.low:.1%}-{ratio.high:.1%} |"
+            + verdict
         )
     return "\n".join(lines)
 
@@ -93,8 +100,16 @@ def report(sources: Sequence[str], found: dict[str, PairedRatio]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pool_rounds", description=__doc__)
     parser.add_argument("results", nargs="+", help="results files, or REV:PATH")
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="a throughput ratio to judge each pair by (e.g. 0.9): met only when the whole "
+        "pooled interval clears it, missed only when the whole interval falls short",
+    )
     args = parser.parse_args(argv)
-    print(report(args.results, pooled([read_results(s) for s in args.results])))
+    if args.target is not None and not args.target > 0.0:  # NaN too
+        parser.error("--target must be a positive ratio, e.g. 0.9")
+    print(report(args.results, pooled([read_results(s) for s in args.results]), args.target))
     return 0
 
 

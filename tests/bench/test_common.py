@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.common import paired_ratio, ratio_by_round, ratio_cell
+from bench.common import interval_verdict, paired_ratio, ratio_by_round, ratio_cell
 
 
 def test_rounds_with_one_ratio_give_that_ratio_and_no_spread() -> None:
@@ -71,3 +71,14 @@ def test_a_report_survives_a_round_that_answered_nothing() -> None:
     assert ratio_cell(None) == "-"
     found = ratio_by_round([90.0, 90.0], [100.0, 100.0])
     assert found is not None and ratio_cell(found) == "90.0% (90.0%-90.0%)"
+
+
+def test_a_target_is_met_or_missed_only_by_the_whole_interval() -> None:
+    def found(low: float, high: float) -> dict[str, float | int]:
+        return {"ratio": (low + high) / 2, "low": low, "high": high, "rounds": 10, "level": 0.95}
+
+    assert interval_verdict(found(0.90, 0.95), 0.90) == "met"
+    assert interval_verdict(found(0.80, 0.899), 0.90) == "missed"
+    assert interval_verdict(found(0.874, 0.925), 0.90) == "not shown either way"
+    assert interval_verdict(found(0.82, 0.864), 0.85) == "not shown either way"
+    assert interval_verdict(None, 0.90) == "not measured"

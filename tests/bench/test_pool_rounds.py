@@ -43,6 +43,10 @@ def test_the_command_reads_files_and_committed_revisions(
     assert main([str(path), str(path)]) == 0
     out = capsys.readouterr().out
     assert "| memory: on / off | 4 | 90.0% | 90.0%-90.0% |" in out
+    assert main([str(path), "--target", "0.95"]) == 0
+    assert "| memory: on / off | 2 | 90.0% | 90.0%-90.0% | missed |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(path), "--target", "-1"])
     # REV:PATH reads the file as committed at that revision
     committed = "HEAD:bench/results/service_vs_bare.json"
     shown = subprocess.run(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.common import paired_ratio
+from bench.common import interval_verdict, paired_ratio
 from bench.stateful_cost import table
 
 RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "stateful_cost.json"
@@ -42,13 +42,19 @@ def test_the_report_gives_each_store_its_ratio_by_round_with_an_interval(results
         found = results["throughput"]["on_over_off_by_round"][backend]
         cells = [cell.strip() for cell in row.split("|")]
         assert cells[4] == f"{results['throughput']['on_over_off'][backend]:.0%}"
-        assert cells[5] == f"{found['ratio']:.1%} ({found['low']:.1%}-{found['high']:.1%})"
+        verdict = interval_verdict(found, 0.90)
+        assert cells[5] == (
+            f"{found['ratio']:.1%} ({found['low']:.1%}-{found['high']:.1%}) "
+            f"(target 90%: **{verdict}**)"
+        )
         assert found["low"] < found["ratio"] < found["high"]
-        assert "(target 90%: " in cells[6]  # the verdict, read on the CPU per request
+        assert "target" not in cells[6]  # the CPU ratio is shown, not judged
 
 
 def test_a_results_file_from_before_the_interval_still_renders(results: dict) -> None:
     older = copy.deepcopy(results)
     older["throughput"].pop("on_over_off_by_round", None)
     rows = _service_rows(table(older, argparse.Namespace(**older["settings"])))
-    assert all(row.split("|")[5].strip() == "-" for row in rows.values())
+    assert all(
+        row.split("|")[5].strip() == "- (target 90%: **not measured**)" for row in rows.values()
+    )
