@@ -14,7 +14,7 @@ screening thread copies the batch's float pixels once into a shared-memory block
 converts its part to 8 bits and hashes it (``fingerprint_held``), and only the prints come back
 through the pipe. ``bench.stateful_cost`` on two cores, batches of 32 at 224x224
 (bench/results/stateful_cost.md): beside a busy thread 8.4 ms per query before, 3.1-5.3 after in
-nine runs (the busy thread and both workers share the two cores); alone 3.5 before and 1.3-2.6
+eleven runs (the busy thread and both workers share the two cores); alone 3.5 before and 1.3-3.1
 after, against 1.9-2.3 on the screening thread. On an H200 the GPU service screened ~130 queries a
 second before the change (7.5 ms a query, docs/deploy.md); the change has not run there yet. The
 parts' rows concatenated are bit-identical to the calling thread's prints.
