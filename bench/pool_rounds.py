@@ -85,7 +85,7 @@ def report(
         f"Pooled over {len(sources)} runs: {', '.join(f'`{s}`' for s in sources)}.",
         "",
         "| pair | rounds | ratio (geometric mean of the rounds) | 95% interval |"
-        + (f" target {target:.0%} |" if judged else ""),
+        + (f" target {target:.1%} |" if judged else ""),
         "|---|---|---|---|" + ("---|" if judged else ""),
     ]
     for key, ratio in found.items():
