@@ -53,6 +53,7 @@ AttackName = Literal["square", "hopskipjump", "boundary"]
 ATTACKS: tuple[AttackName, ...] = get_args(AttackName)
 Setting = Literal["guard_off", "guard_on"]
 SETTINGS: tuple[Setting, ...] = get_args(Setting)
+Log = Callable[[str], None]  # a progress line's sink
 
 SQUARE_EPS = 8 / 255  # Linf budget of the score-based attack
 L2_EPS = 0.5  # L2 budget of the decision-based attacks (pixels in [0, 1], 3x32x32)
@@ -864,11 +865,83 @@ def _command(argv: Sequence[str]) -> str:
     return " ".join(["python -m evaluation.query_attacks", *map(shlex.quote, argv)])
 
 
+def record_runs(
+    args: argparse.Namespace,
+    guard: Guard,
+    split: ImageSplit,
+    rows: np.ndarray,
+    results: dict[str, Any],
+    log: Log,
+) -> None:
+    """Each attack in each setting on the chosen rows, in process: run and recorded (unless
+    ``--summarise-only`` or ``--url``, which reuse the records), then summarised into
+    ``results["runs"]``."""
+    for attack in args.attacks:
+        for setting in args.settings:
+            path = records_path(args.cache, attack, setting)
+            if not (args.summarise_only or args.url):  # the HTTP check reuses the records
+                oracle = GuardOracle(guard, guarded=setting == "guard_on")
+                cap = caps_of(args)[attack]
+                records = list(attack_images(oracle, attack, split, rows, cap, args.seed))
+                save_records(records, path)
+            summary = summarise(load_records(path))
+            results["runs"][f"{attack}/{setting}"] = summary
+            log(f"{attack} {setting}: {json.dumps(summary)}")
+
+
+def http_checks(
+    args: argparse.Namespace,
+    argv: Sequence[str],
+    split: ImageSplit,
+    rows: np.ndarray,
+    results: dict[str, Any],
+    log: Log,
+) -> None:
+    """``--url``: each attack and setting rerun over HTTP on the first ``--http-images`` rows
+    against its in-process records (``http_check``), into ``results["http_check"]``."""
+    checks = results.setdefault("http_check", {})
+    for attack in args.attacks:
+        for setting in args.settings:
+            reference = load_records(records_path(args.cache, attack, setting))
+            key = f"{attack}/{setting}"
+            checks[key] = http_check(
+                args.url,
+                attack,
+                split,
+                rows[: args.http_images],
+                reference,
+                caps_of(args)[attack],
+                args.seed,
+                rows,
+            ) | {"command": _command(argv)}
+            log(f"http {attack} {setting}: {checks[key]['same_outcome']}")
+
+
+def caps_of(args: argparse.Namespace) -> dict[AttackName, int]:
+    """The query cap per image of each attack (``--cap-ATTACK``)."""
+    return {a: getattr(args, f"cap_{a}") for a in ATTACKS}
+
+
+def run_description(args: argparse.Namespace, rows: np.ndarray) -> dict[str, Any]:
+    """What the runs were: bundle, images, caps, seed, ART version, budgets."""
+    return {
+        "bundle": str(args.bundle),
+        "images": len(rows),
+        "caps": caps_of(args),
+        "seed": args.seed,
+        "art_version": _art_version(),
+        "budgets": {"square_linf": SQUARE_EPS, "decision_l2": L2_EPS},
+        "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest()[:16],
+        "notes": NOTES,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Bundle and images -> the in-process runs (recorded) -> their summaries -> with ``--url``,
+    the HTTP check -> results.json and table.md (runs of other attacks or settings kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    caps: dict[AttackName, int] = {a: getattr(args, f"cap_{a}") for a in ATTACKS}
     started = time.perf_counter()
 
     def log(message: str) -> None:
@@ -881,45 +954,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = (
         json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}
     )
-    for attack in args.attacks:
-        for setting in args.settings:
-            path = records_path(args.cache, attack, setting)
-            if not (args.summarise_only or args.url):  # the HTTP check reuses the records
-                oracle = GuardOracle(guard, guarded=setting == "guard_on")
-                records = list(attack_images(oracle, attack, split, rows, caps[attack], args.seed))
-                save_records(records, path)
-            records = load_records(path)
-            summary = summarise(records)
-            results["runs"][f"{attack}/{setting}"] = summary
-            log(f"{attack} {setting}: {json.dumps(summary)}")
-    results.update(
-        bundle=str(args.bundle),
-        images=len(rows),
-        caps={a: caps[a] for a in ATTACKS},
-        seed=args.seed,
-        art_version=_art_version(),
-        budgets={"square_linf": SQUARE_EPS, "decision_l2": L2_EPS},
-        rows_sha256=hashlib.sha256(rows.tobytes()).hexdigest()[:16],
-        notes=NOTES,
-    )
+    record_runs(args, guard, split, rows, results, log)
+    results.update(run_description(args, rows))
     if not args.url:
         results["command"] = _command([a for a in argv if a != "--summarise-only"])
     else:
-        checks = results.setdefault("http_check", {})
-        for attack in args.attacks:
-            for setting in args.settings:
-                reference = load_records(records_path(args.cache, attack, setting))
-                checks[f"{attack}/{setting}"] = http_check(
-                    args.url,
-                    attack,
-                    split,
-                    rows[: args.http_images],
-                    reference,
-                    caps[attack],
-                    args.seed,
-                    rows,
-                ) | {"command": _command(argv)}
-                log(f"http {attack} {setting}: {checks[f'{attack}/{setting}']['same_outcome']}")
+        http_checks(args, argv, split, rows, results, log)
     order = [f"{a}/{s}" for a in ATTACKS for s in SETTINGS]
     results["runs"] = {k: results["runs"][k] for k in order if k in results["runs"]}
     args.out.mkdir(parents=True, exist_ok=True)

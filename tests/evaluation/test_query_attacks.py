@@ -308,6 +308,46 @@ def test_http_check_compares_each_image_with_its_in_process_run(
     assert differing["same_outcome"] == 1 and differing["same_queries"] == 2
 
 
+@pytest.mark.slow
+def test_the_command_records_summarises_and_checks_over_http(tmp_path: Path) -> None:
+    """``python -m evaluation.query_attacks`` end to end on 2 images: the in-process runs are
+    recorded and summarised, ``--summarise-only`` gives the same summary from the records
+    without attacking, and ``--url`` reruns them against ``advguard serve`` (HTTP check)."""
+    from evaluation.query_attacks import main as query_attacks_main
+    from tests.deploy.helpers import advguard_serve
+    from tests.service.helpers import free_port
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    common = ["--images", "2", "--attacks", "square", "--settings", "guard_on"]
+    common += ["--cap-square", "20", "--out", str(out), "--cache", str(cache)]
+    assert query_attacks_main(common) == 0
+    results = json.loads((out / "results.json").read_text())
+    run = results["runs"]["square/guard_on"]
+    assert list(results["runs"]) == ["square/guard_on"]
+    assert results["images"] == 2 and results["caps"]["square"] == 20
+    assert results["command"].startswith("python -m evaluation.query_attacks --images 2")
+    recorded = load_records(records_path(cache, "square", "guard_on"))
+    assert len(recorded) == 2 and all(0 < len(r.queries) <= 20 for r in recorded)
+    assert "square" in (out / "table.md").read_text().lower()
+
+    path = records_path(cache, "square", "guard_on")
+    path.rename(tmp_path / "moved.npz")  # --summarise-only must not attack again...
+    with pytest.raises(FileNotFoundError):
+        query_attacks_main([*common, "--summarise-only"])
+    (tmp_path / "moved.npz").rename(path)  # ...and with the records back, sums them up
+    assert query_attacks_main([*common, "--summarise-only"]) == 0
+    assert json.loads((out / "results.json").read_text())["runs"]["square/guard_on"] == run
+
+    port = free_port()
+    env = {"ADVGUARD_TORCH_THREADS": "1", "ADVGUARD_STATEFUL_ENABLED": "false"}
+    with advguard_serve(port, tmp_path / "serve.log", env, "--log-level", "warning"):
+        url = f"http://127.0.0.1:{port}"
+        assert query_attacks_main([*common, "--url", url, "--http-images", "1"]) == 0
+    check = json.loads((out / "results.json").read_text())["http_check"]["square/guard_on"]
+    assert check["images"] == 1 and check["same_outcome"] == 1 and check["same_queries"] == 1
+    assert check["same_answers"] == check["replayed_queries"] > 0
+
+
 # --------------------------------------------------------------------------- honest traffic
 
 
