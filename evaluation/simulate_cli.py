@@ -8,6 +8,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -18,11 +19,12 @@ from app.core.models import PRESETS
 from app.service.main import flag_policy_for
 from app.service.settings import Settings
 from evaluation import simulate_report
-from evaluation.data import load_split
+from evaluation.data import ImageSplit, load_split
 from evaluation.sets import EXPORTED_ATTACKS, export_path, load_attack_sets
 from evaluation.simulate import (
     HONEST,
     PolicyOutcome,
+    ScoredPool,
     all_policies,
     choose_default,
     judge,
@@ -63,28 +65,39 @@ def policy_for(bundle: Path, guard: Guard, kind: PolicyKind) -> FlagPolicy:
     return flag_policy_for(Settings(bundle=bundle, flag_policy=kind), guard)
 
 
-def simulate(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    for url in (args.url, args.admin_url):
-        if url and not is_loopback(url):
-            print(f"advguard simulate: error: {url} is not a loopback address", file=sys.stderr)
-            return 2
-    guard = Guard.load(args.bundle, device="cpu")
-    name = guard.manifest.name
-    out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"
-    out.mkdir(parents=True, exist_ok=True)
-    sets = load_attack_sets(args.sets or export_path(args.cache_dir, name))
+@dataclass(frozen=True)
+class ScoredTraffic:
+    """Stage 1: every request a simulated client can send, scored once by the guard: the test
+    split's images (honest) and each exported attack's adversarials."""
+
+    split: ImageSplit
+    pools: dict[str, ScoredPool]
+    attack_names: list[str]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {pool: len(p.scores) for pool, p in self.pools.items()}
+
+
+def scored_traffic(args: argparse.Namespace, guard: Guard) -> ScoredTraffic:
+    sets = load_attack_sets(args.sets or export_path(args.cache_dir, guard.manifest.name))
     preset = PRESETS[guard.manifest.model.preprocessing.preset]
     split = load_split(args.source, "test", preset, args.cache_dir / "data")
     attack_names = [a for a in EXPORTED_ATTACKS if a in sets.attacks]
-    attack_pixels = {a: sets.attacks[a] for a in attack_names}
     print(f"scoring {len(split.labels)} test images and the sets of {attack_names}", flush=True)
-    pools = load_pools(guard, split.pixels, attack_pixels)
-    sizes = {pool: len(p.scores) for pool, p in pools.items()}
+    pools = load_pools(guard, split.pixels, {a: sets.attacks[a] for a in attack_names})
+    return ScoredTraffic(split, pools, attack_names)
+
+
+def replayed(
+    args: argparse.Namespace, guard: Guard, traffic: ScoredTraffic
+) -> dict[PolicyKind, PolicyOutcome]:
+    """Stage 2: the same planned clients replayed under each flag policy, as the service builds
+    it for this bundle."""
     policies = all_policies(lambda kind: policy_for(args.bundle, guard, kind))
     plans = plan_population(
-        sizes,
-        attack_names,
+        traffic.sizes,
+        traffic.attack_names,
         args.honest_clients,
         args.attack_clients,
         args.requests,
@@ -94,12 +107,15 @@ def simulate(args: argparse.Namespace) -> int:
     outcomes: dict[PolicyKind, PolicyOutcome] = {}
     for kind, policy in policies.items():
         t0 = time.perf_counter()
-        outcomes[kind] = judge(plans, pools, policy, CHECKPOINTS)
+        outcomes[kind] = judge(plans, traffic.pools, policy, CHECKPOINTS)
         print(f"{kind}: replayed {len(plans)} clients in {time.perf_counter() - t0:.1f} s")
-    default = choose_default(outcomes, attack_names, args.max_false_flag_rate)
-    kinds = [*attack_names, *(f"mixed-{a}" for a in attack_names)]
+    return outcomes
+
+
+def run_description(args: argparse.Namespace, name: str, traffic: ScoredTraffic) -> dict[str, Any]:
+    """What was simulated: the population, the calibration settings, the pools."""
     settings = Settings(bundle=args.bundle)
-    meta: dict[str, Any] = {
+    return {
         "bundle": name,
         "command": command_line(sys.argv[2:]),
         "honest_clients": args.honest_clients,
@@ -109,23 +125,55 @@ def simulate(args: argparse.Namespace) -> int:
         "false_flag_rate": settings.flag_false_rate,
         "calibration_horizon": settings.flag_horizon,
         "max_false_flag_rate": args.max_false_flag_rate,
-        "pools": pool_summary(pools, split.labels),
+        "pools": pool_summary(traffic.pools, traffic.split.labels),
         "seed": args.seed,
     }
-    if args.url:
-        meta["live"] = _live(args, guard, pools, sizes, attack_names)
-    meta["seconds"] = time.perf_counter() - started
+
+
+def write_simulation(
+    out: Path,
+    outcomes: dict[PolicyKind, PolicyOutcome],
+    attack_names: list[str],
+    default: PolicyKind | None,
+    meta: dict[str, Any],
+    requests: int,
+) -> str:
+    """results.json, table.md and time_to_flag.png; returns the table."""
+    kinds = [*attack_names, *(f"mixed-{a}" for a in attack_names)]
     results = {
         **meta,
         "default_policy": default,
         "outcomes": {k: simulate_report.outcome_json(o) for k, o in outcomes.items()},
     }
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = simulate_report.markdown(outcomes, kinds, default, meta)
     if "live" in meta:
         table += _live_markdown(meta["live"])
     (out / "table.md").write_text(table)
-    simulate_report.write_figure(outcomes, kinds, args.requests, out / "time_to_flag.png")
+    simulate_report.write_figure(outcomes, kinds, requests, out / "time_to_flag.png")
+    return table
+
+
+def simulate(args: argparse.Namespace) -> int:
+    """Loopback check -> scored traffic -> each policy replayed -> the default chosen by its
+    rule -> with ``--url``, the live run -> results."""
+    started = time.perf_counter()
+    for url in (args.url, args.admin_url):
+        if url and not is_loopback(url):
+            print(f"advguard simulate: error: {url} is not a loopback address", file=sys.stderr)
+            return 2
+    guard = Guard.load(args.bundle, device="cpu")
+    name = guard.manifest.name
+    out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"
+    traffic = scored_traffic(args, guard)
+    outcomes = replayed(args, guard, traffic)
+    default = choose_default(outcomes, traffic.attack_names, args.max_false_flag_rate)
+    meta = run_description(args, name, traffic)
+    if args.url:
+        meta["live"] = _live(args, guard, traffic.pools, traffic.sizes, traffic.attack_names)
+    meta["seconds"] = time.perf_counter() - started
+    table = write_simulation(out, outcomes, traffic.attack_names, default, meta, args.requests)
     print(table)
     print(f"wrote {out}/table.md, results.json and time_to_flag.png")
     return 0

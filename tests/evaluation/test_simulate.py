@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
+from app.cli import main as advguard_main
 from app.core.flagging import FlagPolicy, WindowParams
+from app.core.guard import Guard
+from evaluation.attacks import LogitsModel, fgsm_untargeted, predict
+from evaluation.data import load_split
+from evaluation.sets import Selection, export_attack_sets
 from evaluation.simulate import (
     HONEST,
     ClientPlan,
@@ -19,6 +28,7 @@ from evaluation.simulate import (
     wilson_interval,
 )
 from evaluation.simulate_cli import is_loopback
+from tests.conftest import CIFAR_TAR, DEMO_BUNDLE, REPO
 
 
 def _pool(scores: list[float], threshold: float = 0.2) -> ScoredPool:
@@ -114,3 +124,43 @@ def test_recorded_command_withholds_the_admin_token() -> None:
         "advguard simulate --url http://127.0.0.1:1 --admin-token <admin token>"
     )
     assert "s3cret" not in command_line(["--admin-token=s3cret"])
+
+
+@pytest.mark.slow
+def test_the_simulate_command_replays_every_policy_and_writes_its_results(tmp_path: Path) -> None:
+    """``advguard simulate`` end to end on the demo bundle: the test split and an exported set of
+    FGSM adversarials scored by the guard, a small population replayed under all four policies,
+    the default chosen by its rule, results.json, table.md and the time-to-flag figure."""
+    guard = Guard.load(DEMO_BUNDLE, device="cpu")
+    cache_dir = REPO / ".cache" / "evaluation"  # the decoded test split, shared with other tests
+    split = load_split(CIFAR_TAR, "test", guard.preset, cache_dir / "data")
+    rows = np.arange(60)
+    labels = torch.from_numpy(split.labels[rows])
+    model = LogitsModel(guard.network).eval()
+    adversarial = fgsm_untargeted(model, split.tensor(rows), labels, 8 / 255).adversarial
+    fooled = predict(model, torch.from_numpy(adversarial)) != split.labels[rows]
+    selection = Selection(rows, np.array([], dtype=np.int64), np.zeros(len(rows), np.int64))
+    sets = export_attack_sets(
+        tmp_path / "sets.npz",
+        selection,
+        {"fgsm_untargeted": adversarial[fooled]},
+        {"fgsm_untargeted": np.flatnonzero(fooled)},
+        str(CIFAR_TAR),
+    )
+    out = tmp_path / "simulation"
+    argv = ["simulate", "--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR)]
+    argv += ["--cache-dir", str(cache_dir), "--sets", str(sets), "--out", str(out)]
+    argv += ["--honest-clients", "200", "--attack-clients", "20", "--requests", "40"]
+    assert advguard_main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["outcomes"]) == {"mean", "ewma", "rejection_rate", "cusum"}
+    assert results["pools"]["fgsm_untargeted"]["images"] == int(fooled.sum()) > 0
+    assert results["pools"][HONEST]["images"] == len(split.labels)
+    assert results["honest_clients"] == 200 and results["requests"] == 40
+    assert results["default_policy"] in results["outcomes"]
+    table = (out / "table.md").read_text()
+    assert "fgsm_untargeted" in table and "mixed-fgsm_untargeted" in table
+    assert (out / "time_to_flag.png").read_bytes().startswith(b"\x89PNG")
+    missing = [*argv[:7], "--sets", str(tmp_path / "none.npz"), *argv[9:]]
+    with pytest.raises(FileNotFoundError, match="advguard evaluate"):  # says how to make them
+        advguard_main(missing)
