@@ -29,6 +29,7 @@ from evaluation.simulate import (
 )
 from evaluation.simulate_cli import is_loopback
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE, REPO
+from tests.deploy.helpers import advguard_serve, free_tcp_port
 
 
 def _pool(scores: list[float], threshold: float = 0.2) -> ScoredPool:
@@ -164,3 +165,17 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(tmp_pa
     missing = [*argv[:7], "--sets", str(tmp_path / "none.npz"), *argv[9:]]
     with pytest.raises(FileNotFoundError, match="advguard evaluate"):  # says how to make them
         advguard_main(missing)
+
+    # --url: a few clients also drive a running service, whose tracker must hold what the
+    # replay of its own answers predicts
+    port, admin_port = free_tcp_port(), free_tcp_port()
+    env = {"ADVGUARD_ADMIN_TOKEN": "tok", "ADVGUARD_EXPOSE_SCORES": "true"}
+    live = ["--url", f"http://127.0.0.1:{port}", "--admin-url", f"http://127.0.0.1:{admin_port}"]
+    live += ["--admin-token", "tok", "--live-honest-clients", "6", "--live-attack-clients", "1"]
+    live += ["--live-requests", "15", "--concurrency", "2"]
+    with advguard_serve(port, tmp_path / "serve.log", env, admin_port=admin_port):
+        assert advguard_main([*argv, *live]) == 0
+    served = json.loads((out / "results.json").read_text())["live"]
+    assert served["clients"] == 6 + 1 + 1  # honest, the pure and the mixed FGSM client
+    assert served["all_answered_200"] and served["counts_match"] and served["flags_match"]
+    assert advguard_main([*argv, "--url", "http://10.0.0.1:8000"]) == 2  # loopback only
