@@ -131,7 +131,8 @@ def test_recorded_command_withholds_the_admin_token() -> None:
 def test_the_simulate_command_replays_every_policy_and_writes_its_results(tmp_path: Path) -> None:
     """``advguard simulate`` end to end on the demo bundle: the test split and an exported set of
     FGSM adversarials scored by the guard, a small population replayed under all four policies,
-    the default chosen by its rule, results.json, table.md and the time-to-flag figure."""
+    the default chosen by its rule, results.json, table.md and the time-to-flag figure; then the
+    same with a few live clients driving a running ``advguard serve`` (``--url``)."""
     guard = Guard.load(DEMO_BUNDLE, device="cpu")
     cache_dir = REPO / ".cache" / "evaluation"  # the decoded test split, shared with other tests
     split = load_split(CIFAR_TAR, "test", guard.preset, cache_dir / "data")
