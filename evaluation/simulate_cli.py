@@ -117,7 +117,7 @@ def run_description(args: argparse.Namespace, name: str, traffic: ScoredTraffic)
     settings = Settings(bundle=args.bundle)
     return {
         "bundle": name,
-        "command": command_line(sys.argv[2:]),
+        "command": command_line(args.argv[1:]),  # after ``simulate``
         "honest_clients": args.honest_clients,
         "attack_clients": args.attack_clients,
         "requests": args.requests,

@@ -170,13 +170,16 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(tmp_pa
     # --url: a few clients also drive a running service, whose tracker must hold what the
     # replay of its own answers predicts
     port, admin_port = free_tcp_port(), free_tcp_port()
-    env = {"ADVGUARD_ADMIN_TOKEN": "tok", "ADVGUARD_EXPOSE_SCORES": "true"}
+    env = {"ADVGUARD_ADMIN_TOKEN": "s3cret-admin", "ADVGUARD_EXPOSE_SCORES": "true"}
     live = ["--url", f"http://127.0.0.1:{port}", "--admin-url", f"http://127.0.0.1:{admin_port}"]
-    live += ["--admin-token", "tok", "--live-honest-clients", "6", "--live-attack-clients", "1"]
-    live += ["--live-requests", "15", "--concurrency", "2"]
+    live += ["--admin-token", "s3cret-admin", "--live-honest-clients", "6"]
+    live += ["--live-attack-clients", "1", "--live-requests", "15", "--concurrency", "2"]
     with advguard_serve(port, tmp_path / "serve.log", env, admin_port=admin_port):
         assert advguard_main([*argv, *live]) == 0
     served = json.loads((out / "results.json").read_text())["live"]
     assert served["clients"] == 6 + 1 + 1  # honest, the pure and the mixed FGSM client
     assert served["all_answered_200"] and served["counts_match"] and served["flags_match"]
+    command = json.loads((out / "results.json").read_text())["command"]
+    assert command.startswith("advguard simulate --bundle ") and "--live-requests 15" in command
+    assert "--admin-token <admin token>" in command and "s3cret" not in command  # hidden
     assert advguard_main([*argv, "--url", "http://10.0.0.1:8000"]) == 2  # loopback only
