@@ -80,6 +80,8 @@ class ScoredTraffic:
 
 
 def scored_traffic(args: argparse.Namespace, guard: Guard) -> ScoredTraffic:
+    """The exported attack sets (``--sets``, or ``advguard evaluate``'s export) and the test
+    split, scored."""
     sets = load_attack_sets(args.sets or export_path(args.cache_dir, guard.manifest.name))
     preset = PRESETS[guard.manifest.model.preprocessing.preset]
     split = load_split(args.source, "test", preset, args.cache_dir / "data")
@@ -145,7 +147,6 @@ def write_simulation(
         "default_policy": default,
         "outcomes": {k: simulate_report.outcome_json(o) for k, o in outcomes.items()},
     }
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = simulate_report.markdown(outcomes, kinds, default, meta)
     if "live" in meta:
@@ -166,6 +167,7 @@ def simulate(args: argparse.Namespace) -> int:
     guard = Guard.load(args.bundle, device="cpu")
     name = guard.manifest.name
     out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"
+    out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after the replay
     traffic = scored_traffic(args, guard)
     outcomes = replayed(args, guard, traffic)
     default = choose_default(outcomes, traffic.attack_names, args.max_false_flag_rate)
