@@ -55,6 +55,7 @@ def test_a_results_file_from_before_the_interval_still_renders(results: dict) ->
     older = copy.deepcopy(results)
     older["throughput"].pop("on_over_off_by_round", None)
     rows = _service_rows(table(older, argparse.Namespace(**older["settings"])))
+    assert set(rows) == {"memory tracker and store", "redis tracker and store"}
     assert all(
         row.split("|")[5].strip() == "- (target 90%: **not measured**)" for row in rows.values()
     )

@@ -527,10 +527,7 @@ def test_a_fingerprint_that_matched_squares_first_probe_would_flag_honest_reenco
         copies = np.stack([as_served(encode(to_pil(p), quality), guard.preset) for p in originals])
         close[row] = np.abs(_block_means(copies) - original_means).max(axis=1) <= 8.0
         changed[row] = classes(copies) != original_classes
-    # Square's first probe is that close by construction (each pixel moves by 8)
-    signs = np.random.default_rng(0).choice([-8, 8], size=(len(originals), 3, 1, 32))
-    probes = np.clip(originals.astype(int) + signs, 0, 255).astype(np.uint8)
-    assert (np.abs(_block_means(probes) - original_means).max(axis=1) <= 8.0).all()
+    # Square's first probe is that close by construction: each pixel moves by 8 at most
     # re-encodings at quality 85 and above are that close for most photos
     assert close[: JPEG_QUALITIES.index(85) + 1].mean() > 0.85
     flagged = (close & changed).any(axis=0)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     if not CIFAR_TAR.is_file() or not DEMO_BUNDLE.is_dir():
-        pytest.skip("needs ../shared/data/cifar10-jpeg.tar.gz and the demo bundle")
+        pytest.fail("needs ../shared/data/cifar10-jpeg.tar.gz and the demo bundle")
     root = tmp_path_factory.mktemp("evaluate")
     options = quick_options(
         EvaluateOptions(

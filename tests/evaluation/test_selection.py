@@ -75,7 +75,7 @@ def test_selection_rows_avoid_the_reported_images_and_take_correct_ones():
 @pytest.mark.slow
 def test_select_end_to_end(tmp_path):
     if not CIFAR_TAR.is_file() or not DEMO_BUNDLE.is_dir():
-        pytest.skip("needs ../shared/data/cifar10-jpeg.tar.gz and the demo bundle")
+        pytest.fail("needs ../shared/data/cifar10-jpeg.tar.gz and the demo bundle")
     options = replace(
         quick_options(
             EvaluateOptions(

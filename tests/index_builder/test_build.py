@@ -184,7 +184,7 @@ def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights
         progress=False,
     )
     other = make_image_folder(classes=3, per_class=9, name="other")
-    with pytest.raises(Exception, match="different build"):
+    with pytest.raises(SourceError, match="different build"):
         build_bundle(
             cifar_config(other, cifar_weights(3), tmp_path / "c", work_dir=work), progress=False
         )
@@ -205,7 +205,10 @@ def test_tampered_bundle_is_refused(make_image_folder, cifar_weights, tmp_path, 
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(raw))
-    with pytest.raises(BundleError):
+    expected = f"file {target} does not match"
+    if target == "manifest":
+        expected = "weights' sha256 differs"
+    with pytest.raises(BundleError, match=expected):
         Guard.load(bundle)
 
 
