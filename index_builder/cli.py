@@ -51,22 +51,24 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
     parser.add_argument(
         "--detector",
-        help="detector preset: v2 (default: density statistics at every block + the paper's "
-        "vote, combined) or paper (the paper's one DW-kNN vote at the last layer)",
+        help="detector preset: v2 (default: the paper's vote + Mahalanobis at every residual "
+        "block + the logit margin, harmonic mean p-value) or paper (the paper's one DW-kNN vote "
+        "at the last layer)",
     )
     parser.add_argument(
         "--statistic",
         action="append",
         dest="statistics",
         default=[],
-        help="explicit statistic kind@layer (vote, mahalanobis, knn_distance; layer aliases "
-        "@blocks, @stages, @last), repeatable; overrides --detector",
+        help="explicit statistic kind@layer (vote, mahalanobis, knn_distance, margin; layer "
+        "aliases @blocks, @stages, @last, and @logits for the margin), repeatable; overrides "
+        "--detector",
     )
     parser.add_argument(
         "--combination",
         choices=COMBINATIONS,
-        help="how several statistics' p-values combine: fisher, hmp, min_p (default: the "
-        "preset's; hmp for --statistic lists, fisher for several --layer)",
+        help="how several statistics' p-values combine: fisher, hmp, min_p; single for one "
+        "statistic (default: the preset's; hmp for --statistic lists, fisher for several --layer)",
     )
     parser.add_argument("--class-k", type=int, default=DEFAULT_CLASS_K, help="knn_distance's k")
     parser.add_argument("--holdout-fraction", type=float, default=0.1)
