@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -73,14 +74,22 @@ def _settings_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     """(settings, app), or a refusal: one clear line (``_RefusedError``) before uvicorn starts, for
     a missing, corrupted or tampered bundle (the lifespan loads and verifies it again, and
-    refuses it there too), bad settings, or the admin port on the public port."""
+    refuses it there too), bad settings, a misspelt setting's name, or the admin port on the
+    public port."""
     from pydantic import ValidationError
 
     from app.core.bundle import read_manifest, verify_files
     from app.core.errors import AdvguardError
     from app.service.main import create_app
-    from app.service.settings import Settings
+    from app.service.settings import Settings, misspelt_settings
 
+    misspelt = misspelt_settings(os.environ)
+    if misspelt:
+        raise _RefusedError(
+            "; ".join(
+                f"{name} is not a setting (did you mean {meant}?)" for name, meant in misspelt
+            )
+        )
     try:
         settings = Settings(**_settings_overrides(args))
         verify_files(settings.bundle, read_manifest(settings.bundle))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -166,3 +168,26 @@ class Settings(BaseSettings):
                 "must hash queries with the same secret); or set ADVGUARD_STATEFUL_ENABLED=false"
             )
         return self
+
+
+ENV_PREFIX = "ADVGUARD_"
+# How alike (difflib's ratio, after the prefix) an unknown variable must be to a setting's name to
+# be taken for a misspelling of it: a letter dropped, doubled or swapped in a name of 8 or more
+# letters; the project's own other variables (ADVGUARD_PORT, ADVGUARD_BUILD_*, ...) stay below it.
+MISSPELLING_CUTOFF = 0.85
+
+
+def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it most likely means) for each ``ADVGUARD_*`` variable of
+    ``environ`` that is no setting but nearly one's name. pydantic-settings ignores unknown
+    variables, so ``ADVGUARD_STATEFUL_POLCY=silent`` would otherwise change nothing, silently."""
+    names = [name.upper() for name in Settings.model_fields]
+    found: list[tuple[str, str]] = []
+    for variable in sorted(environ):
+        upper = variable.upper()  # pydantic-settings reads the names case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper[len(ENV_PREFIX) :] in names:
+            continue
+        close = difflib.get_close_matches(upper[len(ENV_PREFIX) :], names, 1, MISSPELLING_CUTOFF)
+        if close:
+            found.append((variable, ENV_PREFIX + close[0]))
+    return found

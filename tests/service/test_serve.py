@@ -131,6 +131,27 @@ def test_admin_port_must_differ_from_the_public_port(capsys: pytest.CaptureFixtu
     assert "the admin port is the public port" in capsys.readouterr().err
 
 
+def test_a_misspelt_setting_refuses_the_start_and_names_the_setting(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic-settings ignores unknown variables: a misspelt ADVGUARD_STATEFUL_POLICY would
+    leave the policy at its default without a word. ``advguard serve`` refuses instead."""
+    from app.cli import main
+
+    monkeypatch.setenv("ADVGUARD_STATEFUL_POLCY", "silent")
+    monkeypatch.setenv("advguard_torch_thread", "1")  # names are read case-insensitively
+    monkeypatch.setenv("ADVGUARD_PORT", "8000")  # the image's own variable: no setting, no typo
+    port = str(free_port())  # the admin port on it too: refused even if the names were not
+    assert main(["serve", "--port", port, "--admin-port", port, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advguard serve: refusing to start: ")
+    assert (
+        "ADVGUARD_STATEFUL_POLCY is not a setting (did you mean ADVGUARD_STATEFUL_POLICY?)" in err
+    )
+    assert "advguard_torch_thread is not a setting (did you mean ADVGUARD_TORCH_THREADS?)" in err
+    assert "ADVGUARD_PORT" not in err
+
+
 def test_a_refused_start_exits_non_zero(tmp_path: Path) -> None:
     """A setting the lifespan refuses (here a neighbour source that does not exist) ends the
     process with uvicorn's startup-failure code and says why."""
