@@ -27,9 +27,15 @@ import torchvision
 import app
 from app.core import search
 from app.core.bundle import write_manifest
-from app.core.calibration import DEFAULT_RETENTION, Calibration, calibrate, retention_key
+from app.core.calibration import (
+    DEFAULT_RETENTION,
+    RETENTIONS,
+    Calibration,
+    calibrate,
+    retention_key,
+)
 from app.core.detector import Combination, Detector
-from app.core.errors import SourceError
+from app.core.errors import ConfigError, SourceError
 from app.core.features import FeatureNetwork, pick_device
 from app.core.guard import make_statistics
 from app.core.manifest import (
@@ -326,6 +332,7 @@ def build_bundle(
 ) -> BuildReport:
     """extract -> fit -> index -> calibrate -> write, each a named stage below."""
     started = time.perf_counter()
+    check_config(config)
     plan = plan_build(config)
     extracted = extract_stage(config, plan, progress, on_chunk_written, extractor or _extract)
     fitted = {name: fit_layer(config, plan, extracted, name) for name in plan.network.layers}
@@ -334,6 +341,59 @@ def build_bundle(
     if not config.keep_work_dir:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
     return BuildReport(config.out, manifest, extracted.reports, time.perf_counter() - started)
+
+
+# What the builder itself puts in its work directory: one chunk store per image source.
+WORK_ENTRIES = frozenset({"source", "calibration"})
+
+
+def check_config(config: BuildConfig) -> None:
+    """Refuse, before any image is read, the options the build would otherwise trip on only
+    after the extraction (values out of range), and the paths it would destroy: the write
+    replaces ``out`` and the work directory is deleted at the end, so neither may hold anything
+    but a bundle and the builder's own chunks."""
+    counts = {
+        "--k": config.k,
+        "--pca-dims": config.pca_dims,
+        "--class-k": config.class_k,
+        "--batch-size": config.batch_size,
+        "--chunk-size": config.chunk_size,
+        "--nlist": config.nlist,
+        "--nprobe": config.nprobe,
+    }
+    problems = [
+        f"{name} must be at least 1 (got {value})" for name, value in counts.items() if value < 1
+    ]
+    if config.num_workers < 0:
+        problems.append(f"--workers must be at least 0 (got {config.num_workers})")
+    if config.calibration_source is None and not 0.0 < config.holdout_fraction < 1.0:
+        problems.append(
+            f"--holdout-fraction must be between 0 and 1 (got {config.holdout_fraction})"
+        )
+    offered = sorted(retention_key(r) for r in RETENTIONS)
+    if retention_key(config.retention) not in offered:
+        problems.append(f"--retention must be one of {', '.join(offered)} (got {config.retention})")
+    out = config.out
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} exists and is not a directory")
+    elif out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        problems.append(
+            f"--out {out} holds files and is not a bundle: the build would replace it; choose a "
+            "new or empty directory, or a bundle to rebuild"
+        )
+    work_dir = config.work_dir or out.with_name(out.name + ".work")
+    if work_dir.exists() and not work_dir.is_dir():
+        problems.append(f"work directory {work_dir} exists and is not a directory")
+    elif work_dir.is_dir():
+        foreign = sorted(p.name for p in work_dir.iterdir() if p.name not in WORK_ENTRIES)
+        if foreign:
+            problems.append(
+                f"work directory {work_dir} holds files the build did not write "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): the build "
+                "deletes its work directory when done; pass a new or empty --work-dir"
+            )
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def resolve_detector(

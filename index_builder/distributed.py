@@ -35,7 +35,13 @@ import torch.distributed as dist
 from app.core.errors import SourceError
 from app.core.features import FeatureNetwork
 from app.core.models import PRESETS, describe_architecture, load_model
-from index_builder.build import BuildConfig, BuildReport, build_bundle, resolve_detector
+from index_builder.build import (
+    BuildConfig,
+    BuildReport,
+    build_bundle,
+    check_config,
+    resolve_detector,
+)
 from index_builder.extract import (
     ChunkStore,
     ExtractionReport,
@@ -269,6 +275,7 @@ def build_bundle_distributed(
     config: BuildConfig, progress: bool = True, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> BuildReport | None:
     """The builder on every rank of a torchrun world; rank 0 returns the report, others None."""
+    check_config(config)  # on every rank, before the world forms: each refuses on its own
     ctx = init(config, timeout_s)
     config = replace(config, device=ctx.device)
     try:

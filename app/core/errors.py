@@ -13,5 +13,10 @@ class BundleError(AdvguardError):
     """A bundle that is incomplete, tampered with, or does not match its model."""
 
 
+class ConfigError(AdvguardError):
+    """Options that cannot work (a value out of range), or a path the job would overwrite or
+    delete though it holds someone else's files."""
+
+
 class SourceError(AdvguardError):
     """An image source that cannot be read at all (individual bad images are skipped instead)."""

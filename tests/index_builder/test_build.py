@@ -1,6 +1,7 @@
 """Bundle round trips through the real builder, on tiny real image folders."""
 
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from app.core.bundle import read_manifest
-from app.core.errors import BundleError, SourceError
+from app.core.errors import BundleError, ConfigError, SourceError
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import build_model
@@ -274,3 +275,56 @@ def test_python_m_index_builder_cli(make_image_folder, cifar_weights, tmp_path, 
         ]
     )
     assert bad == 2 and "unknown architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"retention": 1.5}, "--retention must be one of 0.90, 0.95, 0.98, 0.99 (got 1.5)"),
+        ({"k": 0}, "--k must be at least 1 (got 0)"),
+        ({"pca_dims": 0}, "--pca-dims must be at least 1 (got 0)"),
+        ({"batch_size": 0}, "--batch-size must be at least 1 (got 0)"),
+        ({"holdout_fraction": 1.0}, "--holdout-fraction must be between 0 and 1 (got 1.0)"),
+        ({"num_workers": -1}, "--workers must be at least 0 (got -1)"),
+    ],
+)
+def test_options_out_of_range_are_refused_before_any_image_is_read(tmp_path, overrides, message):
+    """A source that does not exist: the option is refused first (it used to surface after the
+    extraction: a wasted ILSVRC pass, or a bundle with 0-d features for --pca-dims 0)."""
+    config = cifar_config(tmp_path / "nowhere", tmp_path / "none.th", tmp_path / "b", **overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_bundle(config, progress=False)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.work").exists()
+
+
+def test_an_out_or_work_directory_holding_other_files_is_refused_and_left_alone(
+    make_image_folder, cifar_weights, tmp_path, capsys
+):
+    """The write replaces --out and the work directory is deleted when the build is done: a
+    directory holding anything else is refused, and keeps its files. A bundle is rebuilt."""
+    folder = make_image_folder(classes=3, per_class=8)
+    weights = cifar_weights(3)
+    precious = tmp_path / "results"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "notes.txt").write_text("mine")
+    argv = ["--source", str(folder), "--arch", "resnet20", "--weights", str(weights)]
+    argv += ["--k", "10", "--workers", "0", "--quiet", "--detector", "paper"]
+    assert builder_main([*argv, "--out", str(precious)]) == 2
+    assert "holds files and is not a bundle" in capsys.readouterr().err
+    assert (precious / "notes.txt").read_text() == "mine" and (precious / "sub").is_dir()
+    work = tmp_path / "scratch"
+    work.mkdir()
+    (work / "keep.npy").write_bytes(b"x")
+    assert builder_main([*argv, "--out", str(tmp_path / "b"), "--work-dir", str(work)]) == 2
+    assert "holds files the build did not write (keep.npy)" in capsys.readouterr().err
+    assert (work / "keep.npy").read_bytes() == b"x" and not (tmp_path / "b").exists()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine")
+    assert builder_main([*argv, "--out", str(a_file)]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+    # an empty directory, then the bundle built in it, are fine to (re)build into
+    (tmp_path / "empty").mkdir()
+    assert builder_main([*argv, "--out", str(tmp_path / "empty")]) == 0
+    assert builder_main([*argv, "--out", str(tmp_path / "empty")]) == 0
+    assert read_manifest(tmp_path / "empty").counts.indexed > 0
