@@ -28,11 +28,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user's input can make any command raise: a bad bundle, model, source or option (the
+# core's AdvguardError), or a path that is missing or of the wrong kind. Said in one line, exit 2,
+# as argparse does for a bad argument; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from app.core.errors import AdvguardError
+
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(words)
     args.argv = words  # what was asked, for the commands that record their command line
-    result: int = args.run(args)
+    said: tuple[type[Exception], ...] = (AdvguardError, *USER_ERRORS)
+    try:
+        result: int = args.run(args)
+    except said as exc:
+        print(f"advguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return result
 
 

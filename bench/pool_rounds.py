@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,17 +64,39 @@ def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, PairedRatio]:
     return {key: paired_ratio(top, bottom) for key, (top, bottom) in together.items()}
 
 
+class ResultsError(ValueError):
+    """A results argument that cannot be read as a benchmark's results: says which and why."""
+
+
 def read_results(source: str) -> dict[str, Any]:
     """A results file, or ``REV:PATH`` read with ``git show`` from the repository."""
     path = Path(source)
     if not path.is_file() and ":" in source:
-        text = subprocess.run(
-            ["git", "show", source], cwd=REPO, check=True, capture_output=True, text=True
-        ).stdout
+        shown = subprocess.run(["git", "show", source], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode != 0:
+            raise ResultsError(f"{source}: {shown.stderr.strip() or 'git show failed'}")
+        text = shown.stdout
+    elif not path.is_file():
+        raise ResultsError(f"{source}: no such file (or REV:PATH)")
     else:
         text = path.read_text()
-    loaded: dict[str, Any] = json.loads(text)
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ResultsError(f"{source}: not a results file (not JSON: {exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ResultsError(f"{source}: not a results file (a JSON {type(loaded).__name__})")
     return loaded
+
+
+def readable_run(source: str) -> dict[str, Any]:
+    """``read_results``, and refused unless it holds interleaved rounds to pool."""
+    run = read_results(source)
+    try:
+        rounds_of(run)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ResultsError(f"{source}: no interleaved rounds to pool ({exc})") from exc
+    return run
 
 
 def report(
@@ -109,7 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.target is not None and not args.target > 0.0:  # NaN too
         parser.error("--target must be a positive ratio, e.g. 0.9")
-    print(report(args.results, pooled([read_results(s) for s in args.results]), args.target))
+    try:
+        runs = [readable_run(source) for source in args.results]
+    except ResultsError as exc:
+        print(f"pool_rounds: error: {exc}", file=sys.stderr)
+        return 2
+    print(report(args.results, pooled(runs), args.target))
     return 0
 
 

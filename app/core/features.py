@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from app.core.errors import ModelLoadError
+from app.core.errors import ConfigError, ModelLoadError
 from app.core.models import PreprocessingPreset
 
 # Arithmetic of the model's forward pass: "fp32", or autocast to bfloat16 / float16 (matmuls and
@@ -192,10 +192,22 @@ class BatchFeatures:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """``cuda`` when available unless told otherwise."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``cuda`` when available unless told otherwise. A device that is not a torch device, or a
+    CUDA device on a machine without one, is refused here in one line (torch would fail later,
+    at the first tensor moved, with a driver traceback)."""
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"device {requested!r} is not a torch device (cpu, cuda, cuda:N)"
+        ) from exc
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0 or (device.index or 0) >= available:
+            raise ConfigError(f"device {requested!r}: this machine has {available} CUDA devices")
+    return device
 
 
 def infer_batch(network: FeatureNetwork, pixels: torch.Tensor) -> BatchFeatures:

@@ -80,6 +80,7 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
 
     from app.core.bundle import read_manifest, verify_files
     from app.core.errors import AdvguardError
+    from app.core.features import pick_device
     from app.service.main import create_app
     from app.service.settings import Settings, misspelt_settings
 
@@ -92,6 +93,9 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
         )
     try:
         settings = Settings(**_settings_overrides(args))
+        pick_device(
+            settings.device
+        )  # a device this machine lacks: refused here, not in a traceback
         verify_files(settings.bundle, read_manifest(settings.bundle))
         app = create_app(settings)  # refuses empty API keys or bad proxy networks
     except (AdvguardError, ValidationError, ValueError) as exc:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import REPO, paired_ratio
-from bench.pool_rounds import main, pooled, read_results, rounds_of
+from bench.pool_rounds import ResultsError, main, pooled, read_results, rounds_of
 
 
 def _stateful_cost(on: list[float], off: list[float]) -> dict:
@@ -54,5 +54,27 @@ def test_the_command_reads_files_and_committed_revisions(
     ).stdout
     assert read_results(committed) == json.loads(shown)
     assert "a / b, 2 torch threads" in rounds_of(read_results(committed))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ResultsError, match=r"missing\.json: no such file"):
         read_results(str(tmp_path / "missing.json"))
+
+
+def test_unreadable_results_are_refused_in_one_line_naming_the_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = tmp_path / "run.json"
+    good.write_text(json.dumps(_stateful_cost([90.0], [100.0])))
+    cases = {
+        "not-json.json": ("x", "not a results file (not JSON"),
+        "a-list.json": ("[1]", "not a results file (a JSON list)"),
+        "no-rounds.json": ("{}", "no interleaved rounds to pool"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert main([str(good), str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pool_rounds: error: {tmp_path / name}: {message}"), err
+        assert err.count("\n") == 1
+    assert main(["0000000:bench/results/stateful_cost.json"]) == 2
+    assert "0000000:bench/results/stateful_cost.json: fatal:" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere.json")]) == 2
+    assert "nowhere.json: no such file (or REV:PATH)" in capsys.readouterr().err

@@ -166,3 +166,15 @@ def test_a_refused_start_exits_non_zero(tmp_path: Path) -> None:
     )
     assert done.returncode == 3, done.stderr
     assert "neighbour source not found" in done.stderr
+
+
+def test_a_device_this_machine_lacks_is_refused_before_uvicorn_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It used to load in the lifespan: a 60-line driver traceback through uvicorn, exit 3."""
+    from app.cli import main
+
+    port = str(free_port())  # the admin port on it too: refused even if the device were not
+    assert main(["serve", "--port", port, "--admin-port", port, "--device", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advguard serve: refusing to start: device 'bogus'"), err

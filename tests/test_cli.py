@@ -1,0 +1,54 @@
+"""``advguard``: a user's mistake is said in one line with exit 2, in every subcommand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.cli import main
+from app.core.errors import ConfigError
+from app.core.features import pick_device
+
+
+def test_a_device_this_machine_lacks_or_torch_does_not_know_is_refused() -> None:
+    beyond = f"cuda:{torch.cuda.device_count()}"  # one past the last CUDA device, on any machine
+    with pytest.raises(ConfigError, match=f"device '{beyond}': this machine has"):
+        pick_device(beyond)
+    with pytest.raises(ConfigError, match="'bogus' is not a torch device"):
+        pick_device("bogus")
+    assert pick_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["evaluate", "--bundle", "{tmp}/nowhere", "--out", "{tmp}/out"], "is not a bundle"),
+        (["simulate", "--bundle", "{tmp}/nowhere", "--out", "{tmp}/out"], "is not a bundle"),
+        (["classify", "--device", "bogus", "{tmp}/x.jpg"], "'bogus' is not a torch device"),
+        (
+            ["evaluate", "--arch", "resnet20", "--weights", "{tmp}/none.th", "--out", "{tmp}/o"],
+            "none.th",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    """These ended in tracebacks (evaluate's and simulate's bundle and file errors, classify's
+    device): now ``advguard <command>: error: ...``, as argparse says a bad argument."""
+    code = main([word.format(tmp=tmp_path) for word in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"advguard {argv[0]}: error: ") and message in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_classify_refuses_a_batch_size_below_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """--batch-size 0 raised from range(); -1 printed nothing and exited 0."""
+    for size in ("0", "-1"):
+        with pytest.raises(SystemExit) as exited:
+            main(["classify", "--batch-size", size, "x.jpg"])
+        assert exited.value.code == 2
+        assert f"--batch-size: expected a positive integer, got '{size}'" in capsys.readouterr().err
