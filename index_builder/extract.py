@@ -209,9 +209,12 @@ def check_fingerprint(root: Path, fingerprint: dict[str, object]) -> None:
     if path.is_file():
         stored = json.loads(path.read_text())
         if stored != fingerprint:
+            differ = sorted(
+                k for k in stored.keys() | fingerprint.keys() if stored.get(k) != fingerprint.get(k)
+            )
             raise SourceError(
-                f"work directory {root} holds chunks of a different build "
-                f"(stored {stored}, now {fingerprint}); delete it or pass another --work-dir"
+                f"work directory {root} holds chunks of a different build ({', '.join(differ)} "
+                f"differ: see {path}); delete it or pass another --work-dir"
             )
     else:
         path.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))

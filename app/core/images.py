@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.core.errors import AdvguardError
 
@@ -67,6 +67,8 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image exceeds the pixel limit: {exc}") from exc
+    except UnidentifiedImageError as exc:  # its message names an in-memory buffer, not a file
+        raise ImageDecodeError("cannot decode image: not an image format Pillow reads") from exc
     except Exception as exc:  # Pillow raises many types for bad data: all mean "not an image"
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return upright if upright is not None else image

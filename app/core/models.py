@@ -112,6 +112,12 @@ def build_model(arch: str, num_classes: int) -> nn.Module:
     return model
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    """The first line of ``text``, cut at ``limit`` characters: enough to say what is wrong."""
+    line = text.strip().splitlines()[0] if text.strip() else "no reason given"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def load_model(arch: str, weights_path: Path, num_classes: int) -> nn.Module:
     """Build ``arch`` and load ``weights_path`` strictly; raise ``ModelLoadError`` on any misfit."""
     info = describe_architecture(arch)
@@ -120,13 +126,16 @@ def load_model(arch: str, weights_path: Path, num_classes: int) -> nn.Module:
     try:
         loaded = torch.load(weights_path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and format errors all mean "not a weights file"
-        raise ModelLoadError(f"cannot read weights file {weights_path}: {exc}") from exc
+        reason = _first_line(f"{type(exc).__name__}: {exc}")
+        raise ModelLoadError(
+            f"cannot read weights file {weights_path}: not a PyTorch state dict ({reason})"
+        ) from exc
     state = _extract_state_dict(loaded)
     model = build_model(info.arch, num_classes)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first_lines = "\n".join(str(exc).splitlines()[:4])
+    except RuntimeError as exc:  # its key lists can run to kilobytes: each line is cut short
+        first_lines = "\n".join(_first_line(line) for line in str(exc).splitlines()[:4])
         raise ModelLoadError(
             f"weights in {weights_path.name} do not fit {arch} with {num_classes} classes:\n"
             f"{first_lines}"

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -77,6 +78,7 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     refuses it there too), bad settings, a misspelt setting's name, or the admin port on the
     public port."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from app.core.bundle import read_manifest, verify_files
     from app.core.errors import AdvguardError
@@ -93,11 +95,17 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
         )
     try:
         settings = Settings(**_settings_overrides(args))
-        pick_device(
-            settings.device
-        )  # a device this machine lacks: refused here, not in a traceback
+        pick_device(settings.device)  # a device it lacks: refused here, not in a traceback
         verify_files(settings.bundle, read_manifest(settings.bundle))
         app = create_app(settings)  # refuses empty API keys or bad proxy networks
+    except SettingsError as exc:  # pydantic-settings names the field, not the variable
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = f"ADVGUARD_{field.group(1).upper()}" if field else "a setting"
+        raise _RefusedError(
+            f"{name} cannot be parsed: lists and mappings are JSON, e.g. "
+            """ADVGUARD_API_KEYS='{"alice": "her-key"}' or """
+            """ADVGUARD_TRUSTED_PROXIES='["10.0.0.0/8"]'"""
+        ) from exc
     except (AdvguardError, ValidationError, ValueError) as exc:
         raise _RefusedError(str(exc)) from exc
     if settings.admin_port == args.port:

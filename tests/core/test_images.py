@@ -168,3 +168,11 @@ def test_image_to_pixels_is_torchvisions_chain_bit_for_bit(
     assert pixels.shape == expected.shape == (3, chosen.crop, chosen.crop)
     assert np.array_equal(pixels.numpy().view(np.uint32), expected.numpy().view(np.uint32))
     pixels.mul_(2.0)  # the tensor is the caller's: writable, sharing nothing
+
+
+def test_bytes_of_no_image_format_say_so_without_naming_a_buffer() -> None:
+    """Pillow's own message names the in-memory buffer (``<_io.BytesIO object at 0x...>``),
+    which the service would hand to its client."""
+    with pytest.raises(ImageDecodeError) as raised:
+        decode_image(b"this is a text file, not a JPEG")
+    assert str(raised.value) == "cannot decode image: not an image format Pillow reads"

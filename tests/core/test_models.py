@@ -25,8 +25,21 @@ def test_weights_that_do_not_fit(tmp_path: Path, cifar_weights):
     with pytest.raises(ModelLoadError, match="do not fit resnet20 with 7 classes"):
         load_model("resnet20", cifar_weights(10), 7)
     (tmp_path / "junk.th").write_bytes(b"garbage")
-    with pytest.raises(ModelLoadError, match="cannot read"):
+    with pytest.raises(ModelLoadError, match="cannot read") as junk:
         load_model("resnet20", tmp_path / "junk.th", 10)
+    assert "not a PyTorch state dict (" in str(junk.value) and "\n" not in str(junk.value)
+    (tmp_path / "empty.th").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"empty\.th: not a PyTorch state dict \(\w+"):
+        load_model("resnet20", tmp_path / "empty.th", 10)
+
+
+def test_a_misfit_is_said_in_a_few_short_lines(cifar_weights) -> None:
+    """resnet20's weights under resnet56: torch lists every unexpected key on one line, kilobytes
+    of them; the error keeps four lines of at most 200 characters."""
+    with pytest.raises(ModelLoadError, match="do not fit resnet56") as misfit:
+        load_model("resnet56", cifar_weights(10), 10)
+    lines = str(misfit.value).splitlines()
+    assert 2 <= len(lines) <= 5 and max(len(line) for line in lines[1:]) <= 200
 
 
 def test_shared_cifar_checkpoint_loads_with_module_prefix():

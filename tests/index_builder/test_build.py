@@ -185,7 +185,9 @@ def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights
         progress=False,
     )
     other = make_image_folder(classes=3, per_class=9, name="other")
-    with pytest.raises(SourceError, match="different build"):
+    with pytest.raises(
+        SourceError, match=r"different build \(entries, entries_sha256, source differ"
+    ):
         build_bundle(
             cifar_config(other, cifar_weights(3), tmp_path / "c", work_dir=work), progress=False
         )

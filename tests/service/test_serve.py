@@ -178,3 +178,17 @@ def test_a_device_this_machine_lacks_is_refused_before_uvicorn_starts(
     assert main(["serve", "--port", port, "--admin-port", port, "--device", "bogus"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("advguard serve: refusing to start: device 'bogus'"), err
+
+
+def test_a_setting_that_is_not_json_is_named(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic-settings names the field ("api_keys") and its source, not the variable."""
+    from app.cli import main
+
+    monkeypatch.setenv("ADVGUARD_API_KEYS", "not json")
+    port = str(free_port())  # the admin port on it too: refused even if the value were not
+    assert main(["serve", "--port", port, "--admin-port", port, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advguard serve: refusing to start: ADVGUARD_API_KEYS cannot be parsed")
+    assert "lists and mappings are JSON" in err
