@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app.core.errors import ConfigError
 from app.core.features import FeatureNetwork, image_to_pixels, infer_batch, pick_device
 from app.core.images import decode_image
 from app.core.models import PRESETS, describe_architecture, load_model
@@ -72,7 +73,11 @@ def measure(
 ) -> dict[str, Any]:
     """Bare forward, decode alone, the builder's extraction, bare forward again (see the module
     docstring); ``device`` for the model (default: cuda when available), ``keep_bundle`` keeps
-    the built bundle there (else it is deleted), ``build_options`` go to ``BuildConfig``."""
+    the built bundle there (else it is deleted), ``build_options`` go to ``BuildConfig``. A
+    ``keep_bundle`` that holds anything but a bundle is refused first: it would be replaced."""
+    kept = keep_bundle
+    if kept is not None and kept.exists() and not (kept / "manifest.json").is_file():
+        raise ConfigError(f"--keep-bundle {kept} exists and is not a bundle")
     info = describe_architecture(arch)
     classes = len(open_source(source, split).listing(per_class_limit=1).classes)
     model = load_model(arch, weights, classes)

@@ -141,19 +141,43 @@ def _entry(
     }
 
 
+def previous_examples(out: Path) -> list[Path]:
+    """The images the last run wrote into ``out``, as its ``examples.json`` lists them: the only
+    files this command deletes, so a folder holding anyone else's PNGs keeps them."""
+    listing = out / "examples.json"
+    if not listing.is_file():
+        return []
+    try:
+        names = [str(example["file"]) for example in json.loads(listing.read_text())["examples"]]
+    except (ValueError, KeyError, TypeError):  # not this command's listing: delete nothing
+        return []
+    return [out / Path(name).name for name in names if name.endswith(".png")]
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a count (0, 1, 2, ...), got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--authentic", type=int, default=3)
-    parser.add_argument("--per-attack", type=int, default=2)
-    parser.add_argument("--candidates", type=int, default=100, help="test images walked at most")
+    parser.add_argument("--authentic", type=_count, default=3)
+    parser.add_argument("--per-attack", type=_count, default=2)
+    parser.add_argument("--candidates", type=_count, default=100, help="test images walked at most")
     args = parser.parse_args(argv)
+    if args.candidates < 1:
+        parser.error("--candidates: at least 1")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
     selected = select(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    for old in args.out.glob("*.png"):
-        old.unlink()
+    for old in previous_examples(args.out):
+        old.unlink(missing_ok=True)
     examples = selected["examples"]
     assert isinstance(examples, list)
     for example in examples:

@@ -67,6 +67,7 @@ from evaluation.query_attacks import (
     run_attack,
     service_pixels,
 )
+from evaluation.simulate_cli import is_loopback
 from evaluation.stateful_eval import EVALUATION_SECRET, SequenceOutcome, succeeds_despite
 
 
@@ -176,7 +177,11 @@ OracleFor = Callable[[AttackName, int], ClosableOracle]  # (attack, row) -> a fr
 
 def http_oracles(url: str, store: redis.Redis) -> OracleFor:
     """A running service, its Redis flushed before each image (a fresh fingerprint store, as
-    the replay's), one client id per image."""
+    the replay's), one client id per image. Both loopback only: the Redis is wiped."""
+    where = store.connection_pool.connection_kwargs
+    local = "path" in where or is_loopback(f"redis://{where.get('host', '')}")  # a unix socket
+    if not is_loopback(url) or not local:
+        raise ValueError(f"refusing {url} with Redis at {where.get('host')!r}: loopback only")
 
     def start(attack: AttackName, row: int) -> ClosableOracle:
         store.flushdb()
@@ -337,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.url and not args.redis_url:
         parser.error("--url needs --redis-url (its Redis is flushed before each image)")
+    for option, url in (("--url", args.url), ("--redis-url", args.redis_url)):
+        if url and not is_loopback(url):  # before anything is loaded, let alone flushed
+            parser.error(f"{option} {url} is not a loopback address (--redis-url is flushed)")
+    if args.images < 1:
+        parser.error("--images: at least 1")
     if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
         parser.error("--sybil-ids: a positive count, with --in-process")
     guard = Guard.load(args.bundle, device="cpu")

@@ -940,7 +940,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Bundle and images -> the in-process runs (recorded) -> their summaries -> with ``--url``,
     the HTTP check -> results.json and table.md (runs of other attacks or settings kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    counts = {"--images": args.images, "--threads": args.threads, "--http-images": args.http_images}
+    counts |= {f"--cap-{attack}": cap for attack, cap in caps_of(args).items()}
+    low = [
+        f"{option} must be at least 1 (got {value})"
+        for option, value in counts.items()
+        if value < 1
+    ]
+    if low:  # before anything runs: a cap of 0 used to overwrite the recorded runs with empty ones
+        parser.error("; ".join(low))
+    if args.url and not is_loopback(args.url):
+        parser.error(f"--url {args.url} is not a loopback address")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 

@@ -18,7 +18,15 @@ def committed() -> dict:
 
 
 def test_the_command_regenerates_the_committed_files(committed, tmp_path: Path):
+    """Into a folder that already holds a stale example of its own (listed by the last run's
+    examples.json) and someone else's PNG: the stale one goes, the other stays."""
+    (tmp_path / "mine.png").write_bytes(b"someone else's picture")
+    (tmp_path / "pgd-cat-9999.png").write_bytes(b"stale")
+    stale = {"examples": [{"file": "pgd-cat-9999.png"}, {"file": "../outside.png"}]}
+    (tmp_path / "examples.json").write_text(json.dumps(stale))
     assert main(["--out", str(tmp_path), "--source", str(CIFAR_TAR), "--candidates", "20"]) == 0
+    assert (tmp_path / "mine.png").read_bytes() == b"someone else's picture"
+    assert not (tmp_path / "pgd-cat-9999.png").exists()
     made = json.loads((tmp_path / "examples.json").read_text())
     assert made["examples"] == committed["examples"]
     assert made["examined"] == committed["examined"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 from app.core.guard import Guard
@@ -14,6 +15,8 @@ from app.core.stateful import DEFAULT_RULE
 from evaluation.policy_check import (
     ImageCheck,
     ScreenedOracle,
+    http_oracles,
+    main,
     oracle_label,
     replay_predictions,
     result_key,
@@ -24,6 +27,7 @@ from evaluation.policy_check import (
 from evaluation.query_attacks import DECISIONS, Answer, AttackRecord, GuardOracle, HttpOracle
 from evaluation.stateful_eval import EVALUATION_SECRET
 from tests.conftest import DEMO_BUNDLE
+from tests.service.helpers import RedisProcess, free_port
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "app" / "service" / "static" / "examples"
 
@@ -200,3 +204,32 @@ def test_screened_oracle_gives_what_the_service_gives_over_http(
     oracle.close()
     assert labels(over_http) == labels(in_process)
     assert over_http[-1].decision == "refused"
+
+
+def test_a_service_or_redis_off_loopback_is_refused_before_anything_is_flushed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--redis-url is flushed before each image: it was flushed before --url was checked, and
+    was never checked itself."""
+    server = RedisProcess(free_port(), tmp_path)
+    server.start()
+    try:
+        _refused_before_the_flush(server.url, capsys)
+    finally:
+        server.kill()
+
+
+def _refused_before_the_flush(local_redis: str, capsys: pytest.CaptureFixture[str]) -> None:
+    store = redis.Redis.from_url(local_redis)
+    store.set("someone-else", "theirs")
+    for url, redis_url in (
+        ("http://10.1.2.3:8000", local_redis),
+        ("http://127.0.0.1:8000", "redis://10.1.2.3:6379/0"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["--url", url, "--redis-url", redis_url, "--policy", "refuse"])
+        assert exited.value.code == 2
+        assert "is not a loopback address" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="loopback only"):
+        http_oracles("http://10.1.2.3:8000", store)
+    assert store.get("someone-else") == b"theirs"

@@ -475,3 +475,26 @@ def test_stateful_eval_end_to_end(
     assert summary["cost"]["fingerprint_ms"] > 0 and summary["cost"]["bytes_per_fingerprint"] > 0
     assert summary["command"].startswith("python -m evaluation.stateful_eval")
     assert scheme in (out / "stateful.md").read_text()
+
+
+def test_counts_below_one_and_a_remote_url_are_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cap of 0 used to replace the recorded runs in --cache with empty ones, then crash."""
+    from evaluation.query_attacks import main
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "square-guard_off.npz").write_bytes(b"recorded")
+    base = ["--cache", str(cache), "--out", str(tmp_path / "out")]
+    for extra, message in (
+        (["--cap-square", "0"], "--cap-square must be at least 1 (got 0)"),
+        (["--images", "-1"], "--images must be at least 1 (got -1)"),
+        (["--url", "http://192.168.0.1:8000"], "is not a loopback address"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main([*base, *extra])
+        assert exited.value.code == 2
+        assert message in capsys.readouterr().err
+    assert (cache / "square-guard_off.npz").read_bytes() == b"recorded"
+    assert not (tmp_path / "out").exists()
