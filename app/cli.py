@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 _SUBCOMMAND_MODULES: tuple[str, ...] = (
     "index_builder.cli",
@@ -39,18 +40,25 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def said_in_one_line(run: Callable[[], int], prog: str) -> int:
+    """``run()``, or, for a user's error (``USER_ERRORS`` and the core's ``AdvguardError``), one
+    line ``<prog>: error: ...`` on stderr and exit 2. Every entry point goes through it: the
+    ``advguard`` subcommands and each ``python -m`` tool."""
     from app.core.errors import AdvguardError
 
+    said: tuple[type[Exception], ...] = (AdvguardError, *USER_ERRORS)
+    try:
+        return run()
+    except said as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(words)
     args.argv = words  # what was asked, for the commands that record their command line
-    said: tuple[type[Exception], ...] = (AdvguardError, *USER_ERRORS)
-    try:
-        result: int = args.run(args)
-    except said as exc:
-        print(f"advguard {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    result: int = said_in_one_line(lambda: args.run(args), f"advguard {args.command}")
     return result
 
 

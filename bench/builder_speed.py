@@ -174,4 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from app.cli import said_in_one_line
+
+    raise SystemExit(said_in_one_line(main, "python -m bench.builder_speed"))

@@ -1005,4 +1005,6 @@ NOTES = [
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from app.cli import said_in_one_line
+
+    raise SystemExit(said_in_one_line(main, "python -m evaluation.query_attacks"))

@@ -52,3 +52,39 @@ def test_classify_refuses_a_batch_size_below_one(capsys: pytest.CaptureFixture[s
             main(["classify", "--batch-size", size, "x.jpg"])
         assert exited.value.code == 2
         assert f"--batch-size: expected a positive integer, got '{size}'" in capsys.readouterr().err
+
+
+def test_said_in_one_line_keeps_the_traceback_of_anything_but_a_users_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from app.cli import said_in_one_line
+
+    def missing() -> int:
+        raise FileNotFoundError("no such file: x.npz")
+
+    def bug() -> int:
+        raise RuntimeError("a bug")
+
+    assert said_in_one_line(missing, "python -m tool") == 2
+    assert capsys.readouterr().err == "python -m tool: error: no such file: x.npz\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        said_in_one_line(bug, "python -m tool")
+    assert said_in_one_line(lambda: 0, "python -m tool") == 0
+
+
+def test_python_m_tools_say_a_users_error_in_one_line(tmp_path: Path) -> None:
+    """The ``python -m`` tools go through the same handler as ``advguard``'s subcommands."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "evaluation.demo_examples", "--bundle", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"python -m evaluation.demo_examples: error: {tmp_path / 'none'} is not a bundle: "
+        "no manifest.json\n"
+    )
