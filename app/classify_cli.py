@@ -9,18 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from app.cli import at_least
+
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "bundles" / "cifar10-resnet20"
-
-
-def _positive(text: str) -> int:
-    """argparse type: an integer of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _classify(args: argparse.Namespace) -> int:
@@ -59,6 +50,6 @@ def register(commands: Any) -> None:
     classify.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     classify.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     classify.add_argument("--retention", type=float, help="use another calibrated threshold")
-    classify.add_argument("--batch-size", type=_positive, default=256)
+    classify.add_argument("--batch-size", type=at_least(1), default=256)
     classify.add_argument("files", type=Path, nargs="+")
     classify.set_defaults(run=_classify)

@@ -40,6 +40,23 @@ USER_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer of at least ``minimum`` (a count, a size, a number of rounds),
+    refused by argparse in one line otherwise; 0 only where it means something (torch's own
+    thread count, one client)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def said_in_one_line(run: Callable[[], int], prog: str) -> int:
     """``run()``, or, for a user's error (``USER_ERRORS`` and the core's ``AdvguardError``), one
     line ``<prog>: error: ...`` on stderr and exit 2. Every entry point goes through it: the

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from app.cli import at_least
 from app.core.errors import ConfigError
 from app.core.features import FeatureNetwork, image_to_pixels, infer_batch, pick_device
 from app.core.images import decode_image
@@ -149,10 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--arch", default="resnet20")
     parser.add_argument("--weights", type=Path, default=SHARED / "models" / "resnet20-12fca82f.th")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
+    parser.add_argument("--workers", type=at_least(0), default=2)
     parser.add_argument("--forward-seconds", type=float, default=15.0)
-    parser.add_argument("--decode-images", type=int, default=10_000)
+    parser.add_argument("--decode-images", type=at_least(1), default=10_000)
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--keep-bundle", type=Path, default=None, help="keep the built bundle")
     args = parser.parse_args(argv)

@@ -35,6 +35,7 @@ from typing import Any
 
 import redis
 
+from app.cli import at_least
 from app.core.flagging import FlagPolicy
 from app.service.tracking import (
     DEFAULT_MAX_CLIENTS,
@@ -264,9 +265,11 @@ def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ids", type=int, default=100_000)
-    parser.add_argument("--sample-every", type=int, default=10_000)
-    parser.add_argument("--cap", type=int, default=20_000, help="memory-capped's max_clients")
+    parser.add_argument("--ids", type=at_least(1), default=100_000)
+    parser.add_argument("--sample-every", type=at_least(1), default=10_000)
+    parser.add_argument(
+        "--cap", type=at_least(1), default=20_000, help="memory-capped's max_clients"
+    )
     parser.add_argument("--maxmemory", default="8mb", help="redis-maxmemory's maxmemory")
     parser.add_argument("--attacker-every", type=int, default=1000)
     parser.add_argument("--attacker-requests", type=int, default=10)

@@ -30,6 +30,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from app.cli import at_least
 from app.core.features import eight_bit_to_pixels, image_to_pixels
 from app.core.images import decode_image
 from app.core.models import PRESETS, PreprocessingPreset
@@ -116,12 +117,17 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--uploads", type=int, default=48, help="distinct uploads per round")
-    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds")
-    parser.add_argument("--size", type=int, default=224, help="the uploads' side in pixels")
+    parser.add_argument(
+        "--uploads", type=at_least(1), default=48, help="distinct uploads per round"
+    )
+    parser.add_argument("--rounds", type=at_least(1), default=4, help="alternating rounds")
+    parser.add_argument("--size", type=at_least(1), default=224, help="the uploads' side in pixels")
     parser.add_argument("--preset", default="imagenet", choices=sorted(PRESETS))
     parser.add_argument(
-        "--torch-threads", type=int, default=0, help="torch's intra-op threads; 0: torch's own"
+        "--torch-threads",
+        type=at_least(0),
+        default=0,
+        help="torch's intra-op threads; 0: torch's own",
     )
     parser.add_argument("--name", default="decode_contention", help="results file name")
     args = parser.parse_args(argv)

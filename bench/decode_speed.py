@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.cli import at_least
 from app.core.features import image_to_pixels
 from app.core.images import decode_image
 from app.core.models import PRESETS
@@ -85,14 +86,14 @@ def _row(step: str, ms: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=200, help="timed calls of each variant")
+    parser.add_argument("--runs", type=at_least(1), default=200, help="timed calls of each variant")
     parser.add_argument("--image", type=Path, help="a JPEG to use instead of the synthetic one")
-    parser.add_argument("--width", type=int, default=1920)
-    parser.add_argument("--height", type=int, default=1080)
+    parser.add_argument("--width", type=at_least(1), default=1920)
+    parser.add_argument("--height", type=at_least(1), default=1080)
     parser.add_argument("--noise", type=float, default=6.0, help="std of the added noise")
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--preset", default="imagenet", choices=sorted(PRESETS))
-    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--torch-threads", type=at_least(1), default=1)
     parser.add_argument("--name", default="decode_speed", help="results file name")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)

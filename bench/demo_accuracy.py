@@ -22,6 +22,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from app.cli import at_least
 from app.core.bundle import read_manifest
 from app.core.models import load_model
 from bench.common import REPO, SHARED, write_results
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "cifar10-resnet20")
     parser.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
-    parser.add_argument("--limit", type=int, help="images per class (default: all 1,000)")
+    parser.add_argument("--limit", type=at_least(1), help="images per class (default: all 1,000)")
     args = parser.parse_args(argv)
     classes = read_manifest(args.bundle).class_names
     with tempfile.TemporaryDirectory(prefix="advguard-test-") as tmp:

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from app.cli import at_least
 from bench.common import admin_base, command_line, serve
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,12 +119,12 @@ async def run_level(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=600, help="per level, at most")
+    parser.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests", type=at_least(1), default=600, help="per level, at most")
     parser.add_argument("--seconds", type=float, default=30.0, help="per level, at most")
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--warmup", type=at_least(0), default=30)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-size", type=at_least(1), default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "service_load")
     args = parser.parse_args(argv)

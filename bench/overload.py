@@ -32,6 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from app.cli import at_least
 from bench.common import RawConnection, admin_base, multipart_request, serve, write_results
 from bench.load_service import test_jpegs
 
@@ -303,7 +304,7 @@ def budget(text: str) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queue-size", type=int, nargs="+", default=[256])
+    parser.add_argument("--queue-size", type=at_least(1), nargs="+", default=[256])
     parser.add_argument(
         "--latency-budget-ms",
         type=budget,
@@ -315,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         "--shed-delay-ms", type=float, help="ADVGUARD_SHED_DELAY_MS; default: the service's"
     )
     parser.add_argument("--name", default="overload", help="bench/results/<name>.json and .md")
-    parser.add_argument("--burst-concurrency", type=int, default=512)
+    parser.add_argument("--burst-concurrency", type=at_least(1), default=512)
     parser.add_argument("--burst-seconds", type=float, default=20.0)
-    parser.add_argument("--baseline-requests", type=int, default=100)
+    parser.add_argument("--baseline-requests", type=at_least(1), default=100)
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--client",

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.cli import at_least
 from app.core import search
 from app.core.calibration import DEFAULT_RETENTION, RETENTIONS, threshold_for_retention
 from app.core.features import FeatureNetwork, infer_batch
@@ -597,19 +598,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--n", type=int, default=ILSVRC_TRAIN_IMAGES, help="indexed rows")
-    parser.add_argument("--dim", type=int, default=256, help="lifted and PCA dimensions")
-    parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--nlist", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512])
-    parser.add_argument("--queries", type=int, default=2000, help="CIFAR-10 test images")
-    parser.add_argument("--recall-queries", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--n", type=at_least(1), default=ILSVRC_TRAIN_IMAGES, help="indexed rows")
+    parser.add_argument("--dim", type=at_least(1), default=256, help="lifted and PCA dimensions")
+    parser.add_argument("--k", type=at_least(1), default=1000)
+    parser.add_argument("--nlist", type=at_least(1), nargs="+", default=[1024, 4096])
+    parser.add_argument(
+        "--nprobe", type=at_least(1), nargs="+", default=[8, 16, 32, 64, 128, 256, 512]
+    )
+    parser.add_argument("--queries", type=at_least(1), default=2000, help="CIFAR-10 test images")
+    parser.add_argument("--recall-queries", type=at_least(1), default=500)
+    parser.add_argument("--batch", type=at_least(1), default=64)
     parser.add_argument("--noise", type=float, default=0.15, help="tile jitter / feature std")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-disagreement", type=float, default=0.005)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
-    parser.add_argument("--batches-per-round", type=int, default=2)
+    parser.add_argument("--rounds", type=at_least(1), default=5, help="interleaved timing rounds")
+    parser.add_argument("--batches-per-round", type=at_least(1), default=2)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--bundles", type=Path, default=EVALUATION_CACHE / "bundles")

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from app.cli import at_least
 from app.core import search
 from bench.common import faiss_selection_only, write_results
 
@@ -104,15 +105,15 @@ def timing_table(rows: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=1_281_167)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--n", type=at_least(1), default=1_281_167)
+    parser.add_argument("--dim", type=at_least(1), default=256)
+    parser.add_argument("--k", type=at_least(1), default=1000)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 64])
     parser.add_argument("--backend", choices=search.SEARCH_BACKENDS, default="faiss")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
-        "--compare-queries", type=int, default=0, help="check neighbours against CPU flat"
+        "--compare-queries", type=at_least(0), default=0, help="check neighbours against CPU flat"
     )
     parser.add_argument(
         "--faiss-own",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.cli import at_least
 from app.core import search
 from app.core.guard import Guard
 from app.core.statistics import KnnVote
@@ -158,9 +159,9 @@ def markdown(args: argparse.Namespace, timing: dict[str, Any], scored: dict[str,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "cifar10-resnet20")
-    parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", type=at_least(1), default=10000)
+    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 4, 8, 16, 32, 64])
+    parser.add_argument("--rounds", type=at_least(1), default=5)
     parser.add_argument("--min-seconds", type=float, default=0.5, help="per timing")
     args = parser.parse_args(argv)
     if args.images < max(args.batches):

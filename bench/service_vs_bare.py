@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.cli import at_least
 from app.core import search
 from app.core.guard import Guard
 from app.core.images import decode_image
@@ -830,27 +831,30 @@ def markdown(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--concurrency", type=at_least(1), nargs="+", default=[8, 32])
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
     parser.add_argument(
-        "--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256]
+        "--batch-sizes", type=at_least(1), nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256]
     )
     parser.add_argument(
         "--min-seconds", type=float, default=1.0, help="per batch size, and per bundle's stages"
     )
     parser.add_argument(
-        "--stage-batch", type=int, default=32, help="batch size of the detector's stage times"
+        "--stage-batch",
+        type=at_least(1),
+        default=32,
+        help="batch size of the detector's stage times",
     )
     parser.add_argument(
         "--torch-threads",
-        type=int,
+        type=at_least(0),
         nargs="+",
         default=[0, 1],
         help="intra-op torch threads, one run of (c), (a), (a'), (b) each; 0: torch's default",
     )
     parser.add_argument(
         "--search-threads",
-        type=int,
+        type=at_least(1),
         default=search.SERVING_THREADS,
         help="faiss CPU search threads, in this process (c, stages) and in every service",
     )
@@ -861,13 +865,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADVGUARD_NAME=VALUE",
         help="also interleave (a) with this setting changed (repeatable)",
     )
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--images", type=at_least(1), default=1000)
     parser.add_argument(
-        "--clients", type=int, default=1000, help="X-Client-ID values in turn (0: one client)"
+        "--clients",
+        type=at_least(0),
+        default=1000,
+        help="X-Client-ID values in turn (0: one client)",
     )
     parser.add_argument(
         "--rounds",
-        type=int,
+        type=at_least(1),
         default=6,
         help="interleaved slices per service at the highest concurrency (0: sweeps only)",
     )

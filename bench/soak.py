@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 import redis
 
+from app.cli import at_least
 from bench.common import free_port, serve, write_results
 from bench.load_service import test_jpegs
 from bench.overload import open_fds, rss_mb
@@ -170,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="images/s at saturation, measured elsewhere (bench/overload.py, load_service.py); "
         "default: measure it here first (on a shared machine a quiet moment can overestimate it)",
     )
-    parser.add_argument("--calibrate-concurrency", type=int, default=8)
+    parser.add_argument("--calibrate-concurrency", type=at_least(1), default=8)
     parser.add_argument("--calibrate-seconds", type=float, default=20.0)
-    parser.add_argument("--client-ttl-s", type=int, default=60)
+    parser.add_argument("--client-ttl-s", type=at_least(1), default=60)
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--warmup-fraction", type=float, default=0.2)
     parser.add_argument(

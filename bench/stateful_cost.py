@@ -30,6 +30,7 @@ import redis
 import torch
 from PIL import Image
 
+from app.cli import at_least
 from app.core.features import image_to_pixels
 from app.core.guard import Guard
 from app.core.images import decode_image
@@ -388,20 +389,28 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=20_000, help="store benchmark queries")
-    parser.add_argument("--cap", type=int, default=10_000, help="the stores' global cap")
-    parser.add_argument("--per-client", type=int, default=256)
-    parser.add_argument("--images", type=int, default=5000, help="distinct service uploads")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=6, help="load slices per variant")
+    parser.add_argument(
+        "--queries", type=at_least(1), default=20_000, help="store benchmark queries"
+    )
+    parser.add_argument("--cap", type=at_least(1), default=10_000, help="the stores' global cap")
+    parser.add_argument("--per-client", type=at_least(1), default=256)
+    parser.add_argument("--images", type=at_least(1), default=5000, help="distinct service uploads")
+    parser.add_argument("--concurrency", type=at_least(1), default=32)
+    parser.add_argument("--rounds", type=at_least(1), default=6, help="load slices per variant")
     parser.add_argument("--slice", type=float, default=5.0, help="seconds per load slice")
     parser.add_argument(
-        "--clients", type=int, default=1000, help="X-Client-ID values in turn; 0: one client"
+        "--clients",
+        type=at_least(0),
+        default=1000,
+        help="X-Client-ID values in turn; 0: one client",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-service", action="store_true", help="skip the throughput runs")
     parser.add_argument(
-        "--torch-threads", type=int, default=0, help="the services' torch threads; 0: torch's"
+        "--torch-threads",
+        type=at_least(0),
+        default=0,
+        help="the services' torch threads; 0: torch's",
     )
     parser.add_argument("--no-redis-service", action="store_true")
     parser.add_argument("--out", default="stateful_cost")

@@ -20,6 +20,7 @@ import argparse
 import os
 from typing import Any
 
+from app.cli import at_least
 from bench.common import ratio_by_round, ratio_cell, write_results
 from bench.load_service import test_jpegs
 from bench.service_vs_bare import Interleaving, interleaved, requests_of
@@ -87,11 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--intervals", nargs="+", default=[DEFAULT, "1", "0.2"], help="ms, or 'default'"
     )
-    parser.add_argument("--images", type=int, default=5000, help="distinct uploads")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=8, help="load slices per service")
+    parser.add_argument("--images", type=at_least(1), default=5000, help="distinct uploads")
+    parser.add_argument("--concurrency", type=at_least(1), default=32)
+    parser.add_argument("--rounds", type=at_least(1), default=8, help="load slices per service")
     parser.add_argument("--slice", type=float, default=5.0, help="seconds per load slice")
-    parser.add_argument("--clients", type=int, default=1000, help="X-Client-ID values in turn")
+    parser.add_argument(
+        "--clients", type=at_least(1), default=1000, help="X-Client-ID values in turn"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="switch_interval")
     args = parser.parse_args(argv)

@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from app.cli import at_least
+
 DEFAULT_SOURCE = Path("../shared/data/cifar10-jpeg.tar.gz")
 
 
@@ -28,7 +30,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, help="results directory (default: evaluation/results/<name>)"
     )
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/evaluation"))
-    parser.add_argument("--per-class", type=int, default=100, help="authentic images per class")
+    parser.add_argument(
+        "--per-class", type=at_least(1), default=100, help="authentic images per class"
+    )
     parser.add_argument(
         "--no-studies",
         action="store_true",
@@ -46,7 +50,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-adaptive", action="store_true", help="skip the white-box adaptive attacks"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--threads", type=at_least(1), help="torch CPU threads")
     parser.add_argument(
         "--transfer-from",
         action="append",
@@ -111,10 +115,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--sets", type=Path, help="exported attack sets (default: from `advguard evaluate`)"
     )
     parser.add_argument("--out", type=Path, help="default: evaluation/results/simulation-<name>")
-    parser.add_argument("--honest-clients", type=int, default=2000)
-    parser.add_argument("--attack-clients", type=int, default=300, help="per attacker kind")
-    parser.add_argument("--requests", type=int, default=200, help="per client")
-    parser.add_argument("--mix-every", type=int, default=5, help="mixed: 1 adversarial in N")
+    parser.add_argument("--honest-clients", type=at_least(1), default=2000)
+    parser.add_argument("--attack-clients", type=at_least(1), default=300, help="per attacker kind")
+    parser.add_argument("--requests", type=at_least(1), default=200, help="per client")
+    parser.add_argument(
+        "--mix-every", type=at_least(1), default=5, help="mixed: 1 adversarial in N"
+    )
     parser.add_argument("--max-false-flag-rate", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
     live = parser.add_argument_group("end to end over HTTP (a running service, loopback only)")
@@ -125,11 +131,13 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         help="the service's admin listener (client statistics), e.g. http://127.0.0.1:9000; "
         "default: --url's host on port 9000",
     )
-    live.add_argument("--live-honest-clients", type=int, default=40)
-    live.add_argument("--live-attack-clients", type=int, default=2, help="per attacker kind")
-    live.add_argument("--live-requests", type=int, default=60)
+    live.add_argument("--live-honest-clients", type=at_least(0), default=40)
+    live.add_argument(
+        "--live-attack-clients", type=at_least(0), default=2, help="per attacker kind"
+    )
+    live.add_argument("--live-requests", type=at_least(1), default=60)
     live.add_argument("--live-seconds", type=float, default=600.0, help="time bound")
-    live.add_argument("--concurrency", type=int, default=8)
+    live.add_argument("--concurrency", type=at_least(1), default=8)
 
 
 def run_simulate(args: argparse.Namespace) -> int:

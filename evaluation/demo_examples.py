@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.cli import at_least
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.service.settings import DEFAULT_BUNDLE
@@ -154,24 +155,17 @@ def previous_examples(out: Path) -> list[Path]:
     return [out / Path(name).name for name in names if name.endswith(".png")]
 
 
-def _count(text: str) -> int:
-    """argparse type: an integer of at least 0."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a count (0, 1, 2, ...), got {text!r}")
-    return int(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--authentic", type=_count, default=3)
-    parser.add_argument("--per-attack", type=_count, default=2)
-    parser.add_argument("--candidates", type=_count, default=100, help="test images walked at most")
+    parser.add_argument("--authentic", type=at_least(0), default=3)
+    parser.add_argument("--per-attack", type=at_least(0), default=2)
+    parser.add_argument(
+        "--candidates", type=at_least(1), default=100, help="test images walked at most"
+    )
     args = parser.parse_args(argv)
-    if args.candidates < 1:
-        parser.error("--candidates: at least 1")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
     selected = select(args)

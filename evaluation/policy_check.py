@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
+from app.cli import at_least
 from app.core.guard import Guard
 from app.core.stateful import (
     DEFAULT_RULE,
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--policy", required=True, choices=("refuse", "silent"))
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    parser.add_argument("--images", type=int, default=10)
+    parser.add_argument("--images", type=at_least(1), default=10)
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
@@ -327,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--stall-asks",
-        type=int,
+        type=at_least(1),
         default=None,
         help="stop a run after this many consecutive asks answered from memory (ART's Boundary "
         "spins for minutes per fresh query once everything is refused, and HopSkipJump's step "

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.cli import at_least
 from app.core.guard import Guard
 from app.core.stateful import (
     Answer,
@@ -825,12 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--clients", type=int, default=1000, help="honest clients per kind")
-    parser.add_argument("--horizon", type=int, default=500, help="queries replayed per attack")
-    parser.add_argument("--sybil-ids", type=int, default=50)
+    parser.add_argument("--clients", type=at_least(1), default=1000, help="honest clients per kind")
+    parser.add_argument(
+        "--horizon", type=at_least(1), default=500, help="queries replayed per attack"
+    )
+    parser.add_argument("--sybil-ids", type=at_least(1), default=50)
     parser.add_argument("--schemes", nargs="*", help="only these candidates (names)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     return parser
 
 

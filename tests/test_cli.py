@@ -51,7 +51,7 @@ def test_classify_refuses_a_batch_size_below_one(capsys: pytest.CaptureFixture[s
         with pytest.raises(SystemExit) as exited:
             main(["classify", "--batch-size", size, "x.jpg"])
         assert exited.value.code == 2
-        assert f"--batch-size: expected a positive integer, got '{size}'" in capsys.readouterr().err
+        assert f"--batch-size: expected at least 1, got {size}" in capsys.readouterr().err
 
 
 def test_said_in_one_line_keeps_the_traceback_of_anything_but_a_users_error(
@@ -88,3 +88,32 @@ def test_python_m_tools_say_a_users_error_in_one_line(tmp_path: Path) -> None:
         f"python -m evaluation.demo_examples: error: {tmp_path / 'none'} is not a bundle: "
         "no manifest.json\n"
     )
+
+
+def test_at_least_refuses_what_is_no_integer_or_below_its_minimum() -> None:
+    import argparse
+
+    from app.cli import at_least
+
+    assert at_least(0)("0") == 0 and at_least(1)("12") == 12
+    for text, minimum, message in (("0", 1, "expected at least 1, got 0"), ("x", 0, "integer")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            at_least(minimum)(text)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "stateful_cost", "--images", "0"],  # used to read all 10,000 test images
+        ["bench", "decode_speed", "--runs", "0"],  # used to fail in numpy after the runs
+        ["simulate", "--mix-every", "0"],
+        ["bench", "search_scale", "--batches", "1", "0"],
+    ],
+)
+def test_counts_below_their_minimum_are_refused_by_argparse(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "expected at least 1, got 0" in capsys.readouterr().err
