@@ -271,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cap", type=at_least(1), default=20_000, help="memory-capped's max_clients"
     )
     parser.add_argument("--maxmemory", default="8mb", help="redis-maxmemory's maxmemory")
-    parser.add_argument("--attacker-every", type=int, default=1000)
-    parser.add_argument("--attacker-requests", type=int, default=10)
+    parser.add_argument("--attacker-every", type=at_least(1), default=1000)
+    parser.add_argument("--attacker-requests", type=at_least(0), default=10)
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # the child's part
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)

@@ -874,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--rounds",
-        type=at_least(1),
+        type=at_least(0),
         default=6,
         help="interleaved slices per service at the highest concurrency (0: sweeps only)",
     )
