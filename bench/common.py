@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from app.core import search
+from app.core.errors import ConfigError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -145,8 +146,13 @@ def serve(
                     break
             except httpx.TransportError:
                 pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the service did not start")
+            if server.poll() is not None:  # it refused its settings: its reason is on stderr
+                raise ConfigError(
+                    f"advguard serve exited with code {server.returncode} before it was ready "
+                    "(its reason is printed above)"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not become ready within 120 s")
             time.sleep(0.2)
         yield base, server
     finally:

@@ -953,6 +953,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("; ".join(low))
     if args.url and not is_loopback(args.url):
         parser.error(f"--url {args.url} is not a loopback address")
+    if args.out.exists() and not args.out.is_dir():  # found only after the attacks, before
+        parser.error(f"--out {args.out} exists and is not a directory")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 

@@ -82,3 +82,24 @@ def test_a_target_is_met_or_missed_only_by_the_whole_interval() -> None:
     assert interval_verdict(found(0.874, 0.925), 0.90) == "not shown either way"
     assert interval_verdict(found(0.82, 0.864), 0.85) == "not shown either way"
     assert interval_verdict(None, 0.90) == "not measured"
+
+
+def test_a_service_that_refuses_its_settings_is_said_in_one_line(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The benchmarks start ``advguard serve``: one that refuses its settings (here a batch size
+    of 0) used to end the benchmark in a RuntimeError traceback after its one-line reason."""
+    from app.cli import said_in_one_line
+    from bench.common import serve
+
+    def start() -> int:
+        with serve({"ADVGUARD_MAX_BATCH_SIZE": "0"}):
+            return 0
+
+    assert said_in_one_line(start, "advguard bench load_service") == 2
+    err = capfd.readouterr().err
+    assert "advguard serve: refusing to start:" in err
+    assert err.endswith(
+        "advguard bench load_service: error: advguard serve exited with code 2 before it was "
+        "ready (its reason is printed above)\n"
+    )
