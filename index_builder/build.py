@@ -343,8 +343,16 @@ def build_bundle(
     return BuildReport(config.out, manifest, extracted.reports, time.perf_counter() - started)
 
 
-# What the builder itself puts in its work directory: one chunk store per image source.
+# What the builder itself puts in its work directory: one chunk store per image source, and in a
+# torchrun build each other rank's store beside it (``source.rank1``: index_builder.distributed).
 WORK_ENTRIES = frozenset({"source", "calibration"})
+
+
+def written_by_the_builder(name: str) -> bool:
+    """Whether a work directory's entry is one the builder writes (a killed build leaves them,
+    and a resumed one reads them)."""
+    store, _, rank = name.partition(".rank")
+    return store in WORK_ENTRIES and (rank == "" or rank.isdigit())
 
 
 def check_config(config: BuildConfig) -> None:
@@ -385,7 +393,7 @@ def check_config(config: BuildConfig) -> None:
     if work_dir.exists() and not work_dir.is_dir():
         problems.append(f"work directory {work_dir} exists and is not a directory")
     elif work_dir.is_dir():
-        foreign = sorted(p.name for p in work_dir.iterdir() if p.name not in WORK_ENTRIES)
+        foreign = sorted(p.name for p in work_dir.iterdir() if not written_by_the_builder(p.name))
         if foreign:
             problems.append(
                 f"work directory {work_dir} holds files the build did not write "

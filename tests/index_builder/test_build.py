@@ -15,7 +15,7 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import build_model
 from index_builder import sources
-from index_builder.build import BuildConfig, build_bundle, holdout_mask
+from index_builder.build import BuildConfig, build_bundle, check_config, holdout_mask
 from index_builder.cli import main as builder_main
 from index_builder.sources import Entry
 from tests.conftest import save_state_dict
@@ -330,3 +330,19 @@ def test_an_out_or_work_directory_holding_other_files_is_refused_and_left_alone(
     assert builder_main([*argv, "--out", str(tmp_path / "empty")]) == 0
     assert builder_main([*argv, "--out", str(tmp_path / "empty")]) == 0
     assert read_manifest(tmp_path / "empty").counts.indexed > 0
+
+
+def test_a_killed_distributed_builds_rank_stores_do_not_stop_its_resume(
+    make_image_folder, cifar_weights, tmp_path
+):
+    """A torchrun build's other ranks write beside the source store (``source.rank1``); a killed
+    build leaves them, and its resume must not take them for someone else's files."""
+    work = tmp_path / "b.work"
+    for name in ("source", "source.rank1", "calibration.rank12"):
+        (work / name).mkdir(parents=True)
+    folder = make_image_folder(classes=3, per_class=8)
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", detector="paper")
+    check_config(config)  # accepted
+    (work / "source.rankx").mkdir()
+    with pytest.raises(ConfigError, match=r"did not write \(source\.rankx\)"):
+        check_config(config)
