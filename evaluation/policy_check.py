@@ -346,8 +346,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for option, url in (("--url", args.url), ("--redis-url", args.redis_url)):
         if url and not is_loopback(url):  # before anything is loaded, let alone flushed
             parser.error(f"{option} {url} is not a loopback address (--redis-url is flushed)")
-    if args.images < 1:
-        parser.error("--images: at least 1")
     if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
         parser.error("--sybil-ids: a positive count, with --in-process")
     guard = Guard.load(args.bundle, device="cpu")
