@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.cli import at_least
 from app.core.guard import Guard
 from app.core.stateful import Answer as ServedAnswer
 from evaluation.data import ImageSplit, eight_bit, load_split
@@ -842,19 +843,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="recorded queries")
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--images", type=at_least(1), default=100)
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     for attack in ATTACKS:
-        parser.add_argument(f"--cap-{attack}", type=int, default=DEFAULT_CAPS[attack])
+        parser.add_argument(f"--cap-{attack}", type=at_least(1), default=DEFAULT_CAPS[attack])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads")
     parser.add_argument(
         "--url",
         help="also attack a running service (loopback only) on the first --http-images images "
         "and compare each outcome with the in-process records (--settings: the service's)",
     )
-    parser.add_argument("--http-images", type=int, default=5)
+    parser.add_argument("--http-images", type=at_least(1), default=5)
     parser.add_argument(
         "--summarise-only", action="store_true", help="reuse the recorded runs (no attacks)"
     )
@@ -942,15 +943,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    counts = {"--images": args.images, "--threads": args.threads, "--http-images": args.http_images}
-    counts |= {f"--cap-{attack}": cap for attack, cap in caps_of(args).items()}
-    low = [
-        f"{option} must be at least 1 (got {value})"
-        for option, value in counts.items()
-        if value < 1
-    ]
-    if low:  # before anything runs: a cap of 0 used to overwrite the recorded runs with empty ones
-        parser.error("; ".join(low))
     if args.url and not is_loopback(args.url):
         parser.error(f"--url {args.url} is not a loopback address")
     if args.out.exists() and not args.out.is_dir():  # found only after the attacks, before

@@ -488,8 +488,8 @@ def test_counts_below_one_and_a_remote_url_are_refused_before_anything_runs(
     (cache / "square-guard_off.npz").write_bytes(b"recorded")
     base = ["--cache", str(cache), "--out", str(tmp_path / "out")]
     for extra, message in (
-        (["--cap-square", "0"], "--cap-square must be at least 1 (got 0)"),
-        (["--images", "-1"], "--images must be at least 1 (got -1)"),
+        (["--cap-square", "0"], "argument --cap-square: expected at least 1, got 0"),
+        (["--images", "-1"], "argument --images: expected at least 1, got -1"),
         (["--url", "http://192.168.0.1:8000"], "is not a loopback address"),
         (["--out", str(cache / "square-guard_off.npz")], "exists and is not a directory"),
     ):
