@@ -141,36 +141,6 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the run (parent)
 
 
-def start_redis(workdir: Path, maxmemory: str | None) -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server without persistence on a free loopback port, bounded when asked."""
-    from bench.common import free_port
-
-    port = free_port()
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-    command += ["--save", "", "--appendonly", "no"]
-    if maxmemory:
-        command += ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lru"]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_timeout=0.5)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    client.close()
-    return process, f"redis://127.0.0.1:{port}/0"
-
-
 def child(args: argparse.Namespace, phase: str, redis_url: str | None) -> dict[str, Any]:
     """Run one phase in a fresh interpreter (``--phase``) and read back its JSON."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -281,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(run_phase(args)))
         return 0
 
-    from bench.common import write_results  # imports torch: only here, never in a phase
+    # bench.common imports torch: only here, in the parent, never in a phase
+    from bench.common import start_redis, write_results
 
     load_before = os.getloadavg()
     results: dict[str, dict[str, Any]] = {}

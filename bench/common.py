@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import redis
 import torch
 
 from app.core import search
@@ -117,6 +119,36 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def start_redis(workdir: Path, maxmemory: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server without persistence on a free loopback port, bounded when asked (LRU
+    among keys with a TTL, as the compose file sets it): (its process, its URL). The one way
+    the benchmarks start one."""
+    port = free_port()
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    command += ["--save", "", "--appendonly", "no"]
+    if maxmemory:
+        command += ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lru"]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=0.5)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("redis-server did not start") from None
+            time.sleep(0.05)
+    client.close()
+    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def advguard_command() -> list[str]:

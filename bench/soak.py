@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
@@ -30,29 +29,9 @@ import numpy as np
 import redis
 
 from app.cli import at_least
-from bench.common import free_port, serve, write_results
+from bench.common import serve, start_redis, write_results
 from bench.load_service import test_jpegs
 from bench.overload import open_fds, rss_mb
-
-
-def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(
-        [binary, *args, "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_timeout=0.5)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return process
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
 
 
 async def closed_loop(base: str, images: list[bytes], concurrency: int, seconds: float) -> float:
@@ -196,12 +175,11 @@ def run_soak(args: argparse.Namespace) -> tuple[float, float, list[dict[str, Any
     """Redis and the service started, saturation measured (or given), the open-loop soak run:
     (saturation, rate, samples, open fds after the stream)."""
     images = test_jpegs(1000)
-    redis_port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="advguard-soak-"))
-    redis_process = start_redis(redis_port, workdir)
-    store = redis.Redis(port=redis_port, socket_timeout=2)
+    redis_process, redis_url = start_redis(workdir)
+    store = redis.Redis.from_url(redis_url, socket_timeout=2)
     env = {
-        "ADVGUARD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "ADVGUARD_REDIS_URL": redis_url,
         "ADVGUARD_STATEFUL_SECRET": "soak-secret",
         "ADVGUARD_CLIENT_TTL_S": str(args.client_ttl_s),
         "ADVGUARD_STATEFUL_CLIENT_TTL_S": str(stateful_client_ttl_s(args)),

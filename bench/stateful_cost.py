@@ -46,12 +46,12 @@ from app.core.stateful import (
 from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector
-from bench.client_rotation import start_redis
 from bench.common import (
     busy_interpreter,
     interval_verdict,
     ratio_by_round,
     ratio_cell,
+    start_redis,
     write_results,
 )
 from bench.load_service import CIFAR_TAR, test_jpegs

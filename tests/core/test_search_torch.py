@@ -8,7 +8,6 @@ test features against the bundle's own faiss flat index.
 
 from __future__ import annotations
 
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,8 @@ from app.core.errors import BundleError
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.service.settings import Settings
-from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
+from bench.load_service import test_jpegs as cifar_test_jpegs
+from tests.conftest import DEMO_BUNDLE
 
 
 def _flat(base: np.ndarray) -> object:
@@ -204,20 +204,6 @@ def test_the_service_selects_the_backend_by_setting(monkeypatch: pytest.MonkeyPa
         Settings()
 
 
-def _cifar_test_jpegs(limit: int) -> list[bytes]:
-    images: list[bytes] = []
-    with tarfile.open(CIFAR_TAR) as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if member.isfile() and len(parts) >= 3 and parts[-3] == "test":
-                handle = tar.extractfile(member)
-                assert handle is not None
-                images.append(handle.read())
-                if len(images) == limit:
-                    break
-    return images
-
-
 @pytest.mark.slow
 def test_torch_backend_equals_faiss_flat_on_the_demo_bundle() -> None:
     """Issue 15's acceptance: on the committed demo bundle's index (the file its manifest lists),
@@ -228,7 +214,7 @@ def test_torch_backend_equals_faiss_flat_on_the_demo_bundle() -> None:
     assert layer.index_type == "flat" and layer.index_file is not None
     flat = search.load_index(DEMO_BUNDLE / layer.index_file)
     guard = Guard.load(DEMO_BUNDLE, device="cpu", use_gpu_index=False)
-    pixels = torch.stack([guard.pixels(decode_image(data)) for data in _cifar_test_jpegs(300)])
+    pixels = torch.stack([guard.pixels(decode_image(data)) for data in cifar_test_jpegs(300)])
     features = guard.infer(pixels).features[layer.name]
     vote = next(s for s in guard.detector.statistics if s.kind == "vote")
     queries = vote.layer.processing.apply(features)
@@ -250,7 +236,7 @@ def test_guard_on_the_torch_backend_gives_the_faiss_verdicts() -> None:
     on_faiss = Guard.load(DEMO_BUNDLE, device="cpu", use_gpu_index=False)
     on_torch = Guard.load(DEMO_BUNDLE, device="cpu", use_gpu_index=False, search_backend="torch")
     assert on_torch.index_device == "cpu"
-    pixels = torch.stack([on_faiss.pixels(decode_image(d)) for d in _cifar_test_jpegs(200)])
+    pixels = torch.stack([on_faiss.pixels(decode_image(d)) for d in cifar_test_jpegs(200)])
     expected, found = on_faiss.classify_pixels(pixels), on_torch.classify_pixels(pixels)
     assert [v.accepted for v in found] == [v.accepted for v in expected]
     assert [v.predicted_class for v in found] == [v.predicted_class for v in expected]
