@@ -32,7 +32,10 @@ COMBINATIONS: tuple[Combination, ...] = ("single", "fisher", "hmp", "min_p")
 def empirical_p_values(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """(n,) p-value of each value against authentic reference values: low values are unusual.
 
-    p = (1 + #{reference <= value}) / (1 + #reference), in (0, 1].
+    p = (1 + #{reference <= value}) / (1 + #reference), in (0, 1]. A value that is not finite
+    (NaN, or +inf: an overflow, say of fp16 logits) was not measured, and gets the smallest
+    p-value, 1 / (1 + #reference), like -inf: the guard rejects what it cannot measure. Sorted
+    as numbers, NaN and +inf would rank above every reference value, p = 1, the most authentic.
     """
     return sorted_reference_p_values(values, np.sort(reference.astype(np.float64)))
 
@@ -40,7 +43,9 @@ def empirical_p_values(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
 def sorted_reference_p_values(values: np.ndarray, ordered: np.ndarray) -> np.ndarray:
     """``empirical_p_values`` against a reference already sorted ascending (float64): what a
     detector, which sorts its reference once, computes for every batch."""
-    at_or_below = np.searchsorted(ordered, values.astype(np.float64), side="right")
+    measured = values.astype(np.float64)
+    at_or_below = np.searchsorted(ordered, measured, side="right")
+    at_or_below[~np.isfinite(measured)] = 0
     p_values: np.ndarray = (1.0 + at_or_below) / (1.0 + ordered.size)
     return p_values
 

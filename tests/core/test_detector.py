@@ -106,6 +106,19 @@ def test_empirical_p_values_exact_on_a_tiny_example():
     assert empirical_p_values(np.array([-np.inf]), reference)[0] == 1 / 5  # never 0
 
 
+def test_a_statistic_that_is_not_finite_gets_the_smallest_p_value():
+    """NaN and +inf (an overflow) sort above every reference value: they must not read as the
+    most authentic values there are."""
+    reference = np.array([0.3, 0.1, 0.2, 0.2])
+    values = np.array([np.nan, np.inf, -np.inf, 0.25])
+    np.testing.assert_array_equal(empirical_p_values(values, reference), [0.2, 0.2, 0.2, 0.8])
+    detector = Detector(STATISTICS, "fisher", np.random.default_rng(8).normal(size=(50, 3)))
+    unmeasured = np.full((2, 3), np.nan)
+    unmeasured[1, 1] = np.inf
+    scores = detector.score(_features(unmeasured), np.zeros(2, dtype=np.int64))
+    np.testing.assert_allclose(scores, fisher_combination(np.full((2, 3), 1 / 51)), rtol=1e-12)
+
+
 def _features(values: np.ndarray) -> dict[str, np.ndarray]:
     return {"a": values[:, :2], "b": values[:, 2:]}
 
