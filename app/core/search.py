@@ -67,8 +67,10 @@ class TorchFlatIndex:
     batched flat search), clamped at 0, then ``torch.topk`` keeps the k smallest of each block
     and a running merge keeps the k best over all blocks. Blocks are chunks of database rows
     sized so one (queries x rows) distance block stays under ``max_chunk_bytes``. Results are
-    sorted ascending, equal distances by smaller id. Same interface as the faiss indexes this
-    module uses (``d``, ``ntotal``, ``add``); like a faiss GPU index, one thread must own it.
+    sorted ascending, equal distances by smaller id; but of several vectors tied at the k-th
+    distance, which are kept is ``torch.topk``'s choice, not always the smaller ids as in
+    ``_flat_search_by_threshold`` (``NeighbourAgreement`` allows for it). Same interface as the
+    faiss indexes this module uses (``d``, ``ntotal``, ``add``); like a faiss GPU index, one thread must own it.
     """
 
     def __init__(
@@ -341,7 +343,7 @@ def search(index: Any, queries: np.ndarray, k: int) -> SearchResult:
 # every true neighbour passes: the result is exact. When fewer pass, the whole row is selected
 # from instead: slower, never wrong. That needs 64 of the sampled vectors among the k nearest,
 # where ~32 are expected; for vectors stored in an order unrelated to their distance to the
-# query, well under one query in a million. Ties go to the smaller id, as in the torch backend.
+# query, well under one query in a million. Ties go to the smaller id, also at the k-th place.
 # bench/results/search_selection.md measures it against faiss's own search.
 THRESHOLD_SELECTION_MIN_K = 101  # faiss's reservoir starts above 100
 THRESHOLD_SELECTION_MIN_QUERIES = 4  # below this, faiss's one-query kernels are cheaper
