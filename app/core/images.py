@@ -1,7 +1,8 @@
 """Decoding image bytes, the same way for the builder and the service.
 
 First frame of animated files, EXIF orientation applied, a pixel limit against decompression
-bombs. Mode conversion to RGB happens later, in ``features.image_to_pixels``.
+bombs and an aspect-ratio limit against images that preprocessing would blow up. Mode conversion
+to RGB happens later, in ``features.image_to_pixels``.
 
 Callers that know their preprocessing's resize target pass it as ``min_size``: a JPEG is then
 decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode) whenever its
@@ -20,6 +21,11 @@ from app.core.errors import AdvguardError
 
 # Pillow's own bomb check only warns below 2x its limit; we make any excess an error.
 DEFAULT_MAX_PIXELS = 40_000_000
+# Preprocessing resizes the shorter side to the preset's size and keeps a centred square, so a
+# 1 x N image grows to 32 x 32N pixels (256 x 256N for ImageNet) before the crop: an 862-byte PNG
+# of 1 x 200,000 pixels cost 2.4 s, one of 1 x 1,000,000 6 GB and 14 s. Beyond this ratio of the
+# longer to the shorter side an image is refused; panoramas stay well within it.
+MAX_ASPECT_RATIO = 20
 # Formats whose EXIF block, when present, Pillow exposes as ``info["exif"]``: without it there is
 # no orientation to apply, and skipping ``exif_transpose`` (which parses EXIF, ~60 us) halves the
 # decode cost of small images such as CIFAR's.
@@ -54,6 +60,11 @@ def decode_image(
             if width * height > max_pixels:
                 raise ImageDecodeError(
                     f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+                raise ImageDecodeError(
+                    f"image of {width}x{height} pixels: one side is over {MAX_ASPECT_RATIO} "
+                    "times the other (the model sees only a centred square of an image)"
                 )
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)

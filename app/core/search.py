@@ -70,7 +70,8 @@ class TorchFlatIndex:
     sorted ascending, equal distances by smaller id; but of several vectors tied at the k-th
     distance, which are kept is ``torch.topk``'s choice, not always the smaller ids as in
     ``_flat_search_by_threshold`` (``NeighbourAgreement`` allows for it). Same interface as the
-    faiss indexes this module uses (``d``, ``ntotal``, ``add``); like a faiss GPU index, one thread must own it.
+    faiss indexes this module uses (``d``, ``ntotal``, ``add``); like a faiss GPU index, one
+    thread must own it.
     """
 
     def __init__(

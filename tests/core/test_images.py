@@ -123,6 +123,25 @@ def test_pixel_limit_applies_to_the_declared_size(jpeg_1080p: bytes) -> None:
         decode_image(jpeg_1080p, WIDTH * HEIGHT - 1, min_size=256)
 
 
+@pytest.mark.parametrize("size", [(1, 200_000), (200_000, 1), (3, 61), (61, 3)])
+def test_an_image_over_the_aspect_ratio_limit_is_refused_before_it_is_decoded(
+    size: tuple[int, int],
+) -> None:
+    """Resizing the shorter side of a 1 x 200,000 image to 32 made 32 x 6.4M pixels (2.4 s; at
+    1 x 1,000,000, 6 GB) from an 862-byte PNG."""
+    data = encode(np.zeros((size[1], size[0], 3), dtype=np.uint8), "PNG")
+    with pytest.raises(ImageDecodeError, match=r"one side is over 20 times the other"):
+        decode_image(data, min_size=32)
+
+
+@pytest.mark.parametrize("size", [(1, 20), (20, 1), (3, 60), (1920, 96)])
+def test_an_image_at_the_aspect_ratio_limit_is_decoded(size: tuple[int, int]) -> None:
+    data = encode(np.zeros((size[1], size[0], 3), dtype=np.uint8), "PNG")
+    image = decode_image(data, min_size=32)
+    assert image.size == size
+    assert image_to_pixels(image, PRESETS["cifar"]).shape == (3, 32, 32)
+
+
 def test_min_size_must_be_positive(jpeg_1080p: bytes) -> None:
     with pytest.raises(ValueError, match="min_size"):
         decode_image(jpeg_1080p, min_size=0)
