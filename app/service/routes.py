@@ -231,19 +231,20 @@ async def _judged(
     result: BatchResult,
     verdict: Verdict,
 ) -> ClassifyResponse:
-    """The guard's answer: counted, recorded in the client's statistics, then screened by the
-    stateful detector, which may change it (``silent``) or refuse it (403, ``refuse``); the
-    batch worker has done the last two when it screens."""
+    """The guard's answer: recorded in the client's statistics, screened by the stateful
+    detector, which may change it (``silent``) or refuse it (403, ``refuse``; the batch worker
+    has done these two when it screens), then counted by the guard's decision. A refused query
+    is counted once, as an ``error`` (by the middleware, from its 403), not also as served."""
     settings, metrics = service.settings, service.metrics
     metrics.stage_seconds.labels(stage="search").observe(result.search_s)
     metrics.score.observe(verdict.score)
-    metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
     if result.screened:
         metrics.stage_seconds.labels(stage="stateful").observe(result.screen_s)
         answer = served_or_refused(result.served)
     else:
         observation = observation_of(client_id, verdict, time.time())
         answer = await track_and_screen(service, observation, pixels, answer_of(verdict))
+    metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
     return ClassifyResponse(
         request_id=request_id,
         decision=answer.decision,

@@ -71,6 +71,9 @@ def expected(images: np.ndarray) -> list[int | None]:
     return out
 
 
+DECISIONS = ("accepted", "rejected", "unguarded", "error")
+
+
 def metric(client: TestClient, name: str, **labels: str) -> float:
     text = admin_of(client).get("/metrics").text
     wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -206,6 +209,12 @@ def test_refuse_answers_403_and_nothing_else(
         # another client's photo is unaffected
         other = upload(client, png(photos[14]), {"X-Client-ID": "alice"})
         assert other.status_code == 200, other.json()
+        # each request counted once: a refused query as an error only, not also as served
+        counted = {d: metric(client, "advguard_requests_total", decision=d) for d in DECISIONS}
+    refused = sum(anchor is not None for anchor in plan)
+    assert refused > 0
+    assert counted["error"] == refused
+    assert counted["accepted"] + counted["rejected"] == LENGTH + 1 - refused
     for (status, body), anchor in zip(answers, plan, strict=True):
         if anchor is None:
             assert status == 200
