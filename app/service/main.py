@@ -84,6 +84,7 @@ def build_tracker(settings: Settings, policy: FlagPolicy, metrics: Metrics) -> C
             buffer_size=settings.tracker_buffer_size,
             on_error=metrics.tracker_errors.inc,
             cluster=settings.redis_cluster,
+            on_replayed_flag=metrics.clients_flagged.inc,
         )
     return InMemoryTracker(
         policy, ttl_s=settings.client_ttl_s, max_clients=settings.tracker_max_clients

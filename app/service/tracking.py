@@ -531,6 +531,7 @@ class RedisTracker:
         buffer_size: int = 10_000,
         on_error: Callable[[], None] = _noop,
         cluster: bool = False,
+        on_replayed_flag: Callable[[], None] = _noop,
     ):
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
@@ -540,6 +541,8 @@ class RedisTracker:
         self.prefix = prefix
         self.retry_interval_s = retry_interval_s
         self.on_error = on_error
+        # a buffered update that flags its client when replayed has no caller to tell: this does
+        self.on_replayed_flag = on_replayed_flag
         self.flagged_key = f"{prefix}:flagged"
         self._url = url
         self._cluster = cluster
@@ -601,10 +604,12 @@ class RedisTracker:
 
     def _replay(self) -> None:
         """Apply buffered updates in order; raises (leaving the rest) if Redis fails again.
-        An update whose reply was lost is replayed, and the script skips it (same writer, seq)."""
+        An update whose reply was lost is replayed, and the script skips it (same writer, seq).
+        A client newly flagged by a replayed update is reported to ``on_replayed_flag``."""
         while self._buffer:
             seq, observation = self._buffer[0]
-            self._apply(observation, seq)
+            if self._apply(observation, seq).newly_flagged:
+                self.on_replayed_flag()
             self._buffer.popleft()
 
     def _record_call(self, observation: Observation, seq: int) -> tuple[list[str], list[Any]]:

@@ -227,6 +227,50 @@ def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
         server.kill()
 
 
+def test_a_client_flagged_by_a_replayed_update_is_reported_once(tmp_path: object) -> None:
+    """Updates buffered while Redis was down flag their client when replayed: no request waits
+    for those results, so the tracker reports the flag itself (the flagged-clients counter)."""
+    server = RedisProcess(free_port(), __import__("pathlib").Path(str(tmp_path)))
+    server.start()
+    reported: list[int] = []
+    tracker = RedisTracker(
+        server.url,
+        _policy(),
+        retry_interval_s=0.0,
+        buffer_size=20,
+        timeout_s=0.1,
+        on_replayed_flag=lambda: reported.append(1),
+    )
+    try:
+        server.kill()
+        now = time.time()
+        for i in range(5):  # mean score 0.1 < 0.4 from the 3rd request on
+            assert tracker.record(Observation("low", 0.1, False, now + i)).stats is None
+        assert reported == [] and tracker.buffered() == 5
+        server.start()
+        assert tracker.state() == "ok" and tracker.buffered() == 0
+        assert tracker.is_flagged("low") and reported == [1]
+        result = tracker.record(Observation("low", 0.1, False, now + 5))  # flagged already
+        assert result.stats is not None and result.stats.flagged and not result.newly_flagged
+        assert reported == [1]
+    finally:
+        tracker.close()
+        server.kill()
+
+
+def test_the_service_counts_clients_flagged_by_replayed_updates() -> None:
+    from app.service.main import build_tracker
+    from app.service.metrics import Metrics
+    from app.service.settings import Settings
+
+    metrics = Metrics()
+    settings = Settings(redis_url="redis://127.0.0.1:1/0", stateful_enabled=False)
+    tracker = build_tracker(settings, _policy(), metrics)
+    assert isinstance(tracker, RedisTracker)
+    tracker.on_replayed_flag()
+    assert metrics.registry.get_sample_value("advguard_clients_flagged_total") == 1.0
+
+
 def test_many_clients_agree_on_flags_listing_and_clearing(backend: Backend) -> None:
     """Interleaved clients over many slots (ids with braces and '%' among them): every update,
     the flagged list, clearing and the state after it are the same in both trackers."""
