@@ -577,12 +577,13 @@ async def start_service(
 
 async def stop_service(service: Service) -> None:
     """Refuse new work, finish what is queued (batches, then their screening), then close the
-    tracker and the stateful detector."""
+    tracker (Redis's: after replaying what an outage buffered, if Redis is back) and the
+    stateful detector."""
     service.accepting = False
     await run_in_threadpool(service.batcher.stop)
     if service.screening is not None:
         await run_in_threadpool(service.screening.stop)
-    service.tracker.close()
+    await run_in_threadpool(service.tracker.close)
     if service.stateful is not None:
         service.stateful.close()
 

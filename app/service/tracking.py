@@ -23,6 +23,7 @@ nothing.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import uuid
@@ -41,6 +42,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.flagging import FlagPolicy, ScoreWindow, advance_window
 
+log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -906,6 +908,16 @@ class RedisTracker:
         return len(self._buffer)
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.client.close()
-            self._connection = None
+        """Replay what Redis missed while it was down, if it is back (one try: a shutdown must
+        not wait out an outage), then disconnect. Updates still buffered are lost, and logged."""
+        with self._lock:
+            if self._buffer:
+                try:
+                    self._replay()
+                except REDIS_ERRORS:
+                    self._failed()
+                if self._buffer:
+                    log.warning("closing with %d client updates Redis never got", len(self._buffer))
+            if self._connection is not None:
+                self._connection.client.close()
+                self._connection = None

@@ -5,6 +5,7 @@ in-process store stays under its cap, and Redis under maxmemory, both keeping fl
 from __future__ import annotations
 
 import math
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -230,7 +231,7 @@ def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
 def test_a_client_flagged_by_a_replayed_update_is_reported_once(tmp_path: object) -> None:
     """Updates buffered while Redis was down flag their client when replayed: no request waits
     for those results, so the tracker reports the flag itself (the flagged-clients counter)."""
-    server = RedisProcess(free_port(), __import__("pathlib").Path(str(tmp_path)))
+    server = RedisProcess(free_port(), Path(str(tmp_path)))
     server.start()
     reported: list[int] = []
     tracker = RedisTracker(
@@ -255,6 +256,32 @@ def test_a_client_flagged_by_a_replayed_update_is_reported_once(tmp_path: object
         assert reported == [1]
     finally:
         tracker.close()
+        server.kill()
+
+
+def test_closing_replays_what_an_outage_buffered_when_redis_is_back(tmp_path: object) -> None:
+    """A shutdown after an outage used to drop the buffered updates even with Redis back."""
+    server = RedisProcess(free_port(), Path(str(tmp_path)))
+    server.start()
+    tracker = RedisTracker(server.url, _policy(), retry_interval_s=60.0, timeout_s=0.1)
+    now = time.time()
+    try:
+        tracker.record(Observation("late", 0.5, True, now))
+        assert server.process is not None
+        server.process.send_signal(signal.SIGSTOP)  # unresponsive, its data kept
+        for i in range(1, 4):
+            tracker.record(Observation("late", 0.5, True, now + i))
+        assert tracker.buffered() == 3
+        server.process.send_signal(signal.SIGCONT)  # back, not retried within the 60 s interval
+        tracker.close()
+        assert tracker.buffered() == 0
+        assert server.client().hget(tracker.client_key("late"), "requests") == "4"
+        server.kill()  # still down at the next close: one try, the loss kept and logged
+        tracker.record(Observation("late", 0.5, True, now + 5))
+        started = time.perf_counter()
+        tracker.close()
+        assert tracker.buffered() == 1 and time.perf_counter() - started < 2.0
+    finally:
         server.kill()
 
 
