@@ -61,8 +61,10 @@ def _unavailable(exc: TrackerUnavailableError) -> ApiError:
     return ApiError(503, "tracker_unavailable", str(exc), {"Retry-After": "1"})
 
 
+# ``:path``: a client id may hold '/' (an X-Client-ID such as "team/alice", sent or quoted as
+# %2F, which the server decodes before routing); a plain parameter would never match it.
 @admin_router.get(
-    "/clients/{client_id}",
+    "/clients/{client_id:path}",
     response_model=ClientStatsModel,
     responses={**_ERRORS, 404: {"model": ErrorResponse}},
 )
@@ -89,7 +91,9 @@ async def clients(
     return ClientList(clients=[stats_model(stats) for stats in found])
 
 
-@admin_router.delete("/clients/{client_id}/flag", response_model=FlagCleared, responses=_ERRORS)
+@admin_router.delete(
+    "/clients/{client_id:path}/flag", response_model=FlagCleared, responses=_ERRORS
+)
 async def clear_flag(client_id: str, service: ServiceDep, _: Admin) -> FlagCleared:
     try:
         cleared = await run_in_threadpool(service.tracker.clear_flag, client_id)

@@ -7,6 +7,7 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from pydantic import ValidationError
@@ -182,6 +183,26 @@ def test_admin_endpoints_and_refuse_policy(
             admin_of(client).delete("/clients/nobody/flag", headers=ADMIN).json()["cleared"]
             is False
         )
+
+
+@pytest.mark.parametrize("client_id", ["team/alice", "a/flag", "/lead", "x//y/"])
+def test_a_client_id_with_slashes_can_be_looked_up_and_cleared(
+    make_client: Any, test_images: list[LabelledImage], client_id: str
+) -> None:
+    """The admin routes' id is a path: 'team/alice' (as /clients/team/alice or team%2Falice)
+    used to answer 404 to both, so such a flagged client could never be cleared."""
+    settings = {"flag_policy": "mean", "flag_threshold": 1.0, "flag_min_requests": 2}
+    with make_client(policy="refuse", admin_token="s3cret", **settings) as client:
+        hdr = {"X-Client-ID": client_id}
+        codes = [upload(client, image.data, hdr).status_code for image in test_images[:3]]
+        assert codes == [200, 200, 403]
+        admin = admin_of(client)
+        for path in (client_id, quote(client_id, safe="")):
+            stats = admin.get(f"/clients/{path}", headers=ADMIN).json()
+            assert stats["client_id"] == client_id and stats["flagged"], path
+        cleared = admin.delete(f"/clients/{quote(client_id, safe='')}/flag", headers=ADMIN)
+        assert cleared.json() == {"client_id": client_id, "cleared": True}
+        assert upload(client, test_images[3].data, hdr).status_code == 200
 
 
 def test_admin_disabled_without_token(make_client: Any) -> None:
