@@ -24,7 +24,17 @@ class IdentityError(Exception):
 
 
 class InvalidClientIdError(Exception):
-    """An ``X-Client-ID`` that is too long or holds control characters (400)."""
+    """An ``X-Client-ID`` that is too long, not UTF-8, or holds control characters (400)."""
+
+
+def header_text(value: str) -> str:
+    """A header's value read as the UTF-8 text its bytes are. The server hands header values
+    over decoded as latin-1 (HTTP's historical charset), which turned the id "héllo" into
+    "hÃ©llo": stored under a name no admin lookup (/clients/h%C3%A9llo) could find."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise InvalidClientIdError("client id must be UTF-8 text") from None
 
 
 def _digest(secret: str) -> bytes:
@@ -104,6 +114,7 @@ class IdentityResolver:
         if self.api_keys:
             return self.client_for_key(api_key)
         if client_id:
+            client_id = header_text(client_id)
             if len(client_id) > MAX_CLIENT_ID_LENGTH or not client_id.isprintable():
                 raise InvalidClientIdError(
                     f"client id must be 1-{MAX_CLIENT_ID_LENGTH} printable characters"

@@ -185,6 +185,50 @@ def test_admin_endpoints_and_refuse_policy(
         )
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"x" * 129,  # one character too long
+        "é".encode() * 129,
+        b"tab\there",  # a control character
+    ],
+)
+def test_an_unusable_client_id_is_refused(make_client: Any, header: bytes) -> None:
+    with make_client() as client:
+        response = client.post("/classify", files={"file": b"x"}, headers={"X-Client-ID": header})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == "invalid_client_id"
+
+
+def test_a_client_id_that_is_not_utf8_is_refused() -> None:
+    """The app sees header bytes decoded as latin-1 (the test client cannot send bytes that are
+    not UTF-8, so the resolver is called as the server would call it)."""
+    from app.service.identity import IdentityResolver, InvalidClientIdError
+
+    resolver = IdentityResolver.build({}, [])
+    with pytest.raises(InvalidClientIdError, match="UTF-8"):
+        resolver.resolve(
+            api_key=None, client_id=b"\xff\xfe".decode("latin-1"), peer=None, forwarded_for=None
+        )
+    as_sent = "héllo".encode().decode("latin-1")
+    assert resolver.resolve(api_key=None, client_id=as_sent, peer=None, forwarded_for=None) == (
+        "héllo"
+    )
+
+
+@pytest.mark.parametrize("client_id", ["héllo✓", "é" * 128, "日本"])
+def test_a_utf8_client_id_is_tracked_under_its_own_name(
+    make_client: Any, test_images: list[LabelledImage], client_id: str
+) -> None:
+    """Header values reach the app decoded as latin-1: "héllo" used to be stored as "hÃ©llo",
+    and "héllo✓" refused; the 128 limit counted bytes."""
+    with make_client(admin_token="s3cret") as client:
+        sent = upload(client, test_images[0].data, {"X-Client-ID": client_id.encode()})
+        assert sent.status_code == 200, sent.text
+        stats = admin_of(client).get(f"/clients/{quote(client_id)}", headers=ADMIN).json()
+    assert stats["client_id"] == client_id and stats["requests"] == 1
+
+
 @pytest.mark.parametrize("client_id", ["team/alice", "a/flag", "/lead", "x//y/"])
 def test_a_client_id_with_slashes_can_be_looked_up_and_cleared(
     make_client: Any, test_images: list[LabelledImage], client_id: str
