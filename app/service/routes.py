@@ -64,7 +64,7 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 async def get_service(request: Request) -> Service:
     service = getattr(request.app.state, "service", None)
     if not isinstance(service, Service):
-        raise ApiError(503, "not_ready", "the service is not ready")
+        raise ApiError(503, "not_ready", "the service is not ready", {"Retry-After": "1"})
     return service
 
 
