@@ -353,3 +353,21 @@ def test_switch_interval_setting_is_applied_and_bounded(make_client: Any) -> Non
     for bad in (0.0, -1.0, 1000.0):
         with pytest.raises(ValidationError):
             Settings(switch_interval_ms=bad)
+
+
+def test_not_ready_says_when_to_retry() -> None:
+    """Before the bundle is loaded (the lifespan not run yet) every route that needs the service
+    answers 503 not_ready with Retry-After: 1, as the README's error table says."""
+    import asyncio
+
+    from fastapi import FastAPI
+    from starlette.requests import Request
+
+    from app.service.routes import get_service
+    from app.service.state import ApiError
+
+    request = Request({"type": "http", "app": FastAPI(), "headers": []})
+    with pytest.raises(ApiError) as refused:
+        asyncio.run(get_service(request))
+    assert refused.value.status == 503 and refused.value.code == "not_ready"
+    assert refused.value.headers == {"Retry-After": "1"}
