@@ -121,34 +121,41 @@ def free_port() -> int:
         return port
 
 
-def start_redis(workdir: Path, maxmemory: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """A redis-server without persistence on a free loopback port, bounded when asked (LRU
-    among keys with a TTL, as the compose file sets it): (its process, its URL). The one way
-    the benchmarks start one."""
-    port = free_port()
+def launch_redis(port: int, workdir: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A redis-server on loopback ``port`` without snapshots, with ``options`` (persistence,
+    cluster mode, maxmemory), returned once it answers PING: the one way the benchmarks and the
+    tests start one."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
-    command += ["--save", "", "--appendonly", "no"]
-    if maxmemory:
-        command += ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lru"]
     process = subprocess.Popen(
-        command,
+        [*command, "--save", "", *options],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port, socket_timeout=0.5)
     deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("redis-server did not start") from None
-            time.sleep(0.05)
-    client.close()
-    return process, f"redis://127.0.0.1:{port}/0"
+    try:
+        while True:
+            try:
+                client.ping()
+                return process
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    process.kill()
+                    raise RuntimeError(f"redis-server on port {port} did not start") from None
+                time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def start_redis(workdir: Path, maxmemory: str | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server without persistence on a free loopback port, bounded when asked (LRU
+    among keys with a TTL, as the compose file sets it): (its process, its URL)."""
+    port = free_port()
+    options = ["--appendonly", "no"]
+    if maxmemory:
+        options += ["--maxmemory", maxmemory, "--maxmemory-policy", "volatile-lru"]
+    return launch_redis(port, workdir, *options), f"redis://127.0.0.1:{port}/0"
 
 
 def advguard_command() -> list[str]:

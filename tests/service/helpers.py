@@ -25,9 +25,9 @@ from PIL import Image
 
 from app.core.guard import Guard
 from app.core.images import decode_image
+from bench.common import launch_redis
 
 CIFAR_TAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 PER_CLASS = 10  # test images read per class
 
 T = TypeVar("T")
@@ -88,33 +88,7 @@ class RedisProcess:
             if self.persistent
             else ["--appendonly", "no"]
         )
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                *persistence,
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-        client.close()
+        self.process = launch_redis(self.port, self.workdir, *persistence)
 
     def kill(self) -> None:
         if self.process is not None:
@@ -187,22 +161,14 @@ class RedisClusterProcesses:
     def start_node(self, port: int) -> None:
         directory = self.workdir / str(port)
         directory.mkdir(exist_ok=True)
-        self.processes[port] = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port", str(port),
-                "--bind", "127.0.0.1",
-                "--cluster-enabled", "yes",
-                "--cluster-config-file", str(directory / "nodes.conf"),
-                "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(directory),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.processes[port] = launch_redis(
+            port,
+            directory,
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", str(directory / "nodes.conf"),
+            "--cluster-node-timeout", str(self.NODE_TIMEOUT_MS),
+            "--appendonly", "no",
         )  # fmt: skip
-        _wait_for_ping(port)
 
     def start(self) -> None:
         for port in self.ports:
@@ -273,22 +239,6 @@ def free_cluster_port() -> int:
         if _is_free(port) and _is_free(port + 10_000):
             return port
     raise RuntimeError("no free port pair for a cluster node")
-
-
-def _wait_for_ping(port: int, timeout_s: float = 10.0) -> None:
-    client = redis.Redis(port=port, socket_timeout=0.5)
-    deadline = time.monotonic() + timeout_s
-    try:
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server on port {port} did not start") from None
-                time.sleep(0.05)
-    finally:
-        client.close()
 
 
 def admin_of(client: TestClient) -> TestClient:
