@@ -169,7 +169,27 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _no_placeholder_secrets(self) -> Settings:
+        """deploy/k8s/secret.yaml ships placeholders; applied as they are (``kubectl apply -f
+        deploy/k8s/`` re-applies the file over a Secret made by hand), they would put a publicly
+        known admin token, salt or API key in service without a word."""
+        secrets = {
+            "ADVGUARD_ADMIN_TOKEN": self.admin_token,
+            "ADVGUARD_STATEFUL_SECRET": self.stateful_secret,
+            **{f"ADVGUARD_API_KEYS[{name}]": key for name, key in self.api_keys.items()},
+        }
+        for variable, secret in secrets.items():
+            if secret is not None and secret.get_secret_value().startswith(PLACEHOLDER_PREFIX):
+                raise ValueError(
+                    f"{variable} still holds a placeholder ({PLACEHOLDER_PREFIX}...): set a "
+                    "random value, e.g. openssl rand -hex 32"
+                )
+        return self
 
+
+# The start of every placeholder value in deploy/k8s/secret.yaml: refused as a secret.
+PLACEHOLDER_PREFIX = "replace-me"
 ENV_PREFIX = "ADVGUARD_"
 # How alike (difflib's ratio, after the prefix) an unknown variable must be to a setting's name to
 # be taken for a misspelling of it: a letter dropped, doubled or swapped in a name of 8 or more

@@ -5,6 +5,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+import yaml
+from pydantic import ValidationError
+
 from app.service.settings import ENV_PREFIX, Settings, misspelt_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,3 +52,15 @@ def test_no_setting_and_none_of_the_projects_other_variables_is_taken_for_a_miss
     others = used - set(names) - {"ADVGUARD_STATEFUL_POLCY"}  # test_serve's misspelling
     assert {"ADVGUARD_PORT", "ADVGUARD_BUILD_ARCH", "ADVGUARD_SCREENSHOT"} <= others
     assert misspelt_settings({name: "1" for name in others}) == []
+
+
+def test_the_shipped_secret_placeholders_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every value deploy/k8s/secret.yaml ships is refused, naming its variable; real ones pass."""
+    shipped = yaml.safe_load((ROOT / "deploy" / "k8s" / "secret.yaml").read_text())["stringData"]
+    assert len(shipped) == 3
+    for variable, value in shipped.items():
+        with monkeypatch.context() as env:
+            env.setenv(variable, value)
+            with pytest.raises(ValidationError, match=re.escape(variable)):
+                Settings()
+    Settings(admin_token="3f9c", api_keys={"a": "k1"}, stateful_secret="salt")
