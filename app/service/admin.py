@@ -17,6 +17,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
 from app.service import routes
 from app.service.routes import _ERRORS, ServiceDep
@@ -61,10 +62,26 @@ def _unavailable(exc: TrackerUnavailableError) -> ApiError:
     return ApiError(503, "tracker_unavailable", str(exc), {"Retry-After": "1"})
 
 
-# ``:path``: a client id may hold '/' (an X-Client-ID such as "team/alice", sent or quoted as
-# %2F, which the server decodes before routing); a plain parameter would never match it.
+class ClientIdConvertor(Convertor[str]):
+    """A client id in a path: anything, '/' and line breaks included (an X-Client-ID such as
+    "team/alice", sent or quoted as %2F, which the server decodes before routing). A plain
+    parameter stops at '/', and ``:path``'s ``.*`` at a line break, so such a path matched no
+    route and answered 404 before the admin token was even checked."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("client_id", ClientIdConvertor())
+
+
 @admin_router.get(
-    "/clients/{client_id:path}",
+    "/clients/{client_id:client_id}",
     response_model=ClientStatsModel,
     responses={**_ERRORS, 404: {"model": ErrorResponse}},
 )
@@ -92,7 +109,7 @@ async def clients(
 
 
 @admin_router.delete(
-    "/clients/{client_id:path}/flag", response_model=FlagCleared, responses=_ERRORS
+    "/clients/{client_id:client_id}/flag", response_model=FlagCleared, responses=_ERRORS
 )
 async def clear_flag(client_id: str, service: ServiceDep, _: Admin) -> FlagCleared:
     try:
