@@ -142,7 +142,8 @@ def holdout_mask(entries: list[Entry], fraction: float, seed: int) -> np.ndarray
     for members in by_class.values():
         if len(members) < 2:
             continue
-        take = max(1, math.floor(fraction * len(members) + 0.5))
+        # at least one held out, and never the whole class: it must keep an indexed image
+        take = min(max(1, math.floor(fraction * len(members) + 0.5)), len(members) - 1)
         for _, position in sorted(members)[:take]:
             mask[position] = True
     return mask
@@ -355,6 +356,21 @@ def written_by_the_builder(name: str) -> bool:
     return store in WORK_ENTRIES and (rank == "" or rank.isdigit())
 
 
+# The kinds of file a bundle is made of (weights, manifest and sources, arrays, indexes).
+BUNDLE_SUFFIXES = frozenset({".pth", ".json", ".npy", ".npz", ".faiss"})
+
+
+def _left_by_a_build(staging: Path) -> bool:
+    """Whether ``staging`` holds only what a build writes there (an interrupted write's bundle
+    files, the licence notice aside): the next build may replace it."""
+    if not staging.is_dir():
+        return False
+    return all(
+        path.is_file() and (path.suffix.lower() in BUNDLE_SUFFIXES or path.suffix == "")
+        for path in staging.iterdir()
+    )
+
+
 def check_config(config: BuildConfig) -> None:
     """Refuse, before any image is read, the options the build would otherwise trip on only
     after the extraction (values out of range), and the paths it would destroy: the write
@@ -372,8 +388,18 @@ def check_config(config: BuildConfig) -> None:
     problems = [
         f"{name} must be at least 1 (got {value})" for name, value in counts.items() if value < 1
     ]
+    if config.per_class_limit is not None and config.per_class_limit < 1:
+        problems.append(f"--per-class-limit must be at least 1 (got {config.per_class_limit})")
     if config.num_workers < 0:
         problems.append(f"--workers must be at least 0 (got {config.num_workers})")
+    license_file = config.license_file
+    if license_file is not None and not license_file.is_file():
+        problems.append(f"--license-file {license_file} is not a file")
+    elif license_file is not None and license_file.suffix.lower() in BUNDLE_SUFFIXES:
+        problems.append(
+            f"--license-file {license_file.name}: a {license_file.suffix} name could replace a "
+            "bundle file; give the notice a text name (LICENSE, NOTICE.txt, ...)"
+        )
     if config.calibration_source is None and not 0.0 < config.holdout_fraction < 1.0:
         problems.append(
             f"--holdout-fraction must be between 0 and 1 (got {config.holdout_fraction})"
@@ -388,6 +414,12 @@ def check_config(config: BuildConfig) -> None:
         problems.append(
             f"--out {out} holds files and is not a bundle: the build would replace it; choose a "
             "new or empty directory, or a bundle to rebuild"
+        )
+    staging = out.with_name(out.name + ".staging")
+    if staging.exists() and not _left_by_a_build(staging):
+        problems.append(
+            f"{staging} exists and is not a bundle left by an interrupted build: the build "
+            "writes the bundle there first and would replace it; move it away"
         )
     work_dir = config.work_dir or out.with_name(out.name + ".work")
     if work_dir.exists() and not work_dir.is_dir():
@@ -409,15 +441,18 @@ def resolve_detector(
 ) -> tuple[list[StatisticSpec], Combination, list[str]]:
     """The detector a build asks for: its statistics, combination and the layers they read
     (what every rank of a distributed build extracts)."""
-    statistics, combination = detectors.resolve(
-        config.detector,
-        config.statistics,
-        config.combination,
-        config.layers,
-        model,
-        config.arch,
-        config.class_k,
-    )
+    try:
+        statistics, combination = detectors.resolve(
+            config.detector,
+            config.statistics,
+            config.combination,
+            config.layers,
+            model,
+            config.arch,
+            config.class_k,
+        )
+    except ValueError as exc:  # an unknown preset, statistic or layer, a bad combination
+        raise ConfigError(str(exc)) from exc
     return statistics, combination, _unique(s.layer for s in statistics)
 
 
@@ -425,6 +460,18 @@ def plan_build(config: BuildConfig) -> Plan:
     info = describe_architecture(config.arch)
     source = open_source(config.source, config.split)
     listing = source.listing(config.per_class_limit)
+    if config.index_type == "ivf":  # faiss trains nlist centroids on the indexed images
+        held_out = (
+            0
+            if config.calibration_source is not None
+            else int(holdout_mask(listing.entries, config.holdout_fraction, config.seed).sum())
+        )
+        indexable = len(listing.entries) - held_out
+        if config.nlist > indexable:
+            raise ConfigError(
+                f"--index ivf --nlist {config.nlist} needs as many indexed images; the source "
+                f"has {indexable} outside the holdout: lower --nlist, or use --index flat"
+            )
     model = load_model(config.arch, config.weights, len(listing.classes))
     statistics, combination, layers = resolve_detector(config, model)
     network = FeatureNetwork(model, layers, PRESETS[info.preset])
@@ -446,9 +493,10 @@ def _fingerprint(
 ) -> dict[str, object]:
     keys = hashlib.sha256("\n".join(e.key for e in items).encode()).hexdigest()
     return {
-        "source": src.description,
+        "source": src.identity,
         "entries": len(items),
         "entries_sha256": keys,
+        "content_sha256": src.content_stamp(items),
         "weights_sha256": plan.weights_sha256,
         "arch": config.arch,
         "layers": list(plan.network.layers),
@@ -497,7 +545,25 @@ def extract_stage(
     )
     if not extracted.correct.any():
         raise SourceError("no held-out image is classified correctly: cannot calibrate")
+    _every_class_indexed(plan.classes, labels_all, held_out, extracted.index_labels)
     return extracted
+
+
+def _every_class_indexed(
+    classes: list[str], labels: np.ndarray, held_out: np.ndarray, indexed: np.ndarray
+) -> None:
+    """A class without an indexed image can never win the vote, and has no density to measure
+    distances to: refuse such a bundle rather than write it (its images were all unreadable)."""
+    counts = np.bincount(indexed, minlength=len(classes))
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        name = classes[int(missing[0])]
+        listed = int(np.sum((labels == missing[0]) & ~held_out))
+        more = f"; {missing.size - 1} more classes too" if missing.size > 1 else ""
+        raise SourceError(
+            f"class {name} has no readable image to index ({listed} listed outside the holdout, "
+            f"all unreadable{more})"
+        )
 
 
 @dataclass(frozen=True)

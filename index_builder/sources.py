@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import lzma
 import tarfile
 from collections.abc import Iterator
@@ -73,7 +74,13 @@ def _limit(grouped: dict[str, list[Entry]], per_class_limit: int | None) -> list
 class ImageSource:
     """Base class: a listing plus a way to read bytes."""
 
-    description: str
+    description: str  # the path as given (recorded in the manifest)
+    identity: str  # the resolved path: the same source however it was typed
+
+    def content_stamp(self, entries: list[Entry]) -> str:
+        """A digest of what the entries' bytes are, cheaply: a resumed build reuses features
+        only while it matches (images rewritten under their old names change it)."""
+        raise NotImplementedError
 
     def listing(self, per_class_limit: int | None = None) -> SourceListing:
         raise NotImplementedError
@@ -97,6 +104,7 @@ class DirectorySource(ImageSource):
         if not self.root.is_dir():
             raise SourceError(f"no such directory: {self.root}")
         self.description = str(self.root)
+        self.identity = str(self.root.resolve())
 
     def listing(self, per_class_limit: int | None = None) -> SourceListing:
         classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
@@ -105,10 +113,21 @@ class DirectorySource(ImageSource):
         grouped: dict[str, list[Entry]] = {}
         for label, name in enumerate(classes):
             files = sorted(
-                p.name for p in (self.root / name).iterdir() if p.is_file() and _is_image(p.name)
+                p.name
+                for p in (self.root / name).iterdir()
+                if p.is_file() and _class_and_name(PurePosixPath(name, p.name)) is not None
             )
+            if not files:  # the classes after it would take the wrong labels (as ImageFolder)
+                raise SourceError(f"class folder {self.root / name} holds no images")
             grouped[name] = [Entry(f"{name}/{file}", label) for file in files]
         return SourceListing(classes, _limit(grouped, per_class_limit))
+
+    def content_stamp(self, entries: list[Entry]) -> str:
+        digest = hashlib.sha256()
+        for entry in entries:
+            status = (self.root / entry.key).stat()
+            digest.update(f"{entry.key}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
     def read(self, entry: Entry) -> bytes:
         return (self.root / entry.key).read_bytes()
@@ -122,9 +141,12 @@ class TarSource(ImageSource):
         self.split = split
         self.compressed = self._is_compressed(path)
         self.description = f"{path}" + (f"::{split}" if split else "")
+        self.identity = f"{path.resolve()}" + (f"::{split}" if split else "")
         self._handle: object | None = None
         self._uncompressed_bytes: int | None = None  # known after listing()
         self._blob: bytes | None = None  # decompressed archive, per process
+        # member name -> data offset of its last copy (listing() keeps that one; stream() too)
+        self._last_copy: dict[str, int] = {}
 
     @staticmethod
     def _is_compressed(path: Path) -> bool:
@@ -160,33 +182,55 @@ class TarSource(ImageSource):
         return path
 
     def listing(self, per_class_limit: int | None = None) -> SourceListing:
-        grouped: dict[str, list[Entry]] = {}
+        """The archive's ``<class>/<image>`` members, as a directory of it would list them:
+        each class's images sorted by name, and of a name stored twice (``tar -r``) the last
+        copy, the one extraction keeps; a class folder stored without images is refused."""
+        found_members: dict[str, Entry] = {}  # key -> its last member
+        folders: set[str] = set()
         end = 0
         try:
             with tarfile.open(self.path, "r:*") as archive:
                 for member in archive:
+                    relative = self._relative(member.name)
+                    if member.isdir() and relative is not None and len(relative.parts) == 1:
+                        folders.add(relative.parts[0])
                     if not member.isfile():
                         continue
                     end = max(end, member.offset_data + member.size)
-                    relative = self._relative(member.name)
                     found = _class_and_name(relative) if relative else None
                     if found is None:
                         continue
-                    grouped.setdefault(found[0], []).append(
-                        Entry("/".join(found), -1, member.name, member.offset_data, member.size)
+                    key = "/".join(found)
+                    found_members.pop(key, None)  # a later copy replaces it
+                    found_members[key] = Entry(
+                        key, -1, member.name, member.offset_data, member.size
                     )
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise SourceError(f"cannot read archive {self.path}: {exc}") from exc
         self._uncompressed_bytes = end
-        if not grouped:
+        self._last_copy = {e.member: e.offset for e in found_members.values()}
+        if not found_members:
             where = f" under {self.split}/" if self.split else ""
             raise SourceError(f"{self.path} holds no <class>/<image> members{where}")
+        grouped: dict[str, list[Entry]] = {}
+        for key in sorted(found_members):
+            grouped.setdefault(key.split("/", 1)[0], []).append(found_members[key])
+        empty = sorted(folders - set(grouped))
+        if empty:  # the classes after it would take the wrong labels (as ImageFolder)
+            raise SourceError(f"class folder {empty[0]} in {self.path} holds no images")
         classes = sorted(grouped)
         labelled = {
             name: [Entry(e.key, label, e.member, e.offset, e.size) for e in grouped[name]]
             for label, name in enumerate(classes)
         }
         return SourceListing(classes, _limit(labelled, per_class_limit))
+
+    def content_stamp(self, entries: list[Entry]) -> str:
+        status = self.path.stat()  # an archive written again is another source
+        digest = hashlib.sha256(f"{status.st_size}\0{status.st_mtime_ns}\n".encode())
+        for entry in entries:
+            digest.update(f"{entry.member}\0{entry.offset}\0{entry.size}\n".encode())
+        return digest.hexdigest()
 
     def read(self, entry: Entry) -> bytes:
         if entry.offset < 0 or self.streaming:
@@ -204,7 +248,8 @@ class TarSource(ImageSource):
     def stream(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
         with tarfile.open(self.path, "r|*") as archive:
             for member in archive:
-                if member.isfile() and member.name in wanted:
+                last = self._last_copy.get(member.name, member.offset_data)
+                if member.isfile() and member.name in wanted and member.offset_data == last:
                     extracted = archive.extractfile(member)
                     if extracted is not None:
                         yield member.name, extracted.read()

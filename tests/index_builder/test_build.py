@@ -1,5 +1,6 @@
 """Bundle round trips through the real builder, on tiny real image folders."""
 
+import dataclasses
 import json
 import re
 import tarfile
@@ -186,7 +187,8 @@ def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights
     )
     other = make_image_folder(classes=3, per_class=9, name="other")
     with pytest.raises(
-        SourceError, match=r"different build \(entries, entries_sha256, source differ"
+        SourceError,
+        match=r"different build \(content_sha256, entries, entries_sha256, source differ",
     ):
         build_bundle(
             cifar_config(other, cifar_weights(3), tmp_path / "c", work_dir=work), progress=False
@@ -288,6 +290,9 @@ def test_python_m_index_builder_cli(make_image_folder, cifar_weights, tmp_path, 
         ({"batch_size": 0}, "--batch-size must be at least 1 (got 0)"),
         ({"holdout_fraction": 1.0}, "--holdout-fraction must be between 0 and 1 (got 1.0)"),
         ({"num_workers": -1}, "--workers must be at least 0 (got -1)"),
+        ({"per_class_limit": -1}, "--per-class-limit must be at least 1 (got -1)"),
+        ({"per_class_limit": 0}, "--per-class-limit must be at least 1 (got 0)"),
+        ({"license_file": Path("missing.txt")}, "--license-file missing.txt is not a file"),
     ],
 )
 def test_options_out_of_range_are_refused_before_any_image_is_read(tmp_path, overrides, message):
@@ -346,3 +351,79 @@ def test_a_killed_distributed_builds_rank_stores_do_not_stop_its_resume(
     (work / "source.rankx").mkdir()
     with pytest.raises(ConfigError, match=r"did not write \(source\.rankx\)"):
         check_config(config)
+
+
+def test_the_holdout_never_takes_a_whole_class():
+    """A class of 2 at --holdout-fraction 0.99 used to be held out whole: nothing of it indexed
+    (a traceback under v2, a bundle that can never vote for it under the paper's detector)."""
+    entries = [Entry(f"c0/{i}.png", 0) for i in range(2)]
+    entries += [Entry(f"c1/{i}.png", 1) for i in range(12)]
+    for fraction in (0.5, 0.75, 0.96, 0.99):
+        mask = holdout_mask(entries, fraction, seed=0)
+        assert mask[:2].sum() == 1 and 1 <= mask[2:].sum() <= 11
+
+
+def test_a_class_of_unreadable_images_is_refused_with_its_name(
+    make_image_folder, cifar_weights, tmp_path
+):
+    folder = make_image_folder(classes=3, per_class=6)
+    for path in (folder / "class_02").iterdir():
+        path.write_bytes(b"not an image")
+    for detector in ("paper", "v2"):
+        config = cifar_config(folder, cifar_weights(3), tmp_path / detector, detector=detector)
+        with pytest.raises(SourceError, match="class class_02 has no readable image to index"):
+            build_bundle(config, progress=False)
+        assert not (tmp_path / detector).exists()
+
+
+def test_images_rewritten_under_their_names_are_not_taken_from_old_chunks(
+    make_image_folder, cifar_weights, tmp_path
+):
+    """The work directory's check hashed the file names only: a rebuild after the images were
+    exported again reused the old features."""
+    folder = make_image_folder(classes=3, per_class=8)
+    work = tmp_path / "work"
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", work_dir=work)
+    build_bundle(dataclasses.replace(config, keep_work_dir=True), progress=False)
+    image = next((folder / "class_01").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")
+    with pytest.raises(SourceError, match=r"different build \(content_sha256 differ"):
+        build_bundle(config, progress=False)
+
+
+def test_detector_and_index_options_are_refused_before_the_extraction(
+    make_image_folder, cifar_weights, tmp_path, capsys
+):
+    folder = make_image_folder(classes=3, per_class=8)
+    argv = ["--source", str(folder), "--arch", "resnet20", "--weights", str(cifar_weights(3))]
+    argv += ["--out", str(tmp_path / "b"), "--workers", "0", "--quiet"]
+    for extra, message in (
+        (["--detector", "nosuch"], "nosuch"),
+        (["--statistic", "foo@last"], "foo"),
+        (["--index", "ivf", "--nlist", "64"], "--index ivf --nlist 64 needs as many indexed"),
+    ):
+        assert builder_main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("\n") == 1
+        assert not (tmp_path / "b.work").exists()
+
+
+def test_a_licence_named_like_a_bundle_file_and_a_foreign_staging_dir_are_refused(
+    make_image_folder, cifar_weights, tmp_path
+):
+    folder = make_image_folder(classes=3, per_class=8)
+    notice = tmp_path / "lic" / "manifest.json"
+    notice.parent.mkdir()
+    notice.write_text("licence")
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", license_file=notice)
+    with pytest.raises(ConfigError, match="could replace a bundle file"):
+        build_bundle(config, progress=False)
+    staging = tmp_path / "b.staging"
+    staging.mkdir()
+    (staging / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not a bundle left by an interrupted build"):
+        build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
+    assert (staging / "keep.txt").read_text() == "mine"
+    (staging / "keep.txt").unlink()
+    (staging / "model.pth").write_bytes(b"half written")  # an interrupted write: replaced
+    assert build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
