@@ -67,7 +67,13 @@ from app.core.statistics import (
 )
 from index_builder import detectors
 from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
-from index_builder.sources import Entry, ImageSource, open_source, source_reference
+from index_builder.sources import (
+    Entry,
+    ImageSource,
+    SourceListing,
+    open_source,
+    source_reference,
+)
 
 WEIGHTS_FILE = "model.pth"
 LABELS_FILE = "labels.npy"
@@ -460,6 +466,8 @@ def plan_build(config: BuildConfig) -> Plan:
     info = describe_architecture(config.arch)
     source = open_source(config.source, config.split)
     listing = source.listing(config.per_class_limit)
+    if config.calibration_source is not None:  # checked now, not after the main extraction
+        _same_classes(listing.classes, config.calibration_source, config.calibration_split)
     if config.index_type == "ivf":  # faiss trains nlist centroids on the indexed images
         held_out = (
             0
@@ -597,8 +605,7 @@ def _separate_calibration(
     assert config.calibration_source is not None
     source = open_source(config.calibration_source, config.calibration_split)
     listing = source.listing()
-    if listing.classes != plan.classes:
-        raise SourceError("the calibration source's classes differ from the indexed source's")
+    _same_classes(plan.classes, config.calibration_source, config.calibration_split, listing)
     entries = listing.entries
     store, report = extract(
         config,
@@ -612,6 +619,21 @@ def _separate_calibration(
     )
     labels = np.array([e.label for e in entries], dtype=np.int64)
     return CalibrationImages(store, entries, labels, np.ones(len(entries), bool), None, [report])
+
+
+def _same_classes(
+    classes: list[str], path: Path, split: str | None, listing: SourceListing | None = None
+) -> None:
+    """The calibration source must have the indexed source's classes (the labels are their
+    positions), or the build is refused, naming the first classes that differ."""
+    listing = listing or open_source(path, split).listing()
+    if listing.classes != classes:
+        missing = sorted(set(classes) - set(listing.classes))[:3]
+        extra = sorted(set(listing.classes) - set(classes))[:3]
+        raise SourceError(
+            f"the calibration source's classes differ from the indexed source's (missing: "
+            f"{', '.join(missing) or 'none'}; not indexed: {', '.join(extra) or 'none'})"
+        )
 
 
 def _reference_part(config: BuildConfig, cal: CalibrationImages) -> np.ndarray:

@@ -427,3 +427,14 @@ def test_a_licence_named_like_a_bundle_file_and_a_foreign_staging_dir_are_refuse
     (staging / "keep.txt").unlink()
     (staging / "model.pth").write_bytes(b"half written")  # an interrupted write: replaced
     assert build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
+
+
+def test_a_calibration_source_with_other_classes_is_refused_before_the_extraction(
+    make_image_folder, cifar_weights, tmp_path
+):
+    folder = make_image_folder(classes=3, per_class=8)
+    other = make_image_folder(classes=2, per_class=4, name="cal")
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", calibration_source=other)
+    with pytest.raises(SourceError, match=r"missing: class_02; not indexed: none"):
+        build_bundle(config, progress=False)
+    assert not (tmp_path / "b.work").exists()  # nothing extracted

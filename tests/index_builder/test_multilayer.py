@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from app.core.detector import Detector
+from app.core.errors import ConfigError
 from app.core.guard import Guard
 from app.core.images import decode_image
 from index_builder.build import build_bundle
@@ -77,7 +78,7 @@ def test_several_layers_default_to_fisher_and_refuse_single(
         _config(folder, weights, tmp_path / "x", layers=("layer1", "layer3")), progress=False
     ).manifest
     assert manifest.detector.combination == "fisher"
-    with pytest.raises(ValueError, match="single"):
+    with pytest.raises(ConfigError, match="single"):  # a user's error: one line, exit 2
         build_bundle(
             _config(
                 folder, weights, tmp_path / "y", layers=("layer1", "layer3"), combination="single"
