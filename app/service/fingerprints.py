@@ -1,9 +1,11 @@
 """The Redis fingerprint store of the stateful detector: the in-process store's twin, shared by
 replicas, with an index so that a lookup reads only candidates.
 
-It keeps what ``app.core.stateful.InProcessFingerprintStore`` keeps, with the same bounds and the
-same notion of a live entry, and decides matches with the same pure function
-(``summarise_matches``): Redis only finds candidates and stores records.
+It keeps what ``app.core.stateful.InProcessFingerprintStore`` keeps, with the same notion of a
+live entry and the same bounds on everyone's queries and each client's (but no cap on the
+number of clients, which Redis's TTLs and maxmemory bound, and at most ``MAX_CANDIDATES``
+candidates a lookup), and decides matches with the same pure function (``summarise_matches``):
+Redis only finds candidates and stores records.
 
 Key layout (``<p>`` = the prefix; a script touches the keys of one hash tag only, so every call
 stays in one slot of a Redis Cluster):
@@ -55,10 +57,14 @@ from app.core.stateful import (
 from app.service.tracking import RedisClient, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
-# candidates fetched at most (in the order met; the in-process store has no such bound): a bound
-# on one script's reply, far above what honest photos or an attack produce (a query's
-# near-duplicates and a few chance sharers)
-MAX_CANDIDATES = 2000
+# candidates fetched at most, the newest (the in-process store has no such bound): a bound on
+# one script's reply and its cost, above what an attack produces (the rule needs 5 distinct
+# near-duplicates; chance sharers are a few). A photo resent thousands of times fills it with
+# its copies: the newest are kept, so an attack's recent probes still reach the rule. It was
+# 2,000, the oldest kept: 2,000 resends hid every later near-copy from everyone's scope, and
+# each lookup of that photo fetched 2,000 records (~360 KB; a batch of 64 took 1.5 s, past
+# the 0.2 s timeout, so the detector failed open).
+MAX_CANDIDATES = 256
 
 DECISIONS: tuple[str, ...] = ("", "accepted", "rejected", "unguarded")  # byte code -> decision
 
@@ -126,7 +132,11 @@ local id = seq + 1
 local out = {seq, id}
 local found = {}
 for _, c in ipairs(order) do
-  if hits[c] >= min_hits and #found < MAX_CANDIDATES then found[#found + 1] = c end
+  if hits[c] >= min_hits then found[#found + 1] = c end
+end
+if #found > MAX_CANDIDATES then  -- the newest: an attack's probes are recent
+  table.sort(found, function(a, b) return a > b end)
+  for k = #found, MAX_CANDIDATES + 1, -1 do found[k] = nil end
 end
 if #found > 0 then
   local recs = redis.call('HMGET', KEYS[2], unpack(found))

@@ -203,3 +203,44 @@ def test_batches_in_one_round_trip_give_what_one_query_at_a_time_gives(
         _same(a, b)
     relabelled = [e for e in expected if DEFAULT_RULE.detects(e) and e.anchor is not None]
     assert len(relabelled) >= 30  # detections whose kept answers later queries read
+
+
+def test_a_photo_resent_thousands_of_times_does_not_hide_later_probes(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """The Redis store fetches at most MAX_CANDIDATES candidates a lookup. It kept the oldest:
+    that many resends of one photo (honest, a viral picture) then filled the list, and probes
+    sent from fresh ids after them never reached the rule (a review: never detected). It keeps
+    the newest: the probes are found, as by the in-process store, which has no such bound."""
+    from app.service.fingerprints import MAX_CANDIDATES
+
+    probes = attack_sequence(photos[3], 9, seed=5)[1:]
+    images = np.concatenate([np.repeat(photos[3][None], MAX_CANDIDATES, 0), probes])
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    bounds = {"max_fingerprints": 5_000, "ttl_s": 3600.0, "per_client": 16}
+    red = RedisFingerprintStore(
+        redis_server.url, SCHEME, prefix=uuid.uuid4().hex, timeout_s=5.0, **bounds
+    )
+    memory = InProcessFingerprintStore(SCHEME, **bounds)
+    answer = Answer("accepted", 3, 0.9, 0.5)
+    queries = [
+        StoreQuery(f"id-{i}", prints[i], digests[i], 1000.0 + i, answer, keys[i])
+        for i in range(len(images))
+    ]
+    flooded = queries[:MAX_CANDIDATES]
+    for start in range(0, len(flooded), 250):  # the resends, in batches (one round trip each)
+        red.check_and_store_many(flooded[start : start + 250], lambda q, e: None)
+    for query in flooded:
+        memory.check_and_store(
+            query.client_id, query.fingerprint, query.digest, query.at, answer, query.keys
+        )
+    detected = 0
+    for query in queries[MAX_CANDIDATES:]:
+        args = (query.client_id, query.fingerprint, query.digest, query.at, answer, query.keys)
+        in_redis, _ = red.check_and_store(*args)
+        in_memory, _ = memory.check_and_store(*args)
+        assert in_redis.everyone.distinct == in_memory.everyone.distinct
+        detected += DEFAULT_RULE.detects(in_redis, answer)
+    assert detected >= 3  # the later probes, each from a fresh id: only everyone's scope sees them
