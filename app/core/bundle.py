@@ -18,9 +18,16 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle_dir} is not a bundle: no {MANIFEST_NAME}")
     try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError) as exc:
+        return Manifest.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"invalid {path}: not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
         raise BundleError(f"invalid {path}: {exc}") from exc
+    except ValidationError as exc:  # one line: the count and the first problem
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the top level"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise BundleError(f"invalid {path}: {where}: {first['msg']}{more}") from exc
 
 
 def verify_files(bundle_dir: Path, manifest: Manifest) -> None:

@@ -192,6 +192,20 @@ def preset_of(manifest: Manifest) -> PreprocessingPreset:
     return PreprocessingPreset(spec.preset, spec.resize, spec.crop, spec.mean, spec.std)
 
 
+def threshold_for(manifest: Manifest, retention: float | None) -> float:
+    """The bundle's threshold for a retention (None: its operating one); a retention it was not
+    calibrated for is refused (``advguard serve`` checks it before starting)."""
+    if retention is None:
+        return manifest.calibration.threshold
+    key = f"{retention:.2f}"
+    if key not in manifest.calibration.thresholds:
+        raise BundleError(
+            f"no calibrated threshold for retention {key}; "
+            f"have {sorted(manifest.calibration.thresholds)}"
+        )
+    return manifest.calibration.thresholds[key]
+
+
 class Guard:
     def __init__(
         self,
@@ -243,15 +257,7 @@ class Guard:
         network.set_execution(precision, channels_last)
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
         detector, index_device = load_detector(bundle_dir, manifest, want_gpu, search_backend)
-        threshold = manifest.calibration.threshold
-        if retention is not None:
-            key = f"{retention:.2f}"
-            if key not in manifest.calibration.thresholds:
-                raise BundleError(
-                    f"no calibrated threshold for retention {key}; "
-                    f"have {sorted(manifest.calibration.thresholds)}"
-                )
-            threshold = manifest.calibration.thresholds[key]
+        threshold = threshold_for(manifest, retention)
         return cls(manifest, network, detector, threshold, index_device)
 
     @property

@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,11 @@ class _Listener(uvicorn.Server):
         yield
 
 
-async def serve_listeners(public: uvicorn.Server, admin: uvicorn.Server) -> None:
+async def serve_listeners(
+    public: uvicorn.Server,
+    admin: uvicorn.Server,
+    sockets: tuple[socket.socket, socket.socket] | None = None,
+) -> None:
     """Run the public and the admin listener in one event loop. SIGTERM/SIGINT stop the public
     one first (refuse new work, finish in-flight requests, drain the batcher in its lifespan),
     so that /metrics stays scrapable during the drain; the admin listener stops after it. A
@@ -46,9 +51,10 @@ async def serve_listeners(public: uvicorn.Server, admin: uvicorn.Server) -> None
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig)
-    admin_task = asyncio.create_task(admin.serve())
+    public_sockets, admin_sockets = ([sockets[0]], [sockets[1]]) if sockets else (None, None)
+    admin_task = asyncio.create_task(admin.serve(sockets=admin_sockets))
     try:
-        await public.serve()
+        await public.serve(sockets=public_sockets)
     finally:
         admin.should_exit = True
         await admin_task
@@ -83,6 +89,7 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     from app.core.bundle import read_manifest, verify_files
     from app.core.errors import AdvguardError
     from app.core.features import pick_device
+    from app.core.guard import threshold_for
     from app.service.main import create_app
     from app.service.settings import Settings, misspelt_settings
 
@@ -96,7 +103,12 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     try:
         settings = Settings(**_settings_overrides(args))
         pick_device(settings.device)  # a device it lacks: refused here, not in a traceback
-        verify_files(settings.bundle, read_manifest(settings.bundle))
+        manifest = read_manifest(settings.bundle)
+        verify_files(settings.bundle, manifest)
+        threshold_for(manifest, settings.retention)  # a retention the bundle was not calibrated for
+        source = settings.neighbour_source
+        if source is not None and not (source.is_dir() or source.is_file()):
+            raise _RefusedError(f"ADVGUARD_NEIGHBOUR_SOURCE {source} does not exist")
         app = create_app(settings)  # refuses empty API keys or bad proxy networks
     except SettingsError as exc:  # pydantic-settings names the field, not the variable
         field = re.search(r'field "(\w+)"', str(exc))
@@ -111,6 +123,26 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     if settings.admin_port == args.port:
         raise _RefusedError("the admin port is the public port")
     return settings, app
+
+
+def _bound(host: str, port: int, what: str) -> socket.socket:
+    """A socket bound to (host, port) for a listener, or a refusal naming it: bound here, before
+    either listener starts, because uvicorn reports a failed bind by exiting its own task, which
+    left the other listener (and the process) running without the admin one, silently."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except (OSError, OverflowError) as exc:
+        raise _RefusedError(f"cannot listen on {host}:{port} ({what}): {exc}") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as exc:
+        sock.close()
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise _RefusedError(f"cannot listen on {host}:{port} ({what}): {reason}") from exc
+    sock.set_inheritable(True)
+    return sock
 
 
 def _listeners(
@@ -145,14 +177,32 @@ def _serve(args: argparse.Namespace) -> int:
     """Settings and app (or a refusal, exit 2) -> the two listeners -> serve until a signal."""
     try:
         settings, app = _configured_app(args)
+        public_socket = _bound(args.host, args.port, "the public port")
+        admin_host = settings.admin_host or args.host
+        try:
+            admin_socket = _bound(admin_host, settings.admin_port, "the admin port")
+        except _RefusedError:
+            public_socket.close()
+            raise
     except _RefusedError as refused:
         print(f"advguard serve: refusing to start: {refused}", file=sys.stderr)
         return 2
     public, admin = _listeners(args, settings, app)
-    asyncio.run(serve_listeners(public, admin))
+    asyncio.run(serve_listeners(public, admin, (public_socket, admin_socket)))
     # the lifespan refused to start (e.g. a neighbour source the bundle cannot use): uvicorn's
     # startup-failure code, not a clean exit
     return 0 if public.started else 3
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1-65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {value}")
+    return value
 
 
 def register(commands: Any) -> None:
@@ -163,19 +213,19 @@ def register(commands: Any) -> None:
         "Every setting is an ADVGUARD_* environment variable; the options below override them.",
     )
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--bundle", type=Path, help="bundle directory (ADVGUARD_BUNDLE)")
     serve.add_argument("--device", help="cuda / cpu (ADVGUARD_DEVICE)")
     serve.add_argument("--redis-url", help="Redis URL for client tracking (ADVGUARD_REDIS_URL)")
     serve.add_argument(
         "--admin-port",
-        type=int,
+        type=port_number,
         help="private port of /metrics and the admin routes (ADVGUARD_ADMIN_PORT, default 9000)",
     )
     serve.add_argument(
         "--admin-host", help="address of the admin port (ADVGUARD_ADMIN_HOST; default --host)"
     )
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", choices=sorted(uvicorn.config.LOG_LEVELS))
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.add_argument("--graceful-shutdown-s", type=float, default=30.0)
     serve.set_defaults(run=_serve)

@@ -77,3 +77,20 @@ def test_old_fisher_bundle_references_its_per_layer_calibration(tmp_path):
     # the stored combined calibration scores are the detector's combination of those columns
     stored = np.load(bundle / guard.manifest.calibration.scores_file)
     np.testing.assert_allclose(guard.detector.combine(np.stack(columns, axis=1)), stored, rtol=1e-6)
+
+
+def test_a_manifest_that_is_not_utf8_or_not_a_manifest_is_refused_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """A binary manifest was a UnicodeDecodeError traceback; a schema-invalid one a 30-line
+    pydantic message."""
+    from app.core.bundle import read_manifest
+    from app.core.errors import BundleError
+
+    (tmp_path / "manifest.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(BundleError, match=r"manifest\.json: not UTF-8 text"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(BundleError) as refused:
+        read_manifest(tmp_path)
+    assert "\n" not in str(refused.value) and "more)" in str(refused.value)

@@ -153,10 +153,11 @@ def test_a_misspelt_setting_refuses_the_start_and_names_the_setting(
 
 
 def test_a_refused_start_exits_non_zero(tmp_path: Path) -> None:
-    """A setting the lifespan refuses (here a neighbour source that does not exist) ends the
-    process with uvicorn's startup-failure code and says why."""
+    """A setting the lifespan refuses (here a neighbour source that is neither a directory nor
+    a tar) ends the process with uvicorn's startup-failure code and says why."""
     port, admin = free_port(), free_port()
-    env = {**os.environ, "ADVGUARD_NEIGHBOUR_SOURCE": str(tmp_path / "nowhere.tar")}
+    (tmp_path / "notes.txt").write_text("not an archive")
+    env = {**os.environ, "ADVGUARD_NEIGHBOUR_SOURCE": str(tmp_path / "notes.txt")}
     done = subprocess.run(
         [ADVGUARD, "serve", "--port", str(port), "--admin-port", str(admin), "--device", "cpu"],
         env=env,
@@ -165,7 +166,7 @@ def test_a_refused_start_exits_non_zero(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 3, done.stderr
-    assert "neighbour source not found" in done.stderr
+    assert "is not a directory or a tar" in done.stderr
 
 
 def test_a_device_this_machine_lacks_is_refused_before_uvicorn_starts(
@@ -192,3 +193,66 @@ def test_a_setting_that_is_not_json_is_named(
     err = capsys.readouterr().err
     assert err.startswith("advguard serve: refusing to start: ADVGUARD_API_KEYS cannot be parsed")
     assert "lists and mappings are JSON" in err
+
+
+def test_a_busy_admin_port_refuses_the_start_instead_of_hanging(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """uvicorn reported the failed bind by ending the admin listener's task: the public one went
+    on without it and the process hung, answering nothing (a review). Both are bound first."""
+    from app.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        busy = taken.getsockname()[1]
+        port = free_port()
+        code = main(["serve", "--port", str(port), "--admin-port", str(busy), "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"advguard serve: refusing to start: cannot listen on 127.0.0.1:{busy}")
+    assert "(the admin port)" in err
+    with socket.socket() as again:  # the public port it had bound first is free again
+        again.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"ADVGUARD_RETENTION": "0.5"}, "no calibrated threshold for retention 0.50"),
+        ({"ADVGUARD_NEIGHBOUR_SOURCE": "/nowhere.tar"}, "/nowhere.tar does not exist"),
+    ],
+)
+def test_settings_the_bundle_cannot_serve_are_refused_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    environment: dict[str, str],
+    message: str,
+) -> None:
+    """They were refused only in the lifespan: a traceback through uvicorn, exit 3."""
+    from app.cli import main
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    port, admin = str(free_port()), str(free_port())
+    assert main(["serve", "--port", port, "--admin-port", admin, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advguard serve: refusing to start: ") and message in err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--port", "70000"], "expected a port from 1 to 65535, got 70000"),
+        (["--admin-port", "0"], "expected a port from 1 to 65535, got 0"),
+        (["--log-level", "foo"], "invalid choice: 'foo'"),
+    ],
+)
+def test_serve_options_out_of_range_are_refused_by_argparse(
+    capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    from app.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", *option])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
