@@ -21,6 +21,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -115,6 +116,35 @@ def test_untrusted_visitor_sees_verdicts_without_evidence(service: str, browser:
         data = (EXAMPLES / adversarial["file"]).read_bytes()
         body = client.post("/classify?explain=true", files={"file": ("x.png", data)}).json()
     assert body["decision"] == "rejected" and body["explanation"] is None
+
+
+def test_the_same_file_chosen_twice_is_classified_twice(service: str, browser: WebDriver) -> None:
+    """The input kept its value, so choosing the same file again fired no change (a review)."""
+    _open(browser, service)
+    authentic = EXAMPLES / _example("authentic")["file"]
+    assert _upload(browser, authentic) == "accepted"
+    assert _upload(browser, authentic) == "accepted"  # _upload cleared the result in between
+
+
+def test_the_file_chooser_is_reached_from_the_keyboard(service: str, browser: WebDriver) -> None:
+    """The file input is hidden, and its label was not focusable: no way to choose a file
+    without a mouse. The drop zone now takes focus (Tab) and Enter or Space opens the chooser."""
+    _open(browser, service)
+    browser.execute_script(
+        "window.__opened = 0; document.getElementById('file').click = () => window.__opened++"
+    )
+    drop = browser.find_element(By.ID, "drop")
+    assert drop.get_attribute("tabindex") == "0"
+    browser.execute_script("document.activeElement.blur()")
+    body = browser.find_element(By.TAG_NAME, "body")
+    for _ in range(20):  # Tab until the drop zone has the focus
+        if browser.execute_script("return document.activeElement.id") == "drop":
+            break
+        body.send_keys(Keys.TAB)
+    assert browser.execute_script("return document.activeElement.id") == "drop"
+    drop.send_keys(Keys.ENTER)
+    drop.send_keys(Keys.SPACE)
+    assert browser.execute_script("return window.__opened") == 2
 
 
 def test_an_image_dropped_on_the_page_is_classified(service: str, browser: WebDriver) -> None:

@@ -240,6 +240,14 @@ function setUpDrop() {
   const drop = $("drop");
   $("file").addEventListener("change", (e) => {
     if (e.target.files.length) classify(e.target.files[0]);
+    e.target.value = "";  // choosing the same file again must fire "change" again
+  });
+  // the input is hidden: the drop zone takes the keyboard (Enter or Space opens the chooser)
+  drop.addEventListener("keydown", (e) => {
+    if (e.key === "Enter" || e.key === " ") {
+      e.preventDefault();
+      $("file").click();
+    }
   });
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
