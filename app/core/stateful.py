@@ -805,7 +805,7 @@ class InProcessFingerprintStore:
     ``MIN_SHARED_KEYS`` of its buckets. Without
     keys (the evaluation's replays), it is compared with every live entry by one vectorised scan
     (fingerprints are small fixed-width rows: 128 bytes for the window-hash sketch); both find
-    the same matches. Not thread-safe: the service holds a lock around it.
+    the same matches. Not thread-safe: one thread owns it in the service (the one that screens).
     """
 
     def __init__(

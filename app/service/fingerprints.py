@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import redis
 
 from app.core.stateful import (
     MIN_SHARED_KEYS,
@@ -65,6 +66,25 @@ SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query 
 # each lookup of that photo fetched 2,000 records (~360 KB; a batch of 64 took 1.5 s, past
 # the 0.2 s timeout, so the detector failed open).
 MAX_CANDIDATES = 256
+
+
+def _records(raw: bytes, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
+    """Stored records read back; bytes that are no whole records (another layout, or foreign
+    data under the prefix) are the store failing, a Redis error: the query is answered as
+    usual (fail open), not with a 500."""
+    try:
+        return np.frombuffer(raw, dtype)
+    except ValueError as exc:
+        raise redis.exceptions.DataError(f"unreadable fingerprint records: {exc}") from exc
+
+
+def _text(raw: bytes) -> str:
+    """A stored client id (UTF-8), or the store failing as in ``_records``."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise redis.exceptions.DataError(f"unreadable client id in a record: {exc}") from exc
+
 
 DECISIONS: tuple[str, ...] = ("", "accepted", "rejected", "unguarded")  # byte code -> decision
 
@@ -512,18 +532,18 @@ class RedisFingerprintStore:
             if numbers[i] > seq - self.max_fingerprints:
                 live_numbers.append(numbers[i])
                 live_blobs.append(blobs[i])
-        everyone_records = np.frombuffer(b"".join(b[:size] for b in live_blobs), self.dtype)
+        everyone_records = _records(b"".join(b[:size] for b in live_blobs), self.dtype)
         if kept:
             everyone_records = self._with_kept(everyone_records, live_numbers, kept)
         fresh = everyone_records["at"] >= query.at - self.ttl_s
         everyone = self._scope(
             everyone_records[fresh],
-            [b[size:].decode() for b, keep in zip(live_blobs, fresh, strict=True) if keep],
+            [_text(b[size:]) for b, keep in zip(live_blobs, fresh, strict=True) if keep],
             query.fingerprint,
             query.digest,
             query.client_id,
         )
-        own = np.frombuffer(previous, self.dtype)
+        own = _records(previous, self.dtype)
         if kept:
             own = self._with_kept(own, own["entry"].tolist(), kept)
         own = own[own["at"] >= query.at - self.client_ttl_s]

@@ -244,3 +244,15 @@ def test_a_photo_resent_thousands_of_times_does_not_hide_later_probes(
         assert in_redis.everyone.distinct == in_memory.everyone.distinct
         detected += DEFAULT_RULE.detects(in_redis, answer)
     assert detected >= 3  # the later probes, each from a fresh id: only everyone's scope sees them
+
+
+def test_records_it_cannot_read_are_the_store_failing(redis_server: RedisProcess) -> None:
+    """A client's string of another record layout (foreign data under the prefix) raised a
+    ValueError, which the service does not take for the store failing: a 500 for that client's
+    next 256 queries. It is a Redis error now, so the query is answered as usual (fail open)."""
+    red = RedisFingerprintStore(redis_server.url, SCHEME, prefix=uuid.uuid4().hex)
+    image = np.random.default_rng(0).integers(0, 255, (1, 3, 32, 32), dtype=np.uint8)
+    prints, keys = SCHEME.fingerprints_and_keys(image)
+    redis.Redis.from_url(redis_server.url).set(red.client_key("bob"), b"\0" * 100, ex=60)
+    with pytest.raises(redis.RedisError, match="unreadable fingerprint records"):
+        red.check_and_store("bob", prints[0], b"digest", 1.0, _answer(1), keys[0])
