@@ -257,6 +257,8 @@ class Plan:
     combination: Combination
     weights_sha256: str
     work_dir: Path
+    # --calibration-source, opened and listed once (its classes checked against the source's)
+    calibration: tuple[ImageSource, SourceListing] | None = None
 
     @property
     def indexed_layers(self) -> list[str]:
@@ -366,13 +368,13 @@ def written_by_the_builder(name: str) -> bool:
 BUNDLE_SUFFIXES = frozenset({".pth", ".json", ".npy", ".npz", ".faiss"})
 
 
-def _left_by_a_build(staging: Path) -> bool:
+def _left_by_a_build(staging: Path, license_name: str | None) -> bool:
     """Whether ``staging`` holds only what a build writes there (an interrupted write's bundle
-    files, the licence notice aside): the next build may replace it."""
+    files, and this build's licence notice): the next build may replace it."""
     if not staging.is_dir():
         return False
     return all(
-        path.is_file() and (path.suffix.lower() in BUNDLE_SUFFIXES or path.suffix == "")
+        path.is_file() and (path.suffix.lower() in BUNDLE_SUFFIXES or path.name == license_name)
         for path in staging.iterdir()
     )
 
@@ -422,7 +424,8 @@ def check_config(config: BuildConfig) -> None:
             "new or empty directory, or a bundle to rebuild"
         )
     staging = out.with_name(out.name + ".staging")
-    if staging.exists() and not _left_by_a_build(staging):
+    license_name = config.license_file.name if config.license_file is not None else None
+    if staging.exists() and not _left_by_a_build(staging, license_name):
         problems.append(
             f"{staging} exists and is not a bundle left by an interrupted build: the build "
             "writes the bundle there first and would replace it; move it away"
@@ -466,8 +469,11 @@ def plan_build(config: BuildConfig) -> Plan:
     info = describe_architecture(config.arch)
     source = open_source(config.source, config.split)
     listing = source.listing(config.per_class_limit)
+    calibration = None
     if config.calibration_source is not None:  # checked now, not after the main extraction
-        _same_classes(listing.classes, config.calibration_source, config.calibration_split)
+        calibration_source = open_source(config.calibration_source, config.calibration_split)
+        calibration = (calibration_source, calibration_source.listing())
+        _same_classes(listing.classes, calibration[1])
     if config.index_type == "ivf":  # faiss trains nlist centroids on the indexed images
         held_out = (
             0
@@ -493,6 +499,7 @@ def plan_build(config: BuildConfig) -> Plan:
         combination=combination,
         weights_sha256=file_sha256(config.weights),
         work_dir=config.work_dir or config.out.with_name(config.out.name + ".work"),
+        calibration=calibration,
     )
 
 
@@ -603,9 +610,8 @@ def _separate_calibration(
 ) -> CalibrationImages:
     """Every image of ``--calibration-source``, which must have the indexed source's classes."""
     assert config.calibration_source is not None
-    source = open_source(config.calibration_source, config.calibration_split)
-    listing = source.listing()
-    _same_classes(plan.classes, config.calibration_source, config.calibration_split, listing)
+    assert plan.calibration is not None  # plan_build listed it
+    source, listing = plan.calibration
     entries = listing.entries
     store, report = extract(
         config,
@@ -621,12 +627,9 @@ def _separate_calibration(
     return CalibrationImages(store, entries, labels, np.ones(len(entries), bool), None, [report])
 
 
-def _same_classes(
-    classes: list[str], path: Path, split: str | None, listing: SourceListing | None = None
-) -> None:
+def _same_classes(classes: list[str], listing: SourceListing) -> None:
     """The calibration source must have the indexed source's classes (the labels are their
     positions), or the build is refused, naming the first classes that differ."""
-    listing = listing or open_source(path, split).listing()
     if listing.classes != classes:
         missing = sorted(set(classes) - set(listing.classes))[:3]
         extra = sorted(set(listing.classes) - set(classes))[:3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -125,19 +126,23 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     return settings, app
 
 
+LISTEN_BACKLOG = 2048  # uvicorn's default
+
+
 def _bound(host: str, port: int, what: str) -> socket.socket:
-    """A socket bound to (host, port) for a listener, or a refusal naming it: bound here, before
-    either listener starts, because uvicorn reports a failed bind by exiting its own task, which
-    left the other listener (and the process) running without the admin one, silently."""
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
-    except (OSError, OverflowError) as exc:
-        raise _RefusedError(f"cannot listen on {host}:{port} ({what}): {exc}") from exc
+    """A socket listening on (host, port) for a listener, or a refusal naming it: opened here,
+    before either listener starts, because uvicorn reports a failed bind by exiting its own
+    task, which left the other listener (and the process) running without the admin one,
+    silently. It listens at once: two sockets with SO_REUSEADDR may both bind a port until one
+    listens, so a second service started during the first one's model load would pass a bind
+    alone. The address family is chosen as uvicorn chooses it (IPv6 for a host with ':')."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-    except (OSError, OverflowError) as exc:
+        sock.listen(LISTEN_BACKLOG)
+    except (OSError, OverflowError, UnicodeError) as exc:
         sock.close()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _RefusedError(f"cannot listen on {host}:{port} ({what}): {reason}") from exc
@@ -188,7 +193,17 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"advguard serve: refusing to start: {refused}", file=sys.stderr)
         return 2
     public, admin = _listeners(args, settings, app)
-    asyncio.run(serve_listeners(public, admin, (public_socket, admin_socket)))
+    # uvicorn says where it listens only when it opens the sockets itself
+    log = logging.getLogger("uvicorn.error")
+    log.info("public listener on http://%s:%d", args.host, args.port)
+    log.info(
+        "admin listener (metrics, admin routes) on http://%s:%d", admin_host, settings.admin_port
+    )
+    try:
+        asyncio.run(serve_listeners(public, admin, (public_socket, admin_socket)))
+    finally:  # uvicorn closes them only after a started server's shutdown
+        public_socket.close()
+        admin_socket.close()
     # the lifespan refused to start (e.g. a neighbour source the bundle cannot use): uvicorn's
     # startup-failure code, not a clean exit
     return 0 if public.started else 3

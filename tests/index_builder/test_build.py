@@ -425,8 +425,17 @@ def test_a_licence_named_like_a_bundle_file_and_a_foreign_staging_dir_are_refuse
         build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
     assert (staging / "keep.txt").read_text() == "mine"
     (staging / "keep.txt").unlink()
-    (staging / "model.pth").write_bytes(b"half written")  # an interrupted write: replaced
-    assert build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
+    (staging / "notes").write_text("mine")  # no suffix is no bundle file either
+    with pytest.raises(ConfigError, match="is not a bundle left by an interrupted build"):
+        build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
+    (staging / "notes").unlink()
+    (staging / "model.pth").write_bytes(b"half written")  # an interrupted write: replaced,
+    (staging / "NOTICE.txt").write_text("licence")  # its licence notice with it
+    notice = tmp_path / "NOTICE.txt"
+    notice.write_text("licence")
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", license_file=notice)
+    assert build_bundle(config, progress=False)
+    assert (tmp_path / "b" / "NOTICE.txt").read_text() == "licence"
 
 
 def test_a_calibration_source_with_other_classes_is_refused_before_the_extraction(

@@ -202,8 +202,10 @@ def test_a_busy_admin_port_refuses_the_start_instead_of_hanging(
     on without it and the process hung, answering nothing (a review). Both are bound first."""
     from app.cli import main
 
-    with socket.socket() as taken:
+    with socket.socket() as taken:  # as another advguard serve holds it: reusable, listening
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", 0))
+        taken.listen()
         busy = taken.getsockname()[1]
         port = free_port()
         code = main(["serve", "--port", str(port), "--admin-port", str(busy), "--device", "cpu"])
