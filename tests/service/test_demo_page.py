@@ -147,6 +147,30 @@ def test_the_file_chooser_is_reached_from_the_keyboard(service: str, browser: We
     assert browser.execute_script("return window.__opened") == 2
 
 
+def test_a_wrong_token_and_a_non_image_say_so(
+    service: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    """A wrong admin token read as plain "public"; a rejected upload left a broken preview."""
+    _open(browser, service)
+    browser.find_element(By.CSS_SELECTOR, "#credentials summary").click()
+    browser.find_element(By.ID, "admin-token").send_keys("not-the-token")
+    browser.find_element(By.ID, "save-credentials").click()
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: "not accepted" in d.find_element(By.ID, "session").text
+    )
+    browser.execute_script("sessionStorage.clear()")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    browser.execute_script("document.getElementById('result').textContent = ''")
+    browser.find_element(By.ID, "file").send_keys(str(text))
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: "invalid_image" in d.find_element(By.ID, "result").text
+    )
+    WebDriverWait(browser, WAIT_S).until(
+        lambda d: not d.find_element(By.ID, "preview").is_displayed()
+    )
+
+
 def test_an_image_dropped_on_the_page_is_classified(service: str, browser: WebDriver) -> None:
     """Drag and drop: a real ``drop`` event carrying the file, as a browser fires it."""
     _open(browser, service)

@@ -45,8 +45,11 @@ async function refreshSession() {
     return;
   }
   session = await response.json();
-  $("session").textContent =
-    `client ${session.client_id} · ${session.trusted ? "trusted: evidence shown" : "public: verdicts only"}`;
+  const tokenTyped = Boolean(sessionStorage.getItem("advguard-admin-token"));
+  const access = session.trusted
+    ? "trusted: evidence shown"
+    : tokenTyped ? "public: verdicts only (the admin token was not accepted)" : "public: verdicts only";
+  $("session").textContent = `client ${session.client_id} · ${access}`;
   document.body.dataset.trusted = String(session.trusted);
 }
 
@@ -83,8 +86,11 @@ async function loadExamples() {
 }
 
 async function classify(file) {
-  $("preview").src = URL.createObjectURL(file);
-  $("preview").hidden = false;
+  const preview = $("preview");
+  if (preview.src.startsWith("blob:")) URL.revokeObjectURL(preview.src);
+  preview.onerror = () => { preview.hidden = true; };  // not an image the browser shows
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
   $("result").className = "muted";
   $("result").textContent = "classifying…";
   $("evidence").hidden = true;
