@@ -167,8 +167,14 @@ def simulate(args: argparse.Namespace) -> int:
     guard = Guard.load(args.bundle, device="cpu")
     name = guard.manifest.name
     out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails now, not after the replay
-    traffic = scored_traffic(args, guard)
+    try:
+        traffic = scored_traffic(args, guard)
+    except BaseException:  # refused (e.g. --sets missing): leave no empty --out behind
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     outcomes = replayed(args, guard, traffic)
     default = choose_default(outcomes, traffic.attack_names, args.max_false_flag_rate)
     meta = run_description(args, name, traffic)

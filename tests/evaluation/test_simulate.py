@@ -166,8 +166,10 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     assert "fgsm_untargeted" in table and "mixed-fgsm_untargeted" in table
     assert (out / "time_to_flag.png").read_bytes().startswith(b"\x89PNG")
     missing = [*argv[:7], "--sets", str(tmp_path / "none.npz"), *argv[9:]]
+    missing[missing.index(str(out))] = str(tmp_path / "refused")
     capsys.readouterr()
     assert advguard_main(missing) == 2  # one line, exit 2, and it says how to make them
+    assert not (tmp_path / "refused").exists()  # and leaves no empty --out behind
     err = capsys.readouterr().err
     assert (
         err.startswith("advguard simulate: error: no exported attack sets") and err.count("\n") == 1
