@@ -543,7 +543,11 @@ class RedisFingerprintStore:
             query.digest,
             query.client_id,
         )
-        own = _records(previous, self.dtype)
+        try:
+            own = _records(previous, self.dtype)
+        except redis.exceptions.DataError:  # start this client afresh: the next query works
+            self.redis.delete(self.client_key(query.client_id))
+            raise
         if kept:
             own = self._with_kept(own, own["entry"].tolist(), kept)
         own = own[own["at"] >= query.at - self.client_ttl_s]

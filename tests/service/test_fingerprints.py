@@ -254,5 +254,10 @@ def test_records_it_cannot_read_are_the_store_failing(redis_server: RedisProcess
     image = np.random.default_rng(0).integers(0, 255, (1, 3, 32, 32), dtype=np.uint8)
     prints, keys = SCHEME.fingerprints_and_keys(image)
     redis.Redis.from_url(redis_server.url).set(red.client_key("bob"), b"\0" * 100, ex=60)
+    digest = pixel_digests(image)[0]
     with pytest.raises(redis.RedisError, match="unreadable fingerprint records"):
-        red.check_and_store("bob", prints[0], b"digest", 1.0, _answer(1), keys[0])
+        red.check_and_store("bob", prints[0], digest, 1.0, _answer(1), keys[0])
+    # and the unreadable string is dropped: the client's next query is screened as usual
+    evidence, _ = red.check_and_store("bob", prints[0], digest, 2.0, _answer(1), keys[0])
+    assert evidence.client.exact == 0  # its string was dropped, the first query with it
+    assert evidence.everyone.exact == 1  # everyone's scope kept the first query
