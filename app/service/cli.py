@@ -119,11 +119,24 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
             """ADVGUARD_API_KEYS='{"alice": "her-key"}' or """
             """ADVGUARD_TRUSTED_PROXIES='["10.0.0.0/8"]'"""
         ) from exc
-    except (AdvguardError, ValidationError, ValueError) as exc:
+    except ValidationError as exc:  # its own text quotes the input, secrets included
+        raise _RefusedError(_problems(exc)) from exc
+    except (AdvguardError, ValueError) as exc:
         raise _RefusedError(str(exc)) from exc
     if settings.admin_port == args.port:
         raise _RefusedError("the admin port is the public port")
     return settings, app
+
+
+def _problems(exc: Any) -> str:
+    """A pydantic ValidationError as "where: what; ..." without the input values: its str()
+    quotes the raw settings, so a refused start printed parts of the admin token, the stateful
+    secret, API keys and a Redis URL's password into the logs."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{where}: {error['msg']}" if where else str(error["msg"]))
+    return "; ".join(problems)
 
 
 LISTEN_BACKLOG = 2048  # uvicorn's default
@@ -161,6 +174,7 @@ def _listeners(
             port=args.port,
             log_level=args.log_level,
             access_log=args.access_log,
+            proxy_headers=False,  # X-Forwarded-For: the app's own, ADVGUARD_TRUSTED_PROXIES only
             timeout_graceful_shutdown=args.graceful_shutdown_s,
         )
     )
@@ -172,6 +186,7 @@ def _listeners(
             log_level=args.log_level,
             access_log=args.access_log,
             lifespan="off",  # the public app's lifespan loads and stops the shared service
+            proxy_headers=False,
             timeout_graceful_shutdown=5,
         )
     )

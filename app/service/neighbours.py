@@ -69,11 +69,11 @@ class NeighbourImages:
             root = self.source.resolve()
             path = (root / reference).resolve()
             if not path.is_relative_to(root) or not path.is_file():
-                raise NeighbourNotFoundError(f"{reference} is not in {self.source}")
+                raise NeighbourNotFoundError(f"row {row}: its image is not in the source")
             return path.read_bytes()
         data = self._archive_members().get(_member_key(reference))
         if data is None:
-            raise NeighbourNotFoundError(f"{reference} is not in {self.source}")
+            raise NeighbourNotFoundError(f"row {row}: its image is not in the source")
         return data
 
     def thumbnail(self, row: int) -> bytes:
@@ -81,8 +81,8 @@ class NeighbourImages:
         try:
             with Image.open(io.BytesIO(self.raw(row))) as opened:
                 image = ImageOps.exif_transpose(opened).convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise NeighbourNotFoundError(f"row {row}: unreadable image: {exc}") from exc
+        except (UnidentifiedImageError, OSError) as exc:  # its message names a buffer or path
+            raise NeighbourNotFoundError(f"row {row}: its image cannot be read") from exc
         image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
         out = io.BytesIO()
         image.save(out, format="PNG")

@@ -87,7 +87,9 @@ async def get_client_id(request: Request, service: ServiceDep) -> str:
             api_key=headers.get(settings.api_key_header),
             client_id=headers.get(settings.client_id_header),
             peer=request.client.host if request.client else None,
-            forwarded_for=headers.get("x-forwarded-for"),
+            # every X-Forwarded-For line, joined as one (RFC 9110): a proxy may add a line of
+            # its own rather than extend the client's, and the client's must not win
+            forwarded_for=", ".join(headers.getlist("x-forwarded-for")) or None,
         )
     except IdentityError as exc:
         raise ApiError(401, "unauthorized", str(exc), {"WWW-Authenticate": "ApiKey"}) from exc

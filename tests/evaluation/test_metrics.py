@@ -37,3 +37,13 @@ def test_roc_is_monotone_and_complete():
     roc = roc_curve(rng.random(50), rng.random(70))
     assert roc.tpr[0] == 0 and roc.fpr[0] == 0 and roc.tpr[-1] == 1 and roc.fpr[-1] == 1
     assert (np.diff(roc.tpr) >= 0).all() and (np.diff(roc.fpr) >= 0).all()
+
+
+def test_a_transfer_success_needs_a_photo_the_judged_model_got_right() -> None:
+    """The judged model's own clean errors used to count as transfer successes."""
+    from evaluation.run import transfer_successes
+
+    truth = np.array([0, 1, 2, 3])
+    clean = np.array([0, 1, 9, 9])  # photos 2 and 3: wrong already, without any attack
+    predicted = np.array([5, 1, 5, 3])
+    assert transfer_successes(predicted, clean, truth).tolist() == [True, False, False, False]

@@ -11,6 +11,7 @@ import io
 import json
 import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,3 +160,18 @@ def test_neighbour_source_needs_a_bundle_with_source_references(tmp_path: Any) -
     missing = create_app(Settings(device="cpu", neighbour_source=tmp_path / "nowhere.tar"))
     with pytest.raises(AdvguardError, match="not found"), TestClient(missing):
         pass
+
+
+def test_neighbour_errors_name_no_path_and_no_python_object(tmp_path: Path) -> None:
+    """They named the server's source path and a BytesIO repr (a review)."""
+    from app.service.neighbours import NeighbourImages, NeighbourNotFoundError
+
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "bad.jpg").write_bytes(b"not an image")
+    images = NeighbourImages(tmp_path, ["cls/missing.jpg", "cls/bad.jpg"])
+    for row in (0, 1):
+        with pytest.raises(NeighbourNotFoundError) as refused:
+            images.thumbnail(row)
+        message = str(refused.value)
+        assert message.startswith(f"row {row}: ")
+        assert str(tmp_path) not in message and "object at" not in message

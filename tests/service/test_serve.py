@@ -258,3 +258,47 @@ def test_serve_options_out_of_range_are_refused_by_argparse(
     with pytest.raises(SystemExit) as exited:
         main(["serve", *option])
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_forwarded_for_is_read_only_from_trusted_proxies_and_every_line(tmp_path: Path) -> None:
+    """uvicorn's own proxy headers trusted any loopback peer's X-Forwarded-For with
+    ADVGUARD_TRUSTED_PROXIES unset (a review: '6.6.6.6' became the client); and with a trusted
+    proxy only the first header line was read, so a client's forged line beat the proxy's."""
+    import httpx
+
+    from tests.deploy.helpers import advguard_serve
+
+    port = free_port()
+    with (
+        advguard_serve(port, tmp_path / "a.log", {}),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        forged = client.get("/v1/demo/session", headers={"X-Forwarded-For": "6.6.6.6"})
+        assert forged.json()["client_id"] == "127.0.0.1"
+    port = free_port()
+    env = {"ADVGUARD_TRUSTED_PROXIES": '["127.0.0.1"]'}
+    lines = [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.9")]
+    with (
+        advguard_serve(port, tmp_path / "b.log", env),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        assert client.get("/v1/demo/session", headers=lines).json()["client_id"] == "203.0.113.9"
+
+
+def test_a_refused_start_does_not_print_secrets(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydantic's message quotes the raw settings: 22 of the stateful secret's 32 characters,
+    a Redis URL's password and the start of API keys went to the logs (a review)."""
+    from app.cli import main
+
+    monkeypatch.setenv("ADVGUARD_ADMIN_TOKEN", "replace-me-but-not-yet")
+    monkeypatch.setenv("ADVGUARD_STATEFUL_SECRET", "9f8e7d6c5b4a39281706f5e4d3c2b1a0")
+    monkeypatch.setenv("ADVGUARD_API_KEYS", '{"a": "KEYabcdefghijklmnop"}')
+    monkeypatch.setenv("ADVGUARD_REDIS_URL", "redis://:redispw@127.0.0.1:1")
+    port, admin = str(free_port()), str(free_port())
+    assert main(["serve", "--port", port, "--admin-port", admin, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "ADVGUARD_ADMIN_TOKEN still holds a placeholder" in err
+    for secret in ("but-not-yet", "4a39281706", "KEYab", "redispw"):
+        assert secret not in err, err
