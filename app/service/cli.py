@@ -19,6 +19,7 @@ import uvicorn
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from pydantic import ValidationError
 
     from app.service.settings import Settings
 
@@ -128,7 +129,7 @@ def _configured_app(args: argparse.Namespace) -> tuple[Settings, FastAPI]:
     return settings, app
 
 
-def _problems(exc: Any) -> str:
+def _problems(exc: ValidationError) -> str:
     """A pydantic ValidationError as "where: what; ..." without the input values: its str()
     quotes the raw settings, so a refused start printed parts of the admin token, the stateful
     secret, API keys and a Redis URL's password into the logs."""

@@ -8,9 +8,11 @@ import math
 import signal
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,10 +155,28 @@ def test_a_batch_of_updates_gives_what_one_at_a_time_gives(backend: Backend) -> 
         _assert_same(one.get(client), many.get(client))
 
 
-def test_a_batch_is_buffered_while_redis_is_down_and_replayed(tmp_path: Path) -> None:
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test's own, to kill, pause and restart; gone at the end."""
     server = RedisProcess(free_port(), tmp_path)
     server.start()
-    tracker = RedisTracker(server.url, _policy(), retry_interval_s=0.0, timeout_s=0.1)
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def outage_tracker(server: RedisProcess, **options: Any) -> RedisTracker:
+    """A tracker of ``server`` that tries Redis again at once and times out fast (0.1 s):
+    outages are seen and left within a test's time."""
+    return RedisTracker(
+        server.url, _policy(), **{"retry_interval_s": 0.0, "timeout_s": 0.1, **options}
+    )
+
+
+def test_a_batch_is_buffered_while_redis_is_down_and_replayed(own_redis: RedisProcess) -> None:
+    server = own_redis
+    tracker = outage_tracker(server)
     try:
         tracker.record_many([Observation("x", 0.5, True, 0.0), Observation("y", 0.5, True, 0.0)])
         server.kill()
@@ -169,7 +189,6 @@ def test_a_batch_is_buffered_while_redis_is_down_and_replayed(tmp_path: Path) ->
         assert (stats.first_seen, stats.last_seen) == (1.0, 3.0)
     finally:
         tracker.close()
-        server.kill()
 
 
 def test_ewma_is_bias_corrected_and_mean_exact(redis_server: RedisProcess) -> None:
@@ -197,18 +216,10 @@ def test_clients_expire(backend: Backend) -> None:
     assert not red.clear_flag("old")
 
 
-def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
-    server = RedisProcess(free_port(), __import__("pathlib").Path(str(tmp_path)))
-    server.start()
+def test_buffer_is_bounded_and_replayed(own_redis: RedisProcess) -> None:
+    server = own_redis
     errors: list[int] = []
-    tracker = RedisTracker(
-        server.url,
-        _policy(),
-        retry_interval_s=0.0,
-        buffer_size=5,
-        timeout_s=0.1,
-        on_error=lambda: errors.append(1),
-    )
+    tracker = outage_tracker(server, buffer_size=5, on_error=lambda: errors.append(1))
     try:
         server.kill()
         for i in range(8):
@@ -224,23 +235,14 @@ def test_buffer_is_bounded_and_replayed(tmp_path: object) -> None:
         assert stats.first_seen == 3.0 and stats.last_seen == 7.0
     finally:
         tracker.close()
-        server.kill()
 
 
-def test_a_client_flagged_by_a_replayed_update_is_reported_once(tmp_path: object) -> None:
+def test_a_client_flagged_by_a_replayed_update_is_reported_once(own_redis: RedisProcess) -> None:
     """Updates buffered while Redis was down flag their client when replayed: no request waits
     for those results, so the tracker reports the flag itself (the flagged-clients counter)."""
-    server = RedisProcess(free_port(), Path(str(tmp_path)))
-    server.start()
+    server = own_redis
     reported: list[int] = []
-    tracker = RedisTracker(
-        server.url,
-        _policy(),
-        retry_interval_s=0.0,
-        buffer_size=20,
-        timeout_s=0.1,
-        on_replayed_flag=lambda: reported.append(1),
-    )
+    tracker = outage_tracker(server, buffer_size=20, on_replayed_flag=lambda: reported.append(1))
     try:
         server.kill()
         now = time.time()
@@ -255,41 +257,39 @@ def test_a_client_flagged_by_a_replayed_update_is_reported_once(tmp_path: object
         assert reported == [1]
     finally:
         tracker.close()
-        server.kill()
 
 
-def test_closing_replays_what_an_outage_buffered_when_redis_is_back(tmp_path: object) -> None:
+def test_closing_replays_what_an_outage_buffered_when_redis_is_back(
+    own_redis: RedisProcess,
+) -> None:
     """A shutdown after an outage used to drop the buffered updates even with Redis back."""
-    server = RedisProcess(free_port(), Path(str(tmp_path)))
-    server.start()
-    tracker = RedisTracker(server.url, _policy(), retry_interval_s=60.0, timeout_s=0.1)
+    server = own_redis
+    tracker = outage_tracker(server, retry_interval_s=60.0)
     now = time.time()
-    try:
-        tracker.record(Observation("late", 0.5, True, now))
-        assert server.process is not None
-        server.process.send_signal(signal.SIGSTOP)  # unresponsive, its data kept
-        for i in range(1, 4):
-            tracker.record(Observation("late", 0.5, True, now + i))
-        assert tracker.buffered() == 3
-        server.process.send_signal(signal.SIGCONT)  # back, not retried within the 60 s interval
-        tracker.close()
-        assert tracker.buffered() == 0
-        assert server.client().hget(tracker.client_key("late"), "requests") == "4"
-        server.kill()  # still down at the next close: one try, the loss kept and logged
-        tracker.record(Observation("late", 0.5, True, now + 5))
-        started = time.perf_counter()
-        tracker.close()
-        assert tracker.buffered() == 1 and time.perf_counter() - started < 2.0
-    finally:
-        server.kill()
+    tracker.record(Observation("late", 0.5, True, now))
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)  # unresponsive, its data kept
+    for i in range(1, 4):
+        tracker.record(Observation("late", 0.5, True, now + i))
+    assert tracker.buffered() == 3
+    server.process.send_signal(signal.SIGCONT)  # back, not retried within the 60 s interval
+    tracker.close()
+    assert tracker.buffered() == 0
+    assert server.client().hget(tracker.client_key("late"), "requests") == "4"
+    server.kill()  # still down at the next close: one try, the loss kept and logged
+    tracker.record(Observation("late", 0.5, True, now + 5))
+    started = time.perf_counter()
+    tracker.close()
+    assert tracker.buffered() == 1 and time.perf_counter() - started < 2.0
 
 
-def test_a_flagged_client_is_not_refused_while_redis_does_not_answer(tmp_path: object) -> None:
+def test_a_flagged_client_is_not_refused_while_redis_does_not_answer(
+    own_redis: RedisProcess,
+) -> None:
     """Fail open: a client flagged in Redis reads as not flagged while Redis hangs (no error, no
     wait past the timeout), and as flagged again once it answers."""
-    server = RedisProcess(free_port(), Path(str(tmp_path)))
-    server.start()
-    tracker = RedisTracker(server.url, _policy(), retry_interval_s=0.0, timeout_s=0.1)
+    server = own_redis
+    tracker = outage_tracker(server)
     now = time.time()
     try:
         for i in range(3):
@@ -304,7 +304,6 @@ def test_a_flagged_client_is_not_refused_while_redis_does_not_answer(tmp_path: o
         assert tracker.is_flagged("low")
     finally:
         tracker.close()
-        server.kill()
 
 
 def test_the_service_counts_clients_flagged_by_replayed_updates() -> None:
