@@ -693,7 +693,7 @@ def report(summary: dict[str, Any]) -> str:
         *_report_rule(summary),
         *_report_schemes(summary),
         *_report_chosen(summary, chosen),
-        *_report_honest(chosen),
+        *_report_honest(chosen, int(summary["honest_plan"]["viral_images"])),
         "",
         *ablation(summary),
         *_report_cost(summary),
@@ -779,8 +779,11 @@ def _report_chosen(summary: dict[str, Any], chosen: dict[str, Any]) -> list[str]
     return lines
 
 
-def _report_honest(chosen: dict[str, Any]) -> list[str]:
-    """Honest clients flagged per traffic kind, with Wilson intervals."""
+def _report_honest(chosen: dict[str, Any], viral_photos: int) -> list[str]:
+    """Honest clients flagged per traffic kind, with Wilson intervals over clients, except for
+    the viral kind: its senders share ``viral_photos`` photos, and whether a sender is flagged
+    depends mostly on which photo (and version) it sent, so its clients are not independent
+    samples and the interval is given over the photos instead."""
     lines = [
         "",
         "Honest clients flagged (test photos; Wilson 95% interval):",
@@ -790,11 +793,31 @@ def _report_honest(chosen: dict[str, Any]) -> list[str]:
     ]
     for kind, f in chosen["false_flags"].items():
         low, high = f["wilson95"]
+        interval = f"{low:.2%}-{high:.2%}"
+        if kind == "viral":
+            interval = f"see below ({viral_photos} photos)"
         lines.append(
             f"| {kind} | {f['clients']} | {f['flagged']} | {_pct(f['rate'])} | "
-            f"{low:.2%}-{high:.2%} | {f['max_client_matches']} / {f['max_global_matches']} |"
+            f"{interval} | {f['max_client_matches']} / {f['max_global_matches']} |"
         )
+    viral = chosen["false_flags"]["viral"]
+    lines += ["", _viral_note(viral["clients"], viral["flagged"], viral_photos)]
     return lines
+
+
+def _viral_note(senders: int, flagged: int, photos: int) -> str:
+    """What the viral traffic can say: per photo, not per sender."""
+    text = (
+        f"The {senders} viral senders share {photos} photos, so their flags are not independent "
+        "and no interval over senders holds. "
+    )
+    if flagged:
+        return text + f"{flagged} senders were flagged; how many photos they sent is not recorded."
+    low, high = wilson_interval(0, photos)
+    return text + (
+        f"No sender of any of the {photos} photos was flagged: per photo 0 of {photos}, "
+        f"95% interval {low:.0%}-{high:.0%} of viral photos that would flag a sender."
+    )
 
 
 def _report_cost(summary: dict[str, Any]) -> list[str]:
