@@ -760,7 +760,8 @@ def _report_chosen(summary: dict[str, Any], chosen: dict[str, Any]) -> list[str]
         "",
         "| attack | setting | runs | successful | median queries to success | first match "
         "(median) | detected | detected before first success | strictly before | of the "
-        "successful | median queries to detection | p90 | "
+        "successful | median queries to detection (of the detected runs) | p90 (of the "
+        "detected) | "
         f"{summary['sybil_ids']} ids: before success | "
         f"{summary['sybil_ids']} ids: median queries to detection |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
