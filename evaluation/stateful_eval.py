@@ -64,7 +64,7 @@ from app.core.stateful import (
     changes_answer,
     pixel_digests,
 )
-from evaluation.data import load_split
+from evaluation.data import load_split, source_stamp
 from evaluation.honest_traffic import (
     TRAFFIC_KINDS,
     HonestQuery,
@@ -86,6 +86,7 @@ from evaluation.query_attacks import (
     records_path,
     service_answers,
 )
+from evaluation.sets import cache_key
 from evaluation.simulate import wilson_interval
 
 EVALUATION_SECRET = b"advguard-evaluation-secret"  # the service takes its own from settings
@@ -207,6 +208,19 @@ def timeline(queries: Sequence[HonestQuery]) -> Timeline:
     )
 
 
+def honest_key(guard: Guard, source: Path, split: str, plan: TrafficPlan, seed: int) -> str:
+    preset = guard.preset
+    return cache_key(
+        {
+            "source": source_stamp(source),
+            "split": split,
+            "preset": [preset.name, preset.resize, preset.crop],
+            "plan": dataclasses.asdict(plan),
+            "seed": seed,
+        }
+    )
+
+
 def honest_timeline(
     guard: Guard,
     source: Path,
@@ -216,8 +230,10 @@ def honest_timeline(
     plan: TrafficPlan,
     seed: int,
 ) -> Timeline:
-    """One split's honest traffic, built once and cached (JPEG round trips take a minute)."""
-    path = cache / f"honest-{split}-{plan.clients}-{seed}.npz"
+    """One split's honest traffic, built once and cached (JPEG round trips take a minute),
+    keyed by everything it is built from but the generator's code: the source, the split, the
+    bundle's preprocessing, the whole plan and the seed."""
+    path = cache / f"honest-{split}-{honest_key(guard, source, split, plan, seed)}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             images = data["images"]

@@ -180,3 +180,28 @@ def test_source_stamp_resolves_the_path(tmp_path: Path):
     link.symlink_to(source)
     assert source_stamp(link) == source_stamp(source)
     assert source_stamp(tmp_path / "." / "data.tar") == source_stamp(source)
+
+
+def test_honest_traffic_is_keyed_by_its_whole_plan_the_source_and_the_preprocessing(
+    tmp_path: Path,
+):
+    from app.core.models import PRESETS
+    from evaluation.honest_traffic import TrafficPlan
+    from evaluation.stateful_eval import honest_key
+
+    source = tmp_path / "cifar.tar"
+    source.write_bytes(b"an archive")
+    cifar = SimpleNamespace(preset=PRESETS["cifar"])
+    plan = TrafficPlan()
+    key = honest_key(cifar, source, "train", plan, 0)
+    assert honest_key(cifar, source, "train", TrafficPlan(), 0) == key
+    others = [
+        honest_key(cifar, source, "train", replace(plan, viral_images=40), 0),
+        honest_key(cifar, source, "train", replace(plan, burst_edits=5), 0),
+        honest_key(cifar, source, "test", plan, 0),
+        honest_key(cifar, source, "train", plan, 1),
+        honest_key(SimpleNamespace(preset=PRESETS["imagenet"]), source, "train", plan, 0),
+    ]
+    os.utime(source, ns=(0, source.stat().st_mtime_ns + 1_000_000))
+    others.append(honest_key(cifar, source, "train", plan, 0))
+    assert len({key, *others}) == 1 + len(others)
