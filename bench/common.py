@@ -323,10 +323,12 @@ def paired_ratio(
     seed: int = 0,
 ) -> PairedRatio:
     """The ratio of two services loaded in turn, with an interval over rounds. A round's two
-    slices run back to back under the same load of a shared machine, so each round's ratio
-    cancels the drift that the ratio of the totals averages over, and the spread of the rounds'
-    ratios says how sure the figure is: the geometric mean of the per-round ratios, and a
-    percentile-bootstrap interval of it (rounds resampled; ``seed`` makes it repeatable)."""
+    slices run within one round (back to back for neighbours in the order, a few slices apart
+    otherwise; the order flips every round), under nearly the same load of a shared machine, so
+    each round's ratio cancels most of the drift that the ratio of the totals averages over, and
+    the spread of the rounds' ratios says how sure the figure is: the geometric mean of the
+    per-round ratios, and a percentile-bootstrap interval of it (rounds resampled; ``seed`` makes
+    it repeatable)."""
     top = np.asarray(numerators, dtype=np.float64)
     bottom = np.asarray(denominators, dtype=np.float64)
     if top.shape != bottom.shape or top.ndim != 1 or top.size == 0:

@@ -3,8 +3,9 @@
 One run of ``bench.stateful_cost`` or ``bench.service_vs_bare`` gives ten rounds, and on shared
 cores a 95% interval ten points wide: whether a ratio clears a target a few points away is then
 a coin flip from run to run. Runs of the *same code* can be pooled round by round (each round's
-two slices ran back to back, so each round's ratio is a fair sample whatever the machine's load
-that minute), and the pooled interval is the figure to judge a target by.
+two slices ran within the same round, seconds apart, in an order flipped every round, so each
+round's ratio is a fair sample whatever the machine's load that minute), and the pooled
+interval is the figure to judge a target by.
 
     python -m bench.pool_rounds c5d40cc:bench/results/stateful_cost.json \\
         349dc27:bench/results/stateful_cost.json bench/results/stateful_cost.json --target 0.9

@@ -309,11 +309,17 @@ async def load_level(
     requests: list[bytes],
     concurrency: int,
     seconds: float,
+    first: int = 0,
 ) -> dict[str, Any]:
+    """Closed-loop load for ``seconds`` from ``concurrency`` clients, sending ``requests`` in
+    turn from number ``first`` on; ``next_request`` in the result is where the next load of the
+    same service goes on, so that a run's slices together go through every request before any
+    is sent again (distinct uploads, as honest traffic mostly is: a resent image takes the
+    query screening's near-duplicate path)."""
     latencies: list[float] = []
     in_app: list[float] = []
     statuses: dict[str, int] = {}
-    issued = 0
+    issued = first
     before = await scrape(host, admin_port)
     started = time.perf_counter()
     deadline = started + seconds
@@ -370,6 +376,7 @@ async def load_level(
         "mean_batch_size": round(delta["batch_sum"] / batches, 2),
         "batches_per_s": round(delta["batch_count"] / elapsed, 1),
         "classified": int(count),
+        "next_request": issued,
     }
 
 
@@ -422,7 +429,16 @@ def interleaved(
             host, port_text = base.removeprefix("http://").rsplit(":", 1)
             admin = int(admin_base(server).rsplit(":", 1)[1])
             ports[name], pids[name] = (host, int(port_text), admin), server.pid
-            asyncio.run(load_level(host, int(port_text), admin, requests, 4, 3.0))  # warm-up
+        # untimed: a few clients, then one slice each at the measured concurrency, so that no
+        # service's first timed slice is its first under full load (batch sizes, caches)
+        following = {name: 0 for name in envs}
+        for concurrency, seconds in ((4, 3.0), (plan.concurrency, plan.slice_s)):
+            for name in envs:
+                host, port, admin = ports[name]
+                warm = asyncio.run(
+                    load_level(host, port, admin, requests, concurrency, seconds, following[name])
+                )
+                following[name] = warm["next_request"]
         slices: dict[str, list[dict[str, Any]]] = {name: [] for name in envs}
         cpu: dict[str, float] = {name: 0.0 for name in envs}
         order = list(envs)
@@ -432,8 +448,11 @@ def interleaved(
                 watched = [pids[name]] + ([redis_pid] if redis_pid is not None else [])
                 before = sum(cpu_seconds(pid) for pid in watched)
                 level = asyncio.run(
-                    load_level(host, port, admin, requests, plan.concurrency, plan.slice_s)
+                    load_level(
+                        host, port, admin, requests, plan.concurrency, plan.slice_s, following[name]
+                    )
                 )
+                following[name] = level["next_request"]
                 cpu[name] += sum(cpu_seconds(pid) for pid in watched) - before
                 slices[name].append(level)
                 print(f"{label} {name} round {r}:", level["throughput_images_per_s"], flush=True)
@@ -476,12 +495,14 @@ def run_service(
     with serve(env, args.device) as (base, _server):
         host, port = base.removeprefix("http://").rsplit(":", 1)
         admin = int(admin_base(_server).rsplit(":", 1)[1])
-        asyncio.run(load_level(host, int(port), admin, requests, 4, warmup_s))  # warm-up
+        warm = asyncio.run(load_level(host, int(port), admin, requests, 4, warmup_s))
+        following = warm["next_request"]
         levels = []
         for concurrency in args.concurrency:
             level = asyncio.run(
-                load_level(host, int(port), admin, requests, concurrency, args.seconds)
+                load_level(host, int(port), admin, requests, concurrency, args.seconds, following)
             )
+            following = level["next_request"]
             print(f"{label}:", level, flush=True)
             levels.append(level)
     best = max(levels, key=lambda level: level["throughput_images_per_s"])
@@ -724,7 +745,7 @@ def interleaved_table(variants: list[dict[str, Any]], args: argparse.Namespace) 
         f"every round), {who}. On shared cores the CPU per answered request is the steadier "
         "figure; issue 12's target (>= 85% of (b)) is judged on the by-round interval. By "
         "round: the geometric mean "
-        "of each round's ratio of the two slices, run back to back, with a bootstrap interval "
+        "of each round's ratio of the two slices, run in the same round, with a bootstrap interval "
         "over rounds (`bench.common.paired_ratio`). The query screening's time "
         f"per screened query ({' / '.join(SCREENING_PARTS)}, ms) is the service's "
         "`advguard_screening_seconds_total`.\n\n"
@@ -865,7 +886,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADVGUARD_NAME=VALUE",
         help="also interleave (a) with this setting changed (repeatable)",
     )
-    parser.add_argument("--images", type=at_least(1), default=1000)
+    parser.add_argument(
+        "--images",
+        type=at_least(1),
+        default=10_000,
+        help="distinct CIFAR-10 test uploads, sent in turn across a service's slices (all 10,000: "
+        "a run sends each about twice, so most queries are not resends)",
+    )
     parser.add_argument(
         "--clients",
         type=at_least(0),

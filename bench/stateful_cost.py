@@ -394,7 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cap", type=at_least(1), default=10_000, help="the stores' global cap")
     parser.add_argument("--per-client", type=at_least(1), default=256)
-    parser.add_argument("--images", type=at_least(1), default=5000, help="distinct service uploads")
+    parser.add_argument(
+        "--images",
+        type=at_least(1),
+        default=10_000,
+        help="distinct service uploads, sent in turn across a variant's slices",
+    )
     parser.add_argument("--concurrency", type=at_least(1), default=32)
     parser.add_argument("--rounds", type=at_least(1), default=6, help="load slices per variant")
     parser.add_argument("--slice", type=float, default=5.0, help="seconds per load slice")

@@ -122,6 +122,19 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--mix-every", type=at_least(1), default=5, help="mixed: 1 adversarial in N"
     )
     parser.add_argument("--max-false-flag-rate", type=float, default=0.005)
+    parser.add_argument(
+        "--warm-ups",
+        type=at_least(1),
+        nargs="*",
+        default=[20, 50],
+        help="also attackers with this many honest requests first (reported, not used to choose)",
+    )
+    parser.add_argument(
+        "--class-clients",
+        type=at_least(0),
+        default=200,
+        help="also honest clients whose photos are all of one class, per class (0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     live = parser.add_argument_group("end to end over HTTP (a running service, loopback only)")
     live.add_argument("--url", help="e.g. http://127.0.0.1:8000; adds the live run")

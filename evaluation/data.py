@@ -40,15 +40,20 @@ def eight_bit(pixels: np.ndarray) -> np.ndarray:
     return stateful_eight_bit(pixels)
 
 
+def source_stamp(source: Path) -> dict[str, object]:
+    """Which source this is, cheaply: its resolved path, size and modification time. An archive
+    written again is another source; a directory is only as fresh as its own mtime (files
+    rewritten inside a class folder do not change it)."""
+    stat = source.stat()
+    return {"source": str(source.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
 def _cache_key(
     source: Path, split: str | None, preset: PreprocessingPreset, per_class_limit: int | None
 ) -> str:
-    stat = source.stat()
     blob = json.dumps(
         {
-            "source": str(source.resolve()),
-            "size": stat.st_size,
-            "mtime": int(stat.st_mtime),
+            **source_stamp(source),
             "split": split,
             "preset": [preset.name, preset.resize, preset.crop],
             "per_class_limit": per_class_limit,

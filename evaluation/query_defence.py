@@ -45,6 +45,10 @@ class Row:
     detected_before_success: float | None = None
     succeeded_despite_detection: float | None = None
     ids: int | None = None  # client ids of a stateful row of the guard setting (1: no spread)
+    # of the runs that succeed (without the detector), the share detected before (or at) the
+    # first success: the share of would-be successes stopped (the column before also counts
+    # runs that never succeed and are detected)
+    caught_of_successful: float | None = None
 
 
 def rows(summary: dict[str, Any]) -> list[Row]:
@@ -78,6 +82,7 @@ def rows(summary: dict[str, Any]) -> list[Row]:
                         result["detected_before_success"],
                         result["succeeded_despite_detection"],
                         count if setting == "guard_on" else None,
+                        result["detected_before_success_of_successful"],
                     )
                 )
     return out
@@ -94,7 +99,9 @@ def _num(value: float | None) -> str:
 def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None]) -> str:
     """The closed-loop count for ``row`` under ``policy``: attacks rerun against the service's
     own screening in process (``policy_check --in-process``, ``--sybil-ids`` for the spread)
-    that ended on a truly adversarial answer, out of the images run; "–" where none ran. A
+    that ended on a truly adversarial answer, out of the images run; "–" where none ran. Runs
+    the check cut short (``--stall-asks``: the attack's asks ran out before its query cap) could
+    still have succeeded, so with any the count is a lower bound and says how many. A
     check run under another rule than the replay's (``rule``: client, global, changed) says
     which: it measured that rule, not this one."""
     if row.ids is None:
@@ -102,8 +109,11 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     key = result_key(row.attack, policy, in_process=True, ids=row.ids)
     if key not in live:
         return "–"
-    cell = f"{live[key]['live_success']}/{live[key]['images']}"
-    ran_under = live[key].get("rule")
+    check = live[key]
+    cell = f"{check['live_success']}/{check['images']}"
+    if check.get("stalled"):  # ended by --stall-asks, not by the query cap: may yet succeed
+        cell += f" (at least; {check['stalled']} cut short)"
+    ran_under = check.get("rule")
     if ran_under is not None and ran_under != rule:
         cell += f" (rule {rule_text(ran_under)})"
     return cell
@@ -120,15 +130,17 @@ def table(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
     rule = chosen_rule(summary)
     lines = [
         "| attack | defence | success rate (flag) | median queries to success | median queries "
-        "to detection | detected before first success | success under refuse or silent, "
-        "replayed | succeeded under refuse, closed loop | succeeded under silent, closed loop |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "to detection | detected before first success | of the successful runs | success under "
+        "refuse or silent, replayed | succeeded under refuse, closed loop | succeeded under "
+        "silent, closed loop |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows(summary):
         lines.append(
             f"| {row.attack} | {row.defence} | {_pct(row.success_rate)} | "
             f"{_num(row.median_queries_to_success)} | {_num(row.median_queries_to_detection)} | "
-            f"{_pct(row.detected_before_success)} | {_pct(row.succeeded_despite_detection)} | "
+            f"{_pct(row.detected_before_success)} | {_pct(row.caught_of_successful)} | "
+            f"{_pct(row.succeeded_despite_detection)} | "
             f"{live_cell(row, 'refuse', live, rule)} | {live_cell(row, 'silent', live, rule)} |"
         )
     return "\n".join(lines)
@@ -237,10 +249,21 @@ def report(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
             "counts a run that got an answer with another class within the budget; *detected "
             "before first success* counts a run detected at a query before its first successful "
             "one or at that query itself (screened before it is answered), and a "
-            "never-successful run when it is detected at all. Replays stop at detection or "
-            f"after {summary['horizon']} queries. The "
-            f"Sybil rows send each run's queries round-robin over {summary['sybil_ids']} client "
-            "ids.",
+            "never-successful run when it is detected at all; *of the successful runs* counts "
+            "only the runs that succeed without the detector (the would-be successes stopped). "
+            "*Median queries to detection* is over the detected runs. Replays stop at detection "
+            f"or after {summary['horizon']} queries.",
+            "",
+            f"The Sybil rows send each run's queries round-robin over {summary['sybil_ids']} "
+            "client ids, one second apart, into a store that holds only that run's queries and "
+            "forgets nothing: everyone's scope then sees every query, so these rows equal the "
+            "one-id rows by construction. They show that a *fast* spread gains nothing; they do "
+            "not measure a *paced* one. Everyone's scope remembers a query for "
+            "`ADVGUARD_STATEFUL_TTL_S` (1 h) or until the last "
+            "`ADVGUARD_STATEFUL_MAX_FINGERPRINTS` (50,000) queries push it out, whichever "
+            "comes first (under 400 queries/s of other traffic, about 2 minutes); an attacker "
+            "who spreads its queries over enough ids that none sends the client rule's count, "
+            "and paces them further apart than that memory, is never detected.",
             "",
             "Policies: `flag` answers as usual (success as without the detector); `refuse` "
             "answers 403 and `silent` the anchor query's earlier answer from the detecting query "

@@ -44,7 +44,7 @@ from app.core.statistics import KnnVote
 from evaluation import attacks, report
 from evaluation.adaptive import adaptive_pgd, surrogates
 from evaluation.data import ImageSplit as Split
-from evaluation.data import load_split
+from evaluation.data import load_split, source_stamp
 from evaluation.metrics import set_metrics
 from evaluation.sets import (
     TRANSFER_ATTACKS,
@@ -54,6 +54,7 @@ from evaluation.sets import (
     export_attack_sets,
     export_path,
     load_attack_sets,
+    pixels_digest,
     select_sets,
 )
 
@@ -332,10 +333,11 @@ def _build_plan(
         "preset_means": None if preset is None else [list(preset.statistics), preset.combination],
         "statistics": list(config.statistics),
         "holdout": holdout,
+        "seed": options.seed,  # the holdout's draw
+        "source": source_stamp(options.source),
     }
     limit = options.build_per_class_limit
-    if limit is not None:  # (stamps written before the option stay valid for full builds)
-        stamp["per_class_limit"] = limit
+    stamp["per_class_limit"] = limit
     # feature chunks are kept per set of statistics: a different set extracts other layers
     what = json.dumps([stamp["preset_means"], stamp["statistics"]]).encode()
     work_name = f"{config.name}-{hashlib.sha256(what).hexdigest()[:8]}"
@@ -541,10 +543,7 @@ def sets_stage(options: EvaluateOptions, mut: ModelUnderTest, log: Log) -> Image
     )
     if split.classes != list(mut.manifest.class_names):
         raise ValueError("the test split's classes differ from the bundle's")
-    weights_sha = mut.manifest.model.weights_sha256
-    pred_path = (
-        cache / "data" / (f"predictions-{cache_key({'w': weights_sha, 'keys': split.keys})}.npy")
-    )
+    pred_path = cache / "data" / f"predictions-{predictions_key(mut, split)}.npy"
     if pred_path.is_file():
         predictions = np.load(pred_path)
     else:
@@ -665,12 +664,26 @@ def record_attack(
     )
 
 
+def predictions_key(mut: ModelUnderTest, split: Split) -> str:
+    """The cached test-split predictions' key: the weights and the very pixels predicted."""
+    return cache_key(
+        {
+            "w": mut.manifest.model.weights_sha256,
+            "keys": split.keys,
+            "pixels": pixels_digest(split.pixels),
+        }
+    )
+
+
 def attack_key(mut: ModelUnderTest, sets: ImageSets, seed: int) -> dict[str, object]:
+    """What every cached attack of this run shares: the weights, the attacked images and their
+    targets (by content, so another source or preprocessing is attacked afresh) and the seed."""
     return {
         "weights": mut.manifest.model.weights_sha256,
         "rows": cache_key(
             {"rows": sets.selection.authentic.tolist(), "t": sets.selection.targets.tolist()}
         ),
+        "pixels": pixels_digest(sets.x_auth, sets.targets),
         "seed": seed,
     }
 

@@ -55,7 +55,7 @@ from evaluation.run import (
     sets_stage,
     threshold_values,
 )
-from evaluation.sets import cached_attack
+from evaluation.sets import cached_attack, pixels_digest
 from index_builder.detectors import candidate_presets, parse_statistics
 
 SELECTION_PER_CLASS = 50
@@ -163,21 +163,45 @@ def selection_images(options: EvaluateOptions, mut: ModelUnderTest, log: Log) ->
     )
 
 
-def _attack_runners(
+def selection_attack_runners(
     options: EvaluateOptions, mut: ModelUnderTest, images: SelectionImages
-) -> dict[str, Callable[[], attacks.AttackOutput]]:
+) -> dict[str, tuple[dict[str, object], Callable[[], attacks.AttackOutput]]]:
+    """Each selection attack: the parameters it is cached under (every one it reads) and the
+    run."""
     x, targets, labels = images.pixels, images.targets, torch.from_numpy(images.labels)
     p, bs, model = options.attack, options.batch_size, mut.classifier
+    fgsm: dict[str, object] = {"eps": p.fgsm_eps}
+    pgd: dict[str, object] = {"eps": p.pgd_eps, "alpha": p.pgd_alpha, "steps": p.pgd_steps}
     return {
-        "fgsm": lambda: attacks.fgsm_targeted(model, x, targets, p.fgsm_eps, bs),
-        "fgsm_untargeted": lambda: attacks.fgsm_untargeted(model, x, labels, p.fgsm_eps, bs),
-        "pgd": lambda: attacks.pgd_targeted(
-            model, x, targets, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+        "fgsm": (fgsm, lambda: attacks.fgsm_targeted(model, x, targets, p.fgsm_eps, bs)),
+        "fgsm_untargeted": (
+            fgsm,
+            lambda: attacks.fgsm_untargeted(model, x, labels, p.fgsm_eps, bs),
         ),
-        "pgd_untargeted": lambda: attacks.pgd_untargeted(
-            model, x, labels, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+        "pgd": (
+            pgd,
+            lambda: attacks.pgd_targeted(
+                model, x, targets, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+            ),
         ),
-        "deepfool": lambda: attacks.deepfool_untargeted(model, x, labels, batch_size=bs),
+        "pgd_untargeted": (
+            pgd,
+            lambda: attacks.pgd_untargeted(
+                model, x, labels, p.pgd_eps, p.pgd_alpha, p.pgd_steps, bs
+            ),
+        ),
+        "deepfool": ({}, lambda: attacks.deepfool_untargeted(model, x, labels, batch_size=bs)),
+    }
+
+
+def selection_attack_key(images: SelectionImages) -> dict[str, object]:
+    """What the selection's cached attacks share: the weights and the attacked images and
+    targets by content (the rows alone would let another source's cache answer)."""
+    return {
+        "weights": images.weights_sha256,
+        "rows": images.rows.tolist(),
+        "pixels": pixels_digest(images.pixels, images.targets),
+        "selection": 1,
     }
 
 
@@ -188,14 +212,14 @@ def selection_values(
     and on each attack's successful adversarials (cached attacks)."""
     authentic = _features(mut.network, images.pixels)
     values = {"authentic": guard.detector.values(authentic.features, authentic.predictions)}
-    key = {"weights": images.weights_sha256, "rows": images.rows.tolist(), "selection": 1}
-    p = options.attack
-    runners = _attack_runners(options, mut, images)
+    key = selection_attack_key(images)
+    runners = selection_attack_runners(options, mut, images)
     for attack in SELECTION_ATTACKS:
+        params, run = runners[attack]
         output, _ = cached_attack(
             options.cache_dir / "adversarials",
-            {**key, "attack": f"selection_{attack}", "eps": p.fgsm_eps, "steps": p.pgd_steps},
-            runners[attack],
+            {**key, "attack": f"selection_{attack}", **params},
+            run,
         )
         feats = _features(mut.network, torch.from_numpy(output.adversarial))
         fooled = feats.predictions != images.labels

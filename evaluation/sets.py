@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from evaluation.attacks import AttackOutput
 from evaluation.data import eight_bit
@@ -45,6 +46,18 @@ def select_sets(
 
 def cache_key(parts: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def pixels_digest(*arrays: np.ndarray | torch.Tensor) -> str:
+    """A digest of exactly the images (and targets) a cached result was computed from: their
+    bytes, shapes and dtypes. Keyed by it, a result is never reused for another source, split or
+    preprocessing that happens to give the same rows."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        values = np.ascontiguousarray(array.numpy() if isinstance(array, torch.Tensor) else array)
+        digest.update(f"{values.dtype.str}{values.shape}\n".encode())
+        digest.update(values.data)
+    return digest.hexdigest()[:20]
 
 
 def cached_attack(

@@ -62,8 +62,13 @@ def score_pool(guard: Guard, pixels: np.ndarray, batch_size: int = 500) -> Score
 @dataclass(frozen=True)
 class ClientPlan:
     client_id: str
-    kind: str  # "honest", "<attack>" or "mixed-<attack>"
+    # "honest", "<attack>", "mixed-<attack>"; the stress kinds: "warm<W>-<attack>" and
+    # "honest-<class>" (``plan_stress_population``)
+    kind: str
     requests: list[tuple[str, int]]  # (pool, row) in sending order
+    # the request number its attack starts at: requests-to-flag are counted from there (a
+    # client flagged earlier counts as flagged at its first adversarial)
+    attack_starts: int = 1
 
 
 def plan_population(
@@ -104,6 +109,67 @@ def plan_population(
             ]
             plans.append(ClientPlan(f"{prefix}-mixed-{attack}-{i}", f"mixed-{attack}", sequence))
     return plans
+
+
+def plan_stress_population(
+    pool_sizes: dict[str, int],
+    attacks: Sequence[str],
+    honest_labels: np.ndarray,
+    class_names: Sequence[str],
+    warm_ups: Sequence[int],
+    attack_clients: int,
+    class_clients: int,
+    requests: int,
+    seed: int,
+    prefix: str = "stress",
+) -> list[ClientPlan]:
+    """The clients ``plan_population`` leaves out, reported beside it and never used to choose
+    the default policy (its rule was fixed on the base population):
+
+    - ``warm<W>-<attack>``: an attacker with a history, ``W`` honest requests before it attacks
+      (an API key used honestly first); its requests-to-flag count from its first adversarial;
+    - ``honest-<class>``: an honest client whose photos are all of one (true) class, as a
+      single-purpose application's are; scores differ by class, so the class-balanced honest
+      population the thresholds are calibrated for is not the only honest traffic there is.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(size: int, count: int) -> list[int]:
+        return [int(r) for r in rng.choice(size, size=count, replace=count > size)]
+
+    plans: list[ClientPlan] = []
+    for warm in warm_ups:
+        if not 0 < warm < requests:
+            raise ValueError(f"a warm-up of {warm} requests leaves no attack in {requests}")
+        for attack in attacks:
+            for i in range(attack_clients):
+                honest = [(HONEST, r) for r in draw(pool_sizes[HONEST], warm)]
+                adversarial = [(attack, r) for r in draw(pool_sizes[attack], requests - warm)]
+                plans.append(
+                    ClientPlan(
+                        f"{prefix}-warm{warm}-{attack}-{i}",
+                        f"warm{warm}-{attack}",
+                        honest + adversarial,
+                        attack_starts=warm + 1,
+                    )
+                )
+    for label, name in enumerate(class_names):
+        rows = np.flatnonzero(honest_labels == label)
+        for i in range(class_clients):
+            chosen = rows[draw(len(rows), requests)]
+            plans.append(
+                ClientPlan(
+                    f"{prefix}-honest-{name}-{i}",
+                    f"{HONEST}-{name}",
+                    [(HONEST, int(r)) for r in chosen],
+                )
+            )
+    return plans
+
+
+def is_honest(kind: str) -> bool:
+    """The base honest population and the one-class honest kinds."""
+    return kind == HONEST or kind.startswith(f"{HONEST}-")
 
 
 def replay(
@@ -161,6 +227,8 @@ class PolicyOutcome:
     honest_interval: tuple[float, float]  # 95% CI of the share within the horizon
     attackers: dict[str, TimeToFlag]  # client kind -> requests until flagged
     times_by_kind: dict[str, list[int | None]] = field(repr=False)  # honest included
+    # the one-class honest kinds: kind -> (clients flagged within the horizon, clients)
+    honest_kinds: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def judge(
@@ -172,7 +240,9 @@ def judge(
     flagged_at = replay(plans, pools, policy)
     times: dict[str, list[int | None]] = {}
     for plan in plans:
-        times.setdefault(plan.kind, []).append(flagged_at[plan.client_id])
+        at = flagged_at[plan.client_id]
+        since_attack = None if at is None else max(at - plan.attack_starts + 1, 1)
+        times.setdefault(plan.kind, []).append(since_attack)
     honest = times.get(HONEST, [])
     horizon = max(len(p.requests) for p in plans)
     flagged_honest = sum(t is not None for t in honest)
@@ -183,8 +253,15 @@ def judge(
             for n in [*checkpoints, horizon]
         },
         honest_interval=wilson_interval(flagged_honest, len(honest)),
-        attackers={kind: TimeToFlag.of(t) for kind, t in sorted(times.items()) if kind != HONEST},
+        attackers={
+            kind: TimeToFlag.of(t) for kind, t in sorted(times.items()) if not is_honest(kind)
+        },
         times_by_kind=times,
+        honest_kinds={
+            kind: (sum(t is not None for t in flagged), len(flagged))
+            for kind, flagged in sorted(times.items())
+            if is_honest(kind) and kind != HONEST
+        },
     )
 
 

@@ -31,6 +31,7 @@ from evaluation.simulate import (
     live_agreement,
     load_pools,
     plan_population,
+    plan_stress_population,
     pool_summary,
     run_live,
 )
@@ -105,6 +106,16 @@ def replayed(
         args.requests,
         args.mix_every,
         args.seed,
+    ) + plan_stress_population(
+        traffic.sizes,
+        traffic.attack_names,
+        traffic.split.labels,
+        traffic.split.classes,
+        args.warm_ups,
+        args.attack_clients,
+        args.class_clients,
+        args.requests,
+        args.seed + 2,
     )
     outcomes: dict[PolicyKind, PolicyOutcome] = {}
     for kind, policy in policies.items():
@@ -124,6 +135,8 @@ def run_description(args: argparse.Namespace, name: str, traffic: ScoredTraffic)
         "attack_clients": args.attack_clients,
         "requests": args.requests,
         "mix_every": args.mix_every,
+        "warm_ups": list(args.warm_ups),
+        "class_clients": args.class_clients,
         "false_flag_rate": settings.flag_false_rate,
         "calibration_horizon": settings.flag_horizon,
         "max_false_flag_rate": args.max_false_flag_rate,
@@ -148,7 +161,8 @@ def write_simulation(
         "outcomes": {k: simulate_report.outcome_json(o) for k, o in outcomes.items()},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = simulate_report.markdown(outcomes, kinds, default, meta)
+    stress = [f"warm{w}-{a}" for w in meta["warm_ups"] for a in attack_names]
+    table = simulate_report.markdown(outcomes, kinds, default, meta, stress)
     if "live" in meta:
         table += _live_markdown(meta["live"])
     (out / "table.md").write_text(table)
@@ -164,6 +178,13 @@ def simulate(args: argparse.Namespace) -> int:
         if url and not is_loopback(url):
             print(f"advguard simulate: error: {url} is not a loopback address", file=sys.stderr)
             return 2
+    if any(warm >= args.requests for warm in args.warm_ups):
+        print(
+            f"advguard simulate: error: --warm-ups must be below --requests ({args.requests}): "
+            "a warmed attacker needs requests left to attack",
+            file=sys.stderr,
+        )
+        return 2
     guard = Guard.load(args.bundle, device="cpu")
     name = guard.manifest.name
     out: Path = args.out or Path("evaluation/results") / f"simulation-{name}"

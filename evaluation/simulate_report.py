@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from app.core.flagging import PolicyKind
-from evaluation.simulate import HONEST, PolicyOutcome, TimeToFlag
+from evaluation.simulate import HONEST, PolicyOutcome, TimeToFlag, wilson_interval
 
 
 def _ttf(t: TimeToFlag) -> str:
@@ -32,6 +32,10 @@ def outcome_json(outcome: PolicyOutcome) -> dict[str, Any]:
         },
         "honest_flagged_within": {str(n): v for n, v in outcome.honest_flagged.items()},
         "honest_flagged_ci95": list(outcome.honest_interval),
+        "honest_kinds": {
+            kind: {"flagged": flagged, "clients": clients}
+            for kind, (flagged, clients) in outcome.honest_kinds.items()
+        },
         "attackers": {
             kind: {
                 "clients": t.clients,
@@ -49,6 +53,7 @@ def markdown(
     kinds: Sequence[str],
     default: PolicyKind | None,
     meta: dict[str, Any],
+    stress: Sequence[str] = (),
 ) -> str:
     policies = list(outcomes)
     horizon = meta["requests"]
@@ -89,6 +94,7 @@ def markdown(
     for attacker in kinds:
         cells = [_ttf(outcomes[p].attackers[attacker]) for p in policies]
         lines.append(f"| {attacker} | " + " | ".join(cells) + " |")
+    lines += _stress_sections(outcomes, stress, horizon)
     lines += [
         "",
         "## Scores of the traffic (the bundle's guard)",
@@ -111,6 +117,46 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def _stress_sections(
+    outcomes: dict[PolicyKind, PolicyOutcome], stress: Sequence[str], horizon: int
+) -> list[str]:
+    """The clients the default's rule did not see: attackers with an honest history, and honest
+    clients of one class."""
+    policies = list(outcomes)
+    lines: list[str] = []
+    if stress:
+        lines += [
+            "",
+            "## Attackers with an honest history (`warm<W>`: W honest requests, then the attack): "
+            "requests from the first adversarial until flagged, median / p90 / share never "
+            "flagged (reported only: the default's rule did not see them)",
+            "",
+            "| attacker | " + " | ".join(policies) + " |",
+            "|---|" + "---|" * len(policies),
+        ]
+        for attacker in stress:
+            cells = [_ttf(outcomes[p].attackers[attacker]) for p in policies]
+            lines.append(f"| {attacker} | " + " | ".join(cells) + " |")
+    honest_kinds = next(iter(outcomes.values())).honest_kinds
+    if honest_kinds:
+        lines += [
+            "",
+            f"## Honest clients whose photos are all of one class: share flagged within {horizon} "
+            "requests (95% Wilson interval; reported only)",
+            "",
+            "| honest clients | " + " | ".join(policies) + " |",
+            "|---|" + "---|" * len(policies),
+        ]
+        for kind in honest_kinds:
+            cells = []
+            for p in policies:
+                flagged, clients = outcomes[p].honest_kinds[kind]
+                low, high = wilson_interval(flagged, clients)
+                cells.append(f"{100 * flagged / clients:.2f}% ({100 * low:.2f}-{100 * high:.2f}%)")
+            lines.append(f"| {kind} (of {clients}) | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_figure(

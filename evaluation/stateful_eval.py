@@ -64,7 +64,7 @@ from app.core.stateful import (
     changes_answer,
     pixel_digests,
 )
-from evaluation.data import load_split
+from evaluation.data import load_split, source_stamp
 from evaluation.honest_traffic import (
     TRAFFIC_KINDS,
     HonestQuery,
@@ -86,6 +86,7 @@ from evaluation.query_attacks import (
     records_path,
     service_answers,
 )
+from evaluation.sets import cache_key
 from evaluation.simulate import wilson_interval
 
 EVALUATION_SECRET = b"advguard-evaluation-secret"  # the service takes its own from settings
@@ -207,6 +208,19 @@ def timeline(queries: Sequence[HonestQuery]) -> Timeline:
     )
 
 
+def honest_key(guard: Guard, source: Path, split: str, plan: TrafficPlan, seed: int) -> str:
+    preset = guard.preset
+    return cache_key(
+        {
+            "source": source_stamp(source),
+            "split": split,
+            "preset": [preset.name, preset.resize, preset.crop],
+            "plan": dataclasses.asdict(plan),
+            "seed": seed,
+        }
+    )
+
+
 def honest_timeline(
     guard: Guard,
     source: Path,
@@ -216,8 +230,10 @@ def honest_timeline(
     plan: TrafficPlan,
     seed: int,
 ) -> Timeline:
-    """One split's honest traffic, built once and cached (JPEG round trips take a minute)."""
-    path = cache / f"honest-{split}-{plan.clients}-{seed}.npz"
+    """One split's honest traffic, built once and cached (JPEG round trips take a minute),
+    keyed by everything it is built from but the generator's code: the source, the split, the
+    bundle's preprocessing, the whole plan and the seed."""
+    path = cache / f"honest-{split}-{honest_key(guard, source, split, plan, seed)}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
             images = data["images"]
@@ -693,7 +709,7 @@ def report(summary: dict[str, Any]) -> str:
         *_report_rule(summary),
         *_report_schemes(summary),
         *_report_chosen(summary, chosen),
-        *_report_honest(chosen),
+        *_report_honest(chosen, int(summary["honest_plan"]["viral_images"])),
         "",
         *ablation(summary),
         *_report_cost(summary),
@@ -760,7 +776,8 @@ def _report_chosen(summary: dict[str, Any], chosen: dict[str, Any]) -> list[str]
         "",
         "| attack | setting | runs | successful | median queries to success | first match "
         "(median) | detected | detected before first success | strictly before | of the "
-        "successful | median queries to detection | p90 | "
+        "successful | median queries to detection (of the detected runs) | p90 (of the "
+        "detected) | "
         f"{summary['sybil_ids']} ids: before success | "
         f"{summary['sybil_ids']} ids: median queries to detection |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -779,8 +796,11 @@ def _report_chosen(summary: dict[str, Any], chosen: dict[str, Any]) -> list[str]
     return lines
 
 
-def _report_honest(chosen: dict[str, Any]) -> list[str]:
-    """Honest clients flagged per traffic kind, with Wilson intervals."""
+def _report_honest(chosen: dict[str, Any], viral_photos: int) -> list[str]:
+    """Honest clients flagged per traffic kind, with Wilson intervals over clients, except for
+    the viral kind: its senders share ``viral_photos`` photos, and whether a sender is flagged
+    depends mostly on which photo (and version) it sent, so its clients are not independent
+    samples and the interval is given over the photos instead."""
     lines = [
         "",
         "Honest clients flagged (test photos; Wilson 95% interval):",
@@ -790,11 +810,31 @@ def _report_honest(chosen: dict[str, Any]) -> list[str]:
     ]
     for kind, f in chosen["false_flags"].items():
         low, high = f["wilson95"]
+        interval = f"{low:.2%}-{high:.2%}"
+        if kind == "viral":
+            interval = f"see below ({viral_photos} photos)"
         lines.append(
             f"| {kind} | {f['clients']} | {f['flagged']} | {_pct(f['rate'])} | "
-            f"{low:.2%}-{high:.2%} | {f['max_client_matches']} / {f['max_global_matches']} |"
+            f"{interval} | {f['max_client_matches']} / {f['max_global_matches']} |"
         )
+    viral = chosen["false_flags"]["viral"]
+    lines += ["", _viral_note(viral["clients"], viral["flagged"], viral_photos)]
     return lines
+
+
+def _viral_note(senders: int, flagged: int, photos: int) -> str:
+    """What the viral traffic can say: per photo, not per sender."""
+    text = (
+        f"The {senders} viral senders share {photos} photos, so their flags are not independent "
+        "and no interval over senders holds. "
+    )
+    if flagged:
+        return text + f"{flagged} senders were flagged; how many photos they sent is not recorded."
+    low, high = wilson_interval(0, photos)
+    return text + (
+        f"No sender of any of the {photos} photos was flagged: per photo 0 of {photos}, "
+        f"95% interval {low:.0%}-{high:.0%} of viral photos that would flag a sender."
+    )
 
 
 def _report_cost(summary: dict[str, Any]) -> list[str]:

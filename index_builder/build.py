@@ -923,8 +923,8 @@ def _manifest(
         counts=CountsSpec(
             classes=num_classes,
             indexed=int(extracted.index_labels.shape[0]),
-            holdout=int(extracted.held_out.sum()),
-            skipped=_count_skipped(extracted.store),
+            holdout=_readable_held_out(extracted),
+            skipped=_count_skipped(extracted),
             indexed_per_class=[int(v) for v in per_class],
         ),
         calibration=_calibration_spec(config, calibrated, statistics_files),
@@ -940,5 +940,19 @@ def index_sources(entries: list[Entry], extracted: Extracted, split: str | None)
     return [source_reference(entries[int(p)], split) for p in positions]
 
 
-def _count_skipped(store: ChunkStore) -> int:
-    return int(sum((~np.asarray(store.load(c, "ok"))).sum() for c in range(store.n_chunks)))
+def _readable_held_out(extracted: Extracted) -> int:
+    """Held-out images that were read (and calibrate): like ``indexed``, unreadable ones are
+    counted under ``skipped`` only. 0 with a separate calibration source."""
+    return int(extracted.cal_truth.size) if extracted.held_out.any() else 0
+
+
+def _count_skipped(extracted: Extracted) -> int:
+    """Unreadable images of the indexed source and, when separate, the calibration source."""
+    stores = [extracted.store]
+    if extracted.cal_store is not extracted.store:
+        stores.append(extracted.cal_store)
+    return sum(
+        int((~np.asarray(store.load(c, "ok"))).sum())
+        for store in stores
+        for c in range(store.n_chunks)
+    )

@@ -255,6 +255,11 @@ class ServiceMiddleware:
         self.app = app
         self.metrics = metrics
         self.body_limit = body_limit
+        # the limit users set is the file's; the body may carry the form's framing on top
+        self._limit_text = (
+            f"a file of at most {body_limit - MULTIPART_OVERHEAD_BYTES} bytes "
+            f"({body_limit} with the form's framing)"
+        )
         self.identity = identity
         self.api_key_header = api_key_header.lower().encode("latin-1")
         self.max_in_flight = max_in_flight
@@ -332,7 +337,7 @@ class ServiceMiddleware:
             response = _error(
                 413,
                 "payload_too_large",
-                f"request body of {length} bytes exceeds the limit of {self.body_limit} bytes",
+                f"request body of {length} bytes exceeds the limit: {self._limit_text}",
                 request_id,
                 Connection="close",
             )
@@ -416,7 +421,7 @@ class ServiceMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.body_limit:
                     raise StarletteHTTPException(
-                        413, f"request body exceeds the limit of {self.body_limit} bytes"
+                        413, f"request body exceeds the limit: {self._limit_text}"
                     )
                 if body_received is not None and not message.get("more_body", False):
                     body_received()

@@ -1,4 +1,5 @@
-"""``bench.service_vs_bare``'s detector stage times on a tiny combined bundle, and its markdown.
+"""``bench.service_vs_bare``'s detector stage times on a tiny combined bundle, its markdown, and
+its load generator against a minimal HTTP server.
 
 Nothing here starts a service or runs the benchmark: the stage timing runs on a bundle built from
 a few random images with a random-weight model, the tables on made-up rows.
@@ -7,18 +8,21 @@ a few random images with a random-weight model, the tables on made-up rows.
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 import pytest
 
 from app.core.guard import Guard
 from app.core.images import decode_image
+from bench.common import multipart_request
 from bench.service_vs_bare import (
     also_envs,
     also_setting,
     interleaved_ratios,
     interleaved_table,
     issue_target_line,
+    load_level,
     screening_means,
     stage_table,
     stage_times,
@@ -173,3 +177,44 @@ def test_also_adds_the_guarded_service_with_a_setting_changed_to_the_interleaved
     assert table[-2].startswith("| (a) guard on, ADVGUARD_MAX_BATCH_SIZE=64 | 2 | 270.0 | 67.5%")
     line = issue_target_line([variant], "paper")
     assert "(a, ADVGUARD_MAX_BATCH_SIZE=64) 67.5% of the throughput" in line
+
+
+async def _slices_sent(requests: list[bytes]) -> tuple[list[bytes], list[int]]:
+    """Two load slices of one service, the second going on from the first's ``next_request``,
+    against a server that answers every POST (and an empty /metrics) and records each body."""
+    bodies: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                length = 0
+                for line in head.split("\r\n"):
+                    if line.lower().startswith("content-length:"):
+                        length = int(line.split(":", 1)[1])
+                body = await reader.readexactly(length)
+                if head.startswith("POST"):
+                    bodies.append(body)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        first = await load_level("127.0.0.1", port, port, requests, 1, 0.05)
+        second = await load_level("127.0.0.1", port, port, requests, 1, 0.05, first["next_request"])
+    return bodies, [first["next_request"], second["next_request"]]
+
+
+def test_load_slices_go_through_every_upload_before_sending_one_again() -> None:
+    """A run's slices continue where the last one stopped: every image is sent once before any
+    is sent again (a slice that started over would resend the first images, which the query
+    screening answers on its more costly near-duplicate path)."""
+    requests = [multipart_request("/classify", f"image {i}".encode()) for i in range(7)]
+    uploads = [raw.split(b"\r\n\r\n", 1)[1] for raw in requests]
+    bodies, following = asyncio.run(_slices_sent(requests))
+    assert following[1] == len(bodies) > following[0] > 0
+    assert bodies == [uploads[i % len(uploads)] for i in range(len(bodies))]
+    assert len(bodies) > len(uploads)  # the check saw the wrap-around, not only a prefix

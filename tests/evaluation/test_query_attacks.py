@@ -58,6 +58,7 @@ from evaluation.stateful_eval import (
     replay_attack,
     summarise_outcomes,
 )
+from evaluation.stateful_eval import _viral_note as viral_note
 from evaluation.stateful_eval import main as stateful_eval_main
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
 
@@ -475,6 +476,15 @@ def test_stateful_eval_end_to_end(
     assert summary["cost"]["fingerprint_ms"] > 0 and summary["cost"]["bytes_per_fingerprint"] > 0
     assert summary["command"].startswith("python -m evaluation.stateful_eval")
     assert scheme in (out / "stateful.md").read_text()
+
+
+def test_viral_false_flags_are_bounded_per_photo_not_per_sender() -> None:
+    """Senders of the same few photos are not independent samples: with none flagged, the
+    bound is over the photos (0 of 4: Wilson 0-49%), never the senders' 0.38%."""
+    none = viral_note(1000, 0, 4)
+    assert "per photo 0 of 4, 95% interval 0%-49%" in none and "0.38" not in none
+    some = viral_note(1000, 3, 4)
+    assert "3 senders were flagged" in some and "interval" not in some.split("holds. ")[1]
 
 
 def test_counts_below_one_and_a_remote_url_are_refused_before_anything_runs(

@@ -84,6 +84,8 @@ def test_rows_give_each_attack_its_settings_and_the_stateful_layer(tmp_path: Pat
     assert one_id.defence == "no guard + stateful, 1 id"
     assert one_id.succeeded_despite_detection == 1 / 3  # the run that succeeded at query 3
     assert one_id.median_queries_to_detection == 7 and one_id.detected_before_success == 2 / 3
+    # of the two runs that succeed (at queries 3 and 20), only the later one is caught first
+    assert one_id.caught_of_successful == 1 / 2
     assert sybil.defence == "no guard + stateful, 50 ids"
     assert np.isclose(sybil.detected_before_success, 1 / 3)
 
@@ -154,3 +156,17 @@ def test_a_closed_loop_count_under_another_rule_says_which() -> None:
             if "| square | guard (v2) + stateful, 1 id |" in line
         )
         assert line.endswith(f"| {cell} | – |")
+
+
+def test_a_closed_loop_count_with_runs_cut_short_is_a_lower_bound() -> None:
+    """Runs ended by ``--stall-asks`` (not the query cap) might still have succeeded."""
+    cells = {}
+    for stalled in (0, 48):
+        check = {"live_success": 2, "images": 50, "stalled": stalled}
+        line = next(
+            line
+            for line in table(_summary(), {"boundary/refuse/in_process": check}).splitlines()
+            if "| boundary | guard (v2) + stateful, 1 id |" in line
+        )
+        cells[stalled] = line.rsplit("|", 3)[1].strip()
+    assert cells == {0: "2/50", 48: "2/50 (at least; 48 cut short)"}

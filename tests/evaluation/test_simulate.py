@@ -24,6 +24,7 @@ from evaluation.simulate import (
     choose_default,
     judge,
     plan_population,
+    plan_stress_population,
     replay,
     wilson_interval,
 )
@@ -59,6 +60,52 @@ def test_population_plan() -> None:
         else:  # exactly one adversarial in five, at every fifth request
             assert [i for i, p in enumerate(pools) if p == "fgsm"] == [4, 9, 14, 19]
         assert all(0 <= row < sizes[pool] for pool, row in plan.requests)
+
+
+def test_stress_population_plan() -> None:
+    """Warmed attackers: W honest requests, then the attack, counted from there; one-class
+    honest clients: only photos of their class."""
+    sizes = {HONEST: 60, "pgd": 30}
+    labels = np.arange(60) % 3
+    plans = plan_stress_population(sizes, ["pgd"], labels, ["a", "b", "c"], [5, 8], 2, 4, 12, 0)
+    assert plans == plan_stress_population(
+        sizes, ["pgd"], labels, ["a", "b", "c"], [5, 8], 2, 4, 12, 0
+    )
+    kinds = [p.kind for p in plans]
+    assert kinds.count("warm5-pgd") == kinds.count("warm8-pgd") == 2
+    assert kinds.count("honest-a") == kinds.count("honest-b") == kinds.count("honest-c") == 4
+    assert len({p.client_id for p in plans}) == len(plans)
+    for plan in plans:
+        assert len(plan.requests) == 12
+        pools = [pool for pool, _ in plan.requests]
+        if plan.kind.startswith("warm"):
+            warm = int(plan.kind[4 : plan.kind.index("-")])
+            assert pools == [HONEST] * warm + ["pgd"] * (12 - warm)
+            assert plan.attack_starts == warm + 1
+        else:
+            label = "abc".index(plan.kind[-1])
+            assert set(pools) == {HONEST} and plan.attack_starts == 1
+            assert all(labels[row] == label for _, row in plan.requests)
+    with pytest.raises(ValueError, match="leaves no attack"):
+        plan_stress_population(sizes, ["pgd"], labels, ["a"], [12], 1, 0, 12, 0)
+
+
+def test_a_warmed_attacker_is_timed_from_its_first_adversarial() -> None:
+    pools = {HONEST: _pool([0.6, 0.5]), "pgd": _pool([0.0])}
+    policy = FlagPolicy("mean", 0.3, min_requests=4, window=WindowParams())
+    warm = [(HONEST, 0)] * 6 + [("pgd", 0)] * 24
+    plans = [
+        ClientPlan("w", "warm6-pgd", warm, attack_starts=7),
+        ClientPlan("early", "warm6-pgd", [("pgd", 0)] * 30, attack_starts=7),  # flagged at 4
+        ClientPlan("h", "honest-a", [(HONEST, 1)] * 30),
+        ClientPlan("g", HONEST, [(HONEST, 0)] * 30),
+    ]
+    # the mean after 6 x 0.6 and n x 0.0 falls below 0.3 at n = 7, request 13
+    assert replay(plans, pools, policy)["w"] == 13
+    outcome = judge(plans, pools, policy, checkpoints=[10])
+    assert outcome.times_by_kind["warm6-pgd"] == [7, 1]  # flagged before its attack: at 1
+    assert outcome.honest_kinds == {"honest-a": (0, 1)}
+    assert "honest-a" not in outcome.attackers and outcome.honest_flagged[30] == 0.0
 
 
 def test_replay_flags_attackers_at_min_requests_and_not_honest_clients() -> None:
@@ -155,6 +202,7 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     argv = ["simulate", "--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR)]
     argv += ["--cache-dir", str(cache_dir), "--sets", str(sets), "--out", str(out)]
     argv += ["--honest-clients", "200", "--attack-clients", "20", "--requests", "40"]
+    argv += ["--warm-ups", "20", "--class-clients", "3"]
     assert advguard_main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["outcomes"]) == {"mean", "ewma", "rejection_rate", "cusum"}
@@ -164,6 +212,11 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     assert results["default_policy"] in results["outcomes"]
     table = (out / "table.md").read_text()
     assert "fgsm_untargeted" in table and "mixed-fgsm_untargeted" in table
+    assert "| warm20-fgsm_untargeted |" in table  # attackers with an honest history
+    assert f"| honest-{split.classes[0]} (of 3) |" in table  # one-class honest clients
+    honest_kinds = results["outcomes"]["ewma"]["honest_kinds"]
+    assert len(honest_kinds) == len(split.classes)
+    assert all(k["clients"] == 3 for k in honest_kinds.values())
     assert (out / "time_to_flag.png").read_bytes().startswith(b"\x89PNG")
     missing = [*argv[:7], "--sets", str(tmp_path / "none.npz"), *argv[9:]]
     missing[missing.index(str(out))] = str(tmp_path / "refused")
@@ -192,3 +245,11 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     assert command.startswith("advguard simulate --bundle ") and "--live-requests 15" in command
     assert "--admin-token <admin token>" in command and "s3cret" not in command  # hidden
     assert advguard_main([*argv, "--url", "http://10.0.0.1:8000"]) == 2  # loopback only
+
+
+def test_a_warm_up_as_long_as_the_requests_is_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert advguard_main(["simulate", "--requests", "10", "--warm-ups", "5", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("advguard simulate: error: --warm-ups must be below --requests (10)")

@@ -129,7 +129,19 @@ def test_corrupt_images_are_skipped_and_counted(make_image_folder, cifar_weights
         cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False
     ).manifest
     assert manifest.counts.skipped == 6
-    assert manifest.counts.indexed + manifest.counts.holdout - 6 <= 30
+    # indexed and held out count only images that were read: 36 listed, 6 unreadable
+    assert manifest.counts.indexed + manifest.counts.holdout == 30
+    assert manifest.counts.holdout > 0
+
+
+def test_unreadable_calibration_images_are_counted_as_skipped(
+    make_image_folder, cifar_weights, tmp_path
+):
+    folder = make_image_folder(classes=3, per_class=12)
+    calibration = make_image_folder(classes=3, per_class=8, name="cal", corrupt=2)
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", calibration_source=calibration)
+    counts = build_bundle(config, progress=False).manifest.counts
+    assert (counts.indexed, counts.holdout, counts.skipped) == (36, 0, 6)
 
 
 @pytest.mark.parametrize("in_memory_limit", [None, 0], ids=["in-memory", "streamed"])

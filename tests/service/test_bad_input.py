@@ -70,7 +70,10 @@ def test_missing_field(client: TestClient) -> None:
 
 
 def test_over_byte_limit_by_content_length(client: TestClient) -> None:
-    _expect_error(upload(client, b"\0" * (LIMIT + 20_000)), 413, "payload_too_large")
+    response = upload(client, b"\0" * (LIMIT + 20_000))
+    _expect_error(response, 413, "payload_too_large")
+    # the limit a user set (ADVGUARD_MAX_UPLOAD_BYTES) is the one named first
+    assert f"a file of at most {LIMIT} bytes" in response.json()["message"]
 
 
 def test_over_byte_limit_while_streaming(client: TestClient) -> None:
@@ -97,6 +100,7 @@ def test_over_byte_limit_while_streaming(client: TestClient) -> None:
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
     )
     _expect_error(response, 413, "payload_too_large")
+    assert f"a file of at most {LIMIT} bytes" in response.json()["message"]
     assert chunks_sent > 3  # the body really had no Content-Length to check first
 
 

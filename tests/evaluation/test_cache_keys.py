@@ -1,0 +1,207 @@
+"""The evaluation's cache keys (``evaluation.run``, ``evaluation.selection``, ``evaluation.data``):
+a cached prediction, attack or bundle is reused only for exactly what it was computed from.
+Each test changes one thing a stale cache would miss (the pixels under the same rows, an attack
+parameter, the seed, the source) and checks that the key changes with it, and nothing else does."""
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.data import ImageSplit, source_stamp
+from evaluation.run import (
+    DetectorConfig,
+    EvaluateOptions,
+    ImageSets,
+    _build_plan,
+    attack_key,
+    predictions_key,
+)
+from evaluation.selection import SelectionImages, selection_attack_key, selection_attack_runners
+from evaluation.sets import Selection, pixels_digest
+
+
+def _mut(weights_sha: str = "w" * 64) -> Any:
+    # attack_key and predictions_key read only the weights' digest of the model under test
+    return SimpleNamespace(
+        manifest=SimpleNamespace(model=SimpleNamespace(weights_sha256=weights_sha)),
+        classifier=None,
+    )
+
+
+def _split(pixels: np.ndarray) -> ImageSplit:
+    n = pixels.shape[0]
+    return ImageSplit(pixels, np.arange(n) % 2, [f"c/{i}.jpg" for i in range(n)], ["a", "b"])
+
+
+def _image_sets(split: ImageSplit, targets: np.ndarray) -> ImageSets:
+    authentic = np.array([0, 1])
+    return ImageSets(
+        split=split,
+        selection=Selection(authentic, np.array([2]), targets),
+        test_accuracy=1.0,
+        x_auth=split.tensor(authentic),
+        y_auth=split.labels[authentic],
+        targets=torch.from_numpy(targets),
+        predictions=split.labels.copy(),
+    )
+
+
+def _pixels(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (3, 3, 4, 4), dtype=np.uint8)
+
+
+def test_pixels_digest_follows_every_byte_the_shape_and_the_dtype():
+    pixels = _pixels()
+    assert pixels_digest(pixels) == pixels_digest(pixels.copy())
+    assert pixels_digest(pixels) == pixels_digest(torch.from_numpy(pixels))
+    one_off = pixels.copy()
+    one_off[2, 1, 3, 3] ^= 1
+    assert pixels_digest(one_off) != pixels_digest(pixels)
+    assert pixels_digest(pixels.reshape(3, 3, 2, 8)) != pixels_digest(pixels)
+    assert pixels_digest(pixels.astype(np.int16)) != pixels_digest(pixels)
+    # several arrays are not the same as their concatenation's bytes under another split
+    flat = pixels.ravel()
+    assert pixels_digest(flat[:10], flat[10:]) != pixels_digest(flat[:11], flat[11:])
+
+
+def test_predictions_key_changes_with_the_pixels_under_the_same_file_names():
+    pixels = _pixels()
+    other = pixels.copy()
+    other[1, 0, 0, 0] ^= 0x80  # another source (or preprocessing) under the same names
+    assert predictions_key(_mut(), _split(pixels)) == predictions_key(_mut(), _split(pixels))
+    assert predictions_key(_mut(), _split(other)) != predictions_key(_mut(), _split(pixels))
+    assert predictions_key(_mut("v" * 64), _split(pixels)) != predictions_key(
+        _mut(), _split(pixels)
+    )
+
+
+def test_attack_key_changes_with_the_attacked_pixels_and_targets_under_the_same_rows():
+    pixels, targets = _pixels(), np.array([1, 0])
+    key = attack_key(_mut(), _image_sets(_split(pixels), targets), seed=0)
+    assert attack_key(_mut(), _image_sets(_split(pixels.copy()), targets.copy()), seed=0) == key
+
+    attacked = pixels.copy()
+    attacked[0, 2, 1, 1] ^= 1  # an attacked image differs, the rows do not
+    assert attack_key(_mut(), _image_sets(_split(attacked), targets), seed=0) != key
+    untouched = pixels.copy()
+    untouched[2, 2, 1, 1] ^= 1  # row 2 is not attacked (an error image): the key stays
+    assert attack_key(_mut(), _image_sets(_split(untouched), targets), seed=0) == key
+    assert attack_key(_mut(), _image_sets(_split(pixels), np.array([1, 1])), seed=0) != key
+    assert attack_key(_mut(), _image_sets(_split(pixels), targets), seed=1) != key
+
+
+def _selection_images(pixels: np.ndarray) -> SelectionImages:
+    return SelectionImages(
+        torch.from_numpy(pixels.astype(np.float32) / 255),
+        np.array([0, 1, 0]),
+        torch.tensor([1, 0, 1]),
+        "w" * 64,
+        np.array([4, 5, 6]),
+    )
+
+
+def test_selection_attacks_are_keyed_by_every_parameter_they_read():
+    options = EvaluateOptions(source=Path("unused"), out=Path("unused"))
+    images = _selection_images(_pixels())
+
+    def params(**attack: Any) -> dict[str, dict[str, object]]:
+        changed = replace(options, attack=replace(options.attack, **attack))
+        runners = selection_attack_runners(changed, _mut(), images)
+        return {name: runner[0] for name, runner in runners.items()}
+
+    default = params()
+    for name, change in {
+        "pgd_eps": 4 / 255,
+        "pgd_alpha": 1 / 255,
+        "pgd_steps": 20,
+        "fgsm_eps": 4 / 255,
+    }.items():
+        changed = params(**{name: change})
+        moved = {attack for attack in default if changed[attack] != default[attack]}
+        expected = (
+            {"pgd", "pgd_untargeted"} if name.startswith("pgd") else {"fgsm", "fgsm_untargeted"}
+        )
+        assert moved == expected, name
+    # a parameter no selection attack reads leaves every key alone
+    assert params(cw_steps=99) == default
+
+
+def test_selection_attack_key_changes_with_the_pixels_under_the_same_rows():
+    pixels = _pixels()
+    other = pixels.copy()
+    other[0, 0, 0, 0] ^= 1
+    key = selection_attack_key(_selection_images(pixels))
+    assert selection_attack_key(_selection_images(pixels.copy())) == key
+    assert selection_attack_key(_selection_images(other)) != key
+
+
+@pytest.fixture
+def build_inputs(tmp_path: Path) -> tuple[EvaluateOptions, Path, DetectorConfig]:
+    source = tmp_path / "cifar.tar"
+    source.write_bytes(b"an archive")
+    weights = tmp_path / "model.th"
+    weights.write_bytes(b"weights")
+    options = EvaluateOptions(source=source, out=tmp_path / "out", cache_dir=tmp_path / "cache")
+    return options, weights, DetectorConfig("v2", "v2", ("layer3",), preset="v2")
+
+
+def test_a_cached_bundle_is_stamped_with_the_seed_and_the_source(build_inputs):
+    options, weights, config = build_inputs
+    stamp = _build_plan(options, weights, config, "m").stamp
+    assert _build_plan(options, weights, config, "m").stamp == stamp
+
+    assert _build_plan(replace(options, seed=1), weights, config, "m").stamp != stamp
+
+    os.utime(options.source, ns=(0, options.source.stat().st_mtime_ns + 1_000_000))
+    rewritten = _build_plan(options, weights, config, "m").stamp
+    assert rewritten != stamp  # the archive written again within the second (same size)
+
+    elsewhere = options.source.with_name("other.tar")
+    elsewhere.write_bytes(options.source.read_bytes())
+    os.utime(elsewhere, ns=(0, options.source.stat().st_mtime_ns))
+    moved = _build_plan(replace(options, source=elsewhere), weights, config, "m").stamp
+    assert moved != rewritten  # same bytes and mtime, another archive
+
+    assert _build_plan(replace(options, build_per_class_limit=5), weights, config, "m").stamp != (
+        rewritten
+    )
+
+
+def test_source_stamp_resolves_the_path(tmp_path: Path):
+    source = tmp_path / "data.tar"
+    source.write_bytes(b"x")
+    link = tmp_path / "link.tar"
+    link.symlink_to(source)
+    assert source_stamp(link) == source_stamp(source)
+    assert source_stamp(tmp_path / "." / "data.tar") == source_stamp(source)
+
+
+def test_honest_traffic_is_keyed_by_its_whole_plan_the_source_and_the_preprocessing(
+    tmp_path: Path,
+):
+    from app.core.models import PRESETS
+    from evaluation.honest_traffic import TrafficPlan
+    from evaluation.stateful_eval import honest_key
+
+    source = tmp_path / "cifar.tar"
+    source.write_bytes(b"an archive")
+    cifar = SimpleNamespace(preset=PRESETS["cifar"])
+    plan = TrafficPlan()
+    key = honest_key(cifar, source, "train", plan, 0)
+    assert honest_key(cifar, source, "train", TrafficPlan(), 0) == key
+    others = [
+        honest_key(cifar, source, "train", replace(plan, viral_images=40), 0),
+        honest_key(cifar, source, "train", replace(plan, burst_edits=5), 0),
+        honest_key(cifar, source, "test", plan, 0),
+        honest_key(cifar, source, "train", plan, 1),
+        honest_key(SimpleNamespace(preset=PRESETS["imagenet"]), source, "train", plan, 0),
+    ]
+    os.utime(source, ns=(0, source.stat().st_mtime_ns + 1_000_000))
+    others.append(honest_key(cifar, source, "train", plan, 0))
+    assert len({key, *others}) == 1 + len(others)
