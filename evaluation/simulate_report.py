@@ -84,16 +84,9 @@ def markdown(
             + " | ".join(cells)
             + f" | {100 * lo:.2f}-{100 * hi:.2f}% |"
         )
-    lines += [
-        "",
-        "## Requests until an attacker is flagged: median / p90 / share never flagged",
-        "",
-        "| attacker | " + " | ".join(policies) + " |",
-        "|---|" + "---|" * len(policies),
-    ]
-    for attacker in kinds:
-        cells = [_ttf(outcomes[p].attackers[attacker]) for p in policies]
-        lines.append(f"| {attacker} | " + " | ".join(cells) + " |")
+    lines += _time_to_flag_table(
+        outcomes, "Requests until an attacker is flagged: median / p90 / share never flagged", kinds
+    )
     lines += _stress_sections(outcomes, stress, horizon)
     lines += [
         "",
@@ -119,6 +112,19 @@ def markdown(
     return "\n".join(lines)
 
 
+def _time_to_flag_table(
+    outcomes: dict[PolicyKind, PolicyOutcome], title: str, attackers: Sequence[str]
+) -> list[str]:
+    """One row per attacker kind, one column per policy: requests until flagged."""
+    policies = list(outcomes)
+    lines = ["", f"## {title}", "", "| attacker | " + " | ".join(policies) + " |"]
+    lines.append("|---|" + "---|" * len(policies))
+    for attacker in attackers:
+        cells = [_ttf(outcomes[p].attackers[attacker]) for p in policies]
+        lines.append(f"| {attacker} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _stress_sections(
     outcomes: dict[PolicyKind, PolicyOutcome], stress: Sequence[str], horizon: int
 ) -> list[str]:
@@ -127,18 +133,13 @@ def _stress_sections(
     policies = list(outcomes)
     lines: list[str] = []
     if stress:
-        lines += [
-            "",
-            "## Attackers with an honest history (`warm<W>`: W honest requests, then the attack): "
+        lines += _time_to_flag_table(
+            outcomes,
+            "Attackers with an honest history (`warm<W>`: W honest requests, then the attack): "
             "requests from the first adversarial until flagged, median / p90 / share never "
             "flagged (reported only: the default's rule did not see them)",
-            "",
-            "| attacker | " + " | ".join(policies) + " |",
-            "|---|" + "---|" * len(policies),
-        ]
-        for attacker in stress:
-            cells = [_ttf(outcomes[p].attackers[attacker]) for p in policies]
-            lines.append(f"| {attacker} | " + " | ".join(cells) + " |")
+            stress,
+        )
     honest_kinds = next(iter(outcomes.values())).honest_kinds
     if honest_kinds:
         lines += [
