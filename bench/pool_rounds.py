@@ -28,6 +28,9 @@ from bench.common import REPO, PairedRatio, interval_verdict, paired_ratio
 # a service's rounds against its baseline's: (numerators, denominators)
 Rounds = dict[str, tuple[list[float], list[float]]]
 
+# the settings that make the load a run measured: runs that differ in one are not pooled
+LOAD_SETTINGS = ("images", "concurrency", "slice", "clients", "device")
+
 
 def rounds_of(results: dict[str, Any]) -> Rounds:
     """Per compared pair, its per-round throughputs: ``stateful_cost`` gives the screening on
@@ -67,6 +70,26 @@ def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, PairedRatio]:
 
 class ResultsError(ValueError):
     """A results argument that cannot be read as a benchmark's results: says which and why."""
+
+
+def load_of(results: dict[str, Any]) -> dict[str, Any]:
+    """The load a run measured, as its results record it (absent settings: None)."""
+    settings = results.get("settings") or {}
+    return {key: settings.get(key) for key in LOAD_SETTINGS}
+
+
+def same_load(sources: Sequence[str], runs: Sequence[dict[str, Any]]) -> None:
+    """Refuse to pool runs that measured different loads (more uploads, other clients, another
+    concurrency...): their rounds are samples of different ratios, and an interval over them
+    says nothing about either."""
+    first = load_of(runs[0])
+    for source, run in zip(sources[1:], runs[1:], strict=True):
+        for key, value in load_of(run).items():
+            if value != first[key]:
+                raise ResultsError(
+                    f"{source}: another load than {sources[0]} ({key} {value} against "
+                    f"{first[key]}): runs of different loads are not pooled"
+                )
 
 
 def read_results(source: str) -> dict[str, Any]:
@@ -135,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--target must be a positive ratio, e.g. 0.9")
     try:
         runs = [readable_run(source) for source in args.results]
+        same_load(args.results, runs)
     except ResultsError as exc:
         print(f"pool_rounds: error: {exc}", file=sys.stderr)
         return 2

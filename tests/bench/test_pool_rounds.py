@@ -78,3 +78,22 @@ def test_unreadable_results_are_refused_in_one_line_naming_the_argument(
     assert "0000000:bench/results/stateful_cost.json: fatal:" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere.json")]) == 2
     assert "nowhere.json: no such file (or REV:PATH)" in capsys.readouterr().err
+
+
+def test_runs_of_different_loads_are_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Until 2026-11-30 a run resent its first uploads every slice (--images 1,000 or 5,000);
+    runs since send 10,000 distinct ones: pooled together they would mix two loads."""
+    paths = []
+    for name, images in (("old", 5000), ("new", 10000), ("new2", 10000)):
+        run = _stateful_cost([90.0], [100.0])
+        run["settings"] = {"images": images, "concurrency": 32, "slice": 5.0, "clients": 1000}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert main([str(paths[1]), str(paths[2])]) == 0
+    capsys.readouterr()
+    assert main([str(paths[1]), str(paths[2]), str(paths[0])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pool_rounds: error: {paths[0]}: another load than {paths[1]}")
+    assert "(images 5000 against 10000)" in err and err.count("\n") == 1
