@@ -28,7 +28,8 @@ from bench.common import REPO, PairedRatio, interval_verdict, paired_ratio
 # a service's rounds against its baseline's: (numerators, denominators)
 Rounds = dict[str, tuple[list[float], list[float]]]
 
-# the settings that make the load a run measured: runs that differ in one are not pooled
+# the settings that make the load a run measured, and the machine's processor: runs that
+# differ in one are not pooled
 LOAD_SETTINGS = ("images", "concurrency", "slice", "clients", "device")
 
 
@@ -73,9 +74,11 @@ class ResultsError(ValueError):
 
 
 def load_of(results: dict[str, Any]) -> dict[str, Any]:
-    """The load a run measured, as its results record it (absent settings: None)."""
+    """The load a run measured and the processor it ran on, as its results record them (absent:
+    None)."""
     settings = results.get("settings") or {}
-    return {key: settings.get(key) for key in LOAD_SETTINGS}
+    load = {key: settings.get(key) for key in LOAD_SETTINGS}
+    return {**load, "cpu": (results.get("machine") or {}).get("cpu")}
 
 
 def same_load(sources: Sequence[str], runs: Sequence[dict[str, Any]]) -> None:

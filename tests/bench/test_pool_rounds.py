@@ -97,3 +97,9 @@ def test_runs_of_different_loads_are_refused_in_one_line(
     err = capsys.readouterr().err
     assert err.startswith(f"pool_rounds: error: {paths[0]}: another load than {paths[1]}")
     assert "(images 5000 against 10000)" in err and err.count("\n") == 1
+    # the same load on another processor: a ratio of another machine, not pooled either
+    other_cpu = json.loads(paths[2].read_text())
+    other_cpu["machine"] = {"cpu": "AMD EPYC"}
+    paths[2].write_text(json.dumps(other_cpu))
+    assert main([str(paths[1]), str(paths[2])]) == 2
+    assert "(cpu AMD EPYC against None)" in capsys.readouterr().err
