@@ -609,7 +609,6 @@ def _separate_calibration(
     config: BuildConfig, plan: Plan, progress: bool, extract: Extractor
 ) -> CalibrationImages:
     """Every image of ``--calibration-source``, which must have the indexed source's classes."""
-    assert config.calibration_source is not None
     assert plan.calibration is not None  # plan_build listed it
     source, listing = plan.calibration
     entries = listing.entries

@@ -245,7 +245,7 @@ class ServiceMiddleware:
         self,
         app: ASGIApp,
         metrics: Metrics,
-        body_limit: int,
+        upload_limit: int,
         identity: IdentityResolver | None = None,
         api_key_header: str = "X-API-Key",
         max_in_flight: int | None = None,
@@ -254,11 +254,10 @@ class ServiceMiddleware:
     ):
         self.app = app
         self.metrics = metrics
-        self.body_limit = body_limit
         # the limit users set is the file's; the body may carry the form's framing on top
+        self.body_limit = upload_limit + MULTIPART_OVERHEAD_BYTES
         self._limit_text = (
-            f"a file of at most {body_limit - MULTIPART_OVERHEAD_BYTES} bytes "
-            f"({body_limit} with the form's framing)"
+            f"a file of at most {upload_limit} bytes ({self.body_limit} with the form's framing)"
         )
         self.identity = identity
         self.api_key_header = api_key_header.lower().encode("latin-1")
@@ -600,7 +599,7 @@ def install_middleware(
     app.add_middleware(
         ServiceMiddleware,
         metrics=metrics,
-        body_limit=settings.max_upload_bytes + MULTIPART_OVERHEAD_BYTES,
+        upload_limit=settings.max_upload_bytes,
         identity=identity,
         api_key_header=settings.api_key_header,
         max_in_flight=settings.max_in_flight or settings.queue_size + settings.max_batch_size,
