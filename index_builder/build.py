@@ -80,6 +80,7 @@ LABELS_FILE = "labels.npy"
 SOURCES_FILE = "sources.json"
 CALIBRATION_SCORES_FILE = "calibration_scores.npy"
 HONEST_SCORES_FILE = "calibration_honest_scores.npy"
+HONEST_CLASSES_FILE = "calibration_honest_classes.npy"
 
 
 @dataclass(frozen=True)
@@ -326,6 +327,7 @@ class Calibrated:
     calibration: Calibration
     scores: np.ndarray  # combined scores of the correctly classified threshold-part images
     honest_scores: np.ndarray  # combined scores of every threshold-part image
+    honest_classes: np.ndarray  # and each one's predicted class
     n_images: int
     n_correct: int
     accuracy: float
@@ -737,6 +739,7 @@ def calibrate_stage(
         calibration=calibration,
         scores=scores,
         honest_scores=honest_scores,
+        honest_classes=extracted.cal_predictions[threshold_part],
         n_images=int(threshold_part.sum()),
         n_correct=int(scores.size),
         accuracy=float(correct[threshold_part].mean()),
@@ -801,6 +804,7 @@ def write_stage(
         SOURCES_FILE,
         CALIBRATION_SCORES_FILE,
         HONEST_SCORES_FILE,
+        HONEST_CLASSES_FILE,
     ]
     for spec in layer_specs:
         file_names += _write_layer(staging, spec, fitted[spec.name])
@@ -810,6 +814,7 @@ def write_stage(
     )
     np.save(staging / CALIBRATION_SCORES_FILE, calibrated.scores.astype(np.float32))
     np.save(staging / HONEST_SCORES_FILE, calibrated.honest_scores.astype(np.float32))
+    np.save(staging / HONEST_CLASSES_FILE, calibrated.honest_classes.astype(np.int32))
     statistics_files: dict[str, str | None] = {"reference": None, "threshold": None}
     for part, values in (
         ("reference", calibrated.reference_values),
@@ -871,6 +876,7 @@ def _calibration_spec(
         threshold=calibration.thresholds[retention_key(config.retention)],
         scores_file=CALIBRATION_SCORES_FILE,
         honest_scores_file=HONEST_SCORES_FILE,
+        honest_classes_file=HONEST_CLASSES_FILE,
         reference_statistics_file=statistics_files["reference"],
         threshold_statistics_file=statistics_files["threshold"],
         n_reference=None

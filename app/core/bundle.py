@@ -48,6 +48,7 @@ def verify_files(bundle_dir: Path, manifest: Manifest) -> None:
         manifest.detector.sources_file,
         calibration.scores_file,
         calibration.honest_scores_file,
+        calibration.honest_classes_file,
         calibration.reference_statistics_file,
         calibration.threshold_statistics_file,
     ]
@@ -79,6 +80,24 @@ def load_honest_scores(bundle_dir: Path, manifest: Manifest) -> np.ndarray:
     name = manifest.calibration.honest_scores_file or manifest.calibration.scores_file
     scores: np.ndarray = np.load(bundle_dir / name, allow_pickle=False).astype(np.float64)
     return scores
+
+
+def load_honest_classes(bundle_dir: Path, manifest: Manifest) -> np.ndarray | None:
+    """The predicted class of each honest score (``load_honest_scores``), or None for bundles
+    built before the builder recorded them. Refused when it does not fit the scores."""
+    name = manifest.calibration.honest_classes_file
+    if name is None:
+        return None
+    classes: np.ndarray = np.load(bundle_dir / name, allow_pickle=False)
+    scores_name = manifest.calibration.honest_scores_file
+    if scores_name is None:
+        raise BundleError(f"{name} is listed without the honest scores it labels")
+    scores = np.load(bundle_dir / scores_name, mmap_mode="r", allow_pickle=False)
+    if classes.shape != scores.shape or classes.dtype.kind not in "iu":
+        raise BundleError(f"{name} does not hold one class index per honest score")
+    if classes.size and not 0 <= int(classes.min()) <= int(classes.max()) < manifest.counts.classes:
+        raise BundleError(f"{name} holds a class index outside the bundle's classes")
+    return classes.astype(np.int64)
 
 
 def load_sources(bundle_dir: Path, manifest: Manifest) -> list[str] | None:

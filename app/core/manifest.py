@@ -150,6 +150,9 @@ class CalibrationSpec(_Frozen):
     # the predicted class's score for every held-out image, errors included: what honest traffic
     # looks like, from which the per-client flag policies are calibrated (absent in older bundles)
     honest_scores_file: str | None = None
+    # each of those images' predicted class, in the same order: the per-class reference of the
+    # flag policies' values (app.core.flagging.ClassScale); absent in older bundles
+    honest_classes_file: str | None = None
     # Combined detectors with statistics: each statistic's values on the correctly classified
     # images of the *reference* part (the p-values' reference) and of the *threshold* part (the
     # threshold above, and any subset's threshold in ablations). Two disjoint held-out parts.

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.bundle import read_manifest
+from app.core.bundle import load_honest_classes, read_manifest
 from app.core.errors import BundleError, ConfigError, SourceError
 from app.core.guard import Guard
 from app.core.images import decode_image
@@ -93,6 +93,17 @@ def test_a_separate_calibration_source_holds_nothing_out(
     assert 0 < manifest.calibration.n_images < 24  # the threshold part
     assert 0 < len(reference) <= 24 - manifest.calibration.n_images  # the reference part
     assert len(classify_folder(Guard.load(tmp_path / "b"), folder)) == 6
+    # each honest score's stored class is the class the served model predicts for that image
+    honest = np.load(tmp_path / "b" / str(manifest.calibration.honest_scores_file))
+    classes = load_honest_classes(tmp_path / "b", manifest)
+    assert classes is not None and classes.shape == honest.shape
+    images = [decode_image(f.read_bytes()) for f in sorted(calibration.rglob("*.*"))]
+    assert len(images) == 24
+    served = [
+        (v.score, v.predicted_class) for v in Guard.load(tmp_path / "b").classify_images(images)
+    ]
+    for score, predicted in zip(honest, classes, strict=True):
+        assert any(abs(s - score) < 1e-4 and c == predicted for s, c in served), (score, predicted)
     other = make_image_folder(classes=2, per_class=8, name="other")
     wrong = cifar_config(folder, cifar_weights(3), tmp_path / "c", calibration_source=other)
     with pytest.raises(SourceError, match="classes differ"):
