@@ -127,13 +127,22 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         type=at_least(1),
         nargs="*",
         default=[20, 50],
-        help="also attackers with this many honest requests first (reported, not used to choose)",
+        help="also attackers with this many honest requests first (the default's rule reads "
+        "each attack's slowest median over these histories)",
     )
     parser.add_argument(
         "--class-clients",
         type=at_least(0),
         default=200,
-        help="also honest clients whose photos are all of one class, per class (0: none)",
+        help="also honest clients whose photos are all of one class, per class (0: none); "
+        "together they must stay within --max-false-flag-rate for a policy to be the default",
+    )
+    parser.add_argument(
+        "--raw-scores",
+        action="store_true",
+        help="policies average the guard's raw scores, as a service with "
+        "ADVGUARD_FLAG_PER_CLASS=false does (default: per-class p-values where the bundle "
+        "has the classes)",
     )
     parser.add_argument("--seed", type=int, default=0)
     live = parser.add_argument_group("end to end over HTTP (a running service, loopback only)")

@@ -123,8 +123,8 @@ def plan_stress_population(
     seed: int,
     prefix: str = "stress",
 ) -> list[ClientPlan]:
-    """The clients ``plan_population`` leaves out, reported beside it and never used to choose
-    the default policy (its rule was fixed on the base population):
+    """The clients ``plan_population`` leaves out, replayed beside it (``choose_default`` reads
+    both kinds since 2026-11-30):
 
     - ``warm<W>-<attack>``: an attacker with a history, ``W`` honest requests before it attacks
       (an API key used honestly first); its requests-to-flag count from its first adversarial;
@@ -172,18 +172,29 @@ def is_honest(kind: str) -> bool:
     return kind == HONEST or kind.startswith(f"{HONEST}-")
 
 
+def pool_flag_values(pool: ScoredPool, policy: FlagPolicy) -> np.ndarray:
+    """(n,) what each image adds to a client's window under ``policy``, as
+    ``FlagPolicy.flag_value`` computes it in the service (vectorised over the pool)."""
+    if policy.scale is None:
+        return pool.scores
+    return policy.scale.values(pool.scores, pool.predictions)
+
+
 def replay(
     plans: Sequence[ClientPlan], pools: dict[str, ScoredPool], policy: FlagPolicy
 ) -> dict[str, int | None]:
     """Per client, the request at which the service's tracker flags it (None: never)."""
     tracker = InMemoryTracker(policy, ttl_s=math.inf)
+    values = {name: pool_flag_values(pool, policy) for name, pool in pools.items()}
     flagged_at: dict[str, int | None] = {}
     for plan in plans:
         flagged_at[plan.client_id] = None
         for i, (pool, row) in enumerate(plan.requests, start=1):
-            scored = pools[pool]
             observation = Observation(
-                plan.client_id, float(scored.scores[row]), bool(scored.accepted[row]), float(i)
+                plan.client_id,
+                float(values[pool][row]),
+                bool(pools[pool].accepted[row]),
+                float(i),
             )
             if tracker.record(observation).newly_flagged:
                 flagged_at[plan.client_id] = i
@@ -266,19 +277,33 @@ def judge(
 
 
 def choose_default(
-    outcomes: dict[PolicyKind, PolicyOutcome], pure_attacks: Sequence[str], max_false: float
+    outcomes: dict[PolicyKind, PolicyOutcome],
+    pure_attacks: Sequence[str],
+    max_false: float,
+    warm_ups: Sequence[int] = (),
 ) -> PolicyKind | None:
-    """The rule fixed before measuring: among policies flagging at most ``max_false`` of honest
-    clients within the horizon, the lowest mean over pure attacks of the median requests-to-flag
-    (never counts as horizon + 1); ties go to the fewer never-flagged attackers."""
+    """The rule fixed before measuring (2026-11-30, before ``ewma_anchored`` was first run; the
+    rule before it read only attackers from their first request and mixed-class honest clients):
+    among policies flagging at most ``max_false`` of the honest clients within the horizon and at
+    most ``max_false`` of the one-class honest clients taken together (when there are any), the
+    lowest mean over pure attacks of the *slowest* median requests-to-flag across the client
+    histories measured (attacking from the first request, and after each of ``warm_ups`` honest
+    requests; never counts as horizon + 1); ties go to the fewer never-flagged attackers."""
     best: tuple[float, float, PolicyKind] | None = None
     for kind, outcome in outcomes.items():
         horizon = max(outcome.honest_flagged)
         if outcome.honest_flagged[horizon] > max_false:
             continue
-        medians = [outcome.attackers[a].median or float(horizon + 1) for a in pure_attacks]
-        nevers = [outcome.attackers[a].never_share for a in pure_attacks]
-        key = (float(np.mean(medians)), float(np.mean(nevers)), kind)
+        one_class = list(outcome.honest_kinds.values())
+        if one_class and sum(f for f, _ in one_class) > max_false * sum(n for _, n in one_class):
+            continue
+        slowest, nevers = [], []
+        for attack in pure_attacks:
+            histories = [attack, *(f"warm{w}-{attack}" for w in warm_ups)]
+            times = [outcome.attackers[h] for h in histories]
+            slowest.append(max(t.median or float(horizon + 1) for t in times))
+            nevers.append(max(t.never_share for t in times))
+        key = (float(np.mean(slowest)), float(np.mean(nevers)), kind)
         if best is None or key < best:
             best = key
     return None if best is None else best[2]
@@ -410,7 +435,10 @@ def live_agreement(
             accepted = (
                 bool(pools[pool].accepted[row]) if request.accepted is None else (request.accepted)
             )
-            result = tracker.record(Observation(client.plan.client_id, served, accepted, i))
+            # the class the tracker saw: the model's prediction (the pool's, offline; a rejected
+            # answer withholds it, and a ``silent`` one may serve another's)
+            flag_value = policy.flag_value(served, int(pools[pool].predictions[row]))
+            result = tracker.record(Observation(client.plan.client_id, flag_value, accepted, i))
             if result.newly_flagged:
                 predicted_at = i
         stats = client.stats or {}

@@ -61,9 +61,11 @@ def command_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in words)
 
 
-def policy_for(bundle: Path, guard: Guard, kind: PolicyKind) -> FlagPolicy:
-    """The policy exactly as ``advguard serve`` builds it for this bundle (default settings)."""
-    return flag_policy_for(Settings(bundle=bundle, flag_policy=kind), guard)
+def policy_for(bundle: Path, guard: Guard, kind: PolicyKind, per_class: bool) -> FlagPolicy:
+    """The policy exactly as ``advguard serve`` builds it for this bundle (default settings but
+    ``flag_per_class``)."""
+    settings = Settings(bundle=bundle, flag_policy=kind, flag_per_class=per_class)
+    return flag_policy_for(settings, guard)
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ def replayed(
 ) -> dict[PolicyKind, PolicyOutcome]:
     """Stage 2: the same planned clients replayed under each flag policy, as the service builds
     it for this bundle."""
-    policies = all_policies(lambda kind: policy_for(args.bundle, guard, kind))
+    policies = all_policies(lambda kind: policy_for(args.bundle, guard, kind, not args.raw_scores))
     plans = plan_population(
         traffic.sizes,
         traffic.attack_names,
@@ -125,8 +127,11 @@ def replayed(
     return outcomes
 
 
-def run_description(args: argparse.Namespace, name: str, traffic: ScoredTraffic) -> dict[str, Any]:
-    """What was simulated: the population, the calibration settings, the pools."""
+def run_description(
+    args: argparse.Namespace, name: str, traffic: ScoredTraffic, per_class: bool
+) -> dict[str, Any]:
+    """What was simulated: the population, the calibration settings (``per_class``: the policies
+    read per-class p-values), the pools."""
     settings = Settings(bundle=args.bundle)
     return {
         "bundle": name,
@@ -136,6 +141,7 @@ def run_description(args: argparse.Namespace, name: str, traffic: ScoredTraffic)
         "requests": args.requests,
         "mix_every": args.mix_every,
         "warm_ups": list(args.warm_ups),
+        "flag_per_class": per_class,
         "class_clients": args.class_clients,
         "false_flag_rate": settings.flag_false_rate,
         "calibration_horizon": settings.flag_horizon,
@@ -197,8 +203,11 @@ def simulate(args: argparse.Namespace) -> int:
             out.rmdir()
         raise
     outcomes = replayed(args, guard, traffic)
-    default = choose_default(outcomes, traffic.attack_names, args.max_false_flag_rate)
-    meta = run_description(args, name, traffic)
+    default = choose_default(
+        outcomes, traffic.attack_names, args.max_false_flag_rate, args.warm_ups
+    )
+    per_class = all(outcome.policy.scale is not None for outcome in outcomes.values())
+    meta = run_description(args, name, traffic, per_class)
     if args.url:
         meta["live"] = _live(args, guard, traffic.pools, traffic.sizes, traffic.attack_names)
     meta["seconds"] = time.perf_counter() - started
@@ -224,6 +233,7 @@ def _live(
     ):
         served = http.get("/v1/bundle").json()
         kind: PolicyKind = served["flag_policy"]
+        per_class = bool(served["flag_per_class"])
         plans = plan_population(
             sizes,
             attacks,
@@ -245,7 +255,7 @@ def _live(
             deadline_s=args.live_seconds,
         )
         seconds = time.perf_counter() - t0
-    policy = policy_for(args.bundle, guard, kind)
+    policy = policy_for(args.bundle, guard, kind, per_class)
     agreement = live_agreement(clients, policy, pools)
     requests = sum(len(c.requests) for c in clients)
     agreement.update(

@@ -65,7 +65,13 @@ def markdown(
         f"attacker kind, {horizon} requests each; mixed attackers send one adversarial every "
         f"{meta['mix_every']} requests. Thresholds calibrated on the bundle's held-out honest "
         f"scores for a design false-flag rate of {100 * meta['false_flag_rate']:g}% within "
-        f"{meta['calibration_horizon']} requests (never on this traffic).",
+        f"{meta['calibration_horizon']} requests (never on this traffic). "
+        + (
+            "The policies average each request's per-class p-value: its score among the "
+            "bundle's held-out honest scores of the same predicted class."
+            if meta.get("flag_per_class")
+            else "The policies average the guard's raw scores."
+        ),
         "",
         "## Honest clients flagged (share, 95% Wilson interval within the horizon)",
         "",
@@ -128,8 +134,8 @@ def _time_to_flag_table(
 def _stress_sections(
     outcomes: dict[PolicyKind, PolicyOutcome], stress: Sequence[str], horizon: int
 ) -> list[str]:
-    """The clients the default's rule did not see: attackers with an honest history, and honest
-    clients of one class."""
+    """The clients beside the base population: attackers with an honest history, and honest
+    clients of one class (both read by the default's rule since 2026-11-30)."""
     policies = list(outcomes)
     lines: list[str] = []
     if stress:
@@ -137,7 +143,7 @@ def _stress_sections(
             outcomes,
             "Attackers with an honest history (`warm<W>`: W honest requests, then the attack): "
             "requests from the first adversarial until flagged, median / p90 / share never "
-            "flagged (reported only: the default's rule did not see them)",
+            "flagged (the default's rule reads each attack's slowest median over its histories)",
             stress,
         )
     honest_kinds = next(iter(outcomes.values())).honest_kinds
@@ -145,7 +151,8 @@ def _stress_sections(
         lines += [
             "",
             f"## Honest clients whose photos are all of one class: share flagged within {horizon} "
-            "requests (95% Wilson interval; reported only)",
+            "requests (95% Wilson interval; the default's rule admits a policy only if it flags at "
+            "most the honest budget of them taken together)",
             "",
             "| honest clients | " + " | ".join(policies) + " |",
             "|---|" + "---|" * len(policies),

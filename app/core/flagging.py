@@ -12,6 +12,11 @@ requests and the statistic crosses the policy's threshold:
 
 - ``mean``: the running mean of the score falls below the threshold;
 - ``ewma``: the EWMA of the score falls below the threshold (forgets old honest traffic);
+- ``ewma_anchored``: the textbook EWMA control chart (Roberts 1959), started at the honest mean
+  mu0 instead of at the client's first score, falls below the threshold. From the same window:
+  z_n = (1 - alpha)^n mu0 + (1 - (1 - alpha)^n) ewma_n. A fresh client's first requests no
+  longer dominate it, so its threshold is not set by their noise and holds as tight for a client
+  with a long honest history as for a new one;
 - ``rejection_rate``: the generalised likelihood-ratio statistic of a binomial test of the
   client's rejection count against the honest rejection rate p0, n * KL(r/n || p0) when r/n > p0
   (0 otherwise), rises above the threshold;
@@ -19,24 +24,34 @@ requests and the statistic crosses the policy's threshold:
   ref = honest mean - honest std / 2 (tuned to a shift of one honest standard deviation), rises
   above the threshold.
 
+What a window averages is the request's *flag value*. With a ``ClassScale`` (bundles that store
+the predicted class of their held-out honest scores) it is the score's empirical p-value among the
+held-out honest scores of the same predicted class: scores differ by class, so a raw-score
+threshold fitted on class-balanced traffic flags honest clients whose photos are all of a
+low-scoring class, while per-class p-values of honest traffic predicted as any one class are
+spread evenly over (0, 1]. Without one (older bundles, or ``flag_per_class`` off) it is the
+guard's score itself.
+
 Thresholds are never hand-picked and never fitted to the traffic being judged: ``calibrate_policy``
-replays simulated honest clients, each drawing ``horizon`` scores at random from the bundle's
+replays simulated honest clients, each drawing ``horizon`` requests at random from the bundle's
 held-out honest scores (all held-out images, the model's errors included), and sets the threshold
 so that a share ``false_flag_rate`` of them is flagged within the horizon.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar, cast, get_args
 
 import numpy as np
 import numpy.typing as npt
 
-PolicyKind = Literal["mean", "ewma", "rejection_rate", "cusum"]
+from app.core.detector import sorted_reference_p_values
+
+PolicyKind = Literal["mean", "ewma", "ewma_anchored", "rejection_rate", "cusum"]
 FLAG_POLICIES: tuple[PolicyKind, ...] = get_args(PolicyKind)
 # Statistics where a *low* value is suspicious (the others: a high value).
-_LOW_IS_SUSPICIOUS: frozenset[PolicyKind] = frozenset({"mean", "ewma"})
+_LOW_IS_SUSPICIOUS: frozenset[PolicyKind] = frozenset({"mean", "ewma", "ewma_anchored"})
 
 # chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle
 DEFAULT_POLICY: PolicyKind = "ewma"
@@ -45,6 +60,9 @@ DEFAULT_EWMA_ALPHA = 0.05
 DEFAULT_FALSE_FLAG_RATE = 0.001
 DEFAULT_HORIZON = 200
 DEFAULT_CALIBRATION_CLIENTS = 20_000
+# a class with fewer held-out honest predictions is ranked against all of them (its own p-values
+# would move in steps of more than 5%)
+MIN_CLASS_REFERENCE = 20
 
 Values = npt.NDArray[np.float64]
 F = TypeVar("F", float, Values)
@@ -52,10 +70,12 @@ F = TypeVar("F", float, Values)
 
 @dataclass(frozen=True)
 class WindowParams:
-    """How a window advances: the EWMA's weight and the CUSUM's reference value."""
+    """How a window advances: the EWMA's weight and the CUSUM's reference value; and where the
+    anchored EWMA starts (the honest mean; read by that statistic, not by the update)."""
 
     ewma_alpha: float = DEFAULT_EWMA_ALPHA
     cusum_reference: float = 0.0
+    anchor: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -130,15 +150,76 @@ def rejection_glr(scored: int, rejected: F, null_rate: float) -> F:
     return cast(F, result)
 
 
+@dataclass(frozen=True, eq=False)
+class ClassScale:
+    """A request's flag value: its score's empirical p-value among the held-out honest scores of
+    its predicted class (``app.core.detector``'s p-value, the one definition), or among all of
+    them for a class with fewer than ``MIN_CLASS_REFERENCE`` held-out predictions."""
+
+    by_class: dict[int, Values]  # predicted class -> its honest scores, finite, sorted
+    pooled: Values  # every finite honest score, sorted
+
+    @staticmethod
+    def fit(
+        scores: Values, predictions: npt.NDArray[np.int64], min_class: int = MIN_CLASS_REFERENCE
+    ) -> ClassScale:
+        if scores.shape != predictions.shape or scores.ndim != 1:
+            raise ValueError("one predicted class per honest score is needed")
+        finite = np.isfinite(scores)
+        if not finite.any():
+            raise ValueError("cannot fit a class scale on no finite honest score")
+        values, classes = scores[finite].astype(np.float64), predictions[finite]
+        counts = np.bincount(classes) if classes.size else np.zeros(0, dtype=np.int64)
+        by_class = {
+            int(c): np.sort(values[classes == c])
+            for c in np.flatnonzero(counts >= max(min_class, 1))
+        }
+        return ClassScale(by_class, np.sort(values))
+
+    def reference(self, predicted: int) -> Values:
+        return self.by_class.get(predicted, self.pooled)
+
+    def values(self, scores: Values, predictions: npt.NDArray[np.int64]) -> Values:
+        """(n,) flag values of fresh scores: p = (1 + #{reference <= score}) / (1 + #reference)."""
+        out = np.empty(scores.shape, dtype=np.float64)
+        for predicted in np.unique(predictions):
+            rows = predictions == predicted
+            out[rows] = sorted_reference_p_values(scores[rows], self.reference(int(predicted)))
+        return out
+
+    def value(self, score: float, predicted: int) -> float:
+        """One request's flag value (the service's path: no grouping by class)."""
+        return float(sorted_reference_p_values(np.array([score]), self.reference(predicted))[0])
+
+    def held_out_values(self, scores: Values, predictions: npt.NDArray[np.int64]) -> Values:
+        """The flag values of the scores this scale was fitted on, each ranked among the others
+        (leave one out), as a fresh honest image of its class is ranked: counting a score in its
+        own reference would make honest traffic look more ordinary than it is."""
+        out = self.values(scores, predictions)  # (1 + a) / (1 + n), a counts the score itself
+        for predicted in np.unique(predictions):
+            rows = (predictions == predicted) & np.isfinite(scores)
+            n = self.reference(int(predicted)).size
+            if n > 1:
+                counted = np.round(out[rows] * (1 + n)) - 1  # a, itself included
+                out[rows] = (1 + np.maximum(counted - 1, 0)) / n
+        return out
+
+
 @dataclass(frozen=True)
 class FlagPolicy:
-    """A flagging decision rule: the statistic it reads and where it flags."""
+    """A flagging decision rule: the statistic it reads and where it flags, and the scale that
+    turns a request's score into the value the statistics average (None: the score itself)."""
 
     kind: PolicyKind
     threshold: float
     min_requests: int = DEFAULT_MIN_REQUESTS
     window: WindowParams = WindowParams()
     null_rejection_rate: float = 0.05  # p0 of the rejection-rate test
+    scale: ClassScale | None = field(default=None, compare=False)
+
+    def flag_value(self, score: float, predicted: int) -> float:
+        """What a scored request adds to its client's window."""
+        return score if self.scale is None else self.scale.value(score, predicted)
 
     def __post_init__(self) -> None:
         if self.kind not in FLAG_POLICIES:
@@ -158,6 +239,7 @@ class FlagPolicy:
                 float(window.rejected),
                 window.cusum,
                 self.null_rejection_rate,
+                self.window,
             )
         )
 
@@ -169,13 +251,23 @@ class FlagPolicy:
 
 
 def policy_statistic(
-    kind: PolicyKind, scored: int, mean: F, ewma: F, rejected: F, cusum: F, null_rate: float
+    kind: PolicyKind,
+    scored: int,
+    mean: F,
+    ewma: F,
+    rejected: F,
+    cusum: F,
+    null_rate: float,
+    window: WindowParams,
 ) -> F:
     """The value a policy compares with its threshold."""
     if kind == "mean":
         return mean
     if kind == "ewma":
         return ewma
+    if kind == "ewma_anchored":
+        prior = (1.0 - window.ewma_alpha) ** scored  # the anchor's weight left after n scores
+        return prior * window.anchor + (1.0 - prior) * ewma
     if kind == "cusum":
         return cusum
     return rejection_glr(scored, rejected, null_rate)
@@ -195,28 +287,45 @@ class HonestTraffic:
 
     scores: Values  # the predicted class's score for held-out images, errors included
     service_threshold: float  # the acceptance threshold in force
+    # each score's predicted class: given, the policy reads per-class flag values (``ClassScale``)
+    predictions: npt.NDArray[np.int64] | None = None
 
     @property
     def rejection_rate(self) -> float:
         return float(np.mean(self.scores < self.service_threshold))
 
-    @property
-    def cusum_reference(self) -> float:
-        """Honest mean minus half an honest standard deviation: a CUSUM tuned to a 1-sigma drop."""
-        return float(self.scores.mean() - 0.5 * self.scores.std())
+    def scale(self) -> ClassScale | None:
+        if self.predictions is None:
+            return None
+        return ClassScale.fit(self.scores.astype(np.float64), self.predictions)
+
+    def flag_values(self, scale: ClassScale | None) -> Values:
+        """What each held-out request would add to a window: its score, or its leave-one-out
+        per-class p-value."""
+        if scale is None or self.predictions is None:
+            return self.scores.astype(np.float64)
+        return scale.held_out_values(self.scores.astype(np.float64), self.predictions)
+
+
+def cusum_reference(flag_values: Values) -> float:
+    """Honest mean minus half an honest standard deviation: a CUSUM tuned to a 1-sigma drop."""
+    return float(flag_values.mean() - 0.5 * flag_values.std())
 
 
 def simulate_extremes(
     kind: PolicyKind,
-    score_paths: Values,
-    service_threshold: float,
+    value_paths: Values,
+    rejected_paths: npt.NDArray[np.bool_],
     min_requests: int,
     window: WindowParams,
     null_rate: float,
 ) -> Values:
-    """Per client (row of ``score_paths``), the most suspicious value its statistic reaches at or
-    after ``min_requests`` scored requests: a client is flagged iff it crosses the threshold."""
-    clients, horizon = score_paths.shape
+    """Per client (row of ``value_paths``: its requests' flag values; ``rejected_paths``: whether
+    the service rejected each), the most suspicious value its statistic reaches at or after
+    ``min_requests`` scored requests: a client is flagged iff it crosses the threshold."""
+    clients, horizon = value_paths.shape
+    if rejected_paths.shape != value_paths.shape:
+        raise ValueError("one rejection per flag value is needed")
     if horizon < min_requests:
         raise ValueError("the horizon is shorter than min_requests")
     mean = np.zeros(clients)
@@ -226,19 +335,18 @@ def simulate_extremes(
     low = kind in _LOW_IS_SUSPICIOUS
     extreme = np.full(clients, np.inf if low else -np.inf)
     for step in range(horizon):
-        scores = score_paths[:, step]
         mean, ewma, rejected, cusum = advance_arrays(
             step + 1,
             mean,
             ewma,
             rejected,
             cusum,
-            scores,
-            (scores < service_threshold).astype(np.float64),
+            value_paths[:, step],
+            rejected_paths[:, step].astype(np.float64),
             window,
         )
         if step + 1 >= min_requests:
-            value = policy_statistic(kind, step + 1, mean, ewma, rejected, cusum, null_rate)
+            value = policy_statistic(kind, step + 1, mean, ewma, rejected, cusum, null_rate, window)
             extreme = np.minimum(extreme, value) if low else np.maximum(extreme, value)
     return extreme
 
@@ -255,17 +363,29 @@ def calibrate_policy(
     seed: int = 0,
 ) -> FlagPolicy:
     """The policy whose threshold flags ``false_flag_rate`` of simulated honest clients within
-    ``horizon`` requests (deterministic for a seed)."""
+    ``horizon`` requests (deterministic for a seed); per-class flag values when ``honest`` has
+    its predicted classes."""
     if not 0.0 < false_flag_rate < 1.0:
         raise ValueError(f"false_flag_rate must be in (0, 1), got {false_flag_rate}")
     if honest.scores.size == 0:
         raise ValueError("cannot calibrate a flag policy on an empty score set")
-    window = WindowParams(ewma_alpha=ewma_alpha, cusum_reference=honest.cusum_reference)
+    scale = honest.scale()
+    flag_values = honest.flag_values(scale)
+    window = WindowParams(
+        ewma_alpha=ewma_alpha,
+        cusum_reference=cusum_reference(flag_values),
+        anchor=float(flag_values.mean()),
+    )
     null_rate = min(max(honest.rejection_rate, 1e-4), 0.5)
     rng = np.random.default_rng(seed)
-    paths = rng.choice(honest.scores.astype(np.float64), size=(clients, horizon), replace=True)
+    drawn = rng.integers(0, honest.scores.size, size=(clients, horizon))
     extremes = simulate_extremes(
-        kind, paths, honest.service_threshold, min_requests, window, null_rate
+        kind,
+        flag_values[drawn],
+        honest.scores[drawn] < honest.service_threshold,
+        min_requests,
+        window,
+        null_rate,
     )
     level = false_flag_rate if kind in _LOW_IS_SUSPICIOUS else 1.0 - false_flag_rate
     threshold = float(np.quantile(extremes, level))
@@ -275,6 +395,7 @@ def calibrate_policy(
         min_requests=min_requests,
         window=window,
         null_rejection_rate=null_rate,
+        scale=scale,
     )
 
 

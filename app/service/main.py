@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.bundle import load_honest_scores, load_sources
+from app.core.bundle import load_honest_classes, load_honest_scores, load_sources
 from app.core.errors import AdvguardError
 from app.core.flagging import FlagPolicy, HonestTraffic, calibrate_policy, with_threshold
 from app.core.guard import Guard
@@ -57,8 +57,14 @@ MULTIPART_OVERHEAD_BYTES = 16 * 1024
 
 def flag_policy_for(settings: Settings, guard: Guard) -> FlagPolicy:
     """The settings' policy, calibrated on the bundle's held-out honest scores at the guard's
-    acceptance threshold; ``flag_threshold``, when set, replaces the calibrated threshold."""
-    honest = HonestTraffic(load_honest_scores(settings.bundle, guard.manifest), guard.threshold)
+    acceptance threshold, on per-class flag values when the bundle has the scores' classes and
+    ``flag_per_class`` is on; ``flag_threshold``, when set, replaces the calibrated threshold."""
+    classes = load_honest_classes(settings.bundle, guard.manifest)
+    honest = HonestTraffic(
+        load_honest_scores(settings.bundle, guard.manifest),
+        guard.threshold,
+        classes if settings.flag_per_class else None,
+    )
     policy = calibrate_policy(
         settings.flag_policy,
         honest,

@@ -244,7 +244,7 @@ async def _judged(
         metrics.stage_seconds.labels(stage="stateful").observe(result.screen_s)
         answer = served_or_refused(result.served)
     else:
-        observation = observation_of(client_id, verdict, time.time())
+        observation = observation_of(client_id, verdict, time.time(), service.flag_policy)
         answer = await track_and_screen(service, observation, pixels, answer_of(verdict))
     metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
     return ClassifyResponse(
@@ -341,5 +341,6 @@ async def bundle(service: ServiceDep) -> BundleSummary:
         flag_policy=service.flag_policy.kind,
         flag_threshold=service.flag_policy.threshold if expose else None,
         flag_min_requests=service.flag_policy.min_requests,
+        flag_per_class=service.flag_policy.scale is not None,
         class_names=list(manifest.class_names),
     )

@@ -124,9 +124,11 @@ class BundleSummary(_Model):
     threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES, like the scores
     operating_retention: float
     threshold_policy: str
-    flag_policy: str  # mean, ewma, rejection_rate or cusum (see docs/service.md)
+    flag_policy: str  # mean, ewma, ewma_anchored, rejection_rate or cusum (docs/service.md)
     flag_threshold: float | None = None  # on the policy's statistic; only with EXPOSE_SCORES
     flag_min_requests: int
+    # the policy averages per-class p-values of the scores (true) or the raw scores (false)
+    flag_per_class: bool
     class_names: list[str]
 
 

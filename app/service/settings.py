@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     flag_false_rate: float = Field(default=DEFAULT_FALSE_FLAG_RATE, gt=0.0, lt=1.0)
     flag_horizon: int = Field(default=DEFAULT_HORIZON, ge=1)
     flag_min_requests: int = Field(default=DEFAULT_MIN_REQUESTS, ge=1)
+    # the policy averages each request's per-class p-value (its score among the held-out honest
+    # scores of its predicted class) when the bundle has their classes; false: the raw score
+    flag_per_class: bool = True
     ewma_alpha: float = Field(default=DEFAULT_EWMA_ALPHA, gt=0.0, le=1.0)
     policy: Literal["flag", "refuse"] = "flag"  # refuse: flagged clients get 403
 

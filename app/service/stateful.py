@@ -46,6 +46,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from app.core.flagging import FlagPolicy
 from app.core.guard import Verdict
 from app.core.stateful import (
     Answer,
@@ -372,9 +373,10 @@ def answer_of(verdict: Verdict) -> Answer:
     return Answer(decision, verdict.predicted_class, verdict.probability, verdict.score)
 
 
-def observation_of(client_id: str, verdict: Verdict, at: float) -> Observation:
+def observation_of(client_id: str, verdict: Verdict, at: float, policy: FlagPolicy) -> Observation:
     """What the client's statistics record of a query."""
-    return Observation(client_id, verdict.score, verdict.accepted, at)
+    flag_value = policy.flag_value(verdict.score, verdict.predicted_class)
+    return Observation(client_id, flag_value, verdict.accepted, at)
 
 
 def screens_on_batch_worker(store_blocks: bool, tracker_blocks: bool, model_device: str) -> bool:
@@ -394,7 +396,10 @@ def batch_screening(service: Service, detector: StatefulDetector) -> Screen:
 
     def screen(queries: Sequence[tuple[str, torch.Tensor, Verdict]]) -> list[Answer | None]:
         at = time.time()
-        observations = [observation_of(client, verdict, at) for client, _, verdict in queries]
+        observations = [
+            observation_of(client, verdict, at, service.flag_policy)
+            for client, _, verdict in queries
+        ]
         served = detector.screen_batch(
             [Pending(client, pixels, answer_of(verdict)) for client, pixels, verdict in queries]
         )

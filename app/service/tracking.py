@@ -2,9 +2,9 @@
 
 Both keep, per client: lifetime requests, accepted and rejected counts, first and last seen, and
 the client's score window (``app.core.flagging.ScoreWindow``: scored requests, running mean,
-bias-corrected EWMA, rejections and CUSUM, advanced by ``advance_window``). Both decide flags with
-the one pure rule, ``FlagPolicy.should_flag``. Clearing a flag restarts the client's window,
-keeping lifetime counts.
+bias-corrected EWMA, rejections and CUSUM of its requests' flag values, advanced by
+``advance_window``). Both decide flags with the one pure rule, ``FlagPolicy.should_flag``.
+Clearing a flag restarts the client's window, keeping lifetime counts.
 
 Both are bounded under client-id rotation (without API keys every ``X-Client-ID`` value is a new
 client) and keep flags longest: the in-process store holds at most ``max_clients`` entries and
@@ -53,7 +53,9 @@ SCORE_REASON = "score"  # flagged by the flag policy's statistic of the client's
 @dataclass(frozen=True)
 class Observation:
     client_id: str
-    score: float
+    # what the request adds to the client's score window: the guard's score, or its per-class
+    # p-value when the flag policy has a class scale (``FlagPolicy.flag_value``)
+    flag_value: float
     accepted: bool
     at: float  # unix seconds
 
@@ -246,7 +248,7 @@ class InMemoryTracker:
             else:
                 entry.rejected += 1
             entry.window = advance_window(
-                entry.window, observation.score, observation.accepted, self.policy.window
+                entry.window, observation.flag_value, observation.accepted, self.policy.window
             )
             entry.first_seen = min(entry.first_seen, observation.at)
             entry.last_seen = max(entry.last_seen, observation.at)
@@ -338,8 +340,8 @@ class InMemoryTracker:
 # The index is the one key outside a client's slot; it is written only when a flag is set or
 # removed, by separate commands (see RedisTracker).
 
-# KEYS: client hash, flag hash. ARGV: score, accepted (1/0), at, alpha, ttl seconds, writer (this
-# tracker's id), seq (this tracker's sequence number of the update), the CUSUM's reference value.
+# KEYS: client hash, flag hash. ARGV: flag value, accepted (1/0), at, alpha, ttl seconds, writer
+# (this tracker's id), seq (this tracker's sequence number of the update), the CUSUM's reference.
 # The window update mirrors app.core.flagging.advance_arrays.
 # Returns the updated fields (floats as strings: Lua numbers would be truncated to integers) and
 # the live flag's time or false; an expired flag is deleted, and a live one's `seen` advanced.
@@ -619,7 +621,7 @@ class RedisTracker:
         return (
             [self.client_key(observation.client_id), self.flag_key(observation.client_id)],
             [
-                repr(float(observation.score)),
+                repr(float(observation.flag_value)),
                 1 if observation.accepted else 0,
                 repr(float(observation.at)),
                 repr(self.policy.window.ewma_alpha),

@@ -10,6 +10,7 @@ import pytest
 
 from app.core.flagging import (
     FLAG_POLICIES,
+    ClassScale,
     FlagPolicy,
     HonestTraffic,
     ScoreWindow,
@@ -22,7 +23,7 @@ from app.core.flagging import (
     simulate_extremes,
 )
 
-PARAMS = WindowParams(ewma_alpha=0.2, cusum_reference=0.4)
+PARAMS = WindowParams(ewma_alpha=0.2, cusum_reference=0.4, anchor=0.5)
 
 
 def _window(scores: list[float], threshold: float = 0.2) -> ScoreWindow:
@@ -90,6 +91,7 @@ def test_rejection_glr_is_n_times_kl_above_the_null_rate() -> None:
         ("ewma", 0.3, [0.5] * 3 + [0.1] * 2, [0.1] * 3 + [0.5] * 2),
         ("rejection_rate", 2.0, [0.1] * 5, [0.5] * 5),
         ("cusum", 0.5, [0.1] * 5, [0.5] * 5),
+        ("ewma_anchored", 0.3, [0.1] * 5, [0.5] * 5),
     ],
 )
 def test_each_policy_flags_only_past_its_threshold_after_min_requests(
@@ -104,9 +106,25 @@ def test_each_policy_flags_only_past_its_threshold_after_min_requests(
     assert not FlagPolicy(kind, value, 5, PARAMS, 0.05).should_flag(_window(suspicious))  # type: ignore[arg-type]
 
 
+def test_anchored_ewma_is_the_textbook_chart_started_at_the_anchor() -> None:
+    """z_0 = anchor, z_n = (1 - alpha) z_{n-1} + alpha x_n, computed from the window's
+    bias-corrected EWMA; and a window restarted (a cleared flag) starts at the anchor again."""
+    rng = np.random.default_rng(5)
+    params = WindowParams(ewma_alpha=0.07, anchor=0.62)
+    policy = FlagPolicy("ewma_anchored", 0.0, min_requests=1, window=params)
+    window, chart = ScoreWindow(), 0.62
+    for value in rng.random(60):
+        window = advance_window(window, float(value), True, params)
+        chart = (1 - 0.07) * chart + 0.07 * float(value)
+        assert policy.statistic(window) == pytest.approx(chart, rel=1e-12)
+    assert policy.statistic(advance_window(ScoreWindow(), 0.2, True, params)) == pytest.approx(
+        0.93 * 0.62 + 0.07 * 0.2
+    )
+
+
 def test_crossing_direction() -> None:
     assert crosses("mean", 0.1, 0.2) and not crosses("mean", 0.3, 0.2)
-    assert crosses("ewma", 0.1, 0.2)
+    assert crosses("ewma", 0.1, 0.2) and crosses("ewma_anchored", 0.1, 0.2)
     assert crosses("cusum", 0.3, 0.2) and not crosses("cusum", 0.1, 0.2)
     assert crosses("rejection_rate", 3.0, 2.0)
 
@@ -138,16 +156,125 @@ def test_calibration_hits_the_design_false_flag_rate_on_fresh_clients(kind: str)
         kind, honest, false_flag_rate=0.02, horizon=100, clients=20_000, seed=1
     )  # type: ignore[arg-type]
     assert policy.window.cusum_reference == pytest.approx(scores.mean() - scores.std() / 2)
+    assert policy.window.anchor == pytest.approx(scores.mean())
     assert policy.null_rejection_rate == pytest.approx(np.mean(scores < 0.17))
     fresh = np.random.default_rng(99).choice(scores, size=(20_000, 100))
     extremes = simulate_extremes(
-        policy.kind, fresh, 0.17, policy.min_requests, policy.window, policy.null_rejection_rate
+        policy.kind,
+        fresh,
+        fresh < 0.17,
+        policy.min_requests,
+        policy.window,
+        policy.null_rejection_rate,
     )
     flagged = np.mean([crosses(policy.kind, float(v), policy.threshold) for v in extremes])
     assert 0.012 < flagged < 0.03
     # and a client whose scores all sit one honest std lower is flagged by every policy
     shifted = np.clip(fresh[:2000] - 0.18, 0.0, 1.0)
     extremes = simulate_extremes(
-        policy.kind, shifted, 0.17, policy.min_requests, policy.window, policy.null_rejection_rate
+        policy.kind,
+        shifted,
+        shifted < 0.17,
+        policy.min_requests,
+        policy.window,
+        policy.null_rejection_rate,
     )
     assert np.mean([crosses(policy.kind, float(v), policy.threshold) for v in extremes]) > 0.5
+
+
+# --------------------------------------------------------------------------- per-class values
+
+
+def _brute_p(value: float, reference: list[float]) -> float:
+    if not math.isfinite(value):
+        return 1 / (1 + len(reference))
+    return (1 + sum(r <= value for r in reference)) / (1 + len(reference))
+
+
+def test_class_scale_ranks_a_score_among_its_predicted_class() -> None:
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random(90), 2)  # rounded: ties
+    classes = np.repeat(np.array([0, 1, 2]), [40, 45, 5])
+    scale = ClassScale.fit(scores, classes, min_class=20)
+    assert sorted(scale.by_class) == [0, 1]  # class 2 has 5 < 20: pooled
+    fresh = np.array([0.0, 0.31, 0.5, 0.99, 1.5, np.nan, -np.inf, 0.5])
+    predicted = np.array([0, 0, 1, 1, 2, 0, 1, 7])  # 7: never predicted, pooled
+    reference = {0: scores[:40], 1: scores[40:85]}
+    want = [
+        _brute_p(float(v), list(reference.get(int(c), scores)))
+        for v, c in zip(fresh, predicted, strict=True)
+    ]
+    np.testing.assert_allclose(scale.values(fresh, predicted), want)
+    assert scale.value(0.5, 1) == pytest.approx(want[2])
+
+
+def test_held_out_values_leave_the_score_itself_out() -> None:
+    rng = np.random.default_rng(4)
+    scores = np.round(rng.random(70), 1)  # many ties
+    scores[5] = np.nan  # an unmeasured honest score: in no reference, smallest p-value
+    classes = np.repeat(np.array([0, 1, 2]), [30, 30, 10])
+    scale = ClassScale.fit(scores, classes, min_class=20)
+    want = []
+    for i, (value, predicted) in enumerate(zip(scores, classes, strict=True)):
+        members = (classes == predicted) if predicted in (0, 1) else np.ones(70, dtype=bool)
+        members &= np.isfinite(scores)
+        if math.isfinite(value):
+            members[i] = False
+        want.append(_brute_p(float(value), list(scores[members])))
+    np.testing.assert_allclose(scale.held_out_values(scores, classes), want)
+
+
+def test_class_scale_refuses_what_it_cannot_fit() -> None:
+    with pytest.raises(ValueError):
+        ClassScale.fit(np.array([0.1, 0.2]), np.array([0]))
+    with pytest.raises(ValueError):
+        ClassScale.fit(np.array([np.nan]), np.array([0]))
+
+
+def test_flag_value_is_the_score_without_a_scale() -> None:
+    assert FlagPolicy("ewma", 0.1).flag_value(0.37, 4) == 0.37
+    scale = ClassScale.fit(np.array([0.1, 0.2, 0.3, 0.4]), np.array([1, 1, 1, 1]), min_class=1)
+    assert FlagPolicy("ewma", 0.1, scale=scale).flag_value(0.25, 1) == pytest.approx(3 / 5)
+
+
+def test_per_class_values_hold_the_false_flag_rate_for_one_class_clients() -> None:
+    """Two classes score differently. Calibrated on one sample, judged on a fresh one: a raw-score
+    EWMA flags far more honest clients of the low class than designed, per-class values hold the
+    design rate for either class, and a client whose scores fall well below its class's is still
+    flagged."""
+    rng = np.random.default_rng(11)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        classes = rng.integers(0, 2, n)
+        scores = np.where(classes == 0, rng.normal(0.6, 0.1, n), rng.normal(0.35, 0.1, n))
+        return np.clip(scores, 0.0, 1.0), classes
+
+    scores, classes = sample(4000)
+    rate, horizon = 0.02, 60
+    kwargs = {"false_flag_rate": rate, "horizon": horizon, "clients": 20_000, "seed": 2}
+    raw = calibrate_policy("ewma", HonestTraffic(scores, 0.1), **kwargs)  # type: ignore[arg-type]
+    per_class = calibrate_policy(
+        "ewma",
+        HonestTraffic(scores, 0.1, classes),
+        **kwargs,  # type: ignore[arg-type]
+    )
+    assert raw.scale is None and per_class.scale is not None
+    fresh, fresh_classes = sample(4000)
+
+    def flagged(policy: FlagPolicy, values: np.ndarray) -> float:
+        paths = rng.choice(values, size=(5000, horizon))
+        extremes = simulate_extremes(
+            "ewma", paths, paths < -1.0, policy.min_requests, policy.window, 0.05
+        )
+        return float(np.mean(extremes < policy.threshold))
+
+    low = fresh[fresh_classes == 1]
+    assert flagged(raw, low) > 0.5
+    for label in (0, 1):
+        own = fresh[fresh_classes == label]
+        assert per_class.scale is not None
+        values = per_class.scale.values(own, np.full(own.size, label))
+        assert 0.005 < flagged(per_class, values) < 0.04
+    assert per_class.scale is not None
+    lowered = per_class.scale.values(low - 0.15, np.ones(low.size, dtype=np.int64))
+    assert flagged(per_class, lowered) > 0.9

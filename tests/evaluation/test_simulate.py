@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.cli import main as advguard_main
-from app.core.flagging import FlagPolicy, WindowParams
+from app.core.flagging import ClassScale, FlagPolicy, WindowParams
 from app.core.guard import Guard
 from evaluation.attacks import LogitsModel, fgsm_untargeted, predict
 from evaluation.data import load_split
@@ -129,6 +129,32 @@ def test_replay_flags_attackers_at_min_requests_and_not_honest_clients() -> None
     assert outcome.attackers["mixed-pgd"].never_share == 1.0
 
 
+def test_replay_ranks_each_score_among_its_predicted_class() -> None:
+    """With a class scale the tracker averages per-class p-values: a client of a low-scoring
+    class is ordinary, an attacker far below the class it claims is not."""
+    honest = ScoredPool(
+        np.zeros((4, 3, 2, 2), np.uint8),
+        np.array([0.1, 0.12, 0.6, 0.65]),
+        np.ones(4, dtype=bool),
+        np.array([0, 0, 1, 1]),
+    )
+    attack = ScoredPool(
+        np.zeros((1, 3, 2, 2), np.uint8), np.array([0.3]), np.ones(1, dtype=bool), np.array([1])
+    )
+    reference = np.array([0.05, 0.08, 0.1, 0.12, 0.15, 0.55, 0.6, 0.65, 0.7, 0.8])
+    scale = ClassScale.fit(reference, np.repeat(np.array([0, 1]), 5), min_class=5)
+    plans = [
+        ClientPlan("low-class", HONEST, [(HONEST, i % 2) for i in range(20)]),
+        ClientPlan("attacker", "pgd", [("pgd", 0)] * 20),
+    ]
+    pools = {HONEST: honest, "pgd": attack}
+    raw = FlagPolicy("mean", 0.25, min_requests=4)
+    assert replay(plans, pools, raw) == {"low-class": 4, "attacker": None}
+    per_class = FlagPolicy("mean", 0.25, min_requests=4, scale=scale)
+    # class 0's 0.1 and 0.12 rank 3rd and 4th of 5 (p 4/6, 5/6); class 1's 0.3 is below all 5
+    assert replay(plans, pools, per_class) == {"low-class": None, "attacker": 4}
+
+
 def test_time_to_flag_quantiles_count_never() -> None:
     t = TimeToFlag.of([3, 5, None, 7, None])
     assert (t.median, t.p90, t.never_share) == (7.0, None, 0.4)
@@ -142,10 +168,15 @@ def test_wilson_interval() -> None:
     assert lo < 0.005 < hi and lo == pytest.approx(0.00272, abs=1e-4)
 
 
-def _outcome(kind: str, honest: float, medians: dict[str, float | None]) -> PolicyOutcome:
+def _outcome(
+    kind: str,
+    honest: float,
+    medians: dict[str, float | None],
+    one_class: dict[str, tuple[int, int]] | None = None,
+) -> PolicyOutcome:
     policy = FlagPolicy(kind, 0.0)  # type: ignore[arg-type]
     attackers = {a: TimeToFlag(10, m, m, 0.0 if m else 1.0) for a, m in medians.items()}
-    return PolicyOutcome(policy, {200: honest}, (0.0, 1.0), attackers, {})
+    return PolicyOutcome(policy, {200: honest}, (0.0, 1.0), attackers, {}, one_class or {})
 
 
 def test_default_is_the_fastest_policy_within_the_false_flag_budget() -> None:
@@ -157,6 +188,26 @@ def test_default_is_the_fastest_policy_within_the_false_flag_budget() -> None:
     }
     assert choose_default(outcomes, ["fgsm", "pgd"], 0.005) == "cusum"  # type: ignore[arg-type]
     assert choose_default(outcomes, ["fgsm", "pgd"], 0.0) == "rejection_rate"  # type: ignore[arg-type]
+
+
+def test_default_reads_histories_and_one_class_clients_when_measured() -> None:
+    """The slowest median across histories counts, and the one-class honest clients together
+    must stay within the false-flag budget too."""
+    fresh_fast = {"fgsm": 10.0, "warm20-fgsm": 30.0, "pgd": 10.0, "warm20-pgd": 12.0}
+    steady = {"fgsm": 12.0, "warm20-fgsm": 12.0, "pgd": 12.0, "warm20-pgd": 12.0}
+    fastest = {"fgsm": 8.0, "warm20-fgsm": 8.0, "pgd": 8.0, "warm20-pgd": 8.0}
+    outcomes = {
+        "ewma": _outcome("ewma", 0.0, fresh_fast, {"honest-a": (1, 200), "honest-b": (0, 200)}),
+        "ewma_anchored": _outcome("ewma_anchored", 0.0, steady, {"honest-a": (2, 400)}),
+        "cusum": _outcome("cusum", 0.0, fastest, {"honest-a": (3, 200), "honest-b": (0, 200)}),
+    }
+    pure = ["fgsm", "pgd"]
+    # cusum flags 3 of 400 one-class clients (0.75% > 0.5%); ewma's slowest medians are 30, 12
+    assert choose_default(outcomes, pure, 0.005, [20]) == "ewma_anchored"  # type: ignore[arg-type]
+    # fresh attackers alone: ewma (10, 10) beats ewma_anchored (12, 12)
+    assert choose_default(outcomes, pure, 0.005) == "ewma"  # type: ignore[arg-type]
+    # a looser budget admits cusum
+    assert choose_default(outcomes, pure, 0.01, [20]) == "cusum"  # type: ignore[arg-type]
 
 
 def test_live_runs_only_on_loopback() -> None:
@@ -179,7 +230,7 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``advguard simulate`` end to end on the demo bundle: the test split and an exported set of
-    FGSM adversarials scored by the guard, a small population replayed under all four policies,
+    FGSM adversarials scored by the guard, a small population replayed under all five policies,
     the default chosen by its rule, results.json, table.md and the time-to-flag figure; then the
     same with a few live clients driving a running ``advguard serve`` (``--url``)."""
     guard = Guard.load(DEMO_BUNDLE, device="cpu")
@@ -205,12 +256,14 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     argv += ["--warm-ups", "20", "--class-clients", "3"]
     assert advguard_main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["outcomes"]) == {"mean", "ewma", "rejection_rate", "cusum"}
+    assert set(results["outcomes"]) == {"mean", "ewma", "ewma_anchored", "rejection_rate", "cusum"}
     assert results["pools"]["fgsm_untargeted"]["images"] == int(fooled.sum()) > 0
     assert results["pools"][HONEST]["images"] == len(split.labels)
     assert results["honest_clients"] == 200 and results["requests"] == 40
     assert results["default_policy"] in results["outcomes"]
+    assert results["flag_per_class"] is True  # the demo bundle has its scores' classes
     table = (out / "table.md").read_text()
+    assert "average each request's per-class p-value" in table
     assert "fgsm_untargeted" in table and "mixed-fgsm_untargeted" in table
     assert "| warm20-fgsm_untargeted |" in table  # attackers with an honest history
     assert f"| honest-{split.classes[0]} (of 3) |" in table  # one-class honest clients
@@ -245,6 +298,14 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     assert command.startswith("advguard simulate --bundle ") and "--live-requests 15" in command
     assert "--admin-token <admin token>" in command and "s3cret" not in command  # hidden
     assert advguard_main([*argv, "--url", "http://10.0.0.1:8000"]) == 2  # loopback only
+
+    # --raw-scores: the policies of a service with ADVGUARD_FLAG_PER_CLASS=false
+    assert advguard_main([*argv, "--raw-scores"]) == 0
+    raw = json.loads((out / "results.json").read_text())
+    assert raw["flag_per_class"] is False
+    assert "average the guard's raw scores" in (out / "table.md").read_text()
+    ewma = raw["outcomes"]["ewma"]["policy"]["threshold"]
+    assert ewma != pytest.approx(results["outcomes"]["ewma"]["policy"]["threshold"])
 
 
 def test_a_warm_up_as_long_as_the_requests_is_refused_before_anything_runs(

@@ -20,12 +20,12 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.core.bundle import load_honest_scores
+from app.core.bundle import load_honest_classes, load_honest_scores
 from app.core.errors import BundleError
 from app.core.flagging import HonestTraffic, calibrate_policy
 from app.service import cli
 from app.service.linger import LingeringClose
-from app.service.main import create_app
+from app.service.main import create_app, flag_policy_for
 from app.service.settings import DEFAULT_BUNDLE, Settings
 from app.service.state import Service
 from tests.service.helpers import LabelledImage, RedisProcess, admin_of, upload
@@ -238,11 +238,14 @@ def test_flag_false_rate_and_horizon_calibrate_the_flag_threshold(
     memory_client: TestClient,
 ) -> None:
     """The flag threshold is the one calibrated at the set false-flag rate and horizon (on the
-    served threshold), not at either default."""
+    served threshold, on per-class values: the demo bundle has its scores' classes), not at
+    either default."""
     service = service_of(memory_client)
     settings = service.settings
     scores = load_honest_scores(DEFAULT_BUNDLE, service.guard.manifest)
-    honest = HonestTraffic(scores, service.guard.threshold)
+    classes = load_honest_classes(DEFAULT_BUNDLE, service.guard.manifest)
+    assert classes is not None and service.flag_policy.scale is not None
+    honest = HonestTraffic(scores, service.guard.threshold, classes)
 
     def calibrated(rate: float, horizon: int) -> float:
         return calibrate_policy(
@@ -261,6 +264,28 @@ def test_flag_false_rate_and_horizon_calibrate_the_flag_threshold(
     fields = Settings.model_fields
     assert wanted != pytest.approx(calibrated(fields["flag_false_rate"].default, horizon))
     assert wanted != pytest.approx(calibrated(rate, fields["flag_horizon"].default))
+
+
+def test_flag_per_class_off_calibrates_on_the_raw_scores(memory_client: TestClient) -> None:
+    """``flag_per_class=false``: no class scale, the threshold of the raw honest scores, and each
+    request adds its score itself to its client's window."""
+    service = service_of(memory_client)
+    settings = service.settings.model_copy(update={"flag_per_class": False})
+    raw = flag_policy_for(settings, service.guard)
+    assert raw.scale is None
+    scores = load_honest_scores(DEFAULT_BUNDLE, service.guard.manifest)
+    expected = calibrate_policy(
+        settings.flag_policy,
+        HonestTraffic(scores, service.guard.threshold),
+        min_requests=settings.flag_min_requests,
+        ewma_alpha=settings.ewma_alpha,
+        false_flag_rate=settings.flag_false_rate,
+        horizon=settings.flag_horizon,
+    )
+    assert raw.threshold == pytest.approx(expected.threshold)
+    assert raw.threshold != pytest.approx(service.flag_policy.threshold)
+    assert raw.flag_value(0.123, 3) == 0.123
+    assert service.flag_policy.flag_value(0.123, 3) != 0.123
 
 
 # --------------------------------------------------------------------------- stateful rule

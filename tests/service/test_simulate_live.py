@@ -10,8 +10,17 @@ import pytest
 
 from app.core.guard import Guard
 from app.core.images import decode_image
+from app.service.main import flag_policy_for
+from app.service.settings import DEFAULT_BUNDLE, Settings
 from evaluation.data import eight_bit
-from evaluation.simulate import HONEST, live_agreement, plan_population, run_live, score_pool
+from evaluation.simulate import (
+    HONEST,
+    live_agreement,
+    plan_population,
+    pool_flag_values,
+    run_live,
+    score_pool,
+)
 from tests.service.helpers import LabelledImage, admin_of, fgsm
 
 ADMIN = "s3cret"
@@ -34,12 +43,18 @@ def test_simulated_run_leaves_the_predicted_state(
     plans = plan_population(
         {HONEST: len(honest), "fgsm": len(adversarial)}, ["fgsm"], 3, 1, 25, 5, seed=3
     )
+    # the service's policy reads per-class p-values (the demo bundle has its scores' classes)
+    per_class = flag_policy_for(Settings(bundle=DEFAULT_BUNDLE, flag_policy="mean"), guard)
+    assert per_class.scale is not None
+    honest_mean, fgsm_mean = (
+        pool_flag_values(pools[k], per_class).mean() for k in (HONEST, "fgsm")
+    )
     settings = {
         "admin_token": ADMIN,
         "expose_scores": True,
         # a mean policy that FGSM clients cross within 25 requests and honest ones do not
         "flag_policy": "mean",
-        "flag_threshold": float((pools[HONEST].scores.mean() + pools["fgsm"].scores.mean()) / 2),
+        "flag_threshold": float((honest_mean + fgsm_mean) / 2),
         "flag_min_requests": 5,
     }
     with make_client(**settings) as client:
@@ -61,6 +76,13 @@ def test_simulated_run_leaves_the_predicted_state(
             stored = store.hgetall(f"{prefix}:client:{{{live.plan.client_id}}}")
             assert int(stored["requests"]) == len(live.plan.requests)
             assert int(stored["scored"]) == len(live.plan.requests)
-            scores = [float(r.score) for r in live.requests if r.score is not None]
-            assert float(stored["mean"]) == pytest.approx(np.mean(scores), abs=1e-9)
+            # per request, its served score ranked among its predicted class's honest scores (the
+            # pool's prediction: a rejected answer withholds it)
+            values = [
+                policy.flag_value(float(r.score), int(pools[pool].predictions[row]))
+                for r, (pool, row) in zip(live.requests, live.plan.requests, strict=True)
+                if r.score is not None
+            ]
+            assert len(values) == len(live.requests)
+            assert float(stored["mean"]) == pytest.approx(np.mean(values), abs=1e-9)
             assert int(stored["wrej"]) == sum(not r.accepted for r in live.requests)

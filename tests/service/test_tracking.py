@@ -104,7 +104,14 @@ def _assert_same_result(a: RecordResult, b: RecordResult) -> None:
 
 @pytest.mark.parametrize(
     "policy",
-    [_policy(), _policy("ewma", 0.3), _policy("rejection_rate", 3.0), _policy("cusum", 0.3)],
+    [
+        _policy(),
+        _policy("ewma", 0.3),
+        _policy("rejection_rate", 3.0),
+        _policy("cusum", 0.3),
+        # read from the same window, started at an honest mean above this client's 0.375
+        FlagPolicy("ewma_anchored", 0.42, 3, WindowParams(0.05, 0.35, anchor=0.5)),
+    ],
     ids=lambda p: p.kind,
 )
 def test_trackers_agree(backend: Backend, policy: FlagPolicy) -> None:
