@@ -44,6 +44,7 @@ from PIL import Image
 
 from app.cli import at_least
 from app.core.guard import Guard
+from app.core.manifest import MANIFEST_NAME
 from app.core.stateful import Answer as ServedAnswer
 from evaluation.data import ImageSplit, eight_bit, load_split
 from evaluation.simulate_cli import is_loopback
@@ -682,7 +683,9 @@ def table(results: dict[str, Any]) -> str:
             f"{'-' if p90 is None else f'{p90:.0f}'} | {summary['median_queries_sent']:.0f} | "
             f"{summary['rejected_share']:.1%} | {_closest(attack, summary)} |"
         )
-    lines += ["", "Command:", "", "```", results["command"], "```", ""]
+    legacy = f"{results.get('command')} (the latest invocation before runs recorded their own)"
+    commands = sorted({summary.get("command", legacy) for summary in results["runs"].values()})
+    lines += ["", "Commands:", "", "```", *commands, "```", ""]
     if results.get("http_check"):
         lines += [
             "Over HTTP (`HttpOracle` against `advguard serve` with its in-process tracker, one "
@@ -866,6 +869,42 @@ def _command(argv: Sequence[str]) -> str:
     return " ".join(["python -m evaluation.query_attacks", *map(shlex.quote, argv)])
 
 
+class StaleRecordsError(Exception):
+    """Recorded queries that do not belong to the conditions asked for."""
+
+
+def run_conditions(
+    args: argparse.Namespace, rows: np.ndarray, attack: AttackName
+) -> dict[str, Any]:
+    """What one run's figures depend on: the bundle's contents (its manifest lists every file's
+    sha256), the images, the attack's query cap, the seed and ART's version. A run kept in a
+    results.json that another invocation updates must match that invocation's conditions."""
+    return {
+        "bundle_manifest_sha256": hashlib.sha256(
+            (Path(args.bundle) / MANIFEST_NAME).read_bytes()
+        ).hexdigest()[:16],
+        "rows_sha256": hashlib.sha256(rows.tobytes()).hexdigest()[:16],
+        "cap": caps_of(args)[attack],
+        "seed": args.seed,
+        "art_version": _art_version(),
+    }
+
+
+def stale_runs(results: dict[str, Any], args: argparse.Namespace, rows: np.ndarray) -> list[str]:
+    """The runs already in ``results`` that this invocation keeps but does not redo, and that
+    were recorded under other conditions (or before runs recorded theirs): a table mixing them
+    would describe runs that were never made together."""
+    redone = {f"{a}/{s}" for a in args.attacks for s in args.settings}
+    stale = []
+    for key, summary in results["runs"].items():
+        if key in redone and not args.url:
+            continue
+        attack = key.split("/")[0]
+        if summary.get("conditions") != run_conditions(args, rows, attack):
+            stale.append(key)
+    return stale
+
+
 def record_runs(
     args: argparse.Namespace,
     guard: Guard,
@@ -873,20 +912,35 @@ def record_runs(
     rows: np.ndarray,
     results: dict[str, Any],
     log: Log,
+    command: str,
 ) -> None:
-    """Each attack in each setting on the chosen rows, in process: run and recorded (unless
-    ``--summarise-only`` or ``--url``, which reuse the records), then summarised into
-    ``results["runs"]``."""
+    """Each attack in each setting on the chosen rows, in process: run and recorded, with the
+    conditions and command beside the records (``--summarise-only`` reuses the records, and
+    refuses those recorded under other conditions; ``--url`` leaves the runs as they are), then
+    summarised into ``results["runs"]``."""
+    if args.url:  # the HTTP check reuses the records and their summaries
+        return
     for attack in args.attacks:
+        conditions = run_conditions(args, rows, attack)
         for setting in args.settings:
             path = records_path(args.cache, attack, setting)
-            if not (args.summarise_only or args.url):  # the HTTP check reuses the records
+            made_by = path.with_suffix(".json")
+            if not args.summarise_only:
                 oracle = GuardOracle(guard, guarded=setting == "guard_on")
-                cap = caps_of(args)[attack]
-                records = list(attack_images(oracle, attack, split, rows, cap, args.seed))
+                records = list(
+                    attack_images(oracle, attack, split, rows, conditions["cap"], args.seed)
+                )
                 save_records(records, path)
+                made_by.write_text(json.dumps({"conditions": conditions, "command": command}))
+            recorded = json.loads(made_by.read_text()) if made_by.is_file() else {}
+            if recorded.get("conditions") != conditions:
+                raise StaleRecordsError(
+                    f"{path} was recorded under other conditions than these (bundle, images, "
+                    f"cap, seed or ART version), or before records kept theirs: run "
+                    f"{attack} {setting} again without --summarise-only"
+                )
             summary = summarise(load_records(path))
-            results["runs"][f"{attack}/{setting}"] = summary
+            results["runs"][f"{attack}/{setting}"] = summary | recorded
             log(f"{attack} {setting}: {json.dumps(summary)}")
 
 
@@ -960,11 +1014,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = (
         json.loads(results_file.read_text()) if results_file.is_file() else {"runs": {}}
     )
-    record_runs(args, guard, split, rows, results, log)
+    stale = stale_runs(results, args, rows)
+    if stale:
+        print(
+            f"{parser.prog}: error: {results_file} holds runs recorded under other conditions "
+            f"(bundle, images, cap, seed or ART version) or before runs recorded theirs: "
+            f"{', '.join(stale)}; redo them too (--attacks/--settings) or use another --out",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        record_runs(args, guard, split, rows, results, log, _command(argv))
+    except StaleRecordsError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
     results.update(run_description(args, rows))
-    if not args.url:
-        results["command"] = _command([a for a in argv if a != "--summarise-only"])
-    else:
+    results.pop("command", None)  # each run records its own (before 2026-11-30: the latest's)
+    if args.url:
         http_checks(args, argv, split, rows, results, log)
     order = [f"{a}/{s}" for a in ATTACKS for s in SETTINGS]
     results["runs"] = {k: results["runs"][k] for k in order if k in results["runs"]}

@@ -327,7 +327,9 @@ def test_the_command_records_summarises_and_checks_over_http(tmp_path: Path) -> 
     run = results["runs"]["square/guard_on"]
     assert list(results["runs"]) == ["square/guard_on"]
     assert results["images"] == 2 and results["caps"]["square"] == 20
-    assert results["command"].startswith("python -m evaluation.query_attacks --images 2")
+    assert run["command"].startswith("python -m evaluation.query_attacks --images 2")
+    assert run["conditions"]["cap"] == 20 and run["conditions"]["seed"] == 0
+    assert "command" not in results  # each run records its own
     recorded = load_records(records_path(cache, "square", "guard_on"))
     assert len(recorded) == 2 and all(0 < len(r.queries) <= 20 for r in recorded)
     assert "square" in (out / "table.md").read_text().lower()
@@ -339,6 +341,15 @@ def test_the_command_records_summarises_and_checks_over_http(tmp_path: Path) -> 
     (tmp_path / "moved.npz").rename(path)  # ...and with the records back, sums them up
     assert query_attacks_main([*common, "--summarise-only"]) == 0
     assert json.loads((out / "results.json").read_text())["runs"]["square/guard_on"] == run
+    # records made under other conditions are refused, and so is a table that would mix runs
+    # made under different ones; neither touches results.json
+    before = (out / "results.json").read_text()
+    other_cap = list(common)
+    other_cap[other_cap.index("--cap-square") + 1] = "10"
+    assert query_attacks_main([*other_cap, "--summarise-only"]) == 2
+    guard_off = [a if a != "guard_on" else "guard_off" for a in other_cap]
+    assert query_attacks_main(guard_off) == 2  # square/guard_on was made with cap 20
+    assert (out / "results.json").read_text() == before
 
     port = free_port()
     env = {"ADVGUARD_TORCH_THREADS": "1", "ADVGUARD_STATEFUL_ENABLED": "false"}
