@@ -915,17 +915,16 @@ def record_runs(
     command: str,
 ) -> None:
     """Each attack in each setting on the chosen rows, in process: run and recorded, with the
-    conditions and command beside the records (``--summarise-only`` reuses the records, and
-    refuses those recorded under other conditions; ``--url`` leaves the runs as they are), then
-    summarised into ``results["runs"]``."""
-    if args.url:  # the HTTP check reuses the records and their summaries
-        return
+    conditions and command beside the records, then summarised into ``results["runs"]``.
+    ``--summarise-only`` reuses the records and ``--url`` compares with them (leaving the runs as
+    they are); both refuse records made under other conditions (another ``--out`` may have
+    recorded over them: the cache is shared)."""
     for attack in args.attacks:
         conditions = run_conditions(args, rows, attack)
         for setting in args.settings:
             path = records_path(args.cache, attack, setting)
             made_by = path.with_suffix(".json")
-            if not args.summarise_only:
+            if not (args.summarise_only or args.url):
                 oracle = GuardOracle(guard, guarded=setting == "guard_on")
                 records = list(
                     attack_images(oracle, attack, split, rows, conditions["cap"], args.seed)
@@ -937,8 +936,10 @@ def record_runs(
                 raise StaleRecordsError(
                     f"{path} was recorded under other conditions than these (bundle, images, "
                     f"cap, seed or ART version), or before records kept theirs: run "
-                    f"{attack} {setting} again without --summarise-only"
+                    f"{attack} {setting} again in process (without --summarise-only or --url)"
                 )
+            if args.url:  # the HTTP check compares with these records; the runs stay as they are
+                continue
             summary = summarise(load_records(path))
             results["runs"][f"{attack}/{setting}"] = summary | recorded
             log(f"{attack} {setting}: {json.dumps(summary)}")
@@ -1019,7 +1020,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{parser.prog}: error: {results_file} holds runs recorded under other conditions "
             f"(bundle, images, cap, seed or ART version) or before runs recorded theirs: "
-            f"{', '.join(stale)}; redo them too (--attacks/--settings) or use another --out",
+            f"{', '.join(stale)}; redo them in process too (--attacks/--settings, without "
+            f"--url) or use another --out",
             file=sys.stderr,
         )
         return 2

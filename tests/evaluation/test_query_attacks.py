@@ -360,6 +360,13 @@ def test_the_command_records_summarises_and_checks_over_http(tmp_path: Path) -> 
     assert check["images"] == 1 and check["same_outcome"] == 1 and check["same_queries"] == 1
     assert check["same_answers"] == check["replayed_queries"] > 0
 
+    # another --out records over the shared cache with cap 10: out's cap-20 run can no longer be
+    # checked over HTTP against those records (refused before anything is sent)
+    other_out = [*other_cap]
+    other_out[other_out.index("--out") + 1] = str(tmp_path / "other")
+    assert query_attacks_main(other_out) == 0
+    assert query_attacks_main([*common, "--url", url, "--http-images", "1"]) == 2
+
 
 # --------------------------------------------------------------------------- honest traffic
 
