@@ -28,6 +28,7 @@ def outcome_json(outcome: PolicyOutcome) -> dict[str, Any]:
             "min_requests": p.min_requests,
             "ewma_alpha": p.window.ewma_alpha,
             "cusum_reference": p.window.cusum_reference,
+            "anchor": p.window.anchor,
             "null_rejection_rate": p.null_rejection_rate,
         },
         "honest_flagged_within": {str(n): v for n, v in outcome.honest_flagged.items()},
@@ -108,9 +109,11 @@ def markdown(
         )
     lines += [
         "",
-        f"Default policy by the rule fixed before measuring (honest within {horizon} <= "
-        f"{100 * meta['max_false_flag_rate']:g}%, then the lowest mean median requests-to-flag "
-        f"over the pure attacks): **{default}**.",
+        f"Default policy by the rule fixed before measuring (`choose_default`: honest clients "
+        f"flagged within {horizon} <= {100 * meta['max_false_flag_rate']:g}%, and so for the "
+        "one-class honest clients taken together; then the lowest mean over the pure attacks of "
+        "the slowest median requests-to-flag across the histories measured): "
+        f"**{default}**.",
         "",
         f"Command: `{meta['command']}`; {meta['seconds']:.0f} s.",
         "",

@@ -53,7 +53,9 @@ FLAG_POLICIES: tuple[PolicyKind, ...] = get_args(PolicyKind)
 # Statistics where a *low* value is suspicious (the others: a high value).
 _LOW_IS_SUSPICIOUS: frozenset[PolicyKind] = frozenset({"mean", "ewma", "ewma_anchored"})
 
-# chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle
+# chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle's per-class
+# values (on raw scores, which bundles without the classes use, the rule would pick rejection_rate;
+# the default stays one constant so that those bundles behave as before)
 DEFAULT_POLICY: PolicyKind = "ewma"
 DEFAULT_MIN_REQUESTS = 10
 DEFAULT_EWMA_ALPHA = 0.05

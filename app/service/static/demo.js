@@ -233,7 +233,7 @@ async function refreshFlag() {
     s.flagged ? "FLAGGED" : "not flagged"));
   const list = el("table");
   for (const [k, v] of [["requests", s.requests], ["accepted", s.accepted], ["rejected", s.rejected],
-    ["mean score", fmt(s.mean_score)], ["EWMA score", fmt(s.ewma_score)]]) {
+    ["mean flag value", fmt(s.mean_score)], ["EWMA flag value", fmt(s.ewma_score)]]) {
     const row = el("tr");
     row.appendChild(el("td", {}, k));
     row.appendChild(el("td", { class: "num" }, String(v)));
