@@ -173,11 +173,9 @@ def is_honest(kind: str) -> bool:
 
 
 def pool_flag_values(pool: ScoredPool, policy: FlagPolicy) -> np.ndarray:
-    """(n,) what each image adds to a client's window under ``policy``, as
-    ``FlagPolicy.flag_value`` computes it in the service (vectorised over the pool)."""
-    if policy.scale is None:
-        return pool.scores
-    return policy.scale.values(pool.scores, pool.predictions)
+    """(n,) what each image adds to a client's window under ``policy``, as the service's
+    ``FlagPolicy.flag_value`` computes it."""
+    return policy.flag_values(pool.scores, pool.predictions)
 
 
 def replay(

@@ -223,6 +223,10 @@ class FlagPolicy:
         """What a scored request adds to its client's window."""
         return score if self.scale is None else self.scale.value(score, predicted)
 
+    def flag_values(self, scores: Values, predictions: npt.NDArray[np.int64]) -> Values:
+        """``flag_value`` of many requests at once (the same values)."""
+        return scores if self.scale is None else self.scale.values(scores, predictions)
+
     def __post_init__(self) -> None:
         if self.kind not in FLAG_POLICIES:
             raise ValueError(f"unknown flag policy {self.kind!r}; one of {FLAG_POLICIES}")
