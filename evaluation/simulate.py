@@ -501,6 +501,30 @@ def pool_summary(pools: dict[str, ScoredPool], labels: np.ndarray) -> dict[str, 
     }
 
 
+def honest_by_class(
+    pool: ScoredPool, labels: np.ndarray, class_names: Sequence[str], policy: FlagPolicy
+) -> dict[str, dict[str, float]]:
+    """Per true class of the honest pool: the model's accuracy, and the mean flag value the
+    policies average (of all its photos, of the correctly classified, of the errors): what a
+    client sending photos of that class only adds to its window."""
+    values = pool_flag_values(pool, policy)
+    out: dict[str, dict[str, float]] = {}
+    for label, name in enumerate(class_names):
+        rows = labels == label
+        correct = pool.predictions[rows] == label
+
+        def mean(selected: np.ndarray) -> float:
+            return round(float(selected.mean()), 4) if selected.size else math.nan
+
+        out[name] = {
+            "accuracy": mean(correct.astype(np.float64)),
+            "mean_flag_value": mean(values[rows]),
+            "correct": mean(values[rows][correct]),
+            "errors": mean(values[rows][~correct]),
+        }
+    return out
+
+
 def ensure_path(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path

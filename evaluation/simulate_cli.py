@@ -27,6 +27,7 @@ from evaluation.simulate import (
     ScoredPool,
     all_policies,
     choose_default,
+    honest_by_class,
     judge,
     live_agreement,
     load_pools,
@@ -208,6 +209,12 @@ def simulate(args: argparse.Namespace) -> int:
     )
     per_class = all(outcome.policy.scale is not None for outcome in outcomes.values())
     meta = run_description(args, name, traffic, per_class)
+    meta["honest_by_class"] = honest_by_class(
+        traffic.pools[HONEST],
+        traffic.split.labels,
+        traffic.split.classes,
+        next(iter(outcomes.values())).policy,  # every policy reads the same flag values
+    )
     if args.url:
         meta["live"] = _live(args, guard, traffic.pools, traffic.sizes, traffic.attack_names)
     meta["seconds"] = time.perf_counter() - started

@@ -95,6 +95,7 @@ def markdown(
         outcomes, "Requests until an attacker is flagged: median / p90 / share never flagged", kinds
     )
     lines += _stress_sections(outcomes, stress, horizon)
+    lines += _by_class_section(meta.get("honest_by_class", {}))
     lines += [
         "",
         "## Scores of the traffic (the bundle's guard)",
@@ -131,6 +132,25 @@ def _time_to_flag_table(
     for attacker in attackers:
         cells = [_ttf(outcomes[p].attackers[attacker]) for p in policies]
         lines.append(f"| {attacker} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _by_class_section(by_class: dict[str, dict[str, float]]) -> list[str]:
+    """The honest test photos by true class: what a one-class client sends."""
+    if not by_class:
+        return []
+    lines = [
+        "",
+        "## Honest test photos by true class: the model's accuracy and the mean flag value",
+        "",
+        "| class | accuracy | mean flag value | correctly classified | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in by_class.items():
+        lines.append(
+            f"| {name} | {100 * row['accuracy']:.1f}% | {row['mean_flag_value']:.3f} | "
+            f"{row['correct']:.3f} | {row['errors']:.3f} |"
+        )
     return lines
 
 

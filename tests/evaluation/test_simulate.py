@@ -22,6 +22,7 @@ from evaluation.simulate import (
     ScoredPool,
     TimeToFlag,
     choose_default,
+    honest_by_class,
     judge,
     plan_population,
     plan_stress_population,
@@ -155,6 +156,24 @@ def test_replay_ranks_each_score_among_its_predicted_class() -> None:
     assert replay(plans, pools, per_class) == {"low-class": None, "attacker": 4}
 
 
+def test_honest_by_class_reads_the_flag_values_of_each_true_class() -> None:
+    pool = ScoredPool(
+        np.zeros((5, 3, 2, 2), np.uint8),
+        np.array([0.1, 0.3, 0.5, 0.7, 0.9]),
+        np.ones(5, dtype=bool),
+        np.array([0, 1, 1, 1, 0]),  # true classes below: 0, 0, 1, 1, 1
+    )
+    labels = np.array([0, 0, 1, 1, 1])
+    raw = honest_by_class(pool, labels, ["a", "b"], FlagPolicy("mean", 0.0))
+    assert raw["a"] == {"accuracy": 0.5, "mean_flag_value": 0.2, "correct": 0.1, "errors": 0.3}
+    assert raw["b"]["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    assert raw["b"]["errors"] == 0.9 and raw["b"]["correct"] == 0.6
+    scale = ClassScale.fit(np.array([0.2, 0.4, 0.6, 0.8]), np.array([0, 0, 1, 1]), min_class=1)
+    ranked = honest_by_class(pool, labels, ["a", "b"], FlagPolicy("mean", 0.0, scale=scale))
+    # class a: 0.1 among (0.2, 0.4) -> 1/3; 0.3 predicted b, among (0.6, 0.8) -> 1/3
+    assert ranked["a"]["mean_flag_value"] == pytest.approx(1 / 3, abs=1e-4)
+
+
 def test_time_to_flag_quantiles_count_never() -> None:
     t = TimeToFlag.of([3, 5, None, 7, None])
     assert (t.median, t.p90, t.never_share) == (7.0, None, 0.4)
@@ -264,6 +283,8 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     assert results["flag_per_class"] is True  # the demo bundle has its scores' classes
     table = (out / "table.md").read_text()
     assert "average each request's per-class p-value" in table
+    assert f"| {split.classes[0]} | " in table  # honest test photos by true class
+    assert set(results["honest_by_class"]) == set(split.classes)
     assert "fgsm_untargeted" in table and "mixed-fgsm_untargeted" in table
     assert "| warm20-fgsm_untargeted |" in table  # attackers with an honest history
     assert f"| honest-{split.classes[0]} (of 3) |" in table  # one-class honest clients
