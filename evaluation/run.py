@@ -26,7 +26,7 @@ from torch import nn
 from app.core.calibration import threshold_for_retention
 from app.core.detector import Combination
 from app.core.errors import ModelLoadError
-from app.core.features import BatchFeatures, FeatureNetwork, infer_batch
+from app.core.features import PIXEL_LAYERS, BatchFeatures, FeatureNetwork, infer_batch
 from app.core.guard import Guard
 from app.core.manifest import Manifest
 from app.core.models import (
@@ -89,6 +89,7 @@ ALL_STATISTICS: tuple[str, ...] = (
     "mahalanobis@blocks",
     "knn_distance@blocks",
     "margin@logits",
+    "mahalanobis@pixels.highpass",
 )
 # Holdout of the training split for detectors with a reference part and a threshold part.
 V2_HOLDOUT_FRACTION = 0.1
@@ -518,7 +519,10 @@ def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
         blocks = tuple(residual_blocks(model))
     except ModelLoadError:
         blocks = ()
-    layers = list(dict.fromkeys([*stages, *blocks, logits_layer(model), *base_guard.layers]))
+    pseudo = list(PIXEL_LAYERS)  # every layer a statistic of any configuration may read
+    layers = list(
+        dict.fromkeys([*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers])
+    )
     network = FeatureNetwork(model, layers, PRESETS[info.preset]).eval()
     return ModelUnderTest(
         arch,

@@ -4,7 +4,9 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 ``knn_distance@layer3.2``, ``margin@logits``. Layer aliases expand against the model: ``@blocks``
 (every residual block: 9 for ResNet-20, 16 for ResNet-50), ``@stages`` (each stage's last block),
 ``@last`` (the last residual block, whose pooled output is the paper's pool5 analogue) and
-``@logits`` (the classifier's last linear layer, for ``margin``).
+``@logits`` (the classifier's last linear layer, for ``margin``). ``pixels.highpass`` is the
+pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``), for
+``mahalanobis``.
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
@@ -50,10 +52,17 @@ _ROUND_1_STATISTICS: dict[str, tuple[str, ...]] = {
 }
 # Round 2 (evaluation/selection.py): round 1's sets, each also with the logit margin, and the
 # vote with the margin alone.
-CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+_ROUND_2_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_1_STATISTICS,
     **{f"{name}+margin": (*stats, "margin@logits") for name, stats in _ROUND_1_STATISTICS.items()},
     "margin": ("vote@last", "margin@logits"),
+}
+# Round 4: round 2's sets, each also with the Mahalanobis distance of the pixels' high-pass
+# energy (``app.core.features.PixelHighPass``).
+HIGHPASS_STATISTIC = "mahalanobis@pixels.highpass"
+CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+    **_ROUND_2_STATISTICS,
+    **{f"{name}+hp": (*stats, HIGHPASS_STATISTIC) for name, stats in _ROUND_2_STATISTICS.items()},
 }
 CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
 DEFAULT_PRESET = "v2"

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import nn
@@ -108,6 +109,40 @@ def global_average_pool(activation: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"cannot pool an activation of shape {tuple(activation.shape)}")
 
 
+# Pseudo-layers computed from the input pixels themselves, not from a module of the model.
+PIXEL_HIGHPASS = "pixels.highpass"
+PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS,)
+
+
+class PixelHighPass(nn.Module):
+    """Pixels NxCxHxW in [0, 1] -> the absolute responses of three fixed high-pass filters per
+    colour channel, Nx(3C)x(H-2)x(W-2) (valid convolution: no padding, so no border edges).
+
+    The filters: the horizontal second difference [1, -2, 1], the vertical one (its transpose)
+    and Immerkaer's noise kernel (their product, blind to edges along either axis). Pooled by
+    the feature network's global average pool, they give the image's mean high-frequency energy
+    per channel and direction: 9 numbers for RGB. Why: dense Linf attacks (FGSM and PGD at
+    8/255, Square's column stripes) add high-frequency energy to every pixel, which the deep
+    blocks' global average pools mostly average away; a natural photo's energy follows its
+    class's texture, which the class-conditional Mahalanobis distance over these 9 numbers
+    models.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self, channels: int = 3):
+        super().__init__()
+        second = torch.tensor([1.0, -2.0, 1.0])
+        horizontal = torch.zeros(3, 3)
+        horizontal[1] = second
+        kernels = torch.stack([horizontal, horizontal.T, torch.outer(second, second)])
+        self.channels = channels
+        self.register_buffer("weight", kernels.repeat(channels, 1, 1).unsqueeze(1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(pixels.float(), self.weight, groups=self.channels).abs()
+
+
 @dataclass(frozen=True)
 class ForwardOutput:
     logits: torch.Tensor
@@ -118,7 +153,9 @@ class FeatureNetwork(nn.Module):
     """Normalisation + classifier with forward hooks on the requested layers.
 
     Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
-    Features of layer L are the global average pool of the output of the module named L.
+    Features of layer L are the global average pool of the output of the module named L; the
+    pseudo-layer ``pixels.highpass`` (``PixelHighPass``) is computed from the pixels themselves,
+    outside any autocast, so it is the same float32 arithmetic at every precision.
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
     memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
     and calibrated with, so anything else must be checked to leave decisions unchanged.
@@ -136,13 +173,19 @@ class FeatureNetwork(nn.Module):
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
         modules = dict(model.named_modules())
-        missing = [name for name in self.layers if name not in modules]
+        missing = [n for n in self.layers if n not in modules and n not in PIXEL_LAYERS]
         if missing:
             candidates = [name for name in modules if name and "." not in name]
-            raise ModelLoadError(f"no layer named {missing} in the model; top-level: {candidates}")
+            raise ModelLoadError(
+                f"no layer named {missing} in the model; top-level: {candidates}"
+                f" (or the pseudo-layers {list(PIXEL_LAYERS)})"
+            )
+        self.highpass = PixelHighPass() if PIXEL_HIGHPASS in self.layers else None
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
-            modules[name].register_forward_hook(self._make_hook(name)) for name in self.layers
+            modules[name].register_forward_hook(self._make_hook(name))
+            for name in self.layers
+            if name not in PIXEL_LAYERS
         ]
         self.precision: Precision = "fp32"
         self.channels_last = False
@@ -169,6 +212,8 @@ class FeatureNetwork(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> ForwardOutput:
         self._captured = {}
+        if self.highpass is not None:
+            self._captured[PIXEL_HIGHPASS] = global_average_pool(self.highpass(pixels))
         normalised = (pixels - self.mean) / self.std
         if self.channels_last:
             normalised = normalised.contiguous(memory_format=torch.channels_last)

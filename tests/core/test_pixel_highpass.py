@@ -1,0 +1,86 @@
+"""The pseudo-layer ``pixels.highpass``: the input pixels' mean high-frequency energy per colour
+channel and direction, which ``mahalanobis@pixels.highpass`` reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.core.errors import ModelLoadError
+from app.core.features import PIXEL_HIGHPASS, FeatureNetwork, infer_batch
+from app.core.models import PRESETS, build_model
+
+
+def _reference(pixels: np.ndarray) -> np.ndarray:
+    """Brute force in numpy, float64: for each channel, the mean absolute horizontal second
+    difference, vertical second difference and Immerkaer kernel response over the interior."""
+    n, channels, height, width = pixels.shape
+    kernels = [
+        np.array([[0, 0, 0], [1, -2, 1], [0, 0, 0]], dtype=np.float64),
+        np.array([[0, 1, 0], [0, -2, 0], [0, 1, 0]], dtype=np.float64),
+        np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], dtype=np.float64),
+    ]
+    out = np.zeros((n, channels * 3))
+    for i in range(n):
+        for c in range(channels):
+            image = pixels[i, c].astype(np.float64)
+            for j, kernel in enumerate(kernels):
+                total = 0.0
+                for y in range(1, height - 1):
+                    for x in range(1, width - 1):
+                        total += abs(float((image[y - 1 : y + 2, x - 1 : x + 2] * kernel).sum()))
+                out[i, 3 * c + j] = total / ((height - 2) * (width - 2))
+    return out
+
+
+def _network(layers: list[str]) -> FeatureNetwork:
+    torch.manual_seed(0)
+    return FeatureNetwork(build_model("resnet20", 10).eval(), layers, PRESETS["cifar"]).eval()
+
+
+def test_highpass_energy_matches_a_brute_force_reference() -> None:
+    pixels = torch.rand(3, 3, 12, 9, generator=torch.Generator().manual_seed(1))
+    features = infer_batch(_network([PIXEL_HIGHPASS, "layer3"]), pixels).features
+    assert features[PIXEL_HIGHPASS].shape == (3, 9)
+    np.testing.assert_allclose(features[PIXEL_HIGHPASS], _reference(pixels.numpy()), rtol=1e-5)
+
+
+def test_what_the_filters_see() -> None:
+    """A flat image has no energy; column stripes (Square's first probe) are seen by the
+    horizontal filter only; a ramp (a smooth gradient, natural) by none of them."""
+    flat = torch.full((1, 3, 8, 8), 0.5)
+    stripes = flat.clone()
+    stripes[..., 0::2] += 8 / 255
+    ramp = torch.linspace(0, 1, 8).expand(1, 3, 8, 8).contiguous()
+    network = _network([PIXEL_HIGHPASS])
+    energies = {
+        name: infer_batch(network, pixels).features[PIXEL_HIGHPASS].reshape(3, 3)
+        for name, pixels in [("flat", flat), ("stripes", stripes), ("ramp", ramp)]
+    }
+    np.testing.assert_allclose(energies["flat"], 0, atol=1e-6)
+    np.testing.assert_allclose(energies["ramp"], 0, atol=1e-6)
+    # 0, eps, 0, eps, ...: every second difference is +-2 eps
+    np.testing.assert_allclose(energies["stripes"][:, 0], 2 * 8 / 255, rtol=1e-4)
+    np.testing.assert_allclose(energies["stripes"][:, 1], 0, atol=1e-6)
+    np.testing.assert_allclose(energies["stripes"][:, 2], 0, atol=1e-6)  # constant down columns
+
+
+def test_highpass_is_float32_at_every_precision_and_leaves_the_model_alone() -> None:
+    """Computed from the pixels outside autocast: the same numbers under bf16, and the model's
+    own layers and logits unchanged by asking for it."""
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with_it = infer_batch(_network([PIXEL_HIGHPASS, "layer3"]), pixels)
+    without = infer_batch(_network(["layer3"]), pixels)
+    np.testing.assert_array_equal(with_it.features["layer3"], without.features["layer3"])
+    np.testing.assert_array_equal(with_it.probabilities, without.probabilities)
+    network = _network([PIXEL_HIGHPASS])
+    network.set_execution("bf16")
+    low = infer_batch(network, pixels).features[PIXEL_HIGHPASS]
+    assert low.dtype == np.float32
+    np.testing.assert_array_equal(low, with_it.features[PIXEL_HIGHPASS])
+
+
+def test_unknown_layer_names_the_pseudo_layers() -> None:
+    with pytest.raises(ModelLoadError, match=r"pixels\.highpass"):
+        _network(["pixels.lowpass"])
