@@ -11,10 +11,13 @@ pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHig
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (see ``evaluation/results/selection-3/``): the vote at the last
-  block, Mahalanobis at every block and the logit margin, combined by the harmonic-mean p-value;
-- the default of rounds 1 and 2 (vote + Mahalanobis at the stage outputs, Fisher), which bundles
-  built before round 3 hold, is the candidate ``maha-stages-fisher``.
+  ``evaluation/selection.py`` (round 4, ``evaluation/results/selection-4/``): the vote at the
+  last block, Mahalanobis at each stage's output, the logit margin and the Mahalanobis distance
+  of the pixels' high-pass energy, combined by the harmonic-mean p-value;
+- the default of round 3 (vote + Mahalanobis at every block + margin, harmonic mean), which
+  bundles built from 2026-11-29 to 2026-11-30 hold, is the candidate ``maha-blocks+margin-hmp``;
+  the default of rounds 1 and 2 (vote + Mahalanobis at the stage outputs, Fisher) is
+  ``maha-stages-fisher``.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ class DetectorPreset:
 
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule (round 3): evaluation/results/selection-3/selection.md
-    "v2": DetectorPreset(("vote@last", "mahalanobis@blocks", "margin@logits"), "hmp"),
+    # chosen by the selection rule (round 4): evaluation/results/selection-4/selection.md
+    "v2": DetectorPreset(
+        ("vote@last", "mahalanobis@stages", "margin@logits", "mahalanobis@pixels.highpass"), "hmp"
+    ),
 }
 # Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
 # vote, the mission's score.

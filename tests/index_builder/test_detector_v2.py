@@ -302,3 +302,67 @@ def test_logits_alias_names_the_last_linear_layer():
     assert [(s.kind, s.layer, s.k) for s in specs] == [("margin", "linear", None)]
     tv = detectors.parse_statistics(("margin@logits",), build_model("resnet18", 4), "resnet18")
     assert [s.layer for s in tv] == ["fc"]
+
+
+def test_default_bundle_reads_the_pixels_high_pass_energy(built, tmp_path, capsys):
+    """The default preset (v2, selection round 4): its high-pass statistic is a Mahalanobis
+    distance over the pixel pseudo-layer, fitted like any layer's class density (no index), its
+    values are the distances of the 9 pooled energies the feature network computes, and a
+    tampered density file is refused."""
+    config, _ = built
+    code = builder_main([
+        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
+        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
+        "--holdout-fraction", "0.4", "--device", "cpu",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.detector.combination == "hmp"
+    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2"),
+        ("mahalanobis", "layer1.2"),
+        ("mahalanobis", "layer2.2"),
+        ("mahalanobis", "layer3.2"),
+        ("margin", "linear"),
+        ("mahalanobis", "pixels.highpass"),
+    ]
+    pixel_layer = next(s for s in manifest.detector.layers if s.name == "pixels.highpass")
+    assert (pixel_layer.input_dim, pixel_layer.index_file) == (9, None)
+    assert pixel_layer.class_density_file == "class_density_pixels_highpass.npz"
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+
+    def energies(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        batch = guard.infer(
+            torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+        )
+        return batch.features["pixels.highpass"].astype(np.float64), batch.predictions
+
+    # fitted on the indexed images only: their class means and tied covariance, brute force
+    indexed = json.loads((tmp_path / "b" / "sources.json").read_text())
+    x, _ = energies([config.source / name for name in indexed])
+    labels = np.array([int(name.split("/")[0].split("_")[1]) for name in indexed])
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    covariance = np.cov((x - means[labels]).T, bias=True)
+    density = np.load(tmp_path / "b" / "class_density_pixels_highpass.npz")
+    np.testing.assert_allclose(density["means"], means, rtol=1e-9)
+    whitener = density["whitener"]
+    np.testing.assert_allclose(whitener.T @ covariance @ whitener, np.eye(9), atol=1e-6)
+    # the statistic is minus the squared distance of the 9 energies to the predicted class's mean
+    energy, predicted = energies(sorted(config.source.rglob("*.png")))
+    centred = energy - means[predicted]
+    expected = -np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
+    batch = guard.infer(
+        torch.stack(
+            [
+                guard.pixels(decode_image(p.read_bytes()))
+                for p in sorted(config.source.rglob("*.png"))
+            ]
+        )
+    )
+    np.testing.assert_allclose(guard.evidence(batch).values[:, -1], expected, rtol=1e-4)
+    path = tmp_path / "b" / "class_density_pixels_highpass.npz"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"class_density_pixels_highpass\.npz"):
+        Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
