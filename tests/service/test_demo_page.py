@@ -227,8 +227,9 @@ def test_trusted_caller_sees_the_evidence_of_a_rejection(
     assert predicted.text.split()[0] in browser.find_element(By.ID, "result").text
     counts = [int(row.text.split()[-1]) for row in rows]
     assert sum(counts) == 1000  # the vote's k neighbours
-    # the demo bundle's 11 statistics: the vote, Mahalanobis at 9 blocks, the margin
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == 11
+    # the demo bundle's 6 statistics: the vote, Mahalanobis at 3 stage outputs, the margin, the
+    # pixels' high-pass energy
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == 6
     WebDriverWait(browser, WAIT_S).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours img.thumb")) == 8
     )

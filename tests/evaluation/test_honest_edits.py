@@ -1,0 +1,62 @@
+"""``python -m evaluation.honest_edits``: honest edits of real test photos through a real bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.core.guard import Guard
+from evaluation import honest_edits
+from evaluation.honest_traffic import as_served, encode, to_pil
+from tests.conftest import CIFAR_TAR, DEMO_BUNDLE, REPO
+
+EXAMPLES = REPO / "app" / "service" / "static" / "examples"
+
+
+def test_each_edit_is_served_as_the_service_would_and_judged_by_the_bundle(tmp_path: Path):
+    code = honest_edits.main(
+        ["--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR), "--per-class", "2",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert result["photos"] == 20
+    (rows,) = result["bundles"].values()
+    assert [r["edit"] for r in rows] == list(honest_edits.EDITS)
+    for r in rows:
+        assert 0 <= r["accepted_correct"] <= 1 and 0 <= r["accuracy"] <= 1
+        low, high = r["accepted_correct_interval"]
+        assert low <= r["accepted_correct"] <= high
+    assert "| brightness x1.2 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_judge_counts_decisions_of_the_bundle_itself():
+    """The row of an edit is the guard's own verdicts on those pixels, counted: the demo page's
+    examples, 3 authentic photos it accepts and 4 adversarials it rejects."""
+    guard = Guard.load(DEMO_BUNDLE, device="cpu")
+    examples = sorted(EXAMPLES.glob("*.png"))
+    photos = np.stack(
+        [np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1) for p in examples]
+    )
+    served = {"none": np.stack([as_served(encode(to_pil(p), None), guard.preset) for p in photos])}
+    np.testing.assert_array_equal(served["none"], photos)  # a 32x32 PNG is served as it is
+    verdicts = guard.classify_pixels(torch.from_numpy(photos.astype(np.float32) / 255.0))
+    accepted = np.array([v.accepted for v in verdicts])
+    assert accepted.tolist() == [p.name.startswith("authentic") for p in examples]
+    labels = np.array([v.predicted_class for v in verdicts])
+    labels[0] = (labels[0] + 1) % 10  # the first authentic photo counted as misclassified
+    (row,) = honest_edits.judge(guard, served, labels)
+    assert row.correct == 6 and row.accuracy == pytest.approx(6 / 7)
+    assert row.accepted_correct == pytest.approx(2 / 6)
+    assert row.accepted_all == pytest.approx(3 / 7)
+
+
+def test_a_bad_photo_count_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        honest_edits.main(["--bundle", str(DEMO_BUNDLE), "--per-class", "0"])
+    assert "--per-class must be at least 1" in capsys.readouterr().err
