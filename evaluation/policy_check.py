@@ -25,6 +25,7 @@ and ``--sybil-ids`` spreads each attack's queries round-robin over that many cli
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -39,6 +40,7 @@ import redis
 
 from app.cli import at_least
 from app.core.guard import Guard
+from app.core.manifest import MANIFEST_NAME
 from app.core.stateful import (
     DEFAULT_RULE,
     DetectionRule,
@@ -349,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
         parser.error("--sybil-ids: a positive count, with --in-process")
     guard = Guard.load(args.bundle, device="cpu")
+    bundle_sha = hashlib.sha256((Path(args.bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
     split = load_split(args.source, "test", guard.preset, args.data_cache)
     rows = pick_images(guard, split, 100, args.seed)  # query_attacks' images, in its order
     stateful = json.loads((args.results / "stateful.json").read_text())
@@ -377,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
         if args.in_process:  # over HTTP the rule is the running service's settings
             summary["rule"] = rule_counts(DEFAULT_RULE)
+        # which bundle judged the queries: its manifest lists every file's sha256
+        summary["bundle_manifest_sha256"] = bundle_sha
+        summary["rows_sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         summary["command"] = " ".join(
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
         )
