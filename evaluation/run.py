@@ -208,6 +208,9 @@ def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combina
     def pick(predicate: Callable[[str], bool]) -> list[int]:
         return [i for i, n in enumerate(names) if predicate(n)]
 
+    def block_maha(name: str) -> bool:  # a block's Mahalanobis, not the pixels'
+        return name.startswith("mahalanobis@") and name.split("@")[1] not in PIXEL_LAYERS
+
     last = names[0].split("@")[1]  # the vote is at the last block
     stage_ends = {n.split("@")[1] for n in names if n.split("@")[1].endswith(".2")} | {last}
     families: dict[str, list[int]] = {
@@ -216,12 +219,12 @@ def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combina
         "knn_distance@last": pick(
             lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")
         ),
-        "mahalanobis@blocks": pick(lambda n: n.startswith("mahalanobis@")),
+        "mahalanobis@blocks": pick(block_maha),
         "knn_distance@blocks": pick(lambda n: n.startswith("knn_distance")),
-        "vote+mahalanobis@blocks": [0, *pick(lambda n: n.startswith("mahalanobis@"))],
+        "vote+mahalanobis@blocks": [0, *pick(block_maha)],
         "vote+mahalanobis@stages": [
             0,
-            *pick(lambda n: n.startswith("mahalanobis@") and n.split("@")[1] in stage_ends),
+            *pick(lambda n: block_maha(n) and n.split("@")[1] in stage_ends),
         ],
         "vote+knn_distance@last": [
             0,
@@ -230,16 +233,23 @@ def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combina
         "vote+knn_distance@blocks": [0, *pick(lambda n: n.startswith("knn_distance"))],
         "vote+mahalanobis@blocks+knn_distance@last": [
             0,
-            *pick(lambda n: n.startswith("mahalanobis@")),
+            *pick(block_maha),
             *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
         ],
     }
-    margin = pick(lambda n: n.startswith("margin@"))
-    if margin:  # the boundary statistic alone and added to every family that holds the vote
+    # The boundary statistic (margin) and the noise statistic (the pixels' high-pass energy),
+    # each alone and added to every family that holds the vote: the candidates' "+margin" and
+    # "+hp" variants.
+    for suffix, extra in (
+        ("margin", pick(lambda n: n.startswith("margin@"))),
+        ("hp", pick(lambda n: n.split("@")[1] in PIXEL_LAYERS)),
+    ):
+        if not extra:
+            continue
         with_vote = [(label, columns) for label, columns in families.items() if 0 in columns]
-        families["margin"] = margin
+        families[suffix if suffix == "margin" else names[extra[0]]] = extra
         families.update(
-            {f"{label.removesuffix(' (paper)')}+margin": [*c, *margin] for label, c in with_vote}
+            {f"{label.removesuffix(' (paper)')}+{suffix}": [*c, *extra] for label, c in with_vote}
         )
     for label, columns in families.items():
         if len(columns) == 1:

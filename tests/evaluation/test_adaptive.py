@@ -44,3 +44,25 @@ def test_ablations_add_the_margin_to_every_family_with_the_vote():
     assert rows["vote+mahalanobis@stages [fisher]"] == ([0, 1, 2], "fisher")
     assert "mahalanobis@blocks+margin [hmp]" not in rows  # families without the vote keep none
     assert all(4 not in columns for label, (columns, _) in rows.items() if "margin" not in label)
+
+
+def test_ablations_keep_the_pixels_high_pass_apart_from_the_blocks():
+    """``mahalanobis@pixels.highpass`` is not a block: it is its own family, added ("+hp") to
+    every family with the vote, the margin variants included, and never inside "@blocks"."""
+    names = [
+        "vote@layer3.2",
+        "mahalanobis@layer1.2",
+        "mahalanobis@layer3.2",
+        "margin@linear",
+        "mahalanobis@pixels.highpass",
+    ]
+    rows = {label: (columns, how) for label, columns, how in ablation_columns(names)}
+    assert rows["mahalanobis@blocks [hmp]"] == ([1, 2], "hmp")
+    assert rows["mahalanobis@pixels.highpass"] == ([4], None)
+    assert rows["vote+mahalanobis@stages+margin+hp [hmp]"] == ([0, 1, 2, 3, 4], "hmp")
+    assert rows["vote+hp [min_p]"] == ([0, 4], "min_p")
+    assert all(
+        4 not in columns
+        for label, (columns, _) in rows.items()
+        if "hp" not in label and "pixels" not in label
+    )
