@@ -240,14 +240,14 @@ def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combina
     # The boundary statistic (margin) and the noise statistic (the pixels' high-pass energy),
     # each alone and added to every family that holds the vote: the candidates' "+margin" and
     # "+hp" variants.
-    for suffix, extra in (
-        ("margin", pick(lambda n: n.startswith("margin@"))),
-        ("hp", pick(lambda n: n.split("@")[1] in PIXEL_LAYERS)),
+    for alone, suffix, extra in (
+        ("margin", "margin", pick(lambda n: n.startswith("margin@"))),
+        ("mahalanobis@pixels.highpass", "hp", pick(lambda n: n.split("@")[1] in PIXEL_LAYERS)),
     ):
         if not extra:
             continue
         with_vote = [(label, columns) for label, columns in families.items() if 0 in columns]
-        families[suffix if suffix == "margin" else names[extra[0]]] = extra
+        families[alone] = extra
         families.update(
             {f"{label.removesuffix(' (paper)')}+{suffix}": [*c, *extra] for label, c in with_vote}
         )

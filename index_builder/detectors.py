@@ -39,11 +39,13 @@ class DetectorPreset:
     combination: Combination
 
 
+# The Mahalanobis distance of the pixels' high-pass energy (``app.core.features.PixelHighPass``).
+HIGHPASS_STATISTIC = "mahalanobis@pixels.highpass"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule (round 4): evaluation/results/selection-4/selection.md
     "v2": DetectorPreset(
-        ("vote@last", "mahalanobis@stages", "margin@logits", "mahalanobis@pixels.highpass"), "hmp"
+        ("vote@last", "mahalanobis@stages", "margin@logits", HIGHPASS_STATISTIC), "hmp"
     ),
 }
 # Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
@@ -62,9 +64,7 @@ _ROUND_2_STATISTICS: dict[str, tuple[str, ...]] = {
     **{f"{name}+margin": (*stats, "margin@logits") for name, stats in _ROUND_1_STATISTICS.items()},
     "margin": ("vote@last", "margin@logits"),
 }
-# Round 4: round 2's sets, each also with the Mahalanobis distance of the pixels' high-pass
-# energy (``app.core.features.PixelHighPass``).
-HIGHPASS_STATISTIC = "mahalanobis@pixels.highpass"
+# Round 4: round 2's sets, each also with the high-pass statistic.
 CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_2_STATISTICS,
     **{f"{name}+hp": (*stats, HIGHPASS_STATISTIC) for name, stats in _ROUND_2_STATISTICS.items()},

@@ -155,7 +155,8 @@ class FeatureNetwork(nn.Module):
     Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
     Features of layer L are the global average pool of the output of the module named L; the
     pseudo-layer ``pixels.highpass`` (``PixelHighPass``) is computed from the pixels themselves,
-    outside any autocast, so it is the same float32 arithmetic at every precision.
+    outside any autocast and in IEEE float32 on CUDA too, so it is the same arithmetic at every
+    precision.
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
     memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
     and calibrated with, so anything else must be checked to leave decisions unchanged.
@@ -212,8 +213,9 @@ class FeatureNetwork(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> ForwardOutput:
         self._captured = {}
-        if self.highpass is not None:
-            self._captured[PIXEL_HIGHPASS] = global_average_pool(self.highpass(pixels))
+        if self.highpass is not None:  # IEEE float32 whatever the precision (no TF32 on CUDA)
+            with ieee_float32_convolutions():
+                self._captured[PIXEL_HIGHPASS] = global_average_pool(self.highpass(pixels))
         normalised = (pixels - self.mean) / self.std
         if self.channels_last:
             normalised = normalised.contiguous(memory_format=torch.channels_last)

@@ -73,5 +73,8 @@ def test_detection_numbers(quick_results):
     assert set(config["metrics"]) == ({"knn", "wknn", "dwknn"} if single_vote else {own})
     adaptive = r["adaptive"]["adaptive"]
     assert 0.0 <= adaptive["misclassified_and_accepted"] <= adaptive["misclassified"] <= 1.0
-    # the detector-aware attack gets most adversarials past the detector
-    assert adaptive["misclassified_and_accepted"] >= 0.5
+    # The detector-aware attack runs and fools the model on some images. Against round 3's v2 it
+    # also got most of them past the detector; against round 4's (the pixels' high-pass energy)
+    # its signed PGD steps add the very noise that statistic sees, and it no longer does (README,
+    # Detection): that is a limit of this attack, not robustness, so no bound is asserted here.
+    assert adaptive["misclassified"] > 0.0
