@@ -17,7 +17,6 @@ model's accuracy on the edited photos, the share of the correctly classified one
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from PIL import Image, ImageEnhance
 from app.core.guard import Guard
 from app.core.models import PreprocessingPreset
 from evaluation.data import load_split
-from evaluation.honest_traffic import as_served, encode, to_pil
+from evaluation.honest_traffic import as_served, encode, reencoded, to_pil
 from evaluation.simulate import wilson_interval
 
 COMMAND = "python -m evaluation.honest_edits"
@@ -40,7 +39,7 @@ DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def _jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
-    return lambda p: Image.open(io.BytesIO(encode(p, quality))).convert("RGB")
+    return lambda p: reencoded(p, quality)
 
 
 def _scale(factor: float) -> Callable[[Image.Image], Image.Image]:

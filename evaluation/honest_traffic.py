@@ -53,6 +53,11 @@ def encode(image: Image.Image, quality: int | None) -> bytes:
     return buffer.getvalue()
 
 
+def reencoded(picture: Image.Image, quality: int) -> Image.Image:
+    """The picture after a round trip through JPEG at ``quality``."""
+    return Image.open(io.BytesIO(encode(picture, quality))).convert("RGB")
+
+
 def as_served(data: bytes, preset: PreprocessingPreset) -> np.ndarray:
     """An upload as the service sees it: decoded and preprocessed like ``POST /classify``,
     8-bit (exact for CIFAR's 32x32 preset)."""
@@ -65,8 +70,7 @@ def edit(image: np.ndarray, kind: Edit, rng: np.random.Generator) -> Image.Image
     picture = to_pil(image)
     width, height = picture.size
     if kind == "jpeg":
-        quality = int(rng.choice(JPEG_QUALITIES))
-        return Image.open(io.BytesIO(encode(picture, quality))).convert("RGB")
+        return reencoded(picture, int(rng.choice(JPEG_QUALITIES)))
     if kind == "crop":
         side = int(rng.integers(int(0.75 * min(width, height)), min(width, height)))
         left = int(rng.integers(0, width - side + 1))
