@@ -101,7 +101,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.select:
         from evaluation.selection import select
 
-        select(replace(options, out=args.out or Path("evaluation/results/selection-4")), log)
+        select(replace(options, out=args.out or Path("evaluation/results/selection-5")), log)
         return 0
     evaluate(options, log)
     return 0

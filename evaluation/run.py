@@ -90,6 +90,7 @@ ALL_STATISTICS: tuple[str, ...] = (
     "knn_distance@blocks",
     "margin@logits",
     "mahalanobis@pixels.highpass",
+    "mahalanobis@pixels.loghighpass",
 )
 # Holdout of the training split for detectors with a reference part and a threshold part.
 V2_HOLDOUT_FRACTION = 0.1
@@ -203,7 +204,11 @@ def layer_views(
 def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combination | None]]:
     """(label, columns, combination) of every ablation of the all-statistics bundle: each
     statistic family alone, each candidate preset with each combination, layer subsets."""
-    from index_builder.detectors import CANDIDATE_COMBINATIONS
+    from index_builder.detectors import (
+        CANDIDATE_COMBINATIONS,
+        HIGHPASS_STATISTIC,
+        LOG_HIGHPASS_STATISTIC,
+    )
 
     def pick(predicate: Callable[[str], bool]) -> list[int]:
         return [i for i, n in enumerate(names) if predicate(n)]
@@ -237,20 +242,27 @@ def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combina
             *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
         ],
     }
-    # The boundary statistic (margin) and the noise statistic (the pixels' high-pass energy),
-    # each alone and added to every family that holds the vote: the candidates' "+margin" and
-    # "+hp" variants.
-    for alone, suffix, extra in (
-        ("margin", "margin", pick(lambda n: n.startswith("margin@"))),
-        ("mahalanobis@pixels.highpass", "hp", pick(lambda n: n.split("@")[1] in PIXEL_LAYERS)),
-    ):
-        if not extra:
-            continue
-        with_vote = [(label, columns) for label, columns in families.items() if 0 in columns]
+
+    # The boundary statistic (margin) and the noise statistics (the pixels' high-pass energy,
+    # raw and in log space), each alone and added to every family that holds the vote: the
+    # candidates' "+margin", "+hp" and "+lhp" variants (the two noise statistics never together).
+    def add(alone: str, suffix: str, extra: list[int], bases: list[tuple[str, list[int]]]) -> None:
         families[alone] = extra
         families.update(
-            {f"{label.removesuffix(' (paper)')}+{suffix}": [*c, *extra] for label, c in with_vote}
+            {f"{label.removesuffix(' (paper)')}+{suffix}": [*c, *extra] for label, c in bases}
         )
+
+    def with_vote() -> list[tuple[str, list[int]]]:
+        return [(label, columns) for label, columns in families.items() if 0 in columns]
+
+    margin = pick(lambda n: n.startswith("margin@"))
+    if margin:
+        add("margin", "margin", margin, with_vote())
+    noise_bases = with_vote()
+    for alone, suffix in ((HIGHPASS_STATISTIC, "hp"), (LOG_HIGHPASS_STATISTIC, "lhp")):
+        extra = [i for i, n in enumerate(names) if n == alone]
+        if extra:
+            add(alone, suffix, extra, noise_bases)
     for label, columns in families.items():
         if len(columns) == 1:
             yield label, columns, None

@@ -5,8 +5,8 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 (every residual block: 9 for ResNet-20, 16 for ResNet-50), ``@stages`` (each stage's last block),
 ``@last`` (the last residual block, whose pooled output is the paper's pool5 analogue) and
 ``@logits`` (the classifier's last linear layer, for ``margin``). ``pixels.highpass`` is the
-pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``), for
-``mahalanobis``.
+pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``), and
+``pixels.loghighpass`` its logarithm, for ``mahalanobis``.
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
@@ -41,6 +41,8 @@ class DetectorPreset:
 
 # The Mahalanobis distance of the pixels' high-pass energy (``app.core.features.PixelHighPass``).
 HIGHPASS_STATISTIC = "mahalanobis@pixels.highpass"
+# The same energies' logarithms (round 5's candidates).
+LOG_HIGHPASS_STATISTIC = "mahalanobis@pixels.loghighpass"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule (round 4): evaluation/results/selection-4/selection.md
@@ -64,10 +66,15 @@ _ROUND_2_STATISTICS: dict[str, tuple[str, ...]] = {
     **{f"{name}+margin": (*stats, "margin@logits") for name, stats in _ROUND_1_STATISTICS.items()},
     "margin": ("vote@last", "margin@logits"),
 }
-# Round 4: round 2's sets, each also with the high-pass statistic.
+# Round 4: round 2's sets, each also with the high-pass statistic; round 5: each also with the
+# log high-pass statistic instead (listed after round 4's: an exact tie keeps round 4's).
 CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_2_STATISTICS,
     **{f"{name}+hp": (*stats, HIGHPASS_STATISTIC) for name, stats in _ROUND_2_STATISTICS.items()},
+    **{
+        f"{name}+lhp": (*stats, LOG_HIGHPASS_STATISTIC)
+        for name, stats in _ROUND_2_STATISTICS.items()
+    },
 }
 CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
 DEFAULT_PRESET = "v2"

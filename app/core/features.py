@@ -111,7 +111,12 @@ def global_average_pool(activation: torch.Tensor) -> torch.Tensor:
 
 # Pseudo-layers computed from the input pixels themselves, not from a module of the model.
 PIXEL_HIGHPASS = "pixels.highpass"
-PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS,)
+# The same 9 energies in log space: log(max(energy, LOG_HIGHPASS_FLOOR)).
+PIXEL_LOG_HIGHPASS = "pixels.loghighpass"
+PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS)
+# About a quarter of a grey level of mean energy: below it an image is flat for this statistic,
+# and a flat image's log stays finite. Fixed with the selection rule (round 5), not tuned.
+LOG_HIGHPASS_FLOOR = 1.0 / 1024
 
 
 class PixelHighPass(nn.Module):
@@ -126,6 +131,12 @@ class PixelHighPass(nn.Module):
     blocks' global average pools mostly average away; a natural photo's energy follows its
     class's texture, which the class-conditional Mahalanobis distance over these 9 numbers
     models.
+
+    ``pixels.loghighpass`` holds the same numbers' logarithms (``log_energy``). Across photos the
+    energies are heavy-tailed (a smooth photo's ~0.005, a textured one's ~0.1): a tied Gaussian
+    over the raw values is ruled by the textured photos' spread and hardly sees noise added to a
+    smooth photo, or a change in the ratio between directions (column stripes). In log space
+    both are shifts of the same scale for every photo.
     """
 
     weight: torch.Tensor
@@ -143,6 +154,11 @@ class PixelHighPass(nn.Module):
         return F.conv2d(pixels.float(), self.weight, groups=self.channels).abs()
 
 
+def log_energy(pooled: torch.Tensor) -> torch.Tensor:
+    """Pooled high-pass energies -> ``pixels.loghighpass``: log(max(energy, floor))."""
+    return torch.log(pooled.clamp_min(LOG_HIGHPASS_FLOOR))
+
+
 @dataclass(frozen=True)
 class ForwardOutput:
     logits: torch.Tensor
@@ -154,7 +170,8 @@ class FeatureNetwork(nn.Module):
 
     Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
     Features of layer L are the global average pool of the output of the module named L; the
-    pseudo-layer ``pixels.highpass`` (``PixelHighPass``) is computed from the pixels themselves,
+    pseudo-layers ``pixels.highpass`` and ``pixels.loghighpass`` (``PixelHighPass``) are
+    computed from the pixels themselves,
     outside any autocast and in IEEE float32 on CUDA too, so it is the same arithmetic at every
     precision.
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
@@ -181,7 +198,8 @@ class FeatureNetwork(nn.Module):
                 f"no layer named {missing} in the model; top-level: {candidates}"
                 f" (or the pseudo-layers {list(PIXEL_LAYERS)})"
             )
-        self.highpass = PixelHighPass() if PIXEL_HIGHPASS in self.layers else None
+        self.pixel_layers = tuple(n for n in self.layers if n in PIXEL_LAYERS)
+        self.highpass = PixelHighPass() if self.pixel_layers else None
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
             modules[name].register_forward_hook(self._make_hook(name))
@@ -215,7 +233,11 @@ class FeatureNetwork(nn.Module):
         self._captured = {}
         if self.highpass is not None:  # IEEE float32 whatever the precision (no TF32 on CUDA)
             with ieee_float32_convolutions():
-                self._captured[PIXEL_HIGHPASS] = global_average_pool(self.highpass(pixels))
+                energy = global_average_pool(self.highpass(pixels))
+            if PIXEL_HIGHPASS in self.pixel_layers:
+                self._captured[PIXEL_HIGHPASS] = energy
+            if PIXEL_LOG_HIGHPASS in self.pixel_layers:
+                self._captured[PIXEL_LOG_HIGHPASS] = log_energy(energy)
         normalised = (pixels - self.mean) / self.std
         if self.channels_last:
             normalised = normalised.contiguous(memory_format=torch.channels_last)

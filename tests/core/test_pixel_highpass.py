@@ -1,5 +1,6 @@
-"""The pseudo-layer ``pixels.highpass``: the input pixels' mean high-frequency energy per colour
-channel and direction, which ``mahalanobis@pixels.highpass`` reads."""
+"""The pseudo-layers ``pixels.highpass`` and ``pixels.loghighpass``: the input pixels' mean
+high-frequency energy per colour channel and direction, raw and in log space, which
+``mahalanobis@pixels.highpass`` and ``mahalanobis@pixels.loghighpass`` read."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import pytest
 import torch
 
 from app.core.errors import ModelLoadError
-from app.core.features import PIXEL_HIGHPASS, FeatureNetwork, infer_batch
+from app.core.features import (
+    LOG_HIGHPASS_FLOOR,
+    PIXEL_HIGHPASS,
+    PIXEL_LOG_HIGHPASS,
+    FeatureNetwork,
+    infer_batch,
+)
 from app.core.models import PRESETS, build_model
 
 
@@ -84,3 +91,19 @@ def test_highpass_is_float32_at_every_precision_and_leaves_the_model_alone() -> 
 def test_unknown_layer_names_the_pseudo_layers() -> None:
     with pytest.raises(ModelLoadError, match=r"pixels\.highpass"):
         _network(["pixels.lowpass"])
+
+
+def test_log_highpass_is_the_floored_log_of_the_same_energies() -> None:
+    """``pixels.loghighpass`` = log(max(energy, 1/1024)) of the brute-force energies; a flat
+    image sits at the floor (finite), and asking for one pseudo-layer does not change the
+    other."""
+    pixels = torch.rand(3, 3, 12, 9, generator=torch.Generator().manual_seed(3))
+    pixels[0] = 0.5  # flat: zero energy
+    both = infer_batch(_network([PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS]), pixels).features
+    alone = infer_batch(_network([PIXEL_LOG_HIGHPASS]), pixels).features
+    assert set(alone) == {PIXEL_LOG_HIGHPASS}
+    expected = np.log(np.maximum(_reference(pixels.numpy()), LOG_HIGHPASS_FLOOR))
+    np.testing.assert_allclose(both[PIXEL_LOG_HIGHPASS], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(both[PIXEL_LOG_HIGHPASS], alone[PIXEL_LOG_HIGHPASS])
+    np.testing.assert_allclose(both[PIXEL_LOG_HIGHPASS][0], np.log(1 / 1024), rtol=1e-6)
+    assert np.isfinite(both[PIXEL_LOG_HIGHPASS]).all()

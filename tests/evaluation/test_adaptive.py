@@ -66,3 +66,22 @@ def test_ablations_keep_the_pixels_high_pass_apart_from_the_blocks():
         for label, (columns, _) in rows.items()
         if "hp" not in label and "pixels" not in label
     )
+
+
+def test_ablations_add_the_log_high_pass_beside_the_raw_one_never_with_it():
+    """``+lhp`` (round 5) mirrors ``+hp``: added to every family with the vote, margin variants
+    included, and never to a family that already holds the raw high-pass statistic."""
+    names = [
+        "vote@layer3.2",
+        "mahalanobis@layer3.2",
+        "margin@linear",
+        "mahalanobis@pixels.highpass",
+        "mahalanobis@pixels.loghighpass",
+    ]
+    rows = {label: (columns, how) for label, columns, how in ablation_columns(names)}
+    assert rows["mahalanobis@pixels.loghighpass"] == ([4], None)
+    assert rows["vote+mahalanobis@stages+margin+lhp [hmp]"] == ([0, 1, 2, 4], "hmp")
+    assert rows["vote+mahalanobis@stages+margin+hp [hmp]"] == ([0, 1, 2, 3], "hmp")
+    assert rows["vote+lhp [fisher]"] == ([0, 4], "fisher")
+    assert not any(3 in columns and 4 in columns for columns, _ in rows.values())
+    assert not any("hp+lhp" in label or "lhp+hp" in label for label in rows)
