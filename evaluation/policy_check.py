@@ -299,6 +299,17 @@ def result_key(attack: str, policy: str, in_process: bool, ids: int) -> str:
     return f"{attack}/{policy}/in_process" + (f"_{ids}ids" if ids > 1 else "")
 
 
+def record(directory: Path, key: str, summary: dict[str, Any]) -> None:
+    """Add one check to the results file as it is *now*: checks run side by side (one attack
+    each, hours long) keep each other's rows."""
+    out_file = directory / "policy_check.json"
+    results: dict[str, Any] = (
+        json.loads(out_file.read_text()) if out_file.is_file() else {"checks": {}}
+    )
+    results["checks"][key] = summary
+    write(results, directory)
+
+
 def write(results: dict[str, Any], directory: Path) -> None:
     (directory / "policy_check.json").write_text(json.dumps(results, indent=2) + "\n")
     (directory / "policy_check.md").write_text(
@@ -360,10 +371,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.in_process
         else http_oracles(args.url, redis.Redis.from_url(args.redis_url))
     )
-    out_file = args.results / "policy_check.json"
-    results: dict[str, Any] = (
-        json.loads(out_file.read_text()) if out_file.is_file() else {"checks": {}}
-    )
     for attack in args.attacks:
         started = time.perf_counter()
         checks = check_attack(
@@ -387,8 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
         )
         key = result_key(attack, args.policy, args.in_process, args.sybil_ids)
-        results["checks"][key] = summary
-        write(results, args.results)  # after each attack: a long run keeps what it finished
+        record(args.results, key, summary)  # after each attack: a long run keeps what it finished
         brief = {k: v for k, v in summary.items() if k != "per_image"}
         print(f"{key}: {json.dumps(brief)}", flush=True)
     return 0

@@ -3,6 +3,7 @@ against the service's own screening, in process and over HTTP."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from evaluation.policy_check import (
     http_oracles,
     main,
     oracle_label,
+    record,
     replay_predictions,
     result_key,
     summarise,
@@ -233,3 +235,23 @@ def _refused_before_the_flush(local_redis: str, capsys: pytest.CaptureFixture[st
     with pytest.raises(ValueError, match="loopback only"):
         http_oracles("http://10.1.2.3:8000", store)
     assert store.get("someone-else") == b"theirs"
+
+
+def test_a_check_is_added_to_the_results_file_as_it_is_now(tmp_path: Path) -> None:
+    """Two checks run side by side each write when one attack ends: the later writer keeps the
+    row the other wrote meanwhile, and replaces only its own key."""
+
+    def summary(images: int) -> dict[str, object]:
+        return summarise([ImageCheck(i, False, False, 10, 0, True) for i in range(images)])
+
+    record(tmp_path, "square/refuse/in_process", summary(1))
+    record(tmp_path, "boundary/refuse/in_process", summary(2))  # another process's row
+    record(tmp_path, "square/refuse/in_process", summary(3))
+    checks = json.loads((tmp_path / "policy_check.json").read_text())["checks"]
+    assert {key: row["images"] for key, row in checks.items()} == {
+        "square/refuse/in_process": 3,
+        "boundary/refuse/in_process": 2,
+    }
+    table = (tmp_path / "policy_check.md").read_text()
+    assert "| square | refuse | in process | 3 |" in table
+    assert "| boundary | refuse | in process | 2 |" in table
