@@ -81,6 +81,7 @@ SET_ORDER: tuple[str, ...] = (
     "adaptive",
     "adaptive_multilayer",
     "adaptive_v2",
+    "adaptive_v2_l2",
     "adaptive_own",
 )
 # Every statistic the ablations draw on, in one bundle (built once, not committed).
@@ -115,6 +116,11 @@ class AttackParams:
     adaptive_alpha: float = 2 / 255
     adaptive_steps: int = 10
     adaptive_weight: float = 1.0
+    # the smooth adaptive attack (PGD-L2 from the photo): the PGD-L2 set's budget, 50 steps of
+    # 2.5 eps / steps (fixed before it was first run, 2026-12-01)
+    adaptive_l2_eps: float = 0.5
+    adaptive_l2_alpha: float = 0.025
+    adaptive_l2_steps: int = 50
 
 
 QUICK_ATTACKS = AttackParams(
@@ -126,6 +132,8 @@ QUICK_ATTACKS = AttackParams(
     cw_lr=0.05,
     adaptive_alpha=2 / 255,
     adaptive_steps=5,
+    adaptive_l2_alpha=0.25,
+    adaptive_l2_steps=5,
 )
 
 
@@ -881,7 +889,7 @@ def adaptive_stage(
     own: dict[str, str] = {}
     for set_name, cname in adaptive_targets(options, mut, guards).items():
         guard = guards[cname][1]
-        own[cname] = set_name
+        own.setdefault(cname, set_name)  # "Adaptive (own)": the first (Linf) attack on it
         started = time.perf_counter()
         output = _adaptive_attack(options, mut, sets, found, guard, set_name, base_key, log)
         feats[set_name] = _features(mut.network, torch.from_numpy(found.adversarial[set_name]))
@@ -901,6 +909,7 @@ def adaptive_targets(
     targets = {"adaptive": default_name if default_name in guards else "bundle"}
     if "v2" in guards:
         targets["adaptive_v2"] = "v2"
+        targets["adaptive_v2_l2"] = "v2"  # the smooth variant (PGD-L2)
     for cname, (config, _) in guards.items():
         if config.study == "multilayer":
             targets["adaptive_multilayer"] = cname
@@ -921,11 +930,16 @@ def _adaptive_attack(
     cache when the same attack on the same detector files ran before; recorded in ``found``."""
     p = options.attack
     layers = surrogates(guard.detector)
+    smooth = set_name.endswith("_l2")
+    budget: dict[str, Any] = (
+        {"eps": p.adaptive_l2_eps, "alpha": p.adaptive_l2_alpha, "steps": p.adaptive_l2_steps}
+        if smooth
+        else {"eps": p.adaptive_eps, "alpha": p.adaptive_alpha, "steps": p.adaptive_steps}
+    )
     params = {
-        "eps": p.adaptive_eps,
-        "alpha": p.adaptive_alpha,
-        "steps": p.adaptive_steps,
+        **budget,
         "weight": p.adaptive_weight,
+        **({"norm": "l2"} if smooth else {}),  # the Linf attack's cache key as before
         "detector": guard.manifest.files,
     }
 
@@ -935,12 +949,13 @@ def _adaptive_attack(
             layers,
             sets.x_auth,
             sets.targets,
-            p.adaptive_eps,
-            p.adaptive_alpha,
-            p.adaptive_steps,
+            budget["eps"],
+            budget["alpha"],
+            budget["steps"],
             p.adaptive_weight,
             options.batch_size,
             options.seed,
+            norm="l2" if smooth else "linf",
         )
 
     output, hit = cached_attack(

@@ -4,8 +4,10 @@ import numpy as np
 import torch
 
 from app.core.detector import Detector
+from app.core.features import PIXEL_HIGHPASS, FeatureNetwork
+from app.core.models import PRESETS, build_model
 from app.core.statistics import Margin, logit_margins
-from evaluation.adaptive import SurrogateMargin, surrogates
+from evaluation.adaptive import SurrogateMargin, adaptive_pgd, surrogates
 from evaluation.run import ablation_columns
 
 
@@ -85,3 +87,30 @@ def test_ablations_add_the_log_high_pass_beside_the_raw_one_never_with_it():
     assert rows["vote+lhp [fisher]"] == ([0, 4], "fisher")
     assert not any(3 in columns and 4 in columns for columns, _ in rows.values())
     assert not any("hp+lhp" in label or "lhp+hp" in label for label in rows)
+
+
+def test_the_smooth_adaptive_attack_stays_in_its_l2_ball_and_adds_no_dense_noise():
+    """PGD-L2 from the photo: every image within eps in L2 and in [0, 1]; it moves towards the
+    target; and unlike PGD-Linf's random start and signed steps it does not add a +-alpha
+    pattern to every pixel (the high-pass energy rises far less for the same number of steps)."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 10).eval()
+    network = FeatureNetwork(model, [PIXEL_HIGHPASS], PRESETS["cifar"]).eval()
+    generator = torch.Generator().manual_seed(4)
+    photos = torch.rand(6, 3, 32, 32, generator=generator) * 0.2 + 0.4  # smooth-ish, inside
+    photos = torch.nn.functional.avg_pool2d(photos, 3, stride=1, padding=1)
+    target = torch.arange(6) % 10
+    smooth = adaptive_pgd(network, [], photos, target, 0.5, 0.1, 8, norm="l2").adversarial
+    dense = adaptive_pgd(network, [], photos, target, 8 / 255, 2 / 255, 8).adversarial
+    moved = (torch.from_numpy(smooth) - photos).flatten(1).norm(dim=1)
+    assert (moved <= 0.5 + 1e-5).all() and (moved > 0).any()
+    assert smooth.min() >= 0.0 and smooth.max() <= 1.0
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(model(photos), target)
+        after = torch.nn.functional.cross_entropy(model(torch.from_numpy(smooth)), target)
+        energy = {
+            name: network(torch.from_numpy(x)).features[PIXEL_HIGHPASS].mean().item()
+            for name, x in (("smooth", smooth), ("dense", dense), ("photo", photos.numpy()))
+        }
+    assert after < before
+    assert energy["smooth"] - energy["photo"] < 0.5 * (energy["dense"] - energy["photo"])
