@@ -11,7 +11,8 @@ pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHig
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 4, ``evaluation/results/selection-4/``): the vote at the
+  ``evaluation/selection.py`` (round 4, ``evaluation/results/selection-4/``, kept by round 5,
+  ``evaluation/results/selection-5/``): the vote at the
   last block, Mahalanobis at each stage's output, the logit margin and the Mahalanobis distance
   of the pixels' high-pass energy, combined by the harmonic-mean p-value;
 - the default of round 3 (vote + Mahalanobis at every block + margin, harmonic mean), which
@@ -45,7 +46,7 @@ HIGHPASS_STATISTIC = "mahalanobis@pixels.highpass"
 LOG_HIGHPASS_STATISTIC = "mahalanobis@pixels.loghighpass"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule (round 4): evaluation/results/selection-4/selection.md
+    # chosen by the selection rule (round 4, kept by round 5): evaluation/results/selection-5/
     "v2": DetectorPreset(
         ("vote@last", "mahalanobis@stages", "margin@logits", HIGHPASS_STATISTIC), "hmp"
     ),
