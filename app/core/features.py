@@ -171,9 +171,8 @@ class FeatureNetwork(nn.Module):
     Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
     Features of layer L are the global average pool of the output of the module named L; the
     pseudo-layers ``pixels.highpass`` and ``pixels.loghighpass`` (``PixelHighPass``) are
-    computed from the pixels themselves,
-    outside any autocast and in IEEE float32 on CUDA too, so it is the same arithmetic at every
-    precision.
+    computed from the pixels themselves, outside any autocast and in IEEE float32 on CUDA too,
+    so they are the same arithmetic at every precision.
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
     memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
     and calibrated with, so anything else must be checked to leave decisions unchanged.
