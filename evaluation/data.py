@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +106,20 @@ def load_split(
         raise RuntimeError(f"{int((~seen).sum())} images of {source} could not be read")
     labels = np.array([entry.label for entry in entries], dtype=np.int64)
     keys = [entry.key for entry in entries]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(
-        tmp, pixels=pixels, labels=labels, keys=np.array(keys), classes=np.array(listing.classes)
+    save_npz(
+        cache, pixels=pixels, labels=labels, keys=np.array(keys), classes=np.array(listing.classes)
     )
-    tmp.replace(cache)
     return ImageSplit(pixels, labels, keys, list(listing.classes))
+
+
+def save_npz(path: Path, compressed: bool = False, **arrays: np.ndarray) -> None:
+    """Write a cache file whole or not at all: into a temporary file named for this process,
+    then renamed over ``path``. Evaluations run side by side build the same caches; a shared
+    temporary name let one rename the other's file from under it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        (np.savez_compressed if compressed else np.savez)(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -46,7 +46,7 @@ from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
 from app.core.stateful import Answer as ServedAnswer
-from evaluation.data import ImageSplit, eight_bit, load_split
+from evaluation.data import ImageSplit, eight_bit, load_split, save_npz
 from evaluation.simulate_cli import is_loopback
 
 Decision = Literal["accepted", "rejected", "unguarded", "refused"]
@@ -554,10 +554,9 @@ def save_records(records: Sequence[AttackRecord], path: Path) -> None:
     lengths = [len(r.queries) for r in records]
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     diffs = [(r.queries - r.original[None]).astype(np.uint8) for r in records]  # wraps mod 256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp,
+    save_npz(
+        path,
+        compressed=True,
         attack=np.array(records[0].attack),
         rows=np.array([r.row for r in records], dtype=np.int64),
         labels=np.array([r.label for r in records], dtype=np.int64),
@@ -571,7 +570,6 @@ def save_records(records: Sequence[AttackRecord], path: Path) -> None:
         stopped=np.array([r.stopped for r in records]),
         seconds=np.array([r.seconds for r in records], dtype=np.float64),
     )
-    tmp.replace(path)
 
 
 def load_records(path: Path) -> list[AttackRecord]:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from evaluation.attacks import AttackOutput
-from evaluation.data import eight_bit
+from evaluation.data import eight_bit, save_npz
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,12 @@ def cached_attack(
         with np.load(path, allow_pickle=False) as data:
             return AttackOutput(data["adversarial"], float(data["seconds"])), True
     output = run()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
+    save_npz(
+        path,
         adversarial=output.adversarial,
         seconds=np.array(output.seconds),
         key=np.array(json.dumps(key_parts, sort_keys=True, default=str)),
     )
-    tmp.replace(path)
     return output, False
 
 
@@ -124,10 +121,7 @@ def export_attack_sets(
         if name in adversarial:
             arrays[f"attack_{name}"] = eight_bit(adversarial[name])
             arrays[f"rows_{name}"] = rows[name]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, **arrays)  # type: ignore[arg-type]
-    tmp.replace(path)
+    save_npz(path, compressed=True, **arrays)
     return path
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.data import ImageSplit, source_stamp
+from evaluation.data import ImageSplit, save_npz, source_stamp
 from evaluation.run import (
     DetectorConfig,
     EvaluateOptions,
@@ -205,3 +205,31 @@ def test_honest_traffic_is_keyed_by_its_whole_plan_the_source_and_the_preprocess
     os.utime(source, ns=(0, source.stat().st_mtime_ns + 1_000_000))
     others.append(honest_key(cifar, source, "train", plan, 0))
     assert len({key, *others}) == 1 + len(others)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_cache_file_is_written_under_a_temporary_name_of_its_own(
+    tmp_path: Path, compressed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two evaluations side by side build the same cache file: each writes a temporary file
+    named for its process, so neither renames the other's from under it (with one shared
+    temporary name, one of two policy checks started together failed), and none is left."""
+    path = tmp_path / "cache" / "split-abc.npz"
+    other = path.with_name("split-abc.1.tmp.npz")  # another process's, half written
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"partial")
+    written: list[str] = []
+    name = "savez_compressed" if compressed else "savez"
+    real = getattr(np, name)
+
+    def recorded(file: Path, **arrays: Any) -> None:
+        written.append(Path(file).name)
+        real(file, **arrays)
+
+    monkeypatch.setattr(np, name, recorded)
+    save_npz(path, compressed=compressed, pixels=np.arange(6).reshape(2, 3))
+    assert written == [f"split-abc.{os.getpid()}.tmp.npz"]
+    with np.load(path) as data:
+        np.testing.assert_array_equal(data["pixels"], np.arange(6).reshape(2, 3))
+    assert other.read_bytes() == b"partial"
+    assert sorted(p.name for p in path.parent.iterdir()) == [other.name, path.name]
