@@ -261,7 +261,7 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "| attack | policy | answered by | images | stopped on a served success | succeeded "
         "live (truly adversarial) | predicted by the replay | same outcome | answers withheld "
-        "(median per image) | stopped as stalled | rule (client, global, changed) |",
+        "(median per image) | stopped as stalled | rule (client, global, changed[, consistent]) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results["checks"], key=table_order):
@@ -279,9 +279,10 @@ def table(results: dict[str, Any]) -> str:
 
 
 def rule_counts(rule: DetectionRule) -> list[int | None]:
-    """The rule a check ran under, as (client, global, changed) counts: a rule change
-    invalidates a check, and the table says which rule each row measured."""
-    return [rule.client_matches, rule.global_matches, rule.changed_matches]
+    """The rule a check ran under, as (client, global, changed, consistent) counts: a rule
+    change invalidates a check, and the table says which rule each row measured (rows with
+    three counts ran before the consistent count existed: it was off)."""
+    return [rule.client_matches, rule.global_matches, rule.changed_matches, rule.consistent_matches]
 
 
 def rule_text(counts: list[int | None]) -> str:

@@ -600,17 +600,27 @@ class DetectionRule:
     got (``changes_answer``) once it has that many distinct near-duplicates in either scope. A
     score-based attack (Square) can succeed in its first few queries, before any count reaches
     its threshold; the query that would succeed is the one whose class changes, and it is
-    screened before it is answered. All thresholds are calibrated on honest traffic."""
+    screened before it is answered. All thresholds are calibrated on honest traffic.
+
+    With ``consistent_matches``, a query that is *not* detected but whose answer would change
+    its anchor's class, with that many distinct near-duplicates, is served the anchor's answer
+    instead (``keeps_anchor``; the service does so under ``refuse`` and ``silent``): nobody is
+    flagged or refused, so it needs no calibration, and an attack's class-changing probe before
+    the counts reach ``changed_matches`` hears what its anchor heard. An honest near-exact copy
+    of a photo gets the class the photo got (its cost is measured: stateful_eval)."""
 
     client_matches: int
     global_matches: int
     changed_matches: int | None = None
+    consistent_matches: int | None = None
 
     def __post_init__(self) -> None:
         if self.client_matches < 1 or self.global_matches < 1:
             raise ValueError("match counts must be at least 1")
         if self.changed_matches is not None and self.changed_matches < 1:
             raise ValueError("changed_matches must be at least 1 (None: off)")
+        if self.consistent_matches is not None and self.consistent_matches < 1:
+            raise ValueError("consistent_matches must be at least 1 (None: off)")
 
     def detects(self, evidence: MatchEvidence, answer: Answer | None = None) -> bool:
         """``answer``: the one the query is about to be given (None: judge by counts only)."""
@@ -622,6 +632,17 @@ class DetectionRule:
         return (
             self.changed_matches is not None
             and max(evidence.client.distinct, evidence.everyone.distinct) >= self.changed_matches
+            and changes_answer(evidence, answer)
+        )
+
+    def keeps_anchor(self, evidence: MatchEvidence, answer: Answer | None) -> bool:
+        """Whether a query the rule does not detect should be served its anchor's answer: it
+        has ``consistent_matches`` distinct near-duplicates in either scope and ``answer`` would
+        change the anchor's class. Judged apart from ``detects`` (call it on undetected
+        queries): it neither flags nor refuses."""
+        return (
+            self.consistent_matches is not None
+            and max(evidence.client.distinct, evidence.everyone.distinct) >= self.consistent_matches
             and changes_answer(evidence, answer)
         )
 
@@ -1043,7 +1064,12 @@ class InProcessFingerprintStore:
 # burst clients at 2; 1 flagged more; 4 until 2026-11-29, when it was set to flag none).
 DEFAULT_STEP = 25
 DEFAULT_SHARED = 25
-DEFAULT_RULE = DetectionRule(client_matches=5, global_matches=5, changed_matches=2)
+# A class-changing near-exact copy below that count is served its anchor's answer from the
+# first match (consistent_matches=1, fixed in advance as the lowest count: it flags no one;
+# the honest answers it replaces are measured by stateful_eval's consistency report).
+DEFAULT_RULE = DetectionRule(
+    client_matches=5, global_matches=5, changed_matches=2, consistent_matches=1
+)
 
 
 def default_scheme(secret: bytes) -> WindowHashScheme:

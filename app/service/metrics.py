@@ -7,6 +7,7 @@ label. Dashboards and alert rules are written against these exact names.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -19,9 +20,11 @@ STAGES = ("decode", "queue", "model", "search", "stateful", "total")
 # hashes (on worker processes for large uploads), the matching and storing of its queries, the
 # recording of their clients' statistics
 SCREENING_PARTS = ("pixels", "hash", "match", "record")
-# what the stateful detector made of a query: no attack seen, detected, or its store failed (the
-# query answered as usual: fail open)
-STATEFUL_OUTCOMES = ("clear", "detected", "error")
+# what the stateful detector made of a query: no attack seen, detected, served its anchor's
+# answer without a detection (a class-changing near-duplicate: DetectionRule.keeps_anchor), or
+# its store failed (the query answered as usual: fail open)
+Outcome = Literal["clear", "detected", "consistent", "error"]
+STATEFUL_OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 
 # Scores live in [0, 1]: v2's are combined p-values, the demo bundle's acceptance threshold
 # 0.0143 (its 2% of authentic images lie below it), the paper's vote ~0.163; both ends of the

@@ -61,7 +61,7 @@ from app.core.stateful import (
 from app.service.batcher import Screen
 from app.service.fingerprints import RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large
-from app.service.metrics import STATEFUL_OUTCOMES, Metrics
+from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
 from app.service.settings import Settings, StatefulPolicy
 from app.service.settle import settle
 from app.service.state import ApiError, Service
@@ -159,12 +159,12 @@ class StatefulDetector:
             for pending, q in zip(batch, prints, strict=True)
         ]
         served: list[Answer | None] = []
-        detected: list[bool] = []
+        outcomes: list[Outcome] = []
 
         def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
-            answer, kept, seen = self._judge(query, evidence)
+            answer, kept, outcome = self._judge(query, evidence)
             served.append(answer)
-            detected.append(seen)
+            outcomes.append(outcome)
             return kept
 
         try:
@@ -176,9 +176,8 @@ class StatefulDetector:
                 served += [pending.answer for pending in batch[len(served) :]]
         finally:
             # once per batch, not per query: a labelled counter's lookup is ~3 us a call
-            caught = sum(detected)
-            self._count("detected", caught)
-            self._count("clear", len(detected) - caught)
+            for outcome in ("clear", "detected", "consistent"):  # "error": where it failed
+                self._count(outcome, outcomes.count(outcome))
             self.spent("match", time.perf_counter() - matching)
         return served
 
@@ -189,24 +188,33 @@ class StatefulDetector:
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence
-    ) -> tuple[Answer | None, Answer | None, bool]:
+    ) -> tuple[Answer | None, Answer | None, Outcome]:
         """(the answer to serve, or None to refuse; the answer to keep with the stored query
-        instead of its own, or None; whether it was detected): flags a detected client."""
+        instead of its own, or None; the outcome): flags a detected client. An undetected
+        class-changing near-duplicate (``DetectionRule.keeps_anchor``) is served and kept with
+        its anchor's answer under ``refuse`` and ``silent``: ``consistent``."""
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
         if not self.rule.detects(evidence, answer):
-            return answer, None, False
+            anchor = evidence.anchor
+            if (
+                self.policy != "flag"
+                and anchor is not None
+                and self.rule.keeps_anchor(evidence, answer)
+            ):
+                return anchor, anchor, "consistent"
+            return answer, None, "clear"
         newly_flagged = self.flag is not None and self.flag(query.client_id, QUERY_ATTACK, query.at)
         if newly_flagged and self.metrics is not None:
             self.metrics.clients_flagged.inc()
         if self.policy == "refuse":
-            return None, None, True
+            return None, None, "detected"
         anchor = evidence.anchor
         if self.policy == "flag" or anchor is None or anchor == answer:
-            return answer, None, True
-        return anchor, anchor, True
+            return answer, None, "detected"
+        return anchor, anchor, "detected"
 
-    def _count(self, outcome: str, n: int = 1) -> None:
+    def _count(self, outcome: Outcome, n: int = 1) -> None:
         if self.metrics is not None and n > 0:
             self.metrics.stateful.labels(policy=self.policy, outcome=outcome).inc(n)
 
@@ -327,6 +335,7 @@ def build_stateful(
         settings.stateful_client_matches,
         settings.stateful_global_matches,
         settings.stateful_changed_matches or None,
+        settings.stateful_consistent_matches or None,
     )
     store: FingerprintStore
     if settings.redis_url:

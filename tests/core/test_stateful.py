@@ -249,6 +249,30 @@ def test_a_changed_answer_detects_from_its_own_count() -> None:
     assert not DetectionRule(5, 5).detects(MatchEvidence(two, two, (), cat), dog)  # off
 
 
+def test_a_class_change_keeps_its_anchor_from_the_consistent_count() -> None:
+    """``keeps_anchor``: from ``consistent_matches`` distinct near-duplicates in either scope, a
+    query whose answer would change its anchor's class is to be served the anchor's answer;
+    it never detects (the counts decide that alone), and a rejected answer tells no class."""
+    rule = DetectionRule(5, 5, changed_matches=2, consistent_matches=1)
+    cat = Answer("accepted", 3, 0.9, 0.5)
+    dog = Answer("accepted", 5, 0.8, 0.4)
+    none = MatchCount(0, 0, -np.inf)
+    one = MatchCount(1, 0, 30.0)
+    copy_only = MatchCount(0, 3, -np.inf)  # exact copies are not near-duplicates
+    assert rule.keeps_anchor(MatchEvidence(one, one, (), cat), dog)
+    assert rule.keeps_anchor(MatchEvidence(none, one, ("x",), cat), dog)  # everyone's count
+    assert not rule.detects(MatchEvidence(one, one, (), cat), dog)
+    assert not rule.keeps_anchor(MatchEvidence(copy_only, copy_only, (), cat), dog)
+    assert not rule.keeps_anchor(MatchEvidence(one, one, (), cat), cat)  # same class
+    assert not rule.keeps_anchor(MatchEvidence(one, one, (), cat), Answer("rejected", 5, 0.8, 0))
+    assert not rule.keeps_anchor(MatchEvidence(one, one, (), None), dog)  # no anchor
+    assert not DetectionRule(5, 5, 2).keeps_anchor(MatchEvidence(one, one, (), cat), dog)  # off
+    stricter = DetectionRule(5, 5, consistent_matches=2)
+    assert not stricter.keeps_anchor(MatchEvidence(one, one, (), cat), dog)
+    with pytest.raises(ValueError):
+        DetectionRule(5, 5, consistent_matches=0)
+
+
 # --------------------------------------------------------------------------- the store
 
 

@@ -473,3 +473,52 @@ def test_a_changed_answer_is_screened_before_it_is_served(
         detector.close()
     assert served == [cat, rejected_dog, cat, cat]  # the dog answer withheld: the anchor's
     assert flagged == [("mallory", "query_attack")]
+
+
+@pytest.mark.parametrize("store", ["in_process", "redis"])
+@pytest.mark.parametrize("policy", ["refuse", "silent", "flag"])
+def test_a_class_change_below_the_counts_hears_its_anchor(
+    store: str,
+    policy: str,
+    sequence: np.ndarray,
+    request: pytest.FixtureRequest,
+) -> None:
+    """The default rule's consistent count: a near-duplicate whose answer would change its
+    anchor's class, with fewer matches than the changed-answer count, is not detected, but under
+    ``refuse`` and ``silent`` it is served its anchor's answer (counted as ``consistent``), and
+    nobody is flagged; ``flag`` answers as usual. With the count off it is answered as usual."""
+    overrides: dict[str, Any] = {}
+    if store == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_server").url
+        overrides["redis_prefix"] = f"t-{uuid.uuid4().hex[:8]}"
+    cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
+    pixels = torch.from_numpy(sequence[:2].astype(np.float32) / 255.0)
+    served_by: dict[int, list[Answer | None]] = {}
+    for consistent in (1, 0):
+        settings = Settings(
+            device="cpu",
+            **_settings(policy)
+            | overrides
+            | {"stateful_consistent_matches": consistent, "redis_prefix": uuid.uuid4().hex[:8]},
+        )
+        flagged: list[str] = []
+
+        def flag(client: str, reason: str, at: float) -> bool:
+            flagged.append(client)  # noqa: B023 (called before the next loop turn)
+            return True
+
+        metrics = Metrics()
+        detector = build_stateful(settings, metrics, flag, 3 * 32 * 32)
+        assert detector is not None
+        assert detector.rule.changed_matches == DEFAULT_RULE.changed_matches == 2
+        batch = [Pending("mallory", pixels[0], cat), Pending("mallory", pixels[1], dog)]
+        try:
+            served_by[consistent] = detector.screen_batch(batch)
+        finally:
+            detector.close()
+        assert flagged == []
+        counted = metrics.stateful.labels(policy=policy, outcome="consistent")._value.get()
+        assert counted == (1 if consistent and policy != "flag" else 0)
+        assert metrics.stateful.labels(policy=policy, outcome="clear")._value.get() == 2 - counted
+    assert served_by[1] == ([cat, dog] if policy == "flag" else [cat, cat])
+    assert served_by[0] == [cat, dog]
