@@ -1,0 +1,229 @@
+"""What the consistent count costs honest users: the share of their answers replaced.
+
+Under ``refuse`` and ``silent`` the service serves a query its anchor's answer when the query is
+not detected but would change the class the model gave its anchor, a near-exact copy stored
+earlier (``DetectionRule.keeps_anchor``). Nobody is flagged by it, so it has no false-flag
+rate; what an honest user pays is an answer that is not the model's own for the image sent.
+This measures that on the stateful evaluation's honest traffic (the same plan and seeds as
+``evaluation.stateful_eval``: training photos, and the test photos it judges on), sent through
+the service's own ``StatefulDetector`` under ``refuse`` with the default rule, one store
+holding every query (nothing expires: the worst case).
+
+    python -m evaluation.consistency_cost          # -> consistency.{json,md} in the results
+
+Per traffic kind: queries, the answers replaced (served, with another class than the model's),
+the queries refused (detected), and the clients with at least one replaced answer, with Wilson
+95% intervals over clients (a client's queries are not independent of each other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.cli import at_least
+from app.core.guard import Guard
+from app.core.stateful import (
+    DEFAULT_RULE,
+    Answer,
+    DetectionRule,
+    InProcessFingerprintStore,
+    default_scheme,
+)
+from app.service.stateful import Pending, StatefulDetector
+from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
+from evaluation.policy_check import rule_counts, rule_text
+from evaluation.query_attacks import (
+    DEFAULT_BUNDLE,
+    DEFAULT_CACHE,
+    DEFAULT_RESULTS,
+    DEFAULT_SOURCE,
+    service_pixels,
+)
+from evaluation.simulate import wilson_interval
+from evaluation.stateful_eval import (
+    EVALUATION_SECRET,
+    Timeline,
+    honest_timeline,
+    served_answers,
+)
+
+BATCH = 64  # queries screened at once, in arrival order (the service's screening batch)
+
+
+@dataclass(frozen=True)
+class Served:
+    """Per query of a timeline: the model's answer and what the service served (None: refused)."""
+
+    own: list[Answer]
+    served: list[Answer | None]
+
+
+def serve_through_detector(
+    guard: Guard, traffic: Timeline, answers: Sequence[Answer], rule: DetectionRule
+) -> Served:
+    """Every query of ``traffic`` through a fresh ``StatefulDetector`` under ``refuse``, in
+    arrival order: the screening path the service runs, on the pixels it would see."""
+    scheme = default_scheme(EVALUATION_SECRET)
+    size = len(traffic.clients) + 1
+    store = InProcessFingerprintStore(
+        scheme, max_fingerprints=size, ttl_s=np.inf, max_clients=size, client_ttl_s=np.inf
+    )
+    detector = StatefulDetector(scheme, rule, store, "refuse")
+    served: list[Answer | None] = []
+    try:
+        for start in range(0, len(traffic.clients), BATCH):
+            stop = start + BATCH
+            pixels: torch.Tensor = service_pixels(guard, traffic.images[start:stop])
+            batch = [
+                Pending(client, query, answer)
+                for client, query, answer in zip(
+                    traffic.clients[start:stop], pixels, answers[start:stop], strict=True
+                )
+            ]
+            served += detector.screen_batch(batch)
+    finally:
+        detector.close()
+    return Served(list(answers), served)
+
+
+def replaced(own: Answer, served: Answer | None) -> bool:
+    """The client heard another class than the model's answer to its own image."""
+    return served is not None and served.class_index != own.class_index
+
+
+def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
+    """Per kind: queries, answers replaced, queries refused, and clients with a replaced answer
+    (Wilson 95% interval over clients)."""
+    out: dict[str, Any] = {}
+    for kind in TRAFFIC_KINDS:
+        rows = [i for i, k in enumerate(traffic.kinds) if k == kind]
+        clients = {traffic.clients[i] for i in rows}
+        changed = [i for i in rows if replaced(outcome.own[i], outcome.served[i])]
+        refused = [i for i in rows if outcome.served[i] is None]
+        hit = {traffic.clients[i] for i in changed}
+        out[kind] = {
+            "queries": len(rows),
+            "replaced": len(changed),
+            "replaced_share": len(changed) / len(rows) if rows else None,
+            "refused": len(refused),
+            "clients": len(clients),
+            "clients_replaced": len(hit),
+            "clients_replaced_wilson95": list(wilson_interval(len(hit), len(clients))),
+        }
+    return out
+
+
+# The ship rule, fixed before the first measurement (session 39): the consistent count is on by
+# default only if at most this share of each kind's judging queries have their answer replaced.
+SHIP_LIMIT = 0.01
+
+
+def ships(judging: dict[str, Any]) -> bool:
+    return all(judging[kind]["replaced_share"] <= SHIP_LIMIT for kind in TRAFFIC_KINDS)
+
+
+def report(summary: dict[str, Any]) -> str:
+    lines = [
+        "# The consistent count's cost to honest users (evaluation.consistency_cost)",
+        "",
+        "Honest traffic of `evaluation.stateful_eval` (same plan and seeds) sent through the "
+        "service's `StatefulDetector` under `refuse`, rule "
+        f"{rule_text(summary['rule'])} (client, global, changed, consistent), one store holding "
+        "every query. *Replaced*: served with another class than the model's own answer to the "
+        "image (its anchor's); *refused*: detected. Intervals: Wilson 95% over clients.",
+        "",
+        "| photos | traffic | queries | answers replaced | share | refused | clients with a "
+        "replaced answer | 95% interval |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for split, label in (("judging", "test (judged)"), ("calibration", "training")):
+        for kind in TRAFFIC_KINDS:
+            r = summary[split][kind]
+            low, high = r["clients_replaced_wilson95"]
+            lines.append(
+                f"| {label} | {kind} | {r['queries']} | {r['replaced']} | "
+                f"{100 * r['replaced_share']:.2f}% | {r['refused']} | "
+                f"{r['clients_replaced']} of {r['clients']} | {100 * low:.2f}-{100 * high:.2f}% |"
+            )
+    verdict = "met: on by default" if summary["ships"] else "missed: off by default"
+    lines += [
+        "",
+        f"Ship rule (fixed before this was run): at most {100 * SHIP_LIMIT:.1f}% of each kind's "
+        f"judged queries replaced: **{verdict}**.",
+        "",
+        "Command:",
+        "",
+        "```",
+        summary["command"],
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.consistency_cost",
+        description="honest answers replaced by the stateful detector's consistent count",
+    )
+    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument("--clients", type=at_least(1), default=1000, help="honest clients per kind")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stages: honest traffic (both splits, as stateful_eval builds it) -> the model's answers
+    -> the detector's answers -> the summary and the report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    guard = Guard.load(args.bundle, device="cpu")
+    plan = TrafficPlan(clients=args.clients)
+    timelines: dict[str, Timeline] = {
+        "calibration": honest_timeline(
+            guard, args.source, "train", args.cache, args.data_cache, plan, args.seed
+        ),
+        "judging": honest_timeline(
+            guard, args.source, "test", args.cache, args.data_cache, plan, args.seed + 1
+        ),
+    }
+    answers = served_answers(guard, timelines["calibration"], timelines["judging"], {})
+    own = {"calibration": answers.calibration, "judging": answers.judging}
+    summary: dict[str, Any] = {"rule": rule_counts(DEFAULT_RULE), "bundle": str(args.bundle)}
+    for split, traffic in timelines.items():
+        outcome = serve_through_detector(guard, traffic, own[split], DEFAULT_RULE)
+        summary[split] = summarise(traffic, outcome)
+        print(f"[{time.perf_counter() - started:6.1f}s] {split}: {json.dumps(summary[split])}")
+    summary["ships"] = ships(summary["judging"])
+    summary["ship_limit"] = SHIP_LIMIT
+    summary["command"] = " ".join(
+        ["python -m evaluation.consistency_cost", *map(shlex.quote, argv)]
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "consistency.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (args.out / "consistency.md").write_text(report(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    from app.cli import said_in_one_line
+
+    raise SystemExit(said_in_one_line(main, "python -m evaluation.consistency_cost"))

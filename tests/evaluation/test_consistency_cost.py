@@ -1,0 +1,78 @@
+"""``evaluation.consistency_cost``: honest traffic through the service's own detector, and what
+the consistent count replaced, per kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from app.core.guard import Guard
+from app.core.stateful import DEFAULT_RULE, Answer, DetectionRule, pixel_digests
+from evaluation.consistency_cost import replaced, report, serve_through_detector, summarise
+from evaluation.stateful_eval import Timeline
+from tests.conftest import DEMO_BUNDLE
+from tests.core.test_stateful import photos, square_step  # noqa: F401 (a fixture)
+
+
+@pytest.fixture(scope="module")
+def guard() -> Guard:
+    torch.set_num_threads(1)
+    return Guard.load(DEMO_BUNDLE, device="cpu")
+
+
+def test_a_class_changing_copy_is_served_its_anchors_class_and_counted(
+    guard: Guard,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """A burst client's near-exact copy whose class changes hears its anchor's class (one
+    answer replaced, nobody refused); with the consistent count off it hears the model's own;
+    an unrelated photo of another client with another class is not touched."""
+    step = square_step(photos[3], np.random.default_rng(0))
+    images = np.stack([photos[3], step, photos[7]])
+    traffic = Timeline(["a", "a", "b"], ["burst", "burst", "plain"], images, pixel_digests(images))
+    cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
+    answers = [cat, dog, dog]
+    outcome = serve_through_detector(guard, traffic, answers, DEFAULT_RULE)
+    assert outcome.served == [cat, cat, dog]
+    assert [replaced(o, s) for o, s in zip(outcome.own, outcome.served, strict=True)] == [
+        False,
+        True,
+        False,
+    ]
+    counts = summarise(traffic, outcome)
+    assert counts["burst"] | {"clients_replaced_wilson95": None} == {
+        "queries": 2,
+        "replaced": 1,
+        "replaced_share": 0.5,
+        "refused": 0,
+        "clients": 1,
+        "clients_replaced": 1,
+        "clients_replaced_wilson95": None,
+    }
+    assert counts["plain"]["replaced"] == 0 and counts["resend"]["queries"] == 0
+    off = DetectionRule(5, 5, changed_matches=2)
+    assert serve_through_detector(guard, traffic, answers, off).served == answers
+
+
+def test_the_report_states_the_ship_rule_and_each_kind() -> None:
+    kinds = ("plain", "resend", "burst", "viral")
+    row = {
+        "queries": 200,
+        "replaced": 3,
+        "replaced_share": 0.015,
+        "refused": 0,
+        "clients": 10,
+        "clients_replaced": 2,
+        "clients_replaced_wilson95": [0.05, 0.5],
+    }
+    summary = {
+        "rule": [5, 5, 2, 1],
+        "judging": dict.fromkeys(kinds, row),
+        "calibration": dict.fromkeys(kinds, row),
+        "ships": False,
+        "command": "python -m evaluation.consistency_cost",
+    }
+    text = report(summary)
+    assert "rule 5, 5, 2, 1" in text and "missed: off by default" in text
+    assert text.count("| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% |") == 8
