@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.service.metrics import STATEFUL_OUTCOMES
 from tests.deploy.helpers import DEPLOY, dashboard_files, promql_expressions
 
 GRAFANA = DEPLOY / "grafana"
@@ -142,6 +143,15 @@ def test_expressions_use_only_the_services_metrics() -> None:
         assert metric in used, metric
     for histogram in HISTOGRAMS:
         assert f"{histogram}_bucket" in used, histogram
+
+
+def test_every_stateful_outcome_but_clear_is_on_a_panel() -> None:
+    """What the stateful detector did to queries (detected, served their anchor's answer, not
+    checked) is each drawn: an outcome added to the service must reach the dashboard."""
+    panels = " ".join(expr for where, expr in promql_expressions() if ": panel " in where)
+    for outcome in STATEFUL_OUTCOMES:
+        if outcome != "clear":
+            assert f'advguard_stateful_queries_total{{outcome="{outcome}"}}' in panels, outcome
 
 
 def test_promtool_parses_every_expression(tool: Callable[[str], str], tmp_path: Path) -> None:
