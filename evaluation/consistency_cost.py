@@ -12,8 +12,9 @@ holding every query (nothing expires: the worst case).
     python -m evaluation.consistency_cost          # -> consistency.{json,md} in the results
 
 Per traffic kind: queries, the answers replaced (served, with another class than the model's),
-the queries refused (detected), and the clients with at least one replaced answer, with Wilson
-95% intervals over clients (a client's queries are not independent of each other).
+the queries refused (detected), the clients with at least one replaced answer and the clients
+flagged (at least one query detected: the false-flag rate under the current bundle and rule),
+with Wilson 95% intervals over clients (a client's queries are not independent of each other).
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ def replaced(own: Answer, served: Answer | None) -> bool:
 
 
 def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
-    """Per kind: queries, answers replaced, queries refused, and clients with a replaced answer
-    (Wilson 95% interval over clients)."""
+    """Per kind: queries, answers replaced, queries refused, clients with a replaced answer and
+    clients flagged (a refused query: detected), with Wilson 95% intervals over clients."""
     out: dict[str, Any] = {}
     for kind in TRAFFIC_KINDS:
         rows = [i for i, k in enumerate(traffic.kinds) if k == kind]
@@ -112,6 +113,7 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
         changed = [i for i in rows if replaced(outcome.own[i], outcome.served[i])]
         refused = [i for i in rows if outcome.served[i] is None]
         hit = {traffic.clients[i] for i in changed}
+        flagged = {traffic.clients[i] for i in refused}
         out[kind] = {
             "queries": len(rows),
             "replaced": len(changed),
@@ -120,6 +122,8 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
             "clients": len(clients),
             "clients_replaced": len(hit),
             "clients_replaced_wilson95": list(wilson_interval(len(hit), len(clients))),
+            "clients_flagged": len(flagged),
+            "clients_flagged_wilson95": list(wilson_interval(len(flagged), len(clients))),
         }
     return out
 
@@ -144,17 +148,20 @@ def report(summary: dict[str, Any]) -> str:
         "image (its anchor's); *refused*: detected. Intervals: Wilson 95% over clients.",
         "",
         "| photos | traffic | queries | answers replaced | share | refused | clients with a "
-        "replaced answer | 95% interval |",
-        "|---|---|---|---|---|---|---|---|",
+        "replaced answer | 95% interval | clients flagged | 95% interval |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split, label in (("judging", "test (judged)"), ("calibration", "training")):
         for kind in TRAFFIC_KINDS:
             r = summary[split][kind]
             low, high = r["clients_replaced_wilson95"]
+            flag_low, flag_high = r["clients_flagged_wilson95"]
             lines.append(
                 f"| {label} | {kind} | {r['queries']} | {r['replaced']} | "
                 f"{100 * r['replaced_share']:.2f}% | {r['refused']} | "
-                f"{r['clients_replaced']} of {r['clients']} | {100 * low:.2f}-{100 * high:.2f}% |"
+                f"{r['clients_replaced']} of {r['clients']} | {100 * low:.2f}-{100 * high:.2f}% | "
+                f"{r['clients_flagged']} of {r['clients']} | "
+                f"{100 * flag_low:.2f}-{100 * flag_high:.2f}% |"
             )
     verdict = "met: on by default" if summary["ships"] else "missed: off by default"
     lines += [

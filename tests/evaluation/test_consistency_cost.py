@@ -41,7 +41,8 @@ def test_a_class_changing_copy_is_served_its_anchors_class_and_counted(
         False,
     ]
     counts = summarise(traffic, outcome)
-    assert counts["burst"] | {"clients_replaced_wilson95": None} == {
+    intervals = {"clients_replaced_wilson95": None, "clients_flagged_wilson95": None}
+    assert counts["burst"] | intervals == {
         "queries": 2,
         "replaced": 1,
         "replaced_share": 0.5,
@@ -49,6 +50,8 @@ def test_a_class_changing_copy_is_served_its_anchors_class_and_counted(
         "clients": 1,
         "clients_replaced": 1,
         "clients_replaced_wilson95": None,
+        "clients_flagged": 0,
+        "clients_flagged_wilson95": None,
     }
     assert counts["plain"]["replaced"] == 0 and counts["resend"]["queries"] == 0
     off = DetectionRule(5, 5, changed_matches=2)
@@ -65,6 +68,8 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
         "clients": 10,
         "clients_replaced": 2,
         "clients_replaced_wilson95": [0.05, 0.5],
+        "clients_flagged": 1,
+        "clients_flagged_wilson95": [0.01, 0.4],
     }
     summary = {
         "rule": [5, 5, 2, 1],
@@ -75,4 +80,6 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
     }
     text = report(summary)
     assert "rule 5, 5, 2, 1" in text and "missed: off by default" in text
-    assert text.count("| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% |") == 8
+    assert (
+        text.count("| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% |") == 8
+    )
