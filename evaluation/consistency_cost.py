@@ -1,9 +1,10 @@
 """What the consistent count costs honest users: the share of their answers replaced.
 
 Under ``refuse`` and ``silent`` the service serves a query its anchor's answer when the query is
-not detected but would change the class the model gave its anchor, a near-exact copy stored
-earlier (``DetectionRule.keeps_anchor``). Nobody is flagged by it, so it has no false-flag
-rate; what an honest user pays is an answer that is not the model's own for the image sent.
+not detected but would show a class its anchor's answer did not (the anchor: a near-exact
+copy stored earlier; ``DetectionRule.keeps_anchor``). Nobody is flagged by it, so it has no
+false-flag rate; what an honest user pays is an answer that is not the service's own for the
+image sent.
 This measures that on the stateful evaluation's honest traffic (the same plan and seeds as
 ``evaluation.stateful_eval``: training photos, and the test photos it judges on), sent through
 the service's own ``StatefulDetector`` under ``refuse`` with the default rule, one store
@@ -11,10 +12,11 @@ holding every query (nothing expires: the worst case).
 
     python -m evaluation.consistency_cost          # -> consistency.{json,md} in the results
 
-Per traffic kind: queries, the answers replaced (served, with another class than the model's),
-the queries refused (detected), the clients with at least one replaced answer and the clients
-flagged (at least one query detected: the false-flag rate under the current bundle and rule),
-with Wilson 95% intervals over clients (a client's queries are not independent of each other).
+Per traffic kind: queries, the answers replaced (shown another decision or class than the
+service's own), the queries refused (detected), the clients with at least one replaced answer
+and the clients flagged (at least one query detected: the false-flag rate under the current
+bundle and rule), with Wilson 95% intervals over clients (a client's queries are not
+independent of each other).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from evaluation.query_attacks import (
     DEFAULT_CACHE,
     DEFAULT_RESULTS,
     DEFAULT_SOURCE,
+    client_view,
     service_pixels,
 )
 from evaluation.simulate import wilson_interval
@@ -99,8 +102,9 @@ def serve_through_detector(
 
 
 def replaced(own: Answer, served: Answer | None) -> bool:
-    """The client heard another class than the model's answer to its own image."""
-    return served is not None and served.class_index != own.class_index
+    """The client was shown another answer than the service's own for its image: another
+    decision, or another class where one is shown (``client_view``)."""
+    return served is not None and client_view(served) != client_view(own)
 
 
 def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
@@ -144,8 +148,9 @@ def report(summary: dict[str, Any]) -> str:
         "Honest traffic of `evaluation.stateful_eval` (same plan and seeds) sent through the "
         "service's `StatefulDetector` under `refuse`, rule "
         f"{rule_text(summary['rule'])} (client, global, changed, consistent), one store holding "
-        "every query. *Replaced*: served with another class than the model's own answer to the "
-        "image (its anchor's); *refused*: detected. Intervals: Wilson 95% over clients.",
+        "every query. *Replaced*: the client was shown its anchor's answer where the service's "
+        "own differs in what a client sees (decision, or class where one is shown); *refused*: "
+        "detected. Intervals: Wilson 95% over clients.",
         "",
         "| photos | traffic | queries | answers replaced | share | refused | clients with a "
         "replaced answer | 95% interval | clients flagged | 95% interval |",

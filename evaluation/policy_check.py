@@ -120,7 +120,9 @@ class ClosableOracle(Oracle, Protocol):
 @dataclass(frozen=True)
 class ImageCheck:
     row: int
-    predicted_success: bool  # by the replay: the first success came before the detection
+    # by the replay: the first success came before the detection (None: an image the recorded
+    # runs do not cover, ``--first-image``)
+    predicted_success: bool | None
     live_success: bool  # the attacker got an adversarial example: ``truly_adversarial``
     live_queries: int
     answers_withheld: int  # answers that differ from the guard's own (403, or the anchor's)
@@ -164,12 +166,16 @@ def truly_adversarial(record: AttackRecord, guard: Guard) -> bool:
 
 
 def summarise(checks: Sequence[ImageCheck]) -> dict[str, Any]:
+    """Counts over the images; the replay's two (None) when it covers none of them."""
+    replayed = [c for c in checks if c.predicted_success is not None]
     return {
         "images": len(checks),
         "believed_success": sum(c.believed_success for c in checks),
         "live_success": sum(c.live_success for c in checks),
-        "predicted_success": sum(c.predicted_success for c in checks),
-        "same_outcome": sum(c.live_success == c.predicted_success for c in checks),
+        "predicted_success": sum(bool(c.predicted_success) for c in replayed) if replayed else None,
+        "same_outcome": (
+            sum(c.live_success == c.predicted_success for c in replayed) if replayed else None
+        ),
         "stalled": sum(c.stopped == "stalled" for c in checks),
         "per_image": [asdict(c) for c in checks],
     }
@@ -213,11 +219,13 @@ def check_attack(
     images: int,
     seed: int,
     stall_asks: int | None = None,
+    first: int = 0,
 ) -> list[ImageCheck]:
-    """The first ``images`` of the recorded rows, attacked one at a time, each through a fresh
-    oracle (``oracle_for``); ``stall_asks``: see ``QueryRecorder``."""
+    """``images`` of the attacked rows from the ``first``, attacked one at a time, each through
+    a fresh oracle (``oracle_for``); ``stall_asks``: see ``QueryRecorder``. ``predictions``:
+    the replay's, for the recorded rows (the first ones)."""
     checks = []
-    for i, row in enumerate(rows[:images].tolist()):
+    for i, row in enumerate(rows[first : first + images].tolist(), start=first):
         label = int(split.labels[row])
         pool = candidate_pool(split, rows, label, 20, seed + row) if attack != "square" else None
         oracle = oracle_for(attack, row)
@@ -231,7 +239,7 @@ def check_attack(
         checks.append(
             ImageCheck(
                 row,
-                predictions[i],
+                predictions[i] if i < len(predictions) else None,
                 truly_adversarial(record, guard),
                 len(record.queries),
                 withheld(record, guard),
@@ -247,8 +255,10 @@ def oracle_label(key: str) -> str:
     parts = key.split("/")
     if len(parts) == 2:
         return "HTTP + Redis"
-    ids = parts[2].removeprefix("in_process").strip("_").removesuffix("ids")
-    return f"in process, {ids} ids" if ids else "in process"
+    mode, _, first = parts[2].partition("_from")
+    ids = mode.removeprefix("in_process").strip("_").removesuffix("ids")
+    label = f"in process, {ids} ids" if ids else "in process"
+    return label + (f", from image {first}" if first else "")
 
 
 def table_order(key: str) -> tuple[str, int, str]:
@@ -271,11 +281,19 @@ def table(results: dict[str, Any]) -> str:
         believed = r.get("believed_success", r["live_success"])  # refuse: the same
         lines.append(
             f"| {attack} | {policy} | {oracle_label(key)} | {r['images']} | {believed} | "
-            f"{r['live_success']} | {r['predicted_success']} | "
-            f"{r['same_outcome']}/{r['images']} | {withheld_median:.0f} | {r.get('stalled', 0)} | "
+            f"{r['live_success']} | {_or_dash(r['predicted_success'])} | "
+            f"{_or_dash(r['same_outcome'], r['images'])} | {withheld_median:.0f} | "
+            f"{r.get('stalled', 0)} | "
             f"{_rule_cell(r.get('rule'))} |"
         )
     return "\n".join(lines)
+
+
+def _or_dash(count: int | None, of: int | None = None) -> str:
+    """A count of the replay's ("-" where it covers none of the images), optionally "n/of"."""
+    if count is None:
+        return "-"
+    return f"{count}/{of}" if of is not None else str(count)
 
 
 def rule_counts(rule: DetectionRule) -> list[int | None]:
@@ -294,10 +312,15 @@ def _rule_cell(counts: list[int | None] | None) -> str:
     return "the service's settings" if counts is None else rule_text(counts)
 
 
-def result_key(attack: str, policy: str, in_process: bool, ids: int) -> str:
+def result_key(attack: str, policy: str, in_process: bool, ids: int, first: int = 0) -> str:
+    """attack/policy[/in_process[_{ids}ids][_from{first}]]: HTTP checks start at image 0."""
     if not in_process:
         return f"{attack}/{policy}"
-    return f"{attack}/{policy}/in_process" + (f"_{ids}ids" if ids > 1 else "")
+    return (
+        f"{attack}/{policy}/in_process"
+        + (f"_{ids}ids" if ids > 1 else "")
+        + (f"_from{first}" if first else "")
+    )
 
 
 def record(directory: Path, key: str, summary: dict[str, Any]) -> None:
@@ -335,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy", required=True, choices=("refuse", "silent"))
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--images", type=at_least(1), default=10)
+    parser.add_argument(
+        "--first-image",
+        type=int,
+        default=0,
+        help="with --in-process: start at this image of query_attacks' order (0: the recorded "
+        "runs' first; from 100 the images were never recorded, so the replay predicts nothing)",
+    )
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
@@ -362,10 +392,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{option} {url} is not a loopback address (--redis-url is flushed)")
     if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
         parser.error("--sybil-ids: a positive count, with --in-process")
+    if args.first_image < 0 or (args.first_image and not args.in_process):
+        parser.error("--first-image: at least 0, with --in-process")
     guard = Guard.load(args.bundle, device="cpu")
     bundle_sha = hashlib.sha256((Path(args.bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
     split = load_split(args.source, "test", guard.preset, args.data_cache)
-    rows = pick_images(guard, split, 100, args.seed)  # query_attacks' images, in its order
+    # query_attacks' images, in its order (its first 100 were recorded)
+    rows = pick_images(guard, split, max(100, args.first_image + args.images), args.seed)
     stateful = json.loads((args.results / "stateful.json").read_text())
     oracle_for = (
         in_process_oracles(guard, args.policy, args.sybil_ids)
@@ -384,6 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.images,
             args.seed,
             args.stall_asks,
+            args.first_image,
         )
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
         if args.in_process:  # over HTTP the rule is the running service's settings
@@ -394,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["command"] = " ".join(
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
         )
-        key = result_key(attack, args.policy, args.in_process, args.sybil_ids)
+        key = result_key(attack, args.policy, args.in_process, args.sybil_ids, args.first_image)
         record(args.results, key, summary)  # after each attack: a long run keeps what it finished
         brief = {k: v for k, v in summary.items() if k != "per_image"}
         print(f"{key}: {json.dumps(brief)}", flush=True)

@@ -589,6 +589,21 @@ def changes_answer(evidence: MatchEvidence, answer: Answer | None) -> bool:
     )
 
 
+def shows_another_class(evidence: MatchEvidence, answer: Answer | None) -> bool:
+    """Whether ``answer`` would show its client a class that its anchor's answer did not show:
+    the answer carries a class (accepted, or the guard is off) and the anchor was rejected (no
+    class shown) or carried another. Beside ``changes_answer``, it catches a Square probe that
+    the guard rejected with the wrong class, followed by a near-copy accepted with that class
+    (five of Square's successes under ``refuse`` on 2026-12-01)."""
+    anchor = evidence.anchor
+    return (
+        answer is not None
+        and answer.decision != "rejected"
+        and anchor is not None
+        and (anchor.decision == "rejected" or anchor.class_index != answer.class_index)
+    )
+
+
 @dataclass(frozen=True)
 class DetectionRule:
     """Flag a query with at least ``client_matches`` distinct near-duplicates among its client's
@@ -602,12 +617,13 @@ class DetectionRule:
     its threshold; the query that would succeed is the one whose class changes, and it is
     screened before it is answered. All thresholds are calibrated on honest traffic.
 
-    With ``consistent_matches``, a query that is *not* detected but whose answer would change
-    its anchor's class, with that many distinct near-duplicates, is served the anchor's answer
-    instead (``keeps_anchor``; the service does so under ``refuse`` and ``silent``): nobody is
-    flagged or refused, so it needs no calibration, and an attack's class-changing probe before
-    the counts reach ``changed_matches`` hears what its anchor heard. An honest near-exact copy
-    of a photo gets the class the photo got (its cost is measured: stateful_eval)."""
+    With ``consistent_matches``, a query that is *not* detected but whose answer would show a
+    class its anchor's did not (``shows_another_class``), with that many distinct
+    near-duplicates, is served the anchor's answer instead (``keeps_anchor``; the service does
+    so under ``refuse`` and ``silent``): nobody is flagged or refused, so it needs no
+    calibration, and an attack's probe that would newly succeed before the counts reach
+    ``changed_matches`` hears what its anchor heard. An honest near-exact copy of a photo hears
+    what the photo got (the answers it replaces: evaluation.consistency_cost)."""
 
     client_matches: int
     global_matches: int
@@ -638,12 +654,12 @@ class DetectionRule:
     def keeps_anchor(self, evidence: MatchEvidence, answer: Answer | None) -> bool:
         """Whether a query the rule does not detect should be served its anchor's answer: it
         has ``consistent_matches`` distinct near-duplicates in either scope and ``answer`` would
-        change the anchor's class. Judged apart from ``detects`` (call it on undetected
-        queries): it neither flags nor refuses."""
+        show a class the anchor's did not (``shows_another_class``). Judged apart from
+        ``detects`` (call it on undetected queries): it neither flags nor refuses."""
         return (
             self.consistent_matches is not None
             and max(evidence.client.distinct, evidence.everyone.distinct) >= self.consistent_matches
-            and changes_answer(evidence, answer)
+            and shows_another_class(evidence, answer)
         )
 
 
@@ -1064,9 +1080,9 @@ class InProcessFingerprintStore:
 # burst clients at 2; 1 flagged more; 4 until 2026-11-29, when it was set to flag none).
 DEFAULT_STEP = 25
 DEFAULT_SHARED = 25
-# A class-changing near-exact copy below that count is served its anchor's answer from the
-# first match (consistent_matches=1, fixed in advance as the lowest count: it flags no one;
-# the honest answers it replaces are measured by stateful_eval's consistency report).
+# A near-exact copy below that count that would show a class its anchor did not is served the
+# anchor's answer from the first match (consistent_matches=1, fixed in advance as the lowest
+# count: it flags no one; the honest answers it replaces: evaluation.consistency_cost).
 DEFAULT_RULE = DetectionRule(
     client_matches=5, global_matches=5, changed_matches=2, consistent_matches=1
 )

@@ -191,8 +191,9 @@ class StatefulDetector:
     ) -> tuple[Answer | None, Answer | None, Outcome]:
         """(the answer to serve, or None to refuse; the answer to keep with the stored query
         instead of its own, or None; the outcome): flags a detected client. An undetected
-        class-changing near-duplicate (``DetectionRule.keeps_anchor``) is served and kept with
-        its anchor's answer under ``refuse`` and ``silent``: ``consistent``."""
+        near-duplicate that would show a class its anchor did not
+        (``DetectionRule.keeps_anchor``) is served and kept with its anchor's answer under
+        ``refuse`` and ``silent``: ``consistent``."""
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
         if not self.rule.detects(evidence, answer):

@@ -251,8 +251,9 @@ def test_a_changed_answer_detects_from_its_own_count() -> None:
 
 def test_a_class_change_keeps_its_anchor_from_the_consistent_count() -> None:
     """``keeps_anchor``: from ``consistent_matches`` distinct near-duplicates in either scope, a
-    query whose answer would change its anchor's class is to be served the anchor's answer;
-    it never detects (the counts decide that alone), and a rejected answer tells no class."""
+    query whose answer would show a class its anchor's did not (another class, or any class
+    after a rejected anchor) is to be served the anchor's answer; it never detects (the counts
+    decide that alone), and a rejected answer shows no class."""
     rule = DetectionRule(5, 5, changed_matches=2, consistent_matches=1)
     cat = Answer("accepted", 3, 0.9, 0.5)
     dog = Answer("accepted", 5, 0.8, 0.4)
@@ -264,6 +265,11 @@ def test_a_class_change_keeps_its_anchor_from_the_consistent_count() -> None:
     assert not rule.detects(MatchEvidence(one, one, (), cat), dog)
     assert not rule.keeps_anchor(MatchEvidence(copy_only, copy_only, (), cat), dog)
     assert not rule.keeps_anchor(MatchEvidence(one, one, (), cat), cat)  # same class
+    rejected_dog = Answer("rejected", 5, 0.7, 0.001)
+    assert rule.keeps_anchor(MatchEvidence(one, one, (), rejected_dog), dog)  # newly shown
+    unguarded_dog = Answer("unguarded", 5, 0.8, 0.0)
+    assert rule.keeps_anchor(MatchEvidence(one, one, (), rejected_dog), unguarded_dog)
+    assert not rule.keeps_anchor(MatchEvidence(one, one, (), dog), rejected_dog)  # none shown
     assert not rule.keeps_anchor(MatchEvidence(one, one, (), cat), Answer("rejected", 5, 0.8, 0))
     assert not rule.keeps_anchor(MatchEvidence(one, one, (), None), dog)  # no anchor
     assert not DetectionRule(5, 5, 2).keeps_anchor(MatchEvidence(one, one, (), cat), dog)  # off

@@ -177,6 +177,30 @@ def test_result_keys_name_how_the_queries_were_answered() -> None:
     assert oracle_label(result_key("square", "refuse", False, 1)) == "HTTP + Redis"
     assert oracle_label(result_key("square", "refuse", True, 1)) == "in process"
     assert oracle_label(result_key("boundary", "silent", True, 50)) == "in process, 50 ids"
+    assert (
+        oracle_label(result_key("square", "refuse", True, 1, 100)) == "in process, from image 100"
+    )
+    assert result_key("square", "refuse", True, 50, 100) == "square/refuse/in_process_50ids_from100"
+
+
+def test_images_the_replay_never_saw_are_counted_without_a_prediction() -> None:
+    """``--first-image`` past the recorded runs: the live counts stand, the replay's are None
+    (the table shows "-"), and a mix counts the predictions it has."""
+    fresh = [
+        ImageCheck(7, None, True, 2, 0, True, "success"),
+        ImageCheck(8, None, False, 9, 3, False),
+    ]
+    assert summarise(fresh) | {"per_image": None} == {
+        "images": 2,
+        "believed_success": 1,
+        "live_success": 1,
+        "predicted_success": None,
+        "same_outcome": None,
+        "stalled": 0,
+        "per_image": None,
+    }
+    mixed = summarise([*fresh, ImageCheck(9, True, True, 2, 0, True, "success")])
+    assert (mixed["predicted_success"], mixed["same_outcome"]) == (1, 1)
 
 
 @pytest.mark.slow
