@@ -28,13 +28,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from app.cli import at_least
 from app.core.guard import Guard
 from app.core.stateful import (
     DEFAULT_RULE,
@@ -47,10 +45,6 @@ from app.service.stateful import Pending, StatefulDetector
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
 from evaluation.policy_check import rule_counts, rule_text
 from evaluation.query_attacks import (
-    DEFAULT_BUNDLE,
-    DEFAULT_CACHE,
-    DEFAULT_RESULTS,
-    DEFAULT_SOURCE,
     client_view,
     service_pixels,
 )
@@ -58,6 +52,7 @@ from evaluation.simulate import wilson_interval
 from evaluation.stateful_eval import (
     EVALUATION_SECRET,
     Timeline,
+    add_honest_traffic_arguments,
     honest_timeline,
     served_answers,
 )
@@ -189,14 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m evaluation.consistency_cost",
         description="honest answers replaced by the stateful detector's consistent count",
     )
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--clients", type=at_least(1), default=1000, help="honest clients per kind")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=at_least(1), default=1)
+    add_honest_traffic_arguments(parser)
     return parser
 
 

@@ -856,24 +856,31 @@ def _report_cost(summary: dict[str, Any]) -> list[str]:
     ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m evaluation.stateful_eval",
-        description="fingerprints and the stateful rule on recorded attacks and honest traffic",
-    )
+def add_honest_traffic_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which honest traffic is built (``honest_timeline``: the bundle
+    that answers it, the source, the caches, clients per kind, the seed) and where results go:
+    every command that replays it takes the same, so that they replay the same traffic."""
     parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--clients", type=at_least(1), default=1000, help="honest clients per kind")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=at_least(1), default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.stateful_eval",
+        description="fingerprints and the stateful rule on recorded attacks and honest traffic",
+    )
+    add_honest_traffic_arguments(parser)
     parser.add_argument(
         "--horizon", type=at_least(1), default=500, help="queries replayed per attack"
     )
     parser.add_argument("--sybil-ids", type=at_least(1), default=50)
     parser.add_argument("--schemes", nargs="*", help="only these candidates (names)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=at_least(1), default=1)
     return parser
 
 
