@@ -21,8 +21,8 @@ STAGES = ("decode", "queue", "model", "search", "stateful", "total")
 # recording of their clients' statistics
 SCREENING_PARTS = ("pixels", "hash", "match", "record")
 # what the stateful detector made of a query: no attack seen, detected, served its anchor's
-# answer without a detection (a class-changing near-duplicate: DetectionRule.keeps_anchor), or
-# its store failed (the query answered as usual: fail open)
+# answer without a detection (a near-duplicate that would show a class its anchor did not:
+# DetectionRule.keeps_anchor), or its store failed (the query answered as usual: fail open)
 Outcome = Literal["clear", "detected", "consistent", "error"]
 STATEFUL_OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 

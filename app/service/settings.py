@@ -155,7 +155,7 @@ class Settings(BaseSettings):
     # is detected (DetectionRule.changed_matches); 0: off
     stateful_changed_matches: int = Field(default=DEFAULT_RULE.changed_matches or 0, ge=0)
     # distinct near-duplicates from which a query that is not detected but whose answer would
-    # change its anchor's class is served the anchor's answer under refuse and silent
+    # show a class its anchor's did not is served the anchor's answer under refuse and silent
     # (DetectionRule.consistent_matches; nobody is flagged); 0: off
     stateful_consistent_matches: int = Field(default=DEFAULT_RULE.consistent_matches or 0, ge=0)
     # worker processes that hash the large uploads (ImageNet size) of a screening batch, parts
