@@ -102,8 +102,8 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     that ended on a truly adversarial answer, out of the images run; "–" where none ran. Runs
     the check cut short (``--stall-asks``: the attack's asks ran out before its query cap) could
     still have succeeded, so with any the count is a lower bound and says how many. A
-    check run under another rule than the replay's (``rule``: client, global, changed) says
-    which: it measured that rule, not this one."""
+    check run under another rule than the replay's (``rule``: client, global, changed,
+    consistent) says which: it measured that rule, not this one."""
     if row.ids is None:
         return "–"
     key = result_key(row.attack, policy, in_process=True, ids=row.ids)
@@ -114,13 +114,20 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     if check.get("stalled"):  # ended by --stall-asks, not by the query cap: may yet succeed
         cell += f" (at least; {check['stalled']} cut short)"
     ran_under = check.get("rule")
-    if ran_under is not None and ran_under != rule:
+    if ran_under is not None and same_length(ran_under, rule) != same_length(rule, ran_under):
         cell += f" (rule {rule_text(ran_under)})"
     return cell
 
 
+def same_length(counts: list[int | None], other: list[int | None]) -> list[int | None]:
+    """``counts`` padded with None (off) to ``other``'s length: a rule recorded before a later
+    count existed ran with that count off."""
+    return counts + [None] * (len(other) - len(counts))
+
+
 def chosen_rule(summary: dict[str, Any]) -> list[int | None]:
-    """The replayed rule as (client, global, changed) counts, as ``policy_check`` records it."""
+    """The replayed rule as (client, global, changed, consistent) counts, as ``policy_check``
+    records it."""
     return rule_counts(DetectionRule(**summary["schemes"][summary["chosen"]]["rule"]))
 
 
