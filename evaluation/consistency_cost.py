@@ -53,6 +53,7 @@ from evaluation.stateful_eval import (
     EVALUATION_SECRET,
     Timeline,
     add_honest_traffic_arguments,
+    command_block,
     honest_timeline,
     served_answers,
 )
@@ -168,13 +169,7 @@ def report(summary: dict[str, Any]) -> str:
         "",
         f"Ship rule (fixed before this was run): at most {100 * SHIP_LIMIT:.1f}% of each kind's "
         f"judged queries replaced: **{verdict}**.",
-        "",
-        "Command:",
-        "",
-        "```",
-        summary["command"],
-        "```",
-        "",
+        *command_block(summary["command"]),
     ]
     return "\n".join(lines)
 

@@ -846,14 +846,13 @@ def _report_cost(summary: dict[str, Any]) -> list[str]:
         f"{cost['fingerprint_ms']:.3f} ms per query, check-and-add {cost['check_and_add_ms']:.3f} "
         f"ms with the store full, {cost['bytes_per_fingerprint']:.0f} B of Python heap per stored "
         "fingerprint (the shared ring and the clients' buffers).",
-        "",
-        "Command:",
-        "",
-        "```",
-        summary["command"],
-        "```",
-        "",
+        *command_block(summary["command"]),
     ]
+
+
+def command_block(command: str) -> list[str]:
+    """A report's closing lines: the command that produced it, as a code block."""
+    return ["", "Command:", "", "```", command, "```", ""]
 
 
 def add_honest_traffic_arguments(parser: argparse.ArgumentParser) -> None:
