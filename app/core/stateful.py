@@ -215,6 +215,7 @@ def shared_hashes(query: U64, stored: U64) -> npt.NDArray[np.int64]:
 
 
 SKETCH_BITS = 1024
+SKETCH_WORDS = SKETCH_BITS // 64
 
 
 def window_sketch(hashes: U64, bits: int = SKETCH_BITS) -> U64:
@@ -324,6 +325,159 @@ def pixel_digests(images: npt.NDArray[np.uint8]) -> list[bytes]:
     return [hashlib.blake2b(image.tobytes(), digest_size=16).digest() for image in images]
 
 
+# --------------------------------------------------------------------------- close copies
+
+# Square's first probe (ART's L-inf initialisation) adds +-eps to whole pixel columns: every
+# value moves by eps = 8/255, 8 grey levels of the window hash's 25-level steps, so no window
+# hash survives it, and it can succeed before anything matches. Its block means move by at most
+# eps too, and nearly every value moves by exactly eps: an L-inf attack spends its budget on
+# every pixel with one magnitude (sign steps, Square's stripes and squares), where an honest
+# edit spreads its changes over many. A *close copy* is a stored query whose block means are all
+# within CLOSE_RADIUS of the query's *and* whose difference from it is saturated (``saturated``,
+# on a secret sample of the pixels). It only widens the consistent count
+# (``DetectionRule.keeps_anchor``) and never flags anyone (evaluation/README.md): without the
+# saturation test, honest re-encodings were close copies too and 7% of honest burst answers
+# would have been replaced.
+BLOCK_GRID = 8  # block means per side and channel: 3 x 8 x 8 = 192 values, 24 64-bit words
+BLOCK_VALUES = 3 * BLOCK_GRID * BLOCK_GRID
+BLOCK_WORDS = BLOCK_VALUES // 8
+CLOSE_RADIUS = 9  # grey levels: an L-inf change of 8/255 plus one level of the means' rounding
+# The index's close-copy keys: grid hashes of a few block means each. Chosen on 2,000 training
+# photos (``python -m evaluation.close_keys --grid``): ~0.2 unrelated photos of 2,000 stored
+# share 10 keys with a query, and a close copy that moved every mean by 9 (the worst case)
+# shares fewer than 10 in 0.15%.
+CLOSE_TABLES = 64  # keys a query
+CLOSE_COORDS = 8  # block means a key reads
+CLOSE_CELL = 64  # grey levels a key's grid cell spans (offsets from the secret)
+
+
+def block_means(images: npt.NDArray[np.uint8], grid: int = BLOCK_GRID) -> npt.NDArray[np.uint8]:
+    """(n, 3, H, W) uint8 -> (n, 3 * grid * grid) uint8: each channel's mean over a grid x grid
+    partition of the image (block edges at ``i * H // grid``; any size at least grid x grid),
+    rounded, channel-major. A change of at most e grey levels per pixel moves each mean by at
+    most e before rounding."""
+    n, channels, height, width = images.shape
+    if height < grid or width < grid:
+        raise ValueError(f"images of {height}x{width} are smaller than the {grid}x{grid} grid")
+    row_edges = (np.arange(grid) * height) // grid
+    col_edges = (np.arange(grid) * width) // grid
+    sums = np.add.reduceat(images, row_edges, axis=2, dtype=np.int64)
+    sums = np.add.reduceat(sums, col_edges, axis=3, dtype=np.int64)
+    rows = np.diff(np.append(row_edges, height))
+    cols = np.diff(np.append(col_edges, width))
+    means = np.rint(sums / (rows[:, None] * cols[None, :]))
+    out: npt.NDArray[np.uint8] = means.astype(np.uint8).reshape(n, channels * grid * grid)
+    return out
+
+
+@dataclass(frozen=True)
+class CloseKeyShape:
+    """How the close-copy keys are made: ``tables`` keys, each over ``coords`` block means in
+    grid cells of ``cell`` grey levels."""
+
+    tables: int = CLOSE_TABLES
+    coords: int = CLOSE_COORDS
+    cell: int = CLOSE_CELL
+
+
+@cache
+def _close_key_tables(
+    secret: bytes, values: int, shape: CloseKeyShape
+) -> tuple[npt.NDArray[np.intp], U64, U64, U64]:
+    """The close-copy keys' salt, from ``secret``: per table, the block means it reads, their
+    cell offsets, odd multipliers, and an offset for the hash. (coords, offsets, mult, salt)."""
+    seed = int.from_bytes(hashlib.shake_256(b"advguard/close-keys/" + secret).digest(32), "little")
+    rng = np.random.default_rng(seed)
+    tables, coords_per = shape.tables, shape.coords
+    coords = np.stack(
+        [rng.choice(values, coords_per, replace=False) for _ in range(tables)]
+    ).astype(np.intp)
+    offsets = rng.integers(0, shape.cell, (tables, coords_per)).astype(np.uint64)
+    top = np.iinfo(np.uint64).max
+    multipliers = rng.integers(0, top, (tables, coords_per), dtype=np.uint64, endpoint=True)
+    salts = rng.integers(0, top, tables, dtype=np.uint64, endpoint=True)
+    for array in (coords, offsets, multipliers, salts):
+        array.flags.writeable = False  # cached and shared
+    return coords, offsets, multipliers | np.uint64(1), salts
+
+
+def close_keys(
+    means: npt.NDArray[np.uint8], secret: bytes, shape: CloseKeyShape = CloseKeyShape()
+) -> U64:
+    """(n, values) block means -> (n, shape.tables) nonzero keys for a store's bucket index:
+    each the keyed hash of the grid cells (``CLOSE_CELL`` levels, secret offsets) of
+    ``CLOSE_COORDS`` secret-chosen means. Two close copies differ by at most ``CLOSE_RADIUS``
+    per mean, so a key survives with probability at least (1 - 9/64)^8 = 0.30: 19 of 64 on
+    average at the worst case (every mean 9 apart), fewer than ``MIN_SHARED_KEYS`` (10) in
+    0.15% of such pairs; Square's first probe keeps a median of 44. Unrelated photos share a
+    key rarely (0.06 of 64 on average)."""
+    coords, offsets, multipliers, salts = _close_key_tables(secret, means.shape[1], shape)
+    cells = (means[:, coords].astype(np.uint64) + offsets) // np.uint64(shape.cell)
+    summed = salts + (cells * multipliers).sum(axis=2, dtype=np.uint64)
+    keys: U64 = mix64(summed) | np.uint64(1)
+    return keys
+
+
+SAMPLED_VALUES = 256  # values of the 8-bit image a row keeps, at secret positions: 32 words
+SAMPLE_WORDS = SAMPLED_VALUES // 8
+SATURATED_SHARE = 0.5  # of the sampled values that must differ by the largest difference
+
+
+@cache
+def _sample_positions(secret: bytes, values: int) -> npt.NDArray[np.intp]:
+    """``SAMPLED_VALUES`` distinct positions among an image's ``values`` (C, H, W order), from
+    ``secret``, ascending (all of them, repeated to the count, for a smaller image)."""
+    seed = int.from_bytes(hashlib.shake_256(b"advguard/samples/" + secret).digest(32), "little")
+    rng = np.random.default_rng(seed)
+    if values >= SAMPLED_VALUES:
+        chosen = np.sort(rng.choice(values, SAMPLED_VALUES, replace=False))
+    else:
+        chosen = np.resize(np.arange(values), SAMPLED_VALUES)
+    positions: npt.NDArray[np.intp] = chosen.astype(np.intp)
+    positions.flags.writeable = False  # cached and shared
+    return positions
+
+
+def pixel_samples(images: npt.NDArray[np.uint8], secret: bytes) -> npt.NDArray[np.uint8]:
+    """(n, C, H, W) uint8 -> (n, SAMPLED_VALUES) uint8: the values at the secret positions."""
+    flat = images.reshape(len(images), -1)
+    samples: npt.NDArray[np.uint8] = flat[:, _sample_positions(secret, flat.shape[1])]
+    return samples
+
+
+def saturated(
+    query: npt.NDArray[np.uint8],
+    stored: npt.NDArray[np.uint8],
+    radius: int = CLOSE_RADIUS,
+    share: float = SATURATED_SHARE,
+) -> npt.NDArray[np.bool_]:
+    """Which rows of ``stored`` (m, samples) differ from ``query`` (samples,) the way an L-inf
+    attack does: the largest absolute difference m is between 2 and ``radius`` grey levels and
+    at least ``share`` of the sampled values differ by exactly m (pure)."""
+    difference = np.abs(stored.astype(np.int16) - query.astype(np.int16))
+    largest = difference.max(axis=1, initial=0)
+    at_largest = (difference == largest[:, None]).mean(axis=1)
+    result: npt.NDArray[np.bool_] = (largest >= 2) & (largest <= radius) & (at_largest >= share)
+    return result
+
+
+CLOSE_PREFILTER = 16  # means compared first: a scan of many rows reads the rest of a few only
+
+
+def close_copies(
+    query: npt.NDArray[np.uint8], stored: npt.NDArray[np.uint8], radius: int = CLOSE_RADIUS
+) -> npt.NDArray[np.bool_]:
+    """Which rows of ``stored`` (m, values) have every block mean within ``radius`` of the
+    query's (values,): the close-copy rule, pure."""
+    head = np.abs(stored[:, :CLOSE_PREFILTER].astype(np.int16) - query[:CLOSE_PREFILTER])
+    close: npt.NDArray[np.bool_] = head.max(axis=1, initial=0) <= radius
+    rows = np.flatnonzero(close)
+    if len(rows):
+        rest = np.abs(stored[rows, CLOSE_PREFILTER:].astype(np.int16) - query[CLOSE_PREFILTER:])
+        close[rows] = rest.max(axis=1, initial=0) <= radius
+    return close
+
+
 # --------------------------------------------------------------------------- schemes
 
 
@@ -350,11 +504,28 @@ class Scheme(Protocol):
         """``query`` (width,) against ``stored`` (m, width) -> (m,), higher is closer."""
         ...
 
+    def close(
+        self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
+    ) -> npt.NDArray[np.bool_]:
+        """Which rows of ``stored`` are close copies of ``query`` (``close_copies``): matches
+        for the consistent count only. All False for a scheme without them."""
+        ...
+
+
+def no_close_copies(stored: npt.NDArray[np.generic]) -> npt.NDArray[np.bool_]:
+    """``Scheme.close`` of a scheme without close copies."""
+    return np.zeros(len(stored), dtype=bool)
+
 
 @dataclass(frozen=True)
 class WindowHashScheme:
     """Blacklight-style window hashes, kept as their 1024-bit sketch; similarity = shared bits
-    (about the hashes in common). Defaults: measured on CIFAR-10 (stateful_eval)."""
+    (about the hashes in common). Defaults: measured on CIFAR-10 (stateful_eval).
+
+    With ``close_radius``, a row also carries the image's block means (``block_means``, 24 more
+    words after the sketch's 16) and a secret sample of its values (``pixel_samples``, 32 more),
+    and the keys the close-copy keys (``close_keys``, after the window hashes): ``close`` then
+    finds close copies (block means within the radius, a saturated difference)."""
 
     secret: bytes
     step: int = 50
@@ -362,6 +533,12 @@ class WindowHashScheme:
     top: int = 50
     threshold: float = 25.0
     kind: FingerprintKind = "window_hash"
+    close_radius: int | None = None
+
+    @property
+    def words(self) -> int:
+        """64-bit words in a fingerprint row."""
+        return SKETCH_WORDS + (0 if self.close_radius is None else BLOCK_WORDS + SAMPLE_WORDS)
 
     def fingerprints(
         self,
@@ -376,14 +553,57 @@ class WindowHashScheme:
         queries whose sketches share ``threshold`` bits share almost as many hashes (chance
         bit collisions: ~2.4 of ~50)."""
         hashes = window_hashes(images, self.secret, self.step, self.window, self.top)
-        return window_sketch(hashes), hashes
+        sketches = window_sketch(hashes)
+        if self.close_radius is None:
+            return sketches, hashes
+        means = block_means(images)
+        samples = pixel_samples(images, self.secret)
+        rows: U64 = np.concatenate([sketches, _as_words(means), _as_words(samples)], axis=1)
+        keys: U64 = np.concatenate([hashes, close_keys(means, self.secret)], axis=1)
+        return rows, keys
 
     def similarity(
         self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
     ) -> npt.NDArray[np.float64]:
         return shared_bits(
-            query.astype(np.uint64, copy=False), stored.astype(np.uint64, copy=False)
+            query[:SKETCH_WORDS].astype(np.uint64, copy=False),
+            stored[:, :SKETCH_WORDS].astype(np.uint64, copy=False),
         ).astype(np.float64)
+
+    def close(
+        self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
+    ) -> npt.NDArray[np.bool_]:
+        if self.close_radius is None:
+            return no_close_copies(stored)
+        close = close_copies(_means_of(query[None])[0], _means_of(stored), self.close_radius)
+        rows = np.flatnonzero(close)
+        if len(rows):
+            query_samples = _samples_of(query[None])[0]
+            close[rows] = saturated(query_samples, _samples_of(stored[rows]), self.close_radius)
+        return close
+
+
+def _as_words(values: npt.NDArray[np.uint8]) -> U64:
+    """(n, 8k) bytes as (n, k) little-endian 64-bit words: how a row carries them."""
+    words: U64 = np.ascontiguousarray(values).view("<u8").astype(np.uint64)
+    return words
+
+
+def _bytes_of(rows: npt.NDArray[np.generic], first: int, words: int) -> npt.NDArray[np.uint8]:
+    """``words`` words of each row from word ``first``, as bytes (``_as_words`` undone)."""
+    part = np.ascontiguousarray(rows[:, first : first + words], dtype="<u8")
+    values: npt.NDArray[np.uint8] = part.view(np.uint8)
+    return values
+
+
+def _means_of(rows: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+    """The block means a window-hash scheme's rows carry after the sketch."""
+    return _bytes_of(rows, SKETCH_WORDS, BLOCK_WORDS)
+
+
+def _samples_of(rows: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+    """The sampled values a window-hash scheme's rows carry after the block means."""
+    return _bytes_of(rows, SKETCH_WORDS + BLOCK_WORDS, SAMPLE_WORDS)
 
 
 @dataclass(frozen=True)
@@ -430,6 +650,11 @@ class PerceptualHashScheme:
         distance = hamming(np.uint64(query[0]), stored[:, 0].astype(np.uint64))
         return (64 - distance).astype(np.float64)
 
+    def close(
+        self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
+    ) -> npt.NDArray[np.bool_]:
+        return no_close_copies(stored)
+
 
 @dataclass(frozen=True)
 class EmbeddingScheme:
@@ -455,6 +680,11 @@ class EmbeddingScheme:
             stored.astype(np.float64) @ query.astype(np.float64)
         ).reshape(-1)
         return cosine
+
+    def close(
+        self, query: npt.NDArray[np.generic], stored: npt.NDArray[np.generic]
+    ) -> npt.NDArray[np.bool_]:
+        return no_close_copies(stored)
 
 
 # --------------------------------------------------------------------------- the match rule
@@ -485,7 +715,18 @@ def count_matches(
     """The match rule, pure: earlier queries with ``similarity >= threshold`` are near-duplicates;
     those with the query's own pixels (``own_digest``) are exact copies, which count apart (an
     honest resend is not a probe), and copies among the others count once."""
-    matched = np.flatnonzero(near_duplicates(similarities, threshold))
+    return _count_rows(
+        np.flatnonzero(near_duplicates(similarities, threshold)), similarities, digests, own_digest
+    )
+
+
+def _count_rows(
+    matched: npt.NDArray[np.intp],
+    similarities: npt.NDArray[np.float64],
+    digests: Sequence[bytes],
+    own_digest: bytes,
+) -> MatchCount:
+    """``count_matches`` of the given matched rows."""
     distinct: set[bytes] = set()
     exact = 0
     best = -np.inf
@@ -519,9 +760,30 @@ class MatchEvidence:
     everyone: MatchCount  # among all clients' recent queries (the client's own included)
     other_clients: tuple[str, ...]  # other senders of near-duplicates (at most MAX_EVIDENCE_IDS)
     anchor: Answer | None = None  # the answer kept with the earliest near-duplicate or copy
+    # the consistent count's matches: near-duplicates or close copies (None: near-duplicates only)
+    consistency: Consistency | None = None
+
+    def consistency_basis(self) -> Consistency:
+        """What the consistent count reads: the close copies' evidence when the store gave it,
+        else the near-duplicates' (a scheme without close copies)."""
+        if self.consistency is not None:
+            return self.consistency
+        return Consistency(max(self.client.distinct, self.everyone.distinct), self.anchor)
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """The consistent count's evidence: distinct near-duplicates or close copies (the larger of
+    the two scopes' counts), and the answer kept with the earliest of them or of the copies."""
+
+    distinct: int
+    anchor: Answer | None
 
 
 MAX_EVIDENCE_IDS = 16
+
+
+NO_COUNT = MatchCount(0, 0, -np.inf)
 
 
 @dataclass(frozen=True)
@@ -532,9 +794,13 @@ class ScopeMatch:
     others: tuple[str, ...]  # other senders of near-duplicates, oldest first
     anchor: Answer | None  # the answer kept with the earliest match (near-duplicate or copy)
     anchor_at: float  # when that match was stored (inf when none)
+    # the same over near-duplicates *or close copies* (the consistent count's matches)
+    loose: MatchCount = NO_COUNT
+    loose_anchor: Answer | None = None
+    loose_anchor_at: float = np.inf
 
 
-NO_MATCH = ScopeMatch(MatchCount(0, 0, -np.inf), (), None, np.inf)
+NO_MATCH = ScopeMatch(NO_COUNT, (), None, np.inf)
 
 
 def summarise_matches(
@@ -546,15 +812,24 @@ def summarise_matches(
     client_id: str,
     threshold: float,
     stored_at: npt.NDArray[np.float64],
+    close: npt.NDArray[np.bool_] | None = None,
 ) -> ScopeMatch:
     """Every store's one summary of a query against its *live* earlier queries of one scope,
-    given oldest first: the rule's counts (``count_matches``), the other senders and the anchor.
-    Which entries are live is the store's business; what a match is, and what it counts, is
-    decided here only."""
-    count = count_matches(similarities, digests, own_digest, threshold)
-    matched_rows = np.flatnonzero(near_duplicates(similarities, threshold))
+    given oldest first: the rule's counts (``count_matches``), the other senders and the anchor;
+    with ``close`` (which of them are close copies: ``Scheme.close``), the same count and anchor
+    over near-duplicates or close copies, for the consistent count. Which entries are live is
+    the store's business; what a match is, and what it counts, is decided here only."""
+    near = near_duplicates(similarities, threshold)
+    matched_rows = np.flatnonzero(near)
+    count = _count_rows(matched_rows, similarities, digests, own_digest)
+    loose_rows = matched_rows if close is None else np.flatnonzero(near | close)
+    loose, loose_anchor, loose_at = count, None, np.inf
+    if len(loose_rows):
+        loose = _count_rows(loose_rows, similarities, digests, own_digest)
+        loose_first = int(loose_rows[np.argmin(stored_at[loose_rows])])
+        loose_anchor, loose_at = answers[loose_first], float(stored_at[loose_first])
     if len(matched_rows) == 0:
-        return ScopeMatch(count, (), None, np.inf)
+        return ScopeMatch(count, (), None, np.inf, loose, loose_anchor, loose_at)
     # the earliest stored; ties: the first given (argmin's first minimum), the oldest stored
     first = int(matched_rows[np.argmin(stored_at[matched_rows])])
     matched = matched_rows.tolist()
@@ -565,13 +840,27 @@ def summarise_matches(
             others.append(sender)
             if len(others) == MAX_EVIDENCE_IDS:
                 break
-    return ScopeMatch(count, tuple(others), answers[first], float(stored_at[first]))
+    return ScopeMatch(
+        count,
+        tuple(others),
+        answers[first],
+        float(stored_at[first]),
+        loose,
+        loose_anchor,
+        loose_at,
+    )
 
 
 def evidence_of(client: ScopeMatch, everyone: ScopeMatch) -> MatchEvidence:
-    """Both scopes' matches as the rule's evidence; the anchor is the earlier of the two."""
+    """Both scopes' matches as the rule's evidence; each anchor is the earlier of the two."""
     anchor = client.anchor if client.anchor_at < everyone.anchor_at else everyone.anchor
-    return MatchEvidence(client.count, everyone.count, everyone.others, anchor)
+    loose_anchor = (
+        client.loose_anchor
+        if client.loose_anchor_at < everyone.loose_anchor_at
+        else everyone.loose_anchor
+    )
+    consistency = Consistency(max(client.loose.distinct, everyone.loose.distinct), loose_anchor)
+    return MatchEvidence(client.count, everyone.count, everyone.others, anchor, consistency)
 
 
 def changes_answer(evidence: MatchEvidence, answer: Answer | None) -> bool:
@@ -589,13 +878,12 @@ def changes_answer(evidence: MatchEvidence, answer: Answer | None) -> bool:
     )
 
 
-def shows_another_class(evidence: MatchEvidence, answer: Answer | None) -> bool:
+def shows_another_class(anchor: Answer | None, answer: Answer | None) -> bool:
     """Whether ``answer`` would show its client a class that its anchor's answer did not show:
     the answer carries a class (accepted, or the guard is off) and the anchor was rejected (no
     class shown) or carried another. Beside ``changes_answer``, it catches a Square probe that
     the guard rejected with the wrong class, followed by a near-copy accepted with that class
     (five of Square's successes under ``refuse`` on 2026-12-01)."""
-    anchor = evidence.anchor
     return (
         answer is not None
         and answer.decision != "rejected"
@@ -619,11 +907,12 @@ class DetectionRule:
 
     With ``consistent_matches``, a query that is *not* detected but whose answer would show a
     class its anchor's did not (``shows_another_class``), with that many distinct
-    near-duplicates, is served the anchor's answer instead (``keeps_anchor``; the service does
-    so under ``refuse`` and ``silent``): nobody is flagged or refused, so it needs no
-    calibration, and an attack's probe that would newly succeed before the counts reach
-    ``changed_matches`` hears what its anchor heard. An honest near-exact copy of a photo hears
-    what the photo got (the answers it replaces: evaluation.consistency_cost)."""
+    near-duplicates or close copies (``close_copies``: Square's first probe is one), is served
+    the anchor's answer instead (``keeps_anchor``; the service does so under ``refuse`` and
+    ``silent``): nobody is flagged or refused, so it needs no calibration, and an attack's
+    probe that would newly succeed before the counts reach ``changed_matches`` hears what its
+    anchor heard. An honest near-exact copy of a photo hears what the photo got (the answers it
+    replaces: evaluation.consistency_cost)."""
 
     client_matches: int
     global_matches: int
@@ -652,14 +941,17 @@ class DetectionRule:
         )
 
     def keeps_anchor(self, evidence: MatchEvidence, answer: Answer | None) -> bool:
-        """Whether a query the rule does not detect should be served its anchor's answer: it
-        has ``consistent_matches`` distinct near-duplicates in either scope and ``answer`` would
-        show a class the anchor's did not (``shows_another_class``). Judged apart from
-        ``detects`` (call it on undetected queries): it neither flags nor refuses."""
+        """Whether a query the rule does not detect should be served its anchor's answer
+        (``MatchEvidence.consistency_basis``'s anchor) instead of ``answer``: it has
+        ``consistent_matches`` distinct near-duplicates or close copies in either scope, and
+        ``answer`` would show a class the earliest of them did not (``shows_another_class``).
+        Judged apart from ``detects`` (call it on undetected queries): it neither flags nor
+        refuses."""
+        basis = evidence.consistency_basis()
         return (
             self.consistent_matches is not None
-            and max(evidence.client.distinct, evidence.everyone.distinct) >= self.consistent_matches
-            and shows_another_class(evidence, answer)
+            and basis.distinct >= self.consistent_matches
+            and shows_another_class(basis.anchor, answer)
         )
 
 
@@ -951,13 +1243,15 @@ class InProcessFingerprintStore:
         if len(fresh) == 0:
             return NO_MATCH
         if len(fresh) == size:
-            similarities = self.scheme.similarity(fingerprint, buffer.rows[:size])
+            rows = buffer.rows[:size]
             digests, answers = buffer.digests, buffer.answers
         else:
-            similarities = self.scheme.similarity(fingerprint, buffer.rows[fresh])
+            rows = buffer.rows[fresh]
             digests = [buffer.digests[i] for i in fresh.tolist()]
             answers = [buffer.answers[i] for i in fresh.tolist()]
-        if not near_duplicates(similarities, self.scheme.threshold).any():
+        similarities = self.scheme.similarity(fingerprint, rows)
+        close = self.scheme.close(fingerprint, rows)
+        if not (near_duplicates(similarities, self.scheme.threshold) | close).any():
             return NO_MATCH  # what summarise_matches gives no matches, without its work
         return summarise_matches(
             similarities,
@@ -968,6 +1262,7 @@ class InProcessFingerprintStore:
             client_id,
             self.scheme.threshold,
             buffer.at[fresh],
+            close,
         )
 
     def _add_client(
@@ -1006,13 +1301,16 @@ class InProcessFingerprintStore:
             return NO_MATCH
         if indexed is None:  # scan every slot ever written, in place (no copy)
             candidates = np.arange(self._written)
-            similarities = self.scheme.similarity(fingerprint, self._rows[: self._written])
+            rows = self._rows[: self._written]
         else:  # the index's candidates only
             candidates = indexed
-            similarities = self.scheme.similarity(fingerprint, self._rows[candidates])
+            rows = self._rows[candidates]
+        similarities = self.scheme.similarity(fingerprint, rows)
+        close = self.scheme.close(fingerprint, rows)
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
-        found = np.flatnonzero(live & near_duplicates(similarities, self.scheme.threshold))
+        near = near_duplicates(similarities, self.scheme.threshold)
+        found = np.flatnonzero(live & (near | close))
         if len(found) == 0:  # what summarise_matches gives no matches, without its work
             return NO_MATCH
         found = found[np.argsort(self._entry[candidates[found]], kind="stable")]
@@ -1026,6 +1324,7 @@ class InProcessFingerprintStore:
             client_id,
             self.scheme.threshold,
             self._at[slots],
+            close[found],
         )
 
     def _add_everyone(
@@ -1088,6 +1387,9 @@ DEFAULT_RULE = DetectionRule(
 )
 
 
-def default_scheme(secret: bytes) -> WindowHashScheme:
-    """The measured default fingerprint, salted with ``secret`` (a setting in the service)."""
-    return WindowHashScheme(secret, step=DEFAULT_STEP, threshold=float(DEFAULT_SHARED))
+def default_scheme(secret: bytes, close_radius: int | None = CLOSE_RADIUS) -> WindowHashScheme:
+    """The measured default fingerprint, salted with ``secret`` (a setting in the service), with
+    close copies within ``close_radius`` grey levels for the consistent count (None: none)."""
+    return WindowHashScheme(
+        secret, step=DEFAULT_STEP, threshold=float(DEFAULT_SHARED), close_radius=close_radius
+    )

@@ -45,10 +45,10 @@ from app.core.stateful import (
     Answer,
     Decide,
     MatchEvidence,
-    Scheme,
     ScopeMatch,
     Stored,
     StoreQuery,
+    WindowHashScheme,
     check_and_store_each,
     evidence_of,
     index_buckets,
@@ -285,7 +285,7 @@ class RedisFingerprintStore:
     def __init__(
         self,
         url: str,
-        scheme: Scheme,
+        scheme: WindowHashScheme,
         *,
         prefix: str = "advguard",
         max_fingerprints: int = 50_000,
@@ -294,7 +294,6 @@ class RedisFingerprintStore:
         client_ttl_s: float = 86_400.0,
         timeout_s: float = 0.2,
         cluster: bool = False,
-        words: int = 16,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
@@ -307,7 +306,7 @@ class RedisFingerprintStore:
         self.ttl_s = ttl_s
         self.per_client = per_client
         self.client_ttl_s = client_ttl_s
-        self.dtype = record_dtype(words)
+        self.dtype = record_dtype(scheme.words)
         self._answer_offset = self.dtype.fields["decision"][1]  # type: ignore[index]
         self._entry_offset = self.dtype.fields["entry"][1]  # type: ignore[index]
         tag = f"{{{prefix}:fp}}"
@@ -394,10 +393,12 @@ class RedisFingerprintStore:
     ) -> ScopeMatch:
         if len(records) == 0:
             return NO_MATCH
-        similarities = self.scheme.similarity(fingerprint, records["sketch"])
-        # only the near-duplicates' records are decoded: a client's string holds up to
-        # ``per_client`` of them, and decoding all was most of a query's CPU (one busy client)
-        hits = np.flatnonzero(near_duplicates(similarities, self.scheme.threshold))
+        rows = records["sketch"]
+        similarities = self.scheme.similarity(fingerprint, rows)
+        close = self.scheme.close(fingerprint, rows)
+        # only the matches' records are decoded: a client's string holds up to ``per_client``
+        # of them, and decoding all was most of a query's CPU (one busy client)
+        hits = np.flatnonzero(near_duplicates(similarities, self.scheme.threshold) | close)
         if len(hits) == 0:
             return NO_MATCH
         matched = records[hits]
@@ -410,6 +411,7 @@ class RedisFingerprintStore:
             client_id,
             self.scheme.threshold,
             matched["at"].astype(np.float64),
+            close[hits],
         )
 
     # -- the store

@@ -21,7 +21,7 @@ from app.core.flagging import (
 )
 from app.core.images import DEFAULT_MAX_PIXELS
 from app.core.search import SERVING_THREADS, SearchBackend
-from app.core.stateful import DEFAULT_RULE
+from app.core.stateful import CLOSE_RADIUS, DEFAULT_RULE
 
 StatefulPolicy = Literal["flag", "refuse", "silent"]
 
@@ -158,6 +158,10 @@ class Settings(BaseSettings):
     # show a class its anchor's did not is served the anchor's answer under refuse and silent
     # (DetectionRule.consistent_matches; nobody is flagged); 0: off
     stateful_consistent_matches: int = Field(default=DEFAULT_RULE.consistent_matches or 0, ge=0)
+    # grey levels within which every block mean of a stored query must lie for it to count as a
+    # close copy: a match for the consistent count only, never for a flag (Square's first probe
+    # is one); 0: off
+    stateful_close_radius: int = Field(default=CLOSE_RADIUS, ge=0, le=255)
     # worker processes that hash the large uploads (ImageNet size) of a screening batch, parts
     # at once (app/service/hashing.py); 0: on the thread that screens. CIFAR-size uploads are
     # hashed on that thread whatever this says

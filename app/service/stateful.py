@@ -197,7 +197,7 @@ class StatefulDetector:
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
         if not self.rule.detects(evidence, answer):
-            anchor = evidence.anchor
+            anchor = evidence.consistency_basis().anchor
             if (
                 self.policy != "flag"
                 and anchor is not None
@@ -331,7 +331,7 @@ def build_stateful(
     given = settings.stateful_secret
     # in process only (Settings requires a secret with Redis): fingerprints die with the process
     secret = given.get_secret_value().encode() if given is not None else secrets.token_bytes(32)
-    scheme = default_scheme(secret)
+    scheme = default_scheme(secret, close_radius=settings.stateful_close_radius or None)
     rule = DetectionRule(
         settings.stateful_client_matches,
         settings.stateful_global_matches,

@@ -13,16 +13,25 @@ from app.core import stateful
 from app.core.guard import Guard
 from app.core.models import PRESETS
 from app.core.stateful import (
+    BLOCK_VALUES,
+    BLOCK_WORDS,
     DEFAULT_RULE,
+    MIN_SHARED_KEYS,
     NO_MATCH,
+    SAMPLE_WORDS,
+    SKETCH_WORDS,
     Answer,
+    Consistency,
     DetectionRule,
     EmbeddingScheme,
     InProcessFingerprintStore,
     MatchCount,
     MatchEvidence,
     PerceptualHashScheme,
+    block_means,
     changes_answer,
+    close_copies,
+    close_keys,
     count_matches,
     default_scheme,
     distinct_ascending,
@@ -30,14 +39,18 @@ from app.core.stateful import (
     evidence_of,
     fingerprint_images,
     hamming,
+    index_buckets,
     mix64,
     perceptual_hashes,
     pixel_digests,
+    pixel_samples,
     repeated_at_least,
+    saturated,
     shared_hashes,
     summarise_matches,
     window_hashes,
     window_keys,
+    window_sketch,
 )
 from app.service.settings import DEFAULT_BUNDLE
 from evaluation.honest_traffic import (
@@ -472,10 +485,175 @@ def test_eight_bit_inverts_image_to_pixels(photos: np.ndarray) -> None:
 
 
 def test_fingerprints_and_keys_agree_with_fingerprints(photos: np.ndarray) -> None:
+    """Rows: the window-hash sketch, then the block means, then the sampled values; keys: the
+    window hashes, then the close-copy keys. Without a close radius, the sketch and the window
+    hashes alone."""
     scheme = default_scheme(SECRET)
-    sketches, keys = scheme.fingerprints_and_keys(photos[:4])
-    assert np.array_equal(sketches, scheme.fingerprints(photos[:4]))
-    assert np.array_equal(keys, window_hashes(photos[:4], SECRET, scheme.step, scheme.window, 50))
+    rows, keys = scheme.fingerprints_and_keys(photos[:4])
+    assert np.array_equal(rows, scheme.fingerprints(photos[:4]))
+    hashes = window_hashes(photos[:4], SECRET, scheme.step, scheme.window, 50)
+    means = block_means(photos[:4])
+    assert rows.shape == (4, scheme.words) == (4, SKETCH_WORDS + BLOCK_WORDS + SAMPLE_WORDS)
+    assert np.array_equal(rows[:, :SKETCH_WORDS], window_sketch(hashes))
+    assert np.array_equal(rows[:, SKETCH_WORDS : SKETCH_WORDS + BLOCK_WORDS].view(np.uint8), means)
+    samples = rows[:, SKETCH_WORDS + BLOCK_WORDS :].copy().view(np.uint8)
+    assert np.array_equal(samples, pixel_samples(photos[:4], SECRET))
+    flat = photos[:4].reshape(4, -1)
+    assert all(set(samples[i].tolist()) <= set(flat[i].tolist()) for i in range(4))
+    assert np.array_equal(keys, np.concatenate([hashes, close_keys(means, SECRET)], axis=1))
+    bare = default_scheme(SECRET, close_radius=None)
+    rows, keys = bare.fingerprints_and_keys(photos[:4])
+    assert np.array_equal(rows, window_sketch(hashes)) and np.array_equal(keys, hashes)
+    assert not bare.close(rows[0], rows).any()
+
+
+def test_block_means_are_the_grids_rounded_means() -> None:
+    """Against a loop over the blocks, on a size the grid does not divide (edges at
+    ``i * H // 8``) and on CIFAR's 32x32; too small an image is refused."""
+    rng = np.random.default_rng(3)
+    for height, width in ((37, 29), (32, 32), (8, 8)):
+        images = rng.integers(0, 256, (2, 3, height, width), dtype=np.uint8)
+        rows = [(i * height) // 8 for i in range(9)]
+        cols = [(j * width) // 8 for j in range(9)]
+        expected = np.array(
+            [
+                [
+                    np.rint(images[n, c, rows[i] : rows[i + 1], cols[j] : cols[j + 1]].mean())
+                    for c in range(3)
+                    for i in range(8)
+                    for j in range(8)
+                ]
+                for n in range(2)
+            ]
+        )
+        assert np.array_equal(block_means(images), expected)
+    with pytest.raises(ValueError, match="smaller than"):
+        block_means(np.zeros((1, 3, 7, 32), np.uint8))
+
+
+def test_close_copies_pure() -> None:
+    """Every block mean within the radius, in the first values the scan reads first or after."""
+    query = np.full(BLOCK_VALUES, 100, np.uint8)
+    stored = np.repeat(query[None], 6, axis=0)
+    stored[1] += 9  # every mean 9 apart: close
+    stored[2, 3] = 110  # one early mean 10 apart
+    stored[3, BLOCK_VALUES - 1] = 90  # one late mean 10 apart
+    stored[4, 40] = 91  # 9 apart: close
+    stored[5] = 0
+    assert close_copies(query, stored).tolist() == [True, True, False, False, True, False]
+    assert close_copies(query, stored, radius=10).tolist() == [True] * 5 + [False]
+    assert close_copies(query, stored[:0]).shape == (0,)
+
+
+def test_squares_first_probe_is_a_close_copy_the_index_finds() -> None:
+    """What close copies are for: ART's first Square probe (+-8/255 stripes) of each of 300
+    training photos is a close copy of the photo, and so is a uniform +8 shift unless clipping
+    at white spreads its differences (most photos); both share at least ``MIN_SHARED_KEYS``
+    index buckets with it, so a lookup reaches them; no other photo of the 300 is a close copy
+    of any, and few share that many buckets."""
+    scheme = default_scheme(b"advguard-evaluation-secret")
+    originals = train_photos(CIFAR_TAR, 300)
+    signs = np.random.default_rng(0).choice([-8, 8], size=(len(originals), 3, 1, 32))
+    stripes = np.clip(originals.astype(int) + signs, 0, 255).astype(np.uint8)
+    brighter = np.clip(originals.astype(int) + 8, 0, 255).astype(np.uint8)
+    rows, keys = scheme.fingerprints_and_keys(originals)
+    for changed, least in ((stripes, 300), (brighter, 285)):
+        changed_rows, changed_keys = scheme.fingerprints_and_keys(changed)
+        found = 0
+        for i in range(len(originals)):
+            close = scheme.close(changed_rows[i], rows)
+            assert not close[np.arange(300) != i].any()
+            found += bool(close[i])
+            shared = np.intersect1d(index_buckets(keys[i]), index_buckets(changed_keys[i]))
+            assert len(shared) >= MIN_SHARED_KEYS
+        assert found >= least
+    unrelated = [
+        len(np.intersect1d(index_buckets(keys[i]), index_buckets(keys[j])))
+        for i in range(0, 300, 3)
+        for j in range(i + 1, 300, 7)
+    ]
+    assert np.mean(np.array(unrelated) >= MIN_SHARED_KEYS) < 0.01
+
+
+def test_saturated_pure() -> None:
+    """The largest difference between 2 and the radius, on at least half the samples."""
+    query = np.full(8, 100, np.uint8)
+    stored = np.repeat(query[None], 6, axis=0).astype(np.int16)
+    stored[0, :4] += 8  # half at 8: saturated
+    stored[1, :3] += 8  # 3 of 8 at the largest: not
+    stored[2, :] -= 1  # all at 1: below 2
+    stored[3, :6] += 10  # beyond the radius
+    stored[4] += np.array([8, -8, 8, -8, 8, 3, 0, 1])  # 5 of 8 at 8 (either sign)
+    assert saturated(query, stored.astype(np.uint8)).tolist() == [
+        True, False, False, False, True, False,
+    ]  # fmt: skip
+    assert saturated(query, stored[:0].astype(np.uint8)).shape == (0,)
+
+
+def test_honest_edits_are_never_close_copies() -> None:
+    """Why the saturation test: JPEG re-encodings at every burst quality, brightness changes,
+    resizes and crops of 200 training photos, served as the service serves them: none is a
+    close copy of its photo (without it, 4.3% of honest burst answers were replaced)."""
+    scheme = default_scheme(b"advguard-evaluation-secret")
+    originals = train_photos(CIFAR_TAR, 200)
+    rows = scheme.fingerprints(originals)
+    rng = np.random.default_rng(5)
+    edits: list[np.ndarray] = [
+        np.stack([as_served(encode(to_pil(p), q), PRESETS["cifar"]) for p in originals])
+        for q in JPEG_QUALITIES
+    ]
+    for kind in ("brightness", "resize", "crop"):
+        edited = [edit(p, kind, rng) for p in originals]
+        edits.append(np.stack([as_served(encode(e, None), PRESETS["cifar"]) for e in edited]))
+    for copies in edits:
+        copy_rows = scheme.fingerprints(copies)
+        assert not any(scheme.close(copy_rows[i], rows[i : i + 1])[0] for i in range(200))
+
+
+def test_a_close_copy_widens_the_consistent_count_only(photos: np.ndarray) -> None:
+    """A probe that matches no window hash but is a close copy of a stored photo: no
+    near-duplicate (the flagging counts and ``changes_answer`` see nothing), one for the
+    consistent count, whose anchor is the photo's answer, from another client too. Without
+    close copies (``close_radius=None``) the probe matches nothing."""
+    cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
+    signs = np.random.default_rng(4).choice([-8, 8], size=(3, 1, 32))
+    probe = np.clip(photos[5].astype(int) + signs, 0, 255).astype(np.uint8)
+    images = np.stack([photos[5], probe])
+    for radius, found in ((9, 1), (None, 0)):
+        scheme = default_scheme(SECRET, close_radius=radius)
+        store = InProcessFingerprintStore(scheme)
+        rows, keys = scheme.fingerprints_and_keys(images)
+        digests = pixel_digests(images)
+        store.check_and_store("photo", rows[0], digests[0], 0.0, cat, keys[0])
+        evidence, _ = store.check_and_store("probe", rows[1], digests[1], 1.0, dog, keys[1])
+        assert evidence.client.distinct == evidence.everyone.distinct == 0
+        assert evidence.anchor is None and not DEFAULT_RULE.detects(evidence, dog)
+        assert evidence.consistency == Consistency(found, cat if found else None)
+        assert DEFAULT_RULE.keeps_anchor(evidence, dog) == bool(found)
+
+
+def test_summarise_matches_counts_close_copies_apart() -> None:
+    """Close copies join the consistent count's matches (count and earliest anchor), never the
+    near-duplicates'; an exact copy counts as exact in both."""
+    a1, a2, a3 = (Answer("accepted", i, 0.9, 0.5) for i in range(3))
+    summary = summarise_matches(
+        np.array([2.0, 40.0, 3.0, 1024.0]),
+        [b"a", b"b", b"c", b"own"],
+        ["x", "y", "z", "me"],
+        [a1, a2, a3, None],
+        b"own",
+        "me",
+        25.0,
+        np.array([1.0, 2.0, 3.0, 4.0]),
+        np.array([True, False, False, True]),
+    )
+    assert summary.count == MatchCount(1, 1, 40.0) and summary.anchor == a2
+    assert summary.loose == MatchCount(2, 1, 40.0)  # a (close) and b (near); own is exact
+    assert (summary.loose_anchor, summary.loose_anchor_at) == (a1, 1.0)
+    plain = summarise_matches(
+        np.array([2.0, 40.0]), [b"a", b"b"], ["x", "y"], [a1, a2], b"o", "me", 25.0, np.ones(2)
+    )
+    assert (plain.loose, plain.loose_anchor) == (plain.count, plain.anchor)
 
 
 def test_window_hashes_in_passes_are_the_one_pass_hashes(
@@ -527,21 +705,12 @@ def test_square_attacks_first_probe_shares_no_window_hash_match_with_its_photo()
     assert all(scheme.similarity(a[i], c[i : i + 1])[0] >= scheme.threshold for i in range(50))
 
 
-def _block_means(images: np.ndarray, block: int = 4) -> np.ndarray:
-    """(n, 3, H, W) uint8 -> (n, 3 * H/block * W/block): the mean of each block, per channel."""
-    n, c, h, w = images.shape
-    blocks = images.reshape(n, c, h // block, block, w // block, block).astype(np.float64)
-    means: np.ndarray = blocks.mean(axis=(3, 5)).reshape(n, -1)
-    return means
-
-
 def test_a_fingerprint_that_matched_squares_first_probe_would_flag_honest_reencodings() -> None:
-    """Why the Square floor is not the window hash's alone, measured: a fingerprint that did
-    match Square's first probe to its photo (block means, 4x4, within Square's 8/255 of each
-    other) and a rule flagging a class change between such matches would flag honest clients
-    far beyond the 0.5% burst budget. JPEG re-encodings of training photos (the honest burst
-    traffic's qualities) mostly stay that close, and the model changes its class on some of
-    them: the first probe's success looks like an honest re-encoding's (README: 43 of 200
+    """Why close copies need a saturated difference beside close block means, measured: a rule
+    reading a class change between photos whose block means are within the radius (which
+    matches Square's first probe to its photo) would flag honest clients far beyond the 0.5%
+    burst budget. JPEG re-encodings of training photos (the honest burst traffic's qualities)
+    mostly are that close, and the model changes its class on some of them (README: 52 of 200
     photos)."""
     guard = Guard.load(DEFAULT_BUNDLE, device="cpu")
     originals = train_photos(CIFAR_TAR, 200)
@@ -550,15 +719,16 @@ def test_a_fingerprint_that_matched_squares_first_probe_would_flag_honest_reenco
         pixels = torch.from_numpy(images.astype(np.float32) / 255.0)
         return np.array([c.predicted_class for c in guard.classify(pixels)])
 
-    original_classes, original_means = classes(originals), _block_means(originals)
+    original_classes, original_means = classes(originals), block_means(originals)
     close = np.zeros((len(JPEG_QUALITIES), len(originals)), dtype=bool)
     changed = np.zeros_like(close)
     for row, quality in enumerate(JPEG_QUALITIES):
         copies = np.stack([as_served(encode(to_pil(p), quality), guard.preset) for p in originals])
-        close[row] = np.abs(_block_means(copies) - original_means).max(axis=1) <= 8.0
+        means = block_means(copies)
+        close[row] = [close_copies(means[i], original_means[i : i + 1])[0] for i in range(200)]
         changed[row] = classes(copies) != original_classes
     # Square's first probe is that close by construction: each pixel moves by 8 at most
     # re-encodings at quality 85 and above are that close for most photos
     assert close[: JPEG_QUALITIES.index(85) + 1].mean() > 0.85
     flagged = (close & changed).any(axis=0)
-    assert 30 <= int(flagged.sum()) <= 60  # 43 measured: 15-30% of photos; the budget is 0.5%
+    assert 40 <= int(flagged.sum()) <= 65  # 52 measured: 20-33% of photos; the budget is 0.5%

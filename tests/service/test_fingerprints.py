@@ -35,9 +35,18 @@ def _answer(i: int) -> Answer:
     return Answer("accepted" if i % 3 else "rejected", i % 10, 0.5 + i / 1000, i / 100)
 
 
+def stripe_probe(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Square's first probe (ART's L-inf initialisation): +-8/255 on each column of each
+    channel: a close copy of the photo and no near-duplicate."""
+    signs = rng.choice([-8, 8], size=(3, 1, image.shape[-1]))
+    probe: np.ndarray = np.clip(image.astype(np.int16) + signs, 0, 255).astype(np.uint8)
+    return probe
+
+
 def _queries(photos: np.ndarray) -> list[tuple[str, np.ndarray, float]]:  # noqa: F811
-    """(client, image, at): two attackers, a Sybil spread over 50 ids, honest bursts of edits,
-    resends and plain photos, interleaved; time jumps past the TTLs twice."""
+    """(client, image, at): two attackers, a Sybil spread over 50 ids, Square's first probes
+    (each photo, then its probe from another id), honest bursts of edits, resends and plain
+    photos, interleaved; time jumps past the TTLs twice."""
     rng = np.random.default_rng(11)
     preset = PRESETS["cifar"]
     streams: list[list[tuple[str, np.ndarray]]] = [
@@ -47,6 +56,8 @@ def _queries(photos: np.ndarray) -> list[tuple[str, np.ndarray, float]]:  # noqa
         [("alice", photos[3])] * 5,
         [("plain", photos[i]) for i in range(10, 40)],
     ]
+    for c in range(30, 36):  # a probe right after its photo (a stream keeps its order)
+        streams.append([(f"photo-{c}", photos[c]), (f"probe-{c}", stripe_probe(photos[c], rng))])
     for c in range(4, 8):
         burst = [photos[c]] + [
             as_served(encode(edit(photos[c], EDITS[i % len(EDITS)], rng), None), preset)
@@ -72,6 +83,7 @@ def _same(a: MatchEvidence, b: MatchEvidence) -> None:
     assert a.client.best == b.client.best and a.everyone.best == b.everyone.best
     assert set(a.other_clients) == set(b.other_clients)
     assert a.anchor == b.anchor
+    assert a.consistency == b.consistency  # the consistent count's matches: close copies too
     assert DEFAULT_RULE.detects(a) == DEFAULT_RULE.detects(b)
 
 
@@ -90,7 +102,7 @@ def _replay(
     images = np.stack([image for _, image, _ in queries])
     prints, keys = SCHEME.fingerprints_and_keys(images)
     digests = pixel_digests(images)
-    detections = 0
+    detections = close_only = 0
     for i, (client, _, at) in enumerate(queries):
         a, stored_a = memory.check_and_store(client, prints[i], digests[i], at, _answer(i))
         b, stored_b = red.check_and_store(client, prints[i], digests[i], at, _answer(i), keys[i])
@@ -100,6 +112,8 @@ def _replay(
         _same(a, b)
         _same(a, c)
         assert stored_a.entry == stored_b.entry == stored_c.entry == i + 1
+        assert a.consistency is not None
+        close_only += a.consistency.distinct > max(a.client.distinct, a.everyone.distinct)
         if DEFAULT_RULE.detects(a):
             detections += 1
             assert a.anchor is not None
@@ -107,6 +121,7 @@ def _replay(
             memory.relabel(stored_a, a.anchor)
             red.relabel(stored_b, a.anchor)
             indexed.relabel(stored_c, a.anchor)
+    assert close_only >= 4  # probes whose photo is still live found as close copies only
     return detections, red
 
 

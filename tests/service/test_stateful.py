@@ -522,3 +522,48 @@ def test_a_class_change_below_the_counts_hears_its_anchor(
         assert metrics.stateful.labels(policy=policy, outcome="clear")._value.get() == 2 - counted
     assert served_by[1] == ([cat, dog] if policy == "flag" else [cat, cat])
     assert served_by[0] == [cat, dog]
+
+
+@pytest.mark.parametrize("store", ["in_process", "redis"])
+def test_squares_first_probe_from_another_id_hears_its_photos_answer(
+    store: str,
+    photos: np.ndarray,
+    request: pytest.FixtureRequest,  # noqa: F811
+) -> None:
+    """A photo, then Square's first probe of it (+-8/255 stripes: no near-duplicate, a close
+    copy) from another client id, answered with another class: under ``refuse`` the probe is
+    served the photo's answer (``consistent``), nobody flagged or refused; with close copies off
+    (``ADVGUARD_STATEFUL_CLOSE_RADIUS=0``) it is answered as usual."""
+    overrides: dict[str, Any] = {}
+    if store == "redis":
+        overrides["redis_url"] = request.getfixturevalue("redis_server").url
+    cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
+    signs = np.random.default_rng(2).choice([-8, 8], size=(3, 1, 32))
+    probe = np.clip(photos[20].astype(np.int16) + signs, 0, 255).astype(np.uint8)
+    pixels = torch.from_numpy(np.stack([photos[20], probe]).astype(np.float32) / 255.0)
+    served_by: dict[int, list[Answer | None]] = {}
+    for radius in (9, 0):
+        settings = Settings(
+            device="cpu",
+            **_settings("refuse")
+            | overrides
+            | {"stateful_close_radius": radius, "redis_prefix": uuid.uuid4().hex[:8]},
+        )
+        flagged: list[str] = []
+
+        def flag(client: str, reason: str, at: float) -> bool:
+            flagged.append(client)  # noqa: B023 (called before the next loop turn)
+            return True
+
+        metrics = Metrics()
+        detector = build_stateful(settings, metrics, flag, 3 * 32 * 32)
+        assert detector is not None
+        batch = [Pending("photo-sender", pixels[0], cat), Pending("prober", pixels[1], dog)]
+        try:
+            served_by[radius] = detector.screen_batch(batch)
+        finally:
+            detector.close()
+        assert flagged == []
+        counted = metrics.stateful.labels(policy="refuse", outcome="consistent")._value.get()
+        assert counted == (1 if radius else 0)
+    assert served_by == {9: [cat, cat], 0: [cat, dog]}
