@@ -35,6 +35,7 @@ import torch
 
 from app.core.guard import Guard
 from app.core.stateful import (
+    CLOSE_RADIUS,
     DEFAULT_RULE,
     Answer,
     DetectionRule,
@@ -70,11 +71,16 @@ class Served:
 
 
 def serve_through_detector(
-    guard: Guard, traffic: Timeline, answers: Sequence[Answer], rule: DetectionRule
+    guard: Guard,
+    traffic: Timeline,
+    answers: Sequence[Answer],
+    rule: DetectionRule,
+    close_radius: int | None = CLOSE_RADIUS,
 ) -> Served:
     """Every query of ``traffic`` through a fresh ``StatefulDetector`` under ``refuse``, in
-    arrival order: the screening path the service runs, on the pixels it would see."""
-    scheme = default_scheme(EVALUATION_SECRET)
+    arrival order: the screening path the service runs, on the pixels it would see; close
+    copies within ``close_radius`` (None: none), as ``ADVGUARD_STATEFUL_CLOSE_RADIUS``."""
+    scheme = default_scheme(EVALUATION_SECRET, close_radius)
     size = len(traffic.clients) + 1
     store = InProcessFingerprintStore(
         scheme, max_fingerprints=size, ttl_s=np.inf, max_clients=size, client_ttl_s=np.inf
@@ -137,13 +143,23 @@ def ships(judging: dict[str, Any]) -> bool:
     return all(judging[kind]["replaced_share"] <= SHIP_LIMIT for kind in TRAFFIC_KINDS)
 
 
+def close_copies_text(radius: int) -> str:
+    if radius == 0:
+        return "no close copies"
+    return (
+        f"close copies (block means within {radius} grey levels, a saturated difference) "
+        "counted by the consistent count"
+    )
+
+
 def report(summary: dict[str, Any]) -> str:
     lines = [
         "# The consistent count's cost to honest users (evaluation.consistency_cost)",
         "",
         "Honest traffic of `evaluation.stateful_eval` (same plan and seeds) sent through the "
         "service's `StatefulDetector` under `refuse`, rule "
-        f"{rule_text(summary['rule'])} (client, global, changed, consistent), one store holding "
+        f"{rule_text(summary['rule'])} (client, global, changed, consistent), "
+        f"{close_copies_text(summary['close_radius'])}, one store holding "
         "every query. *Replaced*: the client was shown its anchor's answer where the service's "
         "own differs in what a client sees (decision, or class where one is shown); *refused*: "
         "detected. Intervals: Wilson 95% over clients.",
@@ -180,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="honest answers replaced by the stateful detector's consistent count",
     )
     add_honest_traffic_arguments(parser)
+    parser.add_argument(
+        "--close-radius",
+        type=int,
+        default=CLOSE_RADIUS,
+        help="close copies' radius in grey levels, as ADVGUARD_STATEFUL_CLOSE_RADIUS (0: none)",
+    )
     return parser
 
 
@@ -202,9 +224,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     answers = served_answers(guard, timelines["calibration"], timelines["judging"], {})
     own = {"calibration": answers.calibration, "judging": answers.judging}
-    summary: dict[str, Any] = {"rule": rule_counts(DEFAULT_RULE), "bundle": str(args.bundle)}
+    summary: dict[str, Any] = {
+        "rule": rule_counts(DEFAULT_RULE),
+        "close_radius": args.close_radius,
+        "bundle": str(args.bundle),
+    }
     for split, traffic in timelines.items():
-        outcome = serve_through_detector(guard, traffic, own[split], DEFAULT_RULE)
+        radius = args.close_radius or None
+        outcome = serve_through_detector(guard, traffic, own[split], DEFAULT_RULE, radius)
         summary[split] = summarise(traffic, outcome)
         print(f"[{time.perf_counter() - started:6.1f}s] {split}: {json.dumps(summary[split])}")
     summary["ships"] = ships(summary["judging"])

@@ -336,8 +336,8 @@ def pixel_digests(images: npt.NDArray[np.uint8]) -> list[bytes]:
 # within CLOSE_RADIUS of the query's *and* whose difference from it is saturated (``saturated``,
 # on a secret sample of the pixels). It only widens the consistent count
 # (``DetectionRule.keeps_anchor``) and never flags anyone (evaluation/README.md): without the
-# saturation test, honest re-encodings were close copies too and 7% of honest burst answers
-# would have been replaced.
+# saturation test, honest re-encodings were close copies too, and 4.3% of the honest burst
+# answers of the judged traffic were replaced (evaluation.consistency_cost).
 BLOCK_GRID = 8  # block means per side and channel: 3 x 8 x 8 = 192 values, 24 64-bit words
 BLOCK_VALUES = 3 * BLOCK_GRID * BLOCK_GRID
 BLOCK_WORDS = BLOCK_VALUES // 8
@@ -345,7 +345,7 @@ CLOSE_RADIUS = 9  # grey levels: an L-inf change of 8/255 plus one level of the 
 # The index's close-copy keys: grid hashes of a few block means each. Chosen on 2,000 training
 # photos (``python -m evaluation.close_keys --grid``): ~0.2 unrelated photos of 2,000 stored
 # share 10 keys with a query, and a close copy that moved every mean by 9 (the worst case)
-# shares fewer than 10 in 0.15%.
+# shares fewer than 10 in 0.05-0.20% (evaluation/results/query-attacks/close_keys.md).
 CLOSE_TABLES = 64  # keys a query
 CLOSE_COORDS = 8  # block means a key reads
 CLOSE_CELL = 64  # grey levels a key's grid cell spans (offsets from the secret)
@@ -409,8 +409,8 @@ def close_keys(
     ``CLOSE_COORDS`` secret-chosen means. Two close copies differ by at most ``CLOSE_RADIUS``
     per mean, so a key survives with probability at least (1 - 9/64)^8 = 0.30: 19 of 64 on
     average at the worst case (every mean 9 apart), fewer than ``MIN_SHARED_KEYS`` (10) in
-    0.15% of such pairs; Square's first probe keeps a median of 44. Unrelated photos share a
-    key rarely (0.06 of 64 on average)."""
+    0.05-0.20% of such pairs; Square's first probe keeps a median of 44. Unrelated photos
+    rarely share a key."""
     coords, offsets, multipliers, salts = _close_key_tables(secret, means.shape[1], shape)
     cells = (means[:, coords].astype(np.uint64) + offsets) // np.uint64(shape.cell)
     summed = salts + (cells * multipliers).sum(axis=2, dtype=np.uint64)

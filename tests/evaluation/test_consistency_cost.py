@@ -73,6 +73,7 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
     }
     summary = {
         "rule": [5, 5, 2, 1],
+        "close_radius": 9,
         "judging": dict.fromkeys(kinds, row),
         "calibration": dict.fromkeys(kinds, row),
         "ships": False,
@@ -80,6 +81,8 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
     }
     text = report(summary)
     assert "rule 5, 5, 2, 1" in text and "missed: off by default" in text
+    assert "block means within 9 grey levels, a saturated difference" in text
+    assert "no close copies" in report(summary | {"close_radius": 0})
     assert (
         text.count("| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% |") == 8
     )
