@@ -42,6 +42,7 @@ from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
 from app.core.stateful import (
+    CLOSE_RADIUS,
     DEFAULT_RULE,
     DetectionRule,
     InProcessFingerprintStore,
@@ -271,7 +272,8 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "| attack | policy | answered by | images | stopped on a served success | succeeded "
         "live (truly adversarial) | predicted by the replay | same outcome | answers withheld "
-        "(median per image) | stopped as stalled | rule (client, global, changed[, consistent]) |",
+        "(median per image) | stopped as stalled | rule (client, global, changed[, consistent"
+        "[, close-copy radius]]) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results["checks"], key=table_order):
@@ -284,7 +286,7 @@ def table(results: dict[str, Any]) -> str:
             f"{r['live_success']} | {_or_dash(r['predicted_success'])} | "
             f"{_or_dash(r['same_outcome'], r['images'])} | {withheld_median:.0f} | "
             f"{r.get('stalled', 0)} | "
-            f"{_rule_cell(r.get('rule'))} |"
+            f"{_rule_cell(r.get('rule'), r.get('close_radius'))} |"
         )
     return "\n".join(lines)
 
@@ -308,8 +310,12 @@ def rule_text(counts: list[int | None]) -> str:
     return ", ".join("-" if c is None else str(c) for c in counts)
 
 
-def _rule_cell(counts: list[int | None] | None) -> str:
-    return "the service's settings" if counts is None else rule_text(counts)
+def _rule_cell(counts: list[int | None] | None, close_radius: int | None = None) -> str:
+    """The rule's counts, and the close-copy radius of checks run since close copies exist
+    (2026-12-01; 0: off); rows without one ran before, without close copies."""
+    if counts is None:
+        return "the service's settings"
+    return rule_text(counts) + ("" if close_radius is None else f", {close_radius}")
 
 
 def result_key(attack: str, policy: str, in_process: bool, ids: int, first: int = 0) -> str:
@@ -422,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
         if args.in_process:  # over HTTP the rule is the running service's settings
             summary["rule"] = rule_counts(DEFAULT_RULE)
+            summary["close_radius"] = CLOSE_RADIUS  # the default scheme's (InProcessOracle)
         # which bundle judged the queries: its manifest lists every file's sha256
         summary["bundle_manifest_sha256"] = bundle_sha
         summary["rows_sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()[:16]

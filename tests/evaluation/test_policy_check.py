@@ -23,6 +23,7 @@ from evaluation.policy_check import (
     replay_predictions,
     result_key,
     summarise,
+    table,
     truly_adversarial,
     withheld,
 )
@@ -279,3 +280,23 @@ def test_a_check_is_added_to_the_results_file_as_it_is_now(tmp_path: Path) -> No
     table = (tmp_path / "policy_check.md").read_text()
     assert "| square | refuse | in process | 3 |" in table
     assert "| boundary | refuse | in process | 2 |" in table
+
+
+def test_the_table_names_each_checks_rule_and_close_copies() -> None:
+    """A row's rule column: the counts, then the close-copy radius for checks run since close
+    copies exist; rows without one ran before them; HTTP checks: the service's settings."""
+    row = summarise([ImageCheck(0, False, False, 10, 0, True)])
+    results = {
+        "checks": {
+            "square/refuse/in_process": row | {"rule": [5, 5, 2, 1], "close_radius": 9},
+            "square/refuse/in_process_from100": row | {"rule": [5, 5, 2, 1]},
+            "square/silent/in_process": row | {"rule": [5, 5, 2, None], "close_radius": 0},
+            "square/refuse": row,
+        }
+    }
+    lines = table(results).splitlines()
+    assert "close-copy radius" in lines[0]
+    assert lines[2].endswith("| the service's settings |")
+    assert lines[3].endswith("| 5, 5, 2, 1, 9 |")
+    assert lines[4].endswith("| 5, 5, 2, 1 |")
+    assert lines[5].endswith("| 5, 5, 2, -, 0 |")

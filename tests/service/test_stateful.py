@@ -527,8 +527,8 @@ def test_a_class_change_below_the_counts_hears_its_anchor(
 @pytest.mark.parametrize("store", ["in_process", "redis"])
 def test_squares_first_probe_from_another_id_hears_its_photos_answer(
     store: str,
-    photos: np.ndarray,
-    request: pytest.FixtureRequest,  # noqa: F811
+    photos: np.ndarray,  # noqa: F811
+    request: pytest.FixtureRequest,
 ) -> None:
     """A photo, then Square's first probe of it (+-8/255 stripes: no near-duplicate, a close
     copy) from another client id, answered with another class: under ``refuse`` the probe is
