@@ -395,22 +395,23 @@ def _close_key_tables(
     offsets = rng.integers(0, shape.cell, (tables, coords_per)).astype(np.uint64)
     top = np.iinfo(np.uint64).max
     multipliers = rng.integers(0, top, (tables, coords_per), dtype=np.uint64, endpoint=True)
+    multipliers |= np.uint64(1)  # odd: every cell's value stays in the hash
     salts = rng.integers(0, top, tables, dtype=np.uint64, endpoint=True)
     for array in (coords, offsets, multipliers, salts):
         array.flags.writeable = False  # cached and shared
-    return coords, offsets, multipliers | np.uint64(1), salts
+    return coords, offsets, multipliers, salts
 
 
 def close_keys(
     means: npt.NDArray[np.uint8], secret: bytes, shape: CloseKeyShape = CloseKeyShape()
 ) -> U64:
     """(n, values) block means -> (n, shape.tables) nonzero keys for a store's bucket index:
-    each the keyed hash of the grid cells (``CLOSE_CELL`` levels, secret offsets) of
-    ``CLOSE_COORDS`` secret-chosen means. Two close copies differ by at most ``CLOSE_RADIUS``
-    per mean, so a key survives with probability at least (1 - 9/64)^8 = 0.30: 19 of 64 on
-    average at the worst case (every mean 9 apart), fewer than ``MIN_SHARED_KEYS`` (10) in
-    0.05-0.20% of such pairs; Square's first probe keeps a median of 44. Unrelated photos
-    rarely share a key."""
+    each the keyed hash of the grid cells (``shape.cell`` levels, secret offsets) of
+    ``shape.coords`` secret-chosen means. Two close copies differ by at most ``CLOSE_RADIUS``
+    per mean, so with the default shape a key survives with probability at least
+    (1 - 9/64)^8 = 0.30: 19 of 64 on average at the worst case (every mean 9 apart), fewer
+    than ``MIN_SHARED_KEYS`` (10) in 0.05-0.20% of such pairs; Square's first probe keeps a
+    median of 44. Unrelated photos rarely share a key."""
     coords, offsets, multipliers, salts = _close_key_tables(secret, means.shape[1], shape)
     cells = (means[:, coords].astype(np.uint64) + offsets) // np.uint64(shape.cell)
     summed = salts + (cells * multipliers).sum(axis=2, dtype=np.uint64)

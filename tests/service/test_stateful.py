@@ -10,6 +10,7 @@ import re
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from PIL import Image
 from app.core.stateful import (
     DEFAULT_RULE,
     Answer,
+    DetectionRule,
     InProcessFingerprintStore,
     default_scheme,
     pixel_digests,
@@ -475,6 +477,45 @@ def test_a_changed_answer_is_screened_before_it_is_served(
     assert flagged == [("mallory", "query_attack")]
 
 
+@dataclass
+class Screened:
+    """One batch screened by a fresh detector built from the settings: what it served, whom it
+    flagged, its metrics."""
+
+    served: list[Answer | None]
+    flagged: list[str]
+    metrics: Metrics
+    rule: DetectionRule
+
+    def outcomes(self, policy: str, outcome: str) -> float:
+        value: float = self.metrics.stateful.labels(policy=policy, outcome=outcome)._value.get()
+        return value
+
+
+def screen_once(settings: dict[str, Any], batch: list[Pending]) -> Screened:
+    flagged: list[str] = []
+
+    def flag(client: str, reason: str, at: float) -> bool:
+        flagged.append(client)
+        return True
+
+    metrics = Metrics()
+    prefix = {"redis_prefix": uuid.uuid4().hex[:8]}
+    detector = build_stateful(Settings(device="cpu", **settings | prefix), metrics, flag, 3072)
+    assert detector is not None
+    try:
+        served = detector.screen_batch(batch)
+    finally:
+        detector.close()
+    return Screened(served, flagged, metrics, detector.rule)
+
+
+def _store_overrides(store: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    if store == "redis":
+        return {"redis_url": request.getfixturevalue("redis_server").url}
+    return {}
+
+
 @pytest.mark.parametrize("store", ["in_process", "redis"])
 @pytest.mark.parametrize("policy", ["refuse", "silent", "flag"])
 def test_a_class_change_below_the_counts_hears_its_anchor(
@@ -487,39 +528,19 @@ def test_a_class_change_below_the_counts_hears_its_anchor(
     anchor's class, with fewer matches than the changed-answer count, is not detected, but under
     ``refuse`` and ``silent`` it is served its anchor's answer (counted as ``consistent``), and
     nobody is flagged; ``flag`` answers as usual. With the count off it is answered as usual."""
-    overrides: dict[str, Any] = {}
-    if store == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_server").url
-        overrides["redis_prefix"] = f"t-{uuid.uuid4().hex[:8]}"
     cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
     pixels = torch.from_numpy(sequence[:2].astype(np.float32) / 255.0)
+    batch = [Pending("mallory", pixels[0], cat), Pending("mallory", pixels[1], dog)]
     served_by: dict[int, list[Answer | None]] = {}
     for consistent in (1, 0):
-        settings = Settings(
-            device="cpu",
-            **_settings(policy)
-            | overrides
-            | {"stateful_consistent_matches": consistent, "redis_prefix": uuid.uuid4().hex[:8]},
-        )
-        flagged: list[str] = []
-
-        def flag(client: str, reason: str, at: float) -> bool:
-            flagged.append(client)  # noqa: B023 (called before the next loop turn)
-            return True
-
-        metrics = Metrics()
-        detector = build_stateful(settings, metrics, flag, 3 * 32 * 32)
-        assert detector is not None
-        assert detector.rule.changed_matches == DEFAULT_RULE.changed_matches == 2
-        batch = [Pending("mallory", pixels[0], cat), Pending("mallory", pixels[1], dog)]
-        try:
-            served_by[consistent] = detector.screen_batch(batch)
-        finally:
-            detector.close()
-        assert flagged == []
-        counted = metrics.stateful.labels(policy=policy, outcome="consistent")._value.get()
+        settings = _settings(policy) | _store_overrides(store, request)
+        screened = screen_once(settings | {"stateful_consistent_matches": consistent}, batch)
+        assert screened.rule.changed_matches == DEFAULT_RULE.changed_matches == 2
+        assert screened.flagged == []
+        counted = screened.outcomes(policy, "consistent")
         assert counted == (1 if consistent and policy != "flag" else 0)
-        assert metrics.stateful.labels(policy=policy, outcome="clear")._value.get() == 2 - counted
+        assert screened.outcomes(policy, "clear") == 2 - counted
+        served_by[consistent] = screened.served
     assert served_by[1] == ([cat, dog] if policy == "flag" else [cat, cat])
     assert served_by[0] == [cat, dog]
 
@@ -534,36 +555,16 @@ def test_squares_first_probe_from_another_id_hears_its_photos_answer(
     copy) from another client id, answered with another class: under ``refuse`` the probe is
     served the photo's answer (``consistent``), nobody flagged or refused; with close copies off
     (``ADVGUARD_STATEFUL_CLOSE_RADIUS=0``) it is answered as usual."""
-    overrides: dict[str, Any] = {}
-    if store == "redis":
-        overrides["redis_url"] = request.getfixturevalue("redis_server").url
     cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.8, 0.4)
     signs = np.random.default_rng(2).choice([-8, 8], size=(3, 1, 32))
     probe = np.clip(photos[20].astype(np.int16) + signs, 0, 255).astype(np.uint8)
     pixels = torch.from_numpy(np.stack([photos[20], probe]).astype(np.float32) / 255.0)
+    batch = [Pending("photo-sender", pixels[0], cat), Pending("prober", pixels[1], dog)]
     served_by: dict[int, list[Answer | None]] = {}
     for radius in (9, 0):
-        settings = Settings(
-            device="cpu",
-            **_settings("refuse")
-            | overrides
-            | {"stateful_close_radius": radius, "redis_prefix": uuid.uuid4().hex[:8]},
-        )
-        flagged: list[str] = []
-
-        def flag(client: str, reason: str, at: float) -> bool:
-            flagged.append(client)  # noqa: B023 (called before the next loop turn)
-            return True
-
-        metrics = Metrics()
-        detector = build_stateful(settings, metrics, flag, 3 * 32 * 32)
-        assert detector is not None
-        batch = [Pending("photo-sender", pixels[0], cat), Pending("prober", pixels[1], dog)]
-        try:
-            served_by[radius] = detector.screen_batch(batch)
-        finally:
-            detector.close()
-        assert flagged == []
-        counted = metrics.stateful.labels(policy="refuse", outcome="consistent")._value.get()
-        assert counted == (1 if radius else 0)
+        settings = _settings("refuse") | _store_overrides(store, request)
+        screened = screen_once(settings | {"stateful_close_radius": radius}, batch)
+        assert screened.flagged == []
+        assert screened.outcomes("refuse", "consistent") == (1 if radius else 0)
+        served_by[radius] = screened.served
     assert served_by == {9: [cat, cat], 0: [cat, dog]}
