@@ -7,17 +7,22 @@ number of clients, which Redis's TTLs and maxmemory bound, and at most ``MAX_CAN
 candidates a lookup), and decides matches with the same pure function (``summarise_matches``):
 Redis only finds candidates and stores records.
 
-Key layout (``<p>`` = the prefix; a script touches the keys of one hash tag only, so every call
-stays in one slot of a Redis Cluster):
+Key layout (``<p>`` = the prefix, ``<r>`` = ``r`` and the record's size in bytes; a script
+touches the keys of one hash tag only, so every call stays in one slot of a Redis Cluster):
 
 - everyone's queries, under the tag ``{<p>:fp}`` (one slot, so one node of a cluster):
-  ``<p>:fp:{<p>:fp}:meta`` hash {seq: last entry number, lo: lowest entry not deleted};
-  ``<p>:fp:{<p>:fp}:entries`` hash entry number -> record (fixed part + sender's id);
-  ``<p>:fp:{<p>:fp}:buckets`` hash bucket -> the entry numbers filed there, 4 bytes each,
+  ``<p>:fp:{<p>:fp}:<r>:meta`` hash {seq: last entry number, lo: lowest entry not deleted};
+  ``<p>:fp:{<p>:fp}:<r>:entries`` hash entry number -> record (fixed part + sender's id);
+  ``<p>:fp:{<p>:fp}:<r>:buckets`` hash bucket -> the entry numbers filed there, 4 bytes each,
   ascending. No TTL: they are bounded by ``max_fingerprints`` (a volatile-lru Redis never
   evicts them, and a lost ``meta`` cannot renumber live entries);
-- each client's queries: ``<p>:fp:client:{<id>}`` string, its last ``per_client`` fixed-size
-  records, TTL ``client_ttl_s`` refreshed on every query (evictable like the statistics).
+- each client's queries: ``<p>:fp:<r>:client:{<id>}`` string, its last ``per_client``
+  fixed-size records, TTL ``client_ttl_s`` refreshed on every query (evictable like the
+  statistics).
+
+``<r>`` keeps stores of another record layout apart (another version, or close copies on and
+off: 629 and 181 bytes): a replica never reads records of another size, which it would refuse
+as unreadable and answer every matching query unscreened (fail open) until they aged out.
 
 The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash
 of a query files the query's entry number in bucket ``(hash >> 20) mod 2^17``. A lookup
@@ -310,9 +315,10 @@ class RedisFingerprintStore:
         self._answer_offset = self.dtype.fields["decision"][1]  # type: ignore[index]
         self._entry_offset = self.dtype.fields["entry"][1]  # type: ignore[index]
         tag = f"{{{prefix}:fp}}"
-        self.meta_key = f"{prefix}:fp:{tag}:meta"
-        self.entries_key = f"{prefix}:fp:{tag}:entries"
-        self.buckets_key = f"{prefix}:fp:{tag}:buckets"
+        self.layout = f"r{self.dtype.itemsize}"
+        self.meta_key = f"{prefix}:fp:{tag}:{self.layout}:meta"
+        self.entries_key = f"{prefix}:fp:{tag}:{self.layout}:entries"
+        self.buckets_key = f"{prefix}:fp:{tag}:{self.layout}:buckets"
         self._url = url
         self._cluster = cluster
         self._timeout_s = timeout_s
@@ -320,7 +326,7 @@ class RedisFingerprintStore:
         self._scripts: dict[str, Any] = {}
 
     def client_key(self, client_id: str) -> str:
-        return f"{self.prefix}:fp:client:{{{hash_tag(client_id)}}}"
+        return f"{self.prefix}:fp:{self.layout}:client:{{{hash_tag(client_id)}}}"
 
     @property
     def redis(self) -> RedisClient:

@@ -276,3 +276,29 @@ def test_records_it_cannot_read_are_the_store_failing(redis_server: RedisProcess
     evidence, _ = red.check_and_store("bob", prints[0], digest, 2.0, _answer(1), keys[0])
     assert evidence.client.exact == 0  # its string was dropped, the first query with it
     assert evidence.everyone.exact == 1  # everyone's scope kept the first query
+
+
+def test_stores_of_another_record_layout_keep_apart(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """Replicas with close copies on and off (629- and 181-byte records), or of two versions,
+    on one Redis and prefix: each keeps its own keys and matches its own queries; neither reads
+    the other's records (which it would refuse as unreadable: the query answered unscreened)."""
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    bare = default_scheme(b"test-secret", close_radius=None)
+    stores = [
+        RedisFingerprintStore(redis_server.url, scheme, prefix=prefix, timeout_s=2.0)
+        for scheme in (SCHEME, bare)
+    ]
+    assert {s.dtype.itemsize for s in stores} == {629, 181}
+    assert stores[0].entries_key != stores[1].entries_key
+    assert stores[0].client_key("a") != stores[1].client_key("a")
+    near = attack_sequence(photos[4], 2, seed=5)
+    for store in stores:
+        prints, keys = store.scheme.fingerprints_and_keys(near)
+        digests = pixel_digests(near)
+        first, _ = store.check_and_store("a", prints[0], digests[0], 1.0, _answer(1), keys[0])
+        assert first.everyone.distinct == 0  # the other layout's query is not seen
+        second, _ = store.check_and_store("a", prints[1], digests[1], 2.0, _answer(2), keys[1])
+        assert second.client.distinct == second.everyone.distinct == 1
