@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.cli import at_least
 from app.core.guard import Guard
 from app.core.stateful import (
     CLOSE_RADIUS,
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_honest_traffic_arguments(parser)
     parser.add_argument(
         "--close-radius",
-        type=int,
+        type=at_least(0),
         default=CLOSE_RADIUS,
         help="close copies' radius in grey levels, as ADVGUARD_STATEFUL_CLOSE_RADIUS (0: none)",
     )

@@ -428,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
         if args.in_process:  # over HTTP the rule is the running service's settings
             summary["rule"] = rule_counts(DEFAULT_RULE)
-            summary["close_radius"] = CLOSE_RADIUS  # the default scheme's (InProcessOracle)
+            summary["close_radius"] = CLOSE_RADIUS  # the default scheme's (ScreenedOracle)
         # which bundle judged the queries: its manifest lists every file's sha256
         summary["bundle_manifest_sha256"] = bundle_sha
         summary["rows_sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()[:16]

@@ -25,11 +25,13 @@ off: 629 and 181 bytes): a replica never reads records of another size, which it
 as unreadable and answer every matching query unscreened (fail open) until they aged out.
 
 The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash
-of a query files the query's entry number in bucket ``(hash >> 20) mod 2^17``. A lookup
-counts, per entry, the query's buckets it is filed in, and fetches the entries with at least
-``MIN_SHARED_KEYS``. Two queries whose sketches share the match threshold's 25 bits share
-about that many window hashes (chance bit collisions add ~2.4), so a match always reaches
-that count; the match rule then runs on the fetched sketches.
+of a query, and each close-copy key (``close_keys``) when the scheme has close copies, files
+the query's entry number in bucket ``(key >> 20) mod 2^17``. A lookup counts, per entry, the
+query's buckets it is filed in, and fetches the entries with at least ``MIN_SHARED_KEYS``. Two
+queries whose sketches share the match threshold's 25 bits share about that many window hashes
+(chance bit collisions add ~2.4), so a match always reaches that count, and a close copy keeps
+a median of 19 of its 64 keys even at the worst case; the match rules then run on the fetched
+records.
 A bucket drops the numbers below ``lo`` (deleted entries) whenever a query touches it, and the
 sweep deletes a few of the oldest entries per query (over the cap or past the TTL), so memory
 follows the live entries.
