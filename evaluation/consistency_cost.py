@@ -230,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "close_radius": args.close_radius,
         "bundle": str(args.bundle),
     }
+    radius = args.close_radius or None
     for split, traffic in timelines.items():
-        radius = args.close_radius or None
         outcome = serve_through_detector(guard, traffic, own[split], DEFAULT_RULE, radius)
         summary[split] = summarise(traffic, outcome)
         print(f"[{time.perf_counter() - started:6.1f}s] {split}: {json.dumps(summary[split])}")

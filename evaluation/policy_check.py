@@ -42,7 +42,6 @@ from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
 from app.core.stateful import (
-    CLOSE_RADIUS,
     DEFAULT_RULE,
     DetectionRule,
     InProcessFingerprintStore,
@@ -428,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
         if args.in_process:  # over HTTP the rule is the running service's settings
             summary["rule"] = rule_counts(DEFAULT_RULE)
-            summary["close_radius"] = CLOSE_RADIUS  # the default scheme's (ScreenedOracle)
+            # the close-copy radius of the scheme ScreenedOracle screens with (0: none)
+            summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
         # which bundle judged the queries: its manifest lists every file's sha256
         summary["bundle_manifest_sha256"] = bundle_sha
         summary["rows_sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()[:16]

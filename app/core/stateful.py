@@ -826,7 +826,8 @@ def summarise_matches(
     loose_rows = matched_rows if close is None else np.flatnonzero(near | close)
     loose, loose_anchor, loose_at = count, None, np.inf
     if len(loose_rows):
-        loose = _count_rows(loose_rows, similarities, digests, own_digest)
+        if len(loose_rows) > len(matched_rows):  # close copies beside the near-duplicates
+            loose = _count_rows(loose_rows, similarities, digests, own_digest)
         loose_first = int(loose_rows[np.argmin(stored_at[loose_rows])])
         loose_anchor, loose_at = answers[loose_first], float(stored_at[loose_first])
     if len(matched_rows) == 0:
