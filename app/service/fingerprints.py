@@ -26,20 +26,28 @@ as unreadable and answer every matching query unscreened (fail open) until they 
 
 The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash
 of a query, and each close-copy key (``close_keys``) when the scheme has close copies, files
-the query's entry number in bucket ``(key >> 20) mod 2^17``. A lookup counts, per entry, the
-query's buckets it is filed in, and fetches the entries with at least ``MIN_SHARED_KEYS``. Two
+the query's entry number in bucket ``(key >> 20) mod 2^17``. The script returns the entry
+numbers filed in the query's buckets; the service counts, per entry, the query's buckets it is
+filed in (numpy: ``repeated_at_least``, the in-process store's count) and fetches the entries
+with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting in Lua was most of
+the script's time once close copies tripled the numbers a lookup reads (a table insert per
+number: 1.43 ms of 1.43 ms a query server-side on a full store of 20,000, 0.74 ms without it;
+bench/results/stateful_cost.md). Two
 queries whose sketches share the match threshold's 25 bits share about that many window hashes
 (chance bit collisions add ~2.4), so a match always reaches that count, and a close copy keeps
 a median of 19 of its 64 keys even at the worst case; the match rules then run on the fetched
 records.
 A bucket drops the numbers below ``lo`` (deleted entries) whenever a query touches it, and the
 sweep deletes a few of the oldest entries per query (over the cap or past the TTL), so memory
-follows the live entries.
+follows the live entries. The sweep lags the live bounds by ``SWEEP_LAG`` entries and
+``SWEEP_LAG_S`` seconds: a candidate live for a query is still stored a round trip later, when
+its record is fetched, whatever ran in between (the rest of the batch, other replicas).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,11 +68,17 @@ from app.core.stateful import (
     evidence_of,
     index_buckets,
     near_duplicates,
+    repeated_at_least,
     summarise_matches,
 )
 from app.service.tracking import RedisClient, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
+# how far the sweep lags the live bounds (entries past the cap, seconds past the TTL): more
+# than a batch of 64 queries from each of a few replicas between a query's script and the fetch
+# of its candidates' records; it keeps ~0.5% more entries at the default cap of 50,000
+SWEEP_LAG = 256
+SWEEP_LAG_S = 60.0
 # candidates fetched at most, the newest (the in-process store has no such bound): a bound on
 # one script's reply and its cost, above what an attack produces (the rule needs 5 distinct
 # near-duplicates; chance sharers are a few). A photo resent thousands of times fills it with
@@ -83,6 +97,15 @@ def _records(raw: bytes, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
         return np.frombuffer(raw, dtype)
     except ValueError as exc:
         raise redis.exceptions.DataError(f"unreadable fingerprint records: {exc}") from exc
+
+
+def _filed_numbers(raw: bytes) -> npt.NDArray[np.int64]:
+    """The entry numbers a script read from a query's buckets (4 bytes each, big-endian), or the
+    store failing as in ``_records``."""
+    try:
+        return np.frombuffer(raw, ">u4").astype(np.int64)
+    except ValueError as exc:
+        raise redis.exceptions.DataError(f"unreadable bucket lists: {exc}") from exc
 
 
 def _text(raw: bytes) -> str:
@@ -113,24 +136,25 @@ def record_dtype(words: int) -> np.dtype[Any]:
     )
 
 
-# KEYS: meta, entries, buckets. ARGV: now, ttl, cap, min shared buckets, record, buckets (the
-# bucket numbers packed 4 bytes each, big-endian: one argument, not ~50 to encode and parse).
-# Sweeps, looks up candidates, then adds the query. Returns {seq before the add, the new entry's
-# number, candidate number, candidate record, ...}.
+# KEYS: meta, entries, buckets. ARGV: sweep time, ttl, cap, record, buckets (the bucket numbers
+# packed 4 bytes each, big-endian: one argument, not ~114 to encode and parse). Sweeps (lagging
+# the live bounds, as of the sweep time), reads the query's buckets, then adds the query. Returns
+# {seq before the add, the new entry's number, the entry numbers filed in the query's buckets (4
+# bytes each, big-endian, one bucket's after another)}: the service counts them and fetches the
+# candidates.
 _GLOBAL_BODY = """
-local now = tonumber(ARGV[1])
+local sweep_at = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
-local min_hits = tonumber(ARGV[4])
 local meta = redis.call('HMGET', KEYS[1], 'seq', 'lo')
 local seq = tonumber(meta[1]) or 0
 local lo = tonumber(meta[2]) or 1
 local swept = 0
 while lo <= seq and swept < SWEEP_BATCH do
-  local gone = lo <= seq - cap
+  local gone = lo <= seq - cap - SWEEP_LAG_ENTRIES
   if not gone then
     local rec = redis.call('HGET', KEYS[2], lo)
-    gone = (not rec) or struct.unpack('<d', rec) < now - ttl
+    gone = (not rec) or struct.unpack('<d', rec) < sweep_at - ttl - SWEEP_LAG_SECONDS
   end
   if not gone then break end
   redis.call('HDEL', KEYS[2], lo)
@@ -142,40 +166,19 @@ local packed = ARGV[BUCKET_ARG]
 for at = 1, #packed, 4 do fields[#fields + 1] = tostring(struct.unpack('>I4', packed, at)) end
 local lists = {}
 if #fields > 0 then lists = redis.call('HMGET', KEYS[3], unpack(fields)) end
-local hits, order, kept = {}, {}, {}
+local kept = {}
 for k = 1, #fields do
   local ids = lists[k] or ''
+  if #ids % 4 ~= 0 then ids = '' end  -- no list of ours (foreign data): dropped, rewritten
   local n = #ids / 4
   local first = 1
   while first <= n and struct.unpack('>I4', ids, 4 * first - 3) < lo do first = first + 1 end
-  for j = first, n do
-    local id = struct.unpack('>I4', ids, 4 * j - 3)
-    local h = hits[id]
-    if h then hits[id] = h + 1 else hits[id] = 1; order[#order + 1] = id end
-  end
   kept[k] = string.sub(ids, 4 * first - 3)
 end
 local id = seq + 1
-local out = {seq, id}
-local found = {}
-for _, c in ipairs(order) do
-  if hits[c] >= min_hits then found[#found + 1] = c end
-end
-if #found > MAX_CANDIDATES then  -- the newest: an attack's probes are recent
-  table.sort(found, function(a, b) return a > b end)
-  for k = #found, MAX_CANDIDATES + 1, -1 do found[k] = nil end
-end
-if #found > 0 then
-  local recs = redis.call('HMGET', KEYS[2], unpack(found))
-  for k = 1, #found do
-    if recs[k] then
-      out[#out + 1] = found[k]
-      out[#out + 1] = recs[k]
-    end
-  end
-end
+local out = {seq, id, table.concat(kept)}
 redis.call('HSET', KEYS[1], 'seq', id, 'lo', lo)
-redis.call('HSET', KEYS[2], id, ARGV[5])
+redis.call('HSET', KEYS[2], id, ARGV[4])
 if #fields > 0 then
   local writes = {}
   for k = 1, #fields do
@@ -186,8 +189,14 @@ if #fields > 0 then
 end
 CLIENT_PART
 return out
-""".replace("SWEEP_BATCH", str(SWEEP_BATCH)).replace("MAX_CANDIDATES", str(MAX_CANDIDATES))
-_GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_ARG", "6").replace("CLIENT_PART", "")
+"""
+for _name, _value in (
+    ("SWEEP_BATCH", SWEEP_BATCH),
+    ("SWEEP_LAG_ENTRIES", SWEEP_LAG),
+    ("SWEEP_LAG_SECONDS", SWEEP_LAG_S),
+):
+    _GLOBAL_BODY = _GLOBAL_BODY.replace(_name, repr(_value))
+_GLOBAL_LUA = _GLOBAL_BODY.replace("BUCKET_ARG", "5").replace("CLIENT_PART", "")
 
 
 def _client_read(key: str, size: str, keep: str) -> str:
@@ -204,18 +213,18 @@ if #kept > (keep - 1) * size then kept = string.sub(kept, #kept - (keep - 1) * s
 
 
 # One Redis (not a cluster): everyone's part and the client's in one script, one round trip.
-# KEYS: meta, entries, buckets, the client's string. ARGV: now, ttl, cap, min shared buckets,
-# record, the client's record, per client, client ttl, record size, entry offset, buckets.
-# The client's record gets the new entry's number. Returns the global script's reply with the
-# client's previous records inserted third.
-_BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_ARG", "11").replace(
+# KEYS: meta, entries, buckets, the client's string. ARGV: sweep time, ttl, cap, record, the
+# client's record, per client, client ttl, record size, entry offset, buckets. The client's
+# record gets the new entry's number. Returns the global script's reply with the client's
+# previous records inserted third.
+_BOTH_LUA = _GLOBAL_BODY.replace("BUCKET_ARG", "10").replace(
     "CLIENT_PART",
-    _client_read("KEYS[4]", "ARGV[9]", "ARGV[7]")
+    _client_read("KEYS[4]", "ARGV[8]", "ARGV[6]")
     + """
-local off = tonumber(ARGV[10])
-local own = string.sub(ARGV[6], 1, off) .. struct.pack('<I4', id) ..
-            string.rep(string.char(0), 4) .. string.sub(ARGV[6], off + 9)
-redis.call('SET', KEYS[4], kept .. own, 'EX', ARGV[8])
+local off = tonumber(ARGV[9])
+local own = string.sub(ARGV[5], 1, off) .. struct.pack('<I4', id) ..
+            string.rep(string.char(0), 4) .. string.sub(ARGV[5], off + 9)
+redis.call('SET', KEYS[4], kept .. own, 'EX', ARGV[7])
 table.insert(out, 3, old)
 """,
 )
@@ -281,12 +290,31 @@ def _buckets(query: StoreQuery) -> bytes:
     return np.asarray(index_buckets(query.keys), dtype=">u4").tobytes()
 
 
+@dataclass
+class Lookup:
+    """What a query's script returned: the last entry number before it (``seq``), its own
+    (``entry``), the entry numbers filed in its buckets, and its client's previous records
+    (None until the client's part has run)."""
+
+    seq: int
+    entry: int
+    filed: bytes
+    previous: bytes | None
+
+
+def _lookup_of_both(raw: list[Any]) -> Lookup:
+    """The one-Redis script's reply: seq, entry, the client's previous records, the filed
+    numbers."""
+    return Lookup(int(raw[0]), int(raw[1]), raw[3], raw[2] or b"")
+
+
 class RedisFingerprintStore:
     """Everyone's recent queries (indexed) and each client's, in Redis or a Redis Cluster.
 
-    A query is one atomic script on one Redis; on a cluster, two: everyone's (sweep, candidates,
-    add) and then its client's (read, append, trim), each in its own slot. Matching runs here
-    on what they return, with the in-process store's pure function. Errors propagate
+    A query is one atomic script on one Redis; on a cluster, two: everyone's (sweep, read the
+    query's buckets, add) and then its client's (read, append, trim), each in its own slot.
+    Then the candidates counted here from the buckets are fetched (one HMGET), and matching
+    runs here, with the in-process store's pure function. Errors propagate
     (``REDIS_ERRORS``): the caller fails open."""
 
     def __init__(
@@ -438,50 +466,75 @@ class RedisFingerprintStore:
         ``max_fingerprints`` queries and within ``ttl_s`` (everyone's), among the client's last
         ``per_client`` and within ``client_ttl_s`` (the client's)."""
         query = StoreQuery(client_id, fingerprint, digest, at, answer, keys)
-        if self._cluster:  # two slots: two scripts
+        if self._cluster:  # two slots: two scripts (then the candidates, in everyone's slot)
             record = self._record(fingerprint, digest, at, answer)
             raw = self._run(
-                "global", self._global_keys, [*self._global_args(query, record), _buckets(query)]
+                "global",
+                self._global_keys,
+                [*self._global_args(query, record, at), _buckets(query)],
             )
-            seq, entry = int(raw[0]), int(raw[1])
-            record["entry"] = entry
-            previous = self._run(
+            looked = Lookup(int(raw[0]), int(raw[1]), raw[2], None)
+            record["entry"] = looked.entry
+            looked.previous = self._run(
                 "client",
                 [self.client_key(client_id)],
                 [record.tobytes(), self.per_client, self._client_ttl, self.dtype.itemsize],
             )
-            return self._evidence(query, seq, entry, raw[2:], previous or b"", {})
-        keys_, args = self._both_call(query)
-        return self._parse_both(query, self._run("both", keys_, args), {})
+        else:
+            keys_, args = self._both_call(query, at)
+            looked = _lookup_of_both(self._run("both", keys_, args))
+        numbers = self._candidates(looked)
+        records = self.redis.hmget(self.entries_key, numbers) if numbers else []
+        return self._evidence(query, looked, numbers, records, {})
 
     def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
-        """On one Redis, the whole batch in one round trip: every query's script pipelined
-        (Redis runs them in order, so each sees the ones before), then each reply matched and
-        decided in order. A kept answer (``decide``) is written to the replies of the later
-        queries here, as if written before they ran, and to Redis after; the same outcome as
-        one query at a time. On a cluster (two scripts a query, the second needing the first's
-        entry number): one query at a time."""
+        """On one Redis, the whole batch in two round trips: every query's script pipelined
+        (Redis runs them in order, so each sees the ones before), then every query's candidates'
+        records, then each query matched and decided in order. A kept answer (``decide``) is
+        written to the replies of the later queries here, as if written before they ran, and to
+        Redis after; the same outcome as one query at a time. On a cluster (two scripts a
+        query, the second needing the first's entry number): one query at a time."""
         if self._cluster or len(queries) < 2:
             check_and_store_each(self, queries, decide)
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for query in queries:
-            keys_, args = self._both_call(query)
-            self._run("both", keys_, args, pipe)
-        replies = pipe.execute()
         kept: dict[int, Answer] = {}
         changed: list[tuple[Stored, Answer]] = []
-        for query, raw in zip(queries, replies, strict=True):
-            evidence, stored = self._parse_both(query, raw, kept)
-            answer = decide(query, evidence)
-            if answer is not None:
-                kept[stored.entry] = answer
-                changed.append((stored, answer))
+        for start in range(0, len(queries), SWEEP_LAG):  # no chunk outruns the sweep's lag
+            chunk = queries[start : start + SWEEP_LAG]
+            for query, (looked, numbers, records) in zip(chunk, self._look_up(chunk), strict=True):
+                evidence, stored = self._evidence(query, looked, numbers, records, kept)
+                answer = decide(query, evidence)
+                if answer is not None:
+                    kept[stored.entry] = answer
+                    changed.append((stored, answer))
         if changed:
             pipe = self.redis.pipeline(transaction=False)
             for stored, answer in changed:
                 self._relabel(stored, answer, pipe)
             pipe.execute()
+
+    def _look_up(
+        self, queries: Sequence[StoreQuery]
+    ) -> list[tuple[Lookup, list[int], Sequence[Any]]]:
+        """Every query's script pipelined, then every query's candidates' records: (what its
+        script returned, its candidates, their records). Each script sweeps as of the earliest
+        query's time, so no query's candidates are swept before they are fetched."""
+        sweep_at = min(query.at for query in queries)
+        pipe = self.redis.pipeline(transaction=False)
+        for query in queries:
+            keys_, args = self._both_call(query, sweep_at)
+            self._run("both", keys_, args, pipe)
+        looked = [_lookup_of_both(raw) for raw in pipe.execute()]
+        numbers = [self._candidates(one) for one in looked]
+        pipe = self.redis.pipeline(transaction=False)
+        for wanted in numbers:
+            if wanted:
+                pipe.hmget(self.entries_key, wanted)
+        fetched = iter(pipe.execute())
+        return [
+            (one, wanted, next(fetched) if wanted else [])
+            for one, wanted in zip(looked, numbers, strict=True)
+        ]
 
     @property
     def _global_keys(self) -> list[str]:
@@ -491,23 +544,24 @@ class RedisFingerprintStore:
     def _client_ttl(self) -> int:
         return max(1, int(np.ceil(self.client_ttl_s)))
 
-    def _global_args(self, query: StoreQuery, record: npt.NDArray[Any]) -> list[Any]:
+    def _global_args(
+        self, query: StoreQuery, record: npt.NDArray[Any], sweep_at: float
+    ) -> list[Any]:
         """Everyone's part's arguments before the buckets (both scripts start with them)."""
         return [
-            repr(float(query.at)),
+            repr(float(sweep_at)),
             repr(float(self.ttl_s)),
             self.max_fingerprints,
-            MIN_SHARED_KEYS,
             record.tobytes() + query.client_id.encode(),
         ]
 
-    def _both_call(self, query: StoreQuery) -> tuple[list[str], list[Any]]:
+    def _both_call(self, query: StoreQuery, sweep_at: float) -> tuple[list[str], list[Any]]:
         """Keys and arguments of the one-Redis script (everyone's part and the client's)."""
         record = self._record(query.fingerprint, query.digest, query.at, query.answer)
         return (
             [*self._global_keys, self.client_key(query.client_id)],
             [
-                *self._global_args(query, record),
+                *self._global_args(query, record, sweep_at),
                 record.tobytes(),
                 self.per_client,
                 self._client_ttl,
@@ -517,31 +571,33 @@ class RedisFingerprintStore:
             ],
         )
 
-    def _parse_both(
-        self, query: StoreQuery, raw: list[Any], kept: Mapping[int, Answer]
-    ) -> tuple[MatchEvidence, Stored]:
-        return self._evidence(query, int(raw[0]), int(raw[1]), raw[3:], raw[2] or b"", kept)
+    def _candidates(self, looked: Lookup) -> list[int]:
+        """The entries to fetch for a query: live by the cap (the sweep lags it), filed in at
+        least ``MIN_SHARED_KEYS`` of the query's buckets, the newest ``MAX_CANDIDATES``,
+        ascending (oldest first)."""
+        filed = _filed_numbers(looked.filed)
+        low = max(looked.seq - self.max_fingerprints + 1, 1)
+        found = repeated_at_least(filed[filed >= low], MIN_SHARED_KEYS, low, looked.seq)
+        newest: list[int] = found[-MAX_CANDIDATES:].tolist()
+        return newest
 
     def _evidence(
         self,
         query: StoreQuery,
-        seq: int,
-        entry: int,
-        candidates: list[Any],
-        previous: bytes,
+        looked: Lookup,
+        numbers: list[int],
+        fetched: Sequence[Any],
         kept: Mapping[int, Answer],
     ) -> tuple[MatchEvidence, Stored]:
-        """Match a script's reply (candidate numbers and records, then the client's previous
-        records); ``kept``: answers to read instead for some entries."""
+        """Match a query against its candidates (``numbers``, ascending, and their ``fetched``
+        records, None where swept since) and its client's previous records; ``kept``: answers
+        to read instead for some entries."""
         size = self.dtype.itemsize
-        numbers = [int(n) for n in candidates[0::2]]
-        blobs: list[bytes] = list(candidates[1::2])
-        order = np.argsort(numbers, kind="stable")  # oldest first
         live_numbers, live_blobs = [], []
-        for i in order.tolist():
-            if numbers[i] > seq - self.max_fingerprints:
-                live_numbers.append(numbers[i])
-                live_blobs.append(blobs[i])
+        for number, blob in zip(numbers, fetched, strict=True):
+            if blob is not None:
+                live_numbers.append(number)
+                live_blobs.append(blob)
         everyone_records = _records(b"".join(b[:size] for b in live_blobs), self.dtype)
         if kept:
             everyone_records = self._with_kept(everyone_records, live_numbers, kept)
@@ -554,7 +610,7 @@ class RedisFingerprintStore:
             query.client_id,
         )
         try:
-            own = _records(previous, self.dtype)
+            own = _records(looked.previous or b"", self.dtype)
         except redis.exceptions.DataError:  # start this client afresh: the next query works
             self.redis.delete(self.client_key(query.client_id))
             raise
@@ -564,7 +620,7 @@ class RedisFingerprintStore:
         client = self._scope(
             own, [query.client_id] * len(own), query.fingerprint, query.digest, query.client_id
         )
-        return evidence_of(client, everyone), Stored(query.client_id, entry)
+        return evidence_of(client, everyone), Stored(query.client_id, looked.entry)
 
     def _with_kept(
         self, records: npt.NDArray[Any], entries: list[int], kept: Mapping[int, Answer]

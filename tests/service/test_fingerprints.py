@@ -23,7 +23,7 @@ from app.core.stateful import (
     pixel_digests,
 )
 from app.core.stateful import index_buckets as buckets
-from app.service.fingerprints import RedisFingerprintStore
+from app.service.fingerprints import SWEEP_BATCH, SWEEP_LAG, SWEEP_LAG_S, RedisFingerprintStore
 from evaluation.honest_traffic import EDITS, as_served, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.helpers import RedisClusterProcesses, RedisProcess
@@ -132,7 +132,7 @@ def test_redis_and_in_process_stores_agree_query_by_query(
     detections, red = _replay(photos, redis_server.url)
     assert detections >= 30  # the attacks are detected (the test compares something)
     # bounded: at most the cap plus the sweep's lag, and each client's string at most per_client
-    assert len(red) <= red.max_fingerprints + 8
+    assert len(red) <= red.max_fingerprints + SWEEP_LAG + SWEEP_BATCH
     client = redis.Redis.from_url(redis_server.url)
     assert client.strlen(red.client_key("mallory")) == red.per_client * red.dtype.itemsize
     assert 0 < client.ttl(red.client_key("mallory")) <= 400
@@ -259,6 +259,53 @@ def test_a_photo_resent_thousands_of_times_does_not_hide_later_probes(
         assert in_redis.everyone.distinct == in_memory.everyone.distinct
         detected += DEFAULT_RULE.detects(in_redis, answer)
     assert detected >= 3  # the later probes, each from a fresh id: only everyone's scope sees them
+
+
+def _noise_queries(count: int, start: float, step: float) -> list[StoreQuery]:
+    """``count`` unrelated queries (noise images, each from its own id), ``step`` seconds apart."""
+    images = np.random.default_rng(count).integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    return [
+        StoreQuery(f"id-{i}", prints[i], digests[i], start + i * step, None, keys[i])
+        for i in range(count)
+    ]
+
+
+def test_the_sweep_lags_the_live_bounds_and_keeps_up(redis_server: RedisProcess) -> None:
+    """A query's candidates are fetched a round trip after its script, so the sweep keeps
+    ``SWEEP_LAG`` entries past the cap and ``SWEEP_LAG_S`` seconds past the TTL (never matched:
+    the agreement tests), and deletes the rest as it goes: memory follows the live entries."""
+    cap, ttl = 10, 100.0
+    red = RedisFingerprintStore(
+        redis_server.url, SCHEME, prefix=uuid.uuid4().hex, max_fingerprints=cap, ttl_s=ttl,
+        per_client=4, timeout_s=5.0,
+    )  # fmt: skip
+    queries = _noise_queries(cap + SWEEP_LAG + 40, 1000.0, 0.01)
+    red.check_and_store_many(queries[:-40], lambda q, e: None)
+    for query in queries[-40:]:
+        red.check_and_store(query.client_id, query.fingerprint, query.digest, query.at, None,
+                            query.keys)  # fmt: skip
+    assert len(red) == cap + SWEEP_LAG + 1  # the sweep keeps up with the cap, one a query
+    within_lag = _noise_queries(1, 1000.0 + ttl + SWEEP_LAG_S - 1, 0.0)[0]
+    later = _noise_queries(40, 1000.0 + ttl + SWEEP_LAG_S + 10, 0.01)
+    for query in [within_lag, *later]:
+        red.check_and_store(query.client_id, query.fingerprint, query.digest, query.at, None,
+                            query.keys)  # fmt: skip
+    assert len(red) == 1 + len(later)  # past the TTL and its lag: all swept, 8 a query
+
+
+def test_a_bucket_list_it_cannot_read_is_dropped(redis_server: RedisProcess) -> None:
+    """Foreign bytes in a bucket (no whole entry numbers) would make every lookup through it
+    fail: the script drops such a list and files the query afresh there."""
+    red = RedisFingerprintStore(redis_server.url, SCHEME, prefix=uuid.uuid4().hex)
+    query = _noise_queries(1, 1.0, 0.0)[0]
+    assert query.keys is not None
+    bucket = str(int(buckets(query.keys)[0]))
+    client = redis.Redis.from_url(redis_server.url)
+    client.hset(red.buckets_key, bucket, b"\1\2\3")
+    red.check_and_store("bob", query.fingerprint, query.digest, 1.0, None, query.keys)
+    assert client.hget(red.buckets_key, bucket) == np.array([1], ">u4").tobytes()
 
 
 def test_records_it_cannot_read_are_the_store_failing(redis_server: RedisProcess) -> None:
