@@ -20,6 +20,14 @@ secret, fresh per image) and comes back as ``POST /classify`` would show it (``S
 The Redis store gives the same evidence query by query (tests/service/test_fingerprints.py), so
 the HTTP runs on the first images check that it stands in; it is fast enough for every image,
 and ``--sybil-ids`` spreads each attack's queries round-robin over that many client ids.
+
+In process the check also sees what the screening made of each query (``Screened.outcomes``),
+so it reports the issue's detection figures in closed loop: a run is *detected before its
+first success* when the detector flags one of its queries (outcome ``detected``) at or before
+the served answer the attack stopped on as its success (in budget, accepted with a wrong
+class), or flags it at all when no such answer comes; queries to detection count up to and
+including the first flagged one. An answer withheld without a flag (``consistent``: the
+anchor's answer) is not a detection.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from app.core.stateful import (
     InProcessFingerprintStore,
     default_scheme,
 )
+from app.service.metrics import Outcome
 from app.service.settings import StatefulPolicy
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.data import ImageSplit, load_split
@@ -90,6 +99,7 @@ class ScreenedOracle:
         self.guard = guard
         self.client_ids = list(client_ids)
         self.sent = 0
+        self.outcomes: list[Outcome] = []  # what the screening made of each query, in order
 
     @property
     def num_classes(self) -> int:
@@ -106,8 +116,9 @@ class ScreenedOracle:
             batch.append(Pending(client, query, answer))
             self.sent += 1
         # a batch is screened in arrival order, as one query at a time would be
-        served = self.detector.screen_batch(batch)
-        return [Answer("refused") if a is None else client_view(a) for a in served]
+        screened = self.detector.screen(batch)
+        self.outcomes += screened.outcomes
+        return [Answer("refused") if a is None else client_view(a) for a in screened.served]
 
     def close(self) -> None:
         self.detector.close()
@@ -128,6 +139,17 @@ class ImageCheck:
     answers_withheld: int  # answers that differ from the guard's own (403, or the anchor's)
     believed_success: bool  # the attack stopped on a served answer that said "adversarial"
     stopped: str = "finished"  # the run's end: success, cap, finished or stalled
+    screened: bool = False  # the screening's outcomes were seen (in process; not over HTTP)
+    first_detection: int | None = None  # query number (from 1) of the first flagged query
+    first_served_success: int | None = None  # ... of the in-budget success the run stopped on
+
+    @property
+    def detected_before_success(self) -> bool:
+        """Flagged at or before the first served success (screened before it is answered), or
+        flagged at all when no served answer was a success."""
+        return self.first_detection is not None and (
+            self.first_served_success is None or self.first_detection <= self.first_served_success
+        )
 
 
 def replay_predictions(stateful: dict[str, Any], attack: str, sybil: bool = False) -> list[bool]:
@@ -150,6 +172,14 @@ def withheld(record: AttackRecord, guard: Guard) -> int:
         != (int(d), int(c))
         for a, d, c in zip(own, record.decisions, record.classes, strict=True)
     )
+
+
+def first_detection(outcomes: Sequence[Outcome]) -> int | None:
+    """The query number (from 1) of the first query the detector flagged."""
+    for number, outcome in enumerate(outcomes, start=1):
+        if outcome == "detected":
+            return number
+    return None
 
 
 def truly_adversarial(record: AttackRecord, guard: Guard) -> bool:
@@ -177,7 +207,23 @@ def summarise(checks: Sequence[ImageCheck]) -> dict[str, Any]:
             sum(c.live_success == c.predicted_success for c in replayed) if replayed else None
         ),
         "stalled": sum(c.stopped == "stalled" for c in checks),
+        **detection_figures(checks),
         "per_image": [asdict(c) for c in checks],
+    }
+
+
+def detection_figures(checks: Sequence[ImageCheck]) -> dict[str, Any]:
+    """Over the checks that saw the screening (in process): runs detected, detected before
+    their first success, and the median query number of the first detection (None: none)."""
+    screened = [c for c in checks if c.screened]
+    if not screened:
+        return {}
+    at = [c.first_detection for c in screened if c.first_detection is not None]
+    return {
+        "screened": len(screened),
+        "detected": len(at),
+        "detected_before_success": sum(c.detected_before_success for c in screened),
+        "median_queries_to_detection": float(np.median(at)) if at else None,
     }
 
 
@@ -236,6 +282,9 @@ def check_attack(
             )
         finally:
             oracle.close()
+        outcomes = oracle.outcomes if isinstance(oracle, ScreenedOracle) else None
+        if outcomes is not None and len(outcomes) != len(record.queries):
+            raise RuntimeError(f"{len(outcomes)} queries screened, {len(record.queries)} recorded")
         checks.append(
             ImageCheck(
                 row,
@@ -245,6 +294,9 @@ def check_attack(
                 withheld(record, guard),
                 record.succeeded,
                 record.stopped,
+                screened=outcomes is not None,
+                first_detection=None if outcomes is None else first_detection(outcomes),
+                first_served_success=record.queries_to_success,
             )
         )
     return checks
@@ -271,9 +323,10 @@ def table(results: dict[str, Any]) -> str:
     lines = [
         "| attack | policy | answered by | images | stopped on a served success | succeeded "
         "live (truly adversarial) | predicted by the replay | same outcome | answers withheld "
-        "(median per image) | stopped as stalled | rule (client, global, changed[, consistent"
-        "[, close-copy radius]]) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "(median per image) | stopped as stalled | detected before first success | median "
+        "queries to detection | rule (client, global, changed[, consistent[, close-copy "
+        "radius]]) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(results["checks"], key=table_order):
         r = results["checks"][key]
@@ -284,10 +337,22 @@ def table(results: dict[str, Any]) -> str:
             f"| {attack} | {policy} | {oracle_label(key)} | {r['images']} | {believed} | "
             f"{r['live_success']} | {_or_dash(r['predicted_success'])} | "
             f"{_or_dash(r['same_outcome'], r['images'])} | {withheld_median:.0f} | "
-            f"{r.get('stalled', 0)} | "
+            f"{r.get('stalled', 0)} | {_detection_cells(r)} | "
             f"{_rule_cell(r.get('rule'), r.get('close_radius'))} |"
         )
     return "\n".join(lines)
+
+
+def _detection_cells(result: dict[str, Any]) -> str:
+    """The closed loop's detection figures ("-" for checks that did not see the screening:
+    over HTTP, or run before they were recorded)."""
+    if "screened" not in result:
+        return "- | -"
+    median = result["median_queries_to_detection"]
+    return (
+        f"{result['detected_before_success']}/{result['screened']} | "
+        f"{'-' if median is None else f'{median:g}'}"
+    )
 
 
 def _or_dash(count: int | None, of: int | None = None) -> str:

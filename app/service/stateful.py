@@ -98,6 +98,15 @@ class Pending:
     observation: Observation | None = None
 
 
+@dataclass(frozen=True)
+class Screened:
+    """A screened batch, per query in arrival order: the answer to serve (None: refuse) and
+    what the screening made of it (the ``advguard_stateful_queries_total`` outcome)."""
+
+    served: list[Answer | None]
+    outcomes: list[Outcome]
+
+
 class StatefulDetector:
     """A scheme, a rule and a store, with the store's outage handling and the policy. Only the
     thread that screens touches the store (the batch worker in process, ``ScreeningWorker``
@@ -145,12 +154,17 @@ class StatefulDetector:
         self._down_until = time.monotonic() + self.retry_interval_s
 
     def screen_batch(self, batch: Sequence[Pending]) -> list[Answer | None]:
+        """Per query of the batch, the answer to serve, or None to refuse (``screen``)."""
+        return self.screen(batch).served
+
+    def screen(self, batch: Sequence[Pending]) -> Screened:
         """Fingerprint the batch at once, then match, store and judge its queries in arrival
-        order (``check_and_store_many``: one Redis round trip for the batch): per query, the
-        answer to serve, or None to refuse. A store that fails answers the rest as usual."""
+        order (``check_and_store_many``: Redis round trips per batch, not per query): per
+        query, the answer to serve (None: refuse) and the outcome. A store that fails answers
+        the rest as usual."""
         if not self.available():  # the store failed a moment ago: do not wait on it
             self._count("error", len(batch))
-            return [pending.answer for pending in batch]
+            return Screened([pending.answer for pending in batch], ["error"] * len(batch))
         prints = self.fingerprints([pending.pixels for pending in batch])
         matching = time.perf_counter()
         at = time.time()
@@ -173,13 +187,14 @@ class StatefulDetector:
             self.failed()
             if len(served) < len(batch):  # not judged: answered as usual
                 self._count("error", len(batch) - len(served))
+                outcomes += ["error"] * (len(batch) - len(served))
                 served += [pending.answer for pending in batch[len(served) :]]
         finally:
             # once per batch, not per query: a labelled counter's lookup is ~3 us a call
             for outcome in ("clear", "detected", "consistent"):  # "error": where it failed
                 self._count(outcome, outcomes.count(outcome))
             self.spent("match", time.perf_counter() - matching)
-        return served
+        return Screened(served, outcomes)
 
     def spent(self, part: str, seconds: float) -> None:
         """Add to the screening's time in ``part`` (``SCREENING_PARTS``)."""

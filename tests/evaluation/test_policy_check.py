@@ -16,6 +16,7 @@ from app.core.stateful import DEFAULT_RULE
 from evaluation.policy_check import (
     ImageCheck,
     ScreenedOracle,
+    first_detection,
     http_oracles,
     main,
     oracle_label,
@@ -61,6 +62,32 @@ def test_summary_counts_agreement_per_image() -> None:
     assert (summary["images"], summary["live_success"], summary["predicted_success"]) == (3, 2, 1)
     assert summary["believed_success"] == 3
     assert summary["same_outcome"] == 2 and summary["per_image"][1]["answers_withheld"] == 990
+
+
+def test_detection_before_success_counts_flags_at_or_before_the_success() -> None:
+    """In closed loop a run is detected before its first success when the first flag comes at
+    or before the success it stopped on (screened before it is answered), or at all in a run
+    that never succeeds; runs that did not see the screening (HTTP) count in neither."""
+
+    def check(detection: int | None, success: int | None, screened: bool = True) -> ImageCheck:
+        return ImageCheck(0, None, success is not None, 10, 0, success is not None, "cap",
+                          screened, detection, success)  # fmt: skip
+
+    checks = [
+        check(3, None),  # never succeeded, flagged at its 3rd query
+        check(7, 7),  # flagged at the query that would have succeeded
+        check(8, 7),  # flagged after its success
+        check(None, None),  # never flagged, never succeeded
+        check(2, None, screened=False),  # over HTTP: not known
+    ]
+    assert [c.detected_before_success for c in checks[:4]] == [True, True, False, False]
+    summary = summarise(checks)
+    assert summary["screened"] == 4 and summary["detected"] == 3
+    assert summary["detected_before_success"] == 2
+    assert summary["median_queries_to_detection"] == 7.0
+    assert "screened" not in summarise([check(2, None, screened=False)])
+    assert first_detection(["clear", "consistent", "detected", "detected"]) == 3
+    assert first_detection(["clear", "consistent", "error"]) is None
 
 
 def test_withheld_counts_answers_that_differ_from_the_guards_own() -> None:
@@ -164,6 +191,9 @@ def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guar
         oracle.close()
         assert labels(answers[:detected_from]) == labels(own[:detected_from])
         assert {a.decision for a in answers[detected_from:]} == {"refused"}
+        # the screening's outcomes, query by query: the first flag is the first refusal
+        assert len(oracle.outcomes) == len(queries)
+        assert first_detection(oracle.outcomes) == detected_from + 1
     oracle = ScreenedOracle(guard, "silent", ["one"])
     batched = oracle.ask(queries)  # one batch is screened as one query at a time would be
     oracle.close()
@@ -300,3 +330,21 @@ def test_the_table_names_each_checks_rule_and_close_copies() -> None:
     assert lines[3].endswith("| 5, 5, 2, 1, 9 |")
     assert lines[4].endswith("| 5, 5, 2, 1 |")
     assert lines[5].endswith("| 5, 5, 2, -, 0 |")
+
+
+def test_the_table_gives_the_closed_loops_detection_figures() -> None:
+    """Detected before first success over the screened runs and the median queries to
+    detection; "-" for rows that did not see the screening (HTTP, or run before it was kept)."""
+    flagged = ImageCheck(0, None, False, 10, 0, False, "cap", True, 4, None)
+    late = ImageCheck(1, None, True, 3, 0, True, "success", True, 9, 3)
+    results = {
+        "checks": {
+            "square/refuse/in_process": summarise([flagged, late]) | {"rule": [5, 5, 2, 1]},
+            "square/refuse": summarise([ImageCheck(0, False, False, 10, 0, True)]),
+        }
+    }
+    lines = table(results).splitlines()
+    assert "| detected before first success | median queries to detection |" in lines[0]
+    assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
+    assert "| 0 | - | - | the service's settings |" in lines[2]
+    assert "| 0 | 1/2 | 6.5 | 5, 5, 2, 1 |" in lines[3]
