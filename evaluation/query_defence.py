@@ -103,7 +103,9 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     the check cut short (``--stall-asks``: the attack's asks ran out before its query cap) could
     still have succeeded, so with any the count is a lower bound and says how many. A
     check run under another rule than the replay's (``rule``: client, global, changed,
-    consistent) says which: it measured that rule, not this one."""
+    consistent; or with close copies, which the replay never had) says which: it measured that
+    rule, not this one. A check that saw the screening's outcomes also gives the runs flagged
+    before their first success and the median queries to detection, in closed loop."""
     if row.ids is None:
         return "–"
     key = result_key(row.attack, policy, in_process=True, ids=row.ids)
@@ -113,9 +115,19 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     cell = f"{check['live_success']}/{check['images']}"
     if check.get("stalled"):  # ended by --stall-asks, not by the query cap: may yet succeed
         cell += f" (at least; {check['stalled']} cut short)"
+    if "screened" in check:
+        median = check["median_queries_to_detection"]
+        cell += (
+            f"; flagged before success {check['detected_before_success']}/{check['screened']}"
+            f", median {'–' if median is None else f'{median:g}'} queries"
+        )
     ran_under = check.get("rule")
-    if ran_under is not None and same_length(ran_under, rule) != same_length(rule, ran_under):
-        cell += f" (rule {rule_text(ran_under)})"
+    radius = check.get("close_radius")
+    if ran_under is not None and (
+        same_length(ran_under, rule) != same_length(rule, ran_under) or radius
+    ):
+        copies = f", close copies within {radius}" if radius else ""
+        cell += f" (rule {rule_text(ran_under)}{copies})"
     return cell
 
 
@@ -282,7 +294,10 @@ def report(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
             "gets its own adversarial label back, truthfully). The *closed loop* columns rerun "
             "the attacks against the service's own screening (`python -m "
             "evaluation.policy_check --in-process`, `--sybil-ids` for the spread): runs that "
-            "ended on a truly adversarial answer, out of the images run; – where none ran.",
+            "ended on a truly adversarial answer, out of the images run; – where none ran; "
+            "where the check saw the screening's outcomes, also the runs flagged at or before "
+            "their first success (or at all, never succeeding) and the median query of the "
+            "first flag, in that closed loop.",
             "",
             table(summary, live),
             "",

@@ -149,13 +149,35 @@ def test_a_closed_loop_count_under_another_rule_says_which() -> None:
     # is a plain count; one run under another rule carries that rule
     same = {"live_success": 3, "images": 100, "rule": [5, 4, None]}
     other = {"live_success": 27, "images": 100, "rule": [5, 5, 4]}
-    for check, cell in ((same, "3/100"), (other, "27/100 (rule 5, 5, 4)")):
+    close = {"live_success": 0, "images": 100, "rule": [5, 4, None], "close_radius": 9}
+    cases = (
+        (same, "3/100"),
+        (other, "27/100 (rule 5, 5, 4)"),
+        (close, "0/100 (rule 5, 4, -, close copies within 9)"),  # the replay had none
+    )
+    for check, cell in cases:
         line = next(
             line
             for line in table(_summary(), {"square/refuse/in_process": check}).splitlines()
             if "| square | guard (v2) + stateful, 1 id |" in line
         )
         assert line.endswith(f"| {cell} | – |")
+
+
+def test_a_closed_loop_count_gives_its_detection_figures_when_it_saw_them() -> None:
+    check = {
+        "live_success": 1,
+        "images": 50,
+        "screened": 50,
+        "detected_before_success": 49,
+        "median_queries_to_detection": 7.0,
+    }
+    line = next(
+        line
+        for line in table(_summary(), {"hopskipjump/refuse/in_process": check}).splitlines()
+        if "| hopskipjump | guard (v2) + stateful, 1 id |" in line
+    )
+    assert line.endswith("| 1/50; flagged before success 49/50, median 7 queries | – |")
 
 
 def test_a_closed_loop_count_with_runs_cut_short_is_a_lower_bound() -> None:
