@@ -29,10 +29,10 @@ of a query, and each close-copy key (``close_keys``) when the scheme has close c
 the query's entry number in bucket ``(key >> 20) mod 2^17``. The script returns the entry
 numbers filed in the query's buckets; the service counts, per entry, the query's buckets it is
 filed in (numpy: ``repeated_at_least``, the in-process store's count) and fetches the entries
-with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting in Lua was most of
+with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting in Lua was half
 the script's time once close copies tripled the numbers a lookup reads (a table insert per
-number: 1.43 ms of 1.43 ms a query server-side on a full store of 20,000, 0.74 ms without it;
-bench/results/stateful_cost.md). Two
+number: 0.74 of its 1.43 ms a query on a full store of 20,000, measured ad hoc with ``INFO
+commandstats``; docs/service.md). Two
 queries whose sketches share the match threshold's 25 bits share about that many window hashes
 (chance bit collisions add ~2.4), so a match always reaches that count, and a close copy keeps
 a median of 19 of its 64 keys even at the worst case; the match rules then run on the fetched
@@ -80,7 +80,7 @@ SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query 
 SWEEP_LAG = 256
 SWEEP_LAG_S = 60.0
 # candidates fetched at most, the newest (the in-process store has no such bound): a bound on
-# one script's reply and its cost, above what an attack produces (the rule needs 5 distinct
+# one lookup's fetch and its cost, above what an attack produces (the rule needs 5 distinct
 # near-duplicates; chance sharers are a few). A photo resent thousands of times fills it with
 # its copies: the newest are kept, so an attack's recent probes still reach the rule. It was
 # 2,000, the oldest kept: 2,000 resends hid every later near-copy from everyone's scope, and
