@@ -290,16 +290,15 @@ def _buckets(query: StoreQuery) -> bytes:
     return np.asarray(index_buckets(query.keys), dtype=">u4").tobytes()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Lookup:
-    """What a query's script returned: the last entry number before it (``seq``), its own
-    (``entry``), the entry numbers filed in its buckets, and its client's previous records
-    (None until the client's part has run)."""
+    """What a query's scripts returned: the last entry number before it (``seq``), its own
+    (``entry``), the entry numbers filed in its buckets, and its client's previous records."""
 
     seq: int
     entry: int
     filed: bytes
-    previous: bytes | None
+    previous: bytes
 
 
 def _lookup_of_both(raw: list[Any]) -> Lookup:
@@ -466,23 +465,20 @@ class RedisFingerprintStore:
         ``max_fingerprints`` queries and within ``ttl_s`` (everyone's), among the client's last
         ``per_client`` and within ``client_ttl_s`` (the client's)."""
         query = StoreQuery(client_id, fingerprint, digest, at, answer, keys)
-        if self._cluster:  # two slots: two scripts (then the candidates, in everyone's slot)
-            record = self._record(fingerprint, digest, at, answer)
-            raw = self._run(
-                "global",
-                self._global_keys,
-                [*self._global_args(query, record, at), _buckets(query)],
-            )
-            looked = Lookup(int(raw[0]), int(raw[1]), raw[2], None)
-            record["entry"] = looked.entry
-            looked.previous = self._run(
-                "client",
-                [self.client_key(client_id)],
-                [record.tobytes(), self.per_client, self._client_ttl, self.dtype.itemsize],
-            )
-        else:
-            keys_, args = self._both_call(query, at)
-            looked = _lookup_of_both(self._run("both", keys_, args))
+        if not self._cluster:
+            return self._evidence(query, *self._look_up([query])[0], {})
+        # two slots: two scripts, then the candidates (in everyone's slot)
+        record = self._record(fingerprint, digest, at, answer)
+        raw = self._run(
+            "global", self._global_keys, [*self._global_args(query, record, at), _buckets(query)]
+        )
+        record["entry"] = entry = int(raw[1])
+        previous = self._run(
+            "client",
+            [self.client_key(client_id)],
+            [record.tobytes(), self.per_client, self._client_ttl, self.dtype.itemsize],
+        )
+        looked = Lookup(int(raw[0]), entry, raw[2], previous or b"")
         numbers = self._candidates(looked)
         records = self.redis.hmget(self.entries_key, numbers) if numbers else []
         return self._evidence(query, looked, numbers, records, {})
@@ -610,7 +606,7 @@ class RedisFingerprintStore:
             query.client_id,
         )
         try:
-            own = _records(looked.previous or b"", self.dtype)
+            own = _records(looked.previous, self.dtype)
         except redis.exceptions.DataError:  # start this client afresh: the next query works
             self.redis.delete(self.client_key(query.client_id))
             raise
