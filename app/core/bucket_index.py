@@ -31,8 +31,8 @@ Numbers = npt.NDArray[np.int64]
 def table_width(entries: int, keys_per_entry: int, buckets: int) -> int:
     """Slots per bucket for ``entries`` live entries of ``keys_per_entry`` buckets each: a power
     of two at least 1.5 times the mean filings per bucket (at least 8), so that only the few
-    popular buckets spill (the store's default, 50,000 entries of 50: 32 slots, 32 MiB; of
-    ~114, with close copies: 128 slots, 128 MiB)."""
+    popular buckets spill (the store's default, 50,000 entries in 2^19 buckets: 32 slots,
+    128 MiB, with close copies, ~114 buckets an entry; 8 slots, 32 MiB, without, ~50)."""
     mean = entries * keys_per_entry / buckets
     return max(8, 1 << max(0, int(np.ceil(1.5 * mean)) - 1).bit_length())
 

@@ -968,7 +968,12 @@ class DetectionRule:
 # Boundary runs (40 images each, first 60 queries): all 227,606 matching pairs shared 20
 # buckets or more. At 3, photos with large uniform areas (shared windows) made ~16 candidates
 # per query at 4,000 stored; at 10, 0.03.
-BUCKET_BITS = 17  # 131,072 buckets: ~8 entries each with 20,000 queries of 50 hashes stored
+# 524,288 buckets: ~4 entries each with 20,000 queries of ~114 keys (window hashes and close-copy
+# keys) stored. At 2^17, ~17: the Redis script that reads a query's buckets took 677 us a query
+# on a full store of 20,000, 434 at 2^19 (502 at 2^18, 438 at 2^20), for 2,273 -> 3,248 bytes
+# of Redis a stored query; in process the table keeps its memory (fewer slots a bucket) and
+# its time (ad hoc, 2026-12-01; docs/service.md)
+BUCKET_BITS = 19
 BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the largest): skip them
 MIN_SHARED_KEYS = 10
 

@@ -7,8 +7,9 @@ number of clients, which Redis's TTLs and maxmemory bound, and at most ``MAX_CAN
 candidates a lookup), and decides matches with the same pure function (``summarise_matches``):
 Redis only finds candidates and stores records.
 
-Key layout (``<p>`` = the prefix, ``<r>`` = ``r`` and the record's size in bytes; a script
-touches the keys of one hash tag only, so every call stays in one slot of a Redis Cluster):
+Key layout (``<p>`` = the prefix, ``<r>`` = ``r``, the record's size in bytes, ``b`` and the
+index's bucket bits: ``r629b19``; a script touches the keys of one hash tag only, so every call
+stays in one slot of a Redis Cluster):
 
 - everyone's queries, under the tag ``{<p>:fp}`` (one slot, so one node of a cluster):
   ``<p>:fp:{<p>:fp}:<r>:meta`` hash {seq: last entry number, lo: lowest entry not deleted};
@@ -22,21 +23,22 @@ touches the keys of one hash tag only, so every call stays in one slot of a Redi
 
 ``<r>`` keeps stores of another record layout apart (another version, or close copies on and
 off: 629 and 181 bytes): a replica never reads records of another size, which it would refuse
-as unreadable and answer every matching query unscreened (fail open) until they aged out.
+as unreadable and answer every matching query unscreened (fail open) until they aged out; nor
+an index of another bucket count, whose entries it would look for in the wrong buckets.
 
-The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash
-of a query, and each close-copy key (``close_keys``) when the scheme has close copies, files
-the query's entry number in bucket ``(key >> 20) mod 2^17``. The script returns the entry
-numbers filed in the query's buckets; the service counts, per entry, the query's buckets it is
-filed in (numpy: ``repeated_at_least``, the in-process store's count) and fetches the entries
-with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting in Lua was half
-the script's time once close copies tripled the numbers a lookup reads (a table insert per
+The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash of
+a query, and each close-copy key (``close_keys``) when the scheme has close copies, files the
+query's entry number in bucket ``(key >> 20) mod 2^BUCKET_BITS`` (2^19). The script returns the
+entry numbers filed in the query's buckets; the service counts, per entry, the query's buckets
+it is filed in (numpy: ``repeated_at_least``, the in-process store's count) and fetches the
+entries with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting in Lua was
+half the script's time once close copies tripled the numbers a lookup reads (a table insert per
 number: 0.74 of its 1.43 ms a query on a full store of 20,000, measured ad hoc with ``INFO
-commandstats``; docs/service.md). Two
-queries whose sketches share the match threshold's 25 bits share about that many window hashes
-(chance bit collisions add ~2.4), so a match always reaches that count, and a close copy keeps
-a median of 19 of its 64 keys even at the worst case; the match rules then run on the fetched
-records.
+commandstats``; docs/service.md); reading the lists was most of the rest, hence 2^19 buckets,
+not 2^17 (shorter lists). Two queries whose sketches share the match threshold's 25 bits share
+about that many window hashes (chance bit collisions add ~2.4), so a match always reaches that
+count, and a close copy keeps a median of 19 of its 64 keys even at the worst case; the match
+rules then run on the fetched records.
 A bucket drops the numbers below ``lo`` (deleted entries) whenever a query touches it, and the
 sweep deletes a few of the oldest entries per query (over the cap or past the TTL), so memory
 follows the live entries. The sweep lags the live bounds by ``SWEEP_LAG`` entries and
@@ -55,6 +57,7 @@ import numpy.typing as npt
 import redis
 
 from app.core.stateful import (
+    BUCKET_BITS,
     MIN_SHARED_KEYS,
     NO_MATCH,
     Answer,
@@ -344,7 +347,8 @@ class RedisFingerprintStore:
         self._answer_offset = self.dtype.fields["decision"][1]  # type: ignore[index]
         self._entry_offset = self.dtype.fields["entry"][1]  # type: ignore[index]
         tag = f"{{{prefix}:fp}}"
-        self.layout = f"r{self.dtype.itemsize}"
+        # records of another size, or an index of another bucket count, keep apart
+        self.layout = f"r{self.dtype.itemsize}b{BUCKET_BITS}"
         self.meta_key = f"{prefix}:fp:{tag}:{self.layout}:meta"
         self.entries_key = f"{prefix}:fp:{tag}:{self.layout}:entries"
         self.buckets_key = f"{prefix}:fp:{tag}:{self.layout}:buckets"

@@ -349,3 +349,32 @@ def test_stores_of_another_record_layout_keep_apart(
         assert first.everyone.distinct == 0  # the other layout's query is not seen
         second, _ = store.check_and_store("a", prints[1], digests[1], 2.0, _answer(2), keys[1])
         assert second.client.distinct == second.everyone.distinct == 1
+
+
+def test_stores_of_another_bucket_count_keep_apart(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An index of another bucket count (a replica of a version before 2^19 buckets) files its
+    entries elsewhere: sharing its keys, each would look for the other's entries in the wrong
+    buckets. The bucket bits are in the key layout, so each keeps its own keys."""
+    import app.core.stateful as core
+    import app.service.fingerprints as fingerprints
+
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    near = attack_sequence(photos[4], 2, seed=5)
+    prints, keys = SCHEME.fingerprints_and_keys(near)
+    digests = pixel_digests(near)
+    today = RedisFingerprintStore(redis_server.url, SCHEME, prefix=prefix, timeout_s=2.0)
+    assert today.layout == f"r{today.dtype.itemsize}b{core.BUCKET_BITS}"
+    today.check_and_store("a", prints[0], digests[0], 1.0, _answer(1), keys[0])
+    for module in (core, fingerprints):
+        monkeypatch.setattr(module, "BUCKET_BITS", 17)
+    older = RedisFingerprintStore(redis_server.url, SCHEME, prefix=prefix, timeout_s=2.0)
+    assert older.buckets_key != today.buckets_key
+    assert older.client_key("a") != today.client_key("a")
+    first, _ = older.check_and_store("a", prints[1], digests[1], 2.0, _answer(2), keys[1])
+    assert first.client.distinct == first.everyone.distinct == 0  # today's query is not seen
+    second, _ = older.check_and_store("a", prints[0], digests[0], 3.0, _answer(1), keys[0])
+    assert second.client.distinct == second.everyone.distinct == 1  # its own query is
