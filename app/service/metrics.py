@@ -104,7 +104,8 @@ class Metrics:
         self.screening_seconds = Counter(
             "advguard_screening_seconds_total",
             "Time the query screening spent, by part; its rate is the share of one thread it "
-            "keeps busy (1: the screening is the bottleneck)",
+            "keeps busy (1: the screening is the bottleneck); with a Redis tracker, the record "
+            "part runs on a thread of its own, beside the rest",
             ["part"],
             registry=r,
         )

@@ -381,23 +381,28 @@ def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
     asyncio.run(run())
 
 
-def test_a_batchs_statistics_are_recorded_at_once_on_the_screening_thread() -> None:
+def test_a_batchs_statistics_are_recorded_at_once_beside_its_screening() -> None:
     """The observations of a screened batch go to ``track`` in one call, in arrival order, on
-    the screening thread, before any of the batch's futures resolves; when it raises, the
-    queries it was recording fail and the others are answered."""
+    the tracking thread while the batch is screened (both with Redis are round trips), before
+    any of the batch's futures resolves; when it raises, the queries it was recording fail and
+    the others are answered."""
     calls: list[tuple[list[str], str, bool]] = []
+    overlapped: list[bool] = []
     futures: dict[str, asyncio.Future[Answer | None]] = {}
 
     def track(observations: Sequence[Observation]) -> None:
         names = [o.client_id for o in observations]
         done = any(futures[name].done() for name in names)
         calls.append((names, threading.current_thread().name, done))
+        recording.set()
         if "bad" in names:
             raise ValueError("tracker bug")
 
-    release, taken = threading.Event(), threading.Event()
+    release, taken, recording = threading.Event(), threading.Event(), threading.Event()
 
     def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        if not overlapped:  # the first batch: is it being recorded while it is screened?
+            overlapped.append(recording.wait(5))
         taken.set()
         release.wait(10)
         return [pending.answer for pending in batch]
@@ -424,7 +429,8 @@ def test_a_batchs_statistics_are_recorded_at_once_on_the_screening_thread() -> N
             _answer(i) for i in range(4)
         ]
         assert [names for names, _, _ in calls] == [["first"], ["a", "b", "c"]]
-        assert all(thread == "advguard-screening" and not done for _, thread, done in calls)
+        assert all(thread.startswith("advguard-tracking") and not done for _, thread, done in calls)
+        assert overlapped == [True]  # recorded while its batch was being screened
         release.clear()
         taken.clear()
         send("blocker", 4)
