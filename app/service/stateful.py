@@ -250,7 +250,8 @@ class ScreeningWorker:
     A batch's statistics (``track``) are recorded on a thread of their own while the batch is
     screened, and its answers wait for both: with Redis both are round trips, and one after the
     other they made a screened batch's latency (at concurrency 32 that is throughput) their sum.
-    Batches are recorded in order, one at a time; both trackers are thread-safe.
+    Batches are recorded in order, one at a time; both trackers are thread-safe. A batch whose
+    screening fails (a bug) is still recorded: its queries were classified, and are answered 500.
 
     ``submit`` runs on an event loop and returns a future of that loop; a screened batch's
     futures are answered with one wake-up of the loop (``app.service.settle``)."""
