@@ -90,6 +90,10 @@ SWEEP_LAG_S = 60.0
 # each lookup of that photo fetched 2,000 records (~360 KB; a batch of 64 took 1.5 s, past
 # the 0.2 s timeout, so the detector failed open).
 MAX_CANDIDATES = 256
+# answers this store decided for queries it looked up before they were classified
+# (``look_up_many``), kept to fill in their records wherever a later query fetched them still
+# pending: more than the queries in flight in one process (a few batches of at most 64)
+ANSWERS_REMEMBERED = 4096
 
 
 def _records(raw: bytes, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
@@ -304,6 +308,16 @@ class Lookup:
     previous: bytes
 
 
+@dataclass(frozen=True)
+class Found:
+    """A query's look-up: what its script returned, its candidates (entry numbers, ascending)
+    and their records as fetched (None where swept since)."""
+
+    looked: Lookup
+    numbers: list[int]
+    records: Sequence[Any]
+
+
 def _lookup_of_both(raw: list[Any]) -> Lookup:
     """The one-Redis script's reply: seq, entry, the client's previous records, the filed
     numbers."""
@@ -317,7 +331,13 @@ class RedisFingerprintStore:
     query's buckets, add) and then its client's (read, append, trim), each in its own slot.
     Then the candidates counted here from the buckets are fetched (one HMGET), and matching
     runs here, with the in-process store's pure function. Errors propagate
-    (``REDIS_ERRORS``): the caller fails open."""
+    (``REDIS_ERRORS``): the caller fails open.
+
+    The service looks its queries up while the model classifies them (``look_up_many``: stored
+    without their answers, candidates fetched), and decides once they are answered
+    (``check_and_store_many`` with what was found); the answers are written after they are
+    served (``write_answers``), or with the next look-up: the round trips are off the answer's
+    path."""
 
     def __init__(
         self,
@@ -357,6 +377,8 @@ class RedisFingerprintStore:
         self._timeout_s = timeout_s
         self._client: RedisClient | None = None
         self._scripts: dict[str, Any] = {}
+        self._answered: dict[int, Answer] = {}  # entry -> answer decided (``look_up_many``)
+        self._unwritten: list[tuple[Stored, Answer]] = []  # decided, not yet in Redis
 
     def client_key(self, client_id: str) -> str:
         return f"{self.prefix}:fp:{self.layout}:client:{{{hash_tag(client_id)}}}"
@@ -470,7 +492,7 @@ class RedisFingerprintStore:
         ``per_client`` and within ``client_ttl_s`` (the client's)."""
         query = StoreQuery(client_id, fingerprint, digest, at, answer, keys)
         if not self._cluster:
-            return self._evidence(query, *self._look_up([query])[0], {})
+            return self._evidence(query, self._look_up([query])[0], {})
         # two slots: two scripts, then the candidates (in everyone's slot)
         record = self._record(fingerprint, digest, at, answer)
         raw = self._run(
@@ -485,15 +507,45 @@ class RedisFingerprintStore:
         looked = Lookup(int(raw[0]), entry, raw[2], previous or b"")
         numbers = self._candidates(looked)
         records = self.redis.hmget(self.entries_key, numbers) if numbers else []
-        return self._evidence(query, looked, numbers, records, {})
+        return self._evidence(query, Found(looked, numbers, records), {})
 
-    def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
-        """On one Redis, the whole batch in two round trips: every query's script pipelined
+    def look_up_many(self, queries: Sequence[StoreQuery]) -> list[Found] | None:
+        """The part of ``check_and_store_many`` that needs no answer, done before the queries
+        are classified: each query stored (its answer still unknown) and its candidates fetched,
+        in two round trips a batch, in order; None on a cluster (there a query's two scripts
+        need its answer: it is looked up when decided). The answers are written when decided
+        (``check_and_store_many(queries, decide, found)``, then ``write_answers``); until then
+        the records are pending (no answer), as another replica's query in flight is to the
+        match rules."""
+        if self._cluster:
+            return None
+        found: list[Found] = []
+        for start in range(0, len(queries), SWEEP_LAG):  # no chunk outruns the sweep's lag
+            found += self._look_up(queries[start : start + SWEEP_LAG])
+        return found
+
+    def check_and_store_many(
+        self,
+        queries: Sequence[StoreQuery],
+        decide: Decide,
+        found: Sequence[Found] | None = None,
+    ) -> None:
+        """With ``found`` (``look_up_many``'s, for the same queries, now with their answers):
+        each query matched on what was found and decided in order; its answer (or the kept one)
+        is written to its records by ``write_answers`` or, before anything else, by the store's
+        next round trip. A found record still pending gets the answer this store decided for
+        it, if it did: its own earlier queries, in this batch or another, read as they will be
+        stored.
+
+        Without: on one Redis, the whole batch in two round trips: every query's script pipelined
         (Redis runs them in order, so each sees the ones before), then every query's candidates'
         records, then each query matched and decided in order. A kept answer (``decide``) is
         written to the replies of the later queries here, as if written before they ran, and to
         Redis after; the same outcome as one query at a time. On a cluster (two scripts a
         query, the second needing the first's entry number): one query at a time."""
+        if found is not None:
+            self._decide_found(queries, found, decide)
+            return
         if self._cluster or len(queries) < 2:
             check_and_store_each(self, queries, decide)
             return
@@ -501,8 +553,8 @@ class RedisFingerprintStore:
         changed: list[tuple[Stored, Answer]] = []
         for start in range(0, len(queries), SWEEP_LAG):  # no chunk outruns the sweep's lag
             chunk = queries[start : start + SWEEP_LAG]
-            for query, (looked, numbers, records) in zip(chunk, self._look_up(chunk), strict=True):
-                evidence, stored = self._evidence(query, looked, numbers, records, kept)
+            for query, one in zip(chunk, self._look_up(chunk), strict=True):
+                evidence, stored = self._evidence(query, one, kept)
                 answer = decide(query, evidence)
                 if answer is not None:
                     kept[stored.entry] = answer
@@ -513,18 +565,51 @@ class RedisFingerprintStore:
                 self._relabel(stored, answer, pipe)
             pipe.execute()
 
-    def _look_up(
-        self, queries: Sequence[StoreQuery]
-    ) -> list[tuple[Lookup, list[int], Sequence[Any]]]:
+    def _decide_found(
+        self, queries: Sequence[StoreQuery], found: Sequence[Found], decide: Decide
+    ) -> None:
+        """``check_and_store_many``'s second half for queries looked up before."""
+        for query, one in zip(queries, found, strict=True):
+            evidence, stored = self._evidence(query, one, self._answered, pending_only=True)
+            kept = decide(query, evidence)
+            answer = kept if kept is not None else query.answer
+            if answer is not None:
+                self._remember(stored.entry, answer)
+                self._unwritten.append((stored, answer))
+
+    def write_answers(self) -> None:
+        """Write the answers decided since the last write, in one round trip."""
+        if self._unwritten:
+            pipe = self.redis.pipeline(transaction=False)
+            self._queue_answers(pipe)
+            pipe.execute()
+
+    def _queue_answers(self, pipe: Any) -> int:
+        """Queue the unwritten answers' writes on ``pipe`` (dropped if it fails: the records
+        stay pending, as when Redis fails before a look-up's answer is known): the number of
+        replies they add."""
+        writes, self._unwritten = self._unwritten, []
+        for stored, answer in writes:
+            self._relabel(stored, answer, pipe)
+        return 2 * len(writes)
+
+    def _remember(self, entry: int, answer: Answer) -> None:
+        """Keep the answer decided for a looked-up entry (the newest ``ANSWERS_REMEMBERED``)."""
+        self._answered[entry] = answer
+        if len(self._answered) > ANSWERS_REMEMBERED:
+            del self._answered[next(iter(self._answered))]
+
+    def _look_up(self, queries: Sequence[StoreQuery]) -> list[Found]:
         """Every query's script pipelined, then every query's candidates' records: (what its
         script returned, its candidates, their records). Each script sweeps as of the earliest
         query's time, so no query's candidates are swept before they are fetched."""
         sweep_at = min(query.at for query in queries)
         pipe = self.redis.pipeline(transaction=False)
+        writes = self._queue_answers(pipe)  # first: the queries see them
         for query in queries:
             keys_, args = self._both_call(query, sweep_at)
             self._run("both", keys_, args, pipe)
-        looked = [_lookup_of_both(raw) for raw in pipe.execute()]
+        looked = [_lookup_of_both(raw) for raw in pipe.execute()[writes:]]
         numbers = [self._candidates(one) for one in looked]
         pipe = self.redis.pipeline(transaction=False)
         for wanted in numbers:
@@ -532,7 +617,7 @@ class RedisFingerprintStore:
                 pipe.hmget(self.entries_key, wanted)
         fetched = iter(pipe.execute())
         return [
-            (one, wanted, next(fetched) if wanted else [])
+            Found(one, wanted, next(fetched) if wanted else [])
             for one, wanted in zip(looked, numbers, strict=True)
         ]
 
@@ -584,23 +669,24 @@ class RedisFingerprintStore:
     def _evidence(
         self,
         query: StoreQuery,
-        looked: Lookup,
-        numbers: list[int],
-        fetched: Sequence[Any],
+        found: Found,
         kept: Mapping[int, Answer],
+        *,
+        pending_only: bool = False,
     ) -> tuple[MatchEvidence, Stored]:
-        """Match a query against its candidates (``numbers``, ascending, and their ``fetched``
-        records, None where swept since) and its client's previous records; ``kept``: answers
-        to read instead for some entries."""
+        """Match a query against its candidates and its client's previous records; ``kept``:
+        answers to read instead for some entries (with ``pending_only``, only for records
+        still without one)."""
         size = self.dtype.itemsize
+        looked = found.looked
         live_numbers, live_blobs = [], []
-        for number, blob in zip(numbers, fetched, strict=True):
+        for number, blob in zip(found.numbers, found.records, strict=True):
             if blob is not None:
                 live_numbers.append(number)
                 live_blobs.append(blob)
         everyone_records = _records(b"".join(b[:size] for b in live_blobs), self.dtype)
         if kept:
-            everyone_records = self._with_kept(everyone_records, live_numbers, kept)
+            everyone_records = self._with_kept(everyone_records, live_numbers, kept, pending_only)
         fresh = everyone_records["at"] >= query.at - self.ttl_s
         everyone = self._scope(
             everyone_records[fresh],
@@ -615,7 +701,7 @@ class RedisFingerprintStore:
             self.redis.delete(self.client_key(query.client_id))
             raise
         if kept:
-            own = self._with_kept(own, own["entry"].tolist(), kept)
+            own = self._with_kept(own, own["entry"].tolist(), kept, pending_only)
         own = own[own["at"] >= query.at - self.client_ttl_s]
         client = self._scope(
             own, [query.client_id] * len(own), query.fingerprint, query.digest, query.client_id
@@ -623,11 +709,19 @@ class RedisFingerprintStore:
         return evidence_of(client, everyone), Stored(query.client_id, looked.entry)
 
     def _with_kept(
-        self, records: npt.NDArray[Any], entries: list[int], kept: Mapping[int, Answer]
+        self,
+        records: npt.NDArray[Any],
+        entries: list[int],
+        kept: Mapping[int, Answer],
+        pending_only: bool = False,
     ) -> npt.NDArray[Any]:
-        """A copy of ``records`` with the kept answers of those entries in place."""
+        """A copy of ``records`` with the kept answers of those entries in place (only where
+        a record has none yet, with ``pending_only``)."""
         out = records.copy()
+        pending = out["decision"] == 0
         for i, entry in enumerate(entries):
+            if pending_only and not pending[i]:
+                continue
             answer = kept.get(int(entry))
             if answer is not None:
                 _put_answer(out[i], answer)

@@ -166,8 +166,12 @@ def attach_stateful(service: Service) -> None:
     ):
         service.batcher.screen = batch_screening(service, service.stateful)
     else:
+        detector = service.stateful
         service.screening = ScreeningWorker(
-            service.stateful.screen_batch, track=partial(record_screened, service)
+            partial(detector.screen_batch, write_now=False),
+            track=partial(record_screened, service),
+            look_up_batch=detector.look_up,
+            after_pass=detector.write_answers,  # once the pass's answers are out
         )
 
 

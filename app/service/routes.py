@@ -36,6 +36,7 @@ from app.service.schemas import (
 from app.service.settings import Settings
 from app.service.state import ApiError, Service
 from app.service.stateful import (
+    LookUp,
     answer_of,
     observation_of,
     served_or_refused,
@@ -142,12 +143,16 @@ async def classify(
     data = await _read_upload(service.settings, file)
     pixels = await _decoded(service, data)
     service.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
+    # with a screening thread, the query is looked up while the model classifies it
+    looked_up = None if service.screening is None else service.screening.look_up(client_id, pixels)
     result = await _classified(service, pixels, explain and trusted, client_id)
     if not isinstance(result.verdict, Verdict):  # the guard is off: no score, no tracking
         response = _unguarded(request_id, result.verdict)
         service.metrics.requests.labels(decision="unguarded").inc()
     else:
-        response = await _judged(service, client_id, request_id, pixels, result, result.verdict)
+        response = await _judged(
+            service, client_id, request_id, pixels, result, result.verdict, looked_up
+        )
     service.metrics.stage_seconds.labels(stage="total").observe(time.perf_counter() - started)
     return response
 
@@ -232,6 +237,7 @@ async def _judged(
     pixels: torch.Tensor,
     result: BatchResult,
     verdict: Verdict,
+    looked_up: LookUp | None = None,
 ) -> ClassifyResponse:
     """The guard's answer: recorded in the client's statistics, screened by the stateful
     detector, which may change it (``silent``) or refuse it (403, ``refuse``; the batch worker
@@ -245,7 +251,7 @@ async def _judged(
         answer = served_or_refused(result.served)
     else:
         observation = observation_of(client_id, verdict, time.time(), service.flag_policy)
-        answer = await track_and_screen(service, observation, pixels, answer_of(verdict))
+        answer = await track_and_screen(service, observation, pixels, answer_of(verdict), looked_up)
     metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
     return ClassifyResponse(
         request_id=request_id,

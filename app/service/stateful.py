@@ -24,6 +24,12 @@ cost, and the store needs no lock. Which thread:
   cores with the model's threads, since it runs between its batches;
 - Redis, or a model on a GPU: its own thread (``ScreeningWorker``), so that the model never
   waits on Redis, and a GPU's batches overlap the screening (``screens_on_batch_worker``).
+  There a query is screened in two steps: *looked up* as soon as it is decoded, while the
+  model classifies it (fingerprinted; with Redis also stored, its answer pending, and its
+  candidates fetched: every round trip but the answers' write), then *decided* once
+  classified. At a fixed load the screening's added latency is lost throughput: looked up
+  after classification, a batch waited for the hash and both round trips (18-19 ms a request
+  at 32 clients, 11% of the throughput; docs/service.md).
 
 The fingerprint, the match rule and the in-process store are ``app.core.stateful``'s; the
 Redis store is ``app.service.fingerprints``. A store that fails (Redis down) fails open: the
@@ -60,7 +66,7 @@ from app.core.stateful import (
     default_scheme,
 )
 from app.service.batcher import Screen
-from app.service.fingerprints import RedisFingerprintStore
+from app.service.fingerprints import Found, RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
 from app.service.settings import Settings, StatefulPolicy
@@ -85,6 +91,21 @@ class QueryPrint:
     digest: bytes
 
 
+@dataclass(eq=False)
+class LookUp:
+    """A query looked up before it is classified (``StatefulDetector.look_up``): its print,
+    the time it is stored at and, with Redis, what the store found; ``failed``: the store
+    failed (down), so the query is answered unscreened. Set and read on the screening thread
+    only."""
+
+    client_id: str
+    pixels: torch.Tensor
+    at: float = 0.0
+    print: QueryPrint | None = None
+    found: Found | None = None
+    failed: bool = False
+
+
 @dataclass(frozen=True)
 class Pending:
     """A classified query waiting for the screening thread; its future gets the answer to
@@ -97,6 +118,7 @@ class Pending:
     answer: Answer
     future: asyncio.Future[Answer | None] | None = None  # None: no one waits (the replays)
     observation: Observation | None = None
+    look_up: LookUp | None = None  # None: looked up when screened
 
 
 @dataclass(frozen=True)
@@ -154,48 +176,105 @@ class StatefulDetector:
     def failed(self) -> None:
         self._down_until = time.monotonic() + self.retry_interval_s
 
-    def screen_batch(self, batch: Sequence[Pending]) -> list[Answer | None]:
+    def screen_batch(self, batch: Sequence[Pending], write_now: bool = True) -> list[Answer | None]:
         """Per query of the batch, the answer to serve, or None to refuse (``screen``)."""
-        return self.screen(batch).served
+        return self.screen(batch, write_now=write_now).served
 
-    def screen(self, batch: Sequence[Pending]) -> Screened:
-        """Fingerprint the batch at once, then match, store and judge its queries in arrival
-        order (``check_and_store_many``: Redis round trips per batch, not per query): per
-        query, the answer to serve (None: refuse) and the outcome. A store that fails answers
-        the rest as usual."""
-        if not self.available():  # the store failed a moment ago: do not wait on it
-            self._count("error", len(batch))
-            return Screened([pending.answer for pending in batch], ["error"] * len(batch))
-        prints = self.fingerprints([pending.pixels for pending in batch])
-        matching = time.perf_counter()
+    def look_up(self, queries: Sequence[LookUp]) -> None:
+        """What screening needs before the answer, done while the model classifies: the
+        queries fingerprinted at once and, with Redis, stored in arrival order (answers
+        pending) and their candidates fetched (``RedisFingerprintStore.look_up_many``). A store
+        that is down marks them ``failed``: answered unscreened."""
+        prints = self.fingerprints([query.pixels for query in queries])
         at = time.time()
-        queries = [
-            StoreQuery(pending.client_id, q.fingerprint, q.digest, at, pending.answer, q.keys)
-            for pending, q in zip(batch, prints, strict=True)
-        ]
-        served: list[Answer | None] = []
-        outcomes: list[Outcome] = []
-
-        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
-            answer, kept, outcome = self._judge(query, evidence)
-            served.append(answer)
-            outcomes.append(outcome)
-            return kept
-
+        for query, its_print in zip(queries, prints, strict=True):
+            query.print, query.at = its_print, at
+        if not isinstance(self.store, RedisFingerprintStore):  # in memory: decided in one go
+            return
+        if not self.available():  # the store failed a moment ago: do not wait on it
+            for query in queries:
+                query.failed = True
+            return
+        started = time.perf_counter()
         try:
-            self.store.check_and_store_many(queries, decide)
+            found = self.store.look_up_many([self._query(query, None) for query in queries])
         except REDIS_ERRORS:
             self.failed()
-            if len(served) < len(batch):  # not judged: answered as usual
-                self._count("error", len(batch) - len(served))
-                outcomes += ["error"] * (len(batch) - len(served))
-                served += [pending.answer for pending in batch[len(served) :]]
+            for query in queries:
+                query.failed = True
+            return
+        finally:
+            self.spent("match", time.perf_counter() - started)
+        for i, query in enumerate(queries):
+            query.found = None if found is None else found[i]
+
+    @staticmethod
+    def _query(looked_up: LookUp, answer: Answer | None) -> StoreQuery:
+        its_print = looked_up.print
+        assert its_print is not None  # looked up
+        return StoreQuery(
+            looked_up.client_id,
+            its_print.fingerprint,
+            its_print.digest,
+            looked_up.at,
+            answer,
+            its_print.keys,
+        )
+
+    def screen(self, batch: Sequence[Pending], *, write_now: bool = True) -> Screened:
+        """Match, store and judge the batch's queries in arrival order, each looked up first
+        (``look_up``, here for those not looked up before), with the store's round trips per
+        batch, not per query: per query, the answer to serve (None: refuse) and the outcome. A
+        store that fails (or failed at the look-up) answers those queries as usual. Queries
+        looked up in Redis get their answers written now, or with ``write_now`` False by
+        ``write_answers`` once they are served (or the store's next round trip)."""
+        looked_up = [
+            pending.look_up or LookUp(pending.client_id, pending.pixels) for pending in batch
+        ]
+        fresh = [query for query in looked_up if query.print is None]
+        if fresh:
+            self.look_up(fresh)
+        served: list[Answer | None] = [pending.answer for pending in batch]
+        outcomes: list[Outcome] = ["error"] * len(batch)
+        judged = [i for i, query in enumerate(looked_up) if not query.failed and self.available()]
+        matching = time.perf_counter()
+        turn = iter(judged)
+
+        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
+            i = next(turn)
+            served[i], kept, outcomes[i] = self._judge(query, evidence)
+            return kept
+
+        queries = [self._query(looked_up[i], batch[i].answer) for i in judged]
+        found = [its for i in judged if (its := looked_up[i].found) is not None]
+        assert not found or len(found) == len(judged)  # a look-up stores all of its queries
+        try:
+            if found and isinstance(self.store, RedisFingerprintStore):
+                self.store.check_and_store_many(queries, decide, found)
+            elif queries:
+                self.store.check_and_store_many(queries, decide)
+        except REDIS_ERRORS:
+            self.failed()  # the queries not judged yet are answered as usual
         finally:
             # once per batch, not per query: a labelled counter's lookup is ~3 us a call
-            for outcome in ("clear", "detected", "consistent"):  # "error": where it failed
+            for outcome in STATEFUL_OUTCOMES:
                 self._count(outcome, outcomes.count(outcome))
             self.spent("match", time.perf_counter() - matching)
+        if write_now:
+            self.write_answers()
         return Screened(served, outcomes)
+
+    def write_answers(self) -> None:
+        """Write the answers decided for queries looked up in Redis (a failure fails open)."""
+        if not isinstance(self.store, RedisFingerprintStore):
+            return
+        started = time.perf_counter()
+        try:
+            self.store.write_answers()
+        except REDIS_ERRORS:
+            self.failed()
+        finally:
+            self.spent("match", time.perf_counter() - started)
 
     def spent(self, part: str, seconds: float) -> None:
         """Add to the screening's time in ``part`` (``SCREENING_PARTS``)."""
@@ -242,10 +321,14 @@ class StatefulDetector:
 
 
 class ScreeningWorker:
-    """The one thread that screens queries: it takes the first waiting query, then every other
-    one already waiting (up to ``max_batch``), and hands them to ``screen_batch`` in arrival
-    order. A query submitted after ``stop`` is not screened (``submit`` returns None: the caller
-    fails open, as when the store is down); ``stop`` screens what is queued first.
+    """The one thread that screens queries: it takes the first waiting item, then every other
+    one already waiting (up to ``max_batch``): queries to look up before they are classified
+    (``look_up``, handed to ``look_up_batch``) and classified queries to screen (``submit``,
+    handed to ``screen_batch``), each kind in arrival order. Queries whose look-up is done are
+    screened first, then the new look-ups run, then the queries that waited on them: a
+    classified query never waits for the look-up of a later batch. A query submitted after
+    ``stop`` is not screened (``submit`` and ``look_up`` return None: the caller fails open,
+    as when the store is down); ``stop`` handles what is queued first.
 
     A batch's statistics (``track``) are recorded on a thread of their own while the batch is
     screened, and its answers wait for both: with Redis both are round trips, and one after the
@@ -261,11 +344,15 @@ class ScreeningWorker:
         screen_batch: Callable[[Sequence[Pending]], list[Answer | None]],
         max_batch: int = MAX_SCREENING_BATCH,
         track: Callable[[Sequence[Observation]], None] | None = None,
+        look_up_batch: Callable[[Sequence[LookUp]], None] | None = None,
+        after_pass: Callable[[], None] | None = None,
     ) -> None:
         self.screen_batch = screen_batch
         self.max_batch = max_batch
         self.track = track  # records a screened batch's observations, in order
-        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self.look_up_batch = look_up_batch  # None: queries are looked up when screened
+        self.after_pass = after_pass  # once a pass's answers are out (writes them to Redis)
+        self._queue: queue.SimpleQueue[LookUp | Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="advguard-screening", daemon=True)
@@ -274,18 +361,31 @@ class ScreeningWorker:
     def start(self) -> None:
         self._thread.start()
 
+    def look_up(self, client_id: str, pixels: torch.Tensor) -> LookUp | None:
+        """Queue a query's look-up (before it is classified); pass what it returns to
+        ``submit``. None: nothing to look up early, or stopped."""
+        if self.look_up_batch is None:
+            return None
+        looked_up = LookUp(client_id, pixels)
+        with self._lock:
+            if self._closed:
+                return None
+            self._queue.put(looked_up)
+        return looked_up
+
     def submit(
         self,
         client_id: str,
         pixels: torch.Tensor,
         answer: Answer,
         observation: Observation | None = None,
+        looked_up: LookUp | None = None,
     ) -> asyncio.Future[Answer | None] | None:
         future: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._closed:
                 return None
-            self._queue.put(Pending(client_id, pixels, answer, future, observation))
+            self._queue.put(Pending(client_id, pixels, answer, future, observation, looked_up))
         return future
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -318,7 +418,34 @@ class ScreeningWorker:
             if last:
                 return
 
-    def _serve(self, batch: list[Pending]) -> None:
+    def _serve(self, items: list[LookUp | Pending]) -> None:
+        """Screen the queries whose look-up is done, run the new look-ups, then screen the
+        queries that waited on them."""
+        ready: list[Pending] = []
+        waited: list[Pending] = []
+        for item in items:
+            if isinstance(item, Pending):
+                waits = item.look_up is not None and item.look_up.print is None
+                (waited if waits else ready).append(item)
+        if ready:
+            self._screen(ready)
+        looked_up = [item for item in items if isinstance(item, LookUp)]
+        if looked_up and self.look_up_batch is not None:
+            try:
+                self.look_up_batch(looked_up)
+            except Exception:  # a bug: looked up again when screened (and failed there)
+                log.exception("looking up a batch of %d failed", len(looked_up))
+                for query in looked_up:
+                    query.print, query.found = None, None
+        if waited:
+            self._screen(waited)
+        if self.after_pass is not None:
+            try:
+                self.after_pass()
+            except Exception:  # a bug: its queries were answered already
+                log.exception("finishing a screening pass failed")
+
+    def _screen(self, batch: list[Pending]) -> None:
         observations = [p.observation for p in batch if p.observation is not None]
         tracking = (
             self._tracking.submit(self.track, observations)
@@ -469,7 +596,11 @@ def record_screened(service: Service, observations: Sequence[Observation]) -> No
 
 
 async def track_and_screen(
-    service: Service, observation: Observation, pixels: torch.Tensor, answer: Answer
+    service: Service,
+    observation: Observation,
+    pixels: torch.Tensor,
+    answer: Answer,
+    looked_up: LookUp | None = None,
 ) -> Answer:
     """Pass the classified query through the stateful detector (when on) and record it in the
     client's statistics: the answer it gets; raises the 403 of the ``refuse`` policy (a query
@@ -477,13 +608,14 @@ async def track_and_screen(
     detector on, the screening worker records it with the rest of its batch, while screening
     the batch (one thread hop per request: a second hop measurably cost throughput);
     otherwise it is recorded here (``tracker_call``: on the event loop for the in-process
-    tracker, on a worker thread for Redis)."""
+    tracker, on a worker thread for Redis). ``looked_up``: the query's look-up
+    (``ScreeningWorker.look_up``), queued before it was classified."""
     worker = service.screening
     started = time.perf_counter()
     future = (
         None
         if worker is None
-        else worker.submit(observation.client_id, pixels, answer, observation)
+        else worker.submit(observation.client_id, pixels, answer, observation, looked_up)
     )
     if future is None:
         await tracker_call(service.tracker, track_all, service, [observation])

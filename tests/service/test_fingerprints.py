@@ -5,6 +5,7 @@ every time; bounds, index and key layout."""
 from __future__ import annotations
 
 import uuid
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,13 @@ from app.core.stateful import (
     pixel_digests,
 )
 from app.core.stateful import index_buckets as buckets
-from app.service.fingerprints import SWEEP_BATCH, SWEEP_LAG, SWEEP_LAG_S, RedisFingerprintStore
+from app.service.fingerprints import (
+    SWEEP_BATCH,
+    SWEEP_LAG,
+    SWEEP_LAG_S,
+    Found,
+    RedisFingerprintStore,
+)
 from evaluation.honest_traffic import EDITS, as_served, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.helpers import RedisClusterProcesses, RedisProcess
@@ -218,6 +225,83 @@ def test_batches_in_one_round_trip_give_what_one_query_at_a_time_gives(
         _same(a, b)
     relabelled = [e for e in expected if DEFAULT_RULE.detects(e) and e.anchor is not None]
     assert len(relabelled) >= 30  # detections whose kept answers later queries read
+
+
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_looked_up_before_their_answers_the_queries_give_what_one_at_a_time_gives(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+    ahead: int,
+) -> None:
+    """The service's order: each batch looked up (stored, answers pending) while the model
+    classifies it, ``ahead`` batches before the oldest is decided; each decided on what its
+    look-up found, in order. Pending records of this store's queries read as decided (kept
+    answers included), so every query's evidence is what the in-process store gives one query
+    at a time, and the records end up holding the answers."""
+    bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
+    memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    red = RedisFingerprintStore(
+        redis_server.url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=2.0, **bounds
+    )
+    queries = _queries(photos)
+    images = np.stack([image for _, image, _ in queries])
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    answered = [
+        StoreQuery(client, prints[i], digests[i], at, _answer(i), keys[i])
+        for i, (client, _, at) in enumerate(queries)
+    ]
+    batches = [answered[start : start + 5] for start in range(0, len(answered), 5)]
+
+    def silent(log: list[MatchEvidence]) -> Decide:
+        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
+            log.append(evidence)
+            detected = DEFAULT_RULE.detects(evidence) and evidence.anchor != query.answer
+            return evidence.anchor if detected else None
+
+        return decide
+
+    expected: list[MatchEvidence] = []
+    memory.check_and_store_many(answered, silent(expected))
+    got: list[MatchEvidence] = []
+    in_flight: list[tuple[list[StoreQuery], list[Found]]] = []
+    for batch in [*batches, *[[]] * ahead]:
+        if batch:
+            found = red.look_up_many([replace(query, answer=None) for query in batch])
+            assert found is not None
+            in_flight.append((batch, found))
+        if len(in_flight) > ahead or (not batch and in_flight):
+            oldest, its_found = in_flight.pop(0)
+            red.check_and_store_many(oldest, silent(got), its_found)
+    assert len(got) == len(expected) == len(queries)
+    for a, b in zip(expected, got, strict=True):
+        _same(a, b)
+    assert sum(DEFAULT_RULE.detects(e) for e in expected) >= 30  # kept answers were read
+    client = redis.Redis.from_url(redis_server.url)
+
+    def pending() -> int:
+        records = np.frombuffer(
+            b"".join(blob[: red.dtype.itemsize] for blob in client.hvals(red.entries_key)),
+            red.dtype,
+        )
+        assert len(records) > 0
+        return int((records["decision"] == 0).sum())
+
+    assert 0 < pending() <= 5 * (1 + ahead)  # the last answers wait for the next round trip
+    red.write_answers()
+    assert pending() == 0  # every answer written, kept ones included
+    own = np.frombuffer(client.get(red.client_key("mallory")), red.dtype)
+    assert len(own) and (own["decision"] != 0).all()
+
+
+def test_a_cluster_looks_up_when_it_decides(
+    redis_cluster: RedisClusterProcesses,
+) -> None:
+    """On a cluster a query's two scripts need its answer: nothing is looked up early."""
+    red = RedisFingerprintStore(redis_cluster.url, SCHEME, cluster=True, timeout_s=2.0)
+    prints, keys = SCHEME.fingerprints_and_keys(np.zeros((1, 3, 32, 32), np.uint8))
+    query = StoreQuery("a", prints[0], b"d", 1.0, None, keys[0])
+    assert red.look_up_many([query]) is None
 
 
 def test_a_photo_resent_thousands_of_times_does_not_hide_later_probes(

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -27,11 +28,14 @@ from app.core.stateful import (
     default_scheme,
     pixel_digests,
 )
+from app.service.fingerprints import DECISIONS as STORED_DECISIONS
 from app.service.main import create_app
 from app.service.metrics import SCREENING_PARTS, Metrics
 from app.service.settings import Settings
 from app.service.stateful import (
+    LookUp,
     Pending,
+    QueryPrint,
     ScreeningWorker,
     build_stateful,
     screens_on_batch_worker,
@@ -40,7 +44,13 @@ from app.service.tracking import Observation
 from evaluation.honest_traffic import EDITS, edit, encode
 from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
-from tests.service.helpers import RedisClusterProcesses, admin_of, free_port, upload
+from tests.service.helpers import (
+    RedisClusterProcesses,
+    RedisProcess,
+    admin_of,
+    free_port,
+    upload,
+)
 
 SECRET = "test-secret"
 ADMIN = {"X-Admin-Token": "s3cret"}
@@ -165,9 +175,9 @@ def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_o
         screened_on: list[str] = []
         real = store.check_and_store_many
 
-        def spy(queries: Sequence[Any], decide: Any) -> None:
+        def spy(queries: Sequence[Any], decide: Any, *found: Any) -> None:
             screened_on.extend(threading.current_thread().name for _ in queries)
-            real(queries, decide)
+            real(queries, decide, *found)
 
         store.check_and_store_many = spy
         answers = bodies(client, sequence[:3], ["t1"] * 3)
@@ -182,6 +192,56 @@ def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_o
         assert screened_on == ["advguard-batcher"] * 3 and service.screening is None
     else:
         assert screened_on == ["advguard-screening"] * 3 and service.screening is not None
+
+
+def test_with_redis_a_query_is_looked_up_while_the_model_classifies_it(
+    redis_server: RedisProcess, sequence: np.ndarray
+) -> None:
+    """With Redis the query is stored and its candidates fetched while the model classifies it:
+    the model, held until the query's look-up has begun, is not held long (it would wait out
+    its 10 s if the look-up came after it). Then the query is decided on what was found, and its
+    answer written."""
+    settings = Settings(
+        device="cpu",
+        max_wait_ms=1.0,
+        redis_url=redis_server.url,
+        redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
+        **_settings("flag"),
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        service = app.state.service
+        store, guard = service.stateful.store, service.guard
+        looking, overlapped, decided = threading.Event(), [], []
+        real_infer, real_look_up, real_decide = (
+            guard.infer,
+            store.look_up_many,
+            store.check_and_store_many,
+        )
+
+        def infer(pixels: torch.Tensor) -> Any:
+            overlapped.append(looking.wait(10))  # the look-up has begun
+            return real_infer(pixels)
+
+        def look_up_many(queries: Sequence[Any]) -> Any:
+            looking.set()
+            return real_look_up(queries)
+
+        def check_and_store_many(queries: Sequence[Any], decide: Any, *found: Any) -> None:
+            decided.append(len(found) == 1 and found[0] is not None)
+            real_decide(queries, decide, *found)
+
+        guard.infer, store.look_up_many = infer, look_up_many
+        store.check_and_store_many = check_and_store_many
+        status, body = bodies(client, sequence[:1], ["early"])[0]
+        assert status == 200 and body["decision"] in ("accepted", "rejected")
+        assert overlapped == [True] and decided == [True]
+        assert (
+            metric(client, "advguard_stateful_queries_total", policy="flag", outcome="clear") == 1
+        )
+        raw = redis.Redis.from_url(redis_server.url).get(store.client_key("early"))
+        record = np.frombuffer(raw, store.dtype)[0]
+    assert STORED_DECISIONS[int(record["decision"])] == body["decision"]  # its answer written
 
 
 @pytest.mark.parametrize(
@@ -379,6 +439,63 @@ def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
         worker.stop()
 
     asyncio.run(run())
+
+
+def test_a_query_is_looked_up_before_it_is_classified_and_waits_for_no_later_look_up() -> None:
+    """``look_up`` queues a query's look-up as it is decoded; the thread runs it while the model
+    classifies it, and the classified query then only waits for its own screening. In one pass,
+    queries whose look-up is done are screened before the pass's new look-ups run, and those
+    that waited on them after; ``after_pass`` (writing the answers) runs last."""
+    events: list[tuple[str, list[str]]] = []
+    release, taken = threading.Event(), threading.Event()
+
+    def look_up(queries: Sequence[LookUp]) -> None:
+        events.append(("look up", [q.client_id for q in queries]))
+        for query in queries:
+            query.print = QueryPrint(np.zeros(1, np.uint64), np.zeros(1, np.uint64), b"")
+
+    def screen_batch(batch: Sequence[Pending]) -> list[Answer | None]:
+        events.append(("screen", [p.client_id for p in batch]))
+        assert all(p.look_up is not None and p.look_up.print is not None for p in batch)
+        taken.set()
+        release.wait(10)
+        return [pending.answer for pending in batch]
+
+    worker = ScreeningWorker(
+        screen_batch, look_up_batch=look_up, after_pass=lambda: events.append(("after", []))
+    )
+
+    async def run() -> list[Answer | None]:
+        pixels = torch.zeros(3, 4, 4)
+        first = worker.look_up("first", pixels)
+        early = worker.look_up("early", pixels)
+        assert first is not None and early is not None
+        worker.start()  # both queued: one pass looks them up
+        while early.print is None:  # looked up before "classified"
+            await asyncio.sleep(0.01)
+        futures = [worker.submit("first", pixels, _answer(0), None, first)]
+        assert await asyncio.to_thread(taken.wait, 10)  # "first" is being screened
+        late = worker.look_up("late", pixels)
+        futures.append(worker.submit("early", pixels, _answer(1), None, early))
+        futures.append(worker.submit("late", pixels, _answer(2), None, late))
+        release.set()
+        results = [await asyncio.wait_for(f, 10) for f in futures if f is not None]
+        worker.stop()
+        return results
+
+    assert asyncio.run(run()) == [_answer(i) for i in range(3)]
+    assert events == [
+        ("look up", ["first", "early"]),
+        ("after", []),
+        ("screen", ["first"]),
+        ("after", []),
+        ("screen", ["early"]),  # looked up already: before the pass's new look-up
+        ("look up", ["late"]),
+        ("screen", ["late"]),
+        ("after", []),  # once the pass's answers are out
+    ]
+    plain = ScreeningWorker(screen_batch)  # nothing to look up early: looked up when screened
+    assert plain.look_up("a", torch.zeros(3, 4, 4)) is None
 
 
 def test_a_batchs_statistics_are_recorded_at_once_beside_its_screening() -> None:
