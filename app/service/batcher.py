@@ -6,9 +6,11 @@ worker takes the first waiting item, then gathers more until it has ``max_batch_
 ``max_wait_s`` has passed since the first, and runs one forward pass and one index search for
 the whole batch (the forward pass only when ``guarded`` is false: the guard is off), then, with
 a ``screen`` (the stateful detector, when its store never waits on the network), screens the
-batch's queries. FAISS GPU indexes are not thread-safe, so the index is only ever touched by
-this thread. A full queue refuses at once (the route answers 503 with Retry-After); ``stop``
-refuses new work and drains what is queued.
+batch's queries. With a ``before_run``, the batch's look-ups (what its items were submitted
+with) go to it as the batch starts: the stateful detector's screening thread looks them up
+while the model runs them. FAISS GPU indexes are not thread-safe, so the index is only ever
+touched by this thread. A full queue refuses at once (the route answers 503 with
+Retry-After); ``stop`` refuses new work and drains what is queued.
 
 Latency budget (``budget_s``): an item that has waited longer than that in the queue when a
 batch could take it is never run: its future fails with ``DeadlineExceededError`` (503 +
@@ -28,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -84,6 +87,7 @@ class _Item:
     deadline: float | None
     explain: bool = False
     client_id: str | None = None  # screened on the worker when it has a ``screen``
+    look_up: Any = None  # handed to ``before_run`` with the rest of its batch
 
 
 def _noop_count(_size: int) -> None:
@@ -108,6 +112,8 @@ class Batcher:
     ):
         self.guard = guard
         self.screen = screen  # set before ``start``: the worker then screens guarded batches
+        # set before ``start``: gets a batch's look-ups as it starts (``submit``'s ``look_up``)
+        self.before_run: Callable[[list[Any]], None] | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
@@ -160,12 +166,17 @@ class Batcher:
         return 0.0 if item_s is None else (ahead + 1) * item_s
 
     def submit(
-        self, pixels: torch.Tensor, explain: bool = False, client_id: str | None = None
+        self,
+        pixels: torch.Tensor,
+        explain: bool = False,
+        client_id: str | None = None,
+        look_up: Any = None,
     ) -> asyncio.Future[BatchResult]:
         """Queue one image, from a running event loop: the future of that loop that gets its
         result. ``explain`` also computes its evidence (``app.core.explain``) in the worker, the
         one thread that may search the index. With ``client_id`` and a ``screen``, a guarded
-        result is also screened there (``BatchResult.screened``)."""
+        result is also screened there (``BatchResult.screened``). ``look_up``: handed to
+        ``before_run`` when its batch starts (an item never run is never handed)."""
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
         with self._submit_lock:
             if self._closed.is_set():
@@ -174,7 +185,8 @@ class Batcher:
             budget = self.budget_s()
             deadline = None if budget is None else now + budget
             try:
-                self._queue.put_nowait(_Item(pixels, future, now, deadline, explain, client_id))
+                item = _Item(pixels, future, now, deadline, explain, client_id, look_up)
+                self._queue.put_nowait(item)
             except queue.Full:
                 raise QueueFullError("the classification queue is full") from None
         return future
@@ -235,6 +247,10 @@ class Batcher:
     def _process(self, batch: list[_Item]) -> None:
         started = self.clock()
         try:
+            if self.before_run is not None:
+                look_ups = [item.look_up for item in batch if item.look_up is not None]
+                if look_ups:
+                    self.before_run(look_ups)
             pixels = torch.stack([item.pixels for item in batch])
             results: list[Classification]
             explanations: dict[int, Explanation] = {}

@@ -246,31 +246,58 @@ return old
 """
 )
 
-# KEYS: entries. ARGV: entry number, answer offset, answer bytes. Rewrites a record's answer.
-_RELABEL_GLOBAL_LUA = """
-local rec = redis.call('HGET', KEYS[1], ARGV[1])
-if not rec then return 0 end
-local off = tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], ARGV[1],
-           string.sub(rec, 1, off) .. ARGV[3] .. string.sub(rec, off + #ARGV[3] + 1))
-return 1
+# Lua functions that rewrite a stored query's answer: in everyone's entries (the record under
+# its entry number) and in its client's string (the record with that entry number; TTL kept).
+# Each returns 1 if it found the record.
+_RELABEL_FUNCTIONS = """
+local function relabel_entry(entries, entry, off, answer)
+  local rec = redis.call('HGET', entries, entry)
+  if not rec then return 0 end
+  redis.call('HSET', entries, entry,
+             string.sub(rec, 1, off) .. answer .. string.sub(rec, off + #answer + 1))
+  return 1
+end
+local function relabel_own(key, entry_bytes, entry_off, off, answer, size)
+  local s = redis.call('GET', key)
+  if not s then return 0 end
+  for start = #s - size, 0, -size do
+    if string.sub(s, start + entry_off + 1, start + entry_off + 8) == entry_bytes then
+      redis.call('SETRANGE', key, start + off, answer)
+      return 1
+    end
+  end
+  return 0
+end
 """
 
+# KEYS: entries. ARGV: entry number, answer offset, answer bytes.
+_RELABEL_GLOBAL_LUA = (
+    _RELABEL_FUNCTIONS + "return relabel_entry(KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3])\n"
+)
+
 # KEYS: the client's string. ARGV: entry bytes, entry offset, answer offset, answer bytes, record
-# size. Rewrites the answer of the client's record with that entry number (TTL kept).
-_RELABEL_CLIENT_LUA = """
-local s = redis.call('GET', KEYS[1])
-if not s then return 0 end
-local size = tonumber(ARGV[5])
-local entry_off = tonumber(ARGV[2])
-for start = #s - size, 0, -size do
-  if string.sub(s, start + entry_off + 1, start + entry_off + 8) == ARGV[1] then
-    redis.call('SETRANGE', KEYS[1], start + tonumber(ARGV[3]), ARGV[4])
-    return 1
-  end
+# size.
+_RELABEL_CLIENT_LUA = (
+    _RELABEL_FUNCTIONS
+    + "return relabel_own(KEYS[1], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], "
+    "tonumber(ARGV[5]))\n"
+)
+
+# One Redis (not a cluster): many answers in one call. KEYS: entries, then each query's
+# client's string. ARGV: entry offset, answer offset, record size, then each query's entry
+# number, entry bytes and answer bytes.
+_RELABEL_MANY_LUA = (
+    _RELABEL_FUNCTIONS
+    + """
+local entry_off, off, size = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for k = 2, #KEYS do
+  local at = 3 * k - 2
+  relabel_entry(KEYS[1], ARGV[at], off, ARGV[at + 2])
+  relabel_own(KEYS[k], ARGV[at + 1], entry_off, off, ARGV[at + 2], size)
 end
-return 0
+return #KEYS - 1
 """
+)
 
 _SCRIPTS = {
     "both": _BOTH_LUA,
@@ -278,6 +305,7 @@ _SCRIPTS = {
     "client": _CLIENT_LUA,
     "relabel_global": _RELABEL_GLOBAL_LUA,
     "relabel_client": _RELABEL_CLIENT_LUA,
+    "relabel_many": _RELABEL_MANY_LUA,
 }
 
 
@@ -585,13 +613,20 @@ class RedisFingerprintStore:
             pipe.execute()
 
     def _queue_answers(self, pipe: Any) -> int:
-        """Queue the unwritten answers' writes on ``pipe`` (dropped if it fails: the records
-        stay pending, as when Redis fails before a look-up's answer is known): the number of
-        replies they add."""
+        """Queue the unwritten answers' writes on ``pipe``, one script call for them all
+        (dropped if it fails: the records stay pending, as when Redis fails before a look-up's
+        answer is known): the number of replies they add."""
         writes, self._unwritten = self._unwritten, []
+        if not writes:
+            return 0
+        keys = [self.entries_key]
+        args: list[Any] = [self._entry_offset, self._answer_offset, self.dtype.itemsize]
         for stored, answer in writes:
-            self._relabel(stored, answer, pipe)
-        return 2 * len(writes)
+            keys.append(self.client_key(stored.client_id))
+            entry_bytes = np.array([stored.entry], "<u8").tobytes()
+            args += [stored.entry, entry_bytes, self._answer_bytes(answer)]
+        self._run("relabel_many", keys, args, pipe)
+        return 1
 
     def _remember(self, entry: int, answer: Answer) -> None:
         """Keep the answer decided for a looked-up entry (the newest ``ANSWERS_REMEMBERED``)."""

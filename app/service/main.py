@@ -173,6 +173,7 @@ def attach_stateful(service: Service) -> None:
             look_up_batch=detector.look_up,
             after_pass=detector.write_answers,  # once the pass's answers are out
         )
+        service.batcher.before_run = service.screening.look_up_all  # as a batch starts
 
 
 def bind_metrics(service: Service) -> None:

@@ -143,9 +143,9 @@ async def classify(
     data = await _read_upload(service.settings, file)
     pixels = await _decoded(service, data)
     service.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
-    # with a screening thread, the query is looked up while the model classifies it
+    # with a screening thread, the query is looked up while the model classifies its batch
     looked_up = None if service.screening is None else service.screening.look_up(client_id, pixels)
-    result = await _classified(service, pixels, explain and trusted, client_id)
+    result = await _classified(service, pixels, explain and trusted, client_id, looked_up)
     if not isinstance(result.verdict, Verdict):  # the guard is off: no score, no tracking
         response = _unguarded(request_id, result.verdict)
         service.metrics.requests.labels(decision="unguarded").inc()
@@ -193,7 +193,11 @@ async def _decoded(service: Service, data: bytes) -> torch.Tensor:
 
 
 async def _classified(
-    service: Service, pixels: torch.Tensor, explain: bool, client_id: str
+    service: Service,
+    pixels: torch.Tensor,
+    explain: bool,
+    client_id: str,
+    looked_up: LookUp | None = None,
 ) -> BatchResult:
     """The batch worker's result for the pixels (screened there too when it screens): 503
     (held, with Retry-After) when its queue is full or the image waited past the latency
@@ -201,7 +205,9 @@ async def _classified(
     settings, metrics = service.settings, service.metrics
     retry = {"Retry-After": str(settings.retry_after_s)}
     try:
-        future = service.batcher.submit(pixels, explain=explain, client_id=client_id)
+        future = service.batcher.submit(
+            pixels, explain=explain, client_id=client_id, look_up=looked_up
+        )
     except QueueFullError as exc:
         metrics.shed.labels(reason="queue_full").inc()
         await hold_refusal(settings.shed_delay_ms / 1000.0)

@@ -24,10 +24,10 @@ cost, and the store needs no lock. Which thread:
   cores with the model's threads, since it runs between its batches;
 - Redis, or a model on a GPU: its own thread (``ScreeningWorker``), so that the model never
   waits on Redis, and a GPU's batches overlap the screening (``screens_on_batch_worker``).
-  There a query is screened in two steps: *looked up* as soon as it is decoded, while the
-  model classifies it (fingerprinted; with Redis also stored, its answer pending, and its
-  candidates fetched: every round trip but the answers' write), then *decided* once
-  classified. At a fixed load the screening's added latency is lost throughput: looked up
+  There a query is screened in two steps: *looked up* with its model batch as the batch
+  starts, while the model classifies it (fingerprinted; with Redis also stored, its answer
+  pending, and its candidates fetched: every round trip but the answers' write, in one pass
+  for the batch), then *decided* once classified. At a fixed load the screening's added latency is lost throughput: looked up
   after classification, a batch waited for the hash and both round trips (18-19 ms a request
   at 32 clients, 11% of the throughput; docs/service.md).
 
@@ -322,13 +322,14 @@ class StatefulDetector:
 
 class ScreeningWorker:
     """The one thread that screens queries: it takes the first waiting item, then every other
-    one already waiting (up to ``max_batch``): queries to look up before they are classified
-    (``look_up``, handed to ``look_up_batch``) and classified queries to screen (``submit``,
-    handed to ``screen_batch``), each kind in arrival order. Queries whose look-up is done are
-    screened first, then the new look-ups run, then the queries that waited on them: a
-    classified query never waits for the look-up of a later batch. A query submitted after
-    ``stop`` is not screened (``submit`` and ``look_up`` return None: the caller fails open,
-    as when the store is down); ``stop`` handles what is queued first.
+    one already waiting (up to ``max_batch``): model batches' queries to look up as the model
+    starts them (``look_up_all``, handed together to ``look_up_batch``) and classified queries
+    to screen (``submit``, handed to ``screen_batch``), each kind in arrival order. Queries
+    whose look-up is done are screened first, then the new look-ups run, then the queries that
+    waited on them: a classified query never waits for the look-up of a later batch, and
+    ``after_pass`` runs once a pass's answers are out. A query submitted after ``stop`` is not
+    screened (``submit`` returns None: the caller fails open, as when the store is down);
+    ``stop`` handles what is queued first.
 
     A batch's statistics (``track``) are recorded on a thread of their own while the batch is
     screened, and its answers wait for both: with Redis both are round trips, and one after the
@@ -352,7 +353,7 @@ class ScreeningWorker:
         self.track = track  # records a screened batch's observations, in order
         self.look_up_batch = look_up_batch  # None: queries are looked up when screened
         self.after_pass = after_pass  # once a pass's answers are out (writes them to Redis)
-        self._queue: queue.SimpleQueue[LookUp | Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[LookUp] | Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="advguard-screening", daemon=True)
@@ -362,16 +363,16 @@ class ScreeningWorker:
         self._thread.start()
 
     def look_up(self, client_id: str, pixels: torch.Tensor) -> LookUp | None:
-        """Queue a query's look-up (before it is classified); pass what it returns to
-        ``submit``. None: nothing to look up early, or stopped."""
-        if self.look_up_batch is None:
-            return None
-        looked_up = LookUp(client_id, pixels)
+        """A query's look-up, to queue with its model batch (``look_up_all``) and then pass to
+        ``submit``; None: nothing to look up early."""
+        return None if self.look_up_batch is None else LookUp(client_id, pixels)
+
+    def look_up_all(self, queries: list[LookUp]) -> None:
+        """Queue a model batch's look-ups as it starts: looked up together while the model runs
+        (after ``stop``, each is looked up when its query is screened)."""
         with self._lock:
-            if self._closed:
-                return None
-            self._queue.put(looked_up)
-        return looked_up
+            if not self._closed:
+                self._queue.put(queries)
 
     def submit(
         self,
@@ -418,7 +419,7 @@ class ScreeningWorker:
             if last:
                 return
 
-    def _serve(self, items: list[LookUp | Pending]) -> None:
+    def _serve(self, items: list[list[LookUp] | Pending]) -> None:
         """Screen the queries whose look-up is done, run the new look-ups, then screen the
         queries that waited on them."""
         ready: list[Pending] = []
@@ -429,7 +430,7 @@ class ScreeningWorker:
                 (waited if waits else ready).append(item)
         if ready:
             self._screen(ready)
-        looked_up = [item for item in items if isinstance(item, LookUp)]
+        looked_up = [query for item in items if isinstance(item, list) for query in item]
         if looked_up and self.look_up_batch is not None:
             try:
                 self.look_up_batch(looked_up)

@@ -91,3 +91,31 @@ def test_the_guard_off_screens_nothing(
     finally:
         batcher.stop()
     assert not result.screened and not isinstance(result.verdict, Verdict)
+
+
+def test_a_batchs_look_ups_go_to_before_run_together_before_the_model_runs(
+    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
+) -> None:
+    """``before_run`` gets a batch's look-ups (its items submitted with one) in one call as the
+    batch starts, before the forward pass: the screening thread looks them up meanwhile."""
+    events: list[tuple[str, list[str]]] = []
+    real_infer = guard.infer
+
+    def infer(batch: torch.Tensor) -> object:
+        events.append(("model", [str(len(batch))]))
+        return real_infer(batch)
+
+    guard.infer = infer  # type: ignore[method-assign]
+    batcher = Batcher(guard, max_batch_size=4, max_wait_s=30.0)
+    batcher.before_run = lambda look_ups: events.append(("look up", list(look_ups)))
+    batcher.start()
+    try:
+        submit = partial(loop_thread.call, batcher.submit)
+        tags = ["q0", None, "q2", "q3"]
+        futures = [submit(p, look_up=t) for p, t in zip(pixels, tags, strict=True)]
+        results = [loop_thread.result(f) for f in futures]
+    finally:
+        batcher.stop()
+        guard.infer = real_infer  # type: ignore[method-assign]
+    assert events == [("look up", ["q0", "q2", "q3"]), ("model", ["4"])]
+    assert all(isinstance(r.verdict, Verdict) for r in results)

@@ -441,9 +441,10 @@ def test_a_failing_batch_fails_its_queries_and_the_thread_goes_on() -> None:
     asyncio.run(run())
 
 
-def test_a_query_is_looked_up_before_it_is_classified_and_waits_for_no_later_look_up() -> None:
-    """``look_up`` queues a query's look-up as it is decoded; the thread runs it while the model
-    classifies it, and the classified query then only waits for its own screening. In one pass,
+def test_a_batch_is_looked_up_while_it_is_classified_and_waits_for_no_later_look_up() -> None:
+    """A model batch's look-ups are queued as the batch starts (``look_up_all``); the thread
+    runs them together while the model classifies them, and a classified query then only waits
+    for its own screening. In one pass,
     queries whose look-up is done are screened before the pass's new look-ups run, and those
     that waited on them after; ``after_pass`` (writing the answers) runs last."""
     events: list[tuple[str, list[str]]] = []
@@ -470,12 +471,15 @@ def test_a_query_is_looked_up_before_it_is_classified_and_waits_for_no_later_loo
         first = worker.look_up("first", pixels)
         early = worker.look_up("early", pixels)
         assert first is not None and early is not None
-        worker.start()  # both queued: one pass looks them up
+        worker.look_up_all([first, early])  # one model batch's
+        worker.start()
         while early.print is None:  # looked up before "classified"
             await asyncio.sleep(0.01)
         futures = [worker.submit("first", pixels, _answer(0), None, first)]
         assert await asyncio.to_thread(taken.wait, 10)  # "first" is being screened
         late = worker.look_up("late", pixels)
+        assert late is not None
+        worker.look_up_all([late])
         futures.append(worker.submit("early", pixels, _answer(1), None, early))
         futures.append(worker.submit("late", pixels, _answer(2), None, late))
         release.set()
