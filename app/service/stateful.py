@@ -27,9 +27,9 @@ cost, and the store needs no lock. Which thread:
   There a query is screened in two steps: *looked up* with its model batch as the batch
   starts, while the model classifies it (fingerprinted; with Redis also stored, its answer
   pending, and its candidates fetched: every round trip but the answers' write, in one pass
-  for the batch), then *decided* once classified. At a fixed load the screening's added latency is lost throughput: looked up
-  after classification, a batch waited for the hash and both round trips (18-19 ms a request
-  at 32 clients, 11% of the throughput; docs/service.md).
+  for the batch), then *decided* once classified. At a fixed load the screening's added
+  latency is lost throughput: looked up after classification, a batch waited for the hash and
+  both round trips (18-19 ms a request at 32 clients, 11% of the throughput; docs/service.md).
 
 The fingerprint, the match rule and the in-process store are ``app.core.stateful``'s; the
 Redis store is ``app.service.fingerprints``. A store that fails (Redis down) fails open: the
