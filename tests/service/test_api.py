@@ -270,7 +270,12 @@ def test_queue_full_is_503_with_retry_after(
     with make_client(retry_after_s=3) as client:
         batcher = client.app_state.service.batcher
 
-        def full(_pixels: object, explain: bool = False, client_id: str | None = None) -> None:
+        def full(
+            _pixels: object,
+            explain: bool = False,
+            client_id: str | None = None,
+            look_up: object = None,
+        ) -> None:
             raise QueueFullError("the classification queue is full")
 
         monkeypatch.setattr(batcher, "submit", full)
