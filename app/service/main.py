@@ -167,13 +167,15 @@ def attach_stateful(service: Service) -> None:
         service.batcher.screen = batch_screening(service, service.stateful)
     else:
         detector = service.stateful
+        early = settings.stateful_look_up_early
         service.screening = ScreeningWorker(
             partial(detector.screen_batch, write_now=False),
             track=partial(record_screened, service),
-            look_up_batch=detector.look_up,
+            look_up_batch=detector.look_up if early else None,
             after_pass=detector.write_answers,  # once the pass's answers are out
         )
-        service.batcher.before_run = service.screening.look_up_all  # as a batch starts
+        if early:
+            service.batcher.before_run = service.screening.look_up_all  # as a batch starts
 
 
 def bind_metrics(service: Service) -> None:

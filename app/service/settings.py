@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     # at once (app/service/hashing.py); 0: on the thread that screens. CIFAR-size uploads are
     # hashed on that thread whatever this says
     stateful_fingerprint_processes: int = Field(default=2, ge=0, le=64)
+    # with a screening thread (Redis, or a GPU), look a model batch's queries up while the
+    # model runs it (fingerprint; with Redis store them, answers pending, and fetch their
+    # candidates), then decide each once classified. Off: all of it after classification. On
+    # two CPU cores it cost throughput (the look-up slows the model's forward pass more than
+    # it saves: docs/service.md); meant for a model that does not share the CPU (a GPU), where
+    # it is not yet measured
+    stateful_look_up_early: bool = False
 
     @model_validator(mode="after")
     def _shared_secret_with_redis(self) -> Settings:

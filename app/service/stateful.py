@@ -24,12 +24,13 @@ cost, and the store needs no lock. Which thread:
   cores with the model's threads, since it runs between its batches;
 - Redis, or a model on a GPU: its own thread (``ScreeningWorker``), so that the model never
   waits on Redis, and a GPU's batches overlap the screening (``screens_on_batch_worker``).
-  There a query is screened in two steps: *looked up* with its model batch as the batch
-  starts, while the model classifies it (fingerprinted; with Redis also stored, its answer
-  pending, and its candidates fetched: every round trip but the answers' write, in one pass
-  for the batch), then *decided* once classified. At a fixed load the screening's added
-  latency is lost throughput: looked up after classification, a batch waited for the hash and
-  both round trips (18-19 ms a request at 32 clients, 11% of the throughput; docs/service.md).
+  With ``ADVGUARD_STATEFUL_LOOK_UP_EARLY`` a query is screened there in two steps: *looked
+  up* with its model batch as the batch starts, while the model classifies it (fingerprinted;
+  with Redis also stored, its answer pending, and its candidates fetched: every round trip
+  but the answers' write, in one pass for the batch), then *decided* once classified. Off
+  (the default) all of it follows classification. On two CPU cores the early look-up took
+  the screening's round trips off the answer's path but slowed the model's forward pass more
+  than that saved (docs/service.md); it is meant for a model that does not share the CPU.
 
 The fingerprint, the match rule and the in-process store are ``app.core.stateful``'s; the
 Redis store is ``app.service.fingerprints``. A store that fails (Redis down) fails open: the
@@ -180,17 +181,19 @@ class StatefulDetector:
         """Per query of the batch, the answer to serve, or None to refuse (``screen``)."""
         return self.screen(batch, write_now=write_now).served
 
-    def look_up(self, queries: Sequence[LookUp]) -> None:
-        """What screening needs before the answer, done while the model classifies: the
-        queries fingerprinted at once and, with Redis, stored in arrival order (answers
-        pending) and their candidates fetched (``RedisFingerprintStore.look_up_many``). A store
-        that is down marks them ``failed``: answered unscreened."""
+    def look_up(self, queries: Sequence[LookUp], store: bool = True) -> None:
+        """What screening needs before the answer, done while the model classifies
+        (``ADVGUARD_STATEFUL_LOOK_UP_EARLY``): the queries fingerprinted at once and, with Redis
+        and ``store``, stored in arrival order (answers pending) and their candidates fetched
+        (``RedisFingerprintStore.look_up_many``). A store that is down marks them ``failed``:
+        answered unscreened. Without ``store`` (a query screened without an early look-up),
+        the store checks and stores each query with its answer when it is decided."""
         prints = self.fingerprints([query.pixels for query in queries])
         at = time.time()
         for query, its_print in zip(queries, prints, strict=True):
             query.print, query.at = its_print, at
-        if not isinstance(self.store, RedisFingerprintStore):  # in memory: decided in one go
-            return
+        if not store or not isinstance(self.store, RedisFingerprintStore):
+            return  # in memory: decided in one go
         if not self.available():  # the store failed a moment ago: do not wait on it
             for query in queries:
                 query.failed = True
@@ -222,18 +225,18 @@ class StatefulDetector:
         )
 
     def screen(self, batch: Sequence[Pending], *, write_now: bool = True) -> Screened:
-        """Match, store and judge the batch's queries in arrival order, each looked up first
-        (``look_up``, here for those not looked up before), with the store's round trips per
-        batch, not per query: per query, the answer to serve (None: refuse) and the outcome. A
-        store that fails (or failed at the look-up) answers those queries as usual. Queries
-        looked up in Redis get their answers written now, or with ``write_now`` False by
-        ``write_answers`` once they are served (or the store's next round trip)."""
+        """Match, store and judge the batch's queries in arrival order (fingerprinted here when
+        not looked up before), with the store's round trips per batch, not per query: per
+        query, the answer to serve (None: refuse) and the outcome. A store that fails (or
+        failed at the look-up) answers those queries as usual. Queries looked up early in Redis
+        get their answers written now, or with ``write_now`` False by ``write_answers`` once
+        they are served (or the store's next round trip)."""
         looked_up = [
             pending.look_up or LookUp(pending.client_id, pending.pixels) for pending in batch
         ]
         fresh = [query for query in looked_up if query.print is None]
         if fresh:
-            self.look_up(fresh)
+            self.look_up(fresh, store=False)
         served: list[Answer | None] = [pending.answer for pending in batch]
         outcomes: list[Outcome] = ["error"] * len(batch)
         judged = [i for i, query in enumerate(looked_up) if not query.failed and self.available()]

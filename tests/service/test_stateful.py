@@ -194,6 +194,42 @@ def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_o
         assert screened_on == ["advguard-screening"] * 3 and service.screening is not None
 
 
+def test_with_redis_and_the_default_a_query_is_screened_after_it_is_classified(
+    redis_server: RedisProcess, sequence: np.ndarray
+) -> None:
+    """``ADVGUARD_STATEFUL_LOOK_UP_EARLY`` off (the default): nothing is looked up as a batch
+    starts; the query is fingerprinted, checked and stored with its answer once classified."""
+    settings = Settings(
+        device="cpu",
+        max_wait_ms=1.0,
+        redis_url=redis_server.url,
+        redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
+        **_settings("flag"),
+    )
+    app = create_app(settings)
+    with TestClient(app) as client:
+        service = app.state.service
+        store = service.stateful.store
+        calls: list[str] = []
+        real_decide = store.check_and_store_many
+
+        def look_up_many(queries: Sequence[Any]) -> Any:
+            calls.append("look up")
+            raise AssertionError("looked up early")
+
+        def check_and_store_many(queries: Sequence[Any], decide: Any, *found: Any) -> None:
+            calls.append(f"check and store, found: {bool(found and found[0])}")
+            real_decide(queries, decide, *found)
+
+        store.look_up_many, store.check_and_store_many = look_up_many, check_and_store_many
+        assert service.batcher.before_run is None and service.screening is not None
+        status, body = bodies(client, sequence[:1], ["late"])[0]
+        raw = redis.Redis.from_url(redis_server.url).get(store.client_key("late"))
+    assert status == 200 and calls == ["check and store, found: False"]
+    record = np.frombuffer(raw, store.dtype)[0]
+    assert STORED_DECISIONS[int(record["decision"])] == body["decision"]  # stored with it
+
+
 def test_with_redis_a_query_is_looked_up_while_the_model_classifies_it(
     redis_server: RedisProcess, sequence: np.ndarray
 ) -> None:
@@ -206,6 +242,7 @@ def test_with_redis_a_query_is_looked_up_while_the_model_classifies_it(
         max_wait_ms=1.0,
         redis_url=redis_server.url,
         redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
+        stateful_look_up_early=True,
         **_settings("flag"),
     )
     app = create_app(settings)
