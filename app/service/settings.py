@@ -169,9 +169,9 @@ class Settings(BaseSettings):
     # with a screening thread (Redis, or a GPU), look a model batch's queries up while the
     # model runs it (fingerprint; with Redis store them, answers pending, and fetch their
     # candidates), then decide each once classified. Off: all of it after classification. On
-    # two CPU cores it cost throughput (the look-up slows the model's forward pass more than
-    # it saves: docs/service.md); meant for a model that does not share the CPU (a GPU), where
-    # it is not yet measured
+    # two CPU cores it showed no throughput gain and raised the CPU per request (the look-up
+    # slows the model's forward pass beside it: docs/service.md); meant for a model that does
+    # not share the CPU (a GPU), where it is not yet measured
     stateful_look_up_early: bool = False
 
     @model_validator(mode="after")

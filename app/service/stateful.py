@@ -29,8 +29,9 @@ cost, and the store needs no lock. Which thread:
   with Redis also stored, its answer pending, and its candidates fetched: every round trip
   but the answers' write, in one pass for the batch), then *decided* once classified. Off
   (the default) all of it follows classification. On two CPU cores the early look-up took
-  the screening's round trips off the answer's path but slowed the model's forward pass more
-  than that saved (docs/service.md); it is meant for a model that does not share the CPU.
+  the screening's round trips off the answer's path but slowed the model's forward pass beside
+  it, with no throughput gain to show (docs/service.md); it is meant for a model that does not
+  share the CPU.
 
 The fingerprint, the match rule and the in-process store are ``app.core.stateful``'s; the
 Redis store is ``app.service.fingerprints``. A store that fails (Redis down) fails open: the
