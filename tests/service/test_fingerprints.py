@@ -184,6 +184,40 @@ def test_redis_down_raises_for_the_caller_to_fail_open() -> None:
         RedisFingerprintStore("redis://127.0.0.1:1/0", SCHEME, prefix="a{b}")
 
 
+def _batch_stores(url: str) -> tuple[InProcessFingerprintStore, RedisFingerprintStore]:
+    """An in-process store and a Redis one with the same small bounds."""
+    bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
+    memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    red = RedisFingerprintStore(
+        url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=2.0, **bounds
+    )
+    return memory, red
+
+
+def _answered_queries(photos: np.ndarray) -> list[StoreQuery]:  # noqa: F811
+    """``_queries`` as store queries, each with its own answer."""
+    queries = _queries(photos)
+    images = np.stack([image for _, image, _ in queries])
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    return [
+        StoreQuery(client, prints[i], digests[i], at, _answer(i), keys[i])
+        for i, (client, _, at) in enumerate(queries)
+    ]
+
+
+def _silent(log: list[MatchEvidence]) -> Decide:
+    """``silent``'s decision, logging each query's evidence: a detected query keeps its
+    anchor's answer."""
+
+    def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
+        log.append(evidence)
+        detected = DEFAULT_RULE.detects(evidence) and evidence.anchor != query.answer
+        return evidence.anchor if detected else None
+
+    return decide
+
+
 @pytest.mark.parametrize("batch", [7, 64])
 def test_batches_in_one_round_trip_give_what_one_query_at_a_time_gives(
     redis_server: RedisProcess,
@@ -193,34 +227,15 @@ def test_batches_in_one_round_trip_give_what_one_query_at_a_time_gives(
     """``check_and_store_many`` pipelines a batch's scripts and decides on the replies in
     order, writing kept (silent) answers into the later replies itself: the same evidence and
     the same kept answers as the in-process store one query at a time, in every batch size."""
-    bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
-    memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
-    red = RedisFingerprintStore(
-        redis_server.url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=2.0, **bounds
-    )
-    queries = _queries(photos)
-    images = np.stack([image for _, image, _ in queries])
-    prints, keys = SCHEME.fingerprints_and_keys(images)
-    digests = pixel_digests(images)
-    batch_queries = [
-        StoreQuery(client, prints[i], digests[i], at, _answer(i), keys[i])
-        for i, (client, _, at) in enumerate(queries)
-    ]
-
-    def silent(log: list[MatchEvidence]) -> Decide:
-        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
-            log.append(evidence)
-            detected = DEFAULT_RULE.detects(evidence) and evidence.anchor != query.answer
-            return evidence.anchor if detected else None
-
-        return decide
+    memory, red = _batch_stores(redis_server.url)
+    batch_queries = _answered_queries(photos)
 
     expected: list[MatchEvidence] = []
-    memory.check_and_store_many(batch_queries, silent(expected))
+    memory.check_and_store_many(batch_queries, _silent(expected))
     got: list[MatchEvidence] = []
     for start in range(0, len(batch_queries), batch):
-        red.check_and_store_many(batch_queries[start : start + batch], silent(got))
-    assert len(got) == len(expected) == len(queries)
+        red.check_and_store_many(batch_queries[start : start + batch], _silent(got))
+    assert len(got) == len(expected) == len(batch_queries)
     for a, b in zip(expected, got, strict=True):
         _same(a, b)
     relabelled = [e for e in expected if DEFAULT_RULE.detects(e) and e.anchor is not None]
@@ -238,31 +253,12 @@ def test_looked_up_before_their_answers_the_queries_give_what_one_at_a_time_give
     look-up found, in order. Pending records of this store's queries read as decided (kept
     answers included), so every query's evidence is what the in-process store gives one query
     at a time, and the records end up holding the answers."""
-    bounds = {"max_fingerprints": 60, "ttl_s": 300.0, "per_client": 8, "client_ttl_s": 400.0}
-    memory = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
-    red = RedisFingerprintStore(
-        redis_server.url, SCHEME, prefix=f"t-{uuid.uuid4().hex[:8]}", timeout_s=2.0, **bounds
-    )
-    queries = _queries(photos)
-    images = np.stack([image for _, image, _ in queries])
-    prints, keys = SCHEME.fingerprints_and_keys(images)
-    digests = pixel_digests(images)
-    answered = [
-        StoreQuery(client, prints[i], digests[i], at, _answer(i), keys[i])
-        for i, (client, _, at) in enumerate(queries)
-    ]
+    memory, red = _batch_stores(redis_server.url)
+    answered = _answered_queries(photos)
     batches = [answered[start : start + 5] for start in range(0, len(answered), 5)]
 
-    def silent(log: list[MatchEvidence]) -> Decide:
-        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
-            log.append(evidence)
-            detected = DEFAULT_RULE.detects(evidence) and evidence.anchor != query.answer
-            return evidence.anchor if detected else None
-
-        return decide
-
     expected: list[MatchEvidence] = []
-    memory.check_and_store_many(answered, silent(expected))
+    memory.check_and_store_many(answered, _silent(expected))
     got: list[MatchEvidence] = []
     in_flight: list[tuple[list[StoreQuery], list[Found]]] = []
     for batch in [*batches, *[[]] * ahead]:
@@ -272,8 +268,8 @@ def test_looked_up_before_their_answers_the_queries_give_what_one_at_a_time_give
             in_flight.append((batch, found))
         if len(in_flight) > ahead or (not batch and in_flight):
             oldest, its_found = in_flight.pop(0)
-            red.check_and_store_many(oldest, silent(got), its_found)
-    assert len(got) == len(expected) == len(queries)
+            red.check_and_store_many(oldest, _silent(got), its_found)
+    assert len(got) == len(expected) == len(answered)
     for a, b in zip(expected, got, strict=True):
         _same(a, b)
     assert sum(DEFAULT_RULE.detects(e) for e in expected) >= 30  # kept answers were read
