@@ -143,7 +143,7 @@ async def classify(
     data = await _read_upload(service.settings, file)
     pixels = await _decoded(service, data)
     service.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
-    # with a screening thread, the query is looked up while the model classifies its batch
+    # ADVGUARD_STATEFUL_LOOK_UP_EARLY: looked up while the model classifies its batch
     looked_up = None if service.screening is None else service.screening.look_up(client_id, pixels)
     result = await _classified(service, pixels, explain and trusted, client_id, looked_up)
     if not isinstance(result.verdict, Verdict):  # the guard is off: no score, no tracking
