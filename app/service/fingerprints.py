@@ -317,6 +317,11 @@ def _put_answer(record: Any, answer: Answer) -> None:
     record["score"] = answer.score
 
 
+def _entry_bytes(entry: int) -> bytes:
+    """An entry number as stored in a record (``<u8``)."""
+    return entry.to_bytes(8, "little")
+
+
 def _buckets(query: StoreQuery) -> bytes:
     """The index buckets a query is filed under, packed as the scripts' last argument (each
     script files them under the same decimal field names as before)."""
@@ -578,7 +583,6 @@ class RedisFingerprintStore:
             check_and_store_each(self, queries, decide)
             return
         kept: dict[int, Answer] = {}
-        changed: list[tuple[Stored, Answer]] = []
         for start in range(0, len(queries), SWEEP_LAG):  # no chunk outruns the sweep's lag
             chunk = queries[start : start + SWEEP_LAG]
             for query, one in zip(chunk, self._look_up(chunk), strict=True):
@@ -586,12 +590,8 @@ class RedisFingerprintStore:
                 answer = decide(query, evidence)
                 if answer is not None:
                     kept[stored.entry] = answer
-                    changed.append((stored, answer))
-        if changed:
-            pipe = self.redis.pipeline(transaction=False)
-            for stored, answer in changed:
-                self._relabel(stored, answer, pipe)
-            pipe.execute()
+                    self._unwritten.append((stored, answer))
+        self.write_answers()
 
     def _decide_found(
         self, queries: Sequence[StoreQuery], found: Sequence[Found], decide: Decide
@@ -623,8 +623,7 @@ class RedisFingerprintStore:
         args: list[Any] = [self._entry_offset, self._answer_offset, self.dtype.itemsize]
         for stored, answer in writes:
             keys.append(self.client_key(stored.client_id))
-            entry_bytes = np.array([stored.entry], "<u8").tobytes()
-            args += [stored.entry, entry_bytes, self._answer_bytes(answer)]
+            args += [stored.entry, _entry_bytes(stored.entry), self._answer_bytes(answer)]
         self._run("relabel_many", keys, args, pipe)
         return 1
 
@@ -752,12 +751,12 @@ class RedisFingerprintStore:
     ) -> npt.NDArray[Any]:
         """A copy of ``records`` with the kept answers of those entries in place (only where
         a record has none yet, with ``pending_only``)."""
+        rows = np.flatnonzero(records["decision"] == 0) if pending_only else range(len(entries))
+        if len(rows) == 0:
+            return records
         out = records.copy()
-        pending = out["decision"] == 0
-        for i, entry in enumerate(entries):
-            if pending_only and not pending[i]:
-                continue
-            answer = kept.get(int(entry))
+        for i in rows:
+            answer = kept.get(int(entries[i]))
             if answer is not None:
                 _put_answer(out[i], answer)
         return out
@@ -776,7 +775,7 @@ class RedisFingerprintStore:
             "relabel_client",
             [self.client_key(stored.client_id)],
             [
-                np.array([stored.entry], "<u8").tobytes(),
+                _entry_bytes(stored.entry),
                 self._entry_offset,
                 self._answer_offset,
                 data,

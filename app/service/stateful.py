@@ -240,7 +240,8 @@ class StatefulDetector:
             self.look_up(fresh, store=False)
         served: list[Answer | None] = [pending.answer for pending in batch]
         outcomes: list[Outcome] = ["error"] * len(batch)
-        judged = [i for i, query in enumerate(looked_up) if not query.failed and self.available()]
+        available = self.available()
+        judged = [i for i, query in enumerate(looked_up) if available and not query.failed]
         matching = time.perf_counter()
         turn = iter(judged)
 

@@ -6,16 +6,35 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import pytest
 import torch
 
 from app.core.guard import Guard, Verdict
 from app.core.stateful import Answer
-from app.service.batcher import Batcher
+from app.service.batcher import Batcher, BatchResult
 from tests.service.helpers import LoopThread
 
 Query = tuple[str, torch.Tensor, Verdict]
+
+
+def _one_batch(
+    batcher: Batcher, loop_thread: LoopThread, pixels: list[torch.Tensor], **per_item: list[Any]
+) -> list[BatchResult]:
+    """Start the batcher, submit the four pixels with ``per_item``'s keyword values (one list
+    per keyword, a value per image), collect the results, stop. The worker waits up to its
+    ``max_wait_s`` (30 s in these tests) to fill a batch of 4: the four make one batch."""
+    batcher.start()
+    try:
+        submit = partial(loop_thread.call, batcher.submit)
+        futures = [
+            submit(p, **{key: values[i] for key, values in per_item.items()})
+            for i, p in enumerate(pixels)
+        ]
+        return [loop_thread.result(f) for f in futures]
+    finally:
+        batcher.stop()
 
 
 def test_a_batchs_queries_with_a_client_id_are_screened_on_the_worker_in_arrival_order(
@@ -31,16 +50,8 @@ def test_a_batchs_queries_with_a_client_id_are_screened_on_the_worker_in_arrival
             for client, _, verdict in queries
         ]
 
-    # the worker waits up to 30 s to fill a batch of 4: the four submissions make one batch
     batcher = Batcher(guard, max_batch_size=4, max_wait_s=30.0, screen=screen)
-    batcher.start()
-    try:
-        submit = partial(loop_thread.call, batcher.submit)
-        clients = ["a", None, "b", "a"]
-        futures = [submit(p, client_id=c) for p, c in zip(pixels, clients, strict=True)]
-        results = [loop_thread.result(f) for f in futures]
-    finally:
-        batcher.stop()
+    results = _one_batch(batcher, loop_thread, pixels, client_id=["a", None, "b", "a"])
     assert screened == [("advguard-batcher", ["a", "b", "a"])]
     assert [r.screened for r in results] == [True, False, True, True]
     assert results[2].served is None  # refused
@@ -108,14 +119,9 @@ def test_a_batchs_look_ups_go_to_before_run_together_before_the_model_runs(
     guard.infer = infer  # type: ignore[method-assign]
     batcher = Batcher(guard, max_batch_size=4, max_wait_s=30.0)
     batcher.before_run = lambda look_ups: events.append(("look up", list(look_ups)))
-    batcher.start()
     try:
-        submit = partial(loop_thread.call, batcher.submit)
-        tags = ["q0", None, "q2", "q3"]
-        futures = [submit(p, look_up=t) for p, t in zip(pixels, tags, strict=True)]
-        results = [loop_thread.result(f) for f in futures]
+        results = _one_batch(batcher, loop_thread, pixels, look_up=["q0", None, "q2", "q3"])
     finally:
-        batcher.stop()
         guard.infer = real_infer  # type: ignore[method-assign]
     assert events == [("look up", ["q0", "q2", "q3"]), ("model", ["4"])]
     assert all(isinstance(r.verdict, Verdict) for r in results)
