@@ -51,9 +51,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
     parser.add_argument(
         "--detector",
-        help="detector preset: v2 (default: the paper's vote + Mahalanobis at every residual "
-        "block + the logit margin, harmonic mean p-value) or paper (the paper's one DW-kNN vote "
-        "at the last layer)",
+        help="detector preset: v2 (default: the paper's vote + Mahalanobis at each stage's "
+        "output + the logit margin + the Mahalanobis distance of the pixels' high-pass energy, "
+        "harmonic mean p-value) or paper (the paper's one DW-kNN vote at the last layer)",
     )
     parser.add_argument(
         "--statistic",
@@ -61,8 +61,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         dest="statistics",
         default=[],
         help="explicit statistic kind@layer (vote, mahalanobis, knn_distance, margin; layer "
-        "aliases @blocks, @stages, @last, and @logits for the margin), repeatable; overrides "
-        "--detector",
+        "aliases @blocks, @stages, @last, and @logits for the margin; the pixel pseudo-layers "
+        "pixels.highpass, pixels.loghighpass and pixels.chromahighpass for mahalanobis), "
+        "repeatable; overrides --detector",
     )
     parser.add_argument(
         "--combination",

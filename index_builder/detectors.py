@@ -5,8 +5,9 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 (every residual block: 9 for ResNet-20, 16 for ResNet-50), ``@stages`` (each stage's last block),
 ``@last`` (the last residual block, whose pooled output is the paper's pool5 analogue) and
 ``@logits`` (the classifier's last linear layer, for ``margin``). ``pixels.highpass`` is the
-pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``), and
-``pixels.loghighpass`` its logarithm, for ``mahalanobis``.
+pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``),
+``pixels.loghighpass`` its logarithm and ``pixels.chromahighpass`` the same filters over the
+colour channels (``ChromaHighPass``; a candidate in no preset yet), for ``mahalanobis``.
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);

@@ -113,7 +113,9 @@ def global_average_pool(activation: torch.Tensor) -> torch.Tensor:
 PIXEL_HIGHPASS = "pixels.highpass"
 # The same 9 energies in log space: log(max(energy, LOG_HIGHPASS_FLOOR)).
 PIXEL_LOG_HIGHPASS = "pixels.loghighpass"
-PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS)
+# The same three filters over the colour (chroma) channels of JPEG's YCbCr: 6 energies.
+PIXEL_CHROMA_HIGHPASS = "pixels.chromahighpass"
+PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS, PIXEL_CHROMA_HIGHPASS)
 # About a quarter of a grey level of mean energy: below it an image is flat for this statistic,
 # and a flat image's log stays finite. Fixed with the selection rule (round 5), not tuned.
 LOG_HIGHPASS_FLOOR = 1.0 / 1024
@@ -154,6 +156,39 @@ class PixelHighPass(nn.Module):
         return F.conv2d(pixels.float(), self.weight, groups=self.channels).abs()
 
 
+# JPEG's full-range BT.601 colour channels (JFIF): Cb and Cr as rows over R, G, B in [0, 1],
+# without the 0.5 offset, which no high-pass filter sees.
+CHROMA_FROM_RGB = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+class ChromaHighPass(nn.Module):
+    """Pixels NxCxHxW (RGB) in [0, 1] -> ``PixelHighPass``'s three filters over the image's Cb
+    and Cr channels: Nx6x(H-2)x(W-2), pooled by the feature network into 6 energies
+    (``pixels.chromahighpass``).
+
+    Why: a 4:2:0 JPEG photo, which most cameras and this project's CIFAR-10 copy store, keeps
+    its colour at half resolution, so its chroma channels carry little high-frequency energy,
+    while a perturbation computed on the decoded pixels adds as much to them as to the
+    brightness. A candidate statistic, in no preset yet: checked on held-out training images
+    only (evaluation/README.md, "Colour noise"), where it took targeted PGD and transferred PGD
+    to 0% accepted and cut transferred targeted PGD-L2 from 78% to 60%, but failed its rule on
+    L-BFGS. What it reads is the capture pipeline: an honest upload that was never a 4:2:0 JPEG
+    (a PNG screenshot) is not what its class densities are fitted on.
+    """
+
+    weight: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(CHROMA_FROM_RGB).view(2, 3, 1, 1))
+        self.highpass = PixelHighPass(channels=2)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        chroma = F.conv2d(pixels.float(), self.weight)
+        result: torch.Tensor = self.highpass(chroma)
+        return result
+
+
 def log_energy(pooled: torch.Tensor) -> torch.Tensor:
     """Pooled high-pass energies -> ``pixels.loghighpass``: log(max(energy, floor))."""
     return torch.log(pooled.clamp_min(LOG_HIGHPASS_FLOOR))
@@ -170,9 +205,10 @@ class FeatureNetwork(nn.Module):
 
     Takes pixels in [0, 1] so that attacks and the box constraint live in pixel space.
     Features of layer L are the global average pool of the output of the module named L; the
-    pseudo-layers ``pixels.highpass`` and ``pixels.loghighpass`` (``PixelHighPass``) are
-    computed from the pixels themselves, outside any autocast and in IEEE float32 on CUDA too,
-    so they are the same arithmetic at every precision.
+    pseudo-layers ``pixels.highpass``, ``pixels.loghighpass`` (``PixelHighPass``) and
+    ``pixels.chromahighpass`` (``ChromaHighPass``) are computed from the pixels themselves,
+    outside any autocast and in IEEE float32 on CUDA too, so they are the same arithmetic at
+    every precision.
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
     memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
     and calibrated with, so anything else must be checked to leave decisions unchanged.
@@ -198,7 +234,9 @@ class FeatureNetwork(nn.Module):
                 f" (or the pseudo-layers {list(PIXEL_LAYERS)})"
             )
         self.pixel_layers = tuple(n for n in self.layers if n in PIXEL_LAYERS)
-        self.highpass = PixelHighPass() if self.pixel_layers else None
+        wants_rgb = {PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS} & set(self.pixel_layers)
+        self.highpass = PixelHighPass() if wants_rgb else None
+        self.chroma = ChromaHighPass() if PIXEL_CHROMA_HIGHPASS in self.pixel_layers else None
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
             modules[name].register_forward_hook(self._make_hook(name))
@@ -237,6 +275,9 @@ class FeatureNetwork(nn.Module):
                 self._captured[PIXEL_HIGHPASS] = energy
             if PIXEL_LOG_HIGHPASS in self.pixel_layers:
                 self._captured[PIXEL_LOG_HIGHPASS] = log_energy(energy)
+        if self.chroma is not None:
+            with ieee_float32_convolutions():
+                self._captured[PIXEL_CHROMA_HIGHPASS] = global_average_pool(self.chroma(pixels))
         normalised = (pixels - self.mean) / self.std
         if self.channels_last:
             normalised = normalised.contiguous(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
 """The pseudo-layers ``pixels.highpass`` and ``pixels.loghighpass``: the input pixels' mean
 high-frequency energy per colour channel and direction, raw and in log space, which
-``mahalanobis@pixels.highpass`` and ``mahalanobis@pixels.loghighpass`` read."""
+``mahalanobis@pixels.highpass`` and ``mahalanobis@pixels.loghighpass`` read; and
+``pixels.chromahighpass``, the same filters over the Cb and Cr channels."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from app.core.errors import ModelLoadError
 from app.core.features import (
     LOG_HIGHPASS_FLOOR,
+    PIXEL_CHROMA_HIGHPASS,
     PIXEL_HIGHPASS,
     PIXEL_LOG_HIGHPASS,
     FeatureNetwork,
@@ -107,3 +109,46 @@ def test_log_highpass_is_the_floored_log_of_the_same_energies() -> None:
     np.testing.assert_array_equal(both[PIXEL_LOG_HIGHPASS], alone[PIXEL_LOG_HIGHPASS])
     np.testing.assert_allclose(both[PIXEL_LOG_HIGHPASS][0], np.log(1 / 1024), rtol=1e-6)
     assert np.isfinite(both[PIXEL_LOG_HIGHPASS]).all()
+
+
+def _chroma(pixels: np.ndarray) -> np.ndarray:
+    """JFIF's Cb and Cr (without their 0.5 offset) of RGB pixels, float64, as (n, 2, H, W)."""
+    r, g, b = (pixels[:, c].astype(np.float64) for c in range(3))
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b
+    return np.stack([cb, cr], axis=1)
+
+
+def test_chroma_energy_is_the_filters_over_cb_and_cr() -> None:
+    """``pixels.chromahighpass`` = the brute-force energies of the Cb and Cr channels (6 numbers),
+    alone or beside the RGB energies, and leaves those and the model's outputs unchanged."""
+    pixels = torch.rand(3, 3, 12, 9, generator=torch.Generator().manual_seed(5))
+    alone = infer_batch(_network([PIXEL_CHROMA_HIGHPASS]), pixels).features
+    assert set(alone) == {PIXEL_CHROMA_HIGHPASS} and alone[PIXEL_CHROMA_HIGHPASS].shape == (3, 6)
+    expected = _reference(_chroma(pixels.numpy()))
+    np.testing.assert_allclose(alone[PIXEL_CHROMA_HIGHPASS], expected, rtol=1e-5, atol=1e-7)
+    both = infer_batch(_network([PIXEL_HIGHPASS, PIXEL_CHROMA_HIGHPASS, "layer3"]), pixels)
+    rgb = infer_batch(_network([PIXEL_HIGHPASS, "layer3"]), pixels)
+    np.testing.assert_array_equal(both.features[PIXEL_HIGHPASS], rgb.features[PIXEL_HIGHPASS])
+    np.testing.assert_array_equal(both.features["layer3"], rgb.features["layer3"])
+    np.testing.assert_array_equal(both.probabilities, rgb.probabilities)
+    np.testing.assert_array_equal(
+        both.features[PIXEL_CHROMA_HIGHPASS], alone[PIXEL_CHROMA_HIGHPASS]
+    )
+
+
+def test_chroma_sees_colour_noise_and_not_grey_texture() -> None:
+    """A grey image (R = G = B), however textured, has no chroma at all; the same image with
+    +-2/255 of noise in one colour channel has chroma energy, while its RGB energy barely
+    moves against the texture's."""
+    generator = torch.Generator().manual_seed(6)
+    texture = torch.rand(1, 1, 16, 16, generator=generator).expand(1, 3, 16, 16).contiguous()
+    noise = torch.zeros_like(texture)
+    noise[:, 2] = (torch.randint(0, 2, (16, 16), generator=generator) * 2 - 1) * 2 / 255
+    network = _network([PIXEL_HIGHPASS, PIXEL_CHROMA_HIGHPASS])
+    grey = infer_batch(network, texture).features
+    noisy = infer_batch(network, texture + noise).features
+    np.testing.assert_allclose(grey[PIXEL_CHROMA_HIGHPASS], 0, atol=1e-6)
+    assert (noisy[PIXEL_CHROMA_HIGHPASS] > 1e-3).all()
+    rgb_change = np.abs(noisy[PIXEL_HIGHPASS] - grey[PIXEL_HIGHPASS]).max()
+    assert rgb_change < 0.1 * grey[PIXEL_HIGHPASS].min()

@@ -114,3 +114,30 @@ def test_the_smooth_adaptive_attack_stays_in_its_l2_ball_and_adds_no_dense_noise
         }
     assert after < before
     assert energy["smooth"] - energy["photo"] < 0.5 * (energy["dense"] - energy["photo"])
+
+
+def test_the_adaptive_attack_reads_the_chroma_energy_as_the_detector_does():
+    """A Mahalanobis statistic of ``pixels.chromahighpass`` rebuilt in torch gives the detector's
+    values, and the attacker's gradient reaches the pixels through it."""
+    from app.core.features import PIXEL_CHROMA_HIGHPASS, infer_batch
+    from app.core.statistics import Mahalanobis, fit_class_density
+
+    torch.manual_seed(0)
+    network = FeatureNetwork(
+        build_model("resnet20", 10).eval(), [PIXEL_CHROMA_HIGHPASS], PRESETS["cifar"]
+    ).eval()
+    generator = torch.Generator().manual_seed(7)
+    fitting = torch.rand(40, 3, 16, 16, generator=generator)
+    fitted = infer_batch(network, fitting).features[PIXEL_CHROMA_HIGHPASS].astype(np.float64)
+    density = fit_class_density([(fitted, np.arange(40) % 4)], 4, 6)
+    statistic = Mahalanobis(PIXEL_CHROMA_HIGHPASS, density)
+    reference = statistic.values({PIXEL_CHROMA_HIGHPASS: fitted}, np.arange(40) % 4)[:, None]
+    detector = Detector([statistic, statistic], "hmp", np.hstack([reference] * 2))
+    surrogate = surrogates(detector)[0]
+    pixels = torch.rand(5, 3, 16, 16, generator=generator, requires_grad=True)
+    classes = torch.tensor([0, 1, 2, 3, 0])
+    got = surrogate.values(network(pixels).features, classes)
+    expected = statistic.values(infer_batch(network, pixels.detach()).features, classes.numpy())
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-4)
+    got.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0

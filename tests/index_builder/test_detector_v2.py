@@ -366,3 +366,45 @@ def test_default_bundle_reads_the_pixels_high_pass_energy(built, tmp_path, capsy
     path.write_bytes(bytes(raw))
     with pytest.raises(BundleError, match=r"class_density_pixels_highpass\.npz"):
         Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+
+
+def test_a_bundle_may_read_the_pixels_chroma_energy(built, tmp_path, capsys):
+    """``mahalanobis@pixels.chromahighpass`` (a candidate, in no preset) builds like the RGB
+    high-pass statistic: a class density over the 6 chroma energies fitted on the indexed
+    images only, no index, and its values are minus their squared distance to the predicted
+    class's mean."""
+    config, _ = built
+    code = builder_main([
+        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
+        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
+        "--holdout-fraction", "0.4", "--device", "cpu",
+        "--statistic", "vote@last", "--statistic", "mahalanobis@pixels.chromahighpass",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = read_manifest(tmp_path / "b")
+    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2"),
+        ("mahalanobis", "pixels.chromahighpass"),
+    ]
+    layer = next(s for s in manifest.detector.layers if s.name == "pixels.chromahighpass")
+    assert (layer.input_dim, layer.index_file) == (6, None)
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+
+    def energies(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+        pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+        batch = guard.infer(pixels)
+        return batch.features["pixels.chromahighpass"].astype(np.float64), batch.predictions
+
+    indexed = json.loads((tmp_path / "b" / "sources.json").read_text())
+    x, _ = energies([config.source / name for name in indexed])
+    labels = np.array([int(name.split("/")[0].split("_")[1]) for name in indexed])
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    covariance = np.cov((x - means[labels]).T, bias=True)
+    density = np.load(tmp_path / "b" / layer.class_density_file)
+    np.testing.assert_allclose(density["means"], means, rtol=1e-9)
+    paths = sorted(config.source.rglob("*.png"))
+    energy, predicted = energies(paths)
+    centred = energy - means[predicted]
+    expected = -np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
+    batch = guard.infer(torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths]))
+    np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-4)
