@@ -329,37 +329,7 @@ def test_default_bundle_reads_the_pixels_high_pass_energy(built, tmp_path, capsy
     pixel_layer = next(s for s in manifest.detector.layers if s.name == "pixels.highpass")
     assert (pixel_layer.input_dim, pixel_layer.index_file) == (9, None)
     assert pixel_layer.class_density_file == "class_density_pixels_highpass.npz"
-    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
-
-    def energies(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-        batch = guard.infer(
-            torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
-        )
-        return batch.features["pixels.highpass"].astype(np.float64), batch.predictions
-
-    # fitted on the indexed images only: their class means and tied covariance, brute force
-    indexed = json.loads((tmp_path / "b" / "sources.json").read_text())
-    x, _ = energies([config.source / name for name in indexed])
-    labels = np.array([int(name.split("/")[0].split("_")[1]) for name in indexed])
-    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
-    covariance = np.cov((x - means[labels]).T, bias=True)
-    density = np.load(tmp_path / "b" / "class_density_pixels_highpass.npz")
-    np.testing.assert_allclose(density["means"], means, rtol=1e-9)
-    whitener = density["whitener"]
-    np.testing.assert_allclose(whitener.T @ covariance @ whitener, np.eye(9), atol=1e-6)
-    # the statistic is minus the squared distance of the 9 energies to the predicted class's mean
-    energy, predicted = energies(sorted(config.source.rglob("*.png")))
-    centred = energy - means[predicted]
-    expected = -np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
-    batch = guard.infer(
-        torch.stack(
-            [
-                guard.pixels(decode_image(p.read_bytes()))
-                for p in sorted(config.source.rglob("*.png"))
-            ]
-        )
-    )
-    np.testing.assert_allclose(guard.evidence(batch).values[:, -1], expected, rtol=1e-4)
+    _check_pixel_density(config, tmp_path / "b", "pixels.highpass", column=-1)
     path = tmp_path / "b" / "class_density_pixels_highpass.npz"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
@@ -388,23 +358,32 @@ def test_a_bundle_may_read_the_pixels_chroma_energy(built, tmp_path, capsys):
     ]
     layer = next(s for s in manifest.detector.layers if s.name == "pixels.chromahighpass")
     assert (layer.input_dim, layer.index_file) == (6, None)
-    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+    _check_pixel_density(config, tmp_path / "b", "pixels.chromahighpass", column=1)
 
-    def energies(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+
+def _check_pixel_density(config: BuildConfig, bundle: Path, layer: str, column: int) -> None:
+    """A pixel pseudo-layer's class density is fitted on the indexed images only (their class
+    means and tied covariance, brute force), and the statistic in ``column`` of the bundle's
+    evidence is minus the squared distance of the layer's energies to the predicted class's
+    mean."""
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+
+    def energies(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
         batch = guard.infer(pixels)
-        return batch.features["pixels.chromahighpass"].astype(np.float64), batch.predictions
+        values = guard.evidence(batch).values[:, column]
+        return batch.features[layer].astype(np.float64), batch.predictions, values
 
-    indexed = json.loads((tmp_path / "b" / "sources.json").read_text())
-    x, _ = energies([config.source / name for name in indexed])
+    indexed = json.loads((bundle / "sources.json").read_text())
+    x, _, _ = energies([config.source / name for name in indexed])
     labels = np.array([int(name.split("/")[0].split("_")[1]) for name in indexed])
     means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
     covariance = np.cov((x - means[labels]).T, bias=True)
-    density = np.load(tmp_path / "b" / layer.class_density_file)
+    density = np.load(bundle / f"class_density_{layer.replace('.', '_')}.npz")
     np.testing.assert_allclose(density["means"], means, rtol=1e-9)
-    paths = sorted(config.source.rglob("*.png"))
-    energy, predicted = energies(paths)
+    whitener = density["whitener"]
+    np.testing.assert_allclose(whitener.T @ covariance @ whitener, np.eye(x.shape[1]), atol=1e-6)
+    energy, predicted, values = energies(sorted(config.source.rglob("*.png")))
     centred = energy - means[predicted]
     expected = -np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
-    batch = guard.infer(torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths]))
-    np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-4)
+    np.testing.assert_allclose(values, expected, rtol=1e-4)
