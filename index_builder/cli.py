@@ -62,7 +62,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="explicit statistic kind@layer (vote, mahalanobis, knn_distance, margin; layer "
         "aliases @blocks, @stages, @last, and @logits for the margin; the pixel pseudo-layers "
-        "pixels.highpass, pixels.loghighpass and pixels.chromahighpass for mahalanobis), "
+        "pixels.highpass, pixels.loghighpass and pixels.chromahighpass for mahalanobis, "
+        "flip.logits, the mirrored image's logits, for margin), "
         "repeatable; overrides --detector",
     )
     parser.add_argument(

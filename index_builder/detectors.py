@@ -7,7 +7,9 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 ``@logits`` (the classifier's last linear layer, for ``margin``). ``pixels.highpass`` is the
 pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``),
 ``pixels.loghighpass`` its logarithm and ``pixels.chromahighpass`` the same filters over the
-colour channels (``ChromaHighPass``; a candidate in no preset yet), for ``mahalanobis``.
+colour channels (``ChromaHighPass``; a candidate in no preset yet), for ``mahalanobis``;
+``flip.logits`` the logits of the mirrored image (a second forward pass), for ``margin`` (the
+flip margin; a candidate in no preset yet).
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);

@@ -116,6 +116,11 @@ PIXEL_LOG_HIGHPASS = "pixels.loghighpass"
 # The same three filters over the colour (chroma) channels of JPEG's YCbCr: 6 energies.
 PIXEL_CHROMA_HIGHPASS = "pixels.chromahighpass"
 PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS, PIXEL_CHROMA_HIGHPASS)
+# The classifier's logits on the horizontally mirrored input: a second forward pass, for
+# ``margin@flip.logits`` (the flip margin). Not a pixel layer: the evaluation computes every
+# pixel layer for every network, and this one costs a whole forward pass.
+FLIPPED_LOGITS = "flip.logits"
+PSEUDO_LAYERS: tuple[str, ...] = (*PIXEL_LAYERS, FLIPPED_LOGITS)
 # About a quarter of a grey level of mean energy: below it an image is flat for this statistic,
 # and a flat image's log stays finite. Fixed with the selection rule (round 5), not tuned.
 LOG_HIGHPASS_FLOOR = 1.0 / 1024
@@ -208,7 +213,8 @@ class FeatureNetwork(nn.Module):
     pseudo-layers ``pixels.highpass``, ``pixels.loghighpass`` (``PixelHighPass``) and
     ``pixels.chromahighpass`` (``ChromaHighPass``) are computed from the pixels themselves,
     outside any autocast and in IEEE float32 on CUDA too, so they are the same arithmetic at
-    every precision.
+    every precision; ``flip.logits`` is the model's logits on the mirrored input (a second
+    forward pass, at the first one's precision).
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
     memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
     and calibrated with, so anything else must be checked to leave decisions unchanged.
@@ -226,22 +232,23 @@ class FeatureNetwork(nn.Module):
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
         modules = dict(model.named_modules())
-        missing = [n for n in self.layers if n not in modules and n not in PIXEL_LAYERS]
+        missing = [n for n in self.layers if n not in modules and n not in PSEUDO_LAYERS]
         if missing:
             candidates = [name for name in modules if name and "." not in name]
             raise ModelLoadError(
                 f"no layer named {missing} in the model; top-level: {candidates}"
-                f" (or the pseudo-layers {list(PIXEL_LAYERS)})"
+                f" (or the pseudo-layers {list(PSEUDO_LAYERS)})"
             )
         self.pixel_layers = tuple(n for n in self.layers if n in PIXEL_LAYERS)
         wants_rgb = {PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS} & set(self.pixel_layers)
         self.highpass = PixelHighPass() if wants_rgb else None
         self.chroma = ChromaHighPass() if PIXEL_CHROMA_HIGHPASS in self.pixel_layers else None
+        self.flipped = FLIPPED_LOGITS in self.layers
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
             modules[name].register_forward_hook(self._make_hook(name))
             for name in self.layers
-            if name not in PIXEL_LAYERS
+            if name not in PSEUDO_LAYERS
         ]
         self.precision: Precision = "fp32"
         self.channels_last = False
@@ -284,6 +291,13 @@ class FeatureNetwork(nn.Module):
         with self._autocast():
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
+        if self.flipped:  # the mirrored image's pass: what its hooks capture is dropped
+            mirrored = normalised.flip(-1)
+            if self.channels_last:
+                mirrored = mirrored.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                features[FLIPPED_LOGITS] = global_average_pool(self.model(mirrored))
+            self._captured = {}
         return ForwardOutput(logits=logits, features=features)
 
     @property

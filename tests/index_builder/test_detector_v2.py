@@ -387,3 +387,35 @@ def _check_pixel_density(config: BuildConfig, bundle: Path, layer: str, column: 
     centred = energy - means[predicted]
     expected = -np.einsum("nd,de,ne->n", centred, np.linalg.inv(covariance), centred)
     np.testing.assert_allclose(values, expected, rtol=1e-4)
+
+
+def test_a_bundle_may_read_the_flip_margin(built, tmp_path, capsys):
+    """``margin@flip.logits`` (a candidate, in no preset): no fitted file, the layer's width is
+    the number of classes, and its values are the margin of the predicted class on the mirrored
+    image's logits."""
+    config, _ = built
+    code = builder_main([
+        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
+        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
+        "--holdout-fraction", "0.4", "--device", "cpu",
+        "--statistic", "vote@last", "--statistic", "margin@flip.logits",
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    manifest = read_manifest(tmp_path / "b")
+    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
+        ("vote", "layer3.2"),
+        ("margin", "flip.logits"),
+    ]
+    flipped = next(s for s in manifest.detector.layers if s.name == "flip.logits")
+    assert (flipped.input_dim, flipped.index_file, flipped.class_density_file) == (3, None, None)
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+    paths = sorted(config.source.rglob("*.png"))
+    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+    batch = guard.infer(pixels)
+    with torch.no_grad():
+        mirrored = guard.network(pixels.flip(-1)).logits.numpy()
+    top = np.take_along_axis(mirrored, batch.predictions[:, None], axis=1)[:, 0]
+    others = mirrored.copy()
+    np.put_along_axis(others, batch.predictions[:, None], -np.inf, axis=1)
+    expected = top - others.max(axis=1)
+    np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-5, atol=1e-6)

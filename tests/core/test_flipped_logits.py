@@ -1,0 +1,53 @@
+"""The pseudo-layer ``flip.logits``: the classifier's logits on the horizontally mirrored input,
+which ``margin@flip.logits`` (the flip margin) reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from app.core.features import FLIPPED_LOGITS, FeatureNetwork, infer_batch
+from app.core.models import PRESETS, build_model
+from app.core.statistics import Margin, logit_margins
+
+
+def _network(layers: list[str]) -> FeatureNetwork:
+    torch.manual_seed(0)
+    return FeatureNetwork(build_model("resnet20", 10).eval(), layers, PRESETS["cifar"]).eval()
+
+
+def test_flipped_logits_are_the_models_on_the_mirrored_pixels() -> None:
+    """The second pass gives the logits of the mirrored image, and leaves the first pass's
+    features and probabilities as they are without it."""
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    network = _network(["layer3", "linear", FLIPPED_LOGITS])
+    with_it = infer_batch(network, pixels)
+    mirrored = infer_batch(network, pixels.flip(-1))
+    np.testing.assert_allclose(with_it.features[FLIPPED_LOGITS], mirrored.features["linear"])
+    without = infer_batch(_network(["layer3", "linear"]), pixels)
+    for layer in ("layer3", "linear"):
+        np.testing.assert_array_equal(with_it.features[layer], without.features[layer])
+    np.testing.assert_array_equal(with_it.probabilities, without.probabilities)
+    assert set(without.features) == {"layer3", "linear"}
+
+
+def test_flip_margin_reads_the_mirrored_logits_at_the_first_passs_class() -> None:
+    """``margin@flip.logits`` is the margin of the class predicted on the image as sent, read on
+    the mirrored image's logits (a photo keeps its class under a mirror; a perturbation fitted
+    to one alignment often does not)."""
+    pixels = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    batch = infer_batch(_network([FLIPPED_LOGITS]), pixels)
+    values = Margin(FLIPPED_LOGITS).values(batch.features, batch.predictions)
+    expected = logit_margins(batch.features[FLIPPED_LOGITS], batch.predictions)
+    np.testing.assert_array_equal(values, expected)
+
+
+def test_flipped_logits_follow_the_execution_settings() -> None:
+    """channels_last runs the mirrored pass in the same memory format, with the same numbers."""
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(10))
+    network = _network([FLIPPED_LOGITS])
+    plain = infer_batch(network, pixels).features[FLIPPED_LOGITS]
+    network.set_execution("fp32", channels_last=True)
+    np.testing.assert_allclose(
+        infer_batch(network, pixels).features[FLIPPED_LOGITS], plain, rtol=1e-4, atol=1e-5
+    )
