@@ -17,6 +17,7 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.manifest import Manifest
 from app.core.models import build_model
+from app.core.statistics import logit_margins
 from index_builder import build, detectors
 from index_builder.build import BuildConfig, build_bundle, extract_stage, plan_build
 from index_builder.cli import main as builder_main
@@ -49,6 +50,20 @@ def built(tmp_path_factory) -> tuple[BuildConfig, Path]:
     )  # fmt: skip
     build_bundle(config, progress=False)
     return config, config.out
+
+
+def _build(
+    config: BuildConfig, out: Path, capsys: pytest.CaptureFixture[str], *args: str
+) -> Manifest:
+    """``advguard build`` on the fixture's images and weights into ``out`` with ``args`` added:
+    the bundle's manifest, once the build succeeded."""
+    code = builder_main([
+        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
+        "--out", str(out), "--k", "20", "--workers", "0", "--quiet",
+        "--holdout-fraction", "0.4", "--device", "cpu", *args,
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    return read_manifest(out)
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:
@@ -189,15 +204,11 @@ def test_statistic_on_a_layer_without_class_density_is_invalid(built, tmp_path):
 
 def test_cli_statistics_and_combination(built, tmp_path, capsys):
     config, _ = built
-    code = builder_main([
-        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
-        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
-        "--holdout-fraction", "0.4", "--device", "cpu", "--statistic", "vote@last",
+    manifest = _build(
+        config, tmp_path / "b", capsys, "--statistic", "vote@last",
         "--statistic", "mahalanobis@stages", "--statistic", "knn_distance@last",
         "--class-k", "3", "--combination", "min_p",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    manifest = read_manifest(tmp_path / "b")
+    )  # fmt: skip
     assert manifest.detector.combination == "min_p"
     assert [(s.kind, s.layer, s.k) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2", None),
@@ -265,14 +276,10 @@ def test_margin_bundle_reads_the_logits_without_fitted_files(built, tmp_path, ca
     with no index or class density; the margin the service computes is the one of the logits
     the prediction came from."""
     config, _ = built
-    code = builder_main([
-        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
-        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
-        "--holdout-fraction", "0.4", "--device", "cpu", "--statistic", "vote@last",
-        "--statistic", "margin@logits", "--combination", "fisher",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    manifest = read_manifest(tmp_path / "b")
+    manifest = _build(
+        config, tmp_path / "b", capsys,
+        "--statistic", "vote@last", "--statistic", "margin@logits", "--combination", "fisher",
+    )  # fmt: skip
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
         ("margin", "linear"),
@@ -310,13 +317,7 @@ def test_default_bundle_reads_the_pixels_high_pass_energy(built, tmp_path, capsy
     values are the distances of the 9 pooled energies the feature network computes, and a
     tampered density file is refused."""
     config, _ = built
-    code = builder_main([
-        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
-        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
-        "--holdout-fraction", "0.4", "--device", "cpu",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    manifest = read_manifest(tmp_path / "b")
+    manifest = _build(config, tmp_path / "b", capsys)
     assert manifest.detector.combination == "hmp"
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
@@ -344,14 +345,10 @@ def test_a_bundle_may_read_the_pixels_chroma_energy(built, tmp_path, capsys):
     images only, no index, and its values are minus their squared distance to the predicted
     class's mean."""
     config, _ = built
-    code = builder_main([
-        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
-        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
-        "--holdout-fraction", "0.4", "--device", "cpu",
+    manifest = _build(
+        config, tmp_path / "b", capsys,
         "--statistic", "vote@last", "--statistic", "mahalanobis@pixels.chromahighpass",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    manifest = read_manifest(tmp_path / "b")
+    )  # fmt: skip
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
         ("mahalanobis", "pixels.chromahighpass"),
@@ -394,14 +391,15 @@ def test_a_bundle_may_read_the_flip_margin(built, tmp_path, capsys):
     the number of classes, and its values are the margin of the predicted class on the mirrored
     image's logits."""
     config, _ = built
-    code = builder_main([
-        "--source", str(config.source), "--arch", "resnet20", "--weights", str(config.weights),
-        "--out", str(tmp_path / "b"), "--k", "20", "--workers", "0", "--quiet",
-        "--holdout-fraction", "0.4", "--device", "cpu",
-        "--statistic", "vote@last", "--statistic", "margin@flip.logits",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    manifest = read_manifest(tmp_path / "b")
+    manifest = _build(
+        config,
+        tmp_path / "b",
+        capsys,
+        "--statistic",
+        "vote@last",
+        "--statistic",
+        "margin@flip.logits",
+    )
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
         ("margin", "flip.logits"),
@@ -414,8 +412,5 @@ def test_a_bundle_may_read_the_flip_margin(built, tmp_path, capsys):
     batch = guard.infer(pixels)
     with torch.no_grad():
         mirrored = guard.network(pixels.flip(-1)).logits.numpy()
-    top = np.take_along_axis(mirrored, batch.predictions[:, None], axis=1)[:, 0]
-    others = mirrored.copy()
-    np.put_along_axis(others, batch.predictions[:, None], -np.inf, axis=1)
-    expected = top - others.max(axis=1)
+    expected = logit_margins(mirrored, batch.predictions)
     np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-5, atol=1e-6)
