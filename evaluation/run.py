@@ -526,7 +526,12 @@ class AttackSetsFound:
     lbfgs_vs_fgsm: dict[str, Any] = field(default_factory=dict)
 
 
-def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
+def model_stage(
+    options: EvaluateOptions, log: Log, extra_layers: tuple[str, ...] = ()
+) -> ModelUnderTest:
+    """The model, its paper bundle and one feature network hooked at every layer a statistic
+    of the evaluated configurations reads (``extra_layers``: more, such as the mirrored pass
+    that only the selection's candidates read)."""
     if options.bundle is not None:
         base_guard = Guard.load(options.bundle, device="cpu")
         manifest = base_guard.manifest
@@ -551,7 +556,9 @@ def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
         blocks = ()
     pseudo = list(PIXEL_LAYERS)  # every layer a statistic of any configuration may read
     layers = list(
-        dict.fromkeys([*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers])
+        dict.fromkeys(
+            [*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers, *extra_layers]
+        )
     )
     network = FeatureNetwork(model, layers, PRESETS[info.preset]).eval()
     return ModelUnderTest(

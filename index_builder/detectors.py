@@ -32,6 +32,7 @@ from torch import nn
 
 from app.core.detector import Combination
 from app.core.errors import ModelLoadError
+from app.core.features import FLIPPED_LOGITS
 from app.core.manifest import StatisticSpec
 from app.core.models import describe_architecture, logits_layer, residual_blocks
 from app.core.statistics import DEFAULT_CLASS_K, STATISTIC_KINDS, StatisticKind
@@ -47,6 +48,10 @@ class DetectorPreset:
 HIGHPASS_STATISTIC = "mahalanobis@pixels.highpass"
 # The same energies' logarithms (round 5's candidates).
 LOG_HIGHPASS_STATISTIC = "mahalanobis@pixels.loghighpass"
+# Round 6's: the colour channels' high-pass energy (``ChromaHighPass``) and the flip margin, the
+# predicted class's logit margin on the mirrored image (a second forward pass).
+CHROMA_STATISTIC = "mahalanobis@pixels.chromahighpass"
+FLIP_STATISTIC = "margin@flip.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule (round 4, kept by round 5): evaluation/results/selection-5/
@@ -72,7 +77,7 @@ _ROUND_2_STATISTICS: dict[str, tuple[str, ...]] = {
 }
 # Round 4: round 2's sets, each also with the high-pass statistic; round 5: each also with the
 # log high-pass statistic instead (listed after round 4's: an exact tie keeps round 4's).
-CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+_ROUND_5_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_2_STATISTICS,
     **{f"{name}+hp": (*stats, HIGHPASS_STATISTIC) for name, stats in _ROUND_2_STATISTICS.items()},
     **{
@@ -80,8 +85,29 @@ CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
         for name, stats in _ROUND_2_STATISTICS.items()
     },
 }
+# Round 6: round 5's sets, then each also with the colour noise (+cn), with the flip margin
+# (+flip), and with both (listed after round 5's: an exact tie keeps the earlier round's).
+_ROUND_6_ADDITIONS: dict[str, tuple[str, ...]] = {
+    "+cn": (CHROMA_STATISTIC,),
+    "+flip": (FLIP_STATISTIC,),
+    "+cn+flip": (CHROMA_STATISTIC, FLIP_STATISTIC),
+}
+CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
+    **_ROUND_5_STATISTICS,
+    **{
+        f"{name}{suffix}": (*stats, *added)
+        for suffix, added in _ROUND_6_ADDITIONS.items()
+        for name, stats in _ROUND_5_STATISTICS.items()
+    },
+}
 CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
 DEFAULT_PRESET = "v2"
+
+
+def forward_passes(statistics: tuple[str, ...]) -> int:
+    """How many forward passes of the classifier a detector costs per image: one, or two when
+    it reads the mirrored image's logits."""
+    return 2 if any(s.endswith("@" + FLIPPED_LOGITS) for s in statistics) else 1
 
 
 def candidate_presets() -> dict[str, DetectorPreset]:

@@ -285,9 +285,7 @@ class FeatureNetwork(nn.Module):
         if self.chroma is not None:
             with ieee_float32_convolutions():
                 self._captured[PIXEL_CHROMA_HIGHPASS] = global_average_pool(self.chroma(pixels))
-        normalised = (pixels - self.mean) / self.std
-        if self.channels_last:
-            normalised = normalised.contiguous(memory_format=torch.channels_last)
+        normalised = self._normalise(pixels)
         with self._autocast():
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
@@ -299,6 +297,20 @@ class FeatureNetwork(nn.Module):
                 features[FLIPPED_LOGITS] = global_average_pool(self.model(mirrored))
             self._captured = {}
         return ForwardOutput(logits=logits, features=features)
+
+    def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        normalised = (pixels - self.mean) / self.std
+        if self.channels_last:
+            normalised = normalised.contiguous(memory_format=torch.channels_last)
+        return normalised
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The logits of the first forward pass alone: no pixel statistics and no mirrored pass,
+        which an attack on the classifier neither needs nor should pay for."""
+        with self._autocast():
+            logits: torch.Tensor = self.model(self._normalise(pixels))
+        self._captured = {}
+        return logits
 
     @property
     def device(self) -> torch.device:

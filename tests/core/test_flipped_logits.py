@@ -53,3 +53,19 @@ def test_flipped_logits_follow_the_execution_settings() -> None:
     np.testing.assert_allclose(
         infer_batch(network, pixels).features[FLIPPED_LOGITS], plain, rtol=1e-4, atol=1e-5
     )
+
+
+def test_classify_runs_the_first_pass_only() -> None:
+    """What attacks differentiate (``LogitsModel``): the first pass's logits, computed once;
+    the mirrored pass, which a network that carries ``flip.logits`` runs in ``forward``, is not
+    paid for."""
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(11))
+    network = _network(["layer3", FLIPPED_LOGITS])
+    calls: list[int] = []
+    network.model.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        logits = network.classify(pixels)
+        assert len(calls) == 1
+        expected = network(pixels).logits
+    assert len(calls) == 3  # forward: the image and its mirror
+    torch.testing.assert_close(logits, expected)
