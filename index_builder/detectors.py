@@ -7,21 +7,23 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 ``@logits`` (the classifier's last linear layer, for ``margin``). ``pixels.highpass`` is the
 pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``),
 ``pixels.loghighpass`` its logarithm and ``pixels.chromahighpass`` the same filters over the
-colour channels (``ChromaHighPass``; a candidate in no preset yet), for ``mahalanobis``;
-``flip.logits`` the logits of the mirrored image (a second forward pass), for ``margin`` (the
-flip margin; a candidate in no preset yet).
+colour channels (``ChromaHighPass``), for ``mahalanobis``; ``flip.logits`` the logits of the
+mirrored image (a second forward pass), for ``margin`` (the flip margin).
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 4, ``evaluation/results/selection-4/``, kept by round 5,
-  ``evaluation/results/selection-5/``): the vote at the
-  last block, Mahalanobis at each stage's output, the logit margin and the Mahalanobis distance
-  of the pixels' high-pass energy, combined by the harmonic-mean p-value;
-- the default of round 3 (vote + Mahalanobis at every block + margin, harmonic mean), which
-  bundles built from 2026-11-29 to 2026-11-30 hold, is the candidate ``maha-blocks+margin-hmp``;
-  the default of rounds 1 and 2 (vote + Mahalanobis at the stage outputs, Fisher) is
-  ``maha-stages-fisher``.
+  ``evaluation/selection.py`` (round 6, ``evaluation/results/selection-6/``): the vote at the
+  last block, the logit margin, and the Mahalanobis distances of the pixels' high-pass energy
+  and of the colour channels' high-pass energy, combined by the harmonic-mean p-value; one
+  forward pass;
+- ``v2-flip``: round 6's best detector at any cost, ``v2`` plus the flip margin (a second
+  forward pass per image; for deployments with the headroom, such as a GPU);
+- the default of rounds 4 and 5 (vote + Mahalanobis at each stage's output + margin + the
+  pixels' high-pass energy, harmonic mean), which bundles built from 2026-11-30 evening to
+  2026-12-01 hold, is the candidate ``maha-stages+margin+hp-hmp``; that of round 3 (vote +
+  Mahalanobis at every block + margin, harmonic mean) ``maha-blocks+margin-hmp``; that of rounds
+  1 and 2 (vote + Mahalanobis at the stage outputs, Fisher) ``maha-stages-fisher``.
 """
 
 from __future__ import annotations
@@ -54,9 +56,14 @@ CHROMA_STATISTIC = "mahalanobis@pixels.chromahighpass"
 FLIP_STATISTIC = "margin@flip.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule (round 4, kept by round 5): evaluation/results/selection-5/
+    # chosen by the selection rule, round 6 (evaluation/results/selection-6/): margin+hp+cn-hmp
     "v2": DetectorPreset(
-        ("vote@last", "mahalanobis@stages", "margin@logits", HIGHPASS_STATISTIC), "hmp"
+        ("vote@last", "margin@logits", HIGHPASS_STATISTIC, CHROMA_STATISTIC), "hmp"
+    ),
+    # round 6's best at any cost, which reads the mirrored image too: margin+hp+cn+flip-hmp
+    "v2-flip": DetectorPreset(
+        ("vote@last", "margin@logits", HIGHPASS_STATISTIC, CHROMA_STATISTIC, FLIP_STATISTIC),
+        "hmp",
     ),
 }
 # Candidates the selection rule chooses among (evaluation.selection); every one keeps the paper's
