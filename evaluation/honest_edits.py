@@ -46,8 +46,10 @@ def _scale(factor: float) -> Callable[[Image.Image], Image.Image]:
     return lambda p: p.resize((round(p.width * factor), round(p.height * factor)))
 
 
-def _brightness(factor: float) -> Callable[[Image.Image], Image.Image]:
-    return lambda p: ImageEnhance.Brightness(p).enhance(factor)
+def _enhanced(
+    enhancer: type[ImageEnhance._Enhance], factor: float
+) -> Callable[[Image.Image], Image.Image]:
+    return lambda p: enhancer(p).enhance(factor)  # type: ignore[call-arg]
 
 
 def _centre_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
@@ -70,8 +72,14 @@ EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "resize x0.75": _scale(0.75),
     "resize x2": _scale(2.0),
     "flip": lambda p: p.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
-    "brightness x0.8": _brightness(0.8),
-    "brightness x1.2": _brightness(1.2),
+    "brightness x0.8": _enhanced(ImageEnhance.Brightness, 0.8),
+    "brightness x1.2": _enhanced(ImageEnhance.Brightness, 1.2),
+    # edits of colour and texture, which the colour channels' noise statistic reads (since
+    # selection round 6): a phone's saturation and sharpening filters
+    "saturation x1.3": _enhanced(ImageEnhance.Color, 1.3),
+    "saturation x0.7": _enhanced(ImageEnhance.Color, 0.7),
+    "contrast x1.2": _enhanced(ImageEnhance.Contrast, 1.2),
+    "sharpen x1.5": _enhanced(ImageEnhance.Sharpness, 1.5),
 }
 
 

@@ -116,17 +116,17 @@ def test_selection_attacks_are_keyed_by_every_parameter_they_read():
         return {name: runner[0] for name, runner in runners.items()}
 
     default = params()
-    for name, change in {
-        "pgd_eps": 4 / 255,
-        "pgd_alpha": 1 / 255,
-        "pgd_steps": 20,
-        "fgsm_eps": 4 / 255,
-    }.items():
+    linf = {"pgd", "pgd_untargeted"}
+    for name, change, expected in [
+        ("pgd_eps", 4 / 255, linf),
+        ("pgd_alpha", 1 / 255, linf),
+        ("pgd_steps", 20, {*linf, "pgd_l2"}),
+        ("pgd_l2_eps", 0.25, {"pgd_l2"}),
+        ("pgd_l2_alpha", 0.05, {"pgd_l2"}),
+        ("fgsm_eps", 4 / 255, {"fgsm", "fgsm_untargeted"}),
+    ]:
         changed = params(**{name: change})
         moved = {attack for attack in default if changed[attack] != default[attack]}
-        expected = (
-            {"pgd", "pgd_untargeted"} if name.startswith("pgd") else {"fgsm", "fgsm_untargeted"}
-        )
         assert moved == expected, name
     # a parameter no selection attack reads leaves every key alone
     assert params(cw_steps=99) == default

@@ -311,51 +311,32 @@ def test_logits_alias_names_the_last_linear_layer():
     assert [s.layer for s in tv] == ["fc"]
 
 
-def test_default_bundle_reads_the_pixels_high_pass_energy(built, tmp_path, capsys):
-    """The default preset (v2, selection round 4): its high-pass statistic is a Mahalanobis
-    distance over the pixel pseudo-layer, fitted like any layer's class density (no index), its
-    values are the distances of the 9 pooled energies the feature network computes, and a
-    tampered density file is refused."""
+def test_default_bundle_reads_the_pixels_and_colour_high_pass_energy(built, tmp_path, capsys):
+    """The default preset (v2, selection round 6): the vote, the logit margin and two pixel
+    statistics, Mahalanobis distances over the 9 RGB and the 6 colour-channel high-pass
+    energies, each fitted like any layer's class density on the indexed images (no index), whose
+    values are the distances of the energies the feature network computes; a tampered density
+    file is refused."""
     config, _ = built
     manifest = _build(config, tmp_path / "b", capsys)
     assert manifest.detector.combination == "hmp"
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
-        ("mahalanobis", "layer1.2"),
-        ("mahalanobis", "layer2.2"),
-        ("mahalanobis", "layer3.2"),
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
+        ("mahalanobis", "pixels.chromahighpass"),
     ]
-    pixel_layer = next(s for s in manifest.detector.layers if s.name == "pixels.highpass")
-    assert (pixel_layer.input_dim, pixel_layer.index_file) == (9, None)
-    assert pixel_layer.class_density_file == "class_density_pixels_highpass.npz"
-    _check_pixel_density(config, tmp_path / "b", "pixels.highpass", column=-1)
-    path = tmp_path / "b" / "class_density_pixels_highpass.npz"
+    for column, (name, width) in enumerate([("highpass", 9), ("chromahighpass", 6)], start=2):
+        layer = next(s for s in manifest.detector.layers if s.name == f"pixels.{name}")
+        assert (layer.input_dim, layer.index_file) == (width, None)
+        assert layer.class_density_file == f"class_density_pixels_{name}.npz"
+        _check_pixel_density(config, tmp_path / "b", f"pixels.{name}", column=column)
+    path = tmp_path / "b" / "class_density_pixels_chromahighpass.npz"
     raw = bytearray(path.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     path.write_bytes(bytes(raw))
-    with pytest.raises(BundleError, match=r"class_density_pixels_highpass\.npz"):
+    with pytest.raises(BundleError, match=r"class_density_pixels_chromahighpass\.npz"):
         Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
-
-
-def test_a_bundle_may_read_the_pixels_chroma_energy(built, tmp_path, capsys):
-    """``mahalanobis@pixels.chromahighpass`` (a candidate, in no preset) builds like the RGB
-    high-pass statistic: a class density over the 6 chroma energies fitted on the indexed
-    images only, no index, and its values are minus their squared distance to the predicted
-    class's mean."""
-    config, _ = built
-    manifest = _build(
-        config, tmp_path / "b", capsys,
-        "--statistic", "vote@last", "--statistic", "mahalanobis@pixels.chromahighpass",
-    )  # fmt: skip
-    assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
-        ("vote", "layer3.2"),
-        ("mahalanobis", "pixels.chromahighpass"),
-    ]
-    layer = next(s for s in manifest.detector.layers if s.name == "pixels.chromahighpass")
-    assert (layer.input_dim, layer.index_file) == (6, None)
-    _check_pixel_density(config, tmp_path / "b", "pixels.chromahighpass", column=1)
 
 
 def _check_pixel_density(config: BuildConfig, bundle: Path, layer: str, column: int) -> None:
@@ -386,22 +367,17 @@ def _check_pixel_density(config: BuildConfig, bundle: Path, layer: str, column: 
     np.testing.assert_allclose(values, expected, rtol=1e-4)
 
 
-def test_a_bundle_may_read_the_flip_margin(built, tmp_path, capsys):
-    """``margin@flip.logits`` (a candidate, in no preset): no fitted file, the layer's width is
-    the number of classes, and its values are the margin of the predicted class on the mirrored
-    image's logits."""
+def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
+    """``--detector v2-flip`` is v2 plus ``margin@flip.logits``: no fitted file, the layer's
+    width is the number of classes, and its values are the margin of the predicted class on the
+    mirrored image's logits."""
     config, _ = built
-    manifest = _build(
-        config,
-        tmp_path / "b",
-        capsys,
-        "--statistic",
-        "vote@last",
-        "--statistic",
-        "margin@flip.logits",
-    )
+    manifest = _build(config, tmp_path / "b", capsys, "--detector", "v2-flip")
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
+        ("margin", "linear"),
+        ("mahalanobis", "pixels.highpass"),
+        ("mahalanobis", "pixels.chromahighpass"),
         ("margin", "flip.logits"),
     ]
     flipped = next(s for s in manifest.detector.layers if s.name == "flip.logits")
@@ -413,4 +389,4 @@ def test_a_bundle_may_read_the_flip_margin(built, tmp_path, capsys):
     with torch.no_grad():
         mirrored = guard.network(pixels.flip(-1)).logits.numpy()
     expected = logit_margins(mirrored, batch.predictions)
-    np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(guard.evidence(batch).values[:, 4], expected, rtol=1e-5, atol=1e-6)

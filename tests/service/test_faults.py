@@ -192,7 +192,12 @@ def _serve_refused(bundle: Path) -> str:
 
 @pytest.mark.parametrize(
     "name",
-    ["index_layer3_2.faiss", "labels.npy", "processing_layer3_2.npz", "class_density_layer1_2.npz"],
+    [
+        "index_layer3_2.faiss",
+        "labels.npy",
+        "processing_layer3_2.npz",
+        "class_density_pixels_chromahighpass.npz",
+    ],
 )
 def test_corrupted_bundle_file_refused(bundle_copy: Path, name: str) -> None:
     _flip_byte(bundle_copy / name, (bundle_copy / name).stat().st_size // 2)
