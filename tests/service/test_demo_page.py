@@ -25,6 +25,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
+from app.core.manifest import MANIFEST_NAME, Manifest
+from app.service.settings import DEFAULT_BUNDLE
 from tests.deploy.helpers import advguard_serve
 from tests.service.helpers import CIFAR_TAR, free_port
 
@@ -227,9 +229,11 @@ def test_trusted_caller_sees_the_evidence_of_a_rejection(
     assert predicted.text.split()[0] in browser.find_element(By.ID, "result").text
     counts = [int(row.text.split()[-1]) for row in rows]
     assert sum(counts) == 1000  # the vote's k neighbours
-    # the demo bundle's 6 statistics: the vote, Mahalanobis at 3 stage outputs, the margin, the
-    # pixels' high-pass energy
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == 6
+    # one row per statistic of the demo bundle's detector (round 6's v2: the vote, the margin and
+    # the two pixel energies)
+    manifest = Manifest.model_validate_json((DEFAULT_BUNDLE / MANIFEST_NAME).read_text())
+    statistics = len(manifest.detector.statistic_specs())
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == statistics == 4
     WebDriverWait(browser, WAIT_S).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours img.thumb")) == 8
     )
