@@ -26,7 +26,13 @@ from torch import nn
 from app.core.calibration import threshold_for_retention
 from app.core.detector import Combination
 from app.core.errors import ModelLoadError
-from app.core.features import PIXEL_LAYERS, BatchFeatures, FeatureNetwork, infer_batch
+from app.core.features import (
+    FLIPPED_LOGITS,
+    PIXEL_LAYERS,
+    BatchFeatures,
+    FeatureNetwork,
+    infer_batch,
+)
 from app.core.guard import Guard
 from app.core.manifest import Manifest
 from app.core.models import (
@@ -93,6 +99,9 @@ ALL_STATISTICS: tuple[str, ...] = (
     "mahalanobis@pixels.highpass",
     "mahalanobis@pixels.loghighpass",
 )
+# The v2 presets evaluated for the CIFAR models: the default and the opt-in one with the flip
+# margin (a second forward pass).
+V2_PRESETS: tuple[str, ...] = ("v2", "v2-flip")
 # Holdout of the training split for detectors with a reference part and a threshold part.
 V2_HOLDOUT_FRACTION = 0.1
 
@@ -526,12 +535,9 @@ class AttackSetsFound:
     lbfgs_vs_fgsm: dict[str, Any] = field(default_factory=dict)
 
 
-def model_stage(
-    options: EvaluateOptions, log: Log, extra_layers: tuple[str, ...] = ()
-) -> ModelUnderTest:
+def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
     """The model, its paper bundle and one feature network hooked at every layer a statistic
-    of the evaluated configurations reads (``extra_layers``: more, such as the mirrored pass
-    that only the selection's candidates read)."""
+    of the evaluated configurations reads."""
     if options.bundle is not None:
         base_guard = Guard.load(options.bundle, device="cpu")
         manifest = base_guard.manifest
@@ -554,11 +560,11 @@ def model_stage(
         blocks = tuple(residual_blocks(model))
     except ModelLoadError:
         blocks = ()
-    pseudo = list(PIXEL_LAYERS)  # every layer a statistic of any configuration may read
+    # every layer a statistic of any configuration may read; for the CIFAR models also the
+    # mirrored pass of `v2-flip` (its features only: attacks differentiate the first pass)
+    pseudo = [*PIXEL_LAYERS, *([FLIPPED_LOGITS] if info.family == "cifar" else [])]
     layers = list(
-        dict.fromkeys(
-            [*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers, *extra_layers]
-        )
+        dict.fromkeys([*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers])
     )
     network = FeatureNetwork(model, layers, PRESETS[info.preset]).eval()
     return ModelUnderTest(
@@ -832,8 +838,8 @@ def configuration_stage(
     options: EvaluateOptions, mut: ModelUnderTest, log: Log
 ) -> dict[str, tuple[DetectorConfig, Guard]]:
     """Every detector configuration as a Guard: the paper's Table 2 grid, layer study, k sweep
-    and multi-layer Fisher bundle (studies), the v2 default bundle, and views of the all-
-    statistics bundle (ablations) that need no build of their own."""
+    and multi-layer Fisher bundle (studies), the v2 bundles (the default and ``v2-flip``), and
+    views of the all-statistics bundle (ablations) that need no build of their own."""
     guards: dict[str, tuple[DetectorConfig, Guard]] = {}
     if not options.studies:
         config = DetectorConfig("bundle", "table2", tuple(mut.base_guard.layers))
@@ -850,11 +856,10 @@ def configuration_stage(
         ):
             guards[view_config.name] = (view_config, view)
     if mut.info.family == "cifar":
-        v2 = DetectorConfig("v2", "v2", (), preset="v2")
-        guards[v2.name] = (
-            v2,
-            Guard.load(_build(options, mut.arch, mut.weights, v2, mut.name, log), device="cpu"),
-        )
+        for preset in V2_PRESETS:
+            v2 = DetectorConfig(preset, "v2", (), preset=preset)
+            path = _build(options, mut.arch, mut.weights, v2, mut.name, log)
+            guards[v2.name] = (v2, Guard.load(path, device="cpu"))
         if options.v2_only:
             return guards
         every = DetectorConfig("all-statistics", "ablation", (), statistics=ALL_STATISTICS)

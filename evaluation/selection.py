@@ -103,7 +103,6 @@ import numpy as np
 import torch
 
 from app.core.calibration import threshold_for_retention
-from app.core.features import FLIPPED_LOGITS
 from app.core.guard import Guard
 from app.core.manifest import StatisticSpec
 from app.core.statistics import INDEXED_KINDS
@@ -135,8 +134,7 @@ MAX_BUNDLE_BYTES = 20 * 1024 * 1024
 MIN_EER = 0.93
 SELECTION_ATTACKS = ("fgsm", "fgsm_untargeted", "pgd", "pgd_untargeted", "deepfool", "pgd_l2")
 # Every statistic a candidate reads, in the one bundle the candidates are views of: the
-# evaluation's ablation statistics and round 6's two (which the ablations do not carry: the flip
-# margin would cost every evaluated set a second forward pass).
+# evaluation's ablation statistics and round 6's two (which the ablations do not carry).
 SELECTION_STATISTICS: tuple[str, ...] = (*ALL_STATISTICS, CHROMA_STATISTIC, FLIP_STATISTIC)
 # The preset the best candidate at any cost becomes when it needs the second forward pass.
 FLIP_PRESET = "v2-flip"
@@ -357,7 +355,7 @@ def choose(scored: Sequence[CandidateScore], one_pass: bool = True) -> Candidate
 def select(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
     """The selection run: images -> all-statistics bundle -> statistics -> candidates -> the
     choice, written to ``options.out`` (``selection.json``, ``selection.md``)."""
-    mut = model_stage(replace(options, studies=False), log, extra_layers=(FLIPPED_LOGITS,))
+    mut = model_stage(replace(options, studies=False), log)
     images = selection_images(options, mut, log)
     bundle = _build(
         options,
