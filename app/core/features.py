@@ -117,8 +117,8 @@ PIXEL_LOG_HIGHPASS = "pixels.loghighpass"
 PIXEL_CHROMA_HIGHPASS = "pixels.chromahighpass"
 PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS, PIXEL_CHROMA_HIGHPASS)
 # The classifier's logits on the horizontally mirrored input: a second forward pass, for
-# ``margin@flip.logits`` (the flip margin). Not a pixel layer: the evaluation computes every
-# pixel layer for every network, and this one costs a whole forward pass.
+# ``margin@flip.logits`` (the flip margin, in the ``v2-flip`` preset). Not a pixel layer: it
+# costs a whole forward pass, so only networks that read it compute it.
 FLIPPED_LOGITS = "flip.logits"
 PSEUDO_LAYERS: tuple[str, ...] = (*PIXEL_LAYERS, FLIPPED_LOGITS)
 # About a quarter of a grey level of mean energy: below it an image is flat for this statistic,
@@ -174,11 +174,10 @@ class ChromaHighPass(nn.Module):
     Why: a 4:2:0 JPEG photo, which most cameras and this project's CIFAR-10 copy store, keeps
     its colour at half resolution, so its chroma channels carry little high-frequency energy,
     while a perturbation computed on the decoded pixels adds as much to them as to the
-    brightness. A candidate statistic, in no preset yet: checked on held-out training images
-    only (evaluation/README.md, "Colour noise"), where it took targeted PGD and transferred PGD
-    to 0% accepted and cut transferred targeted PGD-L2 from 78% to 60%, but failed its rule on
-    L-BFGS. What it reads is the capture pipeline: an honest upload that was never a 4:2:0 JPEG
-    (a PNG screenshot) is not what its class densities are fitted on.
+    brightness. In the default detector since selection round 6 (evaluation/README.md, "Detector
+    v2"). What it reads is the capture pipeline: an honest upload that was never a 4:2:0 JPEG
+    (a PNG screenshot, a camera photo shrunk to the model's size) is not what its class
+    densities are fitted on.
     """
 
     weight: torch.Tensor
@@ -290,9 +289,7 @@ class FeatureNetwork(nn.Module):
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
         if self.flipped:  # the mirrored image's pass: what its hooks capture is dropped
-            mirrored = normalised.flip(-1)
-            if self.channels_last:
-                mirrored = mirrored.contiguous(memory_format=torch.channels_last)
+            mirrored = self._normalise(pixels.flip(-1))
             with self._autocast():
                 features[FLIPPED_LOGITS] = global_average_pool(self.model(mirrored))
             self._captured = {}
