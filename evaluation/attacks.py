@@ -295,6 +295,8 @@ def pgd_l2_untargeted(
     steps: int,
     batch_size: int = 250,
 ) -> AttackOutput:
+    """Untargeted PGD-L2: the reported PGD-L2 sets, and since round 7 a selection attack (on
+    the selection images)."""
     return _pgd_l2(model, pixels, labels, False, eps, alpha, steps, batch_size)
 
 

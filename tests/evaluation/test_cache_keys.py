@@ -117,12 +117,13 @@ def test_selection_attacks_are_keyed_by_every_parameter_they_read():
 
     default = params()
     linf = {"pgd", "pgd_untargeted"}
+    l2 = {"pgd_l2", "pgd_l2_untargeted"}
     for name, change, expected in [
         ("pgd_eps", 4 / 255, linf),
         ("pgd_alpha", 1 / 255, linf),
-        ("pgd_steps", 20, {*linf, "pgd_l2"}),
-        ("pgd_l2_eps", 0.25, {"pgd_l2"}),
-        ("pgd_l2_alpha", 0.05, {"pgd_l2"}),
+        ("pgd_steps", 20, {*linf, *l2}),
+        ("pgd_l2_eps", 0.25, l2),
+        ("pgd_l2_alpha", 0.05, l2),
         ("fgsm_eps", 4 / 255, {"fgsm", "fgsm_untargeted"}),
     ]:
         changed = params(**{name: change})
