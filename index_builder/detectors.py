@@ -13,15 +13,17 @@ mirrored image (a second forward pass), for ``margin`` (the flip margin).
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 6, ``evaluation/results/selection-6/``): the vote at the
-  last block, the logit margin, and the Mahalanobis distances of the pixels' high-pass energy
-  and of the colour channels' high-pass energy, combined by the harmonic-mean p-value; one
-  forward pass;
-- ``v2-flip``: round 6's best detector at any cost, ``v2`` plus the flip margin (a second
+  ``evaluation/selection.py`` (round 7, ``evaluation/results/selection-7/``): the vote at the
+  last block, the Mahalanobis distances of each stage's output, the logit margin, and the
+  Mahalanobis distances of the pixels' high-pass energy and of the colour channels' high-pass
+  energy, combined by the harmonic-mean p-value; one forward pass;
+- ``v2-flip``: round 7's best detector at any cost, ``v2`` plus the flip margin (a second
   forward pass per image; for deployments with the headroom, such as a GPU);
-- the default of rounds 4 and 5 (vote + Mahalanobis at each stage's output + margin + the
-  pixels' high-pass energy, harmonic mean), which bundles built from 2026-11-30 evening to
-  2026-12-01 hold, is the candidate ``maha-stages+margin+hp-hmp``; that of round 3 (vote +
+- the default of round 6 (``v2`` without the stage distances), which bundles built on
+  2026-12-01 evening hold, is the candidate ``margin+hp+cn-hmp``; that of rounds 4 and 5 (vote
+  + Mahalanobis at each stage's output + margin + the pixels' high-pass energy, harmonic mean),
+  which bundles built from 2026-11-30 evening to 2026-12-01 afternoon hold, is the candidate
+  ``maha-stages+margin+hp-hmp``; that of round 3 (vote +
   Mahalanobis at every block + margin, harmonic mean) ``maha-blocks+margin-hmp``; that of rounds
   1 and 2 (vote + Mahalanobis at the stage outputs, Fisher) ``maha-stages-fisher``.
 """
@@ -56,13 +58,29 @@ CHROMA_STATISTIC = "mahalanobis@pixels.chromahighpass"
 FLIP_STATISTIC = "margin@flip.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule, round 6 (evaluation/results/selection-6/): margin+hp+cn-hmp
+    # chosen by the selection rule, round 7 (evaluation/results/selection-7/):
+    # maha-stages+margin+hp+cn-hmp
     "v2": DetectorPreset(
-        ("vote@last", "margin@logits", HIGHPASS_STATISTIC, CHROMA_STATISTIC), "hmp"
+        (
+            "vote@last",
+            "mahalanobis@stages",
+            "margin@logits",
+            HIGHPASS_STATISTIC,
+            CHROMA_STATISTIC,
+        ),
+        "hmp",
     ),
-    # round 6's best at any cost, which reads the mirrored image too: margin+hp+cn+flip-hmp
+    # round 7's best at any cost, which reads the mirrored image too:
+    # maha-stages+margin+hp+cn+flip-hmp
     "v2-flip": DetectorPreset(
-        ("vote@last", "margin@logits", HIGHPASS_STATISTIC, CHROMA_STATISTIC, FLIP_STATISTIC),
+        (
+            "vote@last",
+            "mahalanobis@stages",
+            "margin@logits",
+            HIGHPASS_STATISTIC,
+            CHROMA_STATISTIC,
+            FLIP_STATISTIC,
+        ),
         "hmp",
     ),
 }

@@ -312,21 +312,24 @@ def test_logits_alias_names_the_last_linear_layer():
 
 
 def test_default_bundle_reads_the_pixels_and_colour_high_pass_energy(built, tmp_path, capsys):
-    """The default preset (v2, selection round 6): the vote, the logit margin and two pixel
-    statistics, Mahalanobis distances over the 9 RGB and the 6 colour-channel high-pass
-    energies, each fitted like any layer's class density on the indexed images (no index), whose
-    values are the distances of the energies the feature network computes; a tampered density
-    file is refused."""
+    """The default preset (v2, selection round 7): the vote, the stages' Mahalanobis distances,
+    the logit margin and two pixel statistics, Mahalanobis distances over the 9 RGB and the 6
+    colour-channel high-pass energies, each fitted like any layer's class density on the
+    indexed images (no index), whose values are the distances of the energies the feature
+    network computes; a tampered density file is refused."""
     config, _ = built
     manifest = _build(config, tmp_path / "b", capsys)
     assert manifest.detector.combination == "hmp"
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
+        ("mahalanobis", "layer1.2"),
+        ("mahalanobis", "layer2.2"),
+        ("mahalanobis", "layer3.2"),
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),
     ]
-    for column, (name, width) in enumerate([("highpass", 9), ("chromahighpass", 6)], start=2):
+    for column, (name, width) in enumerate([("highpass", 9), ("chromahighpass", 6)], start=5):
         layer = next(s for s in manifest.detector.layers if s.name == f"pixels.{name}")
         assert (layer.input_dim, layer.index_file) == (width, None)
         assert layer.class_density_file == f"class_density_pixels_{name}.npz"
@@ -375,6 +378,9 @@ def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
     manifest = _build(config, tmp_path / "b", capsys, "--detector", "v2-flip")
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
+        ("mahalanobis", "layer1.2"),
+        ("mahalanobis", "layer2.2"),
+        ("mahalanobis", "layer3.2"),
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),
@@ -389,4 +395,4 @@ def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
     with torch.no_grad():
         mirrored = guard.network(pixels.flip(-1)).logits.numpy()
     expected = logit_margins(mirrored, batch.predictions)
-    np.testing.assert_allclose(guard.evidence(batch).values[:, 4], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(guard.evidence(batch).values[:, 7], expected, rtol=1e-5, atol=1e-6)
