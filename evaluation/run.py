@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +26,7 @@ from torch import nn
 
 from app.core.calibration import threshold_for_retention
 from app.core.detector import Combination
-from app.core.errors import ModelLoadError
+from app.core.errors import ModelLoadError, StaleWorkDirError
 from app.core.features import (
     FLIPPED_LOGITS,
     PIXEL_LAYERS,
@@ -429,7 +430,14 @@ def _build(
         statistics=config.statistics,
         combination=None if plan.v2 or config.combination == "single" else "fisher",
     )
-    build_bundle(build, progress=False)
+    try:
+        build_bundle(build, progress=False)
+    except StaleWorkDirError as stale:
+        # the evaluation's own cache: another build's chunks (the source archive written again,
+        # as a fresh copy of ../shared is) are nobody's work to keep
+        log(f"{stale}: in the evaluation's cache, so started afresh")
+        shutil.rmtree(plan.work_dir)
+        build_bundle(build, progress=False)
     stamp_file.write_text(json.dumps(plan.stamp))
     return plan.out
 

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from app.core.errors import SourceError
+from app.core.errors import SourceError, StaleWorkDirError
 from app.core.features import BatchFeatures, FeatureNetwork, image_to_pixels, infer_batch
 from app.core.images import ImageDecodeError, decode_image
 from app.core.models import PreprocessingPreset
@@ -212,7 +212,7 @@ def check_fingerprint(root: Path, fingerprint: dict[str, object]) -> None:
             differ = sorted(
                 k for k in stored.keys() | fingerprint.keys() if stored.get(k) != fingerprint.get(k)
             )
-            raise SourceError(
+            raise StaleWorkDirError(
                 f"work directory {root} holds chunks of a different build ({', '.join(differ)} "
                 f"differ: see {path}); delete it or pass another --work-dir"
             )

@@ -20,3 +20,9 @@ class ConfigError(AdvguardError):
 
 class SourceError(AdvguardError):
     """An image source that cannot be read at all (individual bad images are skipped instead)."""
+
+
+class StaleWorkDirError(SourceError):
+    """A build's work directory holds feature chunks of another build (another source, model or
+    layer set): the builder will not mix them. Its owner decides: a user's directory is left
+    alone; the evaluation's cache starts it afresh."""

@@ -3,6 +3,7 @@ a cached prediction, attack or bundle is reused only for exactly what it was com
 Each test changes one thing a stale cache would miss (the pixels under the same rows, an attack
 parameter, the seed, the source) and checks that the key changes with it, and nothing else does."""
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -13,17 +14,20 @@ import numpy as np
 import pytest
 import torch
 
+from app.core.errors import StaleWorkDirError
 from evaluation.data import ImageSplit, save_npz, source_stamp
 from evaluation.run import (
     DetectorConfig,
     EvaluateOptions,
     ImageSets,
+    _build,
     _build_plan,
     attack_key,
     predictions_key,
 )
 from evaluation.selection import SelectionImages, selection_attack_key, selection_attack_runners
 from evaluation.sets import Selection, pixels_digest
+from index_builder.extract import check_fingerprint
 
 
 def _mut(weights_sha: str = "w" * 64) -> Any:
@@ -234,3 +238,37 @@ def test_a_cache_file_is_written_under_a_temporary_name_of_its_own(
         np.testing.assert_array_equal(data["pixels"], np.arange(6).reshape(2, 3))
     assert other.read_bytes() == b"partial"
     assert sorted(p.name for p in path.parent.iterdir()) == [other.name, path.name]
+
+
+def test_a_stale_work_directory_in_the_cache_is_started_afresh(
+    build_inputs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The builder refuses to resume another build's feature chunks (``check_fingerprint``
+    raises ``StaleWorkDirError``); in the evaluation's own cache those chunks are garbage, so
+    the build starts its work directory afresh instead of stopping the evaluation (every fresh
+    copy of ../shared writes the CIFAR-10 archive again, which made every cached build's chunks
+    stale). The build is a stand-in that fingerprints its work directory the builder's way."""
+    import index_builder.build as build_module
+
+    options, weights, config = build_inputs
+    builds: list[Path] = []
+
+    def build_bundle(build: Any, progress: bool) -> None:
+        stamp = source_stamp(build.source)
+        check_fingerprint(build.work_dir / "source", {"content_sha256": stamp["mtime_ns"]})
+        build.out.mkdir(parents=True, exist_ok=True)
+        (build.out / "manifest.json").write_text("{}")
+        builds.append(build.work_dir)
+
+    monkeypatch.setattr(build_module, "build_bundle", build_bundle)
+    logged: list[str] = []
+    _build(options, "resnet20", weights, config, "m", logged.append)
+    assert len(builds) == 1 and not any("afresh" in line for line in logged)
+    mtime = options.source.stat().st_mtime_ns + 1_000_000_000
+    os.utime(options.source, ns=(mtime, mtime))  # the archive written again
+    with pytest.raises(StaleWorkDirError, match="different build"):  # as a user's directory
+        check_fingerprint(builds[0] / "source", {"content_sha256": mtime})
+    _build(options, "resnet20", weights, config, "m", logged.append)
+    assert len(builds) == 2 and any("started afresh" in line for line in logged)
+    fingerprint = json.loads((builds[1] / "source" / "fingerprint.json").read_text())
+    assert fingerprint == {"content_sha256": mtime}
