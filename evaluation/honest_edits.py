@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -46,10 +47,17 @@ def _scale(factor: float) -> Callable[[Image.Image], Image.Image]:
     return lambda p: p.resize((round(p.width * factor), round(p.height * factor)))
 
 
+class _Enhancement(Protocol):
+    """An ``ImageEnhance`` object (``Brightness(image)``, ``Color(image)``, ...): the edit at
+    any strength."""
+
+    def enhance(self, factor: float) -> Image.Image: ...
+
+
 def _enhanced(
-    enhancer: type[ImageEnhance._Enhance], factor: float
+    enhancer: Callable[[Image.Image], _Enhancement], factor: float
 ) -> Callable[[Image.Image], Image.Image]:
-    return lambda p: enhancer(p).enhance(factor)  # type: ignore[call-arg]
+    return lambda p: enhancer(p).enhance(factor)
 
 
 def _centre_crop(fraction: float) -> Callable[[Image.Image], Image.Image]:
