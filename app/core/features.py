@@ -272,7 +272,10 @@ class FeatureNetwork(nn.Module):
 
         return hook
 
-    def forward(self, pixels: torch.Tensor) -> ForwardOutput:
+    def forward(self, pixels: torch.Tensor, mirrored: bool = True) -> ForwardOutput:
+        """The logits and every layer's pooled features; ``mirrored=False`` skips the mirrored
+        pass (no ``flip.logits``), for a caller that reads none of it (an attack on statistics
+        of the first pass)."""
         self._captured = {}
         if self.highpass is not None:  # IEEE float32 whatever the precision (no TF32 on CUDA)
             with ieee_float32_convolutions():
@@ -288,10 +291,10 @@ class FeatureNetwork(nn.Module):
         with self._autocast():
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
-        if self.flipped:  # the mirrored image's pass: what its hooks capture is dropped
-            mirrored = self._normalise(pixels.flip(-1))
+        if self.flipped and mirrored:  # the mirrored image's pass: its hooks' captures dropped
+            flipped = self._normalise(pixels.flip(-1))
             with self._autocast():
-                features[FLIPPED_LOGITS] = global_average_pool(self.model(mirrored))
+                features[FLIPPED_LOGITS] = global_average_pool(self.model(flipped))
             self._captured = {}
         return ForwardOutput(logits=logits, features=features)
 

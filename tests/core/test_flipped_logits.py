@@ -69,3 +69,20 @@ def test_classify_runs_the_first_pass_only() -> None:
         expected = network(pixels).logits
     assert len(calls) == 3  # forward: the image and its mirror
     torch.testing.assert_close(logits, expected)
+
+
+def test_forward_without_the_mirror_skips_the_second_pass() -> None:
+    """``mirrored=False``: one pass of the model, every other feature as with the mirror."""
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    network = _network(["layer3", "linear", FLIPPED_LOGITS])
+    calls: list[int] = []
+    network.model.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        both = network(pixels)
+        assert len(calls) == 2
+        first = network(pixels, mirrored=False)
+    assert len(calls) == 3
+    assert set(first.features) == {"layer3", "linear"}
+    torch.testing.assert_close(first.logits, both.logits)
+    for layer in ("layer3", "linear"):
+        torch.testing.assert_close(first.features[layer], both.features[layer])

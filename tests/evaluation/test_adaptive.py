@@ -164,3 +164,25 @@ def test_the_adaptive_attack_reads_the_flip_margin_through_the_mirrored_pass():
     np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     got.sum().backward()
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
+def test_the_adaptive_attack_runs_the_mirrored_pass_only_for_the_flip_margin():
+    """An attack on the first pass's statistics does not pay for the network's mirrored pass
+    (a network that carries ``flip.logits``, as the evaluation's does, runs it by default); one
+    on the flip margin does."""
+    from app.core.features import FLIPPED_LOGITS
+
+    torch.manual_seed(0)
+    network = FeatureNetwork(
+        build_model("resnet20", 10).eval(), ["linear", FLIPPED_LOGITS], PRESETS["cifar"]
+    ).eval()
+    reference = np.random.default_rng(6).normal(2.0, 1.0, size=(40, 1))
+    calls: list[int] = []
+    network.model.register_forward_hook(lambda *_: calls.append(1))
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    target = torch.tensor([1, 2])
+    for layer, passes in (("linear", 1), (FLIPPED_LOGITS, 2)):
+        detector = Detector([Margin(layer)], "single", reference)
+        calls.clear()
+        adaptive_pgd(network, surrogates(detector), pixels, target, 8 / 255, 2 / 255, steps=2)
+        assert len(calls) == 3 * passes  # three forward passes of the attack (steps + 1)
