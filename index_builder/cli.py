@@ -51,10 +51,11 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
     parser.add_argument(
         "--detector",
-        help="detector preset: v2 (default: the paper's vote + the logit margin + the "
-        "Mahalanobis distances of the pixels' and the colour channels' high-pass energy, "
-        "harmonic mean p-value), v2-flip (v2 + the flip margin, a second forward pass), paper "
-        "(the paper's one DW-kNN vote at the last layer) or a selection candidate",
+        help="detector preset: v2 (default: the paper's vote + the Mahalanobis distances of "
+        "each stage's output + the logit margin + the Mahalanobis distances of the pixels' and "
+        "the colour channels' high-pass energy, harmonic mean p-value), v2-flip (v2 + the flip "
+        "margin, a second forward pass), paper (the paper's one DW-kNN vote at the last layer) "
+        "or a selection candidate",
     )
     parser.add_argument(
         "--statistic",
