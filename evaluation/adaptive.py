@@ -39,7 +39,14 @@ from app.core.detector import Detector
 from app.core.features import FLIPPED_LOGITS, FeatureNetwork
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction
-from app.core.statistics import ClassKnnDistance, KnnVote, Mahalanobis, Margin
+from app.core.statistics import (
+    NOT_DOUBTED,
+    ClassKnnDistance,
+    DoubtMargin,
+    KnnVote,
+    Mahalanobis,
+    Margin,
+)
 from evaluation.attacks import AttackOutput
 
 
@@ -188,14 +195,18 @@ def surrogates(detector: Detector) -> list[Surrogate]:
         if detector.reference is None:
             raise ValueError("a distance statistic needs the detector's reference values")
         reference = detector.reference[:, column]
+        if isinstance(statistic, DoubtMargin):  # scaled by the doubted images' flip margins
+            reference = reference[reference < NOT_DOUBTED]
+            reference = reference if reference.size else np.zeros(1)
         scale = dict(
             reference_mean=float(reference.mean()),
             reference_std=float(max(reference.std(), 1e-12)),
         )
-        if isinstance(statistic, Margin):
-            out.append(
-                SurrogateMargin(f"margin@{statistic.layer_name}", statistic.layer_name, **scale)
-            )
+        if isinstance(statistic, Margin | DoubtMargin):
+            # a doubted flip margin as the flip margin itself: raising it helps the attacker
+            # whether or not the first pass ends in doubt
+            name = f"{statistic.kind}@{statistic.layer_name}"
+            out.append(SurrogateMargin(name, statistic.layer_name, **scale))
         elif isinstance(statistic, Mahalanobis):
             out.append(
                 SurrogateDistance(

@@ -64,6 +64,7 @@ from app.core.statistics import (
     ClassDensity,
     LayerIndex,
     fit_class_density,
+    fit_doubt_gate,
 )
 from index_builder import detectors
 from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
@@ -323,6 +324,7 @@ class FittedLayer:
 class Calibrated:
     """Stage 4: the detector and its threshold from held-out authentic images."""
 
+    statistics: list[StatisticSpec]  # the plan's, with every doubt_margin's gate fitted
     detector: Detector
     calibration: Calibration
     scores: np.ndarray  # combined scores of the correctly classified threshold-part images
@@ -464,7 +466,7 @@ def resolve_detector(
         )
     except ValueError as exc:  # an unknown preset, statistic or layer, a bad combination
         raise ConfigError(str(exc)) from exc
-    return statistics, combination, _unique(s.layer for s in statistics)
+    return statistics, combination, _unique(layer for s in statistics for layer in s.reads)
 
 
 def plan_build(config: BuildConfig) -> Plan:
@@ -700,8 +702,9 @@ def calibrate_stage(
     """The paper's single statistic is thresholded on every correctly classified held-out image.
     A combined detector's p-values are referenced to one part of them and its threshold comes
     from the other, so the retention it advertises is measured on images it never saw."""
+    specs = fit_gates(plan.statistics, extracted)
     statistics = make_statistics(
-        plan.statistics,
+        specs,
         lambda name: fitted[name].layer_index(),
         lambda name: _density(fitted[name]),
         extracted.index_labels,
@@ -709,13 +712,8 @@ def calibrate_stage(
         config.score_function,
         len(plan.classes),
     )
-    values = np.stack(
-        [
-            s.values(extracted.cal_features([s.layer_name]), extracted.cal_predictions)
-            for s in statistics
-        ],
-        axis=1,
-    )
+    read = extracted.cal_features(_unique(layer for spec in specs for layer in spec.reads))
+    values = np.stack([s.values(read, extracted.cal_predictions) for s in statistics], axis=1)
     correct = extracted.correct
     if plan.combination == "single":
         detector = Detector(statistics)
@@ -735,6 +733,7 @@ def calibrate_stage(
     if retention_key(config.retention) not in calibration.thresholds:
         raise ValueError(f"retention must be one of {sorted(calibration.thresholds)}")
     return Calibrated(
+        statistics=specs,
         detector=detector,
         calibration=calibration,
         scores=scores,
@@ -746,6 +745,20 @@ def calibrate_stage(
         reference_values=reference_values,
         threshold_values=threshold_values,
     )
+
+
+def fit_gates(specs: list[StatisticSpec], extracted: Extracted) -> list[StatisticSpec]:
+    """The statistics with each ``doubt_margin``'s gate fitted on the first-pass logits of the
+    reference part's correctly classified images (``DOUBTED_SHARE`` of them fall below it)."""
+    fitted = []
+    for spec in specs:
+        if spec.kind == "doubt_margin" and spec.gate is None:
+            assert spec.first_logits is not None  # detectors.parse_statistics sets it
+            logits = extracted.cal_features([spec.first_logits])[spec.first_logits]
+            authentic = logits[extracted.cal_reference & extracted.correct]
+            spec = spec.model_copy(update={"gate": fit_doubt_gate(authentic)})
+        fitted.append(spec)
+    return fitted
 
 
 def _density(layer: FittedLayer) -> ClassDensity:
@@ -922,7 +935,7 @@ def _manifest(
             combination=plan.combination,
             labels_file=LABELS_FILE,
             sources_file=SOURCES_FILE,
-            statistics=plan.statistics,
+            statistics=calibrated.statistics,
         ),
         class_names=plan.classes,
         counts=CountsSpec(

@@ -62,11 +62,12 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         dest="statistics",
         default=[],
-        help="explicit statistic kind@layer (vote, mahalanobis, knn_distance, margin; layer "
-        "aliases @blocks, @stages, @last, and @logits for the margin; the pixel pseudo-layers "
-        "pixels.highpass, pixels.loghighpass and pixels.chromahighpass for mahalanobis, "
-        "flip.logits, the mirrored image's logits, for margin), "
-        "repeatable; overrides --detector",
+        help="explicit statistic kind@layer (vote, mahalanobis, knn_distance, margin, "
+        "doubt_margin; layer aliases @blocks, @stages, @last, and @logits for the margin; the "
+        "pixel pseudo-layers pixels.highpass, pixels.loghighpass and pixels.chromahighpass for "
+        "mahalanobis, flip.logits, the mirrored image's logits, for margin, or for doubt_margin: "
+        "the same margin read only where the first pass's margin is below its held-out 20%% "
+        "quantile), repeatable; overrides --detector",
     )
     parser.add_argument(
         "--combination",

@@ -39,7 +39,12 @@ from app.core.errors import ModelLoadError
 from app.core.features import FLIPPED_LOGITS
 from app.core.manifest import StatisticSpec
 from app.core.models import describe_architecture, logits_layer, residual_blocks
-from app.core.statistics import DEFAULT_CLASS_K, STATISTIC_KINDS, StatisticKind
+from app.core.statistics import (
+    DEFAULT_CLASS_K,
+    DOUBTED_SHARE,
+    STATISTIC_KINDS,
+    StatisticKind,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,9 @@ LOG_HIGHPASS_STATISTIC = "mahalanobis@pixels.loghighpass"
 # predicted class's logit margin on the mirrored image (a second forward pass).
 CHROMA_STATISTIC = "mahalanobis@pixels.chromahighpass"
 FLIP_STATISTIC = "margin@flip.logits"
+# Round 8's: the flip margin read only where the first pass is in doubt (its margin below the
+# reference part's 20% quantile), so four authentic queries in five cost no second pass.
+DOUBT_STATISTIC = "doubt_margin@flip.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule, round 7 (evaluation/results/selection-7/):
@@ -117,11 +125,18 @@ _ROUND_6_ADDITIONS: dict[str, tuple[str, ...]] = {
     "+flip": (FLIP_STATISTIC,),
     "+cn+flip": (CHROMA_STATISTIC, FLIP_STATISTIC),
 }
+# Round 8: round 5's sets, each also with the doubted flip margin (+dflip), and with the colour
+# noise and it (+cn+dflip), listed after round 6's.
+_ROUND_8_ADDITIONS: dict[str, tuple[str, ...]] = {
+    "+dflip": (DOUBT_STATISTIC,),
+    "+cn+dflip": (CHROMA_STATISTIC, DOUBT_STATISTIC),
+}
 CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_5_STATISTICS,
     **{
         f"{name}{suffix}": (*stats, *added)
-        for suffix, added in _ROUND_6_ADDITIONS.items()
+        for additions in (_ROUND_6_ADDITIONS, _ROUND_8_ADDITIONS)
+        for suffix, added in additions.items()
         for name, stats in _ROUND_5_STATISTICS.items()
     },
 }
@@ -129,10 +144,14 @@ CANDIDATE_COMBINATIONS: tuple[Combination, ...] = ("fisher", "hmp", "min_p")
 DEFAULT_PRESET = "v2"
 
 
-def forward_passes(statistics: tuple[str, ...]) -> int:
-    """How many forward passes of the classifier a detector costs per image: one, or two when
-    it reads the mirrored image's logits."""
-    return 2 if any(s.endswith("@" + FLIPPED_LOGITS) for s in statistics) else 1
+def forward_passes(statistics: tuple[str, ...]) -> float:
+    """How many forward passes of the classifier a detector costs per authentic image: one, two
+    when a margin reads the mirrored image's logits, or one and the mirrored pass for the
+    ``DOUBTED_SHARE`` of them that a ``doubt_margin`` reads."""
+    mirrored = [s.partition("@")[0] for s in statistics if s.endswith("@" + FLIPPED_LOGITS)]
+    if not mirrored:
+        return 1.0
+    return 1.0 + DOUBTED_SHARE if set(mirrored) == {"doubt_margin"} else 2.0
 
 
 def candidate_presets() -> dict[str, DetectorPreset]:
@@ -173,11 +192,13 @@ def parse_statistics(
         if kind not in STATISTIC_KINDS:
             raise ValueError(f"statistic {item!r}: kind must be one of {STATISTIC_KINDS}")
         statistic_kind: StatisticKind = kind
+        gated = statistic_kind == "doubt_margin"
         for name in _expand_layer(layer, model, arch):
             spec = StatisticSpec(
                 kind=statistic_kind,
                 layer=name,
                 k=class_k if statistic_kind == "knn_distance" else None,
+                first_logits=logits_layer(model) if gated else None,
             )
             if spec not in specs:
                 specs.append(spec)

@@ -243,6 +243,9 @@ class FeatureNetwork(nn.Module):
         self.highpass = PixelHighPass() if wants_rgb else None
         self.chroma = ChromaHighPass() if PIXEL_CHROMA_HIGHPASS in self.pixel_layers else None
         self.flipped = FLIPPED_LOGITS in self.layers
+        # Mirror only the queries whose first-pass logit margin is below this (``doubt_margin``
+        # statistics read no others; the rest of ``flip.logits`` is NaN); None: mirror all.
+        self.mirror_below: float | None = None
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
             modules[name].register_forward_hook(self._make_hook(name))
@@ -292,11 +295,35 @@ class FeatureNetwork(nn.Module):
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
         if self.flipped and mirrored:  # the mirrored image's pass: its hooks' captures dropped
-            flipped = self._normalise(pixels.flip(-1))
-            with self._autocast():
-                features[FLIPPED_LOGITS] = global_average_pool(self.model(flipped))
+            features[FLIPPED_LOGITS] = self._mirrored_logits(pixels, logits)
             self._captured = {}
         return ForwardOutput(logits=logits, features=features)
+
+    def _mirrored_logits(self, pixels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the mirrored images: of every one, or (``mirror_below``) of those the
+        first pass doubts, NaN elsewhere; a batch without doubt costs no second pass."""
+        if self.mirror_below is None:
+            rows = None
+        else:
+            top_two = logits.detach().float().topk(2, dim=1).values
+            rows = torch.nonzero(top_two[:, 0] - top_two[:, 1] < self.mirror_below).squeeze(1)
+            if rows.numel() == logits.shape[0]:
+                rows = None
+        chosen = pixels if rows is None else pixels[rows]
+        if chosen.shape[0] == 0:
+            return torch.full(logits.shape, torch.nan, dtype=torch.float32, device=logits.device)
+        with self._autocast():
+            mirrored = global_average_pool(self.model(self._normalise(chosen.flip(-1))))
+        if rows is None:
+            return mirrored
+        out = torch.full(
+            (logits.shape[0], mirrored.shape[1]),
+            torch.nan,
+            dtype=mirrored.dtype,
+            device=mirrored.device,
+        )
+        out[rows] = mirrored
+        return out
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         normalised = (pixels - self.mean) / self.std

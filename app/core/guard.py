@@ -20,6 +20,7 @@ from app.core.detector import Detector, Evidence
 from app.core.errors import BundleError, ModelLoadError
 from app.core.explain import Explanation, explain
 from app.core.features import (
+    FLIPPED_LOGITS,
     BatchFeatures,
     FeatureNetwork,
     Precision,
@@ -34,6 +35,7 @@ from app.core.scoring import ScoreFunction
 from app.core.statistics import (
     ClassDensity,
     ClassKnnDistance,
+    DoubtMargin,
     KnnVote,
     LayerIndex,
     Mahalanobis,
@@ -122,6 +124,9 @@ def make_statistics(
             statistics.append(Mahalanobis(spec.layer, density(spec.layer)))
         elif spec.kind == "margin":
             statistics.append(Margin(spec.layer))
+        elif spec.kind == "doubt_margin":
+            assert spec.first_logits is not None and spec.gate is not None  # fitted, validated
+            statistics.append(DoubtMargin(spec.layer, spec.first_logits, spec.gate))
         else:
             assert spec.k is not None  # manifest validator
             indexed = layer_index(spec.layer)
@@ -185,6 +190,22 @@ def load_detector(
     except ValueError as exc:
         raise BundleError(f"the bundle's detector is inconsistent: {exc}") from exc
     return detector, index_device
+
+
+# Slack on the network's mirroring gate: it compares float32 margins, the statistic float64 ones;
+# mirroring a query the statistic then does not read costs a pass, missing one would reject it.
+_GATE_SLACK = 1e-4
+
+
+def mirror_gate(statistics: Sequence[Statistic]) -> float | None:
+    """The first-pass margin below which the network mirrors a query: every query (None) when a
+    plain margin reads the mirrored logits, else just above the largest ``doubt_margin`` gate
+    (no ``doubt_margin``: None, and the network mirrors only if a statistic reads the mirror)."""
+    gates = [s.gate for s in statistics if isinstance(s, DoubtMargin)]
+    mirrors_all = any(isinstance(s, Margin) and s.layer_name == FLIPPED_LOGITS for s in statistics)
+    if not gates or mirrors_all:
+        return None
+    return max(gates) + _GATE_SLACK * (1.0 + abs(max(gates)))
 
 
 def preset_of(manifest: Manifest) -> PreprocessingPreset:
@@ -257,6 +278,7 @@ class Guard:
         network.set_execution(precision, channels_last)
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
         detector, index_device = load_detector(bundle_dir, manifest, want_gpu, search_backend)
+        network.mirror_below = mirror_gate(detector.statistics)
         threshold = threshold_for(manifest, retention)
         return cls(manifest, network, detector, threshold, index_device)
 

@@ -70,6 +70,15 @@ class StatisticSpec(_Frozen):
     kind: StatisticKind
     layer: str
     k: int | None = Field(default=None, gt=0)  # knn_distance only
+    # doubt_margin only: the first pass's logits layer and the margin below which it is in doubt
+    # (fitted by the builder on the reference part; None until then)
+    first_logits: str | None = None
+    gate: float | None = None
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """The layers the statistic reads: its own, and the first pass's logits for a gate."""
+        return (self.layer,) if self.first_logits is None else (self.layer, self.first_logits)
 
 
 class DetectorSpec(_Frozen):
@@ -129,6 +138,11 @@ class DetectorSpec(_Frozen):
                 raise ValueError(f"{statistic.kind}@{layer.name} needs the layer's index")
             if (statistic.kind == "knn_distance") != (statistic.k is not None):
                 raise ValueError("k is set for knn_distance statistics, and only for them")
+            gate = (statistic.first_logits, statistic.gate)
+            if gate.count(None) != (0 if statistic.kind == "doubt_margin" else 2):
+                raise ValueError("doubt_margin statistics, and only they, have a gate (and layer)")
+            if statistic.first_logits is not None and statistic.first_logits not in layers:
+                raise ValueError(f"a doubt gate reads unknown layer {statistic.first_logits}")
         return self
 
 

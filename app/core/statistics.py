@@ -9,6 +9,10 @@
   predicted class*, in the layer's processed (PCA-whitened) space (after Sun et al. 2022).
 - ``margin``: the predicted class's logit minus the largest other logit, read from the output
   of the classifier's last linear layer (the logits: ``models.logits_layer``). Needs no fitting.
+- ``doubt_margin``: the same margin on another layer's logits (the mirrored image's,
+  ``flip.logits``), read only for the queries the classifier is in doubt about: those whose
+  first-pass margin is below a gate fitted on held-out authentic images. The others have
+  nothing to show it and get ``NOT_DOUBTED``, so the service runs the second pass only for them.
 
 The two distances are density statistics: they grow when an attack pushes a feature past the
 class's cluster, where the vote still looks confident. The margin sees the opposite failure:
@@ -31,8 +35,14 @@ from app.core import search
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction, class_scores
 
-StatisticKind = Literal["vote", "mahalanobis", "knn_distance", "margin"]
-STATISTIC_KINDS: tuple[StatisticKind, ...] = ("vote", "mahalanobis", "knn_distance", "margin")
+StatisticKind = Literal["vote", "mahalanobis", "knn_distance", "margin", "doubt_margin"]
+STATISTIC_KINDS: tuple[StatisticKind, ...] = (
+    "vote",
+    "mahalanobis",
+    "knn_distance",
+    "margin",
+    "doubt_margin",
+)
 # Kinds that search the layer's index of processed training features.
 INDEXED_KINDS: tuple[StatisticKind, ...] = ("vote", "knn_distance")
 DEFAULT_CLASS_K = 50  # Sun et al. 2022's k for CIFAR-10
@@ -189,7 +199,55 @@ class Margin:
         return logit_margins(logits, classes)
 
 
-Statistic = KnnVote | Mahalanobis | ClassKnnDistance | Margin
+# ``doubt_margin``'s value where the first pass was not in doubt: finite (a non-finite value
+# reads as unmeasured, ``app.core.detector.empirical_p_values``) and above any margin, so such a
+# query's p-value is 1: the statistic has no evidence against it.
+NOT_DOUBTED = float(np.finfo(np.float32).max)
+# Share of the reference part's authentic images whose first-pass margin falls below the gate:
+# the second pass's budget (a fifth of authentic queries), fixed with selection round 8's rule.
+DOUBTED_SHARE = 0.2
+
+
+def doubted(first_logits: np.ndarray, gate: float) -> np.ndarray:
+    """(n,) bool: rows whose top logit leads the runner-up by less than ``gate``: the queries a
+    ``doubt_margin`` statistic reads (the feature network mirrors these, ``FeatureNetwork``)."""
+    top_two = np.sort(first_logits.astype(np.float64), axis=1)[:, -2:]
+    in_doubt: np.ndarray = top_two[:, 1] - top_two[:, 0] < gate
+    return in_doubt
+
+
+def fit_doubt_gate(first_logits: np.ndarray, share: float = DOUBTED_SHARE) -> float:
+    """The gate below which ``share`` of these (held-out, authentic) first-pass margins fall."""
+    if first_logits.shape[0] == 0:
+        raise ValueError("no held-out images to fit a doubt gate on")
+    top_two = np.sort(first_logits.astype(np.float64), axis=1)[:, -2:]
+    return float(np.quantile(top_two[:, 1] - top_two[:, 0], share))
+
+
+@dataclass(frozen=True)
+class DoubtMargin:
+    """The logit margin of the predicted class on ``layer_name``'s logits (the mirrored image's)
+    where the first pass doubts (its margin below ``gate``), else ``NOT_DOUBTED``.
+
+    Why: minimal-perturbation attacks (L-BFGS, CW, DeepFool) stop just past the boundary, where
+    the first pass is in doubt, and their perturbation is not mirror-symmetric, so the mirrored
+    image often falls back to the true class; a confidently classified query costs no second
+    pass (the plain ``margin@flip.logits`` mirrors every query)."""
+
+    layer_name: str  # the logits the margin is read on: flip.logits
+    first_logits: str  # the first pass's logits layer, which the gate reads
+    gate: float
+    kind: StatisticKind = "doubt_margin"
+
+    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        rows = np.flatnonzero(doubted(features[self.first_logits], self.gate))
+        out = np.full(classes.shape[0], NOT_DOUBTED, dtype=np.float64)
+        if rows.size:  # rows the network did not mirror hold NaN: read as unmeasured
+            out[rows] = logit_margins(features[self.layer_name][rows], classes[rows])
+        return out
+
+
+Statistic = KnnVote | Mahalanobis | ClassKnnDistance | Margin | DoubtMargin
 
 
 def statistic_name(statistic: Statistic) -> str:

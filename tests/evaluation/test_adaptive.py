@@ -1,13 +1,14 @@
 """The adaptive attack's torch statistics compute what the detector computes."""
 
 import numpy as np
+import pytest
 import torch
 
 from app.core.detector import Detector
 from app.core.features import PIXEL_HIGHPASS, FeatureNetwork
 from app.core.models import PRESETS, build_model
 from app.core.statistics import Margin, logit_margins
-from evaluation.adaptive import SurrogateMargin, adaptive_pgd, surrogates
+from evaluation.adaptive import SurrogateMargin, adaptive_pgd, reads_the_mirror, surrogates
 from evaluation.run import ablation_columns
 
 
@@ -186,3 +187,22 @@ def test_the_adaptive_attack_runs_the_mirrored_pass_only_for_the_flip_margin():
         calls.clear()
         adaptive_pgd(network, surrogates(detector), pixels, target, 8 / 255, 2 / 255, steps=2)
         assert len(calls) == 3 * passes  # three forward passes of the attack (steps + 1)
+
+
+def test_the_adaptive_attack_raises_the_doubted_flip_margin_as_the_flip_margin():
+    """``doubt_margin@flip.logits`` rebuilt in torch is the flip margin itself (raising it helps
+    the attacker whether or not the first pass ends in doubt), standardised by the doubted
+    reference images' values alone (the others hold ``NOT_DOUBTED``)."""
+    from app.core.features import FLIPPED_LOGITS
+    from app.core.statistics import NOT_DOUBTED, DoubtMargin
+
+    doubted = np.random.default_rng(7).normal(1.0, 0.5, size=10)
+    column = np.concatenate([doubted, np.full(30, NOT_DOUBTED)])[:, None]
+    statistic = DoubtMargin(FLIPPED_LOGITS, "linear", 2.0)
+    detector = Detector([statistic, Margin("linear")], "hmp", np.hstack([column, column]))
+    surrogate = surrogates(detector)[0]
+    assert isinstance(surrogate, SurrogateMargin)
+    assert (surrogate.name, surrogate.layer) == ("doubt_margin@flip.logits", FLIPPED_LOGITS)
+    assert surrogate.reference_mean == pytest.approx(doubted.mean())
+    assert surrogate.reference_std == pytest.approx(doubted.std())
+    assert reads_the_mirror([surrogate])

@@ -17,7 +17,7 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.manifest import Manifest
 from app.core.models import build_model
-from app.core.statistics import logit_margins
+from app.core.statistics import DOUBTED_SHARE, NOT_DOUBTED, logit_margins
 from index_builder import build, detectors
 from index_builder.build import BuildConfig, build_bundle, extract_stage, plan_build
 from index_builder.cli import main as builder_main
@@ -396,3 +396,35 @@ def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
         mirrored = guard.network(pixels.flip(-1)).logits.numpy()
     expected = logit_margins(mirrored, batch.predictions)
     np.testing.assert_allclose(guard.evidence(batch).values[:, 7], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_doubt_margin_bundle_fits_its_gate_and_mirrors_only_in_doubt(built, tmp_path, capsys):
+    """``doubt_margin@flip.logits``: the builder fits its gate on the reference part (a fifth
+    of those images fall below it) and records it with the first pass's logits layer; the
+    loaded guard's network mirrors only the doubted queries, with the same evidence as a full
+    mirrored pass; a manifest without the gate is refused."""
+    config, _ = built
+    manifest = _build(
+        config, tmp_path / "b", capsys,
+        "--statistic", "vote@last", "--statistic", "margin@logits",
+        "--statistic", "doubt_margin@flip.logits",
+    )  # fmt: skip
+    spec = manifest.detector.statistic_specs()[2]
+    assert (spec.kind, spec.layer, spec.first_logits) == ("doubt_margin", "flip.logits", "linear")
+    assert spec.gate is not None and np.isfinite(spec.gate)
+    assert manifest.calibration.reference_statistics_file is not None
+    reference = np.load(tmp_path / "b" / manifest.calibration.reference_statistics_file)[:, 2]
+    assert abs((reference < NOT_DOUBTED).mean() - DOUBTED_SHARE) <= 1 / reference.size
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+    assert guard.network.mirror_below is not None and guard.network.mirror_below > spec.gate
+    paths = sorted(config.source.rglob("*.png"))
+    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+    gated = guard.evidence(guard.infer(pixels))
+    guard.network.mirror_below = None
+    full = guard.evidence(guard.infer(pixels))
+    np.testing.assert_allclose(gated.values, full.values, rtol=1e-5)
+    np.testing.assert_allclose(gated.scores, full.scores, rtol=1e-9)
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    data["detector"]["statistics"][2]["gate"] = None
+    with pytest.raises(ValidationError, match="have a gate"):
+        Manifest.model_validate(data)

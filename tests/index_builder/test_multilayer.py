@@ -63,7 +63,9 @@ def test_single_layer_manifest_still_loads(make_image_folder, cifar_weights, tmp
     )
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["detector"]["combination"] == "single"
-    assert manifest["detector"]["statistics"] == [{"kind": "vote", "layer": "layer3", "k": None}]
+    assert manifest["detector"]["statistics"] == [
+        {"kind": "vote", "layer": "layer3", "k": None, "first_logits": None, "gate": None}
+    ]
     guard = Guard.load(tmp_path / "s")
     assert guard.layer == "layer3" and guard.layers == ["layer3"]
     assert guard.detector.reference is None
