@@ -16,7 +16,7 @@ import numpy as np
 
 from app.core.detector import Detector, Evidence
 from app.core.search import Neighbours
-from app.core.statistics import KnnVote
+from app.core.statistics import NOT_DOUBTED, KnnVote
 
 NEAREST_SHOWN = 8  # nearest training images listed per explained query
 
@@ -27,7 +27,7 @@ class StatisticEvidence:
     combined detector, its empirical p-value against held-out authentic images."""
 
     name: str  # kind@layer
-    value: float
+    value: float | None  # None: a doubt_margin that did not read this query (not in doubt)
     p_value: float | None
 
 
@@ -65,13 +65,19 @@ def class_histogram(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return counts
 
 
+def _shown(value: float) -> float | None:
+    """A statistic's value as explanations show it: ``NOT_DOUBTED`` (a placeholder for "no
+    second look", not a measurement) as None."""
+    return None if value == NOT_DOUBTED else value
+
+
 def statistics_of(evidence: Evidence, row: int) -> list[StatisticEvidence]:
     """Row ``row``'s value (and p-value, when combined) of every statistic."""
     p_values = evidence.p_values
     return [
         StatisticEvidence(
             name=name,
-            value=float(evidence.values[row, column]),
+            value=_shown(float(evidence.values[row, column])),
             p_value=None if p_values is None else float(p_values[row, column]),
         )
         for column, name in enumerate(evidence.names)

@@ -21,7 +21,7 @@ class Prediction(_Model):
 
 class StatisticEvidenceModel(_Model):
     name: str  # kind@layer
-    value: float  # higher = more authentic
+    value: float | None  # higher = more authentic; None: doubt_margin, the query not in doubt
     p_value: float | None  # against held-out authentic images; None for a single statistic
 
 

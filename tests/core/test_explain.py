@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.explain import NEAREST_SHOWN, class_histogram, explain, first_vote
+from app.core.detector import Evidence
+from app.core.explain import NEAREST_SHOWN, class_histogram, explain, first_vote, statistics_of
 from app.core.guard import Guard
+from app.core.statistics import NOT_DOUBTED
 from tests.conftest import DEMO_BUNDLE
 
 
@@ -49,3 +51,17 @@ def test_a_detector_without_a_vote_explains_without_neighbours(guard):
     (ex,) = explain(no_vote, evidence, batch.features, batch.predictions, [0], 0.01, 10)
     assert ex.vote_statistic is None and ex.vote_histogram == [] and ex.nearest == []
     assert len(ex.statistics) == 3
+
+
+def test_a_doubt_margin_that_did_not_read_the_query_shows_no_value():
+    """``NOT_DOUBTED`` is a placeholder (no second look), not a measurement: shown as None, with
+    its p-value of 1; a measured value is shown as it is."""
+    evidence = Evidence(
+        ["margin@linear", "doubt_margin@flip.logits"],
+        np.array([[1.5, NOT_DOUBTED], [0.2, -3.0]]),
+        np.array([[0.4, 1.0], [0.1, 0.01]]),
+        np.array([0.5, 0.02]),
+    )
+    first, second = statistics_of(evidence, 0), statistics_of(evidence, 1)
+    assert [(s.value, s.p_value) for s in first] == [(1.5, 0.4), (None, 1.0)]
+    assert [(s.value, s.p_value) for s in second] == [(0.2, 0.1), (-3.0, 0.01)]
