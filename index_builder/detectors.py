@@ -13,10 +13,11 @@ mirrored image (a second forward pass), for ``margin`` (the flip margin).
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 7, ``evaluation/results/selection-7/``): the vote at the
-  last block, the Mahalanobis distances of each stage's output, the logit margin, and the
-  Mahalanobis distances of the pixels' high-pass energy and of the colour channels' high-pass
-  energy, combined by the harmonic-mean p-value; one forward pass;
+  ``evaluation/selection.py`` (round 7, ``evaluation/results/selection-7/``; round 8 kept it,
+  ``selection-8/``): the vote at the last block, the Mahalanobis distances of each stage's
+  output, the logit margin, and the Mahalanobis distances of the pixels' high-pass energy and of
+  the colour channels' high-pass energy, combined by the harmonic-mean p-value; one forward
+  pass;
 - ``v2-flip``: round 7's best detector at any cost, ``v2`` plus the flip margin (a second
   forward pass per image; for deployments with the headroom, such as a GPU);
 - the default of round 6 (``v2`` without the stage distances), which bundles built on
