@@ -51,11 +51,13 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
     parser.add_argument(
         "--detector",
-        help="detector preset: v2 (default: the paper's vote + the Mahalanobis distances of "
-        "each stage's output + the logit margin + the Mahalanobis distances of the pixels' and "
-        "the colour channels' high-pass energy, harmonic mean p-value), v2-flip (v2 + the flip "
-        "margin, a second forward pass), paper (the paper's one DW-kNN vote at the last layer) "
-        "or a selection candidate",
+        help="detector preset: v2 (default: the paper's vote + the class-conditional kNN "
+        "distance at the last block + the logit margin + the Mahalanobis distances of the "
+        "pixels' and the colour channels' high-pass energy + the doubted flip margin, a second "
+        "pass for the fifth of queries the model is least sure of; harmonic mean p-value), "
+        "v2-flip (the vote + the stage outputs' Mahalanobis distances + the margin + the two "
+        "high-pass energies + the flip margin, a second pass for every query), paper (the "
+        "paper's one DW-kNN vote at the last layer) or a selection candidate",
     )
     parser.add_argument(
         "--statistic",

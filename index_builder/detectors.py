@@ -13,14 +13,19 @@ mirrored image (a second forward pass), for ``margin`` (the flip margin).
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 7, ``evaluation/results/selection-7/``; round 8 kept it,
-  ``selection-8/``): the vote at the last block, the Mahalanobis distances of each stage's
-  output, the logit margin, and the Mahalanobis distances of the pixels' high-pass energy and of
-  the colour channels' high-pass energy, combined by the harmonic-mean p-value; one forward
-  pass;
-- ``v2-flip``: round 7's best detector at any cost, ``v2`` plus the flip margin (a second
-  forward pass per image; for deployments with the headroom, such as a GPU);
-- the default of round 6 (``v2`` without the stage distances), which bundles built on
+  ``evaluation/selection.py`` (round 9, ``evaluation/results/selection-9/``): the vote at the
+  last block, the class-conditional kNN distance at the last block, the logit margin, the
+  Mahalanobis distances of the pixels' high-pass energy and of the colour channels' high-pass
+  energy, and the doubted flip margin (the mirrored image's margin, read for the fifth of
+  queries the first pass is least sure of), combined by the harmonic-mean p-value; one forward
+  pass, and a second for the doubted queries;
+- ``v2-flip``: the best detector at any cost of rounds 7-9: round 7's ``v2`` (the vote, the
+  Mahalanobis distances of each stage's output, the margin, the two high-pass energies) plus
+  the flip margin (a second forward pass for every image; for deployments with the headroom,
+  such as a GPU);
+- round 7's default (round 8 kept it), which bundles built from 2026-12-01 late evening to
+  2026-12-02 early morning hold, is the candidate ``maha-stages+margin+hp+cn-hmp``;
+- the default of round 6 (round 7's without the stage distances), which bundles built on
   2026-12-01 evening hold, is the candidate ``margin+hp+cn-hmp``; that of rounds 4 and 5 (vote
   + Mahalanobis at each stage's output + margin + the pixels' high-pass energy, harmonic mean),
   which bundles built from 2026-11-30 evening to 2026-12-01 afternoon hold, is the candidate
@@ -67,19 +72,20 @@ FLIP_STATISTIC = "margin@flip.logits"
 DOUBT_STATISTIC = "doubt_margin@flip.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule, round 7 (evaluation/results/selection-7/):
-    # maha-stages+margin+hp+cn-hmp
+    # chosen by the selection rule, round 9 (evaluation/results/selection-9/):
+    # knn-last+margin+hp+cn+dflip-hmp
     "v2": DetectorPreset(
         (
             "vote@last",
-            "mahalanobis@stages",
+            "knn_distance@last",
             "margin@logits",
             HIGHPASS_STATISTIC,
             CHROMA_STATISTIC,
+            DOUBT_STATISTIC,
         ),
         "hmp",
     ),
-    # round 7's best at any cost, which reads the mirrored image too:
+    # the best at any cost of rounds 7 to 9, which mirrors every image:
     # maha-stages+margin+hp+cn+flip-hmp
     "v2-flip": DetectorPreset(
         (

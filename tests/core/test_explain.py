@@ -34,7 +34,8 @@ def test_explanations_match_the_batch_evidence_for_the_rows_asked(guard):
     for position, (row, ex) in enumerate(zip([3, 1], explained, strict=True)):
         assert ex.score == evidence.scores[row] and ex.threshold == guard.threshold
         assert ex.predicted_class == batch.predictions[row]
-        assert [s.value for s in ex.statistics] == evidence.values[row].tolist()
+        shown = [None if v == NOT_DOUBTED else v for v in evidence.values[row].tolist()]
+        assert [s.value for s in ex.statistics] == shown
         assert [s.p_value for s in ex.statistics] == evidence.p_values[row].tolist()
         assert sum(ex.vote_histogram) == guard.manifest.detector.k
         assert [n.id for n in ex.nearest] == found.ids[position, :NEAREST_SHOWN].tolist()
