@@ -2,7 +2,9 @@
 
 Compares the guard's top-1 with the bare model's (plain torchvision transforms, no guard code),
 and reports the share of correctly classified test images accepted at the default threshold:
-the calibration, fitted on held-out *training* images, must hold on unseen data.
+the calibration, fitted on held-out *training* images, must hold on unseen data. For a bundle
+whose detector reads the mirrored image only in doubt (``doubt_margin``), also the share of
+images the guard's second, mirrored pass runs for: what that statistic costs on real traffic.
 Usage: python -m bench.demo_accuracy [--bundle DIR] [--limit N]
 """
 
@@ -24,6 +26,9 @@ from PIL import Image
 
 from app.cli import at_least
 from app.core.bundle import read_manifest
+from app.core.features import FLIPPED_LOGITS
+from app.core.guard import Guard
+from app.core.images import decode_image
 from app.core.models import load_model
 from bench.common import REPO, SHARED, write_results
 
@@ -42,6 +47,20 @@ def bare_top1(bundle: Path, files: list[Path], truth: list[int]) -> float:
             predictions = model(batch).argmax(1).numpy()
             correct += int((predictions == np.array(truth[start : start + 500])).sum())
     return correct / len(files)
+
+
+def mirrored_rows(bundle: Path, files: list[Path]) -> np.ndarray | None:
+    """(n,) bool: the images whose mirrored pass the guard runs (the network's doubt gate), or
+    None when the bundle's detector mirrors every image or none."""
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    if guard.network.mirror_below is None:
+        return None
+    rows = []
+    for start in range(0, len(files), 500):
+        images = [decode_image(f.read_bytes()) for f in files[start : start + 500]]
+        batch = guard.infer(torch.stack([guard.pixels(image) for image in images]))
+        rows.append(~np.isnan(batch.features[FLIPPED_LOGITS]).any(axis=1))
+    return np.concatenate(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
         verdicts = [json.loads(line) for line in run.stdout.splitlines()]
         bare = bare_top1(args.bundle, files, truth)
+        mirrored = mirrored_rows(args.bundle, files)
     predicted = np.array([v["predicted_class"] for v in verdicts])
     accepted = np.array([v["accepted"] for v in verdicts])
     correct = predicted == np.array(truth)
@@ -93,6 +113,14 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": verdicts[0]["threshold"],
         "classify_seconds": seconds,
     }
+    mirrored_lines = ""
+    if mirrored is not None:
+        results["mirrored_overall"] = float(mirrored.mean())
+        results["mirrored_of_correct"] = float(mirrored[correct].mean())
+        mirrored_lines = (
+            f"| images the mirrored pass runs for (doubt gate), all / correctly classified | "
+            f"{results['mirrored_overall']:.2%} / {results['mirrored_of_correct']:.2%} |\n"
+        )
     table = (
         f"`advguard classify` with {results['bundle']} over {len(files):,} CIFAR-10 test images "
         f"(JPEG), default threshold {results['threshold']:.4f} (keeps 98% of held-out "
@@ -101,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| top-1, bare model (torchvision transforms, no guard code) | {bare:.2%} |\n"
         f"| correctly classified test images accepted | {results['accepted_of_correct']:.2%} |\n"
         f"| misclassified test images accepted | {results['accepted_of_errors']:.2%} |\n"
+        f"{mirrored_lines}"
         f"| wall time of advguard classify (incl. start-up) | {seconds:.1f} s |"
     )
     print(write_results("demo_accuracy", results, table).read_text())
