@@ -208,11 +208,15 @@ NOT_DOUBTED = float(np.finfo(np.float32).max)
 DOUBTED_SHARE = 0.2
 
 
+def top_margins(logits: np.ndarray) -> np.ndarray:
+    """(n,) how far each row's top logit leads the runner-up: the margin of the predicted class."""
+    return logit_margins(logits, logits.argmax(axis=1))
+
+
 def doubted(first_logits: np.ndarray, gate: float) -> np.ndarray:
     """(n,) bool: rows whose top logit leads the runner-up by less than ``gate``: the queries a
     ``doubt_margin`` statistic reads (the feature network mirrors these, ``FeatureNetwork``)."""
-    top_two = np.sort(first_logits.astype(np.float64), axis=1)[:, -2:]
-    in_doubt: np.ndarray = top_two[:, 1] - top_two[:, 0] < gate
+    in_doubt: np.ndarray = top_margins(first_logits) < gate
     return in_doubt
 
 
@@ -220,8 +224,7 @@ def fit_doubt_gate(first_logits: np.ndarray, share: float = DOUBTED_SHARE) -> fl
     """The gate below which ``share`` of these (held-out, authentic) first-pass margins fall."""
     if first_logits.shape[0] == 0:
         raise ValueError("no held-out images to fit a doubt gate on")
-    top_two = np.sort(first_logits.astype(np.float64), axis=1)[:, -2:]
-    return float(np.quantile(top_two[:, 1] - top_two[:, 0], share))
+    return float(np.quantile(top_margins(first_logits), share))
 
 
 @dataclass(frozen=True)
