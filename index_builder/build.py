@@ -756,6 +756,8 @@ def fit_gates(specs: list[StatisticSpec], extracted: Extracted) -> list[Statisti
             assert spec.first_logits is not None  # detectors.parse_statistics sets it
             logits = extracted.cal_features([spec.first_logits])[spec.first_logits]
             authentic = logits[extracted.cal_reference & extracted.correct]
+            if authentic.shape[0] == 0:  # the same failure the reference part meets below
+                raise SourceError("too few held-out images to split into reference and threshold")
             spec = spec.model_copy(update={"gate": fit_doubt_gate(authentic)})
         fitted.append(spec)
     return fitted

@@ -178,7 +178,13 @@ def _check_service(service: dict[str, Any]) -> None:
     assert kept_row["decisions_identical"] == service["execution"]["images"]
     env = service["guard_off"]["env"]
     assert env["ADVGUARD_MODEL_PRECISION"] == kept["precision"]
-    assert set(service["detector_stages"]["statistic_ms"]) == {"vote", "mahalanobis", "margin"}
+    assert set(service["detector_stages"]["statistic_ms"]) == {
+        "vote",
+        "knn_distance",
+        "margin",
+        "mahalanobis",
+        "doubt_margin",
+    }
 
 
 def gpu_run_variants() -> list[tuple[str, bool]]:

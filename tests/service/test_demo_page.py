@@ -233,7 +233,7 @@ def test_trusted_caller_sees_the_evidence_of_a_rejection(
     # stages' distances, the margin and the two pixel energies)
     manifest = Manifest.model_validate_json((DEFAULT_BUNDLE / MANIFEST_NAME).read_text())
     statistics = len(manifest.detector.statistic_specs())
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == statistics == 7
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == statistics == 6
     WebDriverWait(browser, WAIT_S).until(
         lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours img.thumb")) == 8
     )
