@@ -209,10 +209,24 @@ def pgd_targeted(
     steps: int,
     batch_size: int = 250,
 ) -> AttackOutput:
+    """PGD-Linf towards ``target`` (the reported targeted PGD sets)."""
+    return _pgd_linf(model, pixels, target, True, eps, alpha, steps, batch_size)
+
+
+def _pgd_linf(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    classes: torch.Tensor,
+    targeted: bool,
+    eps: float,
+    alpha: float,
+    steps: int,
+    batch_size: int,
+) -> AttackOutput:
     import torchattacks
 
     attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    return torchattacks_run(attack, pixels, target, True, batch_size)
+    return torchattacks_run(attack, pixels, classes, targeted, batch_size)
 
 
 def cw_targeted(
@@ -264,10 +278,8 @@ def pgd_untargeted(
     steps: int,
     batch_size: int = 250,
 ) -> AttackOutput:
-    import torchattacks
-
-    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    return torchattacks_run(attack, pixels, labels, False, batch_size)
+    """Untargeted PGD-Linf away from ``labels`` (the reported untargeted PGD sets)."""
+    return _pgd_linf(model, pixels, labels, False, eps, alpha, steps, batch_size)
 
 
 def _pgd_l2(
