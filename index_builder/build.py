@@ -212,6 +212,7 @@ def _extract(
     fingerprint: dict[str, object],
     progress: bool,
     on_chunk_written: Callable[[int], None] | None,
+    mirrored: np.ndarray | None,
 ) -> tuple[ChunkStore, ExtractionReport]:
     check_fingerprint(work_root, fingerprint)
     store = ChunkStore(work_root, len(entries), config.chunk_size, list(network.layers))
@@ -226,6 +227,7 @@ def _extract(
         num_workers=config.num_workers,
         progress=progress,
         on_chunk_written=on_chunk_written,
+        mirrored=mirrored,
     )
     return store, report
 
@@ -242,6 +244,7 @@ Extractor = Callable[
         dict[str, object],
         bool,
         Callable[[int], None] | None,
+        np.ndarray | None,
     ],
     tuple[ChunkStore, ExtractionReport],
 ]
@@ -543,6 +546,7 @@ def extract_stage(
         fingerprint,
         progress,
         on_chunk_written,
+        mirrored_entries(config, entries),
     )
     labels_all = np.array([e.label for e in entries], dtype=np.int64)
     if config.calibration_source is None:
@@ -599,6 +603,17 @@ class CalibrationImages:
     reports: list[ExtractionReport]
 
 
+def mirrored_entries(config: BuildConfig, entries: list[Entry]) -> np.ndarray:
+    """The source's images whose mirrored pass is computed, where the detector reads
+    ``flip.logits``: the held-out ones, and none when calibration has a source of its own
+    (whose images are all mirrored). Only calibration reads the mirrored logits (the margin
+    statistics fit nothing on the indexed images), and skipping them spares a second forward
+    pass over the whole training set (ILSVRC's 1.28M images)."""
+    if config.calibration_source is not None:
+        return np.zeros(len(entries), dtype=bool)
+    return holdout_mask(entries, config.holdout_fraction, config.seed)
+
+
 def _held_out_calibration(
     config: BuildConfig, store: ChunkStore, entries: list[Entry], labels: np.ndarray
 ) -> CalibrationImages:
@@ -624,6 +639,7 @@ def _separate_calibration(
         plan.work_dir / "calibration",
         _fingerprint(config, plan, source, entries),
         progress,
+        None,
         None,
     )
     labels = np.array([e.label for e in entries], dtype=np.int64)

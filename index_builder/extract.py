@@ -230,8 +230,13 @@ def extract_features(
     num_workers: int = 2,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
+    mirrored: np.ndarray | None = None,
 ) -> ExtractionReport:
-    """Fill ``store`` with the features of every entry, skipping chunks already on disk."""
+    """Fill ``store`` with the features of every entry, skipping chunks already on disk.
+
+    ``mirrored`` (a boolean per entry) limits the mirrored pass of a network that reads
+    ``flip.logits`` to those entries (``FeatureNetwork.forward``'s ``mirror_only``); None:
+    every entry."""
     pending_chunks = [c for c in range(store.n_chunks) if not store.is_done(c)]
     reused = store.n_chunks - len(pending_chunks)
     positions = [p for c in pending_chunks for p in store.span(c)]
@@ -262,7 +267,8 @@ def extract_features(
     )
     for ok_positions, pixels, failed in loader:
         if pixels is not None:
-            chunks.add(ok_positions, infer_batch(network, pixels))
+            only = None if mirrored is None else torch.from_numpy(mirrored[ok_positions])
+            chunks.add(ok_positions, infer_batch(network, pixels, only))
         chunks.fail(failed)
         images += len(ok_positions)
         skipped += len(failed)

@@ -275,10 +275,17 @@ class FeatureNetwork(nn.Module):
 
         return hook
 
-    def forward(self, pixels: torch.Tensor, mirrored: bool = True) -> ForwardOutput:
+    def forward(
+        self,
+        pixels: torch.Tensor,
+        mirrored: bool = True,
+        mirror_only: torch.Tensor | None = None,
+    ) -> ForwardOutput:
         """The logits and every layer's pooled features; ``mirrored=False`` skips the mirrored
         pass (no ``flip.logits``), for a caller that reads none of it (an attack on statistics
-        of the first pass)."""
+        of the first pass). ``mirror_only``, a boolean row mask, limits the mirrored pass to
+        those rows (NaN elsewhere): the builder's held-out images, since nothing fitted on the
+        indexed training images reads the mirrored logits."""
         self._captured = {}
         if self.highpass is not None:  # IEEE float32 whatever the precision (no TF32 on CUDA)
             with ieee_float32_convolutions():
@@ -295,20 +302,22 @@ class FeatureNetwork(nn.Module):
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
         if self.flipped and mirrored:  # the mirrored image's pass: its hooks' captures dropped
-            features[FLIPPED_LOGITS] = self._mirrored_logits(pixels, logits)
+            features[FLIPPED_LOGITS] = self._mirrored_logits(pixels, logits, mirror_only)
             self._captured = {}
         return ForwardOutput(logits=logits, features=features)
 
-    def _mirrored_logits(self, pixels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def _mirrored_logits(
+        self, pixels: torch.Tensor, logits: torch.Tensor, mirror_only: torch.Tensor | None
+    ) -> torch.Tensor:
         """The logits of the mirrored images: of every one, or (``mirror_below``) of those the
-        first pass doubts, NaN elsewhere; a batch without doubt costs no second pass."""
-        if self.mirror_below is None:
-            rows = None
-        else:
+        first pass doubts, within ``mirror_only`` where given, NaN elsewhere; a batch without
+        such a row costs no second pass."""
+        wanted = None if mirror_only is None else mirror_only.to(logits.device, torch.bool)
+        if self.mirror_below is not None:
             top_two = logits.detach().float().topk(2, dim=1).values
-            rows = torch.nonzero(top_two[:, 0] - top_two[:, 1] < self.mirror_below).squeeze(1)
-            if rows.numel() == logits.shape[0]:
-                rows = None
+            doubted = top_two[:, 0] - top_two[:, 1] < self.mirror_below
+            wanted = doubted if wanted is None else wanted & doubted
+        rows = None if wanted is None or bool(wanted.all()) else torch.nonzero(wanted).squeeze(1)
         chosen = pixels if rows is None else pixels[rows]
         if chosen.shape[0] == 0:
             return torch.full(logits.shape, torch.nan, dtype=torch.float32, device=logits.device)
@@ -372,10 +381,13 @@ def pick_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def infer_batch(network: FeatureNetwork, pixels: torch.Tensor) -> BatchFeatures:
-    """One inference-mode forward pass of a pixel batch -> probabilities, predictions, features."""
+def infer_batch(
+    network: FeatureNetwork, pixels: torch.Tensor, mirror_only: torch.Tensor | None = None
+) -> BatchFeatures:
+    """One inference-mode forward pass of a pixel batch -> probabilities, predictions, features
+    (``mirror_only``: ``FeatureNetwork.forward``'s)."""
     with torch.inference_mode():
-        out = network(pixels.to(network.device, non_blocking=True))
+        out = network(pixels.to(network.device, non_blocking=True), mirror_only=mirror_only)
         probabilities = torch.softmax(out.logits.float(), dim=1)
         return BatchFeatures(
             probabilities=probabilities.cpu().numpy(),

@@ -116,6 +116,34 @@ def test_the_network_mirrors_only_the_doubted_queries() -> None:
     assert sizes == [12]
 
 
+def test_a_row_mask_limits_the_mirrored_pass_with_or_without_the_gate() -> None:
+    """``mirror_only`` (the builder's held-out rows): only those rows are mirrored, with the
+    full pass's logits, NaN elsewhere; with a gate, only the rows both allow; an empty mask
+    costs no second pass."""
+    pixels = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    network = _network()
+    full = infer_batch(network, pixels).features[FLIPPED_LOGITS]
+    only = torch.tensor([True, False] * 5)
+    sizes: list[int] = []
+    network.model.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0].shape[0]))
+    masked = infer_batch(network, pixels, only).features[FLIPPED_LOGITS]
+    assert sizes == [10, 5]
+    np.testing.assert_allclose(masked[only.numpy()], full[only.numpy()], rtol=1e-5, atol=1e-5)
+    assert np.isnan(masked[~only.numpy()]).all()
+    first = infer_batch(network, pixels).features["linear"]
+    top_two = np.sort(first, axis=1)[:, -2:]
+    margins = top_two[:, 1] - top_two[:, 0]
+    network.mirror_below = float(np.median(margins))
+    both = only.numpy() & (margins < network.mirror_below)
+    gated = infer_batch(network, pixels, only).features[FLIPPED_LOGITS]
+    np.testing.assert_allclose(gated[both], full[both], rtol=1e-5, atol=1e-5)
+    assert np.isnan(gated[~both]).all()
+    sizes.clear()
+    network.mirror_below = None
+    nothing = infer_batch(network, pixels, torch.zeros(10, dtype=torch.bool))
+    assert np.isnan(nothing.features[FLIPPED_LOGITS]).all() and sizes == [10]
+
+
 def test_the_mirror_gate_follows_the_statistics() -> None:
     """The network mirrors every query when a plain margin reads the mirror, else just above
     the largest doubt gate; without either, nothing to set."""

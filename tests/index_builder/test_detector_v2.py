@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from app.core.statistics import DOUBTED_SHARE, NOT_DOUBTED, logit_margins
 from index_builder import build, detectors
 from index_builder.build import BuildConfig, build_bundle, extract_stage, plan_build
 from index_builder.cli import main as builder_main
+from index_builder.extract import ChunkStore
 from tests.conftest import random_image_bytes, save_state_dict
 
 BLOCKS = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
@@ -428,3 +430,51 @@ def test_a_doubt_margin_bundle_fits_its_gate_and_mirrors_only_in_doubt(built, tm
     data["detector"]["statistics"][2]["gate"] = None
     with pytest.raises(ValidationError, match="have a gate"):
         Manifest.model_validate(data)
+
+
+def test_the_builder_mirrors_only_the_held_out_images(built, tmp_path, monkeypatch):
+    """A detector that reads ``flip.logits`` costs the build a mirrored pass over the held-out
+    images only (calibration reads them; nothing fitted on the indexed images does): the kept
+    chunks hold the mirrored logits on exactly the held-out rows, and the bundle is byte for
+    byte the one a build that mirrors every image writes."""
+    config, _ = built
+    statistics = ("vote@last", "margin@logits", "doubt_margin@flip.logits")
+    mirrored_rows: list[int] = []
+
+    def counting(config: BuildConfig, entries: list) -> np.ndarray:
+        chosen = build.holdout_mask(entries, config.holdout_fraction, config.seed)
+        mirrored_rows.append(int(chosen.sum()))
+        return chosen
+
+    def every(config: BuildConfig, entries: list) -> np.ndarray:
+        return np.ones(len(entries), dtype=bool)
+
+    bundles = {}
+    for name, rule in (("held_out", counting), ("every", every)):
+        monkeypatch.setattr(build, "mirrored_entries", rule)
+        run = replace(
+            config, detector=None, statistics=statistics, out=tmp_path / name,
+            work_dir=tmp_path / f"{name}.work", keep_work_dir=True,
+        )  # fmt: skip
+        build_bundle(run, progress=False)
+        bundles[name] = run
+    assert mirrored_rows and 0 < mirrored_rows[0] < 60
+
+    plan = plan_build(bundles["held_out"])
+    store = plan.work_dir / "source"
+    held_out = build.holdout_mask(plan.entries, config.holdout_fraction, config.seed)
+    chunks = ChunkStore(store, len(plan.entries), config.chunk_size, list(plan.network.layers))
+    flipped = np.concatenate([chunks.load(c, "features_flip.logits") for c in range(chunks.n_chunks)])
+    assert np.isfinite(flipped[held_out]).all()
+    assert np.isnan(flipped[~held_out]).all()
+
+    written = sorted(p.name for p in bundles["every"].out.iterdir())
+    assert sorted(p.name for p in bundles["held_out"].out.iterdir()) == written
+    for name in written:
+        if name == "manifest.json":
+            continue
+        left = (bundles["held_out"].out / name).read_bytes()
+        assert left == (bundles["every"].out / name).read_bytes(), name
+    manifests = [read_manifest(bundles[k].out) for k in ("held_out", "every")]
+    assert manifests[0].detector == manifests[1].detector
+    assert manifests[0].calibration == manifests[1].calibration
