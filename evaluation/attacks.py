@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -210,10 +211,11 @@ def pgd_targeted(
     batch_size: int = 250,
 ) -> AttackOutput:
     """PGD-Linf towards ``target`` (the reported targeted PGD sets)."""
-    return _pgd_linf(model, pixels, target, True, eps, alpha, steps, batch_size)
+    return _pgd("linf", model, pixels, target, True, eps, alpha, steps, batch_size)
 
 
-def _pgd_linf(
+def _pgd(
+    norm: Literal["linf", "l2"],
     model: nn.Module,
     pixels: torch.Tensor,
     classes: torch.Tensor,
@@ -223,9 +225,11 @@ def _pgd_linf(
     steps: int,
     batch_size: int,
 ) -> AttackOutput:
+    """torchattacks' PGD (Linf) or PGDL2, random start, towards or away from ``classes``."""
     import torchattacks
 
-    attack = torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    kind = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
+    attack = kind(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
     return torchattacks_run(attack, pixels, classes, targeted, batch_size)
 
 
@@ -279,23 +283,7 @@ def pgd_untargeted(
     batch_size: int = 250,
 ) -> AttackOutput:
     """Untargeted PGD-Linf away from ``labels`` (the reported untargeted PGD sets)."""
-    return _pgd_linf(model, pixels, labels, False, eps, alpha, steps, batch_size)
-
-
-def _pgd_l2(
-    model: nn.Module,
-    pixels: torch.Tensor,
-    classes: torch.Tensor,
-    targeted: bool,
-    eps: float,
-    alpha: float,
-    steps: int,
-    batch_size: int,
-) -> AttackOutput:
-    import torchattacks
-
-    attack = torchattacks.PGDL2(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
-    return torchattacks_run(attack, pixels, classes, targeted, batch_size)
+    return _pgd("linf", model, pixels, labels, False, eps, alpha, steps, batch_size)
 
 
 def pgd_l2_untargeted(
@@ -309,7 +297,7 @@ def pgd_l2_untargeted(
 ) -> AttackOutput:
     """Untargeted PGD-L2: the reported PGD-L2 sets, and since round 7 a selection attack (on
     the selection images)."""
-    return _pgd_l2(model, pixels, labels, False, eps, alpha, steps, batch_size)
+    return _pgd("l2", model, pixels, labels, False, eps, alpha, steps, batch_size)
 
 
 def pgd_l2_targeted(
@@ -323,4 +311,4 @@ def pgd_l2_targeted(
 ) -> AttackOutput:
     """PGD-L2 towards ``target`` (the selection's L2 attack since round 6; no reported set
     uses it)."""
-    return _pgd_l2(model, pixels, target, True, eps, alpha, steps, batch_size)
+    return _pgd("l2", model, pixels, target, True, eps, alpha, steps, batch_size)
