@@ -464,7 +464,8 @@ def test_the_builder_mirrors_only_the_held_out_images(built, tmp_path, monkeypat
     store = plan.work_dir / "source"
     held_out = build.holdout_mask(plan.entries, config.holdout_fraction, config.seed)
     chunks = ChunkStore(store, len(plan.entries), config.chunk_size, list(plan.network.layers))
-    flipped = np.concatenate([chunks.load(c, "features_flip.logits") for c in range(chunks.n_chunks)])
+    parts = [chunks.load(c, "features_flip.logits") for c in range(chunks.n_chunks)]
+    flipped = np.concatenate(parts)
     assert np.isfinite(flipped[held_out]).all()
     assert np.isnan(flipped[~held_out]).all()
 
