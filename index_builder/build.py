@@ -603,6 +603,10 @@ class CalibrationImages:
     reports: list[ExtractionReport]
 
 
+# The message of a holdout too small for both calibration parts (fit_gates may meet it first).
+TOO_FEW_TO_SPLIT = "too few held-out images to split into reference and threshold"
+
+
 def mirrored_entries(config: BuildConfig, entries: list[Entry]) -> np.ndarray:
     """The source's images whose mirrored pass is computed, where the detector reads
     ``flip.logits``: the held-out ones, and none when calibration has a source of its own
@@ -739,7 +743,7 @@ def calibrate_stage(
         reference = extracted.cal_reference
         threshold_part = ~reference
         if not (reference & correct).any() or not (threshold_part & correct).any():
-            raise SourceError("too few held-out images to split into reference and threshold")
+            raise SourceError(TOO_FEW_TO_SPLIT)
         reference_values = values[reference & correct]
         threshold_values = values[threshold_part & correct]
         detector = Detector(statistics, plan.combination, reference_values)
@@ -773,7 +777,7 @@ def fit_gates(specs: list[StatisticSpec], extracted: Extracted) -> list[Statisti
             logits = extracted.cal_features([spec.first_logits])[spec.first_logits]
             authentic = logits[extracted.cal_reference & extracted.correct]
             if authentic.shape[0] == 0:  # the same failure the reference part meets below
-                raise SourceError("too few held-out images to split into reference and threshold")
+                raise SourceError(TOO_FEW_TO_SPLIT)
             spec = spec.model_copy(update={"gate": fit_doubt_gate(authentic)})
         fitted.append(spec)
     return fitted
