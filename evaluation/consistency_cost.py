@@ -38,7 +38,9 @@ from app.core.guard import Guard
 from app.core.stateful import (
     CLOSE_RADIUS,
     DEFAULT_RULE,
+    DETECTION_REASONS,
     Answer,
+    DetectionReason,
     DetectionRule,
     InProcessFingerprintStore,
     default_scheme,
@@ -65,10 +67,12 @@ BATCH = 64  # queries screened at once, in arrival order (the service's screenin
 
 @dataclass(frozen=True)
 class Served:
-    """Per query of a timeline: the model's answer and what the service served (None: refused)."""
+    """Per query of a timeline: the model's answer, what the service served (None: refused) and
+    which part of the rule detected it (None: not detected)."""
 
     own: list[Answer]
     served: list[Answer | None]
+    reasons: list[DetectionReason | None]
 
 
 def serve_through_detector(
@@ -77,17 +81,25 @@ def serve_through_detector(
     answers: Sequence[Answer],
     rule: DetectionRule,
     close_radius: int | None = CLOSE_RADIUS,
+    max_fingerprints: int | None = None,
 ) -> Served:
     """Every query of ``traffic`` through a fresh ``StatefulDetector`` under ``refuse``, in
     arrival order: the screening path the service runs, on the pixels it would see; close
-    copies within ``close_radius`` (None: none), as ``ADVGUARD_STATEFUL_CLOSE_RADIUS``."""
+    copies within ``close_radius`` (None: none), as ``ADVGUARD_STATEFUL_CLOSE_RADIUS``.
+    Everyone's queries are kept in a ring of ``max_fingerprints`` (None: every query, the worst
+    case), as ``ADVGUARD_STATEFUL_MAX_FINGERPRINTS``; nothing expires by time."""
     scheme = default_scheme(EVALUATION_SECRET, close_radius)
     size = len(traffic.clients) + 1
     store = InProcessFingerprintStore(
-        scheme, max_fingerprints=size, ttl_s=np.inf, max_clients=size, client_ttl_s=np.inf
+        scheme,
+        max_fingerprints=size if max_fingerprints is None else max_fingerprints,
+        ttl_s=np.inf,
+        max_clients=size,
+        client_ttl_s=np.inf,
     )
     detector = StatefulDetector(scheme, rule, store, "refuse")
     served: list[Answer | None] = []
+    reasons: list[DetectionReason | None] = []
     try:
         for start in range(0, len(traffic.clients), BATCH):
             stop = start + BATCH
@@ -98,10 +110,12 @@ def serve_through_detector(
                     traffic.clients[start:stop], pixels, answers[start:stop], strict=True
                 )
             ]
-            served += detector.screen_batch(batch)
+            screened = detector.screen(batch)
+            served += screened.served
+            reasons += screened.reasons
     finally:
         detector.close()
-    return Served(list(answers), served)
+    return Served(list(answers), served, reasons)
 
 
 def replaced(own: Answer, served: Answer | None) -> bool:
@@ -121,6 +135,13 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
         refused = [i for i in rows if outcome.served[i] is None]
         hit = {traffic.clients[i] for i in changed}
         flagged = {traffic.clients[i] for i in refused}
+        first_reason: dict[str, DetectionReason | None] = {}
+        for i in refused:  # arrival order: a client's first detection
+            first_reason.setdefault(traffic.clients[i], outcome.reasons[i])
+        by_reason = {
+            reason: sum(1 for r in first_reason.values() if r == reason)
+            for reason in DETECTION_REASONS
+        }
         out[kind] = {
             "queries": len(rows),
             "replaced": len(changed),
@@ -131,6 +152,7 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
             "clients_replaced_wilson95": list(wilson_interval(len(hit), len(clients))),
             "clients_flagged": len(flagged),
             "clients_flagged_wilson95": list(wilson_interval(len(flagged), len(clients))),
+            "clients_flagged_by_first_reason": by_reason,
         }
     return out
 
@@ -153,6 +175,12 @@ def close_copies_text(radius: int) -> str:
     )
 
 
+def store_text(max_fingerprints: int | None) -> str:
+    if max_fingerprints is None:
+        return "one store holding every query (nothing expires: the worst case)"
+    return f"everyone's queries in a ring of the last {max_fingerprints:,} (none expires by time)"
+
+
 def report(summary: dict[str, Any]) -> str:
     lines = [
         "# The consistent count's cost to honest users (evaluation.consistency_cost)",
@@ -160,26 +188,31 @@ def report(summary: dict[str, Any]) -> str:
         "Honest traffic of `evaluation.stateful_eval` (same plan and seeds) sent through the "
         "service's `StatefulDetector` under `refuse`, rule "
         f"{rule_text(summary['rule'])} (client, global, changed, consistent), "
-        f"{close_copies_text(summary['close_radius'])}, one store holding "
-        "every query. *Replaced*: the client was shown its anchor's answer where the service's "
+        f"{close_copies_text(summary['close_radius'])}, {store_text(summary['max_fingerprints'])}"
+        ". *Replaced*: the client was shown its anchor's answer where the service's "
         "own differs in what a client sees (decision, or class where one is shown); *refused*: "
-        "detected. Intervals: Wilson 95% over clients.",
+        "detected. Intervals: Wilson 95% over clients. *Flagged by*: the part of the rule that "
+        "detected each flagged client's first refused query (its own client's count, everyone's "
+        "count, a changed answer).",
         "",
         "| photos | traffic | queries | answers replaced | share | refused | clients with a "
-        "replaced answer | 95% interval | clients flagged | 95% interval |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "replaced answer | 95% interval | clients flagged | 95% interval | flagged by (client / "
+        "everyone / changed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split, label in (("judging", "test (judged)"), ("calibration", "training")):
         for kind in TRAFFIC_KINDS:
             r = summary[split][kind]
             low, high = r["clients_replaced_wilson95"]
             flag_low, flag_high = r["clients_flagged_wilson95"]
+            by = r["clients_flagged_by_first_reason"]
             lines.append(
                 f"| {label} | {kind} | {r['queries']} | {r['replaced']} | "
                 f"{100 * r['replaced_share']:.2f}% | {r['refused']} | "
                 f"{r['clients_replaced']} of {r['clients']} | {100 * low:.2f}-{100 * high:.2f}% | "
                 f"{r['clients_flagged']} of {r['clients']} | "
-                f"{100 * flag_low:.2f}-{100 * flag_high:.2f}% |"
+                f"{100 * flag_low:.2f}-{100 * flag_high:.2f}% | "
+                f"{' / '.join(str(by[reason]) for reason in DETECTION_REASONS)} |"
             )
     verdict = "met: on by default" if summary["ships"] else "missed: off by default"
     lines += [
@@ -202,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=at_least(0),
         default=CLOSE_RADIUS,
         help="close copies' radius in grey levels, as ADVGUARD_STATEFUL_CLOSE_RADIUS (0: none)",
+    )
+    parser.add_argument(
+        "--max-fingerprints",
+        type=at_least(1),
+        default=None,
+        help="everyone's queries kept, as ADVGUARD_STATEFUL_MAX_FINGERPRINTS (default: every "
+        "query of the traffic, the worst case)",
     )
     return parser
 
@@ -228,11 +268,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary: dict[str, Any] = {
         "rule": rule_counts(DEFAULT_RULE),
         "close_radius": args.close_radius,
+        "max_fingerprints": args.max_fingerprints,
         "bundle": str(args.bundle),
     }
     radius = args.close_radius or None
     for split, traffic in timelines.items():
-        outcome = serve_through_detector(guard, traffic, own[split], DEFAULT_RULE, radius)
+        outcome = serve_through_detector(
+            guard, traffic, own[split], DEFAULT_RULE, radius, args.max_fingerprints
+        )
         summary[split] = summarise(traffic, outcome)
         print(f"[{time.perf_counter() - started:6.1f}s] {split}: {json.dumps(summary[split])}")
     summary["ships"] = ships(summary["judging"])

@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -894,6 +894,10 @@ def shows_another_class(anchor: Answer | None, answer: Answer | None) -> bool:
     )
 
 
+DetectionReason = Literal["client_matches", "global_matches", "changed_answer"]
+DETECTION_REASONS: tuple[DetectionReason, ...] = get_args(DetectionReason)
+
+
 @dataclass(frozen=True)
 class DetectionRule:
     """Flag a query with at least ``client_matches`` distinct near-duplicates among its client's
@@ -931,16 +935,25 @@ class DetectionRule:
 
     def detects(self, evidence: MatchEvidence, answer: Answer | None = None) -> bool:
         """``answer``: the one the query is about to be given (None: judge by counts only)."""
+        return self.reason(evidence, answer) is not None
+
+    def reason(
+        self, evidence: MatchEvidence, answer: Answer | None = None
+    ) -> DetectionReason | None:
+        """Which part of the rule detects the query (None: none does), checked in this order:
+        its client's count, everyone's count, then the changed answer. What an evaluation
+        reports of a false flag, to tell a client's own repeats from other clients' copies."""
+        if evidence.client.distinct >= self.client_matches:
+            return "client_matches"
+        if evidence.everyone.distinct >= self.global_matches:
+            return "global_matches"
         if (
-            evidence.client.distinct >= self.client_matches
-            or evidence.everyone.distinct >= self.global_matches
-        ):
-            return True
-        return (
             self.changed_matches is not None
             and max(evidence.client.distinct, evidence.everyone.distinct) >= self.changed_matches
             and changes_answer(evidence, answer)
-        )
+        ):
+            return "changed_answer"
+        return None
 
     def keeps_anchor(self, evidence: MatchEvidence, answer: Answer | None) -> bool:
         """Whether a query the rule does not detect should be served its anchor's answer

@@ -59,6 +59,7 @@ from app.core.flagging import FlagPolicy
 from app.core.guard import Verdict
 from app.core.stateful import (
     Answer,
+    DetectionReason,
     DetectionRule,
     FingerprintStore,
     InProcessFingerprintStore,
@@ -130,6 +131,18 @@ class Screened:
 
     served: list[Answer | None]
     outcomes: list[Outcome]
+    reasons: list[DetectionReason | None]  # which part of the rule detected it (None: none)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One query's judgement: the answer to serve (None: refuse), the answer to keep with the
+    stored query instead of its own (None: its own), the outcome, and the rule's reason."""
+
+    served: Answer | None
+    kept: Answer | None
+    outcome: Outcome
+    reason: DetectionReason | None = None
 
 
 class StatefulDetector:
@@ -240,6 +253,7 @@ class StatefulDetector:
             self.look_up(fresh, store=False)
         served: list[Answer | None] = [pending.answer for pending in batch]
         outcomes: list[Outcome] = ["error"] * len(batch)
+        reasons: list[DetectionReason | None] = [None] * len(batch)
         available = self.available()
         judged = [i for i, query in enumerate(looked_up) if available and not query.failed]
         matching = time.perf_counter()
@@ -247,8 +261,9 @@ class StatefulDetector:
 
         def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
             i = next(turn)
-            served[i], kept, outcomes[i] = self._judge(query, evidence)
-            return kept
+            judged = self._judge(query, evidence)
+            served[i], outcomes[i], reasons[i] = judged.served, judged.outcome, judged.reason
+            return judged.kept
 
         queries = [self._query(looked_up[i], batch[i].answer) for i in judged]
         found = [its for i in judged if (its := looked_up[i].found) is not None]
@@ -267,7 +282,7 @@ class StatefulDetector:
             self.spent("match", time.perf_counter() - matching)
         if write_now:
             self.write_answers()
-        return Screened(served, outcomes)
+        return Screened(served, outcomes, reasons)
 
     def write_answers(self) -> None:
         """Write the answers decided for queries looked up in Redis (a failure fails open)."""
@@ -286,34 +301,31 @@ class StatefulDetector:
         if self.metrics is not None:
             self.metrics.spent_screening(part, seconds)
 
-    def _judge(
-        self, query: StoreQuery, evidence: MatchEvidence
-    ) -> tuple[Answer | None, Answer | None, Outcome]:
-        """(the answer to serve, or None to refuse; the answer to keep with the stored query
-        instead of its own, or None; the outcome): flags a detected client. An undetected
-        near-duplicate that would show a class its anchor did not
-        (``DetectionRule.keeps_anchor``) is served and kept with its anchor's answer under
-        ``refuse`` and ``silent``: ``consistent``."""
+    def _judge(self, query: StoreQuery, evidence: MatchEvidence) -> Judged:
+        """The query's judgement; flags a detected client. An undetected near-duplicate that
+        would show a class its anchor did not (``DetectionRule.keeps_anchor``) is served and
+        kept with its anchor's answer under ``refuse`` and ``silent``: ``consistent``."""
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
-        if not self.rule.detects(evidence, answer):
+        reason = self.rule.reason(evidence, answer)
+        if reason is None:
             anchor = evidence.consistency_basis().anchor
             if (
                 self.policy != "flag"
                 and anchor is not None
                 and self.rule.keeps_anchor(evidence, answer)
             ):
-                return anchor, anchor, "consistent"
-            return answer, None, "clear"
+                return Judged(anchor, anchor, "consistent")
+            return Judged(answer, None, "clear")
         newly_flagged = self.flag is not None and self.flag(query.client_id, QUERY_ATTACK, query.at)
         if newly_flagged and self.metrics is not None:
             self.metrics.clients_flagged.inc()
         if self.policy == "refuse":
-            return None, None, "detected"
+            return Judged(None, None, "detected", reason)
         anchor = evidence.anchor
         if self.policy == "flag" or anchor is None or anchor == answer:
-            return answer, None, "detected"
-        return anchor, anchor, "detected"
+            return Judged(answer, None, "detected", reason)
+        return Judged(anchor, anchor, "detected", reason)
 
     def _count(self, outcome: Outcome, n: int = 1) -> None:
         if self.metrics is not None and n > 0:

@@ -241,6 +241,28 @@ def test_detection_rule() -> None:
         DetectionRule(1, 1, changed_matches=0)
 
 
+def test_the_rule_names_the_part_that_detects_in_a_fixed_order() -> None:
+    """``reason``: the client's count first, then everyone's, then the changed answer; None
+    exactly when ``detects`` is False."""
+    rule = DetectionRule(client_matches=3, global_matches=5, changed_matches=2)
+    none, two = MatchCount(0, 0, -np.inf), MatchCount(2, 0, 40.0)
+    cat, dog = Answer("accepted", 3, 0.9, 0.5), Answer("accepted", 5, 0.9, 0.4)
+    cases = [
+        (
+            MatchEvidence(MatchCount(3, 0, 40.0), MatchCount(5, 0, 40.0), (), cat),
+            dog,
+            "client_matches",
+        ),
+        (MatchEvidence(two, MatchCount(5, 0, 40.0), ("x",), cat), dog, "global_matches"),
+        (MatchEvidence(two, two, (), cat), dog, "changed_answer"),
+        (MatchEvidence(two, two, (), cat), cat, None),
+        (MatchEvidence(none, none, ()), None, None),
+    ]
+    for evidence, answer, reason in cases:
+        assert rule.reason(evidence, answer) == reason
+        assert rule.detects(evidence, answer) is (reason is not None)
+
+
 def test_a_changed_answer_detects_from_its_own_count() -> None:
     """A query whose answer would carry another class than its anchor's is detected from
     ``changed_matches`` near-duplicates, in either scope; a rejected answer tells no class, and
@@ -688,8 +710,8 @@ def test_square_attacks_first_probe_shares_no_window_hash_match_with_its_photo()
     """The threat model's Square floor, measured: Square's first probe adds ±8/255 to each
     column of each channel (ART's initialisation), which moves nearly every pixel across a
     quantisation step of 25 somewhere in each window, so the probe is no near-duplicate of the
-    photo it was made from (README: 0 of 200 training photos match, a median of 3 shared sketch
-    bits of the 25 a match needs; chance collisions alone give ~2.4)."""
+    photo it was made from (evaluation/README.md: 0 of 200 training photos match, a median of 3
+    shared sketch bits of the 25 a match needs; chance collisions alone give ~2.4)."""
     scheme = default_scheme(b"advguard-evaluation-secret")
     originals = train_photos(CIFAR_TAR, 200)
     signs = np.random.default_rng(0).choice([-8, 8], size=(len(originals), 3, 1, 32))
@@ -710,8 +732,8 @@ def test_a_fingerprint_that_matched_squares_first_probe_would_flag_honest_reenco
     reading a class change between photos whose block means are within the radius (which
     matches Square's first probe to its photo) would flag honest clients far beyond the 0.5%
     burst budget. JPEG re-encodings of training photos (the honest burst traffic's qualities)
-    mostly are that close, and the model changes its class on some of them (README: 52 of 200
-    photos)."""
+    mostly are that close, and the model changes its class on some of them (evaluation/README.md:
+    52 of 200 photos)."""
     guard = Guard.load(DEFAULT_BUNDLE, device="cpu")
     originals = train_photos(CIFAR_TAR, 200)
 

@@ -52,7 +52,13 @@ def test_a_class_changing_copy_is_served_its_anchors_class_and_counted(
         "clients_replaced_wilson95": None,
         "clients_flagged": 0,
         "clients_flagged_wilson95": None,
+        "clients_flagged_by_first_reason": {
+            "client_matches": 0,
+            "global_matches": 0,
+            "changed_answer": 0,
+        },
     }
+    assert outcome.reasons == [None, None, None]
     assert counts["plain"]["replaced"] == 0 and counts["resend"]["queries"] == 0
     off = DetectionRule(5, 5, changed_matches=2)
     assert serve_through_detector(guard, traffic, answers, off).served == answers
@@ -70,10 +76,16 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
         "clients_replaced_wilson95": [0.05, 0.5],
         "clients_flagged": 1,
         "clients_flagged_wilson95": [0.01, 0.4],
+        "clients_flagged_by_first_reason": {
+            "client_matches": 0,
+            "global_matches": 1,
+            "changed_answer": 0,
+        },
     }
     summary = {
         "rule": [5, 5, 2, 1],
         "close_radius": 9,
+        "max_fingerprints": None,
         "judging": dict.fromkeys(kinds, row),
         "calibration": dict.fromkeys(kinds, row),
         "ships": False,
@@ -83,6 +95,32 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
     assert "rule 5, 5, 2, 1" in text and "missed: off by default" in text
     assert "block means within 9 grey levels, a saturated difference" in text
     assert "no close copies" in report(summary | {"close_radius": 0})
-    assert (
-        text.count("| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% |") == 8
-    )
+    assert "one store holding every query" in text
+    assert "a ring of the last 50,000" in report(summary | {"max_fingerprints": 50_000})
+    row_text = "| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% | 0 / 1 / 0 |"
+    assert text.count(row_text) == 8
+
+
+def test_a_client_is_flagged_by_everyones_copies_unless_the_ring_has_let_them_go(
+    guard: Guard,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """Five other clients' distinct near-duplicates of a photo flag a sixth client who sends
+    it, by everyone's count, while every query is kept; a ring of two holds only the fifth copy
+    and an unrelated photo when the sixth client's arrives, and does not flag it."""
+    rng = np.random.default_rng(1)
+    copies = [square_step(photos[3], rng) for _ in range(5)]
+    images = np.stack([*copies, photos[7], photos[3]])
+    clients = ["a", "b", "c", "d", "e", "f", "g"]
+    traffic = Timeline(clients, ["burst"] * 5 + ["plain"] * 2, images, pixel_digests(images))
+    cat = Answer("accepted", 3, 0.9, 0.5)
+    answers = [cat] * 7
+    kept_all = serve_through_detector(guard, traffic, answers, DEFAULT_RULE)
+    assert kept_all.served[-1] is None and kept_all.reasons[-1] == "global_matches"
+    assert summarise(traffic, kept_all)["plain"]["clients_flagged_by_first_reason"] == {
+        "client_matches": 0,
+        "global_matches": 1,
+        "changed_answer": 0,
+    }
+    ring = serve_through_detector(guard, traffic, answers, DEFAULT_RULE, max_fingerprints=2)
+    assert ring.served[-1] == cat and ring.reasons[-1] is None
