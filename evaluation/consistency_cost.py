@@ -136,8 +136,10 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
         hit = {traffic.clients[i] for i in changed}
         flagged = {traffic.clients[i] for i in refused}
         first_reason: dict[str, DetectionReason | None] = {}
+        first_refused: dict[str, int] = {}
         for i in refused:  # arrival order: a client's first detection
             first_reason.setdefault(traffic.clients[i], outcome.reasons[i])
+            first_refused.setdefault(traffic.clients[i], i)
         by_reason = {
             reason: sum(1 for r in first_reason.values() if r == reason)
             for reason in DETECTION_REASONS
@@ -153,6 +155,10 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
             "clients_flagged": len(flagged),
             "clients_flagged_wilson95": list(wilson_interval(len(flagged), len(clients))),
             "clients_flagged_by_first_reason": by_reason,
+            # flagged first at a copy of a viral photo (the rest: at one of their own photos)
+            "clients_flagged_at_circulating": sum(
+                1 for i in first_refused.values() if traffic.is_circulating(i)
+            ),
         }
     return out
 
@@ -215,7 +221,15 @@ def report(summary: dict[str, Any]) -> str:
                 f"{' / '.join(str(by[reason]) for reason in DETECTION_REASONS)} |"
             )
     verdict = "met: on by default" if summary["ships"] else "missed: off by default"
+    at_viral = [
+        f"{summary[split]['viral']['clients_flagged_at_circulating']} of the "
+        f"{summary[split]['viral']['clients_flagged']} flagged in the {label} traffic"
+        for split, label in (("judging", "test"), ("calibration", "training"))
+    ]
     lines += [
+        "",
+        "Viral senders flagged at their copy of the viral photo (the others at one of their own "
+        f"photos): {'; '.join(at_viral)}.",
         "",
         f"Ship rule (fixed before this was run): at most {100 * SHIP_LIMIT:.1f}% of each kind's "
         f"judged queries replaced: **{verdict}**.",

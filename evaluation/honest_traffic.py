@@ -102,6 +102,7 @@ class HonestQuery:
     client: str
     kind: TrafficKind
     image: np.ndarray  # (3, H, W) uint8, as served
+    circulating: bool = False  # a copy of a viral photo
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,8 @@ def honest_clients(
             for r in rng.choice(n, size=plan.viral_plain, replace=False)
         ]
         position = int(rng.integers(len(queries) + 1))
-        queries.insert(
-            position, HonestQuery(client, "viral", copies[int(rng.integers(len(copies)))])
-        )
+        copy = copies[int(rng.integers(len(copies)))]
+        queries.insert(position, HonestQuery(client, "viral", copy, circulating=True))
         out["viral"].append(queries)
     return out
 

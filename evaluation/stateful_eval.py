@@ -193,18 +193,27 @@ class LazyAnswers:
 
 @dataclass(frozen=True)
 class Timeline:
-    """Honest queries in arrival order: who sent each, of which kind, the pixels."""
+    """Honest queries in arrival order: who sent each, of which kind, the pixels, and which are
+    copies of a viral photo (None: none are)."""
 
     clients: list[str]
     kinds: list[TrafficKind]
     images: np.ndarray  # (n, 3, H, W) uint8
     digests: list[bytes]
+    circulating: list[bool] | None = None
+
+    def is_circulating(self, i: int) -> bool:
+        return self.circulating is not None and self.circulating[i]
 
 
 def timeline(queries: Sequence[HonestQuery]) -> Timeline:
     images = np.stack([q.image for q in queries])
     return Timeline(
-        [q.client for q in queries], [q.kind for q in queries], images, pixel_digests(images)
+        [q.client for q in queries],
+        [q.kind for q in queries],
+        images,
+        pixel_digests(images),
+        [q.circulating for q in queries],
     )
 
 
@@ -217,6 +226,7 @@ def honest_key(guard: Guard, source: Path, split: str, plan: TrafficPlan, seed: 
             "preset": [preset.name, preset.resize, preset.crop],
             "plan": dataclasses.asdict(plan),
             "seed": seed,
+            "format": 2,  # 2: which queries are a viral photo's copies is stored
         }
     )
 
@@ -242,6 +252,7 @@ def honest_timeline(
                 [str(k) for k in data["kinds"]],  # type: ignore[misc]
                 images,
                 pixel_digests(images),
+                [bool(c) for c in data["circulating"]],
             )
     pixels = load_split(source, split, guard.preset, data_cache).pixels
     clients = honest_clients(pixels, plan, guard.preset, seed, split)
@@ -249,7 +260,11 @@ def honest_timeline(
     result = timeline(list(interleave(everyone, seed)))
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(
-        path, clients=np.array(result.clients), kinds=np.array(result.kinds), images=result.images
+        path,
+        clients=np.array(result.clients),
+        kinds=np.array(result.kinds),
+        images=result.images,
+        circulating=np.array(result.circulating, dtype=bool),
     )
     return result
 

@@ -57,6 +57,7 @@ def test_a_class_changing_copy_is_served_its_anchors_class_and_counted(
             "global_matches": 0,
             "changed_answer": 0,
         },
+        "clients_flagged_at_circulating": 0,
     }
     assert outcome.reasons == [None, None, None]
     assert counts["plain"]["replaced"] == 0 and counts["resend"]["queries"] == 0
@@ -81,6 +82,7 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
             "global_matches": 1,
             "changed_answer": 0,
         },
+        "clients_flagged_at_circulating": 1,
     }
     summary = {
         "rule": [5, 5, 2, 1],
@@ -96,6 +98,10 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
     assert "block means within 9 grey levels, a saturated difference" in text
     assert "no close copies" in report(summary | {"close_radius": 0})
     assert "one store holding every query" in text
+    assert (
+        "viral photo (the others at one of their own photos): 1 of the 1 flagged in the test"
+        in text
+    )
     assert "a ring of the last 50,000" in report(summary | {"max_fingerprints": 50_000})
     row_text = "| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% | 0 / 1 / 0 |"
     assert text.count(row_text) == 8
@@ -112,15 +118,20 @@ def test_a_client_is_flagged_by_everyones_copies_unless_the_ring_has_let_them_go
     copies = [square_step(photos[3], rng) for _ in range(5)]
     images = np.stack([*copies, photos[7], photos[3]])
     clients = ["a", "b", "c", "d", "e", "f", "g"]
-    traffic = Timeline(clients, ["burst"] * 5 + ["plain"] * 2, images, pixel_digests(images))
+    circulating = [False] * 6 + [True]  # the sixth client's photo as a viral copy
+    traffic = Timeline(
+        clients, ["burst"] * 5 + ["plain"] * 2, images, pixel_digests(images), circulating
+    )
     cat = Answer("accepted", 3, 0.9, 0.5)
     answers = [cat] * 7
     kept_all = serve_through_detector(guard, traffic, answers, DEFAULT_RULE)
     assert kept_all.served[-1] is None and kept_all.reasons[-1] == "global_matches"
-    assert summarise(traffic, kept_all)["plain"]["clients_flagged_by_first_reason"] == {
+    plain = summarise(traffic, kept_all)["plain"]
+    assert plain["clients_flagged_by_first_reason"] == {
         "client_matches": 0,
         "global_matches": 1,
         "changed_answer": 0,
     }
+    assert plain["clients_flagged_at_circulating"] == 1
     ring = serve_through_detector(guard, traffic, answers, DEFAULT_RULE, max_fingerprints=2)
     assert ring.served[-1] == cat and ring.reasons[-1] is None

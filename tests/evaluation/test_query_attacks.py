@@ -22,6 +22,7 @@ from evaluation.data import ImageSplit
 from evaluation.honest_traffic import (
     HonestQuery,
     TrafficKind,
+    TrafficPlan,
     as_served,
     encode,
     interleave,
@@ -55,6 +56,7 @@ from evaluation.stateful_eval import (
     LazyFingerprints,
     calibrate,
     false_flags,
+    honest_timeline,
     replay_attack,
     summarise_outcomes,
 )
@@ -496,6 +498,15 @@ def test_stateful_eval_end_to_end(
     assert summary["cost"]["fingerprint_ms"] > 0 and summary["cost"]["bytes_per_fingerprint"] > 0
     assert summary["command"].startswith("python -m evaluation.stateful_eval")
     assert scheme in (out / "stateful.md").read_text()
+    # the honest traffic, read back from its cache: each viral sender's one copy of a viral
+    # photo is marked, and nothing else is
+    plan = TrafficPlan(clients=3)
+    for split, seed in (("train", 0), ("test", 1)):
+        traffic = honest_timeline(guard, CIFAR_TAR, split, cache, tmp_path / "data", plan, seed)
+        marked = [i for i in range(len(traffic.clients)) if traffic.is_circulating(i)]
+        assert sorted(traffic.clients[i] for i in marked) == [
+            f"{split}-viral-{c}" for c in range(3)
+        ]
 
 
 def test_viral_false_flags_are_bounded_per_photo_not_per_sender() -> None:
