@@ -135,13 +135,11 @@ def summarise(traffic: Timeline, outcome: Served) -> dict[str, Any]:
         refused = [i for i in rows if outcome.served[i] is None]
         hit = {traffic.clients[i] for i in changed}
         flagged = {traffic.clients[i] for i in refused}
-        first_reason: dict[str, DetectionReason | None] = {}
-        first_refused: dict[str, int] = {}
-        for i in refused:  # arrival order: a client's first detection
-            first_reason.setdefault(traffic.clients[i], outcome.reasons[i])
+        first_refused: dict[str, int] = {}  # per flagged client, its first detected query
+        for i in refused:  # arrival order
             first_refused.setdefault(traffic.clients[i], i)
         by_reason = {
-            reason: sum(1 for r in first_reason.values() if r == reason)
+            reason: sum(1 for i in first_refused.values() if outcome.reasons[i] == reason)
             for reason in DETECTION_REASONS
         }
         out[kind] = {
