@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from app.core import search
 from app.core.detector import Detector
-from app.core.features import FLIPPED_LOGITS, FeatureNetwork
+from app.core.features import SECOND_PASS_LAYERS, FeatureNetwork
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction
 from app.core.statistics import (
@@ -179,10 +179,10 @@ class SurrogateMargin:
 Surrogate = SurrogateLayer | SurrogateDistance | SurrogateMargin
 
 
-def reads_the_mirror(layers: list[Surrogate]) -> bool:
-    """Whether a surrogate reads the mirrored image's logits (the flip margin): the attack pays
-    for the network's second pass only then."""
-    return any(isinstance(s, SurrogateMargin) and s.layer == FLIPPED_LOGITS for s in layers)
+def reads_a_second_pass(layers: list[Surrogate]) -> bool:
+    """Whether a surrogate reads the mirrored or median-filtered image's logits (the flip or
+    median margin): the attack pays for the network's second passes only then."""
+    return any(isinstance(s, SurrogateMargin) and s.layer in SECOND_PASS_LAYERS for s in layers)
 
 
 def surrogates(detector: Detector) -> list[Surrogate]:
@@ -279,7 +279,7 @@ def adaptive_pgd(
     normalised-gradient steps, L2-ball projection)."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    mirrored = reads_the_mirror(layers)  # else the network's mirrored pass is not run
+    second_passes = reads_a_second_pass(layers)  # else the network runs the first pass only
     out = []
     for start in range(0, pixels.shape[0], batch_size):
         x = pixels[start : start + batch_size]
@@ -293,7 +293,7 @@ def adaptive_pgd(
         best_key = torch.full((x.shape[0],), -np.inf, dtype=torch.float64)
         for step in range(steps + 1):
             adv.requires_grad_(True)
-            output = network(adv, mirrored=mirrored)
+            output = network(adv, second_passes=second_passes)
             log_score = sum(
                 (layer.objective(output.features, t) for layer in layers),
                 torch.zeros(x.shape[0], dtype=torch.float64),  # no statistic: plain PGD

@@ -28,8 +28,8 @@ from app.core.calibration import threshold_for_retention
 from app.core.detector import Combination
 from app.core.errors import ModelLoadError, StaleWorkDirError
 from app.core.features import (
-    FLIPPED_LOGITS,
     PIXEL_LAYERS,
+    SECOND_PASS_LAYERS,
     BatchFeatures,
     FeatureNetwork,
     infer_batch,
@@ -569,8 +569,9 @@ def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
     except ModelLoadError:
         blocks = ()
     # every layer a statistic of any configuration may read; for the CIFAR models also the
-    # mirrored pass of `v2-flip` (its features only: attacks differentiate the first pass)
-    pseudo = [*PIXEL_LAYERS, *([FLIPPED_LOGITS] if info.family == "cifar" else [])]
+    # second passes of `v2-flip` and the median margin (their features only: attacks
+    # differentiate the first pass)
+    pseudo = [*PIXEL_LAYERS, *(SECOND_PASS_LAYERS if info.family == "cifar" else ())]
     layers = list(
         dict.fromkeys([*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers])
     )

@@ -212,7 +212,7 @@ def _extract(
     fingerprint: dict[str, object],
     progress: bool,
     on_chunk_written: Callable[[int], None] | None,
-    mirrored: np.ndarray | None,
+    second_pass: np.ndarray | None,
 ) -> tuple[ChunkStore, ExtractionReport]:
     check_fingerprint(work_root, fingerprint)
     store = ChunkStore(work_root, len(entries), config.chunk_size, list(network.layers))
@@ -227,7 +227,7 @@ def _extract(
         num_workers=config.num_workers,
         progress=progress,
         on_chunk_written=on_chunk_written,
-        mirrored=mirrored,
+        second_pass=second_pass,
     )
     return store, report
 
@@ -546,7 +546,7 @@ def extract_stage(
         fingerprint,
         progress,
         on_chunk_written,
-        mirrored_entries(config, entries),
+        second_pass_entries(config, entries),
     )
     labels_all = np.array([e.label for e in entries], dtype=np.int64)
     if config.calibration_source is None:
@@ -607,10 +607,10 @@ class CalibrationImages:
 TOO_FEW_TO_SPLIT = "too few held-out images to split into reference and threshold"
 
 
-def mirrored_entries(config: BuildConfig, entries: list[Entry]) -> np.ndarray:
-    """The source's images whose mirrored pass is computed, where the detector reads
-    ``flip.logits``: the held-out ones, and none when calibration has a source of its own
-    (whose images are all mirrored). Only calibration reads the mirrored logits (the margin
+def second_pass_entries(config: BuildConfig, entries: list[Entry]) -> np.ndarray:
+    """The source's images whose second passes are computed, where the detector reads
+    ``flip.logits`` or ``median.logits``: the held-out ones, and none when calibration has a
+    source of its own (whose images all get them). Only calibration reads those logits (the margin
     statistics fit nothing on the indexed images), and skipping them spares a second forward
     pass over the whole training set (ILSVRC's 1.28M images)."""
     if config.calibration_source is not None:

@@ -69,7 +69,8 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "pixel pseudo-layers pixels.highpass, pixels.loghighpass and pixels.chromahighpass for "
         "mahalanobis, flip.logits, the mirrored image's logits, for margin, or for doubt_margin: "
         "the same margin read only where the first pass's margin is below its held-out 20%% "
-        "quantile), repeatable; overrides --detector",
+        "quantile), median.logits, the logits of the image median-filtered over 2x2 pixels, "
+        "for margin; repeatable; overrides --detector",
     )
     parser.add_argument(
         "--combination",

@@ -8,7 +8,9 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``),
 ``pixels.loghighpass`` its logarithm and ``pixels.chromahighpass`` the same filters over the
 colour channels (``ChromaHighPass``), for ``mahalanobis``; ``flip.logits`` the logits of the
-mirrored image (a second forward pass), for ``margin`` (the flip margin).
+mirrored image (a second forward pass), for ``margin`` (the flip margin), and ``median.logits``
+those of the image median-filtered over 2x2 pixels (another), for ``margin`` (the median
+margin).
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
@@ -42,7 +44,7 @@ from torch import nn
 
 from app.core.detector import Combination
 from app.core.errors import ModelLoadError
-from app.core.features import FLIPPED_LOGITS
+from app.core.features import FLIPPED_LOGITS, SECOND_PASS_LAYERS
 from app.core.manifest import StatisticSpec
 from app.core.models import describe_architecture, logits_layer, residual_blocks
 from app.core.statistics import (
@@ -70,6 +72,10 @@ FLIP_STATISTIC = "margin@flip.logits"
 # Round 8's: the flip margin read only where the first pass is in doubt (its margin below the
 # reference part's 20% quantile), so four authentic queries in five cost no second pass.
 DOUBT_STATISTIC = "doubt_margin@flip.logits"
+# Round 10's: the predicted class's logit margin on the image median-filtered over 2x2 pixels
+# (``app.core.features.median_filter_2x2``; feature squeezing, Xu et al. 2018), a second
+# forward pass for every image.
+MEDIAN_STATISTIC = "margin@median.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule, round 9 (evaluation/results/selection-9/):
@@ -138,11 +144,17 @@ _ROUND_8_ADDITIONS: dict[str, tuple[str, ...]] = {
     "+dflip": (DOUBT_STATISTIC,),
     "+cn+dflip": (CHROMA_STATISTIC, DOUBT_STATISTIC),
 }
+# Round 10: round 5's sets, each also with the median margin (+med), and with the colour noise
+# and it (+cn+med), listed after round 8's.
+_ROUND_10_ADDITIONS: dict[str, tuple[str, ...]] = {
+    "+med": (MEDIAN_STATISTIC,),
+    "+cn+med": (CHROMA_STATISTIC, MEDIAN_STATISTIC),
+}
 CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_5_STATISTICS,
     **{
         f"{name}{suffix}": (*stats, *added)
-        for additions in (_ROUND_6_ADDITIONS, _ROUND_8_ADDITIONS)
+        for additions in (_ROUND_6_ADDITIONS, _ROUND_8_ADDITIONS, _ROUND_10_ADDITIONS)
         for suffix, added in additions.items()
         for name, stats in _ROUND_5_STATISTICS.items()
     },
@@ -152,13 +164,17 @@ DEFAULT_PRESET = "v2"
 
 
 def forward_passes(statistics: tuple[str, ...]) -> float:
-    """How many forward passes of the classifier a detector costs per authentic image: one, two
-    when a margin reads the mirrored image's logits, or one and the mirrored pass for the
-    ``DOUBTED_SHARE`` of them that a ``doubt_margin`` reads."""
-    mirrored = [s.partition("@")[0] for s in statistics if s.endswith("@" + FLIPPED_LOGITS)]
-    if not mirrored:
-        return 1.0
-    return 1.0 + DOUBTED_SHARE if set(mirrored) == {"doubt_margin"} else 2.0
+    """How many forward passes of the classifier a detector costs per authentic image: one,
+    and for each second pass it reads (the mirrored image's logits, the median-filtered
+    image's) one more, or for the mirror the ``DOUBTED_SHARE`` of one when only a
+    ``doubt_margin`` reads it (the network mirrors just the doubted queries)."""
+    passes = 1.0
+    for layer in SECOND_PASS_LAYERS:
+        kinds = {s.partition("@")[0] for s in statistics if s.endswith("@" + layer)}
+        if kinds:
+            gated = layer == FLIPPED_LOGITS and kinds == {"doubt_margin"}
+            passes += DOUBTED_SHARE if gated else 1.0
+    return passes
 
 
 def candidate_presets() -> dict[str, DetectorPreset]:

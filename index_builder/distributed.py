@@ -40,8 +40,8 @@ from index_builder.build import (
     BuildReport,
     build_bundle,
     check_config,
-    mirrored_entries,
     resolve_detector,
+    second_pass_entries,
 )
 from index_builder.extract import (
     ChunkStore,
@@ -139,7 +139,7 @@ def extract_sharded(
     fingerprint: dict[str, object] | None,
     progress: bool,
     on_chunk_written: Callable[[int], None] | None = None,
-    mirrored: np.ndarray | None = None,
+    second_pass: np.ndarray | None = None,
 ) -> tuple[ChunkStore, ExtractionReport] | None:
     """One source's extraction on every rank; rank 0 returns the complete store, others None:
     the plan (rank 0's pending chunks) shared → each rank extracts its share → the other ranks
@@ -166,7 +166,7 @@ def extract_sharded(
         num_workers=config.num_workers,
         progress=progress and ctx.rank == 0,
         on_chunk_written=on_chunk_written if ctx.rank == 0 else None,
-        mirrored=mirrored,
+        second_pass=second_pass,
     )
     ctx.log(f"extracted {len(mine)} of {len(pending)} pending chunks ({report.images} images)")
     if ctx.rank != 0:
@@ -266,9 +266,9 @@ def _follow(ctx: Rank, config: BuildConfig) -> None:
     network = _network(config, len(listing.classes))
     work_dir = config.work_dir or config.out.with_name(config.out.name + ".work")
     entries = listing.entries
-    mirrored = mirrored_entries(config, entries)  # rank 0's, from the same listing
+    second_pass = second_pass_entries(config, entries)  # rank 0's, from the same listing
     extract_sharded(
-        ctx, config, network, source, entries, work_dir / "source", None, False, None, mirrored
+        ctx, config, network, source, entries, work_dir / "source", None, False, None, second_pass
     )
     if config.calibration_source is not None:
         cal_source = open_source(config.calibration_source, config.calibration_split)
@@ -299,7 +299,7 @@ def build_bundle_distributed(
             fingerprint: dict[str, object],
             show: bool,
             on_chunk_written: Callable[[int], None] | None,
-            mirrored: np.ndarray | None,
+            second_pass: np.ndarray | None,
         ) -> tuple[ChunkStore, ExtractionReport]:
             result = extract_sharded(
                 ctx,
@@ -311,7 +311,7 @@ def build_bundle_distributed(
                 fingerprint,
                 show,
                 on_chunk_written,
-                mirrored,
+                second_pass,
             )
             assert result is not None
             return result

@@ -230,12 +230,13 @@ def extract_features(
     num_workers: int = 2,
     progress: bool = True,
     on_chunk_written: Callable[[int], None] | None = None,
-    mirrored: np.ndarray | None = None,
+    second_pass: np.ndarray | None = None,
 ) -> ExtractionReport:
     """Fill ``store`` with the features of every entry, skipping chunks already on disk.
 
-    ``mirrored`` (a boolean per entry) limits the mirrored pass of a network that reads
-    ``flip.logits`` to those entries (``FeatureNetwork.forward``'s ``mirror_only``); None:
+    ``second_pass`` (a boolean per entry) limits the second passes of a network that reads
+    ``flip.logits`` or ``median.logits`` to those entries (``FeatureNetwork.forward``'s
+    ``second_pass_only``); None:
     every entry."""
     pending_chunks = [c for c in range(store.n_chunks) if not store.is_done(c)]
     reused = store.n_chunks - len(pending_chunks)
@@ -267,7 +268,7 @@ def extract_features(
     )
     for ok_positions, pixels, failed in loader:
         if pixels is not None:
-            only = None if mirrored is None else torch.from_numpy(mirrored[ok_positions])
+            only = None if second_pass is None else torch.from_numpy(second_pass[ok_positions])
             chunks.add(ok_positions, infer_batch(network, pixels, only))
         chunks.fail(failed)
         images += len(ok_positions)

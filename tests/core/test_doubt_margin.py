@@ -117,7 +117,7 @@ def test_the_network_mirrors_only_the_doubted_queries() -> None:
 
 
 def test_a_row_mask_limits_the_mirrored_pass_with_or_without_the_gate() -> None:
-    """``mirror_only`` (the builder's held-out rows): only those rows are mirrored, with the
+    """``second_pass_only`` (the builder's held-out rows): only those rows are mirrored, with the
     full pass's logits, NaN elsewhere; with a gate, only the rows both allow; an empty mask
     costs no second pass."""
     pixels = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(4))

@@ -72,7 +72,7 @@ def test_classify_runs_the_first_pass_only() -> None:
 
 
 def test_forward_without_the_mirror_skips_the_second_pass() -> None:
-    """``mirrored=False``: one pass of the model, every other feature as with the mirror."""
+    """``second_passes=False``: one pass of the model, every other feature as with the mirror."""
     pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(12))
     network = _network(["layer3", "linear", FLIPPED_LOGITS])
     calls: list[int] = []
@@ -80,7 +80,7 @@ def test_forward_without_the_mirror_skips_the_second_pass() -> None:
     with torch.no_grad():
         both = network(pixels)
         assert len(calls) == 2
-        first = network(pixels, mirrored=False)
+        first = network(pixels, second_passes=False)
     assert len(calls) == 3
     assert set(first.features) == {"layer3", "linear"}
     torch.testing.assert_close(first.logits, both.logits)

@@ -8,7 +8,7 @@ from app.core.detector import Detector
 from app.core.features import PIXEL_HIGHPASS, FeatureNetwork
 from app.core.models import PRESETS, build_model
 from app.core.statistics import Margin, logit_margins
-from evaluation.adaptive import SurrogateMargin, adaptive_pgd, reads_the_mirror, surrogates
+from evaluation.adaptive import SurrogateMargin, adaptive_pgd, reads_a_second_pass, surrogates
 from evaluation.run import ablation_columns
 
 
@@ -167,6 +167,30 @@ def test_the_adaptive_attack_reads_the_flip_margin_through_the_mirrored_pass():
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
 
+def test_the_adaptive_attack_reads_the_median_margin_through_the_filter():
+    """``margin@median.logits`` rebuilt in torch gives the detector's values, and the
+    attacker's gradient reaches the pixels through the median filter's second pass."""
+    from app.core.features import MEDIAN_LOGITS, infer_batch
+
+    torch.manual_seed(0)
+    network = FeatureNetwork(
+        build_model("resnet20", 10).eval(), [MEDIAN_LOGITS], PRESETS["cifar"]
+    ).eval()
+    statistic = Margin(MEDIAN_LOGITS)
+    reference = np.random.default_rng(8).normal(2.0, 1.0, size=(40, 1))
+    detector = Detector([statistic, statistic], "hmp", np.hstack([reference] * 2))
+    surrogate = surrogates(detector)[0]
+    assert reads_a_second_pass([surrogate])
+    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(14))
+    pixels.requires_grad_(True)
+    classes = torch.tensor([1, 2, 4, 8])
+    got = surrogate.values(network(pixels).features, classes)
+    expected = statistic.values(infer_batch(network, pixels.detach()).features, classes.numpy())
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
+    got.sum().backward()
+    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
+
+
 def test_the_adaptive_attack_runs_the_mirrored_pass_only_for_the_flip_margin():
     """An attack on the first pass's statistics does not pay for the network's mirrored pass
     (a network that carries ``flip.logits``, as the evaluation's does, runs it by default); one
@@ -205,4 +229,4 @@ def test_the_adaptive_attack_raises_the_doubted_flip_margin_as_the_flip_margin()
     assert (surrogate.name, surrogate.layer) == ("doubt_margin@flip.logits", FLIPPED_LOGITS)
     assert surrogate.reference_mean == pytest.approx(doubted.mean())
     assert surrogate.reference_std == pytest.approx(doubted.std())
-    assert reads_the_mirror([surrogate])
+    assert reads_a_second_pass([surrogate])

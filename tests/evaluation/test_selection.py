@@ -10,10 +10,13 @@ import pytest
 
 from evaluation.run import EvaluateOptions, quick_options
 from evaluation.selection import (
+    FLIP_PRESET,
     MAX_BUNDLE_BYTES,
+    MEDIAN_PRESET,
     SELECTION_ATTACKS,
     CandidateScore,
     choose,
+    opt_in_presets,
     select,
     selection_rows,
 )
@@ -21,6 +24,7 @@ from index_builder.detectors import (
     CHROMA_STATISTIC,
     DOUBT_STATISTIC,
     FLIP_STATISTIC,
+    MEDIAN_STATISTIC,
     candidate_presets,
     forward_passes,
 )
@@ -76,13 +80,13 @@ def test_the_default_may_read_the_mirror_for_the_doubted_fifth():
     assert forward_passes(presets["margin+dflip-fisher"].statistics) == 1.2
     assert forward_passes((*doubt, FLIP_STATISTIC)) == 2
     names = list(presets)  # listed after round 6's: an exact tie keeps the earlier rounds'
-    assert all("dflip" in n for n in names[4 * 33 * 3 :])
+    assert all("dflip" in n for n in names[4 * 33 * 3 : 6 * 33 * 3])
     assert not any("dflip" in n for n in names[: 4 * 33 * 3])
 
 
 def test_round_six_candidates_add_the_colour_noise_the_flip_margin_and_both():
     presets = candidate_presets()
-    assert len(presets) == 6 * 33 * 3  # round 5's 33 statistic sets, alone and with each addition
+    assert len(presets) == 8 * 33 * 3  # round 5's 33 statistic sets, alone and with each addition
     v2 = presets["maha-stages+margin+hp-hmp"].statistics
     assert presets["maha-stages+margin+hp+cn-hmp"].statistics == (*v2, CHROMA_STATISTIC)
     assert presets["maha-stages+margin+hp+flip-hmp"].statistics == (*v2, FLIP_STATISTIC)
@@ -92,7 +96,44 @@ def test_round_six_candidates_add_the_colour_noise_the_flip_margin_and_both():
     assert forward_passes(both) == 2
     names = list(presets)  # round 5's first: an exact tie keeps them
     assert not any("+cn" in n or "flip" in n for n in names[: 33 * 3])
-    assert all("+cn" in n or "flip" in n for n in names[33 * 3 :])
+    assert all("+cn" in n or "flip" in n for n in names[33 * 3 : 6 * 33 * 3])
+
+
+def test_round_ten_candidates_add_the_median_margin_and_it_with_the_colour_noise():
+    """Round 10: each of round 5's sets with the median margin (a second pass for every image,
+    so never the default), and with the colour noise too, listed after round 8's."""
+    presets = candidate_presets()
+    names = list(presets)
+    assert all("med" in n for n in names[6 * 33 * 3 :])
+    assert not any("med" in n for n in names[: 6 * 33 * 3])
+    v2 = presets["knn-last+margin+hp-hmp"].statistics
+    assert presets["knn-last+margin+hp+med-hmp"].statistics == (*v2, MEDIAN_STATISTIC)
+    both = presets["knn-last+margin+hp+cn+med-fisher"].statistics
+    assert both == (*v2, CHROMA_STATISTIC, MEDIAN_STATISTIC)
+    assert forward_passes(both) == 2
+    assert forward_passes((*both, DOUBT_STATISTIC)) == 2.2
+    assert forward_passes((*both, FLIP_STATISTIC)) == 3
+    assert forward_passes((*v2, "doubt_margin@median.logits")) == 2  # no gate on the median pass
+    scored = [_score("knn-last+margin+hp+med-hmp", 0.05, 4, passes=2), _score("one", 0.2, 4)]
+    assert choose(scored).candidate == "one"
+    assert choose(scored, one_pass=False).candidate == "knn-last+margin+hp+med-hmp"
+
+
+def test_the_best_at_any_cost_names_the_opt_in_preset_it_becomes():
+    """Rounds 6-10: the median margin makes it ``v2-median`` (``v2-flip`` then keeps the earlier
+    rounds' choice), the flip margin alone ``v2-flip``, a 1.2-pass winner neither."""
+    cases = {
+        ("maha-stages+margin+hp+cn+med-hmp", 2): {
+            MEDIAN_PRESET: "maha-stages+margin+hp+cn+med-hmp"
+        },
+        ("maha-stages+margin+hp+cn+flip-hmp", 2): {
+            FLIP_PRESET: "maha-stages+margin+hp+cn+flip-hmp"
+        },
+        ("knn-last+margin+hp+cn+dflip-hmp", 1.2): {},
+    }
+    for (candidate, passes), named in cases.items():
+        got = opt_in_presets(_score(candidate, 0.1, 6, passes=passes))
+        assert got == {FLIP_PRESET: None, MEDIAN_PRESET: None, **named}
 
 
 def test_choose_breaks_ties_by_fewer_statistics_then_order():

@@ -14,6 +14,7 @@ from app.core.bundle import read_manifest
 from app.core.calibration import threshold_for_retention
 from app.core.cifar_resnet import cifar_resnet
 from app.core.errors import BundleError
+from app.core.features import median_filter_2x2
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.manifest import Manifest
@@ -400,6 +401,29 @@ def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
     np.testing.assert_allclose(guard.evidence(batch).values[:, 7], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_median_margin_bundle_reads_the_filtered_images_logits(built, tmp_path, capsys):
+    """``--statistic margin@median.logits``: no fitted file, the layer's width is the number of
+    classes, and the loaded guard's values are the margin of the predicted class on the logits
+    of the image median-filtered over 2x2 pixels."""
+    config, _ = built
+    manifest = _build(
+        config, tmp_path / "b", capsys,
+        "--statistic", "vote@last", "--statistic", "margin@median.logits",
+    )  # fmt: skip
+    specs = manifest.detector.statistic_specs()
+    assert [(s.kind, s.layer) for s in specs] == [("vote", "layer3.2"), ("margin", "median.logits")]
+    layer = next(s for s in manifest.detector.layers if s.name == "median.logits")
+    assert (layer.input_dim, layer.index_file, layer.class_density_file) == (3, None, None)
+    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
+    paths = sorted(config.source.rglob("*.png"))
+    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+    batch = guard.infer(pixels)
+    with torch.no_grad():
+        filtered = guard.network(median_filter_2x2(pixels)).logits.numpy()
+    expected = logit_margins(filtered, batch.predictions)
+    np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_doubt_margin_bundle_fits_its_gate_and_mirrors_only_in_doubt(built, tmp_path, capsys):
     """``doubt_margin@flip.logits``: the builder fits its gate on the reference part (a fifth
     of those images fall below it) and records it with the first pass's logits layer; the
@@ -432,13 +456,19 @@ def test_a_doubt_margin_bundle_fits_its_gate_and_mirrors_only_in_doubt(built, tm
         Manifest.model_validate(data)
 
 
-def test_the_builder_mirrors_only_the_held_out_images(built, tmp_path, monkeypatch):
-    """A detector that reads ``flip.logits`` costs the build a mirrored pass over the held-out
-    images only (calibration reads them; nothing fitted on the indexed images does): the kept
-    chunks hold the mirrored logits on exactly the held-out rows, and the bundle is byte for
-    byte the one a build that mirrors every image writes."""
+@pytest.mark.parametrize(
+    ("second", "layer"),
+    [("doubt_margin@flip.logits", "flip.logits"), ("margin@median.logits", "median.logits")],
+)
+def test_the_builder_runs_second_passes_on_the_held_out_images_only(
+    built, tmp_path, monkeypatch, second, layer
+):
+    """A detector that reads ``flip.logits`` or ``median.logits`` costs the build a second
+    pass over the held-out images only (calibration reads them; nothing fitted on the indexed
+    images does): the kept chunks hold those logits on exactly the held-out rows, and the bundle
+    is byte for byte the one a build that runs the second pass on every image writes."""
     config, _ = built
-    statistics = ("vote@last", "margin@logits", "doubt_margin@flip.logits")
+    statistics = ("vote@last", "margin@logits", second)
     mirrored_rows: list[int] = []
 
     def counting(config: BuildConfig, entries: list) -> np.ndarray:
@@ -451,7 +481,7 @@ def test_the_builder_mirrors_only_the_held_out_images(built, tmp_path, monkeypat
 
     bundles = {}
     for name, rule in (("held_out", counting), ("every", every)):
-        monkeypatch.setattr(build, "mirrored_entries", rule)
+        monkeypatch.setattr(build, "second_pass_entries", rule)
         run = replace(
             config, detector=None, statistics=statistics, out=tmp_path / name,
             work_dir=tmp_path / f"{name}.work", keep_work_dir=True,
@@ -464,7 +494,7 @@ def test_the_builder_mirrors_only_the_held_out_images(built, tmp_path, monkeypat
     store = plan.work_dir / "source"
     held_out = build.holdout_mask(plan.entries, config.holdout_fraction, config.seed)
     chunks = ChunkStore(store, len(plan.entries), config.chunk_size, list(plan.network.layers))
-    parts = [chunks.load(c, "features_flip.logits") for c in range(chunks.n_chunks)]
+    parts = [chunks.load(c, f"features_{layer}") for c in range(chunks.n_chunks)]
     flipped = np.concatenate(parts)
     assert np.isfinite(flipped[held_out]).all()
     assert np.isnan(flipped[~held_out]).all()
