@@ -100,9 +100,9 @@ ALL_STATISTICS: tuple[str, ...] = (
     "mahalanobis@pixels.highpass",
     "mahalanobis@pixels.loghighpass",
 )
-# The v2 presets evaluated for the CIFAR models: the default and the opt-in one with the flip
-# margin (a second forward pass).
-V2_PRESETS: tuple[str, ...] = ("v2", "v2-flip")
+# The v2 presets evaluated for the CIFAR models: the default and the opt-in ones with the flip
+# margin and the median margin (each a second forward pass).
+V2_PRESETS: tuple[str, ...] = ("v2", "v2-flip", "v2-median")
 # Holdout of the training split for detectors with a reference part and a threshold part.
 V2_HOLDOUT_FRACTION = 0.1
 
@@ -847,8 +847,9 @@ def configuration_stage(
     options: EvaluateOptions, mut: ModelUnderTest, log: Log
 ) -> dict[str, tuple[DetectorConfig, Guard]]:
     """Every detector configuration as a Guard: the paper's Table 2 grid, layer study, k sweep
-    and multi-layer Fisher bundle (studies), the v2 bundles (the default and ``v2-flip``), and
-    views of the all-statistics bundle (ablations) that need no build of their own."""
+    and multi-layer Fisher bundle (studies), the v2 bundles (the default, ``v2-flip`` and
+    ``v2-median``), and views of the all-statistics bundle (ablations) that need no build of
+    their own."""
     guards: dict[str, tuple[DetectorConfig, Guard]] = {}
     if not options.studies:
         config = DetectorConfig("bundle", "table2", tuple(mut.base_guard.layers))

@@ -56,7 +56,9 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "pixels' and the colour channels' high-pass energy + the doubted flip margin, a second "
         "pass for the fifth of queries the model is least sure of; harmonic mean p-value), "
         "v2-flip (the vote + the stage outputs' Mahalanobis distances + the margin + the two "
-        "high-pass energies + the flip margin, a second pass for every query), paper (the "
+        "high-pass energies + the flip margin, a second pass for every query), v2-median "
+        "(the same with the median margin, the margin on the image median-filtered over 2x2 "
+        "pixels, instead of the flip margin: a second pass for every query), paper (the "
         "paper's one DW-kNN vote at the last layer) or a selection candidate",
     )
     parser.add_argument(

@@ -21,10 +21,12 @@ Presets (``--detector``):
   energy, and the doubted flip margin (the mirrored image's margin, read for the fifth of
   queries the first pass is least sure of), combined by the harmonic-mean p-value; one forward
   pass, and a second for the doubted queries;
-- ``v2-flip``: the best detector at any cost of rounds 7-9: round 7's ``v2`` (the vote, the
+- ``v2-median``: the best detector at any cost of round 10: round 7's ``v2`` (the vote, the
   Mahalanobis distances of each stage's output, the margin, the two high-pass energies) plus
-  the flip margin (a second forward pass for every image; for deployments with the headroom,
-  such as a GPU);
+  the median margin (the margin on the image median-filtered over 2x2 pixels: a second forward
+  pass for every image; for deployments with the headroom, such as a GPU);
+- ``v2-flip``: the best detector at any cost of rounds 7-9: round 7's ``v2`` plus the flip
+  margin (a second forward pass for every image);
 - round 7's default (round 8 kept it), which bundles built from 2026-12-01 late evening to
   2026-12-02 early morning hold, is the candidate ``maha-stages+margin+hp+cn-hmp``;
 - the default of round 6 (round 7's without the stage distances), which bundles built on
@@ -88,6 +90,19 @@ PRESETS: dict[str, DetectorPreset] = {
             HIGHPASS_STATISTIC,
             CHROMA_STATISTIC,
             DOUBT_STATISTIC,
+        ),
+        "hmp",
+    ),
+    # the best at any cost of round 10, which median-filters every image for a second pass:
+    # maha-stages+margin+hp+cn+med-hmp
+    "v2-median": DetectorPreset(
+        (
+            "vote@last",
+            "mahalanobis@stages",
+            "margin@logits",
+            HIGHPASS_STATISTIC,
+            CHROMA_STATISTIC,
+            MEDIAN_STATISTIC,
         ),
         "hmp",
     ),

@@ -121,7 +121,8 @@ PIXEL_LAYERS: tuple[str, ...] = (PIXEL_HIGHPASS, PIXEL_LOG_HIGHPASS, PIXEL_CHROM
 # costs a whole forward pass, so only networks that read it compute it.
 FLIPPED_LOGITS = "flip.logits"
 # The classifier's logits on the image median-filtered over 2x2 pixels (``median_filter_2x2``),
-# for ``margin@median.logits`` (the median margin): another second pass, on every image.
+# for ``margin@median.logits`` (the median margin, in the ``v2-median`` preset): another second
+# pass, on every image.
 MEDIAN_LOGITS = "median.logits"
 SECOND_PASS_LAYERS: tuple[str, ...] = (FLIPPED_LOGITS, MEDIAN_LOGITS)
 PSEUDO_LAYERS: tuple[str, ...] = (*PIXEL_LAYERS, *SECOND_PASS_LAYERS)

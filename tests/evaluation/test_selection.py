@@ -203,8 +203,10 @@ def test_select_end_to_end(tmp_path):
         == min(one_pass, key=lambda r: (r["mean_accepted"], r["statistics"]))["candidate"]
     )
     assert written["chosen_at_any_cost"] == best["candidate"]
-    flip = best["candidate"] if best["forward_passes"] == 2 else None
+    median = MEDIAN_STATISTIC in candidate_presets()[best["candidate"]].statistics
+    flip = best["candidate"] if best["forward_passes"] == 2 and not median else None
     assert written["v2-flip"] == flip
+    assert written["v2-median"] == (best["candidate"] if median else None)
     assert {r["forward_passes"] for r in rows} == {1, 1.2, 2}
     # every selection attack ran and fooled the model on most images (DeepFool: nearly all)
     fooled = {m.split(":")[0]: m for m in messages if m.startswith("selection ")}

@@ -401,6 +401,19 @@ def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
     np.testing.assert_allclose(guard.evidence(batch).values[:, 7], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_median_preset_is_the_flip_presets_statistics_with_the_median_margin():
+    """``v2-median`` (round 10's best at any cost) reads what ``v2-flip`` reads, the median
+    margin in place of the flip margin, combined the same way."""
+    flip, median = detectors.PRESETS["v2-flip"], detectors.PRESETS["v2-median"]
+    assert median.statistics[:-1] == flip.statistics[:-1]
+    assert (flip.statistics[-1], median.statistics[-1]) == (
+        detectors.FLIP_STATISTIC,
+        detectors.MEDIAN_STATISTIC,
+    )
+    assert median.combination == flip.combination == "hmp"
+    assert detectors.forward_passes(median.statistics) == 2
+
+
 def test_a_median_margin_bundle_reads_the_filtered_images_logits(built, tmp_path, capsys):
     """``--statistic margin@median.logits``: no fitted file, the layer's width is the number of
     classes, and the loaded guard's values are the margin of the predicted class on the logits
