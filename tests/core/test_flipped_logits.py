@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from app.core.features import FLIPPED_LOGITS, FeatureNetwork, infer_batch
+from app.core.features import FLIPPED_LOGITS, MEDIAN_LOGITS, FeatureNetwork, infer_batch
 from app.core.models import PRESETS, build_model
 from app.core.statistics import Margin, logit_margins
 
@@ -71,17 +71,18 @@ def test_classify_runs_the_first_pass_only() -> None:
     torch.testing.assert_close(logits, expected)
 
 
-def test_forward_without_the_mirror_skips_the_second_pass() -> None:
-    """``second_passes=False``: one pass of the model, every other feature as with the mirror."""
+def test_forward_without_second_passes_skips_the_mirror_and_the_median() -> None:
+    """``second_passes=False``: one pass of the model, every other feature as with the mirrored
+    and median-filtered passes."""
     pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(12))
-    network = _network(["layer3", "linear", FLIPPED_LOGITS])
+    network = _network(["layer3", "linear", FLIPPED_LOGITS, MEDIAN_LOGITS])
     calls: list[int] = []
     network.model.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         both = network(pixels)
-        assert len(calls) == 2
+        assert len(calls) == 3
         first = network(pixels, second_passes=False)
-    assert len(calls) == 3
+    assert len(calls) == 4
     assert set(first.features) == {"layer3", "linear"}
     torch.testing.assert_close(first.logits, both.logits)
     for layer in ("layer3", "linear"):

@@ -89,17 +89,3 @@ def test_the_row_mask_limits_the_median_pass_and_the_mirror_gate_does_not():
     gated = infer_batch(network, pixels).features[MEDIAN_LOGITS]
     assert sizes == [6, 6]
     np.testing.assert_allclose(gated, full, rtol=1e-5, atol=1e-5)
-
-
-def test_forward_without_second_passes_skips_both():
-    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(24))
-    network = _network(["linear", MEDIAN_LOGITS, FLIPPED_LOGITS])
-    calls: list[int] = []
-    network.model.register_forward_hook(lambda *_: calls.append(1))
-    with torch.no_grad():
-        every = network(pixels)
-        assert len(calls) == 3
-        first = network(pixels, second_passes=False)
-    assert len(calls) == 4
-    assert set(first.features) == {"linear"}
-    torch.testing.assert_close(first.logits, every.logits)

@@ -144,46 +144,23 @@ def test_the_adaptive_attack_reads_the_chroma_energy_as_the_detector_does():
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
 
-def test_the_adaptive_attack_reads_the_flip_margin_through_the_mirrored_pass():
-    """``margin@flip.logits`` rebuilt in torch gives the detector's values, and the attacker's
-    gradient reaches the pixels through the second (mirrored) forward pass."""
-    from app.core.features import FLIPPED_LOGITS, infer_batch
+@pytest.mark.parametrize("layer", ["flip.logits", "median.logits"])
+def test_the_adaptive_attack_reads_a_second_pass_margin_through_its_pass(layer):
+    """``margin@flip.logits`` and ``margin@median.logits`` rebuilt in torch give the detector's
+    values, and the attacker's gradient reaches the pixels through the second (mirrored or
+    median-filtered) forward pass."""
+    from app.core.features import infer_batch
 
     torch.manual_seed(0)
-    network = FeatureNetwork(
-        build_model("resnet20", 10).eval(), [FLIPPED_LOGITS], PRESETS["cifar"]
-    ).eval()
-    statistic = Margin(FLIPPED_LOGITS)
+    network = FeatureNetwork(build_model("resnet20", 10).eval(), [layer], PRESETS["cifar"]).eval()
+    statistic = Margin(layer)
     reference = np.random.default_rng(5).normal(2.0, 1.0, size=(40, 1))
     detector = Detector([statistic, statistic], "hmp", np.hstack([reference] * 2))
     surrogate = surrogates(detector)[0]
+    assert reads_a_second_pass([surrogate])
     pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     pixels.requires_grad_(True)
     classes = torch.tensor([0, 3, 5, 9])
-    got = surrogate.values(network(pixels).features, classes)
-    expected = statistic.values(infer_batch(network, pixels.detach()).features, classes.numpy())
-    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5, atol=1e-6)
-    got.sum().backward()
-    assert pixels.grad is not None and pixels.grad.abs().sum() > 0
-
-
-def test_the_adaptive_attack_reads_the_median_margin_through_the_filter():
-    """``margin@median.logits`` rebuilt in torch gives the detector's values, and the
-    attacker's gradient reaches the pixels through the median filter's second pass."""
-    from app.core.features import MEDIAN_LOGITS, infer_batch
-
-    torch.manual_seed(0)
-    network = FeatureNetwork(
-        build_model("resnet20", 10).eval(), [MEDIAN_LOGITS], PRESETS["cifar"]
-    ).eval()
-    statistic = Margin(MEDIAN_LOGITS)
-    reference = np.random.default_rng(8).normal(2.0, 1.0, size=(40, 1))
-    detector = Detector([statistic, statistic], "hmp", np.hstack([reference] * 2))
-    surrogate = surrogates(detector)[0]
-    assert reads_a_second_pass([surrogate])
-    pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(14))
-    pixels.requires_grad_(True)
-    classes = torch.tensor([1, 2, 4, 8])
     got = surrogate.values(network(pixels).features, classes)
     expected = statistic.values(infer_batch(network, pixels.detach()).features, classes.numpy())
     np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -373,12 +374,34 @@ def _check_pixel_density(config: BuildConfig, bundle: Path, layer: str, column: 
     np.testing.assert_allclose(values, expected, rtol=1e-4)
 
 
-def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
-    """``--detector v2-flip`` is v2 plus ``margin@flip.logits``: no fitted file, the layer's
-    width is the number of classes, and its values are the margin of the predicted class on the
-    mirrored image's logits."""
+def _second_pass_margins(
+    config: BuildConfig, bundle: Path, transform: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The loaded bundle's statistic values for the fixture's images, and the margin of each
+    predicted class on the logits of the ``transform``-ed images, computed apart."""
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    paths = sorted(config.source.rglob("*.png"))
+    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+    batch = guard.infer(pixels)
+    with torch.no_grad():
+        logits = guard.network(transform(pixels)).logits.numpy()
+    return guard.evidence(batch).values, logit_margins(logits, batch.predictions)
+
+
+@pytest.mark.parametrize(
+    ("preset", "layer", "transform"),
+    [
+        ("v2-flip", "flip.logits", lambda pixels: pixels.flip(-1)),
+        ("v2-median", "median.logits", median_filter_2x2),
+    ],
+)
+def test_a_second_pass_preset_reads_its_margin(built, tmp_path, capsys, preset, layer, transform):
+    """``--detector v2-flip`` / ``v2-median`` is round 7's v2 plus ``margin@flip.logits`` /
+    ``margin@median.logits``: no fitted file, the layer's width is the number of classes, and
+    its values are the margin of the predicted class on the mirrored / median-filtered image's
+    logits."""
     config, _ = built
-    manifest = _build(config, tmp_path / "b", capsys, "--detector", "v2-flip")
+    manifest = _build(config, tmp_path / "b", capsys, "--detector", preset)
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
         ("mahalanobis", "layer1.2"),
@@ -387,18 +410,12 @@ def test_the_flip_preset_reads_the_flip_margin(built, tmp_path, capsys):
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),
-        ("margin", "flip.logits"),
+        ("margin", layer),
     ]
-    flipped = next(s for s in manifest.detector.layers if s.name == "flip.logits")
-    assert (flipped.input_dim, flipped.index_file, flipped.class_density_file) == (3, None, None)
-    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
-    paths = sorted(config.source.rglob("*.png"))
-    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
-    batch = guard.infer(pixels)
-    with torch.no_grad():
-        mirrored = guard.network(pixels.flip(-1)).logits.numpy()
-    expected = logit_margins(mirrored, batch.predictions)
-    np.testing.assert_allclose(guard.evidence(batch).values[:, 7], expected, rtol=1e-5, atol=1e-6)
+    second = next(s for s in manifest.detector.layers if s.name == layer)
+    assert (second.input_dim, second.index_file, second.class_density_file) == (3, None, None)
+    values, expected = _second_pass_margins(config, tmp_path / "b", transform)
+    np.testing.assert_allclose(values[:, 7], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_the_median_preset_is_the_flip_presets_statistics_with_the_median_margin():
@@ -412,29 +429,6 @@ def test_the_median_preset_is_the_flip_presets_statistics_with_the_median_margin
     )
     assert median.combination == flip.combination == "hmp"
     assert detectors.forward_passes(median.statistics) == 2
-
-
-def test_a_median_margin_bundle_reads_the_filtered_images_logits(built, tmp_path, capsys):
-    """``--statistic margin@median.logits``: no fitted file, the layer's width is the number of
-    classes, and the loaded guard's values are the margin of the predicted class on the logits
-    of the image median-filtered over 2x2 pixels."""
-    config, _ = built
-    manifest = _build(
-        config, tmp_path / "b", capsys,
-        "--statistic", "vote@last", "--statistic", "margin@median.logits",
-    )  # fmt: skip
-    specs = manifest.detector.statistic_specs()
-    assert [(s.kind, s.layer) for s in specs] == [("vote", "layer3.2"), ("margin", "median.logits")]
-    layer = next(s for s in manifest.detector.layers if s.name == "median.logits")
-    assert (layer.input_dim, layer.index_file, layer.class_density_file) == (3, None, None)
-    guard = Guard.load(tmp_path / "b", device="cpu", use_gpu_index=False)
-    paths = sorted(config.source.rglob("*.png"))
-    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
-    batch = guard.infer(pixels)
-    with torch.no_grad():
-        filtered = guard.network(median_filter_2x2(pixels)).logits.numpy()
-    expected = logit_margins(filtered, batch.predictions)
-    np.testing.assert_allclose(guard.evidence(batch).values[:, 1], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_a_doubt_margin_bundle_fits_its_gate_and_mirrors_only_in_doubt(built, tmp_path, capsys):
