@@ -534,7 +534,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"**Chosen: `{result['chosen']}`**; at any cost: `{result['chosen_at_any_cost']}`"
         f" (`{FLIP_PRESET}`: {result[FLIP_PRESET] or 'none'};"
-        f" `{MEDIAN_PRESET}`: {result.get(MEDIAN_PRESET) or 'none'})",
+        f" `{MEDIAN_PRESET}`: {result[MEDIAN_PRESET] or 'none'})",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
