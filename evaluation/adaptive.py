@@ -179,10 +179,13 @@ class SurrogateMargin:
 Surrogate = SurrogateLayer | SurrogateDistance | SurrogateMargin
 
 
-def reads_a_second_pass(layers: list[Surrogate]) -> bool:
-    """Whether a surrogate reads the mirrored or median-filtered image's logits (the flip or
-    median margin): the attack pays for the network's second passes only then."""
-    return any(isinstance(s, SurrogateMargin) and s.layer in SECOND_PASS_LAYERS for s in layers)
+def second_passes_read(layers: list[Surrogate]) -> frozenset[str]:
+    """The second passes whose logits a surrogate reads (``flip.logits`` for the flip margin,
+    ``median.logits`` for the median margin): the attack pays for those of the network's second
+    passes only (none for statistics of the first pass)."""
+    return frozenset(
+        s.layer for s in layers if isinstance(s, SurrogateMargin) and s.layer in SECOND_PASS_LAYERS
+    )
 
 
 def surrogates(detector: Detector) -> list[Surrogate]:
@@ -279,7 +282,7 @@ def adaptive_pgd(
     normalised-gradient steps, L2-ball projection)."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
-    second_passes = reads_a_second_pass(layers)  # else the network runs the first pass only
+    second_passes = second_passes_read(layers)  # the network runs only the passes read
     out = []
     for start in range(0, pixels.shape[0], batch_size):
         x = pixels[start : start + batch_size]

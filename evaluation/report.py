@@ -40,11 +40,12 @@ V2_LABELS = {
     "transfer_lbfgs": "T-L-BFGS",
     "errors": "Errors",
     "adaptive_own": "Adaptive (own)",
+    "adaptive_own_l2": "Adaptive-L2 (own)",
     "adaptive_v2_l2": "Adaptive-L2 (v2)",
 }
 # The sets the issue-12 targets apply to (every non-adaptive attack, transfer included).
 TARGET_SETS: tuple[str, ...] = tuple(
-    s for s in V2_LABELS if s not in ("errors", "adaptive_own", "adaptive_v2_l2")
+    s for s in V2_LABELS if s != "errors" and not s.startswith("adaptive")
 )
 PROCESSING_LABELS = {"none": "None", "l2": "L2Norm", "pca_whiten": "PCA + Whiten"}
 SCORE_LABELS = {"knn": "kNN", "wknn": "W-kNN", "dwknn": "DW-kNN"}
@@ -375,8 +376,10 @@ def v2_sections(results: dict[str, Any]) -> list[str]:
         "Rows: the paper's detector (`pca_whiten-...`), the multi-layer Fisher vote, the v2 "
         "default bundle (`v2`) and ablations: views of one bundle holding every statistic, each "
         "thresholded on that bundle's threshold part. -U: untargeted; T-: transfer sets "
-        "(adversarials crafted on the other model that fool this one). Adaptive (own): the "
-        "white-box attack against the row's own detector (rows that have one).",
+        "(adversarials crafted on the other model that fool this one). Adaptive (own) and "
+        "Adaptive-L2 (own): the white-box PGD-Linf and smooth PGD-L2 attacks against the row's "
+        "own detector (rows that have them); Adaptive-L2 (v2): v2's smooth attack's images, "
+        "judged by every row.",
         "",
         _table(header, [[name, *eer(c)] for name, c in configs.items()]),
         "",

@@ -89,8 +89,16 @@ SET_ORDER: tuple[str, ...] = (
     "adaptive_multilayer",
     "adaptive_v2",
     "adaptive_v2_l2",
+    "adaptive_v2_flip",
+    "adaptive_v2_flip_l2",
+    "adaptive_v2_median",
+    "adaptive_v2_median_l2",
     "adaptive_own",
+    "adaptive_own_l2",
 )
+# The columns that show each configuration the white-box attacks crafted against it: the first
+# PGD-Linf one, and the smooth PGD-L2 one (sets whose names end in ``_l2``).
+OWN_ADAPTIVE_COLUMNS: tuple[str, ...] = ("adaptive_own", "adaptive_own_l2")
 # Every statistic the ablations draw on, in one bundle (built once, not committed).
 ALL_STATISTICS: tuple[str, ...] = (
     "vote@last",
@@ -901,24 +909,24 @@ def adaptive_stage(
     feats: dict[str, BatchFeatures],
     log: Log,
     timings: dict[str, float],
-) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, str]]]:
     """White-box PGD against the paper's default detector ("adaptive", also scored by every other
-    configuration as a transfer attack), the multi-layer Fisher bundle and the v2 bundle: for
+    configuration as a transfer attack), the multi-layer Fisher bundle and each v2 preset: for
     each target, the attack (cached) -> its set's features -> what a user of that detector
-    meets. Returns (each set's outcome, configuration -> the set crafted against it)."""
+    meets. Returns (each set's outcome, configuration -> own-attack column -> the set crafted
+    against it)."""
     base_key = attack_key(mut, sets, options.seed)
     info: dict[str, dict[str, Any]] = {}
-    own: dict[str, str] = {}
-    for set_name, cname in adaptive_targets(options, mut, guards).items():
+    targets = adaptive_targets(options, mut, guards)
+    for set_name, cname in targets.items():
         guard = guards[cname][1]
-        own.setdefault(cname, set_name)  # "Adaptive (own)": the first (Linf) attack on it
         started = time.perf_counter()
         output = _adaptive_attack(options, mut, sets, found, guard, set_name, base_key, log)
         feats[set_name] = _features(mut.network, torch.from_numpy(found.adversarial[set_name]))
         info[set_name] = adaptive_outcome(guard, mut, sets, output)
         timings[f"attack_{set_name}_seconds"] = time.perf_counter() - started
         log(f"{set_name}: {info[set_name]}")
-    return info, own
+    return info, own_attack_columns(targets)
 
 
 def adaptive_targets(
@@ -929,13 +937,26 @@ def adaptive_targets(
         return {}
     default_name = f"pca_whiten-{mut.info.default_layer}-k1000"
     targets = {"adaptive": default_name if default_name in guards else "bundle"}
-    if "v2" in guards:
-        targets["adaptive_v2"] = "v2"
-        targets["adaptive_v2_l2"] = "v2"  # the smooth variant (PGD-L2)
+    for preset in V2_PRESETS:  # v2 -> adaptive_v2, v2-median -> adaptive_v2_median, ...
+        if preset in guards:
+            set_name = "adaptive_" + preset.replace("-", "_")
+            targets[set_name] = preset
+            targets[f"{set_name}_l2"] = preset  # the smooth variant (PGD-L2)
     for cname, (config, _) in guards.items():
         if config.study == "multilayer":
             targets["adaptive_multilayer"] = cname
     return targets
+
+
+def own_attack_columns(targets: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Adaptive set -> attacked configuration, turned into configuration -> own-attack column
+    (``adaptive_own`` for PGD-Linf, ``adaptive_own_l2`` for the smooth sets) -> the first set
+    crafted against it in that norm."""
+    own: dict[str, dict[str, str]] = {}
+    for set_name, cname in targets.items():
+        column = OWN_ADAPTIVE_COLUMNS[1] if set_name.endswith("_l2") else OWN_ADAPTIVE_COLUMNS[0]
+        own.setdefault(cname, {}).setdefault(column, set_name)
+    return own
 
 
 def _adaptive_attack(
@@ -1010,11 +1031,11 @@ def adaptive_outcome(
 def score_stage(
     guards: dict[str, tuple[DetectorConfig, Guard]],
     feats: dict[str, BatchFeatures],
-    own_adaptive: dict[str, str],
+    own_adaptive: dict[str, dict[str, str]],
 ) -> tuple[dict[str, Any], dict[str, dict[str, dict[str, np.ndarray]]]]:
     """Every configuration scores every set; EER accuracy, AUROC, TPR at 5% FPR, and the share
     accepted at the configuration's own threshold."""
-    set_names = [s for s in SET_ORDER if s in feats or s in ("aggr", "adaptive_own")]
+    set_names = [s for s in SET_ORDER if s in feats or s in ("aggr", *OWN_ADAPTIVE_COLUMNS)]
     configurations: dict[str, Any] = {}
     all_scores: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     memo: StatisticMemo = {}
@@ -1030,8 +1051,8 @@ def score_stage(
             scores = {
                 name: guard_scores(guard, batch, function, memo) for name, batch in feats.items()
             }
-            if cname in own_adaptive:
-                scores["adaptive_own"] = scores[own_adaptive[cname]]
+            for column, set_name in own_adaptive.get(cname, {}).items():
+                scores[column] = scores[set_name]
             scores["aggr"] = np.concatenate([scores["lbfgs"], scores["fgsm"]])
             all_scores[cname][key] = scores
             by_function[key] = {

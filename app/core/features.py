@@ -6,7 +6,7 @@ pass gives the logits and the globally average pooled activations of each reques
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -300,12 +300,14 @@ class FeatureNetwork(nn.Module):
     def forward(
         self,
         pixels: torch.Tensor,
-        second_passes: bool = True,
+        second_passes: bool | Collection[str] = True,
         second_pass_only: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """The logits and every layer's pooled features; ``second_passes=False`` skips the
         mirrored and median-filtered passes (no ``flip.logits``, no ``median.logits``), for a
-        caller that reads neither (an attack on statistics of the first pass).
+        caller that reads neither (an attack on statistics of the first pass); a collection of
+        pseudo-layer names runs only those of the network's second passes (an attack on the
+        median margin alone does not pay for the mirror).
         ``second_pass_only``, a boolean row mask, limits them to those rows (NaN elsewhere): the
         builder's held-out images, since nothing fitted on the indexed training images reads
         their logits."""
@@ -324,10 +326,16 @@ class FeatureNetwork(nn.Module):
         with self._autocast():
             logits = self.model(normalised)
         features, self._captured = self._captured, {}
-        for name in self.second_passes if second_passes else ():
+        for name in self._second_passes_run(second_passes):
             features[name] = self._second_pass_logits(name, pixels, logits, second_pass_only)
             self._captured = {}  # the second pass's hook captures are not features
         return ForwardOutput(logits=logits, features=features)
+
+    def _second_passes_run(self, wanted: bool | Collection[str]) -> tuple[str, ...]:
+        """The network's second passes that ``forward``'s ``second_passes`` asks for."""
+        if isinstance(wanted, bool):
+            return self.second_passes if wanted else ()
+        return tuple(name for name in self.second_passes if name in wanted)
 
     def _second_pass_logits(
         self,

@@ -73,7 +73,7 @@ def test_classify_runs_the_first_pass_only() -> None:
 
 def test_forward_without_second_passes_skips_the_mirror_and_the_median() -> None:
     """``second_passes=False``: one pass of the model, every other feature as with the mirrored
-    and median-filtered passes."""
+    and median-filtered passes; a set of names runs only those second passes."""
     pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(12))
     network = _network(["layer3", "linear", FLIPPED_LOGITS, MEDIAN_LOGITS])
     calls: list[int] = []
@@ -82,8 +82,11 @@ def test_forward_without_second_passes_skips_the_mirror_and_the_median() -> None
         both = network(pixels)
         assert len(calls) == 3
         first = network(pixels, second_passes=False)
-    assert len(calls) == 4
+        median_only = network(pixels, second_passes={MEDIAN_LOGITS})
+    assert len(calls) == 6  # the first pass and the median-filtered one, not the mirror
     assert set(first.features) == {"layer3", "linear"}
+    assert set(median_only.features) == {"layer3", "linear", MEDIAN_LOGITS}
     torch.testing.assert_close(first.logits, both.logits)
+    torch.testing.assert_close(median_only.features[MEDIAN_LOGITS], both.features[MEDIAN_LOGITS])
     for layer in ("layer3", "linear"):
         torch.testing.assert_close(first.features[layer], both.features[layer])

@@ -1,5 +1,7 @@
 """The adaptive attack's torch statistics compute what the detector computes."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from app.core.detector import Detector
 from app.core.features import PIXEL_HIGHPASS, FeatureNetwork
 from app.core.models import PRESETS, build_model
 from app.core.statistics import Margin, logit_margins
-from evaluation.adaptive import SurrogateMargin, adaptive_pgd, reads_a_second_pass, surrogates
+from evaluation.adaptive import SurrogateMargin, adaptive_pgd, second_passes_read, surrogates
 from evaluation.run import ablation_columns
 
 
@@ -157,7 +159,7 @@ def test_the_adaptive_attack_reads_a_second_pass_margin_through_its_pass(layer):
     reference = np.random.default_rng(5).normal(2.0, 1.0, size=(40, 1))
     detector = Detector([statistic, statistic], "hmp", np.hstack([reference] * 2))
     surrogate = surrogates(detector)[0]
-    assert reads_a_second_pass([surrogate])
+    assert second_passes_read([surrogate]) == {layer}
     pixels = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(11))
     pixels.requires_grad_(True)
     classes = torch.tensor([0, 3, 5, 9])
@@ -168,26 +170,42 @@ def test_the_adaptive_attack_reads_a_second_pass_margin_through_its_pass(layer):
     assert pixels.grad is not None and pixels.grad.abs().sum() > 0
 
 
-def test_the_adaptive_attack_runs_the_mirrored_pass_only_for_the_flip_margin():
-    """An attack on the first pass's statistics does not pay for the network's mirrored pass
-    (a network that carries ``flip.logits``, as the evaluation's does, runs it by default); one
-    on the flip margin does."""
-    from app.core.features import FLIPPED_LOGITS
+def test_the_adaptive_attack_runs_only_the_second_passes_its_statistics_read():
+    """An attack on the first pass's statistics does not pay for the network's mirrored or
+    median-filtered pass (a network that carries both, as the evaluation's does, runs them by
+    default); one on the flip margin runs the mirror alone, one on the median margin the filter
+    alone, one on both both."""
+    from app.core.features import FLIPPED_LOGITS, MEDIAN_LOGITS
 
     torch.manual_seed(0)
     network = FeatureNetwork(
-        build_model("resnet20", 10).eval(), ["linear", FLIPPED_LOGITS], PRESETS["cifar"]
+        build_model("resnet20", 10).eval(),
+        ["linear", FLIPPED_LOGITS, MEDIAN_LOGITS],
+        PRESETS["cifar"],
     ).eval()
-    reference = np.random.default_rng(6).normal(2.0, 1.0, size=(40, 1))
-    calls: list[int] = []
-    network.model.register_forward_hook(lambda *_: calls.append(1))
+    reference = np.random.default_rng(6).normal(2.0, 1.0, size=(40, 2))
+    inputs: list[torch.Tensor] = []
+    network.model.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].detach()))
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
     target = torch.tensor([1, 2])
-    for layer, passes in (("linear", 1), (FLIPPED_LOGITS, 2)):
-        detector = Detector([Margin(layer)], "single", reference)
-        calls.clear()
+    cases = (
+        (["linear"], 1),
+        ([FLIPPED_LOGITS], 2),
+        ([MEDIAN_LOGITS], 2),
+        ([FLIPPED_LOGITS, MEDIAN_LOGITS], 3),
+    )
+    for layers, passes in cases:
+        statistics = [Margin(layer) for layer in layers]
+        combination = "hmp" if len(layers) > 1 else "single"
+        detector = Detector(statistics, combination, reference[:, : len(layers)])
+        inputs.clear()
         adaptive_pgd(network, surrogates(detector), pixels, target, 8 / 255, 2 / 255, steps=2)
-        assert len(calls) == 3 * passes  # three forward passes of the attack (steps + 1)
+        assert len(inputs) == 3 * passes  # three forward passes of the attack (steps + 1)
+        first = inputs[0]  # which second passes ran: the mirror's input is the first's mirrored
+        seconds = inputs[1:passes]
+        mirrored = any(torch.allclose(second, first.flip(-1)) for second in seconds)
+        assert mirrored == (FLIPPED_LOGITS in layers)
+        assert len(seconds) - int(mirrored) == int(MEDIAN_LOGITS in layers)
 
 
 def test_the_adaptive_attack_raises_the_doubted_flip_margin_as_the_flip_margin():
@@ -206,4 +224,46 @@ def test_the_adaptive_attack_raises_the_doubted_flip_margin_as_the_flip_margin()
     assert (surrogate.name, surrogate.layer) == ("doubt_margin@flip.logits", FLIPPED_LOGITS)
     assert surrogate.reference_mean == pytest.approx(doubted.mean())
     assert surrogate.reference_std == pytest.approx(doubted.std())
-    assert reads_a_second_pass([surrogate])
+    assert second_passes_read([surrogate]) == {FLIPPED_LOGITS}
+
+
+def test_every_v2_preset_gets_both_adaptive_attacks_and_its_own_columns():
+    """Each v2 preset the evaluation builds is attacked by its own PGD-Linf and smooth PGD-L2
+    (``adaptive_v2``, ``adaptive_v2_median_l2``, ...: v2's set names as before, so their cached
+    adversarials still match), and each row's own-attack columns point at the sets crafted
+    against it, not at v2's."""
+    from types import SimpleNamespace
+
+    from evaluation.run import (
+        DetectorConfig,
+        EvaluateOptions,
+        adaptive_targets,
+        own_attack_columns,
+    )
+
+    paper = DetectorConfig("pca_whiten-layer3-k1000", "table2", ("layer3",))
+    fisher = DetectorConfig("fisher-3", "multilayer", ("layer1", "layer2", "layer3"))
+    presets = [DetectorConfig(p, "v2", (), preset=p) for p in ("v2", "v2-flip", "v2-median")]
+    guards = {c.name: (c, None) for c in [paper, fisher, *presets]}
+    mut = SimpleNamespace(info=SimpleNamespace(default_layer="layer3"))
+    options = EvaluateOptions(source=Path("unused.tar.gz"), out=Path("unused"))
+    targets = adaptive_targets(options, mut, guards)
+    assert targets == {
+        "adaptive": "pca_whiten-layer3-k1000",
+        "adaptive_v2": "v2",
+        "adaptive_v2_l2": "v2",
+        "adaptive_v2_flip": "v2-flip",
+        "adaptive_v2_flip_l2": "v2-flip",
+        "adaptive_v2_median": "v2-median",
+        "adaptive_v2_median_l2": "v2-median",
+        "adaptive_multilayer": "fisher-3",
+    }
+    own = own_attack_columns(targets)
+    assert own["v2-median"] == {
+        "adaptive_own": "adaptive_v2_median",
+        "adaptive_own_l2": "adaptive_v2_median_l2",
+    }
+    assert own["v2"] == {"adaptive_own": "adaptive_v2", "adaptive_own_l2": "adaptive_v2_l2"}
+    assert own["fisher-3"] == {"adaptive_own": "adaptive_multilayer"}
+    off = EvaluateOptions(source=Path("unused.tar.gz"), out=Path("unused"), adaptive=False)
+    assert adaptive_targets(off, mut, guards) == {}
