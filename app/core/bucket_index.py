@@ -48,6 +48,7 @@ class BucketIndex:
         self._slots = np.zeros((buckets, width), dtype=np.int64)  # 0: never filed
         self._spilled = np.zeros(buckets, dtype=bool)  # the bucket has a spill list
         self._spill: dict[int, array.array[int]] = {}  # ascending: filed when the row was full
+        self._spill_first = np.zeros(buckets, dtype=np.int64)  # each spill list's first number
 
     def filed(self, buckets: Buckets, lowest: int) -> Numbers:
         """The live numbers (>= ``lowest``) filed under ``buckets``, once per bucket each."""
@@ -56,17 +57,26 @@ class BucketIndex:
         spilled = buckets[self._spilled[buckets]]
         if len(spilled) == 0:
             return found
-        lists = [found.tobytes()]
-        for bucket in spilled.tolist():
-            numbers = self._spill[bucket]
-            if numbers[0] < lowest:
-                del numbers[: bisect.bisect_left(numbers, lowest)]
-            if numbers:
-                lists.append(numbers.tobytes())
-            else:
-                del self._spill[bucket]
-                self._spilled[bucket] = False
-        return np.frombuffer(b"".join(lists), dtype=np.int64)
+        # a query reads ~40 spill lists: only those holding numbers that left are trimmed one by
+        # one, the rest are joined as they are (their buffers, without a copy each)
+        stale = spilled[self._spill_first[spilled] < lowest]
+        if len(stale):
+            for bucket in stale.tolist():
+                self._trim(bucket, lowest)
+            spilled = spilled[self._spilled[spilled]]
+        spill = self._spill
+        joined = b"".join([found.data, *[spill[bucket] for bucket in spilled.tolist()]])
+        return np.frombuffer(joined, dtype=np.int64)
+
+    def _trim(self, bucket: int, lowest: int) -> None:
+        """Drop a spill list's numbers below ``lowest``, and the list once it is empty."""
+        numbers = self._spill[bucket]
+        del numbers[: bisect.bisect_left(numbers, lowest)]
+        if numbers:
+            self._spill_first[bucket] = numbers[0]
+        else:
+            del self._spill[bucket]
+            self._spilled[bucket] = False
 
     def file(self, buckets: Buckets, number: int, lowest: int) -> None:
         """File ``number`` (above every number filed so far) under each of ``buckets``: in a free
@@ -81,6 +91,7 @@ class BucketIndex:
             if numbers is None:
                 numbers = self._spill[bucket] = array.array("q")
                 self._spilled[bucket] = True
+                self._spill_first[bucket] = number
             numbers.append(number)
 
     @property

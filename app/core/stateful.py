@@ -579,6 +579,14 @@ class WindowHashScheme:
         close = close_copies(_means_of(query[None])[0], _means_of(stored), self.close_radius)
         rows = np.flatnonzero(close)
         if len(rows):
+            # rows with the query's very samples differ by 0, never saturated: a resent photo's
+            # copies, most of a busy store's close rows, are dropped in one word comparison
+            first = SKETCH_WORDS + BLOCK_WORDS
+            words = slice(first, first + SAMPLE_WORDS)
+            same = (stored[rows, words] == query[words]).all(axis=1)
+            close[rows[same]] = False
+            rows = rows[~same]
+        if len(rows):
             query_samples = _samples_of(query[None])[0]
             close[rows] = saturated(query_samples, _samples_of(stored[rows]), self.close_radius)
         return close
@@ -591,8 +599,11 @@ def _as_words(values: npt.NDArray[np.uint8]) -> U64:
 
 
 def _bytes_of(rows: npt.NDArray[np.generic], first: int, words: int) -> npt.NDArray[np.uint8]:
-    """``words`` words of each row from word ``first``, as bytes (``_as_words`` undone)."""
-    part = np.ascontiguousarray(rows[:, first : first + words], dtype="<u8")
+    """``words`` words of each row from word ``first``, as bytes (``_as_words`` undone): a view
+    of little-endian 64-bit rows (the stores' own, read per query), else a copy."""
+    part = rows[:, first : first + words]
+    if part.dtype != np.dtype("<u8") or part.strides[-1] != 8:
+        part = np.ascontiguousarray(part, dtype="<u8")
     values: npt.NDArray[np.uint8] = part.view(np.uint8)
     return values
 

@@ -597,6 +597,37 @@ def test_squares_first_probe_is_a_close_copy_the_index_finds() -> None:
     assert np.mean(np.array(unrelated) >= MIN_SHARED_KEYS) < 0.01
 
 
+def test_close_is_the_rule_over_every_row(photos: np.ndarray) -> None:
+    """``WindowHashScheme.close`` on a store's rows (read as views, the resent photo's copies
+    skipped by their samples) against the two pure tests applied to every row as a copy: exact
+    copies, saturated +-8 copies (one on part of the image only), a +-1 copy (not saturated),
+    unrelated photos, and rows taken
+    as a strided slice of a wider array."""
+    scheme = default_scheme(SECRET)
+    query = photos[0]
+    signs = np.random.default_rng(5).choice([-8, 8], size=query.shape)
+    saturated_copy = np.clip(query.astype(int) + signs, 0, 255).astype(np.uint8)
+    faint_copy = np.clip(query.astype(int) + signs // 8, 0, 255).astype(np.uint8)
+    part_copy = query.copy()  # +8 on the first 60% of values: some sampled words unchanged
+    flat = part_copy.reshape(-1)
+    flat[: flat.size * 6 // 10] = np.clip(flat[: flat.size * 6 // 10].astype(int) + 8, 0, 255)
+    images = np.stack(
+        [query, saturated_copy, query, faint_copy, *photos[1:6], saturated_copy, part_copy]
+    )
+    rows = scheme.fingerprints(images)
+    wide = np.zeros((len(rows), rows.shape[1] + 3), rows.dtype)
+    wide[:, 2 : 2 + rows.shape[1]] = rows
+    means = rows[:, SKETCH_WORDS : SKETCH_WORDS + BLOCK_WORDS].copy().view(np.uint8)
+    samples = rows[:, SKETCH_WORDS + BLOCK_WORDS :].copy().view(np.uint8)
+    radius = scheme.close_radius
+    assert radius is not None
+    expected = close_copies(means[0], means, radius) & saturated(samples[0], samples, radius)
+    assert expected.tolist() == [False, True, False, False] + [False] * 5 + [True, True]
+    for stored in (rows, wide[:, 2 : 2 + rows.shape[1]], rows[::-1][::-1]):
+        assert scheme.close(rows[0], stored).tolist() == expected.tolist()
+    assert scheme.close(rows[0], rows[:0]).shape == (0,)
+
+
 def test_saturated_pure() -> None:
     """The largest difference between 2 and the radius, on at least half the samples."""
     query = np.full(8, 100, np.uint8)
