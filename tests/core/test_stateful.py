@@ -601,8 +601,8 @@ def test_close_is_the_rule_over_every_row(photos: np.ndarray) -> None:
     """``WindowHashScheme.close`` on a store's rows (read as views, the resent photo's copies
     skipped by their samples) against the two pure tests applied to every row as a copy: exact
     copies, saturated +-8 copies (one on part of the image only), a +-1 copy (not saturated),
-    unrelated photos, and rows taken
-    as a strided slice of a wider array."""
+    unrelated photos; the rows as they are, as a slice of wider rows (read as views) and in
+    column-major order (copied)."""
     scheme = default_scheme(SECRET)
     query = photos[0]
     signs = np.random.default_rng(5).choice([-8, 8], size=query.shape)
@@ -623,7 +623,7 @@ def test_close_is_the_rule_over_every_row(photos: np.ndarray) -> None:
     assert radius is not None
     expected = close_copies(means[0], means, radius) & saturated(samples[0], samples, radius)
     assert expected.tolist() == [False, True, False, False] + [False] * 5 + [True, True]
-    for stored in (rows, wide[:, 2 : 2 + rows.shape[1]], rows[::-1][::-1]):
+    for stored in (rows, wide[:, 2 : 2 + rows.shape[1]], np.asfortranarray(rows)):
         assert scheme.close(rows[0], stored).tolist() == expected.tolist()
     assert scheme.close(rows[0], rows[:0]).shape == (0,)
 
