@@ -609,8 +609,8 @@ def test_close_is_the_rule_over_every_row(photos: np.ndarray) -> None:
     saturated_copy = np.clip(query.astype(int) + signs, 0, 255).astype(np.uint8)
     faint_copy = np.clip(query.astype(int) + signs // 8, 0, 255).astype(np.uint8)
     part_copy = query.copy()  # +8 on the first 60% of values: some sampled words unchanged
-    flat = part_copy.reshape(-1)
-    flat[: flat.size * 6 // 10] = np.clip(flat[: flat.size * 6 // 10].astype(int) + 8, 0, 255)
+    flat, cut = part_copy.reshape(-1), part_copy.size * 6 // 10
+    flat[:cut] = np.clip(flat[:cut].astype(int) + 8, 0, 255)
     images = np.stack(
         [query, saturated_copy, query, faint_copy, *photos[1:6], saturated_copy, part_copy]
     )
