@@ -52,7 +52,21 @@ class BucketIndex:
 
     def filed(self, buckets: Buckets, lowest: int) -> Numbers:
         """The live numbers (>= ``lowest``) filed under ``buckets``, once per bucket each."""
+        return self._filed(buckets, self._slots[buckets], lowest)
+
+    def filed_then_file(
+        self, buckets: Buckets, lowest: int, number: int, filed_lowest: int
+    ) -> Numbers:
+        """``filed(buckets, lowest)``, then ``file(buckets, number, filed_lowest)``: a store's
+        lookup and filing of one query, with the buckets' rows gathered once for both (a
+        gather of ~114 rows is ~40% of a lookup's time)."""
         rows = self._slots[buckets]
+        found = self._filed(buckets, rows, lowest)
+        self._file(buckets, rows, number, filed_lowest)
+        return found
+
+    def _filed(self, buckets: Buckets, rows: Numbers, lowest: int) -> Numbers:
+        """``filed``, given the buckets' rows of the table."""
         found: Numbers = rows[rows >= lowest]
         spilled = buckets[self._spilled[buckets]]
         if len(spilled) == 0:
@@ -82,7 +96,11 @@ class BucketIndex:
         """File ``number`` (above every number filed so far) under each of ``buckets``: in a free
         slot of the bucket's row (one that holds a number below ``lowest``, or none), else at the
         end of its spill list."""
-        free = self._slots[buckets] < lowest
+        self._file(buckets, self._slots[buckets], number, lowest)
+
+    def _file(self, buckets: Buckets, rows: Numbers, number: int, lowest: int) -> None:
+        """``file``, given the buckets' rows of the table as they are now."""
+        free = rows < lowest
         column = free.argmax(axis=1)
         has_free = free.any(axis=1)
         self._slots[buckets[has_free], column[has_free]] = number

@@ -359,15 +359,33 @@ def block_means(images: npt.NDArray[np.uint8], grid: int = BLOCK_GRID) -> npt.ND
     n, channels, height, width = images.shape
     if height < grid or width < grid:
         raise ValueError(f"images of {height}x{width} are smaller than the {grid}x{grid} grid")
-    row_edges = (np.arange(grid) * height) // grid
-    col_edges = (np.arange(grid) * width) // grid
-    sums = np.add.reduceat(images, row_edges, axis=2, dtype=np.int64)
-    sums = np.add.reduceat(sums, col_edges, axis=3, dtype=np.int64)
-    rows = np.diff(np.append(row_edges, height))
-    cols = np.diff(np.append(col_edges, width))
-    means = np.rint(sums / (rows[:, None] * cols[None, :]))
+    # Each block's sum as two matrix products with 0/1 pooling matrices: exact, since every
+    # partial sum is an integer below 2^24 (float32; float64 for blocks of over 65,793 pixels),
+    # in half the time of two ``np.add.reduceat`` (5 against 10 us a CIFAR-10 image in batches
+    # of 20, ad hoc, 2026-12-02): the service computes it for every query.
+    largest = int(np.max(_block_sizes(height, grid))) * int(np.max(_block_sizes(width, grid)))
+    dtype = np.float32 if largest * 255 < 1 << 24 else np.float64
+    pixels: npt.NDArray[np.floating] = images.astype(dtype)
+    sums = _block_pooling(height, grid, dtype).T @ (pixels @ _block_pooling(width, grid, dtype))
+    counts = _block_sizes(height, grid)[:, None] * _block_sizes(width, grid)[None, :]
+    means = np.rint(sums.astype(np.float64) / counts)
     out: npt.NDArray[np.uint8] = means.astype(np.uint8).reshape(n, channels * grid * grid)
     return out
+
+
+def _block_sizes(size: int, grid: int) -> npt.NDArray[np.int64]:
+    """The lengths of ``grid`` blocks over ``size`` values, block edges at ``i * size // grid``."""
+    edges = (np.arange(grid + 1) * size) // grid
+    return np.diff(edges)
+
+
+@cache
+def _block_pooling(size: int, grid: int, dtype: type[np.floating]) -> npt.NDArray[np.floating]:
+    """(size, grid): column j is 1 on block j's values (``_block_sizes``), 0 elsewhere."""
+    block = np.repeat(np.arange(grid), _block_sizes(size, grid))
+    pooling: npt.NDArray[np.floating] = (block[:, None] == np.arange(grid)[None, :]).astype(dtype)
+    pooling.flags.writeable = False  # cached and shared
+    return pooling
 
 
 @dataclass(frozen=True)
@@ -1150,6 +1168,28 @@ class _ClientBuffer:
         self.entries.append(entry)
 
 
+@dataclass(frozen=True)
+class _ClientView:
+    """A client's live queries as a store compares them: rows, digests, answers and times,
+    oldest first."""
+
+    rows: npt.NDArray[np.generic]
+    digests: Sequence[bytes]
+    answers: Sequence[Answer | None]
+    at: npt.NDArray[np.float64]
+
+
+NO_CLIENT_ROWS = _ClientView(np.zeros((0, 0), dtype=np.uint64), (), (), np.zeros(0))  # no rows
+
+
+@dataclass(frozen=True)
+class _EveryoneView:
+    """The ring slots a query is compared with, and their rows."""
+
+    slots: npt.NDArray[np.intp] | npt.NDArray[np.int64]
+    rows: npt.NDArray[np.generic]
+
+
 class InProcessFingerprintStore:
     """The in-process store (the no-Redis demo), bounded twice over:
 
@@ -1217,19 +1257,35 @@ class InProcessFingerprintStore:
     ) -> tuple[MatchEvidence, Stored]:
         """Match the query against its client's and everyone's live queries, then store it with
         ``answer``. Given ``keys`` (the query's window hashes), everyone's queries are looked up
-        through the bucket index; without, scanned."""
-        client = self._match_client(client_id, fingerprint, digest, at)
-        buckets, candidates = None, None
-        if keys is not None:
-            buckets = index_buckets(keys)
-            candidates = self._candidates(buckets, len(keys))
-        everyone = self._match_everyone(client_id, fingerprint, digest, at, candidates)
+        through the bucket index (the query filed in its buckets as they are read); without,
+        scanned. The client's rows and the index's candidates are compared in one call each of
+        the scheme's similarity and close test (both are row by row): half the calls."""
+        mine = self._client_view(client_id, at)
+        candidates = None
+        if keys is not None:  # looked up, and filed under the next entry number
+            candidates = self._candidates(index_buckets(keys), len(keys))
+        everyone = self._everyone_view(candidates)
+        split = len(mine.rows)
+        if everyone is None:
+            mine_compared = self._compared(fingerprint, mine.rows)
+        elif candidates is not None:  # a few rows: both scopes' in one call
+            rows = np.concatenate([mine.rows, everyone.rows]) if split else everyone.rows
+            both = self._compared(fingerprint, rows)
+            mine_compared = (both[0][:split], both[1][:split])
+            everyone_compared = (both[0][split:], both[1][split:])
+        else:  # a scan compares everyone's rows in place: no copy of them
+            mine_compared = self._compared(fingerprint, mine.rows)
+            everyone_compared = self._compared(fingerprint, everyone.rows)
+        client = self._match_client(mine, client_id, digest, *mine_compared)
+        matched = (
+            NO_MATCH
+            if everyone is None
+            else self._match_everyone(everyone, client_id, digest, at, *everyone_compared)
+        )
         self._count += 1
         self._add_client(client_id, fingerprint, digest, at, answer)
         self._add_everyone(client_id, fingerprint, digest, at, answer)
-        if buckets is not None and self._index is not None:  # filed in its buckets
-            self._index.file(buckets, self._count, self._lowest())
-        return evidence_of(client, everyone), Stored(client_id, self._count)
+        return evidence_of(client, matched), Stored(client_id, self._count)
 
     def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
         check_and_store_each(self, queries, decide)
@@ -1240,12 +1296,14 @@ class InProcessFingerprintStore:
 
     def _candidates(self, buckets: npt.NDArray[np.int64], keys: int) -> npt.NDArray[np.int64]:
         """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets`` (a
-        query's, of its ``keys`` window hashes)."""
+        query's, of its ``keys`` window hashes); the query is filed under them as the next
+        entry (``_count + 1``), whose slot it is about to take."""
         if self._index is None:
             width = table_width(self.max_fingerprints, keys, 1 << BUCKET_BITS)
             self._index = BucketIndex(1 << BUCKET_BITS, width)
         lowest = self._lowest()
-        numbers = self._index.filed(buckets, lowest)
+        filed_lowest = max(self._count + 1 - self.max_fingerprints + 1, 1)  # once it is in
+        numbers = self._index.filed_then_file(buckets, lowest, self._count + 1, filed_lowest)
         found = repeated_at_least(numbers, MIN_SHARED_KEYS, lowest, self._count)
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]
@@ -1262,37 +1320,54 @@ class InProcessFingerprintStore:
 
     # -- each client's recent queries
 
-    def _match_client(
-        self, client_id: str, fingerprint: npt.NDArray[np.generic], digest: bytes, at: float
-    ) -> ScopeMatch:
+    def _compared(
+        self, fingerprint: npt.NDArray[np.generic], rows: npt.NDArray[np.generic]
+    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.bool_]]:
+        """The scheme's similarity and close test of the query against ``rows`` (none: empty)."""
+        if not len(rows):
+            return np.zeros(0), np.zeros(0, dtype=bool)
+        return self.scheme.similarity(fingerprint, rows), self.scheme.close(fingerprint, rows)
+
+    def _client_view(self, client_id: str, at: float) -> _ClientView:
+        """The client's live queries, oldest first (none: no rows)."""
         buffer = self._buffers.get(client_id)
         if buffer is None or buffer.size == 0:
-            return NO_MATCH
+            return NO_CLIENT_ROWS
         size = buffer.size
         # times only grow within a client's buffer in practice, but test each one: exact
         fresh = np.flatnonzero(buffer.at[:size] >= at - self.client_ttl_s)
-        if len(fresh) == 0:
-            return NO_MATCH
         if len(fresh) == size:
-            rows = buffer.rows[:size]
-            digests, answers = buffer.digests, buffer.answers
-        else:
-            rows = buffer.rows[fresh]
-            digests = [buffer.digests[i] for i in fresh.tolist()]
-            answers = [buffer.answers[i] for i in fresh.tolist()]
-        similarities = self.scheme.similarity(fingerprint, rows)
-        close = self.scheme.close(fingerprint, rows)
+            return _ClientView(buffer.rows[:size], buffer.digests, buffer.answers, buffer.at[:size])
+        return _ClientView(
+            buffer.rows[fresh],
+            [buffer.digests[i] for i in fresh.tolist()],
+            [buffer.answers[i] for i in fresh.tolist()],
+            buffer.at[fresh],
+        )
+
+    def _match_client(
+        self,
+        view: _ClientView,
+        client_id: str,
+        digest: bytes,
+        similarities: npt.NDArray[np.float64],
+        close: npt.NDArray[np.bool_],
+    ) -> ScopeMatch:
+        """The client scope's summary, from the query's similarities to the view's rows and
+        which of them are close copies."""
+        if not len(view.rows):
+            return NO_MATCH
         if not (near_duplicates(similarities, self.scheme.threshold) | close).any():
             return NO_MATCH  # what summarise_matches gives no matches, without its work
         return summarise_matches(
             similarities,
-            digests,
-            [client_id] * len(fresh),
-            answers,
+            view.digests,
+            [client_id] * len(view.rows),
+            view.answers,
             digest,
             client_id,
             self.scheme.threshold,
-            buffer.at[fresh],
+            view.at,
             close,
         )
 
@@ -1319,25 +1394,28 @@ class InProcessFingerprintStore:
 
     # -- everyone's recent queries
 
+    def _everyone_view(self, indexed: npt.NDArray[np.int64] | None) -> _EveryoneView | None:
+        """The ring slots to compare with and their rows: ``indexed``, the index's candidates
+        (their rows gathered), or None, every slot ever written (its rows in place, no copy).
+        None when the ring is empty."""
+        if self._rows is None or self._size == 0:
+            return None
+        if indexed is None:
+            return _EveryoneView(np.arange(self._written), self._rows[: self._written])
+        return _EveryoneView(indexed, self._rows[indexed])
+
     def _match_everyone(
         self,
+        view: _EveryoneView,
         client_id: str,
-        fingerprint: npt.NDArray[np.generic],
         digest: bytes,
         at: float,
-        indexed: npt.NDArray[np.int64] | None = None,
+        similarities: npt.NDArray[np.float64],
+        close: npt.NDArray[np.bool_],
     ) -> ScopeMatch:
-        """``indexed``: the index's candidates (ring slots); None: every slot."""
-        if self._rows is None or self._size == 0:
-            return NO_MATCH
-        if indexed is None:  # scan every slot ever written, in place (no copy)
-            candidates = np.arange(self._written)
-            rows = self._rows[: self._written]
-        else:  # the index's candidates only
-            candidates = indexed
-            rows = self._rows[candidates]
-        similarities = self.scheme.similarity(fingerprint, rows)
-        close = self.scheme.close(fingerprint, rows)
+        """Everyone's scope summary, from the query's similarities to the view's rows and which
+        of them are close copies."""
+        candidates = view.slots
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
         near = near_duplicates(similarities, self.scheme.threshold)

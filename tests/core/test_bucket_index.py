@@ -11,10 +11,12 @@ import pytest
 from app.core.bucket_index import BucketIndex, table_width
 
 
+@pytest.mark.parametrize("together", [False, True])
 @pytest.mark.parametrize("width", [1, 3, 8])
-def test_lookups_are_the_reference_index_as_the_ring_moves_on(width: int) -> None:
+def test_lookups_are_the_reference_index_as_the_ring_moves_on(width: int, together: bool) -> None:
     """Skewed buckets (a few popular ones, as flat image areas make) fill rows and spill; a ring
-    of 40 entries moves on. Every lookup gives the live numbers filed, once per bucket."""
+    of 40 entries moves on. Every lookup gives the live numbers filed, once per bucket, whether
+    each query is filed after its lookup or by it (``filed_then_file``, the store's call)."""
     rng = np.random.default_rng(3)
     buckets, ring = 64, 40
     index = BucketIndex(buckets, width)
@@ -28,9 +30,12 @@ def test_lookups_are_the_reference_index_as_the_ring_moves_on(width: int) -> Non
             )
         ).astype(np.int64)
         want = sorted(n for b in query.tolist() for n in reference[b] if n >= lowest)
-        assert sorted(index.filed(query, lowest).tolist()) == want
         filed_lowest = max(number - ring + 1, 1)  # once ``number`` is in, the oldest left
-        index.file(query, number, filed_lowest)
+        if together:
+            assert sorted(index.filed_then_file(query, lowest, number, filed_lowest)) == want
+        else:
+            assert sorted(index.filed(query, lowest).tolist()) == want
+            index.file(query, number, filed_lowest)
         for b in query.tolist():
             reference[b].append(number)
     if width < 8:

@@ -531,10 +531,16 @@ def test_fingerprints_and_keys_agree_with_fingerprints(photos: np.ndarray) -> No
 
 def test_block_means_are_the_grids_rounded_means() -> None:
     """Against a loop over the blocks, on a size the grid does not divide (edges at
-    ``i * H // 8``) and on CIFAR's 32x32; too small an image is refused."""
+    ``i * H // 8``), on CIFAR's 32x32, and on blocks too large for exact float32 sums (262 x 262
+    pixels); too small an image is refused. The first large block sums to 17,401,253, a mean
+    just below 253.5: the float32 sum, 17,401,254 here, would round it to 254."""
     rng = np.random.default_rng(3)
-    for height, width in ((37, 29), (32, 32), (8, 8)):
+    for height, width in ((37, 29), (32, 32), (8, 8), (2100, 2100)):
         images = rng.integers(0, 256, (2, 3, height, width), dtype=np.uint8)
+        if height > 1000:
+            block = np.full(262 * 262, 253, np.uint8)
+            block[:34_321] = 254
+            images[0, 0, :262, :262] = block.reshape(262, 262)
         rows = [(i * height) // 8 for i in range(9)]
         cols = [(j * width) // 8 for j in range(9)]
         expected = np.array(
