@@ -302,7 +302,7 @@ def budget(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queue-size", type=at_least(1), nargs="+", default=[256])
     parser.add_argument(
@@ -326,8 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         default="raw",
         help="load generator: raw keep-alive sockets (cheap) or one shared httpx pool",
     )
-    args = parser.parse_args(argv)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     load_before = os.getloadavg()
     images = test_jpegs(1000)
     configs = []
@@ -337,27 +340,49 @@ def main(argv: list[str] | None = None) -> int:
             print(result, flush=True)
             configs.append(result)
     load_after = os.getloadavg()
+    write_results(
+        args.name,
+        {
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+            "settings": vars(args),
+            "configs": configs,
+        },
+        markdown(args, configs, load_before, load_after),
+    )
+    return 0
 
-    rows = []
-    for c in configs:
-        b = c["burst"]
-        rows.append(
-            f"| {c['queue_size']} / {c['max_in_flight']} | {c['latency_budget_ms']} "
-            f"| {c['shed_delay_ms']} "
-            f"| {c['unloaded']['latency_ms_p99']} "
-            f"| {b['offered_per_s']} "
-            f"| {b['served']} ({b['served_per_s']}/s) | {b['refused_503']} "
-            f"| {b['retry_after_values_on_503']} | {b['transport_errors']} "
-            f"| {b['served_latency_ms_p50']} / {b['served_latency_ms_p99']} "
-            f"| {b['served_in_app_ms_p99']} | {b['client_loop_lag_ms_p99']} "
-            f"| {', '.join(f'{k} {v:.0f}' for k, v in c['shed_by_reason'].items() if v)} "
-            f"| {c['served_p99_over_unloaded_p99']} | {b['refused_latency_ms_p99']} "
-            f"| {c['rss_mb']['idle']} / {c['rss_mb']['peak_during_burst']} / "
-            f"{c['rss_mb']['after_burst']} | {c['queue_depth_max_seen']} "
-            f"| {c['recovery']['time_to_first_200_ms']} | {c['recovery']['latency_ms_p99']} "
-            f"({c['recovery_p99_over_unloaded_p99']}x) |"
-        )
-    table = (
+
+def config_row(c: dict[str, Any]) -> str:
+    """One configuration's row of the results table."""
+    b = c["burst"]
+    return (
+        f"| {c['queue_size']} / {c['max_in_flight']} | {c['latency_budget_ms']} "
+        f"| {c['shed_delay_ms']} "
+        f"| {c['unloaded']['latency_ms_p99']} "
+        f"| {b['offered_per_s']} "
+        f"| {b['served']} ({b['served_per_s']}/s) | {b['refused_503']} "
+        f"| {b['retry_after_values_on_503']} | {b['transport_errors']} "
+        f"| {b['served_latency_ms_p50']} / {b['served_latency_ms_p99']} "
+        f"| {b['served_in_app_ms_p99']} | {b['client_loop_lag_ms_p99']} "
+        f"| {', '.join(f'{k} {v:.0f}' for k, v in c['shed_by_reason'].items() if v)} "
+        f"| {c['served_p99_over_unloaded_p99']} | {b['refused_latency_ms_p99']} "
+        f"| {c['rss_mb']['idle']} / {c['rss_mb']['peak_during_burst']} / "
+        f"{c['rss_mb']['after_burst']} | {c['queue_depth_max_seen']} "
+        f"| {c['recovery']['time_to_first_200_ms']} | {c['recovery']['latency_ms_p99']} "
+        f"({c['recovery_p99_over_unloaded_p99']}x) |"
+    )
+
+
+def markdown(
+    args: argparse.Namespace,
+    configs: list[dict[str, Any]],
+    load_before: tuple[float, float, float],
+    load_after: tuple[float, float, float],
+) -> str:
+    """The results file's Markdown: what was sent, a row per configuration, how to read it."""
+    rows = [config_row(c) for c in configs]
+    return (
         f"Burst: {args.burst_concurrency} clients back to back for {args.burst_seconds} s "
         f"(no client honours Retry-After; {args.client} client), CIFAR-10 test JPEGs, "
         f"model on {args.device}; "
@@ -381,17 +406,6 @@ def main(argv: list[str] | None = None) -> int:
         'queue_full). Latency budget "auto": two full batches at the measured time per '
         "image.\n"
     )
-    write_results(
-        args.name,
-        {
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-            "settings": vars(args),
-            "configs": configs,
-        },
-        table,
-    )
-    return 0
 
 
 if __name__ == "__main__":

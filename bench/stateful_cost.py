@@ -305,9 +305,7 @@ def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any], args: argparse.Namespace) -> str:
-    fp = results["fingerprint"]["ms"]
-    imagenet = results["fingerprint_imagenet"]
-    st = results["stores"]
+    """The results file's Markdown: the cost table, then the service's throughput (when run)."""
     lines = [
         "Stateful detection's cost (issue 13). **The machine was shared** with other engineers' "
         f"jobs (load average {results['loadavg_before'][0]:.1f} before, "
@@ -316,10 +314,23 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         "",
         "| figure | value |",
         "|---|---|",
+        *_fingerprint_rows(results["fingerprint"], results["fingerprint_imagenet"]),
+        *_store_rows(results["stores"]),
+    ]
+    tp = results.get("throughput")
+    if tp:
+        lines += _throughput_section(tp, args)
+    return "\n".join(lines)
+
+
+def _fingerprint_rows(cifar: dict[str, Any], imagenet: dict[str, Any]) -> list[str]:
+    """The cost table's fingerprint rows: at 32x32, then at ImageNet's size."""
+    fp = cifar["ms"]
+    return [
         f"| fingerprint per query (8-bit pixels, window hashes, sketch, digest; 32x32) | "
         f"{fp['mean']:.3f} ms mean, {fp['p99']:.3f} ms p99 |",
-        f"| the same, in batches of {results['fingerprint']['batch']} | "
-        f"{results['fingerprint']['batch_ms']['mean']:.3f} ms mean per query |",
+        f"| the same, in batches of {cifar['batch']} | "
+        f"{cifar['batch_ms']['mean']:.3f} ms mean per query |",
         f"| fingerprint per query at ImageNet's {imagenet['side']}x{imagenet['side']} (CIFAR-10 "
         f"photos upscaled) | {imagenet['ms']['mean']:.2f} ms mean, {imagenet['ms']['p99']:.2f} ms "
         f"p99; in batches of {imagenet['batch']}: {imagenet['batch_ms']['mean']:.2f} ms on the "
@@ -331,6 +342,12 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"{imagenet['busy']['processes']['batch_ms']['mean']:.2f} ms per query (median "
         f"{imagenet['busy']['processes']['batch_ms']['p50']:.2f} over "
         f"{imagenet['busy']['processes']['images'] // imagenet['batch']} batches) |",
+    ]
+
+
+def _store_rows(st: dict[str, Any]) -> list[str]:
+    """The cost table's rows of both stores: time per query and Redis's memory."""
+    lines = [
         f"| in-process store, check + store per query (index; cap {st['cap']:,}, full) | "
         f"{(st['in_process_ms_full'] or st['in_process_ms'])['mean']:.3f} ms mean |",
         f"| Redis store, check + store per query (one script on one Redis, then the candidates' "
@@ -359,46 +376,47 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"| Redis memory at steady state (up to {st['queries']:,} queries, cap "
             f"{st['cap']:,}) | at most {st['redis_bytes_past_cap_max'] / 1e6:.1f} MB |"
         )
-    tp = results.get("throughput")
-    if tp:
-        who = f"{args.clients:,} client ids in turn" if args.clients else "one client"
-        lines += [
-            "",
-            f"Service: both variants started together and loaded in turn ({args.rounds} rounds "
-            f"of {args.slice:g} s each, concurrency {args.concurrency}, {who}).",
-            "",
-            "| service | stateful off | on | on / off | on / off by round (95% interval) "
-            "| CPU per request, off / on (service + Redis) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for backend, ratio in tp["on_over_off"].items():
-            off, on = tp["runs"][backend]["off"], tp["runs"][backend]["on"]
-            cpu_ratio = tp["cpu_off_over_on"][backend]
-            by_round = tp.get("on_over_off_by_round", {}).get(backend)  # None: an older run
-            verdict = interval_verdict(by_round, THROUGHPUT_TARGET)
-            round_cell = ratio_cell(by_round)
-            lines.append(
-                f"| {backend} tracker and store | {off['throughput_images_per_s']:.0f} img/s | "
-                f"{on['throughput_images_per_s']:.0f} img/s (stateful stage "
-                f"{on['stateful_stage_ms_mean']:.2f} ms) | {ratio:.0%} | "
-                f"{round_cell} (target {THROUGHPUT_TARGET:.0%}: **{verdict}**) | "
-                f"{off['cpu_ms_per_request']:.2f} / {on['cpu_ms_per_request']:.2f} ms: "
-                f"{cpu_ratio:.0%} |"
-            )
-        lines += [
-            "",
-            "Throughput per round (img/s), off then on: "
-            + "; ".join(
-                f"{backend}: {run['off']['per_round_images_per_s']} / "
-                f"{run['on']['per_round_images_per_s']}"
-                for backend, run in tp["runs"].items()
-            )
-            + ". On these shared cores throughput swings between slices, so the target is read "
-            "on the by-round interval (met only when the whole interval clears it); pool the "
-            "rounds of several runs of the same code with `advguard bench pool_rounds --target "
-            f"{THROUGHPUT_TARGET:g}`. The CPU per request is steadier, and shown beside it.",
-        ]
-    return "\n".join(lines)
+    return lines
+
+
+def _throughput_section(tp: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The service's throughput with the stateful detector on and off, per backend."""
+    who = f"{args.clients:,} client ids in turn" if args.clients else "one client"
+    lines = [
+        "",
+        f"Service: both variants started together and loaded in turn ({args.rounds} rounds "
+        f"of {args.slice:g} s each, concurrency {args.concurrency}, {who}).",
+        "",
+        "| service | stateful off | on | on / off | on / off by round (95% interval) "
+        "| CPU per request, off / on (service + Redis) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backend, ratio in tp["on_over_off"].items():
+        off, on = tp["runs"][backend]["off"], tp["runs"][backend]["on"]
+        cpu_ratio = tp["cpu_off_over_on"][backend]
+        by_round = tp.get("on_over_off_by_round", {}).get(backend)  # None: an older run
+        verdict = interval_verdict(by_round, THROUGHPUT_TARGET)
+        lines.append(
+            f"| {backend} tracker and store | {off['throughput_images_per_s']:.0f} img/s | "
+            f"{on['throughput_images_per_s']:.0f} img/s (stateful stage "
+            f"{on['stateful_stage_ms_mean']:.2f} ms) | {ratio:.0%} | "
+            f"{ratio_cell(by_round)} (target {THROUGHPUT_TARGET:.0%}: **{verdict}**) | "
+            f"{off['cpu_ms_per_request']:.2f} / {on['cpu_ms_per_request']:.2f} ms: "
+            f"{cpu_ratio:.0%} |"
+        )
+    per_round = "; ".join(
+        f"{backend}: {run['off']['per_round_images_per_s']} / {run['on']['per_round_images_per_s']}"
+        for backend, run in tp["runs"].items()
+    )
+    return [
+        *lines,
+        "",
+        f"Throughput per round (img/s), off then on: {per_round}. On these shared cores "
+        "throughput swings between slices, so the target is read on the by-round interval (met "
+        "only when the whole interval clears it); pool the rounds of several runs of the same "
+        f"code with `advguard bench pool_rounds --target {THROUGHPUT_TARGET:g}`. The CPU per "
+        "request is steadier, and shown beside it.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
