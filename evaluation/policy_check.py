@@ -395,20 +395,90 @@ def result_key(attack: str, policy: str, in_process: bool, ids: int, first: int 
 
 def record(directory: Path, key: str, summary: dict[str, Any]) -> None:
     """Add one check to the results file as it is *now*: checks run side by side (one attack
-    each, hours long) keep each other's rows."""
+    each, hours long) keep each other's rows; a pool of an earlier check under the same key
+    goes (``pool``)."""
     out_file = directory / "policy_check.json"
     results: dict[str, Any] = (
         json.loads(out_file.read_text()) if out_file.is_file() else {"checks": {}}
     )
     results["checks"][key] = summary
+    # a pool that holds the replaced check no longer says what its checks say: dropped
+    if "pooled" in results:
+        pooled = results["pooled"]
+        results["pooled"] = {name: p for name, p in pooled.items() if key not in p["checks"]}
     write(results, directory)
 
 
 def write(results: dict[str, Any], directory: Path) -> None:
     (directory / "policy_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    pooled = results.get("pooled", {})
     (directory / "policy_check.md").write_text(
-        "# The stateful policies live (evaluation.policy_check)\n\n" + table(results) + "\n"
+        "# The stateful policies live (evaluation.policy_check)\n\n"
+        + table(results)
+        + "\n"
+        + (
+            f"\n## Checks pooled image by image (`--pool`)\n\n{pooled_table(pooled)}\n"
+            if pooled
+            else ""
+        )
     )
+
+
+# what pooled checks must share: they measured the same thing on other images
+POOLED_ALIKE = ("rule", "close_radius", "bundle_manifest_sha256")
+
+
+def pool(results: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """Checks of one attack under one policy, run on disjoint images against the same bundle and
+    rule, as one check over all their images (``summarise`` of their per-image records): a
+    figure on more images than any one run covered, computed as each run's is."""
+    missing = [key for key in keys if key not in results["checks"]]
+    if len(keys) < 2 or missing:
+        raise ValueError(f"pool needs at least two recorded checks; not recorded: {missing}")
+    checks = [results["checks"][key] for key in keys]
+    if len({tuple(key.split("/")[:2]) for key in keys}) != 1:
+        raise ValueError(f"pooled checks must share attack and policy: {list(keys)}")
+    for field in POOLED_ALIKE:
+        if len({json.dumps(check.get(field)) for check in checks}) != 1:
+            raise ValueError(f"pooled checks must share their {field}: {list(keys)}")
+    images = [ImageCheck(**image) for check in checks for image in check["per_image"]]
+    if len({image.row for image in images}) != len(images):
+        raise ValueError(f"pooled checks attacked some image twice: {list(keys)}")
+    if not all(image.screened for image in images):
+        raise ValueError("pooled checks must be in process (their screening seen)")
+    summary = {k: v for k, v in summarise(images).items() if k != "per_image"}
+    return (
+        summary | {"checks": list(keys)} | {field: checks[0].get(field) for field in POOLED_ALIKE}
+    )
+
+
+def pooled_table(pooled: dict[str, Any]) -> str:
+    lines = [
+        "| attack | policy | checks pooled | images | succeeded live (truly adversarial) | "
+        "stopped as stalled | detected before first success | median queries to detection | "
+        "rule (client, global, changed, consistent, close-copy radius) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(pooled):
+        r = pooled[name]
+        attack, policy = r["checks"][0].split("/")[:2]
+        lines.append(
+            f"| {attack} | {policy} | {'; '.join(oracle_label(k) for k in r['checks'])} | "
+            f"{r['images']} | {r['live_success']} | {r['stalled']} | {_detection_cells(r)} | "
+            f"{_rule_cell(r['rule'], r['close_radius'])} |"
+        )
+    return "\n".join(lines)
+
+
+def record_pooled(directory: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """Pool recorded checks (``pool``) and add the result to the results file, named by its
+    checks' keys joined with " + "."""
+    out_file = directory / "policy_check.json"
+    results: dict[str, Any] = json.loads(out_file.read_text())
+    pooled = pool(results, keys)
+    results.setdefault("pooled", {})[" + ".join(keys)] = pooled
+    write(results, directory)
+    return pooled
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -421,11 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument(
         "--in-process", action="store_true", help="the service's screening in process, no HTTP"
     )
+    where.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="KEY",
+        help="run nothing: pool recorded checks (keys of policy_check.json, disjoint images, one "
+        "attack, policy, bundle and rule) image by image into one figure, added to the results",
+    )
     parser.add_argument("--redis-url", help="with --url: its throwaway Redis (flushed)")
     parser.add_argument(
         "--sybil-ids", type=int, default=1, help="with --in-process: client ids per attacker"
     )
-    parser.add_argument("--policy", required=True, choices=("refuse", "silent"))
+    parser.add_argument("--policy", choices=("refuse", "silent"), help="required to run checks")
     parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--images", type=at_least(1), default=10)
     parser.add_argument(
@@ -455,6 +532,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.pool:
+        pooled = record_pooled(args.results, args.pool)
+        print(" + ".join(args.pool) + ": " + json.dumps(pooled), flush=True)
+        return 0
+    if args.policy is None:
+        parser.error("--policy is required to run checks")
     if args.url and not args.redis_url:
         parser.error("--url needs --redis-url (its Redis is flushed before each image)")
     for option, url in (("--url", args.url), ("--redis-url", args.redis_url)):

@@ -20,6 +20,7 @@ from evaluation.policy_check import (
     http_oracles,
     main,
     oracle_label,
+    pool,
     record,
     replay_predictions,
     result_key,
@@ -348,3 +349,94 @@ def test_the_table_gives_the_closed_loops_detection_figures() -> None:
     assert lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
     assert "| 0 | - | - | the service's settings |" in lines[2]
     assert "| 0 | 1/2 | 6.5 | 5, 5, 2, 1 |" in lines[3]
+
+
+def _screened_check(
+    rows: range, detections: list[int | None], **fields: object
+) -> dict[str, object]:
+    """A recorded in-process check over ``rows`` whose runs were first flagged at
+    ``detections`` (None: never), none of them a success."""
+    checks = [
+        ImageCheck(row, None, False, 2500, 0, False, "cap", True, at, None)
+        for row, at in zip(rows, detections, strict=True)
+    ]
+    alike = {"rule": [5, 5, 2, 1], "close_radius": 9, "bundle_manifest_sha256": "ab12"}
+    return summarise(checks) | alike | fields
+
+
+def test_pooled_checks_are_one_check_over_all_their_images(tmp_path: Path) -> None:
+    """Pooling takes the median over every image's first flag (not a median of medians) and
+    sums the counts; it goes into the results file and its table, and running one of its checks
+    again drops it."""
+    first = _screened_check(range(0, 2), [4, 12])  # median 8
+    second = _screened_check(range(2, 5), [9, 10, None])  # median 9.5
+    checks = {"hopskipjump/refuse/in_process": first, "hopskipjump/refuse/in_process_from2": second}
+    (tmp_path / "policy_check.json").write_text(json.dumps({"checks": checks}))
+    keys = list(checks)
+    assert main(["--pool", *keys, "--results", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "policy_check.json").read_text())
+    pooled = results["pooled"][" + ".join(keys)]
+    assert pooled["images"] == 5
+    assert (pooled["screened"], pooled["detected"], pooled["detected_before_success"]) == (5, 4, 4)
+    assert pooled["median_queries_to_detection"] == 9.5  # of 4, 9, 10, 12
+    assert pooled["checks"] == keys and pooled["rule"] == [5, 5, 2, 1]
+    text = (tmp_path / "policy_check.md").read_text()
+    assert "## Checks pooled image by image" in text
+    assert (
+        "| hopskipjump | refuse | in process; in process, from image 2 | 5 | 0 | 0 | 4/5 | 9.5 "
+        "| 5, 5, 2, 1, 9 |" in text
+    )
+    record(tmp_path, "square/refuse/in_process", first)  # another check: the pool stays
+    assert json.loads((tmp_path / "policy_check.json").read_text())["pooled"]
+    record(tmp_path, keys[1], second)  # one of its checks again: the pool goes
+    assert json.loads((tmp_path / "policy_check.json").read_text())["pooled"] == {}
+    assert "pooled image by image" not in (tmp_path / "policy_check.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (("hopskipjump/refuse/in_process_from2", {"rule": [5, 5, 4, 1]}), "share their rule"),
+        (("hopskipjump/refuse/in_process_from2", {"close_radius": 0}), "close_radius"),
+        (("hopskipjump/refuse/in_process_from2", {"bundle_manifest_sha256": "cd34"}), "bundle"),
+        (("boundary/refuse/in_process_from2", {}), "attack and policy"),
+        (("hopskipjump/silent/in_process_from2", {}), "attack and policy"),
+        (("hopskipjump/refuse/in_process_from1", {}), "some image twice"),
+    ],
+)
+def test_pooling_refuses_checks_that_measured_different_things(
+    second: tuple[str, dict[str, object]], message: str
+) -> None:
+    key, fields = second
+    rows = range(1, 3) if key.endswith("from1") else range(2, 4)
+    results = {
+        "checks": {
+            "hopskipjump/refuse/in_process": _screened_check(range(0, 2), [4, 12]),
+            key: _screened_check(rows, [9, 10], **fields),
+        }
+    }
+    with pytest.raises(ValueError, match=message):
+        pool(results, list(results["checks"]))
+
+
+def test_pooling_needs_two_recorded_in_process_checks() -> None:
+    http = summarise([ImageCheck(2, None, False, 10, 0, False)])  # over HTTP: not screened
+    results = {
+        "checks": {
+            "square/refuse/in_process": _screened_check(range(0, 2), [4, 12]),
+            "square/refuse/in_process_from2": http
+            | {"rule": [5, 5, 2, 1], "close_radius": 9, "bundle_manifest_sha256": "ab12"},
+        }
+    }
+    with pytest.raises(ValueError, match="at least two"):
+        pool(results, ["square/refuse/in_process"])
+    with pytest.raises(ValueError, match="not recorded"):
+        pool(results, ["square/refuse/in_process", "square/refuse/in_process_from9"])
+    with pytest.raises(ValueError, match="in process"):
+        pool(results, list(results["checks"]))
+
+
+def test_a_check_needs_a_policy_unless_it_pools(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--in-process", "--attacks", "square"])
+    assert "--policy is required" in capsys.readouterr().err
