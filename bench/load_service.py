@@ -117,7 +117,8 @@ async def run_level(
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The levels, their bounds and the service's batching settings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=at_least(1), default=600, help="per level, at most")
@@ -127,31 +128,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=at_least(1), default=32)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=RESULTS / "service_load")
-    args = parser.parse_args(argv)
+    return parser
 
-    load_before = os.getloadavg()[0]
+
+def _load_levels(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every level's figures, each printed as it is measured, and the bundle the service served
+    (asked before the service stops). The warm-up level is not reported: it only keeps the
+    first level from paying for the model's first batches."""
     images = test_jpegs(1000)
     env = {
         "ADVGUARD_MAX_BATCH_SIZE": str(args.max_batch_size),
         "ADVGUARD_MAX_WAIT_MS": str(args.max_wait_ms),
     }
-    with serve(env, args.device) as (base, _server):
-        asyncio.run(run_level(base, admin_base(_server), images, 4, args.warmup, 30.0))
+    with serve(env, args.device) as (base, server):
+        admin = admin_base(server)
+        asyncio.run(run_level(base, admin, images, 4, args.warmup, 30.0))
         levels = []
         for concurrency in args.concurrency:
             result = asyncio.run(
-                run_level(
-                    base, admin_base(_server), images, concurrency, args.requests, args.seconds
-                )
+                run_level(base, admin, images, concurrency, args.requests, args.seconds)
             )
             print(json.dumps(result), flush=True)
             levels.append(result)
         bundle = httpx.get(f"{base}/v1/bundle", timeout=5).json()
+    return levels, bundle
 
-    load_after = os.getloadavg()[0]
+
+def _report(
+    args: argparse.Namespace,
+    levels: list[dict[str, Any]],
+    bundle: dict[str, Any],
+    loads: tuple[float, float],
+) -> dict[str, Any]:
+    """The results file: the levels with what they ran on (machine, load, bundle, settings), so
+    that a figure can be judged against the conditions it was measured in."""
+    load_before, load_after = loads
     command = command_line()
     best = max(levels, key=lambda level: level["throughput_images_per_s"])
-    report: dict[str, Any] = {
+    return {
         "command": command,
         "machine": {
             "nproc": os.cpu_count(),
@@ -172,21 +186,27 @@ def main(argv: list[str] | None = None) -> int:
         },
         "levels": levels,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _markdown(report: dict[str, Any], loads: tuple[float, float]) -> str:
+    """The results file's markdown, from the report alone (and the unrounded load averages), so
+    that the table and the JSON cannot disagree."""
     rows = "\n".join(
         f"| {lv['concurrency']} | {lv['ok']}/{lv['requests']} | {lv['throughput_images_per_s']} "
         f"| {lv['latency_ms_p50']} | {lv['latency_ms_p99']} | {lv['mean_batch_size']} |"
-        for lv in levels
+        for lv in report["levels"]
     )
-    machine = report["machine"]
-    args.out.with_suffix(".md").write_text(
+    machine, bundle, best = report["machine"], report["bundle"], report["saturation"]
+    settings = report["settings"]
+    load_before, load_after = loads
+    return (
         f"# Service load benchmark\n\n"
-        f"`{command}`\n\n"
+        f"`{report['command']}`\n\n"
         f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['platform']}, "
-        f"model on {args.device}; the load client runs on the same cores over loopback.\n"
+        f"model on {machine['device']}; the load client runs on the same cores over loopback.\n"
         f"Bundle {bundle['name']} ({bundle['model_arch']}, k={bundle['k']}); "
-        f"max batch {args.max_batch_size}, max wait {args.max_wait_ms} ms; CIFAR-10 test JPEGs.\n\n"
+        f"max batch {settings['max_batch_size']}, max wait {settings['max_wait_ms']} ms; "
+        "CIFAR-10 test JPEGs.\n\n"
         f"| concurrency | ok/requests | images/s | p50 ms | p99 ms | mean batch |\n"
         f"| --- | --- | --- | --- | --- | --- |\n{rows}\n\n"
         f"Saturation: {best['throughput_images_per_s']} images/s at concurrency "
@@ -195,6 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         f"Load average (1 min) before/after the run: {load_before:.2f} / {load_after:.2f}; "
         f"other jobs sharing the cores inflate latencies and lower throughput.\n"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    load_before = os.getloadavg()[0]
+    levels, bundle = _load_levels(args)
+    loads = (load_before, os.getloadavg()[0])
+    report = _report(args, levels, bundle, loads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(_markdown(report, loads))
     return 0
 
 

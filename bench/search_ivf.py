@@ -444,23 +444,31 @@ def build_configs(
     return configs
 
 
-def benchmark(real: RealFeatures, settings: Settings, log: Log) -> dict[str, Any]:
-    """Every measurement, as a JSON-ready dict (rows: flat first, then each IVF config)."""
-    started = time.perf_counter()
-    load_before = list(os.getloadavg())
-    scaled = ScaledSet.make(real, settings.n, settings.dim, settings.noise, settings.seed)
+def _processed_configs(
+    scaled: ScaledSet, settings: Settings, started: float, log: Log
+) -> tuple[list[Config], tuple[int, int]]:
+    """Every configuration built on the processed rows, and their shape (rows, dim); the rows
+    are freed once the indexes hold their own copies, since at ILSVRC scale one more 1.3 GB
+    copy is what the machine may not have."""
     processing, base = processed_base(scaled, settings.dim)
     indexed, dim = base.shape
     log(f"data: {indexed:,} x {dim} processed in {time.perf_counter() - started:.0f}s")
     configs = build_configs(processing, base, scaled.labels, settings, log)
     del base  # the indexes hold their own copies
     gc.collect()
-    queries = scaled.lift.apply(real.queries)
-    classes = real.query_predictions
-    correct = classes == real.query_labels
-    if not correct.any():
-        raise ValueError("no query is classified correctly: cannot calibrate")
+    return configs, (indexed, dim)
 
+
+def _score_configs(
+    configs: Sequence[Config],
+    queries: np.ndarray,
+    classes: np.ndarray,
+    settings: Settings,
+    log: Log,
+) -> dict[str, Measured]:
+    """Every query scored once per configuration, untimed: the scores and neighbours the
+    verdicts and recall are compared on (and a full pass that warms every index before the
+    timing)."""
     measured: dict[str, Measured] = {}
     for config in configs:
         t0 = time.perf_counter()
@@ -468,17 +476,36 @@ def benchmark(real: RealFeatures, settings: Settings, log: Log) -> dict[str, Any
             config, queries, classes, settings.batch, settings.recall_queries
         )
         log(f"{config.name}: {queries.shape[0]} queries scored in {time.perf_counter() - t0:.0f}s")
-    exact = measured["flat"]
-    thresholds = {
-        f"{r:.2f}": threshold_for_retention(exact.scores[correct], r)
-        for r in sorted({*RETENTIONS, settings.retention})
+    return measured
+
+
+def _thresholds(correct_scores: np.ndarray, retention: float) -> dict[str, float]:
+    """The threshold at each retention (keyed ``"0.98"``), from the exact-search scores of the
+    correctly classified queries: the verdicts are compared at the operating point and at the
+    others a bundle may be calibrated for."""
+    return {
+        f"{r:.2f}": threshold_for_retention(correct_scores, r)
+        for r in sorted({*RETENTIONS, retention})
     }
-    load_timing = list(os.getloadavg())
+
+
+def _timed_rows(
+    configs: Sequence[Config],
+    measured: dict[str, Measured],
+    queries: np.ndarray,
+    classes: np.ndarray,
+    thresholds: dict[str, float],
+    settings: Settings,
+    log: Log,
+) -> list[dict[str, Any]]:
+    """One row per configuration: its timing (interleaved rounds) beside its agreement with
+    exact search; each row logged, so that a long run shows its results as they come."""
     t0 = time.perf_counter()
     seconds = time_configs(
         configs, queries, classes, settings.batch, settings.rounds, settings.batches_per_round
     )
     log(f"timed {settings.rounds} interleaved rounds in {time.perf_counter() - t0:.0f}s")
+    exact = measured["flat"]
     rows = [
         _row(c, measured[c.name], exact, seconds[c.name], seconds["flat"], thresholds, settings)
         for c in configs
@@ -489,29 +516,70 @@ def benchmark(real: RealFeatures, settings: Settings, log: Log) -> dict[str, Any
             f"recall {row[f'recall_at_{settings.k}']:.3f}, "
             f"verdicts differ {100 * row['disagreement']:.2f}%"
         )
-    eligible = [r for r in rows[1:] if r["disagreement"] <= settings.max_disagreement + 1e-12]
-    best = min(eligible, key=lambda r: r["ms_per_query_median"]) if eligible else None
+    return rows
+
+
+def _recommended(rows: list[dict[str, Any]], max_disagreement: float) -> str | None:
+    """The fastest IVF configuration whose verdicts differ from exact search on at most
+    ``max_disagreement`` of the queries (with a little slack for float error); None: keep flat."""
+    eligible = [r for r in rows[1:] if r["disagreement"] <= max_disagreement + 1e-12]
+    if not eligible:
+        return None
+    best: str = min(eligible, key=lambda r: r["ms_per_query_median"])["config"]
+    return best
+
+
+def _data_summary(
+    real: RealFeatures,
+    scaled: ScaledSet,
+    shape: tuple[int, int],
+    correct: np.ndarray,
+    exact_scores: np.ndarray,
+) -> dict[str, Any]:
+    """What was indexed and queried (sizes, origin, the queries' accuracy and how well exact
+    search separates their errors), so that each row can be read against its data."""
+    indexed, dim = shape
+    return {
+        "origin": real.origin,
+        "train_features": list(real.train.shape),
+        "tiles": math.ceil(scaled.n / real.train.shape[0]),
+        "indexed": indexed,
+        "dim": dim,
+        "classes": int(np.unique(scaled.labels).size),
+        "queries": int(real.queries.shape[0]),
+        "queries_correct": int(correct.sum()),
+        "query_accuracy": float(correct.mean()),
+        "exact_auroc_correct_vs_errors": (
+            auroc(exact_scores[correct], exact_scores[~correct]) if (~correct).any() else None
+        ),
+    }
+
+
+def benchmark(real: RealFeatures, settings: Settings, log: Log) -> dict[str, Any]:
+    """Every measurement, as a JSON-ready dict (rows: flat first, then each IVF config)."""
+    started = time.perf_counter()
+    load_before = list(os.getloadavg())
+    scaled = ScaledSet.make(real, settings.n, settings.dim, settings.noise, settings.seed)
+    configs, shape = _processed_configs(scaled, settings, started, log)
+    queries = scaled.lift.apply(real.queries)
+    classes = real.query_predictions
+    correct = classes == real.query_labels
+    if not correct.any():
+        raise ValueError("no query is classified correctly: cannot calibrate")
+    measured = _score_configs(configs, queries, classes, settings, log)
+    exact = measured["flat"]
+    thresholds = _thresholds(exact.scores[correct], settings.retention)
+    load_timing = list(os.getloadavg())
+    rows = _timed_rows(configs, measured, queries, classes, thresholds, settings, log)
+    recommended = _recommended(rows, settings.max_disagreement)
     return {
         "settings": vars(settings),
-        "data": {
-            "origin": real.origin,
-            "train_features": list(real.train.shape),
-            "tiles": math.ceil(settings.n / real.train.shape[0]),
-            "indexed": indexed,
-            "dim": dim,
-            "classes": int(np.unique(scaled.labels).size),
-            "queries": int(queries.shape[0]),
-            "queries_correct": int(correct.sum()),
-            "query_accuracy": float(correct.mean()),
-            "exact_auroc_correct_vs_errors": (
-                auroc(exact.scores[correct], exact.scores[~correct]) if (~correct).any() else None
-            ),
-        },
+        "data": _data_summary(real, scaled, shape, correct, exact.scores),
         "faiss": search.faiss_version(),
         "thresholds": thresholds,
         "threshold": thresholds[f"{settings.retention:.2f}"],
         "rows": rows,
-        "recommended": best["config"] if best is not None else None,
+        "recommended": recommended,
         "load_average": {
             "before": load_before,
             "before_timing": load_timing,

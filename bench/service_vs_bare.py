@@ -45,7 +45,7 @@ import contextlib
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +302,83 @@ async def scrape(host: str, port: int) -> dict[str, float]:
     return metric_values(body.decode())
 
 
+@dataclass
+class _LoadTally:
+    """What a load level's clients have seen so far, shared by all of them; ``issued`` is the
+    number of the next request to send, so that the clients together send the requests in turn."""
+
+    issued: int
+    latencies: list[float] = field(default_factory=list)
+    in_app: list[float] = field(default_factory=list)  # the service's own time (Server-Timing)
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+async def _load_client(
+    host: str, port: int, requests: list[bytes], deadline: float, tally: _LoadTally
+) -> None:
+    """One closed-loop client on its own keep-alive connection: it sends the next request as
+    soon as its last one is answered, until ``deadline``, so the load is ``concurrency``
+    requests in flight whatever the service's speed."""
+    connection = RawConnection(host, port)
+    try:
+        while time.perf_counter() < deadline:
+            raw = requests[tally.issued % len(requests)]
+            tally.issued += 1
+            t0 = time.perf_counter()
+            status, headers, _ = await connection.request(raw)
+            tally.latencies.append(time.perf_counter() - t0)
+            tally.statuses[str(status)] = tally.statuses.get(str(status), 0) + 1
+            match = re.search(r"dur=([0-9.]+)", headers.get("server-timing", ""))
+            if match:
+                tally.in_app.append(float(match.group(1)) / 1000.0)
+    finally:
+        await connection.close()
+
+
+def _client_figures(tally: _LoadTally, elapsed: float) -> dict[str, Any]:
+    """What the load client saw: statuses, throughput of answered requests, and latencies (with
+    the in-app time the service reported per request, to tell its time from the network's)."""
+    ok = tally.statuses.get("200", 0)
+    return {
+        "requests": len(tally.latencies),
+        "statuses": tally.statuses,
+        "seconds": round(elapsed, 2),
+        "throughput_images_per_s": round(ok / elapsed, 1),
+        "latency_ms_p50": pct(tally.latencies, 50),
+        "latency_ms_p99": pct(tally.latencies, 99),
+        "latency_ms_mean": round(float(np.mean(tally.latencies)) * 1000.0, 2),
+        "in_app_ms_mean": round(float(np.mean(tally.in_app)) * 1000.0, 2) if tally.in_app else None,
+        "in_app_ms_p99": pct(tally.in_app, 99),
+    }
+
+
+def _metric_figures(delta: dict[str, float], elapsed: float) -> dict[str, Any]:
+    """The service's own account of the level, from the change of its /metrics counters over it:
+    where a request's time went by stage, what the query screening cost, and how the batcher
+    grouped the requests (a zero count is taken as one: no division by zero on an idle level)."""
+    classified = delta["total_count"] or 1.0
+    batches = delta["batch_count"] or 1.0
+    mean_ms = {
+        stage: round(delta[f"{stage}_sum"] / (delta[f"{stage}_count"] or 1.0) * 1000.0, 2)
+        for stage in STAGES
+    }
+    screened = delta["screened"] or 1.0
+    screening_ms = {
+        part: round(delta[f"screening_{part}"] / screened * 1000.0, 3) for part in SCREENING_PARTS
+    }
+    return {
+        "stage_ms_mean": mean_ms,
+        # per screened query, and the share of one thread the screening kept busy
+        "screening_ms_per_query": screening_ms,
+        "screening_busy": round(
+            sum(delta[f"screening_{part}"] for part in SCREENING_PARTS) / elapsed, 3
+        ),
+        "mean_batch_size": round(delta["batch_sum"] / batches, 2),
+        "batches_per_s": round(delta["batch_count"] / elapsed, 1),
+        "classified": int(classified),
+    }
+
+
 async def load_level(
     host: str,
     port: int,
@@ -316,67 +393,21 @@ async def load_level(
     same service goes on, so that a run's slices together go through every request before any
     is sent again (distinct uploads, as honest traffic mostly is: a resent image takes the
     query screening's near-duplicate path)."""
-    latencies: list[float] = []
-    in_app: list[float] = []
-    statuses: dict[str, int] = {}
-    issued = first
+    tally = _LoadTally(issued=first)
     before = await scrape(host, admin_port)
     started = time.perf_counter()
     deadline = started + seconds
-
-    async def worker() -> None:
-        nonlocal issued
-        connection = RawConnection(host, port)
-        try:
-            while time.perf_counter() < deadline:
-                raw = requests[issued % len(requests)]
-                issued += 1
-                t0 = time.perf_counter()
-                status, headers, _ = await connection.request(raw)
-                latencies.append(time.perf_counter() - t0)
-                statuses[str(status)] = statuses.get(str(status), 0) + 1
-                match = re.search(r"dur=([0-9.]+)", headers.get("server-timing", ""))
-                if match:
-                    in_app.append(float(match.group(1)) / 1000.0)
-        finally:
-            await connection.close()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(
+        *(_load_client(host, port, requests, deadline, tally) for _ in range(concurrency))
+    )
     elapsed = time.perf_counter() - started
     after = await scrape(host, admin_port)
     delta = {key: after[key] - before[key] for key in after}
-    ok = statuses.get("200", 0)
-    count = delta["total_count"] or 1.0
-    batches = delta["batch_count"] or 1.0
-    mean_ms = {
-        stage: round(delta[f"{stage}_sum"] / (delta[f"{stage}_count"] or 1.0) * 1000.0, 2)
-        for stage in STAGES
-    }
-    screened = delta["screened"] or 1.0
-    screening_ms = {
-        part: round(delta[f"screening_{part}"] / screened * 1000.0, 3) for part in SCREENING_PARTS
-    }
     return {
         "concurrency": concurrency,
-        "requests": len(latencies),
-        "statuses": statuses,
-        "seconds": round(elapsed, 2),
-        "throughput_images_per_s": round(ok / elapsed, 1),
-        "latency_ms_p50": pct(latencies, 50),
-        "latency_ms_p99": pct(latencies, 99),
-        "latency_ms_mean": round(float(np.mean(latencies)) * 1000.0, 2),
-        "in_app_ms_mean": round(float(np.mean(in_app)) * 1000.0, 2) if in_app else None,
-        "in_app_ms_p99": pct(in_app, 99),
-        "stage_ms_mean": mean_ms,
-        # per screened query, and the share of one thread the screening kept busy
-        "screening_ms_per_query": screening_ms,
-        "screening_busy": round(
-            sum(delta[f"screening_{part}"] for part in SCREENING_PARTS) / elapsed, 3
-        ),
-        "mean_batch_size": round(delta["batch_sum"] / batches, 2),
-        "batches_per_s": round(delta["batch_count"] / elapsed, 1),
-        "classified": int(count),
-        "next_request": issued,
+        **_client_figures(tally, elapsed),
+        **_metric_figures(delta, elapsed),
+        "next_request": tally.issued,
     }
 
 

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,79 @@ async def closed_loop(base: str, images: list[bytes], concurrency: int, seconds:
         return ok / (time.perf_counter() - started)
 
 
+_MAX_IN_FLIGHT = 256  # the open loop's connection cap: past it, requests are counted, not sent
+
+
+@dataclass
+class _OpenLoopTally:
+    """What the open loop's requests have done so far, shared by the request tasks and the
+    sampler; the sampler empties ``window`` at each sample, so each sample reads its own."""
+
+    window: list[float] = field(default_factory=list)  # seconds of the 200s since the last sample
+    statuses: dict[str, int] = field(default_factory=dict)  # status code or error: count
+    in_flight: int = 0
+    not_sent: int = 0  # due while _MAX_IN_FLIGHT requests were in flight
+
+
+async def _send(client: httpx.AsyncClient, image: bytes, tally: _OpenLoopTally) -> None:
+    """One request from a new client id (so that Redis gets a new client's keys each time),
+    tallied by status, or by error type when the request fails (a soak must not stop on one)."""
+    tally.in_flight += 1
+    t0 = time.perf_counter()
+    try:
+        response = await client.post(
+            "/classify",
+            files={"file": ("x.jpg", image)},
+            headers={"X-Client-ID": uuid.uuid4().hex},
+        )
+        key = str(response.status_code)
+        if response.status_code == 200:
+            tally.window.append(time.perf_counter() - t0)
+    except httpx.HTTPError as exc:
+        key = type(exc).__name__
+    finally:
+        tally.in_flight -= 1
+    tally.statuses[key] = tally.statuses.get(key, 0) + 1
+
+
+def _launch(
+    client: httpx.AsyncClient,
+    image: bytes,
+    tally: _OpenLoopTally,
+    tasks: set[asyncio.Task[None]],
+) -> None:
+    """Starts one request without waiting for it (open loop: the rate does not slow down with the
+    service), unless _MAX_IN_FLIGHT are in flight: then it is counted as not sent, so that an
+    overloaded service shows as a count rather than as a client queue growing without bound."""
+    if tally.in_flight < _MAX_IN_FLIGHT:
+        task = asyncio.create_task(_send(client, image, tally))
+        tasks.add(task)  # held until done: the event loop keeps only weak references
+        task.add_done_callback(tasks.discard)
+    else:
+        tally.not_sent += 1
+
+
+def _sample(
+    tally: _OpenLoopTally, started: float, sample_s: float, pid: int, store: redis.Redis
+) -> dict[str, Any]:
+    """The server's and Redis's state now, and the window's served rate and p99: what a soak
+    watches for growth."""
+    info = store.info("memory")
+    lat = np.array(tally.window) * 1000.0 if tally.window else np.array([np.nan])
+    return {
+        "t_s": round(time.perf_counter() - started, 1),
+        "rss_mb": round(rss_mb(pid), 1),
+        "open_fds": open_fds(pid),
+        "redis_used_memory_mb": round(info["used_memory"] / 2**20, 2),
+        "redis_keys": int(store.dbsize()),
+        "served_per_s": round(len(tally.window) / sample_s, 1),
+        "p99_ms": round(float(np.percentile(lat, 99)), 1),
+        "in_flight": tally.in_flight,
+        "statuses_so_far": dict(tally.statuses),
+        "not_sent_256_in_flight": tally.not_sent,
+    }
+
+
 async def open_loop(
     base: str,
     images: list[bytes],
@@ -64,32 +138,9 @@ async def open_loop(
     store: redis.Redis,
 ) -> list[dict[str, Any]]:
     samples: list[dict[str, Any]] = []
-    window: list[float] = []
-    statuses: dict[str, int] = {}
-    in_flight = 0
-    dropped_client_side = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    tally = _OpenLoopTally()
+    limits = httpx.Limits(max_connections=_MAX_IN_FLIGHT, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as client:
-
-        async def one(i: int) -> None:
-            nonlocal in_flight
-            in_flight += 1
-            t0 = time.perf_counter()
-            try:
-                response = await client.post(
-                    "/classify",
-                    files={"file": ("x.jpg", images[i % len(images)])},
-                    headers={"X-Client-ID": uuid.uuid4().hex},
-                )
-                key = str(response.status_code)
-                if response.status_code == 200:
-                    window.append(time.perf_counter() - t0)
-            except httpx.HTTPError as exc:
-                key = type(exc).__name__
-            finally:
-                in_flight -= 1
-            statuses[key] = statuses.get(key, 0) + 1
-
         started = time.perf_counter()
         next_sample = started + sample_s
         tasks: set[asyncio.Task[None]] = set()
@@ -99,32 +150,12 @@ async def open_loop(
             if due > now:
                 await asyncio.sleep(min(due - now, max(0.0, next_sample - now)))
             if time.perf_counter() >= due:
-                if in_flight < 256:
-                    task = asyncio.create_task(one(i))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                else:
-                    dropped_client_side += 1
+                _launch(client, images[i % len(images)], tally, tasks)
                 i += 1
             if time.perf_counter() >= next_sample:
-                info = store.info("memory")
-                lat = np.array(window) * 1000.0 if window else np.array([np.nan])
-                samples.append(
-                    {
-                        "t_s": round(time.perf_counter() - started, 1),
-                        "rss_mb": round(rss_mb(pid), 1),
-                        "open_fds": open_fds(pid),
-                        "redis_used_memory_mb": round(info["used_memory"] / 2**20, 2),
-                        "redis_keys": int(store.dbsize()),
-                        "served_per_s": round(len(window) / sample_s, 1),
-                        "p99_ms": round(float(np.percentile(lat, 99)), 1),
-                        "in_flight": in_flight,
-                        "statuses_so_far": dict(statuses),
-                        "not_sent_256_in_flight": dropped_client_side,
-                    }
-                )
+                samples.append(_sample(tally, started, sample_s, pid, store))
                 print(samples[-1], flush=True)
-                window.clear()
+                tally.window.clear()
                 next_sample += sample_s
         await asyncio.gather(*tasks)
     return samples

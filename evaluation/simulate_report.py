@@ -56,10 +56,24 @@ def markdown(
     meta: dict[str, Any],
     stress: Sequence[str] = (),
 ) -> str:
-    policies = list(outcomes)
     horizon = meta["requests"]
     checkpoints = [n for n in next(iter(outcomes.values())).honest_flagged if n != horizon]
-    lines = [
+    lines = _setup_section(meta, horizon)
+    lines += _honest_flagged_table(outcomes, default, checkpoints, horizon)
+    lines += _time_to_flag_table(
+        outcomes, "Requests until an attacker is flagged: median / p90 / share never flagged", kinds
+    )
+    lines += _stress_sections(outcomes, stress, horizon)
+    lines += _by_class_section(meta.get("honest_by_class", {}))
+    lines += _pool_scores_section(meta["pools"])
+    lines += _default_and_command(meta, default, horizon)
+    return "\n".join(lines)
+
+
+def _setup_section(meta: dict[str, Any], horizon: int) -> list[str]:
+    """The title and the traffic simulated: a reader must know the population, the horizon and
+    what the thresholds were calibrated for before any share below means anything."""
+    return [
         f"# Attack-source detection: {meta['bundle']}",
         "",
         f"{meta['honest_clients']} honest clients and {meta['attack_clients']} clients per "
@@ -73,6 +87,18 @@ def markdown(
             if meta.get("flag_per_class")
             else "The policies average the guard's raw scores."
         ),
+    ]
+
+
+def _honest_flagged_table(
+    outcomes: dict[PolicyKind, PolicyOutcome],
+    default: PolicyKind | None,
+    checkpoints: Sequence[int],
+    horizon: int,
+) -> list[str]:
+    """One row per policy: the share of honest clients flagged at each checkpoint, with the
+    interval at the horizon, since the false-flag cost is what the default is first judged on."""
+    lines = [
         "",
         "## Honest clients flagged (share, 95% Wilson interval within the horizon)",
         "",
@@ -81,8 +107,7 @@ def markdown(
         + f" | within {horizon} | 95% CI |",
         "|---|---|" + "---|" * (len(checkpoints) + 2),
     ]
-    for kind in policies:
-        o = outcomes[kind]
+    for kind, o in outcomes.items():
         lo, hi = o.honest_interval
         cells = [f"{100 * o.honest_flagged[n]:.2f}%" for n in [*checkpoints, horizon]]
         mark = " (default)" if kind == default else ""
@@ -91,24 +116,33 @@ def markdown(
             + " | ".join(cells)
             + f" | {100 * lo:.2f}-{100 * hi:.2f}% |"
         )
-    lines += _time_to_flag_table(
-        outcomes, "Requests until an attacker is flagged: median / p90 / share never flagged", kinds
-    )
-    lines += _stress_sections(outcomes, stress, horizon)
-    lines += _by_class_section(meta.get("honest_by_class", {}))
-    lines += [
+    return lines
+
+
+def _pool_scores_section(pools: dict[str, dict[str, Any]]) -> list[str]:
+    """The guard's scores of each traffic pool: how separable the clients' requests are one by
+    one, which bounds what any policy averaging them can do."""
+    lines = [
         "",
         "## Scores of the traffic (the bundle's guard)",
         "",
         "| pool | images | mean score | rejected at the service threshold |",
         "|---|---|---|---|",
     ]
-    for name, pool in meta["pools"].items():
+    for name, pool in pools.items():
         lines.append(
             f"| {name} | {pool['images']} | {pool['mean_score']:.3f} | "
             f"{100 * pool['rejected_share']:.1f}% |"
         )
-    lines += [
+    return lines
+
+
+def _default_and_command(
+    meta: dict[str, Any], default: PolicyKind | None, horizon: int
+) -> list[str]:
+    """The default chosen and the rule that chose it (fixed before measuring), and the command
+    that reproduces the run."""
+    return [
         "",
         f"Default policy by the rule fixed before measuring (`choose_default`: honest clients "
         f"flagged within {horizon} <= {100 * meta['max_false_flag_rate']:g}%, and so for the "
@@ -119,7 +153,6 @@ def markdown(
         f"Command: `{meta['command']}`; {meta['seconds']:.0f} s.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _time_to_flag_table(
