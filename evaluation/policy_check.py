@@ -393,14 +393,17 @@ def result_key(attack: str, policy: str, in_process: bool, ids: int, first: int 
     )
 
 
+def recorded(directory: Path) -> dict[str, Any]:
+    """The results file as it is now (no file yet: no checks)."""
+    out_file = directory / "policy_check.json"
+    return json.loads(out_file.read_text()) if out_file.is_file() else {"checks": {}}
+
+
 def record(directory: Path, key: str, summary: dict[str, Any]) -> None:
     """Add one check to the results file as it is *now*: checks run side by side (one attack
     each, hours long) keep each other's rows; a pool of an earlier check under the same key
     goes (``pool``)."""
-    out_file = directory / "policy_check.json"
-    results: dict[str, Any] = (
-        json.loads(out_file.read_text()) if out_file.is_file() else {"checks": {}}
-    )
+    results = recorded(directory)
     results["checks"][key] = summary
     # a pool that holds the replaced check no longer says what its checks say: dropped
     if "pooled" in results:
@@ -453,6 +456,7 @@ def pool(results: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
 
 
 def pooled_table(pooled: dict[str, Any]) -> str:
+    """The pools' figures, one row each, with the checks each pools (``table``'s cells)."""
     lines = [
         "| attack | policy | checks pooled | images | succeeded live (truly adversarial) | "
         "stopped as stalled | detected before first success | median queries to detection | "
@@ -473,8 +477,7 @@ def pooled_table(pooled: dict[str, Any]) -> str:
 def record_pooled(directory: Path, keys: Sequence[str]) -> dict[str, Any]:
     """Pool recorded checks (``pool``) and add the result to the results file, named by its
     checks' keys joined with " + "."""
-    out_file = directory / "policy_check.json"
-    results: dict[str, Any] = json.loads(out_file.read_text())
+    results = recorded(directory)
     pooled = pool(results, keys)
     results.setdefault("pooled", {})[" + ".join(keys)] = pooled
     write(results, directory)
