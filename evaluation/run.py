@@ -230,71 +230,76 @@ def layer_views(
 def ablation_columns(names: list[str]) -> Iterator[tuple[str, list[int], Combination | None]]:
     """(label, columns, combination) of every ablation of the all-statistics bundle: each
     statistic family alone, each candidate preset with each combination, layer subsets."""
-    from index_builder.detectors import (
-        CANDIDATE_COMBINATIONS,
-        HIGHPASS_STATISTIC,
-        LOG_HIGHPASS_STATISTIC,
-    )
+    from index_builder.detectors import CANDIDATE_COMBINATIONS
 
-    def pick(predicate: Callable[[str], bool]) -> list[int]:
-        return [i for i, n in enumerate(names) if predicate(n)]
-
-    def block_maha(name: str) -> bool:  # a block's Mahalanobis, not the pixels'
-        return name.startswith("mahalanobis@") and name.split("@")[1] not in PIXEL_LAYERS
-
-    last = names[0].split("@")[1]  # the vote is at the last block
-    stage_ends = {n.split("@")[1] for n in names if n.split("@")[1].endswith(".2")} | {last}
-    families: dict[str, list[int]] = {
-        "vote (paper)": [0],
-        "mahalanobis@last": pick(lambda n: n == f"mahalanobis@{last}"),
-        "knn_distance@last": pick(
-            lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")
-        ),
-        "mahalanobis@blocks": pick(block_maha),
-        "knn_distance@blocks": pick(lambda n: n.startswith("knn_distance")),
-        "vote+mahalanobis@blocks": [0, *pick(block_maha)],
-        "vote+mahalanobis@stages": [
-            0,
-            *pick(lambda n: block_maha(n) and n.split("@")[1] in stage_ends),
-        ],
-        "vote+knn_distance@last": [
-            0,
-            *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
-        ],
-        "vote+knn_distance@blocks": [0, *pick(lambda n: n.startswith("knn_distance"))],
-        "vote+mahalanobis@blocks+knn_distance@last": [
-            0,
-            *pick(block_maha),
-            *pick(lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")),
-        ],
-    }
-
-    # The boundary statistic (margin) and the noise statistics (the pixels' high-pass energy,
-    # raw and in log space), each alone and added to every family that holds the vote: the
-    # candidates' "+margin", "+hp" and "+lhp" variants (the two noise statistics never together).
-    def add(alone: str, suffix: str, extra: list[int], bases: list[tuple[str, list[int]]]) -> None:
-        families[alone] = extra
-        families.update(
-            {f"{label.removesuffix(' (paper)')}+{suffix}": [*c, *extra] for label, c in bases}
-        )
-
-    def with_vote() -> list[tuple[str, list[int]]]:
-        return [(label, columns) for label, columns in families.items() if 0 in columns]
-
-    margin = pick(lambda n: n.startswith("margin@"))
-    if margin:
-        add("margin", "margin", margin, with_vote())
-    noise_bases = with_vote()
-    for alone, suffix in ((HIGHPASS_STATISTIC, "hp"), (LOG_HIGHPASS_STATISTIC, "lhp")):
-        extra = [i for i, n in enumerate(names) if n == alone]
-        if extra:
-            add(alone, suffix, extra, noise_bases)
+    families = _statistic_families(names)
+    _add_boundary_and_noise(families, names)
     for label, columns in families.items():
         if len(columns) == 1:
             yield label, columns, None
             continue
         for combination in CANDIDATE_COMBINATIONS:
             yield f"{label} [{combination}]", columns, combination
+
+
+def _columns_where(names: list[str], predicate: Callable[[str], bool]) -> list[int]:
+    """The columns of the statistics whose names ``predicate`` keeps."""
+    return [i for i, name in enumerate(names) if predicate(name)]
+
+
+def _statistic_families(names: list[str]) -> dict[str, list[int]]:
+    """Label -> columns of the vote, the class-conditional distances and their layer subsets
+    (the vote is column 0, at the last block; a stage ends at a block named ``*.2``)."""
+
+    def block_maha(name: str) -> bool:  # a block's Mahalanobis, not the pixels'
+        return name.startswith("mahalanobis@") and name.split("@")[1] not in PIXEL_LAYERS
+
+    last = names[0].split("@")[1]
+    stage_ends = {n.split("@")[1] for n in names if n.split("@")[1].endswith(".2")} | {last}
+    maha_last = _columns_where(names, lambda n: n == f"mahalanobis@{last}")
+    maha_blocks = _columns_where(names, block_maha)
+    maha_stages = _columns_where(names, lambda n: block_maha(n) and n.split("@")[1] in stage_ends)
+    knn_last = _columns_where(
+        names, lambda n: n.startswith("knn_distance") and n.endswith(f"@{last}")
+    )
+    knn_blocks = _columns_where(names, lambda n: n.startswith("knn_distance"))
+    return {
+        "vote (paper)": [0],
+        "mahalanobis@last": maha_last,
+        "knn_distance@last": knn_last,
+        "mahalanobis@blocks": maha_blocks,
+        "knn_distance@blocks": knn_blocks,
+        "vote+mahalanobis@blocks": [0, *maha_blocks],
+        "vote+mahalanobis@stages": [0, *maha_stages],
+        "vote+knn_distance@last": [0, *knn_last],
+        "vote+knn_distance@blocks": [0, *knn_blocks],
+        "vote+mahalanobis@blocks+knn_distance@last": [0, *maha_blocks, *knn_last],
+    }
+
+
+def _add_boundary_and_noise(families: dict[str, list[int]], names: list[str]) -> None:
+    """The boundary statistic (margin) and the noise statistics (the pixels' high-pass energy,
+    raw and in log space), each alone and added to every family that holds the vote: the
+    candidates' "+margin", "+hp" and "+lhp" variants (the two noise statistics never together)."""
+    from index_builder.detectors import HIGHPASS_STATISTIC, LOG_HIGHPASS_STATISTIC
+
+    def with_vote() -> list[tuple[str, list[int]]]:
+        return [(label, columns) for label, columns in families.items() if 0 in columns]
+
+    def add(alone: str, suffix: str, extra: list[int], bases: list[tuple[str, list[int]]]) -> None:
+        families[alone] = extra
+        families.update(
+            {f"{label.removesuffix(' (paper)')}+{suffix}": [*c, *extra] for label, c in bases}
+        )
+
+    margin = _columns_where(names, lambda n: n.startswith("margin@"))
+    if margin:
+        add("margin", "margin", margin, with_vote())
+    noise_bases = with_vote()
+    for alone, suffix in ((HIGHPASS_STATISTIC, "hp"), (LOG_HIGHPASS_STATISTIC, "lhp")):
+        extra = [i for i, name in enumerate(names) if name == alone]
+        if extra:
+            add(alone, suffix, extra, noise_bases)
 
 
 def statistic_views(bundle: Path) -> list[tuple[DetectorConfig, Guard]]:

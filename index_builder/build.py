@@ -391,6 +391,13 @@ def check_config(config: BuildConfig) -> None:
     after the extraction (values out of range), and the paths it would destroy: the write
     replaces ``out`` and the work directory is deleted at the end, so neither may hold anything
     but a bundle and the builder's own chunks."""
+    problems = [*_value_problems(config), *_license_problems(config), *_path_problems(config)]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _value_problems(config: BuildConfig) -> list[str]:
+    """The numeric options out of range, each as the message that names it."""
     counts = {
         "--k": config.k,
         "--pca-dims": config.pca_dims,
@@ -407,14 +414,6 @@ def check_config(config: BuildConfig) -> None:
         problems.append(f"--per-class-limit must be at least 1 (got {config.per_class_limit})")
     if config.num_workers < 0:
         problems.append(f"--workers must be at least 0 (got {config.num_workers})")
-    license_file = config.license_file
-    if license_file is not None and not license_file.is_file():
-        problems.append(f"--license-file {license_file} is not a file")
-    elif license_file is not None and license_file.suffix.lower() in BUNDLE_SUFFIXES:
-        problems.append(
-            f"--license-file {license_file.name}: a {license_file.suffix} name could replace a "
-            "bundle file; give the notice a text name (LICENSE, NOTICE.txt, ...)"
-        )
     if config.calibration_source is None and not 0.0 < config.holdout_fraction < 1.0:
         problems.append(
             f"--holdout-fraction must be between 0 and 1 (got {config.holdout_fraction})"
@@ -422,6 +421,28 @@ def check_config(config: BuildConfig) -> None:
     offered = sorted(retention_key(r) for r in RETENTIONS)
     if retention_key(config.retention) not in offered:
         problems.append(f"--retention must be one of {', '.join(offered)} (got {config.retention})")
+    return problems
+
+
+def _license_problems(config: BuildConfig) -> list[str]:
+    """A licence notice that is missing, or named so that it could replace a bundle file."""
+    license_file = config.license_file
+    if license_file is None:
+        return []
+    if not license_file.is_file():
+        return [f"--license-file {license_file} is not a file"]
+    if license_file.suffix.lower() in BUNDLE_SUFFIXES:
+        return [
+            f"--license-file {license_file.name}: a {license_file.suffix} name could replace a "
+            "bundle file; give the notice a text name (LICENSE, NOTICE.txt, ...)"
+        ]
+    return []
+
+
+def _path_problems(config: BuildConfig) -> list[str]:
+    """The output, staging and work directories the build would replace or delete while they
+    hold something it did not write."""
+    problems = []
     out = config.out
     if out.exists() and not out.is_dir():
         problems.append(f"--out {out} exists and is not a directory")
@@ -448,8 +469,7 @@ def check_config(config: BuildConfig) -> None:
                 f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): the build "
                 "deletes its work directory when done; pass a new or empty --work-dir"
             )
-    if problems:
-        raise ConfigError("; ".join(problems))
+    return problems
 
 
 def resolve_detector(
