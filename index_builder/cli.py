@@ -21,35 +21,36 @@ if TYPE_CHECKING:
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    """``advguard build``'s options, in the groups its ``--help`` shows them by."""
+    _add_input_arguments(parser.add_argument_group("images, model and output"))
+    _add_detector_arguments(parser.add_argument_group("detector"))
+    _add_index_arguments(parser.add_argument_group("features and index"))
+    _add_calibration_arguments(parser.add_argument_group("calibration"))
+    _add_run_arguments(parser.add_argument_group("run"))
+
+
+Options = argparse._ActionsContainer  # a parser or an argument group: both add arguments
+
+
+def _add_input_arguments(group: Options) -> None:
+    group.add_argument(
         "--source",
         type=Path,
         required=True,
         help="ImageFolder directory or .tar/.tar.gz of that layout",
     )
-    parser.add_argument("--split", help="split folder inside the source (e.g. train)")
-    parser.add_argument(
+    group.add_argument("--split", help="split folder inside the source (e.g. train)")
+    group.add_argument(
         "--arch", required=True, help="resnet20..resnet110 (CIFAR) or a torchvision model name"
     )
-    parser.add_argument("--weights", type=Path, required=True, help="local state-dict file")
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    parser.add_argument(
-        "--layer",
-        action="append",
-        dest="layers",
-        default=[],
-        help="feature layer with the paper's vote (module name), repeatable; overrides --detector",
-    )
-    parser.add_argument("--processing", choices=PROCESSING_KINDS, default="pca_whiten")
-    parser.add_argument("--pca-dims", type=int, default=DEFAULT_PCA_DIMS)
-    parser.add_argument("--index", dest="index_type", choices=INDEX_TYPES, default="flat")
-    parser.add_argument("--nlist", type=int, default=4096, help="IVF lists")
-    parser.add_argument(
-        "--nprobe", type=int, default=256, help="IVF lists searched per query (bench.search_ivf)"
-    )
-    parser.add_argument("--k", type=int, default=1000)
-    parser.add_argument("--score", dest="score_function", choices=SCORE_FUNCTIONS, default="dwknn")
-    parser.add_argument(
+    group.add_argument("--weights", type=Path, required=True, help="local state-dict file")
+    group.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    group.add_argument("--name", help="bundle name (default: the out directory's name)")
+    group.add_argument("--license-file", type=Path, help="licence notice copied into the bundle")
+
+
+def _add_detector_arguments(group: Options) -> None:
+    group.add_argument(
         "--detector",
         help="detector preset: v2 (default: the paper's vote + the class-conditional kNN "
         "distance at the last block + the logit margin + the Mahalanobis distances of the "
@@ -61,7 +62,14 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "pixels, instead of the flip margin: a second pass for every query), paper (the "
         "paper's one DW-kNN vote at the last layer) or a selection candidate",
     )
-    parser.add_argument(
+    group.add_argument(
+        "--layer",
+        action="append",
+        dest="layers",
+        default=[],
+        help="feature layer with the paper's vote (module name), repeatable; overrides --detector",
+    )
+    group.add_argument(
         "--statistic",
         action="append",
         dest="statistics",
@@ -74,37 +82,114 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
         "quantile), median.logits, the logits of the image median-filtered over 2x2 pixels, "
         "for margin; repeatable; overrides --detector",
     )
-    parser.add_argument(
+    group.add_argument(
         "--combination",
         choices=COMBINATIONS,
         help="how several statistics' p-values combine: fisher, hmp, min_p; single for one "
         "statistic (default: the preset's; hmp for --statistic lists, fisher for several --layer)",
     )
-    parser.add_argument("--class-k", type=int, default=DEFAULT_CLASS_K, help="knn_distance's k")
-    parser.add_argument("--holdout-fraction", type=float, default=0.1)
-    parser.add_argument(
+    group.add_argument(
+        "--k", type=int, default=1000, help="neighbours the vote reads (default: %(default)s)"
+    )
+    group.add_argument(
+        "--score",
+        dest="score_function",
+        choices=SCORE_FUNCTIONS,
+        default="dwknn",
+        help="the vote's score (default: %(default)s, the paper's distance-weighted kNN)",
+    )
+    group.add_argument(
+        "--class-k",
+        type=int,
+        default=DEFAULT_CLASS_K,
+        help="knn_distance's k (default: %(default)s)",
+    )
+
+
+def _add_index_arguments(group: Options) -> None:
+    group.add_argument(
+        "--processing",
+        choices=PROCESSING_KINDS,
+        default="pca_whiten",
+        help="what the indexed features go through (default: %(default)s, the paper's)",
+    )
+    group.add_argument(
+        "--pca-dims",
+        type=int,
+        default=DEFAULT_PCA_DIMS,
+        help="dimensions kept by PCA (default: %(default)s)",
+    )
+    group.add_argument(
+        "--index",
+        dest="index_type",
+        choices=INDEX_TYPES,
+        default="flat",
+        help="FAISS index of the vote's search: flat is exact (default: %(default)s)",
+    )
+    group.add_argument("--nlist", type=int, default=4096, help="IVF lists")
+    group.add_argument(
+        "--nprobe", type=int, default=256, help="IVF lists searched per query (bench.search_ivf)"
+    )
+
+
+def _add_calibration_arguments(group: Options) -> None:
+    group.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=0.1,
+        help="share of the source's images held out for calibration instead of indexed "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
         "--calibration-source",
         type=Path,
         help="separate calibration images (e.g. ILSVRC val) instead of a holdout",
     )
-    parser.add_argument("--calibration-split")
-    parser.add_argument("--per-class-limit", type=int)
-    parser.add_argument(
+    group.add_argument("--calibration-split", help="split folder inside --calibration-source")
+    group.add_argument(
+        "--per-class-limit",
+        type=int,
+        help="the first this many images of each class, in name order (default: all)",
+    )
+    group.add_argument(
         "--retention",
         type=float,
         default=DEFAULT_RETENTION,
         help="share of authentic images kept: 0.90/0.95/0.98/0.99",
     )
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", dest="num_workers", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=8192)
-    parser.add_argument("--work-dir", type=Path, help="chunk directory (default: <out>.work)")
-    parser.add_argument("--keep-work-dir", action="store_true")
-    parser.add_argument("--device", help="cuda / cpu (default: cuda when available)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", help="bundle name (default: the out directory's name)")
-    parser.add_argument("--license-file", type=Path, help="licence notice copied into the bundle")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the holdout's, the calibration split's and the IVF training sample's "
+        "draws (default: %(default)s)",
+    )
+
+
+def _add_run_arguments(group: Options) -> None:
+    group.add_argument(
+        "--batch-size", type=int, default=256, help="images per forward pass (default: %(default)s)"
+    )
+    group.add_argument(
+        "--workers",
+        dest="num_workers",
+        type=int,
+        default=2,
+        help="image-loading processes (default: %(default)s)",
+    )
+    group.add_argument(
+        "--chunk-size",
+        type=int,
+        default=8192,
+        help="images per feature chunk on disk: an interrupted build resumes at chunk "
+        "granularity (default: %(default)s)",
+    )
+    group.add_argument("--work-dir", type=Path, help="chunk directory (default: <out>.work)")
+    group.add_argument(
+        "--keep-work-dir", action="store_true", help="keep the feature chunks after the build"
+    )
+    group.add_argument("--device", help="cuda / cpu (default: cuda when available)")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def config_of(args: argparse.Namespace) -> BuildConfig:
