@@ -21,8 +21,23 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = (
 )
 
 
+DESCRIPTION = """\
+advguard guards an image classifier against adversarial examples: build a bundle of the
+classifier's training features (build), then classify through the guard, one file at a time
+(classify) or as an HTTP service (serve); measure the guard (evaluate, simulate, bench).
+'advguard COMMAND --help' lists a command's options.
+"""
+
+EPILOG = """\
+example: advguard build --source data.tar.gz --split train --arch resnet20 --weights w.th \
+--out bundles/mine && ADVGUARD_BUNDLE=bundles/mine advguard serve (without a build,
+'advguard serve' serves the bundled CIFAR-10 demo)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advguard", description=__doc__)
+    """The ``advguard`` parser; its help is the user's, this module's docstring the developer's."""
+    parser = argparse.ArgumentParser(prog="advguard", description=DESCRIPTION, epilog=EPILOG)
     commands = parser.add_subparsers(dest="command", required=True)
     for module_name in _SUBCOMMAND_MODULES:
         importlib.import_module(module_name).register(commands)

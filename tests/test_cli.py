@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from app.cli import main
 from app.core.errors import ConfigError
 from app.core.features import pick_device
+from index_builder.cli import add_build_arguments
 
 
 def test_a_device_this_machine_lacks_or_torch_does_not_know_is_refused() -> None:
@@ -117,3 +119,32 @@ def test_counts_below_their_minimum_are_refused_by_argparse(
         main(argv)
     assert exited.value.code == 2
     assert "expected at least 1, got 0" in capsys.readouterr().err
+
+
+def test_the_top_help_is_written_for_users(capsys: pytest.CaptureFixture[str]) -> None:
+    """``advguard --help`` showed the module's docstring: reST markup and the names of private
+    tuples. It now says what the tool does, names every command and where its options are."""
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    shown = capsys.readouterr().out
+    for command in ("build", "classify", "serve", "evaluate", "simulate", "bench"):
+        assert command in shown
+    assert "advguard COMMAND --help" in shown and "ADVGUARD_BUNDLE=" in shown
+    assert "``" not in shown and "_SUBCOMMAND_MODULES" not in shown
+
+
+def test_build_help_groups_its_options_and_explains_each(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every ``advguard build`` option says what it does, in one of five named groups."""
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    shown = capsys.readouterr().out
+    for group in ("images, model and output:", "detector:", "features and index:"):
+        assert group in shown
+    assert "calibration:" in shown and "\nrun:" in shown
+    parser = argparse.ArgumentParser()
+    add_build_arguments(parser)
+    silent = [a.option_strings for a in parser._actions if a.help is None]
+    assert silent == []
