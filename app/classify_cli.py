@@ -47,9 +47,13 @@ def _classify(args: argparse.Namespace) -> int:
 
 def register(commands: Any) -> None:
     classify = commands.add_parser("classify", help="print one JSON verdict per image file")
-    classify.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    classify.add_argument(
+        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory (default: the demo's)"
+    )
     classify.add_argument("--device", help="cuda / cpu (default: cuda when available)")
     classify.add_argument("--retention", type=float, help="use another calibrated threshold")
-    classify.add_argument("--batch-size", type=at_least(1), default=256)
-    classify.add_argument("files", type=Path, nargs="+")
+    classify.add_argument(
+        "--batch-size", type=at_least(1), default=256, help="images per forward pass (default: 256)"
+    )
+    classify.add_argument("files", type=Path, nargs="+", help="image files, one verdict each")
     classify.set_defaults(run=_classify)

@@ -30,8 +30,8 @@ classifier's training features (build), then classify through the guard, one fil
 
 EPILOG = """\
 example: advguard build --source data.tar.gz --split train --arch resnet20 --weights w.th \
---out bundles/mine && ADVGUARD_BUNDLE=bundles/mine advguard serve (without a build,
-'advguard serve' serves the bundled CIFAR-10 demo)
+--out bundles/mine && advguard serve --bundle bundles/mine (without a bundle, 'advguard
+serve' serves the bundled CIFAR-10 demo)
 """
 
 

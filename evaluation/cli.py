@@ -29,7 +29,12 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, help="results directory (default: evaluation/results/<name>)"
     )
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/evaluation"))
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(".cache/evaluation"),
+        help="bundles, predictions and attack sets kept between runs (default: %(default)s)",
+    )
     parser.add_argument(
         "--per-class", type=at_least(1), default=100, help="authentic images per class"
     )
@@ -50,7 +55,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-adaptive", action="store_true", help="skip the white-box adaptive attacks"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the holdout's, images' and attacks' draws (default: 0)"
+    )
     parser.add_argument("--threads", type=at_least(1), help="torch CPU threads")
     parser.add_argument(
         "--transfer-from",
@@ -109,20 +116,37 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bundle", type=Path, default=Path("bundles/cifar10-resnet20"))
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path("bundles/cifar10-resnet20"),
+        help="bundle whose scores the policies read (default: %(default)s)",
+    )
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="CIFAR-10 test split")
-    parser.add_argument("--cache-dir", type=Path, default=Path(".cache/evaluation"))
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(".cache/evaluation"),
+        help="where `advguard evaluate` keeps its attack sets (default: %(default)s)",
+    )
     parser.add_argument(
         "--sets", type=Path, help="exported attack sets (default: from `advguard evaluate`)"
     )
     parser.add_argument("--out", type=Path, help="default: evaluation/results/simulation-<name>")
-    parser.add_argument("--honest-clients", type=at_least(1), default=2000)
+    parser.add_argument(
+        "--honest-clients", type=at_least(1), default=2000, help="simulated honest clients"
+    )
     parser.add_argument("--attack-clients", type=at_least(1), default=300, help="per attacker kind")
     parser.add_argument("--requests", type=at_least(1), default=200, help="per client")
     parser.add_argument(
         "--mix-every", type=at_least(1), default=5, help="mixed: 1 adversarial in N"
     )
-    parser.add_argument("--max-false-flag-rate", type=float, default=0.005)
+    parser.add_argument(
+        "--max-false-flag-rate",
+        type=float,
+        default=0.005,
+        help="share of honest clients a policy may flag to be chosen as the default",
+    )
     parser.add_argument(
         "--warm-ups",
         type=at_least(1),
@@ -145,22 +169,24 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "ADVGUARD_FLAG_PER_CLASS=false does (default: per-class p-values where the bundle "
         "has the classes)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the traffic's draws (default: 0)")
     live = parser.add_argument_group("end to end over HTTP (a running service, loopback only)")
     live.add_argument("--url", help="e.g. http://127.0.0.1:8000; adds the live run")
-    live.add_argument("--admin-token", default="")
+    live.add_argument("--admin-token", default="", help="the service's admin token, if it has one")
     live.add_argument(
         "--admin-url",
         help="the service's admin listener (client statistics), e.g. http://127.0.0.1:9000; "
         "default: --url's host on port 9000",
     )
-    live.add_argument("--live-honest-clients", type=at_least(0), default=40)
+    live.add_argument(
+        "--live-honest-clients", type=at_least(0), default=40, help="honest clients sent"
+    )
     live.add_argument(
         "--live-attack-clients", type=at_least(0), default=2, help="per attacker kind"
     )
-    live.add_argument("--live-requests", type=at_least(1), default=60)
+    live.add_argument("--live-requests", type=at_least(1), default=60, help="per client")
     live.add_argument("--live-seconds", type=float, default=600.0, help="time bound")
-    live.add_argument("--concurrency", type=at_least(1), default=8)
+    live.add_argument("--concurrency", type=at_least(1), default=8, help="requests in flight")
 
 
 def run_simulate(args: argparse.Namespace) -> int:

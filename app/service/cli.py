@@ -243,8 +243,12 @@ def register(commands: Any) -> None:
         description="Serve POST /classify with per-client tracking and Prometheus metrics. "
         "Every setting is an ADVGUARD_* environment variable; the options below override them.",
     )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=port_number, default=8000)
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="public listener's address (0.0.0.0: every interface)"
+    )
+    serve.add_argument(
+        "--port", type=port_number, default=8000, help="public listener's port (default: 8000)"
+    )
     serve.add_argument("--bundle", type=Path, help="bundle directory (ADVGUARD_BUNDLE)")
     serve.add_argument("--device", help="cuda / cpu (ADVGUARD_DEVICE)")
     serve.add_argument("--redis-url", help="Redis URL for client tracking (ADVGUARD_REDIS_URL)")
@@ -256,7 +260,17 @@ def register(commands: Any) -> None:
     serve.add_argument(
         "--admin-host", help="address of the admin port (ADVGUARD_ADMIN_HOST; default --host)"
     )
-    serve.add_argument("--log-level", default="info", choices=sorted(uvicorn.config.LOG_LEVELS))
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=sorted(uvicorn.config.LOG_LEVELS),
+        help="uvicorn's log level (default: info)",
+    )
     serve.add_argument("--access-log", action="store_true", help="log every request")
-    serve.add_argument("--graceful-shutdown-s", type=float, default=30.0)
+    serve.add_argument(
+        "--graceful-shutdown-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds the requests in flight get to finish (default: 30)",
+    )
     serve.set_defaults(run=_serve)
