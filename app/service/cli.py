@@ -244,7 +244,9 @@ def register(commands: Any) -> None:
         "Every setting is an ADVGUARD_* environment variable; the options below override them.",
     )
     serve.add_argument(
-        "--host", default="127.0.0.1", help="public listener's address (0.0.0.0: every interface)"
+        "--host",
+        default="127.0.0.1",
+        help="public listener's address (default: 127.0.0.1, this machine only; 0.0.0.0: all)",
     )
     serve.add_argument(
         "--port", type=port_number, default=8000, help="public listener's port (default: 8000)"
