@@ -146,14 +146,52 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--source", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--arch", default="resnet20")
-    parser.add_argument("--weights", type=Path, default=SHARED / "models" / "resnet20-12fca82f.th")
-    parser.add_argument("--batch-size", type=at_least(1), default=256)
-    parser.add_argument("--workers", type=at_least(0), default=2)
-    parser.add_argument("--forward-seconds", type=float, default=15.0)
-    parser.add_argument("--decode-images", type=at_least(1), default=10_000)
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=SHARED / "data" / "cifar10-jpeg.tar.gz",
+        help="ImageFolder directory or .tar/.tar.gz of that layout (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--split",
+        default="train",
+        help="split folder inside the source, '' for none (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--arch",
+        default="resnet20",
+        help="resnet20..resnet110 (CIFAR) or a torchvision model name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=SHARED / "models" / "resnet20-12fca82f.th",
+        help="local state-dict file of --arch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=at_least(1),
+        default=256,
+        help="images per forward pass (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=at_least(0),
+        default=2,
+        help="the build's DataLoader image-loading processes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--forward-seconds",
+        type=float,
+        default=15.0,
+        help="seconds of each bare forward-pass measurement (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--decode-images",
+        type=at_least(1),
+        default=10_000,
+        help="images decoded by the decode-only timing, at most (default: %(default)s)",
+    )
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     parser.add_argument("--keep-bundle", type=Path, default=None, help="keep the built bundle")
     args = parser.parse_args(argv)

@@ -235,14 +235,34 @@ def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ids", type=at_least(1), default=100_000)
-    parser.add_argument("--sample-every", type=at_least(1), default=10_000)
+    parser.add_argument(
+        "--ids",
+        type=at_least(1),
+        default=100_000,
+        help="distinct client ids driven through each tracker (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sample-every",
+        type=at_least(1),
+        default=10_000,
+        help="ids between samples (default: %(default)s)",
+    )
     parser.add_argument(
         "--cap", type=at_least(1), default=20_000, help="memory-capped's max_clients"
     )
     parser.add_argument("--maxmemory", default="8mb", help="redis-maxmemory's maxmemory")
-    parser.add_argument("--attacker-every", type=at_least(1), default=1000)
-    parser.add_argument("--attacker-requests", type=at_least(0), default=10)
+    parser.add_argument(
+        "--attacker-every",
+        type=at_least(1),
+        default=1000,
+        help="every Nth id is an attacker (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--attacker-requests",
+        type=at_least(0),
+        default=10,
+        help="low-scoring requests per attacker (default: %(default)s)",
+    )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # the child's part
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)

@@ -122,7 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=at_least(1), default=4, help="alternating rounds")
     parser.add_argument("--size", type=at_least(1), default=224, help="the uploads' side in pixels")
-    parser.add_argument("--preset", default="imagenet", choices=sorted(PRESETS))
+    parser.add_argument(
+        "--preset",
+        default="imagenet",
+        choices=sorted(PRESETS),
+        help="preprocessing preset: resize and crop (default: %(default)s)",
+    )
     parser.add_argument(
         "--torch-threads",
         type=at_least(0),

@@ -88,12 +88,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=at_least(1), default=200, help="timed calls of each variant")
     parser.add_argument("--image", type=Path, help="a JPEG to use instead of the synthetic one")
-    parser.add_argument("--width", type=at_least(1), default=1920)
-    parser.add_argument("--height", type=at_least(1), default=1080)
+    parser.add_argument(
+        "--width",
+        type=at_least(1),
+        default=1920,
+        help="the synthetic JPEG's width in pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--height",
+        type=at_least(1),
+        default=1080,
+        help="the synthetic JPEG's height in pixels (default: %(default)s)",
+    )
     parser.add_argument("--noise", type=float, default=6.0, help="std of the added noise")
-    parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--preset", default="imagenet", choices=sorted(PRESETS))
-    parser.add_argument("--torch-threads", type=at_least(1), default=1)
+    parser.add_argument(
+        "--quality",
+        type=int,
+        default=90,
+        help="the synthetic JPEG's quality (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="imagenet",
+        choices=sorted(PRESETS),
+        help="preprocessing preset; its resize is the draft's min size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=at_least(1),
+        default=1,
+        help="torch's intra-op threads (default: %(default)s)",
+    )
     parser.add_argument("--name", default="decode_speed", help="results file name")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.torch_threads)

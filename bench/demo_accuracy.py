@@ -67,8 +67,18 @@ def mirrored_rows(bundle: Path, files: list[Path]) -> np.ndarray | None:
 def _parser() -> argparse.ArgumentParser:
     """The options: which bundle, which archive, and how many images per class (a quick run)."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "cifar10-resnet20")
-    parser.add_argument("--data", type=Path, default=SHARED / "data" / "cifar10-jpeg.tar.gz")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=REPO / "bundles" / "cifar10-resnet20",
+        help="bundle directory (default: the demo's)",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SHARED / "data" / "cifar10-jpeg.tar.gz",
+        help="CIFAR-10 JPEG tar with a test/ split (default: %(default)s)",
+    )
     parser.add_argument("--limit", type=at_least(1), help="images per class (default: all 1,000)")
     return parser
 

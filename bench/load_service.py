@@ -120,14 +120,42 @@ async def run_level(
 def _parser() -> argparse.ArgumentParser:
     """The levels, their bounds and the service's batching settings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=at_least(1), nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--concurrency",
+        type=at_least(1),
+        nargs="+",
+        default=[1, 8, 32],
+        help="requests in flight, one level each (default: %(default)s)",
+    )
     parser.add_argument("--requests", type=at_least(1), default=600, help="per level, at most")
     parser.add_argument("--seconds", type=float, default=30.0, help="per level, at most")
-    parser.add_argument("--warmup", type=at_least(0), default=30)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-batch-size", type=at_least(1), default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "service_load")
+    parser.add_argument(
+        "--warmup",
+        type=at_least(0),
+        default=30,
+        help="warm-up requests before the levels, not reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="the service's device: cuda / cpu (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=at_least(1),
+        default=32,
+        help="the service's ADVGUARD_MAX_BATCH_SIZE (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=5.0,
+        help="the service's ADVGUARD_MAX_WAIT_MS (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS / "service_load",
+        help="results path without suffix: .json and .md are written (default: %(default)s)",
+    )
     return parser
 
 

@@ -304,7 +304,13 @@ def budget(text: str) -> float | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queue-size", type=at_least(1), nargs="+", default=[256])
+    parser.add_argument(
+        "--queue-size",
+        type=at_least(1),
+        nargs="+",
+        default=[256],
+        help="ADVGUARD_QUEUE_SIZE values, a server run each (default: %(default)s)",
+    )
     parser.add_argument(
         "--latency-budget-ms",
         type=budget,
@@ -316,10 +322,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--shed-delay-ms", type=float, help="ADVGUARD_SHED_DELAY_MS; default: the service's"
     )
     parser.add_argument("--name", default="overload", help="bench/results/<name>.json and .md")
-    parser.add_argument("--burst-concurrency", type=at_least(1), default=512)
-    parser.add_argument("--burst-seconds", type=float, default=20.0)
-    parser.add_argument("--baseline-requests", type=at_least(1), default=100)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--burst-concurrency",
+        type=at_least(1),
+        default=512,
+        help="clients sending back to back in the burst (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--burst-seconds",
+        type=float,
+        default=20.0,
+        help="the burst's length in seconds (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--baseline-requests",
+        type=at_least(1),
+        default=100,
+        help="one-at-a-time requests before and after the burst (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="the service's device: cuda / cpu (default: %(default)s)"
+    )
     parser.add_argument(
         "--client",
         choices=("raw", "httpx"),

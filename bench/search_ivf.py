@@ -668,23 +668,86 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--n", type=at_least(1), default=ILSVRC_TRAIN_IMAGES, help="indexed rows")
     parser.add_argument("--dim", type=at_least(1), default=256, help="lifted and PCA dimensions")
-    parser.add_argument("--k", type=at_least(1), default=1000)
-    parser.add_argument("--nlist", type=at_least(1), nargs="+", default=[1024, 4096])
     parser.add_argument(
-        "--nprobe", type=at_least(1), nargs="+", default=[8, 16, 32, 64, 128, 256, 512]
+        "--k",
+        type=at_least(1),
+        default=1000,
+        help="neighbours the vote reads (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nlist",
+        type=at_least(1),
+        nargs="+",
+        default=[1024, 4096],
+        help="IVF lists, an index each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nprobe",
+        type=at_least(1),
+        nargs="+",
+        default=[8, 16, 32, 64, 128, 256, 512],
+        help="IVF lists searched per query, a configuration each (up to nlist) "
+        "(default: %(default)s)",
     )
     parser.add_argument("--queries", type=at_least(1), default=2000, help="CIFAR-10 test images")
-    parser.add_argument("--recall-queries", type=at_least(1), default=500)
-    parser.add_argument("--batch", type=at_least(1), default=64)
+    parser.add_argument(
+        "--recall-queries",
+        type=at_least(1),
+        default=500,
+        help="first queries recall@k is measured on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=at_least(1),
+        default=64,
+        help="queries per detector call (default: %(default)s)",
+    )
     parser.add_argument("--noise", type=float, default=0.15, help="tile jitter / feature std")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-disagreement", type=float, default=0.005)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="draws of the queries, tiles, lift and IVF training sample (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-disagreement",
+        type=float,
+        default=0.005,
+        help="share of verdicts the recommended IVF may change (default: %(default)s)",
+    )
     parser.add_argument("--rounds", type=at_least(1), default=5, help="interleaved timing rounds")
-    parser.add_argument("--batches-per-round", type=at_least(1), default=2)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    parser.add_argument("--bundles", type=Path, default=EVALUATION_CACHE / "bundles")
-    parser.add_argument("--cache-dir", type=Path, default=EVALUATION_CACHE / "data")
+    parser.add_argument(
+        "--batches-per-round",
+        type=at_least(1),
+        default=2,
+        help="timed batches per configuration and round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with train/ and test/ splits "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=DEFAULT_WEIGHTS,
+        help="the CIFAR-10 ResNet-56's state-dict file (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bundles",
+        type=Path,
+        default=EVALUATION_CACHE / "bundles",
+        help="bundles searched for unprocessed layer3 features (else they are extracted) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=EVALUATION_CACHE / "data",
+        help="decoded image splits cached here (default: %(default)s)",
+    )
     return parser.parse_args(argv)
 
 

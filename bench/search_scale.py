@@ -105,13 +105,40 @@ def timing_table(rows: dict[str, dict[str, float]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=at_least(1), default=1_281_167)
-    parser.add_argument("--dim", type=at_least(1), default=256)
-    parser.add_argument("--k", type=at_least(1), default=1000)
-    parser.add_argument("--repeats", type=at_least(1), default=5)
-    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 64])
-    parser.add_argument("--backend", choices=search.SEARCH_BACKENDS, default="faiss")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--n", type=at_least(1), default=1_281_167, help="indexed vectors (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--dim", type=at_least(1), default=256, help="vector dimensions (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--k", type=at_least(1), default=1000, help="neighbours per query (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=at_least(1),
+        default=5,
+        help="timed searches per batch size (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=at_least(1),
+        nargs="+",
+        default=[1, 64],
+        help="queries per search, a row each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=search.SEARCH_BACKENDS,
+        default="faiss",
+        help="search backend (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the index lives (faiss on cuda: a GPU build only) (default: %(default)s)",
+    )
     parser.add_argument(
         "--compare-queries", type=at_least(0), default=0, help="check neighbours against CPU flat"
     )

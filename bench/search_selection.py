@@ -158,10 +158,32 @@ def markdown(args: argparse.Namespace, timing: dict[str, Any], scored: dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "cifar10-resnet20")
-    parser.add_argument("--images", type=at_least(1), default=10000)
-    parser.add_argument("--batches", type=at_least(1), nargs="+", default=[1, 4, 8, 16, 32, 64])
-    parser.add_argument("--rounds", type=at_least(1), default=5)
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=REPO / "bundles" / "cifar10-resnet20",
+        help="bundle directory (default: the demo's)",
+    )
+    parser.add_argument(
+        "--images",
+        type=at_least(1),
+        default=10000,
+        help="CIFAR-10 test images scored; their vote features are the queries "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batches",
+        type=at_least(1),
+        nargs="+",
+        default=[1, 4, 8, 16, 32, 64],
+        help="queries per search, a row each (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=at_least(1),
+        default=5,
+        help="timing rounds, the two searches alternating in each (default: %(default)s)",
+    )
     parser.add_argument("--min-seconds", type=float, default=0.5, help="per timing")
     args = parser.parse_args(argv)
     if args.images < max(args.batches):

@@ -883,10 +883,22 @@ def markdown(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=at_least(1), nargs="+", default=[8, 32])
+    parser.add_argument(
+        "--concurrency",
+        type=at_least(1),
+        nargs="+",
+        default=[8, 32],
+        help="clients in flight, a sweep level each; the highest also interleaved "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--seconds", type=float, default=20.0, help="per concurrency level")
     parser.add_argument(
-        "--batch-sizes", type=at_least(1), nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256]
+        "--batch-sizes",
+        type=at_least(1),
+        nargs="+",
+        default=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+        help="batch sizes of the in-process limit (c); the best is the limit "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--min-seconds", type=float, default=1.0, help="per batch size, and per bundle's stages"
@@ -937,8 +949,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="interleaved slices per service at the highest concurrency (0: sweeps only)",
     )
     parser.add_argument("--slice", type=float, default=5.0, help="seconds per interleaved slice")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="the model's device, in process and in the services (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help="bundle of (a), (a-), (b), (c) and the stages (default: the demo's)",
+    )
     parser.add_argument(
         "--compare-bundle",
         type=Path,

@@ -173,19 +173,55 @@ def slope_per_min(ts: list[float], values: list[float]) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=20.0)
-    parser.add_argument("--fraction", type=float, default=0.7)
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=20.0,
+        help="the open-loop stream's length in minutes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--fraction",
+        type=float,
+        default=0.7,
+        help="share of saturation the stream is sent at (default: %(default)s)",
+    )
     parser.add_argument(
         "--saturation",
         type=float,
         help="images/s at saturation, measured elsewhere (bench/overload.py, load_service.py); "
         "default: measure it here first (on a shared machine a quiet moment can overestimate it)",
     )
-    parser.add_argument("--calibrate-concurrency", type=at_least(1), default=8)
-    parser.add_argument("--calibrate-seconds", type=float, default=20.0)
-    parser.add_argument("--client-ttl-s", type=at_least(1), default=60)
-    parser.add_argument("--sample-s", type=float, default=10.0)
-    parser.add_argument("--warmup-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--calibrate-concurrency",
+        type=at_least(1),
+        default=8,
+        help="closed-loop clients measuring saturation (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--calibrate-seconds",
+        type=float,
+        default=20.0,
+        help="seconds of the saturation measurement (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--client-ttl-s",
+        type=at_least(1),
+        default=60,
+        help="ADVGUARD_CLIENT_TTL_S: seconds an idle client's statistics live "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--sample-s",
+        type=float,
+        default=10.0,
+        help="seconds between samples (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup-fraction",
+        type=float,
+        default=0.2,
+        help="share of the run left out as warm-up, at most 2 minutes (default: %(default)s)",
+    )
     parser.add_argument(
         "--stateful-max-fingerprints",
         type=int,
@@ -197,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="ADVGUARD_STATEFUL_CLIENT_TTL_S (default: --client-ttl-s, so that a rotated id's "
         "fingerprints expire with its statistics)",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="cpu", help="the service's device: cuda / cpu (default: %(default)s)"
+    )
     parser.add_argument("--out", default="soak", help="results file name under bench/results")
     return parser
 

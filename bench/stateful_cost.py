@@ -425,14 +425,24 @@ def main(argv: list[str] | None = None) -> int:
         "--queries", type=at_least(1), default=20_000, help="store benchmark queries"
     )
     parser.add_argument("--cap", type=at_least(1), default=10_000, help="the stores' global cap")
-    parser.add_argument("--per-client", type=at_least(1), default=256)
+    parser.add_argument(
+        "--per-client",
+        type=at_least(1),
+        default=256,
+        help="the stores' queries kept per client (default: %(default)s)",
+    )
     parser.add_argument(
         "--images",
         type=at_least(1),
         default=10_000,
         help="distinct service uploads, sent in turn across a variant's slices",
     )
-    parser.add_argument("--concurrency", type=at_least(1), default=32)
+    parser.add_argument(
+        "--concurrency",
+        type=at_least(1),
+        default=32,
+        help="clients in flight (default: %(default)s)",
+    )
     parser.add_argument("--rounds", type=at_least(1), default=6, help="load slices per variant")
     parser.add_argument("--slice", type=float, default=5.0, help="seconds per load slice")
     parser.add_argument(
@@ -441,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         default=1000,
         help="X-Client-ID values in turn; 0: one client",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="cpu", help="the services' device: cuda / cpu (default: %(default)s)"
+    )
     parser.add_argument("--no-service", action="store_true", help="skip the throughput runs")
     parser.add_argument(
         "--torch-threads",
@@ -449,8 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the services' torch threads; 0: torch's",
     )
-    parser.add_argument("--no-redis-service", action="store_true")
-    parser.add_argument("--out", default="stateful_cost")
+    parser.add_argument(
+        "--no-redis-service",
+        action="store_true",
+        help="throughput runs with the in-process stores only, none with Redis",
+    )
+    parser.add_argument(
+        "--out", default="stateful_cost", help="results file name under bench/results"
+    )
     args = parser.parse_args(argv)
 
     load_before = os.getloadavg()

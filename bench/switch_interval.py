@@ -89,14 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         "--intervals", nargs="+", default=[DEFAULT, "1", "0.2"], help="ms, or 'default'"
     )
     parser.add_argument("--images", type=at_least(1), default=5000, help="distinct uploads")
-    parser.add_argument("--concurrency", type=at_least(1), default=32)
+    parser.add_argument(
+        "--concurrency",
+        type=at_least(1),
+        default=32,
+        help="clients in flight (default: %(default)s)",
+    )
     parser.add_argument("--rounds", type=at_least(1), default=8, help="load slices per service")
     parser.add_argument("--slice", type=float, default=5.0, help="seconds per load slice")
     parser.add_argument(
         "--clients", type=at_least(1), default=1000, help="X-Client-ID values in turn"
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="switch_interval")
+    parser.add_argument(
+        "--device", default="cpu", help="the services' device: cuda / cpu (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", default="switch_interval", help="results file name under bench/results"
+    )
     args = parser.parse_args(argv)
     for interval in args.intervals:
         if interval != DEFAULT and not float(interval) > 0:

@@ -165,10 +165,22 @@ def report(rows: list[ShapeFigures], photos: int, command: str, grid: bool) -> l
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--photos", type=at_least(2), default=2000)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
+    parser.add_argument(
+        "--photos",
+        type=at_least(2),
+        default=2000,
+        help="first CIFAR-10 training photos measured on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 JPEG tar with a train/ split (default: %(default)s)",
+    )
     parser.add_argument("--grid", action="store_true", help="the shapes the default was chosen on")
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_RESULTS, help="results directory (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     photos = train_photos(args.source, args.photos)
     if args.grid:

@@ -157,11 +157,33 @@ def previous_examples(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--authentic", type=at_least(0), default=3)
-    parser.add_argument("--per-attack", type=at_least(0), default=2)
+    parser.add_argument(
+        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory (default: the demo's)"
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 JPEG tar with a test/ split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="where the PNGs and examples.json go, old ones replaced (default: the demo page's)",
+    )
+    parser.add_argument(
+        "--authentic",
+        type=at_least(0),
+        default=3,
+        help="authentic images kept (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--per-attack",
+        type=at_least(0),
+        default=2,
+        help="rejected adversarials kept per attack (default: %(default)s)",
+    )
     parser.add_argument(
         "--candidates", type=at_least(1), default=100, help="test images walked at most"
     )

@@ -158,11 +158,37 @@ def _markdown(result: dict[str, object], per_bundle: dict[str, list[EditRow]]) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, action="append", required=True)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--per-class", type=int, default=100)
-    parser.add_argument("--cache-dir", type=Path, default=REPO / ".cache" / "evaluation" / "data")
-    parser.add_argument("--out", type=Path, default=REPO / "evaluation/results/honest-edits")
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        action="append",
+        required=True,
+        help="bundle directory, a table each (repeatable)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=100,
+        help="first test photos of each class (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=REPO / ".cache" / "evaluation" / "data",
+        help="decoded image splits cached here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "evaluation/results/honest-edits",
+        help="results directory: results.json and table.md (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be at least 1")

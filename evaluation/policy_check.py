@@ -506,8 +506,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--sybil-ids", type=int, default=1, help="with --in-process: client ids per attacker"
     )
     parser.add_argument("--policy", choices=("refuse", "silent"), help="required to run checks")
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    parser.add_argument("--images", type=at_least(1), default=10)
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=ATTACKS,
+        default=list(ATTACKS),
+        help="query attacks rerun (default: all)",
+    )
+    parser.add_argument(
+        "--images",
+        type=at_least(1),
+        default=10,
+        help="attacked images per attack (default: %(default)s)",
+    )
     parser.add_argument(
         "--first-image",
         type=int,
@@ -515,11 +526,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --in-process: start at this image of query_attacks' order (0: the recorded "
         "runs' first; from 100 the images were never recorded, so the replay predicts nothing)",
     )
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help="bundle that picks the images and, with --in-process, answers (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-cache",
+        type=Path,
+        default=Path(".cache/evaluation/data"),
+        help="decoded image splits cached here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="results directory: stateful.json read, policy_check.json and .md written "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the images' and attacks' draws (default: %(default)s)"
+    )
     parser.add_argument(
         "--stall-asks",
         type=at_least(1),

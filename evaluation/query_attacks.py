@@ -839,24 +839,73 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m evaluation.query_attacks",
         description="ART query attacks through the answers of POST /classify, recorded",
     )
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help="bundle that picks the images and answers the in-process runs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-cache",
+        type=Path,
+        default=Path(".cache/evaluation/data"),
+        help="decoded image splits cached here (default: %(default)s)",
+    )
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="recorded queries")
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
-    parser.add_argument("--images", type=at_least(1), default=100)
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
-    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="results directory: results.json and table.md (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--images",
+        type=at_least(1),
+        default=100,
+        help="test images attacked, each classified correctly and accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=ATTACKS,
+        default=list(ATTACKS),
+        help="attacks run (default: all)",
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=SETTINGS,
+        default=list(SETTINGS),
+        help="the guard off, on, or both (default: both)",
+    )
     for attack in ATTACKS:
-        parser.add_argument(f"--cap-{attack}", type=at_least(1), default=DEFAULT_CAPS[attack])
-    parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument(
+            f"--cap-{attack}",
+            type=at_least(1),
+            default=DEFAULT_CAPS[attack],
+            help=f"{attack}'s queries per image, at most (default: %(default)s)",
+        )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the images' and attacks' draws (default: %(default)s)"
+    )
     parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads")
     parser.add_argument(
         "--url",
         help="also attack a running service (loopback only) on the first --http-images images "
         "and compare each outcome with the in-process records (--settings: the service's)",
     )
-    parser.add_argument("--http-images", type=at_least(1), default=5)
+    parser.add_argument(
+        "--http-images",
+        type=at_least(1),
+        default=5,
+        help="with --url: first images attacked over HTTP (default: %(default)s)",
+    )
     parser.add_argument(
         "--summarise-only", action="store_true", help="reuse the recorded runs (no attacks)"
     )

@@ -326,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m evaluation.query_defence",
         description="the issue-13 table and time-to-detection plot from stateful.json",
     )
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help="directory of stateful.json, where defence.md and the plot go (default: %(default)s)",
+    )
     return parser
 
 

@@ -874,14 +874,45 @@ def add_honest_traffic_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that say which honest traffic is built (``honest_timeline``: the bundle
     that answers it, the source, the caches, clients per kind, the seed) and where results go:
     every command that replays it takes the same, so that they replay the same traffic."""
-    parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
-    parser.add_argument("--data-cache", type=Path, default=Path(".cache/evaluation/data"))
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    parser.add_argument(
+        "--bundle",
+        type=Path,
+        default=DEFAULT_BUNDLE,
+        help="bundle that answers the traffic (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=DEFAULT_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with train/ and test/ splits "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--data-cache",
+        type=Path,
+        default=Path(".cache/evaluation/data"),
+        help="decoded image splits cached here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="the query attacks' cache, where the honest traffic is kept too "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_RESULTS, help="results directory (default: %(default)s)"
+    )
     parser.add_argument("--clients", type=at_least(1), default=1000, help="honest clients per kind")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the honest traffic's draws (judging: seed + 1) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads", type=at_least(1), default=1, help="torch CPU threads (default: %(default)s)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -893,7 +924,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--horizon", type=at_least(1), default=500, help="queries replayed per attack"
     )
-    parser.add_argument("--sybil-ids", type=at_least(1), default=50)
+    parser.add_argument(
+        "--sybil-ids",
+        type=at_least(1),
+        default=50,
+        help="client ids an attack is spread over, round-robin (default: %(default)s)",
+    )
     parser.add_argument("--schemes", nargs="*", help="only these candidates (names)")
     return parser
 

@@ -157,3 +157,50 @@ def test_every_option_of_every_command_says_what_it_does() -> None:
         return found
 
     assert silent(build_parser(), "advguard") == []
+
+
+def test_every_option_of_every_bench_and_evaluation_tool_says_what_it_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same for the ``python -m bench.<name>`` / ``evaluation.<name>`` tools (and so
+    ``advguard bench <name>``): each tool's ``main`` builds its parser and parses, and the parse is
+    where its parser is caught, before anything runs."""
+    import importlib
+    import inspect
+    import pkgutil
+    from typing import NoReturn
+
+    import bench
+    import evaluation
+
+    class ParserCaughtError(Exception):
+        """Raised instead of parsing: the tool stops right after building its parser."""
+
+    parsers: list[tuple[str, argparse.ArgumentParser]] = []
+    tool = ""
+
+    def catch(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> NoReturn:
+        parsers.append((tool, self))
+        raise ParserCaughtError
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", catch)
+    for package in (bench, evaluation):
+        for module in pkgutil.iter_modules(package.__path__):
+            tool = f"{package.__name__}.{module.name}"
+            main = getattr(importlib.import_module(tool), "main", None)
+            if not callable(main):
+                continue
+            with pytest.raises(ParserCaughtError):
+                if inspect.signature(main).parameters:
+                    main([])
+                else:
+                    main()
+    silent = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, parser in parsers
+        for action in parser._actions
+        if not isinstance(action, argparse._SubParsersAction) and action.help is None
+    ]
+    assert silent == []
+    assert len(parsers) >= 15, [name for name, _ in parsers]
