@@ -7,6 +7,7 @@ into pixels with the bundle's own preprocessing (``image_to_pixels``) and cached
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -21,6 +22,20 @@ from app.core.images import decode_image
 from app.core.models import PreprocessingPreset
 from app.core.stateful import eight_bit as stateful_eight_bit
 from index_builder.sources import open_source
+
+# where the query-attack and stateful tools keep their decoded splits (``advguard evaluate``'s
+# ``--cache-dir`` / "data" by default: one decode serves them all)
+DATA_CACHE = Path(".cache/evaluation/data")
+
+
+def add_data_cache_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--data-cache`` option of the tools that read ``load_split``'s cache."""
+    parser.add_argument(
+        "--data-cache",
+        type=Path,
+        default=DATA_CACHE,
+        help="decoded image splits cached here (default: %(default)s)",
+    )
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ from app.core.stateful import (
 from app.service.metrics import Outcome
 from app.service.settings import StatefulPolicy
 from app.service.stateful import Pending, StatefulDetector
-from evaluation.data import ImageSplit, load_split
+from evaluation.data import ImageSplit, add_data_cache_argument, load_split
 from evaluation.query_attacks import (
     ATTACKS,
     DECISIONS,
@@ -538,12 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SOURCE,
         help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
     )
-    parser.add_argument(
-        "--data-cache",
-        type=Path,
-        default=Path(".cache/evaluation/data"),
-        help="decoded image splits cached here (default: %(default)s)",
-    )
+    add_data_cache_argument(parser)
     parser.add_argument(
         "--results",
         type=Path,

@@ -46,7 +46,7 @@ from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
 from app.core.stateful import Answer as ServedAnswer
-from evaluation.data import ImageSplit, eight_bit, load_split, save_npz
+from evaluation.data import ImageSplit, add_data_cache_argument, eight_bit, load_split, save_npz
 from evaluation.simulate_cli import is_loopback
 
 Decision = Literal["accepted", "rejected", "unguarded", "refused"]
@@ -851,12 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SOURCE,
         help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
     )
-    parser.add_argument(
-        "--data-cache",
-        type=Path,
-        default=Path(".cache/evaluation/data"),
-        help="decoded image splits cached here (default: %(default)s)",
-    )
+    add_data_cache_argument(parser)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="recorded queries")
     parser.add_argument(
         "--out",

@@ -64,7 +64,7 @@ from app.core.stateful import (
     changes_answer,
     pixel_digests,
 )
-from evaluation.data import load_split, source_stamp
+from evaluation.data import add_data_cache_argument, load_split, source_stamp
 from evaluation.honest_traffic import (
     TRAFFIC_KINDS,
     HonestQuery,
@@ -887,12 +887,7 @@ def add_honest_traffic_arguments(parser: argparse.ArgumentParser) -> None:
         help="CIFAR-10 ImageFolder directory or tar with train/ and test/ splits "
         "(default: %(default)s)",
     )
-    parser.add_argument(
-        "--data-cache",
-        type=Path,
-        default=Path(".cache/evaluation/data"),
-        help="decoded image splits cached here (default: %(default)s)",
-    )
+    add_data_cache_argument(parser)
     parser.add_argument(
         "--cache",
         type=Path,
