@@ -35,14 +35,10 @@ from app.core.features import image_to_pixels
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import PRESETS
-from app.core.stateful import (
-    DEFAULT_RULE,
-    FingerprintStore,
-    InProcessFingerprintStore,
-    WindowHashScheme,
-    default_scheme,
-    pixel_digests,
-)
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.hashes import pixel_digests
+from app.core.stateful.schemes import WindowHashScheme
+from app.core.stateful.store import FingerprintStore, InProcessFingerprintStore
 from app.service.fingerprints import RedisFingerprintStore
 from app.service.settings import DEFAULT_BUNDLE
 from app.service.stateful import StatefulDetector

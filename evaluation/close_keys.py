@@ -4,9 +4,9 @@ keys' figures, on training photos only (never the judged test photos or an attac
     python -m evaluation.close_keys            # -> close_keys.{json,md} in the results
     python -m evaluation.close_keys --grid     # the grid the keys' shape was chosen on
 
-A close copy (``app.core.stateful.close_copies``: every block mean within 9 grey levels) only
-counts if a lookup reaches it, and a lookup reaches the stored queries filed in at least
-``MIN_SHARED_KEYS`` of the query's index buckets. Per key shape, on the first ``--photos``
+A close copy (``app.core.stateful.close_copies.close_copies``: every block mean within 9 grey
+levels) only counts if a lookup reaches it, and a lookup reaches the stored queries filed in at
+least ``MIN_SHARED_KEYS`` of the query's index buckets. Per key shape, on the first ``--photos``
 CIFAR-10 training photos:
 
 - *unrelated candidates*: for each photo, the other photos sharing at least that many of its
@@ -37,17 +37,16 @@ import numpy as np
 import numpy.typing as npt
 
 from app.cli import at_least
-from app.core.stateful import (
+from app.core.stateful.close_copies import (
     CLOSE_RADIUS,
-    MIN_SHARED_KEYS,
     CloseKeyShape,
     block_means,
     close_copies,
     close_keys,
-    default_scheme,
-    index_buckets,
-    window_hashes,
 )
+from app.core.stateful.defaults import default_scheme
+from app.core.stateful.hashes import window_hashes
+from app.core.stateful.index import MIN_SHARED_KEYS, index_buckets
 from evaluation.honest_edits import DEFAULT_SOURCE
 from evaluation.honest_traffic import train_photos
 from evaluation.query_attacks import DEFAULT_RESULTS

@@ -35,16 +35,10 @@ import torch
 
 from app.cli import at_least
 from app.core.guard import Guard
-from app.core.stateful import (
-    CLOSE_RADIUS,
-    DEFAULT_RULE,
-    DETECTION_REASONS,
-    Answer,
-    DetectionReason,
-    DetectionRule,
-    InProcessFingerprintStore,
-    default_scheme,
-)
+from app.core.stateful.close_copies import CLOSE_RADIUS
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.match_rule import DETECTION_REASONS, Answer, DetectionReason, DetectionRule
+from app.core.stateful.store import InProcessFingerprintStore
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
 from evaluation.policy_check import rule_counts, rule_text

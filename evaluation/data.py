@@ -20,7 +20,7 @@ import torch
 from app.core.features import image_to_pixels
 from app.core.images import decode_image
 from app.core.models import PreprocessingPreset
-from app.core.stateful import eight_bit as stateful_eight_bit
+from app.core.stateful.hashes import eight_bit as stateful_eight_bit
 from index_builder.sources import open_source
 
 # where the query-attack and stateful tools keep their decoded splits (``advguard evaluate``'s
@@ -51,8 +51,8 @@ class ImageSplit:
 
 
 def eight_bit(pixels: np.ndarray) -> np.ndarray:
-    """[0, 1] float pixels as the 8-bit image a file holds: ``app.core.stateful.eight_bit``, the
-    conversion the service's fingerprints read."""
+    """[0, 1] float pixels as the 8-bit image a file holds:
+    ``app.core.stateful.hashes.eight_bit``, the conversion the service's fingerprints read."""
     return stateful_eight_bit(pixels)
 
 

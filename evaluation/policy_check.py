@@ -49,12 +49,9 @@ import redis
 from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
-from app.core.stateful import (
-    DEFAULT_RULE,
-    DetectionRule,
-    InProcessFingerprintStore,
-    default_scheme,
-)
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.match_rule import DetectionRule
+from app.core.stateful.store import InProcessFingerprintStore
 from app.service.metrics import Outcome
 from app.service.settings import StatefulPolicy
 from app.service.stateful import Pending, StatefulDetector

@@ -45,7 +45,7 @@ from PIL import Image
 from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
-from app.core.stateful import Answer as ServedAnswer
+from app.core.stateful.match_rule import Answer as ServedAnswer
 from evaluation.data import ImageSplit, add_data_cache_argument, eight_bit, load_split, save_npz
 from evaluation.simulate_cli import is_loopback
 

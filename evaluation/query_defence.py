@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core.stateful import DetectionRule
+from app.core.stateful.match_rule import DetectionRule
 from evaluation.policy_check import result_key, rule_counts, rule_text
 from evaluation.query_attacks import DEFAULT_RESULTS
 

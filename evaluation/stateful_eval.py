@@ -24,9 +24,9 @@ detected before first success; ties by the lower mean median queries to detectio
 stop at detection or after ``--horizon`` queries; a sequence not detected within the horizon
 counts as undetected (conservative).
 
-The changed-answer count (``app.core.stateful.changes_answer``) was added, with its calibration
-above, before any attack was replayed through it, against the records of the default bundle
-then (v2, selection round 3). Why: with the counts alone, about a quarter of Square runs
+The changed-answer count (``app.core.stateful.match_rule.changes_answer``) was added, with its
+calibration above, before any attack was replayed through it, against the records of the default
+bundle then (v2, selection round 3). Why: with the counts alone, about a quarter of Square runs
 succeeded in queries 2-5, before any count could reach its threshold, and the query that
 succeeds is by definition the one whose class changes. With it, "detected before first
 success" also counts a run detected *at* its successful query (screened before it is answered;
@@ -52,18 +52,15 @@ import torch
 
 from app.cli import at_least
 from app.core.guard import Guard
-from app.core.stateful import (
-    Answer,
-    DetectionRule,
+from app.core.stateful.hashes import pixel_digests
+from app.core.stateful.match_rule import Answer, DetectionRule, MatchEvidence, changes_answer
+from app.core.stateful.schemes import (
     EmbeddingScheme,
-    InProcessFingerprintStore,
-    MatchEvidence,
     PerceptualHashScheme,
     Scheme,
     WindowHashScheme,
-    changes_answer,
-    pixel_digests,
 )
+from app.core.stateful.store import InProcessFingerprintStore
 from evaluation.data import add_data_cache_argument, load_split, source_stamp
 from evaluation.honest_traffic import (
     TRAFFIC_KINDS,

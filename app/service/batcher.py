@@ -37,7 +37,7 @@ import torch
 from app.core import search
 from app.core.explain import Explanation
 from app.core.guard import Classification, Guard, Verdict
-from app.core.stateful import Answer
+from app.core.stateful.match_rule import Answer
 from app.service.settle import settle
 
 # ADVGUARD_LATENCY_BUDGET_MS unset: a budget of this many full batches at the measured time per

@@ -1,8 +1,8 @@
 """The Redis fingerprint store of the stateful detector: the in-process store's twin, shared by
 replicas, with an index so that a lookup reads only candidates.
 
-It keeps what ``app.core.stateful.InProcessFingerprintStore`` keeps, with the same notion of a
-live entry and the same bounds on everyone's queries and each client's (but no cap on the
+It keeps what ``app.core.stateful.store.InProcessFingerprintStore`` keeps, with the same notion
+of a live entry and the same bounds on everyone's queries and each client's (but no cap on the
 number of clients, which Redis's TTLs and maxmemory bound, and at most ``MAX_CANDIDATES``
 candidates a lookup), and decides matches with the same pure function (``summarise_matches``):
 Redis only finds candidates and stores records.
@@ -26,19 +26,19 @@ off: 629 and 181 bytes): a replica never reads records of another size, which it
 as unreadable and answer every matching query unscreened (fail open) until they aged out; nor
 an index of another bucket count, whose entries it would look for in the wrong buckets.
 
-The index (``app.core.stateful.index_buckets``, the in-process store's too): each window hash of
-a query, and each close-copy key (``close_keys``) when the scheme has close copies, files the
-query's entry number in bucket ``(key >> 20) mod 2^BUCKET_BITS`` (2^19). The script returns the
-entry numbers filed in the query's buckets; the service counts, per entry, the query's buckets
-it is filed in (numpy: ``repeated_at_least``, the in-process store's count) and fetches the
-entries with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting in Lua was
-half the script's time once close copies tripled the numbers a lookup reads (a table insert per
-number: 0.74 of its 1.43 ms a query on a full store of 20,000, measured ad hoc with ``INFO
-commandstats``; docs/service.md); reading the lists was most of the rest, hence 2^19 buckets,
-not 2^17 (shorter lists). Two queries whose sketches share the match threshold's 25 bits share
-about that many window hashes (chance bit collisions add ~2.4), so a match always reaches that
-count, and a close copy keeps a median of 19 of its 64 keys even at the worst case; the match
-rules then run on the fetched records.
+The index (``app.core.stateful.index.index_buckets``, the in-process store's too): each window
+hash of a query, and each close-copy key (``close_keys``) when the scheme has close copies,
+files the query's entry number in bucket ``(key >> 20) mod 2^BUCKET_BITS`` (2^19). The script
+returns the entry numbers filed in the query's buckets; the service counts, per entry, the
+query's buckets it is filed in (numpy: ``repeated_at_least``, the in-process store's count) and
+fetches the entries with at least ``MIN_SHARED_KEYS`` in a second pipelined round trip. Counting
+in Lua was half the script's time once close copies tripled the numbers a lookup reads (a table
+insert per number: 0.74 of its 1.43 ms a query on a full store of 20,000, measured ad hoc with
+``INFO commandstats``; docs/service.md); reading the lists was most of the rest, hence 2^19
+buckets, not 2^17 (shorter lists). Two queries whose sketches share the match threshold's 25
+bits share about that many window hashes (chance bit collisions add ~2.4), so a match always
+reaches that count, and a close copy keeps a median of 19 of its 64 keys even at the worst case;
+the match rules then run on the fetched records.
 A bucket drops the numbers below ``lo`` (deleted entries) whenever a query touches it, and the
 sweep deletes a few of the oldest entries per query (over the cap or past the TTL), so memory
 follows the live entries. The sweep lags the live bounds by ``SWEEP_LAG`` entries and
@@ -56,24 +56,18 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from app.core.stateful import (
-    BUCKET_BITS,
-    MIN_SHARED_KEYS,
+from app.core.stateful.index import BUCKET_BITS, MIN_SHARED_KEYS, index_buckets, repeated_at_least
+from app.core.stateful.match_rule import (
     NO_MATCH,
     Answer,
-    Decide,
     MatchEvidence,
     ScopeMatch,
-    Stored,
-    StoreQuery,
-    WindowHashScheme,
-    check_and_store_each,
     evidence_of,
-    index_buckets,
     near_duplicates,
-    repeated_at_least,
     summarise_matches,
 )
+from app.core.stateful.schemes import WindowHashScheme
+from app.core.stateful.store import Decide, Stored, StoreQuery, check_and_store_each
 from app.service.tracking import RedisClient, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds

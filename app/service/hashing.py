@@ -50,8 +50,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from app.core.stateful import (
-    HASHED_VALUES_PER_PASS,
+from app.core.stateful.hashes import HASHED_VALUES_PER_PASS
+from app.core.stateful.schemes import (
     ImagePrints,
     WindowHashScheme,
     fingerprint_images,

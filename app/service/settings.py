@@ -21,7 +21,8 @@ from app.core.flagging import (
 )
 from app.core.images import DEFAULT_MAX_PIXELS
 from app.core.search import SERVING_THREADS, SearchBackend
-from app.core.stateful import CLOSE_RADIUS, DEFAULT_RULE
+from app.core.stateful.close_copies import CLOSE_RADIUS
+from app.core.stateful.defaults import DEFAULT_RULE
 
 StatefulPolicy = Literal["flag", "refuse", "silent"]
 

@@ -57,17 +57,10 @@ import torch
 
 from app.core.flagging import FlagPolicy
 from app.core.guard import Verdict
-from app.core.stateful import (
-    Answer,
-    DetectionReason,
-    DetectionRule,
-    FingerprintStore,
-    InProcessFingerprintStore,
-    MatchEvidence,
-    StoreQuery,
-    WindowHashScheme,
-    default_scheme,
-)
+from app.core.stateful.defaults import default_scheme
+from app.core.stateful.match_rule import Answer, DetectionReason, DetectionRule, MatchEvidence
+from app.core.stateful.schemes import WindowHashScheme
+from app.core.stateful.store import FingerprintStore, InProcessFingerprintStore, StoreQuery
 from app.service.batcher import Screen
 from app.service.fingerprints import Found, RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large

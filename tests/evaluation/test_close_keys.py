@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.core.stateful import MIN_SHARED_KEYS, CloseKeyShape
+from app.core.stateful.close_copies import CloseKeyShape
+from app.core.stateful.index import MIN_SHARED_KEYS
 from evaluation import close_keys
 from evaluation.honest_traffic import train_photos
 from tests.conftest import CIFAR_TAR

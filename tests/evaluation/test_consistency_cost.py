@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from app.core.guard import Guard
-from app.core.stateful import DEFAULT_RULE, Answer, DetectionRule, pixel_digests
+from app.core.stateful.defaults import DEFAULT_RULE
+from app.core.stateful.hashes import pixel_digests
+from app.core.stateful.match_rule import Answer, DetectionRule
 from evaluation.consistency_cost import replaced, report, serve_through_detector, summarise
 from evaluation.stateful_eval import Timeline
 from tests.conftest import DEMO_BUNDLE
-from tests.core.test_stateful import photos, square_step  # noqa: F401 (a fixture)
+from tests.core.stateful.probes import photos, square_step  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")

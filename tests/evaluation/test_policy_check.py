@@ -12,7 +12,7 @@ import redis
 from PIL import Image
 
 from app.core.guard import Guard
-from app.core.stateful import DEFAULT_RULE
+from app.core.stateful.defaults import DEFAULT_RULE
 from evaluation.policy_check import (
     ImageCheck,
     ScreenedOracle,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from app.core.guard import Guard
-from app.core.stateful import DEFAULT_RULE, default_scheme
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
 from evaluation.data import ImageSplit
 from evaluation.honest_traffic import (
     HonestQuery,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from app.core.guard import Guard, Verdict
-from app.core.stateful import Answer
+from app.core.stateful.match_rule import Answer
 from app.service.batcher import Batcher, BatchResult
 from tests.service.helpers import LoopThread
 

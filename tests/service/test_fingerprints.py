@@ -12,18 +12,12 @@ import pytest
 import redis
 
 from app.core.models import PRESETS
-from app.core.stateful import (
-    DEFAULT_RULE,
-    MIN_SHARED_KEYS,
-    Answer,
-    Decide,
-    InProcessFingerprintStore,
-    MatchEvidence,
-    StoreQuery,
-    default_scheme,
-    pixel_digests,
-)
-from app.core.stateful import index_buckets as buckets
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.hashes import pixel_digests
+from app.core.stateful.index import MIN_SHARED_KEYS
+from app.core.stateful.index import index_buckets as buckets
+from app.core.stateful.match_rule import Answer, MatchEvidence
+from app.core.stateful.store import Decide, InProcessFingerprintStore, StoreQuery
 from app.service.fingerprints import (
     SWEEP_BATCH,
     SWEEP_LAG,
@@ -32,7 +26,7 @@ from app.service.fingerprints import (
     RedisFingerprintStore,
 )
 from evaluation.honest_traffic import EDITS, as_served, edit, encode
-from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
+from tests.core.stateful.probes import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.helpers import RedisClusterProcesses, RedisProcess
 
 SCHEME = default_scheme(b"test-secret")
@@ -439,7 +433,7 @@ def test_stores_of_another_bucket_count_keep_apart(
     """An index of another bucket count (a replica of a version before 2^19 buckets) files its
     entries elsewhere: sharing its keys, each would look for the other's entries in the wrong
     buckets. The bucket bits are in the key layout, so each keeps its own keys."""
-    import app.core.stateful as core
+    import app.core.stateful.index as index_keys
     import app.service.fingerprints as fingerprints
 
     prefix = f"t-{uuid.uuid4().hex[:8]}"
@@ -447,9 +441,9 @@ def test_stores_of_another_bucket_count_keep_apart(
     prints, keys = SCHEME.fingerprints_and_keys(near)
     digests = pixel_digests(near)
     today = RedisFingerprintStore(redis_server.url, SCHEME, prefix=prefix, timeout_s=2.0)
-    assert today.layout == f"r{today.dtype.itemsize}b{core.BUCKET_BITS}"
+    assert today.layout == f"r{today.dtype.itemsize}b{index_keys.BUCKET_BITS}"
     today.check_and_store("a", prints[0], digests[0], 1.0, _answer(1), keys[0])
-    for module in (core, fingerprints):
+    for module in (index_keys, fingerprints):
         monkeypatch.setattr(module, "BUCKET_BITS", 17)
     older = RedisFingerprintStore(redis_server.url, SCHEME, prefix=prefix, timeout_s=2.0)
     assert older.buckets_key != today.buckets_key

@@ -17,13 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.stateful import (
-    DEFAULT_RULE,
-    Answer,
-    InProcessFingerprintStore,
-    default_scheme,
-    fingerprint_images,
-)
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.match_rule import Answer
+from app.core.stateful.schemes import fingerprint_images
+from app.core.stateful.store import InProcessFingerprintStore
 from app.service import hashing
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import Metrics

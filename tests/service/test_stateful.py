@@ -20,14 +20,10 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.core.stateful import (
-    DEFAULT_RULE,
-    Answer,
-    DetectionRule,
-    InProcessFingerprintStore,
-    default_scheme,
-    pixel_digests,
-)
+from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.hashes import pixel_digests
+from app.core.stateful.match_rule import Answer, DetectionRule
+from app.core.stateful.store import InProcessFingerprintStore
 from app.service.fingerprints import DECISIONS as STORED_DECISIONS
 from app.service.main import create_app
 from app.service.metrics import SCREENING_PARTS, Metrics
@@ -42,7 +38,7 @@ from app.service.stateful import (
 )
 from app.service.tracking import Observation
 from evaluation.honest_traffic import EDITS, edit, encode
-from tests.core.test_stateful import attack_sequence, photos  # noqa: F401 (a fixture)
+from tests.core.stateful.probes import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
 from tests.service.helpers import (
     RedisClusterProcesses,

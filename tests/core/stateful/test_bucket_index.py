@@ -8,7 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from app.core.bucket_index import BucketIndex, table_width
+from app.core.stateful.bucket_index import BucketIndex, table_width
 
 
 @pytest.mark.parametrize("together", [False, True])

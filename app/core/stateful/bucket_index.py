@@ -1,8 +1,8 @@
 """The in-process fingerprint store's bucket index: the entries filed under a query's buckets.
 
 Each stored query is filed, by its entry number, under the buckets of its window hashes
-(``app.core.stateful.index_buckets``); a lookup returns the live numbers filed under a query's
-buckets, repeats included, so that the store keeps the entries filed under enough of them.
+(``index.index_buckets``); a lookup returns the live numbers filed under a query's buckets,
+repeats included, so that the store keeps the entries filed under enough of them.
 Entry numbers grow by one per stored query and the store's ring keeps the last ones: numbers
 below ``lowest`` have left it.
 

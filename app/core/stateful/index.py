@@ -1,0 +1,69 @@
+"""The store's index keys: the buckets a query is filed under and looked up in, and the count of
+candidates that share enough of them with the query to be compared with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from app.core.stateful.hashes import U64, distinct_ascending
+
+# A store's index files each query under buckets of its window hashes. Two queries whose
+# sketches share the match threshold's 25 bits share about that many window hashes (chance bit
+# collisions add ~2.4 of ~50), so they share at least MIN_SHARED_KEYS buckets with near
+# certainty (missing one needs 16 chance collisions: ~5e-9), while unrelated photos share
+# almost none: a lookup compares the query with the few entries filed in at least that many of
+# its buckets instead of scanning every entry. Measured on the recorded Square, HopSkipJump and
+# Boundary runs (40 images each, first 60 queries): all 227,606 matching pairs shared 20
+# buckets or more. At 3, photos with large uniform areas (shared windows) made ~16 candidates
+# per query at 4,000 stored; at 10, 0.03.
+# 524,288 buckets: ~4 entries each with 20,000 queries of ~114 keys (window hashes and close-copy
+# keys) stored. At 2^17, ~17: the Redis script that reads a query's buckets took 677 us a query
+# on a full store of 20,000, 434 at 2^19 (502 at 2^18, 438 at 2^20), for 2,273 -> 3,248 bytes
+# of Redis a stored query; in process the table keeps its memory (fewer slots a bucket) and
+# its time (ad hoc, 2026-12-01; docs/service.md)
+BUCKET_BITS = 19
+BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the largest): skip them
+MIN_SHARED_KEYS = 10
+
+
+def bucket_count() -> int:
+    """The number of buckets (2^``BUCKET_BITS``), read when a store's index is made: setting
+    ``BUCKET_BITS`` here (as the tests and side-by-side measurements do) sets every user's."""
+    return 1 << BUCKET_BITS
+
+
+def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
+    """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
+    present = keys[keys != 0]
+    mask = np.uint64((1 << BUCKET_BITS) - 1)
+    buckets: npt.NDArray[np.int64] = distinct_ascending(
+        (present >> np.uint64(BUCKET_SHIFT)) & mask
+    ).astype(np.int64)
+    return buckets
+
+
+BINCOUNT_RANGE_PER_NUMBER = 32  # count over the range up to this many values per number
+
+
+def repeated_at_least(
+    numbers: npt.NDArray[np.int64], times: int, low: int, high: int
+) -> npt.NDArray[np.int64]:
+    """The distinct values of ``numbers`` (each in ``[low, high]``) that occur at least
+    ``times`` times, ascending. Counted in one ``bincount`` over the range when the range is
+    short against the numbers (the in-process index: thousands of numbers filed in a ring of
+    tens of thousands of entries), else by one sort, where an entry filed ``times`` times is a
+    run whose first number equals the one ``times - 1`` places on. Measured at 50,000 entries:
+    sorting 7,000 numbers took 158 us, counting them 25 us; at 800 numbers, 9 and 18 us."""
+    if times < 1:
+        raise ValueError("times must be positive")
+    if len(numbers) < times:
+        return np.zeros(0, dtype=np.int64)
+    if (high - low + 1) <= BINCOUNT_RANGE_PER_NUMBER * len(numbers):
+        counts = np.bincount(numbers - low, minlength=high - low + 1)
+        counted: npt.NDArray[np.int64] = np.flatnonzero(counts >= times).astype(np.int64) + low
+        return counted
+    ordered = np.sort(numbers)
+    gap = times - 1
+    return distinct_ascending(ordered[gap:][ordered[gap:] == ordered[: len(ordered) - gap]])

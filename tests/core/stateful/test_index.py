@@ -1,0 +1,32 @@
+"""The store's index keys: counting the candidates filed under enough of a query's buckets."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+from app.core.stateful.index import repeated_at_least
+
+
+@pytest.mark.parametrize("size", [5, 40, 3_000])  # short and long ranges: both ways of counting
+@pytest.mark.parametrize("times", [1, 3, 10])
+def test_repeated_at_least_against_a_counter(size: int, times: int) -> None:
+    rng = np.random.default_rng(size * 100 + times)
+    low = 1_000
+    for _ in range(20):
+        numbers = rng.integers(low, low + rng.integers(1, 50_000), size, dtype=np.int64)
+        counts = collections.Counter(numbers.tolist())
+        high = int(numbers.max()) + int(rng.integers(0, 5))
+        expected = sorted(value for value, n in counts.items() if n >= times)
+        got = repeated_at_least(numbers, times, low, high)
+        assert got.dtype == np.int64
+        assert got.tolist() == expected
+    short_range = np.array([7, 9, 7, 7, 9], dtype=np.int64)  # bincount: range 3 for 5 numbers
+    assert repeated_at_least(short_range, 2, 7, 9).tolist() == [7, 9]
+    long_range = np.array([7, 10**9, 7], dtype=np.int64)  # sort
+    assert repeated_at_least(long_range, 2, 7, 10**9).tolist() == [7]
+    assert repeated_at_least(np.zeros(0, dtype=np.int64), 1, 0, 10).tolist() == []
+    with pytest.raises(ValueError):
+        repeated_at_least(short_range, 0, 7, 9)
