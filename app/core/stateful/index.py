@@ -37,7 +37,7 @@ def bucket_count() -> int:
 def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
     """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
     present = keys[keys != 0]
-    mask = np.uint64((1 << BUCKET_BITS) - 1)
+    mask = np.uint64(bucket_count() - 1)
     buckets: npt.NDArray[np.int64] = distinct_ascending(
         (present >> np.uint64(BUCKET_SHIFT)) & mask
     ).astype(np.int64)
