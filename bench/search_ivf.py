@@ -58,7 +58,7 @@ import torch
 from app.cli import at_least
 from app.core import search
 from app.core.calibration import DEFAULT_RETENTION, RETENTIONS, threshold_for_retention
-from app.core.features import FeatureNetwork, infer_batch
+from app.core.features import FeatureNetwork, infer_in_batches
 from app.core.models import PRESETS, file_sha256, load_model
 from app.core.processing import FeatureProcessing, fit_processing
 from app.core.statistics import KnnVote, LayerIndex
@@ -113,10 +113,9 @@ def find_raw_bundle(bundles_root: Path, weights_sha256: str, layer: str) -> Path
 
 
 def _network_features(network: FeatureNetwork, pixels: torch.Tensor) -> tuple[np.ndarray, ...]:
-    parts = [infer_batch(network, pixels[i : i + 500]) for i in range(0, pixels.shape[0], 500)]
-    features = np.concatenate([p.features[network.layers[0]] for p in parts])
-    predictions = np.concatenate([p.predictions for p in parts])
-    return features.astype(np.float32), predictions.astype(np.int64)
+    batch = infer_in_batches(network, pixels)
+    features = batch.features[network.layers[0]]
+    return features.astype(np.float32), batch.predictions.astype(np.int64)
 
 
 def load_real_features(

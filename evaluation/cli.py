@@ -75,7 +75,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from evaluation.run import EvaluateOptions, evaluate, quick_options
+    from evaluation.options import EvaluateOptions, quick_options
+    from evaluation.run import evaluate
 
     if args.threads:
         torch.set_num_threads(args.threads)

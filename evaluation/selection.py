@@ -179,23 +179,20 @@ import numpy as np
 import torch
 
 from app.core.calibration import threshold_for_retention
+from app.core.features import infer_in_batches
 from app.core.guard import Guard
 from app.core.manifest import StatisticSpec
 from app.core.statistics import DOUBTED_SHARE, INDEXED_KINDS
 from evaluation import attacks
-from evaluation.metrics import set_metrics
-from evaluation.run import (
+from evaluation.configurations import (
     ALL_STATISTICS,
     DetectorConfig,
-    EvaluateOptions,
-    Log,
-    ModelUnderTest,
-    _build,
-    _features,
-    model_stage,
-    sets_stage,
+    build_configuration,
     threshold_values,
 )
+from evaluation.metrics import set_metrics
+from evaluation.options import EvaluateOptions, Log
+from evaluation.run import ModelUnderTest, model_stage, sets_stage
 from evaluation.sets import cached_attack, pixels_digest
 from index_builder.detectors import (
     CHROMA_STATISTIC,
@@ -404,7 +401,7 @@ def selection_values(
 ) -> dict[str, np.ndarray]:
     """Stage 3: every statistic of the all-statistics bundle on the authentic selection images
     and on each attack's successful adversarials (cached attacks)."""
-    authentic = _features(mut.network, images.pixels)
+    authentic = infer_in_batches(mut.network, images.pixels)
     values = {"authentic": guard.detector.values(authentic.features, authentic.predictions)}
     key = selection_attack_key(images)
     runners = selection_attack_runners(options, mut, images)
@@ -415,7 +412,7 @@ def selection_values(
             {**key, "attack": f"selection_{attack}", **params},
             run,
         )
-        feats = _features(mut.network, torch.from_numpy(output.adversarial))
+        feats = infer_in_batches(mut.network, torch.from_numpy(output.adversarial))
         fooled = feats.predictions != images.labels
         values[attack] = guard.detector.values(feats.features, feats.predictions)[fooled]
         log(f"selection {attack}: {int(fooled.sum())}/{images.labels.size} misclassified")
@@ -482,7 +479,7 @@ def select(options: EvaluateOptions, log: Log = print) -> dict[str, Any]:
     choice, written to ``options.out`` (``selection.json``, ``selection.md``)."""
     mut = model_stage(replace(options, studies=False), log)
     images = selection_images(options, mut, log)
-    bundle = _build(
+    bundle = build_configuration(
         options,
         mut.arch,
         mut.weights,

@@ -429,3 +429,22 @@ def infer_batch(
             predictions=probabilities.argmax(dim=1).cpu().numpy().astype(np.int64),
             features={k: v.float().cpu().numpy() for k, v in out.features.items()},
         )
+
+
+def infer_in_batches(
+    network: FeatureNetwork, pixels: torch.Tensor, batch_size: int = 500
+) -> BatchFeatures:
+    """``infer_batch`` over a set of any size, ``batch_size`` images a pass (the evaluation's
+    sets and the benchmarks' splits: one pass over thousands of images would hold every layer's
+    activations at once), concatenated in order."""
+    parts = [
+        infer_batch(network, pixels[i : i + batch_size])
+        for i in range(0, pixels.shape[0], batch_size)
+    ]
+    return BatchFeatures(
+        probabilities=np.concatenate([p.probabilities for p in parts]),
+        predictions=np.concatenate([p.predictions for p in parts]),
+        features={
+            layer: np.concatenate([p.features[layer] for p in parts]) for layer in network.layers
+        },
+    )

@@ -11,7 +11,7 @@ from app.core.features import PIXEL_HIGHPASS, FeatureNetwork
 from app.core.models import PRESETS, build_model
 from app.core.statistics import Margin, logit_margins
 from evaluation.adaptive import SurrogateMargin, adaptive_pgd, second_passes_read, surrogates
-from evaluation.run import ablation_columns
+from evaluation.configurations import ablation_columns
 
 
 def test_surrogate_margin_equals_the_statistic_and_is_standardised_by_its_reference():
@@ -234,12 +234,9 @@ def test_every_v2_preset_gets_both_adaptive_attacks_and_its_own_columns():
     against it, not at v2's."""
     from types import SimpleNamespace
 
-    from evaluation.run import (
-        DetectorConfig,
-        EvaluateOptions,
-        adaptive_targets,
-        own_attack_columns,
-    )
+    from evaluation.configurations import DetectorConfig
+    from evaluation.options import EvaluateOptions
+    from evaluation.run import adaptive_targets, own_attack_columns
 
     paper = DetectorConfig("pca_whiten-layer3-k1000", "table2", ("layer3",))
     fisher = DetectorConfig("fisher-3", "multilayer", ("layer1", "layer2", "layer3"))

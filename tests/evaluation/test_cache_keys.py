@@ -15,16 +15,10 @@ import pytest
 import torch
 
 from app.core.errors import StaleWorkDirError
+from evaluation.configurations import DetectorConfig, build_configuration, build_plan
 from evaluation.data import ImageSplit, save_npz, source_stamp
-from evaluation.run import (
-    DetectorConfig,
-    EvaluateOptions,
-    ImageSets,
-    _build,
-    _build_plan,
-    attack_key,
-    predictions_key,
-)
+from evaluation.options import EvaluateOptions
+from evaluation.run import ImageSets, attack_key, predictions_key
 from evaluation.selection import SelectionImages, selection_attack_key, selection_attack_runners
 from evaluation.sets import Selection, pixels_digest
 from index_builder.extract import check_fingerprint
@@ -158,22 +152,22 @@ def build_inputs(tmp_path: Path) -> tuple[EvaluateOptions, Path, DetectorConfig]
 
 def test_a_cached_bundle_is_stamped_with_the_seed_and_the_source(build_inputs):
     options, weights, config = build_inputs
-    stamp = _build_plan(options, weights, config, "m").stamp
-    assert _build_plan(options, weights, config, "m").stamp == stamp
+    stamp = build_plan(options, weights, config, "m").stamp
+    assert build_plan(options, weights, config, "m").stamp == stamp
 
-    assert _build_plan(replace(options, seed=1), weights, config, "m").stamp != stamp
+    assert build_plan(replace(options, seed=1), weights, config, "m").stamp != stamp
 
     os.utime(options.source, ns=(0, options.source.stat().st_mtime_ns + 1_000_000))
-    rewritten = _build_plan(options, weights, config, "m").stamp
+    rewritten = build_plan(options, weights, config, "m").stamp
     assert rewritten != stamp  # the archive written again within the second (same size)
 
     elsewhere = options.source.with_name("other.tar")
     elsewhere.write_bytes(options.source.read_bytes())
     os.utime(elsewhere, ns=(0, options.source.stat().st_mtime_ns))
-    moved = _build_plan(replace(options, source=elsewhere), weights, config, "m").stamp
+    moved = build_plan(replace(options, source=elsewhere), weights, config, "m").stamp
     assert moved != rewritten  # same bytes and mtime, another archive
 
-    assert _build_plan(replace(options, build_per_class_limit=5), weights, config, "m").stamp != (
+    assert build_plan(replace(options, build_per_class_limit=5), weights, config, "m").stamp != (
         rewritten
     )
 
@@ -262,13 +256,13 @@ def test_a_stale_work_directory_in_the_cache_is_started_afresh(
 
     monkeypatch.setattr(build_module, "build_bundle", build_bundle)
     logged: list[str] = []
-    _build(options, "resnet20", weights, config, "m", logged.append)
+    build_configuration(options, "resnet20", weights, config, "m", logged.append)
     assert len(builds) == 1 and not any("afresh" in line for line in logged)
     mtime = options.source.stat().st_mtime_ns + 1_000_000_000
     os.utime(options.source, ns=(mtime, mtime))  # the archive written again
     with pytest.raises(StaleWorkDirError, match="different build"):  # as a user's directory
         check_fingerprint(builds[0] / "source", {"content_sha256": mtime})
-    _build(options, "resnet20", weights, config, "m", logged.append)
+    build_configuration(options, "resnet20", weights, config, "m", logged.append)
     assert len(builds) == 2 and any("started afresh" in line for line in logged)
     fingerprint = json.loads((builds[1] / "source" / "fingerprint.json").read_text())
     assert fingerprint == {"content_sha256": mtime}

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from evaluation.run import EvaluateOptions, evaluate, quick_options
+from evaluation.options import EvaluateOptions, quick_options
+from evaluation.run import evaluate
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
 
 pytestmark = pytest.mark.slow

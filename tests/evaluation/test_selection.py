@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from evaluation.run import EvaluateOptions, quick_options
+from evaluation.options import EvaluateOptions, quick_options
 from evaluation.selection import (
     FLIP_PRESET,
     MAX_BUNDLE_BYTES,
