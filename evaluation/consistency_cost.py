@@ -42,10 +42,7 @@ from app.core.stateful.store import InProcessFingerprintStore
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
 from evaluation.policy_check import rule_counts, rule_text
-from evaluation.query_attacks import (
-    client_view,
-    service_pixels,
-)
+from evaluation.query_oracles import client_view, service_pixels
 from evaluation.simulate import wilson_interval
 from evaluation.stateful_eval import (
     EVALUATION_SECRET,

@@ -57,25 +57,24 @@ from app.service.settings import StatefulPolicy
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.data import ImageSplit, add_data_cache_argument, load_split
 from evaluation.query_attacks import (
-    ATTACKS,
-    DECISIONS,
     DEFAULT_BUNDLE,
     DEFAULT_CAPS,
     DEFAULT_RESULTS,
     DEFAULT_SOURCE,
+    candidate_pool,
+    pick_images,
+)
+from evaluation.query_oracles import (
+    DECISIONS,
     Answer,
-    AttackName,
-    AttackRecord,
     GuardOracle,
     HttpOracle,
     Oracle,
     answers_of_pixels,
-    candidate_pool,
     client_view,
-    pick_images,
-    run_attack,
     service_pixels,
 )
+from evaluation.query_runs import ATTACKS, AttackName, AttackRecord, run_attack
 from evaluation.simulate_cli import is_loopback
 from evaluation.stateful_eval import EVALUATION_SECRET, SequenceOutcome, succeeds_despite
 

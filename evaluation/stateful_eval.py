@@ -70,19 +70,9 @@ from evaluation.honest_traffic import (
     honest_clients,
     interleave,
 )
-from evaluation.query_attacks import (
-    ATTACKS,
-    DECISIONS,
-    DEFAULT_BUNDLE,
-    DEFAULT_CACHE,
-    DEFAULT_RESULTS,
-    DEFAULT_SOURCE,
-    SETTINGS,
-    AttackRecord,
-    load_records,
-    records_path,
-    service_answers,
-)
+from evaluation.query_attacks import DEFAULT_BUNDLE, DEFAULT_CACHE, DEFAULT_RESULTS, DEFAULT_SOURCE
+from evaluation.query_oracles import DECISIONS, service_answers
+from evaluation.query_runs import ATTACKS, SETTINGS, AttackRecord, load_records, records_path
 from evaluation.sets import cache_key
 from evaluation.simulate import wilson_interval
 

@@ -29,7 +29,8 @@ from evaluation.policy_check import (
     truly_adversarial,
     withheld,
 )
-from evaluation.query_attacks import DECISIONS, Answer, AttackRecord, GuardOracle, HttpOracle
+from evaluation.query_oracles import DECISIONS, Answer, GuardOracle, HttpOracle
+from evaluation.query_runs import AttackRecord
 from evaluation.stateful_eval import EVALUATION_SECRET
 from tests.conftest import DEMO_BUNDLE
 from tests.service.helpers import RedisProcess, free_port

@@ -28,20 +28,15 @@ from evaluation.honest_traffic import (
     interleave,
     to_pil,
 )
-from evaluation.query_attacks import (
-    REPLAYED,
+from evaluation.query_attacks import REPLAYED, http_check
+from evaluation.query_oracles import Answer, GuardOracle, HttpOracle, parse_answer
+from evaluation.query_runs import (
     SQUARE_EPS,
-    Answer,
     AttackStopped,
     Budget,
-    GuardOracle,
-    HttpOracle,
     QueryRecorder,
     decision_vectors,
-    http_check,
-    is_loopback,
     load_records,
-    parse_answer,
     records_path,
     run_attack,
     save_records,
@@ -49,6 +44,7 @@ from evaluation.query_attacks import (
     square_adversarial,
     square_margin,
 )
+from evaluation.simulate_cli import is_loopback
 from evaluation.stateful_eval import (
     CALIBRATION_BUDGET,
     HonestCounts,
