@@ -37,13 +37,8 @@ import redis
 
 from app.cli import at_least
 from app.core.flagging import FlagPolicy
-from app.service.tracking import (
-    DEFAULT_MAX_CLIENTS,
-    ClientTracker,
-    InMemoryTracker,
-    Observation,
-    RedisTracker,
-)
+from app.service.redis_tracker import RedisTracker
+from app.service.tracking import DEFAULT_MAX_CLIENTS, ClientTracker, InMemoryTracker, Observation
 
 PHASES = ("memory", "memory-capped", "redis", "redis-maxmemory")
 # Honest traffic scores about the demo bundle's honest mean (0.42); attackers score far lower.

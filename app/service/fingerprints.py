@@ -68,7 +68,7 @@ from app.core.stateful.match_rule import (
 )
 from app.core.stateful.schemes import WindowHashScheme
 from app.core.stateful.store import Decide, Stored, StoreQuery, check_and_store_each
-from app.service.tracking import RedisClient, connect, hash_tag
+from app.service.redis_connection import RedisClient, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
 # how far the sweep lags the live bounds (entries past the cap, seconds past the TTL): more

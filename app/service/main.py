@@ -36,6 +36,7 @@ from app.service.identity import IdentityError, IdentityResolver
 from app.service.linger import LingeringClose
 from app.service.metrics import Metrics
 from app.service.neighbours import NeighbourImages, NeighbourSourceError
+from app.service.redis_tracker import RedisTracker
 from app.service.routes import router
 from app.service.schemas import ErrorResponse
 from app.service.settings import Settings
@@ -47,7 +48,7 @@ from app.service.stateful import (
     record_screened,
     screens_on_batch_worker,
 )
-from app.service.tracking import ClientTracker, InMemoryTracker, RedisTracker
+from app.service.tracking import ClientTracker, InMemoryTracker
 
 log = logging.getLogger("advguard.service")
 

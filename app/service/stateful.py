@@ -65,10 +65,11 @@ from app.service.batcher import Screen
 from app.service.fingerprints import Found, RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
+from app.service.redis_connection import REDIS_ERRORS
 from app.service.settings import Settings, StatefulPolicy
 from app.service.settle import settle
 from app.service.state import ApiError, Service
-from app.service.tracking import REDIS_ERRORS, Observation, tracker_call
+from app.service.tracking import Observation, tracker_call
 
 log = logging.getLogger(__name__)
 

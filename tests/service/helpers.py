@@ -23,6 +23,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.core.flagging import FlagPolicy, WindowParams
 from app.core.guard import Guard
 from app.core.images import decode_image
 from bench.common import launch_redis
@@ -246,3 +247,9 @@ def admin_of(client: TestClient) -> TestClient:
     shares the public app's state, so it sees the service ``client``'s lifespan started."""
     app: Any = client.app
     return TestClient(app.state.admin_app)
+
+
+def flag_policy(kind: str = "mean", threshold: float = 0.4, min_requests: int = 3) -> FlagPolicy:
+    """A flag policy for the trackers' tests: ``kind`` over the score window, flagging below
+    ``threshold`` after ``min_requests``, with the window's EWMA and CUSUM settings fixed."""
+    return FlagPolicy(kind, threshold, min_requests, WindowParams(0.05, 0.35))  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ worker, right after the guard decides a batch, when its store never waits on the
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -13,7 +14,7 @@ import torch
 
 from app.core.guard import Guard, Verdict
 from app.core.stateful.match_rule import Answer
-from app.service.batcher import Batcher, BatchResult
+from app.service.batcher import Batcher, BatcherClosedError, BatchResult, QueueFullError
 from tests.service.helpers import LoopThread
 
 Query = tuple[str, torch.Tensor, Verdict]
@@ -125,3 +126,52 @@ def test_a_batchs_look_ups_go_to_before_run_together_before_the_model_runs(
         guard.infer = real_infer  # type: ignore[method-assign]
     assert events == [("look up", ["q0", "q2", "q3"]), ("model", ["4"])]
     assert all(isinstance(r.verdict, Verdict) for r in results)
+
+
+class _SlowGuard:
+    """Stands in for a Guard: records batch sizes, blocks until released."""
+
+    def __init__(self, real: Guard) -> None:
+        self.real = real
+        self.sizes: list[int] = []
+        self.release = __import__("threading").Event()
+
+    def infer(self, pixels: torch.Tensor):  # type: ignore[no-untyped-def]
+        self.release.wait(10)
+        self.sizes.append(int(pixels.shape[0]))
+        return self.real.infer(pixels)
+
+    def score(self, batch):  # type: ignore[no-untyped-def]
+        return self.real.score(batch)
+
+    def evidence(self, batch):  # type: ignore[no-untyped-def]
+        return self.real.evidence(batch)
+
+    def explain(self, batch, evidence, rows):  # type: ignore[no-untyped-def]
+        return self.real.explain(batch, evidence, rows)
+
+    def decide(self, batch, scores):  # type: ignore[no-untyped-def]
+        return self.real.decide(batch, scores)
+
+
+def test_batcher_batches_bounds_and_drains(guard: Guard, loop_thread: LoopThread) -> None:
+    slow = _SlowGuard(guard)
+    batcher = Batcher(slow, max_batch_size=4, max_wait_s=0.05, queue_size=6)  # type: ignore[arg-type]
+    batcher.start()
+    pixels = torch.rand(3, 32, 32)
+    submit = partial(loop_thread.call, batcher.submit, pixels)
+    futures = [submit()]
+    time.sleep(0.1)  # the worker holds the first item, blocked in infer
+    futures += [submit() for _ in range(6)]
+    with pytest.raises(QueueFullError):
+        submit()
+    slow.release.set()
+    batcher.stop()  # drains everything queued
+    with pytest.raises(BatcherClosedError):
+        submit()
+    results = [loop_thread.result(f, timeout=10) for f in futures]
+    assert slow.sizes == [1, 4, 2]
+    assert [r.batch_size for r in results] == [1, 4, 4, 4, 4, 2, 2]
+    first = results[0].verdict
+    assert all(r.verdict.predicted_class == first.predicted_class for r in results)
+    assert all(r.verdict.score == pytest.approx(first.score, abs=1e-5) for r in results)

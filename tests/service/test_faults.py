@@ -25,8 +25,9 @@ from fastapi.testclient import TestClient
 from app.core.errors import BundleError
 from app.core.flagging import FlagPolicy
 from app.service.main import create_app
+from app.service.redis_tracker import RedisTracker
 from app.service.settings import DEFAULT_BUNDLE, Settings
-from app.service.tracking import Observation, RedisTracker
+from app.service.tracking import Observation
 from tests.service.helpers import LabelledImage, RedisProcess, admin_of, free_port, upload
 
 ADMIN = {"X-Admin-Token": "s3cret"}

@@ -1,471 +1,24 @@
-"""The trackers and the flagging rule, without HTTP: both trackers agree, the rule is pure; the
-Redis tracker behaves the same on a single redis-server and on a local 3-master Redis Cluster; the
-in-process store stays under its cap, and Redis under maxmemory, both keeping flags longest."""
+"""The in-process tracker's bounds (app.service.tracking): it stays under its cap, evicts unflagged
+clients first and sweeps expired ones; over rotating ids both trackers, the in-process one and
+Redis under maxmemory, keep every flag."""
 
 from __future__ import annotations
 
 import math
-import signal
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import pytest
-import torch
-from fastapi.testclient import TestClient
-from redis.crc import key_slot
-
-from app.core.flagging import FlagPolicy, WindowParams
-from app.core.guard import Guard
-from app.service.batcher import Batcher, BatcherClosedError, QueueFullError
-from app.service.main import create_app
-from app.service.settings import Settings
+from app.service.redis_tracker import RedisTracker
 from app.service.tracking import (
     SWEEP_BATCH,
-    ClientStats,
     InMemoryTracker,
     Observation,
-    RecordResult,
-    RedisTracker,
-    hash_tag,
 )
 from tests.service.helpers import (
-    LabelledImage,
-    LoopThread,
-    RedisClusterProcesses,
     RedisProcess,
-    admin_of,
-    free_cluster_port,
+    flag_policy,
     free_port,
-    upload,
 )
-
-
-def _policy(kind: str = "mean", threshold: float = 0.4, min_requests: int = 3) -> FlagPolicy:
-    return FlagPolicy(kind, threshold, min_requests, WindowParams(0.05, 0.35))  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Backend:
-    """Where a Redis tracker keeps its state: one redis-server, or a Redis Cluster."""
-
-    url: str
-    cluster: bool
-
-    def tracker(self, policy: FlagPolicy, **options: object) -> RedisTracker:
-        return RedisTracker(
-            self.url,
-            policy,
-            prefix=uuid.uuid4().hex,
-            cluster=self.cluster,
-            **options,  # type: ignore[arg-type]
-        )
-
-
-@pytest.fixture(params=["redis", "cluster"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "redis":
-        server: RedisProcess = request.getfixturevalue("redis_server")
-        return Backend(server.url, cluster=False)
-    cluster: RedisClusterProcesses = request.getfixturevalue("redis_cluster")
-    return Backend(cluster.url, cluster=True)
-
-
-def _trackers(
-    backend: Backend, policy: FlagPolicy | None = None
-) -> tuple[InMemoryTracker, RedisTracker]:
-    policy = policy or _policy()
-    return InMemoryTracker(policy), backend.tracker(policy)
-
-
-def _assert_same(a: ClientStats | None, b: ClientStats | None) -> None:
-    """Equal statistics; floats to 1e-12 (Lua's and Python's arithmetic may differ in the last
-    bit, e.g. the EWMA's power)."""
-    assert (a is None) == (b is None)
-    if a is None or b is None:
-        return
-    for name, value in a.__dict__.items():
-        other = b.__dict__[name]
-        if isinstance(value, float):
-            assert other == pytest.approx(value, abs=1e-12), name
-        else:
-            assert other == value, name
-
-
-def _assert_same_result(a: RecordResult, b: RecordResult) -> None:
-    assert a.newly_flagged == b.newly_flagged
-    _assert_same(a.stats, b.stats)
-
-
-@pytest.mark.parametrize(
-    "policy",
-    [
-        _policy(),
-        _policy("ewma", 0.3),
-        _policy("rejection_rate", 3.0),
-        _policy("cusum", 0.3),
-        # read from the same window, started at an honest mean above this client's 0.375
-        FlagPolicy("ewma_anchored", 0.42, 3, WindowParams(0.05, 0.35, anchor=0.5)),
-    ],
-    ids=lambda p: p.kind,
-)
-def test_trackers_agree(backend: Backend, policy: FlagPolicy) -> None:
-    """The Lua window update equals app.core.flagging's, so both trackers flag alike."""
-    memory, red = _trackers(backend, policy)
-    rng = np.random.default_rng(0)
-    now = time.time()
-    newly = []
-    for i, score in enumerate(rng.uniform(0.15, 0.6, 40)):
-        obs = Observation("c", float(score), bool(score > 0.3), now + i)
-        a, b = memory.record(obs), red.record(obs)
-        assert a.newly_flagged == b.newly_flagged
-        newly.append(a.newly_flagged)
-        assert a.stats is not None and b.stats is not None
-        assert a.stats.requests == b.stats.requests == i + 1
-        assert a.stats.mean_score == pytest.approx(b.stats.mean_score, abs=1e-12)
-        assert a.stats.ewma_score == pytest.approx(b.stats.ewma_score, abs=1e-12)
-        assert a.stats.window_rejected == b.stats.window_rejected
-        assert a.stats.cusum == pytest.approx(b.stats.cusum, abs=1e-12)
-        assert a.stats.flagged == b.stats.flagged
-    assert sum(newly) == 1  # every policy above flags this client, once
-    stats = red.get("c")
-    assert stats is not None and stats.first_seen == now and stats.last_seen == now + 39
-    assert stats.accepted + stats.rejected == 40
-    assert memory.get("c") == stats
-
-
-def test_a_batch_of_updates_gives_what_one_at_a_time_gives(backend: Backend) -> None:
-    """``record_many`` (one pipelined round trip on one Redis, one script at a time on a
-    cluster) returns the results, flags included, that ``record`` gives one update at a time,
-    and leaves the same statistics."""
-    policy = _policy("cusum", 0.3)
-    one, many, memory = backend.tracker(policy), backend.tracker(policy), InMemoryTracker(policy)
-    rng = np.random.default_rng(3)
-    now = time.time()
-    updates = [
-        Observation(f"c{i % 3}", float(score), bool(score > 0.3), now + i)
-        for i, score in enumerate(rng.uniform(0.15, 0.6, 30))
-    ]
-    singles = [one.record(update) for update in updates]
-    batched = [r for i in range(0, 30, 7) for r in many.record_many(updates[i : i + 7])]
-    in_memory = memory.record_many(updates)
-    assert sum(r.newly_flagged for r in singles) >= 1
-    for a, b, c in zip(singles, batched, in_memory, strict=True):
-        _assert_same_result(a, b)
-        _assert_same_result(a, c)
-    for client in ("c0", "c1", "c2"):
-        _assert_same(one.get(client), many.get(client))
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    """A redis-server of this test's own, to kill, pause and restart; gone at the end."""
-    server = RedisProcess(free_port(), tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-def outage_tracker(server: RedisProcess, **options: Any) -> RedisTracker:
-    """A tracker of ``server`` that tries Redis again at once and times out fast (0.1 s):
-    outages are seen and left within a test's time."""
-    return RedisTracker(
-        server.url, _policy(), **{"retry_interval_s": 0.0, "timeout_s": 0.1, **options}
-    )
-
-
-def test_a_batch_is_buffered_while_redis_is_down_and_replayed(own_redis: RedisProcess) -> None:
-    server = own_redis
-    tracker = outage_tracker(server)
-    try:
-        tracker.record_many([Observation("x", 0.5, True, 0.0), Observation("y", 0.5, True, 0.0)])
-        server.kill()
-        down = tracker.record_many([Observation("x", 0.5, True, float(i)) for i in (1, 2, 3)])
-        assert [r.stats for r in down] == [None, None, None] and tracker.buffered() == 3
-        server.start()
-        assert tracker.state() == "ok" and tracker.buffered() == 0
-        stats = tracker.get("x")  # the server kept nothing: the replayed three alone
-        assert stats is not None and stats.requests == 3
-        assert (stats.first_seen, stats.last_seen) == (1.0, 3.0)
-    finally:
-        tracker.close()
-
-
-def test_ewma_is_bias_corrected_and_mean_exact(redis_server: RedisProcess) -> None:
-    now = time.time()
-    for tracker in _trackers(Backend(redis_server.url, cluster=False)):
-        tracker.record(Observation("e", 0.8, True, now))
-        first = tracker.get("e")
-        assert first is not None and first.ewma_score == pytest.approx(0.8)
-        tracker.record(Observation("e", 0.2, True, now + 1))
-        second = tracker.get("e")
-        assert second is not None and second.mean_score == pytest.approx(0.5)
-        assert 0.2 < second.ewma_score < 0.5  # the newer score weighs more
-
-
-def test_clients_expire(backend: Backend) -> None:
-    memory = InMemoryTracker(_policy(min_requests=1), ttl_s=10)
-    memory.record(Observation("old", 0.1, False, time.time() - 60))
-    assert memory.get("old") is None and memory.flagged_clients() == []
-    red = backend.tracker(_policy(min_requests=1), ttl_s=1)
-    red.record(Observation("old", 0.1, False, time.time()))
-    assert red.is_flagged("old")
-    time.sleep(1.2)
-    assert red.get("old") is None and not red.is_flagged("old")
-    assert red.flagged_clients() == [] and red.flagged_count() == 0
-    assert not red.clear_flag("old")
-
-
-def test_buffer_is_bounded_and_replayed(own_redis: RedisProcess) -> None:
-    server = own_redis
-    errors: list[int] = []
-    tracker = outage_tracker(server, buffer_size=5, on_error=lambda: errors.append(1))
-    try:
-        server.kill()
-        for i in range(8):
-            started = time.perf_counter()
-            assert tracker.record(Observation("x", 0.5, True, float(i))).stats is None
-            assert time.perf_counter() - started < 0.5
-        assert tracker.buffered() == 5 and tracker.state() == "degraded"
-        assert len(errors) >= 3  # failures and the 3 dropped updates
-        server.start()
-        assert tracker.state() == "ok" and tracker.buffered() == 0
-        stats = tracker.get("x")
-        assert stats is not None and stats.requests == 5  # the 5 newest survived
-        assert stats.first_seen == 3.0 and stats.last_seen == 7.0
-    finally:
-        tracker.close()
-
-
-def test_a_client_flagged_by_a_replayed_update_is_reported_once(own_redis: RedisProcess) -> None:
-    """Updates buffered while Redis was down flag their client when replayed: no request waits
-    for those results, so the tracker reports the flag itself (the flagged-clients counter)."""
-    server = own_redis
-    reported: list[int] = []
-    tracker = outage_tracker(server, buffer_size=20, on_replayed_flag=lambda: reported.append(1))
-    try:
-        server.kill()
-        now = time.time()
-        for i in range(5):  # mean score 0.1 < 0.4 from the 3rd request on
-            assert tracker.record(Observation("low", 0.1, False, now + i)).stats is None
-        assert reported == [] and tracker.buffered() == 5
-        server.start()
-        assert tracker.state() == "ok" and tracker.buffered() == 0
-        assert tracker.is_flagged("low") and reported == [1]
-        result = tracker.record(Observation("low", 0.1, False, now + 5))  # flagged already
-        assert result.stats is not None and result.stats.flagged and not result.newly_flagged
-        assert reported == [1]
-    finally:
-        tracker.close()
-
-
-def test_closing_replays_what_an_outage_buffered_when_redis_is_back(
-    own_redis: RedisProcess,
-) -> None:
-    """A shutdown after an outage used to drop the buffered updates even with Redis back."""
-    server = own_redis
-    tracker = outage_tracker(server, retry_interval_s=60.0)
-    now = time.time()
-    tracker.record(Observation("late", 0.5, True, now))
-    assert server.process is not None
-    server.process.send_signal(signal.SIGSTOP)  # unresponsive, its data kept
-    for i in range(1, 4):
-        tracker.record(Observation("late", 0.5, True, now + i))
-    assert tracker.buffered() == 3
-    server.process.send_signal(signal.SIGCONT)  # back, not retried within the 60 s interval
-    tracker.close()
-    assert tracker.buffered() == 0
-    assert server.client().hget(tracker.client_key("late"), "requests") == "4"
-    server.kill()  # still down at the next close: one try, the loss kept and logged
-    tracker.record(Observation("late", 0.5, True, now + 5))
-    started = time.perf_counter()
-    tracker.close()
-    assert tracker.buffered() == 1 and time.perf_counter() - started < 2.0
-
-
-def test_a_flagged_client_is_not_refused_while_redis_does_not_answer(
-    own_redis: RedisProcess,
-) -> None:
-    """Fail open: a client flagged in Redis reads as not flagged while Redis hangs (no error, no
-    wait past the timeout), and as flagged again once it answers."""
-    server = own_redis
-    tracker = outage_tracker(server)
-    now = time.time()
-    try:
-        for i in range(3):
-            tracker.record(Observation("low", 0.1, False, now + i))
-        assert tracker.is_flagged("low")
-        assert server.process is not None
-        server.process.send_signal(signal.SIGSTOP)
-        started = time.perf_counter()
-        assert not tracker.is_flagged("low")
-        assert time.perf_counter() - started < 2.0
-        server.process.send_signal(signal.SIGCONT)
-        assert tracker.is_flagged("low")
-    finally:
-        tracker.close()
-
-
-def test_the_service_counts_clients_flagged_by_replayed_updates() -> None:
-    from app.service.main import build_tracker
-    from app.service.metrics import Metrics
-    from app.service.settings import Settings
-
-    metrics = Metrics()
-    settings = Settings(redis_url="redis://127.0.0.1:1/0", stateful_enabled=False)
-    tracker = build_tracker(settings, _policy(), metrics)
-    assert isinstance(tracker, RedisTracker)
-    tracker.on_replayed_flag()
-    assert metrics.registry.get_sample_value("advguard_clients_flagged_total") == 1.0
-
-
-def test_many_clients_agree_on_flags_listing_and_clearing(backend: Backend) -> None:
-    """Interleaved clients over many slots (ids with braces and '%' among them): every update,
-    the flagged list, clearing and the state after it are the same in both trackers."""
-    memory, red = _trackers(backend, _policy("cusum", 0.3))
-    ids = [f"client-{i}" for i in range(40)] + ["", "{", "}", "{x}", "%7D", "%", "a b:c"]
-    rng = np.random.default_rng(1)
-    now = time.time()
-    for step in range(600):
-        index = int(rng.integers(len(ids)))
-        attacker = index % 3 == 0
-        score = float(rng.uniform(0.05, 0.3) if attacker else rng.uniform(0.3, 0.7))
-        obs = Observation(ids[index], score, score > 0.25, now + step * 0.001)
-        _assert_same_result(memory.record(obs), red.record(obs))
-    flagged = memory.flagged_clients()
-    assert len(flagged) >= 10  # most attackers
-    assert [s.client_id for s in red.flagged_clients()] == [s.client_id for s in flagged]
-    for a, b in zip(flagged, red.flagged_clients(), strict=True):
-        _assert_same(a, b)
-    assert red.flagged_count() == memory.flagged_count() == len(flagged)
-    for stats in flagged[::2]:
-        assert memory.clear_flag(stats.client_id) and red.clear_flag(stats.client_id)
-    assert not red.clear_flag(flagged[0].client_id)  # cleared already
-    assert red.flagged_count() == memory.flagged_count() == len(flagged) - len(flagged[::2])
-    for cid in ids:
-        _assert_same(memory.get(cid), red.get(cid))
-        assert memory.is_flagged(cid) == red.is_flagged(cid)
-    slots = {key_slot(red.client_key(cid).encode()) for cid in ids}
-    assert len(slots) > 30  # spread over the cluster, not one slot
-    red.close()
-
-
-def test_keys_of_one_client_share_a_slot() -> None:
-    """Every script touches one client's keys only: they must hash to one cluster slot, whatever
-    the id (braces would otherwise end the hash tag early, and an empty tag hashes the key)."""
-    tracker = RedisTracker("redis://127.0.0.1:1/0", _policy())
-    for cid in ["alice", "", "{", "}", "}{", "{}", "a}b{c", "%", "%7B", "10.0.0.1", "::1"]:
-        assert key_slot(tracker.client_key(cid).encode()) == key_slot(
-            tracker.flag_key(cid).encode()
-        )
-    tags = [hash_tag(cid) for cid in ["", "%", "{", "%7B", "}", "%7D"]]
-    assert len(set(tags)) == len(tags)  # one-to-one
-    with pytest.raises(ValueError, match="braces"):
-        RedisTracker("redis://127.0.0.1:1/0", _policy(), prefix="a{b")
-
-
-def test_cluster_buffer_is_bounded_and_replayed(redis_cluster: RedisClusterProcesses) -> None:
-    """The master holding a client's slot dies: updates are buffered (fast), flags elsewhere are
-    still read, and the buffer is replayed when the node is back."""
-    errors: list[int] = []
-    tracker = Backend(redis_cluster.url, cluster=True).tracker(
-        _policy(min_requests=1),
-        retry_interval_s=0.0,
-        buffer_size=5,
-        timeout_s=0.1,
-        on_error=lambda: errors.append(1),
-    )
-    port = redis_cluster.port_of_slot(key_slot(tracker.client_key("x").encode()))
-    other = next(f"y{i}" for i in range(100) if _port_of(redis_cluster, tracker, f"y{i}") != port)
-    tracker.record(Observation(other, 0.1, False, time.time()))
-    assert tracker.is_flagged(other)
-    redis_cluster.kill_node(port)
-    try:
-        for i in range(8):
-            started = time.perf_counter()
-            assert tracker.record(Observation("x", 0.5, True, float(i))).stats is None
-            assert time.perf_counter() - started < 0.5
-        assert tracker.buffered() == 5 and tracker.state() == "degraded"
-        assert not tracker.is_flagged("x")  # fails open
-        assert tracker.is_flagged(other)  # its node is up
-        assert len(errors) >= 3
-    finally:
-        redis_cluster.start_node(port)
-        redis_cluster.wait_ok()
-    deadline = time.monotonic() + 30
-    while tracker.state() != "ok":
-        assert time.monotonic() < deadline, "the tracker never recovered"
-        time.sleep(0.1)
-    assert tracker.buffered() == 0
-    stats = tracker.get("x")
-    assert stats is not None and stats.requests == 5  # the 5 newest survived
-    assert stats.first_seen == 3.0 and stats.last_seen == 7.0
-    tracker.close()
-
-
-def test_cluster_down_at_start_fails_open() -> None:
-    """The cluster client connects when created: the tracker creates it on first use, so a
-    cluster unreachable at start-up buffers updates and flags nobody instead of failing."""
-    tracker = RedisTracker(
-        f"redis://127.0.0.1:{free_cluster_port()}/0", _policy(), cluster=True, retry_interval_s=0
-    )
-    started = time.perf_counter()
-    assert tracker.record(Observation("a", 0.1, False, time.time())).stats is None
-    assert tracker.state() == "degraded" and not tracker.is_flagged("a")
-    assert tracker.buffered() == 1 and time.perf_counter() - started < 1.0
-    tracker.close()
-
-
-def _port_of(cluster: RedisClusterProcesses, tracker: RedisTracker, client_id: str) -> int:
-    return cluster.port_of_slot(key_slot(tracker.client_key(client_id).encode()))
-
-
-def test_service_on_a_cluster_flags_refuses_lists_and_clears(
-    redis_cluster: RedisClusterProcesses, test_images: list[LabelledImage]
-) -> None:
-    """ADVGUARD_REDIS_CLUSTER=true: the service end to end (the admin API's listing included)."""
-    admin = {"X-Admin-Token": "s3cret"}
-    settings = Settings(
-        device="cpu",
-        max_wait_ms=1.0,
-        redis_url=redis_cluster.url,
-        stateful_secret="test-secret",  # type: ignore[arg-type]
-        redis_cluster=True,
-        redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
-        flag_policy="mean",
-        flag_threshold=1.0,  # every score is below: flagged after 3 scored requests
-        flag_min_requests=3,
-        admin_token="s3cret",  # type: ignore[arg-type]
-        policy="refuse",
-    )
-    with TestClient(create_app(settings)) as client:
-        assert client.get("/readyz").json()["tracker"] == "ok"
-        for cid in ("mallory", "trudy"):
-            codes = [
-                upload(client, image.data, {"X-Client-ID": cid}).status_code
-                for image in test_images[:4]
-            ]
-            assert codes == [200, 200, 200, 403]
-        listed = admin_of(client).get("/clients?flagged=true", headers=admin).json()["clients"]
-        assert sorted(c["client_id"] for c in listed) == ["mallory", "trudy"]
-        assert all(c["requests"] == 3 and c["flagged"] for c in listed)
-        assert "advguard_flagged_clients 2.0" in admin_of(client).get("/metrics").text
-        cleared = admin_of(client).delete("/clients/mallory/flag", headers=admin).json()
-        assert cleared == {"client_id": "mallory", "cleared": True}
-        stats = admin_of(client).get("/clients/mallory", headers=admin).json()
-        assert not stats["flagged"] and stats["scored"] == 0 and stats["requests"] == 3
-        listed = admin_of(client).get("/clients?flagged=true", headers=admin).json()["clients"]
-        assert [c["client_id"] for c in listed] == ["trudy"]
-
-
-# --------------------------------------------------------------------------- bounded state
 
 
 def _honest(client_id: str, at: float) -> Observation:
@@ -477,7 +30,7 @@ def _attacker(client_id: str, at: float) -> Observation:
 
 
 def test_memory_store_never_exceeds_its_cap() -> None:
-    memory = InMemoryTracker(_policy(min_requests=1), max_clients=50)
+    memory = InMemoryTracker(flag_policy(min_requests=1), max_clients=50)
     now = time.time()
     for i in range(1000):
         memory.record(_honest(f"id-{i}", now + i * 1e-3))
@@ -487,7 +40,7 @@ def test_memory_store_never_exceeds_its_cap() -> None:
 
 
 def test_memory_store_evicts_unflagged_before_flagged() -> None:
-    memory = InMemoryTracker(_policy(min_requests=1), max_clients=10)
+    memory = InMemoryTracker(flag_policy(min_requests=1), max_clients=10)
     now = time.time()
     for i in range(3):
         assert memory.record(_attacker(f"bad-{i}", now + i)).newly_flagged
@@ -508,7 +61,7 @@ def test_memory_store_evicts_unflagged_before_flagged() -> None:
 
 
 def test_memory_store_sweeps_expired_entries() -> None:
-    memory = InMemoryTracker(_policy(min_requests=1), ttl_s=10)
+    memory = InMemoryTracker(flag_policy(min_requests=1), ttl_s=10)
     now = time.time()
     for i in range(100):
         observe = _attacker if i % 10 == 0 else _honest
@@ -532,8 +85,8 @@ def test_rotating_ids_keep_every_flag_in_both_trackers(tmp_path: Path) -> None:
         store.config_set("maxmemory-policy", "volatile-lru")
         limit = int(store.info("memory")["used_memory"]) + 1024 * 1024
         store.config_set("maxmemory", limit)
-        memory = InMemoryTracker(_policy(min_requests=1), max_clients=2000)
-        red = RedisTracker(server.url, _policy(min_requests=1), timeout_s=2.0)
+        memory = InMemoryTracker(flag_policy(min_requests=1), max_clients=2000)
+        red = RedisTracker(server.url, flag_policy(min_requests=1), timeout_s=2.0)
         now = time.time()
         attackers = []
         for i in range(20_000):
@@ -564,52 +117,3 @@ def test_rotating_ids_keep_every_flag_in_both_trackers(tmp_path: Path) -> None:
     finally:
         store.close()
         server.kill()
-
-
-class _SlowGuard:
-    """Stands in for a Guard: records batch sizes, blocks until released."""
-
-    def __init__(self, real: Guard) -> None:
-        self.real = real
-        self.sizes: list[int] = []
-        self.release = __import__("threading").Event()
-
-    def infer(self, pixels: torch.Tensor):  # type: ignore[no-untyped-def]
-        self.release.wait(10)
-        self.sizes.append(int(pixels.shape[0]))
-        return self.real.infer(pixels)
-
-    def score(self, batch):  # type: ignore[no-untyped-def]
-        return self.real.score(batch)
-
-    def evidence(self, batch):  # type: ignore[no-untyped-def]
-        return self.real.evidence(batch)
-
-    def explain(self, batch, evidence, rows):  # type: ignore[no-untyped-def]
-        return self.real.explain(batch, evidence, rows)
-
-    def decide(self, batch, scores):  # type: ignore[no-untyped-def]
-        return self.real.decide(batch, scores)
-
-
-def test_batcher_batches_bounds_and_drains(guard: Guard, loop_thread: LoopThread) -> None:
-    slow = _SlowGuard(guard)
-    batcher = Batcher(slow, max_batch_size=4, max_wait_s=0.05, queue_size=6)  # type: ignore[arg-type]
-    batcher.start()
-    pixels = torch.rand(3, 32, 32)
-    submit = partial(loop_thread.call, batcher.submit, pixels)
-    futures = [submit()]
-    time.sleep(0.1)  # the worker holds the first item, blocked in infer
-    futures += [submit() for _ in range(6)]
-    with pytest.raises(QueueFullError):
-        submit()
-    slow.release.set()
-    batcher.stop()  # drains everything queued
-    with pytest.raises(BatcherClosedError):
-        submit()
-    results = [loop_thread.result(f, timeout=10) for f in futures]
-    assert slow.sizes == [1, 4, 2]
-    assert [r.batch_size for r in results] == [1, 4, 4, 4, 4, 2, 2]
-    first = results[0].verdict
-    assert all(r.verdict.predicted_class == first.predicted_class for r in results)
-    assert all(r.verdict.score == pytest.approx(first.score, abs=1e-5) for r in results)
