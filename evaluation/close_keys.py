@@ -50,7 +50,8 @@ from app.core.stateful.index import MIN_SHARED_KEYS, index_buckets
 from evaluation.honest_edits import DEFAULT_SOURCE
 from evaluation.honest_traffic import train_photos
 from evaluation.query_attacks import DEFAULT_RESULTS
-from evaluation.stateful_eval import EVALUATION_SECRET, command_block
+from evaluation.stateful_replay import EVALUATION_SECRET
+from evaluation.stateful_report import command_block
 
 COMMAND = "python -m evaluation.close_keys"
 GRID_COORDS = (4, 6, 8, 10)

@@ -44,14 +44,9 @@ from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
 from evaluation.policy_check import rule_counts, rule_text
 from evaluation.query_oracles import client_view, service_pixels
 from evaluation.simulate import wilson_interval
-from evaluation.stateful_eval import (
-    EVALUATION_SECRET,
-    Timeline,
-    add_honest_traffic_arguments,
-    command_block,
-    honest_timeline,
-    served_answers,
-)
+from evaluation.stateful_eval import add_honest_traffic_arguments, served_answers
+from evaluation.stateful_replay import EVALUATION_SECRET, Timeline, honest_timeline
+from evaluation.stateful_report import command_block
 
 BATCH = 64  # queries screened at once, in arrival order (the service's screening batch)
 

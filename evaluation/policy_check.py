@@ -76,7 +76,7 @@ from evaluation.query_oracles import (
 )
 from evaluation.query_runs import ATTACKS, AttackName, AttackRecord, run_attack
 from evaluation.simulate_cli import is_loopback
-from evaluation.stateful_eval import EVALUATION_SECRET, SequenceOutcome, succeeds_despite
+from evaluation.stateful_replay import EVALUATION_SECRET, SequenceOutcome, succeeds_despite
 
 
 class ScreenedOracle:

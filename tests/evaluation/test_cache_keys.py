@@ -186,7 +186,7 @@ def test_honest_traffic_is_keyed_by_its_whole_plan_the_source_and_the_preprocess
 ):
     from app.core.models import PRESETS
     from evaluation.honest_traffic import TrafficPlan
-    from evaluation.stateful_eval import honest_key
+    from evaluation.stateful_replay import honest_key
 
     source = tmp_path / "cifar.tar"
     source.write_bytes(b"an archive")

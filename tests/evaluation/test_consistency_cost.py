@@ -12,7 +12,7 @@ from app.core.stateful.defaults import DEFAULT_RULE
 from app.core.stateful.hashes import pixel_digests
 from app.core.stateful.match_rule import Answer, DetectionRule
 from evaluation.consistency_cost import replaced, report, serve_through_detector, summarise
-from evaluation.stateful_eval import Timeline
+from evaluation.stateful_replay import Timeline
 from tests.conftest import DEMO_BUNDLE
 from tests.core.stateful.probes import photos, square_step  # noqa: F401 (a fixture)
 

@@ -31,7 +31,7 @@ from evaluation.policy_check import (
 )
 from evaluation.query_oracles import DECISIONS, Answer, GuardOracle, HttpOracle
 from evaluation.query_runs import AttackRecord
-from evaluation.stateful_eval import EVALUATION_SECRET
+from evaluation.stateful_replay import EVALUATION_SECRET
 from tests.conftest import DEMO_BUNDLE
 from tests.service.helpers import RedisProcess, free_port
 

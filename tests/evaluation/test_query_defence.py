@@ -16,12 +16,8 @@ from evaluation.query_defence import (
     rows,
     table,
 )
-from evaluation.stateful_eval import (
-    SequenceOutcome,
-    choose,
-    succeeds_despite,
-    summarise_outcomes,
-)
+from evaluation.stateful_eval import choose
+from evaluation.stateful_replay import SequenceOutcome, succeeds_despite, summarise_outcomes
 
 
 def test_a_run_survives_refusal_only_when_it_succeeded_before_its_detection() -> None:

@@ -11,7 +11,7 @@ from app.core.stateful.schemes import WindowHashScheme
 # 25 grey levels, a match from 25 shared sketch bits (of ~50); flag at 5 distinct near-duplicates,
 # one above the most any of 4,000 honest calibration clients reached (a burst of edits: 4), and
 # a query whose answer changes its anchor's class at 2, the lowest count that flags at most half
-# the false-flag targets of those clients (stateful_eval.CALIBRATION_BUDGET: 5 of 1,000
+# the false-flag targets of those clients (stateful_replay.CALIBRATION_BUDGET: 5 of 1,000
 # burst clients at 2; 1 flagged more; 4 until 2026-11-29, when it was set to flag none).
 DEFAULT_STEP = 25
 DEFAULT_SHARED = 25
