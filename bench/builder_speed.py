@@ -24,7 +24,8 @@ from app.core.features import FeatureNetwork, image_to_pixels, infer_batch, pick
 from app.core.images import decode_image
 from app.core.models import PRESETS, describe_architecture, load_model
 from bench.common import SHARED, write_results
-from index_builder.build import BuildConfig, build_bundle
+from index_builder.build import build_bundle
+from index_builder.config import BuildConfig
 from index_builder.sources import open_source
 
 

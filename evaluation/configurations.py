@@ -272,7 +272,8 @@ def build_configuration(
     log: Log,
 ) -> Path:
     """Build (or reuse from the cache) the bundle of one detector configuration."""
-    from index_builder.build import BuildConfig, build_bundle
+    from index_builder.build import build_bundle
+    from index_builder.config import BuildConfig
 
     plan = build_plan(options, weights, config, model_name)
     stamp_file = plan.out / "evaluation-config.json"

@@ -17,7 +17,8 @@ from app.core.search import INDEX_TYPES
 from app.core.statistics import DEFAULT_CLASS_K
 
 if TYPE_CHECKING:
-    from index_builder.build import BuildConfig, BuildReport
+    from index_builder.build import BuildReport
+    from index_builder.config import BuildConfig
 
 
 def add_build_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,7 +195,7 @@ def _add_run_arguments(group: Options) -> None:
 
 def config_of(args: argparse.Namespace) -> BuildConfig:
     """The build's configuration, from ``advguard build``'s arguments."""
-    from index_builder.build import BuildConfig
+    from index_builder.config import BuildConfig
 
     return BuildConfig(
         source=args.source,

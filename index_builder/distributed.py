@@ -35,14 +35,8 @@ import torch.distributed as dist
 from app.core.errors import SourceError
 from app.core.features import FeatureNetwork
 from app.core.models import PRESETS, describe_architecture, load_model
-from index_builder.build import (
-    BuildConfig,
-    BuildReport,
-    build_bundle,
-    check_config,
-    resolve_detector,
-    second_pass_entries,
-)
+from index_builder.build import BuildReport, build_bundle, resolve_detector, second_pass_entries
+from index_builder.config import BuildConfig, check_config
 from index_builder.extract import (
     ChunkStore,
     ExtractionReport,

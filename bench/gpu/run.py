@@ -571,7 +571,8 @@ def host_step(run: Run) -> tuple[dict[str, Any], str]:
 def fallback_bundle(run: Run) -> Path:
     """A small bundle of the same model when the builder step did not leave one."""
     from bench.gpu import synthetic
-    from index_builder.build import BuildConfig, build_bundle
+    from index_builder.build import build_bundle
+    from index_builder.config import BuildConfig
 
     s, work = run.sizes, Path(run.state["work"])
     folder = synthetic.jpeg_folder(

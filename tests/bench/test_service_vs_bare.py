@@ -27,7 +27,8 @@ from bench.service_vs_bare import (
     stage_table,
     stage_times,
 )
-from index_builder.build import BuildConfig, build_bundle
+from index_builder.build import build_bundle
+from index_builder.config import BuildConfig
 
 
 def test_stage_times_cover_every_statistic_kind_of_a_combined_bundle(

@@ -16,8 +16,9 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import build_model
 from index_builder import sources
-from index_builder.build import BuildConfig, build_bundle, check_config, holdout_mask
+from index_builder.build import build_bundle, holdout_mask
 from index_builder.cli import main as builder_main
+from index_builder.config import BuildConfig, check_config
 from index_builder.sources import Entry
 from tests.conftest import save_state_dict
 

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from index_builder.build import BuildConfig
 from index_builder.cli import add_build_arguments, config_of
+from index_builder.config import BuildConfig
 
 ARGV = [
     "--source", "src.tar.gz", "--split", "train", "--arch", "resnet56", "--weights", "w.th",

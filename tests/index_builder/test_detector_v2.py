@@ -22,8 +22,9 @@ from app.core.manifest import Manifest
 from app.core.models import build_model
 from app.core.statistics import DOUBTED_SHARE, NOT_DOUBTED, logit_margins
 from index_builder import build, detectors
-from index_builder.build import BuildConfig, build_bundle, extract_stage, plan_build
+from index_builder.build import build_bundle, extract_stage, plan_build
 from index_builder.cli import main as builder_main
+from index_builder.config import BuildConfig
 from index_builder.extract import ChunkStore
 from tests.conftest import random_image_bytes, save_state_dict
 

@@ -9,7 +9,8 @@ import faiss
 import numpy as np
 
 from app.core.bundle import read_manifest
-from index_builder.build import BuildConfig, build_bundle
+from index_builder.build import build_bundle
+from index_builder.config import BuildConfig
 from index_builder.distributed import launched_by_torchrun
 
 OPTIONS = dict(
