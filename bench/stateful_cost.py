@@ -51,7 +51,7 @@ from bench.common import (
     write_results,
 )
 from bench.load_service import CIFAR_TAR, test_jpegs
-from bench.service_vs_bare import Interleaving, interleaved, requests_of
+from bench.service_load import Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
 
 SECRET = b"bench-secret"

@@ -23,7 +23,7 @@ from typing import Any
 from app.cli import at_least
 from bench.common import ratio_by_round, ratio_cell, write_results
 from bench.load_service import test_jpegs
-from bench.service_vs_bare import Interleaving, interleaved, requests_of
+from bench.service_load import Interleaving, interleaved, requests_of
 from bench.stateful_cost import SERVICE_ENV
 
 DEFAULT = "default"

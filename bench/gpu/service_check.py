@@ -39,7 +39,8 @@ import torch
 from app.core.features import Precision
 from app.core.guard import Guard, Verdict
 from app.core.images import decode_image
-from bench.service_vs_bare import in_process, ratio, run_service, saturation, stage_times
+from bench.service_load import run_service
+from bench.service_vs_bare import in_process, ratio, saturation, stage_times
 from bench.service_vs_bare import time_batches as timed
 
 VARIANTS: tuple[tuple[Precision, bool], ...] = (

@@ -16,14 +16,13 @@ import pytest
 from app.core.guard import Guard
 from app.core.images import decode_image
 from bench.common import multipart_request
+from bench.service_load import load_level, screening_means
 from bench.service_vs_bare import (
     also_envs,
     also_setting,
     interleaved_ratios,
     interleaved_table,
     issue_target_line,
-    load_level,
-    screening_means,
     stage_table,
     stage_times,
 )
