@@ -20,6 +20,7 @@ import io
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +85,7 @@ def _row(step: str, ms: dict[str, float]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=at_least(1), default=200, help="timed calls of each variant")
     parser.add_argument("--image", type=Path, help="a JPEG to use instead of the synthetic one")
@@ -120,9 +121,22 @@ def main(argv: list[str] | None = None) -> int:
         help="torch's intra-op threads (default: %(default)s)",
     )
     parser.add_argument("--name", default="decode_speed", help="results file name")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.torch_threads)
+    return parser
 
+
+@dataclass(frozen=True)
+class Decoded:
+    """One run's measurements: the results file's fields, and the two decodes' sizes."""
+
+    results: dict[str, Any]
+    full_size: tuple[int, int]
+    draft_size: tuple[int, int]
+    jpeg_bytes: int
+
+
+def measure(args: argparse.Namespace) -> Decoded:
+    """The JPEG decoded in full and in draft mode, alone and with ``image_to_pixels``, timed in
+    interleaved pairs; and how far the draft's pixels are from the full decode's."""
     preset = PRESETS[args.preset]
     data = (
         args.image.read_bytes()
@@ -156,9 +170,17 @@ def main(argv: list[str] | None = None) -> int:
         "normalized_mean_abs_diff": difference.abs().mean().item(),
         "normalized_max_abs_diff": difference.abs().max().item(),
     }
-    (w, h), (dw, dh) = full_image.size, draft_image.size
+    return Decoded(results, full_image.size, draft_image.size, len(data))
+
+
+def report(args: argparse.Namespace, decoded: Decoded) -> str:
+    """The results file's markdown: both steps, full against draft, and the pixels' difference."""
+    results, data_bytes = decoded.results, decoded.jpeg_bytes
+    preset, size = PRESETS[args.preset], results["min_size"]
+    decode_ms, pixels_ms = results["decode_ms"], results["decode_and_pixels_ms"]
+    (w, h), (dw, dh) = decoded.full_size, decoded.draft_size
     table = (
-        f"{w}x{h} JPEG, {len(data) / 1024:.0f} KB ({results['image']}); draft with "
+        f"{w}x{h} JPEG, {data_bytes / 1024:.0f} KB ({results['image']}); draft with "
         f"min_size = {size} (the {preset.name} preset's resize) decodes {dw}x{dh}. Median and best "
         f"of {args.runs} interleaved calls each, one process, {args.torch_threads} torch "
         "thread(s).\n\n"
@@ -169,7 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Pixels fed to the model, draft vs full decode, in normalised units: mean |diff| "
         f"{results['normalized_mean_abs_diff']:.4f}, max {results['normalized_max_abs_diff']:.3f}."
     )
-    print(write_results(args.name, results, table).read_text())
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """parse -> measure -> report, written to bench/results/<name>.json and .md."""
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.torch_threads)
+    decoded = measure(args)
+    print(write_results(args.name, decoded.results, report(args, decoded)).read_text())
     return 0
 
 

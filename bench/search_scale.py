@@ -103,7 +103,7 @@ def timing_table(rows: dict[str, dict[str, float]]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--n", type=at_least(1), default=1_281_167, help="indexed vectors (default: %(default)s)"
@@ -148,10 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         help="also time faiss's own k-selection (faiss backend on the CPU), in the same run",
     )
     parser.add_argument("--name", default="search_scale", help="result file name")
-    args = parser.parse_args(argv)
-    if args.faiss_own and (args.backend != "faiss" or args.device != "cpu"):
-        parser.error("--faiss-own times the faiss backend on the CPU")  # before the index is built
+    return parser
 
+
+Rows = dict[str, dict[str, float]]  # per batch size: its timings (``time_search``)
+
+
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], Rows, Rows | None]:
+    """Build the flat index of clustered vectors, time its searches at each batch size (and,
+    with ``--faiss-own``, through faiss's own k-selection), and check neighbours: (results,
+    the timed rows, faiss's own rows or None)."""
     base = clustered_vectors(args.n, args.dim, seed=0)
     started = time.perf_counter()
     index = flat_index(base, args.backend, args.device)
@@ -183,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             results["neighbours"] = agreement(reference, search.search(index, probe, args.k))
         else:
             results["neighbours"] = neighbours_against_flat(flat_index(base), index, probe, args.k)
+    return results, rows, own_rows
+
+
+def report(args: argparse.Namespace, rows: Rows, own_rows: Rows | None) -> str:
+    """The results file's markdown: the timing table, and faiss's own beside it when timed."""
     where = "CPU" if args.device == "cpu" else "GPU"
     table = (
         f"Exact flat index, {args.n:,} x {args.dim} float32, k = {args.k}, {args.backend} "
@@ -195,7 +206,17 @@ def main(argv: list[str] | None = None) -> int:
             "takes its threshold selection for batches of 4 or more at k above 100: "
             f"app/core/search.py):\n\n{timing_table(own_rows)}"
         )
-    print(write_results(args.name, results, table).read_text())
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """parse -> measure -> report, written to bench/results/<name>.json and .md."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.faiss_own and (args.backend != "faiss" or args.device != "cpu"):
+        parser.error("--faiss-own times the faiss backend on the CPU")  # before the index is built
+    results, rows, own_rows = measure(args)
+    print(write_results(args.name, results, report(args, rows, own_rows)).read_text())
     return 0
 
 
