@@ -154,9 +154,13 @@ return seen
 """
 
 # KEYS: the index. ARGV: member, score as read. Removes the member only if its score is still the
-# one read: a flag set again meanwhile (which rewrites the score) keeps its index entry.
+# one read: a flag set again meanwhile (which rewrites the score) keeps its index entry. Compared
+# as numbers: the score's text depends on the protocol the client speaks (RESP3, redis-py's
+# default since 8.2, replied 1.7963576455901356e+9 where the script's ZSCORE read
+# 1796357645.5901356), and both texts are exact: each reads back as the one stored double.
 _UNINDEX_LUA = """
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) == ARGV[2] then
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and tonumber(score) == tonumber(ARGV[2]) then
   return redis.call('ZREM', KEYS[1], ARGV[1])
 end
 return 0

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import redis
 from fastapi.testclient import TestClient
 from redis.crc import key_slot
 
@@ -212,6 +213,29 @@ def test_clients_expire(backend: Backend) -> None:
     assert red.get("old") is None and not red.is_flagged("old")
     assert red.flagged_clients() == [] and red.flagged_count() == 0
     assert not red.clear_flag("old")
+
+
+@pytest.mark.parametrize("protocol", [None, 2, 3])
+def test_an_expired_flag_leaves_the_index_whichever_protocol_the_client_speaks(
+    redis_server: RedisProcess, protocol: int | None
+) -> None:
+    """The sweep reads an index entry's score and removes the entry only if the score is still
+    the one read. Through redis-py 8.2's default connection (``protocol`` None) the score came
+    back as 1.7963576455901356e+9 where the script's ZSCORE read 1796357645.5901356: compared as
+    text, an expired flag's entry was never removed and the flagged count only grew. Also with
+    RESP2 and RESP3 asked for in the URL."""
+    tracker = RedisTracker(
+        redis_server.url if protocol is None else f"{redis_server.url}?protocol={protocol}",
+        flag_policy(min_requests=1),
+        prefix=uuid.uuid4().hex,
+        ttl_s=1,
+    )
+    for client in ("a", "b", "c"):
+        tracker.record(Observation(client, 0.1, False, time.time()))
+    assert tracker.flagged_count() == 3
+    time.sleep(1.2)
+    assert tracker.flagged_count() == 0
+    assert redis.Redis.from_url(redis_server.url).zcard(tracker.flagged_key) == 0
 
 
 def test_buffer_is_bounded_and_replayed(own_redis: RedisProcess) -> None:
