@@ -10,7 +10,7 @@
 # Any Debian-family base with python3 >= 3.11 works (--build-arg CUDA_IMAGE=...):
 # deploy/verify-image.sh builds and runs this file with podman on a local Debian 12 base.
 # Pinned: the base image tag, torch/torchvision/faiss-gpu (deploy/docker/requirements-gpu.txt),
-# the project's own dependencies through pyproject.toml.
+# the project's other runtime dependencies (deploy/docker/constraints.txt: the versions tested).
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
@@ -41,14 +41,16 @@ WORKDIR /opt/advguard
 COPY deploy/docker/requirements-gpu.txt /tmp/requirements-gpu.txt
 RUN pip install --no-cache-dir -r /tmp/requirements-gpu.txt
 
-# The project (not editable) with the gpu extra; the pins above satisfy its torch/faiss needs.
+# The project (not editable) with the gpu extra; the pins above satisfy its torch/faiss needs,
+# and its other runtime dependencies are held at the versions its tests ran with (constraints.txt).
+COPY deploy/docker/constraints.txt /tmp/constraints.txt
 COPY pyproject.toml README.md /tmp/src/
 COPY app /tmp/src/app
 COPY index_builder /tmp/src/index_builder
 # the `advguard` command registers the evaluate and bench subcommands too (code only)
 COPY evaluation /tmp/src/evaluation
 COPY bench /tmp/src/bench
-RUN pip install --no-cache-dir -c /tmp/requirements-gpu.txt "/tmp/src[gpu]" \
+RUN pip install --no-cache-dir -c /tmp/requirements-gpu.txt -c /tmp/constraints.txt "/tmp/src[gpu]" \
     && rm -rf /tmp/src \
     && advguard --help > /dev/null
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from packaging.requirements import Requirement
 from PIL import Image
 
 from tests.deploy.helpers import DEPLOY, REPO
@@ -70,6 +71,29 @@ def test_gpu_requirements_match_pyproject_pins() -> None:
     assert set(image) == {"torch", "torchvision", "faiss-gpu"}
     for name, version in image.items():
         assert declared[name] == version, f"{name}: image {version}, pyproject {declared[name]}"
+
+
+def test_every_other_runtime_dependency_is_held_at_a_tested_version() -> None:
+    """deploy/docker/constraints.txt pins each runtime dependency of pyproject.toml that
+    requirements-gpu.txt does not, within pyproject's range, and nothing else; the image's
+    project install, CI's install and the README's set-up command all use it."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    runtime = {
+        Requirement(text).name.lower(): Requirement(text) for text in project["dependencies"]
+    }
+    gpu = _pins((DEPLOY / "docker" / "requirements-gpu.txt").read_text().splitlines())
+    lines = (DEPLOY / "docker" / "constraints.txt").read_text().splitlines()
+    pinned = _pins(lines)
+    assert len(pinned) == sum(1 for line in lines if line.strip() and not line.startswith("#"))
+    assert set(pinned) == set(runtime) - set(gpu)
+    for name, version in pinned.items():
+        assert runtime[name].specifier.contains(version), f"{name}=={version}: {runtime[name]}"
+    project_install = [
+        args for keyword, args in instructions() if keyword == "RUN" and "/tmp/src[gpu]" in args
+    ]
+    assert len(project_install) == 1 and "-c /tmp/constraints.txt" in project_install[0]
+    assert "-c deploy/docker/constraints.txt" in (REPO / ".ci" / "run").read_text()
+    assert "pip install -c deploy/docker/constraints.txt" in (REPO / "README.md").read_text()
 
 
 def test_the_image_is_pinned_non_root_health_checked_and_runs_advguard() -> None:
