@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,24 +138,30 @@ def service_env(
     }
 
 
-def run(
+@dataclass(frozen=True)
+class InProcess:
+    """What the guard does with nothing else running, measured before any service starts: the
+    execution settings kept, the model + search limit (c) by batch size, the detector's stages."""
+
+    load_s: float
+    execution: dict[str, Any]
+    limit: dict[str, Any]
+    stages: dict[str, Any]
+    index_device: str
+
+
+def in_process_stage(
     bundle: Path,
     jpegs: list[bytes],
     device: str,
-    max_batch_sizes: tuple[int, ...],
     in_process_batches: tuple[int, ...],
-    concurrency: int,
-    seconds: float,
     min_s: float,
     execution_batch: int,
     stage_batch: int,
-    warmup_s: float,
-    variants: tuple[tuple[Precision, bool], ...] = VARIANTS,
-    extra_env: dict[str, str] | None = None,
-    also: tuple[tuple[str, str], ...] = (),
-) -> dict[str, Any]:
-    """``extra_env``: settings of every service; ``also``: one more guarded service (a+) per
-    setting, changed from (a)'s, at (a)'s batch size (e.g. the interpreter's switch interval)."""
+    variants: tuple[tuple[Precision, bool], ...],
+) -> InProcess:
+    """Load the guard, choose its execution settings, time (c) and the detector's stages; the
+    guard is released (and the GPU's cache emptied) before the services start."""
     started = time.perf_counter()
     guard = Guard.load(bundle, device=device, search_backend="torch")
     load_s = time.perf_counter() - started
@@ -166,8 +173,36 @@ def run(
     del guard, pixels
     if device == "cuda":
         torch.cuda.empty_cache()
-    env = service_env(bundle, execution["kept"], concurrency, extra_env)
-    load = argparse.Namespace(device=device, concurrency=[concurrency], seconds=seconds)
+    return InProcess(load_s, execution, limit, stages, index_device)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The services under load: (a) at each max batch size, the one compared, (b), (a-), (a+)."""
+
+    sweep: list[dict[str, Any]]
+    best: dict[str, Any]
+    compared: dict[str, Any]
+    unguarded: dict[str, Any]
+    unscreened: dict[str, Any]
+    changed: list[dict[str, Any]]
+
+    @property
+    def errors(self) -> list[str]:
+        rows = [*self.sweep, self.unguarded, self.unscreened, *self.changed]
+        return [row["error"] for row in rows if "error" in row]
+
+
+def served_stage(
+    env: dict[str, str],
+    load: argparse.Namespace,
+    jpegs: list[bytes],
+    max_batch_sizes: tuple[int, ...],
+    warmup_s: float,
+    also: tuple[tuple[str, str], ...],
+) -> Served:
+    """(a) at each max batch size, then at the compared size (b) guard off, (a-) guard on
+    without the screening and (a+) each ``also`` setting."""
     sweep = [
         {
             "max_batch_size": size,
@@ -198,29 +233,56 @@ def run(
         }
         for name, value in also
     ]
-    errors = [row["error"] for row in [*sweep, unguarded, unscreened, *changed] if "error" in row]
-    a = saturation(compared) if "error" not in compared else None
-    b = saturation(unguarded) if "error" not in unguarded else None
-    a_minus = saturation(unscreened) if "error" not in unscreened else None
-    c = limit["limit"]["images_per_s"]
+    return Served(sweep, best, compared, unguarded, unscreened, changed)
+
+
+def run(
+    bundle: Path,
+    jpegs: list[bytes],
+    device: str,
+    max_batch_sizes: tuple[int, ...],
+    in_process_batches: tuple[int, ...],
+    concurrency: int,
+    seconds: float,
+    min_s: float,
+    execution_batch: int,
+    stage_batch: int,
+    warmup_s: float,
+    variants: tuple[tuple[Precision, bool], ...] = VARIANTS,
+    extra_env: dict[str, str] | None = None,
+    also: tuple[tuple[str, str], ...] = (),
+) -> dict[str, Any]:
+    """in process -> services -> ratios. ``extra_env``: settings of every service; ``also``:
+    one more guarded service (a+) per setting, changed from (a)'s, at (a)'s batch size (e.g.
+    the interpreter's switch interval)."""
+    measured = in_process_stage(
+        bundle, jpegs, device, in_process_batches, min_s, execution_batch, stage_batch, variants
+    )
+    env = service_env(bundle, measured.execution["kept"], concurrency, extra_env)
+    load = argparse.Namespace(device=device, concurrency=[concurrency], seconds=seconds)
+    services = served_stage(env, load, jpegs, max_batch_sizes, warmup_s, also)
+    a = saturation(services.compared) if "error" not in services.compared else None
+    b = saturation(services.unguarded) if "error" not in services.unguarded else None
+    a_minus = saturation(services.unscreened) if "error" not in services.unscreened else None
+    c = measured.limit["limit"]["images_per_s"]
     return {
         "bundle": bundle.name,
         "device": device,
-        "index_device": index_device,
-        "load_seconds": round(load_s, 1),
+        "index_device": measured.index_device,
+        "load_seconds": round(measured.load_s, 1),
         "images": len(jpegs),
         "image_size": _image_size(jpegs[0]),
         "concurrency": concurrency,
         "seconds_per_level": seconds,
-        "execution": execution,
-        "in_process": limit,
-        "detector_stages": stages,
-        "guard_on_sweep": sweep,
-        "best_max_batch_size": best["max_batch_size"],
-        "compared_max_batch_size": compared["max_batch_size"],
-        "guard_off": unguarded,
-        "guard_without_screening": unscreened,
-        "guard_on_also": changed,
+        "execution": measured.execution,
+        "in_process": measured.limit,
+        "detector_stages": measured.stages,
+        "guard_on_sweep": services.sweep,
+        "best_max_batch_size": services.best["max_batch_size"],
+        "compared_max_batch_size": services.compared["max_batch_size"],
+        "guard_off": services.unguarded,
+        "guard_without_screening": services.unscreened,
+        "guard_on_also": services.changed,
         "extra_env": extra_env or {},
         "client_ids": CLIENT_IDS,
         "a_images_per_s": a,
@@ -230,7 +292,7 @@ def run(
         "a_over_b": None if a is None or b is None else ratio(a, b),
         "a_minus_over_b": None if a_minus is None or b is None else ratio(a_minus, b),
         "a_over_c": None if a is None else ratio(a, c),
-        "errors": errors,
+        "errors": services.errors,
     }
 
 
