@@ -51,6 +51,9 @@ V2_HOLDOUT_FRACTION = 0.1
 
 @dataclass(frozen=True)
 class DetectorConfig:
+    """One detector the evaluation compares: its table name, the study it belongs to, and what
+    the builder makes of it (layers, processing, k, combination, a preset or statistics)."""
+
     name: str
     study: str  # table2 | layers | k | multilayer | v2 | ablation
     layers: tuple[str, ...]

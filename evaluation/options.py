@@ -14,6 +14,9 @@ Log = Callable[[str], None]
 
 @dataclass(frozen=True)
 class AttackParams:
+    """The attacks' budgets and steps (pixels in [0, 1]): the reported sets', or the quick
+    run's (``QUICK_ATTACKS``). Each is part of its cached adversarials' key."""
+
     fgsm_eps: float = 8 / 255
     lbfgs_c_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     lbfgs_binary_steps: int = 2
@@ -54,6 +57,9 @@ QUICK_ATTACKS = AttackParams(
 
 @dataclass(frozen=True)
 class EvaluateOptions:
+    """One ``advguard evaluate`` run: the model (a bundle, or an architecture and weights), the
+    images, the caches, which studies and attacks run, and where the reports go."""
+
     source: Path
     out: Path
     bundle: Path | None = None
