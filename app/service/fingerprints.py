@@ -56,7 +56,7 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from app.core.stateful.index import BUCKET_BITS, MIN_SHARED_KEYS, index_buckets, repeated_at_least
+from app.core.stateful.index import MIN_SHARED_KEYS, bucket_bits, index_buckets, repeated_at_least
 from app.core.stateful.match_rule import (
     NO_MATCH,
     Answer,
@@ -395,7 +395,7 @@ class RedisFingerprintStore:
         self._entry_offset = self.dtype.fields["entry"][1]  # type: ignore[index]
         tag = f"{{{prefix}:fp}}"
         # records of another size, or an index of another bucket count, keep apart
-        self.layout = f"r{self.dtype.itemsize}b{BUCKET_BITS}"
+        self.layout = f"r{self.dtype.itemsize}b{bucket_bits()}"
         self.meta_key = f"{prefix}:fp:{tag}:{self.layout}:meta"
         self.entries_key = f"{prefix}:fp:{tag}:{self.layout}:entries"
         self.buckets_key = f"{prefix}:fp:{tag}:{self.layout}:buckets"

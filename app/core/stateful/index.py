@@ -28,10 +28,15 @@ BUCKET_SHIFT = 20  # the top hashes' high bits are all ones (they are the larges
 MIN_SHARED_KEYS = 10
 
 
+def bucket_bits() -> int:
+    """``BUCKET_BITS``, read when a store is made: setting it here (as the tests and side-by-side
+    measurements do) sets every store's, in process and in Redis (its key layout)."""
+    return BUCKET_BITS
+
+
 def bucket_count() -> int:
-    """The number of buckets (2^``BUCKET_BITS``), read when a store's index is made: setting
-    ``BUCKET_BITS`` here (as the tests and side-by-side measurements do) sets every user's."""
-    return 1 << BUCKET_BITS
+    """The number of buckets, 2^``bucket_bits()``."""
+    return 1 << bucket_bits()
 
 
 def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
