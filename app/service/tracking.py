@@ -15,7 +15,6 @@ do not, so that ``maxmemory`` with ``volatile-lru`` evicts statistics and never 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +26,6 @@ from starlette.concurrency import run_in_threadpool
 
 from app.core.flagging import FlagPolicy, ScoreWindow, advance_window
 
-log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 
