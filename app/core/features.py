@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from app.core.errors import ConfigError, ModelLoadError
+from app.core.images import to_rgb
 from app.core.models import PreprocessingPreset
 
 # Arithmetic of the model's forward pass: "fp32", or autocast to bfloat16 / float16 (matmuls and
@@ -56,22 +57,11 @@ def ieee_float32_convolutions() -> Iterator[None]:
 def image_to_pixels(image: Image.Image, preset: PreprocessingPreset) -> torch.Tensor:
     """Decoded image -> float32 CxHxW tensor in [0, 1] (RGB, resized, centre cropped).
 
-    Any mode (grayscale, palette, CMYK, alpha, 16-bit) is converted to RGB here, so callers hand
-    over whatever Pillow decoded.
+    Any mode (grayscale, palette, CMYK, alpha, 16-bit, float) is converted to RGB here
+    (``images.to_rgb``), so callers hand over whatever Pillow decoded; a picture without an RGB
+    reading (NaN values) raises ``ImageDecodeError``.
     """
-    if image.mode != "RGB":
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16/32-bit integer grayscale: rescale to 8 bits before RGB conversion (Pillow clips).
-            array = np.asarray(image, dtype=np.float32)
-            peak = 65535.0 if array.max(initial=0) > 255 else 255.0
-            image = Image.fromarray((array * (255.0 / peak)).clip(0, 255).astype(np.uint8))
-        has_palette_alpha = image.mode == "P" and "transparency" in image.info
-        if image.mode in ("RGBA", "LA", "PA") or has_palette_alpha:
-            # Composite transparency onto white rather than letting RGB conversion reveal junk.
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            image = Image.alpha_composite(background, rgba)
-        image = image.convert("RGB")
+    image = to_rgb(image)
     image = TF.resize(image, preset.resize, interpolation=TF.InterpolationMode.BILINEAR)
     image = TF.center_crop(image, [preset.crop, preset.crop])
     return eight_bit_to_pixels(np.asarray(image))

@@ -2,7 +2,7 @@
 
 First frame of animated files, EXIF orientation applied, a pixel limit against decompression
 bombs and an aspect-ratio limit against images that preprocessing would blow up. Mode conversion
-to RGB happens later, in ``features.image_to_pixels``.
+to RGB (``to_rgb``) happens later, in ``features.image_to_pixels``.
 
 Callers that know their preprocessing's resize target pass it as ``min_size``: a JPEG is then
 decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's draft mode) whenever its
@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.core.errors import AdvguardError
@@ -96,3 +97,46 @@ def _draft_shorter_side(image: Image.Image, min_size: int) -> None:
     """
     if image.format in _DRAFT_FORMATS and min(image.size) >= 2 * min_size:
         image.draft("RGB", (min_size, min_size))
+
+
+# Integer and float grayscale modes that Pillow's RGB conversion would clip instead of scale
+_WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode Pillow decodes -> 8-bit RGB, as a person viewing the file would see it. Raises
+    ``ImageDecodeError`` for what has no such picture.
+
+    - 16- and 32-bit integer grayscale: scaled from 0-65535 when a value exceeds 255, else read
+      as 8-bit values (Pillow's own conversion clips, so a 16-bit PNG came out nearly white);
+    - 32-bit float grayscale: values all within [0, 1] are that range's fractions (the float
+      convention), otherwise 8-bit values, clipped; NaN or infinite values are refused (Pillow
+      turned them into black);
+    - transparency is composited onto white rather than letting the conversion reveal whatever
+      colour the transparent pixels hold.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_GRAY_MODES:
+        image = _eight_bit_gray(image)
+    has_palette_alpha = image.mode == "P" and "transparency" in image.info
+    try:
+        if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or has_palette_alpha:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image = Image.alpha_composite(background, rgba)
+        return image.convert("RGB")
+    except ValueError as exc:  # a mode without a conversion to RGB
+        raise ImageDecodeError(f"cannot convert an image of mode {image.mode} to RGB") from exc
+
+
+def _eight_bit_gray(image: Image.Image) -> Image.Image:
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ImageDecodeError("image holds NaN or infinite values")
+    if image.mode == "F":
+        peak = 1.0 if values.size and values.min() >= 0 and values.max() <= 1 else 255.0
+    else:
+        peak = 65535.0 if values.max(initial=0) > 255 else 255.0
+    eight_bit = np.rint(values * (255.0 / peak)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(eight_bit)

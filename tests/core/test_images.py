@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from app.core.features import eight_bit_to_pixels, image_to_pixels
-from app.core.images import ImageDecodeError, decode_image
+from app.core.images import ImageDecodeError, decode_image, to_rgb
 from app.core.models import PRESETS
 
 WIDTH, HEIGHT = 1920, 1080
@@ -195,3 +195,60 @@ def test_bytes_of_no_image_format_say_so_without_naming_a_buffer() -> None:
     with pytest.raises(ImageDecodeError) as raised:
         decode_image(b"this is a text file, not a JPEG")
     assert str(raised.value) == "cannot decode image: not an image format Pillow reads"
+
+
+def _saved(image: Image.Image, fmt: str) -> Image.Image:
+    """The image as a file of ``fmt`` decodes: the mode a client's upload arrives in."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return decode_image(buffer.getvalue())
+
+
+GRAY = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (8, 1))  # 8 x 64: every 4th level
+
+
+@pytest.mark.parametrize(
+    ("stored", "fmt"),
+    [
+        (GRAY.astype(np.uint16) * 257, "PNG"),  # a 16-bit PNG: 0-65535
+        (GRAY.astype(np.uint16) * 257, "TIFF"),
+        (GRAY.astype(np.float32) / 255, "TIFF"),  # float in [0, 1]
+        (GRAY.astype(np.float32), "TIFF"),  # float in 0-255
+        (GRAY.astype(np.int32), "TIFF"),  # 32-bit integers in 0-255
+    ],
+    ids=["png-16", "tiff-16", "float-fractions", "float-levels", "int32-levels"],
+)
+def test_wide_grayscale_files_read_as_the_8_bit_picture_they_store(
+    stored: np.ndarray, fmt: str
+) -> None:
+    """Pillow's RGB conversion clips these modes: a 16-bit PNG came out nearly white and a float
+    image in [0, 1] black."""
+    image = _saved(Image.fromarray(stored), fmt)
+    assert image.mode != "L"  # the wide mode reached the conversion
+    rgb = np.asarray(to_rgb(image))
+    assert rgb.shape == (*GRAY.shape, 3)
+    for channel in range(3):
+        assert np.array_equal(rgb[..., channel], GRAY)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_float_image_with_values_of_no_colour_is_refused(bad: float) -> None:
+    values = GRAY.astype(np.float32) / 255
+    values[3, 5] = bad
+    image = _saved(Image.fromarray(values), "TIFF")
+    with pytest.raises(ImageDecodeError, match="NaN or infinite"):
+        image_to_pixels(image, PRESETS["cifar"])
+
+
+def test_a_mode_without_an_rgb_conversion_is_a_decode_error() -> None:
+    with pytest.raises(ImageDecodeError, match="mode La"):
+        to_rgb(Image.new("La", (4, 4)))
+
+
+def test_transparent_pixels_are_white_whatever_colour_they_hold() -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255  # red, fully transparent but one pixel
+    rgba[0, 0, 3] = 255
+    rgb = np.asarray(to_rgb(_saved(Image.fromarray(rgba), "PNG")))
+    assert rgb[0, 0].tolist() == [255, 0, 0]
+    assert (rgb.reshape(-1, 3)[1:] == 255).all()
