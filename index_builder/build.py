@@ -15,7 +15,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,13 @@ from app.core.statistics import (
 )
 from index_builder import detectors
 from index_builder.config import BuildConfig, check_config
-from index_builder.extract import ChunkStore, ExtractionReport, check_fingerprint, extract_features
+from index_builder.extract import (
+    ChunkStore,
+    ExtractionReport,
+    Unreadable,
+    check_fingerprint,
+    extract_features,
+)
 from index_builder.sources import (
     Entry,
     ImageSource,
@@ -76,6 +82,7 @@ SOURCES_FILE = "sources.json"
 CALIBRATION_SCORES_FILE = "calibration_scores.npy"
 HONEST_SCORES_FILE = "calibration_honest_scores.npy"
 HONEST_CLASSES_FILE = "calibration_honest_classes.npy"
+SKIPPED_FILE = "skipped.json"  # the unreadable images and why; written when there are any
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,7 @@ class BuildReport:
     manifest: Manifest
     extraction: list[ExtractionReport] = field(default_factory=list)
     seconds: float = 0.0
+    unreadable: list[Unreadable] = field(default_factory=list)  # as in the bundle's skipped.json
 
     @property
     def images_per_second(self) -> float:
@@ -249,6 +257,7 @@ class Extracted:
     cal_truth: np.ndarray  # (calibration rows,) true labels
     cal_predictions: np.ndarray  # (calibration rows,)
     cal_reference: np.ndarray  # (calibration rows,) bool: the p-values' reference part
+    unreadable: list[Unreadable]  # the source's, then a separate calibration source's
 
     @property
     def indexed(self) -> np.ndarray:
@@ -313,7 +322,8 @@ def build_bundle(
     manifest = write_stage(config, plan, extracted, fitted, calibrated, started)
     if not config.keep_work_dir:
         shutil.rmtree(plan.work_dir, ignore_errors=True)
-    return BuildReport(config.out, manifest, extracted.reports, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return BuildReport(config.out, manifest, extracted.reports, seconds, extracted.unreadable)
 
 
 def resolve_detector(
@@ -429,11 +439,26 @@ def extract_stage(
         cal_truth=_select(cal.store, cal.labels, cal.select),
         cal_predictions=_gather(cal.store, "predictions", cal.select),
         cal_reference=_select(cal.store, reference, cal.select),
+        unreadable=_unreadable(store, entries, cal),
     )
     if not extracted.correct.any():
         raise SourceError("no held-out image is classified correctly: cannot calibrate")
     _every_class_indexed(plan.classes, labels_all, held_out, extracted.index_labels)
     return extracted
+
+
+def _unreadable(
+    store: ChunkStore, entries: list[Entry], cal: CalibrationImages
+) -> list[Unreadable]:
+    """The images that could not be read, the source's then (when separate) the calibration
+    source's, whose keys say so."""
+    found = store.unreadable([e.key for e in entries])
+    if cal.store is not store:
+        found += [
+            Unreadable(f"calibration:{u.image}", u.reason)
+            for u in cal.store.unreadable([e.key for e in cal.entries])
+        ]
+    return found
 
 
 def _every_class_indexed(
@@ -723,6 +748,10 @@ def write_stage(
             statistics_files[part] = f"{part}_statistics.npy"
             np.save(staging / f"{part}_statistics.npy", values.astype(np.float64))
             file_names.append(f"{part}_statistics.npy")
+    if extracted.unreadable:
+        rows = ",\n".join(json.dumps(asdict(u)) for u in extracted.unreadable)
+        (staging / SKIPPED_FILE).write_text(f"[\n{rows}\n]\n")  # one image a line
+        file_names.append(SKIPPED_FILE)
     if config.license_file is not None:
         shutil.copyfile(config.license_file, staging / config.license_file.name)
         file_names.append(config.license_file.name)
@@ -852,11 +881,4 @@ def _readable_held_out(extracted: Extracted) -> int:
 
 def _count_skipped(extracted: Extracted) -> int:
     """Unreadable images of the indexed source and, when separate, the calibration source."""
-    stores = [extracted.store]
-    if extracted.cal_store is not extracted.store:
-        stores.append(extracted.cal_store)
-    return sum(
-        int((~np.asarray(store.load(c, "ok"))).sum())
-        for store in stores
-        for c in range(store.n_chunks)
-    )
+    return len(extracted.unreadable)

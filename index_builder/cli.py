@@ -266,8 +266,31 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"advguard build: error: {exc}", file=sys.stderr)
         return 2
     if report is not None:
+        for line in unreadable_lines(report):
+            print(line, file=sys.stderr)
         print(json.dumps(summary_of(report)))
     return 0
+
+
+SHOWN_UNREADABLE = 5  # unreadable images named on stderr; the bundle's skipped.json has all
+
+
+def unreadable_lines(report: BuildReport) -> list[str]:
+    """What the builder tells its user of the images it skipped: how many, where the list is,
+    and the first few with their reasons."""
+    from index_builder.build import SKIPPED_FILE
+
+    found = report.unreadable
+    if not found:
+        return []
+    lines = [
+        f"advguard build: skipped {len(found)} unreadable image(s), each listed with its reason "
+        f"in {report.bundle / SKIPPED_FILE}:"
+    ]
+    lines += [f"  {u.image}: {u.reason}" for u in found[:SHOWN_UNREADABLE]]
+    if len(found) > SHOWN_UNREADABLE:
+        lines.append(f"  ... and {len(found) - SHOWN_UNREADABLE} more")
+    return lines
 
 
 def register(commands: Any) -> None:

@@ -98,9 +98,11 @@ def _chunk_arrays(store: ChunkStore, chunk: int) -> dict[str, np.ndarray]:
     return {name: np.array(store.load(chunk, name)) for name in names}
 
 
-def _write_chunk(store: ChunkStore, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+def _write_chunk(
+    store: ChunkStore, chunk: int, arrays: dict[str, np.ndarray], reasons: dict[int, str]
+) -> None:
     span = store.span(chunk)
-    buffer = _ChunkBuffer(span.start, len(span), done=len(span))
+    buffer = _ChunkBuffer(span.start, len(span), done=len(span), reasons=reasons)
     buffer.ok = arrays["ok"]
     buffer.predictions = arrays["predictions"]
     buffer.features = {layer: arrays[f"features_{layer}"] for layer in store.layers}
@@ -165,7 +167,7 @@ def extract_sharded(
     ctx.log(f"extracted {len(mine)} of {len(pending)} pending chunks ({report.images} images)")
     if ctx.rank != 0:
         for chunk in mine:
-            _send(ctx, (chunk, _chunk_arrays(shard, chunk)))
+            _send(ctx, (chunk, _chunk_arrays(shard, chunk), shard.reasons(chunk)))
         _send(ctx, report)
         shutil.rmtree(root, ignore_errors=True)
         return None
@@ -219,10 +221,10 @@ def _receive_shares(
             continue
         received = _receive(ctx, owner)
         assert isinstance(received, tuple)
-        got_chunk, arrays = received
+        got_chunk, arrays, reasons = received
         if got_chunk != chunk:
             raise SourceError(f"rank {owner} sent chunk {got_chunk}, expected {chunk}")
-        _write_chunk(store, chunk, arrays)
+        _write_chunk(store, chunk, arrays, reasons)
         if on_chunk_written is not None:
             on_chunk_written(chunk)
     reports = []

@@ -28,11 +28,23 @@ from app.core.images import ImageDecodeError, decode_image
 from app.core.models import PreprocessingPreset
 from index_builder.sources import Entry, ImageSource
 
-Sample = tuple[int, torch.Tensor | None]
+Sample = tuple[int, torch.Tensor | str]  # a position's pixels, or why they could not be read
+
+UNREADABLE_FILE = "unreadable.json"  # a chunk's {offset: reason} for its unreadable images
+# a chunk written before the reasons were kept (a work directory resumed across versions)
+REASON_NOT_KEPT = "unreadable (the reason was not kept by the build that read it)"
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """An image the builder could not use, and why: the bundle lists them (``skipped.json``)."""
+
+    image: str  # the entry's key, "<class>/<file>"
+    reason: str
 
 
 class _SourceDataset(IterableDataset[Sample]):
-    """Yields (position, pixels or None when the image is unreadable), sharded across workers."""
+    """Yields (position, pixels or why the image is unreadable), sharded across workers."""
 
     def __init__(
         self,
@@ -46,11 +58,13 @@ class _SourceDataset(IterableDataset[Sample]):
         self.positions = positions
         self.preset = preset
 
-    def _pixels(self, data: bytes) -> torch.Tensor | None:
+    def _pixels(self, data: bytes) -> torch.Tensor | str:
         try:
             return image_to_pixels(decode_image(data, min_size=self.preset.resize), self.preset)
-        except (ImageDecodeError, OSError, ValueError):
-            return None
+        except ImageDecodeError as exc:
+            return str(exc)
+        except (OSError, ValueError) as exc:
+            return f"cannot decode image: {type(exc).__name__}: {exc}"
 
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
@@ -60,8 +74,8 @@ class _SourceDataset(IterableDataset[Sample]):
             for position in mine:
                 try:
                     data = self.source.read(self.entries[position])
-                except OSError:
-                    yield position, None
+                except OSError as exc:
+                    yield position, f"cannot read: {exc}"
                     continue
                 yield position, self._pixels(data)
             return
@@ -72,12 +86,15 @@ class _SourceDataset(IterableDataset[Sample]):
             yield by_member[member], self._pixels(data)
         for position in mine:  # members the archive stream did not yield count as unreadable
             if position not in seen:
-                yield position, None
+                yield position, "cannot read: not found in the archive"
 
 
-def _collate(samples: list[Sample]) -> tuple[list[int], torch.Tensor | None, list[int]]:
-    ok = [(p, t) for p, t in samples if t is not None]
-    failed = [p for p, t in samples if t is None]
+def _collate(
+    samples: list[Sample],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch -> (positions read, their pixels stacked, (position, reason) of the others)."""
+    ok = [(p, t) for p, t in samples if isinstance(t, torch.Tensor)]
+    failed = [(p, t) for p, t in samples if isinstance(t, str)]
     pixels = torch.stack([t for _, t in ok]) if ok else None
     return [p for p, _ in ok], pixels, failed
 
@@ -90,6 +107,7 @@ class _ChunkBuffer:
     predictions: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     ok: np.ndarray = field(default_factory=lambda: np.empty(0, bool))
     done: int = 0
+    reasons: dict[int, str] = field(default_factory=dict)  # offset -> why it is unreadable
 
 
 class _ChunkAssembler:
@@ -121,9 +139,10 @@ class _ChunkAssembler:
             buffer.ok[offset] = True
             self._done(position)
 
-    def fail(self, positions: list[int]) -> None:
-        for position in positions:
-            self._buffer(position)
+    def fail(self, failed: list[tuple[int, str]]) -> None:
+        for position, reason in failed:
+            buffer = self._buffer(position)
+            buffer.reasons[position - buffer.start] = reason
             self._done(position)
 
     def _buffer(self, position: int) -> _ChunkBuffer:
@@ -193,8 +212,28 @@ class ChunkStore:
         for layer, array in buffer.features.items():
             np.save(tmp / f"features_{layer}.npy", array)
         np.save(tmp / "predictions.npy", buffer.predictions)
+        if buffer.reasons:
+            (tmp / UNREADABLE_FILE).write_text(json.dumps(buffer.reasons))
         np.save(tmp / "ok.npy", buffer.ok)  # written last: its presence marks the chunk complete
         tmp.rename(final)
+
+    def reasons(self, chunk: int) -> dict[int, str]:
+        """The chunk's unreadable images, offset -> why (``write``'s ``unreadable.json``)."""
+        path = self.chunk_dir(chunk) / UNREADABLE_FILE
+        kept = json.loads(path.read_text()) if path.is_file() else {}
+        return {int(offset): str(reason) for offset, reason in kept.items()}
+
+    def unreadable(self, keys: list[str]) -> list[Unreadable]:
+        """Every image of the store that could not be read, in source order, with its reason;
+        ``keys``: the entries' keys by position."""
+        found = []
+        for chunk in range(self.n_chunks):
+            ok = np.asarray(self.load(chunk, "ok"))
+            reasons = self.reasons(chunk)
+            start = self.span(chunk).start
+            for offset in np.flatnonzero(~ok).tolist():
+                found.append(Unreadable(keys[start + offset], reasons.get(offset, REASON_NOT_KEPT)))
+        return found
 
     def load(self, chunk: int, name: str) -> np.ndarray:
         """Memory-mapped view of one array of one chunk."""

@@ -15,10 +15,13 @@ from app.core.errors import BundleError, ConfigError, SourceError
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.models import build_model
+from app.service.settings import DEFAULT_BUNDLE as DEMO_BUNDLE
 from index_builder import sources
-from index_builder.build import build_bundle, holdout_mask
+from index_builder.build import SKIPPED_FILE, BuildReport, build_bundle, holdout_mask
 from index_builder.cli import main as builder_main
+from index_builder.cli import unreadable_lines
 from index_builder.config import BuildConfig, check_config
+from index_builder.extract import REASON_NOT_KEPT, UNREADABLE_FILE, Unreadable
 from index_builder.sources import Entry
 from tests.conftest import save_state_dict
 
@@ -139,15 +142,65 @@ def test_torchvision_resnet18_round_trip_at_224(make_image_folder, tmp_path):
     assert len(classify_folder(guard, folder)) == 6
 
 
-def test_corrupt_images_are_skipped_and_counted(make_image_folder, cifar_weights, tmp_path):
+def _skipped_file(bundle: Path) -> list[dict[str, str]]:
+    listed: list[dict[str, str]] = json.loads((bundle / SKIPPED_FILE).read_text())
+    return listed
+
+
+# make_image_folder's corrupt files: even ones truncated JPEGs, odd ones not images at all;
+# the truncation's own words are Pillow's
+TRUNCATED = "cannot decode image: OSError: "
+NOT_AN_IMAGE = "cannot decode image: not an image format Pillow reads"
+
+
+def _reason_kind(reason: str) -> str:
+    return TRUNCATED if reason.startswith(TRUNCATED) else reason
+
+
+def test_corrupt_images_are_skipped_counted_and_listed_with_their_reasons(
+    make_image_folder, cifar_weights, tmp_path
+):
     folder = make_image_folder(classes=3, per_class=10, corrupt=2)
-    manifest = build_bundle(
-        cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False
-    ).manifest
+    report = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
+    manifest = report.manifest
     assert manifest.counts.skipped == 6
     # indexed and held out count only images that were read: 36 listed, 6 unreadable
     assert manifest.counts.indexed + manifest.counts.holdout == 30
     assert manifest.counts.holdout > 0
+    expected = [
+        {"image": f"class_{c:02d}/bad_{i:02d}.jpg", "reason": TRUNCATED if i == 0 else NOT_AN_IMAGE}
+        for c in range(3)
+        for i in range(2)
+    ]
+    listed = [
+        {"image": u["image"], "reason": _reason_kind(u["reason"])}
+        for u in _skipped_file(tmp_path / "b")
+    ]
+    assert sorted(listed, key=lambda u: u["image"]) == expected
+    assert [dataclasses.asdict(u) for u in report.unreadable] == _skipped_file(tmp_path / "b")
+    assert SKIPPED_FILE in manifest.files  # checksummed like every other file
+    Guard.load(tmp_path / "b")  # verifies it
+
+
+def test_a_source_read_whole_writes_no_skipped_list(make_image_folder, cifar_weights, tmp_path):
+    report = build_bundle(
+        cifar_config(make_image_folder(classes=3, per_class=8), cifar_weights(3), tmp_path / "b"),
+        progress=False,
+    )
+    assert report.unreadable == [] and not (tmp_path / "b" / SKIPPED_FILE).exists()
+    assert SKIPPED_FILE not in report.manifest.files
+
+
+def test_the_build_names_the_first_unreadable_images_and_where_the_rest_are(tmp_path):
+    found = [Unreadable(f"c/{i}.jpg", "empty file") for i in range(7)]
+    manifest = read_manifest(DEMO_BUNDLE)
+    lines = unreadable_lines(BuildReport(tmp_path / "b", manifest, unreadable=found))
+    assert lines[0] == (
+        f"advguard build: skipped 7 unreadable image(s), each listed with its reason in "
+        f"{tmp_path / 'b' / SKIPPED_FILE}:"
+    )
+    assert lines[1:] == [f"  c/{i}.jpg: empty file" for i in range(5)] + ["  ... and 2 more"]
+    assert unreadable_lines(BuildReport(tmp_path / "b", manifest)) == []
 
 
 def test_unreadable_calibration_images_are_counted_as_skipped(
@@ -158,6 +211,10 @@ def test_unreadable_calibration_images_are_counted_as_skipped(
     config = cifar_config(folder, cifar_weights(3), tmp_path / "b", calibration_source=calibration)
     counts = build_bundle(config, progress=False).manifest.counts
     assert (counts.indexed, counts.holdout, counts.skipped) == (36, 0, 6)
+    listed = [u["image"] for u in _skipped_file(tmp_path / "b")]
+    assert sorted(listed) == [
+        f"calibration:class_{c:02d}/bad_{i:02d}.jpg" for c in range(3) for i in range(2)
+    ]
 
 
 @pytest.mark.parametrize("in_memory_limit", [None, 0], ids=["in-memory", "streamed"])
@@ -166,7 +223,7 @@ def test_archive_with_workers_matches_directory(
 ):
     if in_memory_limit is not None:
         monkeypatch.setattr(sources, "MAX_IN_MEMORY_ARCHIVE_BYTES", in_memory_limit)
-    folder = make_image_folder(classes=3, per_class=10)
+    folder = make_image_folder(classes=3, per_class=10, corrupt=1)
     archive = tmp_path / "imgs.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(folder, arcname="train")
@@ -182,6 +239,8 @@ def test_archive_with_workers_matches_directory(
     np.testing.assert_array_equal(
         np.load(tmp_path / "d" / "labels.npy"), np.load(tmp_path / "t" / "labels.npy")
     )
+    assert direct.unreadable == streamed.unreadable  # read in place or streamed by workers
+    assert [_reason_kind(u.reason) for u in direct.unreadable] == [TRUNCATED] * 3
 
 
 def test_killed_build_resumes_without_recomputing(make_image_folder, cifar_weights, tmp_path):
@@ -204,6 +263,38 @@ def test_killed_build_resumes_without_recomputing(make_image_folder, cifar_weigh
         np.load(tmp_path / "b" / "calibration_scores.npy"),
         np.load(tmp_path / "c" / "calibration_scores.npy"),
     )
+
+
+def test_a_resumed_build_keeps_the_reasons_of_the_chunks_it_reuses(
+    make_image_folder, cifar_weights, tmp_path
+):
+    """The reasons are written with each chunk; a chunk from a build that kept none (an older
+    version's work directory) still lists its unreadable images, saying the reason is unknown."""
+    folder = make_image_folder(classes=3, per_class=5, corrupt=1)  # 18 files, 3 chunks of 8
+    work = tmp_path / "work"
+    config = cifar_config(folder, cifar_weights(3), tmp_path / "b", work_dir=work)
+
+    def die_after_first(chunk: int) -> None:
+        raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(config, progress=False, on_chunk_written=die_after_first)
+    first = work / "source" / "chunk_00000"
+    kept = json.loads((first / UNREADABLE_FILE).read_text())
+    assert list(kept) == ["5"] and _reason_kind(kept["5"]) == TRUNCATED
+    report = build_bundle(config, progress=False)
+    assert report.extraction[0].chunks_reused == 1
+    assert [(u.image, _reason_kind(u.reason)) for u in report.unreadable] == [
+        ("class_00/bad_00.jpg", TRUNCATED),
+        ("class_01/bad_00.jpg", TRUNCATED),
+        ("class_02/bad_00.jpg", TRUNCATED),
+    ]
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(config, progress=False, on_chunk_written=die_after_first)
+    (first / UNREADABLE_FILE).unlink()
+    report = build_bundle(config, progress=False)
+    reasons = [_reason_kind(u.reason) for u in report.unreadable]
+    assert reasons == [REASON_NOT_KEPT, TRUNCATED, TRUNCATED]
 
 
 def test_resume_refuses_chunks_of_another_build(make_image_folder, cifar_weights, tmp_path):

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 
 from app.core.bundle import read_manifest
-from index_builder.build import build_bundle
+from index_builder.build import SKIPPED_FILE, build_bundle
 from index_builder.config import BuildConfig
 from index_builder.distributed import launched_by_torchrun
 
@@ -56,6 +56,9 @@ def test_two_gloo_processes_build_the_single_process_bundle(
     a, b = read_manifest(single), read_manifest(many)
     assert a.class_names == b.class_names
     assert a.counts == b.counts and a.counts.skipped == 3
+    # the unreadable images' reasons travel with rank 1's chunks
+    assert (single / SKIPPED_FILE).read_text() == (many / SKIPPED_FILE).read_text()
+    assert len(json.loads((many / SKIPPED_FILE).read_text())) == 3
     assert a.model == b.model and a.detector == b.detector
     for field in ("n_images", "n_correct", "accuracy", "operating_retention"):
         assert getattr(a.calibration, field) == getattr(b.calibration, field)
