@@ -7,8 +7,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from redis.connection import parse_url
 
 from app.core.features import Precision
 from app.core.flagging import (
@@ -174,6 +175,28 @@ class Settings(BaseSettings):
     # slows the model's forward pass beside it: docs/service.md); meant for a model that does
     # not share the CPU (a GPU), where it is not yet measured
     stateful_look_up_early: bool = False
+
+    @field_validator("redis_url")
+    @classmethod
+    def _readable_redis_url(cls, url: str | None) -> str | None:
+        """A URL redis-py cannot parse is refused at start: the clients connect on first use,
+        so it would otherwise start a service whose every request fails (a 500), not one that
+        fails open. The error never repeats the URL (it may hold a password)."""
+        if url:
+            try:
+                parse_url(url)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            except ValueError as exc:
+                raise ValueError(f"redis-py cannot use this URL: {exc}") from None
+        return url
+
+    @model_validator(mode="after")
+    def _cluster_over_tcp(self) -> Settings:
+        if self.redis_cluster and self.redis_url and self.redis_url.startswith("unix:"):
+            raise ValueError(
+                "ADVGUARD_REDIS_CLUSTER needs a node's redis:// or rediss:// URL (a cluster's "
+                "nodes find each other over TCP, not a unix socket)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _shared_secret_with_redis(self) -> Settings:

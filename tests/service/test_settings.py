@@ -10,6 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from app.service.settings import ENV_PREFIX, Settings, misspelt_settings
+from tests.service.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,3 +65,43 @@ def test_the_shipped_secret_placeholders_are_refused(monkeypatch: pytest.MonkeyP
             with pytest.raises(ValidationError, match=re.escape(variable)):
                 Settings()
     Settings(admin_token="3f9c", api_keys={"a": "k1"}, stateful_secret="salt")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("localhost:6379", "must specify one of the following schemes"),
+        ("http://cache:6379", "must specify one of the following schemes"),
+        ("redis://:hunter2@cache:63x9", "Port could not be cast"),
+    ],
+)
+def test_a_redis_url_redis_py_cannot_use_is_refused_at_start(
+    url: str, why: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clients connect on first use: such a URL started a service whose every request was
+    a 500 (its first use raised ValueError), instead of refusing to start. What ``advguard
+    serve`` prints never repeats the URL, which may hold a password."""
+    from app.cli import main
+
+    with pytest.raises(ValidationError, match=why):
+        Settings(redis_url=url, stateful_secret="salt")
+    monkeypatch.setenv("ADVGUARD_REDIS_URL", url)
+    monkeypatch.setenv("ADVGUARD_STATEFUL_SECRET", "salt")
+    port, admin = str(free_port()), str(free_port())
+    assert main(["serve", "--port", port, "--admin-port", admin, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to start: redis_url:" in err and why in err
+    assert "hunter2" not in err, err
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://cache:6379/0", "rediss://:pw@cache:6380", "unix:///run/redis.sock", ""]
+)
+def test_every_url_redis_py_reads_is_taken(url: str) -> None:
+    assert Settings(redis_url=url, stateful_secret="salt").redis_url == url
+
+
+def test_a_cluster_is_not_reached_through_a_unix_socket() -> None:
+    with pytest.raises(ValidationError, match="ADVGUARD_REDIS_CLUSTER needs"):
+        Settings(redis_url="unix:///run/redis.sock", redis_cluster=True, stateful_secret="salt")
+    Settings(redis_url="redis://node-1:7000", redis_cluster=True, stateful_secret="salt")
