@@ -11,7 +11,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from pydantic import ValidationError
 
-    from app.service.settings import Settings
+    from app.service.settings import EventLoop, Settings
 
 
 class _Listener(uvicorn.Server):
@@ -194,10 +194,32 @@ def _listeners(
     return public, admin
 
 
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def event_loop_factory(choice: EventLoop) -> tuple[str, LoopFactory]:
+    """The listeners' event loop, (its name, a factory): uvloop when asked for or, with
+    ``auto``, when it is importable; else asyncio's own. uvloop asked for but not installed is
+    a refusal, not a silently slower service."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise _RefusedError(
+                    "ADVGUARD_EVENT_LOOP=uvloop, but uvloop is not installed: pip install "
+                    "uvloop, or set ADVGUARD_EVENT_LOOP=auto (asyncio's loop without it)"
+                ) from None
+        else:
+            return "uvloop", uvloop.new_event_loop
+    return "asyncio", asyncio.new_event_loop
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Settings and app (or a refusal, exit 2) -> the two listeners -> serve until a signal."""
     try:
         settings, app = _configured_app(args)
+        loop_name, new_loop = event_loop_factory(settings.event_loop)
         public_socket = _bound(args.host, args.port, "the public port")
         admin_host = settings.admin_host or args.host
         try:
@@ -215,8 +237,10 @@ def _serve(args: argparse.Namespace) -> int:
     log.info(
         "admin listener (metrics, admin routes) on http://%s:%d", admin_host, settings.admin_port
     )
+    log.info("event loop: %s", loop_name)
     try:
-        asyncio.run(serve_listeners(public, admin, (public_socket, admin_socket)))
+        with asyncio.Runner(loop_factory=new_loop) as runner:
+            runner.run(serve_listeners(public, admin, (public_socket, admin_socket)))
     finally:  # uvicorn closes them only after a started server's shutdown
         public_socket.close()
         admin_socket.close()

@@ -302,3 +302,37 @@ def test_a_refused_start_does_not_print_secrets(
     assert "ADVGUARD_ADMIN_TOKEN still holds a placeholder" in err
     for secret in ("but-not-yet", "4a39281706", "KEYab", "redispw"):
         assert secret not in err, err
+
+
+@pytest.mark.parametrize(("choice", "loop"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_the_service_answers_under_the_event_loop_chosen(
+    choice: str, loop: str, tmp_path: Path, test_images: list[LabelledImage]
+) -> None:
+    """auto takes uvloop (installed with the project); asyncio's own loop stays a choice. A
+    request is answered, and SIGTERM still drains and exits, under either."""
+    port, log = free_port(), tmp_path / "serve.log"
+    with advguard_serve(port, log, {"ADVGUARD_EVENT_LOOP": choice}) as process:
+        image = test_images[0]
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/classify", files={"file": (image.name, image.data)}
+        )
+        assert answer.status_code == 200 and answer.json()["decision"] in ("accepted", "rejected")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) in (0, -signal.SIGTERM)
+    output = log.read_text()
+    assert f"event loop: {loop}" in output and "Traceback" not in output
+
+
+def test_uvloop_asked_for_but_missing_refuses_and_auto_falls_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from app.service.cli import _RefusedError, event_loop_factory
+
+    assert event_loop_factory("uvloop")[0] == "uvloop"
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    with pytest.raises(_RefusedError, match="uvloop is not installed"):
+        event_loop_factory("uvloop")
+    name, factory = event_loop_factory("auto")
+    assert name == "asyncio" and factory is asyncio.new_event_loop
