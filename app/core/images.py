@@ -131,12 +131,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _eight_bit_gray(image: Image.Image) -> Image.Image:
-    values = np.asarray(image, dtype=np.float64)
+    """One float32 copy scaled in place: an upload may hold up to ``DEFAULT_MAX_PIXELS`` values,
+    and each further temporary would cost 4 bytes a value on a decoding thread."""
+    values = np.array(image, dtype=np.float32)
     if not np.isfinite(values).all():
         raise ImageDecodeError("image holds NaN or infinite values")
     if image.mode == "F":
         peak = 1.0 if values.size and values.min() >= 0 and values.max() <= 1 else 255.0
     else:
         peak = 65535.0 if values.max(initial=0) > 255 else 255.0
-    eight_bit = np.rint(values * (255.0 / peak)).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(eight_bit)
+    values *= np.float32(255.0 / peak)
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8))
