@@ -338,9 +338,11 @@ class Guard:
         return verdicts
 
     def classify(self, pixels: torch.Tensor) -> list[Classification]:
-        """Model only (the guard off): one forward pass, no index search, no score."""
+        """Model only (the guard off): the classifier's one forward pass, no index search, no
+        score, and none of what only the detector reads (the pixel pseudo-layers, the mirrored
+        pass of ``flip.logits``): the unguarded service must cost what the bare model does."""
         with torch.inference_mode():
-            logits = self.network(pixels.to(self.network.device, non_blocking=True)).logits
+            logits = self.network.classify(pixels.to(self.network.device, non_blocking=True))
             probabilities, predictions = torch.softmax(logits.float(), dim=1).max(dim=1)
         return [
             Classification(predicted_class=c, class_name=self.class_names[c], probability=p)
