@@ -88,6 +88,12 @@ EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "saturation x0.7": _enhanced(ImageEnhance.Color, 0.7),
     "contrast x1.2": _enhanced(ImageEnhance.Contrast, 1.2),
     "sharpen x1.5": _enhanced(ImageEnhance.Sharpness, 1.5),
+    # what a photo goes through on the web or in a printer: a GIF's (or an 8-bit PNG's) adaptive
+    # palette of 256 colours, the 216-colour web palette with Floyd-Steinberg dithering (Pillow's
+    # default conversion to a palette), and black and white (the service reads it as grey RGB)
+    "palette 256 (GIF)": lambda p: p.convert("P", palette=Image.Palette.ADAPTIVE, colors=256),
+    "palette web, dithered": lambda p: p.convert("P"),
+    "grayscale": lambda p: p.convert("L"),
 }
 
 

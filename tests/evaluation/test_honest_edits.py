@@ -56,6 +56,30 @@ def test_judge_counts_decisions_of_the_bundle_itself():
     assert row.accepted_all == pytest.approx(3 / 7)
 
 
+def test_palette_and_grayscale_edits_are_served_as_such():
+    """The web and print edits reach the model as what they claim: at most 256 colours (GIF), at
+    most the web palette's 216 with dithering, and grey (R = G = B) in black and white."""
+    photos = [
+        np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1)
+        for p in sorted(EXAMPLES.glob("authentic*.png"))
+    ]
+    preset = Guard.load(DEMO_BUNDLE, device="cpu").preset
+
+    def served(edit: str, photo: np.ndarray) -> np.ndarray:
+        return as_served(encode(honest_edits.EDITS[edit](to_pil(photo)), None), preset)
+
+    def colours(pixels: np.ndarray) -> int:
+        return int(np.unique(pixels.reshape(3, -1), axis=1).shape[1])
+
+    for photo in photos:
+        assert colours(photo) > 256  # else the palettes would change nothing
+        gif = served("palette 256 (GIF)", photo)
+        assert colours(gif) <= 256 and not np.array_equal(gif, photo)
+        assert colours(served("palette web, dithered", photo)) <= 216
+        grey = served("grayscale", photo)
+        assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+
+
 def test_a_bad_photo_count_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         honest_edits.main(["--bundle", str(DEMO_BUNDLE), "--per-class", "0"])
