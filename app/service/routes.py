@@ -131,6 +131,7 @@ async def classify(
     request_id: RequestId,
     file: Annotated[UploadFile, File(description="one image")],
     trusted: Trusted,
+    request: Request,
     explain: Annotated[
         bool,
         Query(description="add the detector's evidence (trusted callers only; else omitted)"),
@@ -140,6 +141,7 @@ async def classify(
     ``ApiError`` its failure answers with."""
     started = time.perf_counter()
     await _admit(service, client_id)
+    await _one_file(request)
     data = await _read_upload(service.settings, file)
     pixels = await _decoded(service, data)
     service.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
@@ -168,6 +170,17 @@ async def _admit(service: Service, client_id: str) -> None:
         and await tracker_call(service.tracker, service.tracker.is_flagged, client_id)
     ):
         raise ApiError(403, "client_flagged", "this client is flagged and refused service")
+
+
+async def _one_file(request: Request) -> None:
+    """422 for a body with several ``file`` parts: the API answers one image per request, and
+    classifying one of them (the framework keeps the last) would leave the client believing
+    every image it sent was judged."""
+    parts = len((await request.form()).getlist("file"))  # the form the route already parsed
+    if parts > 1:
+        raise ApiError(
+            422, "invalid_request", f"one image per request: the body has {parts} 'file' parts"
+        )
 
 
 async def _read_upload(settings: Settings, file: UploadFile) -> bytes:

@@ -69,6 +69,28 @@ def test_missing_field(client: TestClient) -> None:
     _expect_error(client.post("/classify", data={"file": "text"}), 422, "invalid_request")
 
 
+def test_several_file_parts_are_refused_and_none_is_judged(client: TestClient, jpeg: bytes) -> None:
+    """One image per request: two ``file`` parts are a 422, not a verdict on one of them that
+    the client would read as a verdict on both; neither is counted as accepted or rejected."""
+
+    def judged() -> list[str]:
+        text = admin_of(client).get("/metrics").text
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith(("advguard_requests_total{decision=\"accepted\"}",
+                                "advguard_requests_total{decision=\"rejected\"}"))
+        ]  # fmt: skip
+
+    before = judged()
+    parts = [("file", (f"{i}.jpg", jpeg, "image/jpeg")) for i in range(2)]
+    response = client.post("/classify", files=parts)
+    _expect_error(response, 422, "invalid_request")
+    assert response.json()["message"] == "one image per request: the body has 2 'file' parts"
+    assert judged() == before
+    assert upload(client, jpeg).status_code == 200
+
+
 def test_over_byte_limit_by_content_length(client: TestClient) -> None:
     response = upload(client, b"\0" * (LIMIT + 20_000))
     _expect_error(response, 413, "payload_too_large")
