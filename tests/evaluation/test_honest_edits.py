@@ -80,6 +80,28 @@ def test_palette_and_grayscale_edits_are_served_as_such():
         assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
 
 
+def test_sensor_noise_has_its_spread_and_is_the_same_on_a_rerun():
+    """Gaussian noise of the stated standard deviation in levels (rounding and clipping aside),
+    seeded by the photo: the same photo gets the same noise, another photo other noise."""
+    photos = [
+        np.asarray(Image.open(p).convert("RGB")).astype(np.float64)
+        for p in sorted(EXAMPLES.glob("authentic*.png"))[:2]
+    ]
+    for levels in (1, 2, 4):
+        edit = honest_edits.EDITS[f"sensor noise {levels}"]
+        noises = []
+        for photo in photos:
+            picture = Image.fromarray(photo.astype(np.uint8))
+            noisy = np.asarray(edit(picture)).astype(np.float64)
+            np.testing.assert_array_equal(noisy, np.asarray(edit(picture)))
+            inside = (photo > 4 * levels) & (photo < 255 - 4 * levels)  # no clipping there
+            noise = (noisy - photo)[inside]
+            assert abs(noise.std() - levels) < 0.1 * levels + 0.1  # + rounding's 1/sqrt(12)
+            assert abs(noise.mean()) < 0.1
+            noises.append(noisy - photo)
+        assert not np.array_equal(noises[0], noises[1])
+
+
 def test_a_bad_photo_count_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         honest_edits.main(["--bundle", str(DEMO_BUNDLE), "--per-class", "0"])
