@@ -112,6 +112,10 @@ EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "sensor noise 1": _sensor_noise(1.0),
     "sensor noise 2": _sensor_noise(2.0),
     "sensor noise 4": _sensor_noise(4.0),
+    # the same noise as a camera would store it: then a JPEG at quality 95 with 4:2:0 colour
+    # subsampling (Pillow's default), which smooths the colour channels' part of it
+    "sensor noise 2, JPEG 95": lambda p: reencoded(_sensor_noise(2.0)(p), 95),
+    "sensor noise 4, JPEG 95": lambda p: reencoded(_sensor_noise(4.0)(p), 95),
 }
 
 
