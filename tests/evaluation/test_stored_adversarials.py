@@ -1,0 +1,60 @@
+"""``python -m evaluation.stored_adversarials``: adversarials stored as PNG or JPEG files, served
+as the service would, judged by a real bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.core.guard import Guard
+from evaluation import stored_adversarials
+from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
+
+
+def test_a_png_is_the_adversarial_rounded_and_a_jpeg_smooths_its_colour() -> None:
+    """PNG: the served pixels are the adversarial rounded to 8 bits (a 32x32 upload is served as
+    it is); JPEG 95 with 4:2:0: the colour channels lose fine detail, so the served image's
+    chroma varies less between neighbouring pixels than the adversarial's."""
+    preset = Guard.load(DEMO_BUNDLE, device="cpu").preset
+    rng = np.random.default_rng(0)
+    adversarial = rng.uniform(0.0, 1.0, (3, 3, 32, 32)).astype(np.float32)
+    png = stored_adversarials.stored(adversarial, None, preset)
+    np.testing.assert_array_equal(png, np.rint(adversarial * 255.0).astype(np.uint8))
+    jpeg = stored_adversarials.stored(adversarial, 95, preset).astype(np.float64)
+
+    def chroma_roughness(pixels: np.ndarray) -> float:
+        red_minus_green = pixels[:, 0] - pixels[:, 1]
+        return float(np.abs(np.diff(red_minus_green, axis=-1)).mean())
+
+    assert jpeg.shape == png.shape
+    assert chroma_roughness(jpeg) < 0.5 * chroma_roughness(png.astype(np.float64))
+
+
+def test_each_attack_and_format_is_counted_and_judged(tmp_path: Path) -> None:
+    code = stored_adversarials.main(
+        ["--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR), "--per-class", "1",
+         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = result["rows"]
+    expected = [(a, f) for a in stored_adversarials.ATTACKS for f in stored_adversarials.FORMATS]
+    assert [(r["attack"], r["stored_as"]) for r in rows] == expected
+    for r in rows:
+        assert 0 <= r["still_fooling"] <= r["crafted"] <= result["photos"]
+        (share,) = r["accepted"].values()
+        low, high = next(iter(r["accepted_interval"].values()))
+        assert low <= share <= high
+    # a PNG keeps the perturbation but for rounding: FGSM's adversarials still fool the model
+    fgsm_png = rows[0]
+    assert fgsm_png["crafted"] > 0 and fgsm_png["still_fooling"] >= fgsm_png["crafted"] - 1
+    assert "| PGD-L2 | JPEG 75 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_bad_photo_count_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        stored_adversarials.main(["--bundle", str(DEMO_BUNDLE), "--per-class", "0"])
+    assert "--per-class must be at least 1" in capsys.readouterr().err
