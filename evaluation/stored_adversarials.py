@@ -63,6 +63,16 @@ class StoredRow:
     accepted_interval: dict[str, tuple[float, float]]
 
 
+def craft(
+    model: nn.Module, x: torch.Tensor, labels: np.ndarray, seed: int
+) -> dict[str, np.ndarray]:
+    """Every attack's adversarials of ``x``, seeded (PGD starts at random): a rerun crafts the
+    same ones."""
+    torch.manual_seed(seed)
+    targets = torch.from_numpy(labels)
+    return {name: attack(model, x, targets).adversarial for name, attack in ATTACKS.items()}
+
+
 def stored(adversarial: np.ndarray, quality: int | None, preset: PreprocessingPreset) -> np.ndarray:
     """(n, 3, H, W) float adversarials in [0, 1] -> the 8-bit pixels the service decodes from
     each one's file (PNG when ``quality`` is None, else a JPEG at that quality)."""
@@ -152,12 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         help="decoded image splits cached here (default: %(default)s)",
     )
     parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="torch's seed, for PGD's random starts (default: %(default)s)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=REPO / "evaluation/results/stored-adversarials",
         help="results directory: results.json and table.md",
     )
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
     if args.per_class < 1:
         parser.error("--per-class must be at least 1")
     guards = {str(path): Guard.load(path, device="cpu") for path in args.bundle}
@@ -170,14 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     correct = attacks.predict(model, photos) == split.labels
     x, labels = photos[correct], split.labels[correct]
     rows = []
-    for name, attack in ATTACKS.items():
-        adversarial = attack(model, x, torch.from_numpy(labels)).adversarial
+    for name, adversarial in craft(model, x, labels, args.seed).items():
         rows += rows_of_attack(name, model, adversarial, labels, guards)
-        print(f"{name}: done", flush=True)
     result: dict[str, object] = {
         "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
         "photos": int(labels.size),
         "per_class": args.per_class,
+        "seed": args.seed,
         "attack_params": asdict(P),
         "rows": [asdict(row) for row in rows],
     }

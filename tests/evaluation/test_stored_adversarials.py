@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from app.core.guard import Guard
-from evaluation import stored_adversarials
+from evaluation import attacks, stored_adversarials
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
 
 
@@ -52,6 +53,20 @@ def test_each_attack_and_format_is_counted_and_judged(tmp_path: Path) -> None:
     fgsm_png = rows[0]
     assert fgsm_png["crafted"] > 0 and fgsm_png["still_fooling"] >= fgsm_png["crafted"] - 1
     assert "| PGD-L2 | JPEG 75 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_the_attacks_are_seeded() -> None:
+    """PGD starts at random: the same seed crafts the same adversarials, another seed others."""
+    guard = Guard.load(DEMO_BUNDLE, device="cpu")
+    model = attacks.LogitsModel(guard.network).eval()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = np.array([0, 1, 2, 3])
+    first = stored_adversarials.craft(model, x, labels, seed=0)
+    assert list(first) == list(stored_adversarials.ATTACKS)
+    for name, adversarial in stored_adversarials.craft(model, x, labels, seed=0).items():
+        np.testing.assert_array_equal(adversarial, first[name])
+    other = stored_adversarials.craft(model, x, labels, seed=1)
+    assert not np.array_equal(other["PGD-Linf"], first["PGD-Linf"])
 
 
 def test_a_bad_photo_count_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
