@@ -47,8 +47,8 @@ from app.core.stateful.close_copies import (
 from app.core.stateful.defaults import default_scheme
 from app.core.stateful.hashes import window_hashes
 from app.core.stateful.index import MIN_SHARED_KEYS, index_buckets
-from evaluation.honest_edits import DEFAULT_SOURCE
 from evaluation.honest_traffic import train_photos
+from evaluation.options import CIFAR_SOURCE as DEFAULT_SOURCE
 from evaluation.query_attacks import DEFAULT_RESULTS
 from evaluation.stateful_replay import EVALUATION_SECRET
 from evaluation.stateful_report import command_block

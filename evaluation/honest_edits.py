@@ -22,7 +22,6 @@ import sys
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -33,11 +32,10 @@ from app.core.guard import Guard
 from app.core.models import PreprocessingPreset
 from evaluation.data import load_split
 from evaluation.honest_traffic import as_served, encode, reencoded, to_pil
+from evaluation.options import add_photo_study_arguments, checked_photo_count
 from evaluation.simulate import wilson_interval
 
 COMMAND = "python -m evaluation.honest_edits"
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def _jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
@@ -186,40 +184,9 @@ def _markdown(result: dict[str, object], per_bundle: dict[str, list[EditRow]]) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--bundle",
-        type=Path,
-        action="append",
-        required=True,
-        help="bundle directory, a table each (repeatable)",
-    )
-    parser.add_argument(
-        "--source",
-        type=Path,
-        default=DEFAULT_SOURCE,
-        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--per-class",
-        type=int,
-        default=100,
-        help="first test photos of each class (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=REPO / ".cache" / "evaluation" / "data",
-        help="decoded image splits cached here (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "evaluation/results/honest-edits",
-        help="results directory: results.json and table.md (default: %(default)s)",
-    )
+    add_photo_study_arguments(parser, "bundle directory, a table each (repeatable)", "honest-edits")
     args = parser.parse_args(argv)
-    if args.per_class < 1:
-        parser.error("--per-class must be at least 1")
+    checked_photo_count(parser, args)
     guards = [Guard.load(path, device="cpu") for path in args.bundle]
     presets = {guard.preset for guard in guards}
     if len(presets) != 1:

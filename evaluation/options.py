@@ -5,6 +5,7 @@ ones and the quick run's), and the run's options, shared by the evaluation's pip
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -93,3 +94,46 @@ def quick_options(options: EvaluateOptions) -> EvaluateOptions:
         studies=False,
         attack=QUICK_ATTACKS,
     )
+
+
+# --------------------------------------------------------------------------- test-photo studies
+
+REPO = Path(__file__).resolve().parent.parent
+CIFAR_SOURCE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def add_photo_study_arguments(parser: argparse.ArgumentParser, bundle_help: str, out: str) -> None:
+    """The options of a study of bundles on the first test photos of each class
+    (``evaluation.honest_edits``, ``evaluation.stored_adversarials``): the bundles, the CIFAR-10
+    source, the photos per class, the decoded-split cache and the results directory
+    (``evaluation/results/<out>`` by default). ``checked_photo_count`` refuses a bad count."""
+    parser.add_argument("--bundle", type=Path, action="append", required=True, help=bundle_help)
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=CIFAR_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--per-class",
+        type=int,
+        default=100,
+        help="first test photos of each class (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=REPO / ".cache" / "evaluation" / "data",
+        help="decoded image splits cached here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "evaluation" / "results" / out,
+        help="results directory: results.json and table.md (default: %(default)s)",
+    )
+
+
+def checked_photo_count(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.per_class < 1:
+        parser.error("--per-class must be at least 1")

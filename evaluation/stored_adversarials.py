@@ -21,7 +21,6 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,12 +31,10 @@ from app.core.models import PreprocessingPreset
 from evaluation import attacks
 from evaluation.data import load_split
 from evaluation.honest_traffic import as_served, encode, to_pil
-from evaluation.options import AttackParams
+from evaluation.options import AttackParams, add_photo_study_arguments, checked_photo_count
 from evaluation.simulate import wilson_interval
 
 COMMAND = "python -m evaluation.stored_adversarials"
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 Attack = Callable[[nn.Module, torch.Tensor, torch.Tensor], attacks.AttackOutput]
 P = AttackParams()
@@ -136,30 +133,8 @@ def markdown(result: dict[str, object], rows: list[StoredRow], labels: list[str]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--bundle",
-        type=Path,
-        action="append",
-        required=True,
-        help="bundle directory, a column each (repeatable; one model)",
-    )
-    parser.add_argument(
-        "--source",
-        type=Path,
-        default=DEFAULT_SOURCE,
-        help="CIFAR-10 ImageFolder directory or tar with a test/ split",
-    )
-    parser.add_argument(
-        "--per-class",
-        type=int,
-        default=100,
-        help="first test photos of each class (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=REPO / ".cache" / "evaluation" / "data",
-        help="decoded image splits cached here (default: %(default)s)",
+    add_photo_study_arguments(
+        parser, "bundle directory, a column each (repeatable; one model)", "stored-adversarials"
     )
     parser.add_argument(
         "--seed",
@@ -167,15 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch's seed, for PGD's random starts (default: %(default)s)",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=REPO / "evaluation/results/stored-adversarials",
-        help="results directory: results.json and table.md",
-    )
     args = parser.parse_args(argv)
-    if args.per_class < 1:
-        parser.error("--per-class must be at least 1")
+    checked_photo_count(parser, args)
     guards = {str(path): Guard.load(path, device="cpu") for path in args.bundle}
     if len({g.manifest.model.weights_sha256 for g in guards.values()}) != 1:
         parser.error("the bundles hold different models; compare bundles of one model")
