@@ -10,8 +10,10 @@ statistic looks, and may also undo the attack. Per untargeted attack (FGSM, PGD-
 the evaluation's parameters, crafted on the first bundle's model with its own weights) and per
 file format: how many of the successful adversarials still fool the model once stored and
 served as ``POST /classify`` would (``evaluation.honest_traffic.as_served``), and the share of
-those each bundle accepts at its threshold (95% Wilson interval). Photos: the first
-``--per-class`` CIFAR-10 test images of each class that the model classifies correctly.
+those each bundle accepts at its threshold (95% Wilson interval). ``--craft-bundle`` crafts them
+on another model instead (a transfer attacker); "successful" then means fooling the judged one.
+Photos: the first ``--per-class`` CIFAR-10 test images of each class that the judged model
+classifies correctly.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="torch's seed, for PGD's random starts (default: %(default)s)",
     )
+    parser.add_argument(
+        "--craft-bundle",
+        type=Path,
+        help="craft on this bundle's model instead (a transfer attacker, without the judged "
+        "model's weights); the same preprocessing (default: the first --bundle's model)",
+    )
     args = parser.parse_args(argv)
     checked_photo_count(parser, args)
     guards = {str(path): Guard.load(path, device="cpu") for path in args.bundle}
@@ -153,14 +162,21 @@ def main(argv: list[str] | None = None) -> int:
     model = attacks.LogitsModel(first.network).eval()
     correct = attacks.predict(model, photos) == split.labels
     x, labels = photos[correct], split.labels[correct]
-    rows = []
-    for name, adversarial in craft(model, x, labels, args.seed).items():
+    crafter = model
+    if args.craft_bundle is not None:
+        source = Guard.load(args.craft_bundle, device="cpu")
+        if source.preset != first.preset:
+            parser.error("--craft-bundle preprocesses differently from the judged bundles")
+        crafter = attacks.LogitsModel(source.network).eval()
+    rows = []  # successful: adversarials that fool the judged model, crafted on ``crafter``
+    for name, adversarial in craft(crafter, x, labels, args.seed).items():
         rows += rows_of_attack(name, model, adversarial, labels, guards)
     result: dict[str, object] = {
         "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
         "photos": int(labels.size),
         "per_class": args.per_class,
         "seed": args.seed,
+        "craft_bundle": None if args.craft_bundle is None else str(args.craft_bundle),
         "attack_params": asdict(P),
         "rows": [asdict(row) for row in rows],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -53,6 +54,37 @@ def test_each_attack_and_format_is_counted_and_judged(tmp_path: Path) -> None:
     fgsm_png = rows[0]
     assert fgsm_png["crafted"] > 0 and fgsm_png["still_fooling"] >= fgsm_png["crafted"] - 1
     assert "| PGD-L2 | JPEG 75 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_transfer_attacker_crafts_on_the_craft_bundles_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--craft-bundle``: the attacks run on that bundle's network, the judging on the judged
+    bundles' (here the same weights loaded twice, so the rows equal a run without it)."""
+    crafted_on: list[object] = []
+    judged_by: list[object] = []
+    craft, rows_of_attack = stored_adversarials.craft, stored_adversarials.rows_of_attack
+
+    def spy_craft(model: Any, *args: Any) -> Any:
+        crafted_on.append(model.network)
+        return craft(model, *args)
+
+    def spy_rows(name: str, model: Any, *args: Any) -> Any:
+        judged_by.append(model.network)
+        return rows_of_attack(name, model, *args)
+
+    monkeypatch.setattr(stored_adversarials, "craft", spy_craft)
+    monkeypatch.setattr(stored_adversarials, "rows_of_attack", spy_rows)
+    common = ["--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR), "--per-class", "1",
+              "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    assert stored_adversarials.main([*common, "--out", str(tmp_path / "own")]) == 0
+    assert crafted_on[0] is judged_by[0]
+    transfer = [*common, "--craft-bundle", str(DEMO_BUNDLE), "--out", str(tmp_path / "t")]
+    assert stored_adversarials.main(transfer) == 0
+    assert crafted_on[1] is not judged_by[-1]
+    own, other = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("own", "t"))
+    assert other["craft_bundle"] == str(DEMO_BUNDLE) and own["craft_bundle"] is None
+    assert other["rows"] == own["rows"]
 
 
 def test_the_attacks_are_seeded() -> None:
