@@ -220,6 +220,7 @@ from evaluation.metrics import set_metrics
 from evaluation.options import EvaluateOptions, Log
 from evaluation.run import ModelUnderTest, model_stage, sets_stage
 from evaluation.sets import cached_attack, pixels_digest
+from evaluation.stored_adversarials import stored
 from index_builder.detectors import (
     CHROMA_STATISTIC,
     DOUBT_STATISTIC,
@@ -233,7 +234,8 @@ from index_builder.detectors import (
 SELECTION_PER_CLASS = 50
 MAX_BUNDLE_BYTES = 20 * 1024 * 1024
 MIN_EER = 0.93
-SELECTION_ATTACKS = (
+# The attacks run on the selection images' float pixels (cached) ...
+FLOAT_SELECTION_ATTACKS = (
     "fgsm",
     "fgsm_untargeted",
     "pgd",
@@ -243,6 +245,13 @@ SELECTION_ATTACKS = (
     "pgd_l2_untargeted",
     "lbfgs",
 )
+# ... and (round 11) three of them as uploaded: each stored set -> the float attack it stores.
+STORED_QUALITY = 95
+STORED_SELECTION_ATTACKS = {
+    f"{attack}_jpeg{STORED_QUALITY}": attack
+    for attack in ("fgsm_untargeted", "pgd_untargeted", "pgd_l2_untargeted")
+}
+SELECTION_ATTACKS = (*FLOAT_SELECTION_ATTACKS, *STORED_SELECTION_ATTACKS)
 # Every statistic a candidate reads, in the one bundle the candidates are views of: the
 # evaluation's ablation statistics and round 6's two (which the ablations do not carry).
 SELECTION_STATISTICS: tuple[str, ...] = (
@@ -426,12 +435,14 @@ def selection_values(
     options: EvaluateOptions, mut: ModelUnderTest, images: SelectionImages, guard: Guard, log: Log
 ) -> dict[str, np.ndarray]:
     """Stage 3: every statistic of the all-statistics bundle on the authentic selection images
-    and on each attack's successful adversarials (cached attacks)."""
+    and on each attack's successful adversarials (cached attacks), and (round 11) on those of
+    the stored attacks' sources that still fool the model once stored as a JPEG and decoded."""
     authentic = infer_in_batches(mut.network, images.pixels)
     values = {"authentic": guard.detector.values(authentic.features, authentic.predictions)}
     key = selection_attack_key(images)
     runners = selection_attack_runners(options, mut, images)
-    for attack in SELECTION_ATTACKS:
+    successful: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # attack -> (pixels, labels)
+    for attack in FLOAT_SELECTION_ATTACKS:
         params, run = runners[attack]
         output, _ = cached_attack(
             options.cache_dir / "adversarials",
@@ -441,7 +452,15 @@ def selection_values(
         feats = infer_in_batches(mut.network, torch.from_numpy(output.adversarial))
         fooled = feats.predictions != images.labels
         values[attack] = guard.detector.values(feats.features, feats.predictions)[fooled]
+        successful[attack] = (output.adversarial[fooled], images.labels[fooled])
         log(f"selection {attack}: {int(fooled.sum())}/{images.labels.size} misclassified")
+    for attack, source in STORED_SELECTION_ATTACKS.items():
+        adversarial, labels = successful[source]
+        served = stored(adversarial, STORED_QUALITY, guard.preset).astype(np.float32) / 255.0
+        feats = infer_in_batches(mut.network, torch.from_numpy(served))
+        fooled = feats.predictions != labels
+        values[attack] = guard.detector.values(feats.features, feats.predictions)[fooled]
+        log(f"selection {attack}: {int(fooled.sum())}/{labels.size} still misclassified")
     return values
 
 

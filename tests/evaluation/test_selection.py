@@ -14,6 +14,7 @@ from evaluation.selection import (
     MAX_BUNDLE_BYTES,
     MEDIAN_PRESET,
     SELECTION_ATTACKS,
+    STORED_SELECTION_ATTACKS,
     CandidateScore,
     choose,
     opt_in_presets,
@@ -213,6 +214,11 @@ def test_select_end_to_end(tmp_path):
     assert set(fooled) == {f"selection {a}" for a in SELECTION_ATTACKS}
     deepfool, total = fooled["selection deepfool"].split(": ")[1].split()[0].split("/")
     assert int(deepfool) >= 0.9 * int(total) and written["selection_images"] == int(total)
+    # round 11's stored sets: a JPEG of each source's successful adversarials, some still fooling
+    for stored_attack, source in STORED_SELECTION_ATTACKS.items():
+        kept, crafted = fooled[f"selection {stored_attack}"].split(": ")[1].split()[0].split("/")
+        assert int(crafted) == int(fooled[f"selection {source}"].split(": ")[1].split("/")[0])
+        assert 0 < int(kept) <= int(crafted)
     # the issue's finding holds even at this size: density at every block sees untargeted PGD,
     # which the vote and the margin wave through
     eer = {r["candidate"]: r["eer"]["pgd_untargeted"] for r in rows}
