@@ -65,6 +65,13 @@ def as_served(data: bytes, preset: PreprocessingPreset) -> np.ndarray:
     return eight_bit(pixels.numpy())
 
 
+def stored(pixels: np.ndarray, quality: int | None, preset: PreprocessingPreset) -> np.ndarray:
+    """(n, 3, H, W) float images in [0, 1] (adversarials) -> the 8-bit pixels the service
+    decodes from each one's file (PNG when ``quality`` is None, else a JPEG at that quality)."""
+    files = eight_bit(pixels)
+    return np.stack([as_served(encode(to_pil(image), quality), preset) for image in files])
+
+
 def edit(image: np.ndarray, kind: Edit, rng: np.random.Generator) -> Image.Image:
     """One honest edit of a photo ((3, H, W) uint8), with random parameters."""
     picture = to_pil(image)

@@ -6,7 +6,7 @@ and ranking unchanged (steps 1-5 below, the cost step included, and the same rul
 cost step for the best at any cost), with three more selection attacks, eleven in all: the
 selection images' untargeted FGSM, PGD-Linf and PGD-L2 adversarials (the same cached attacks),
 each successful one stored as a JPEG at quality 95 with 4:2:0 colour subsampling and decoded as
-``POST /classify`` decodes an upload (``evaluation.stored_adversarials.stored``), kept where the
+``POST /classify`` decodes an upload (``evaluation.honest_traffic.stored``), kept where the
 model still misclassifies it (``fgsm_untargeted_jpeg95``, ``pgd_untargeted_jpeg95``,
 ``pgd_l2_untargeted_jpeg95``). Step 3's mean is over the eleven attacks. If the winners are
 round 10's, nothing changes. If not, each new winner becomes its preset (``v2``, or
@@ -216,11 +216,11 @@ from evaluation.configurations import (
     build_configuration,
     threshold_values,
 )
+from evaluation.honest_traffic import stored
 from evaluation.metrics import set_metrics
 from evaluation.options import EvaluateOptions, Log
 from evaluation.run import ModelUnderTest, model_stage, sets_stage
 from evaluation.sets import cached_attack, pixels_digest
-from evaluation.stored_adversarials import stored
 from index_builder.detectors import (
     CHROMA_STATISTIC,
     DOUBT_STATISTIC,
@@ -313,6 +313,7 @@ class SelectionImages:
     targets: torch.Tensor
     weights_sha256: str
     rows: np.ndarray  # their rows in the test split
+    keys: tuple[str, ...] = ()  # and their file names there
 
 
 @dataclass(frozen=True)
@@ -367,7 +368,17 @@ def selection_images(options: EvaluateOptions, mut: ModelUnderTest, log: Log) ->
         torch.from_numpy(targets),
         mut.manifest.model.weights_sha256,
         rows,
+        tuple(sets.split.keys[row] for row in rows),
     )
+
+
+def selection_keys(bundle: Path, source: Path, cache_dir: Path, log: Log = print) -> set[str]:
+    """The test-split file names of the images ``advguard evaluate --select --bundle <bundle>``
+    chooses on (seed 0, ``cache_dir`` the evaluation's): a study reporting figures of a detector
+    the rule chose leaves them out, or it would report on images the choice has seen."""
+    options = EvaluateOptions(source=source, out=cache_dir, bundle=bundle, cache_dir=cache_dir)
+    mut = model_stage(replace(options, studies=False), log)
+    return set(selection_images(options, mut, log).keys)
 
 
 def selection_attack_runners(

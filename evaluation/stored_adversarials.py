@@ -13,7 +13,9 @@ served as ``POST /classify`` would (``evaluation.honest_traffic.as_served``), an
 those each bundle accepts at its threshold (95% Wilson interval). ``--craft-bundle`` crafts them
 on another model instead (a transfer attacker); "successful" then means fooling the judged one.
 Photos: the first ``--per-class`` CIFAR-10 test images of each class that the judged model
-classifies correctly.
+classifies correctly; with ``--outside-selection BUNDLE``, none of the selection images that
+``advguard evaluate --select --bundle BUNDLE`` chooses on (since round 11 the rule sees stored
+adversarials of those).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ import torch
 from torch import nn
 
 from app.core.guard import Guard
-from app.core.models import PreprocessingPreset
 from evaluation import attacks
-from evaluation.data import eight_bit, load_split
-from evaluation.honest_traffic import as_served, encode, to_pil
+from evaluation.data import load_split
+from evaluation.honest_traffic import stored
 from evaluation.options import AttackParams, add_photo_study_arguments, checked_photo_count
+from evaluation.selection import selection_keys
 from evaluation.simulate import wilson_interval
 
 COMMAND = "python -m evaluation.stored_adversarials"
@@ -71,13 +73,6 @@ def craft(
     torch.manual_seed(seed)
     targets = torch.from_numpy(labels)
     return {name: attack(model, x, targets).adversarial for name, attack in ATTACKS.items()}
-
-
-def stored(adversarial: np.ndarray, quality: int | None, preset: PreprocessingPreset) -> np.ndarray:
-    """(n, 3, H, W) float adversarials in [0, 1] -> the 8-bit pixels the service decodes from
-    each one's file (PNG when ``quality`` is None, else a JPEG at that quality)."""
-    files = eight_bit(adversarial)
-    return np.stack([as_served(encode(to_pil(image), quality), preset) for image in files])
 
 
 def rows_of_attack(
@@ -157,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
         help="craft on this bundle's model instead (a transfer attacker, without the judged "
         "model's weights); the same preprocessing (default: the first --bundle's model)",
     )
+    parser.add_argument(
+        "--outside-selection",
+        type=Path,
+        metavar="BUNDLE",
+        help="leave out the selection images of `advguard evaluate --select --bundle BUNDLE` "
+        "(the decoded split and predictions cached beside --cache-dir)",
+    )
     args = parser.parse_args(argv)
     checked_photo_count(parser, args)
     guards = {str(path): Guard.load(path, device="cpu") for path in args.bundle}
@@ -167,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     photos = torch.from_numpy(split.pixels.astype(np.float32) / 255.0)
     model = attacks.LogitsModel(first.network).eval()
     correct = attacks.predict(model, photos) == split.labels
+    seen = set()
+    if args.outside_selection is not None:
+        seen = selection_keys(args.outside_selection, args.source, args.cache_dir.parent)
+    correct &= np.array([key not in seen for key in split.keys])
     x, labels = photos[correct], split.labels[correct]
     crafter = model
     if args.craft_bundle is not None:
@@ -183,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         "per_class": args.per_class,
         "seed": args.seed,
         "craft_bundle": None if args.craft_bundle is None else str(args.craft_bundle),
+        "outside_selection": None
+        if args.outside_selection is None
+        else str(args.outside_selection),
+        "selection_images_left_out": len(seen & set(split.keys)),
         "attack_params": asdict(P),
         "rows": [asdict(row) for row in rows],
     }

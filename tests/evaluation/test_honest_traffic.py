@@ -11,6 +11,7 @@ from evaluation.honest_traffic import (
     as_served,
     encode,
     interleave,
+    stored,
     to_pil,
 )
 
@@ -33,3 +34,22 @@ def test_interleave_keeps_each_clients_order() -> None:
     for c in range(4):
         mine = [int(q.image[0, 0, 0]) for q in merged if q.client == f"c{c}"]
         assert mine == list(range(5))
+
+
+def test_a_png_is_the_adversarial_rounded_and_a_jpeg_smooths_its_colour(guard: Guard) -> None:
+    """PNG: the served pixels are the adversarial rounded to 8 bits (a 32x32 upload is served as
+    it is); JPEG 95 with 4:2:0: the colour channels lose fine detail, so the served image's
+    chroma varies less between neighbouring pixels than the adversarial's."""
+    preset = guard.preset
+    rng = np.random.default_rng(0)
+    adversarial = rng.uniform(0.0, 1.0, (3, 3, 32, 32)).astype(np.float32)
+    png = stored(adversarial, None, preset)
+    np.testing.assert_array_equal(png, np.rint(adversarial * 255.0).astype(np.uint8))
+    jpeg = stored(adversarial, 95, preset).astype(np.float64)
+
+    def chroma_roughness(pixels: np.ndarray) -> float:
+        red_minus_green = pixels[:, 0] - pixels[:, 1]
+        return float(np.abs(np.diff(red_minus_green, axis=-1)).mean())
+
+    assert jpeg.shape == png.shape
+    assert chroma_roughness(jpeg) < 0.5 * chroma_roughness(png.astype(np.float64))

@@ -13,26 +13,9 @@ import torch
 
 from app.core.guard import Guard
 from evaluation import attacks, stored_adversarials
+from evaluation.data import load_split
+from evaluation.selection import selection_keys
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
-
-
-def test_a_png_is_the_adversarial_rounded_and_a_jpeg_smooths_its_colour() -> None:
-    """PNG: the served pixels are the adversarial rounded to 8 bits (a 32x32 upload is served as
-    it is); JPEG 95 with 4:2:0: the colour channels lose fine detail, so the served image's
-    chroma varies less between neighbouring pixels than the adversarial's."""
-    preset = Guard.load(DEMO_BUNDLE, device="cpu").preset
-    rng = np.random.default_rng(0)
-    adversarial = rng.uniform(0.0, 1.0, (3, 3, 32, 32)).astype(np.float32)
-    png = stored_adversarials.stored(adversarial, None, preset)
-    np.testing.assert_array_equal(png, np.rint(adversarial * 255.0).astype(np.uint8))
-    jpeg = stored_adversarials.stored(adversarial, 95, preset).astype(np.float64)
-
-    def chroma_roughness(pixels: np.ndarray) -> float:
-        red_minus_green = pixels[:, 0] - pixels[:, 1]
-        return float(np.abs(np.diff(red_minus_green, axis=-1)).mean())
-
-    assert jpeg.shape == png.shape
-    assert chroma_roughness(jpeg) < 0.5 * chroma_roughness(png.astype(np.float64))
 
 
 def test_each_attack_and_format_is_counted_and_judged(tmp_path: Path) -> None:
@@ -105,3 +88,21 @@ def test_a_bad_photo_count_is_a_clear_error(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         stored_adversarials.main(["--bundle", str(DEMO_BUNDLE), "--per-class", "0"])
     assert "--per-class must be at least 1" in capsys.readouterr().err
+
+
+def test_outside_selection_leaves_the_selection_images_out(tmp_path: Path) -> None:
+    """``--outside-selection``: the photos lose exactly the selection images among them (each
+    one is classified correctly, so each was a photo), and the results say how many."""
+    cache = tmp_path / "evaluation" / "data"
+    common = ["--bundle", str(DEMO_BUNDLE), "--source", str(CIFAR_TAR), "--per-class", "20",
+              "--cache-dir", str(cache)]  # fmt: skip
+    assert stored_adversarials.main([*common, "--out", str(tmp_path / "all")]) == 0
+    outside = [*common, "--outside-selection", str(DEMO_BUNDLE), "--out", str(tmp_path / "out")]
+    assert stored_adversarials.main(outside) == 0
+    every, kept = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("all", "out"))
+    preset = Guard.load(DEMO_BUNDLE, device="cpu").preset
+    first = set(load_split(CIFAR_TAR, "test", preset, cache, 20).keys)
+    left_out = selection_keys(DEMO_BUNDLE, CIFAR_TAR, cache.parent) & first
+    assert kept["selection_images_left_out"] == len(left_out) > 0
+    assert kept["photos"] == every["photos"] - len(left_out)
+    assert every["selection_images_left_out"] == 0 and every["outside_selection"] is None
