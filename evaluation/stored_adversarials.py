@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     photos = torch.from_numpy(split.pixels.astype(np.float32) / 255.0)
     model = attacks.LogitsModel(first.network).eval()
     correct = attacks.predict(model, photos) == split.labels
-    seen = set()
+    seen: set[str] = set()  # selection images to leave out
     if args.outside_selection is not None:
         seen = selection_keys(args.outside_selection, args.source, args.cache_dir.parent)
     correct &= np.array([key not in seen for key in split.keys])
