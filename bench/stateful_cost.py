@@ -87,11 +87,15 @@ def ms(values: list[float]) -> dict[str, float]:
 
 
 def fingerprint_times(
-    pixels: list[torch.Tensor], processes: int = 0, single: bool = True
+    pixels: list[torch.Tensor],
+    processes: int = 0,
+    single: bool = True,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """``StatefulDetector.fingerprints`` per query, one at a time (``single``) and in batches
     of ``FINGERPRINT_BATCH`` (a screened batch's size), with ``processes`` fingerprint worker
-    processes (``ADVGUARD_STATEFUL_FINGERPRINT_PROCESSES``; they take large images only)."""
+    processes (``ADVGUARD_STATEFUL_FINGERPRINT_PROCESSES``; they take large images only) or
+    the large images' window hashes on ``device`` (a GPU's, as the service's under auto)."""
     scheme = default_scheme(SECRET)
     detector = StatefulDetector(
         scheme,
@@ -99,6 +103,7 @@ def fingerprint_times(
         InProcessFingerprintStore(scheme),
         "silent",
         fingerprint_processes=processes,
+        fingerprint_device=device,
     )
     detector.fingerprints(pixels[:FINGERPRINT_BATCH])  # warm: hash tables, worker processes
     alone = []

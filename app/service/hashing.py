@@ -43,6 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
@@ -50,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from app.core.stateful import device_hashes
 from app.core.stateful.hashes import HASHED_VALUES_PER_PASS
 from app.core.stateful.schemes import (
     ImagePrints,
@@ -159,14 +161,20 @@ class SharedPixels:
 
 
 class FingerprintHasher:
-    """``prints`` of a batch of preprocessed pixels, on ``processes`` worker processes when the
-    images are large. One thread calls it (the one that screens)."""
+    """``prints`` of a batch of preprocessed pixels: when the images are large, their window
+    hashes on ``device`` (a GPU: ``device_hashes``, on a CUDA stream of its own, so that the
+    model's kernels do not queue behind them) or else on ``processes`` worker processes. One
+    thread calls it (the one that screens)."""
 
-    def __init__(self, scheme: WindowHashScheme, processes: int) -> None:
+    def __init__(
+        self, scheme: WindowHashScheme, processes: int, device: torch.device | None = None
+    ) -> None:
         if processes < 0:
             raise ValueError("processes must be >= 0")
         self.scheme = scheme
         self.processes = processes
+        self.device = device
+        self._stream: torch.cuda.Stream | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._shared = SharedPixels()
         self.restarts = 0  # pools replaced after a worker died
@@ -177,7 +185,7 @@ class FingerprintHasher:
         first large batch does not wait for them. Workers that cannot start (no process may be
         spawned here, or the main module fails to import in them) are logged once, and the
         hashing stays on the calling thread."""
-        if self.processes == 0 or self._pool is not None or self.unavailable:
+        if self.device is not None or self.processes == 0 or self._pool or self.unavailable:
             return
         tiny = np.zeros((1, 3, 8, 8), dtype=np.uint8)
         try:
@@ -200,7 +208,11 @@ class FingerprintHasher:
         copied into the shared block) and of the ``hash`` (with the conversion to 8 bits)."""
         n = len(pixels)
         started = time.perf_counter()
-        if n == 0 or self.processes == 0 or not is_large(int(pixels[0].numel())):
+        if n == 0 or not is_large(int(pixels[0].numel())):
+            return self._here(pixels, spent, started)
+        if self.device is not None:
+            return self._on_device(pixels, self.device, spent, started)
+        if self.processes == 0:
             return self._here(pixels, spent, started)
         self.start()
         if self._pool is None:  # they could not start
@@ -237,6 +249,28 @@ class FingerprintHasher:
             np.concatenate([part.keys for part in done]),
             [digest for part in done for digest in part.digests],
         )
+
+    def _on_device(
+        self, pixels: Sequence[torch.Tensor], device: torch.device, spent: Spent, started: float
+    ) -> ImagePrints:
+        """The batch sent to ``device`` as float pixels, made 8-bit and window-hashed there;
+        the 8-bit images (a quarter of the floats' bytes) and the hashes come back for the rest
+        of the prints (block means, samples, digests: numpy, a fraction of the hash's time)."""
+        if device.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        s = self.scheme
+        with torch.no_grad(), torch.cuda.stream(self._stream) if self._stream else nullcontext():
+            stacked = torch.stack(list(pixels)).to(device, torch.float32)
+            hashing = time.perf_counter()
+            spent("pixels", hashing - started)
+            images = device_hashes.eight_bit(stacked)
+            hashes = device_hashes.window_hashes(images, s.secret, s.step, s.window, s.top)
+            on_host = images.cpu().numpy()
+            words = device_hashes.as_words(hashes)
+        try:
+            return fingerprint_images(s, on_host, words)
+        finally:
+            spent("hash", time.perf_counter() - hashing)
 
     def _here(self, pixels: Sequence[torch.Tensor], spent: Spent, started: float) -> ImagePrints:
         with torch.no_grad():

@@ -159,7 +159,9 @@ def attach_stateful(service: Service) -> None:
     (``screens_on_batch_worker``)."""
     settings, guard, tracker = service.settings, service.guard, service.tracker
     crop = guard.preset.crop
-    service.stateful = build_stateful(settings, service.metrics, tracker.flag, 3 * crop * crop)
+    service.stateful = build_stateful(
+        settings, service.metrics, tracker.flag, 3 * crop * crop, guard.network.device
+    )
     if service.stateful is None:
         return
     if screens_on_batch_worker(

@@ -27,6 +27,7 @@ from app.core.stateful.defaults import DEFAULT_RULE
 
 StatefulPolicy = Literal["flag", "refuse", "silent"]
 EventLoop = Literal["auto", "asyncio", "uvloop"]
+FingerprintDevice = Literal["auto", "cpu"]
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent.parent / "bundles" / "cifar10-resnet20"
 
@@ -169,6 +170,10 @@ class Settings(BaseSettings):
     # at once (app/service/hashing.py); 0: on the thread that screens. CIFAR-size uploads are
     # hashed on that thread whatever this says
     stateful_fingerprint_processes: int = Field(default=2, ge=0, le=64)
+    # where the large uploads' window hashes are computed: auto, on the model's device when it
+    # is a GPU (bit-identical, app/core/stateful/device_hashes.py; the worker processes are then
+    # not started), else as the line above says; cpu: always as the line above says
+    stateful_fingerprint_device: FingerprintDevice = "auto"
     # with a screening thread (Redis, or a GPU), look a model batch's queries up while the
     # model runs it (fingerprint; with Redis store them, answers pending, and fetch their
     # candidates), then decide each once classified. Off: all of it after classification. On

@@ -66,7 +66,7 @@ from app.service.fingerprints import Found, RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
 from app.service.redis_connection import REDIS_ERRORS
-from app.service.settings import Settings, StatefulPolicy
+from app.service.settings import FingerprintDevice, Settings, StatefulPolicy
 from app.service.settle import settle
 from app.service.state import ApiError, Service
 from app.service.tracking import Observation, tracker_call
@@ -155,10 +155,11 @@ class StatefulDetector:
         *,
         retry_interval_s: float = 0.5,
         fingerprint_processes: int = 0,
+        fingerprint_device: torch.device | None = None,
     ) -> None:
         self.scheme = scheme
-        # large uploads are hashed on worker processes (bit-identical; app.service.hashing)
-        self.hasher = FingerprintHasher(scheme, fingerprint_processes)
+        # large uploads are hashed on a GPU or worker processes (bit-identical; app.service.hashing)
+        self.hasher = FingerprintHasher(scheme, fingerprint_processes, fingerprint_device)
         self.rule = rule
         self.store = store
         self.policy: StatefulPolicy = policy
@@ -492,11 +493,16 @@ class ScreeningWorker:
 
 
 def build_stateful(
-    settings: Settings, metrics: Metrics, flag: Flag, image_values: int
+    settings: Settings,
+    metrics: Metrics,
+    flag: Flag,
+    image_values: int,
+    model_device: torch.device | None = None,
 ) -> StatefulDetector | None:
     """The settings' detector; None when disabled or with the guard off (nothing is tracked).
     ``flag`` flags a client (the tracker's); ``image_values``: values of one preprocessed
-    upload (3 x crop x crop), which decides whether the fingerprint workers start now."""
+    upload (3 x crop x crop), which decides whether the fingerprint workers start now;
+    ``model_device``: where the model runs (a GPU hashes the large uploads, ``hashing_device``)."""
     if not (settings.stateful_enabled and settings.guard_enabled):
         return None
     given = settings.stateful_secret
@@ -542,10 +548,22 @@ def build_stateful(
         flag,
         retry_interval_s=settings.redis_retry_interval_s,
         fingerprint_processes=settings.stateful_fingerprint_processes,
+        fingerprint_device=hashing_device(settings.stateful_fingerprint_device, model_device),
     )
     if is_large(image_values):
         detector.hasher.start()
     return detector
+
+
+def hashing_device(
+    choice: FingerprintDevice, model_device: torch.device | None
+) -> torch.device | None:
+    """Where large uploads are window-hashed (``ADVGUARD_STATEFUL_FINGERPRINT_DEVICE``): the
+    model's GPU under ``auto``; None (the host: worker processes or the screening thread) for
+    a model on the CPU, or under ``cpu``."""
+    if choice == "auto" and model_device is not None and model_device.type != "cpu":
+        return model_device
+    return None
 
 
 def answer_of(verdict: Verdict) -> Answer:

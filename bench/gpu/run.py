@@ -562,10 +562,13 @@ def service_step(run: Run) -> tuple[dict[str, Any], str]:
 
 
 def host_step(run: Run) -> tuple[dict[str, Any], str]:
+    import torch
+
     from bench.gpu import host_check
 
     s = run.sizes
-    return host_check.run(s.host_uploads, s.host_rounds, s.host_batches, s.host_processes)
+    device = torch.device(run.device)  # the dry run's CPU rehearses the device path too
+    return host_check.run(s.host_uploads, s.host_rounds, s.host_batches, s.host_processes, device)
 
 
 def fallback_bundle(run: Run) -> Path:

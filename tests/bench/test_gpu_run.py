@@ -131,6 +131,9 @@ def _check_host(host: dict[str, Any]) -> None:
     ]
     for ms in host["fingerprint_ms_per_query"].values():
         assert ms["alone_ms"] > 0 and ms["busy_ms"] > 0
+    on_device = host["fingerprint_on_device"]  # the dry run's device is the CPU
+    assert on_device["device"] == "cpu" and on_device["queries"] > 0
+    assert on_device["identical"] == on_device["queries"]
 
 
 def _check_service(service: dict[str, Any]) -> None:

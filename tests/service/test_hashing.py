@@ -25,7 +25,7 @@ from app.service import hashing
 from app.service.hashing import FingerprintHasher, is_large
 from app.service.metrics import Metrics
 from app.service.settings import Settings
-from app.service.stateful import Pending, StatefulDetector, build_stateful
+from app.service.stateful import Pending, StatefulDetector, build_stateful, hashing_device
 
 SCHEME = default_scheme(b"hashing-test-secret")
 
@@ -197,6 +197,40 @@ def test_the_service_starts_the_workers_only_for_large_uploads() -> None:
         finally:
             detector.close()
         assert detector.hasher._pool is None
+
+
+def test_a_device_hashes_large_uploads_into_the_hosts_prints(large: np.ndarray) -> None:
+    """With a device (the model's GPU in production; the CPU here runs the same torch code),
+    large uploads are window-hashed there and their prints are the host's, bit for bit; no
+    worker process is started, and CIFAR-size uploads stay on the calling thread."""
+    hasher = FingerprintHasher(SCHEME, processes=2, device=torch.device("cpu"))
+    parts: list[str] = []
+    try:
+        hasher.start()
+        assert hasher._pool is None
+        prints = hasher.prints(floats(large), lambda part, _: parts.append(part))
+        assert _equal(prints, fingerprint_images(SCHEME, large))
+        assert parts == ["pixels", "hash"]
+        small = large[:, :, :32, :32].copy()
+        assert _equal(hasher.prints(floats(small)), fingerprint_images(SCHEME, small))
+    finally:
+        hasher.close()
+
+
+def test_the_hashing_device_follows_a_gpu_model_under_auto() -> None:
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert hashing_device("auto", gpu) == gpu
+    assert hashing_device("auto", cpu) is None and hashing_device("auto", None) is None
+    assert hashing_device("cpu", gpu) is None
+    settings = Settings(device="cpu", stateful_fingerprint_processes=2)
+    detector = build_stateful(settings, Metrics(), lambda *_: False, 3 * 224 * 224, gpu)
+    assert detector is not None
+    try:  # the GPU hashes: no worker is started (nothing touches CUDA until a large batch)
+        assert detector.hasher.device == gpu and detector.hasher._pool is None
+    finally:
+        detector.close()
+    with pytest.raises(ValueError, match="stateful_fingerprint_device"):
+        Settings(device="cpu", stateful_fingerprint_device="gpu")  # type: ignore[arg-type]
 
 
 def test_a_large_batch_is_screened_as_the_pure_replay_screens_it(large: np.ndarray) -> None:

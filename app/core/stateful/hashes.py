@@ -21,15 +21,15 @@ U64 = npt.NDArray[np.uint64]
 F32 = npt.NDArray[np.float32]
 
 # splitmix64's finaliser: a bijection of 64-bit words that spreads every input bit over the word
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
+MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 def mix64(x: U64) -> U64:
     x = x ^ (x >> np.uint64(30))
-    x = x * _MIX1
+    x = x * MIX1
     x = x ^ (x >> np.uint64(27))
-    x = x * _MIX2
+    x = x * MIX2
     result: U64 = x ^ (x >> np.uint64(31))
     return result
 
@@ -49,7 +49,7 @@ CODE_BITS = 16  # a chunk of consecutive quantised values packed into one table 
 
 
 @cache
-def _chunk_tables(secret: bytes, step: int, window: int) -> tuple[int, np.uint64, tuple[U64, ...]]:
+def chunk_tables(secret: bytes, step: int, window: int) -> tuple[int, np.uint64, tuple[U64, ...]]:
     """The keyed hash's multiply-add, precomputed: the window's positions in chunks of ``per``,
     and for each chunk a table from the chunk's packed values (``bits`` each) to its share of
     the sum. (bits, the hash's offset, tables); at most 2^16 entries (512 KB) a table."""
@@ -131,7 +131,7 @@ def window_hashes(
     windows those are depends on the secret). The keyed hash is not SHA-256 as in Blacklight:
     vectorised, it costs ~0.05 ms per 32x32 image instead of ~3 ms, and its only job is to make
     the selection unpredictable without the secret. The sum is read from precomputed tables, a
-    chunk of the window's positions at a time (``_chunk_tables``): the same value as the
+    chunk of the window's positions at a time (``chunk_tables``): the same value as the
     position-by-position sum (the tests check it against that), in a fifth of the operations.
 
     Large images (ImageNet's 224x224: 150,528 values) are hashed one per pass, each pass a few
@@ -170,7 +170,7 @@ def _window_hash_rows(images: npt.NDArray[np.uint8], secret: bytes, step: int, w
     values = (images // step).transpose(0, 2, 3, 1).reshape(-1).astype(np.intp)
     image_values = len(values) // n
     starts = len(values) - window + 1  # window starts in the run
-    bits, offset, tables = _chunk_tables(secret, step, window)
+    bits, offset, tables = chunk_tables(secret, step, window)
     per = max(1, CODE_BITS // bits)
     acc = np.full(len(values), offset, dtype=np.uint64)  # the last window - 1: dropped below
     packed: dict[int, npt.NDArray[np.intp]] = {}
