@@ -211,8 +211,12 @@ class FingerprintHasher:
         if n == 0 or not is_large(int(pixels[0].numel())):
             return self._here(pixels, spent, started)
         if self.device is not None:
-            return self._on_device(pixels, self.device, spent, started)
-        if self.processes == 0:
+            try:
+                return self._on_device(pixels, self.device, spent, started)
+            except torch.OutOfMemoryError:  # a GPU the model fills: this batch on the host
+                log.exception("no GPU memory for the window hashes: this batch on the host")
+                started = time.perf_counter()
+        if self.device is not None or self.processes == 0:
             return self._here(pixels, spent, started)
         self.start()
         if self._pool is None:  # they could not start

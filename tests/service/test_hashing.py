@@ -217,6 +217,22 @@ def test_a_device_hashes_large_uploads_into_the_hosts_prints(large: np.ndarray) 
         hasher.close()
 
 
+def test_a_device_out_of_memory_hashes_the_batch_on_the_host(
+    large: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GPU that the model fills costs no batch: it is hashed on the host, logged."""
+
+    def out_of_memory(*_: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory (test)")
+
+    monkeypatch.setattr(hashing.device_hashes, "window_hashes", out_of_memory)
+    hasher = FingerprintHasher(SCHEME, processes=0, device=torch.device("cpu"))
+    with caplog.at_level(logging.ERROR, logger=hashing.__name__):
+        prints = hasher.prints(floats(large[:2]))
+    assert _equal(prints, fingerprint_images(SCHEME, large[:2]))
+    assert "no GPU memory for the window hashes" in caplog.text
+
+
 def test_the_hashing_device_follows_a_gpu_model_under_auto() -> None:
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert hashing_device("auto", gpu) == gpu
