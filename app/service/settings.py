@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     # candidates), then decide each once classified. Off: all of it after classification. On
     # two CPU cores it showed no throughput gain and raised the CPU per request (the look-up
     # slows the model's forward pass beside it: docs/service.md); meant for a model that does
-    # not share the CPU (a GPU), where it is not yet measured
+    # not share the CPU (a GPU): no gain on an H200 either (2026-12-04, one run, docs/deploy.md)
     stateful_look_up_early: bool = False
 
     # the listeners' event loop: uvloop (auto: whenever it is importable) or asyncio's own. On
