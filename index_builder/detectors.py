@@ -15,18 +15,22 @@ margin).
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 9, ``evaluation/results/selection-9/``): the vote at the
-  last block, the class-conditional kNN distance at the last block, the logit margin, the
-  Mahalanobis distances of the pixels' high-pass energy and of the colour channels' high-pass
-  energy, and the doubted flip margin (the mirrored image's margin, read for the fifth of
-  queries the first pass is least sure of), combined by the harmonic-mean p-value; one forward
-  pass, and a second for the doubted queries;
+  ``evaluation/selection.py`` (round 11, ``evaluation/results/selection-11/``, the first round
+  whose selection attacks include adversarials stored as JPEG files): the vote at the last
+  block, the Mahalanobis distances of each stage's output, the logit margin, the Mahalanobis
+  distances of the pixels' high-pass energy and of the colour channels' high-pass energy, and
+  the doubted flip margin (the mirrored image's margin, read for the fifth of queries the first
+  pass is least sure of), combined by the harmonic-mean p-value; one forward pass, and a second
+  for the doubted queries;
 - ``v2-median``: the best detector at any cost of round 10: round 7's ``v2`` (the vote, the
   Mahalanobis distances of each stage's output, the margin, the two high-pass energies) plus
   the median margin (the margin on the image median-filtered over 2x2 pixels: a second forward
   pass for every image; for deployments with the headroom, such as a GPU);
 - ``v2-flip``: the best detector at any cost of rounds 7-9: round 7's ``v2`` plus the flip
   margin (a second forward pass for every image);
+- round 9's default (round 10 kept it), which bundles built from 2026-12-02 early morning to
+  2026-12-04 evening hold, is the candidate ``knn-last+margin+hp+cn+dflip-hmp`` (round 11's
+  with the class-conditional kNN distance at the last block in place of the stage distances);
 - round 7's default (round 8 kept it), which bundles built from 2026-12-01 late evening to
   2026-12-02 early morning hold, is the candidate ``maha-stages+margin+hp+cn-hmp``;
 - the default of round 6 (round 7's without the stage distances), which bundles built on
@@ -80,12 +84,12 @@ DOUBT_STATISTIC = "doubt_margin@flip.logits"
 MEDIAN_STATISTIC = "margin@median.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule, round 9 (evaluation/results/selection-9/):
-    # knn-last+margin+hp+cn+dflip-hmp
+    # chosen by the selection rule, round 11 (evaluation/results/selection-11/):
+    # maha-stages+margin+hp+cn+dflip-hmp
     "v2": DetectorPreset(
         (
             "vote@last",
-            "knn_distance@last",
+            "mahalanobis@stages",
             "margin@logits",
             HIGHPASS_STATISTIC,
             CHROMA_STATISTIC,
