@@ -183,7 +183,6 @@ def _check_service(service: dict[str, Any]) -> None:
     assert env["ADVGUARD_MODEL_PRECISION"] == kept["precision"]
     assert set(service["detector_stages"]["statistic_ms"]) == {
         "vote",
-        "knn_distance",
         "margin",
         "mahalanobis",
         "doubt_margin",

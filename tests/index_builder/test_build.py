@@ -52,15 +52,15 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     report = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
     manifest = report.manifest
     assert manifest.counts.indexed == 27 and manifest.counts.holdout == 9
-    # the default detector (v2, selection round 9): the paper's vote at the last residual block
-    # + the class-conditional kNN distance there + the logit margin + Mahalanobis of the pixels'
-    # and of the colour channels' high-pass energy + the doubted flip margin, combined by the
+    # the default detector (v2, selection round 11): the paper's vote at the last residual block
+    # + Mahalanobis of each stage's output + the logit margin + Mahalanobis of the pixels' and
+    # of the colour channels' high-pass energy + the doubted flip margin, combined by the
     # harmonic mean p-value
-    assert manifest.model.arch == "resnet20" and manifest.detector.layers[0].name == "layer3.2"
+    assert manifest.model.arch == "resnet20"
     assert manifest.detector.combination == "hmp"
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
-        ("knn_distance", "layer3.2"),
+        *[("mahalanobis", stage) for stage in ("layer1.2", "layer2.2", "layer3.2")],
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),

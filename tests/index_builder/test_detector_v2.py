@@ -317,9 +317,9 @@ def test_logits_alias_names_the_last_linear_layer():
 
 
 def test_default_bundle_reads_the_pixels_and_colour_high_pass_energy(built, tmp_path, capsys):
-    """The default preset (v2, selection round 9): the vote, the class-conditional kNN distance,
-    the logit margin, the doubted flip margin and two pixel statistics, Mahalanobis distances
-    over the 9 RGB and the 6
+    """The default preset (v2, selection round 11): the vote, the Mahalanobis distances of the
+    three stage outputs, the logit margin, the doubted flip margin and two pixel statistics,
+    Mahalanobis distances over the 9 RGB and the 6
     colour-channel high-pass energies, each fitted like any layer's class density on the
     indexed images (no index), whose values are the distances of the energies the feature
     network computes; a tampered density file is refused."""
@@ -328,13 +328,13 @@ def test_default_bundle_reads_the_pixels_and_colour_high_pass_energy(built, tmp_
     assert manifest.detector.combination == "hmp"
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
         ("vote", "layer3.2"),
-        ("knn_distance", "layer3.2"),
+        *[("mahalanobis", stage) for stage in ("layer1.2", "layer2.2", "layer3.2")],
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),
         ("doubt_margin", "flip.logits"),
     ]
-    for column, (name, width) in enumerate([("highpass", 9), ("chromahighpass", 6)], start=3):
+    for column, (name, width) in enumerate([("highpass", 9), ("chromahighpass", 6)], start=5):
         layer = next(s for s in manifest.detector.layers if s.name == f"pixels.{name}")
         assert (layer.input_dim, layer.index_file) == (width, None)
         assert layer.class_density_file == f"class_density_pixels_{name}.npz"
