@@ -217,8 +217,8 @@ class FingerprintHasher:
                 return self._on_device(pixels, self.device, spent, started)
             except torch.OutOfMemoryError:  # a GPU the model fills: this batch on the host
                 log.exception("no GPU memory for the window hashes: this batch on the host")
-                started = time.perf_counter()
-        if self.device is not None or self.processes == 0:
+                return self._here(pixels, spent, time.perf_counter())
+        if self.processes == 0:
             return self._here(pixels, spent, started)
         self.start()
         if self._pool is None:  # they could not start
