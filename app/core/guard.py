@@ -294,6 +294,11 @@ class Guard:
     def pixels(self, image: Image.Image) -> torch.Tensor:
         return image_to_pixels(image, self.preset)
 
+    def on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The pixels on the model's device (the same tensor when they are there), once: the
+        service screens large uploads from the copy the model read (``infer`` moves none)."""
+        return pixels.to(self.network.device, non_blocking=True)
+
     def infer(self, pixels: torch.Tensor) -> BatchFeatures:
         """Model stage: one forward pass for a batch of pixel tensors."""
         return infer_batch(self.network, pixels)

@@ -77,6 +77,9 @@ class BatchResult:
     screened: bool = False  # screened on the worker (``Batcher.screen``): ``served`` holds
     served: Answer | None = None  # the answer to serve, or None to refuse
     screen_s: float = 0.0  # the batch's screening time
+    # the item's pixels as the model's GPU holds them (None on the CPU): screened from there,
+    # with no second copy of the batch to the device
+    model_pixels: torch.Tensor | None = None
 
 
 @dataclass
@@ -254,7 +257,10 @@ class Batcher:
             pixels = torch.stack([item.pixels for item in batch])
             results: list[Classification]
             explanations: dict[int, Explanation] = {}
+            on_device: torch.Tensor | None = None
             if self.guarded:
+                pixels = self.guard.on_device(pixels)
+                on_device = None if pixels.device.type == "cpu" else pixels
                 features = self.guard.infer(pixels)
                 after_model = self.clock()
                 evidence = self.guard.evidence(features)
@@ -291,6 +297,7 @@ class Batcher:
                         screened=row in served,
                         served=served.get(row),
                         screen_s=after_screen - after_search,
+                        model_pixels=None if on_device is None else on_device[row],
                     ),
                 )
                 for row, (item, result) in enumerate(zip(batch, results, strict=True))

@@ -89,7 +89,17 @@ def cpu_float(pixels: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
     cpu = torch.device("cpu")
     if all(p.dtype == torch.float32 and p.device == cpu for p in pixels):
         return pixels
+    if len({p.device for p in pixels}) == 1:  # rows of a GPU batch: one stack, one copy
+        return list(torch.stack([p.detach() for p in pixels]).to(cpu, torch.float32))
     return [p.detach().to(cpu, torch.float32) for p in pixels]
+
+
+def stacked_on(pixels: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``pixels`` (each C, H, W) as one float32 batch on ``device``: one stack where they lie
+    (rows already there need no copy), each moved first only when they lie on several."""
+    if len({p.device for p in pixels}) > 1:
+        pixels = [p.to(device) for p in pixels]
+    return torch.stack(list(pixels)).to(device, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -259,22 +269,27 @@ class FingerprintHasher:
     def _on_device(
         self, pixels: Sequence[torch.Tensor], device: torch.device, spent: Spent, started: float
     ) -> ImagePrints:
-        """The batch sent to ``device`` as float pixels, made 8-bit and window-hashed there;
-        the 8-bit images (a quarter of the floats' bytes) and the hashes come back for the rest
-        of the prints (block means, samples, digests: numpy, a fraction of the hash's time)."""
+        """The batch on ``device`` as float pixels (rows of the model's own batch there need
+        no upload: ``BatchResult.model_pixels``), made 8-bit, window-hashed and block-averaged
+        there; the 8-bit images (a quarter of the floats' bytes), the hashes and the means come
+        back for the rest of the prints (samples and digests: numpy, a fraction of the time).
+        The model's rows are ready: its batch's results were copied to the host before they
+        were served, which waits for every kernel before them, the upload included."""
         if device.type == "cuda" and self._stream is None:
             self._stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
         s = self.scheme
         with torch.no_grad(), torch.cuda.stream(self._stream) if self._stream else nullcontext():
-            stacked = torch.stack(list(pixels)).to(device, torch.float32)
+            stacked = stacked_on(pixels, device)
             hashing = time.perf_counter()
             spent("pixels", hashing - started)
             images = device_hashes.eight_bit(stacked)
             hashes = device_hashes.window_hashes(images, s.secret, s.step, s.window, s.top)
+            means = device_hashes.block_means(images) if s.close_radius is not None else None
             on_host = images.cpu().numpy()
             words = device_hashes.as_words(hashes)
+            means_on_host = None if means is None else means.cpu().numpy()
         try:
-            return fingerprint_images(s, on_host, words)
+            return fingerprint_images(s, on_host, words, means_on_host)
         finally:
             spent("hash", time.perf_counter() - hashing)
 

@@ -270,7 +270,10 @@ async def _judged(
         answer = served_or_refused(result.served)
     else:
         observation = observation_of(client_id, verdict, time.time(), service.flag_policy)
-        answer = await track_and_screen(service, observation, pixels, answer_of(verdict), looked_up)
+        screened = pixels if result.model_pixels is None else result.model_pixels
+        answer = await track_and_screen(
+            service, observation, screened, answer_of(verdict), looked_up
+        )
     metrics.requests.labels(decision="accepted" if verdict.accepted else "rejected").inc()
     return ClassifyResponse(
         request_id=request_id,

@@ -38,16 +38,17 @@ SIDE = 224  # the service step's uploads
 
 
 def device_prints(pixels: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The window hashes on ``device`` (``device_hashes``, as the service computes them beside a
-    GPU model): how many of the screening batches' prints equal the host's bit for bit
-    (``fingerprint_pixels``), and their ms per query alone and beside a busy thread."""
+    """The window hashes and block means on ``device`` (``device_hashes``, as the service
+    computes them beside a GPU model, from the rows of the batch the model read there): how
+    many of the screening batches' prints equal the host's bit for bit (``fingerprint_pixels``),
+    and their ms per query alone and beside a busy thread."""
     scheme = default_scheme(SECRET)
     hasher = FingerprintHasher(scheme, 0, device)
     identical = 0
     try:
         for start in range(0, len(pixels), FINGERPRINT_BATCH):
             batch = pixels[start : start + FINGERPRINT_BATCH]
-            got = hasher.prints(batch)
+            got = hasher.prints(list(torch.stack(batch).to(device)))
             expected = fingerprint_pixels(scheme, torch.stack(batch).numpy())
             same = (got.sketches == expected.sketches).all(axis=1) & (
                 got.keys == expected.keys

@@ -57,6 +57,9 @@ class GatedGuard:
         self.sizes.append(int(pixels.shape[0]))
         self.clock.now += self.delay
 
+    def on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.real.on_device(pixels)
+
     def infer(self, pixels: torch.Tensor) -> Any:
         self._run(pixels)
         return self.real.infer(pixels)

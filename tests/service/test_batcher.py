@@ -136,6 +136,9 @@ class _SlowGuard:
         self.sizes: list[int] = []
         self.release = __import__("threading").Event()
 
+    def on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.real.on_device(pixels)
+
     def infer(self, pixels: torch.Tensor):  # type: ignore[no-untyped-def]
         self.release.wait(10)
         self.sizes.append(int(pixels.shape[0]))

@@ -217,6 +217,23 @@ def test_a_device_hashes_large_uploads_into_the_hosts_prints(large: np.ndarray) 
         hasher.close()
 
 
+def test_rows_of_one_batch_are_hashed_as_separate_uploads(large: np.ndarray) -> None:
+    """The service screens large uploads from the model's own batch on its GPU (rows of one
+    tensor, ``BatchResult.model_pixels``), mixed with separate uploads where a query was
+    looked up before it was classified: the prints are those of the uploads, on the device
+    path and on the host's (``cpu_float``)."""
+    batch = torch.from_numpy(large.astype(np.float32) / 255.0)
+    rows = [batch[i] for i in range(len(large))]
+    mixed = [*rows[:3], *floats(large[3:])]
+    expected = fingerprint_images(SCHEME, large)
+    on_device = FingerprintHasher(SCHEME, processes=0, device=torch.device("cpu"))
+    on_host = FingerprintHasher(SCHEME, processes=0)
+    for hasher, pixels in [(on_device, rows), (on_device, mixed), (on_host, rows)]:
+        assert _equal(hasher.prints(pixels), expected)
+    doubles = [row.double() for row in rows]  # not float32: one stack, one conversion
+    assert all(torch.equal(a, b) for a, b in zip(hashing.cpu_float(doubles), rows, strict=True))
+
+
 def test_a_device_out_of_memory_hashes_the_batch_on_the_host(
     large: np.ndarray, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -19,6 +19,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from app.core.stateful.close_copies import BLOCK_GRID, block_sizes
 from app.core.stateful.hashes import CODE_BITS, MIX1, MIX2, U64, chunk_tables
 
 _SIGN = -(1 << 63)  # the sign bit as an int64: x ^ _SIGN orders signed as x orders unsigned
@@ -121,3 +122,25 @@ def as_words(hashes: torch.Tensor) -> U64:
     """int64 words (any device) as numpy's uint64, bits unchanged."""
     words: U64 = hashes.cpu().numpy().view(np.uint64)
     return words
+
+
+def block_means(images: torch.Tensor, grid: int = BLOCK_GRID) -> torch.Tensor:
+    """``close_copies.block_means`` on ``images``' device: (n, 3, H, W) uint8 -> (n, 3 * grid *
+    grid) uint8, the same values. The block sums are integer sums (int32: exact, and free of
+    the TF32 a GPU's float matrix product may use), divided and rounded in float64 as numpy
+    does (one IEEE division; ``round`` is half to even, as ``rint``)."""
+    n, channels, height, width = images.shape
+    if height < grid or width < grid:
+        raise ValueError(f"images of {height}x{width} are smaller than the {grid}x{grid} grid")
+    rows, cols = block_sizes(height, grid), block_sizes(width, grid)
+    device = images.device
+    row_block = torch.from_numpy(np.repeat(np.arange(grid), rows)).to(device)
+    col_block = torch.from_numpy(np.repeat(np.arange(grid), cols)).to(device)
+    values = images.to(torch.int32)
+    by_rows = torch.zeros((n, channels, grid, width), dtype=torch.int32, device=device)
+    by_rows.index_add_(2, row_block, values)
+    sums = torch.zeros((n, channels, grid, grid), dtype=torch.int32, device=device)
+    sums.index_add_(3, col_block, by_rows)
+    counts = torch.from_numpy(rows[:, None] * cols[None, :]).to(device, torch.float64)
+    means = torch.round(sums.to(torch.float64) / counts)
+    return means.to(torch.uint8).reshape(n, channels * grid * grid)

@@ -103,19 +103,24 @@ class WindowHashScheme:
         return self.fingerprints_and_keys(images)[0]
 
     def fingerprints_and_keys(
-        self, images: npt.NDArray[np.uint8], hashes: U64 | None = None
+        self,
+        images: npt.NDArray[np.uint8],
+        hashes: U64 | None = None,
+        means: npt.NDArray[np.uint8] | None = None,
     ) -> tuple[U64, U64]:
         """(sketches, window hashes) from one hashing pass: the sketch is what the match rule
         compares; the hashes themselves (0: padding) are the keys of a store's index, since two
         queries whose sketches share ``threshold`` bits share almost as many hashes (chance
         bit collisions: ~2.4 of ~50). ``hashes``: the images' window hashes when they were
-        computed elsewhere (on a GPU: ``device_hashes``), the same values."""
+        computed elsewhere (on a GPU: ``device_hashes``), the same values; ``means`` likewise
+        the images' block means."""
         if hashes is None:
             hashes = window_hashes(images, self.secret, self.step, self.window, self.top)
         sketches = window_sketch(hashes)
         if self.close_radius is None:
             return sketches, hashes
-        means = block_means(images)
+        if means is None:
+            means = block_means(images)
         samples = pixel_samples(images, self.secret)
         rows: U64 = np.concatenate([sketches, _as_words(means), _as_words(samples)], axis=1)
         keys: U64 = np.concatenate([hashes, close_keys(means, self.secret)], axis=1)
@@ -187,12 +192,16 @@ class ImagePrints:
 
 
 def fingerprint_images(
-    scheme: WindowHashScheme, images: npt.NDArray[np.uint8], hashes: U64 | None = None
+    scheme: WindowHashScheme,
+    images: npt.NDArray[np.uint8],
+    hashes: U64 | None = None,
+    means: npt.NDArray[np.uint8] | None = None,
 ) -> ImagePrints:
     """The one computation of a batch's prints: the parts' rows of a batch cut in parts,
     concatenated, are the batch's (the service's worker processes hash parts of a batch).
-    ``hashes``: the window hashes, when a GPU computed them (``fingerprints_and_keys``)."""
-    sketches, keys = scheme.fingerprints_and_keys(images, hashes)
+    ``hashes``, ``means``: the window hashes and block means, when a GPU computed them
+    (``fingerprints_and_keys``)."""
+    sketches, keys = scheme.fingerprints_and_keys(images, hashes, means)
     return ImagePrints(sketches, keys, pixel_digests(images))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.core.stateful import device_hashes, hashes
+from app.core.stateful import close_copies, device_hashes, hashes
 
 SECRET = b"device-hash-test-secret"
 
@@ -54,3 +54,18 @@ def test_eight_bit_rounds_half_to_even_as_numpy() -> None:
 def test_an_image_shorter_than_a_window_is_refused() -> None:
     with pytest.raises(ValueError, match="shorter than a window"):
         device_hashes.window_hashes(torch.zeros(1, 3, 1, 2, dtype=torch.uint8), SECRET, 50, 20, 5)
+
+
+@pytest.mark.parametrize("shape", [(3, 3, 32, 32), (2, 3, 224, 224), (4, 3, 37, 29), (1, 1, 8, 8)])
+def test_block_means_match_numpys(shape: tuple[int, ...]) -> None:
+    """Uneven blocks (37 x 29), exact halves (the rounding), CIFAR's and ImageNet's sizes."""
+    images = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    images[0, 0, :4, :4] = [[0, 1, 0, 1]] * 4  # a block of mean 0.5 on the 8x8 image
+    got = device_hashes.block_means(torch.from_numpy(images)).numpy()
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, close_copies.block_means(images))
+
+
+def test_block_means_refuse_an_image_smaller_than_the_grid() -> None:
+    with pytest.raises(ValueError, match="smaller than the 8x8 grid"):
+        device_hashes.block_means(torch.zeros(1, 3, 7, 9, dtype=torch.uint8))
