@@ -17,9 +17,11 @@ through the pipe. ``bench.stateful_cost`` on two cores, batches of 32 at 224x224
 eleven runs (the busy thread and both workers share the two cores); alone 3.5 before and 1.3-3.1
 after, against 1.9-2.3 on the screening thread. On an H200 the GPU service screened ~130 queries a
 second before the change (7.5 ms a query, docs/deploy.md); after it, on 2026-12-04, 3.2-4.4 ms a
-query, the thread still 80-95% busy: beside a GPU model the window hashes now run on the GPU
-(``FingerprintHasher.device``, ``ADVGUARD_STATEFUL_FINGERPRINT_DEVICE``) and these workers are
-not started. The parts' rows concatenated are bit-identical to the calling thread's prints.
+query, the thread still 80-95% busy: beside a GPU model the window hashes and block means now
+run on the GPU, from the batch the model read there (``FingerprintHasher.device``,
+``ADVGUARD_STATEFUL_FINGERPRINT_DEVICE``; 1.3-1.5 ms a query of pixels and hash, the thread
+45-54% busy), and these workers are not started. The parts' rows concatenated are
+bit-identical to the calling thread's prints.
 
 Small uploads (CIFAR's 3,072 values) stay on the calling thread: their whole batch is a few
 numpy calls, cheaper than sending it to a process. So do the uploads of a service whose pool
