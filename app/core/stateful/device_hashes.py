@@ -124,6 +124,19 @@ def as_words(hashes: torch.Tensor) -> U64:
     return words
 
 
+@cache
+def _block_layout(
+    height: int, width: int, grid: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's and column's block (``close_copies.block_sizes``) and each block's pixel
+    count, on ``device`` once per image size: not three uploads per screening batch."""
+    rows, cols = block_sizes(height, grid), block_sizes(width, grid)
+    row_block = torch.from_numpy(np.repeat(np.arange(grid), rows)).to(device)
+    col_block = torch.from_numpy(np.repeat(np.arange(grid), cols)).to(device)
+    counts = torch.from_numpy(rows[:, None] * cols[None, :]).to(device, torch.float64)
+    return row_block, col_block, counts
+
+
 def block_means(images: torch.Tensor, grid: int = BLOCK_GRID) -> torch.Tensor:
     """``close_copies.block_means`` on ``images``' device: (n, 3, H, W) uint8 -> (n, 3 * grid *
     grid) uint8, the same values. The block sums are integer sums (int32: exact, and free of
@@ -132,15 +145,12 @@ def block_means(images: torch.Tensor, grid: int = BLOCK_GRID) -> torch.Tensor:
     n, channels, height, width = images.shape
     if height < grid or width < grid:
         raise ValueError(f"images of {height}x{width} are smaller than the {grid}x{grid} grid")
-    rows, cols = block_sizes(height, grid), block_sizes(width, grid)
     device = images.device
-    row_block = torch.from_numpy(np.repeat(np.arange(grid), rows)).to(device)
-    col_block = torch.from_numpy(np.repeat(np.arange(grid), cols)).to(device)
+    row_block, col_block, counts = _block_layout(height, width, grid, str(device))
     values = images.to(torch.int32)
     by_rows = torch.zeros((n, channels, grid, width), dtype=torch.int32, device=device)
     by_rows.index_add_(2, row_block, values)
     sums = torch.zeros((n, channels, grid, grid), dtype=torch.int32, device=device)
     sums.index_add_(3, col_block, by_rows)
-    counts = torch.from_numpy(rows[:, None] * cols[None, :]).to(device, torch.float64)
     means = torch.round(sums.to(torch.float64) / counts)
     return means.to(torch.uint8).reshape(n, channels * grid * grid)
