@@ -155,42 +155,21 @@ class PixelHighPass(nn.Module):
     photo's ~0.005, a textured one's ~0.1), so a tied Gaussian over them should miss noise on
     smooth photos. Measured, it lost: in log space the selection FGSM was accepted 12 times as
     often (``evaluation/results/selection-5/``). It stays so that ``--select`` reproduces round 5.
-
-    One dense convolution whose kernel is zero across channels (output ``3c + f`` reads
-    channel ``c`` only): the same sums as the per-channel (grouped) convolution, bit for bit,
-    but one fast oneDNN call. The grouped form, with the chroma's separate 1x1 colour
-    convolution, took 3-10x longer on two CPU cores, most of it waiting on its worker threads
-    beside a busy event loop: 12% of the guarded service's samples (py-spy, 2026-12-04).
     """
 
     weight: torch.Tensor
 
     def __init__(self, channels: int = 3):
         super().__init__()
-        self.register_buffer("weight", per_channel_kernels(torch.eye(channels)))
+        second = torch.tensor([1.0, -2.0, 1.0])
+        horizontal = torch.zeros(3, 3)
+        horizontal[1] = second
+        kernels = torch.stack([horizontal, horizontal.T, torch.outer(second, second)])
+        self.channels = channels
+        self.register_buffer("weight", kernels.repeat(channels, 1, 1).unsqueeze(1))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(pixels.float(), self.weight).abs()
-
-
-def highpass_kernels() -> torch.Tensor:
-    """The three 3x3 high-pass filters: the horizontal second difference [1, -2, 1], the
-    vertical one and Immerkaer's noise kernel (their outer product)."""
-    second = torch.tensor([1.0, -2.0, 1.0])
-    horizontal = torch.zeros(3, 3)
-    horizontal[1] = second
-    return torch.stack([horizontal, horizontal.T, torch.outer(second, second)])
-
-
-def per_channel_kernels(mixing: torch.Tensor) -> torch.Tensor:
-    """A dense convolution weight, (3K)xCx3x3, whose output ``3k + f`` is filter ``f`` over the
-    k-th row of ``mixing`` (KxC) applied to the input channels: the identity gives each channel's
-    own filters; the chroma rows give the filters over Cb and Cr without a separate colour
-    convolution (the filters are linear, so mixing first or after is the same sum)."""
-    kernels = highpass_kernels()  # 3x3x3: filter, row, column
-    return (mixing[:, None, :, None, None] * kernels[None, :, None]).reshape(
-        3 * mixing.shape[0], mixing.shape[1], 3, 3
-    )
+        return F.conv2d(pixels.float(), self.weight, groups=self.channels).abs()
 
 
 # JPEG's full-range BT.601 colour channels (JFIF): Cb and Cr as rows over R, G, B in [0, 1],
@@ -210,20 +189,19 @@ class ChromaHighPass(nn.Module):
     v2"). What it reads is the capture pipeline: an honest upload that was never a 4:2:0 JPEG
     (a PNG screenshot, a camera photo shrunk to the model's size) is not what its class
     densities are fitted on.
-
-    One dense convolution with the colour transform folded into the filters
-    (``per_channel_kernels``): equal to filtering the Cb and Cr images up to float32 rounding
-    (~1e-7 of the energies), without a separate 1x1 convolution.
     """
 
     weight: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("weight", per_channel_kernels(torch.tensor(CHROMA_FROM_RGB)))
+        self.register_buffer("weight", torch.tensor(CHROMA_FROM_RGB).view(2, 3, 1, 1))
+        self.highpass = PixelHighPass(channels=2)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(pixels.float(), self.weight).abs()
+        chroma = F.conv2d(pixels.float(), self.weight)
+        result: torch.Tensor = self.highpass(chroma)
+        return result
 
 
 def log_energy(pooled: torch.Tensor) -> torch.Tensor:

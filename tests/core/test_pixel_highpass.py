@@ -8,19 +8,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from app.core.errors import ModelLoadError
 from app.core.features import (
-    CHROMA_FROM_RGB,
     LOG_HIGHPASS_FLOOR,
     PIXEL_CHROMA_HIGHPASS,
     PIXEL_HIGHPASS,
     PIXEL_LOG_HIGHPASS,
-    ChromaHighPass,
     FeatureNetwork,
-    PixelHighPass,
-    highpass_kernels,
     infer_batch,
 )
 from app.core.models import PRESETS, build_model
@@ -157,16 +152,3 @@ def test_chroma_sees_colour_noise_and_not_grey_texture() -> None:
     assert (noisy[PIXEL_CHROMA_HIGHPASS] > 1e-3).all()
     rgb_change = np.abs(noisy[PIXEL_HIGHPASS] - grey[PIXEL_HIGHPASS]).max()
     assert rgb_change < 0.1 * grey[PIXEL_HIGHPASS].min()
-
-
-def test_the_dense_filter_convolutions_equal_the_per_channel_ones() -> None:
-    """``PixelHighPass``'s one dense convolution gives the per-channel (grouped) convolution's
-    sums bit for bit; ``ChromaHighPass``'s, with the colour transform folded into its kernels,
-    equals filtering the Cb and Cr images to float32 rounding."""
-    pixels = torch.rand(4, 3, 17, 13, generator=torch.Generator().manual_seed(7))
-    kernels = highpass_kernels().unsqueeze(1)  # 3x1x3x3
-    grouped = F.conv2d(pixels, kernels.repeat(3, 1, 1, 1), groups=3).abs()
-    assert torch.equal(PixelHighPass()(pixels), grouped)
-    chroma = F.conv2d(pixels, torch.tensor(CHROMA_FROM_RGB).view(2, 3, 1, 1))
-    filtered = F.conv2d(chroma, kernels.repeat(2, 1, 1, 1), groups=2).abs()
-    torch.testing.assert_close(ChromaHighPass()(pixels), filtered, rtol=0, atol=2e-6)
