@@ -21,7 +21,6 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from app.core.errors import ConfigError, ModelLoadError
-from app.core.folding import fold_batch_norms
 from app.core.images import to_rgb
 from app.core.models import PreprocessingPreset
 
@@ -227,8 +226,6 @@ class FeatureNetwork(nn.Module):
     every precision; ``flip.logits`` is the model's logits on the mirrored input and
     ``median.logits`` on the median-filtered one (second forward passes, at the first one's
     precision).
-    An eval-mode model's batch norms are folded into their convolutions (``folding``: the
-    same function, one op fewer per pair), before the hooks are registered.
     ``set_execution`` picks the forward pass's arithmetic (fp32 or bf16/fp16 autocast) and
     memory format (channels_last); the default, fp32 and contiguous, is what bundles are built
     and calibrated with, so anything else must be checked to leave decisions unchanged.
@@ -245,8 +242,6 @@ class FeatureNetwork(nn.Module):
         self.layers = tuple(layers)
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1))
-        # before the hooks go on: a folded batch norm is replaced by an identity module
-        self.folded = fold_batch_norms(model, keep=self.layers)
         modules = dict(model.named_modules())
         missing = [n for n in self.layers if n not in modules and n not in PSEUDO_LAYERS]
         if missing:
