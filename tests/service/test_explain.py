@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +87,16 @@ def test_trusted_evidence_is_the_decision_s_own(
             assert n["class_name"] == guard.class_names[n["label"]]
         if body["decision"] == "rejected":
             assert body["prediction"] is None  # the label stays withheld, evidence or not
+
+
+def test_the_docs_name_the_demo_bundle_s_statistics(guard: Guard) -> None:
+    """docs/service.md's table of the explanation's fields lists the demo bundle's statistics by
+    name: a new default bundle must not leave it naming the old one's."""
+    docs = Path(__file__).resolve().parents[2] / "docs" / "service.md"
+    lines = docs.read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| `statistics` |"))
+    listed = re.findall(r"`([a-z_0-9]+@[a-z0-9_.]+)`", row.split("for the demo bundle")[0])
+    assert listed == guard.detector.names
 
 
 def test_expose_scores_trusts_every_caller(test_images: list[LabelledImage]) -> None:
