@@ -21,13 +21,20 @@ The Redis store gives the same evidence query by query (tests/service/test_finge
 the HTTP runs on the first images check that it stands in; it is fast enough for every image,
 and ``--sybil-ids`` spreads each attack's queries round-robin over that many client ids.
 
-In process the check also sees what the screening made of each query (``Screened.outcomes``),
-so it reports the issue's detection figures in closed loop: a run is *detected before its
+In process the check also sees what the screening made of each query (``Screened.outcomes``);
+over HTTP under ``refuse`` it sees the detections too, as the client does (a flagged query is
+answered 403 ``query_refused``; under ``silent`` nothing shows, by design). So it reports the
+issue's detection figures in closed loop: a run is *detected before its
 first success* when the detector flags one of its queries (outcome ``detected``) at or before
 the served answer the attack stopped on as its success (in budget, accepted with a wrong
 class), or flags it at all when no such answer comes; queries to detection count up to and
 including the first flagged one. An answer withheld without a flag (``consistent``: the
 anchor's answer) is not a detection.
+
+``--compare HTTP_KEY IN_PROCESS_KEY`` runs nothing: it sets two recorded checks of the same
+images side by side, image by image (success, queries sent, answers withheld, how the run ended,
+the first detection), and records how many agree: the evidence that the in-process loop stands
+in for the service over HTTP with Redis.
 """
 
 from __future__ import annotations
@@ -135,7 +142,7 @@ class ImageCheck:
     answers_withheld: int  # answers that differ from the guard's own (403, or the anchor's)
     believed_success: bool  # the attack stopped on a served answer that said "adversarial"
     stopped: str = "finished"  # the run's end: success, cap, finished or stalled
-    screened: bool = False  # the screening's outcomes were seen (in process; not over HTTP)
+    screened: bool = False  # its detections were seen (in process; over HTTP under refuse)
     first_detection: int | None = None  # query number (from 1) of the first flagged query
     first_served_success: int | None = None  # ... of the in-budget success the run stopped on
 
@@ -170,11 +177,22 @@ def withheld(record: AttackRecord, guard: Guard) -> int:
     )
 
 
-def first_detection(outcomes: Sequence[Outcome]) -> int | None:
+def first_detection(flagged: Sequence[bool]) -> int | None:
     """The query number (from 1) of the first query the detector flagged."""
-    for number, outcome in enumerate(outcomes, start=1):
-        if outcome == "detected":
+    for number, flag in enumerate(flagged, start=1):
+        if flag:
             return number
+    return None
+
+
+def detections(oracle: ClosableOracle, policy: StatefulPolicy) -> list[bool] | None:
+    """Per query sent, whether the screening flagged it, where the check can see it (None where
+    it cannot): in process every outcome; over HTTP under ``refuse`` the 403 ``query_refused``
+    a flagged query gets (under ``silent`` a flagged query's answer looks like any other)."""
+    if isinstance(oracle, ScreenedOracle):
+        return [outcome == "detected" for outcome in oracle.outcomes]
+    if isinstance(oracle, HttpOracle) and policy == "refuse":
+        return [code == "query_refused" for code in oracle.refusals]
     return None
 
 
@@ -226,19 +244,43 @@ def detection_figures(checks: Sequence[ImageCheck]) -> dict[str, Any]:
 OracleFor = Callable[[AttackName, int], ClosableOracle]  # (attack, row) -> a fresh oracle
 
 
-def http_oracles(url: str, store: redis.Redis) -> OracleFor:
+def http_oracles(url: str, store: redis.Redis, guard: Guard) -> OracleFor:
     """A running service, its Redis flushed before each image (a fresh fingerprint store, as
-    the replay's), one client id per image. Both loopback only: the Redis is wiped."""
+    the replay's), one client id per image. Both loopback only: the Redis is wiped. The service
+    must serve ``guard``'s bundle (the one that picks the images and judges the successes)."""
     where = store.connection_pool.connection_kwargs
     local = "path" in where or is_loopback(f"redis://{where.get('host', '')}")  # a unix socket
     if not is_loopback(url) or not local:
         raise ValueError(f"refusing {url} with Redis at {where.get('host')!r}: loopback only")
+    probe = HttpOracle(url)
+    try:
+        check_served_bundle(probe.served_bundle, guard)
+    finally:
+        probe.close()
 
     def start(attack: AttackName, row: int) -> ClosableOracle:
         store.flushdb()
         return HttpOracle(url, client_id=f"policy-check-{attack}-{row}")
 
     return start
+
+
+def check_served_bundle(served: dict[str, Any], guard: Guard) -> None:
+    """Refuse a service whose bundle (``GET /v1/bundle``) is not ``guard``'s by name, detector
+    statistics, combination or classes: its answers would not be the check's."""
+    manifest = guard.manifest
+    expected = {
+        "name": manifest.name,
+        "statistics": guard.detector.names,
+        "combination": manifest.detector.combination,
+        "class_names": list(guard.class_names),
+    }
+    differing = [field for field, value in expected.items() if served.get(field) != value]
+    if differing:
+        raise ValueError(
+            f"the service serves another bundle than {manifest.name!r} (differs in "
+            f"{', '.join(differing)}): start it with the check's --bundle"
+        )
 
 
 def in_process_oracles(guard: Guard, policy: StatefulPolicy, ids: int) -> OracleFor:
@@ -253,6 +295,7 @@ def in_process_oracles(guard: Guard, policy: StatefulPolicy, ids: int) -> Oracle
 
 def check_attack(
     oracle_for: OracleFor,
+    policy: StatefulPolicy,
     attack: AttackName,
     guard: Guard,
     split: ImageSplit,
@@ -264,8 +307,9 @@ def check_attack(
     first: int = 0,
 ) -> list[ImageCheck]:
     """``images`` of the attacked rows from the ``first``, attacked one at a time, each through
-    a fresh oracle (``oracle_for``); ``stall_asks``: see ``QueryRecorder``. ``predictions``:
-    the replay's, for the recorded rows (the first ones)."""
+    a fresh oracle (``oracle_for``, its service screening under ``policy``); ``stall_asks``:
+    see ``QueryRecorder``. ``predictions``: the replay's, for the recorded rows (the first
+    ones)."""
     checks = []
     for i, row in enumerate(rows[first : first + images].tolist(), start=first):
         label = int(split.labels[row])
@@ -278,9 +322,9 @@ def check_attack(
             )
         finally:
             oracle.close()
-        outcomes = oracle.outcomes if isinstance(oracle, ScreenedOracle) else None
-        if outcomes is not None and len(outcomes) != len(record.queries):
-            raise RuntimeError(f"{len(outcomes)} queries screened, {len(record.queries)} recorded")
+        flagged = detections(oracle, policy)
+        if flagged is not None and len(flagged) != len(record.queries):
+            raise RuntimeError(f"{len(flagged)} queries screened, {len(record.queries)} recorded")
         checks.append(
             ImageCheck(
                 row,
@@ -290,8 +334,8 @@ def check_attack(
                 withheld(record, guard),
                 record.succeeded,
                 record.stopped,
-                screened=outcomes is not None,
-                first_detection=None if outcomes is None else first_detection(outcomes),
+                screened=flagged is not None,
+                first_detection=None if flagged is None else first_detection(flagged),
                 first_served_success=record.queries_to_success,
             )
         )
@@ -397,20 +441,22 @@ def recorded(directory: Path) -> dict[str, Any]:
 
 def record(directory: Path, key: str, summary: dict[str, Any]) -> None:
     """Add one check to the results file as it is *now*: checks run side by side (one attack
-    each, hours long) keep each other's rows; a pool of an earlier check under the same key
-    goes (``pool``)."""
+    each, hours long) keep each other's rows; a pool or a comparison of an earlier check under
+    the same key goes (``pool``, ``compare``)."""
     results = recorded(directory)
     results["checks"][key] = summary
-    # a pool that holds the replaced check no longer says what its checks say: dropped
-    if "pooled" in results:
-        pooled = results["pooled"]
-        results["pooled"] = {name: p for name, p in pooled.items() if key not in p["checks"]}
+    # a pool or comparison that holds the replaced check no longer says what its checks say
+    for section in ("pooled", "compared"):
+        if section in results:
+            kept = results[section]
+            results[section] = {name: r for name, r in kept.items() if key not in r["checks"]}
     write(results, directory)
 
 
 def write(results: dict[str, Any], directory: Path) -> None:
     (directory / "policy_check.json").write_text(json.dumps(results, indent=2) + "\n")
     pooled = results.get("pooled", {})
+    compared = results.get("compared", {})
     (directory / "policy_check.md").write_text(
         "# The stateful policies live (evaluation.policy_check)\n\n"
         + table(results)
@@ -418,6 +464,11 @@ def write(results: dict[str, Any], directory: Path) -> None:
         + (
             f"\n## Checks pooled image by image (`--pool`)\n\n{pooled_table(pooled)}\n"
             if pooled
+            else ""
+        )
+        + (
+            f"\n## Checks compared image by image (`--compare`)\n\n{compared_table(compared)}\n"
+            if compared
             else ""
         )
     )
@@ -444,7 +495,9 @@ def pool(results: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     if len({image.row for image in images}) != len(images):
         raise ValueError(f"pooled checks attacked some image twice: {list(keys)}")
     if not all(image.screened for image in images):
-        raise ValueError("pooled checks must be in process (their screening seen)")
+        raise ValueError(
+            "pooled checks must have seen their detections (in process, or over HTTP under refuse)"
+        )
     summary = {k: v for k, v in summarise(images).items() if k != "per_image"}
     return (
         summary | {"checks": list(keys)} | {field: checks[0].get(field) for field in POOLED_ALIKE}
@@ -480,6 +533,83 @@ def record_pooled(directory: Path, keys: Sequence[str]) -> dict[str, Any]:
     return pooled
 
 
+# what one image's run must repeat for two checks of it to agree (``first_detection``: where
+# both saw the detections)
+COMPARED = (
+    "live_success",
+    "believed_success",
+    "live_queries",
+    "answers_withheld",
+    "stopped",
+    "first_served_success",
+    "first_detection",
+)
+
+
+def compare(results: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """Two recorded checks of one attack under one policy against the same bundle, image by
+    image over the images both attacked: how many agree on every ``COMPARED`` field, and each
+    image that does not, with the fields that differ (first check's value, then second's)."""
+    missing = [key for key in keys if key not in results["checks"]]
+    if len(keys) != 2 or missing:
+        raise ValueError(f"compare needs two recorded checks; not recorded: {missing}")
+    first, second = (results["checks"][key] for key in keys)
+    if len({tuple(key.split("/")[:2]) for key in keys}) != 1:
+        raise ValueError(f"compared checks must share attack and policy: {list(keys)}")
+    if first.get("bundle_manifest_sha256") != second.get("bundle_manifest_sha256"):
+        raise ValueError(f"compared checks must share their bundle: {list(keys)}")
+    theirs = {image["row"]: image for image in second["per_image"]}
+    pairs = [(mine, theirs[mine["row"]]) for mine in first["per_image"] if mine["row"] in theirs]
+    if not pairs:
+        raise ValueError(f"compared checks attacked no image in common: {list(keys)}")
+    differing = []
+    both_seen = 0
+    for mine, other in pairs:
+        seen = bool(mine.get("screened")) and bool(other.get("screened"))
+        both_seen += seen
+        fields = [f for f in COMPARED if (seen or f != "first_detection") and mine[f] != other[f]]
+        if fields:
+            differing.append({"row": mine["row"], **{f: [mine[f], other[f]] for f in fields}})
+    return {
+        "checks": list(keys),
+        "images": len(pairs),
+        "agree": len(pairs) - len(differing),
+        "detections_compared": both_seen,
+        "differing": differing,
+    }
+
+
+def compared_table(compared: dict[str, Any]) -> str:
+    """The comparisons, one row each (``compare``)."""
+    lines = [
+        "| attack | policy | checks compared | images | agree on every field | first "
+        "detections compared | differing (row: field first / second) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(compared):
+        r = compared[name]
+        attack, policy = r["checks"][0].split("/")[:2]
+        differing = "; ".join(
+            f"{d['row']}: " + ", ".join(f"{f} {d[f][0]} / {d[f][1]}" for f in COMPARED if f in d)
+            for d in r["differing"]
+        )
+        lines.append(
+            f"| {attack} | {policy} | {' vs '.join(oracle_label(k) for k in r['checks'])} | "
+            f"{r['images']} | {r['agree']} | {r['detections_compared']} | {differing or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def record_compared(directory: Path, keys: Sequence[str]) -> dict[str, Any]:
+    """Compare two recorded checks (``compare``) and add the result to the results file, named
+    by their keys joined with " vs "."""
+    results = recorded(directory)
+    compared = compare(results, keys)
+    results.setdefault("compared", {})[" vs ".join(keys)] = compared
+    write(results, directory)
+    return compared
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.policy_check",
@@ -496,6 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="run nothing: pool recorded checks (keys of policy_check.json, disjoint images, one "
         "attack, policy, bundle and rule) image by image into one figure, added to the results",
+    )
+    where.add_argument(
+        "--compare",
+        nargs=2,
+        metavar="KEY",
+        help="run nothing: set two recorded checks of the same images (one attack, policy and "
+        "bundle; e.g. over HTTP and in process) side by side image by image, added to the results",
     )
     parser.add_argument("--redis-url", help="with --url: its throwaway Redis (flushed)")
     parser.add_argument(
@@ -564,6 +701,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pooled = record_pooled(args.results, args.pool)
         print(" + ".join(args.pool) + ": " + json.dumps(pooled), flush=True)
         return 0
+    if args.compare:
+        compared = record_compared(args.results, args.compare)
+        print(" vs ".join(args.compare) + ": " + json.dumps(compared), flush=True)
+        return 0
     if args.policy is None:
         parser.error("--policy is required to run checks")
     if args.url and not args.redis_url:
@@ -584,12 +725,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     oracle_for = (
         in_process_oracles(guard, args.policy, args.sybil_ids)
         if args.in_process
-        else http_oracles(args.url, redis.Redis.from_url(args.redis_url))
+        else http_oracles(args.url, redis.Redis.from_url(args.redis_url), guard)
     )
     for attack in args.attacks:
         started = time.perf_counter()
         checks = check_attack(
             oracle_for,
+            args.policy,
             attack,
             guard,
             split,

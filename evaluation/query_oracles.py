@@ -162,9 +162,13 @@ class HttpOracle:
         self.retries = retries
         headers = {"X-Client-ID": client_id} if client_id else {}
         self._http = httpx.Client(base_url=url, timeout=timeout_s, headers=headers)
+        # per query sent, the error code of a 403 answer (``query_refused``: the screening
+        # detected it under ``refuse``; ``client_flagged``: a refused client), else None
+        self.refusals: list[str | None] = []
         bundle = self._http.get("/v1/bundle")
         bundle.raise_for_status()
-        self._num_classes = len(bundle.json()["class_names"])
+        self.served_bundle: dict[str, Any] = bundle.json()  # GET /v1/bundle: what answers
+        self._num_classes = len(self.served_bundle["class_names"])
 
     @property
     def num_classes(self) -> int:
@@ -177,7 +181,11 @@ class HttpOracle:
         for attempt in range(self.retries + 1):
             response = self._http.post("/classify", files={"file": ("query.png", data)})
             if response.status_code != 503 or attempt == self.retries:
-                return parse_answer(response.status_code, response.json())
+                body = response.json()
+                answer = parse_answer(response.status_code, body)
+                refused = response.status_code == 403
+                self.refusals.append(str(body.get("error")) if refused else None)
+                return answer
             time.sleep(min(float(response.headers.get("Retry-After", "1")), 5.0))
         raise AssertionError("unreachable")
 

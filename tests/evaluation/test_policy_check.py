@@ -16,6 +16,9 @@ from app.core.stateful.defaults import DEFAULT_RULE
 from evaluation.policy_check import (
     ImageCheck,
     ScreenedOracle,
+    check_served_bundle,
+    compare,
+    detections,
     first_detection,
     http_oracles,
     main,
@@ -88,8 +91,8 @@ def test_detection_before_success_counts_flags_at_or_before_the_success() -> Non
     assert summary["detected_before_success"] == 2
     assert summary["median_queries_to_detection"] == 7.0
     assert "screened" not in summarise([check(2, None, screened=False)])
-    assert first_detection(["clear", "consistent", "detected", "detected"]) == 3
-    assert first_detection(["clear", "consistent", "error"]) is None
+    assert first_detection([False, False, True, True]) == 3
+    assert first_detection([False, False, False]) is None
 
 
 def test_withheld_counts_answers_that_differ_from_the_guards_own() -> None:
@@ -195,7 +198,7 @@ def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guar
         assert {a.decision for a in answers[detected_from:]} == {"refused"}
         # the screening's outcomes, query by query: the first flag is the first refusal
         assert len(oracle.outcomes) == len(queries)
-        assert first_detection(oracle.outcomes) == detected_from + 1
+        assert first_detection(detections(oracle, "refuse") or []) == detected_from + 1
     oracle = ScreenedOracle(guard, "silent", ["one"])
     batched = oracle.ask(queries)  # one batch is screened as one query at a time would be
     oracle.close()
@@ -258,27 +261,34 @@ def test_screened_oracle_gives_what_the_service_gives_over_http(
             over_http = http.ask(queries)
         finally:
             http.close()
+    check_served_bundle(http.served_bundle, guard)  # the demo bundle, as the check's default
     oracle = ScreenedOracle(guard, "refuse", ["attacker"])
     in_process = oracle.ask(queries)
     oracle.close()
     assert labels(over_http) == labels(in_process)
     assert over_http[-1].decision == "refused"
+    # the detections a client sees over HTTP under refuse (403 query_refused) are the screening's
+    assert detections(http, "refuse") == detections(oracle, "refuse")
+    assert http.refusals[-1] == "query_refused" and http.refusals[0] is None
+    assert detections(http, "silent") is None  # under silent a detection does not show
 
 
 def test_a_service_or_redis_off_loopback_is_refused_before_anything_is_flushed(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], guard: Guard
 ) -> None:
     """--redis-url is flushed before each image: it was flushed before --url was checked, and
     was never checked itself."""
     server = RedisProcess(free_port(), tmp_path)
     server.start()
     try:
-        _refused_before_the_flush(server.url, capsys)
+        _refused_before_the_flush(server.url, capsys, guard)
     finally:
         server.kill()
 
 
-def _refused_before_the_flush(local_redis: str, capsys: pytest.CaptureFixture[str]) -> None:
+def _refused_before_the_flush(
+    local_redis: str, capsys: pytest.CaptureFixture[str], guard: Guard
+) -> None:
     store = redis.Redis.from_url(local_redis)
     store.set("someone-else", "theirs")
     for url, redis_url in (
@@ -290,7 +300,7 @@ def _refused_before_the_flush(local_redis: str, capsys: pytest.CaptureFixture[st
         assert exited.value.code == 2
         assert "is not a loopback address" in capsys.readouterr().err
     with pytest.raises(ValueError, match="loopback only"):
-        http_oracles("http://10.1.2.3:8000", store)
+        http_oracles("http://10.1.2.3:8000", store, guard)
     assert store.get("someone-else") == b"theirs"
 
 
@@ -441,3 +451,91 @@ def test_a_check_needs_a_policy_unless_it_pools(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["--in-process", "--attacks", "square"])
     assert "--policy is required" in capsys.readouterr().err
+
+
+def test_a_service_serving_another_bundle_is_refused(guard: Guard) -> None:
+    """The check's bundle picks the images and judges the successes: a service answering with
+    another (another name, detector or classes) would make its outcomes meaningless."""
+    served = {
+        "name": guard.manifest.name,
+        "statistics": guard.detector.names,
+        "combination": guard.manifest.detector.combination,
+        "class_names": list(guard.class_names),
+    }
+    check_served_bundle(served, guard)
+    for field, other in (
+        ("name", "other"),
+        ("statistics", ["vote@layer3.2"]),
+        ("combination", "single"),
+    ):
+        with pytest.raises(ValueError, match=f"differs in {field}"):
+            check_served_bundle(served | {field: other}, guard)
+
+
+def _run(row: int, queries: int, detection: int | None, screened: bool = True) -> ImageCheck:
+    return ImageCheck(row, None, False, queries, queries - 9, False, "cap", screened, detection)
+
+
+def test_compared_checks_agree_image_by_image_on_every_field(tmp_path: Path) -> None:
+    """Over the images both attacked: an image agrees when every compared field does (the first
+    detection only where both checks saw the detections); each other image is listed with the
+    fields that differ. It goes into the results file and its table; running one of its checks
+    again drops it."""
+    alike = {"bundle_manifest_sha256": "ab12"}
+    http = summarise([_run(0, 2500, 9), _run(1, 2500, 12), _run(2, 2400, 8)]) | alike
+    in_process = (
+        summarise([_run(0, 2500, 9), _run(1, 2500, 11), _run(2, 2500, 8), _run(3, 2500, 7)]) | alike
+    )
+    results = {"checks": {"boundary/refuse": http, "boundary/refuse/in_process": in_process}}
+    (tmp_path / "policy_check.json").write_text(json.dumps(results))
+    keys = list(results["checks"])
+    assert main(["--compare", *keys, "--results", str(tmp_path)]) == 0
+    compared = json.loads((tmp_path / "policy_check.json").read_text())["compared"]
+    result = compared[" vs ".join(keys)]
+    assert (result["images"], result["agree"], result["detections_compared"]) == (3, 1, 3)
+    assert result["differing"] == [
+        {"row": 1, "first_detection": [12, 11]},
+        {"row": 2, "live_queries": [2400, 2500], "answers_withheld": [2391, 2491]},
+    ]
+    text = (tmp_path / "policy_check.md").read_text()
+    assert "## Checks compared image by image" in text
+    assert (
+        "| boundary | refuse | HTTP + Redis vs in process | 3 | 1 | 3 | 1: first_detection 12 / "
+        "11; 2: live_queries 2400 / 2500, answers_withheld 2391 / 2491 |" in text
+    )
+    unseen = summarise([_run(1, 2500, None, screened=False)]) | alike  # silent over HTTP
+    assert compare({"checks": {keys[0]: unseen, keys[1]: in_process}}, keys) | {"checks": None} == {
+        "checks": None,
+        "images": 1,
+        "agree": 1,
+        "detections_compared": 0,
+        "differing": [],
+    }
+    record(tmp_path, keys[0], http)  # one of its checks again: the comparison goes
+    assert json.loads((tmp_path / "policy_check.json").read_text())["compared"] == {}
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (("boundary/refuse/in_process", {"bundle_manifest_sha256": "cd34"}), "bundle"),
+        (("square/refuse/in_process", {}), "attack and policy"),
+        (("boundary/silent/in_process", {}), "attack and policy"),
+        (("boundary/refuse/in_process_from9", {"rows": range(9, 11)}), "no image in common"),
+        (("boundary/refuse/in_process_from2", {"missing": True}), "not recorded"),
+    ],
+)
+def test_comparing_refuses_checks_of_different_things(
+    second: tuple[str, dict[str, object]], message: str
+) -> None:
+    key, fields = second
+    rows = fields.pop("rows", range(0, 2))
+    missing = fields.pop("missing", False)
+    checks = {
+        "boundary/refuse": _screened_check(range(0, 2), [4, 12]),
+        key: _screened_check(rows, [4, 12], **fields),  # type: ignore[arg-type]
+    }
+    if missing:
+        checks.pop(key)
+    with pytest.raises(ValueError, match=message):
+        compare({"checks": checks}, ["boundary/refuse", key])
