@@ -53,8 +53,8 @@ def _add_input_arguments(group: Options) -> None:
 def _add_detector_arguments(group: Options) -> None:
     group.add_argument(
         "--detector",
-        help="detector preset: v2 (default: the paper's vote + the class-conditional kNN "
-        "distance at the last block + the logit margin + the Mahalanobis distances of the "
+        help="detector preset: v2 (default: the paper's vote + the stage outputs' Mahalanobis "
+        "distances + the logit margin + the Mahalanobis distances of the "
         "pixels' and the colour channels' high-pass energy + the doubted flip margin, a second "
         "pass for the fifth of queries the model is least sure of; harmonic mean p-value), "
         "v2-flip (the vote + the stage outputs' Mahalanobis distances + the margin + the two "
