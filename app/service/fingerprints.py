@@ -3,9 +3,9 @@ replicas, with an index so that a lookup reads only candidates.
 
 It keeps what ``app.core.stateful.store.InProcessFingerprintStore`` keeps, with the same notion
 of a live entry and the same bounds on everyone's queries and each client's (but no cap on the
-number of clients, which Redis's TTLs and maxmemory bound, and at most ``MAX_CANDIDATES``
-candidates a lookup), and decides matches with the same pure function (``summarise_matches``):
-Redis only finds candidates and stores records.
+number of clients, which Redis's TTLs and maxmemory bound; both look up at most
+``index.max_candidates()`` candidates, the newest), and decides matches with the same pure
+function (``summarise_matches``): Redis only finds candidates and stores records.
 
 Key layout (``<p>`` = the prefix, ``<r>`` = ``r``, the record's size in bytes, ``b`` and the
 index's bucket bits: ``r629b19``; a script touches the keys of one hash tag only, so every call
@@ -56,7 +56,13 @@ import numpy as np
 import numpy.typing as npt
 import redis
 
-from app.core.stateful.index import MIN_SHARED_KEYS, bucket_bits, index_buckets, repeated_at_least
+from app.core.stateful.index import (
+    MIN_SHARED_KEYS,
+    bucket_bits,
+    index_buckets,
+    newest_candidates,
+    repeated_at_least,
+)
 from app.core.stateful.match_rule import (
     NO_MATCH,
     Answer,
@@ -76,14 +82,6 @@ SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query 
 # of its candidates' records; it keeps ~0.5% more entries at the default cap of 50,000
 SWEEP_LAG = 256
 SWEEP_LAG_S = 60.0
-# candidates fetched at most, the newest (the in-process store has no such bound): a bound on
-# one lookup's fetch and its cost, above what an attack produces (the rule needs 5 distinct
-# near-duplicates; chance sharers are a few). A photo resent thousands of times fills it with
-# its copies: the newest are kept, so an attack's recent probes still reach the rule. It was
-# 2,000, the oldest kept: 2,000 resends hid every later near-copy from everyone's scope, and
-# each lookup of that photo fetched 2,000 records (~360 KB; a batch of 64 took 1.5 s, past
-# the 0.2 s timeout, so the detector failed open).
-MAX_CANDIDATES = 256
 # answers this store decided for queries it looked up before they were classified
 # (``look_up_many``), kept to fill in their records wherever a later query fetched them still
 # pending: more than the queries in flight in one process (a few batches of at most 64)
@@ -686,12 +684,12 @@ class RedisFingerprintStore:
 
     def _candidates(self, looked: Lookup) -> list[int]:
         """The entries to fetch for a query: live by the cap (the sweep lags it), filed in at
-        least ``MIN_SHARED_KEYS`` of the query's buckets, the newest ``MAX_CANDIDATES``,
+        least ``MIN_SHARED_KEYS`` of the query's buckets, the newest ``max_candidates()``,
         ascending (oldest first)."""
         filed = _filed_numbers(looked.filed)
         low = max(looked.seq - self.max_fingerprints + 1, 1)
         found = repeated_at_least(filed[filed >= low], MIN_SHARED_KEYS, low, looked.seq)
-        newest: list[int] = found[-MAX_CANDIDATES:].tolist()
+        newest: list[int] = newest_candidates(found).tolist()
         return newest
 
     def _evidence(

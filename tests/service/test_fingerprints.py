@@ -301,8 +301,8 @@ def test_a_photo_resent_thousands_of_times_does_not_hide_later_probes(
     """The Redis store fetches at most MAX_CANDIDATES candidates a lookup. It kept the oldest:
     that many resends of one photo (honest, a viral picture) then filled the list, and probes
     sent from fresh ids after them never reached the rule (a review: never detected). It keeps
-    the newest: the probes are found, as by the in-process store, which has no such bound."""
-    from app.service.fingerprints import MAX_CANDIDATES
+    the newest: the probes are found, as by the in-process store, which keeps the same bound."""
+    from app.core.stateful.index import MAX_CANDIDATES
 
     probes = attack_sequence(photos[3], 9, seed=5)[1:]
     images = np.concatenate([np.repeat(photos[3][None], MAX_CANDIDATES, 0), probes])
@@ -450,3 +450,37 @@ def test_stores_of_another_bucket_count_keep_apart(
     assert first.client.distinct == first.everyone.distinct == 0  # today's query is not seen
     second, _ = older.check_and_store("a", prints[0], digests[0], 3.0, _answer(1), keys[0])
     assert second.client.distinct == second.everyone.distinct == 1  # its own query is
+
+
+def test_past_the_candidate_bound_both_stores_compare_the_newest(
+    redis_server: RedisProcess,
+    photos: np.ndarray,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both stores compare a query with its newest ``max_candidates()`` index candidates: past
+    that bound the Redis store and the in-process one still decide alike (the in-process store
+    had no bound, and an attack's 257th near-duplicate could find another earliest match, the
+    anchor whose answer ``consistent`` serves), while the scan, unbounded, sees more."""
+    from app.core.stateful import index
+
+    monkeypatch.setattr(index, "MAX_CANDIDATES", 4)
+    images = attack_sequence(photos[3], 12, seed=5)
+    prints, keys = SCHEME.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    bounds = {"max_fingerprints": 500, "ttl_s": 3600.0, "per_client": 8}
+    red = RedisFingerprintStore(
+        redis_server.url, SCHEME, prefix=uuid.uuid4().hex, timeout_s=5.0, **bounds
+    )
+    indexed = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    scanned = InProcessFingerprintStore(SCHEME, **bounds)  # type: ignore[arg-type]
+    past_the_bound = 0
+    for i in range(len(images)):
+        at, answer = 1000.0 + i, _answer(i)
+        args = (f"id-{i}", prints[i], digests[i], at, answer)  # fresh ids: everyone's scope
+        in_redis, _ = red.check_and_store(*args, keys[i])
+        in_memory, _ = indexed.check_and_store(*args, keys[i])
+        scan, _ = scanned.check_and_store(*args)
+        _same(in_redis, in_memory)
+        assert in_memory.everyone.distinct <= 4
+        past_the_bound += scan.everyone.distinct > in_memory.everyone.distinct
+    assert past_the_bound >= 3  # the bound was reached (the test compares something)

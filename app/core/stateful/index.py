@@ -49,6 +49,31 @@ def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
     return buckets
 
 
+# candidates a lookup compares at most, the newest, in both stores (the Redis store's fetch, the
+# in-process store's comparison, so that the two decide alike): a bound on one lookup's fetch
+# and its cost, above what an attack produces before it is flagged (the rule needs 5 distinct
+# near-duplicates; chance sharers are a few). A photo resent thousands of times fills it with
+# its copies: the newest are kept, so an attack's recent probes still reach the rule. It was
+# 2,000, the oldest kept: 2,000 resends hid every later near-copy from everyone's scope, and
+# each lookup of that photo fetched 2,000 records from Redis (~360 KB; a batch of 64 took 1.5 s,
+# past the 0.2 s timeout, so the detector failed open). Until 2026-12-05 the in-process store
+# had no bound: after an attack's 256th stored near-duplicate the two could see different
+# earliest matches (the anchor whose answer ``consistent`` serves; found by policy_check's
+# comparison of a HopSkipJump run over HTTP with Redis and in process).
+MAX_CANDIDATES = 256
+
+
+def max_candidates() -> int:
+    """``MAX_CANDIDATES``, read at each lookup (a test may set it on this module)."""
+    return MAX_CANDIDATES
+
+
+def newest_candidates(found: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """The newest ``max_candidates()`` of a lookup's candidate entry numbers (ascending)."""
+    newest: npt.NDArray[np.int64] = found[-max_candidates() :]
+    return newest
+
+
 BINCOUNT_RANGE_PER_NUMBER = 32  # count over the range up to this many values per number
 
 

@@ -14,7 +14,13 @@ import numpy.typing as npt
 
 from app.core.stateful.bucket_index import BucketIndex, table_width
 from app.core.stateful.hashes import U64
-from app.core.stateful.index import MIN_SHARED_KEYS, bucket_count, index_buckets, repeated_at_least
+from app.core.stateful.index import (
+    MIN_SHARED_KEYS,
+    bucket_count,
+    index_buckets,
+    newest_candidates,
+    repeated_at_least,
+)
 from app.core.stateful.match_rule import (
     NO_MATCH,
     Answer,
@@ -174,7 +180,9 @@ class InProcessFingerprintStore:
     ``MIN_SHARED_KEYS`` of its buckets. Without
     keys (the evaluation's replays), it is compared with every live entry by one vectorised scan
     (fingerprints are small fixed-width rows: 128 bytes for the window-hash sketch); both find
-    the same matches. Not thread-safe: one thread owns it in the service (the one that screens).
+    the same matches while a query has at most ``max_candidates()`` index candidates (past
+    that, the lookup compares the newest, as the Redis store does; the scan all). Not
+    thread-safe: one thread owns it in the service (the one that screens).
     """
 
     def __init__(
@@ -265,7 +273,8 @@ class InProcessFingerprintStore:
 
     def _candidates(self, buckets: npt.NDArray[np.int64], keys: int) -> npt.NDArray[np.int64]:
         """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets`` (a
-        query's, of its ``keys`` window hashes); the query is filed under them as the next
+        query's, of its ``keys`` window hashes), the newest ``max_candidates()`` as the Redis
+        store's lookup keeps; the query is filed under them as the next
         entry (``_count + 1``), whose slot it is about to take."""
         if self._index is None:
             buckets_in_table = bucket_count()
@@ -274,7 +283,7 @@ class InProcessFingerprintStore:
         lowest = self._lowest()
         filed_lowest = max(self._count + 1 - self.max_fingerprints + 1, 1)  # once it is in
         numbers = self._index.filed_then_file(buckets, lowest, self._count + 1, filed_lowest)
-        found = repeated_at_least(numbers, MIN_SHARED_KEYS, lowest, self._count)
+        found = newest_candidates(repeated_at_least(numbers, MIN_SHARED_KEYS, lowest, self._count))
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]
         return kept
