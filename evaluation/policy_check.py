@@ -478,19 +478,35 @@ def write(results: dict[str, Any], directory: Path) -> None:
 POOLED_ALIKE = ("rule", "close_radius", "bundle_manifest_sha256")
 
 
+def _recorded_alike(
+    results: dict[str, Any],
+    keys: Sequence[str],
+    enough: bool,
+    need: str,
+    who: str,
+    alike: Sequence[str],
+) -> list[dict[str, Any]]:
+    """The recorded checks named by ``keys`` (``enough`` of them, all recorded), of one attack
+    under one policy and sharing every field of ``alike``; else a ValueError that says which."""
+    missing = [key for key in keys if key not in results["checks"]]
+    if not enough or missing:
+        raise ValueError(f"{need} recorded checks; not recorded: {missing}")
+    checks = [results["checks"][key] for key in keys]
+    if len({tuple(key.split("/")[:2]) for key in keys}) != 1:
+        raise ValueError(f"{who} checks must share attack and policy: {list(keys)}")
+    for field in alike:
+        if len({json.dumps(check.get(field)) for check in checks}) != 1:
+            raise ValueError(f"{who} checks must share their {field}: {list(keys)}")
+    return checks
+
+
 def pool(results: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """Checks of one attack under one policy, run on disjoint images against the same bundle and
     rule, as one check over all their images (``summarise`` of their per-image records): a
     figure on more images than any one run covered, computed as each run's is."""
-    missing = [key for key in keys if key not in results["checks"]]
-    if len(keys) < 2 or missing:
-        raise ValueError(f"pool needs at least two recorded checks; not recorded: {missing}")
-    checks = [results["checks"][key] for key in keys]
-    if len({tuple(key.split("/")[:2]) for key in keys}) != 1:
-        raise ValueError(f"pooled checks must share attack and policy: {list(keys)}")
-    for field in POOLED_ALIKE:
-        if len({json.dumps(check.get(field)) for check in checks}) != 1:
-            raise ValueError(f"pooled checks must share their {field}: {list(keys)}")
+    checks = _recorded_alike(
+        results, keys, len(keys) >= 2, "pool needs at least two", "pooled", POOLED_ALIKE
+    )
     images = [ImageCheck(**image) for check in checks for image in check["per_image"]]
     if len({image.row for image in images}) != len(images):
         raise ValueError(f"pooled checks attacked some image twice: {list(keys)}")
@@ -550,14 +566,9 @@ def compare(results: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
     """Two recorded checks of one attack under one policy against the same bundle, image by
     image over the images both attacked: how many agree on every ``COMPARED`` field, and each
     image that does not, with the fields that differ (first check's value, then second's)."""
-    missing = [key for key in keys if key not in results["checks"]]
-    if len(keys) != 2 or missing:
-        raise ValueError(f"compare needs two recorded checks; not recorded: {missing}")
-    first, second = (results["checks"][key] for key in keys)
-    if len({tuple(key.split("/")[:2]) for key in keys}) != 1:
-        raise ValueError(f"compared checks must share attack and policy: {list(keys)}")
-    if first.get("bundle_manifest_sha256") != second.get("bundle_manifest_sha256"):
-        raise ValueError(f"compared checks must share their bundle: {list(keys)}")
+    first, second = _recorded_alike(
+        results, keys, len(keys) == 2, "compare needs two", "compared", ("bundle_manifest_sha256",)
+    )
     theirs = {image["row"]: image for image in second["per_image"]}
     pairs = [(mine, theirs[mine["row"]]) for mine in first["per_image"] if mine["row"] in theirs]
     if not pairs:

@@ -4,7 +4,7 @@ replicas, with an index so that a lookup reads only candidates.
 It keeps what ``app.core.stateful.store.InProcessFingerprintStore`` keeps, with the same notion
 of a live entry and the same bounds on everyone's queries and each client's (but no cap on the
 number of clients, which Redis's TTLs and maxmemory bound; both look up at most
-``index.max_candidates()`` candidates, the newest), and decides matches with the same pure
+``index.MAX_CANDIDATES`` candidates, the newest), and decides matches with the same pure
 function (``summarise_matches``): Redis only finds candidates and stores records.
 
 Key layout (``<p>`` = the prefix, ``<r>`` = ``r``, the record's size in bytes, ``b`` and the
@@ -684,7 +684,7 @@ class RedisFingerprintStore:
 
     def _candidates(self, looked: Lookup) -> list[int]:
         """The entries to fetch for a query: live by the cap (the sweep lags it), filed in at
-        least ``MIN_SHARED_KEYS`` of the query's buckets, the newest ``max_candidates()``,
+        least ``MIN_SHARED_KEYS`` of the query's buckets, the newest ``MAX_CANDIDATES``,
         ascending (oldest first)."""
         filed = _filed_numbers(looked.filed)
         low = max(looked.seq - self.max_fingerprints + 1, 1)

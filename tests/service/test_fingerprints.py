@@ -457,7 +457,7 @@ def test_past_the_candidate_bound_both_stores_compare_the_newest(
     photos: np.ndarray,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Both stores compare a query with its newest ``max_candidates()`` index candidates: past
+    """Both stores compare a query with its newest ``MAX_CANDIDATES`` index candidates: past
     that bound the Redis store and the in-process one still decide alike (the in-process store
     had no bound, and an attack's 257th near-duplicate could find another earliest match, the
     anchor whose answer ``consistent`` serves), while the scan, unbounded, sees more."""

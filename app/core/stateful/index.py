@@ -63,14 +63,10 @@ def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
 MAX_CANDIDATES = 256
 
 
-def max_candidates() -> int:
-    """``MAX_CANDIDATES``, read at each lookup (a test may set it on this module)."""
-    return MAX_CANDIDATES
-
-
 def newest_candidates(found: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """The newest ``max_candidates()`` of a lookup's candidate entry numbers (ascending)."""
-    newest: npt.NDArray[np.int64] = found[-max_candidates() :]
+    """The newest ``MAX_CANDIDATES`` of a lookup's candidate entry numbers (ascending); the
+    bound is read at each call, so a test may set it on this module."""
+    newest: npt.NDArray[np.int64] = found[-MAX_CANDIDATES:]
     return newest
 
 

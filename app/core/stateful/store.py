@@ -180,7 +180,7 @@ class InProcessFingerprintStore:
     ``MIN_SHARED_KEYS`` of its buckets. Without
     keys (the evaluation's replays), it is compared with every live entry by one vectorised scan
     (fingerprints are small fixed-width rows: 128 bytes for the window-hash sketch); both find
-    the same matches while a query has at most ``max_candidates()`` index candidates (past
+    the same matches while a query has at most ``MAX_CANDIDATES`` index candidates (past
     that, the lookup compares the newest, as the Redis store does; the scan all). Not
     thread-safe: one thread owns it in the service (the one that screens).
     """
@@ -273,7 +273,7 @@ class InProcessFingerprintStore:
 
     def _candidates(self, buckets: npt.NDArray[np.int64], keys: int) -> npt.NDArray[np.int64]:
         """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets`` (a
-        query's, of its ``keys`` window hashes), the newest ``max_candidates()`` as the Redis
+        query's, of its ``keys`` window hashes), the newest ``MAX_CANDIDATES`` as the Redis
         store's lookup keeps; the query is filed under them as the next
         entry (``_count + 1``), whose slot it is about to take."""
         if self._index is None:
