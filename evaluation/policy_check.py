@@ -52,6 +52,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import redis
+import torch
 
 from app.cli import at_least
 from app.core.guard import Guard
@@ -701,6 +702,13 @@ def build_parser() -> argparse.ArgumentParser:
         "spins for minutes per fresh query once everything is refused, and HopSkipJump's step "
         "search may never end); default: never",
     )
+    parser.add_argument(
+        "--threads",
+        type=at_least(1),
+        default=1,
+        help="torch CPU threads (default: %(default)s; checks run side by side with more "
+        "threads in all than cores slow each other many times over)",
+    )
     return parser
 
 
@@ -727,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--sybil-ids: a positive count, with --in-process")
     if args.first_image < 0 or (args.first_image and not args.in_process):
         parser.error("--first-image: at least 0, with --in-process")
+    torch.set_num_threads(args.threads)
     guard = Guard.load(args.bundle, device="cpu")
     bundle_sha = hashlib.sha256((Path(args.bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
     split = load_split(args.source, "test", guard.preset, args.data_cache)

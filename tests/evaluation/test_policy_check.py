@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
+import torch
 from PIL import Image
 
 from app.core.guard import Guard
@@ -451,6 +452,33 @@ def test_a_check_needs_a_policy_unless_it_pools(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         main(["--in-process", "--attacks", "square"])
     assert "--policy is required" in capsys.readouterr().err
+
+
+class _LoadingError(Exception):
+    """Raised in place of loading the bundle: the check got that far."""
+
+
+def test_a_check_sets_torchs_threads_before_it_loads_the_bundle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Checks run side by side, one per core: torch's default (every core) in each made them
+    contend; so the count is set, one by default, before the model is loaded."""
+
+    def load(*_args: object, **_kwargs: object) -> Guard:
+        raise _LoadingError(torch.get_num_threads())
+
+    monkeypatch.setattr(Guard, "load", load)
+    before = torch.get_num_threads()
+    try:
+        for argv, threads in (([], 1), (["--threads", "3"], 3)):
+            torch.set_num_threads(2)
+            with pytest.raises(_LoadingError) as loading:
+                main(["--in-process", "--policy", "silent", *argv])
+            assert loading.value.args == (threads,)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["--in-process", "--policy", "silent", "--threads", "0"])
 
 
 def test_a_service_serving_another_bundle_is_refused(guard: Guard) -> None:
