@@ -3,6 +3,8 @@ definition, salts, the perceptual hash, the pixel helpers."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -117,3 +119,27 @@ def test_window_hashes_in_passes_are_the_one_pass_hashes(
     assert np.array_equal(window_hashes(photos[:7], SECRET, 25, 20, 50), whole)
     monkeypatch.setattr(window_hash_module, "HASHED_VALUES_PER_PASS", 1)  # one a pass
     assert np.array_equal(window_hashes(photos[:7], SECRET, 25, 20, 50), whole)
+
+
+def test_window_hashes_reuse_of_a_threads_arrays_changes_no_row(photos: np.ndarray) -> None:
+    """Each thread hashes in arrays of its own, kept from call to call and grown as needed:
+    batches of other sizes in between, and four threads at once, give every row as a fresh
+    call does."""
+    one = window_hashes(photos[:1], SECRET, 25, 20, 50)
+    seven = window_hashes(photos[:7], SECRET, 25, 20, 50)
+    flat = np.full((2, 3, 32, 32), 128, dtype=np.uint8)  # few distinct windows
+    flat_hashes = window_hashes(flat, SECRET, 25, 20, 50)
+    assert np.array_equal(window_hashes(photos[:1], SECRET, 25, 20, 50), one)  # after larger
+    assert np.array_equal(window_hashes(photos[:7], SECRET, 25, 20, 50), seven)
+    other_window = window_hashes(photos[:3], SECRET, 7, 9, 30)
+    assert np.array_equal(window_hashes(flat, SECRET, 25, 20, 50), flat_hashes)
+
+    def hash_repeatedly(first: int) -> list[np.ndarray]:
+        return [window_hashes(photos[first : first + 3], SECRET, 25, 20, 50) for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(hash_repeatedly, [0, 1, 2, 3]))
+    for first, rows in zip([0, 1, 2, 3], results, strict=True):
+        expected = window_hashes(photos[first : first + 3], SECRET, 25, 20, 50)
+        assert all(np.array_equal(row, expected) for row in rows)
+    assert np.array_equal(window_hashes(photos[:3], SECRET, 7, 9, 30), other_window)
