@@ -176,7 +176,7 @@ def close_copies(
     query's (values,): the close-copy rule, pure."""
     head = np.abs(stored[:, :CLOSE_PREFILTER].astype(np.int16) - query[:CLOSE_PREFILTER])
     close: npt.NDArray[np.bool_] = head.max(axis=1, initial=0) <= radius
-    rows = np.flatnonzero(close)
+    rows = close.nonzero()[0]
     if len(rows):
         rest = np.abs(stored[rows, CLOSE_PREFILTER:].astype(np.int16) - query[CLOSE_PREFILTER:])
         close[rows] = rest.max(axis=1, initial=0) <= radius

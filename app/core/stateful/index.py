@@ -88,7 +88,7 @@ def repeated_at_least(
         return np.zeros(0, dtype=np.int64)
     if (high - low + 1) <= BINCOUNT_RANGE_PER_NUMBER * len(numbers):
         counts = np.bincount(numbers - low, minlength=high - low + 1)
-        counted: npt.NDArray[np.int64] = np.flatnonzero(counts >= times).astype(np.int64) + low
+        counted: npt.NDArray[np.int64] = (counts >= times).nonzero()[0].astype(np.int64) + low
         return counted
     ordered = np.sort(numbers)
     gap = times - 1

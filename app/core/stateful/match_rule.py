@@ -38,7 +38,7 @@ def count_matches(
     those with the query's own pixels (``own_digest``) are exact copies, which count apart (an
     honest resend is not a probe), and copies among the others count once."""
     return _count_rows(
-        np.flatnonzero(near_duplicates(similarities, threshold)), similarities, digests, own_digest
+        near_duplicates(similarities, threshold).nonzero()[0], similarities, digests, own_digest
     )
 
 
@@ -142,19 +142,19 @@ def summarise_matches(
     over near-duplicates or close copies, for the consistent count. Which entries are live is
     the store's business; what a match is, and what it counts, is decided here only."""
     near = near_duplicates(similarities, threshold)
-    matched_rows = np.flatnonzero(near)
+    matched_rows = near.nonzero()[0]
     count = _count_rows(matched_rows, similarities, digests, own_digest)
-    loose_rows = matched_rows if close is None else np.flatnonzero(near | close)
+    loose_rows = matched_rows if close is None else (near | close).nonzero()[0]
     loose, loose_anchor, loose_at = count, None, np.inf
     if len(loose_rows):
         if len(loose_rows) > len(matched_rows):  # close copies beside the near-duplicates
             loose = _count_rows(loose_rows, similarities, digests, own_digest)
-        loose_first = int(loose_rows[np.argmin(stored_at[loose_rows])])
+        loose_first = int(loose_rows[stored_at[loose_rows].argmin()])
         loose_anchor, loose_at = answers[loose_first], float(stored_at[loose_first])
     if len(matched_rows) == 0:
         return ScopeMatch(count, (), None, np.inf, loose, loose_anchor, loose_at)
     # the earliest stored; ties: the first given (argmin's first minimum), the oldest stored
-    first = int(matched_rows[np.argmin(stored_at[matched_rows])])
+    first = int(matched_rows[stored_at[matched_rows].argmin()])
     matched = matched_rows.tolist()
     others: list[str] = []
     for i in matched:

@@ -140,7 +140,7 @@ class WindowHashScheme:
         if self.close_radius is None:
             return no_close_copies(stored)
         close = close_copies(_means_of(query[None])[0], _means_of(stored), self.close_radius)
-        rows = np.flatnonzero(close)
+        rows = close.nonzero()[0]
         if len(rows):
             # rows with the query's very samples differ by 0, never saturated: a resent photo's
             # copies, most of a busy store's close rows, are dropped in one word comparison

@@ -314,7 +314,7 @@ class InProcessFingerprintStore:
             return NO_CLIENT_ROWS
         size = buffer.size
         # times only grow within a client's buffer in practice, but test each one: exact
-        fresh = np.flatnonzero(buffer.at[:size] >= at - self.client_ttl_s)
+        fresh = (buffer.at[:size] >= at - self.client_ttl_s).nonzero()[0]
         if len(fresh) == size:
             return _ClientView(buffer.rows[:size], buffer.digests, buffer.answers, buffer.at[:size])
         return _ClientView(
@@ -398,10 +398,10 @@ class InProcessFingerprintStore:
         # the live matches, oldest first (slot order is not arrival order once the ring wraps)
         live = self._at[candidates] >= at - self.ttl_s
         near = near_duplicates(similarities, self.scheme.threshold)
-        found = np.flatnonzero(live & (near | close))
+        found = (live & (near | close)).nonzero()[0]
         if len(found) == 0:  # what summarise_matches gives no matches, without its work
             return NO_MATCH
-        found = found[np.argsort(self._entry[candidates[found]], kind="stable")]
+        found = found[self._entry[candidates[found]].argsort(kind="stable")]
         slots = candidates[found].tolist()
         return summarise_matches(
             similarities[found],
