@@ -183,10 +183,12 @@ Word = TypeVar("Word", bound=np.generic)
 class _Workspace(threading.local):
     """One thread's arrays for ``_window_hash_rows``, reused batch after batch and grown as
     needed (~6 MB a thread: six arrays of one pass's values). Why: a pass over 32 CIFAR-10
-    images made ~20 temporaries of ~0.8 MB each; once a process held other large arrays (a
-    model batch's tensors, as the service does), the C allocator gave freed ones back to the
-    system and every next one page-faulted in fresh: the hash took ~100 us a 32x32 image
-    instead of 45 (measured on 100 batches of 32, two CPU cores, 2026-12-05)."""
+    images made ~20 temporaries of ~0.8 MB each; in a process holding other large arrays
+    above them on the heap (measured: 100 stacked batches of 32), the C allocator gave freed
+    ones back to the system and every next one page-faulted in fresh: ~100 us a 32x32 image
+    instead of 45 (2026-12-05). ``bench.stateful_cost``'s own process was in that state in some
+    runs (0.07-0.12 ms a query in batches, 0.058-0.062 since); the service's hash was not
+    (0.067-0.073 ms a query before, 0.071-0.073 after, in the same benchmark's service runs)."""
 
     def __init__(self) -> None:
         self.arrays: dict[str, npt.NDArray[np.generic]] = {}
