@@ -25,8 +25,10 @@ def test_repeated_at_least_against_a_counter(size: int, times: int) -> None:
         assert got.tolist() == expected
     short_range = np.array([7, 9, 7, 7, 9], dtype=np.int64)  # bincount: range 3 for 5 numbers
     assert repeated_at_least(short_range, 2, 7, 9).tolist() == [7, 9]
-    long_range = np.array([7, 10**9, 7], dtype=np.int64)  # sort
+    long_range = np.array([7, 10**9, 7], dtype=np.int64)  # sort (32-bit offsets)
     assert repeated_at_least(long_range, 2, 7, 10**9).tolist() == [7]
+    past_32_bits = np.array([2**40, 7, 2**40 + 5, 2**40], dtype=np.int64)  # sort (64-bit)
+    assert repeated_at_least(past_32_bits, 2, 7, 2**40 + 5).tolist() == [2**40]
     assert repeated_at_least(np.zeros(0, dtype=np.int64), 1, 0, 10).tolist() == []
     with pytest.raises(ValueError):
         repeated_at_least(short_range, 0, 7, 9)
