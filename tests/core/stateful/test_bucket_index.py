@@ -16,7 +16,8 @@ from app.core.stateful.bucket_index import BucketIndex, table_width
 def test_lookups_are_the_reference_index_as_the_ring_moves_on(width: int, together: bool) -> None:
     """Skewed buckets (a few popular ones, as flat image areas make) fill rows and spill; a ring
     of 40 entries moves on. Every lookup gives the live numbers filed, once per bucket, whether
-    each query is filed after its lookup or by it (``filed_then_file``, the store's call)."""
+    each query is filed after its lookup or by it (``filed_then_file``, the store's call); a
+    number spills only when every slot of its bucket's row holds a live one."""
     rng = np.random.default_rng(3)
     buckets, ring = 64, 40
     index = BucketIndex(buckets, width)
@@ -38,6 +39,8 @@ def test_lookups_are_the_reference_index_as_the_ring_moves_on(width: int, togeth
             index.file(query, number, filed_lowest)
         for b in query.tolist():
             reference[b].append(number)
+            if number in index._spill.get(b, ()):  # spilled only from a row of live numbers
+                assert index._slots[b].min() >= filed_lowest
     if width < 8:
         assert index.spilled_buckets > 0  # the spill lists were exercised
     # every spill list is trimmed when read: a lookup of all buckets leaves only live numbers
