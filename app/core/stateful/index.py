@@ -41,12 +41,21 @@ def bucket_count() -> int:
 
 def index_buckets(keys: U64) -> npt.NDArray[np.int64]:
     """The index buckets of a query's window hashes (0: padding, none), distinct, ascending."""
-    present = keys[keys != 0]
+    return index_buckets_many(keys[None])[1]
+
+
+def index_buckets_many(keys: U64) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:
+    """(n, k) queries' window hashes (0: padding) -> (query of each, bucket): every query's
+    ``index_buckets``, the queries in order, in a few calls for a whole batch."""
     mask = np.uint64(bucket_count() - 1)
-    buckets: npt.NDArray[np.int64] = distinct_ascending(
-        (present >> np.uint64(BUCKET_SHIFT)) & mask
-    ).astype(np.int64)
-    return buckets
+    buckets = ((keys >> np.uint64(BUCKET_SHIFT)) & mask).astype(np.int64)
+    buckets[keys == 0] = -1  # padding: sorted first, then dropped
+    buckets.sort(axis=1)
+    keep = buckets >= 0
+    keep[:, 1:] &= buckets[:, 1:] != buckets[:, :-1]
+    query_of: npt.NDArray[np.intp] = keep.nonzero()[0]
+    distinct: npt.NDArray[np.int64] = buckets[keep]
+    return query_of, distinct
 
 
 # candidates a lookup compares at most, the newest, in both stores (the Redis store's fetch, the

@@ -18,6 +18,7 @@ from app.core.stateful.index import (
     MIN_SHARED_KEYS,
     bucket_count,
     index_buckets,
+    index_buckets_many,
     newest_candidates,
     repeated_at_least,
 )
@@ -235,12 +236,51 @@ class InProcessFingerprintStore:
         """Match the query against its client's and everyone's live queries, then store it with
         ``answer``. Given ``keys`` (the query's window hashes), everyone's queries are looked up
         through the bucket index (the query filed in its buckets as they are read); without,
-        scanned. The client's rows and the index's candidates are compared in one call each of
+        scanned."""
+        lookup = None if keys is None else (self._index_for(len(keys)), index_buckets(keys))
+        return self._check_and_store(client_id, fingerprint, digest, at, answer, lookup)
+
+    def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
+        """``check_and_store_each``, with the queries' index buckets computed for the whole
+        batch at once (``index_buckets_many``: ~75 us for 32 queries against ~16 us each one
+        by one, measured 2026-12-05); they depend on the keys alone, so each query is still
+        looked up, filed, matched and decided before the next."""
+        keyed = [query.keys for query in queries if query.keys is not None]
+        if len(queries) < 2 or len(keyed) < len(queries) or len({k.shape for k in keyed}) > 1:
+            check_and_store_each(self, queries, decide)
+            return
+        index = self._index_for(len(keyed[0]))
+        query_of, buckets = index_buckets_many(np.stack(keyed))
+        bounds = np.searchsorted(query_of, np.arange(len(queries) + 1)).tolist()
+        for i, query in enumerate(queries):
+            evidence, stored = self._check_and_store(
+                query.client_id,
+                query.fingerprint,
+                query.digest,
+                query.at,
+                query.answer,
+                (index, buckets[bounds[i] : bounds[i + 1]]),
+            )
+            kept = decide(query, evidence)
+            if kept is not None:
+                self.relabel(stored, kept)
+
+    def _check_and_store(
+        self,
+        client_id: str,
+        fingerprint: npt.NDArray[np.generic],
+        digest: bytes,
+        at: float,
+        answer: Answer | None,
+        lookup: tuple[BucketIndex, npt.NDArray[np.int64]] | None,
+    ) -> tuple[MatchEvidence, Stored]:
+        """``check_and_store`` given the index and the query's buckets in it (None: no keys, a
+        scan). The client's rows and the index's candidates are compared in one call each of
         the scheme's similarity and close test (both are row by row): half the calls."""
         mine = self._client_view(client_id, at)
         candidates = None
-        if keys is not None:  # looked up, and filed under the next entry number
-            candidates = self._candidates(index_buckets(keys), len(keys))
+        if lookup is not None:  # looked up, and filed under the next entry number
+            candidates = self._candidates(*lookup)
         everyone = self._everyone_view(candidates)
         split = len(mine.rows)
         if everyone is None:
@@ -264,25 +304,27 @@ class InProcessFingerprintStore:
         self._add_everyone(client_id, fingerprint, digest, at, answer)
         return evidence_of(client, matched), Stored(client_id, self._count)
 
-    def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
-        check_and_store_each(self, queries, decide)
-
     def _lowest(self) -> int:
         """The lowest entry number still in the ring (those below were overwritten)."""
         return max(self._count - self.max_fingerprints + 1, 1)
 
-    def _candidates(self, buckets: npt.NDArray[np.int64], keys: int) -> npt.NDArray[np.int64]:
-        """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets`` (a
-        query's, of its ``keys`` window hashes), the newest ``MAX_CANDIDATES`` as the Redis
-        store's lookup keeps; the query is filed under them as the next
-        entry (``_count + 1``), whose slot it is about to take."""
+    def _index_for(self, keys: int) -> BucketIndex:
+        """The bucket index, made by the first query given keys, for ``keys`` a query."""
         if self._index is None:
             buckets_in_table = bucket_count()
             width = table_width(self.max_fingerprints, keys, buckets_in_table)
             self._index = BucketIndex(buckets_in_table, width)
+        return self._index
+
+    def _candidates(
+        self, index: BucketIndex, buckets: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
+        """Ring slots of the entries filed in at least ``MIN_SHARED_KEYS`` of ``buckets`` (a
+        query's), the newest ``MAX_CANDIDATES`` as the Redis store's lookup keeps; the query is
+        filed under them as the next entry (``_count + 1``), whose slot it is about to take."""
         lowest = self._lowest()
         filed_lowest = max(self._count + 1 - self.max_fingerprints + 1, 1)  # once it is in
-        numbers = self._index.filed_then_file(buckets, lowest, self._count + 1, filed_lowest)
+        numbers = index.filed_then_file(buckets, lowest, self._count + 1, filed_lowest)
         found = newest_candidates(repeated_at_least(numbers, MIN_SHARED_KEYS, lowest, self._count))
         slots = (found - 1) % self.max_fingerprints
         kept: npt.NDArray[np.int64] = slots[self._entry[slots] == found]

@@ -1,4 +1,5 @@
-"""The store's index keys: counting the candidates filed under enough of a query's buckets."""
+"""The store's index keys: the queries' buckets, and counting the candidates filed under enough
+of a query's buckets."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import collections
 import numpy as np
 import pytest
 
-from app.core.stateful.index import repeated_at_least
+from app.core.stateful.index import (
+    BUCKET_SHIFT,
+    bucket_count,
+    index_buckets,
+    index_buckets_many,
+    repeated_at_least,
+)
 
 
 @pytest.mark.parametrize("size", [5, 40, 3_000])  # short and long ranges: both ways of counting
@@ -32,3 +39,20 @@ def test_repeated_at_least_against_a_counter(size: int, times: int) -> None:
     assert repeated_at_least(np.zeros(0, dtype=np.int64), 1, 0, 10).tolist() == []
     with pytest.raises(ValueError):
         repeated_at_least(short_range, 0, 7, 9)
+
+
+def test_a_batchs_buckets_against_sets() -> None:
+    """``index_buckets_many`` gives each row's ``index_buckets``: the set of its nonzero hashes'
+    buckets, ascending; rows with padding, one hash repeated, and padding only."""
+    rng = np.random.default_rng(5)
+    keys = rng.integers(1, 2**64, size=(12, 40), dtype=np.uint64)
+    keys[rng.random(keys.shape) < 0.2] = 0
+    keys[5, :] = np.uint64(0xFEDCBA9876543210)  # one hash, repeated
+    keys[9, :] = 0
+    mask = np.uint64(bucket_count() - 1)
+    sets = [{int((k >> np.uint64(BUCKET_SHIFT)) & mask) for k in row if k} for row in keys]
+    query_of, buckets = index_buckets_many(keys)
+    for i, row in enumerate(keys):
+        assert buckets[query_of == i].tolist() == sorted(sets[i])
+        assert index_buckets(row).tolist() == sorted(sets[i])
+    assert len(sets[5]) == 1 and not sets[9]

@@ -3,13 +3,23 @@ client cap, a Sybil spread, honest near-duplicate bursts, answers kept and relab
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+
 import numpy as np
+import pytest
 
 from app.core.models import PRESETS
+from app.core.stateful import index
 from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
 from app.core.stateful.hashes import pixel_digests
 from app.core.stateful.match_rule import Answer, Consistency, MatchEvidence
-from app.core.stateful.store import InProcessFingerprintStore
+from app.core.stateful.store import (
+    Decide,
+    InProcessFingerprintStore,
+    StoreQuery,
+    check_and_store_each,
+)
 from evaluation.honest_traffic import EDITS, as_served, edit, encode
 from tests.core.stateful.probes import SECRET, attack_sequence
 
@@ -148,3 +158,77 @@ def test_a_close_copy_widens_the_consistent_count_only(photos: np.ndarray) -> No
         assert evidence.anchor is None and not DEFAULT_RULE.detects(evidence, dog)
         assert evidence.consistency == Consistency(found, cat if found else None)
         assert DEFAULT_RULE.keeps_anchor(evidence, dog) == bool(found)
+
+
+def _mixed_traffic(photos: np.ndarray, seed: int) -> list[StoreQuery]:
+    """A stream that exercises every path of a lookup: attack probes spread over clients,
+    resends of one photo (rows that fill and spill), distinct photos, close-copy probes, a
+    client sending several queries in one batch, and pauses past the stores' TTLs; then a run
+    of resends of another photo."""
+    rng = np.random.default_rng(seed)
+    scheme = default_scheme(SECRET)
+    parts = [attack_sequence(photos[i], 12, seed=seed + i) for i in range(4)]
+    parts.append(np.repeat(photos[4:5], 24, axis=0))  # resent: many entries in its buckets
+    parts.append(photos[5:25])
+    signs = rng.choice([-8, 8], size=(6, 3, 1, 32))
+    parts.append(np.clip(photos[25].astype(int) + signs, 0, 255).astype(np.uint8))
+    images = np.concatenate(parts)[rng.permutation(sum(len(part) for part in parts))]
+    # then a run of resends: the ring's every entry in the photo's buckets, rows full
+    images = np.concatenate([images, np.repeat(photos[26:27], 30, axis=0)])
+    prints, keys = scheme.fingerprints_and_keys(images)
+    digests = pixel_digests(images)
+    at = np.cumsum(rng.choice([0.5, 0.5, 0.5, 40.0], size=len(images)))
+    at[-30:] = at[-31] + 0.5 * np.arange(1, 31)  # the resends without a pause
+    clients = rng.choice(["a", "b", "c", "d", "e"], size=len(images), p=[0.4, 0.3, 0.1, 0.1, 0.1])
+    return [
+        StoreQuery(str(clients[i]), prints[i], digests[i], float(at[i]), None, keys[i])
+        for i in range(len(images))
+    ]
+
+
+@pytest.mark.parametrize("max_fingerprints", [10, 60, 1000])
+@pytest.mark.parametrize("reference", ["scan", "one by one"])
+def test_a_batch_gives_what_one_query_at_a_time_gives(
+    photos: np.ndarray, max_fingerprints: int, reference: str, monkeypatch: Any
+) -> None:
+    """``check_and_store_many`` (the batch's index buckets computed at once, then each query
+    looked up, filed, matched and decided in turn) on twin stores against the same queries one
+    at a time, in batches of 1 to 12: the same evidence for every query, the same answers
+    kept. The reference either scans every live entry, without the index (so that the index's
+    lookups, rows full and spilled, and its count of shared buckets are checked against
+    comparing every row), or looks each query up in the index, with a query's newest
+    candidates cut to 2, which a scan does not do. The ring wraps inside a batch (10
+    entries), entries expire (TTL 30 s, pauses of 40 s), and each query decided with a match
+    relabels its entry (the silent policy's anchor), which the batch's later queries read."""
+    if reference == "one by one":
+        monkeypatch.setattr(index, "MAX_CANDIDATES", 2)
+    queries = _mixed_traffic(photos, seed=max_fingerprints)
+    rng = np.random.default_rng(max_fingerprints)
+    stores = [
+        InProcessFingerprintStore(
+            default_scheme(SECRET), max_fingerprints=max_fingerprints, ttl_s=30.0, per_client=6
+        )
+        for _ in range(2)
+    ]
+    seen: list[list[MatchEvidence]] = [[], []]
+
+    def deciding(log: list[MatchEvidence]) -> Decide:
+        def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
+            log.append(evidence)
+            if evidence.everyone.distinct or evidence.everyone.exact:
+                return Answer("accepted", len(log) % 10, 0.5, 0.2)
+            return None
+
+        return decide
+
+    start = 0
+    while start < len(queries):
+        batch = queries[start : start + int(rng.integers(1, 13))]
+        one_by_one = batch if reference == "one by one" else [replace(q, keys=None) for q in batch]
+        check_and_store_each(stores[0], one_by_one, deciding(seen[0]))
+        stores[1].check_and_store_many(batch, deciding(seen[1]))
+        start += len(batch)
+    assert seen[0] == seen[1]
+    assert sum(bool(e.everyone.distinct) for e in seen[0]) > 10  # matches were there to find
+    assert sum(e.everyone.exact for e in seen[0]) > 50  # and resends, rows full
+    assert stores[0]._answers == stores[1]._answers
