@@ -238,7 +238,8 @@ class InProcessFingerprintStore:
         through the bucket index (the query filed in its buckets as they are read); without,
         scanned."""
         lookup = None if keys is None else (self._index_for(len(keys)), index_buckets(keys))
-        return self._check_and_store(client_id, fingerprint, digest, at, answer, lookup)
+        query = StoreQuery(client_id, fingerprint, digest, at, answer, keys)
+        return self._check_and_store(query, lookup)
 
     def check_and_store_many(self, queries: Sequence[StoreQuery], decide: Decide) -> None:
         """``check_and_store_each``, with the queries' index buckets computed for the whole
@@ -253,30 +254,24 @@ class InProcessFingerprintStore:
         query_of, buckets = index_buckets_many(np.stack(keyed))
         bounds = np.searchsorted(query_of, np.arange(len(queries) + 1)).tolist()
         for i, query in enumerate(queries):
-            evidence, stored = self._check_and_store(
-                query.client_id,
-                query.fingerprint,
-                query.digest,
-                query.at,
-                query.answer,
-                (index, buckets[bounds[i] : bounds[i + 1]]),
-            )
+            lookup = (index, buckets[bounds[i] : bounds[i + 1]])
+            evidence, stored = self._check_and_store(query, lookup)
             kept = decide(query, evidence)
             if kept is not None:
                 self.relabel(stored, kept)
 
     def _check_and_store(
-        self,
-        client_id: str,
-        fingerprint: npt.NDArray[np.generic],
-        digest: bytes,
-        at: float,
-        answer: Answer | None,
-        lookup: tuple[BucketIndex, npt.NDArray[np.int64]] | None,
+        self, query: StoreQuery, lookup: tuple[BucketIndex, npt.NDArray[np.int64]] | None
     ) -> tuple[MatchEvidence, Stored]:
         """``check_and_store`` given the index and the query's buckets in it (None: no keys, a
         scan). The client's rows and the index's candidates are compared in one call each of
         the scheme's similarity and close test (both are row by row): half the calls."""
+        client_id, fingerprint, digest, at = (
+            query.client_id,
+            query.fingerprint,
+            query.digest,
+            query.at,
+        )
         mine = self._client_view(client_id, at)
         candidates = None
         if lookup is not None:  # looked up, and filed under the next entry number
@@ -300,8 +295,8 @@ class InProcessFingerprintStore:
             else self._match_everyone(everyone, client_id, digest, at, *everyone_compared)
         )
         self._count += 1
-        self._add_client(client_id, fingerprint, digest, at, answer)
-        self._add_everyone(client_id, fingerprint, digest, at, answer)
+        self._add_client(client_id, fingerprint, digest, at, query.answer)
+        self._add_everyone(client_id, fingerprint, digest, at, query.answer)
         return evidence_of(client, matched), Stored(client_id, self._count)
 
     def _lowest(self) -> int:
