@@ -2,7 +2,8 @@
 
 Every scored request of a client advances its *window*, the statistics since the window started
 (a cleared flag restarts it): the count, the running mean of the score, a bias-corrected EWMA,
-the number of rejected predictions and a one-sided CUSUM. ``advance_window`` is the one update,
+the number of rejected predictions, a one-sided CUSUM, and a one-sided CUSUM of the client's drop
+below its own running mean (``shift``). ``advance_window`` is the one update,
 written once over numpy so that the in-process tracker (scalars) and the threshold calibration
 (thousands of simulated clients at once) run the same arithmetic; the Redis tracker's Lua script
 mirrors it and a test holds the two equal.
@@ -22,7 +23,16 @@ requests and the statistic crosses the policy's threshold:
   (0 otherwise), rises above the threshold;
 - ``cusum``: Page's CUSUM for a downward shift of the score, S <- max(0, S + (ref - score)) with
   ref = honest mean - honest std / 2 (tuned to a shift of one honest standard deviation), rises
-  above the threshold.
+  above the threshold;
+- ``ewma_shift``: ``ewma`` (its threshold), *or* the client's ``shift`` rising above a second
+  threshold: S <- max(0, S + (m - k - score)), m the window's mean before the request, k half
+  the honest standard deviation. ``cusum`` and ``ewma_anchored`` compare a client with the
+  population's honest mean, so they flag honest clients of one error-prone class, whose own
+  mean is lower; ``shift`` compares it with its own history, so it sees a client that attacks
+  after an honest history (an API key used honestly, then for an attack: the default ``ewma``,
+  weighed down by that history, is slow there) and stays quiet for a steady client of any
+  class. A client that attacks from its first request has no history to drop from: ``ewma``
+  flags it. Each threshold is calibrated at half the false-flag budget.
 
 What a window averages is the request's *flag value*. With a ``ClassScale`` (bundles that store
 the predicted class of their held-out honest scores) it is the score's empirical p-value among the
@@ -48,10 +58,12 @@ import numpy.typing as npt
 
 from app.core.detector import sorted_reference_p_values
 
-PolicyKind = Literal["mean", "ewma", "ewma_anchored", "rejection_rate", "cusum"]
+PolicyKind = Literal["mean", "ewma", "ewma_anchored", "rejection_rate", "cusum", "ewma_shift"]
+# what a policy compares with a threshold: its own statistic, and ``shift`` (ewma_shift's second)
+StatisticKind = Literal["mean", "ewma", "ewma_anchored", "rejection_rate", "cusum", "shift"]
 FLAG_POLICIES: tuple[PolicyKind, ...] = get_args(PolicyKind)
 # Statistics where a *low* value is suspicious (the others: a high value).
-_LOW_IS_SUSPICIOUS: frozenset[PolicyKind] = frozenset({"mean", "ewma", "ewma_anchored"})
+_LOW_IS_SUSPICIOUS: frozenset[StatisticKind] = frozenset({"mean", "ewma", "ewma_anchored"})
 
 # chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle's per-class
 # values (on raw scores, which bundles without the classes use, the rule would pick rejection_rate;
@@ -72,12 +84,14 @@ F = TypeVar("F", float, Values)
 
 @dataclass(frozen=True)
 class WindowParams:
-    """How a window advances: the EWMA's weight and the CUSUM's reference value; and where the
+    """How a window advances: the EWMA's weight, the CUSUM's reference value and the shift's
+    allowance (k: how far below its own mean a request must fall to count); and where the
     anchored EWMA starts (the honest mean; read by that statistic, not by the update)."""
 
     ewma_alpha: float = DEFAULT_EWMA_ALPHA
     cusum_reference: float = 0.0
     anchor: float = 0.0
+    shift_allowance: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ewma_alpha <= 1.0:
@@ -93,6 +107,7 @@ class ScoreWindow:
     ewma: float = 0.0
     rejected: int = 0
     cusum: float = 0.0
+    shift: float = 0.0  # the CUSUM of the drop below the client's own running mean
 
 
 def ewma_weight(alpha: float, scored: int) -> float:
@@ -106,18 +121,23 @@ def advance_arrays(
     ewma: F,
     rejected: F,
     cusum: F,
+    shift: F,
     score: F,
     rejected_now: F,
     params: WindowParams,
-) -> tuple[F, F, F, F]:
-    """One scored request: the new (mean, ewma, rejected, cusum); ``scored`` counts it already.
+) -> tuple[F, F, F, F, F]:
+    """One scored request: the new (mean, ewma, rejected, cusum, shift); ``scored`` counts it
+    already. The shift compares the request with the mean of the requests before it (none for
+    the first: no increment).
 
     Works on floats and on arrays of clients alike; the single definition of the update."""
     new_mean = mean + (score - mean) / scored
     new_ewma = ewma + ewma_weight(params.ewma_alpha, scored) * (score - ewma)
     new_rejected = rejected + rejected_now
     new_cusum = cast(F, np.maximum(0.0, cusum + (params.cusum_reference - score)))
-    return new_mean, new_ewma, new_rejected, new_cusum
+    drop = (mean - params.shift_allowance - score) if scored > 1 else 0.0 * score
+    new_shift = cast(F, np.maximum(0.0, shift + drop))
+    return new_mean, new_ewma, new_rejected, new_cusum, new_shift
 
 
 def advance_window(
@@ -125,17 +145,20 @@ def advance_window(
 ) -> ScoreWindow:
     """The window after one more scored request."""
     scored = window.scored + 1
-    mean, ewma, rejected, cusum = advance_arrays(
+    mean, ewma, rejected, cusum, shift = advance_arrays(
         scored,
         window.mean,
         window.ewma,
         float(window.rejected),
         window.cusum,
+        window.shift,
         float(score),
         0.0 if accepted else 1.0,
         params,
     )
-    return ScoreWindow(scored, float(mean), float(ewma), round(rejected), float(cusum))
+    return ScoreWindow(
+        scored, float(mean), float(ewma), round(rejected), float(cusum), float(shift)
+    )
 
 
 def rejection_glr(scored: int, rejected: F, null_rate: float) -> F:
@@ -210,7 +233,9 @@ class ClassScale:
 @dataclass(frozen=True)
 class FlagPolicy:
     """A flagging decision rule: the statistic it reads and where it flags, and the scale that
-    turns a request's score into the value the statistics average (None: the score itself)."""
+    turns a request's score into the value the statistics average (None: the score itself).
+    ``shift_threshold``: ewma_shift's second threshold, on the window's ``shift`` (the other
+    policies have none)."""
 
     kind: PolicyKind
     threshold: float
@@ -218,6 +243,7 @@ class FlagPolicy:
     window: WindowParams = WindowParams()
     null_rejection_rate: float = 0.05  # p0 of the rejection-rate test
     scale: ClassScale | None = field(default=None, compare=False)
+    shift_threshold: float | None = None
 
     def flag_value(self, score: float, predicted: int) -> float:
         """What a scored request adds to its client's window."""
@@ -234,53 +260,73 @@ class FlagPolicy:
             raise ValueError("min_requests must be at least 1")
         if not 0.0 < self.null_rejection_rate < 1.0:
             raise ValueError("null_rejection_rate must be in (0, 1)")
+        if (self.kind == "ewma_shift") != (self.shift_threshold is not None):
+            raise ValueError("ewma_shift, and only it, needs a shift threshold")
 
     def statistic(self, window: ScoreWindow) -> float:
+        """The policy's first statistic (ewma_shift's: the EWMA; ``shift`` is the window's)."""
+        return self._statistic(self.thresholds()[0][0], window)
+
+    def _statistic(self, kind: StatisticKind, window: ScoreWindow) -> float:
         return float(
             policy_statistic(
-                self.kind,
+                kind,
                 window.scored,
                 window.mean,
                 window.ewma,
                 float(window.rejected),
                 window.cusum,
+                window.shift,
                 self.null_rejection_rate,
                 self.window,
             )
         )
 
     def should_flag(self, window: ScoreWindow) -> bool:
-        """Enough scored requests and the statistic past the threshold."""
+        """Enough scored requests and a statistic past its threshold."""
         if window.scored < self.min_requests:
             return False
-        return crosses(self.kind, self.statistic(window), self.threshold)
+        return any(
+            crosses(kind, self._statistic(kind, window), threshold)
+            for kind, threshold in self.thresholds()
+        )
+
+    def thresholds(self) -> list[tuple[StatisticKind, float]]:
+        """Each statistic the policy reads, with its threshold."""
+        if self.kind == "ewma_shift":
+            assert self.shift_threshold is not None  # __post_init__
+            return [("ewma", self.threshold), ("shift", self.shift_threshold)]
+        return [(self.kind, self.threshold)]
 
 
 def policy_statistic(
-    kind: PolicyKind,
+    kind: StatisticKind,
     scored: int,
     mean: F,
     ewma: F,
     rejected: F,
     cusum: F,
+    shift: F,
     null_rate: float,
     window: WindowParams,
 ) -> F:
-    """The value a policy compares with its threshold."""
-    if kind == "mean":
-        return mean
+    """The value a statistic compares with its threshold."""
     if kind == "ewma":
         return ewma
+    if kind == "mean":
+        return mean
     if kind == "ewma_anchored":
         prior = (1.0 - window.ewma_alpha) ** scored  # the anchor's weight left after n scores
         return prior * window.anchor + (1.0 - prior) * ewma
     if kind == "cusum":
         return cusum
+    if kind == "shift":
+        return shift
     return rejection_glr(scored, rejected, null_rate)
 
 
-def crosses(kind: PolicyKind, statistic: float, threshold: float) -> bool:
-    """Whether ``statistic`` is past ``threshold`` in the policy's suspicious direction."""
+def crosses(kind: StatisticKind, statistic: float, threshold: float) -> bool:
+    """Whether ``statistic`` is past ``threshold`` in the statistic's suspicious direction."""
     return statistic < threshold if kind in _LOW_IS_SUSPICIOUS else statistic > threshold
 
 
@@ -318,8 +364,14 @@ def cusum_reference(flag_values: Values) -> float:
     return float(flag_values.mean() - 0.5 * flag_values.std())
 
 
+def shift_allowance(flag_values: Values) -> float:
+    """Half an honest standard deviation: the shift's allowance, tuned, as the CUSUM's reference,
+    to a drop of one standard deviation (here below the client's own mean)."""
+    return float(0.5 * flag_values.std())
+
+
 def simulate_extremes(
-    kind: PolicyKind,
+    kind: StatisticKind,
     value_paths: Values,
     rejected_paths: npt.NDArray[np.bool_],
     min_requests: int,
@@ -327,7 +379,7 @@ def simulate_extremes(
     null_rate: float,
 ) -> Values:
     """Per client (row of ``value_paths``: its requests' flag values; ``rejected_paths``: whether
-    the service rejected each), the most suspicious value its statistic reaches at or after
+    the service rejected each), the most suspicious value statistic ``kind`` reaches at or after
     ``min_requests`` scored requests: a client is flagged iff it crosses the threshold."""
     clients, horizon = value_paths.shape
     if rejected_paths.shape != value_paths.shape:
@@ -338,21 +390,25 @@ def simulate_extremes(
     ewma = np.zeros(clients)
     rejected = np.zeros(clients)
     cusum = np.zeros(clients)
+    shift = np.zeros(clients)
     low = kind in _LOW_IS_SUSPICIOUS
     extreme = np.full(clients, np.inf if low else -np.inf)
     for step in range(horizon):
-        mean, ewma, rejected, cusum = advance_arrays(
+        mean, ewma, rejected, cusum, shift = advance_arrays(
             step + 1,
             mean,
             ewma,
             rejected,
             cusum,
+            shift,
             value_paths[:, step],
             rejected_paths[:, step].astype(np.float64),
             window,
         )
         if step + 1 >= min_requests:
-            value = policy_statistic(kind, step + 1, mean, ewma, rejected, cusum, null_rate, window)
+            value = policy_statistic(
+                kind, step + 1, mean, ewma, rejected, cusum, shift, null_rate, window
+            )
             extreme = np.minimum(extreme, value) if low else np.maximum(extreme, value)
     return extreme
 
@@ -370,7 +426,8 @@ def calibrate_policy(
 ) -> FlagPolicy:
     """The policy whose threshold flags ``false_flag_rate`` of simulated honest clients within
     ``horizon`` requests (deterministic for a seed); per-class flag values when ``honest`` has
-    its predicted classes."""
+    its predicted classes. A policy of two statistics (ewma_shift) gets a threshold for each at
+    half the rate, on the same simulated clients: together they flag at most the rate."""
     if not 0.0 < false_flag_rate < 1.0:
         raise ValueError(f"false_flag_rate must be in (0, 1), got {false_flag_rate}")
     if honest.scores.size == 0:
@@ -381,27 +438,33 @@ def calibrate_policy(
         ewma_alpha=ewma_alpha,
         cusum_reference=cusum_reference(flag_values),
         anchor=float(flag_values.mean()),
+        shift_allowance=shift_allowance(flag_values),
     )
     null_rate = min(max(honest.rejection_rate, 1e-4), 0.5)
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, honest.scores.size, size=(clients, horizon))
-    extremes = simulate_extremes(
-        kind,
-        flag_values[drawn],
-        honest.scores[drawn] < honest.service_threshold,
-        min_requests,
-        window,
-        null_rate,
-    )
-    level = false_flag_rate if kind in _LOW_IS_SUSPICIOUS else 1.0 - false_flag_rate
-    threshold = float(np.quantile(extremes, level))
+    statistics: tuple[StatisticKind, ...] = ("ewma", "shift") if kind == "ewma_shift" else (kind,)
+    rate = false_flag_rate / len(statistics)
+    thresholds = []
+    for statistic in statistics:
+        extremes = simulate_extremes(
+            statistic,
+            flag_values[drawn],
+            honest.scores[drawn] < honest.service_threshold,
+            min_requests,
+            window,
+            null_rate,
+        )
+        level = rate if statistic in _LOW_IS_SUSPICIOUS else 1.0 - rate
+        thresholds.append(float(np.quantile(extremes, level)))
     return FlagPolicy(
         kind=kind,
-        threshold=threshold,
+        threshold=thresholds[0],
         min_requests=min_requests,
         window=window,
         null_rejection_rate=null_rate,
         scale=scale,
+        shift_threshold=thresholds[1] if len(thresholds) > 1 else None,
     )
 
 

@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 # removed, by separate commands (see RedisTracker).
 
 # KEYS: client hash, flag hash. ARGV: flag value, accepted (1/0), at, alpha, ttl seconds, writer
-# (this tracker's id), seq (this tracker's sequence number of the update), the CUSUM's reference.
+# (this tracker's id), seq (this tracker's sequence number of the update), the CUSUM's reference,
+# the shift's allowance.
 # The window update mirrors app.core.flagging.advance_arrays.
 # Returns the updated fields (floats as strings: Lua numbers would be truncated to integers) and
 # the live flag's time or false; an expired flag is deleted, and a live one's `seen` advanced.
@@ -66,6 +67,7 @@ local alpha = tonumber(ARGV[4])
 local ttl = tonumber(ARGV[5])
 local seq = tonumber(ARGV[7])
 local ref = tonumber(ARGV[8])
+local allowance = tonumber(ARGV[9])
 local f = function(x) return string.format('%.17g', x) end
 local flagged_at = function()
   local fv = redis.call('HMGET', flag, 'at', 'seen', 'reasons')
@@ -79,13 +81,13 @@ local flagged_at = function()
   return fv[1] .. ' ' .. (fv[3] or 'score')
 end
 local v = redis.call('HMGET', key, 'requests', 'accepted', 'rejected', 'scored', 'mean', 'ewma',
-                     'first_seen', 'last_seen', 'w', 'wrej', 'cusum')
+                     'first_seen', 'last_seen', 'w', 'wrej', 'cusum', 'shift')
 if v[9] then
   local writer, last = string.match(v[9], '^(.*):(%d+)$')
   if writer == ARGV[6] and tonumber(last) >= seq then
     return {tonumber(v[1]), tonumber(v[2]), tonumber(v[3]), tonumber(v[4]), f(tonumber(v[5])),
             f(tonumber(v[6])), f(tonumber(v[7])), f(tonumber(v[8])), flagged_at(),
-            tonumber(v[10]) or 0, f(tonumber(v[11]) or 0)}
+            tonumber(v[10]) or 0, f(tonumber(v[11]) or 0), f(tonumber(v[12]) or 0)}
   end
 end
 local requests = (tonumber(v[1]) or 0) + 1
@@ -97,6 +99,8 @@ local mean = tonumber(v[5]) or 0
 local ewma = tonumber(v[6]) or 0
 local wrej = tonumber(v[10]) or 0
 local cusum = tonumber(v[11]) or 0
+local shift = tonumber(v[12]) or 0
+if scored > 1 then shift = math.max(0, shift + (mean - allowance - score)) end
 mean = mean + (score - mean) / scored
 ewma = ewma + alpha / (1 - (1 - alpha) ^ scored) * (score - ewma)
 if acc ~= 1 then wrej = wrej + 1 end
@@ -108,10 +112,10 @@ if at > last_seen then last_seen = at end
 redis.call('HSET', key, 'requests', requests, 'accepted', accepted, 'rejected', rejected,
            'scored', scored, 'mean', f(mean), 'ewma', f(ewma), 'first_seen', f(first_seen),
            'last_seen', f(last_seen), 'w', ARGV[6] .. ':' .. ARGV[7], 'wrej', wrej,
-           'cusum', f(cusum))
+           'cusum', f(cusum), 'shift', f(shift))
 redis.call('EXPIRE', key, ttl)
 return {requests, accepted, rejected, scored, f(mean), f(ewma), f(first_seen), f(last_seen),
-        flagged_at(), wrej, f(cusum)}
+        flagged_at(), wrej, f(cusum), f(shift)}
 """
 
 # KEYS: flag hash. ARGV: at, reason. Sets the flag unless one is there: 1 when this call set it;
@@ -137,7 +141,8 @@ if not seen then return 0 end
 redis.call('DEL', KEYS[2])
 if tonumber(ARGV[1]) - tonumber(seen) > tonumber(ARGV[2]) then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'scored', 0, 'mean', '0', 'ewma', '0', 'wrej', 0, 'cusum', '0')
+  redis.call('HSET', KEYS[1], 'scored', 0, 'mean', '0', 'ewma', '0', 'wrej', 0, 'cusum', '0',
+                  'shift', '0')
 end
 return 1
 """
@@ -302,6 +307,7 @@ class RedisTracker:
                 self._writer,
                 seq,
                 repr(self.policy.window.cusum_reference),
+                repr(self.policy.window.shift_allowance),
             ],
         )
 
@@ -353,6 +359,7 @@ class RedisTracker:
             ewma_score=float(_as_str(raw[5])),
             window_rejected=int(raw[9]),
             cusum=float(_as_str(raw[10])),
+            shift=float(_as_str(raw[11])),
             first_seen=float(_as_str(raw[6])),
             last_seen=float(_as_str(raw[7])),
             flagged=flagged_at is not None,
@@ -463,6 +470,7 @@ class RedisTracker:
             ewma_score=float(get("ewma")),
             window_rejected=int(get("wrej")),
             cusum=float(get("cusum")),
+            shift=float(get("shift")),
             first_seen=float(get("first_seen")),
             last_seen=float(get("last_seen")),
             flagged=flagged_at is not None,

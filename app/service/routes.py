@@ -368,6 +368,7 @@ async def bundle(service: ServiceDep) -> BundleSummary:
         ),
         flag_policy=service.flag_policy.kind,
         flag_threshold=service.flag_policy.threshold if expose else None,
+        flag_shift_threshold=service.flag_policy.shift_threshold if expose else None,
         flag_min_requests=service.flag_policy.min_requests,
         flag_per_class=service.flag_policy.scale is not None,
         class_names=list(manifest.class_names),

@@ -124,8 +124,11 @@ class BundleSummary(_Model):
     threshold: float | None = None  # only with ADVGUARD_EXPOSE_SCORES, like the scores
     operating_retention: float
     threshold_policy: str
-    flag_policy: str  # mean, ewma, ewma_anchored, rejection_rate or cusum (docs/service.md)
+    # mean, ewma, ewma_anchored, rejection_rate, cusum or ewma_shift (docs/service.md)
+    flag_policy: str
     flag_threshold: float | None = None  # on the policy's statistic; only with EXPOSE_SCORES
+    # ewma_shift's second threshold, on the client's shift; only with EXPOSE_SCORES
+    flag_shift_threshold: float | None = None
     flag_min_requests: int
     # the policy averages per-class p-values of the scores (true) or the raw scores (false)
     flag_per_class: bool
@@ -142,6 +145,7 @@ class ClientStatsModel(_Model):
     ewma_score: float
     window_rejected: int
     cusum: float
+    shift: float  # the drop below the client's own mean (the ewma_shift policy's CUSUM)
     first_seen: float
     last_seen: float
     flagged: bool

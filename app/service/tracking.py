@@ -62,11 +62,18 @@ class ClientStats:
     # stateful detector, app/service/stateful.py); a flag set by one reason gains the other's
     # only when query_attack is detected on it (a set flag's score statistic is not re-read)
     flag_reasons: tuple[str, ...] = ()
+    # the window's drop below the client's own mean (ewma_shift's CUSUM, app.core.flagging)
+    shift: float = 0.0
 
     @property
     def window(self) -> ScoreWindow:
         return ScoreWindow(
-            self.scored, self.mean_score, self.ewma_score, self.window_rejected, self.cusum
+            self.scored,
+            self.mean_score,
+            self.ewma_score,
+            self.window_rejected,
+            self.cusum,
+            self.shift,
         )
 
 
@@ -154,6 +161,7 @@ class _Entry:
             flagged=self.flagged_at is not None,
             flagged_at=self.flagged_at,
             flag_reasons=self.flag_reasons,
+            shift=self.window.shift,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ from app.core.flagging import (
     simulate_extremes,
 )
 
-PARAMS = WindowParams(ewma_alpha=0.2, cusum_reference=0.4, anchor=0.5)
+PARAMS = WindowParams(ewma_alpha=0.2, cusum_reference=0.4, anchor=0.5, shift_allowance=0.1)
 
 
 def _window(scores: list[float], threshold: float = 0.2) -> ScoreWindow:
@@ -45,6 +46,8 @@ def test_window_statistics_by_hand() -> None:
     for n, score in ((2, 0.1), (3, 0.3)):
         ewma += 0.2 / (1 - 0.8**n) * (score - ewma)
     assert window.ewma == pytest.approx(ewma)
+    # shift: none at the first; 0 + (0.5 - 0.1 - 0.1) = 0.3; max(0, 0.3 + (0.3 - 0.1 - 0.3)) = 0.2
+    assert window.shift == pytest.approx(0.2)
 
 
 def test_cusum_resets_at_zero_and_forgets_good_traffic() -> None:
@@ -56,16 +59,24 @@ def test_cusum_resets_at_zero_and_forgets_good_traffic() -> None:
 def test_array_update_equals_scalar_update() -> None:
     rng = np.random.default_rng(1)
     paths = rng.uniform(0, 1, size=(5, 12))
-    mean = ewma = rejected = cusum = np.zeros(5)
+    mean = ewma = rejected = cusum = shift = np.zeros(5)
     for step in range(12):
         scores = paths[:, step]
-        mean, ewma, rejected, cusum = advance_arrays(
-            step + 1, mean, ewma, rejected, cusum, scores, (scores < 0.2).astype(float), PARAMS
+        mean, ewma, rejected, cusum, shift = advance_arrays(
+            step + 1,
+            mean,
+            ewma,
+            rejected,
+            cusum,
+            shift,
+            scores,
+            (scores < 0.2).astype(float),
+            PARAMS,
         )
     for i in range(5):
         window = _window(list(paths[i]))
-        assert (window.mean, window.ewma, window.cusum) == pytest.approx(
-            (mean[i], ewma[i], cusum[i])
+        assert (window.mean, window.ewma, window.cusum, window.shift) == pytest.approx(
+            (mean[i], ewma[i], cusum[i], shift[i])
         )
         assert window.rejected == rejected[i]
 
@@ -127,6 +138,39 @@ def test_crossing_direction() -> None:
     assert crosses("ewma", 0.1, 0.2) and crosses("ewma_anchored", 0.1, 0.2)
     assert crosses("cusum", 0.3, 0.2) and not crosses("cusum", 0.1, 0.2)
     assert crosses("rejection_rate", 3.0, 2.0)
+    assert crosses("shift", 3.0, 2.0) and not crosses("shift", 1.0, 2.0)
+
+
+def test_the_shift_follows_the_clients_own_mean_by_brute_force() -> None:
+    """S_n = max(0, S_{n-1} + (mean of the first n - 1 - k - x_n)), none at the first."""
+    rng = np.random.default_rng(8)
+    values = list(rng.random(40))
+    expected = 0.0
+    for n in range(2, len(values) + 1):
+        earlier = sum(values[: n - 1]) / (n - 1)
+        expected = max(0.0, expected + (earlier - PARAMS.shift_allowance - values[n - 1]))
+    assert _window(values).shift == pytest.approx(expected, rel=1e-12)
+    # a steady client, however low its level, banks nothing; a drop below its own level does
+    assert _window([0.1] * 60).shift == 0.0
+    assert _window([0.1] * 60 + [0.0] * 3).shift == 0.0  # within the allowance
+    assert _window([0.6] * 60 + [0.1] * 3).shift > 3 * 0.35
+
+
+def test_ewma_shift_flags_on_either_statistic() -> None:
+    policy = FlagPolicy("ewma_shift", 0.3, min_requests=5, window=PARAMS, shift_threshold=1.0)
+    assert policy.thresholds() == [("ewma", 0.3), ("shift", 1.0)]
+    assert policy.should_flag(_window([0.1] * 5))  # the EWMA: low from the first request
+    honest_then_low = [0.7] * 50 + [0.32] * 4  # the EWMA stays above 0.3; the shift does not
+    assert _window(honest_then_low).ewma > 0.3
+    assert _window(honest_then_low).shift > 1.0
+    assert policy.should_flag(_window(honest_then_low))
+    assert not policy.should_flag(_window([0.7] * 50 + [0.32] * 2))
+    assert not policy.should_flag(_window([0.35] * 100))  # steady, above the EWMA's threshold
+    assert policy.statistic(_window([0.1] * 5)) == pytest.approx(0.1)  # its first: the EWMA
+    with pytest.raises(ValueError):
+        FlagPolicy("ewma_shift", 0.3)  # no shift threshold
+    with pytest.raises(ValueError):
+        FlagPolicy("ewma", 0.3, shift_threshold=1.0)
 
 
 def test_invalid_policies_are_refused() -> None:
@@ -158,28 +202,53 @@ def test_calibration_hits_the_design_false_flag_rate_on_fresh_clients(kind: str)
     assert policy.window.cusum_reference == pytest.approx(scores.mean() - scores.std() / 2)
     assert policy.window.anchor == pytest.approx(scores.mean())
     assert policy.null_rejection_rate == pytest.approx(np.mean(scores < 0.17))
+    if kind == "ewma_shift":
+        assert policy.window.shift_allowance == pytest.approx(scores.std() / 2)
     fresh = np.random.default_rng(99).choice(scores, size=(20_000, 100))
-    extremes = simulate_extremes(
-        policy.kind,
-        fresh,
-        fresh < 0.17,
-        policy.min_requests,
-        policy.window,
-        policy.null_rejection_rate,
-    )
-    flagged = np.mean([crosses(policy.kind, float(v), policy.threshold) for v in extremes])
-    assert 0.012 < flagged < 0.03
+    assert 0.012 < _flagged_share(policy, fresh, 0.17) < 0.03
     # and a client whose scores all sit one honest std lower is flagged by every policy
     shifted = np.clip(fresh[:2000] - 0.18, 0.0, 1.0)
-    extremes = simulate_extremes(
-        policy.kind,
-        shifted,
-        shifted < 0.17,
-        policy.min_requests,
-        policy.window,
-        policy.null_rejection_rate,
-    )
-    assert np.mean([crosses(policy.kind, float(v), policy.threshold) for v in extremes]) > 0.5
+    assert _flagged_share(policy, shifted, 0.17) > 0.5
+
+
+def _flagged_share(policy: FlagPolicy, paths: np.ndarray, service_threshold: float) -> float:
+    """The share of clients (rows: their scores) that any of the policy's statistics flags."""
+    flagged = np.zeros(len(paths), dtype=bool)
+    for statistic, threshold in policy.thresholds():
+        extremes = simulate_extremes(
+            statistic,
+            paths,
+            paths < service_threshold,
+            policy.min_requests,
+            policy.window,
+            policy.null_rejection_rate,
+        )
+        flagged |= [crosses(statistic, float(v), threshold) for v in extremes]
+    return float(flagged.mean())
+
+
+def test_ewma_shift_splits_the_budget_and_sees_a_drop_after_history() -> None:
+    """Each of its thresholds is its statistic's alone at half the rate; a client that turns
+    from honest to one honest std lower after 50 requests is flagged by the shift, while a
+    steady client one honest std lower than the calibration's (raw scores: one class) is
+    flagged no more often by it than designed, and far less often than by the CUSUM."""
+    rng = np.random.default_rng(12)
+    scores = np.clip(rng.normal(0.45, 0.18, 3000), 0.0, 1.0)
+    honest = HonestTraffic(scores, service_threshold=0.17)
+    kwargs = {"false_flag_rate": 0.02, "horizon": 100, "clients": 20_000, "seed": 3}
+    both = calibrate_policy("ewma_shift", honest, **kwargs)  # type: ignore[arg-type]
+    half = {"false_flag_rate": 0.01, "horizon": 100, "clients": 20_000, "seed": 3}
+    assert both.threshold == calibrate_policy("ewma", honest, **half).threshold  # type: ignore[arg-type]
+    assert both.shift_threshold is not None and both.shift_threshold > 0
+    paths = np.random.default_rng(98).choice(scores, size=(2000, 100))
+    turned = paths.copy()
+    turned[:, 50:] = np.clip(turned[:, 50:] - 0.18, 0.0, 1.0)
+    shift_only = replace(both, threshold=-np.inf)
+    assert _flagged_share(shift_only, turned, 0.17) > 0.5
+    steady_low = np.clip(paths - 0.18, 0.0, 1.0)
+    cusum = calibrate_policy("cusum", honest, **kwargs)  # type: ignore[arg-type]
+    assert _flagged_share(shift_only, steady_low, 0.17) < 0.03
+    assert _flagged_share(cusum, steady_low, 0.17) > 0.5
 
 
 # --------------------------------------------------------------------------- per-class values

@@ -275,7 +275,14 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
     argv += ["--warm-ups", "20", "--class-clients", "3"]
     assert advguard_main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["outcomes"]) == {"mean", "ewma", "ewma_anchored", "rejection_rate", "cusum"}
+    assert set(results["outcomes"]) == {
+        "mean",
+        "ewma",
+        "ewma_anchored",
+        "rejection_rate",
+        "cusum",
+        "ewma_shift",
+    }
     assert results["pools"]["fgsm_untargeted"]["images"] == int(fooled.sum()) > 0
     assert results["pools"][HONEST]["images"] == len(split.labels)
     assert results["honest_clients"] == 200 and results["requests"] == 40

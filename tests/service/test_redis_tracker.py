@@ -103,6 +103,15 @@ def _assert_same_result(a: RecordResult, b: RecordResult) -> None:
         flag_policy("cusum", 0.3),
         # read from the same window, started at an honest mean above this client's 0.375
         FlagPolicy("ewma_anchored", 0.42, 3, WindowParams(0.05, 0.35, anchor=0.5)),
+        # flagged by its shift (the EWMA's threshold is out of reach): the drop below the
+        # client's own mean, which the script keeps beside the CUSUM
+        FlagPolicy(
+            "ewma_shift",
+            -1.0,
+            3,
+            WindowParams(0.05, 0.35, shift_allowance=0.05),
+            shift_threshold=0.3,
+        ),
     ],
     ids=lambda p: p.kind,
 )
@@ -123,6 +132,7 @@ def test_trackers_agree(backend: Backend, policy: FlagPolicy) -> None:
         assert a.stats.ewma_score == pytest.approx(b.stats.ewma_score, abs=1e-12)
         assert a.stats.window_rejected == b.stats.window_rejected
         assert a.stats.cusum == pytest.approx(b.stats.cusum, abs=1e-12)
+        assert a.stats.shift == pytest.approx(b.stats.shift, abs=1e-12)
         assert a.stats.flagged == b.stats.flagged
     assert sum(newly) == 1  # every policy above flags this client, once
     stats = red.get("c")
