@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from app.core.flagging import PolicyKind
+from app.core.flagging import FlagPolicy, PolicyKind
 from evaluation.simulate import HONEST, PolicyOutcome, TimeToFlag, wilson_interval
 
 
@@ -17,6 +17,11 @@ def _ttf(t: TimeToFlag) -> str:
         return "never" if v is None else f"{v:.0f}"
 
     return f"{fmt(t.median)} / {fmt(t.p90)} / {100 * t.never_share:.1f}%"
+
+
+def _thresholds(policy: FlagPolicy) -> str:
+    """The policy's thresholds, its own statistic's first (ewma_shift: the EWMA's / the shift's)."""
+    return " / ".join(f"{threshold:.4g}" for _, threshold in policy.thresholds())
 
 
 def outcome_json(outcome: PolicyOutcome) -> dict[str, Any]:
@@ -30,6 +35,8 @@ def outcome_json(outcome: PolicyOutcome) -> dict[str, Any]:
             "cusum_reference": p.window.cusum_reference,
             "anchor": p.window.anchor,
             "null_rejection_rate": p.null_rejection_rate,
+            "shift_allowance": p.window.shift_allowance,
+            "shift_threshold": p.shift_threshold,
         },
         "honest_flagged_within": {str(n): v for n, v in outcome.honest_flagged.items()},
         "honest_flagged_ci95": list(outcome.honest_interval),
@@ -112,7 +119,7 @@ def _honest_flagged_table(
         cells = [f"{100 * o.honest_flagged[n]:.2f}%" for n in [*checkpoints, horizon]]
         mark = " (default)" if kind == default else ""
         lines.append(
-            f"| {kind}{mark} | {o.policy.threshold:.4g} | "
+            f"| {kind}{mark} | {_thresholds(o.policy)} | "
             + " | ".join(cells)
             + f" | {100 * lo:.2f}-{100 * hi:.2f}% |"
         )

@@ -283,12 +283,17 @@ def test_the_simulate_command_replays_every_policy_and_writes_its_results(
         "cusum",
         "ewma_shift",
     }
+    shifted = results["outcomes"]["ewma_shift"]["policy"]
+    assert shifted["shift_threshold"] > 0 and shifted["shift_allowance"] > 0
+    assert results["outcomes"]["ewma"]["policy"]["shift_threshold"] is None
     assert results["pools"]["fgsm_untargeted"]["images"] == int(fooled.sum()) > 0
     assert results["pools"][HONEST]["images"] == len(split.labels)
     assert results["honest_clients"] == 200 and results["requests"] == 40
     assert results["default_policy"] in results["outcomes"]
     assert results["flag_per_class"] is True  # the demo bundle has its scores' classes
     table = (out / "table.md").read_text()
+    both = f"{shifted['threshold']:.4g} / {shifted['shift_threshold']:.4g}"
+    assert f"| ewma_shift | {both} |" in table or f"| ewma_shift (default) | {both} |" in table
     assert "average each request's per-class p-value" in table
     assert f"| {split.classes[0]} | " in table  # honest test photos by true class
     assert set(results["honest_by_class"]) == set(split.classes)
