@@ -66,9 +66,11 @@ FLAG_POLICIES: tuple[PolicyKind, ...] = get_args(PolicyKind)
 _LOW_IS_SUSPICIOUS: frozenset[StatisticKind] = frozenset({"mean", "ewma", "ewma_anchored"})
 
 # chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle's per-class
-# values (on raw scores, which bundles without the classes use, the rule would pick rejection_rate;
-# the default stays one constant so that those bundles behave as before)
-DEFAULT_POLICY: PolicyKind = "ewma"
+# values: ewma until 2026-12-06, when ewma_shift was added as a candidate (rule 762b32e, fixed
+# before its first run) and the rule picked it (on raw scores, which bundles without the classes
+# use, the rule picked rejection_rate when last run, with round 3's bundle, before ewma_shift;
+# the default stays one constant)
+DEFAULT_POLICY: PolicyKind = "ewma_shift"
 DEFAULT_MIN_REQUESTS = 10
 DEFAULT_EWMA_ALPHA = 0.05
 DEFAULT_FALSE_FLAG_RATE = 0.001
