@@ -390,29 +390,15 @@ def simulate_extremes(
         raise ValueError("one rejection per flag value is needed")
     if horizon < min_requests:
         raise ValueError("the horizon is shorter than min_requests")
-    mean = np.zeros(clients)
-    ewma = np.zeros(clients)
-    rejected = np.zeros(clients)
-    cusum = np.zeros(clients)
-    shift = np.zeros(clients)
+    # mean, ewma, rejected, cusum, shift: one array of clients each
+    state: tuple[Values, Values, Values, Values, Values] = (np.zeros(clients),) * 5
     low = kind in _LOW_IS_SUSPICIOUS
     extreme = np.full(clients, np.inf if low else -np.inf)
     for step in range(horizon):
-        mean, ewma, rejected, cusum, shift = advance_arrays(
-            step + 1,
-            mean,
-            ewma,
-            rejected,
-            cusum,
-            shift,
-            value_paths[:, step],
-            rejected_paths[:, step].astype(np.float64),
-            window,
-        )
+        rejected_now = rejected_paths[:, step].astype(np.float64)
+        state = advance_arrays(step + 1, *state, value_paths[:, step], rejected_now, window)
         if step + 1 >= min_requests:
-            value = policy_statistic(
-                kind, step + 1, mean, ewma, rejected, cusum, shift, null_rate, window
-            )
+            value = policy_statistic(kind, step + 1, *state, null_rate, window)
             extreme = np.minimum(extreme, value) if low else np.maximum(extreme, value)
     return extreme
 

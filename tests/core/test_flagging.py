@@ -59,20 +59,11 @@ def test_cusum_resets_at_zero_and_forgets_good_traffic() -> None:
 def test_array_update_equals_scalar_update() -> None:
     rng = np.random.default_rng(1)
     paths = rng.uniform(0, 1, size=(5, 12))
-    mean = ewma = rejected = cusum = shift = np.zeros(5)
+    state = (np.zeros(5),) * 5  # mean, ewma, rejected, cusum, shift
     for step in range(12):
         scores = paths[:, step]
-        mean, ewma, rejected, cusum, shift = advance_arrays(
-            step + 1,
-            mean,
-            ewma,
-            rejected,
-            cusum,
-            shift,
-            scores,
-            (scores < 0.2).astype(float),
-            PARAMS,
-        )
+        state = advance_arrays(step + 1, *state, scores, (scores < 0.2).astype(float), PARAMS)
+    mean, ewma, rejected, cusum, shift = state
     for i in range(5):
         window = _window(list(paths[i]))
         assert (window.mean, window.ewma, window.cusum, window.shift) == pytest.approx(
