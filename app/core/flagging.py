@@ -67,9 +67,9 @@ _LOW_IS_SUSPICIOUS: frozenset[StatisticKind] = frozenset({"mean", "ewma", "ewma_
 
 # chosen by the rule in evaluation/simulate.py:choose_default, on the v2 demo bundle's per-class
 # values: ewma until 2026-12-06, when ewma_shift was added as a candidate (rule 762b32e, fixed
-# before its first run) and the rule picked it (on raw scores, which bundles without the classes
-# use, the rule picked rejection_rate when last run, with round 3's bundle, before ewma_shift;
-# the default stays one constant)
+# before its first run) and the rule picked it. On raw scores, which bundles without the classes
+# use, no policy meets the rule's one-class budget (the same day), and ewma_shift flags the
+# fewest one-class clients of the six: the default stays one constant
 DEFAULT_POLICY: PolicyKind = "ewma_shift"
 DEFAULT_MIN_REQUESTS = 10
 DEFAULT_EWMA_ALPHA = 0.05
