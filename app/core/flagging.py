@@ -363,15 +363,16 @@ class HonestTraffic:
         return scale.held_out_values(self.scores.astype(np.float64), self.predictions)
 
 
+def shift_allowance(flag_values: Values) -> float:
+    """Half an honest standard deviation: the allowance of a CUSUM tuned to a drop of one
+    standard deviation (the shift's, below the client's own mean; the CUSUM's, below the honest
+    mean: ``cusum_reference``)."""
+    return float(0.5 * flag_values.std())
+
+
 def cusum_reference(flag_values: Values) -> float:
     """Honest mean minus half an honest standard deviation: a CUSUM tuned to a 1-sigma drop."""
-    return float(flag_values.mean() - 0.5 * flag_values.std())
-
-
-def shift_allowance(flag_values: Values) -> float:
-    """Half an honest standard deviation: the shift's allowance, tuned, as the CUSUM's reference,
-    to a drop of one standard deviation (here below the client's own mean)."""
-    return float(0.5 * flag_values.std())
+    return float(flag_values.mean() - shift_allowance(flag_values))
 
 
 def simulate_extremes(
@@ -433,17 +434,14 @@ def calibrate_policy(
     null_rate = min(max(honest.rejection_rate, 1e-4), 0.5)
     rng = np.random.default_rng(seed)
     drawn = rng.integers(0, honest.scores.size, size=(clients, horizon))
+    value_paths = flag_values[drawn]
+    rejected_paths = honest.scores[drawn] < honest.service_threshold
     statistics: tuple[StatisticKind, ...] = ("ewma", "shift") if kind == "ewma_shift" else (kind,)
     rate = false_flag_rate / len(statistics)
     thresholds = []
     for statistic in statistics:
         extremes = simulate_extremes(
-            statistic,
-            flag_values[drawn],
-            honest.scores[drawn] < honest.service_threshold,
-            min_requests,
-            window,
-            null_rate,
+            statistic, value_paths, rejected_paths, min_requests, window, null_rate
         )
         level = rate if statistic in _LOW_IS_SUSPICIOUS else 1.0 - rate
         thresholds.append(float(np.quantile(extremes, level)))
