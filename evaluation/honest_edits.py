@@ -29,9 +29,10 @@ import torch
 from PIL import Image, ImageEnhance
 
 from app.core.guard import Guard
+from app.core.images import encode_image, jpeg_round_trip
 from app.core.models import PreprocessingPreset
 from evaluation.data import load_split
-from evaluation.honest_traffic import as_served, encode, reencoded, to_pil
+from evaluation.honest_traffic import as_served, to_pil
 from evaluation.options import add_photo_study_arguments, checked_photo_count
 from evaluation.simulate import wilson_interval
 
@@ -39,7 +40,7 @@ COMMAND = "python -m evaluation.honest_edits"
 
 
 def _jpeg(quality: int) -> Callable[[Image.Image], Image.Image]:
-    return lambda p: reencoded(p, quality)
+    return lambda p: jpeg_round_trip(p, quality)
 
 
 def _scale(factor: float) -> Callable[[Image.Image], Image.Image]:
@@ -112,8 +113,8 @@ EDITS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "sensor noise 4": _sensor_noise(4.0),
     # the same noise as a camera would store it: then a JPEG at quality 95 with 4:2:0 colour
     # subsampling (Pillow's default), which smooths the colour channels' part of it
-    "sensor noise 2, JPEG 95": lambda p: reencoded(_sensor_noise(2.0)(p), 95),
-    "sensor noise 4, JPEG 95": lambda p: reencoded(_sensor_noise(4.0)(p), 95),
+    "sensor noise 2, JPEG 95": lambda p: jpeg_round_trip(_sensor_noise(2.0)(p), 95),
+    "sensor noise 4, JPEG 95": lambda p: jpeg_round_trip(_sensor_noise(4.0)(p), 95),
 }
 
 
@@ -130,7 +131,7 @@ class EditRow:
 def served_edits(photos: np.ndarray, preset: PreprocessingPreset) -> dict[str, np.ndarray]:
     """Per edit, the (n, 3, H, W) uint8 pixels the service would compute from the edited PNG."""
     return {
-        name: np.stack([as_served(encode(edit(to_pil(p)), None), preset) for p in photos])
+        name: np.stack([as_served(encode_image(edit(to_pil(p)), None), preset) for p in photos])
         for name, edit in EDITS.items()
     }
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from app.core.features import image_to_pixels
-from app.core.images import decode_image
+from app.core.images import decode_image, encode_image, jpeg_round_trip
 from app.core.models import PreprocessingPreset
 from evaluation.data import eight_bit
 
@@ -43,21 +43,6 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0)), mode="RGB")
 
 
-def encode(image: Image.Image, quality: int | None) -> bytes:
-    """The uploaded file: PNG when ``quality`` is None, else JPEG at that quality."""
-    buffer = io.BytesIO()
-    if quality is None:
-        image.save(buffer, format="PNG")
-    else:
-        image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def reencoded(picture: Image.Image, quality: int) -> Image.Image:
-    """The picture after a round trip through JPEG at ``quality``."""
-    return Image.open(io.BytesIO(encode(picture, quality))).convert("RGB")
-
-
 def as_served(data: bytes, preset: PreprocessingPreset) -> np.ndarray:
     """An upload as the service sees it: decoded and preprocessed like ``POST /classify``,
     8-bit (exact for CIFAR's 32x32 preset)."""
@@ -69,7 +54,7 @@ def stored(pixels: np.ndarray, quality: int | None, preset: PreprocessingPreset)
     """(n, 3, H, W) float images in [0, 1] (adversarials) -> the 8-bit pixels the service
     decodes from each one's file (PNG when ``quality`` is None, else a JPEG at that quality)."""
     files = eight_bit(pixels)
-    return np.stack([as_served(encode(to_pil(image), quality), preset) for image in files])
+    return np.stack([as_served(encode_image(to_pil(image), quality), preset) for image in files])
 
 
 def edit(image: np.ndarray, kind: Edit, rng: np.random.Generator) -> Image.Image:
@@ -77,7 +62,7 @@ def edit(image: np.ndarray, kind: Edit, rng: np.random.Generator) -> Image.Image
     picture = to_pil(image)
     width, height = picture.size
     if kind == "jpeg":
-        return reencoded(picture, int(rng.choice(JPEG_QUALITIES)))
+        return jpeg_round_trip(picture, int(rng.choice(JPEG_QUALITIES)))
     if kind == "crop":
         side = int(rng.integers(int(0.75 * min(width, height)), min(width, height)))
         left = int(rng.integers(0, width - side + 1))
@@ -101,7 +86,7 @@ def edited_upload(
     image: np.ndarray, rng: np.random.Generator, preset: PreprocessingPreset
 ) -> np.ndarray:
     kind: Edit = EDITS[int(rng.integers(len(EDITS)))]
-    return as_served(encode(edit(image, kind, rng), upload_quality(rng)), preset)
+    return as_served(encode_image(edit(image, kind, rng), upload_quality(rng)), preset)
 
 
 @dataclass(frozen=True)
@@ -131,9 +116,9 @@ def viral_versions(
     """The versions of a viral photo in circulation: the original PNG, re-encodings at a few
     qualities, and edited copies (a resize, a crop, ...)."""
     picture = to_pil(image)
-    versions = [as_served(encode(picture, None), preset)]
+    versions = [as_served(encode_image(picture, None), preset)]
     for quality in (90, 75):
-        versions.append(as_served(encode(picture, quality), preset))
+        versions.append(as_served(encode_image(picture, quality), preset))
     while len(versions) < count:
         versions.append(edited_upload(image, rng, preset))
     return versions[:count]
@@ -147,7 +132,7 @@ def honest_clients(
     n = len(pixels)
 
     def served(row: int) -> np.ndarray:
-        return as_served(encode(to_pil(pixels[row]), None), preset)
+        return as_served(encode_image(to_pil(pixels[row]), None), preset)
 
     out: dict[TrafficKind, list[list[HonestQuery]]] = {kind: [] for kind in TRAFFIC_KINDS}
     for c in range(plan.clients):

@@ -181,8 +181,9 @@ def model_stage(options: EvaluateOptions, log: Log) -> ModelUnderTest:
     except ModelLoadError:
         blocks = ()
     # every layer a statistic of any configuration may read; for the CIFAR models also the
-    # second passes of `v2-flip` and `v2-median` (the classifier attacks read the first pass
-    # only; an adaptive attack runs the second passes its surrogates read, and differentiates them)
+    # second passes of `v2-flip`, `v2-median` and round 12's JPEG margin (the classifier
+    # attacks read the first pass only; an adaptive attack runs the second passes its
+    # surrogates read, and differentiates them)
     pseudo = [*PIXEL_LAYERS, *(SECOND_PASS_LAYERS if info.family == "cifar" else ())]
     layers = list(
         dict.fromkeys([*stages, *blocks, logits_layer(model), *pseudo, *base_guard.layers])

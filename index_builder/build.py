@@ -498,10 +498,10 @@ TOO_FEW_TO_SPLIT = "too few held-out images to split into reference and threshol
 
 def second_pass_entries(config: BuildConfig, entries: list[Entry]) -> np.ndarray:
     """The source's images whose second passes are computed, where the detector reads
-    ``flip.logits`` or ``median.logits``: the held-out ones, and none when calibration has a
-    source of its own (whose images all get them). Only calibration reads those logits (the margin
-    statistics fit nothing on the indexed images), and skipping them spares a second forward
-    pass over the whole training set (ILSVRC's 1.28M images)."""
+    ``flip.logits``, ``median.logits`` or ``jpeg.logits``: the held-out ones, and none when
+    calibration has a source of its own (whose images all get them). Only calibration reads
+    those logits (the margin statistics fit nothing on the indexed images), and skipping them
+    spares a second forward pass over the whole training set (ILSVRC's 1.28M images)."""
     if config.calibration_source is not None:
         return np.zeros(len(entries), dtype=bool)
     return holdout_mask(entries, config.holdout_fraction, config.seed)

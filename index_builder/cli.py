@@ -81,7 +81,8 @@ def _add_detector_arguments(group: Options) -> None:
         "mahalanobis, flip.logits, the mirrored image's logits, for margin, or for doubt_margin: "
         "the same margin read only where the first pass's margin is below its held-out 20%% "
         "quantile), median.logits, the logits of the image median-filtered over 2x2 pixels, "
-        "for margin; repeatable; overrides --detector",
+        "and jpeg.logits, those of the image stored as a JPEG at quality 75, for margin; "
+        "repeatable; overrides --detector",
     )
     group.add_argument(
         "--combination",

@@ -8,9 +8,10 @@ A statistic is written ``kind@layer``: ``vote@layer3.2``, ``mahalanobis@layer1.0
 pseudo-layer of the input pixels' high-pass energy (``app.core.features.PixelHighPass``),
 ``pixels.loghighpass`` its logarithm and ``pixels.chromahighpass`` the same filters over the
 colour channels (``ChromaHighPass``), for ``mahalanobis``; ``flip.logits`` the logits of the
-mirrored image (a second forward pass), for ``margin`` (the flip margin), and ``median.logits``
+mirrored image (a second forward pass), for ``margin`` (the flip margin), ``median.logits``
 those of the image median-filtered over 2x2 pixels (another), for ``margin`` (the median
-margin).
+margin), and ``jpeg.logits`` those of the image stored as a JPEG at quality 75 and decoded
+(another), for ``margin`` (the JPEG margin).
 
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
@@ -82,6 +83,10 @@ DOUBT_STATISTIC = "doubt_margin@flip.logits"
 # (``app.core.features.median_filter_2x2``; feature squeezing, Xu et al. 2018), a second
 # forward pass for every image.
 MEDIAN_STATISTIC = "margin@median.logits"
+# Round 12's: the predicted class's logit margin on the image stored as a JPEG at quality 75 and
+# decoded (``app.core.features.jpeg_squeeze``; Das et al. 2017), a second forward pass for
+# every image.
+JPEG_STATISTIC = "margin@jpeg.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule, round 11 (evaluation/results/selection-11/):
@@ -169,11 +174,22 @@ _ROUND_10_ADDITIONS: dict[str, tuple[str, ...]] = {
     "+med": (MEDIAN_STATISTIC,),
     "+cn+med": (CHROMA_STATISTIC, MEDIAN_STATISTIC),
 }
+# Round 12: round 5's sets, each also with the JPEG margin (+jq), and with the colour noise and
+# it (+cn+jq), listed after round 10's.
+_ROUND_12_ADDITIONS: dict[str, tuple[str, ...]] = {
+    "+jq": (JPEG_STATISTIC,),
+    "+cn+jq": (CHROMA_STATISTIC, JPEG_STATISTIC),
+}
 CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_5_STATISTICS,
     **{
         f"{name}{suffix}": (*stats, *added)
-        for additions in (_ROUND_6_ADDITIONS, _ROUND_8_ADDITIONS, _ROUND_10_ADDITIONS)
+        for additions in (
+            _ROUND_6_ADDITIONS,
+            _ROUND_8_ADDITIONS,
+            _ROUND_10_ADDITIONS,
+            _ROUND_12_ADDITIONS,
+        )
         for suffix, added in additions.items()
         for name, stats in _ROUND_5_STATISTICS.items()
     },
@@ -185,8 +201,9 @@ DEFAULT_PRESET = "v2"
 def forward_passes(statistics: tuple[str, ...]) -> float:
     """How many forward passes of the classifier a detector costs per authentic image: one,
     and for each second pass it reads (the mirrored image's logits, the median-filtered
-    image's) one more, or for the mirror the ``DOUBTED_SHARE`` of one when only a
-    ``doubt_margin`` reads it (the network mirrors just the doubted queries)."""
+    image's, the JPEG-squeezed image's) one more, or for the mirror the ``DOUBTED_SHARE`` of
+    one when only a ``doubt_margin`` reads it (the network mirrors just the doubted
+    queries)."""
     passes = 1.0
     for layer in SECOND_PASS_LAYERS:
         kinds = {s.partition("@")[0] for s in statistics if s.endswith("@" + layer)}

@@ -274,9 +274,8 @@ def extract_features(
     """Fill ``store`` with the features of every entry, skipping chunks already on disk.
 
     ``second_pass`` (a boolean per entry) limits the second passes of a network that reads
-    ``flip.logits`` or ``median.logits`` to those entries (``FeatureNetwork.forward``'s
-    ``second_pass_only``); None:
-    every entry."""
+    ``flip.logits``, ``median.logits`` or ``jpeg.logits`` to those entries
+    (``FeatureNetwork.forward``'s ``second_pass_only``); None: every entry."""
     pending_chunks = [c for c in range(store.n_chunks) if not store.is_done(c)]
     reused = store.n_chunks - len(pending_chunks)
     positions = [p for c in pending_chunks for p in store.span(c)]

@@ -6,7 +6,7 @@ pass gives the logits and the globally average pooled activations of each reques
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -21,8 +21,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from app.core.errors import ConfigError, ModelLoadError
-from app.core.images import to_rgb
+from app.core.images import jpeg_round_trip, to_rgb
 from app.core.models import PreprocessingPreset
+from app.core.stateful.hashes import eight_bit
 
 # Arithmetic of the model's forward pass: "fp32", or autocast to bfloat16 / float16 (matmuls and
 # convolutions in the lower precision, reductions in float32). Search never runs under it.
@@ -114,7 +115,11 @@ FLIPPED_LOGITS = "flip.logits"
 # for ``margin@median.logits`` (the median margin, in the ``v2-median`` preset): another second
 # pass, on every image.
 MEDIAN_LOGITS = "median.logits"
-SECOND_PASS_LAYERS: tuple[str, ...] = (FLIPPED_LOGITS, MEDIAN_LOGITS)
+# The classifier's logits on the image stored as a JPEG at ``JPEG_SQUEEZE_QUALITY`` and decoded
+# (``jpeg_squeeze``), for ``margin@jpeg.logits`` (the JPEG margin, selection round 12): another
+# second pass, on every image.
+JPEG_LOGITS = "jpeg.logits"
+SECOND_PASS_LAYERS: tuple[str, ...] = (FLIPPED_LOGITS, MEDIAN_LOGITS, JPEG_LOGITS)
 PSEUDO_LAYERS: tuple[str, ...] = (*PIXEL_LAYERS, *SECOND_PASS_LAYERS)
 # About a quarter of a grey level of mean energy: below it an image is flat for this statistic,
 # and a flat image's log stays finite. Fixed with the selection rule (round 5), not tuned.
@@ -135,6 +140,46 @@ def median_filter_2x2(pixels: torch.Tensor) -> torch.Tensor:
     padded = F.pad(pixels, (1, 0, 1, 0), mode="replicate")
     windows = padded.unfold(2, 2, 1).unfold(3, 2, 1)  # N x C x H x W x 2 x 2
     return windows.reshape(*pixels.shape, 4).sort(dim=-1).values[..., 2]
+
+
+# Fixed with selection round 12's rule, not tuned: the stored-adversarial study's "JPEG 75" edit,
+# and the quality the CIFAR-10 files were stored at (libjpeg's quantisation tables at 75).
+JPEG_SQUEEZE_QUALITY = 75
+
+
+def jpeg_squeeze(pixels: torch.Tensor, quality: int = JPEG_SQUEEZE_QUALITY) -> torch.Tensor:
+    """NxCxHxW RGB pixels in [0, 1] -> the same shape: each image rounded to 8 bits as an upload
+    is, stored as a JPEG at ``quality`` (``images.jpeg_round_trip``: Pillow's libjpeg, 4:2:0)
+    and decoded, as ``image_to_pixels`` reads 8-bit values. On the host whatever the device
+    (libjpeg), one image at a time.
+
+    Why: the JPEG squeezer (Das et al. 2017). The fine perturbation that carries an adversarial
+    over a decision boundary is largely quantised away, even after the attacker's own JPEG at a
+    higher quality, while photos keep their class about as often as they had it right (the
+    stored-adversarial and honest-edit studies, evaluation/README.md).
+
+    Not differentiable: with a gradient wanted, the values are the round trip's and the gradient
+    passes straight through (BPDA, Athalye et al. 2018), so an adaptive attack can read
+    through it (the values then within float rounding of the round trip's)."""
+    images = eight_bit(pixels.detach().float().cpu().numpy())
+    decoded = [
+        eight_bit_to_pixels(
+            np.asarray(jpeg_round_trip(Image.fromarray(image.transpose(1, 2, 0)), quality))
+        )
+        for image in images
+    ]
+    squeezed = torch.stack(decoded).to(device=pixels.device, dtype=pixels.dtype)
+    if not pixels.requires_grad:
+        return squeezed
+    return pixels + (squeezed - pixels).detach()
+
+
+# Each second pass's image of the first pass's pixels.
+_SECOND_PASS_IMAGES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    FLIPPED_LOGITS: lambda pixels: pixels.flip(-1),
+    MEDIAN_LOGITS: median_filter_2x2,
+    JPEG_LOGITS: jpeg_squeeze,
+}
 
 
 class PixelHighPass(nn.Module):
@@ -334,10 +379,10 @@ class FeatureNetwork(nn.Module):
         logits: torch.Tensor,
         only: torch.Tensor | None,
     ) -> torch.Tensor:
-        """The logits of the mirrored (``flip.logits``) or median-filtered (``median.logits``)
-        images: of every one, or for the mirror (``mirror_below``) of those the first pass
-        doubts, within ``only`` where given, NaN elsewhere; a batch without such a row costs no
-        second pass."""
+        """The logits of the mirrored (``flip.logits``), median-filtered (``median.logits``) or
+        JPEG-squeezed (``jpeg.logits``) images: of every one, or for the mirror
+        (``mirror_below``) of those the first pass doubts, within ``only`` where given, NaN
+        elsewhere; a batch without such a row costs no second pass."""
         wanted = None if only is None else only.to(logits.device, torch.bool)
         if self.mirror_below is not None and layer == FLIPPED_LOGITS:
             top_two = logits.detach().float().topk(2, dim=1).values
@@ -347,7 +392,7 @@ class FeatureNetwork(nn.Module):
         chosen = pixels if rows is None else pixels[rows]
         if chosen.shape[0] == 0:
             return torch.full(logits.shape, torch.nan, dtype=torch.float32, device=logits.device)
-        transformed = chosen.flip(-1) if layer == FLIPPED_LOGITS else median_filter_2x2(chosen)
+        transformed = _SECOND_PASS_IMAGES[layer](chosen)
         with self._autocast():
             second = global_average_pool(self.model(self._normalise(transformed)))
         if rows is None:

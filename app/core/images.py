@@ -144,3 +144,20 @@ def _eight_bit_gray(image: Image.Image) -> Image.Image:
     np.rint(values, out=values)
     np.clip(values, 0, 255, out=values)
     return Image.fromarray(values.astype(np.uint8))
+
+
+def encode_image(image: Image.Image, quality: int | None) -> bytes:
+    """An image as the file a client uploads: PNG when ``quality`` is None (lossless), else a
+    JPEG at that quality with Pillow's (libjpeg's) defaults, 4:2:0 colour subsampling."""
+    buffer = io.BytesIO()
+    if quality is None:
+        image.save(buffer, format="PNG")
+    else:
+        image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def jpeg_round_trip(image: Image.Image, quality: int) -> Image.Image:
+    """The image after a round trip through a JPEG file at ``quality`` (``encode_image``),
+    decoded to RGB: a client's re-encoding, or the JPEG squeezer's (``features.jpeg_squeeze``)."""
+    return Image.open(io.BytesIO(encode_image(image, quality))).convert("RGB")

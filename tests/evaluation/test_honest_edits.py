@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from app.core.guard import Guard
+from app.core.images import encode_image
 from evaluation import honest_edits
-from evaluation.honest_traffic import as_served, encode, to_pil
+from evaluation.honest_traffic import as_served, to_pil
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE, REPO
 
 EXAMPLES = REPO / "app" / "service" / "static" / "examples"
@@ -43,7 +44,9 @@ def test_judge_counts_decisions_of_the_bundle_itself():
     photos = np.stack(
         [np.asarray(Image.open(p).convert("RGB")).transpose(2, 0, 1) for p in examples]
     )
-    served = {"none": np.stack([as_served(encode(to_pil(p), None), guard.preset) for p in photos])}
+    served = {
+        "none": np.stack([as_served(encode_image(to_pil(p), None), guard.preset) for p in photos])
+    }
     np.testing.assert_array_equal(served["none"], photos)  # a 32x32 PNG is served as it is
     verdicts = guard.classify_pixels(torch.from_numpy(photos.astype(np.float32) / 255.0))
     accepted = np.array([v.accepted for v in verdicts])
@@ -66,7 +69,7 @@ def test_palette_and_grayscale_edits_are_served_as_such():
     preset = Guard.load(DEMO_BUNDLE, device="cpu").preset
 
     def served(edit: str, photo: np.ndarray) -> np.ndarray:
-        return as_served(encode(honest_edits.EDITS[edit](to_pil(photo)), None), preset)
+        return as_served(encode_image(honest_edits.EDITS[edit](to_pil(photo)), None), preset)
 
     def colours(pixels: np.ndarray) -> int:
         return int(np.unique(pixels.reshape(3, -1), axis=1).shape[1])

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 from app.core.guard import Guard
+from app.core.images import encode_image
 from evaluation.honest_traffic import (
     HonestQuery,
     as_served,
-    encode,
     interleave,
     stored,
     to_pil,
@@ -20,9 +20,9 @@ def test_honest_queries_are_what_the_service_sees(
     guard: Guard, labelled: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images, _ = labelled
-    png = as_served(encode(to_pil(images[0]), None), guard.preset)
+    png = as_served(encode_image(to_pil(images[0]), None), guard.preset)
     assert np.array_equal(png, images[0])  # a 32x32 PNG passes unchanged
-    big = as_served(encode(to_pil(images[0]).resize((64, 64)), 90), guard.preset)
+    big = as_served(encode_image(to_pil(images[0]).resize((64, 64)), 90), guard.preset)
     assert big.shape == (3, 32, 32) and big.dtype == np.uint8
 
 

@@ -11,6 +11,7 @@ import pytest
 from evaluation.options import EvaluateOptions, quick_options
 from evaluation.selection import (
     FLIP_PRESET,
+    JPEG_PRESET,
     MAX_BUNDLE_BYTES,
     MEDIAN_PRESET,
     SELECTION_ATTACKS,
@@ -25,6 +26,7 @@ from index_builder.detectors import (
     CHROMA_STATISTIC,
     DOUBT_STATISTIC,
     FLIP_STATISTIC,
+    JPEG_STATISTIC,
     MEDIAN_STATISTIC,
     candidate_presets,
     forward_passes,
@@ -87,7 +89,7 @@ def test_the_default_may_read_the_mirror_for_the_doubted_fifth():
 
 def test_round_six_candidates_add_the_colour_noise_the_flip_margin_and_both():
     presets = candidate_presets()
-    assert len(presets) == 8 * 33 * 3  # round 5's 33 statistic sets, alone and with each addition
+    assert len(presets) == 10 * 33 * 3  # round 5's 33 statistic sets, alone and with each addition
     v2 = presets["maha-stages+margin+hp-hmp"].statistics
     assert presets["maha-stages+margin+hp+cn-hmp"].statistics == (*v2, CHROMA_STATISTIC)
     assert presets["maha-stages+margin+hp+flip-hmp"].statistics == (*v2, FLIP_STATISTIC)
@@ -105,8 +107,8 @@ def test_round_ten_candidates_add_the_median_margin_and_it_with_the_colour_noise
     so never the default), and with the colour noise too, listed after round 8's."""
     presets = candidate_presets()
     names = list(presets)
-    assert all("med" in n for n in names[6 * 33 * 3 :])
-    assert not any("med" in n for n in names[: 6 * 33 * 3])
+    assert all("med" in n for n in names[6 * 33 * 3 : 8 * 33 * 3])
+    assert not any("med" in n for n in names[: 6 * 33 * 3] + names[8 * 33 * 3 :])
     v2 = presets["knn-last+margin+hp-hmp"].statistics
     assert presets["knn-last+margin+hp+med-hmp"].statistics == (*v2, MEDIAN_STATISTIC)
     both = presets["knn-last+margin+hp+cn+med-fisher"].statistics
@@ -120,10 +122,33 @@ def test_round_ten_candidates_add_the_median_margin_and_it_with_the_colour_noise
     assert choose(scored, one_pass=False).candidate == "knn-last+margin+hp+med-hmp"
 
 
+def test_round_twelve_candidates_add_the_jpeg_margin_and_it_with_the_colour_noise():
+    """Round 12: each of round 5's sets with the JPEG margin (a second pass for every image, so
+    never the default), and with the colour noise too, listed last: an exact tie keeps the
+    earlier rounds' candidates."""
+    presets = candidate_presets()
+    names = list(presets)
+    assert len(names) == 10 * 33 * 3
+    assert all("+jq" in n for n in names[8 * 33 * 3 :])
+    assert not any("jq" in n for n in names[: 8 * 33 * 3])
+    base = presets["maha-stages+margin+hp-hmp"].statistics
+    assert presets["maha-stages+margin+hp+jq-hmp"].statistics == (*base, JPEG_STATISTIC)
+    both = presets["maha-stages+margin+hp+cn+jq-min_p"].statistics
+    assert both == (*base, CHROMA_STATISTIC, JPEG_STATISTIC)
+    assert forward_passes(both) == 2
+    assert forward_passes((*both, DOUBT_STATISTIC)) == 2.2
+    assert forward_passes((*both, MEDIAN_STATISTIC)) == 3
+    scored = [_score("maha-stages+margin+hp+jq-hmp", 0.01, 5, passes=2), _score("one", 0.2, 4)]
+    assert choose(scored).candidate == "one"
+    assert choose(scored, one_pass=False).candidate == "maha-stages+margin+hp+jq-hmp"
+
+
 def test_the_best_at_any_cost_names_the_opt_in_preset_it_becomes():
-    """Rounds 6-10: the median margin makes it ``v2-median`` (``v2-flip`` then keeps the earlier
-    rounds' choice), the flip margin alone ``v2-flip``, a 1.2-pass winner neither."""
+    """Rounds 6-12: the JPEG margin makes it ``v2-jpeg``, the median margin ``v2-median`` (the
+    others then keep the earlier rounds' choices), the flip margin alone ``v2-flip``, a 1.2-pass
+    winner none."""
     cases = {
+        ("maha-stages+margin+hp+cn+jq-hmp", 2): {JPEG_PRESET: "maha-stages+margin+hp+cn+jq-hmp"},
         ("maha-stages+margin+hp+cn+med-hmp", 2): {
             MEDIAN_PRESET: "maha-stages+margin+hp+cn+med-hmp"
         },
@@ -134,7 +159,7 @@ def test_the_best_at_any_cost_names_the_opt_in_preset_it_becomes():
     }
     for (candidate, passes), named in cases.items():
         got = opt_in_presets(_score(candidate, 0.1, 6, passes=passes))
-        assert got == {FLIP_PRESET: None, MEDIAN_PRESET: None, **named}
+        assert got == {FLIP_PRESET: None, MEDIAN_PRESET: None, JPEG_PRESET: None, **named}
 
 
 def test_choose_breaks_ties_by_fewer_statistics_then_order():

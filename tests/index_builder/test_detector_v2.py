@@ -15,7 +15,7 @@ from app.core.bundle import read_manifest
 from app.core.calibration import threshold_for_retention
 from app.core.cifar_resnet import cifar_resnet
 from app.core.errors import BundleError
-from app.core.features import median_filter_2x2
+from app.core.features import jpeg_squeeze, median_filter_2x2
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.manifest import Manifest
@@ -394,13 +394,14 @@ def _second_pass_margins(
     [
         ("v2-flip", "flip.logits", lambda pixels: pixels.flip(-1)),
         ("v2-median", "median.logits", median_filter_2x2),
+        ("maha-stages+margin+hp+cn+jq-hmp", "jpeg.logits", jpeg_squeeze),  # round 12's +jq
     ],
 )
 def test_a_second_pass_preset_reads_its_margin(built, tmp_path, capsys, preset, layer, transform):
-    """``--detector v2-flip`` / ``v2-median`` is round 7's v2 plus ``margin@flip.logits`` /
-    ``margin@median.logits``: no fitted file, the layer's width is the number of classes, and
-    its values are the margin of the predicted class on the mirrored / median-filtered image's
-    logits."""
+    """``--detector v2-flip`` / ``v2-median`` / round 12's ``+cn+jq`` candidate is round 7's v2
+    plus ``margin@flip.logits`` / ``margin@median.logits`` / ``margin@jpeg.logits``: no fitted
+    file, the layer's width is the number of classes, and its values are the margin of the
+    predicted class on the mirrored / median-filtered / JPEG-squeezed image's logits."""
     config, _ = built
     manifest = _build(config, tmp_path / "b", capsys, "--detector", preset)
     assert [(s.kind, s.layer) for s in manifest.detector.statistic_specs()] == [
