@@ -41,8 +41,8 @@ ALL_STATISTICS: tuple[str, ...] = (
 
 
 # The v2 presets evaluated for the CIFAR models: the default and the opt-in ones with the flip
-# margin and the median margin (each a second forward pass).
-V2_PRESETS: tuple[str, ...] = ("v2", "v2-flip", "v2-median")
+# margin, the median margin and the JPEG margin (each a second forward pass).
+V2_PRESETS: tuple[str, ...] = ("v2", "v2-flip", "v2-median", "v2-jpeg")
 
 
 # Holdout of the training split for detectors with a reference part and a threshold part.

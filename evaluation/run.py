@@ -101,6 +101,8 @@ SET_ORDER: tuple[str, ...] = (
     "adaptive_v2_flip_l2",
     "adaptive_v2_median",
     "adaptive_v2_median_l2",
+    "adaptive_v2_jpeg",
+    "adaptive_v2_jpeg_l2",
     "adaptive_own",
     "adaptive_own_l2",
 )

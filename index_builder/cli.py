@@ -60,7 +60,10 @@ def _add_detector_arguments(group: Options) -> None:
         "v2-flip (the vote + the stage outputs' Mahalanobis distances + the margin + the two "
         "high-pass energies + the flip margin, a second pass for every query), v2-median "
         "(the same with the median margin, the margin on the image median-filtered over 2x2 "
-        "pixels, instead of the flip margin: a second pass for every query), paper (the "
+        "pixels, instead of the flip margin: a second pass for every query), v2-jpeg (the vote "
+        "+ the stage outputs' Mahalanobis distances + the colour channels' high-pass energy + "
+        "the JPEG margin, the margin on the image stored as a JPEG at quality 75: a second pass "
+        "for every query), paper (the "
         "paper's one DW-kNN vote at the last layer) or a selection candidate",
     )
     group.add_argument(

@@ -27,6 +27,11 @@ Presets (``--detector``):
   Mahalanobis distances of each stage's output, the margin, the two high-pass energies) plus
   the median margin (the margin on the image median-filtered over 2x2 pixels: a second forward
   pass for every image; for deployments with the headroom, such as a GPU);
+- ``v2-jpeg``: the best detector at any cost of round 12 (``evaluation/results/selection-12/``):
+  the vote, the Mahalanobis distances of each stage's output, that of the colour channels'
+  high-pass energy and the JPEG margin (the margin on the image stored as a JPEG at quality 75
+  and decoded: a second forward pass for every image), harmonic mean; for deployments with the
+  headroom whose honest uploads are stored the way the training images were (README, Results);
 - ``v2-flip``: the best detector at any cost of rounds 7-9: round 7's ``v2`` plus the flip
   margin (a second forward pass for every image);
 - round 9's default (round 10 kept it), which bundles built from 2026-12-02 early morning to
@@ -113,6 +118,12 @@ PRESETS: dict[str, DetectorPreset] = {
             CHROMA_STATISTIC,
             MEDIAN_STATISTIC,
         ),
+        "hmp",
+    ),
+    # the best at any cost of round 12, which stores every image as a JPEG at quality 75 for a
+    # second pass: maha-stages+cn+jq-hmp
+    "v2-jpeg": DetectorPreset(
+        ("vote@last", "mahalanobis@stages", CHROMA_STATISTIC, JPEG_STATISTIC),
         "hmp",
     ),
     # the best at any cost of rounds 7 to 9, which mirrors every image:

@@ -26,7 +26,7 @@ from index_builder.build import build_bundle, extract_stage, plan_build
 from index_builder.cli import main as builder_main
 from index_builder.config import BuildConfig
 from index_builder.extract import ChunkStore
-from tests.conftest import random_image_bytes, save_state_dict
+from tests.conftest import REPO, random_image_bytes, save_state_dict
 
 BLOCKS = [f"layer{stage}.{block}" for stage in (1, 2, 3) for block in range(3)]
 PRESET = "maha-blocks+knn-last-hmp"
@@ -431,6 +431,17 @@ def test_the_median_preset_is_the_flip_presets_statistics_with_the_median_margin
     )
     assert median.combination == flip.combination == "hmp"
     assert detectors.forward_passes(median.statistics) == 2
+
+
+def test_the_jpeg_preset_is_round_twelves_best_at_any_cost():
+    """``v2-jpeg`` is the candidate selection round 12 chose at any cost
+    (evaluation/results/selection-12/selection.json): the vote, the stage distances, the colour
+    noise and the JPEG margin, harmonic mean; a second pass for every image."""
+    chosen = json.loads((REPO / "evaluation/results/selection-12/selection.json").read_text())
+    assert chosen["v2-jpeg"] == "maha-stages+cn+jq-hmp"
+    assert detectors.PRESETS["v2-jpeg"] == detectors.candidate_presets()[chosen["v2-jpeg"]]
+    assert detectors.PRESETS["v2-jpeg"].statistics[-1] == detectors.JPEG_STATISTIC
+    assert detectors.forward_passes(detectors.PRESETS["v2-jpeg"].statistics) == 2
 
 
 def test_a_doubt_margin_bundle_fits_its_gate_and_mirrors_only_in_doubt(built, tmp_path, capsys):
