@@ -12,17 +12,13 @@ import torch
 from PIL import Image
 
 from app.core.features import (
-    JPEG_LOGITS,
     JPEG_SQUEEZE_QUALITY,
-    MEDIAN_LOGITS,
     FeatureNetwork,
     image_to_pixels,
-    infer_batch,
     jpeg_squeeze,
 )
 from app.core.images import decode_image, encode_image, jpeg_round_trip
 from app.core.models import PRESETS, build_model
-from app.core.statistics import Margin, logit_margins
 from tests.conftest import CIFAR_TAR
 
 
@@ -94,47 +90,6 @@ def test_the_gradient_passes_straight_through():
     assert pixels.grad is not None
     expected = torch.arange(3.0).view(1, 3, 1, 1).expand_as(pixels)
     torch.testing.assert_close(pixels.grad, expected)
-
-
-def test_jpeg_logits_are_the_models_on_the_squeezed_pixels():
-    """The second pass gives the logits of the squeezed image and leaves the first pass's
-    features and probabilities as they are without it; beside the median pass each holds its
-    own image's logits."""
-    pixels = _photo_like(5, 4)
-    network = _network(["layer3", "linear", JPEG_LOGITS, MEDIAN_LOGITS])
-    with_it = infer_batch(network, pixels)
-    squeezed = infer_batch(network, jpeg_squeeze(pixels))
-    np.testing.assert_allclose(with_it.features[JPEG_LOGITS], squeezed.features["linear"])
-    without = infer_batch(_network(["layer3", "linear"]), pixels)
-    np.testing.assert_array_equal(with_it.features["layer3"], without.features["layer3"])
-    np.testing.assert_array_equal(with_it.probabilities, without.probabilities)
-    assert not np.allclose(with_it.features[JPEG_LOGITS], with_it.features[MEDIAN_LOGITS])
-
-
-def test_jpeg_margin_reads_the_squeezed_logits_at_the_first_passs_class():
-    pixels = _photo_like(6, 5)
-    batch = infer_batch(_network([JPEG_LOGITS]), pixels)
-    values = Margin(JPEG_LOGITS).values(batch.features, batch.predictions)
-    squeezed = infer_batch(_network(["linear"]), jpeg_squeeze(pixels))
-    expected = logit_margins(squeezed.features["linear"], batch.predictions)
-    np.testing.assert_allclose(values, expected, rtol=1e-5, atol=1e-6)
-
-
-def test_the_row_mask_limits_the_jpeg_pass_and_the_mirror_gate_does_not():
-    pixels = _photo_like(7, 6)
-    network = _network(["linear", JPEG_LOGITS])
-    full = infer_batch(network, pixels).features[JPEG_LOGITS]
-    only = torch.tensor([True, False, True, False, False, True])
-    sizes: list[int] = []
-    network.model.register_forward_hook(lambda _m, inputs, _o: sizes.append(inputs[0].shape[0]))
-    masked = infer_batch(network, pixels, only).features[JPEG_LOGITS]
-    assert sizes == [6, 3]
-    np.testing.assert_allclose(masked[only.numpy()], full[only.numpy()], rtol=1e-5, atol=1e-5)
-    assert np.isnan(masked[~only.numpy()]).all()
-    network.mirror_below = -1e9
-    sizes.clear()
-    np.testing.assert_allclose(infer_batch(network, pixels).features[JPEG_LOGITS], full)
-    assert sizes == [6, 6]
 
 
 def test_a_client_reencoding_is_the_same_round_trip():
