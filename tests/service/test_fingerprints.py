@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import redis
 
+from app.core.images import encode_image
 from app.core.models import PRESETS
 from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
 from app.core.stateful.hashes import pixel_digests
@@ -25,7 +26,7 @@ from app.service.fingerprints import (
     Found,
     RedisFingerprintStore,
 )
-from evaluation.honest_traffic import EDITS, as_served, edit, encode
+from evaluation.honest_traffic import EDITS, as_served, edit
 from tests.core.stateful.probes import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.helpers import RedisClusterProcesses, RedisProcess
 
@@ -61,7 +62,7 @@ def _queries(photos: np.ndarray) -> list[tuple[str, np.ndarray, float]]:  # noqa
         streams.append([(f"photo-{c}", photos[c]), (f"probe-{c}", stripe_probe(photos[c], rng))])
     for c in range(4, 8):
         burst = [photos[c]] + [
-            as_served(encode(edit(photos[c], EDITS[i % len(EDITS)], rng), None), preset)
+            as_served(encode_image(edit(photos[c], EDITS[i % len(EDITS)], rng), None), preset)
             for i in range(12)
         ]
         streams.append([(f"honest-{c}", image) for image in burst])

@@ -20,6 +20,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.core.images import encode_image
 from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
 from app.core.stateful.hashes import pixel_digests
 from app.core.stateful.match_rule import Answer, DetectionRule
@@ -37,7 +38,7 @@ from app.service.stateful import (
     screens_on_batch_worker,
 )
 from app.service.tracking import Observation
-from evaluation.honest_traffic import EDITS, edit, encode
+from evaluation.honest_traffic import EDITS, edit
 from tests.core.stateful.probes import attack_sequence, photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
 from tests.service.helpers import (
@@ -345,7 +346,7 @@ def test_honest_near_duplicate_bursts_are_not_flagged(
             uploads = [png(photo), png(photo)]
             for i in range(12):
                 quality = None if i % 2 else int(rng.choice([95, 90, 85, 75]))
-                uploads.append(encode(edit(photo, EDITS[i % len(EDITS)], rng), quality))
+                uploads.append(encode_image(edit(photo, EDITS[i % len(EDITS)], rng), quality))
             for data in uploads:
                 assert upload(client, data, {"X-Client-ID": f"honest-{c}"}).status_code == 200
         assert (

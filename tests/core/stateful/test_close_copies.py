@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from app.core.guard import Guard
+from app.core.images import encode_image
 from app.core.models import PRESETS
 from app.core.stateful.close_copies import BLOCK_VALUES, block_means, close_copies, saturated
 from app.core.stateful.defaults import default_scheme
 from app.core.stateful.index import MIN_SHARED_KEYS, index_buckets
 from app.service.settings import DEFAULT_BUNDLE
-from evaluation.honest_traffic import JPEG_QUALITIES, as_served, edit, encode, to_pil, train_photos
+from evaluation.honest_traffic import JPEG_QUALITIES, as_served, edit, to_pil, train_photos
 from tests.conftest import CIFAR_TAR
 
 
@@ -115,12 +116,12 @@ def test_honest_edits_are_never_close_copies() -> None:
     rows = scheme.fingerprints(originals)
     rng = np.random.default_rng(5)
     edits: list[np.ndarray] = [
-        np.stack([as_served(encode(to_pil(p), q), PRESETS["cifar"]) for p in originals])
+        np.stack([as_served(encode_image(to_pil(p), q), PRESETS["cifar"]) for p in originals])
         for q in JPEG_QUALITIES
     ]
     for kind in ("brightness", "resize", "crop"):
         edited = [edit(p, kind, rng) for p in originals]
-        edits.append(np.stack([as_served(encode(e, None), PRESETS["cifar"]) for e in edited]))
+        edits.append(np.stack([as_served(encode_image(e, None), PRESETS["cifar"]) for e in edited]))
     for copies in edits:
         copy_rows = scheme.fingerprints(copies)
         assert not any(scheme.close(copy_rows[i], rows[i : i + 1])[0] for i in range(200))
@@ -144,7 +145,9 @@ def test_a_fingerprint_that_matched_squares_first_probe_would_flag_honest_reenco
     close = np.zeros((len(JPEG_QUALITIES), len(originals)), dtype=bool)
     changed = np.zeros_like(close)
     for row, quality in enumerate(JPEG_QUALITIES):
-        copies = np.stack([as_served(encode(to_pil(p), quality), guard.preset) for p in originals])
+        copies = np.stack(
+            [as_served(encode_image(to_pil(p), quality), guard.preset) for p in originals]
+        )
         means = block_means(copies)
         close[row] = [close_copies(means[i], original_means[i : i + 1])[0] for i in range(200)]
         changed[row] = classes(copies) != original_classes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.core.images import encode_image
 from app.core.models import PRESETS
 from app.core.stateful.close_copies import (
     BLOCK_WORDS,
@@ -20,7 +21,7 @@ from app.core.stateful.close_copies import (
 from app.core.stateful.defaults import default_scheme
 from app.core.stateful.hashes import SKETCH_WORDS, pixel_digests, window_hashes, window_sketch
 from app.core.stateful.schemes import EmbeddingScheme, fingerprint_images
-from evaluation.honest_traffic import as_served, edit, encode, train_photos
+from evaluation.honest_traffic import as_served, edit, train_photos
 from tests.conftest import CIFAR_TAR
 from tests.core.stateful.probes import SECRET, noise_step, square_step
 
@@ -49,7 +50,7 @@ def test_honest_edits_are_not_near_exact(photos: np.ndarray) -> None:
     preset = PRESETS["cifar"]
     for kind in ("crop", "resize", "flip", "brightness"):
         edited = np.stack(
-            [as_served(encode(edit(p, kind, rng), None), preset) for p in photos[:20]]
+            [as_served(encode_image(edit(p, kind, rng), None), preset) for p in photos[:20]]
         )
         similar = [
             scheme.similarity(a, b[None])[0]

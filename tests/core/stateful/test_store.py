@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from app.core.images import encode_image
 from app.core.models import PRESETS
 from app.core.stateful import index
 from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
@@ -20,7 +21,7 @@ from app.core.stateful.store import (
     StoreQuery,
     check_and_store_each,
 )
-from evaluation.honest_traffic import EDITS, as_served, edit, encode
+from evaluation.honest_traffic import EDITS, as_served, edit
 from tests.core.stateful.probes import SECRET, attack_sequence
 
 
@@ -116,7 +117,7 @@ def test_honest_near_duplicate_bursts_not_flagged(photos: np.ndarray) -> None:
         for i in range(15):
             quality = None if i % 2 else int(rng.choice([95, 90, 85, 75]))
             burst.append(
-                as_served(encode(edit(photo, EDITS[i % len(EDITS)], rng), quality), preset)
+                as_served(encode_image(edit(photo, EDITS[i % len(EDITS)], rng), quality), preset)
             )
         for evidence in _send(store, f"honest-{c}", np.stack(burst), start=100.0 * c):
             assert not DEFAULT_RULE.detects(evidence)
