@@ -229,10 +229,13 @@ def test_select_end_to_end(tmp_path):
         == min(one_pass, key=lambda r: (r["mean_accepted"], r["statistics"]))["candidate"]
     )
     assert written["chosen_at_any_cost"] == best["candidate"]
-    median = MEDIAN_STATISTIC in candidate_presets()[best["candidate"]].statistics
-    flip = best["candidate"] if best["forward_passes"] == 2 and not median else None
+    statistics = candidate_presets()[best["candidate"]].statistics
+    jpeg = JPEG_STATISTIC in statistics
+    median = MEDIAN_STATISTIC in statistics and not jpeg
+    flip = best["candidate"] if best["forward_passes"] == 2 and not (median or jpeg) else None
     assert written["v2-flip"] == flip
     assert written["v2-median"] == (best["candidate"] if median else None)
+    assert written["v2-jpeg"] == (best["candidate"] if jpeg else None)
     assert {r["forward_passes"] for r in rows} == {1, 1.2, 2}
     # every selection attack ran and fooled the model on most images (DeepFool: nearly all)
     fooled = {m.split(":")[0]: m for m in messages if m.startswith("selection ")}
