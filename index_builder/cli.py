@@ -79,13 +79,15 @@ def _add_detector_arguments(group: Options) -> None:
         dest="statistics",
         default=[],
         help="explicit statistic kind@layer (vote, mahalanobis, knn_distance, margin, "
-        "doubt_margin; layer aliases @blocks, @stages, @last, and @logits for the margin; the "
-        "pixel pseudo-layers pixels.highpass, pixels.loghighpass and pixels.chromahighpass for "
-        "mahalanobis, flip.logits, the mirrored image's logits, for margin, or for doubt_margin: "
-        "the same margin read only where the first pass's margin is below its held-out 20%% "
-        "quantile), median.logits, the logits of the image median-filtered over 2x2 pixels, "
-        "and jpeg.logits, those of the image stored as a JPEG at quality 75, for margin; "
-        "repeatable; overrides --detector",
+        "doubt_margin, suspect_margin; layer aliases @blocks, @stages, @last, and @logits for "
+        "the margin; the pixel pseudo-layers pixels.highpass, pixels.loghighpass and "
+        "pixels.chromahighpass for mahalanobis, flip.logits, the mirrored image's logits, for "
+        "margin, or for doubt_margin: the same margin read only where the first pass's margin "
+        "is below its held-out 20%% quantile), median.logits, the logits of the image "
+        "median-filtered over 2x2 pixels, and jpeg.logits, those of the image stored as a JPEG "
+        "at quality 75, for margin, or for suspect_margin: the same margin read, and the JPEG "
+        "pass run, only for the queries whose other statistics combine below their held-out "
+        "20%% quantile); repeatable; overrides --detector",
     )
     group.add_argument(
         "--combination",

@@ -92,6 +92,10 @@ MEDIAN_STATISTIC = "margin@median.logits"
 # decoded (``app.core.features.jpeg_squeeze``; Das et al. 2017), a second forward pass for
 # every image.
 JPEG_STATISTIC = "margin@jpeg.logits"
+# Round 13's: the JPEG margin read only for the queries the detector's other statistics doubt
+# (their combination below the reference part's 20% quantile: ``app.core.detector.Detector``),
+# so four authentic queries in five cost no JPEG round trip and no second pass.
+SUSPECT_JPEG_STATISTIC = "suspect_margin@jpeg.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
     # chosen by the selection rule, round 11 (evaluation/results/selection-11/):
@@ -191,6 +195,12 @@ _ROUND_12_ADDITIONS: dict[str, tuple[str, ...]] = {
     "+jq": (JPEG_STATISTIC,),
     "+cn+jq": (CHROMA_STATISTIC, JPEG_STATISTIC),
 }
+# Round 13: round 5's sets, each also with the suspect JPEG margin (+sjq), and with the colour
+# noise and it (+cn+sjq), listed after round 12's.
+_ROUND_13_ADDITIONS: dict[str, tuple[str, ...]] = {
+    "+sjq": (SUSPECT_JPEG_STATISTIC,),
+    "+cn+sjq": (CHROMA_STATISTIC, SUSPECT_JPEG_STATISTIC),
+}
 CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
     **_ROUND_5_STATISTICS,
     **{
@@ -200,6 +210,7 @@ CANDIDATE_STATISTICS: dict[str, tuple[str, ...]] = {
             _ROUND_8_ADDITIONS,
             _ROUND_10_ADDITIONS,
             _ROUND_12_ADDITIONS,
+            _ROUND_13_ADDITIONS,
         )
         for suffix, added in additions.items()
         for name, stats in _ROUND_5_STATISTICS.items()
@@ -212,15 +223,15 @@ DEFAULT_PRESET = "v2"
 def forward_passes(statistics: tuple[str, ...]) -> float:
     """How many forward passes of the classifier a detector costs per authentic image: one,
     and for each second pass it reads (the mirrored image's logits, the median-filtered
-    image's, the JPEG-squeezed image's) one more, or for the mirror the ``DOUBTED_SHARE`` of
-    one when only a ``doubt_margin`` reads it (the network mirrors just the doubted
-    queries)."""
+    image's, the JPEG-squeezed image's) one more, or the ``DOUBTED_SHARE`` of one when only a
+    gated statistic reads it: a ``doubt_margin`` of the mirror (the network mirrors just the
+    doubted queries) or a ``suspect_margin`` (the pass runs for the suspects alone)."""
     passes = 1.0
     for layer in SECOND_PASS_LAYERS:
         kinds = {s.partition("@")[0] for s in statistics if s.endswith("@" + layer)}
         if kinds:
-            gated = layer == FLIPPED_LOGITS and kinds == {"doubt_margin"}
-            passes += DOUBTED_SHARE if gated else 1.0
+            doubted = layer == FLIPPED_LOGITS and kinds == {"doubt_margin"}
+            passes += DOUBTED_SHARE if doubted or kinds == {"suspect_margin"} else 1.0
     return passes
 
 

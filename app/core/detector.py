@@ -17,13 +17,13 @@ at or above the bundle's threshold.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
-from app.core.statistics import Statistic, statistic_name
+from app.core.statistics import DOUBTED_SHARE, NOT_DOUBTED, Statistic, statistic_name
 
 Combination = Literal["single", "fisher", "hmp", "min_p"]
 COMBINATIONS: tuple[Combination, ...] = ("single", "fisher", "hmp", "min_p")
@@ -107,8 +107,21 @@ class Evidence:
     scores: np.ndarray  # (n,) the combined score the threshold applies to
 
 
+# Computes the second-pass layers a detector defers (``Detector.deferred_layers``) for the rows
+# a boolean mask marks: layer -> (n, d) values, NaN in the other rows.
+LookAgain = Callable[[np.ndarray], Mapping[str, np.ndarray]]
+
+
 class Detector:
     """Statistics -> (p-values -> combination) -> one score per query.
+
+    A ``suspect_margin`` statistic is read only for *suspect* queries: those whose combination
+    of the detector's other statistics falls below ``suspect_gate``, the ``DOUBTED_SHARE``
+    quantile of the reference part's own such values; every other query's p-value for it is 1.
+    Its reference column is gated the same way (``NOT_DOUBTED`` for the reference images that
+    are not suspects), so a suspect's p-value ranks it among the reference's suspects and above
+    every other reference image, as a ``doubt_margin``'s does. The gate is fitted here, from the
+    raw reference, so that a subset (``subset``) fits its own.
 
     Not thread-safe when an index lives on a GPU: one thread must own a Detector.
     """
@@ -133,9 +146,60 @@ class Detector:
                 raise ValueError("empty reference values")
         self.statistics = list(statistics)
         self.combination: Combination = combination
-        self.reference = (
-            None if reference is None else np.sort(reference.astype(np.float64), axis=0)
+        self.suspect_columns = [
+            i for i, statistic in enumerate(self.statistics) if statistic.kind == "suspect_margin"
+        ]
+        self.plain_columns = [
+            i for i in range(len(self.statistics)) if i not in self.suspect_columns
+        ]
+        if self.suspect_columns and (combination == "single" or not self.plain_columns):
+            raise ValueError("a suspect_margin needs other statistics and a combination")
+        self.raw_reference: np.ndarray | None = None  # as given, rows aligned (``subset``)
+        self.reference: np.ndarray | None = None  # sorted per column, suspects gated
+        self.suspect_gate: float | None = None
+        if reference is not None:
+            self.raw_reference = reference.astype(np.float64)
+            self.reference = np.sort(self.raw_reference, axis=0)
+            if self.suspect_columns:
+                self._gate_suspects(self.raw_reference)
+
+    def _gate_suspects(self, raw: np.ndarray) -> None:
+        """Fit ``suspect_gate`` on the reference rows' combination of the other statistics and
+        gate the suspect columns of the sorted reference with it."""
+        assert self.reference is not None
+        first = self._first_stage(raw)
+        self.suspect_gate = float(np.quantile(first, DOUBTED_SHARE))
+        gated = raw[:, self.suspect_columns].copy()
+        gated[first >= self.suspect_gate] = NOT_DOUBTED
+        self.reference[:, self.suspect_columns] = np.sort(gated, axis=0)
+
+    def _first_stage(self, values: np.ndarray) -> np.ndarray:
+        """(n,) the combination of the statistics other than the suspect margins."""
+        assert self.reference is not None
+        p_values = np.stack(
+            [
+                sorted_reference_p_values(values[:, i], self.reference[:, i])
+                for i in self.plain_columns
+            ],
+            axis=1,
         )
+        return combine_p_values(p_values, self.combination)
+
+    def suspects(self, values: np.ndarray) -> np.ndarray:
+        """(n,) bool: the queries whose suspect margins the detector reads (none without a
+        ``suspect_margin``). Only the other statistics' columns of ``values`` are read."""
+        if not self.suspect_columns:
+            return np.zeros(values.shape[0], dtype=bool)
+        suspect: np.ndarray = self._first_stage(values) < self.suspect_gate
+        return suspect
+
+    @property
+    def deferred_layers(self) -> list[str]:
+        """Layers only suspect margins read: a network may compute them for the suspects alone
+        (``values``' ``look_again``)."""
+        others = {self.statistics[i].layer_name for i in self.plain_columns}
+        suspect = [self.statistics[i].layer_name for i in self.suspect_columns]
+        return [layer for layer in dict.fromkeys(suspect) if layer not in others]
 
     @property
     def names(self) -> list[str]:
@@ -146,21 +210,41 @@ class Detector:
         """Feature layers the statistics read, in first-use order."""
         return list(dict.fromkeys(s.layer_name for s in self.statistics))
 
-    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
-        """(n, S) every statistic of ``classes[i]`` (the predicted class) for query i."""
-        return np.stack([s.values(features, classes) for s in self.statistics], axis=1)
+    def values(
+        self,
+        features: Mapping[str, np.ndarray],
+        classes: np.ndarray,
+        look_again: LookAgain | None = None,
+    ) -> np.ndarray:
+        """(n, S) every statistic of ``classes[i]`` (the predicted class) for query i. A layer
+        that only suspect margins read may be missing from ``features``: ``look_again``
+        computes it for the suspects (NaN elsewhere), once the other statistics are known."""
+        out = np.empty((classes.shape[0], len(self.statistics)))
+        for i in self.plain_columns:
+            out[:, i] = self.statistics[i].values(features, classes)
+        missing = [layer for layer in self.deferred_layers if layer not in features]
+        if missing:
+            if look_again is None:
+                raise ValueError(f"no {missing} features, and nothing to compute them with")
+            features = {**features, **look_again(self.suspects(out))}
+        for i in self.suspect_columns:
+            out[:, i] = self.statistics[i].values(features, classes)
+        return out
 
     def p_values(self, values: np.ndarray) -> np.ndarray:
         if self.reference is None:
             raise ValueError("a single-statistic detector has no reference values")
         reference = self.reference  # sorted per column when the detector was made
-        return np.stack(
+        p_values = np.stack(
             [
                 sorted_reference_p_values(values[:, i], reference[:, i])
                 for i in range(values.shape[1])
             ],
             axis=1,
         )
+        if self.suspect_columns:  # the others' suspect margins are not read: p = 1
+            p_values[np.ix_(~self.suspects(values), np.array(self.suspect_columns))] = 1.0
+        return p_values
 
     def combine(self, values: np.ndarray) -> np.ndarray:
         """(n, S) statistics -> (n,) score."""
@@ -168,15 +252,27 @@ class Detector:
             return values[:, 0].astype(np.float64)
         return combine_p_values(self.p_values(values), self.combination)
 
-    def score(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+    def score(
+        self,
+        features: Mapping[str, np.ndarray],
+        classes: np.ndarray,
+        look_again: LookAgain | None = None,
+    ) -> np.ndarray:
         """(n,) the score of ``classes[i]`` for query i: what the threshold applies to."""
-        return self.combine(self.values(features, classes))
+        return self.combine(self.values(features, classes, look_again))
 
-    def evidence(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> Evidence:
-        values = self.values(features, classes)
+    def evidence(
+        self,
+        features: Mapping[str, np.ndarray],
+        classes: np.ndarray,
+        look_again: LookAgain | None = None,
+    ) -> Evidence:
+        values = self.values(features, classes, look_again)
         if self.combination == "single":
             return Evidence(self.names, values, None, self.combine(values))
         p_values = self.p_values(values)  # once: the score combines these
+        if self.suspect_columns:  # shown as not read, as a doubt_margin's are
+            values[np.ix_(~self.suspects(values), np.array(self.suspect_columns))] = NOT_DOUBTED
         return Evidence(self.names, values, p_values, combine_p_values(p_values, self.combination))
 
     def subset(self, columns: Sequence[int], combination: Combination | None = None) -> Detector:
@@ -185,5 +281,5 @@ class Detector:
         how = combination or self.combination
         if len(chosen) == 1 and combination is None:
             how = "single"
-        reference = None if self.reference is None else self.reference[:, list(columns)]
+        reference = None if self.raw_reference is None else self.raw_reference[:, list(columns)]
         return Detector(chosen, how, reference if how != "single" else None)

@@ -303,6 +303,9 @@ class FeatureNetwork(nn.Module):
         # Mirror only the queries whose first-pass logit margin is below this (``doubt_margin``
         # statistics read no others; the rest of ``flip.logits`` is NaN); None: mirror all.
         self.mirror_below: float | None = None
+        # Second passes ``forward`` leaves out, for the detector to run on the queries it
+        # suspects (``second_pass``; ``Detector.deferred_layers``).
+        self.deferred: tuple[str, ...] = ()
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[RemovableHandle] = [
             modules[name].register_forward_hook(self._make_hook(name))
@@ -368,9 +371,23 @@ class FeatureNetwork(nn.Module):
 
     def _second_passes_run(self, wanted: bool | Collection[str]) -> tuple[str, ...]:
         """The network's second passes that ``forward``'s ``second_passes`` asks for."""
+        run = tuple(name for name in self.second_passes if name not in self.deferred)
         if isinstance(wanted, bool):
-            return self.second_passes if wanted else ()
-        return tuple(name for name in self.second_passes if name in wanted)
+            return run if wanted else ()
+        return tuple(name for name in run if name in wanted)
+
+    def second_pass(
+        self, layer: str, pixels: torch.Tensor, rows: torch.Tensor, classes: int
+    ) -> torch.Tensor:
+        """A second pass's logits (``SECOND_PASS_LAYERS``; ``classes`` of them) for the rows of
+        ``pixels`` that ``rows`` (bool) marks, NaN elsewhere: a deferred layer, run once the
+        detector knows which queries it reads."""
+        with torch.inference_mode():
+            chosen = torch.nonzero(rows.to(pixels.device, torch.bool)).squeeze(1)
+            out = torch.full((pixels.shape[0], classes), torch.nan, device=pixels.device)
+            if chosen.numel():
+                out[chosen] = self._second_pass_of(layer, pixels[chosen]).float()
+            return out
 
     def _second_pass_logits(
         self,
@@ -392,9 +409,7 @@ class FeatureNetwork(nn.Module):
         chosen = pixels if rows is None else pixels[rows]
         if chosen.shape[0] == 0:
             return torch.full(logits.shape, torch.nan, dtype=torch.float32, device=logits.device)
-        transformed = _SECOND_PASS_IMAGES[layer](chosen)
-        with self._autocast():
-            second = global_average_pool(self.model(self._normalise(transformed)))
+        second = self._second_pass_of(layer, chosen)
         if rows is None:
             return second
         out = torch.full(
@@ -402,6 +417,13 @@ class FeatureNetwork(nn.Module):
         )
         out[rows] = second
         return out
+
+    def _second_pass_of(self, layer: str, pixels: torch.Tensor) -> torch.Tensor:
+        """The logits of ``pixels`` transformed as ``layer``'s pass transforms them."""
+        transformed = _SECOND_PASS_IMAGES[layer](pixels)
+        with self._autocast():
+            logits: torch.Tensor = global_average_pool(self.model(self._normalise(transformed)))
+        return logits
 
     def _normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         normalised = (pixels - self.mean) / self.std
@@ -429,6 +451,8 @@ class BatchFeatures:
     probabilities: np.ndarray  # (n, classes) float32
     predictions: np.ndarray  # (n,) int64
     features: dict[str, np.ndarray]  # layer -> (n, d) float32
+    # the batch's pixels on the model's device, for a deferred second pass (``infer_batch``)
+    pixels: torch.Tensor | None = None
 
 
 def pick_device(requested: str | None = None) -> torch.device:
@@ -463,6 +487,7 @@ def infer_batch(
             probabilities=probabilities.cpu().numpy(),
             predictions=probabilities.argmax(dim=1).cpu().numpy().astype(np.int64),
             features={k: v.float().cpu().numpy() for k, v in out.features.items()},
+            pixels=device_pixels if network.deferred else None,
         )
 
 

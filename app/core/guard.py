@@ -16,7 +16,7 @@ from PIL import Image
 
 from app.core import search
 from app.core.bundle import read_manifest, verify_files
-from app.core.detector import Detector, Evidence
+from app.core.detector import Detector, Evidence, LookAgain
 from app.core.errors import BundleError, ModelLoadError
 from app.core.explain import Explanation, explain
 from app.core.features import (
@@ -41,6 +41,7 @@ from app.core.statistics import (
     Mahalanobis,
     Margin,
     Statistic,
+    SuspectMargin,
 )
 
 
@@ -124,6 +125,8 @@ def make_statistics(
             statistics.append(Mahalanobis(spec.layer, density(spec.layer)))
         elif spec.kind == "margin":
             statistics.append(Margin(spec.layer))
+        elif spec.kind == "suspect_margin":
+            statistics.append(SuspectMargin(spec.layer))
         elif spec.kind == "doubt_margin":
             assert spec.first_logits is not None and spec.gate is not None  # fitted, validated
             statistics.append(DoubtMargin(spec.layer, spec.first_logits, spec.gate))
@@ -279,6 +282,7 @@ class Guard:
         want_gpu = torch_device.type == "cuda" if use_gpu_index is None else use_gpu_index
         detector, index_device = load_detector(bundle_dir, manifest, want_gpu, search_backend)
         network.mirror_below = mirror_gate(detector.statistics)
+        network.deferred = tuple(detector.deferred_layers)
         threshold = threshold_for(manifest, retention)
         return cls(manifest, network, detector, threshold, index_device)
 
@@ -305,11 +309,27 @@ class Guard:
 
     def score(self, batch: BatchFeatures) -> np.ndarray:
         """Search stage: the detector's score of each predicted class."""
-        return self.detector.score(batch.features, batch.predictions)
+        return self.detector.score(batch.features, batch.predictions, self._look_again(batch))
 
     def evidence(self, batch: BatchFeatures) -> Evidence:
         """Search stage with every statistic kept: ``evidence.scores`` are ``score``'s."""
-        return self.detector.evidence(batch.features, batch.predictions)
+        return self.detector.evidence(batch.features, batch.predictions, self._look_again(batch))
+
+    def _look_again(self, batch: BatchFeatures) -> LookAgain | None:
+        """The network's deferred second passes over the batch's suspects (None: none)."""
+        pixels = batch.pixels
+        if not self.network.deferred or pixels is None:
+            return None
+
+        def look_again(suspects: np.ndarray) -> dict[str, np.ndarray]:
+            rows = torch.from_numpy(suspects)
+            classes = len(self.class_names)
+            return {
+                layer: self.network.second_pass(layer, pixels, rows, classes).cpu().numpy()
+                for layer in self.network.deferred
+            }
+
+        return look_again
 
     def explain(
         self, batch: BatchFeatures, evidence: Evidence, rows: Sequence[int]

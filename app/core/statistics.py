@@ -35,13 +35,16 @@ from app.core import search
 from app.core.processing import FeatureProcessing
 from app.core.scoring import ScoreFunction, class_scores
 
-StatisticKind = Literal["vote", "mahalanobis", "knn_distance", "margin", "doubt_margin"]
+StatisticKind = Literal[
+    "vote", "mahalanobis", "knn_distance", "margin", "doubt_margin", "suspect_margin"
+]
 STATISTIC_KINDS: tuple[StatisticKind, ...] = (
     "vote",
     "mahalanobis",
     "knn_distance",
     "margin",
     "doubt_margin",
+    "suspect_margin",
 )
 # Kinds that search the layer's index of processed training features.
 INDEXED_KINDS: tuple[StatisticKind, ...] = ("vote", "knn_distance")
@@ -250,7 +253,28 @@ class DoubtMargin:
         return out
 
 
-Statistic = KnnVote | Mahalanobis | ClassKnnDistance | Margin | DoubtMargin
+@dataclass(frozen=True)
+class SuspectMargin:
+    """The logit margin of the predicted class on ``layer_name``'s logits (the JPEG-squeezed
+    image's), which the detector reads only for *suspect* queries: those whose combination of
+    its other statistics falls below the ``DOUBTED_SHARE`` quantile of its reference part's
+    (``app.core.detector.Detector``; p = 1 for the others). The values here are the plain
+    margins (NaN where the layer was not computed); the gate is the detector's, since it
+    depends on which other statistics the detector combines.
+
+    Why (selection round 13): a dense adversarial stored as a JPEG is confident, so round 8's
+    gate on the first pass's own margin reads few of them; the detector's other statistics
+    doubt most of those they still accept, and the JPEG squeeze moves most of those off the
+    adversarial class, at a second pass for a fifth of authentic queries."""
+
+    layer_name: str  # the logits the margin is read on: jpeg.logits
+    kind: StatisticKind = "suspect_margin"
+
+    def values(self, features: Mapping[str, np.ndarray], classes: np.ndarray) -> np.ndarray:
+        return logit_margins(features[self.layer_name], classes)
+
+
+Statistic = KnnVote | Mahalanobis | ClassKnnDistance | Margin | DoubtMargin | SuspectMargin
 
 
 def statistic_name(statistic: Statistic) -> str:

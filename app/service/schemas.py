@@ -21,7 +21,8 @@ class Prediction(_Model):
 
 class StatisticEvidenceModel(_Model):
     name: str  # kind@layer
-    value: float | None  # higher = more authentic; None: doubt_margin, the query not in doubt
+    # higher = more authentic; None: a doubt_margin or suspect_margin that did not read the query
+    value: float | None
     p_value: float | None  # against held-out authentic images; None for a single statistic
 
 

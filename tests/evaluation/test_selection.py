@@ -8,13 +8,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from app.core.statistics import DOUBTED_SHARE
 from evaluation.options import EvaluateOptions, quick_options
 from evaluation.selection import (
     FLIP_PRESET,
     JPEG_PRESET,
     MAX_BUNDLE_BYTES,
+    MAX_DEFAULT_PASSES,
     MEDIAN_PRESET,
     SELECTION_ATTACKS,
+    SELECTION_STATISTICS,
     STORED_SELECTION_ATTACKS,
     CandidateScore,
     choose,
@@ -28,6 +31,7 @@ from index_builder.detectors import (
     FLIP_STATISTIC,
     JPEG_STATISTIC,
     MEDIAN_STATISTIC,
+    SUSPECT_JPEG_STATISTIC,
     candidate_presets,
     forward_passes,
 )
@@ -89,7 +93,7 @@ def test_the_default_may_read_the_mirror_for_the_doubted_fifth():
 
 def test_round_six_candidates_add_the_colour_noise_the_flip_margin_and_both():
     presets = candidate_presets()
-    assert len(presets) == 10 * 33 * 3  # round 5's 33 statistic sets, alone and with each addition
+    assert len(presets) == 12 * 33 * 3  # round 5's 33 statistic sets, alone and with each addition
     v2 = presets["maha-stages+margin+hp-hmp"].statistics
     assert presets["maha-stages+margin+hp+cn-hmp"].statistics == (*v2, CHROMA_STATISTIC)
     assert presets["maha-stages+margin+hp+flip-hmp"].statistics == (*v2, FLIP_STATISTIC)
@@ -124,12 +128,12 @@ def test_round_ten_candidates_add_the_median_margin_and_it_with_the_colour_noise
 
 def test_round_twelve_candidates_add_the_jpeg_margin_and_it_with_the_colour_noise():
     """Round 12: each of round 5's sets with the JPEG margin (a second pass for every image, so
-    never the default), and with the colour noise too, listed last: an exact tie keeps the
-    earlier rounds' candidates."""
+    never the default), and with the colour noise too, listed after round 10's: an exact tie
+    keeps the earlier rounds' candidates."""
     presets = candidate_presets()
     names = list(presets)
-    assert len(names) == 10 * 33 * 3
-    assert all("+jq" in n for n in names[8 * 33 * 3 :])
+    assert len(names) == 12 * 33 * 3
+    assert all("+jq" in n for n in names[8 * 33 * 3 : 10 * 33 * 3])
     assert not any("jq" in n for n in names[: 8 * 33 * 3])
     base = presets["maha-stages+margin+hp-hmp"].statistics
     assert presets["maha-stages+margin+hp+jq-hmp"].statistics == (*base, JPEG_STATISTIC)
@@ -251,3 +255,21 @@ def test_select_end_to_end(tmp_path):
     # which the vote and the margin wave through
     eer = {r["candidate"]: r["eer"]["pgd_untargeted"] for r in rows}
     assert eer["maha-blocks-hmp"] >= 0.8 > 0.5 > eer["margin-hmp"]
+
+
+def test_round_thirteen_candidates_add_the_suspect_jpeg_margin_at_a_fifth_of_a_pass():
+    """Round 13: each of round 5's sets with the suspect JPEG margin (a second pass for the
+    fifth of queries the other statistics doubt, so a candidate for the default), and with the
+    colour noise too, listed last."""
+    presets = candidate_presets()
+    names = list(presets)
+    assert all("+sjq" in n for n in names[10 * 33 * 3 :])
+    assert not any("sjq" in n for n in names[: 10 * 33 * 3])
+    base = presets["maha-stages+margin+hp-hmp"].statistics
+    assert presets["maha-stages+margin+hp+sjq-hmp"].statistics == (*base, SUSPECT_JPEG_STATISTIC)
+    both = presets["maha-stages+margin+hp+cn+sjq-fisher"].statistics
+    assert both == (*base, CHROMA_STATISTIC, SUSPECT_JPEG_STATISTIC)
+    assert forward_passes(both) == 1.0 + DOUBTED_SHARE <= MAX_DEFAULT_PASSES
+    assert forward_passes((*both, JPEG_STATISTIC)) == 2  # read by the plain margin: every query
+    assert forward_passes((*both, DOUBT_STATISTIC)) == 1.0 + 2 * DOUBTED_SHARE
+    assert SUSPECT_JPEG_STATISTIC in SELECTION_STATISTICS

@@ -420,6 +420,41 @@ def test_a_second_pass_preset_reads_its_margin(built, tmp_path, capsys, preset, 
     np.testing.assert_allclose(values[:, 7], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_suspect_jpeg_margin_bundle_runs_the_jpeg_pass_for_its_suspects_alone(
+    built, tmp_path, capsys
+):
+    """Round 13's ``+sjq``: the manifest lists ``suspect_margin@jpeg.logits`` without a gate;
+    the loaded guard's network defers the JPEG pass and runs it for the queries the detector
+    suspects (those whose other statistics combine below its gate) and no other; its scores and
+    values are those of a network that runs the pass for every query, the suspect margin the
+    predicted class's margin on the JPEG-squeezed image, shown as not read elsewhere."""
+    config, _ = built
+    bundle = tmp_path / "sjq"
+    manifest = _build(config, bundle, capsys, "--detector", "maha-stages+margin+hp+cn+sjq-hmp")
+    suspect = manifest.detector.statistic_specs()[-1]
+    assert (suspect.kind, suspect.layer, suspect.gate) == ("suspect_margin", "jpeg.logits", None)
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    assert guard.network.deferred == ("jpeg.logits",)
+    paths = sorted(config.source.rglob("*.png"))
+    pixels = torch.stack([guard.pixels(decode_image(p.read_bytes())) for p in paths])
+    seen: list[int] = []
+    hook = guard.network.model.register_forward_hook(lambda _m, i, _o: seen.append(len(i[0])))
+    batch = guard.infer(pixels)
+    assert "jpeg.logits" not in batch.features and seen == [len(paths)]
+    evidence = guard.evidence(batch)
+    hook.remove()
+    values, expected = _second_pass_margins(config, bundle, jpeg_squeeze)
+    suspects = guard.detector.suspects(evidence.values)
+    assert 0 < suspects.sum() < len(paths)
+    assert seen == [len(paths), int(suspects.sum())]  # the JPEG pass: the suspects only
+    np.testing.assert_allclose(values[suspects, -1], expected[suspects], rtol=1e-5, atol=1e-6)
+    assert (values[~suspects, -1] == NOT_DOUBTED).all()
+    guard.network.deferred = ()  # the pass for every query: the same scores
+    everyone = guard.infer(pixels)
+    assert "jpeg.logits" in everyone.features
+    np.testing.assert_allclose(guard.score(everyone), evidence.scores, rtol=1e-6)
+
+
 def test_the_median_preset_is_the_flip_presets_statistics_with_the_median_margin():
     """``v2-median`` (round 10's best at any cost) reads what ``v2-flip`` reads, the median
     margin in place of the flip margin, combined the same way."""
