@@ -46,6 +46,7 @@ from app.core.statistics import (
     KnnVote,
     Mahalanobis,
     Margin,
+    SuspectMargin,
 )
 from evaluation.attacks import AttackOutput
 
@@ -198,16 +199,16 @@ def surrogates(detector: Detector) -> list[Surrogate]:
         if detector.reference is None:
             raise ValueError("a distance statistic needs the detector's reference values")
         reference = detector.reference[:, column]
-        if isinstance(statistic, DoubtMargin):  # scaled by the doubted images' flip margins
+        if isinstance(statistic, DoubtMargin | SuspectMargin):  # scaled by the margins read
             reference = reference[reference < NOT_DOUBTED]
             reference = reference if reference.size else np.zeros(1)
         scale = dict(
             reference_mean=float(reference.mean()),
             reference_std=float(max(reference.std(), 1e-12)),
         )
-        if isinstance(statistic, Margin | DoubtMargin):
-            # a doubted flip margin as the flip margin itself: raising it helps the attacker
-            # whether or not the first pass ends in doubt
+        if isinstance(statistic, Margin | DoubtMargin | SuspectMargin):
+            # a doubted flip margin as the flip margin itself, a suspect JPEG margin as the JPEG
+            # margin: raising it helps the attacker whether or not the query ends in doubt
             name = f"{statistic.kind}@{statistic.layer_name}"
             out.append(SurrogateMargin(name, statistic.layer_name, **scale))
         elif isinstance(statistic, Mahalanobis):

@@ -370,11 +370,11 @@ class FeatureNetwork(nn.Module):
         return ForwardOutput(logits=logits, features=features)
 
     def _second_passes_run(self, wanted: bool | Collection[str]) -> tuple[str, ...]:
-        """The network's second passes that ``forward``'s ``second_passes`` asks for."""
-        run = tuple(name for name in self.second_passes if name not in self.deferred)
-        if isinstance(wanted, bool):
-            return run if wanted else ()
-        return tuple(name for name in run if name in wanted)
+        """The network's second passes that ``forward``'s ``second_passes`` asks for: all but
+        the deferred ones (True), none, or those named."""
+        if isinstance(wanted, bool):  # a deferred pass runs when a caller names it
+            return tuple(n for n in self.second_passes if n not in self.deferred) if wanted else ()
+        return tuple(name for name in self.second_passes if name in wanted)
 
     def second_pass(
         self, layer: str, pixels: torch.Tensor, rows: torch.Tensor, classes: int

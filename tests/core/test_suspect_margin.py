@@ -175,3 +175,6 @@ def test_the_networks_deferred_pass_is_its_jpeg_pass_on_the_rows_asked_for() -> 
     assert np.isnan(jpeg[~rows.numpy()]).all()
     none = network.second_pass(JPEG_LOGITS, deferred.pixels, torch.zeros(6, dtype=torch.bool), 10)
     assert none.shape == (6, 10) and bool(torch.isnan(none).all())
+    with torch.no_grad():  # named, a deferred pass runs (the adaptive attack's surrogate)
+        named = network(pixels, second_passes={JPEG_LOGITS}).features[JPEG_LOGITS].numpy()
+    np.testing.assert_allclose(named, everyone.features[JPEG_LOGITS], rtol=1e-5, atol=1e-5)

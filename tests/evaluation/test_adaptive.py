@@ -168,6 +168,26 @@ def test_the_adaptive_attack_raises_the_doubted_flip_margin_as_the_flip_margin()
     assert second_passes_read([surrogate]) == {FLIPPED_LOGITS}
 
 
+def test_the_adaptive_attack_raises_the_suspect_jpeg_margin_as_the_jpeg_margin():
+    """``suspect_margin@jpeg.logits`` rebuilt in torch is the JPEG margin itself, read for every
+    query (the attacker need not know which queries the detector suspects), standardised by the
+    reference's suspects' values alone (the detector's gated column)."""
+    from app.core.features import JPEG_LOGITS
+    from app.core.statistics import NOT_DOUBTED, SuspectMargin
+
+    rng = np.random.default_rng(8)
+    reference = np.column_stack([rng.normal(0.0, 1.0, 50), rng.normal(1.0, 0.5, 50)])
+    detector = Detector([Margin("linear"), SuspectMargin(JPEG_LOGITS)], "hmp", reference)
+    read = detector.reference[:, 1][detector.reference[:, 1] < NOT_DOUBTED]
+    assert 0 < read.size < 50
+    surrogate = surrogates(detector)[1]
+    assert isinstance(surrogate, SurrogateMargin)
+    assert (surrogate.name, surrogate.layer) == ("suspect_margin@jpeg.logits", JPEG_LOGITS)
+    assert surrogate.reference_mean == pytest.approx(read.mean())
+    assert surrogate.reference_std == pytest.approx(read.std())
+    assert second_passes_read([surrogate]) == {JPEG_LOGITS}
+
+
 def test_every_v2_preset_gets_both_adaptive_attacks_and_its_own_columns():
     """Each v2 preset the evaluation builds is attacked by its own PGD-Linf and smooth PGD-L2
     (``adaptive_v2``, ``adaptive_v2_median_l2``, ...: v2's set names as before, so their cached
