@@ -27,6 +27,16 @@ def _features(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     }
 
 
+def _made(seed: int, references: int, queries: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Random logits: the reference rows' statistics (the three of ``_statistics``, in order,
+    each of its own logits' top class) and the queries' features."""
+    rng = np.random.default_rng(seed)
+    reference_features, query_features = _features(rng, references), _features(rng, queries)
+    classes = reference_features[FIRST].argmax(axis=1)
+    reference = np.stack([s.values(reference_features, classes) for s in _statistics()], 1)
+    return reference, query_features
+
+
 def _margin(row: np.ndarray, c: int) -> float:
     return float(row[c]) - max(float(v) for j, v in enumerate(row) if j != c)
 
@@ -69,12 +79,8 @@ def test_the_suspect_margin_is_read_only_below_the_other_statistics_gate() -> No
     """The gate, the suspects, every p-value and the score against loops; the others' p-value
     for the suspect margin is 1 whatever their JPEG logits hold, and the evidence shows them as
     not read."""
-    rng = np.random.default_rng(3)
-    reference_features, query_features = _features(rng, 300), _features(rng, 200)
-    statistics = _statistics()
-    reference_classes = reference_features[FIRST].argmax(axis=1)
-    reference = np.stack([s.values(reference_features, reference_classes) for s in statistics], 1)
-    detector = Detector(statistics, "hmp", reference)
+    reference, query_features = _made(3, 300, 200)
+    detector = Detector(_statistics(), "hmp", reference)
     classes = query_features[FIRST].argmax(axis=1)
     values = detector.values(query_features, classes)
     for i, row in enumerate(query_features[JPEG_LOGITS]):  # plain margins, ungated
@@ -96,11 +102,8 @@ def test_the_suspect_margin_is_read_only_below_the_other_statistics_gate() -> No
 def test_a_subset_fits_its_own_gate() -> None:
     """A candidate made of some of the statistics (the selection's views of one bundle) gates
     on its own other statistics, as a bundle built with just them would."""
-    rng = np.random.default_rng(4)
-    reference_features, query_features = _features(rng, 250), _features(rng, 150)
+    reference, query_features = _made(4, 250, 150)
     statistics = _statistics()
-    classes = reference_features[FIRST].argmax(axis=1)
-    reference = np.stack([s.values(reference_features, classes) for s in statistics], 1)
     whole = Detector(statistics, "hmp", reference)
     part = whole.subset([1, 2])
     alone = Detector(statistics[1:], "hmp", reference[:, 1:])
@@ -115,12 +118,8 @@ def test_a_subset_fits_its_own_gate() -> None:
 def test_a_deferred_layer_is_computed_for_the_suspects_alone() -> None:
     """Without the JPEG logits, the detector asks for them once, for exactly its suspects, and
     scores as it does with every row's; without a way to compute them it refuses."""
-    rng = np.random.default_rng(5)
-    reference_features, query_features = _features(rng, 200), _features(rng, 120)
-    statistics = _statistics()
-    classes = reference_features[FIRST].argmax(axis=1)
-    reference = np.stack([s.values(reference_features, classes) for s in statistics], 1)
-    detector = Detector(statistics, "hmp", reference)
+    reference, query_features = _made(5, 200, 120)
+    detector = Detector(_statistics(), "hmp", reference)
     assert detector.deferred_layers == [JPEG_LOGITS]
     query_classes = query_features[FIRST].argmax(axis=1)
     everything = detector.score(query_features, query_classes)
