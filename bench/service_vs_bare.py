@@ -167,17 +167,24 @@ def decoded(guard: Guard, jpegs: list[bytes]) -> list[torch.Tensor]:
 
 def one_batch_stages(guard: Guard, pixels: torch.Tensor) -> tuple[float, list[float], float]:
     """Seconds of one batch's model forward, of each statistic (in the detector's order) and of
-    the combination: ``Detector.score`` split where its work is."""
+    the combination: ``Detector.score`` split where its work is. A suspect margin's seconds
+    include its deferred second pass over the suspects (``Guard.look_again``)."""
     detector = guard.detector
     t0 = time.perf_counter()
     batch = guard.infer(pixels)
     model = time.perf_counter() - t0
-    columns, statistic_seconds = [], []
-    for statistic in detector.statistics:
+    values = np.full((len(batch.predictions), len(detector.statistics)), np.nan)
+    statistic_seconds = [0.0] * len(detector.statistics)
+    features = batch.features
+    for i in [*detector.plain_columns, *detector.suspect_columns]:
         t0 = time.perf_counter()
-        columns.append(statistic.values(batch.features, batch.predictions))
-        statistic_seconds.append(time.perf_counter() - t0)
-    values = np.stack(columns, axis=1)
+        look_again = guard.look_again(batch)
+        if i in detector.suspect_columns and look_again is not None:
+            needed = [layer for layer in detector.deferred_layers if layer not in features]
+            if needed:
+                features = {**features, **look_again(detector.suspects(values))}
+        values[:, i] = detector.statistics[i].values(features, batch.predictions)
+        statistic_seconds[i] = time.perf_counter() - t0
     t0 = time.perf_counter()
     detector.combine(values)
     return model, statistic_seconds, time.perf_counter() - t0

@@ -309,14 +309,15 @@ class Guard:
 
     def score(self, batch: BatchFeatures) -> np.ndarray:
         """Search stage: the detector's score of each predicted class."""
-        return self.detector.score(batch.features, batch.predictions, self._look_again(batch))
+        return self.detector.score(batch.features, batch.predictions, self.look_again(batch))
 
     def evidence(self, batch: BatchFeatures) -> Evidence:
         """Search stage with every statistic kept: ``evidence.scores`` are ``score``'s."""
-        return self.detector.evidence(batch.features, batch.predictions, self._look_again(batch))
+        return self.detector.evidence(batch.features, batch.predictions, self.look_again(batch))
 
-    def _look_again(self, batch: BatchFeatures) -> LookAgain | None:
-        """The network's deferred second passes over the batch's suspects (None: none)."""
+    def look_again(self, batch: BatchFeatures) -> LookAgain | None:
+        """The network's deferred second passes over the batch's suspects (None: none), for
+        ``Detector.values``."""
         pixels = batch.pixels
         if not self.network.deferred or pixels is None:
             return None

@@ -83,6 +83,29 @@ def test_stage_times_cover_every_statistic_kind_of_a_combined_bundle(
     assert "| 0.5 (1) | - | - |" in lines[-1]
 
 
+def test_stage_times_charge_a_suspect_margin_its_deferred_pass(
+    make_image_folder, cifar_weights, tmp_path: Path
+) -> None:
+    """Round 13's suspect JPEG margin: the network leaves its JPEG pass out of the model stage
+    (it failed here with a KeyError before the stage timing ran it for the suspects), and the
+    statistic's time includes that pass."""
+    folder = make_image_folder(classes=3, per_class=12)
+    config = BuildConfig(
+        source=folder, arch="resnet20", weights=cifar_weights(3), out=tmp_path / "b", k=10,
+        holdout_fraction=0.25, num_workers=0, batch_size=16, chunk_size=8,
+        detector="maha-stages+margin+sjq-hmp",
+    )  # fmt: skip
+    build_bundle(config, progress=False)
+    guard = Guard.load(tmp_path / "b", device="cpu")
+    assert guard.network.deferred == ("jpeg.logits",)
+    pixels = [guard.pixels(decode_image(f.read_bytes())) for f in sorted(folder.rglob("*.png"))]
+
+    timed = stage_times(guard, pixels, batch=8, min_s=0.0)
+
+    assert timed["statistic_count"]["suspect_margin"] == 1
+    assert timed["by_statistic_ms"]["suspect_margin@jpeg.logits"] > 0
+
+
 def _interleaved_service(images_per_s: float, cpu_ms: float) -> dict[str, object]:
     return {
         "throughput_images_per_s": images_per_s,
