@@ -1,6 +1,6 @@
 """``advguard evaluate --select``: choose the v2 default detector by a rule fixed in advance.
 
-Round 13, the rule in force (written on 2026-12-06 at 06:41 UTC, commit ce8238c, before the
+Round 13, the rule in force (written on 2026-12-06 at 06:37 UTC, commit ce8238c, before the
 suspect JPEG margin existed in code or had been computed on any selection or reported image):
 round 12's rule, eleven selection attacks, candidates and ranking unchanged, plus each of round
 5's statistic sets also with the *suspect* JPEG margin (``suspect_margin@jpeg.logits``,
