@@ -176,9 +176,9 @@ def one_batch_stages(guard: Guard, pixels: torch.Tensor) -> tuple[float, list[fl
     values = np.full((len(batch.predictions), len(detector.statistics)), np.nan)
     statistic_seconds = [0.0] * len(detector.statistics)
     features = batch.features
+    look_again = guard.look_again(batch)
     for i in [*detector.plain_columns, *detector.suspect_columns]:
         t0 = time.perf_counter()
-        look_again = guard.look_again(batch)
         if i in detector.suspect_columns and look_again is not None:
             needed = [layer for layer in detector.deferred_layers if layer not in features]
             if needed:

@@ -232,6 +232,10 @@ class Detector:
         return out
 
     def p_values(self, values: np.ndarray) -> np.ndarray:
+        return self._p_values_and_suspects(values)[0]
+
+    def _p_values_and_suspects(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``p_values`` and ``suspects``, the suspects' first stage computed once."""
         if self.reference is None:
             raise ValueError("a single-statistic detector has no reference values")
         reference = self.reference  # sorted per column when the detector was made
@@ -242,9 +246,10 @@ class Detector:
             ],
             axis=1,
         )
+        suspects = self.suspects(values)
         if self.suspect_columns:  # the others' suspect margins are not read: p = 1
-            p_values[np.ix_(~self.suspects(values), np.array(self.suspect_columns))] = 1.0
-        return p_values
+            p_values[np.ix_(~suspects, np.array(self.suspect_columns))] = 1.0
+        return p_values, suspects
 
     def combine(self, values: np.ndarray) -> np.ndarray:
         """(n, S) statistics -> (n,) score."""
@@ -270,9 +275,9 @@ class Detector:
         values = self.values(features, classes, look_again)
         if self.combination == "single":
             return Evidence(self.names, values, None, self.combine(values))
-        p_values = self.p_values(values)  # once: the score combines these
+        p_values, suspects = self._p_values_and_suspects(values)  # once: the score combines these
         if self.suspect_columns:  # shown as not read, as a doubt_margin's are
-            values[np.ix_(~self.suspects(values), np.array(self.suspect_columns))] = NOT_DOUBTED
+            values[np.ix_(~suspects, np.array(self.suspect_columns))] = NOT_DOUBTED
         return Evidence(self.names, values, p_values, combine_p_values(p_values, self.combination))
 
     def subset(self, columns: Sequence[int], combination: Combination | None = None) -> Detector:
