@@ -46,8 +46,8 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--v2-only",
         action="store_true",
-        help="only the paper's default detector and the v2 presets (v2, v2-flip, v2-median, "
-        "v2-jpeg): no Table 2 grid, k sweep or ablations",
+        help="only the paper's default detector and the v2 presets (v2, v2-dflip, v2-flip, "
+        "v2-median, v2-jpeg): no Table 2 grid, k sweep or ablations",
     )
     parser.add_argument(
         "--quick", action="store_true", help="small subset, short attacks, no builds (CI)"

@@ -55,15 +55,18 @@ def _add_detector_arguments(group: Options) -> None:
         "--detector",
         help="detector preset: v2 (default: the paper's vote + the stage outputs' Mahalanobis "
         "distances + the logit margin + the Mahalanobis distances of the "
-        "pixels' and the colour channels' high-pass energy + the doubted flip margin, a second "
-        "pass for the fifth of queries the model is least sure of; harmonic mean p-value), "
+        "pixels' and the colour channels' high-pass energy + the suspect JPEG margin, the "
+        "margin on the image stored as a JPEG at quality 75, read (a JPEG round trip and a "
+        "second pass) only for the fifth of authentic queries the other statistics doubt most; "
+        "harmonic mean p-value), v2-dflip (round 11's default: the same with the doubted flip "
+        "margin, the mirrored image's margin for the fifth of queries the model is least sure "
+        "of, instead), "
         "v2-flip (the vote + the stage outputs' Mahalanobis distances + the margin + the two "
         "high-pass energies + the flip margin, a second pass for every query), v2-median "
         "(the same with the median margin, the margin on the image median-filtered over 2x2 "
         "pixels, instead of the flip margin: a second pass for every query), v2-jpeg (the vote "
         "+ the stage outputs' Mahalanobis distances + the colour channels' high-pass energy + "
-        "the JPEG margin, the margin on the image stored as a JPEG at quality 75: a second pass "
-        "for every query), paper (the "
+        "the JPEG margin: a JPEG round trip and a second pass for every query), paper (the "
         "paper's one DW-kNN vote at the last layer) or a selection candidate",
     )
     group.add_argument(

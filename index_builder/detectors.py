@@ -16,13 +16,16 @@ margin), and ``jpeg.logits`` those of the image stored as a JPEG at quality 75 a
 Presets (``--detector``):
 - ``paper``: the paper's detector, one DW-kNN vote at the last layer (Carrara et al. 2017);
 - ``v2`` (the default): the configuration chosen by the selection rule in
-  ``evaluation/selection.py`` (round 11, ``evaluation/results/selection-11/``, the first round
-  whose selection attacks include adversarials stored as JPEG files): the vote at the last
-  block, the Mahalanobis distances of each stage's output, the logit margin, the Mahalanobis
-  distances of the pixels' high-pass energy and of the colour channels' high-pass energy, and
-  the doubted flip margin (the mirrored image's margin, read for the fifth of queries the first
-  pass is least sure of), combined by the harmonic-mean p-value; one forward pass, and a second
-  for the doubted queries;
+  ``evaluation/selection.py`` (round 13, ``evaluation/results/selection-13/``): the vote at the
+  last block, the Mahalanobis distances of each stage's output, the logit margin, the
+  Mahalanobis distances of the pixels' high-pass energy and of the colour channels' high-pass
+  energy, and the suspect JPEG margin (the margin on the image stored as a JPEG at quality 75
+  and decoded, read only for the fifth of authentic queries the other statistics combine
+  lowest), combined by the harmonic-mean p-value; one forward pass, and a JPEG round trip and a
+  second pass for the suspects;
+- ``v2-dflip``: round 11's default (bundles built from 2026-12-04 evening to 2026-12-06 hold
+  it): ``v2`` with the doubted flip margin (the mirrored image's margin, read for the fifth of
+  queries the first pass is least sure of) in place of the suspect JPEG margin;
 - ``v2-median``: the best detector at any cost of round 10: round 7's ``v2`` (the vote, the
   Mahalanobis distances of each stage's output, the margin, the two high-pass energies) plus
   the median margin (the margin on the image median-filtered over 2x2 pixels: a second forward
@@ -98,9 +101,21 @@ JPEG_STATISTIC = "margin@jpeg.logits"
 SUSPECT_JPEG_STATISTIC = "suspect_margin@jpeg.logits"
 PRESETS: dict[str, DetectorPreset] = {
     "paper": DetectorPreset(("vote@last",), "single"),
-    # chosen by the selection rule, round 11 (evaluation/results/selection-11/):
-    # maha-stages+margin+hp+cn+dflip-hmp
+    # chosen by the selection rule, round 13 (evaluation/results/selection-13/):
+    # maha-stages+margin+hp+cn+sjq-hmp
     "v2": DetectorPreset(
+        (
+            "vote@last",
+            "mahalanobis@stages",
+            "margin@logits",
+            HIGHPASS_STATISTIC,
+            CHROMA_STATISTIC,
+            SUSPECT_JPEG_STATISTIC,
+        ),
+        "hmp",
+    ),
+    # round 11's default (evaluation/results/selection-11/): maha-stages+margin+hp+cn+dflip-hmp
+    "v2-dflip": DetectorPreset(
         (
             "vote@last",
             "mahalanobis@stages",
