@@ -60,7 +60,7 @@ def answers(guard: Guard, pixels: torch.Tensor) -> Answers:
     predictions, values, p_values, scores = [], [], [], []
     for start in range(0, pixels.shape[0], BATCH):
         batch = guard.infer(pixels[start : start + BATCH])
-        evidence = guard.detector.evidence(batch.features, batch.predictions)
+        evidence = guard.evidence(batch)  # a deferred pass (the suspects' JPEG margin) included
         predictions.append(batch.predictions)
         values.append(evidence.values)
         scores.append(evidence.scores)

@@ -1,32 +1,75 @@
-"""``bench.demo_accuracy``'s share of images the mirrored pass runs for, on real test photos."""
+"""``bench.demo_accuracy``'s share of images a gated second pass runs for, on real test photos."""
 
 import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.statistics import NOT_DOUBTED
-from bench.demo_accuracy import mirrored_rows
+from bench.demo_accuracy import gated_pass_rows
+from index_builder.build import build_bundle
+from index_builder.config import BuildConfig
 from tests.conftest import CIFAR_TAR, DEMO_BUNDLE
 
 
-def test_the_mirrored_rows_are_those_the_doubted_flip_margin_reads(tmp_path: Path) -> None:
-    """On 60 CIFAR-10 test photos through the demo bundle (whose v2 reads the mirror in doubt):
-    the images the network mirrors are exactly those the statistic gives a value other than
-    ``NOT_DOUBTED``, and some but not all of them are."""
+@pytest.fixture(scope="module")
+def test_photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """60 CIFAR-10 test photos, every 167th of the test split."""
+    root = tmp_path_factory.mktemp("photos")
     with tarfile.open(CIFAR_TAR) as archive:
         members = [m for m in archive.getmembers() if m.name.startswith("test/") and m.isfile()]
         chosen = sorted(members, key=lambda m: m.name)[::167][:60]
-        archive.extractall(tmp_path, members=chosen, filter="data")
-    files = sorted(tmp_path.rglob("*.jpg"))
-    mirrored = mirrored_rows(DEMO_BUNDLE, files)
-    assert mirrored is not None and mirrored.shape == (len(files),)
-    guard = Guard.load(DEMO_BUNDLE, device="cpu", use_gpu_index=False)
-    column = guard.detector.names.index("doubt_margin@flip.logits")
+        archive.extractall(root, members=chosen, filter="data")
+    return sorted(root.rglob("*.jpg"))
+
+
+def _read_rows(bundle: Path, files: list[Path], statistic: str) -> np.ndarray:
+    """(n,) bool: the images ``statistic`` (a gated second pass's margin) has a value for."""
+    guard = Guard.load(bundle, device="cpu", use_gpu_index=False)
+    column = guard.detector.names.index(statistic)
     pixels = torch.stack([guard.pixels(decode_image(f.read_bytes())) for f in files])
-    read = guard.evidence(guard.infer(pixels)).values[:, column] != NOT_DOUBTED
-    np.testing.assert_array_equal(mirrored, read)
-    assert 0 < mirrored.sum() < len(files)
+    read: np.ndarray = guard.evidence(guard.infer(pixels)).values[:, column] != NOT_DOUBTED
+    return read
+
+
+def test_the_gated_rows_are_those_the_suspect_jpeg_margin_reads(test_photos: list[Path]) -> None:
+    """Through the demo bundle (whose v2 reads the JPEG margin of its suspects): the images the
+    JPEG pass runs for are exactly those the statistic gives a value other than
+    ``NOT_DOUBTED``, and some but not all of them are."""
+    gated = gated_pass_rows(DEMO_BUNDLE, test_photos)
+    assert gated is not None and gated.name == "the JPEG pass (suspect gate)"
+    assert gated.rows.shape == (len(test_photos),)
+    read = _read_rows(DEMO_BUNDLE, test_photos, "suspect_margin@jpeg.logits")
+    np.testing.assert_array_equal(gated.rows, read)
+    assert 0 < gated.rows.sum() < len(test_photos)
+
+
+def test_the_gated_rows_are_those_the_doubted_flip_margin_reads(
+    test_photos: list[Path], tmp_path: Path
+) -> None:
+    """Through a bundle with round 11's ``v2-dflip`` (built from the demo's weights on 600
+    training photos): the images the network mirrors are exactly those the doubted flip margin
+    reads, some but not all; a bundle without a gated pass has none."""
+    weights = DEMO_BUNDLE / "model.pth"
+    config = BuildConfig(
+        source=CIFAR_TAR, split="train", arch="resnet20", weights=weights,
+        out=tmp_path / "dflip", detector="v2-dflip", k=20, per_class_limit=60,
+        num_workers=0, batch_size=100, work_dir=tmp_path / "work", device="cpu",
+    )  # fmt: skip
+    build_bundle(config, progress=False)
+    gated = gated_pass_rows(config.out, test_photos)
+    assert gated is not None and gated.name == "the mirrored pass (doubt gate)"
+    read = _read_rows(config.out, test_photos, "doubt_margin@flip.logits")
+    np.testing.assert_array_equal(gated.rows, read)
+    assert 0 < gated.rows.sum() < len(test_photos)
+    plain = BuildConfig(
+        source=CIFAR_TAR, split="train", arch="resnet20", weights=weights,
+        out=tmp_path / "paper", detector="paper", k=20, per_class_limit=60,
+        num_workers=0, batch_size=100, work_dir=tmp_path / "work-paper", device="cpu",
+    )  # fmt: skip
+    build_bundle(plain, progress=False)
+    assert gated_pass_rows(plain.out, test_photos) is None

@@ -185,7 +185,7 @@ def _check_service(service: dict[str, Any]) -> None:
         "vote",
         "margin",
         "mahalanobis",
-        "doubt_margin",
+        "suspect_margin",
     }
 
 

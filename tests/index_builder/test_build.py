@@ -52,9 +52,9 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
     report = build_bundle(cifar_config(folder, cifar_weights(3), tmp_path / "b"), progress=False)
     manifest = report.manifest
     assert manifest.counts.indexed == 27 and manifest.counts.holdout == 9
-    # the default detector (v2, selection round 11): the paper's vote at the last residual block
+    # the default detector (v2, selection round 13): the paper's vote at the last residual block
     # + Mahalanobis of each stage's output + the logit margin + Mahalanobis of the pixels' and
-    # of the colour channels' high-pass energy + the doubted flip margin, combined by the
+    # of the colour channels' high-pass energy + the suspect JPEG margin, combined by the
     # harmonic mean p-value
     assert manifest.model.arch == "resnet20"
     assert manifest.detector.combination == "hmp"
@@ -64,7 +64,7 @@ def test_cifar_resnet_round_trip(make_image_folder, cifar_weights, tmp_path):
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),
-        ("doubt_margin", "flip.logits"),
+        ("suspect_margin", "jpeg.logits"),
     ]
     assert manifest.detector.layers[0].output_dim == 26  # PCA capped at the sample rank
     assert set(manifest.calibration.thresholds) == {"0.90", "0.95", "0.98", "0.99"}

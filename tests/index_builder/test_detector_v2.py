@@ -317,8 +317,8 @@ def test_logits_alias_names_the_last_linear_layer():
 
 
 def test_default_bundle_reads_the_pixels_and_colour_high_pass_energy(built, tmp_path, capsys):
-    """The default preset (v2, selection round 11): the vote, the Mahalanobis distances of the
-    three stage outputs, the logit margin, the doubted flip margin and two pixel statistics,
+    """The default preset (v2, selection round 13): the vote, the Mahalanobis distances of the
+    three stage outputs, the logit margin, the suspect JPEG margin and two pixel statistics,
     Mahalanobis distances over the 9 RGB and the 6
     colour-channel high-pass energies, each fitted like any layer's class density on the
     indexed images (no index), whose values are the distances of the energies the feature
@@ -332,7 +332,7 @@ def test_default_bundle_reads_the_pixels_and_colour_high_pass_energy(built, tmp_
         ("margin", "linear"),
         ("mahalanobis", "pixels.highpass"),
         ("mahalanobis", "pixels.chromahighpass"),
-        ("doubt_margin", "flip.logits"),
+        ("suspect_margin", "jpeg.logits"),
     ]
     for column, (name, width) in enumerate([("highpass", 9), ("chromahighpass", 6)], start=5):
         layer = next(s for s in manifest.detector.layers if s.name == f"pixels.{name}")
@@ -564,3 +564,16 @@ def test_the_builder_runs_second_passes_on_the_held_out_images_only(
     manifests = [read_manifest(bundles[k].out) for k in ("held_out", "every")]
     assert manifests[0].detector == manifests[1].detector
     assert manifests[0].calibration == manifests[1].calibration
+
+
+def test_the_default_is_round_thirteens_choice_and_v2_dflip_round_elevens():
+    """``v2`` is the candidate selection round 13 chose (evaluation/results/selection-13/
+    selection.json), one pass and the JPEG pass for the suspect fifth; ``v2-dflip`` keeps the
+    candidate round 11 chose, the default before it."""
+    for preset, round_ in (("v2", 13), ("v2-dflip", 11)):
+        path = REPO / f"evaluation/results/selection-{round_}/selection.json"
+        chosen = json.loads(path.read_text())["chosen"]
+        assert detectors.PRESETS[preset] == detectors.candidate_presets()[chosen]
+        assert detectors.forward_passes(detectors.PRESETS[preset].statistics) == 1.2
+    assert detectors.PRESETS["v2"].statistics[-1] == detectors.SUSPECT_JPEG_STATISTIC
+    assert detectors.PRESETS["v2-dflip"].statistics[-1] == detectors.DOUBT_STATISTIC

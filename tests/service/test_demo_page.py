@@ -229,8 +229,8 @@ def test_trusted_caller_sees_the_evidence_of_a_rejection(
     assert predicted.text.split()[0] in browser.find_element(By.ID, "result").text
     counts = [int(row.text.split()[-1]) for row in rows]
     assert sum(counts) == 1000  # the vote's k neighbours
-    # one row per statistic of the demo bundle's detector (round 11's v2: the vote, the three
-    # stages' distances, the margin, the two pixel energies and the doubted flip margin)
+    # one row per statistic of the demo bundle's detector (round 13's v2: the vote, the three
+    # stages' distances, the margin, the two pixel energies and the suspect JPEG margin)
     manifest = Manifest.model_validate_json((DEFAULT_BUNDLE / MANIFEST_NAME).read_text())
     statistics = len(manifest.detector.statistic_specs())
     assert len(browser.find_elements(By.CSS_SELECTOR, "#statistics tbody tr")) == statistics == 8
