@@ -17,6 +17,10 @@ both on cuda) classifies the same CIFAR-10 test images, and every image is compa
   images), a nudge of the CPU's own features by 1e-7 relative moved the vote by 5.1e-3 of its
   spread and the Mahalanobis distances by < 1e-4; the H200's IEEE float32 forward pass moved
   them by 5.13e-3 and < 4e-5 (bench/results/gpu, 2026-11-30);
+- a gated statistic (the doubted flip margin, the suspect JPEG margin) has a value only for the
+  queries its gate reads (``NOT_DOUBTED`` elsewhere): its spread is that of the values read, it
+  is compared where both configurations read it, and the queries read by one configuration only
+  are counted (``gate_disagreements``), not bounded: a query on the gate may fall either side;
 - the score (Fisher's combination of empirical p-values) is reported, not bounded: it is a step
   function of the statistics, so a statistic that moves by a hair across one of the reference
   values moves the score by one step. ``p_value_steps`` counts how many reference values any
@@ -37,7 +41,7 @@ from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.scoring import neighbour_weights
 from app.core.search import SearchBackend
-from app.core.statistics import KnnVote
+from app.core.statistics import NOT_DOUBTED, KnnVote
 
 STATISTIC_TOLERANCE = 1e-3  # of each statistic's spread on held-out authentic images
 BOUNDARY_SWAPS = 2  # k-th neighbour steps a vote may move by, beyond the tolerance
@@ -77,10 +81,15 @@ def answers(guard: Guard, pixels: torch.Tensor) -> Answers:
 
 
 def spreads(guard: Guard, reference: Answers) -> np.ndarray:
-    """(S,) each statistic's std on the bundle's held-out authentic images (its reference part);
-    a single-statistic bundle keeps none, so the std over these images stands in."""
+    """(S,) each statistic's std on the bundle's held-out authentic images (its reference part),
+    over the values its gate read; a single-statistic bundle keeps none, so the std over these
+    images stands in."""
     held_out = guard.detector.reference
-    spread = held_out.std(axis=0) if held_out is not None else reference.values.std(axis=0)
+    values = held_out if held_out is not None else reference.values
+    read = values < NOT_DOUBTED
+    spread = np.array(
+        [values[read[:, i], i].std() if read[:, i].any() else 0.0 for i in range(values.shape[1])]
+    )
     floored: np.ndarray = np.maximum(spread, 1e-12)
     return floored
 
@@ -112,7 +121,9 @@ def compare(
 ) -> dict[str, Any]:
     """``neighbour_steps``: ``vote_steps`` of the reference's images."""
     spread = spreads(guard, reference)
-    moved = np.abs(other.values - reference.values) / spread
+    read_by_reference, read_by_other = reference.values < NOT_DOUBTED, other.values < NOT_DOUBTED
+    both_read = read_by_reference & read_by_other
+    moved = np.where(both_read, np.abs(other.values - reference.values), 0.0) / spread
     allowed = STATISTIC_TOLERANCE + BOUNDARY_SWAPS * neighbour_steps / spread
     same_prediction = other.predictions == reference.predictions
     same_decision = same_prediction & (other.accepted == reference.accepted)
@@ -137,6 +148,10 @@ def compare(
             for i, name in enumerate(guard.detector.names)
         },
         "statistics_within_tolerance": within,
+        "gate_disagreements": {
+            name: int((read_by_reference[:, i] != read_by_other[:, i]).sum())
+            for i, name in enumerate(guard.detector.names)
+        },
         "max_abs_score_difference": float(np.abs(other.scores - reference.scores).max(initial=0)),
         "scores_differing": int((other.scores != reference.scores).sum()),
         "max_p_value_steps": steps,

@@ -10,7 +10,7 @@ import torch
 from app.core.guard import Guard
 from app.core.images import decode_image
 from app.core.scoring import class_scores
-from app.core.statistics import KnnVote
+from app.core.statistics import NOT_DOUBTED, KnnVote
 from app.service.settings import DEFAULT_BUNDLE
 from bench.gpu import parity
 from bench.load_service import test_jpegs as cifar_test_jpegs
@@ -61,15 +61,41 @@ def test_compare_passes_the_same_answers_and_bounds_each_statistic(
     assert same["passed"] and same["statistics_within_tolerance"]
     spread = parity.spreads(guard, reference)
     values = reference.values.copy()
-    values[3, -1] += 2 * parity.STATISTIC_TOLERANCE * spread[-1]  # one statistic, one image
+    row = int(np.flatnonzero(values[:, -1] < NOT_DOUBTED)[0])  # a query the gated margin read
+    values[row, -1] += 2 * parity.STATISTIC_TOLERANCE * spread[-1]  # one statistic, one image
     moved = parity.Answers(
         reference.predictions, reference.accepted, values, reference.p_values, reference.scores
     )
     found = parity.compare(guard, reference, moved, steps)
     assert found["all_decisions_identical"] and not found["statistics_within_tolerance"]
     assert not found["passed"]
-    steps[3, -1] = parity.STATISTIC_TOLERANCE * spread[-1]  # two such steps allow the move
+    steps[row, -1] = parity.STATISTIC_TOLERANCE * spread[-1]  # two such steps allow the move
     assert parity.compare(guard, reference, moved, steps)["passed"]
-    steps[3, -1] = 0.0
-    steps[4, -1] = parity.STATISTIC_TOLERANCE * spread[-1]  # another image's step does not
+    steps[row, -1] = 0.0
+    steps[row + 1, -1] = parity.STATISTIC_TOLERANCE * spread[-1]  # another image's step does not
     assert not parity.compare(guard, reference, moved, steps)["passed"]
+
+
+def test_a_gated_statistic_is_compared_where_both_read_it_and_its_disagreements_counted(
+    demo: tuple[Guard, torch.Tensor, parity.Answers],
+) -> None:
+    """The demo's suspect JPEG margin reads some queries only: its spread is that of the values
+    read (not of ``NOT_DOUBTED``'s), and a query one configuration reads and the other does not
+    is counted as a gate disagreement, not as a move."""
+    guard, _, reference = demo
+    read = reference.values[:, -1] < NOT_DOUBTED
+    assert 0 < read.sum() < IMAGES
+    spread = parity.spreads(guard, reference)[-1]
+    held_out = guard.detector.reference
+    assert held_out is not None
+    assert spread == pytest.approx(held_out[held_out[:, -1] < NOT_DOUBTED, -1].std())
+    values = reference.values.copy()
+    values[int(np.flatnonzero(read)[0]), -1] = NOT_DOUBTED  # read by the reference only
+    values[int(np.flatnonzero(~read)[0]), -1] = 0.0  # read by the other only
+    other = parity.Answers(
+        reference.predictions, reference.accepted, values, reference.p_values, reference.scores
+    )
+    found = parity.compare(guard, reference, other, np.zeros((IMAGES, len(guard.detector.names))))
+    assert found["gate_disagreements"][guard.detector.names[-1]] == 2
+    assert sum(found["gate_disagreements"].values()) == 2
+    assert found["statistics_within_tolerance"] and found["passed"]
