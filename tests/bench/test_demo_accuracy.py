@@ -48,28 +48,27 @@ def test_the_gated_rows_are_those_the_suspect_jpeg_margin_reads(test_photos: lis
     assert 0 < gated.rows.sum() < len(test_photos)
 
 
+def _small_bundle(tmp_path: Path, detector: str) -> Path:
+    """A bundle of ``detector`` from the demo's weights on 600 training photos."""
+    config = BuildConfig(
+        source=CIFAR_TAR, split="train", arch="resnet20", weights=DEMO_BUNDLE / "model.pth",
+        out=tmp_path / detector, detector=detector, k=20, per_class_limit=60,
+        num_workers=0, batch_size=100, work_dir=tmp_path / f"{detector}.work", device="cpu",
+    )  # fmt: skip
+    build_bundle(config, progress=False)
+    return config.out
+
+
 def test_the_gated_rows_are_those_the_doubted_flip_margin_reads(
     test_photos: list[Path], tmp_path: Path
 ) -> None:
     """Through a bundle with round 11's ``v2-dflip`` (built from the demo's weights on 600
     training photos): the images the network mirrors are exactly those the doubted flip margin
     reads, some but not all; a bundle without a gated pass has none."""
-    weights = DEMO_BUNDLE / "model.pth"
-    config = BuildConfig(
-        source=CIFAR_TAR, split="train", arch="resnet20", weights=weights,
-        out=tmp_path / "dflip", detector="v2-dflip", k=20, per_class_limit=60,
-        num_workers=0, batch_size=100, work_dir=tmp_path / "work", device="cpu",
-    )  # fmt: skip
-    build_bundle(config, progress=False)
-    gated = gated_pass_rows(config.out, test_photos)
+    dflip = _small_bundle(tmp_path, "v2-dflip")
+    gated = gated_pass_rows(dflip, test_photos)
     assert gated is not None and gated.name == "the mirrored pass (doubt gate)"
-    read = _read_rows(config.out, test_photos, "doubt_margin@flip.logits")
+    read = _read_rows(dflip, test_photos, "doubt_margin@flip.logits")
     np.testing.assert_array_equal(gated.rows, read)
     assert 0 < gated.rows.sum() < len(test_photos)
-    plain = BuildConfig(
-        source=CIFAR_TAR, split="train", arch="resnet20", weights=weights,
-        out=tmp_path / "paper", detector="paper", k=20, per_class_limit=60,
-        num_workers=0, batch_size=100, work_dir=tmp_path / "work-paper", device="cpu",
-    )  # fmt: skip
-    build_bundle(plain, progress=False)
-    assert gated_pass_rows(plain.out, test_photos) is None
+    assert gated_pass_rows(_small_bundle(tmp_path, "paper"), test_photos) is None
