@@ -21,7 +21,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from app.core.features import FLIPPED_LOGITS
+from app.core.features import JPEG_LOGITS
 from app.core.guard import Classification, Guard, Verdict
 from app.core.images import decode_image
 from app.service import routes as service_routes
@@ -333,15 +333,12 @@ def test_guard_classify_runs_the_bare_model_once(
     guard: Guard, test_images: list[LabelledImage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The guard off pays for the classifier alone: one pass of the model even for queries
-    the demo bundle's first pass doubts (whose mirror the guard runs for ``flip.logits``), and
-    no pixel statistics."""
+    the demo bundle's detector suspects (for which the guarded path runs the JPEG pass of
+    ``jpeg.logits``), and no pixel statistics."""
     batch = torch.stack([guard.pixels(decode_image(image.data)) for image in test_images[:16]])
-    assert FLIPPED_LOGITS in guard.layers and guard.network.mirror_below is not None
-    with torch.inference_mode():
-        margins = guard.network.classify(batch).topk(2, dim=1).values
-    assert bool((margins[:, 0] - margins[:, 1] < guard.network.mirror_below).any()), (
-        "no test image is doubted: the mirrored pass would not run either way"
-    )
+    assert guard.network.deferred == (JPEG_LOGITS,)
+    suspects = guard.detector.suspects(guard.evidence(guard.infer(batch)).values)
+    assert suspects.any(), "no test image is suspect: the JPEG pass would not run either way"
     calls: list[int] = []
     handle = guard.network.model.register_forward_hook(lambda *_: calls.append(1))
     assert guard.network.highpass is not None and guard.network.chroma is not None
