@@ -246,8 +246,11 @@ class Detector:
             ],
             axis=1,
         )
-        suspects = self.suspects(values)
+        suspects = np.zeros(values.shape[0], dtype=bool)
         if self.suspect_columns:  # the others' suspect margins are not read: p = 1
+            # the first stage from the plain columns' p-values just computed, not again
+            first = combine_p_values(p_values[:, self.plain_columns], self.combination)
+            suspects = first < self.suspect_gate
             p_values[np.ix_(~suspects, np.array(self.suspect_columns))] = 1.0
         return p_values, suspects
 
