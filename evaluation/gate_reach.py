@@ -22,7 +22,6 @@ files of that quality, served as ``POST /classify`` would.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from app.core.guard import Guard
 from evaluation import attacks
 from evaluation.data import ImageSplit, load_split
 from evaluation.honest_traffic import stored
-from evaluation.options import CIFAR_SOURCE, REPO
+from evaluation.options import add_test_split_arguments, write_study
 from evaluation.run import transfer_successes
 from evaluation.sets import AttackSets, load_attack_sets
 
@@ -138,18 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sets", type=Path, required=True, help="a sets file `advguard evaluate` exported"
     )
-    parser.add_argument(
-        "--source",
-        type=Path,
-        default=CIFAR_SOURCE,
-        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=REPO / ".cache" / "evaluation" / "data",
-        help="decoded image splits cached here (default: %(default)s)",
-    )
+    add_test_split_arguments(parser)
     parser.add_argument(
         "--stored", type=int, metavar="QUALITY", help="judge them as JPEGs of this quality"
     )
@@ -179,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "threshold": guard.threshold,
         "rows": [asdict(r) for r in rows],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "table.md").write_text(markdown(result, rows))
-    print((args.out / "table.md").read_text())
+    write_study(args.out, result, markdown(result, rows))
     return 0
 
 

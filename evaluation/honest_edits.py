@@ -17,7 +17,6 @@ model's accuracy on the edited photos, the share of the correctly classified one
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import zlib
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from app.core.images import encode_image, jpeg_round_trip
 from app.core.models import PreprocessingPreset
 from evaluation.data import load_split
 from evaluation.honest_traffic import as_served, to_pil
-from evaluation.options import add_photo_study_arguments, checked_photo_count
+from evaluation.options import add_photo_study_arguments, checked_photo_count, write_study
 from evaluation.simulate import wilson_interval
 
 COMMAND = "python -m evaluation.honest_edits"
@@ -205,10 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "per_class": args.per_class,
         "bundles": {label: [asdict(r) for r in rows] for label, rows in per_bundle.items()},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "table.md").write_text(_markdown(result, per_bundle))
-    print((args.out / "table.md").read_text())
+    write_study(args.out, result, _markdown(result, per_bundle))
     return 0
 
 

@@ -6,6 +6,7 @@ ones and the quick run's), and the run's options, shared by the evaluation's pip
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -108,12 +109,7 @@ def add_photo_study_arguments(parser: argparse.ArgumentParser, bundle_help: str,
     source, the photos per class, the decoded-split cache and the results directory
     (``evaluation/results/<out>`` by default). ``checked_photo_count`` refuses a bad count."""
     parser.add_argument("--bundle", type=Path, action="append", required=True, help=bundle_help)
-    parser.add_argument(
-        "--source",
-        type=Path,
-        default=CIFAR_SOURCE,
-        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
-    )
+    add_test_split_arguments(parser)
     parser.add_argument(
         "--per-class",
         type=int,
@@ -121,17 +117,37 @@ def add_photo_study_arguments(parser: argparse.ArgumentParser, bundle_help: str,
         help="first test photos of each class (default: %(default)s)",
     )
     parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=REPO / ".cache" / "evaluation" / "data",
-        help="decoded image splits cached here (default: %(default)s)",
-    )
-    parser.add_argument(
         "--out",
         type=Path,
         default=REPO / "evaluation" / "results" / out,
         help="results directory: results.json and table.md (default: %(default)s)",
     )
+
+
+def add_test_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the CIFAR-10 test split comes from (``--source``) and where its decoded copy is
+    cached (``--cache-dir``): ``load_split``'s arguments."""
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=CIFAR_SOURCE,
+        help="CIFAR-10 ImageFolder directory or tar with a test/ split (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=REPO / ".cache" / "evaluation" / "data",
+        help="decoded image splits cached here (default: %(default)s)",
+    )
+
+
+def write_study(out: Path, result: dict[str, object], table: str) -> None:
+    """A study's results directory: ``results.json`` (every figure and the command) and
+    ``table.md`` (the table a reader opens), the table also printed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "table.md").write_text(table)
+    print(table)
 
 
 def checked_photo_count(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -21,7 +21,6 @@ adversarials of those).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +34,12 @@ from app.core.guard import Guard
 from evaluation import attacks
 from evaluation.data import load_split
 from evaluation.honest_traffic import stored
-from evaluation.options import AttackParams, add_photo_study_arguments, checked_photo_count
+from evaluation.options import (
+    AttackParams,
+    add_photo_study_arguments,
+    checked_photo_count,
+    write_study,
+)
 from evaluation.selection import selection_keys
 from evaluation.simulate import wilson_interval
 
@@ -196,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "attack_params": asdict(P),
         "rows": [asdict(row) for row in rows],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "table.md").write_text(markdown(result, rows, list(guards)))
-    print((args.out / "table.md").read_text())
+    write_study(args.out, result, markdown(result, rows, list(guards)))
     return 0
 
 
