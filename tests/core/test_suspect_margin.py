@@ -99,6 +99,27 @@ def test_the_suspect_margin_is_read_only_below_the_other_statistics_gate() -> No
     np.testing.assert_allclose(evidence.scores, scores, rtol=1e-12)
 
 
+def test_a_query_the_gate_does_not_read_scores_at_least_the_closed_form_floor() -> None:
+    """k plain statistics combining to at least the gate g, and a p-value of 1 for the unread
+    margin: the harmonic mean of the k + 1 is at least (k + 1) / (k / g + 1), reached when the
+    k combine to g exactly. A bundle whose threshold lies below that floor accepts every query
+    its gate lets by (``evaluation.gate_reach``)."""
+    reference, query_features = _made(5, 300, 400)
+    detector = Detector(_statistics(), "hmp", reference)
+    classes = query_features[FIRST].argmax(axis=1)
+    values = detector.values(query_features, classes)
+    unread = ~detector.suspects(values)
+    assert detector.suspect_gate is not None and unread.any()
+    k, gate = len(detector.plain_columns), detector.suspect_gate
+    floor = (k + 1) / (k / gate + 1)
+    scores = detector.combine(values)
+    assert (scores[unread] >= floor * (1 - 1e-12)).all()
+    # the floor is tight: the closest unread query to the gate scores within a hair of it
+    plain = harmonic_mean_p(detector.p_values(values)[:, detector.plain_columns])
+    nearest = np.argmin(np.where(unread, plain, np.inf))
+    assert scores[nearest] == pytest.approx((k + 1) / (k / plain[nearest] + 1))
+
+
 def test_a_subset_fits_its_own_gate() -> None:
     """A candidate made of some of the statistics (the selection's views of one bundle) gates
     on its own other statistics, as a bundle built with just them would."""

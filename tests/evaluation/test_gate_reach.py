@@ -114,3 +114,12 @@ def test_a_bundle_without_a_suspect_gate_is_refused(
     with pytest.raises(SystemExit):
         gate_reach.main(argv)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_demo_bundle_accepts_every_query_its_gate_lets_by(guard: Guard) -> None:
+    """What the README says of the default: its threshold lies below the lowest score a query
+    the gate does not read can have, (k + 1) / (k / gate + 1) for k other statistics."""
+    detector = guard.detector
+    assert detector.suspect_gate is not None
+    k = len(detector.plain_columns)
+    assert guard.threshold < (k + 1) / (k / detector.suspect_gate + 1)
