@@ -678,6 +678,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bundle that picks the images and, with --in-process, answers (default: %(default)s)",
     )
     parser.add_argument(
+        "--pick-bundle",
+        type=Path,
+        help="bundle that picks the images instead (the model must be --bundle's): two bundles "
+        "then answer the same images, and the attacker draws the same starting photos (from the "
+        "photos outside the picked ones)",
+    )
+    parser.add_argument(
         "--source",
         type=Path,
         default=DEFAULT_SOURCE,
@@ -740,7 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle_sha = hashlib.sha256((Path(args.bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
     split = load_split(args.source, "test", guard.preset, args.data_cache)
     # query_attacks' images, in its order (its first 100 were recorded)
-    rows = pick_images(guard, split, max(100, args.first_image + args.images), args.seed)
+    picker = guard if args.pick_bundle is None else Guard.load(args.pick_bundle, device="cpu")
+    if picker.manifest.model.weights_sha256 != guard.manifest.model.weights_sha256:
+        parser.error("--pick-bundle holds another model than --bundle")
+    rows = pick_images(picker, split, max(100, args.first_image + args.images), args.seed)
     stateful = json.loads((args.results / "stateful.json").read_text())
     oracle_for = (
         in_process_oracles(guard, args.policy, args.sybil_ids)
@@ -769,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
         # which bundle judged the queries: its manifest lists every file's sha256
         summary["bundle_manifest_sha256"] = bundle_sha
+        if args.pick_bundle is not None:
+            summary["pick_bundle"] = str(args.pick_bundle)
         summary["rows_sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
         summary["command"] = " ".join(
             ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
