@@ -500,6 +500,53 @@ def test_a_service_serving_another_bundle_is_refused(guard: Guard) -> None:
             check_served_bundle(served | {field: other}, guard)
 
 
+class _PickedError(Exception):
+    """Raised in place of picking the images: which guard picked."""
+
+
+def test_a_pick_bundle_picks_the_images_and_the_bundle_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--pick-bundle``: the images (and so the attacker's starting photos) are chosen by that
+    bundle, the answers come from ``--bundle``; a pick bundle of another model is refused."""
+    from evaluation import policy_check
+
+    load = Guard.load
+    loaded: dict[str, Guard] = {}
+
+    def recording_load(path: Path, *args: object, **kwargs: object) -> Guard:
+        loaded[str(path)] = load(path, device="cpu")
+        return loaded[str(path)]
+
+    def picking(guard: Guard, *_args: object) -> np.ndarray:
+        raise _PickedError(guard)
+
+    monkeypatch.setattr(Guard, "load", recording_load)
+    monkeypatch.setattr(policy_check, "pick_images", picking)
+    copy = tmp_path / "copy"
+    copy.symlink_to(DEMO_BUNDLE)
+    argv = ["--in-process", "--policy", "refuse", "--bundle", str(DEMO_BUNDLE)]
+    with pytest.raises(_PickedError) as picked:
+        main([*argv, "--pick-bundle", str(copy)])
+    assert picked.value.args[0] is loaded[str(copy)] is not loaded[str(DEMO_BUNDLE)]
+    with pytest.raises(_PickedError) as picked:
+        main(argv)
+    assert picked.value.args[0] is loaded[str(DEMO_BUNDLE)]
+
+    def other_model(path: Path, *args: object, **kwargs: object) -> Guard:
+        guard = recording_load(path)
+        if path == copy:
+            model = guard.manifest.model.model_copy(update={"weights_sha256": "0" * 64})
+            monkeypatch.setattr(
+                guard, "manifest", guard.manifest.model_copy(update={"model": model})
+            )
+        return guard
+
+    monkeypatch.setattr(Guard, "load", other_model)
+    with pytest.raises(SystemExit):
+        main([*argv, "--pick-bundle", str(copy)])
+
+
 def _run(row: int, queries: int, detection: int | None, screened: bool = True) -> ImageCheck:
     return ImageCheck(row, None, False, queries, queries - 9, False, "cap", screened, detection)
 
