@@ -91,8 +91,6 @@ def reaches(guard: Guard, split: ImageSplit, sets: AttackSets, quality: int | No
     right = clean == split.labels[sets.authentic_rows]
     out = [judge(guard, "authentic", as_judged(photos[right], quality, guard))]
     for attack, images in sets.attacks.items():
-        if attack not in sets.rows:
-            raise ValueError(f"the sets file has no rows for {attack!r} (an older export)")
         made_from = sets.rows[attack]  # positions in authentic_rows
         pixels = as_judged(images, quality, guard)
         kept = transfer_successes(
@@ -157,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if not guard.detector.suspect_columns:
         parser.error(f"{args.bundle}'s detector has no suspect gate (no suspect_margin)")
     sets = load_attack_sets(args.sets)
+    unplaced = sorted(set(sets.attacks) - set(sets.rows))
+    if unplaced:
+        parser.error(f"{args.sets} does not say which photo each of {unplaced} came from")
     split = load_split(args.source, "test", guard.preset, args.cache_dir)
     rows = reaches(guard, split, sets, args.stored)
     result: dict[str, object] = {

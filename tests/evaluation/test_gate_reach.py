@@ -94,6 +94,11 @@ def test_bad_options_are_refused(tmp_path: Path, sets_file: tuple[Path, int, int
     argv = ["--bundle", str(DEMO_BUNDLE), "--sets", str(sets), "--out", str(tmp_path / "o")]
     with pytest.raises(SystemExit):
         gate_reach.main([*argv, "--stored", "0"])
+    older = tmp_path / "older.npz"  # an export from before the rows were kept
+    with np.load(sets) as data:
+        np.savez(older, **{k: data[k] for k in data.files if not k.startswith("rows_")})
+    with pytest.raises(SystemExit):
+        gate_reach.main([*argv[:2], "--sets", str(older), *argv[4:]])
     with pytest.raises(FileNotFoundError, match="no exported attack sets"):
         gate_reach.main([*argv[:2], "--sets", str(tmp_path / "none.npz"), *argv[4:]])
     assert not (tmp_path / "o").exists()
