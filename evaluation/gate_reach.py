@@ -87,9 +87,11 @@ def reaches(guard: Guard, split: ImageSplit, sets: AttackSets, quality: int | No
     adversarials that fool it, made from such photos."""
     model = attacks.LogitsModel(guard.network).eval()
     photos = split.pixels[sets.authentic_rows]
-    clean = attacks.predict(model, as_judged(photos, None, guard))
+    as_files = as_judged(photos, None, guard)
+    clean = attacks.predict(model, as_files)
     right = clean == split.labels[sets.authentic_rows]
-    out = [judge(guard, "authentic", as_judged(photos[right], quality, guard))]
+    authentic = as_files[right] if quality is None else as_judged(photos[right], quality, guard)
+    out = [judge(guard, "authentic", authentic)]
     for attack, images in sets.attacks.items():
         made_from = sets.rows[attack]  # positions in authentic_rows
         pixels = as_judged(images, quality, guard)
