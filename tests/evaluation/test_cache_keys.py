@@ -3,8 +3,10 @@ a cached prediction, attack or bundle is reused only for exactly what it was com
 Each test changes one thing a stale cache would miss (the pixels under the same rows, an attack
 parameter, the seed, the source) and checks that the key changes with it, and nothing else does."""
 
+import hashlib
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -157,13 +159,20 @@ def test_a_cached_bundle_is_stamped_with_the_seed_and_the_source(build_inputs):
 
     assert build_plan(replace(options, seed=1), weights, config, "m").stamp != stamp
 
-    os.utime(options.source, ns=(0, options.source.stat().st_mtime_ns + 1_000_000))
+    mtime = options.source.stat().st_mtime_ns
+    options.source.write_bytes(b"an archive")
+    os.utime(options.source, ns=(0, mtime + 1_000_000))
+    # the same bytes written again, as every fresh copy of ../shared is: the same source
+    assert build_plan(options, weights, config, "m").stamp == stamp
+
+    options.source.write_bytes(b"an archivE")
+    os.utime(options.source, ns=(0, mtime))
     rewritten = build_plan(options, weights, config, "m").stamp
-    assert rewritten != stamp  # the archive written again within the second (same size)
+    assert rewritten != stamp  # other bytes of the same size, under the old mtime
 
     elsewhere = options.source.with_name("other.tar")
     elsewhere.write_bytes(options.source.read_bytes())
-    os.utime(elsewhere, ns=(0, options.source.stat().st_mtime_ns))
+    os.utime(elsewhere, ns=(0, mtime))
     moved = build_plan(replace(options, source=elsewhere), weights, config, "m").stamp
     assert moved != rewritten  # same bytes and mtime, another archive
 
@@ -179,6 +188,28 @@ def test_source_stamp_resolves_the_path(tmp_path: Path):
     link.symlink_to(source)
     assert source_stamp(link) == source_stamp(source)
     assert source_stamp(tmp_path / "." / "data.tar") == source_stamp(source)
+
+
+def test_an_archive_is_stamped_by_its_bytes_and_a_directory_by_its_mtime(tmp_path: Path) -> None:
+    """A fresh copy of an archive (new mtime, same bytes) keeps its caches; other bytes do not.
+    A directory, which would cost a read of every image to hash, is stamped by its mtime."""
+    source = tmp_path / "data.tar"
+    source.write_bytes(b"archive")
+    stamp = source_stamp(source)
+    assert stamp["sha256"] == hashlib.sha256(b"archive").hexdigest()
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(source, copy / "data.tar")  # a fresh copy: another mtime and inode
+    os.utime(copy / "data.tar", ns=(0, source.stat().st_mtime_ns + 10**9))
+    moved_back = {**source_stamp(copy / "data.tar"), "source": stamp["source"]}
+    assert moved_back == stamp
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    before = source_stamp(folder)
+    assert "sha256" not in before
+    os.utime(folder, ns=(0, folder.stat().st_mtime_ns + 10**9))
+    assert source_stamp(folder) != before
 
 
 def test_honest_traffic_is_keyed_by_its_whole_plan_the_source_and_the_preprocessing(
@@ -201,7 +232,7 @@ def test_honest_traffic_is_keyed_by_its_whole_plan_the_source_and_the_preprocess
         honest_key(cifar, source, "train", plan, 1),
         honest_key(SimpleNamespace(preset=PRESETS["imagenet"]), source, "train", plan, 0),
     ]
-    os.utime(source, ns=(0, source.stat().st_mtime_ns + 1_000_000))
+    source.write_bytes(b"an archivE")  # other bytes of the same size
     others.append(honest_key(cifar, source, "train", plan, 0))
     assert len({key, *others}) == 1 + len(others)
 
@@ -249,7 +280,7 @@ def test_a_stale_work_directory_in_the_cache_is_started_afresh(
 
     def build_bundle(build: Any, progress: bool) -> None:
         stamp = source_stamp(build.source)
-        check_fingerprint(build.work_dir / "source", {"content_sha256": stamp["mtime_ns"]})
+        check_fingerprint(build.work_dir / "source", {"content_sha256": stamp["sha256"]})
         build.out.mkdir(parents=True, exist_ok=True)
         (build.out / "manifest.json").write_text("{}")
         builds.append(build.work_dir)
@@ -258,11 +289,11 @@ def test_a_stale_work_directory_in_the_cache_is_started_afresh(
     logged: list[str] = []
     build_configuration(options, "resnet20", weights, config, "m", logged.append)
     assert len(builds) == 1 and not any("afresh" in line for line in logged)
-    mtime = options.source.stat().st_mtime_ns + 1_000_000_000
-    os.utime(options.source, ns=(mtime, mtime))  # the archive written again
+    options.source.write_bytes(b"another archive")  # the archive written again, changed
+    digest = source_stamp(options.source)["sha256"]
     with pytest.raises(StaleWorkDirError, match="different build"):  # as a user's directory
-        check_fingerprint(builds[0] / "source", {"content_sha256": mtime})
+        check_fingerprint(builds[0] / "source", {"content_sha256": digest})
     build_configuration(options, "resnet20", weights, config, "m", logged.append)
     assert len(builds) == 2 and any("started afresh" in line for line in logged)
     fingerprint = json.loads((builds[1] / "source" / "fingerprint.json").read_text())
-    assert fingerprint == {"content_sha256": mtime}
+    assert fingerprint == {"content_sha256": digest}
