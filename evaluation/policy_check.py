@@ -58,7 +58,7 @@ from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
 from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
-from app.core.stateful.match_rule import DetectionRule
+from app.core.stateful.match_rule import DETECTION_REASONS, DetectionReason, DetectionRule
 from app.core.stateful.store import InProcessFingerprintStore
 from app.service.metrics import Outcome
 from app.service.settings import StatefulPolicy
@@ -104,6 +104,8 @@ class ScreenedOracle:
         self.client_ids = list(client_ids)
         self.sent = 0
         self.outcomes: list[Outcome] = []  # what the screening made of each query, in order
+        self.reasons: list[DetectionReason | None] = []  # the part of the rule that flagged it
+        self.rejected: list[bool] = []  # the guard's own decision was a rejection
 
     @property
     def num_classes(self) -> int:
@@ -122,6 +124,8 @@ class ScreenedOracle:
         # a batch is screened in arrival order, as one query at a time would be
         screened = self.detector.screen(batch)
         self.outcomes += screened.outcomes
+        self.reasons += screened.reasons
+        self.rejected += [answer.decision == "rejected" for answer in answers]
         return [Answer("refused") if a is None else client_view(a) for a in screened.served]
 
     def close(self) -> None:
@@ -146,6 +150,12 @@ class ImageCheck:
     screened: bool = False  # its detections were seen (in process; over HTTP under refuse)
     first_detection: int | None = None  # query number (from 1) of the first flagged query
     first_served_success: int | None = None  # ... of the in-budget success the run stopped on
+    # in process: the part of the rule that flagged the first flagged query, and how many of
+    # the queries before it the guard itself rejected (such a query never takes the changed
+    # answer's path: it shows no class); None where the check cannot see them (over HTTP, or
+    # recorded before 2026-12-06)
+    first_detection_by: DetectionReason | None = None
+    rejected_before_detection: int | None = None
 
     @property
     def detected_before_success(self) -> bool:
@@ -184,6 +194,16 @@ def first_detection(flagged: Sequence[bool]) -> int | None:
         if flag:
             return number
     return None
+
+
+def first_detection_detail(
+    oracle: ClosableOracle, first: int | None
+) -> tuple[DetectionReason | None, int | None]:
+    """In process, for a run flagged at query ``first``: the part of the rule that flagged it
+    and the guard's own rejections among the queries before it; (None, None) otherwise."""
+    if first is None or not isinstance(oracle, ScreenedOracle):
+        return None, None
+    return oracle.reasons[first - 1], sum(oracle.rejected[: first - 1])
 
 
 def detections(oracle: ClosableOracle, policy: StatefulPolicy) -> list[bool] | None:
@@ -239,6 +259,26 @@ def detection_figures(checks: Sequence[ImageCheck]) -> dict[str, Any]:
         "detected": len(at),
         "detected_before_success": sum(c.detected_before_success for c in screened),
         "median_queries_to_detection": float(np.median(at)) if at else None,
+        **first_detection_figures(screened),
+    }
+
+
+def first_detection_figures(checks: Sequence[ImageCheck]) -> dict[str, Any]:
+    """How the detected runs were first flagged, where the check recorded it (in process, since
+    2026-12-06): runs by the part of the rule that flagged them, and the mean number of the
+    guard's own rejections before the first flag: recorded to test why HopSkipJump's first flags
+    came later under round 13's default than under round 11's (a rejected probe shows no class,
+    so it cannot take the changed answer's path)."""
+    known = [c for c in checks if c.first_detection_by is not None]
+    if not known:
+        return {}
+    rejected = [c.rejected_before_detection or 0 for c in known]
+    return {
+        "first_detections_by": {
+            reason: sum(c.first_detection_by == reason for c in known)
+            for reason in DETECTION_REASONS
+        },
+        "mean_rejected_before_detection": round(float(np.mean(rejected)), 2),
     }
 
 
@@ -326,6 +366,8 @@ def check_attack(
         flagged = detections(oracle, policy)
         if flagged is not None and len(flagged) != len(record.queries):
             raise RuntimeError(f"{len(flagged)} queries screened, {len(record.queries)} recorded")
+        first_flag = None if flagged is None else first_detection(flagged)
+        flagged_by, rejected_before = first_detection_detail(oracle, first_flag)
         checks.append(
             ImageCheck(
                 row,
@@ -336,8 +378,10 @@ def check_attack(
                 record.succeeded,
                 record.stopped,
                 screened=flagged is not None,
-                first_detection=None if flagged is None else first_detection(flagged),
+                first_detection=first_flag,
                 first_served_success=record.queries_to_success,
+                first_detection_by=flagged_by,
+                rejected_before_detection=rejected_before,
             )
         )
     return checks
@@ -472,6 +516,30 @@ def write(results: dict[str, Any], directory: Path) -> None:
             if compared
             else ""
         )
+        + first_detections_section(results)
+    )
+
+
+def first_detections_section(results: dict[str, Any]) -> str:
+    """How the first detections came, for the checks and pools that recorded it ("" if none)."""
+    rows = [(oracle_label(key), key.split("/")[:2], r) for key, r in results["checks"].items()] + [
+        ("; ".join(oracle_label(k) for k in r["checks"]), r["checks"][0].split("/")[:2], r)
+        for r in results.get("pooled", {}).values()
+    ]
+    lines = [
+        f"| {attack_policy[0]} | {attack_policy[1]} | {label} | {r['detected']} | "
+        + " / ".join(str(r["first_detections_by"][reason]) for reason in DETECTION_REASONS)
+        + f" | {r['mean_rejected_before_detection']:g} |"
+        for label, attack_policy, r in sorted(rows, key=lambda row: (row[1], row[0]))
+        if "first_detections_by" in r
+    ]
+    if not lines:
+        return ""
+    return (
+        "\n## How the first detections came (in process)\n\n"
+        "| attack | policy | checks | runs detected | first flagged by (client's count / "
+        "everyone's / changed answer) | the guard's own rejections before the first flag (mean "
+        "per run) |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from app.core.guard import Guard
 from app.core.stateful.defaults import DEFAULT_RULE
+from app.core.stateful.match_rule import DetectionReason
 from evaluation.policy_check import (
     ImageCheck,
     ScreenedOracle,
@@ -21,6 +22,7 @@ from evaluation.policy_check import (
     compare,
     detections,
     first_detection,
+    first_detection_detail,
     http_oracles,
     main,
     oracle_label,
@@ -200,6 +202,11 @@ def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guar
         # the screening's outcomes, query by query: the first flag is the first refusal
         assert len(oracle.outcomes) == len(queries)
         assert first_detection(detections(oracle, "refuse") or []) == detected_from + 1
+        # one id: its own count flags it; fifty ids (one query each so far): everyone's count
+        reason = "client_matches" if ids == 1 else "global_matches"
+        rejected = sum(a.decision == "rejected" for a in own[:detected_from])
+        assert first_detection_detail(oracle, detected_from + 1) == (reason, rejected)
+        assert first_detection_detail(oracle, None) == (None, None)
     oracle = ScreenedOracle(guard, "silent", ["one"])
     batched = oracle.ask(queries)  # one batch is screened as one query at a time would be
     oracle.close()
@@ -208,6 +215,20 @@ def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guar
     assert all(a == anchor for a in batched[detected_from:])
     # not by chance: the guard's own answers to those edits carry other probabilities
     assert all(a.probability != anchor.probability for a in own[detected_from:])
+
+
+def test_the_first_detections_detail_counts_the_guards_own_rejections_before_it(
+    guard: Guard,
+) -> None:
+    """The rejections counted are the guard's own decisions on the queries *before* the first
+    flag (the flagged query's own is not counted), and the reason is the flagged query's."""
+    oracle = ScreenedOracle(guard, "refuse", ["one"])
+    oracle.close()
+    oracle.rejected = [True, False, True, True, False]
+    oracle.reasons = [None, None, None, "changed_answer", "client_matches"]
+    assert first_detection_detail(oracle, 4) == ("changed_answer", 2)
+    assert first_detection_detail(oracle, 5) == ("client_matches", 3)
+    assert first_detection_detail(oracle, 1) == (None, 0)
 
 
 def test_result_keys_name_how_the_queries_were_answered() -> None:
@@ -398,11 +419,54 @@ def test_pooled_checks_are_one_check_over_all_their_images(tmp_path: Path) -> No
         "| hopskipjump | refuse | in process; in process, from image 2 | 5 | 0 | 0 | 4/5 | 9.5 "
         "| 5, 5, 2, 1, 9 |" in text
     )
+    assert "How the first detections came" not in text  # recorded before they were kept
     record(tmp_path, "square/refuse/in_process", first)  # another check: the pool stays
     assert json.loads((tmp_path / "policy_check.json").read_text())["pooled"]
     record(tmp_path, keys[1], second)  # one of its checks again: the pool goes
     assert json.loads((tmp_path / "policy_check.json").read_text())["pooled"] == {}
     assert "pooled image by image" not in (tmp_path / "policy_check.md").read_text()
+
+
+def test_how_the_first_detections_came_is_summed_and_pooled(tmp_path: Path) -> None:
+    """Runs by the part of the rule that first flagged them and the mean of the guard's own
+    rejections before that flag, per check and pooled image by image, in the table; runs never
+    flagged count in neither."""
+
+    def check(
+        rows: range, by: list[DetectionReason | None], rejected: list[int | None]
+    ) -> list[ImageCheck]:
+        return [
+            ImageCheck(
+                row, None, False, 2500, 0, False, "cap", True, None if b is None else 9, None, b, r
+            )
+            for row, b, r in zip(rows, by, rejected, strict=True)
+        ]
+
+    first = summarise(check(range(0, 2), ["client_matches", "changed_answer"], [4, 1]))
+    second = summarise(check(range(2, 5), ["client_matches", None, "client_matches"], [2, None, 5]))
+    assert first["first_detections_by"] == {
+        "client_matches": 1,
+        "global_matches": 0,
+        "changed_answer": 1,
+    }
+    assert first["mean_rejected_before_detection"] == 2.5
+    alike = {"rule": [5, 5, 2, 1], "close_radius": 9, "bundle_manifest_sha256": "ab12"}
+    checks = {
+        "hopskipjump/refuse/in_process": first | alike,
+        "hopskipjump/refuse/in_process_from2": second | alike,
+    }
+    (tmp_path / "policy_check.json").write_text(json.dumps({"checks": checks}))
+    assert main(["--pool", *checks, "--results", str(tmp_path)]) == 0
+    pooled = next(iter(json.loads((tmp_path / "policy_check.json").read_text())["pooled"].values()))
+    assert pooled["first_detections_by"]["client_matches"] == 3
+    assert pooled["mean_rejected_before_detection"] == 3.0  # of 4, 1, 2 and 5
+    text = (tmp_path / "policy_check.md").read_text()
+    assert "## How the first detections came (in process)" in text
+    assert "| hopskipjump | refuse | in process | 2 | 1 / 0 / 1 | 2.5 |" in text
+    assert (
+        "| hopskipjump | refuse | in process; in process, from image 2 | 4 | 3 / 0 / 1 | 3 |"
+        in text
+    )
 
 
 @pytest.mark.parametrize(
