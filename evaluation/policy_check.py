@@ -467,6 +467,15 @@ def _rule_cell(counts: list[int | None] | None, close_radius: int | None = None)
     return rule_text(counts) + ("" if close_radius is None else f", {close_radius}")
 
 
+def stateful_file(directory: Path) -> Path:
+    """The replay's results the check reads: ``directory``'s stateful.json, else the default
+    results directory's (``evaluation.stateful_eval`` writes it there). A copy in each results
+    directory used to be required: five identical copies of 194 KB were tracked, and the
+    working tree outgrew the device carry's headroom (tests/bench/test_gpu_wheels.py)."""
+    own = directory / "stateful.json"
+    return own if own.is_file() else DEFAULT_RESULTS / "stateful.json"
+
+
 def result_key(attack: str, policy: str, in_process: bool, ids: int, first: int = 0) -> str:
     """attack/policy[/in_process[_{ids}ids][_from{first}]]: HTTP checks start at image 0."""
     if not in_process:
@@ -763,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--results",
         type=Path,
         default=DEFAULT_RESULTS,
-        help="results directory: stateful.json read, policy_check.json and .md written "
+        help="results directory: stateful.json read (the default directory's if it has none), "
+        "policy_check.json and .md written "
         "(default: %(default)s)",
     )
     parser.add_argument(
@@ -819,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if picker.manifest.model.weights_sha256 != guard.manifest.model.weights_sha256:
         parser.error("--pick-bundle holds another model than --bundle")
     rows = pick_images(picker, split, max(100, args.first_image + args.images), args.seed)
-    stateful = json.loads((args.results / "stateful.json").read_text())
+    stateful = json.loads(stateful_file(args.results).read_text())
     oracle_for = (
         in_process_oracles(guard, args.policy, args.sybil_ids)
         if args.in_process

@@ -30,6 +30,7 @@ from evaluation.policy_check import (
     record,
     replay_predictions,
     result_key,
+    stateful_file,
     summarise,
     table,
     truly_adversarial,
@@ -229,6 +230,15 @@ def test_the_first_detections_detail_counts_the_guards_own_rejections_before_it(
     assert first_detection_detail(oracle, 4) == ("changed_answer", 2)
     assert first_detection_detail(oracle, 5) == ("client_matches", 3)
     assert first_detection_detail(oracle, 1) == (None, 0)
+
+
+def test_a_results_directory_without_the_replay_reads_the_default_ones(tmp_path: Path) -> None:
+    """A check's own stateful.json if its results directory holds one, else the default
+    directory's (the replay's results, written there by evaluation.stateful_eval)."""
+    default = Path("evaluation/results/query-attacks/stateful.json")
+    assert stateful_file(tmp_path) == default and default.is_file()
+    (tmp_path / "stateful.json").write_text("{}")
+    assert stateful_file(tmp_path) == tmp_path / "stateful.json"
 
 
 def test_result_keys_name_how_the_queries_were_answered() -> None:
