@@ -105,7 +105,14 @@ class ScreenedOracle:
         self.sent = 0
         self.outcomes: list[Outcome] = []  # what the screening made of each query, in order
         self.reasons: list[DetectionReason | None] = []  # the part of the rule that flagged it
-        self.rejected: list[bool] = []  # the guard's own decision was a rejection
+        # the guard's own answer to each query as a client reads it, before the screening: the
+        # very answers screened, so a check need not ask the guard again (``own_answers``)
+        self.own: list[Answer] = []
+
+    @property
+    def rejected(self) -> list[bool]:
+        """Per query, whether the guard's own decision was a rejection."""
+        return [answer.decision == "rejected" for answer in self.own]
 
     @property
     def num_classes(self) -> int:
@@ -125,7 +132,7 @@ class ScreenedOracle:
         screened = self.detector.screen(batch)
         self.outcomes += screened.outcomes
         self.reasons += screened.reasons
-        self.rejected += [answer.decision == "rejected" for answer in answers]
+        self.own += [client_view(answer) for answer in answers]
         return [Answer("refused") if a is None else client_view(a) for a in screened.served]
 
     def close(self) -> None:
@@ -175,12 +182,24 @@ def replay_predictions(stateful: dict[str, Any], attack: str, sybil: bool = Fals
     ]
 
 
-def withheld(record: AttackRecord, guard: Guard) -> int:
-    """How many served answers differ from what the guard itself answers to the same upload:
+def own_answers(oracle: ClosableOracle, record: AttackRecord, guard: Guard) -> list[Answer]:
+    """The guard's own answer to each query of a run, as a client reads it: in process the
+    answers the screening was given (``ScreenedOracle.own``); over HTTP, where only the served
+    answers show, the guard asked again in process. Until 2026-12-06 every check asked again:
+    a second forward pass over every query, as long as the attack's own under ``silent``,
+    whose runs spend their whole budget."""
+    if isinstance(oracle, ScreenedOracle):
+        if len(oracle.own) != len(record.queries):
+            raise RuntimeError(
+                f"{len(oracle.own)} queries answered, {len(record.queries)} recorded"
+            )
+        return oracle.own
+    return GuardOracle(guard).ask(record.queries)
+
+
+def withheld(record: AttackRecord, own: Sequence[Answer]) -> int:
+    """How many served answers differ from the guard's own to the same upload (``own_answers``):
     the policy's doing (a 403 under ``refuse``, the anchor's answer under ``silent``)."""
-    if len(record.queries) == 0:
-        return 0
-    own = GuardOracle(guard).ask(record.queries)
     return sum(
         (DECISIONS.index(a.decision), -1 if a.class_index is None else a.class_index)
         != (int(d), int(c))
@@ -217,7 +236,7 @@ def detections(oracle: ClosableOracle, policy: StatefulPolicy) -> list[bool] | N
     return None
 
 
-def truly_adversarial(record: AttackRecord, guard: Guard) -> bool:
+def truly_adversarial(record: AttackRecord, own: Sequence[Answer]) -> bool:
     """Whether the query the attack stopped on as its success is adversarial by the guard's own
     answer (accepted, another class than the true one). Under ``silent`` a served answer may be
     the anchor's, so an attack can stop on a query that the guard gets right: it believes it
@@ -225,8 +244,7 @@ def truly_adversarial(record: AttackRecord, guard: Guard) -> bool:
     what the attack believes is true."""
     if not record.succeeded:
         return False
-    query = record.queries[record.first_success : record.first_success + 1]
-    answer = GuardOracle(guard).ask(query)[0]
+    answer = own[record.first_success]
     return answer.decision == "accepted" and answer.class_index != record.label
 
 
@@ -368,13 +386,14 @@ def check_attack(
             raise RuntimeError(f"{len(flagged)} queries screened, {len(record.queries)} recorded")
         first_flag = None if flagged is None else first_detection(flagged)
         flagged_by, rejected_before = first_detection_detail(oracle, first_flag)
+        own = own_answers(oracle, record, guard)
         checks.append(
             ImageCheck(
                 row,
                 predictions[i] if i < len(predictions) else None,
-                truly_adversarial(record, guard),
+                truly_adversarial(record, own),
                 len(record.queries),
-                withheld(record, guard),
+                withheld(record, own),
                 record.succeeded,
                 record.stopped,
                 screened=flagged is not None,

@@ -26,6 +26,7 @@ from evaluation.policy_check import (
     http_oracles,
     main,
     oracle_label,
+    own_answers,
     pool,
     record,
     replay_predictions,
@@ -121,7 +122,8 @@ def test_withheld_counts_answers_that_differ_from_the_guards_own() -> None:
         stopped="cap",
         seconds=0.0,
     )
-    assert withheld(record, guard) == 1
+    assert withheld(record, own) == 1
+    assert withheld(record, own_answers(GuardOracle(guard), record, guard)) == 1
 
 
 def test_a_success_counts_only_when_the_guard_itself_is_fooled() -> None:
@@ -153,14 +155,14 @@ def test_a_success_counts_only_when_the_guard_itself_is_fooled() -> None:
             seconds=0.0,
         )
 
-    assert not truly_adversarial(record(-1, 0), guard)
+    assert not truly_adversarial(record(-1, 0), own)
     for i, answer in enumerate(own):
         if answer.decision == "accepted":
             assert answer.class_index is not None
-            assert truly_adversarial(record(i, (answer.class_index + 1) % 10), guard)
-            assert not truly_adversarial(record(i, answer.class_index), guard)
+            assert truly_adversarial(record(i, (answer.class_index + 1) % 10), own)
+            assert not truly_adversarial(record(i, answer.class_index), own)
         else:  # rejected: no class, nothing to hold
-            assert not truly_adversarial(record(i, 0), guard)
+            assert not truly_adversarial(record(i, 0), own)
 
 
 # --------------------------------------------------------------------------- the closed loop
@@ -218,6 +220,45 @@ def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guar
     assert all(a.probability != anchor.probability for a in own[detected_from:])
 
 
+def test_in_process_the_guards_own_answers_are_those_the_screening_was_given(
+    guard: Guard,
+) -> None:
+    """``own_answers`` reads the in-process oracle's record instead of asking the guard again:
+    the same decisions and classes as asking again, the served ones differing where the policy
+    answered (here ``refuse``'s 403s), and a record of another length is refused."""
+    queries = probes(DEFAULT_RULE.client_matches + 3)
+    oracle = ScreenedOracle(guard, "refuse", ["one"])
+    served = [oracle.ask(queries[i : i + 1])[0] for i in range(len(queries))]
+    oracle.close()
+    n = len(queries)
+    run = AttackRecord(
+        attack="boundary",
+        row=0,
+        label=0,
+        original=queries[0],
+        queries=queries,
+        decisions=np.array([DECISIONS.index(a.decision) for a in served], dtype=np.int8),
+        classes=np.array(
+            [-1 if a.class_index is None else a.class_index for a in served], dtype=np.int16
+        ),
+        probabilities=np.full(n, np.nan, dtype=np.float32),
+        first_success=-1,
+        stopped="cap",
+        seconds=0.0,
+    )
+    own = own_answers(oracle, run, guard)
+    assert own is oracle.own
+    assert labels(own) == labels(GuardOracle(guard).ask(queries))
+    assert withheld(run, own) == sum(
+        (a.decision, a.class_index) != (b.decision, b.class_index)
+        for a, b in zip(served, own, strict=True)
+    )
+    assert withheld(run, own) == len(queries) - DEFAULT_RULE.client_matches  # the 403s
+    shorter = AttackRecord(**{**run.__dict__, "queries": queries[:-1]})
+    with pytest.raises(RuntimeError, match="answered"):
+        own_answers(oracle, shorter, guard)
+
+
 def test_the_first_detections_detail_counts_the_guards_own_rejections_before_it(
     guard: Guard,
 ) -> None:
@@ -225,7 +266,10 @@ def test_the_first_detections_detail_counts_the_guards_own_rejections_before_it(
     flag (the flagged query's own is not counted), and the reason is the flagged query's."""
     oracle = ScreenedOracle(guard, "refuse", ["one"])
     oracle.close()
-    oracle.rejected = [True, False, True, True, False]
+    oracle.own = [
+        Answer("rejected" if r else "accepted", None if r else 1, None if r else 0.9)
+        for r in (True, False, True, True, False)
+    ]
     oracle.reasons = [None, None, None, "changed_answer", "client_matches"]
     assert first_detection_detail(oracle, 4) == ("changed_answer", 2)
     assert first_detection_detail(oracle, 5) == ("client_matches", 3)
