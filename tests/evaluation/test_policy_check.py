@@ -100,28 +100,32 @@ def test_detection_before_success_counts_flags_at_or_before_the_success() -> Non
     assert first_detection([False, False, False]) is None
 
 
-def test_withheld_counts_answers_that_differ_from_the_guards_own() -> None:
-    guard = Guard.load(DEMO_BUNDLE, device="cpu")
-    rng = np.random.default_rng(0)
-    queries = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
-    own = GuardOracle(guard).ask(queries)
-    decisions = [DECISIONS.index(a.decision) for a in own]
-    classes = [-1 if a.class_index is None else a.class_index for a in own]
-    decisions[1] = DECISIONS.index("refused")  # what a 403 under refuse records
-    classes[1] = -1
-    record = AttackRecord(
+def served_record(queries: np.ndarray, served: list[Answer]) -> AttackRecord:
+    """A recorded run of ``queries`` that was served ``served``, one each, with no success."""
+    return AttackRecord(
         attack="square",
         row=0,
         label=0,
         original=queries[0],
         queries=queries,
-        decisions=np.array(decisions, dtype=np.int8),
-        classes=np.array(classes, dtype=np.int16),
-        probabilities=np.full(3, np.nan, dtype=np.float32),
+        decisions=np.array([DECISIONS.index(a.decision) for a in served], dtype=np.int8),
+        classes=np.array(
+            [-1 if a.class_index is None else a.class_index for a in served], np.int16
+        ),
+        probabilities=np.full(len(queries), np.nan, dtype=np.float32),
         first_success=-1,
         stopped="cap",
         seconds=0.0,
     )
+
+
+def test_withheld_counts_answers_that_differ_from_the_guards_own() -> None:
+    guard = Guard.load(DEMO_BUNDLE, device="cpu")
+    rng = np.random.default_rng(0)
+    queries = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
+    own = GuardOracle(guard).ask(queries)
+    served = [own[0], Answer("refused"), own[2]]  # what a 403 under refuse records
+    record = served_record(queries, served)
     assert withheld(record, own) == 1
     assert withheld(record, own_answers(GuardOracle(guard), record, guard)) == 1
 
@@ -230,22 +234,7 @@ def test_in_process_the_guards_own_answers_are_those_the_screening_was_given(
     oracle = ScreenedOracle(guard, "refuse", ["one"])
     served = [oracle.ask(queries[i : i + 1])[0] for i in range(len(queries))]
     oracle.close()
-    n = len(queries)
-    run = AttackRecord(
-        attack="boundary",
-        row=0,
-        label=0,
-        original=queries[0],
-        queries=queries,
-        decisions=np.array([DECISIONS.index(a.decision) for a in served], dtype=np.int8),
-        classes=np.array(
-            [-1 if a.class_index is None else a.class_index for a in served], dtype=np.int16
-        ),
-        probabilities=np.full(n, np.nan, dtype=np.float32),
-        first_success=-1,
-        stopped="cap",
-        seconds=0.0,
-    )
+    run = served_record(queries, served)
     own = own_answers(oracle, run, guard)
     assert own is oracle.own
     assert labels(own) == labels(GuardOracle(guard).ask(queries))
