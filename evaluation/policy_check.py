@@ -816,7 +816,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a run's contradictory or unsafe options before anything is loaded, let alone
+    flushed (``--redis-url`` is flushed before every image)."""
+    if args.policy is None:
+        parser.error("--policy is required to run checks")
+    if args.url and not args.redis_url:
+        parser.error("--url needs --redis-url (its Redis is flushed before each image)")
+    for option, url in (("--url", args.url), ("--redis-url", args.redis_url)):
+        if url and not is_loopback(url):
+            parser.error(f"{option} {url} is not a loopback address (--redis-url is flushed)")
+    if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
+        parser.error("--sybil-ids: a positive count, with --in-process")
+    if args.first_image < 0 or (args.first_image and not args.in_process):
+        parser.error("--first-image: at least 0, with --in-process")
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a run attacks and judges with: the guard, its bundle's manifest digest, the test
+    split, the picked rows (``query_attacks``' images, in its order) and the replay's results."""
+
+    guard: Guard
+    bundle_sha: str
+    split: ImageSplit
+    rows: np.ndarray
+    stateful: dict[str, Any]
+
+
+def load_targets(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Targets:
+    torch.set_num_threads(args.threads)
+    guard = Guard.load(args.bundle, device="cpu")
+    bundle_sha = hashlib.sha256((Path(args.bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
+    split = load_split(args.source, "test", guard.preset, args.data_cache)
+    # query_attacks' images, in its order (its first 100 were recorded)
+    picker = guard if args.pick_bundle is None else Guard.load(args.pick_bundle, device="cpu")
+    if picker.manifest.model.weights_sha256 != guard.manifest.model.weights_sha256:
+        parser.error("--pick-bundle holds another model than --bundle")
+    rows = pick_images(picker, split, max(100, args.first_image + args.images), args.seed)
+    stateful = json.loads(stateful_file(args.results).read_text())
+    return Targets(guard, bundle_sha, split, rows, stateful)
+
+
+def check_summary(
+    checks: Sequence[ImageCheck],
+    seconds: float,
+    args: argparse.Namespace,
+    targets: Targets,
+    argv: Sequence[str],
+) -> dict[str, Any]:
+    """One attack's recorded summary: its counts and what they were measured against."""
+    summary = summarise(checks) | {"seconds": round(seconds, 1)}
+    if args.in_process:  # over HTTP the rule is the running service's settings
+        summary["rule"] = rule_counts(DEFAULT_RULE)
+        # the close-copy radius of the scheme ScreenedOracle screens with (0: none)
+        summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
+    # which bundle judged the queries: its manifest lists every file's sha256
+    summary["bundle_manifest_sha256"] = targets.bundle_sha
+    if args.pick_bundle is not None:
+        summary["pick_bundle"] = str(args.pick_bundle)
+    summary["rows_sha256"] = hashlib.sha256(targets.rows.tobytes()).hexdigest()[:16]
+    summary["command"] = " ".join(["python -m evaluation.policy_check", *map(shlex.quote, argv)])
+    return summary
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Pool or compare recorded checks, or run one: options checked, targets loaded, then each
+    attack checked and recorded as soon as it ends (a long run keeps what it finished)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -828,31 +894,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         compared = record_compared(args.results, args.compare)
         print(" vs ".join(args.compare) + ": " + json.dumps(compared), flush=True)
         return 0
-    if args.policy is None:
-        parser.error("--policy is required to run checks")
-    if args.url and not args.redis_url:
-        parser.error("--url needs --redis-url (its Redis is flushed before each image)")
-    for option, url in (("--url", args.url), ("--redis-url", args.redis_url)):
-        if url and not is_loopback(url):  # before anything is loaded, let alone flushed
-            parser.error(f"{option} {url} is not a loopback address (--redis-url is flushed)")
-    if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
-        parser.error("--sybil-ids: a positive count, with --in-process")
-    if args.first_image < 0 or (args.first_image and not args.in_process):
-        parser.error("--first-image: at least 0, with --in-process")
-    torch.set_num_threads(args.threads)
-    guard = Guard.load(args.bundle, device="cpu")
-    bundle_sha = hashlib.sha256((Path(args.bundle) / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
-    split = load_split(args.source, "test", guard.preset, args.data_cache)
-    # query_attacks' images, in its order (its first 100 were recorded)
-    picker = guard if args.pick_bundle is None else Guard.load(args.pick_bundle, device="cpu")
-    if picker.manifest.model.weights_sha256 != guard.manifest.model.weights_sha256:
-        parser.error("--pick-bundle holds another model than --bundle")
-    rows = pick_images(picker, split, max(100, args.first_image + args.images), args.seed)
-    stateful = json.loads(stateful_file(args.results).read_text())
+    check_arguments(parser, args)
+    targets = load_targets(parser, args)
     oracle_for = (
-        in_process_oracles(guard, args.policy, args.sybil_ids)
+        in_process_oracles(targets.guard, args.policy, args.sybil_ids)
         if args.in_process
-        else http_oracles(args.url, redis.Redis.from_url(args.redis_url), guard)
+        else http_oracles(args.url, redis.Redis.from_url(args.redis_url), targets.guard)
     )
     for attack in args.attacks:
         started = time.perf_counter()
@@ -860,30 +907,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             oracle_for,
             args.policy,
             attack,
-            guard,
-            split,
-            rows,
-            replay_predictions(stateful, attack, sybil=args.sybil_ids > 1),
+            targets.guard,
+            targets.split,
+            targets.rows,
+            replay_predictions(targets.stateful, attack, sybil=args.sybil_ids > 1),
             args.images,
             args.seed,
             args.stall_asks,
             args.first_image,
         )
-        summary = summarise(checks) | {"seconds": round(time.perf_counter() - started, 1)}
-        if args.in_process:  # over HTTP the rule is the running service's settings
-            summary["rule"] = rule_counts(DEFAULT_RULE)
-            # the close-copy radius of the scheme ScreenedOracle screens with (0: none)
-            summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
-        # which bundle judged the queries: its manifest lists every file's sha256
-        summary["bundle_manifest_sha256"] = bundle_sha
-        if args.pick_bundle is not None:
-            summary["pick_bundle"] = str(args.pick_bundle)
-        summary["rows_sha256"] = hashlib.sha256(rows.tobytes()).hexdigest()[:16]
-        summary["command"] = " ".join(
-            ["python -m evaluation.policy_check", *map(shlex.quote, argv)]
-        )
+        summary = check_summary(checks, time.perf_counter() - started, args, targets, argv)
         key = result_key(attack, args.policy, args.in_process, args.sybil_ids, args.first_image)
-        record(args.results, key, summary)  # after each attack: a long run keeps what it finished
+        record(args.results, key, summary)
         brief = {k: v for k, v in summary.items() if k != "per_image"}
         print(f"{key}: {json.dumps(brief)}", flush=True)
     return 0
