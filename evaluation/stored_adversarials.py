@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -139,7 +139,7 @@ def markdown(result: dict[str, object], rows: list[StoredRow], labels: list[str]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_photo_study_arguments(
         parser, "bundle directory, a column each (repeatable; one model)", "stored-adversarials"
@@ -163,43 +163,82 @@ def main(argv: list[str] | None = None) -> int:
         help="leave out the selection images of `advguard evaluate --select --bundle BUNDLE` "
         "(the decoded split and predictions cached beside --cache-dir)",
     )
-    args = parser.parse_args(argv)
-    checked_photo_count(parser, args)
-    guards = {str(path): Guard.load(path, device="cpu") for path in args.bundle}
-    if len({g.manifest.model.weights_sha256 for g in guards.values()}) != 1:
-        parser.error("the bundles hold different models; compare bundles of one model")
-    first = next(iter(guards.values()))
-    split = load_split(args.source, "test", first.preset, args.cache_dir, args.per_class)
+    return parser
+
+
+@dataclass(frozen=True)
+class JudgedPhotos:
+    """The photos attacked: correctly classified by the judged model, none of the left-out
+    selection images."""
+
+    pixels: torch.Tensor  # float, [0, 1]
+    labels: np.ndarray
+    selection_left_out: int  # selection images among the split's, left out
+
+
+def judged_photos(args: argparse.Namespace, guard: Guard, model: nn.Module) -> JudgedPhotos:
+    """The test split's photos that ``model`` classifies correctly, outside the selection."""
+    split = load_split(args.source, "test", guard.preset, args.cache_dir, args.per_class)
     photos = torch.from_numpy(split.pixels.astype(np.float32) / 255.0)
-    model = attacks.LogitsModel(first.network).eval()
     correct = attacks.predict(model, photos) == split.labels
     seen: set[str] = set()  # selection images to leave out
     if args.outside_selection is not None:
         seen = selection_keys(args.outside_selection, args.source, args.cache_dir.parent)
     correct &= np.array([key not in seen for key in split.keys])
-    x, labels = photos[correct], split.labels[correct]
-    crafter = model
-    if args.craft_bundle is not None:
-        source = Guard.load(args.craft_bundle, device="cpu")
-        if source.preset != first.preset:
-            parser.error("--craft-bundle preprocesses differently from the judged bundles")
-        crafter = attacks.LogitsModel(source.network).eval()
-    rows = []  # successful: adversarials that fool the judged model, crafted on ``crafter``
-    for name, adversarial in craft(crafter, x, labels, args.seed).items():
-        rows += rows_of_attack(name, model, adversarial, labels, guards)
-    result: dict[str, object] = {
+    return JudgedPhotos(photos[correct], split.labels[correct], len(seen & set(split.keys)))
+
+
+def crafting_model(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, judged: Guard, model: nn.Module
+) -> nn.Module:
+    """The model the attacks run on: the judged one, or ``--craft-bundle``'s (a transfer
+    attacker), which must preprocess alike."""
+    if args.craft_bundle is None:
+        return model
+    source = Guard.load(args.craft_bundle, device="cpu")
+    if source.preset != judged.preset:
+        parser.error("--craft-bundle preprocesses differently from the judged bundles")
+    return attacks.LogitsModel(source.network).eval()
+
+
+def result_record(
+    argv: Sequence[str] | None,
+    args: argparse.Namespace,
+    photos: JudgedPhotos,
+    rows: list[StoredRow],
+) -> dict[str, object]:
+    """What ``--out`` keeps: the command, the photos, the attacks' parameters and the rows."""
+    return {
         "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
-        "photos": int(labels.size),
+        "photos": int(photos.labels.size),
         "per_class": args.per_class,
         "seed": args.seed,
         "craft_bundle": None if args.craft_bundle is None else str(args.craft_bundle),
         "outside_selection": None
         if args.outside_selection is None
         else str(args.outside_selection),
-        "selection_images_left_out": len(seen & set(split.keys)),
+        "selection_images_left_out": photos.selection_left_out,
         "attack_params": asdict(P),
         "rows": [asdict(row) for row in rows],
     }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Bundles -> the judged photos -> adversarials crafted and stored -> rows -> results."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    checked_photo_count(parser, args)
+    guards = {str(path): Guard.load(path, device="cpu") for path in args.bundle}
+    if len({g.manifest.model.weights_sha256 for g in guards.values()}) != 1:
+        parser.error("the bundles hold different models; compare bundles of one model")
+    first = next(iter(guards.values()))
+    model = attacks.LogitsModel(first.network).eval()
+    photos = judged_photos(args, first, model)
+    crafter = crafting_model(parser, args, first, model)
+    rows = []  # successful: adversarials that fool the judged model, crafted on ``crafter``
+    for name, adversarial in craft(crafter, photos.pixels, photos.labels, args.seed).items():
+        rows += rows_of_attack(name, model, adversarial, photos.labels, guards)
+    result = result_record(argv, args, photos, rows)
     write_study(args.out, result, markdown(result, rows, list(guards)))
     return 0
 
