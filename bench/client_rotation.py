@@ -228,7 +228,7 @@ def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--ids",
@@ -261,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # the child's part
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--redis-url", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.phase:
         Path(args.out).write_text(json.dumps(run_phase(args)))
         return 0

@@ -420,7 +420,7 @@ def _throughput_section(tp: dict[str, Any], args: argparse.Namespace) -> list[st
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--queries", type=at_least(1), default=20_000, help="store benchmark queries"
@@ -470,7 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", default="stateful_cost", help="results file name under bench/results"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     load_before = os.getloadavg()
     guard = Guard.load(DEFAULT_BUNDLE, device="cpu")
