@@ -112,9 +112,7 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     if key not in live:
         return "–"
     check = live[key]
-    cell = f"{check['live_success']}/{check['images']}"
-    if check.get("stalled"):  # ended by --stall-asks, not by the query cap: may yet succeed
-        cell += f" (at least; {check['stalled']} cut short)"
+    cell = succeeded_live(check)
     if "screened" in check:
         median = check["median_queries_to_detection"]
         cell += (
@@ -128,6 +126,16 @@ def live_cell(row: Row, policy: str, live: dict[str, Any], rule: list[int | None
     ):
         copies = f", close copies within {radius}" if radius else ""
         cell += f" (rule {rule_text(ran_under)}{copies})"
+    return cell
+
+
+def succeeded_live(check: dict[str, Any]) -> str:
+    """A closed-loop check's runs that ended on a truly adversarial answer, out of its images.
+    Runs it cut short (``--stall-asks``: the attack's asks ran out before its query cap) could
+    still have succeeded, so with any the count is a lower bound and says how many."""
+    cell = f"{check['live_success']}/{check['images']}"
+    if check.get("stalled"):
+        cell += f" (at least; {check['stalled']} cut short)"
     return cell
 
 
@@ -163,6 +171,157 @@ def table(summary: dict[str, Any], live: dict[str, Any] | None = None) -> str:
             f"{live_cell(row, 'refuse', live, rule)} | {live_cell(row, 'silent', live, rule)} |"
         )
     return "\n".join(lines)
+
+
+CLOSED_LOOP_FILE = "defence_closed_loop.md"
+
+
+@dataclass(frozen=True)
+class ClosedLoopCheck:
+    """The closed-loop check (``policy_check --in-process``) chosen for one attack, policy and
+    spread: its key (one check, or checks pooled image by image), its counts, and which of the
+    picked images it attacked (their positions in ``query_attacks``' pick order)."""
+
+    key: str
+    result: dict[str, Any]
+    picks: str
+
+
+def _pick_ranges(keys: Sequence[str], checks: dict[str, Any]) -> str:
+    """ "picks 200-299" for checks from 200 and 250 of 50 images each: the positions, in the
+    picker's order, of the images the checks attacked."""
+    spans = []
+    for key in keys:
+        first = int(key.rsplit("_from", 1)[1]) if "_from" in key else 0
+        spans.append((first, first + int(checks[key]["images"]) - 1))
+    spans.sort()
+    merged = [list(spans[0])]
+    for start, end in spans[1:]:
+        if start == merged[-1][1] + 1:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    return "picks " + ", ".join(f"{a}-{b}" for a, b in merged)
+
+
+def closed_loop_check(
+    recorded_checks: dict[str, Any], attack: str, policy: str, ids: int
+) -> ClosedLoopCheck | None:
+    """Of the checks of ``attack`` under ``policy`` in process over ``ids`` client ids, alone
+    (``result_key``, any first image) or pooled (``--pool`` of such checks only), the one over
+    the most images; a pool before a single check of as many. A fixed rule, so that the table
+    never picks the check it likes."""
+    checks, pooled = recorded_checks["checks"], recorded_checks.get("pooled", {})
+    base = result_key(attack, policy, in_process=True, ids=ids)
+
+    def ours(key: str) -> bool:
+        return key == base or key.startswith(base + "_from")
+
+    candidates = [
+        (key.split(" + "), key, result)
+        for key, result in pooled.items()
+        if all(ours(part) for part in key.split(" + "))
+    ] + [([key], key, result) for key, result in checks.items() if ours(key)]
+    if not candidates:
+        return None
+    parts, key, result = max(candidates, key=lambda c: int(c[2]["images"]))
+    return ClosedLoopCheck(key, result, _pick_ranges(parts, checks))
+
+
+def _settings_row(attack: str, setting: str, runs: dict[str, Any], images: int) -> str | None:
+    run = runs.get(f"{attack}/{setting}")
+    if run is None:
+        return None
+    return (
+        f"| {attack} | {SETTING_LABELS[setting]} | picks 0-{images - 1} | "
+        f"{run['succeeded']}/{run['images']} | {_num(run['median_queries_to_success'])} "
+        "| – | – | – | – |"
+    )
+
+
+def _stateful_row(attack: str, ids: int, recorded_checks: dict[str, Any]) -> str | None:
+    refuse = closed_loop_check(recorded_checks, attack, "refuse", ids)
+    silent = closed_loop_check(recorded_checks, attack, "silent", ids)
+    seen = refuse or silent
+    if seen is None:
+        return None
+    spread = "1 id" if ids == 1 else f"{ids} ids"
+    picks = (
+        seen.picks
+        if silent is None or refuse is None or silent.picks == seen.picks
+        else (f"{refuse.picks} (refuse), {silent.picks} (silent)")
+    )
+    result = seen.result
+    median = result.get("median_queries_to_detection")
+    detected = (
+        "–"
+        if "screened" not in result
+        else f"{result['detected_before_success']}/{result['screened']}"
+    )
+    return (
+        f"| {attack} | guard (v2) + stateful, {spread} | {picks} | – | – | "
+        f"{'–' if median is None else f'{median:g}'} | {detected} | "
+        f"{'–' if refuse is None else succeeded_live(refuse.result)} | "
+        f"{'–' if silent is None else succeeded_live(silent.result)} |"
+    )
+
+
+def closed_loop_table(
+    attack_runs: dict[str, Any], recorded_checks: dict[str, Any], sybil_ids: int
+) -> str:
+    """The issue's table from what was run live, nothing replayed: each attack with no guard and
+    with the guard alone (``query_attacks``' recorded runs), then with the stateful detector
+    under ``refuse`` and ``silent`` in closed loop (``policy_check``), over one client id and
+    over ``sybil_ids``. Detection columns come from the ``refuse`` check (both policies answer
+    alike until the first flag), or from ``silent``'s where no ``refuse`` check ran."""
+    lines = [
+        "| attack | defence | images | succeeded | median queries to success | median queries "
+        "to detection | detected before first success | succeeded under refuse | succeeded "
+        "under silent |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for attack in ATTACK_ORDER:
+        candidates = [
+            _settings_row(attack, setting, attack_runs["runs"], int(attack_runs["images"]))
+            for setting in SETTING_LABELS
+        ] + [_stateful_row(attack, ids, recorded_checks) for ids in (1, sybil_ids)]
+        lines += [row for row in candidates if row is not None]
+    return "\n".join(lines)
+
+
+def closed_loop_report(
+    attack_runs: dict[str, Any],
+    recorded_checks: dict[str, Any],
+    sybil_ids: int,
+    attack_runs_dir: Path,
+) -> str:
+    return "\n".join(
+        [
+            "# Query attacks against each layer of the defence, as run (issue 13)",
+            "",
+            f"The rows without the stateful detector are `python -m evaluation.query_attacks`' "
+            f"recorded runs (`{attack_runs_dir}/results.json`: the first "
+            f"{attack_runs['images']} images the bundle classifies correctly and accepts, in the "
+            'picker\'s order, "picks 0-99"); the stateful rows are the closed-loop checks of '
+            "`python -m evaluation.policy_check --in-process` (`policy_check.json` here), the "
+            "attacks rerun against the service's own screening on later picks, one check or "
+            "several pooled image by image: for each attack, policy and spread the one over the "
+            "most images. *Succeeded*: runs that got an answer of another class within the "
+            "budget (left blank on the stateful rows: with `flag` they answer as the guard alone "
+            "does). *Detected before first success*: runs flagged at or before their first "
+            "successful query, or at all when they never succeed (with `refuse`, where it "
+            "ran). Under `refuse` a detected query is answered 403, under `silent` with its "
+            "anchor's earlier answer; a count marked *at least* had runs cut short by the "
+            "check's stall limit. Nothing is replayed here: every figure was answered live.",
+            "",
+            closed_loop_table(attack_runs, recorded_checks, sybil_ids),
+            "",
+            "Commands: each row's own, in the files above; then `python -m "
+            f"evaluation.query_defence --closed-loop --attack-runs {attack_runs_dir} --results "
+            "<this directory>`.",
+            "",
+        ]
+    )
 
 
 def earliest_detection(summary: dict[str, Any]) -> int:
@@ -332,11 +491,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_RESULTS,
         help="directory of stateful.json, where defence.md and the plot go (default: %(default)s)",
     )
+    parser.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help=f"instead: {CLOSED_LOOP_FILE} from what ran live, policy_check.json in --results "
+        "and query_attacks' results.json in --attack-runs (no stateful.json needed)",
+    )
+    parser.add_argument(
+        "--attack-runs",
+        type=Path,
+        help="with --closed-loop: query_attacks' results directory (default: --results)",
+    )
+    parser.add_argument(
+        "--sybil-ids",
+        type=int,
+        default=50,
+        help="with --closed-loop: the spread's client ids (default: %(default)s)",
+    )
     return parser
+
+
+def write_closed_loop(args: argparse.Namespace) -> int:
+    """``--closed-loop``: the table from the live runs alone, written beside the checks."""
+    runs_dir = args.attack_runs or args.results
+    attack_runs = json.loads((runs_dir / "results.json").read_text())
+    recorded_checks = json.loads((args.results / "policy_check.json").read_text())
+    text = closed_loop_report(attack_runs, recorded_checks, args.sybil_ids, runs_dir)
+    (args.results / CLOSED_LOOP_FILE).write_text(text)
+    print(closed_loop_table(attack_runs, recorded_checks, args.sybil_ids))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.closed_loop:
+        return write_closed_loop(args)
     summary = json.loads((args.results / "stateful.json").read_text())
     checks = args.results / "policy_check.json"
     live = json.loads(checks.read_text())["checks"] if checks.is_file() else {}

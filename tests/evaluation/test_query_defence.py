@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.query_defence import (
+    closed_loop_check,
     detection_curves,
     earliest_detection,
     floor_rows,
@@ -188,3 +189,72 @@ def test_a_closed_loop_count_with_runs_cut_short_is_a_lower_bound() -> None:
         )
         cells[stalled] = line.rsplit("|", 3)[1].strip()
     assert cells == {0: "2/50", 48: "2/50 (at least; 48 cut short)"}
+
+
+def _check(images: int, success: int = 0, median: float = 7.0, stalled: int = 0) -> dict[str, Any]:
+    return {
+        "images": images,
+        "live_success": success,
+        "stalled": stalled,
+        "screened": images,
+        "detected_before_success": images - success,
+        "median_queries_to_detection": median,
+    }
+
+
+def _recorded_checks() -> dict[str, Any]:
+    checks = {
+        "boundary/refuse/in_process_from200": _check(50, stalled=48),
+        "boundary/refuse/in_process_from250": _check(50, stalled=47),
+        "boundary/refuse/in_process_50ids_from200": _check(50, success=1, median=9.0),
+        "boundary/silent/in_process_from200": _check(60, median=8.0),
+        "boundary/refuse": _check(5),  # over HTTP: never a closed-loop row
+    }
+    pooled = {
+        "boundary/refuse/in_process_from200 + boundary/refuse/in_process_from250": _check(
+            100, stalled=95
+        ),
+        # a pool that mixes spreads belongs to neither
+        "boundary/refuse/in_process_from250 + boundary/refuse/in_process_50ids_from200": _check(
+            100
+        ),
+    }
+    return {"checks": checks, "pooled": pooled}
+
+
+def test_the_closed_loop_check_is_the_one_over_most_images_of_its_policy_and_spread() -> None:
+    recorded_checks = _recorded_checks()
+    one_id = closed_loop_check(recorded_checks, "boundary", "refuse", 1)
+    assert one_id is not None
+    assert one_id.key == "boundary/refuse/in_process_from200 + boundary/refuse/in_process_from250"
+    assert one_id.picks == "picks 200-299" and one_id.result["stalled"] == 95
+    spread = closed_loop_check(recorded_checks, "boundary", "refuse", 50)
+    assert spread is not None and spread.key == "boundary/refuse/in_process_50ids_from200"
+    assert spread.picks == "picks 200-249"
+    silent = closed_loop_check(recorded_checks, "boundary", "silent", 1)
+    assert silent is not None and silent.picks == "picks 200-259"
+    assert closed_loop_check(recorded_checks, "boundary", "silent", 50) is None
+    assert closed_loop_check(recorded_checks, "square", "refuse", 1) is None
+
+
+def test_the_closed_loop_command_writes_the_live_table_beside_the_checks(tmp_path: Path) -> None:
+    runs_dir = tmp_path / "guard-only"
+    runs_dir.mkdir()
+    runs = {
+        "boundary/guard_off": {"images": 100, "succeeded": 45, "median_queries_to_success": 652},
+        "boundary/guard_on": {"images": 100, "succeeded": 3, "median_queries_to_success": 900.5},
+    }
+    (runs_dir / "results.json").write_text(json.dumps({"images": 100, "runs": runs}))
+    (tmp_path / "policy_check.json").write_text(json.dumps(_recorded_checks()))
+    assert main(["--closed-loop", "--attack-runs", str(runs_dir), "--results", str(tmp_path)]) == 0
+    lines = (tmp_path / "defence_closed_loop.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| boundary |")]
+    assert rows == [
+        "| boundary | no guard | picks 0-99 | 45/100 | 652 | – | – | – | – |",
+        "| boundary | guard (v2) | picks 0-99 | 3/100 | 900 | – | – | – | – |",
+        "| boundary | guard (v2) + stateful, 1 id | picks 200-299 (refuse), picks 200-259 (silent) "
+        "| – | – | 7 | 100/100 | 0/100 (at least; 95 cut short) | 0/60 |",
+        "| boundary | guard (v2) + stateful, 50 ids | picks 200-249 | – | – | 9 | 49/50 | 1/50 "
+        "| – |",
+    ]
+    assert not any(line.startswith("| square |") for line in lines)  # nothing ran: no row
