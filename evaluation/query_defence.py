@@ -8,6 +8,12 @@ and the plot always describe the same replays as ``stateful.md``.
 
     python -m evaluation.query_defence            # after python -m evaluation.stateful_eval
 
+``--closed-loop`` builds the same table from what ran live instead (``closed_loop_table``): the
+recorded runs without the stateful detector (``query_attacks``' ``results.json``) and, for the
+stateful rows, ``policy_check``'s closed-loop checks, with no replay and no ``stateful.json``:
+
+    python -m evaluation.query_defence --closed-loop --attack-runs DIR --results DIR
+
 Where ``evaluation.policy_check`` has rerun an attack in closed loop against a policy (its
 ``policy_check.json`` beside ``stateful.json``), the table shows that live count beside the
 replay's share: the replay cannot follow an attack past an answer it was denied, and under
@@ -302,7 +308,8 @@ def closed_loop_report(
             f"The rows without the stateful detector are `python -m evaluation.query_attacks`' "
             f"recorded runs (`{attack_runs_dir}/results.json`: the first "
             f"{attack_runs['images']} images the bundle classifies correctly and accepts, in the "
-            'picker\'s order, "picks 0-99"); the stateful rows are the closed-loop checks of '
+            f'picker\'s order, "picks 0-{int(attack_runs["images"]) - 1}"); the stateful rows '
+            "are the closed-loop checks of "
             "`python -m evaluation.policy_check --in-process` (`policy_check.json` here), the "
             "attacks rerun against the service's own screening on later picks, one check or "
             "several pooled image by image: for each attack, policy and spread the one over the "
