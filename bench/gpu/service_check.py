@@ -346,9 +346,9 @@ def _image_size(data: bytes) -> str:
     return f"{width}x{height}"
 
 
-def table(results: dict[str, Any]) -> str:
-    kept = results["execution"]["kept"]
-    variants = "\n".join(
+def _variant_rows(results: dict[str, Any]) -> str:
+    """One row per model execution tried (precision, memory format), or its error."""
+    return "\n".join(
         f"| {r['precision']}{' + channels_last' if r['channels_last'] else ''} | "
         + (
             f"error: {r['error'][:60]} | | | |"
@@ -359,7 +359,11 @@ def table(results: dict[str, Any]) -> str:
         )
         for r in results["execution"]["variants"]
     )
-    sweep = "\n".join(
+
+
+def _sweep_rows(results: dict[str, Any]) -> str:
+    """One row per guard-on max batch size of the sweep, or its error."""
+    return "\n".join(
         f"| {row['max_batch_size']} | error: {row['error'][:80]} | | | |"
         if "error" in row
         else f"| {row['max_batch_size']} | {saturation(row)} | "
@@ -367,10 +371,10 @@ def table(results: dict[str, Any]) -> str:
         f"{row['saturation']['mean_batch_size']} | {row['saturation']['statuses']} |"
         for row in results["guard_on_sweep"]
     )
-    off = results["guard_off"].get("saturation", {})
-    limit = results["in_process"]["limit"]
-    model_only = results["in_process"]["limit_model_only"]
-    stages = results["detector_stages"]
+
+
+def _setup_line(results: dict[str, Any]) -> str:
+    """What ran: bundle, devices, images, load and any extra environment."""
     return (
         f"Bundle `{results['bundle']}` (model on {results['device']}, index on "
         f"{results['index_device']}, torch exact search), {results['images']} synthetic "
@@ -379,6 +383,14 @@ def table(results: dict[str, Any]) -> str:
         "in turn"
         + "".join(f", {name}={value}" for name, value in results.get("extra_env", {}).items())
         + ".\n\n"
+    )
+
+
+def _services_table(results: dict[str, Any]) -> str:
+    """The services side by side, (a) to (c), and their ratios."""
+    limit = results["in_process"]["limit"]
+    model_only = results["in_process"]["limit_model_only"]
+    return (
         f"| | images/s |\n| --- | --- |\n"
         f"| (a) service, guard on with query screening (max batch "
         f"{results['compared_max_batch_size']}; best in the sweep: "
@@ -398,10 +410,20 @@ def table(results: dict[str, Any]) -> str:
         + "\n"
         f"a / b = {_percent(results['a_over_b'])}, a- / b = "
         f"{_percent(results['a_minus_over_b'])}, a / c = {_percent(results['a_over_c'])}.\n\n"
-        f"{_screening_line(results)}"
+    )
+
+
+def table(results: dict[str, Any]) -> str:
+    """The run's summary: set-up, services, the screening, the sweep, guard off, the model's
+    executions and the detector's stages."""
+    kept = results["execution"]["kept"]
+    off = results["guard_off"].get("saturation", {})
+    stages = results["detector_stages"]
+    return (
+        _setup_line(results) + _services_table(results) + f"{_screening_line(results)}"
         "Guard-on sweep of ADVGUARD_MAX_BATCH_SIZE:\n\n"
         "| max batch | images/s | p50 / p99 ms | mean batch | statuses |\n"
-        f"| --- | --- | --- | --- | --- |\n{sweep}\n\n"
+        f"| --- | --- | --- | --- | --- |\n{_sweep_rows(results)}\n\n"
         f"Guard off at max batch {results['compared_max_batch_size']}: "
         f"{results['b_images_per_s']} "
         f"images/s, p50 / p99 {off.get('latency_ms_p50')} / {off.get('latency_ms_p99')} ms"
@@ -410,7 +432,8 @@ def table(results: dict[str, Any]) -> str:
         f"fp32's); kept: **{kept['precision']}"
         f"{' + channels_last' if kept['channels_last'] else ''}**.\n\n"
         "| execution | same decisions | max score difference | model only images/s "
-        f"| model + search images/s |\n| --- | --- | --- | --- | --- |\n{variants}\n\n"
+        "| model + search images/s |\n| --- | --- | --- | --- | --- |\n"
+        f"{_variant_rows(results)}\n\n"
         f"Detector by stage at batch {stages['batch_size']}, ms per image: model "
         f"{stages['model_ms']}, "
         + ", ".join(f"{kind} {ms}" for kind, ms in stages["statistic_ms"].items())
