@@ -411,10 +411,19 @@ def oracle_label(key: str) -> str:
     parts = key.split("/")
     if len(parts) == 2:
         return "HTTP + Redis"
-    mode, _, first = parts[2].partition("_from")
+    mode = parts[2].partition("_from")[0]
     ids = mode.removeprefix("in_process").strip("_").removesuffix("ids")
     label = f"in process, {ids} ids" if ids else "in process"
+    first = first_image(key)
     return label + (f", from image {first}" if first else "")
+
+
+def first_image(key: str) -> int:
+    """The first image (in the picker's order) a check attacked, from its key (``result_key``):
+    0 over HTTP and without ``_from``."""
+    parts = key.split("/")
+    first = parts[2].partition("_from")[2] if len(parts) > 2 else ""
+    return int(first) if first else 0
 
 
 def table_order(key: str) -> tuple[str, int, str]:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from app.core.stateful.match_rule import DetectionRule
-from evaluation.policy_check import result_key, rule_counts, rule_text
+from evaluation.policy_check import first_image, result_key, rule_counts, rule_text
 from evaluation.query_attacks import DEFAULT_RESULTS
 
 ATTACK_ORDER = ("square", "hopskipjump", "boundary")
@@ -198,7 +198,7 @@ def _pick_ranges(keys: Sequence[str], checks: dict[str, Any]) -> str:
     picker's order, of the images the checks attacked."""
     spans = []
     for key in keys:
-        first = int(key.rsplit("_from", 1)[1]) if "_from" in key else 0
+        first = first_image(key)
         spans.append((first, first + int(checks[key]["images"]) - 1))
     spans.sort()
     merged = [list(spans[0])]
@@ -224,9 +224,9 @@ def closed_loop_check(
         return key == base or key.startswith(base + "_from")
 
     candidates = [
-        (key.split(" + "), key, result)
+        (result["checks"], key, result)
         for key, result in pooled.items()
-        if all(ours(part) for part in key.split(" + "))
+        if all(ours(part) for part in result["checks"])
     ] + [([key], key, result) for key, result in checks.items() if ours(key)]
     if not candidates:
         return None
@@ -252,11 +252,9 @@ def _stateful_row(attack: str, ids: int, recorded_checks: dict[str, Any]) -> str
     if seen is None:
         return None
     spread = "1 id" if ids == 1 else f"{ids} ids"
-    picks = (
-        seen.picks
-        if silent is None or refuse is None or silent.picks == seen.picks
-        else (f"{refuse.picks} (refuse), {silent.picks} (silent)")
-    )
+    picks = seen.picks
+    if refuse is not None and silent is not None and refuse.picks != silent.picks:
+        picks = f"{refuse.picks} (refuse), {silent.picks} (silent)"
     result = seen.result
     median = result.get("median_queries_to_detection")
     detected = (

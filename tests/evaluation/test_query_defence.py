@@ -210,14 +210,13 @@ def _recorded_checks() -> dict[str, Any]:
         "boundary/silent/in_process_from200": _check(60, median=8.0),
         "boundary/refuse": _check(5),  # over HTTP: never a closed-loop row
     }
-    pooled = {
-        "boundary/refuse/in_process_from200 + boundary/refuse/in_process_from250": _check(
-            100, stalled=95
-        ),
+    pools = (  # as policy_check --pool records them: keyed by, and listing, their checks
+        (["boundary/refuse/in_process_from200", "boundary/refuse/in_process_from250"], 95),
         # a pool that mixes spreads belongs to neither
-        "boundary/refuse/in_process_from250 + boundary/refuse/in_process_50ids_from200": _check(
-            100
-        ),
+        (["boundary/refuse/in_process_from250", "boundary/refuse/in_process_50ids_from200"], 0),
+    )
+    pooled = {
+        " + ".join(keys): _check(100, stalled=stalled) | {"checks": keys} for keys, stalled in pools
     }
     return {"checks": checks, "pooled": pooled}
 
