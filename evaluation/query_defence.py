@@ -10,7 +10,8 @@ and the plot always describe the same replays as ``stateful.md``.
 
 ``--closed-loop`` builds the same table from what ran live instead (``closed_loop_table``): the
 recorded runs without the stateful detector (``query_attacks``' ``results.json``) and, for the
-stateful rows, ``policy_check``'s closed-loop checks, with no replay and no ``stateful.json``:
+stateful rows, ``policy_check``'s closed-loop checks, with no replay and no ``stateful.json``;
+its time-to-detection plot (``closed_loop_plot``) reads the same checks image by image:
 
     python -m evaluation.query_defence --closed-loop --attack-runs DIR --results DIR
 
@@ -245,10 +246,32 @@ def _settings_row(attack: str, setting: str, runs: dict[str, Any], images: int) 
     )
 
 
+def detection_check(
+    recorded_checks: dict[str, Any], attack: str, ids: int
+) -> ClosedLoopCheck | None:
+    """The check a stateful row's detection figures come from: ``refuse``'s, or ``silent``'s
+    where no ``refuse`` check ran (both policies answer alike until the first flag)."""
+    return closed_loop_check(recorded_checks, attack, "refuse", ids) or closed_loop_check(
+        recorded_checks, attack, "silent", ids
+    )
+
+
+def first_detections(recorded_checks: dict[str, Any], check: ClosedLoopCheck) -> list[int | None]:
+    """Each screened image's first flagged query in ``check`` (None: never flagged), read image
+    by image from the checks it pools (``policy_check``'s ``per_image``)."""
+    parts = check.result.get("checks", [check.key])
+    return [
+        image.get("first_detection")
+        for part in parts
+        for image in recorded_checks["checks"][part]["per_image"]
+        if image.get("screened")
+    ]
+
+
 def _stateful_row(attack: str, ids: int, recorded_checks: dict[str, Any]) -> str | None:
     refuse = closed_loop_check(recorded_checks, attack, "refuse", ids)
     silent = closed_loop_check(recorded_checks, attack, "silent", ids)
-    seen = refuse or silent
+    seen = detection_check(recorded_checks, attack, ids)
     if seen is None:
         return None
     spread = "1 id" if ids == 1 else f"{ids} ids"
@@ -293,11 +316,86 @@ def closed_loop_table(
     return "\n".join(lines)
 
 
+CLOSED_LOOP_PLOT = "time_to_detection_closed_loop.png"
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (PNG files, no screen), imported when drawing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def closed_loop_plot(
+    attack_runs: dict[str, Any], recorded_checks: dict[str, Any], sybil_ids: int, path: Path
+) -> bool:
+    """Time to detection as run, one panel per attack that has a stateful check: the share of
+    runs flagged by each query (one id and ``sybil_ids``; the checks the table's rows read),
+    beside the median queries to success of the recorded runs with no guard and with the guard
+    alone (vertical lines; their runs' own query counts are not in ``results.json``). False,
+    and nothing written, when no attack has a check."""
+    panels = [
+        (attack, {ids: detection_check(recorded_checks, attack, ids) for ids in (1, sybil_ids)})
+        for attack in ATTACK_ORDER
+    ]
+    panels = [(attack, checks) for attack, checks in panels if any(checks.values())]
+    if not panels:
+        return False
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8), sharey=True)
+    axes = np.atleast_1d(axes)
+    for axis, (attack, checks) in zip(axes, panels, strict=True):
+        flagged = [
+            (ids, check.picks, first_detections(recorded_checks, check))
+            for ids, check in checks.items()
+            if check is not None
+        ]
+        known = [query for *_, at in flagged for query in at if query is not None]
+        cap = int(attack_runs.get("caps", {}).get(attack, 0))
+        queries = np.arange(1, max([cap, *known, 2]) + 1)
+        for (ids, picks, at), style in zip(flagged, ("-", ":"), strict=False):
+            spread = "1 id" if ids == 1 else f"{ids} ids"
+            axis.step(
+                queries,
+                share_by_query(at, queries),
+                style,
+                where="post",
+                color="tab:blue",
+                label=f"flagged, {spread} ({picks})",
+            )
+        for (setting, label), colour in zip(
+            SETTING_LABELS.items(), ("tab:red", "tab:orange"), strict=True
+        ):
+            run = attack_runs["runs"].get(f"{attack}/{setting}")
+            if run is None or run.get("median_queries_to_success") is None:
+                continue
+            axis.axvline(
+                run["median_queries_to_success"],
+                color=colour,
+                linestyle="--",
+                label=f"median success, {label} ({run['succeeded']}/{run['images']})",
+            )
+        axis.set_xscale("log")
+        axis.set_title(attack)
+        axis.set_xlabel("queries sent")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize=7)
+    axes[0].set_ylabel("share of runs flagged by then")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
 def closed_loop_report(
     attack_runs: dict[str, Any],
     recorded_checks: dict[str, Any],
     sybil_ids: int,
     attack_runs_dir: Path,
+    plotted: bool = False,
 ) -> str:
     return "\n".join(
         [
@@ -321,6 +419,17 @@ def closed_loop_report(
             "",
             closed_loop_table(attack_runs, recorded_checks, sybil_ids),
             "",
+            *(
+                [
+                    "Time to detection: the share of the stateful rows' runs flagged by each "
+                    "query, beside the median query of success without the stateful detector.",
+                    "",
+                    f"![time to detection, as run]({CLOSED_LOOP_PLOT})",
+                    "",
+                ]
+                if plotted
+                else []
+            ),
             "Commands: each row's own, in the files above; then `python -m "
             f"evaluation.query_defence --closed-loop --attack-runs {attack_runs_dir} --results "
             "<this directory>`.",
@@ -376,26 +485,28 @@ def floor_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def share_by_query(at: Sequence[int | None], queries: np.ndarray) -> np.ndarray:
+    """For each query number in ``queries``, the share of runs whose event (a detection, a
+    success) came at or before it; None: never."""
+    when = np.array([np.inf if a is None else a for a in at], dtype=float)
+    share: np.ndarray = (when[None, :] <= queries[:, None]).mean(axis=1)
+    return share
+
+
 def detection_curves(
     outcomes: Sequence[Sequence[int | None]], horizon: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Queries 1..horizon, and for each the share of runs detected and the share that had
     succeeded, by then (cumulative over runs; never = beyond the horizon)."""
     queries = np.arange(1, horizon + 1)
-    detection = np.array([o[1] if o[1] is not None else np.inf for o in outcomes], dtype=float)
-    success = np.array([o[2] if o[2] is not None else np.inf for o in outcomes], dtype=float)
-    detected = (detection[None, :] <= queries[:, None]).mean(axis=1)
-    succeeded = (success[None, :] <= queries[:, None]).mean(axis=1)
+    detected = share_by_query([o[1] for o in outcomes], queries)
+    succeeded = share_by_query([o[2] for o in outcomes], queries)
     return queries, detected, succeeded
 
 
 def plot(summary: dict[str, Any], path: Path, setting: str = "guard_on") -> None:
     """Time to detection against time to success, one panel per attack (log queries)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     chosen = summary["schemes"][summary["chosen"]]
     horizon = int(summary["horizon"])
     figure, axes = plt.subplots(1, len(ATTACK_ORDER), figsize=(13, 3.6), sharey=True)
@@ -499,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--closed-loop",
         action="store_true",
-        help=f"instead: {CLOSED_LOOP_FILE} from what ran live, policy_check.json in --results "
+        help=f"instead: {CLOSED_LOOP_FILE} and {CLOSED_LOOP_PLOT} from what ran live, "
+        "policy_check.json in --results "
         "and query_attacks' results.json in --attack-runs (no stateful.json needed)",
     )
     parser.add_argument(
@@ -521,7 +633,10 @@ def write_closed_loop(args: argparse.Namespace) -> int:
     runs_dir = args.attack_runs or args.results
     attack_runs = json.loads((runs_dir / "results.json").read_text())
     recorded_checks = json.loads((args.results / "policy_check.json").read_text())
-    text = closed_loop_report(attack_runs, recorded_checks, args.sybil_ids, runs_dir)
+    plotted = closed_loop_plot(
+        attack_runs, recorded_checks, args.sybil_ids, args.results / CLOSED_LOOP_PLOT
+    )
+    text = closed_loop_report(attack_runs, recorded_checks, args.sybil_ids, runs_dir, plotted)
     (args.results / CLOSED_LOOP_FILE).write_text(text)
     print(closed_loop_table(attack_runs, recorded_checks, args.sybil_ids))
     return 0

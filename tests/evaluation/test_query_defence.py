@@ -9,9 +9,13 @@ from typing import Any
 import numpy as np
 
 from evaluation.query_defence import (
+    CLOSED_LOOP_PLOT,
+    ClosedLoopCheck,
     closed_loop_check,
+    detection_check,
     detection_curves,
     earliest_detection,
+    first_detections,
     floor_rows,
     main,
     rows,
@@ -192,6 +196,7 @@ def test_a_closed_loop_count_with_runs_cut_short_is_a_lower_bound() -> None:
 
 
 def _check(images: int, success: int = 0, median: float = 7.0, stalled: int = 0) -> dict[str, Any]:
+    """A check's record; each image first flagged at the median query (``per_image``)."""
     return {
         "images": images,
         "live_success": success,
@@ -199,6 +204,7 @@ def _check(images: int, success: int = 0, median: float = 7.0, stalled: int = 0)
         "screened": images,
         "detected_before_success": images - success,
         "median_queries_to_detection": median,
+        "per_image": [{"screened": True, "first_detection": int(median)}] * images,
     }
 
 
@@ -257,3 +263,49 @@ def test_the_closed_loop_command_writes_the_live_table_beside_the_checks(tmp_pat
         "| – |",
     ]
     assert not any(line.startswith("| square |") for line in lines)  # nothing ran: no row
+    # the time-to-detection plot, drawn from the same checks, is written and shown
+    assert (tmp_path / CLOSED_LOOP_PLOT).stat().st_size > 0
+    assert f"![time to detection, as run]({CLOSED_LOOP_PLOT})" in lines
+
+
+def test_the_closed_loop_command_draws_no_plot_without_a_stateful_check(tmp_path: Path) -> None:
+    runs = {"boundary/guard_off": {"images": 4, "succeeded": 1, "median_queries_to_success": 9}}
+    (tmp_path / "results.json").write_text(json.dumps({"images": 4, "runs": runs}))
+    (tmp_path / "policy_check.json").write_text(json.dumps({"checks": {}, "pooled": {}}))
+    assert main(["--closed-loop", "--results", str(tmp_path)]) == 0
+    assert not (tmp_path / CLOSED_LOOP_PLOT).exists()
+    assert "time to detection" not in (tmp_path / "defence_closed_loop.md").read_text()
+
+
+def test_first_detections_read_a_pool_image_by_image_and_skip_unscreened_images() -> None:
+    first = "boundary/refuse/in_process_from0"
+    second = "boundary/refuse/in_process_from2"
+    checks = {
+        first: {
+            "images": 2,
+            "per_image": [
+                {"screened": True, "first_detection": 7},
+                {"screened": True, "first_detection": None},  # never flagged
+            ],
+        },
+        second: {
+            "images": 2,
+            "per_image": [
+                {"screened": False, "first_detection": None},  # the screening's outcome unseen
+                {"screened": True, "first_detection": 12},
+            ],
+        },
+        "boundary/silent/in_process_from0": _check(3, median=5.0),
+    }
+    pooled = {f"{first} + {second}": {"images": 4, "checks": [first, second]}}
+    recorded_checks = {"checks": checks, "pooled": pooled}
+    refuse = detection_check(recorded_checks, "boundary", 1)
+    assert refuse is not None and refuse.key == f"{first} + {second}"
+    assert first_detections(recorded_checks, refuse) == [7, None, 12]
+    alone = ClosedLoopCheck(first, checks[first], "picks 0-1")
+    assert first_detections(recorded_checks, alone) == [7, None]
+    # no refuse check: the detections come from silent's, as the table's row does
+    del recorded_checks["pooled"], checks[first], checks[second]
+    silent = detection_check(recorded_checks, "boundary", 1)
+    assert silent is not None and silent.key == "boundary/silent/in_process_from0"
+    assert first_detections(recorded_checks, silent) == [5, 5, 5]
