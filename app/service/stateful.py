@@ -492,6 +492,49 @@ class ScreeningWorker:
         )
 
 
+def settings_scheme(settings: Settings) -> WindowHashScheme:
+    """The default fingerprint salted with the settings' secret; without one (in process only:
+    ``Settings`` requires a secret with Redis) a random one, so fingerprints die with the
+    process."""
+    given = settings.stateful_secret
+    secret = given.get_secret_value().encode() if given is not None else secrets.token_bytes(32)
+    return default_scheme(secret, close_radius=settings.stateful_close_radius or None)
+
+
+def settings_rule(settings: Settings) -> DetectionRule:
+    """The detection rule the settings give (a count of 0: that part of the rule is off)."""
+    return DetectionRule(
+        settings.stateful_client_matches,
+        settings.stateful_global_matches,
+        settings.stateful_changed_matches or None,
+        settings.stateful_consistent_matches or None,
+    )
+
+
+def settings_store(settings: Settings, scheme: WindowHashScheme) -> FingerprintStore:
+    """The fingerprint store the settings bound: in Redis when a URL is set, else in process."""
+    if settings.redis_url:
+        return RedisFingerprintStore(
+            settings.redis_url,
+            scheme,
+            prefix=settings.redis_prefix,
+            max_fingerprints=settings.stateful_max_fingerprints,
+            ttl_s=settings.stateful_ttl_s,
+            per_client=settings.stateful_per_client,
+            client_ttl_s=settings.stateful_client_ttl_s,
+            timeout_s=settings.redis_timeout_s,
+            cluster=settings.redis_cluster,
+        )
+    return InProcessFingerprintStore(
+        scheme,
+        max_fingerprints=settings.stateful_max_fingerprints,
+        ttl_s=settings.stateful_ttl_s,
+        per_client=settings.stateful_per_client,
+        max_clients=settings.stateful_max_clients,
+        client_ttl_s=settings.stateful_client_ttl_s,
+    )
+
+
 def build_stateful(
     settings: Settings,
     metrics: Metrics,
@@ -505,44 +548,13 @@ def build_stateful(
     ``model_device``: where the model runs (a GPU hashes the large uploads, ``hashing_device``)."""
     if not (settings.stateful_enabled and settings.guard_enabled):
         return None
-    given = settings.stateful_secret
-    # in process only (Settings requires a secret with Redis): fingerprints die with the process
-    secret = given.get_secret_value().encode() if given is not None else secrets.token_bytes(32)
-    scheme = default_scheme(secret, close_radius=settings.stateful_close_radius or None)
-    rule = DetectionRule(
-        settings.stateful_client_matches,
-        settings.stateful_global_matches,
-        settings.stateful_changed_matches or None,
-        settings.stateful_consistent_matches or None,
-    )
-    store: FingerprintStore
-    if settings.redis_url:
-        store = RedisFingerprintStore(
-            settings.redis_url,
-            scheme,
-            prefix=settings.redis_prefix,
-            max_fingerprints=settings.stateful_max_fingerprints,
-            ttl_s=settings.stateful_ttl_s,
-            per_client=settings.stateful_per_client,
-            client_ttl_s=settings.stateful_client_ttl_s,
-            timeout_s=settings.redis_timeout_s,
-            cluster=settings.redis_cluster,
-        )
-    else:
-        store = InProcessFingerprintStore(
-            scheme,
-            max_fingerprints=settings.stateful_max_fingerprints,
-            ttl_s=settings.stateful_ttl_s,
-            per_client=settings.stateful_per_client,
-            max_clients=settings.stateful_max_clients,
-            client_ttl_s=settings.stateful_client_ttl_s,
-        )
+    scheme = settings_scheme(settings)
     for outcome in STATEFUL_OUTCOMES:
         metrics.stateful.labels(policy=settings.stateful_policy, outcome=outcome)
     detector = StatefulDetector(
         scheme,
-        rule,
-        store,
+        settings_rule(settings),
+        settings_store(settings, scheme),
         settings.stateful_policy,
         metrics,
         flag,
