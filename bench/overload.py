@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,42 +155,78 @@ async def sequential(kind: str, base: str, images: list[bytes], n: int) -> dict[
     }
 
 
+@dataclass
+class BurstTally:
+    """What a burst's answers came to: latencies (seconds) of the served and of the refused,
+    the service's own time of the served (its Server-Timing header), every status, and the
+    Retry-After values the 503s carried ("missing" where one had none)."""
+
+    served: list[float] = field(default_factory=list)
+    served_in_app: list[float] = field(default_factory=list)
+    refused: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    retry_after: dict[str, int] = field(default_factory=dict)
+    transport_errors: int = 0
+
+    def answer(self, status: int, retry_after: str | None, timing: str | None, at: float) -> None:
+        """One answer, ``at`` seconds after its request was sent."""
+        self.statuses[str(status)] = self.statuses.get(str(status), 0) + 1
+        if status == 200:
+            self.served.append(at)
+            if timing and (match := re.search(r"dur=([0-9.]+)", timing)):
+                self.served_in_app.append(float(match.group(1)) / 1000.0)
+        elif status == 503:
+            value = retry_after or "missing"
+            self.refused.append(at)
+            self.retry_after[value] = self.retry_after.get(value, 0) + 1
+
+    def summary(self, issued: int, seconds: float) -> dict[str, Any]:
+        """The burst's figures: counts, rates over ``seconds``, latency percentiles (ms)."""
+        return {
+            "seconds": round(seconds, 2),
+            "requests": issued,
+            "statuses": self.statuses,
+            "transport_errors": self.transport_errors,
+            "served": len(self.served),
+            "refused_503": len(self.refused),
+            "retry_after_values_on_503": self.retry_after,
+            "served_per_s": round(len(self.served) / seconds, 1),
+            "offered_per_s": round(issued / seconds, 1),
+            "served_latency_ms_p50": pct(self.served, 50),
+            "served_latency_ms_p99": pct(self.served, 99),
+            "served_latency_ms_max": pct(self.served, 100),
+            "served_in_app_ms_p50": pct(self.served_in_app, 50),
+            "served_in_app_ms_p99": pct(self.served_in_app, 99),
+            "refused_latency_ms_p50": pct(self.refused, 50),
+            "refused_latency_ms_p99": pct(self.refused, 99),
+        }
+
+
 async def burst(
     kind: str, base: str, images: list[bytes], concurrency: int, seconds: float
 ) -> dict[str, Any]:
-    served: list[float] = []
-    served_in_app: list[float] = []  # the service's own time (Server-Timing), seconds
-    refused: list[float] = []
-    loop_lag: list[float] = []  # how late the client's own event loop wakes a 10 ms sleep
-    statuses: dict[str, int] = {}
-    retry_after: dict[str, int] = {}
-    transport_errors = 0
+    """``concurrency`` clients sending back to back for ``seconds``, ignoring Retry-After, and
+    how late the client's own event loop wakes a 10 ms sleep meanwhile (its own saturation)."""
+    tally = BurstTally()
+    loop_lag: list[float] = []
     issued = 0
     async with clients(kind, base, images, concurrency) as new:
         started = time.perf_counter()
         deadline = started + seconds
 
         async def worker() -> None:
-            nonlocal issued, transport_errors
+            nonlocal issued
             post = new()
             while time.perf_counter() < deadline:
                 i = issued
                 issued += 1
                 t0 = time.perf_counter()
                 try:
-                    status, header, timing = await post(i)
+                    status, retry_after, timing = await post(i)
                 except TRANSPORT_ERRORS:
-                    transport_errors += 1
+                    tally.transport_errors += 1
                     continue
-                elapsed = time.perf_counter() - t0
-                statuses[str(status)] = statuses.get(str(status), 0) + 1
-                if status == 200:
-                    served.append(elapsed)
-                    if timing and (match := re.search(r"dur=([0-9.]+)", timing)):
-                        served_in_app.append(float(match.group(1)) / 1000.0)
-                elif status == 503:
-                    refused.append(elapsed)
-                    retry_after[header or "missing"] = retry_after.get(header or "missing", 0) + 1
+                tally.answer(status, retry_after, timing, time.perf_counter() - t0)
 
         async def probe() -> None:
             while time.perf_counter() < deadline:
@@ -201,24 +238,9 @@ async def burst(
         elapsed_total = time.perf_counter() - started
     return {
         "concurrency": concurrency,
-        "seconds": round(elapsed_total, 2),
-        "requests": issued,
-        "statuses": statuses,
-        "transport_errors": transport_errors,
-        "served": len(served),
-        "refused_503": len(refused),
-        "retry_after_values_on_503": retry_after,
-        "served_per_s": round(len(served) / elapsed_total, 1),
-        "offered_per_s": round(issued / elapsed_total, 1),
-        "served_latency_ms_p50": pct(served, 50),
-        "served_latency_ms_p99": pct(served, 99),
-        "served_latency_ms_max": pct(served, 100),
-        "served_in_app_ms_p50": pct(served_in_app, 50),
-        "served_in_app_ms_p99": pct(served_in_app, 99),
+        **tally.summary(issued, elapsed_total),
         "client_loop_lag_ms_p50": pct(loop_lag, 50),
         "client_loop_lag_ms_p99": pct(loop_lag, 99),
-        "refused_latency_ms_p50": pct(refused, 50),
-        "refused_latency_ms_p99": pct(refused, 99),
     }
 
 
