@@ -36,12 +36,12 @@ import torch
 from app.cli import at_least
 from app.core.guard import Guard
 from app.core.stateful.close_copies import CLOSE_RADIUS
-from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
+from app.core.stateful.defaults import default_scheme
 from app.core.stateful.match_rule import DETECTION_REASONS, Answer, DetectionReason, DetectionRule
 from app.core.stateful.store import InProcessFingerprintStore
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
-from evaluation.policy_check import rule_counts, rule_text
+from evaluation.policy_check import CHANGED_REJECTED, checked_rule, rule_counts, rule_text
 from evaluation.query_oracles import client_view, service_pixels
 from evaluation.simulate import wilson_interval
 from evaluation.stateful_eval import add_honest_traffic_arguments, served_answers
@@ -177,7 +177,8 @@ def report(summary: dict[str, Any]) -> str:
         "",
         "Honest traffic of `evaluation.stateful_eval` (same plan and seeds) sent through the "
         "service's `StatefulDetector` under `refuse`, rule "
-        f"{rule_text(summary['rule'])} (client, global, changed, consistent), "
+        f"{rule_text(summary['rule'])} (client, global, changed, consistent)"
+        f"{', the changed answer counting rejections' if summary.get(CHANGED_REJECTED) else ''}, "
         f"{close_copies_text(summary['close_radius'])}, {store_text(summary['max_fingerprints'])}"
         ". *Replaced*: the client was shown its anchor's answer where the service's "
         "own differs in what a client sees (decision, or class where one is shown); *refused*: "
@@ -235,6 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="close copies' radius in grey levels, as ADVGUARD_STATEFUL_CLOSE_RADIUS (0: none)",
     )
     parser.add_argument(
+        "--changed-rejected",
+        action="store_true",
+        help="the changed answer also counts a query the guard rejects, by its model class "
+        "(ADVGUARD_STATEFUL_CHANGED_REJECTED; an experiment, off by default)",
+    )
+    parser.add_argument(
         "--max-fingerprints",
         type=at_least(1),
         default=None,
@@ -263,16 +270,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     answers = served_answers(guard, timelines["calibration"], timelines["judging"], {})
     own = {"calibration": answers.calibration, "judging": answers.judging}
+    rule = checked_rule(args.changed_rejected)
     summary: dict[str, Any] = {
-        "rule": rule_counts(DEFAULT_RULE),
+        "rule": rule_counts(rule),
         "close_radius": args.close_radius,
         "max_fingerprints": args.max_fingerprints,
         "bundle": str(args.bundle),
     }
+    if rule.changed_includes_rejected:
+        summary[CHANGED_REJECTED] = True
     radius = args.close_radius or None
     for split, traffic in timelines.items():
         outcome = serve_through_detector(
-            guard, traffic, own[split], DEFAULT_RULE, radius, args.max_fingerprints
+            guard, traffic, own[split], rule, radius, args.max_fingerprints
         )
         summary[split] = summarise(traffic, outcome)
         print(f"[{time.perf_counter() - started:6.1f}s] {split}: {json.dumps(summary[split])}")

@@ -46,7 +46,7 @@ import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -94,12 +94,18 @@ class ScreenedOracle:
     ``refuse``: ``refused``). Queries are sent by ``client_ids`` in turn (one: a single client;
     several: a Sybil attacker)."""
 
-    def __init__(self, guard: Guard, policy: StatefulPolicy, client_ids: Sequence[str]) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        policy: StatefulPolicy,
+        client_ids: Sequence[str],
+        rule: DetectionRule = DEFAULT_RULE,
+    ) -> None:
         if not client_ids:
             raise ValueError("at least one client id")
         scheme = default_scheme(EVALUATION_SECRET)
         store = InProcessFingerprintStore(scheme)
-        self.detector = StatefulDetector(scheme, DEFAULT_RULE, store, policy)
+        self.detector = StatefulDetector(scheme, rule, store, policy)
         self.guard = guard
         self.client_ids = list(client_ids)
         self.sent = 0
@@ -342,12 +348,15 @@ def check_served_bundle(served: dict[str, Any], guard: Guard) -> None:
         )
 
 
-def in_process_oracles(guard: Guard, policy: StatefulPolicy, ids: int) -> OracleFor:
-    """``ScreenedOracle``s, a fresh store per image, ``ids`` client ids per attacker."""
+def in_process_oracles(
+    guard: Guard, policy: StatefulPolicy, ids: int, rule: DetectionRule = DEFAULT_RULE
+) -> OracleFor:
+    """``ScreenedOracle``s under ``rule``, a fresh store per image, ``ids`` client ids per
+    attacker."""
 
     def start(attack: AttackName, row: int) -> ClosableOracle:
         names = [f"policy-check-{attack}-{row}-{i}" for i in range(ids)]
-        return ScreenedOracle(guard, policy, names)
+        return ScreenedOracle(guard, policy, names, rule)
 
     return start
 
@@ -451,7 +460,7 @@ def table(results: dict[str, Any]) -> str:
             f"{r['live_success']} | {_or_dash(r['predicted_success'])} | "
             f"{_or_dash(r['same_outcome'], r['images'])} | {withheld_median:.0f} | "
             f"{r.get('stalled', 0)} | {_detection_cells(r)} | "
-            f"{_rule_cell(r.get('rule'), r.get('close_radius'))} |"
+            f"{_rule_cell(r)} |"
         )
     return "\n".join(lines)
 
@@ -487,12 +496,27 @@ def rule_text(counts: list[int | None]) -> str:
     return ", ".join("-" if c is None else str(c) for c in counts)
 
 
-def _rule_cell(counts: list[int | None] | None, close_radius: int | None = None) -> str:
-    """The rule's counts, and the close-copy radius of checks run since close copies exist
-    (2026-12-01; 0: off); rows without one ran before, without close copies."""
+def _rule_cell(result: dict[str, Any]) -> str:
+    """The rule's counts, the close-copy radius of checks run since close copies exist
+    (2026-12-01; 0: off; rows without one ran before, without close copies), and whether the
+    changed answer counted rejections (``--changed-rejected``)."""
+    counts, close_radius = result.get("rule"), result.get("close_radius")
     if counts is None:
         return "the service's settings"
-    return rule_text(counts) + ("" if close_radius is None else f", {close_radius}")
+    return (
+        rule_text(counts)
+        + ("" if close_radius is None else f", {close_radius}")
+        + (", changed counts rejections" if result.get(CHANGED_REJECTED) else "")
+    )
+
+
+CHANGED_REJECTED = "changed_includes_rejected"  # recorded (true) only for --changed-rejected
+
+
+def checked_rule(changed_rejected: bool) -> DetectionRule:
+    """The rule an in-process check screens with: the default, its changed answer counting
+    rejections with ``--changed-rejected`` (``DetectionRule.changed_includes_rejected``)."""
+    return replace(DEFAULT_RULE, changed_includes_rejected=changed_rejected)
 
 
 def stateful_file(directory: Path) -> Path:
@@ -581,7 +605,7 @@ def first_detections_section(results: dict[str, Any]) -> str:
 
 
 # what pooled checks must share: they measured the same thing on other images
-POOLED_ALIKE = ("rule", "close_radius", "bundle_manifest_sha256")
+POOLED_ALIKE = ("rule", "close_radius", "bundle_manifest_sha256", CHANGED_REJECTED)
 
 
 def _recorded_alike(
@@ -640,7 +664,7 @@ def pooled_table(pooled: dict[str, Any]) -> str:
         lines.append(
             f"| {attack} | {policy} | {'; '.join(oracle_label(k) for k in r['checks'])} | "
             f"{r['images']} | {r['live_success']} | {r['stalled']} | {_detection_cells(r)} | "
-            f"{_rule_cell(r['rule'], r['close_radius'])} |"
+            f"{_rule_cell(r)} |"
         )
     return "\n".join(lines)
 
@@ -755,6 +779,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sybil-ids", type=int, default=1, help="with --in-process: client ids per attacker"
     )
+    parser.add_argument(
+        "--changed-rejected",
+        action="store_true",
+        help="with --in-process: the changed answer also counts a query the guard rejects, by "
+        "its model class (ADVGUARD_STATEFUL_CHANGED_REJECTED; an experiment, off by default)",
+    )
     parser.add_argument("--policy", choices=("refuse", "silent"), help="required to run checks")
     parser.add_argument(
         "--attacks",
@@ -837,6 +867,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{option} {url} is not a loopback address (--redis-url is flushed)")
     if args.sybil_ids < 1 or (args.sybil_ids > 1 and not args.in_process):
         parser.error("--sybil-ids: a positive count, with --in-process")
+    if args.changed_rejected and not args.in_process:
+        parser.error("--changed-rejected: with --in-process (over HTTP the service's settings)")
     if args.first_image < 0 or (args.first_image and not args.in_process):
         parser.error("--first-image: at least 0, with --in-process")
 
@@ -877,7 +909,10 @@ def check_summary(
     """One attack's recorded summary: its counts and what they were measured against."""
     summary = summarise(checks) | {"seconds": round(seconds, 1)}
     if args.in_process:  # over HTTP the rule is the running service's settings
-        summary["rule"] = rule_counts(DEFAULT_RULE)
+        rule = checked_rule(args.changed_rejected)
+        summary["rule"] = rule_counts(rule)
+        if rule.changed_includes_rejected:
+            summary[CHANGED_REJECTED] = True
         # the close-copy radius of the scheme ScreenedOracle screens with (0: none)
         summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
     # which bundle judged the queries: its manifest lists every file's sha256
@@ -906,7 +941,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_arguments(parser, args)
     targets = load_targets(parser, args)
     oracle_for = (
-        in_process_oracles(targets.guard, args.policy, args.sybil_ids)
+        in_process_oracles(
+            targets.guard, args.policy, args.sybil_ids, checked_rule(args.changed_rejected)
+        )
         if args.in_process
         else http_oracles(args.url, redis.Redis.from_url(args.redis_url), targets.guard)
     )

@@ -508,6 +508,7 @@ def settings_rule(settings: Settings) -> DetectionRule:
         settings.stateful_global_matches,
         settings.stateful_changed_matches or None,
         settings.stateful_consistent_matches or None,
+        settings.stateful_changed_rejected,
     )
 
 

@@ -105,6 +105,11 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
         in text
     )
     assert "a ring of the last 50,000" in report(summary | {"max_fingerprints": 50_000})
+    assert "counting rejections" not in text
+    counting = report(summary | {"changed_includes_rejected": True})
+    assert "(client, global, changed, consistent), the changed answer counting rejections" in (
+        counting
+    )
     row_text = "| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% | 0 / 1 / 0 |"
     assert text.count(row_text) == 8
 

@@ -14,11 +14,12 @@ from PIL import Image
 
 from app.core.guard import Guard
 from app.core.stateful.defaults import DEFAULT_RULE
-from app.core.stateful.match_rule import DetectionReason
+from app.core.stateful.match_rule import DetectionReason, DetectionRule
 from evaluation.policy_check import (
     ImageCheck,
     ScreenedOracle,
     check_served_bundle,
+    checked_rule,
     compare,
     detections,
     first_detection,
@@ -31,6 +32,7 @@ from evaluation.policy_check import (
     record,
     replay_predictions,
     result_key,
+    rule_counts,
     stateful_file,
     summarise,
     table,
@@ -224,6 +226,15 @@ def test_screened_oracle_answers_as_the_guard_until_the_rule_detects(guard: Guar
     assert all(a.probability != anchor.probability for a in own[detected_from:])
 
 
+def test_screened_oracle_screens_with_the_rule_it_is_given(guard: Guard) -> None:
+    """A check's rule (``--changed-rejected``'s, here a lower count) reaches the screening."""
+    queries = probes(5)
+    oracle = ScreenedOracle(guard, "refuse", ["one"], DetectionRule(2, 2))
+    answers = [oracle.ask(queries[i : i + 1])[0] for i in range(len(queries))]
+    oracle.close()
+    assert [a.decision == "refused" for a in answers] == [False, False, True, True, True]
+
+
 def test_in_process_the_guards_own_answers_are_those_the_screening_was_given(
     guard: Guard,
 ) -> None:
@@ -407,6 +418,23 @@ def test_the_table_names_each_checks_rule_and_close_copies() -> None:
     assert lines[3].endswith("| 5, 5, 2, 1, 9 |")
     assert lines[4].endswith("| 5, 5, 2, 1 |")
     assert lines[5].endswith("| 5, 5, 2, -, 0 |")
+    counting = row | {"rule": [5, 5, 2, 1], "close_radius": 9, "changed_includes_rejected": True}
+    counting_lines = table({"checks": {"square/refuse/in_process": counting}}).splitlines()
+    assert counting_lines[2].endswith("| 5, 5, 2, 1, 9, changed counts rejections |")
+
+
+def test_the_checked_rule_is_the_default_unless_rejections_count() -> None:
+    assert checked_rule(False) == DEFAULT_RULE
+    counting = checked_rule(True)
+    assert counting.changed_includes_rejected and not DEFAULT_RULE.changed_includes_rejected
+    assert rule_counts(counting) == rule_counts(DEFAULT_RULE)  # the counts themselves alike
+
+
+def test_counting_rejections_is_an_in_process_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        over_http = ["--url", "http://127.0.0.1:1", "--redis-url", "redis://127.0.0.1:2"]
+        main([*over_http, "--policy", "refuse", "--changed-rejected"])
+    assert "--changed-rejected: with --in-process" in capsys.readouterr().err
 
 
 def test_the_table_gives_the_closed_loops_detection_figures() -> None:
@@ -517,6 +545,10 @@ def test_how_the_first_detections_came_is_summed_and_pooled(tmp_path: Path) -> N
     [
         (("hopskipjump/refuse/in_process_from2", {"rule": [5, 5, 4, 1]}), "share their rule"),
         (("hopskipjump/refuse/in_process_from2", {"close_radius": 0}), "close_radius"),
+        (
+            ("hopskipjump/refuse/in_process_from2", {"changed_includes_rejected": True}),
+            "changed_includes_rejected",
+        ),
         (("hopskipjump/refuse/in_process_from2", {"bundle_manifest_sha256": "cd34"}), "bundle"),
         (("boundary/refuse/in_process_from2", {}), "attack and policy"),
         (("hopskipjump/silent/in_process_from2", {}), "attack and policy"),

@@ -186,16 +186,20 @@ def evidence_of(client: ScopeMatch, everyone: ScopeMatch) -> MatchEvidence:
     return MatchEvidence(client.count, everyone.count, everyone.others, anchor, consistency)
 
 
-def changes_answer(evidence: MatchEvidence, answer: Answer | None) -> bool:
+def changes_answer(
+    evidence: MatchEvidence, answer: Answer | None, include_rejected: bool = False
+) -> bool:
     """Whether ``answer`` would tell its client a class other than the one the model gave the
     query's anchor (its earliest stored near-duplicate or copy, whatever that query's decision):
     the answer carries a class (accepted, or the guard is off) and the anchor's class differs.
     A query attack is exactly a search for such a near-duplicate; an honest edit of a photo
-    rarely is one."""
+    rarely is one. ``include_rejected``: a rejected answer counts too, by the class the model
+    gave it (the client hears no class, but hears that something changed: a decision-based
+    attack reads the rejection as its signal)."""
     anchor = evidence.anchor
     return (
         answer is not None
-        and answer.decision != "rejected"
+        and (include_rejected or answer.decision != "rejected")
         and anchor is not None
         and anchor.class_index != answer.class_index
     )
@@ -239,12 +243,17 @@ class DetectionRule:
     ``silent``): nobody is flagged or refused, so it needs no calibration, and an attack's
     probe that would newly succeed before the counts reach ``changed_matches`` hears what its
     anchor heard. An honest near-exact copy of a photo hears what the photo got (the answers it
-    replaces: evaluation.consistency_cost)."""
+    replaces: evaluation.consistency_cost).
+
+    ``changed_includes_rejected`` (off by default; an experiment of 2026-12-07, not
+    calibrated): the changed answer also counts a query the guard would reject whose model
+    class differs from its anchor's (``changes_answer``'s ``include_rejected``)."""
 
     client_matches: int
     global_matches: int
     changed_matches: int | None = None
     consistent_matches: int | None = None
+    changed_includes_rejected: bool = False
 
     def __post_init__(self) -> None:
         if self.client_matches < 1 or self.global_matches < 1:
@@ -271,7 +280,7 @@ class DetectionRule:
         if (
             self.changed_matches is not None
             and max(evidence.client.distinct, evidence.everyone.distinct) >= self.changed_matches
-            and changes_answer(evidence, answer)
+            and changes_answer(evidence, answer, self.changed_includes_rejected)
         ):
             return "changed_answer"
         return None

@@ -82,6 +82,28 @@ def test_a_changed_answer_detects_from_its_own_count() -> None:
     assert not DetectionRule(5, 5).detects(MatchEvidence(two, two, (), cat), dog)  # off
 
 
+def test_a_rejected_answer_changes_the_class_only_when_the_rule_counts_rejections() -> None:
+    """``changed_includes_rejected``: a query the guard would reject counts as a changed answer
+    by its model class; the same class as the anchor's, or too few near-duplicates, still does
+    not, and the client's and everyone's counts are untouched."""
+    counting = DetectionRule(5, 5, changed_matches=2, changed_includes_rejected=True)
+    plain = DetectionRule(5, 5, changed_matches=2)
+    cat = Answer("accepted", 3, 0.9, 0.5)
+    rejected_dog = Answer("rejected", 5, 0.6, 0.001)
+    rejected_cat = Answer("rejected", 3, 0.6, 0.001)
+    two, one = MatchCount(2, 0, 40.0), MatchCount(1, 0, 40.0)
+    evidence = MatchEvidence(two, two, (), cat)
+    assert changes_answer(evidence, rejected_dog, include_rejected=True)
+    assert not changes_answer(evidence, rejected_dog)
+    assert counting.reason(evidence, rejected_dog) == "changed_answer"
+    assert plain.reason(evidence, rejected_dog) is None
+    assert counting.reason(evidence, rejected_cat) is None  # the anchor's own class
+    assert counting.reason(MatchEvidence(one, one, (), cat), rejected_dog) is None
+    assert counting.reason(MatchEvidence(two, two, (), None), rejected_dog) is None  # no anchor
+    accepted_dog = Answer("accepted", 5, 0.9, 0.4)
+    assert counting.reason(evidence, accepted_dog) == plain.reason(evidence, accepted_dog)
+
+
 def test_a_class_change_keeps_its_anchor_from_the_consistent_count() -> None:
     """``keeps_anchor``: from ``consistent_matches`` distinct near-duplicates in either scope, a
     query whose answer would show a class its anchor's did not (another class, or any class
