@@ -163,7 +163,8 @@ class Settings(BaseSettings):
     # (DetectionRule.consistent_matches; nobody is flagged); 0: off
     stateful_consistent_matches: int = Field(default=DEFAULT_RULE.consistent_matches or 0, ge=0)
     # the changed answer also counts a query the guard rejects, by its model class
-    # (DetectionRule.changed_includes_rejected): an experiment, off by default, not calibrated
+    # (DetectionRule.changed_includes_rejected): an experiment, off by default (measured: one
+    # honest burst client over the calibration budget)
     stateful_changed_rejected: bool = DEFAULT_RULE.changed_includes_rejected
     # grey levels within which every block mean of a stored query must lie for it to count as a
     # close copy: a match for the consistent count only, never for a flag (Square's first probe

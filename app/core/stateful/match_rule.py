@@ -245,9 +245,11 @@ class DetectionRule:
     anchor heard. An honest near-exact copy of a photo hears what the photo got (the answers it
     replaces: evaluation.consistency_cost).
 
-    ``changed_includes_rejected`` (off by default; an experiment of 2026-12-07, not
-    calibrated): the changed answer also counts a query the guard would reject whose model
-    class differs from its anchor's (``changes_answer``'s ``include_rejected``)."""
+    ``changed_includes_rejected`` (off by default; an experiment of 2026-12-07): the changed
+    answer also counts a query the guard would reject whose model class differs from its
+    anchor's (``changes_answer``'s ``include_rejected``). Measured: HopSkipJump flagged a
+    median of one query earlier, honest bursts flagged one over the calibration budget (21 of
+    4,000 against 20): so not the default (evaluation/README.md)."""
 
     client_matches: int
     global_matches: int
