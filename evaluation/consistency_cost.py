@@ -41,7 +41,7 @@ from app.core.stateful.match_rule import DETECTION_REASONS, Answer, DetectionRea
 from app.core.stateful.store import InProcessFingerprintStore
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
-from evaluation.policy_check import CHANGED_REJECTED, checked_rule, rule_counts, rule_text
+from evaluation.policy_check import CHANGED_REJECTED, checked_rule, rule_record, rule_text
 from evaluation.query_oracles import client_view, service_pixels
 from evaluation.simulate import wilson_interval
 from evaluation.stateful_eval import add_honest_traffic_arguments, served_answers
@@ -271,14 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     answers = served_answers(guard, timelines["calibration"], timelines["judging"], {})
     own = {"calibration": answers.calibration, "judging": answers.judging}
     rule = checked_rule(args.changed_rejected)
-    summary: dict[str, Any] = {
-        "rule": rule_counts(rule),
+    summary: dict[str, Any] = rule_record(rule) | {
         "close_radius": args.close_radius,
         "max_fingerprints": args.max_fingerprints,
         "bundle": str(args.bundle),
     }
-    if rule.changed_includes_rejected:
-        summary[CHANGED_REJECTED] = True
     radius = args.close_radius or None
     for split, traffic in timelines.items():
         outcome = serve_through_detector(

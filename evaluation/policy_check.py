@@ -519,6 +519,15 @@ def checked_rule(changed_rejected: bool) -> DetectionRule:
     return replace(DEFAULT_RULE, changed_includes_rejected=changed_rejected)
 
 
+def rule_record(rule: DetectionRule) -> dict[str, Any]:
+    """What a results file records of the rule a run screened with: its counts, and
+    ``CHANGED_REJECTED`` only when set (records before it existed read as without it)."""
+    record: dict[str, Any] = {"rule": rule_counts(rule)}
+    if rule.changed_includes_rejected:
+        record[CHANGED_REJECTED] = True
+    return record
+
+
 def stateful_file(directory: Path) -> Path:
     """The replay's results the check reads: ``directory``'s stateful.json, else the default
     results directory's (``evaluation.stateful_eval`` writes it there). A copy in each results
@@ -909,10 +918,7 @@ def check_summary(
     """One attack's recorded summary: its counts and what they were measured against."""
     summary = summarise(checks) | {"seconds": round(seconds, 1)}
     if args.in_process:  # over HTTP the rule is the running service's settings
-        rule = checked_rule(args.changed_rejected)
-        summary["rule"] = rule_counts(rule)
-        if rule.changed_includes_rejected:
-            summary[CHANGED_REJECTED] = True
+        summary |= rule_record(checked_rule(args.changed_rejected))
         # the close-copy radius of the scheme ScreenedOracle screens with (0: none)
         summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
     # which bundle judged the queries: its manifest lists every file's sha256

@@ -33,6 +33,7 @@ from evaluation.policy_check import (
     replay_predictions,
     result_key,
     rule_counts,
+    rule_record,
     stateful_file,
     summarise,
     table,
@@ -428,6 +429,9 @@ def test_the_checked_rule_is_the_default_unless_rejections_count() -> None:
     counting = checked_rule(True)
     assert counting.changed_includes_rejected and not DEFAULT_RULE.changed_includes_rejected
     assert rule_counts(counting) == rule_counts(DEFAULT_RULE)  # the counts themselves alike
+    counts = rule_counts(DEFAULT_RULE)
+    assert rule_record(DEFAULT_RULE) == {"rule": counts}
+    assert rule_record(counting) == {"rule": counts, "changed_includes_rejected": True}
 
 
 def test_counting_rejections_is_an_in_process_option(capsys: pytest.CaptureFixture[str]) -> None:
