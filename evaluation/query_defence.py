@@ -58,6 +58,11 @@ class Row:
     caught_of_successful: float | None = None
 
 
+def spread_label(ids: int) -> str:
+    """How many client ids an attacker spread its queries over, as the tables say it."""
+    return "1 id" if ids == 1 else f"{ids} ids"
+
+
 def rows(summary: dict[str, Any]) -> list[Row]:
     """Per attack: the two recorded settings alone, then each with the stateful detector for
     one client id and for the Sybil spread. ``flag`` answers as usual, so its success rate is
@@ -78,7 +83,7 @@ def rows(summary: dict[str, Any]) -> list[Row]:
             success = single["successful_runs"] / single["runs"]
             out.append(Row(attack, label, success, single["median_queries_to_success"]))
             for count, result in ((1, single), (ids, chosen["sybil"][key])):
-                spread = "1 id" if count == 1 else f"{count} ids"
+                spread = spread_label(count)
                 out.append(
                     Row(
                         attack,
@@ -274,7 +279,7 @@ def _stateful_row(attack: str, ids: int, recorded_checks: dict[str, Any]) -> str
     seen = detection_check(recorded_checks, attack, ids)
     if seen is None:
         return None
-    spread = "1 id" if ids == 1 else f"{ids} ids"
+    spread = spread_label(ids)
     picks = seen.picks
     if refuse is not None and silent is not None and refuse.picks != silent.picks:
         picks = f"{refuse.picks} (refuse), {silent.picks} (silent)"
@@ -357,7 +362,7 @@ def closed_loop_plot(
         cap = int(attack_runs.get("caps", {}).get(attack, 0))
         queries = np.arange(1, max([cap, *known, 2]) + 1)
         for (ids, picks, at), style in zip(flagged, ("-", ":"), strict=False):
-            spread = "1 id" if ids == 1 else f"{ids} ids"
+            spread = spread_label(ids)
             axis.step(
                 queries,
                 share_by_query(at, queries),
