@@ -1,0 +1,152 @@
+"""The blend test: against a brute-force numpy reference, on rounded blends (flagged within
+the rounding bound), and on what it must leave alone (brightness and contrast changes, near
+copies); the sketch; a client's recent queries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.core.stateful.blends import (
+    SKETCH_SIDE,
+    BlendRule,
+    RecentSketches,
+    find_blend,
+    sketch,
+)
+
+RULE = BlendRule()
+
+
+def reference(recent: np.ndarray, query: np.ndarray, rule: BlendRule) -> tuple[float, int, int]:
+    """Pair by pair, with least squares: the smallest admitted residual and its pair."""
+    dims = query.size
+    best = (np.inf, -1, -1)
+
+    def rms(v: np.ndarray) -> float:
+        return float(np.sqrt((v**2).mean()))
+
+    for i, a in enumerate(recent):
+        for j, b in enumerate(recent):
+            if i == j or min(rms(query - a), rms(query - b), rms(b - a)) < rule.min_separation:
+                continue
+            span = np.stack([a, np.ones(dims)], axis=1)
+            coef, *_ = np.linalg.lstsq(span, b - a, rcond=None)
+            if rms(b - a - span @ coef) < rule.min_novelty * rms(b - a):
+                continue
+            direction = (b - a)[:, None]
+            t, *_ = np.linalg.lstsq(direction, query - a, rcond=None)
+            residual = rms(query - a - direction[:, 0] * t[0])
+            if residual < best[0]:
+                best = (residual, i, j)
+    return best
+
+
+def random_images(rng: np.random.Generator, n: int, dims: int = 768) -> np.ndarray:
+    """Smooth-ish random images in grey levels, well inside [0, 255]."""
+    base = rng.uniform(40, 215, size=(n, 1))
+    return np.clip(base + rng.normal(0, 30, size=(n, dims)), 0, 255)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_find_blend_matches_the_pairwise_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    recent = random_images(rng, 6)
+    if seed % 2:  # a planted blend of two of them, rounded, as the query
+        t = rng.uniform(0.2, 0.8)
+        query = np.round((1 - t) * recent[1] + t * recent[4])
+    else:
+        query = random_images(rng, 1)[0]
+    rule = BlendRule(max_residual=50.0 if seed % 3 == 0 else 0.5)
+    found = find_blend(recent, query, rule)
+    residual, i, j = reference(recent, query, rule)
+    if residual > rule.max_residual:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.residual == pytest.approx(residual, rel=1e-6, abs=1e-9)
+        # the line through i, j is the line through j, i: either order is the same pair
+        assert {found.first, found.second} == {i, j}
+
+
+@pytest.mark.parametrize("t", [0.5, 0.25, 0.75, 0.4, 0.03, 0.97, 1.5])
+def test_a_rounded_blend_is_within_the_rounding_bound_of_its_line(t: float) -> None:
+    """Flagged within 0.5 grey levels, unless it is too close to an end to be its own image
+    (separation: x and s here are ~52 levels apart in the sketch) or clipped off the line."""
+    rng = np.random.default_rng(7)
+    x, s = rng.integers(0, 256, size=(2, 3, 32, 32)).astype(np.float64)
+    blend = np.clip(np.round((1 - t) * x + t * s), 0, 255)
+    recent = np.stack([sketch(x.astype(np.uint8)), sketch(s.astype(np.uint8))])
+    match = find_blend(recent.astype(np.float64), sketch(blend.astype(np.uint8)), RULE)
+    if t > 1 or min(t, 1 - t) * 52 < RULE.min_separation:
+        assert match is None
+    else:
+        assert match is not None and match.residual <= 0.5
+
+
+def test_brightness_and_contrast_changes_of_a_photo_are_not_blends() -> None:
+    rng = np.random.default_rng(3)
+    photo = rng.uniform(60, 190, size=(3, 32, 32))
+    edits = [photo, 1.2 * photo, 0.8 * photo + 20, 1.1 * (photo - 128) + 128]
+    recent = np.stack([sketch(np.round(e).astype(np.uint8)) for e in edits[:3]])
+    query = sketch(np.round(edits[3]).astype(np.uint8))
+    assert find_blend(recent.astype(np.float64), query, RULE) is None
+    # the same query as a blend of two different photos is one
+    other = rng.uniform(0, 255, size=(3, 32, 32))
+    recent = np.stack([sketch(np.round(e).astype(np.uint8)) for e in (photo, other)])
+    query = sketch(np.round(0.6 * photo + 0.4 * other).astype(np.uint8))
+    assert find_blend(recent.astype(np.float64), query, RULE) is not None
+
+
+def test_near_copies_are_not_blends_however_close_to_a_line() -> None:
+    rng = np.random.default_rng(5)
+    photo = rng.integers(0, 256, size=(3, 32, 32))
+    copies = [np.clip(photo + rng.integers(-2, 3, size=photo.shape), 0, 255) for _ in range(4)]
+    recent = np.stack([sketch(c.astype(np.uint8)) for c in copies[:3]]).astype(np.float64)
+    assert find_blend(recent, sketch(copies[3].astype(np.uint8)), RULE) is None
+
+
+def test_the_sketch_is_the_area_mean_and_linear() -> None:
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(3, 32, 32)).astype(np.uint8)
+    expected = image.reshape(3, 16, 2, 16, 2).mean(axis=(2, 4)).reshape(-1)
+    assert np.array_equal(sketch(image).astype(np.float64), expected)  # exact in float16
+    other = rng.integers(0, 256, size=(3, 32, 32)).astype(np.uint8)
+    blend = np.round(0.3 * image + 0.7 * other).astype(np.uint8)
+    line = 0.3 * sketch(image).astype(np.float64) + 0.7 * sketch(other).astype(np.float64)
+    assert np.abs(sketch(blend).astype(np.float64) - line).max() <= 0.5
+
+
+@pytest.mark.parametrize(("height", "width"), [(10, 7), (37, 50), (224, 224)])
+def test_the_sketch_of_any_size_averages_bands_that_cover_the_image(
+    height: int, width: int
+) -> None:
+    flat = np.full((3, height, width), 77, dtype=np.uint8)
+    out = sketch(flat)
+    assert out.shape == (3 * min(height, SKETCH_SIDE) * min(width, SKETCH_SIDE),)
+    assert np.all(out == 77)
+
+
+def test_recent_sketches_keep_the_last_distinct_queries_and_flag_a_blend() -> None:
+    rng = np.random.default_rng(11)
+    rule = BlendRule(window=3)
+    recent = RecentSketches(rule)
+    photos = rng.integers(0, 256, size=(5, 3, 32, 32)).astype(np.uint8)
+    for i, photo in enumerate(photos):
+        assert recent.check_and_add(sketch(photo), bytes([i])) is None
+    # the first two photos have left the window: their midpoint is no longer seen
+    old = np.round(0.5 * photos[0].astype(np.float64) + 0.5 * photos[1]).astype(np.uint8)
+    assert recent.check_and_add(sketch(old), b"old") is None
+    # a resend of a kept photo is not kept twice: the window still holds photo 4
+    assert recent.check_and_add(sketch(photos[4]), bytes([4])) is None
+    new = np.round(0.5 * photos[4].astype(np.float64) + 0.5 * old).astype(np.uint8)
+    assert recent.check_and_add(sketch(new), b"new") is not None
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_residual": -1.0}, {"min_separation": 0.0}, {"window": 1}, {"min_novelty": 1.5}],
+)
+def test_an_invalid_rule_is_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        BlendRule(**kwargs)  # type: ignore[arg-type]
