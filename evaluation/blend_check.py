@@ -28,7 +28,7 @@ import torch
 
 from app.cli import at_least
 from app.core.guard import Guard
-from app.core.stateful.blends import BlendRule, RecentSketches, sketch
+from app.core.stateful.blends import BlendRule, RecentSketches, sketches
 from app.core.stateful.hashes import pixel_digests
 from evaluation.data import ImageSplit, load_split
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
@@ -46,8 +46,9 @@ def first_blend(queries: np.ndarray, rule: BlendRule) -> int | None:
     """The 1-based index of the first of one client's queries ((n, C, H, W) uint8, in order)
     that the blend test flags; None: none."""
     recent = RecentSketches(rule)
+    its_sketches = sketches(torch.from_numpy(queries))
     for i, digest in enumerate(pixel_digests(queries)):
-        if recent.check_and_add(sketch(queries[i]), digest) is not None:
+        if recent.check_and_add(its_sketches[i], digest) is not None:
             return i + 1
     return None
 

@@ -35,13 +35,20 @@ import torch
 
 from app.cli import at_least
 from app.core.guard import Guard
+from app.core.stateful.blends import BlendRule, InProcessBlendMemory
 from app.core.stateful.close_copies import CLOSE_RADIUS
 from app.core.stateful.defaults import default_scheme
 from app.core.stateful.match_rule import DETECTION_REASONS, Answer, DetectionReason, DetectionRule
 from app.core.stateful.store import InProcessFingerprintStore
 from app.service.stateful import Pending, StatefulDetector
 from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
-from evaluation.policy_check import CHANGED_REJECTED, checked_rule, rule_record, rule_text
+from evaluation.policy_check import (
+    BLENDS,
+    CHANGED_REJECTED,
+    checked_rule,
+    rule_record,
+    rule_text,
+)
 from evaluation.query_oracles import client_view, service_pixels
 from evaluation.simulate import wilson_interval
 from evaluation.stateful_eval import add_honest_traffic_arguments, served_answers
@@ -68,6 +75,7 @@ def serve_through_detector(
     rule: DetectionRule,
     close_radius: int | None = CLOSE_RADIUS,
     max_fingerprints: int | None = None,
+    blends: bool = False,
 ) -> Served:
     """Every query of ``traffic`` through a fresh ``StatefulDetector`` under ``refuse``, in
     arrival order: the screening path the service runs, on the pixels it would see; close
@@ -83,7 +91,9 @@ def serve_through_detector(
         max_clients=size,
         client_ttl_s=np.inf,
     )
-    detector = StatefulDetector(scheme, rule, store, "refuse")
+    # with the blend test: every client's recent queries kept, nothing expiring (the worst case)
+    memory = InProcessBlendMemory(BlendRule(), max_clients=size, ttl_s=np.inf) if blends else None
+    detector = StatefulDetector(scheme, rule, store, "refuse", blends=memory)
     served: list[Answer | None] = []
     reasons: list[DetectionReason | None] = []
     try:
@@ -178,17 +188,18 @@ def report(summary: dict[str, Any]) -> str:
         "Honest traffic of `evaluation.stateful_eval` (same plan and seeds) sent through the "
         "service's `StatefulDetector` under `refuse`, rule "
         f"{rule_text(summary['rule'])} (client, global, changed, consistent)"
-        f"{', the changed answer counting rejections' if summary.get(CHANGED_REJECTED) else ''}, "
+        f"{', the changed answer counting rejections' if summary.get(CHANGED_REJECTED) else ''}"
+        f"{', the blend test' if summary.get(BLENDS) else ''}, "
         f"{close_copies_text(summary['close_radius'])}, {store_text(summary['max_fingerprints'])}"
         ". *Replaced*: the client was shown its anchor's answer where the service's "
         "own differs in what a client sees (decision, or class where one is shown); *refused*: "
         "detected. Intervals: Wilson 95% over clients. *Flagged by*: the part of the rule that "
         "detected each flagged client's first refused query (its own client's count, everyone's "
-        "count, a changed answer).",
+        "count, a changed answer, the blend test).",
         "",
         "| photos | traffic | queries | answers replaced | share | refused | clients with a "
         "replaced answer | 95% interval | clients flagged | 95% interval | flagged by (client / "
-        "everyone / changed) |",
+        "everyone / changed / blend) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for split, label in (("judging", "test (judged)"), ("calibration", "training")):
@@ -203,7 +214,7 @@ def report(summary: dict[str, Any]) -> str:
                 f"{r['clients_replaced']} of {r['clients']} | {100 * low:.2f}-{100 * high:.2f}% | "
                 f"{r['clients_flagged']} of {r['clients']} | "
                 f"{100 * flag_low:.2f}-{100 * flag_high:.2f}% | "
-                f"{' / '.join(str(by[reason]) for reason in DETECTION_REASONS)} |"
+                f"{' / '.join(str(by.get(reason, 0)) for reason in DETECTION_REASONS)} |"
             )
     verdict = "met: on by default" if summary["ships"] else "missed: off by default"
     at_viral = [
@@ -242,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(ADVGUARD_STATEFUL_CHANGED_REJECTED; an experiment, off by default)",
     )
     parser.add_argument(
+        "--blends",
+        action="store_true",
+        help="the blend test on, every client's recent queries kept (ADVGUARD_STATEFUL_BLENDS)",
+    )
+    parser.add_argument(
         "--max-fingerprints",
         type=at_least(1),
         default=None,
@@ -271,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     answers = served_answers(guard, timelines["calibration"], timelines["judging"], {})
     own = {"calibration": answers.calibration, "judging": answers.judging}
     rule = checked_rule(args.changed_rejected)
-    summary: dict[str, Any] = rule_record(rule) | {
+    summary: dict[str, Any] = rule_record(rule, args.blends) | {
         "close_radius": args.close_radius,
         "max_fingerprints": args.max_fingerprints,
         "bundle": str(args.bundle),
@@ -279,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     radius = args.close_radius or None
     for split, traffic in timelines.items():
         outcome = serve_through_detector(
-            guard, traffic, own[split], rule, radius, args.max_fingerprints
+            guard, traffic, own[split], rule, radius, args.max_fingerprints, args.blends
         )
         summary[split] = summarise(traffic, outcome)
         print(f"[{time.perf_counter() - started:6.1f}s] {split}: {json.dumps(summary[split])}")

@@ -57,6 +57,7 @@ import torch
 from app.cli import at_least
 from app.core.guard import Guard
 from app.core.manifest import MANIFEST_NAME
+from app.core.stateful.blends import BlendRule, InProcessBlendMemory
 from app.core.stateful.defaults import DEFAULT_RULE, default_scheme
 from app.core.stateful.match_rule import DETECTION_REASONS, DetectionReason, DetectionRule
 from app.core.stateful.store import InProcessFingerprintStore
@@ -100,12 +101,14 @@ class ScreenedOracle:
         policy: StatefulPolicy,
         client_ids: Sequence[str],
         rule: DetectionRule = DEFAULT_RULE,
+        blends: bool = False,
     ) -> None:
         if not client_ids:
             raise ValueError("at least one client id")
         scheme = default_scheme(EVALUATION_SECRET)
         store = InProcessFingerprintStore(scheme)
-        self.detector = StatefulDetector(scheme, rule, store, policy)
+        memory = InProcessBlendMemory(BlendRule()) if blends else None
+        self.detector = StatefulDetector(scheme, rule, store, policy, blends=memory)
         self.guard = guard
         self.client_ids = list(client_ids)
         self.sent = 0
@@ -349,14 +352,18 @@ def check_served_bundle(served: dict[str, Any], guard: Guard) -> None:
 
 
 def in_process_oracles(
-    guard: Guard, policy: StatefulPolicy, ids: int, rule: DetectionRule = DEFAULT_RULE
+    guard: Guard,
+    policy: StatefulPolicy,
+    ids: int,
+    rule: DetectionRule = DEFAULT_RULE,
+    blends: bool = False,
 ) -> OracleFor:
-    """``ScreenedOracle``s under ``rule``, a fresh store per image, ``ids`` client ids per
-    attacker."""
+    """``ScreenedOracle``s under ``rule`` (with the blend test when ``blends``), a fresh store
+    per image, ``ids`` client ids per attacker."""
 
     def start(attack: AttackName, row: int) -> ClosableOracle:
         names = [f"policy-check-{attack}-{row}-{i}" for i in range(ids)]
-        return ScreenedOracle(guard, policy, names, rule)
+        return ScreenedOracle(guard, policy, names, rule, blends)
 
     return start
 
@@ -507,10 +514,12 @@ def _rule_cell(result: dict[str, Any]) -> str:
         rule_text(counts)
         + ("" if close_radius is None else f", {close_radius}")
         + (", changed counts rejections" if result.get(CHANGED_REJECTED) else "")
+        + (", blend test" if result.get(BLENDS) else "")
     )
 
 
 CHANGED_REJECTED = "changed_includes_rejected"  # recorded (true) only for --changed-rejected
+BLENDS = "blends"  # recorded (true) only for --blends
 
 
 def checked_rule(changed_rejected: bool) -> DetectionRule:
@@ -519,12 +528,15 @@ def checked_rule(changed_rejected: bool) -> DetectionRule:
     return replace(DEFAULT_RULE, changed_includes_rejected=changed_rejected)
 
 
-def rule_record(rule: DetectionRule) -> dict[str, Any]:
+def rule_record(rule: DetectionRule, blends: bool = False) -> dict[str, Any]:
     """What a results file records of the rule a run screened with: its counts, and
-    ``CHANGED_REJECTED`` only when set (records before it existed read as without it)."""
+    ``CHANGED_REJECTED`` and ``BLENDS`` only when set (records before they existed read as
+    without them)."""
     record: dict[str, Any] = {"rule": rule_counts(rule)}
     if rule.changed_includes_rejected:
         record[CHANGED_REJECTED] = True
+    if blends:
+        record[BLENDS] = True
     return record
 
 
@@ -598,7 +610,7 @@ def first_detections_section(results: dict[str, Any]) -> str:
     ]
     lines = [
         f"| {attack_policy[0]} | {attack_policy[1]} | {label} | {r['detected']} | "
-        + " / ".join(str(r["first_detections_by"][reason]) for reason in DETECTION_REASONS)
+        + " / ".join(str(r["first_detections_by"].get(reason, 0)) for reason in DETECTION_REASONS)
         + f" | {r['mean_rejected_before_detection']:g} |"
         for label, attack_policy, r in sorted(rows, key=lambda row: (row[1], row[0]))
         if "first_detections_by" in r
@@ -608,13 +620,13 @@ def first_detections_section(results: dict[str, Any]) -> str:
     return (
         "\n## How the first detections came (in process)\n\n"
         "| attack | policy | checks | runs detected | first flagged by (client's count / "
-        "everyone's / changed answer) | the guard's own rejections before the first flag (mean "
-        "per run) |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+        "everyone's / changed answer / blend) | the guard's own rejections before the first "
+        "flag (mean per run) |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
     )
 
 
 # what pooled checks must share: they measured the same thing on other images
-POOLED_ALIKE = ("rule", "close_radius", "bundle_manifest_sha256", CHANGED_REJECTED)
+POOLED_ALIKE = ("rule", "close_radius", "bundle_manifest_sha256", CHANGED_REJECTED, BLENDS)
 
 
 def _recorded_alike(
@@ -794,6 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --in-process: the changed answer also counts a query the guard rejects, by "
         "its model class (ADVGUARD_STATEFUL_CHANGED_REJECTED; an experiment, off by default)",
     )
+    parser.add_argument(
+        "--blends",
+        action="store_true",
+        help="with --in-process: the blend test on (ADVGUARD_STATEFUL_BLENDS)",
+    )
     parser.add_argument("--policy", choices=("refuse", "silent"), help="required to run checks")
     parser.add_argument(
         "--attacks",
@@ -878,6 +895,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--sybil-ids: a positive count, with --in-process")
     if args.changed_rejected and not args.in_process:
         parser.error("--changed-rejected: with --in-process (over HTTP the service's settings)")
+    if args.blends and not args.in_process:
+        parser.error("--blends: with --in-process (over HTTP the service's settings)")
     if args.first_image < 0 or (args.first_image and not args.in_process):
         parser.error("--first-image: at least 0, with --in-process")
 
@@ -918,7 +937,7 @@ def check_summary(
     """One attack's recorded summary: its counts and what they were measured against."""
     summary = summarise(checks) | {"seconds": round(seconds, 1)}
     if args.in_process:  # over HTTP the rule is the running service's settings
-        summary |= rule_record(checked_rule(args.changed_rejected))
+        summary |= rule_record(checked_rule(args.changed_rejected), args.blends)
         # the close-copy radius of the scheme ScreenedOracle screens with (0: none)
         summary["close_radius"] = default_scheme(EVALUATION_SECRET).close_radius or 0
     # which bundle judged the queries: its manifest lists every file's sha256
@@ -948,7 +967,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets = load_targets(parser, args)
     oracle_for = (
         in_process_oracles(
-            targets.guard, args.policy, args.sybil_ids, checked_rule(args.changed_rejected)
+            targets.guard,
+            args.policy,
+            args.sybil_ids,
+            checked_rule(args.changed_rejected),
+            args.blends,
         )
         if args.in_process
         else http_oracles(args.url, redis.Redis.from_url(args.redis_url), targets.guard)

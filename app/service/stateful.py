@@ -53,17 +53,28 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from app.core.flagging import FlagPolicy
 from app.core.guard import Verdict
+from app.core.stateful.blends import (
+    BlendEntry,
+    BlendFound,
+    BlendMemory,
+    BlendRule,
+    InProcessBlendMemory,
+    RecentSketches,
+    sketches,
+)
 from app.core.stateful.defaults import default_scheme
 from app.core.stateful.match_rule import Answer, DetectionReason, DetectionRule, MatchEvidence
 from app.core.stateful.schemes import WindowHashScheme
 from app.core.stateful.store import FingerprintStore, InProcessFingerprintStore, StoreQuery
 from app.service.batcher import Screen
+from app.service.blend_memory import RedisBlendMemory
 from app.service.fingerprints import Found, RedisFingerprintStore
-from app.service.hashing import FingerprintHasher, is_large
+from app.service.hashing import FingerprintHasher, cpu_float, is_large
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
 from app.service.redis_connection import REDIS_ERRORS
 from app.service.settings import FingerprintDevice, Settings, StatefulPolicy
@@ -156,8 +167,10 @@ class StatefulDetector:
         retry_interval_s: float = 0.5,
         fingerprint_processes: int = 0,
         fingerprint_device: torch.device | None = None,
+        blends: BlendMemory | None = None,
     ) -> None:
         self.scheme = scheme
+        self.blends = blends  # the blend test's memory (None: the test is off)
         # large uploads are hashed on a GPU or worker processes (bit-identical; app.service.hashing)
         self.hasher = FingerprintHasher(scheme, fingerprint_processes, fingerprint_device)
         self.rule = rule
@@ -251,12 +264,23 @@ class StatefulDetector:
         reasons: list[DetectionReason | None] = [None] * len(batch)
         available = self.available()
         judged = [i for i, query in enumerate(looked_up) if available and not query.failed]
+        blends = self._recall_blends(batch, judged) if judged else None
+        if blends is None and self.blends is not None:
+            judged = []  # the blend memory failed: the batch is answered unscreened
+        added: dict[str, list[BlendEntry]] = {}
         matching = time.perf_counter()
         turn = iter(judged)
 
         def decide(query: StoreQuery, evidence: MatchEvidence) -> Answer | None:
             i = next(turn)
-            judged = self._judge(query, evidence)
+            if blends is None:
+                judged = self._judge(query, evidence)
+            else:
+                recent, query_sketch = blends[0][query.client_id], blends[1][i]
+                judged = self._judge(query, evidence, recent.find(query_sketch))
+                entry = BlendEntry(query_sketch, query.digest, judged.kept or query.answer)
+                if recent.add(entry):
+                    added.setdefault(query.client_id, []).append(entry)
             served[i], outcomes[i], reasons[i] = judged.served, judged.outcome, judged.reason
             return judged.kept
 
@@ -268,6 +292,8 @@ class StatefulDetector:
                 self.store.check_and_store_many(queries, decide, found)
             elif queries:
                 self.store.check_and_store_many(queries, decide)
+            if added and self.blends is not None:
+                self.blends.keep(added, time.time())
         except REDIS_ERRORS:
             self.failed()  # the queries not judged yet are answered as usual
         finally:
@@ -296,13 +322,39 @@ class StatefulDetector:
         if self.metrics is not None:
             self.metrics.spent_screening(part, seconds)
 
-    def _judge(self, query: StoreQuery, evidence: MatchEvidence) -> Judged:
+    def _recall_blends(
+        self, batch: Sequence[Pending], judged: Sequence[int]
+    ) -> tuple[dict[str, RecentSketches], dict[int, npt.NDArray[np.float16]]] | None:
+        """With the blend test on: the judged queries' clients' recent queries, and each judged
+        query's sketch by its index in ``batch``; None when the test is off or its memory
+        failed (Redis down: fails open like the store)."""
+        if self.blends is None:
+            return None
+        started = time.perf_counter()
+        try:
+            recents = self.blends.recall(batch[i].client_id for i in judged)
+        except REDIS_ERRORS:
+            self.failed()
+            return None
+        finally:
+            self.spent("match", time.perf_counter() - started)
+        pixels = torch.stack(list(cpu_float([batch[i].pixels for i in judged])))
+        return recents, dict(zip(judged, sketches(pixels, 255.0), strict=True))
+
+    def _judge(
+        self, query: StoreQuery, evidence: MatchEvidence, blend: BlendFound | None = None
+    ) -> Judged:
         """The query's judgement; flags a detected client. An undetected near-duplicate that
         would show a class its anchor did not (``DetectionRule.keeps_anchor``) is served and
-        kept with its anchor's answer under ``refuse`` and ``silent``: ``consistent``."""
+        kept with its anchor's answer under ``refuse`` and ``silent``: ``consistent``. A query
+        the counts do not detect but the blend test finds (``blend``) is detected, its anchor
+        the answer kept with its line's older end."""
         answer = query.answer
         assert answer is not None  # the service always stores the answer it serves
         reason = self.rule.reason(evidence, answer)
+        anchor = evidence.anchor
+        if reason is None and blend is not None:
+            reason, anchor = "blend", blend.anchor
         if reason is None:
             anchor = evidence.consistency_basis().anchor
             if (
@@ -317,7 +369,6 @@ class StatefulDetector:
             self.metrics.clients_flagged.inc()
         if self.policy == "refuse":
             return Judged(None, None, "detected", reason)
-        anchor = evidence.anchor
         if self.policy == "flag" or anchor is None or anchor == answer:
             return Judged(answer, None, "detected", reason)
         return Judged(anchor, anchor, "detected", reason)
@@ -330,6 +381,8 @@ class StatefulDetector:
         self.hasher.close()
         if isinstance(self.store, RedisFingerprintStore):
             self.store.close()
+        if isinstance(self.blends, RedisBlendMemory):
+            self.blends.close()
 
 
 class ScreeningWorker:
@@ -536,6 +589,26 @@ def settings_store(settings: Settings, scheme: WindowHashScheme) -> FingerprintS
     )
 
 
+def settings_blends(settings: Settings) -> BlendMemory | None:
+    """The blend test's memory when the settings turn the test on: in Redis beside the store
+    when a URL is set, else in process; each client's queries live as long as everyone's."""
+    if not settings.stateful_blends:
+        return None
+    rule = BlendRule()
+    if settings.redis_url:
+        return RedisBlendMemory(
+            settings.redis_url,
+            rule,
+            prefix=settings.redis_prefix,
+            ttl_s=settings.stateful_ttl_s,
+            timeout_s=settings.redis_timeout_s,
+            cluster=settings.redis_cluster,
+        )
+    return InProcessBlendMemory(
+        rule, max_clients=settings.stateful_blend_clients, ttl_s=settings.stateful_ttl_s
+    )
+
+
 def build_stateful(
     settings: Settings,
     metrics: Metrics,
@@ -562,6 +635,7 @@ def build_stateful(
         retry_interval_s=settings.redis_retry_interval_s,
         fingerprint_processes=settings.stateful_fingerprint_processes,
         fingerprint_device=hashing_device(settings.stateful_fingerprint_device, model_device),
+        blends=settings_blends(settings),
     )
     if is_large(image_values):
         detector.hasher.start()

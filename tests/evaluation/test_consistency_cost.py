@@ -58,6 +58,7 @@ def test_a_class_changing_copy_is_served_its_anchors_class_and_counted(
             "client_matches": 0,
             "global_matches": 0,
             "changed_answer": 0,
+            "blend": 0,
         },
         "clients_flagged_at_circulating": 0,
     }
@@ -105,12 +106,17 @@ def test_the_report_states_the_ship_rule_and_each_kind() -> None:
         in text
     )
     assert "a ring of the last 50,000" in report(summary | {"max_fingerprints": 50_000})
-    assert "counting rejections" not in text
+    assert "counting rejections" not in text and "the blend test," not in text
+    assert "(client, global, changed, consistent), the blend test, " in report(
+        summary | {"blends": True}
+    )
     counting = report(summary | {"changed_includes_rejected": True})
     assert "(client, global, changed, consistent), the changed answer counting rejections" in (
         counting
     )
-    row_text = "| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% | 0 / 1 / 0 |"
+    row_text = (
+        "| 200 | 3 | 1.50% | 0 | 2 of 10 | 5.00-50.00% | 1 of 10 | 1.00-40.00% | 0 / 1 / 0 / 0 |"
+    )
     assert text.count(row_text) == 8
 
 
@@ -138,6 +144,7 @@ def test_a_client_is_flagged_by_everyones_copies_unless_the_ring_has_let_them_go
         "client_matches": 0,
         "global_matches": 1,
         "changed_answer": 0,
+        "blend": 0,
     }
     assert plain["clients_flagged_at_circulating"] == 1
     ring = serve_through_detector(guard, traffic, answers, DEFAULT_RULE, max_fingerprints=2)

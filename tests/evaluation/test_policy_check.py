@@ -523,6 +523,7 @@ def test_how_the_first_detections_came_is_summed_and_pooled(tmp_path: Path) -> N
         "client_matches": 1,
         "global_matches": 0,
         "changed_answer": 1,
+        "blend": 0,
     }
     assert first["mean_rejected_before_detection"] == 2.5
     alike = {"rule": [5, 5, 2, 1], "close_radius": 9, "bundle_manifest_sha256": "ab12"}
@@ -537,9 +538,9 @@ def test_how_the_first_detections_came_is_summed_and_pooled(tmp_path: Path) -> N
     assert pooled["mean_rejected_before_detection"] == 3.0  # of 4, 1, 2 and 5
     text = (tmp_path / "policy_check.md").read_text()
     assert "## How the first detections came (in process)" in text
-    assert "| hopskipjump | refuse | in process | 2 | 1 / 0 / 1 | 2.5 |" in text
+    assert "| hopskipjump | refuse | in process | 2 | 1 / 0 / 1 / 0 | 2.5 |" in text
     assert (
-        "| hopskipjump | refuse | in process; in process, from image 2 | 4 | 3 / 0 / 1 | 3 |"
+        "| hopskipjump | refuse | in process; in process, from image 2 | 4 | 3 / 0 / 1 / 0 | 3 |"
         in text
     )
 
@@ -553,6 +554,7 @@ def test_how_the_first_detections_came_is_summed_and_pooled(tmp_path: Path) -> N
             ("hopskipjump/refuse/in_process_from2", {"changed_includes_rejected": True}),
             "changed_includes_rejected",
         ),
+        (("hopskipjump/refuse/in_process_from2", {"blends": True}), "blends"),
         (("hopskipjump/refuse/in_process_from2", {"bundle_manifest_sha256": "cd34"}), "bundle"),
         (("boundary/refuse/in_process_from2", {}), "attack and policy"),
         (("hopskipjump/silent/in_process_from2", {}), "attack and policy"),

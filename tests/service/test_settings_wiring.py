@@ -55,6 +55,8 @@ WIRED: dict[str, Any] = {
     "stateful_changed_matches": 4,
     "stateful_consistent_matches": 2,
     "stateful_changed_rejected": True,
+    "stateful_blends": True,
+    "stateful_blend_clients": 888,
     "stateful_close_radius": 6,
     "tracker_max_clients": 999,
     "linger_max_bytes": 4096,
@@ -93,6 +95,12 @@ def store(client: TestClient) -> Any:
     return detector.store
 
 
+def blends(client: TestClient) -> Any:
+    detector = service_of(client).stateful
+    assert detector is not None
+    return detector.blends
+
+
 def rule(client: TestClient) -> Any:
     detector = service_of(client).stateful
     assert detector is not None
@@ -127,6 +135,8 @@ BOTH: dict[str, Getter] = {
     "stateful_changed_matches": lambda c: rule(c).changed_matches,
     "stateful_consistent_matches": lambda c: rule(c).consistent_matches,
     "stateful_changed_rejected": lambda c: rule(c).changed_includes_rejected,
+    "stateful_blends": lambda c: blends(c) is not None,
+    "stateful_ttl_s/blend_memory": lambda c: blends(c).ttl_s,
     "stateful_close_radius": lambda c: store(c).scheme.close_radius,
     "linger_max_bytes": lambda c: middleware(c, LingeringClose).max_bytes,
     "linger_max_s": lambda c: middleware(c, LingeringClose).max_s,
@@ -135,12 +145,14 @@ BOTH: dict[str, Getter] = {
 }
 IN_PROCESS_ONLY: dict[str, Getter] = {
     "stateful_max_clients": lambda c: store(c).max_clients,
+    "stateful_blend_clients": lambda c: blends(c).max_clients,
     "tracker_max_clients": lambda c: tracker(c).max_clients,
 }
 REDIS_GETTERS: dict[str, Getter] = {
     "tracker_buffer_size": lambda c: tracker(c)._buffer.maxlen,  # the replay buffer's bound
     "redis_timeout_s": lambda c: socket_timeouts(tracker(c)._redis),
     "redis_timeout_s/fingerprint_store": lambda c: socket_timeouts(store(c).redis),
+    "redis_timeout_s/blend_memory": lambda c: socket_timeouts(blends(c).redis),
 }
 CASES = [
     *[("memory", name) for name in [*BOTH, *IN_PROCESS_ONLY]],
@@ -179,7 +191,7 @@ def test_the_wired_values_are_none_of_the_defaults_and_pairwise_distinct() -> No
     values = {**WIRED, **REDIS_ONLY}
     for name, value in values.items():
         assert value != Settings.model_fields[name].default, name
-    numbers = [v for v in values.values() if isinstance(v, int | float)]
+    numbers = [v for v in values.values() if isinstance(v, int | float) and not isinstance(v, bool)]
     assert len(set(numbers)) == len(numbers)
     assert float(RETENTION) != MANIFEST["operating_retention"]
 

@@ -20,17 +20,23 @@ The test, for a query ``q`` and two earlier queries ``a`` and ``b`` (as ``sketch
   (root mean square). A rounded blend is within 0.5 of its exact point in every pixel, so it is
   within 0.5 of the line: the default is that bound, not a fitted number.
 
-The sketch is the 8-bit image area-averaged to ``SKETCH_SIDE`` x ``SKETCH_SIDE`` per channel: a
-linear map, so blends stay blends and the rounding bound holds (an average of errors within
-0.5 is within 0.5); its values are multiples of 1/4 on CIFAR-10 and exact in float16 there.
+The sketch is the image average-pooled to ``SKETCH_SIDE`` x ``SKETCH_SIDE`` per channel: a linear
+map, so blends stay blends and the rounding bound holds (an average of errors within 0.5 is
+within 0.5); its values are multiples of 1/4 on CIFAR-10 and exact in float16 there.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+import torch
+
+from app.core.stateful.match_rule import Answer
 
 SKETCH_SIDE = 16
 
@@ -62,24 +68,24 @@ class BlendMatch:
     residual: float
 
 
-def sketch(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float16]:
-    """(C, H, W) 8-bit pixels -> the flat float16 sketch the test reads: each channel
-    area-averaged to ``SKETCH_SIDE`` squared cells (bands of rows and columns as equal as the
-    size allows; an image smaller than the side keeps its own size)."""
-    height, width = pixels.shape[1:]
-    rows = _bands(height)
-    columns = _bands(width)
-    values = pixels.astype(np.float64)
-    summed = np.add.reduceat(np.add.reduceat(values, rows[:-1], axis=1), columns[:-1], axis=2)
-    counts = np.outer(np.diff(rows), np.diff(columns))
-    flat: npt.NDArray[np.float16] = (summed / counts).reshape(-1).astype(np.float16)
+def sketches(values: torch.Tensor, scale: float = 1.0) -> npt.NDArray[np.float16]:
+    """(n, C, H, W) images -> (n, D) float16 sketches in grey levels: each channel average-pooled
+    to ``SKETCH_SIDE`` squared cells (torch's adaptive average pooling; a side shorter than
+    ``SKETCH_SIDE`` keeps its own size), times ``scale`` (255 for the service's [0, 1] pixels,
+    1 for 8-bit values). Pooling first, on the tensor the service already holds, keeps it cheap
+    (ad hoc, one thread: ~12 us an image at 32 x 32)."""
+    height, width = values.shape[2:]
+    cells = (min(height, SKETCH_SIDE), min(width, SKETCH_SIDE))
+    with torch.no_grad():
+        pooled = torch.nn.functional.adaptive_avg_pool2d(values.float(), cells) * scale
+    flat: npt.NDArray[np.float16] = pooled.reshape(len(values), -1).numpy().astype(np.float16)
     return flat
 
 
-def _bands(size: int) -> npt.NDArray[np.intp]:
-    """Edges of ``min(size, SKETCH_SIDE)`` bands splitting ``size`` as evenly as possible."""
-    count = min(size, SKETCH_SIDE)
-    return np.round(np.linspace(0, size, count + 1)).astype(np.intp)
+def sketch(image: npt.NDArray[np.uint8]) -> npt.NDArray[np.float16]:
+    """One (C, H, W) 8-bit image's sketch (``sketches``)."""
+    one: npt.NDArray[np.float16] = sketches(torch.from_numpy(image[None]))[0]
+    return one
 
 
 def find_blend(
@@ -87,72 +93,162 @@ def find_blend(
 ) -> BlendMatch | None:
     """The pair of ``recent`` sketches (m, D) whose line passes closest to ``query``'s (D,),
     among the pairs the rule admits, when within ``rule.max_residual``; else None. Every
-    quantity comes from one Gram matrix, so the m^2 pairs cost one (m+1) x D product."""
-    if len(recent) < 2:
+    quantity comes from one Gram matrix, so the m^2 pairs (rows: the line's first point ``a``,
+    columns: its second ``b``) cost one (m+1) x D product and a few m x m array operations."""
+    m = len(recent)
+    if m < 2:
         return None
     points = np.vstack([recent, query[None]]).astype(np.float64)
     dims = points.shape[1]
     gram = points @ points.T
     sums = points.sum(axis=1)
-    q = len(recent)
-    a, b = np.meshgrid(np.arange(q), np.arange(q), indexing="ij")
-    squared = np.diag(gram)
-    # squared distances: query to each, and between the pair's ends
-    to_query = squared[q] - 2 * gram[q, :q] + squared[:q]
-    span = squared[b] - 2 * gram[a, b] + squared[a]
+    norms = gram.diagonal()[:m]  # |a|^2
+    with_query = gram[m, :m]  # q . a
+    pairs = gram[:m, :m]  # a . b
+    to_query = gram[m, m] - 2 * with_query + norms  # |q - a|^2
+    span = norms[None, :] - 2 * pairs + norms[:, None]  # |b - a|^2
     floor = rule.min_separation**2 * dims
-    admitted = (a != b) & (to_query[a] >= floor) & (to_query[b] >= floor) & (span >= floor)
-    admitted &= _novelty_squared(gram, sums, dims, a, b, span) >= rule.min_novelty**2
+    near = to_query >= floor
+    admitted = near[:, None] & near[None, :] & (span >= floor)
     if not admitted.any():
         return None
-    along = gram[q, b] - gram[q, a] - gram[a, b] + squared[a]  # (q - a) . (b - a)
-    residual_sq = to_query[a] - along**2 / np.where(span > 0, span, 1.0)
-    residual_sq = np.where(admitted, np.maximum(residual_sq, 0.0), np.inf)
-    best = np.unravel_index(int(np.argmin(residual_sq)), residual_sq.shape)
-    residual = float(np.sqrt(residual_sq[best] / dims))
-    if residual > rule.max_residual:
+    along = with_query[None, :] - with_query[:, None] - pairs + norms[:, None]  # (q-a).(b-a)
+    safe_span = np.where(span > 0, span, 1.0)
+    residual_sq = to_query[:, None] - along**2 / safe_span
+    # the novelty test last, on the few pairs close enough: most queries stop before it
+    candidates = admitted & (residual_sq <= rule.max_residual**2 * dims)
+    if not candidates.any():
         return None
+    candidates &= _novelty_squared(pairs, norms, sums[:m], dims, span, safe_span) >= (
+        rule.min_novelty**2
+    )
+    if not candidates.any():
+        return None
+    residual_sq = np.where(candidates, residual_sq, np.inf)
+    best = np.unravel_index(int(np.argmin(residual_sq)), residual_sq.shape)
+    residual = float(np.sqrt(max(float(residual_sq[best]), 0.0) / dims))
     return BlendMatch(int(best[0]), int(best[1]), residual)
 
 
 def _novelty_squared(
-    gram: npt.NDArray[np.float64],
+    pairs: npt.NDArray[np.float64],
+    norms: npt.NDArray[np.float64],
     sums: npt.NDArray[np.float64],
     dims: int,
-    a: npt.NDArray[np.intp],
-    b: npt.NDArray[np.intp],
     span: npt.NDArray[np.float64],
+    safe_span: npt.NDArray[np.float64],
 ) -> npt.NDArray[np.float64]:
-    """Per pair, the share of ``|b - a|^2`` outside ``span{a, 1}`` (1 where ``a`` is constant
-    or the pair coincides): what a brightness or contrast change of ``a`` lacks."""
-    aa = gram[a, a]
-    a_one = sums[a]
-    a_diff = gram[a, b] - aa  # a . (b - a)
-    one_diff = sums[b] - sums[a]  # 1 . (b - a)
+    """Per pair (a row, b column), the share of ``|b - a|^2`` outside ``span{a, 1}`` (1 where
+    the pair coincides): what a brightness or contrast change of ``a`` lacks. The projection's
+    squared norm comes from the 2 x 2 normal equations of ``[a, 1]``; a constant ``a`` spans
+    the constants only."""
+    aa = norms[:, None]
+    a_one = sums[:, None]
+    a_diff = pairs - aa  # a . (b - a)
+    one_diff = sums[None, :] - a_one  # 1 . (b - a)
     det = aa * dims - a_one**2
-    safe = np.where(det > 1e-9 * np.maximum(aa * dims, 1.0), det, np.inf)
-    # the projection's squared norm, from the 2 x 2 normal equations of [a, 1]
-    inside = (a_diff**2 * dims - 2 * a_diff * one_diff * a_one + one_diff**2 * aa) / safe
-    inside = np.where(np.isfinite(safe), inside, one_diff**2 / dims)
-    return np.where(span > 0, 1.0 - inside / np.where(span > 0, span, 1.0), 1.0)
+    constant = det <= 1e-9 * np.maximum(aa * dims, 1.0)
+    inside = np.where(
+        constant,
+        one_diff**2 / dims,
+        (a_diff**2 * dims - 2 * a_diff * one_diff * a_one + one_diff**2 * aa)
+        / np.where(constant, 1.0, det),
+    )
+    novelty: npt.NDArray[np.float64] = np.where(span > 0, 1.0 - inside / safe_span, 1.0)
+    return novelty
+
+
+@dataclass(frozen=True)
+class BlendEntry:
+    """One kept query: its sketch, its pixel digest (copies are kept once) and the answer it
+    was served (under ``silent`` a detected blend is served the answer of its line's older
+    end, which the attacker already holds)."""
+
+    sketch: npt.NDArray[np.float16]
+    digest: bytes
+    answer: Answer | None = None
+
+
+@dataclass(frozen=True)
+class BlendFound:
+    """A query found to be a blend, and the answer kept with the older end of its line."""
+
+    match: BlendMatch
+    anchor: Answer | None
 
 
 class RecentSketches:
-    """One client's recent distinct queries, as the blend test reads them: the last
-    ``rule.window`` distinct ones (an exact copy of an earlier query is tested but not kept
-    twice, so that resends do not push the originals out)."""
+    """One client's recent distinct queries, oldest first, as the blend test reads them: the
+    last ``rule.window`` distinct ones (a copy of a kept query is tested but not kept twice, so
+    that resends do not push the originals out)."""
 
-    def __init__(self, rule: BlendRule) -> None:
+    def __init__(self, rule: BlendRule, entries: Sequence[BlendEntry] = ()) -> None:
         self.rule = rule
-        self._sketches: list[npt.NDArray[np.float16]] = []
-        self._digests: list[bytes] = []
+        self.entries: list[BlendEntry] = list(entries)[-rule.window :]
+
+    def find(self, query: npt.NDArray[np.float16]) -> BlendFound | None:
+        """Whether ``query`` is a blend of two kept queries (``find_blend``)."""
+        if len(self.entries) < 2:
+            return None
+        match = find_blend(np.stack([e.sketch for e in self.entries]), query, self.rule)
+        if match is None:
+            return None
+        return BlendFound(match, self.entries[min(match.first, match.second)].answer)
+
+    def add(self, entry: BlendEntry) -> bool:
+        """Keep ``entry`` unless a copy of a kept one; whether it was kept."""
+        if any(kept.digest == entry.digest for kept in self.entries):
+            return False
+        self.entries = [*self.entries, entry][-self.rule.window :]
+        return True
 
     def check_and_add(self, query: npt.NDArray[np.float16], digest: bytes) -> BlendMatch | None:
-        """Whether ``query`` is a blend of two kept queries; then keep it (unless a copy)."""
-        match = None
-        if len(self._sketches) >= 2:
-            match = find_blend(np.stack(self._sketches), query, self.rule)
-        if digest not in self._digests:
-            self._sketches = [*self._sketches, query][-self.rule.window :]
-            self._digests = [*self._digests, digest][-self.rule.window :]
-        return match
+        """``find``, then ``add`` (without an answer): the evaluation's walk over a sequence."""
+        found = self.find(query)
+        self.add(BlendEntry(query, digest))
+        return None if found is None else found.match
+
+
+class BlendMemory(Protocol):
+    """Clients' recent queries for the blend test, in process or in Redis
+    (``app.service.blend_memory``): ``recall`` gives copies to read and add to, ``keep``
+    makes the additions last. Bounded by the number of clients and a time to live."""
+
+    blocks: bool  # a call may wait on the network
+
+    def recall(self, client_ids: Iterable[str]) -> dict[str, RecentSketches]: ...
+
+    def keep(self, added: Mapping[str, Sequence[BlendEntry]], at: float) -> None: ...
+
+
+class InProcessBlendMemory:
+    """The no-Redis memory: at most ``max_clients`` clients' recent queries, the least recently
+    active dropped first, and a client silent for ``ttl_s`` forgotten (swept on each ``keep``)."""
+
+    def __init__(self, rule: BlendRule, *, max_clients: int = 4096, ttl_s: float = 3600.0) -> None:
+        if max_clients < 1 or ttl_s <= 0:
+            raise ValueError("blend memory bounds must be positive")
+        self.blocks = False
+        self.rule = rule
+        self.max_clients = max_clients
+        self.ttl_s = ttl_s
+        self._clients: OrderedDict[str, tuple[list[BlendEntry], float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def recall(self, client_ids: Iterable[str]) -> dict[str, RecentSketches]:
+        return {
+            client: RecentSketches(self.rule, self._clients.get(client, ([], 0.0))[0])
+            for client in client_ids
+        }
+
+    def keep(self, added: Mapping[str, Sequence[BlendEntry]], at: float) -> None:
+        for client, entries in added.items():
+            kept = self._clients.pop(client, ([], 0.0))[0]
+            self._clients[client] = ([*kept, *entries][-self.rule.window :], at)
+        while self._clients:
+            oldest, (_, last) = next(iter(self._clients.items()))
+            if len(self._clients) <= self.max_clients and at - last < self.ttl_s:
+                break
+            del self._clients[oldest]

@@ -219,7 +219,7 @@ def shows_another_class(anchor: Answer | None, answer: Answer | None) -> bool:
     )
 
 
-DetectionReason = Literal["client_matches", "global_matches", "changed_answer"]
+DetectionReason = Literal["client_matches", "global_matches", "changed_answer", "blend"]
 DETECTION_REASONS: tuple[DetectionReason, ...] = get_args(DetectionReason)
 
 

@@ -9,11 +9,14 @@ import pytest
 
 from app.core.stateful.blends import (
     SKETCH_SIDE,
+    BlendEntry,
     BlendRule,
+    InProcessBlendMemory,
     RecentSketches,
     find_blend,
     sketch,
 )
+from app.core.stateful.match_rule import Answer
 
 RULE = BlendRule()
 
@@ -150,3 +153,30 @@ def test_recent_sketches_keep_the_last_distinct_queries_and_flag_a_blend() -> No
 def test_an_invalid_rule_is_refused(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         BlendRule(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_found_blend_carries_the_answer_of_its_lines_older_end() -> None:
+    rng = np.random.default_rng(4)
+    x, s = rng.integers(0, 256, size=(2, 3, 32, 32))
+    recent = RecentSketches(BlendRule())
+    recent.add(BlendEntry(sketch(x), b"x", Answer("accepted", 1, 0.9, 0.0)))
+    recent.add(BlendEntry(sketch(s), b"s", Answer("accepted", 2, 0.8, 0.0)))
+    found = recent.find(sketch(np.round(0.5 * x + 0.5 * s)))
+    assert found is not None and found.anchor == Answer("accepted", 1, 0.9, 0.0)
+    assert not recent.add(BlendEntry(sketch(x), b"x"))  # a copy is not kept twice
+
+
+def test_the_in_process_memory_is_bounded_by_clients_and_time() -> None:
+    rule = BlendRule(window=2)
+    memory = InProcessBlendMemory(rule, max_clients=2, ttl_s=10.0)
+    entry = BlendEntry(np.zeros(3, np.float16), b"e")
+    memory.keep({"a": [entry]}, 0.0)
+    memory.keep({"b": [entry]}, 1.0)
+    memory.keep({"a": [BlendEntry(np.ones(3, np.float16), b"f")] * 2}, 2.0)
+    memory.keep({"c": [entry]}, 3.0)  # the least recently active, b, makes room
+    assert len(memory) == 2 and memory.recall(["b"])["b"].entries == []
+    assert [e.digest for e in memory.recall(["a"])["a"].entries] == [b"f", b"f"]  # the window
+    memory.keep({"c": [entry]}, 12.5)  # a, silent for 10.5 s, is forgotten
+    assert len(memory) == 1 and memory.recall(["a"])["a"].entries == []
+    with pytest.raises(ValueError):
+        InProcessBlendMemory(rule, max_clients=0)

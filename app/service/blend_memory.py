@@ -1,0 +1,120 @@
+"""The blend test's memory in Redis: each client's last distinct queries (sketch, pixel digest,
+served answer) in one list, ``{prefix}:blends:{<client>}``, so that every replica of the
+service sees the same client's queries and a Redis Cluster keeps each list in its client's
+slot (one key per command, no script).
+
+``recall`` reads the clients' lists in one pipeline; ``keep`` appends a batch's new entries,
+trims each list to the rule's window and renews its time to live, in one pipeline (no
+transaction: a cluster pipeline spans slots, and an interleaved append only reorders). Two
+replicas screening the same client at once may each miss the other's latest query: the test
+then sees it one query later. Per client the list holds at most ``window`` entries of 35
+bytes plus the sketch (1,536 bytes at 3 x 16 x 16): ~12.5 KB at the default window of 8, for
+a client active within the time to live.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from app.core.stateful.blends import BlendEntry, BlendRule, RecentSketches
+from app.core.stateful.match_rule import Answer
+from app.service.fingerprints import DECISIONS
+from app.service.redis_connection import RedisClient, connect, hash_tag
+
+_HEAD = struct.Struct("<16sBhdd")  # digest, decision (0: none), class, probability, score
+
+
+def entry_bytes(entry: BlendEntry) -> bytes:
+    """One entry as its list element: the head, then the float16 sketch."""
+    answer = entry.answer
+    head = (
+        _HEAD.pack(entry.digest.ljust(16, b"\0")[:16], 0, 0, 0.0, 0.0)
+        if answer is None
+        else _HEAD.pack(
+            entry.digest.ljust(16, b"\0")[:16],
+            DECISIONS.index(answer.decision),
+            answer.class_index,
+            answer.probability,
+            answer.score,
+        )
+    )
+    return head + entry.sketch.astype("<f2").tobytes()
+
+
+def entry_of(raw: bytes) -> BlendEntry:
+    """``entry_bytes`` read back."""
+    digest, decision, class_index, probability, score = _HEAD.unpack_from(raw)
+    answer = None if decision == 0 else Answer(DECISIONS[decision], class_index, probability, score)
+    sketch = np.frombuffer(raw[_HEAD.size :], dtype="<f2").astype(np.float16)
+    return BlendEntry(sketch, digest, answer)
+
+
+class RedisBlendMemory:
+    """``BlendMemory`` in Redis (or a Redis Cluster): lists bounded by the window, each expiring
+    ``ttl_s`` after its client's last kept query."""
+
+    def __init__(
+        self,
+        url: str,
+        rule: BlendRule,
+        *,
+        prefix: str = "advguard",
+        ttl_s: float = 3600.0,
+        timeout_s: float = 0.2,
+        cluster: bool = False,
+    ) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
+        if ttl_s <= 0:
+            raise ValueError("the blend memory's time to live must be positive")
+        self.blocks = True
+        self.rule = rule
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._url = url
+        self._cluster = cluster
+        self._timeout_s = timeout_s
+        self._client: RedisClient | None = None
+
+    def key(self, client_id: str) -> str:
+        return f"{self.prefix}:blends:{{{hash_tag(client_id)}}}"
+
+    @property
+    def redis(self) -> RedisClient:
+        if self._client is None:
+            self._client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
+        return self._client
+
+    def recall(self, client_ids: Iterable[str]) -> dict[str, RecentSketches]:
+        clients = list(dict.fromkeys(client_ids))
+        pipe: Any = self.redis.pipeline(transaction=False)
+        for client in clients:
+            pipe.lrange(self.key(client), -self.rule.window, -1)
+        lists = pipe.execute()
+        return {
+            client: RecentSketches(self.rule, [entry_of(raw) for raw in raw_list])
+            for client, raw_list in zip(clients, lists, strict=True)
+        }
+
+    def keep(self, added: Mapping[str, Sequence[BlendEntry]], at: float) -> None:
+        if not any(added.values()):
+            return
+        pipe: Any = self.redis.pipeline(transaction=False)
+        ttl_ms = max(1, round(self.ttl_s * 1000))
+        for client, entries in added.items():
+            if not entries:
+                continue
+            key = self.key(client)
+            pipe.rpush(key, *[entry_bytes(entry) for entry in entries])
+            pipe.ltrim(key, -self.rule.window, -1)
+            pipe.pexpire(key, ttl_ms)
+        pipe.execute()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
