@@ -74,7 +74,7 @@ from app.core.stateful.store import FingerprintStore, InProcessFingerprintStore,
 from app.service.batcher import Screen
 from app.service.blend_memory import RedisBlendMemory
 from app.service.fingerprints import Found, RedisFingerprintStore
-from app.service.hashing import FingerprintHasher, cpu_float, is_large
+from app.service.hashing import FingerprintHasher, is_large, stacked_on
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
 from app.service.redis_connection import REDIS_ERRORS
 from app.service.settings import FingerprintDevice, Settings, StatefulPolicy
@@ -338,7 +338,9 @@ class StatefulDetector:
             return None
         finally:
             self.spent("match", time.perf_counter() - started)
-        pixels = torch.stack(list(cpu_float([batch[i].pixels for i in judged])))
+        # pooled where the pixels lie (a GPU batch's rows: only the sketches come back)
+        rows = [batch[i].pixels for i in judged]
+        pixels = stacked_on(rows, rows[0].device)
         return recents, dict(zip(judged, sketches(pixels, 255.0), strict=True))
 
     def _judge(

@@ -32,5 +32,7 @@ The package, in the order its modules build on one another:
 - ``index`` and ``bucket_index``: the buckets a query is filed under, and the table that holds
   them in process;
 - ``store``: the store protocol (``FingerprintStore``) and the bounded in-process store;
+- ``blends``: the blend test (a query on the line through two of its client's recent queries:
+  a decision-based attack's binary search), its sketch, and its bounded in-process memory;
 - ``defaults``: the measured default scheme and rule.
 """

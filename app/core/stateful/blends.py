@@ -72,13 +72,13 @@ def sketches(values: torch.Tensor, scale: float = 1.0) -> npt.NDArray[np.float16
     """(n, C, H, W) images -> (n, D) float16 sketches in grey levels: each channel average-pooled
     to ``SKETCH_SIDE`` squared cells (torch's adaptive average pooling; a side shorter than
     ``SKETCH_SIDE`` keeps its own size), times ``scale`` (255 for the service's [0, 1] pixels,
-    1 for 8-bit values). Pooling first, on the tensor the service already holds, keeps it cheap
-    (ad hoc, one thread: ~12 us an image at 32 x 32)."""
+    1 for 8-bit values). Pooling first, on the tensor the service already holds and on its
+    device, keeps it cheap (ad hoc, one CPU thread: ~12 us an image at 32 x 32)."""
     height, width = values.shape[2:]
     cells = (min(height, SKETCH_SIDE), min(width, SKETCH_SIDE))
     with torch.no_grad():
         pooled = torch.nn.functional.adaptive_avg_pool2d(values.float(), cells) * scale
-    flat: npt.NDArray[np.float16] = pooled.reshape(len(values), -1).numpy().astype(np.float16)
+    flat: npt.NDArray[np.float16] = pooled.reshape(len(values), -1).cpu().numpy().astype(np.float16)
     return flat
 
 
