@@ -23,7 +23,7 @@ import numpy as np
 from app.core.stateful.blends import BlendEntry, BlendRule, RecentSketches
 from app.core.stateful.match_rule import Answer
 from app.service.fingerprints import DECISIONS
-from app.service.redis_connection import RedisClient, connect, hash_tag
+from app.service.redis_connection import RedisClient, checked_prefix, connect, hash_tag
 
 _HEAD = struct.Struct("<16sBhdd")  # digest, decision (0: none), class, probability, score
 
@@ -67,8 +67,7 @@ class RedisBlendMemory:
         timeout_s: float = 0.2,
         cluster: bool = False,
     ) -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
+        checked_prefix(prefix)
         if ttl_s <= 0:
             raise ValueError("the blend memory's time to live must be positive")
         self.blocks = True

@@ -74,7 +74,7 @@ from app.core.stateful.match_rule import (
 )
 from app.core.stateful.schemes import WindowHashScheme
 from app.core.stateful.store import Decide, Stored, StoreQuery, check_and_store_each
-from app.service.redis_connection import RedisClient, connect, hash_tag
+from app.service.redis_connection import RedisClient, checked_prefix, connect, hash_tag
 
 SWEEP_BATCH = 8  # entries deleted per query at most: more than the one a query adds
 # how far the sweep lags the live bounds (entries past the cap, seconds past the TTL): more
@@ -377,8 +377,7 @@ class RedisFingerprintStore:
         timeout_s: float = 0.2,
         cluster: bool = False,
     ) -> None:
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
+        checked_prefix(prefix)
         if min(max_fingerprints, per_client) < 1:
             raise ValueError("store bounds must be positive")
         self.blocks = True  # a round trip to Redis (up to timeout_s)

@@ -28,6 +28,14 @@ def hash_tag(client_id: str) -> str:
     return client_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
+def checked_prefix(prefix: str) -> str:
+    """A key prefix, refused with braces: a hash tag in it would pull every client's keys into
+    one cluster slot."""
+    if "{" in prefix or "}" in prefix:
+        raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
+    return prefix
+
+
 def connect(url: str, *, cluster: bool, timeout_s: float) -> RedisClient:
     """A client with short timeouts and no retries: a dead Redis must cost requests nothing.
 

@@ -24,7 +24,13 @@ from typing import Any
 from redis.commands.core import Script
 
 from app.core.flagging import FlagPolicy
-from app.service.redis_connection import REDIS_ERRORS, RedisClient, connect, hash_tag
+from app.service.redis_connection import (
+    REDIS_ERRORS,
+    RedisClient,
+    checked_prefix,
+    connect,
+    hash_tag,
+)
 from app.service.tracking import (
     SCORE_REASON,
     ClientStats,
@@ -215,8 +221,7 @@ class RedisTracker:
         cluster: bool = False,
         on_replayed_flag: Callable[[], None] = noop,
     ):
-        if "{" in prefix or "}" in prefix:
-            raise ValueError(f"the key prefix must not contain braces (hash tags): {prefix!r}")
+        checked_prefix(prefix)
         self.policy = policy
         self.blocks = True  # Redis round trips (up to timeout_s each)
         self.ttl_s = ttl_s

@@ -129,6 +129,11 @@ def _entries(rng: np.random.Generator, n: int) -> list[BlendEntry]:
     ]
 
 
+def test_a_prefix_with_a_hash_tag_is_refused() -> None:
+    with pytest.raises(ValueError, match="braces"):
+        RedisBlendMemory("redis://127.0.0.1:1/0", BlendRule(), prefix="a{b}")
+
+
 def test_an_entry_reads_back_as_written() -> None:
     for entry in _entries(np.random.default_rng(0), 3):
         back = entry_of(entry_bytes(entry))
