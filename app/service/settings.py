@@ -167,8 +167,9 @@ class Settings(BaseSettings):
     # honest burst client over the calibration budget)
     stateful_changed_rejected: bool = DEFAULT_RULE.changed_includes_rejected
     # the blend test (app.core.stateful.blends): a query on the line through two of its
-    # client's last distinct queries is detected (a decision-based attack's binary search)
-    stateful_blends: bool = False
+    # client's last distinct queries is detected (a decision-based attack's binary search);
+    # on by default since 2026-12-07 (rules cd4d957 and 3df9330: evaluation/README.md)
+    stateful_blends: bool = True
     stateful_blend_clients: int = Field(default=4096, ge=1)  # in process: clients it remembers
     # grey levels within which every block mean of a stored query must lie for it to count as a
     # close copy: a match for the consistent count only, never for a flag (Square's first probe

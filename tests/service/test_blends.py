@@ -1,6 +1,6 @@
 """The blend test in the service (``ADVGUARD_STATEFUL_BLENDS``): a decision-based attack's
 binary search (a photo, a natural start, their blends) is detected at its first blend under
-every policy, in process, in Redis and on a local 3-master Redis Cluster; off by default; a
+every policy, in process, in Redis and on a local 3-master Redis Cluster; on by default; a
 Redis that is down fails open; the Redis memory reads back what the in-process one keeps."""
 
 from __future__ import annotations
@@ -64,10 +64,15 @@ def test_silent_serves_the_older_ends_answer_and_flag_answers_as_usual(
     assert any(answer != honest[0] for answer in honest[2:])
 
 
-def test_off_by_default_and_per_client(make_client: AppFactory, search: np.ndarray) -> None:
+def test_on_by_default_off_by_its_setting_and_per_client(
+    make_client: AppFactory, search: np.ndarray
+) -> None:
     with make_client(**_settings("refuse")) as client:
+        statuses = [s for s, _ in bodies(client, search, ["mallory"] * len(search))]
+        assert statuses == [200, 200, 403, 403, 403]
+    with make_client(**_settings("refuse"), stateful_blends=False) as client:
         assert [s for s, _ in bodies(client, search, ["mallory"] * len(search))] == [200] * 5
-    with make_client(**_settings("refuse"), **BLENDS) as client:
+    with make_client(**_settings("refuse")) as client:
         # the blend's ends came from other clients: no client sent a line's three points
         ids = ["alice", "bob", "carol", "dave", "erin"]
         assert [s for s, _ in bodies(client, search, ids)] == [200] * 5
@@ -115,10 +120,10 @@ def test_the_settings_choose_the_memory(redis_server: RedisProcess) -> None:
             assert detector is not None
             return detector.blends
 
-    assert memory() is None
-    kept = memory(stateful_blends=True, stateful_blend_clients=7)
+    assert memory(stateful_blends=False) is None
+    kept = memory(stateful_blend_clients=7)
     assert isinstance(kept, InProcessBlendMemory) and kept.max_clients == 7
-    assert isinstance(memory(stateful_blends=True, redis_url=redis_server.url), RedisBlendMemory)
+    assert isinstance(memory(redis_url=redis_server.url), RedisBlendMemory)
 
 
 def _entries(rng: np.random.Generator, n: int) -> list[BlendEntry]:
