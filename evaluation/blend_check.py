@@ -179,7 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_honest_traffic_arguments(parser)
     parser.set_defaults(out=DEFAULT_OUT)
-    parser.add_argument("--attacks", nargs="+", choices=ATTACKS, default=list(ATTACKS))
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=ATTACKS,
+        default=list(ATTACKS),
+        help="attacks run through the guard alone (default: all three)",
+    )
     parser.add_argument("--images", type=at_least(1), default=100, help="attacked images")
     parser.add_argument(
         "--first-image", type=at_least(0), default=0, help="the first of the picks attacked"
