@@ -31,13 +31,13 @@ from app.core.guard import Guard
 from app.core.stateful.blends import BlendRule, RecentSketches, sketches
 from app.core.stateful.hashes import pixel_digests
 from evaluation.data import ImageSplit, load_split
-from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
+from evaluation.honest_traffic import TRAFFIC_KINDS
 from evaluation.query_attacks import candidate_pool, pick_images
 from evaluation.query_oracles import GuardOracle
 from evaluation.query_runs import ATTACKS, AttackName, run_attack
 from evaluation.simulate import wilson_interval
-from evaluation.stateful_eval import add_honest_traffic_arguments
-from evaluation.stateful_replay import Timeline, honest_timeline
+from evaluation.stateful_eval import add_honest_traffic_arguments, honest_timelines
+from evaluation.stateful_replay import Timeline
 
 DEFAULT_OUT = Path("evaluation/results/query-attacks-round13/blends")
 
@@ -223,14 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{summary['attacks'][attack]['flagged']}/{len(runs)}",
             flush=True,
         )
-    plan = TrafficPlan(clients=args.clients)
-    for name, its_split, seed in (
-        ("calibration", "train", args.seed),
-        ("judging", "test", args.seed + 1),
-    ):
-        traffic = honest_timeline(
-            guard, args.source, its_split, args.cache, args.data_cache, plan, seed
-        )
+    for name, traffic in honest_timelines(guard, args).items():
         summary["honest"][name] = honest_flags(traffic, rule)
         print(
             f"[{time.perf_counter() - started:6.1f}s] {name}: {summary['honest'][name]}", flush=True

@@ -41,7 +41,7 @@ from app.core.stateful.defaults import default_scheme
 from app.core.stateful.match_rule import DETECTION_REASONS, Answer, DetectionReason, DetectionRule
 from app.core.stateful.store import InProcessFingerprintStore
 from app.service.stateful import Pending, StatefulDetector
-from evaluation.honest_traffic import TRAFFIC_KINDS, TrafficPlan
+from evaluation.honest_traffic import TRAFFIC_KINDS
 from evaluation.policy_check import (
     BLENDS,
     CHANGED_REJECTED,
@@ -51,8 +51,12 @@ from evaluation.policy_check import (
 )
 from evaluation.query_oracles import client_view, service_pixels
 from evaluation.simulate import wilson_interval
-from evaluation.stateful_eval import add_honest_traffic_arguments, served_answers
-from evaluation.stateful_replay import EVALUATION_SECRET, Timeline, honest_timeline
+from evaluation.stateful_eval import (
+    add_honest_traffic_arguments,
+    honest_timelines,
+    served_answers,
+)
+from evaluation.stateful_replay import EVALUATION_SECRET, Timeline
 from evaluation.stateful_report import command_block
 
 BATCH = 64  # queries screened at once, in arrival order (the service's screening batch)
@@ -275,15 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     guard = Guard.load(args.bundle, device="cpu")
-    plan = TrafficPlan(clients=args.clients)
-    timelines: dict[str, Timeline] = {
-        "calibration": honest_timeline(
-            guard, args.source, "train", args.cache, args.data_cache, plan, args.seed
-        ),
-        "judging": honest_timeline(
-            guard, args.source, "test", args.cache, args.data_cache, plan, args.seed + 1
-        ),
-    }
+    timelines = honest_timelines(guard, args)
     answers = served_answers(guard, timelines["calibration"], timelines["judging"], {})
     own = {"calibration": answers.calibration, "judging": answers.judging}
     rule = checked_rule(args.changed_rejected)

@@ -329,6 +329,20 @@ def add_honest_traffic_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def honest_timelines(guard: Guard, args: argparse.Namespace) -> dict[str, Timeline]:
+    """The honest traffic ``add_honest_traffic_arguments``' options name, both splits:
+    ``calibration`` (the train photos, ``--seed``) and ``judging`` (the test photos,
+    ``--seed`` + 1), built once and cached by ``honest_timeline``."""
+    plan = TrafficPlan(clients=args.clients)
+    return {
+        name: honest_timeline(guard, args.source, split, args.cache, args.data_cache, plan, seed)
+        for name, split, seed in (
+            ("calibration", "train", args.seed),
+            ("judging", "test", args.seed + 1),
+        )
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evaluation.stateful_eval",
@@ -365,12 +379,8 @@ class ReplayInputs:
 def replay_inputs(args: argparse.Namespace, log: Callable[[str], None]) -> ReplayInputs:
     guard = Guard.load(args.bundle, device="cpu")
     plan = TrafficPlan(clients=args.clients)
-    calibration = honest_timeline(
-        guard, args.source, "train", args.cache, args.data_cache, plan, args.seed
-    )
-    judging = honest_timeline(
-        guard, args.source, "test", args.cache, args.data_cache, plan, args.seed + 1
-    )
+    timelines = honest_timelines(guard, args)
+    calibration, judging = timelines["calibration"], timelines["judging"]
     log(f"honest traffic: {len(calibration.clients)} + {len(judging.clients)} queries")
     attacks = load_attack_records(args.cache)
     answers = served_answers(guard, calibration, judging, attacks)
