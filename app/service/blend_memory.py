@@ -1,15 +1,19 @@
 """The blend test's memory in Redis: each client's last distinct queries (sketch, pixel digest,
 served answer) in one list, ``{prefix}:blends:{<client>}``, so that every replica of the
 service sees the same client's queries and a Redis Cluster keeps each list in its client's
-slot (one key per command, no script).
+slot (a script or command touches one client's list, or on one Redis several).
 
-``recall`` reads the clients' lists in one pipeline; ``keep`` appends a batch's new entries,
-trims each list to the rule's window and renews its time to live, in one pipeline (no
-transaction: a cluster pipeline spans slots, and an interleaved append only reorders). Two
-replicas screening the same client at once may each miss the other's latest query: the test
-then sees it one query later. Per client the list holds at most ``window`` entries of 35
-bytes plus the sketch (1,536 bytes at 3 x 16 x 16): ~12.5 KB at the default window of 8, for
-a client active within the time to live.
+``recall`` reads the clients' lists; ``keep`` appends a batch's new entries, trims each list to
+the rule's window and renews its time to live. On one Redis each is one script call a batch,
+whatever the number of clients: redis-py spends tens of microseconds of the screening thread's
+interpreter on every command it packs and parses, and three commands per client (append, trim,
+expire) had cost more than the round trips (``bench.stateful_cost``, issue 13). On a cluster,
+whose scripts must keep to one slot, each is one pipeline of plain commands (no transaction:
+it spans slots, and an interleaved append only reorders). Two replicas screening the same
+client at once may each miss the other's latest query: the test then sees it one query
+later. Per client the list holds at most ``window`` entries of 35 bytes plus the sketch (1,536
+bytes at 3 x 16 x 16): ~12.5 KB at the default window of 8, for a client active within the
+time to live.
 """
 
 from __future__ import annotations
@@ -26,6 +30,32 @@ from app.service.fingerprints import DECISIONS
 from app.service.redis_connection import RedisClient, checked_prefix, connect, hash_tag
 
 _HEAD = struct.Struct("<16sBhdd")  # digest, decision (0: none), class, probability, score
+
+# KEYS: the clients' lists; ARGV: the window. Each list's last ``window`` entries.
+_RECALL = """
+local window = tonumber(ARGV[1])
+local lists = {}
+for i, key in ipairs(KEYS) do
+  lists[i] = redis.call('LRANGE', key, -window, -1)
+end
+return lists
+"""
+
+# KEYS: the clients' lists; ARGV: the window, the time to live (ms), then per list its count of
+# new entries and the entries (at most ``window``: only they would survive the trim).
+_KEEP = """
+local window = tonumber(ARGV[1])
+local ttl_ms = tonumber(ARGV[2])
+local at = 3
+for _, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[at])
+  redis.call('RPUSH', key, unpack(ARGV, at + 1, at + count))
+  redis.call('LTRIM', key, -window, -1)
+  redis.call('PEXPIRE', key, ttl_ms)
+  at = at + 1 + count
+end
+return #KEYS
+"""
 
 
 def entry_bytes(entry: BlendEntry) -> bytes:
@@ -78,40 +108,67 @@ class RedisBlendMemory:
         self._cluster = cluster
         self._timeout_s = timeout_s
         self._client: RedisClient | None = None
+        self._scripts: dict[str, Any] = {}
 
     def key(self, client_id: str) -> str:
         return f"{self.prefix}:blends:{{{hash_tag(client_id)}}}"
 
     @property
     def redis(self) -> RedisClient:
+        """Connected on first use (a cluster client connects when made)."""
         if self._client is None:
-            self._client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
+            client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
+            if not self._cluster:
+                self._scripts = {
+                    "recall": client.register_script(_RECALL),
+                    "keep": client.register_script(_KEEP),
+                }
+            self._client = client
         return self._client
 
     def recall(self, client_ids: Iterable[str]) -> dict[str, RecentSketches]:
         clients = list(dict.fromkeys(client_ids))
-        pipe: Any = self.redis.pipeline(transaction=False)
-        for client in clients:
-            pipe.lrange(self.key(client), -self.rule.window, -1)
-        lists = pipe.execute()
+        if not clients:
+            return {}
+        keys = [self.key(client) for client in clients]
+        window = self.rule.window
+        if self._cluster:
+            pipe: Any = self.redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.lrange(key, -window, -1)
+            lists = pipe.execute()
+        else:
+            self.redis  # noqa: B018 (connects and registers the scripts)
+            lists = self._scripts["recall"](keys=keys, args=[window])
         return {
             client: RecentSketches(self.rule, [entry_of(raw) for raw in raw_list])
             for client, raw_list in zip(clients, lists, strict=True)
         }
 
     def keep(self, added: Mapping[str, Sequence[BlendEntry]], at: float) -> None:
-        if not any(added.values()):
+        window = self.rule.window
+        # only a list's last ``window`` entries survive its trim
+        kept = {
+            self.key(client): [entry_bytes(entry) for entry in entries[-window:]]
+            for client, entries in added.items()
+            if entries
+        }
+        if not kept:
             return
-        pipe: Any = self.redis.pipeline(transaction=False)
         ttl_ms = max(1, round(self.ttl_s * 1000))
-        for client, entries in added.items():
-            if not entries:
-                continue
-            key = self.key(client)
-            pipe.rpush(key, *[entry_bytes(entry) for entry in entries])
-            pipe.ltrim(key, -self.rule.window, -1)
-            pipe.pexpire(key, ttl_ms)
-        pipe.execute()
+        if self._cluster:
+            pipe: Any = self.redis.pipeline(transaction=False)
+            for key, raw in kept.items():
+                pipe.rpush(key, *raw)
+                pipe.ltrim(key, -window, -1)
+                pipe.pexpire(key, ttl_ms)
+            pipe.execute()
+            return
+        args: list[Any] = [window, ttl_ms]
+        for raw in kept.values():
+            args += [len(raw), *raw]
+        self.redis  # noqa: B018 (connects and registers the scripts)
+        self._scripts["keep"](keys=list(kept), args=args)
 
     def close(self) -> None:
         if self._client is not None:

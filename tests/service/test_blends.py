@@ -146,24 +146,55 @@ def test_an_entry_reads_back_as_written() -> None:
         assert np.array_equal(back.sketch, entry.sketch) and back.sketch.dtype == np.float16
 
 
-def test_redis_keeps_what_the_in_process_memory_keeps(redis_server: RedisProcess) -> None:
+@pytest.mark.parametrize("where", ["redis_server", "redis_cluster"])
+def test_redis_keeps_what_the_in_process_memory_keeps(
+    where: str, request: pytest.FixtureRequest
+) -> None:
+    """The same keeps read back alike from the in-process memory and from Redis: one Redis
+    (a script a call) and the cluster (pipelines of plain commands)."""
+    server: RedisProcess | RedisClusterProcesses = request.getfixturevalue(where)
     rule = BlendRule(window=3)
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    in_redis = RedisBlendMemory(redis_server.url, rule, prefix=prefix, ttl_s=60.0)
+    in_redis = RedisBlendMemory(
+        server.url, rule, prefix=prefix, ttl_s=60.0, cluster=where == "redis_cluster"
+    )
     in_process = InProcessBlendMemory(rule)
     entries = _entries(np.random.default_rng(1), 5)
     try:
         for memory in (in_redis, in_process):
-            memory.keep({"a": entries[:2], "b": entries[2:3]}, 0.0)
-            memory.keep({"a": entries[3:]}, 1.0)
-        recalled = [m.recall(["a", "b", "new"]) for m in (in_redis, in_process)]
-        for client in ("a", "b", "new"):
+            memory.keep({"a": entries[:2], "b": entries[2:3], "idle": []}, 0.0)
+            memory.keep({"a": entries[3:], "c": entries}, 1.0)  # c: more than the window at once
+        recalled = [m.recall(["a", "b", "c", "new"]) for m in (in_redis, in_process)]
+        for client in ("a", "b", "c", "new"):
             got = [[(e.digest, e.answer) for e in r[client].entries] for r in recalled]
             assert got[0] == got[1]
-        assert [e.digest for e in recalled[0]["a"].entries] == [e.digest for e in entries[1:2]] + [
-            e.digest for e in entries[3:]
-        ]
+        digests = [[e.digest for e in recalled[0][client].entries] for client in ("a", "c")]
+        assert digests == [[entries[i].digest for i in kept] for kept in ([1, 3, 4], [2, 3, 4])]
+        assert not recalled[0]["new"].entries and in_redis.recall([]) == {}
         ttl = in_redis.redis.pttl(in_redis.key("a"))
         assert 0 < ttl <= 60_000  # type: ignore[operator]
+        assert not in_redis.redis.exists(in_redis.key("idle"))
     finally:
         in_redis.close()
+
+
+def test_one_redis_reads_and_writes_a_batch_in_one_call_each(redis_server: RedisProcess) -> None:
+    """On one Redis, a batch's recall and keep are a script call each, whatever the number of
+    clients: the client's per-command cost, not the round trip, had made the test dear."""
+    memory = RedisBlendMemory(redis_server.url, BlendRule(), prefix=f"t-{uuid.uuid4().hex[:8]}")
+    entries = _entries(np.random.default_rng(2), 4)
+    clients = [f"client-{i}" for i in range(10)]
+    admin = memory.redis
+    try:
+        memory.keep({"warm": entries}, 0.0)  # loads the scripts
+        memory.recall(["warm"])
+        admin.config_resetstat()
+        memory.keep({client: entries[: 1 + i % 4] for i, client in enumerate(clients)}, 1.0)
+        recalled = memory.recall(clients)
+        stats = admin.info("commandstats")
+        assert [len(recalled[client].entries) for client in clients] == [
+            1 + i % 4 for i in range(10)
+        ]
+        assert stats["cmdstat_evalsha"]["calls"] == 2  # (the scripts' own commands count too)
+    finally:
+        memory.close()
