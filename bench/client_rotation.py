@@ -11,6 +11,12 @@ that it is flagged) straight through the trackers, without HTTP:
 4. ``redis-maxmemory``: the Redis tracker on a redis-server with ``--maxmemory`` and
    ``volatile-lru``, as deployed (docker-compose.yml, deploy/k8s/redis.yaml).
 
+Beside each tracker, the blend test's memory (on by default in the service,
+``ADVGUARD_STATEFUL_BLENDS``) keeps each id's queries as the service would: one entry (a 1,536-byte
+sketch, its digest and answer) per request, in process capped at its default
+``ADVGUARD_STATEFUL_BLEND_CLIENTS``, in Redis one list per client in the same server (so that
+``maxmemory`` bounds both); ``--no-blends`` drives the trackers alone.
+
 Each phase runs in a fresh Python process (RSS only grows within a process, and this one has
 imported torch), which records its own RSS, the tracker's size and, for Redis, ``used_memory``
 and evicted keys every ``--sample-every`` ids, and at the end checks that every attacker is still
@@ -33,11 +39,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 
 from app.cli import at_least
 from app.core.flagging import FlagPolicy
+from app.core.stateful.blends import (
+    SKETCH_SIDE,
+    BlendEntry,
+    BlendMemory,
+    BlendRule,
+    InProcessBlendMemory,
+)
+from app.core.stateful.match_rule import Answer
+from app.service.blend_memory import RedisBlendMemory
 from app.service.redis_tracker import RedisTracker
+from app.service.settings import Settings
 from app.service.tracking import DEFAULT_MAX_CLIENTS, ClientTracker, InMemoryTracker, Observation
 
 PHASES = ("memory", "memory-capped", "redis", "redis-maxmemory")
@@ -58,12 +75,43 @@ def rss_bytes() -> int:
 # --------------------------------------------------------------------------- one phase (child)
 
 
+# the service's defaults (ADVGUARD_STATEFUL_BLEND_CLIENTS, ADVGUARD_STATEFUL_TTL_S)
+BLEND_CLIENTS: int = Settings.model_fields["stateful_blend_clients"].default
+BLEND_TTL_S: float = Settings.model_fields["stateful_ttl_s"].default
+SKETCHES = 256  # distinct sketch contents, copied per entry (each entry owns its array)
+ANSWER = Answer("accepted", 3, 0.9, HONEST_SCORE)
+
+
+class Queries:
+    """Each request's entry in the blend memory, as the service keeps it: a sketch of its own
+    (a copy: the service's entries do not share arrays across batches), a digest, an answer."""
+
+    def __init__(self, memory: BlendMemory | None) -> None:
+        self.memory = memory
+        rng = np.random.default_rng(0)
+        shape = (SKETCHES, 3 * SKETCH_SIDE * SKETCH_SIDE)
+        self.sketches = rng.integers(0, 256, size=shape).astype(np.float16)
+        self.sent = 0
+
+    def keep(self, client_id: str, requests: int, at: float) -> None:
+        if self.memory is None:
+            return
+        entries = []
+        for _ in range(requests):
+            digest = self.sent.to_bytes(16, "little")
+            entries.append(BlendEntry(self.sketches[self.sent % SKETCHES].copy(), digest, ANSWER))
+            self.sent += 1
+        self.memory.keep({client_id: entries}, at)
+
+
 def drive(
     tracker: ClientTracker,
+    queries: Queries,
     args: argparse.Namespace,
     sample: Callable[[int], dict[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Send every id through ``tracker``; a sample at 0 and every ``sample_every`` ids."""
+    """Send every id through ``tracker`` (and its queries to the blend memory); a sample at 0
+    and every ``sample_every`` ids."""
     samples = [sample(0)]
     attackers: list[str] = []
     now = time.time()
@@ -74,8 +122,10 @@ def drive(
             attackers.append(client_id)
             for j in range(args.attacker_requests):
                 tracker.record(Observation(client_id, ATTACKER_SCORE, False, at + j * 1e-6))
+            queries.keep(client_id, args.attacker_requests, at)
         else:
             tracker.record(Observation(client_id, HONEST_SCORE, True, at))
+            queries.keep(client_id, 1, at)
         if i % args.sample_every == 0:
             samples.append(sample(i))
             print(json.dumps({"phase": args.phase, **samples[-1]}), file=sys.stderr, flush=True)
@@ -87,9 +137,16 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     tracker: ClientTracker
     store: redis.Redis | None = None
+    blends: BlendMemory | None = None
     if args.phase.startswith("memory"):
         cap = args.cap if args.phase == "memory-capped" else DEFAULT_MAX_CLIENTS
         memory = tracker = InMemoryTracker(POLICY, max_clients=cap)
+        in_process = InProcessBlendMemory(
+            BlendRule(),
+            max_clients=BLEND_CLIENTS,
+            ttl_s=BLEND_TTL_S,
+        )
+        blends = None if args.no_blends else in_process
 
         def sample(ids: int) -> dict[str, Any]:
             return {
@@ -98,10 +155,13 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_bytes": rss_bytes(),
                 "entries": len(memory),
                 "evicted": memory.evicted,
+                "blend_clients": len(in_process),
             }
 
     else:
         tracker = RedisTracker(args.redis_url, POLICY, timeout_s=5.0)
+        if not args.no_blends:
+            blends = RedisBlendMemory(args.redis_url, BlendRule(), ttl_s=BLEND_TTL_S, timeout_s=5.0)
         store = redis.Redis.from_url(args.redis_url, socket_timeout=5.0)
         redis_store = store
 
@@ -117,7 +177,7 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
                 "redis_evicted_keys": int(redis_store.info("stats")["evicted_keys"]),
             }
 
-    samples, attackers = drive(tracker, args, sample)
+    samples, attackers = drive(tracker, Queries(blends), args, sample)
     flagged = {stats.client_id for stats in tracker.flagged_clients()}
     result = {
         "phase": args.phase,
@@ -128,6 +188,8 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     tracker.close()
+    if isinstance(blends, RedisBlendMemory):
+        blends.close()
     if store is not None:
         store.close()
     return result
@@ -144,6 +206,7 @@ def child(args: argparse.Namespace, phase: str, redis_url: str | None) -> dict[s
         command += ["--sample-every", str(args.sample_every)]
         command += ["--attacker-every", str(args.attacker_every)]
         command += ["--attacker-requests", str(args.attacker_requests)]
+        command += ["--no-blends"] if args.no_blends else []
         if redis_url:
             command += ["--redis-url", redis_url]
         subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
@@ -174,7 +237,11 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             "redis_evicted_keys": last["redis_evicted_keys"],
         }
     else:
-        summary |= {"entries_end": last["entries"], "evicted": last["evicted"]}
+        summary |= {
+            "entries_end": last["entries"],
+            "evicted": last["evicted"],
+            "blend_clients_end": last.get("blend_clients", 0),
+        }
     return summary
 
 
@@ -200,12 +267,23 @@ def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     flags = ", ".join(
         f"{phase} {r['attackers_still_flagged']}/{r['attackers']}" for phase, r in results.items()
     )
+    blends = (
+        "Trackers alone (`--no-blends`)."
+        if args.no_blends
+        else (
+            "With the blend test's memory beside each tracker, as the service keeps it by "
+            "default: an entry of 1,571 bytes per request, the last 8 per client; in process "
+            f"for at most {BLEND_CLIENTS:,} clients (`ADVGUARD_STATEFUL_BLEND_CLIENTS`; "
+            f"{s['memory']['blend_clients_end']:,} held at the end), in Redis a list per client "
+            "with a 1-hour TTL in the same server."
+        )
+    )
     return (
         f"{args.ids:,} distinct client ids, one honest request each; every "
         f"{args.attacker_every:,}th id an attacker sending {args.attacker_requests} low-scoring "
-        f"requests (flagged: mean policy, 10 requests). Trackers driven directly (no HTTP); each "
-        f"phase in a fresh process. In-process: RSS of that process. Redis: redis-server 7 "
-        f"`used_memory` (no persistence); the client process's RSS stays flat "
+        f"requests (flagged: mean policy, 10 requests). {blends} Trackers driven directly (no "
+        f"HTTP); each phase in a fresh process. In-process: RSS of that process. Redis: "
+        f"redis-server 7 `used_memory` (no persistence); the client process's RSS stays flat "
         f"({s['redis']['rss_mb_start']} -> {s['redis']['rss_mb_end']} MB).\n\n"
         + "\n".join(rows)
         + "\n\n"
@@ -220,10 +298,12 @@ def table(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
         f"- Redis: used_memory +"
         f"{s['redis']['redis_used_memory_mb_end'] - s['redis']['redis_used_memory_mb_start']:.2f}"
         f" MB at {args.ids:,} ids, **{s['redis']['redis_bytes_per_id']} bytes per client** "
-        f"(statistics hash with its TTL; flagged clients add a flag hash and an index entry).\n"
+        f"(statistics hash with its TTL{'' if args.no_blends else ', blend list with its TTL'}; "
+        f"flagged clients add a flag hash and an index entry).\n"
         f"- Redis with `maxmemory {args.maxmemory}` and `volatile-lru`: used_memory at most "
         f"{s['redis-maxmemory']['redis_used_memory_mb_max']} MB, "
-        f"{s['redis-maxmemory']['redis_evicted_keys']:,} statistics evicted.\n"
+        f"{s['redis-maxmemory']['redis_evicted_keys']:,} keys evicted (statistics"
+        f"{'' if args.no_blends else ' and blend lists'}: both expire; flags do not).\n"
         f"- Attackers still flagged at the end: {flags}.\n"
     )
 
@@ -257,6 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=at_least(0),
         default=10,
         help="low-scoring requests per attacker (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-blends",
+        action="store_true",
+        help="the trackers alone, without the blend test's memory (on in the service by default)",
     )
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # the child's part
     parser.add_argument("--out", help=argparse.SUPPRESS)
