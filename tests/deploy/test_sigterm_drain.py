@@ -7,7 +7,8 @@ Around them, threads send ordinary requests back to back, each on a new connecti
 keep-alive connection closed by the server between two requests would be a client-side race,
 not a refusal). uvicorn notices the signal on its next tick (0.1 s): requests that start in that
 moment may still be accepted and served, or (a connection accepted but its request not yet read)
-closed without a response; from the first refusal on, every new request is refused.
+closed without a response, in no particular order with those served; from the first connection
+refused (or 503) on, every new request is refused.
 """
 
 from __future__ import annotations
@@ -166,6 +167,10 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_in_grace(tmp_path: Pat
     after = sorted((o for o in outcomes if o.attempted > sigterm_at), key=lambda o: o.attempted)
     refusals = [o for o in after if o.result in REFUSED]
     first_refusal = refusals[0].attempted if refusals else float("inf")
+    # the listener closed (or the app refuses): a dropped connection was accepted before that, and
+    # may have connected a moment before one that was accepted and served (CI, 2026-12-07)
+    closed = [o.attempted for o in refusals if o.result != "dropped"]
+    listener_closed = closed[0] if closed else float("inf")
     served_late = [o for o in after if o.result == "200"]
     refused_while_draining = [o for o in refusals if o.attempted < exited_at]
     counts = Counter(o.result for o in refusals)
@@ -190,7 +195,7 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits_in_grace(tmp_path: Pat
     assert [o for o in outcomes if o.result == "dropped" and o.sent and o.sent < sigterm_at] == []
     # started after SIGTERM: refused, apart from those accepted before uvicorn noticed it
     assert first_refusal - sigterm_at < SIGNAL_NOTICED_S
-    assert [o for o in served_late if o.attempted > first_refusal] == []
+    assert [o for o in served_late if o.attempted > listener_closed] == []
     assert len(refused_while_draining) >= 3, "no request was refused while the drain ran"
     # the process outlived the slow uploads, and exited within the grace period, cleanly
     assert max(o.ended for o in slow_done) <= exited_at
