@@ -102,8 +102,6 @@ class Queries:
             entries.append(BlendEntry(self.sketches[self.sent % SKETCHES].copy(), digest, ANSWER))
             self.sent += 1
         self.memory.keep({client_id: entries}, at)
-        if isinstance(self.memory, RedisBlendMemory):
-            self.memory.flush()  # as the service does once a batch is answered
 
 
 def drive(

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -349,16 +349,6 @@ def _lookup_of_both(raw: list[Any]) -> Lookup:
     return Lookup(int(raw[0]), int(raw[1]), raw[3], raw[2] or b"")
 
 
-class Rider(Protocol):
-    """Another part's commands that ride a store's round trip instead of making their own
-    (``check_and_store_many``): ``queue`` adds them to the store's pipeline and says how many
-    replies they add; ``took`` gets those replies once it has run."""
-
-    def queue(self, pipe: Any) -> int: ...
-
-    def took(self, replies: list[Any]) -> None: ...
-
-
 class RedisFingerprintStore:
     """Everyone's recent queries (indexed) and each client's, in Redis or a Redis Cluster.
 
@@ -563,7 +553,6 @@ class RedisFingerprintStore:
         queries: Sequence[StoreQuery],
         decide: Decide,
         found: Sequence[Found] | None = None,
-        rider: Rider | None = None,
     ) -> None:
         """With ``found`` (``look_up_many``'s, for the same queries, now with their answers):
         each query matched on what was found and decided in order; its answer (or the kept one)
@@ -577,9 +566,7 @@ class RedisFingerprintStore:
         records, then each query matched and decided in order. A kept answer (``decide``) is
         written to the replies of the later queries here, as if written before they ran, and to
         Redis after; the same outcome as one query at a time. On a cluster (two scripts a
-        query, the second needing the first's entry number): one query at a time. ``rider``
-        rides the first round trip, before any query is decided, when there is one (not with
-        ``found``, on a cluster or for a single query: then it is not called)."""
+        query, the second needing the first's entry number): one query at a time."""
         if found is not None:
             self._decide_found(queries, found, decide)
             return
@@ -589,8 +576,7 @@ class RedisFingerprintStore:
         kept: dict[int, Answer] = {}
         for start in range(0, len(queries), SWEEP_LAG):  # no chunk outruns the sweep's lag
             chunk = queries[start : start + SWEEP_LAG]
-            riding = rider if start == 0 else None
-            for query, one in zip(chunk, self._look_up(chunk, riding), strict=True):
+            for query, one in zip(chunk, self._look_up(chunk), strict=True):
                 evidence, stored = self._evidence(query, one, kept)
                 answer = decide(query, evidence)
                 if answer is not None:
@@ -638,23 +624,17 @@ class RedisFingerprintStore:
         if len(self._answered) > ANSWERS_REMEMBERED:
             del self._answered[next(iter(self._answered))]
 
-    def _look_up(self, queries: Sequence[StoreQuery], rider: Rider | None = None) -> list[Found]:
-        """Every query's script pipelined (and ``rider``'s commands after them), then every
-        query's candidates' records: (what its script returned, its candidates, their records).
-        Each script sweeps as of the earliest query's time, so no query's candidates are swept
-        before they are fetched."""
+    def _look_up(self, queries: Sequence[StoreQuery]) -> list[Found]:
+        """Every query's script pipelined, then every query's candidates' records: (what its
+        script returned, its candidates, their records). Each script sweeps as of the earliest
+        query's time, so no query's candidates are swept before they are fetched."""
         sweep_at = min(query.at for query in queries)
         pipe = self.redis.pipeline(transaction=False)
         writes = self._queue_answers(pipe)  # first: the queries see them
         for query in queries:
             keys_, args = self._both_call(query, sweep_at)
             self._run("both", keys_, args, pipe)
-        ridden = 0 if rider is None else rider.queue(pipe)
-        replies = pipe.execute()
-        scripts_end = len(replies) - ridden
-        if rider is not None:
-            rider.took(replies[scripts_end:])
-        looked = [_lookup_of_both(raw) for raw in replies[writes:scripts_end]]
+        looked = [_lookup_of_both(raw) for raw in pipe.execute()[writes:]]
         numbers = [self._candidates(one) for one in looked]
         pipe = self.redis.pipeline(transaction=False)
         for wanted in numbers:

@@ -175,9 +175,8 @@ def attach_stateful(service: Service) -> None:
             partial(detector.screen_batch, write_now=False),
             track=partial(record_screened, service),
             look_up_batch=detector.look_up if early else None,
-            # once a pass's answers are out: the answers of queries looked up early, and the
-            # blend test's new entries
-            after_pass=detector.write_answers,
+            # once a pass's answers are out: only queries looked up early leave any unwritten
+            after_pass=detector.write_answers if early else None,
         )
         if early:
             service.batcher.before_run = service.screening.look_up_all  # as a batch starts

@@ -72,7 +72,7 @@ from app.core.stateful.match_rule import Answer, DetectionReason, DetectionRule,
 from app.core.stateful.schemes import WindowHashScheme
 from app.core.stateful.store import FingerprintStore, InProcessFingerprintStore, StoreQuery
 from app.service.batcher import Screen
-from app.service.blend_memory import BatchRecall, RedisBlendMemory
+from app.service.blend_memory import RedisBlendMemory
 from app.service.fingerprints import Found, RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large, stacked_on
 from app.service.metrics import STATEFUL_OUTCOMES, Metrics, Outcome
@@ -112,8 +112,6 @@ class LookUp:
     print: QueryPrint | None = None
     found: Found | None = None
     failed: bool = False
-    sketch: npt.NDArray[np.float16] | None = None  # the blend test's (with the test on)
-    recent: list[BlendEntry] | None = None  # its client's, as Redis held them at the look-up
 
 
 @dataclass(frozen=True)
@@ -129,16 +127,6 @@ class Pending:
     future: asyncio.Future[Answer | None] | None = None  # None: no one waits (the replays)
     observation: Observation | None = None
     look_up: LookUp | None = None  # None: looked up when screened
-
-
-@dataclass(frozen=True)
-class InProcessRecall:
-    """A batch's clients' recent queries, read at once from an in-process memory."""
-
-    recents: dict[str, RecentSketches]
-
-    def recent(self, client_id: str) -> RecentSketches:
-        return self.recents[client_id]
 
 
 @dataclass(frozen=True)
@@ -217,19 +205,15 @@ class StatefulDetector:
 
     def look_up(self, queries: Sequence[LookUp], store: bool = True) -> None:
         """What screening needs before the answer, done while the model classifies
-        (``ADVGUARD_STATEFUL_LOOK_UP_EARLY``): the queries fingerprinted (and sketched for the
-        blend test) at once and, with Redis and ``store``, stored in arrival order (answers
-        pending), their candidates fetched (``RedisFingerprintStore.look_up_many``) and their
-        clients' recent queries read (``RedisBlendMemory.fetch``). A store that is down marks
-        them ``failed``: answered unscreened. Without ``store`` (a query screened without an
-        early look-up), the store checks and stores each query with its answer when it is
-        decided."""
+        (``ADVGUARD_STATEFUL_LOOK_UP_EARLY``): the queries fingerprinted at once and, with Redis
+        and ``store``, stored in arrival order (answers pending) and their candidates fetched
+        (``RedisFingerprintStore.look_up_many``). A store that is down marks them ``failed``:
+        answered unscreened. Without ``store`` (a query screened without an early look-up),
+        the store checks and stores each query with its answer when it is decided."""
         prints = self.fingerprints([query.pixels for query in queries])
-        blend_sketches = self._sketches(queries)
         at = time.time()
-        for i, (query, its_print) in enumerate(zip(queries, prints, strict=True)):
+        for query, its_print in zip(queries, prints, strict=True):
             query.print, query.at = its_print, at
-            query.sketch = None if blend_sketches is None else blend_sketches[i]
         if not store or not isinstance(self.store, RedisFingerprintStore):
             return  # in memory: decided in one go
         if not self.available():  # the store failed a moment ago: do not wait on it
@@ -239,11 +223,6 @@ class StatefulDetector:
         started = time.perf_counter()
         try:
             found = self.store.look_up_many([self._query(query, None) for query in queries])
-            recent = (
-                self.blends.fetch(query.client_id for query in queries)
-                if isinstance(self.blends, RedisBlendMemory)
-                else None
-            )
         except REDIS_ERRORS:
             self.failed()
             for query in queries:
@@ -253,15 +232,6 @@ class StatefulDetector:
             self.spent("match", time.perf_counter() - started)
         for i, query in enumerate(queries):
             query.found = None if found is None else found[i]
-            query.recent = None if recent is None else recent[query.client_id]
-
-    def _sketches(self, queries: Sequence[LookUp]) -> npt.NDArray[np.float16] | None:
-        """The blend test's sketches of ``queries`` (None with the test off), pooled where the
-        pixels lie (a GPU batch's rows: only the sketches come back)."""
-        if self.blends is None or not queries:
-            return None
-        rows = [query.pixels for query in queries]
-        return sketches(stacked_on(rows, rows[0].device), 255.0)
 
     @staticmethod
     def _query(looked_up: LookUp, answer: Answer | None) -> StoreQuery:
@@ -282,8 +252,7 @@ class StatefulDetector:
         query, the answer to serve (None: refuse) and the outcome. A store that fails (or
         failed at the look-up) answers those queries as usual. Queries looked up early in Redis
         get their answers written now, or with ``write_now`` False by ``write_answers`` once
-        they are served (or the store's next round trip); so do the blend test's new entries
-        in Redis (kept at once in the memory's local overlay)."""
+        they are served (or the store's next round trip)."""
         looked_up = [
             pending.look_up or LookUp(pending.client_id, pending.pixels) for pending in batch
         ]
@@ -295,7 +264,9 @@ class StatefulDetector:
         reasons: list[DetectionReason | None] = [None] * len(batch)
         available = self.available()
         judged = [i for i, query in enumerate(looked_up) if available and not query.failed]
-        blends = self._recall_blends(looked_up, judged) if judged else None
+        blends = self._recall_blends(batch, judged) if judged else None
+        if blends is None and self.blends is not None:
+            judged = []  # the blend memory failed: the batch is answered unscreened
         added: dict[str, list[BlendEntry]] = {}
         matching = time.perf_counter()
         turn = iter(judged)
@@ -305,8 +276,7 @@ class StatefulDetector:
             if blends is None:
                 judged = self._judge(query, evidence)
             else:
-                recent, query_sketch = blends.recent(query.client_id), looked_up[i].sketch
-                assert query_sketch is not None  # sketched at the look-up with the test on
+                recent, query_sketch = blends[0][query.client_id], blends[1][i]
                 judged = self._judge(query, evidence, recent.find(query_sketch))
                 entry = BlendEntry(query_sketch, query.digest, judged.kept or query.answer)
                 if recent.add(entry):
@@ -317,12 +287,9 @@ class StatefulDetector:
         queries = [self._query(looked_up[i], batch[i].answer) for i in judged]
         found = [its for i in judged if (its := looked_up[i].found) is not None]
         assert not found or len(found) == len(judged)  # a look-up stores all of its queries
-        rider = blends if isinstance(blends, BatchRecall) else None
         try:
             if found and isinstance(self.store, RedisFingerprintStore):
                 self.store.check_and_store_many(queries, decide, found)
-            elif queries and isinstance(self.store, RedisFingerprintStore):
-                self.store.check_and_store_many(queries, decide, rider=rider)
             elif queries:
                 self.store.check_and_store_many(queries, decide)
             if added and self.blends is not None:
@@ -339,18 +306,12 @@ class StatefulDetector:
         return Screened(served, outcomes, reasons)
 
     def write_answers(self) -> None:
-        """Write the answers decided for queries looked up in Redis, and the blend test's new
-        entries (a failure fails open)."""
-        store = self.store if isinstance(self.store, RedisFingerprintStore) else None
-        blends = self.blends if isinstance(self.blends, RedisBlendMemory) else None
-        if store is None and blends is None:
+        """Write the answers decided for queries looked up in Redis (a failure fails open)."""
+        if not isinstance(self.store, RedisFingerprintStore):
             return
         started = time.perf_counter()
         try:
-            if store is not None:
-                store.write_answers()
-            if blends is not None:
-                blends.flush()
+            self.store.write_answers()
         except REDIS_ERRORS:
             self.failed()
         finally:
@@ -362,23 +323,25 @@ class StatefulDetector:
             self.metrics.spent_screening(part, seconds)
 
     def _recall_blends(
-        self, looked_up: Sequence[LookUp], judged: Sequence[int]
-    ) -> BatchRecall | InProcessRecall | None:
-        """With the blend test on: the judged queries' clients' recent queries. With Redis,
-        read when the first query is decided: what the early look-up read, and the rest riding
-        the store's round trip (``BatchRecall``), each merged with this replica's newer ones;
-        in process, at once. None when the test is off. Redis down fails open like the store:
-        the queries not yet decided are answered as usual."""
+        self, batch: Sequence[Pending], judged: Sequence[int]
+    ) -> tuple[dict[str, RecentSketches], dict[int, npt.NDArray[np.float16]]] | None:
+        """With the blend test on: the judged queries' clients' recent queries, and each judged
+        query's sketch by its index in ``batch``; None when the test is off or its memory
+        failed (Redis down: fails open like the store)."""
         if self.blends is None:
             return None
-        clients = [looked_up[i].client_id for i in judged]
-        if isinstance(self.blends, RedisBlendMemory):
-            fetched: dict[str, list[BlendEntry]] = {}
-            for i in judged:
-                if (recent := looked_up[i].recent) is not None:
-                    fetched.setdefault(looked_up[i].client_id, recent)
-            return self.blends.batch_recall(clients, fetched)
-        return InProcessRecall(self.blends.recall(clients))
+        started = time.perf_counter()
+        try:
+            recents = self.blends.recall(batch[i].client_id for i in judged)
+        except REDIS_ERRORS:
+            self.failed()
+            return None
+        finally:
+            self.spent("match", time.perf_counter() - started)
+        # pooled where the pixels lie (a GPU batch's rows: only the sketches come back)
+        rows = [batch[i].pixels for i in judged]
+        pixels = stacked_on(rows, rows[0].device)
+        return recents, dict(zip(judged, sketches(pixels, 255.0), strict=True))
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence, blend: BlendFound | None = None
@@ -642,7 +605,6 @@ def settings_blends(settings: Settings) -> BlendMemory | None:
             ttl_s=settings.stateful_ttl_s,
             timeout_s=settings.redis_timeout_s,
             cluster=settings.redis_cluster,
-            local_clients=settings.stateful_blend_clients,
         )
     return InProcessBlendMemory(
         rule, max_clients=settings.stateful_blend_clients, ttl_s=settings.stateful_ttl_s

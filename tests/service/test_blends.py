@@ -13,11 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.core.stateful.blends import BlendEntry, BlendRule, InProcessBlendMemory, sketch
-from app.core.stateful.defaults import default_scheme
 from app.core.stateful.match_rule import Answer
-from app.core.stateful.store import StoreQuery
 from app.service.blend_memory import RedisBlendMemory, entry_bytes, entry_of
-from app.service.fingerprints import RedisFingerprintStore
 from app.service.main import create_app
 from app.service.settings import Settings
 from tests.core.stateful.probes import photos  # noqa: F401 (a fixture)
@@ -26,7 +23,6 @@ from tests.service.helpers import RedisClusterProcesses, RedisProcess, admin_of,
 from tests.service.test_stateful import ADMIN, _settings, bodies, metric
 
 BLENDS = {"stateful_blends": True}
-ANSWER = Answer("accepted", 1, 0.9, 0.5)
 
 
 @pytest.fixture
@@ -101,33 +97,6 @@ def test_the_first_blend_is_refused_on_the_cluster(
     assert stats["flag_reasons"] == ["query_attack"]
 
 
-@pytest.mark.parametrize("early", [False, True])
-def test_with_redis_the_first_blend_is_refused_and_the_lists_written(
-    redis_server: RedisProcess, search: np.ndarray, early: bool
-) -> None:
-    """With Redis, with and without the early look-up: the blend is found (its client's
-    queries read riding the store's round trip, or at the look-up), and every query lands in
-    its client's list once answered (``write_answers`` after the pass)."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    settings = Settings(
-        device="cpu",
-        max_wait_ms=1.0,
-        redis_url=redis_server.url,
-        redis_prefix=prefix,
-        stateful_look_up_early=early,
-        **_settings("refuse"),
-        **BLENDS,
-    )
-    with TestClient(create_app(settings)) as client:
-        answers = bodies(client, search, ["mallory"] * len(search))
-    memory = RedisBlendMemory(redis_server.url, BlendRule(), prefix=prefix)
-    try:
-        assert [status for status, _ in answers] == [200, 200, 403, 403, 403]
-        assert len(memory.fetch(["mallory"])["mallory"]) == len(search)
-    finally:
-        memory.close()
-
-
 def test_redis_down_fails_open(search: np.ndarray) -> None:
     settings = Settings(
         device="cpu",
@@ -154,8 +123,7 @@ def test_the_settings_choose_the_memory(redis_server: RedisProcess) -> None:
     assert memory(stateful_blends=False) is None
     kept = memory(stateful_blend_clients=7)
     assert isinstance(kept, InProcessBlendMemory) and kept.max_clients == 7
-    in_redis = memory(redis_url=redis_server.url, stateful_blend_clients=5)
-    assert isinstance(in_redis, RedisBlendMemory) and in_redis.local.max_clients == 5
+    assert isinstance(memory(redis_url=redis_server.url), RedisBlendMemory)
 
 
 def _entries(rng: np.random.Generator, n: int) -> list[BlendEntry]:
@@ -182,15 +150,13 @@ def test_an_entry_reads_back_as_written() -> None:
 def test_redis_keeps_what_the_in_process_memory_keeps(
     where: str, request: pytest.FixtureRequest
 ) -> None:
-    """The same keeps read back alike from the in-process memory and, once flushed, from
-    Redis by another replica: one Redis (a script a call) and the cluster (pipelines)."""
+    """The same keeps read back alike from the in-process memory and from Redis: one Redis
+    (a script a call) and the cluster (pipelines of plain commands)."""
     server: RedisProcess | RedisClusterProcesses = request.getfixturevalue(where)
     rule = BlendRule(window=3)
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    cluster = where == "redis_cluster"
-    in_redis, other = (
-        RedisBlendMemory(server.url, rule, prefix=prefix, ttl_s=60.0, cluster=cluster)
-        for _ in range(2)
+    in_redis = RedisBlendMemory(
+        server.url, rule, prefix=prefix, ttl_s=60.0, cluster=where == "redis_cluster"
     )
     in_process = InProcessBlendMemory(rule)
     entries = _entries(np.random.default_rng(1), 5)
@@ -198,100 +164,37 @@ def test_redis_keeps_what_the_in_process_memory_keeps(
         for memory in (in_redis, in_process):
             memory.keep({"a": entries[:2], "b": entries[2:3], "idle": []}, 0.0)
             memory.keep({"a": entries[3:], "c": entries}, 1.0)  # c: more than the window at once
-        in_redis.flush()
-        recalled = [m.recall(["a", "b", "c", "new"]) for m in (other, in_redis, in_process)]
+        recalled = [m.recall(["a", "b", "c", "new"]) for m in (in_redis, in_process)]
         for client in ("a", "b", "c", "new"):
             got = [[(e.digest, e.answer) for e in r[client].entries] for r in recalled]
-            assert got[0] == got[1] == got[2]
+            assert got[0] == got[1]
         digests = [[e.digest for e in recalled[0][client].entries] for client in ("a", "c")]
         assert digests == [[entries[i].digest for i in kept] for kept in ([1, 3, 4], [2, 3, 4])]
-        assert not recalled[0]["new"].entries and other.recall([]) == {}
-        ttl = other.redis.pttl(other.key("a"))
+        assert not recalled[0]["new"].entries and in_redis.recall([]) == {}
+        ttl = in_redis.redis.pttl(in_redis.key("a"))
         assert 0 < ttl <= 60_000  # type: ignore[operator]
-        assert not other.redis.exists(other.key("idle"))
+        assert not in_redis.redis.exists(in_redis.key("idle"))
     finally:
         in_redis.close()
-        other.close()
-
-
-def test_a_replica_sees_its_own_keeps_at_once_and_the_others_once_flushed(
-    redis_server: RedisProcess,
-) -> None:
-    rule = BlendRule(window=4)
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    one, two = (RedisBlendMemory(redis_server.url, rule, prefix=prefix) for _ in range(2))
-    entries = _entries(np.random.default_rng(3), 4)
-
-    def held(memory: RedisBlendMemory, **fetched: list[BlendEntry]) -> list[bytes]:
-        return [e.digest for e in memory.recall(["x"], fetched)["x"].entries]
-
-    try:
-        one.keep({"x": entries[:2]}, 0.0)
-        assert held(one) == [e.digest for e in entries[:2]] and held(two) == []
-        one.flush()
-        assert held(two) == [e.digest for e in entries[:2]]
-        two.keep({"x": entries[2:3]}, 1.0)
-        two.flush()
-        one.keep({"x": entries[3:]}, 2.0)  # not flushed: only one has it
-        assert held(one) == [e.digest for e in entries]
-        assert held(two) == [e.digest for e in entries[:3]]
-        # what an earlier look-up read, merged with the replica's own newer keeps
-        assert held(one, x=[]) == [e.digest for e in (entries[0], entries[1], entries[3])]
-    finally:
-        one.close()
-        two.close()
-
-
-def test_the_batch_recall_rides_the_stores_round_trip(redis_server: RedisProcess) -> None:
-    """A screened batch's read of its clients' lists goes with the store's first pipeline: when
-    the first query is decided it has nothing left to fetch."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    memory = RedisBlendMemory(redis_server.url, BlendRule(), prefix=prefix)
-    scheme = default_scheme(b"rider")
-    store = RedisFingerprintStore(redis_server.url, scheme, prefix=prefix)
-    entries = _entries(np.random.default_rng(4), 2)
-    images = np.random.default_rng(5).integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
-    sketches_, keys = scheme.fingerprints_and_keys(images)
-    queries = [
-        StoreQuery(client, sketches_[i], bytes([i]) * 16, float(i), ANSWER, keys[i])
-        for i, client in enumerate(["a", "b", "a"])
-    ]
-    try:
-        memory.keep({"a": entries}, 0.0)
-        memory.flush()
-        recall = memory.batch_recall(["a", "b"], {"b": []})
-        missing_when_decided: list[list[str]] = []
-
-        def decide(query: StoreQuery, evidence: object) -> None:
-            missing_when_decided.append(list(recall.missing))
-            recall.recent(query.client_id)
-
-        store.check_and_store_many(queries, decide, rider=recall)
-        assert missing_when_decided == [[], [], []]
-        assert [e.digest for e in recall.recent("a").entries] == [e.digest for e in entries]
-        assert recall.recent("b").entries == []
-    finally:
-        memory.close()
-        store.close()
 
 
 def test_one_redis_reads_and_writes_a_batch_in_one_call_each(redis_server: RedisProcess) -> None:
-    """On one Redis, a batch's fetch and flush are a script call each, whatever the number of
-    clients: the client's per-command cost had made the test dear."""
+    """On one Redis, a batch's recall and keep are a script call each, whatever the number of
+    clients: the client's per-command cost, not the round trip, had made the test dear."""
     memory = RedisBlendMemory(redis_server.url, BlendRule(), prefix=f"t-{uuid.uuid4().hex[:8]}")
     entries = _entries(np.random.default_rng(2), 4)
     clients = [f"client-{i}" for i in range(10)]
     admin = memory.redis
     try:
         memory.keep({"warm": entries}, 0.0)  # loads the scripts
-        memory.flush()
-        memory.fetch(["warm"])
+        memory.recall(["warm"])
         admin.config_resetstat()
         memory.keep({client: entries[: 1 + i % 4] for i, client in enumerate(clients)}, 1.0)
-        memory.flush()
-        fetched = memory.fetch(clients)
+        recalled = memory.recall(clients)
         stats = admin.info("commandstats")
-        assert [len(fetched[client]) for client in clients] == [1 + i % 4 for i in range(10)]
+        assert [len(recalled[client].entries) for client in clients] == [
+            1 + i % 4 for i in range(10)
+        ]
         assert stats["cmdstat_evalsha"]["calls"] == 2  # (the scripts' own commands count too)
     finally:
         memory.close()

@@ -172,9 +172,9 @@ def test_the_in_process_store_is_screened_on_the_batch_worker_and_redis_on_its_o
         screened_on: list[str] = []
         real = store.check_and_store_many
 
-        def spy(queries: Sequence[Any], decide: Any, *found: Any, **rider: Any) -> None:
+        def spy(queries: Sequence[Any], decide: Any, *found: Any) -> None:
             screened_on.extend(threading.current_thread().name for _ in queries)
-            real(queries, decide, *found, **rider)
+            real(queries, decide, *found)
 
         store.check_and_store_many = spy
         answers = bodies(client, sequence[:3], ["t1"] * 3)
@@ -214,11 +214,9 @@ def test_with_redis_and_the_default_a_query_is_screened_after_it_is_classified(
             calls.append("look up")
             raise AssertionError("looked up early")
 
-        def check_and_store_many(
-            queries: Sequence[Any], decide: Any, *found: Any, **rider: Any
-        ) -> None:
+        def check_and_store_many(queries: Sequence[Any], decide: Any, *found: Any) -> None:
             calls.append(f"check and store, found: {bool(found and found[0])}")
-            real_decide(queries, decide, *found, **rider)
+            real_decide(queries, decide, *found)
 
         store.look_up_many, store.check_and_store_many = look_up_many, check_and_store_many
         assert service.batcher.before_run is None and service.screening is not None
@@ -263,11 +261,9 @@ def test_with_redis_a_query_is_looked_up_while_the_model_classifies_it(
             looking.set()
             return real_look_up(queries)
 
-        def check_and_store_many(
-            queries: Sequence[Any], decide: Any, *found: Any, **rider: Any
-        ) -> None:
+        def check_and_store_many(queries: Sequence[Any], decide: Any, *found: Any) -> None:
             decided.append(len(found) == 1 and found[0] is not None)
-            real_decide(queries, decide, *found, **rider)
+            real_decide(queries, decide, *found)
 
         guard.infer, store.look_up_many = infer, look_up_many
         store.check_and_store_many = check_and_store_many
