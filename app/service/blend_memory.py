@@ -6,10 +6,9 @@ slot (a script or command touches one client's list, or on one Redis several).
 ``recall`` reads the clients' lists; ``keep`` appends a batch's new entries, trims each list to
 the rule's window and renews its time to live. On one Redis each is one script call a batch,
 whatever the number of clients, instead of three commands per client (append, trim, expire)
-and one to read, each packed and parsed by redis-py on the screening thread: in a loop of
-``StatefulDetector.screen_batch`` over 1,000 clients (batches of 16) the test's cost fell from
-+0.44 to +0.20 ms a query, though the service's screened throughput did not move with it
-(``bench.stateful_cost``: 82.4% of unscreened with Redis, 81.2% before; issue 13). On a cluster,
+and one to read, each packed and parsed by redis-py on the screening thread (the service's
+screened throughput did not move with it: ``bench.stateful_cost``, 82.4% of unscreened with
+Redis against 81.2% before; issue 13). On a cluster,
 whose scripts must keep to one slot, each is one pipeline of plain commands (no transaction:
 it spans slots, and an interleaved append only reorders). Two replicas screening the same
 client at once may each miss the other's latest query: the test then sees it one query
@@ -140,8 +139,7 @@ class RedisBlendMemory:
                 pipe.lrange(key, -window, -1)
             lists = pipe.execute()
         else:
-            self.redis  # noqa: B018 (connects and registers the scripts)
-            lists = self._scripts["recall"](keys=keys, args=[window])
+            lists = self._script("recall", keys, [window])
         return {
             client: RecentSketches(self.rule, [entry_of(raw) for raw in raw_list])
             for client, raw_list in zip(clients, lists, strict=True)
@@ -169,8 +167,12 @@ class RedisBlendMemory:
         args: list[Any] = [window, ttl_ms]
         for raw in kept.values():
             args += [len(raw), *raw]
+        self._script("keep", list(kept), args)
+
+    def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Call one of the scripts (one Redis only), connecting and registering them first."""
         self.redis  # noqa: B018 (connects and registers the scripts)
-        self._scripts["keep"](keys=list(kept), args=args)
+        return self._scripts[name](keys=keys, args=args)
 
     def close(self) -> None:
         if self._client is not None:
