@@ -4,8 +4,12 @@ copies); the sketch; a client's recent queries."""
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import pytest
+import torch
 
 from app.core.stateful.blends import (
     SKETCH_SIDE,
@@ -14,7 +18,9 @@ from app.core.stateful.blends import (
     InProcessBlendMemory,
     RecentSketches,
     find_blend,
+    pooled_cells,
     sketch,
+    sketches,
 )
 from app.core.stateful.match_rule import Answer
 
@@ -180,3 +186,47 @@ def test_the_in_process_memory_is_bounded_by_clients_and_time() -> None:
     assert len(memory) == 1 and memory.recall(["a"])["a"].entries == []
     with pytest.raises(ValueError):
         InProcessBlendMemory(rule, max_clients=0)
+
+
+@pytest.mark.parametrize(
+    ("height", "width"), [(32, 32), (224, 224), (33, 17), (15, 40), (10, 7), (16, 48)]
+)
+def test_host_pooling_is_torchs_adaptive_pooling(height: int, width: int) -> None:
+    rng = np.random.default_rng(height * width)
+    values = torch.from_numpy(rng.random((2, 3, height, width), dtype=np.float32))
+    cells = (min(height, SKETCH_SIDE), min(width, SKETCH_SIDE))
+    by_torch = torch.nn.functional.adaptive_avg_pool2d(values, cells)
+    assert np.allclose(pooled_cells(values.numpy(), cells), by_torch.numpy(), rtol=0, atol=1e-6)
+    as_float16 = (by_torch * 255).reshape(2, -1).numpy().astype(np.float16)
+    # the same float16 value, or its neighbour where float32 rounding straddles a half-step
+    apart = np.abs(sketches(values, 255.0).astype(np.float64) - as_float16.astype(np.float64))
+    assert np.all(apart <= np.spacing(as_float16).astype(np.float64))
+    eight_bit = torch.from_numpy(rng.integers(0, 256, (2, 3, height, width), dtype=np.uint8))
+    assert np.array_equal(
+        sketches(eight_bit),
+        torch.nn.functional.adaptive_avg_pool2d(eight_bit.float(), cells)
+        .reshape(2, -1)
+        .numpy()
+        .astype(np.float16),
+    )
+
+
+def test_sketching_on_another_thread_starts_no_thread_team() -> None:
+    """The screening thread is not the model's: a torch op that splits its work there would
+    start a second OpenMP team beside the model's (``sketches``)."""
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    counts: list[int] = []
+
+    def sketch_a_batch() -> None:
+        counts.append(len(os.listdir("/proc/self/task")))
+        sketches(torch.rand(16, 3, 32, 32), 255.0)
+        counts.append(len(os.listdir("/proc/self/task")))
+
+    try:
+        worker = threading.Thread(target=sketch_a_batch)
+        worker.start()
+        worker.join()
+    finally:
+        torch.set_num_threads(threads_before)
+    assert counts[1] <= counts[0]
