@@ -76,8 +76,7 @@ def sketches(values: torch.Tensor, scale: float = 1.0) -> npt.NDArray[np.float16
     so that only the sketches come back; on the host by numpy. Not by torch on the host: the
     screening thread is not the model's, and a torch op that splits its work (adaptive pooling
     does at any size) starts that thread's own OpenMP team, whose threads then take the cores
-    from the model's (measured: a ResNet-20 batch of 16 on two threads took 31 ms instead of
-    18-22 beside a thread pooling a batch every 10 ms, and 19-20 with numpy pooling)."""
+    from the model's (``bench.sketch_contention`` measures the model beside either)."""
     height, width = values.shape[2:]
     cells = (min(height, SKETCH_SIDE), min(width, SKETCH_SIDE))
     if values.device.type == "cpu":
