@@ -593,22 +593,24 @@ def settings_store(settings: Settings, scheme: WindowHashScheme) -> FingerprintS
 
 def settings_blends(settings: Settings) -> BlendMemory | None:
     """The blend test's memory when the settings turn the test on: in Redis beside the store
-    when a URL is set, else in process; each client's queries live as long as everyone's."""
+    when a URL is set, else in process. A client's kept queries live as long as both everyone's
+    queries (``ADVGUARD_STATEFUL_TTL_S``) and the client's own (``ADVGUARD_STATEFUL_CLIENT_TTL_S``)
+    do: they are both, and under client-id rotation a list per id would otherwise outlive the
+    rest of that id's state (the soak, issue 13)."""
     if not settings.stateful_blends:
         return None
     rule = BlendRule()
+    ttl_s = min(settings.stateful_ttl_s, settings.stateful_client_ttl_s)
     if settings.redis_url:
         return RedisBlendMemory(
             settings.redis_url,
             rule,
             prefix=settings.redis_prefix,
-            ttl_s=settings.stateful_ttl_s,
+            ttl_s=ttl_s,
             timeout_s=settings.redis_timeout_s,
             cluster=settings.redis_cluster,
         )
-    return InProcessBlendMemory(
-        rule, max_clients=settings.stateful_blend_clients, ttl_s=settings.stateful_ttl_s
-    )
+    return InProcessBlendMemory(rule, max_clients=settings.stateful_blend_clients, ttl_s=ttl_s)
 
 
 def build_stateful(

@@ -17,6 +17,7 @@ from app.core.stateful.match_rule import Answer
 from app.service.blend_memory import RedisBlendMemory, entry_bytes, entry_of
 from app.service.main import create_app
 from app.service.settings import Settings
+from app.service.stateful import settings_blends
 from tests.core.stateful.probes import photos  # noqa: F401 (a fixture)
 from tests.service.conftest import AppFactory
 from tests.service.helpers import RedisClusterProcesses, RedisProcess, admin_of, free_port
@@ -124,6 +125,24 @@ def test_the_settings_choose_the_memory(redis_server: RedisProcess) -> None:
     kept = memory(stateful_blend_clients=7)
     assert isinstance(kept, InProcessBlendMemory) and kept.max_clients == 7
     assert isinstance(memory(redis_url=redis_server.url), RedisBlendMemory)
+
+
+@pytest.mark.parametrize("in_redis", [False, True])
+def test_a_clients_kept_queries_expire_with_the_shorter_of_the_two_ttls(
+    redis_server: RedisProcess, in_redis: bool
+) -> None:
+    where = {"redis_url": redis_server.url} if in_redis else {}
+    for everyone, own, expected in [(3600.0, 60.0, 60.0), (600.0, 86_400.0, 600.0)]:
+        settings = Settings(
+            device="cpu",
+            **_settings("refuse"),
+            **where,
+            stateful_ttl_s=everyone,
+            stateful_client_ttl_s=own,
+        )
+        memory = settings_blends(settings)
+        assert isinstance(memory, RedisBlendMemory if in_redis else InProcessBlendMemory)
+        assert memory.ttl_s == expected
 
 
 def _entries(rng: np.random.Generator, n: int) -> list[BlendEntry]:
