@@ -9,7 +9,7 @@ whatever the number of clients, instead of three commands per client (append, tr
 and one to read, each packed and parsed by redis-py on the screening thread (the service's
 screened throughput did not move with it: ``bench.stateful_cost``, 82.4% of unscreened with
 Redis against 81.2% before; what held it down was the sketches' pooling in torch on that
-thread, ``app.core.stateful.blends.sketches``: 90.0% since; issue 13). On a cluster,
+thread, ``app.core.stateful.blends.sketches``: 87-90% since; issue 13). On a cluster,
 whose scripts must keep to one slot, each is one pipeline of plain commands (no transaction:
 it spans slots, and an interleaved append only reorders). Two replicas screening the same
 client at once may each miss the other's latest query: the test then sees it one query
