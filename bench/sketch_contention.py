@@ -65,10 +65,12 @@ def sketching_beside(sketch: Sketch, batch: torch.Tensor, period_s: float) -> It
     started = threading.Event()
 
     def run() -> None:
-        before = thread_count()
-        sketch(batch)
-        gained.append(thread_count() - before)
-        started.set()
+        try:
+            before = thread_count()
+            sketch(batch)
+            gained.append(thread_count() - before)
+        finally:  # a sketch that raises must not leave the caller waiting
+            started.set()
         while not stop.wait(period_s):
             sketch(batch)
 
@@ -101,9 +103,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     beside: dict[str, Sketch | None] = dict(zip(SETTINGS, sketchers, strict=True))
     times: dict[str, list[float]] = {name: [] for name in SETTINGS}
     gained: dict[str, int] = {name: 0 for name in SETTINGS}
+    period = args.period_ms / 1000
     for _ in range(args.rounds):
         for name, sketch in beside.items():
-            period = args.period_ms / 1000
             context = (
                 nullcontext([0]) if sketch is None else sketching_beside(sketch, sketched, period)
             )
