@@ -3,15 +3,16 @@ served answer) in one list, ``{prefix}:blends:{<client>}``, so that every replic
 service sees the same client's queries and a Redis Cluster keeps each list in its client's
 slot (a script or command touches one client's list, or on one Redis several).
 
-``recall`` reads the clients' lists; ``keep`` appends a batch's new entries, trims each list to
-the rule's window and renews its time to live. On one Redis each is one script call a batch,
-whatever the number of clients, instead of three commands per client (append, trim, expire)
-and one to read, each packed and parsed by redis-py on the screening thread (the service's
-screened throughput did not move with it: ``bench.stateful_cost``, 82.4% of unscreened with
-Redis against 81.2% before; what held it down was the sketches' pooling in torch on that
-thread, ``app.core.stateful.blends.sketches``: 87-90% since; issue 13). On a cluster,
-whose scripts must keep to one slot, each is one pipeline of plain commands (no transaction:
-it spans slots, and an interleaved append only reorders). Two replicas screening the same
+``recall`` reads the clients' lists in one pipeline of ``LRANGE``s (one round trip a batch;
+on a cluster one a node), each list's entries then read as rows of one record array;
+``keep`` appends a batch's new entries, trims each list to the rule's window and renews its
+time to live: on one Redis one script call a batch, whatever the number of clients, on a
+cluster, whose scripts must keep to one slot, one pipeline of plain commands (no
+transaction: it spans slots, and an interleaved append only reorders). Reading through a
+script had cost more: its replies pass through Lua (~0.7 ms of Redis a batch of 32 clients)
+and redis-py parsed each entry on the screening thread; with ``hiredis`` parsing, the
+pipeline's recall takes a third of that script's time (issue 13, ``bench.stateful_cost``).
+Two replicas screening the same
 client at once may each miss the other's latest query: the test then sees it one query
 later. Per client the list holds at most ``window`` entries of 35 bytes plus the sketch (1,536
 bytes at 3 x 16 x 16): ~12.5 KB at the default window of 8, for a client active within the
@@ -20,6 +21,7 @@ time to live.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -32,16 +34,6 @@ from app.service.fingerprints import DECISIONS
 from app.service.redis_connection import RedisClient, checked_prefix, connect, hash_tag
 
 _HEAD = struct.Struct("<16sBhdd")  # digest, decision (0: none), class, probability, score
-
-# KEYS: the clients' lists; ARGV: the window. Each list's last ``window`` entries.
-_RECALL = """
-local window = tonumber(ARGV[1])
-local lists = {}
-for i, key in ipairs(KEYS) do
-  lists[i] = redis.call('LRANGE', key, -window, -1)
-end
-return lists
-"""
 
 # KEYS: the clients' lists; ARGV: the window, the time to live (ms), then per list its count of
 # new entries and the entries (at most ``window``: only they would survive the trim).
@@ -77,12 +69,43 @@ def entry_bytes(entry: BlendEntry) -> bytes:
     return head + entry.sketch.astype("<f2").tobytes()
 
 
-def entry_of(raw: bytes) -> BlendEntry:
-    """``entry_bytes`` read back."""
-    digest, decision, class_index, probability, score = _HEAD.unpack_from(raw)
-    answer = None if decision == 0 else Answer(DECISIONS[decision], class_index, probability, score)
-    sketch = np.frombuffer(raw[_HEAD.size :], dtype="<f2").astype(np.float16)
-    return BlendEntry(sketch, digest, answer)
+def recent_of(rule: BlendRule, joined: bytes, count: int) -> RecentSketches:
+    """A client's recent queries from its ``count`` entries of one size joined into one string
+    (``entry_bytes`` each, oldest first), read in one pass as rows of one record array."""
+    if count == 0:
+        return RecentSketches(rule)
+    dims, odd = divmod(len(joined) // count - _HEAD.size, 2)
+    if odd or len(joined) != count * (_HEAD.size + 2 * dims):
+        raise ValueError(f"{count} blend entries cannot fill {len(joined)} bytes")
+    records = np.frombuffer(joined, dtype=_record_dtype(dims))
+    decisions = records["decision"].tolist()
+    answers = [
+        None if decision == 0 else Answer(DECISIONS[decision], class_index, probability, score)
+        for decision, class_index, probability, score in zip(
+            decisions,
+            records["class_index"].tolist(),
+            records["probability"].tolist(),
+            records["score"].tolist(),
+            strict=True,
+        )
+    ]
+    sketches = records["sketch"].astype(np.float16)
+    return RecentSketches.of_rows(rule, sketches, records["digest"].tolist(), answers)
+
+
+@functools.cache
+def _record_dtype(dims: int) -> np.dtype[np.void]:
+    """An entry of a ``dims``-long sketch as a packed record: ``_HEAD``'s fields, the sketch."""
+    return np.dtype(
+        [
+            ("digest", "V16"),
+            ("decision", "u1"),
+            ("class_index", "<i2"),
+            ("probability", "<f8"),
+            ("score", "<f8"),
+            ("sketch", "<f2", (dims,)),
+        ]
+    )
 
 
 class RedisBlendMemory:
@@ -121,10 +144,7 @@ class RedisBlendMemory:
         if self._client is None:
             client = connect(self._url, cluster=self._cluster, timeout_s=self._timeout_s)
             if not self._cluster:
-                self._scripts = {
-                    "recall": client.register_script(_RECALL),
-                    "keep": client.register_script(_KEEP),
-                }
+                self._scripts = {"keep": client.register_script(_KEEP)}
             self._client = client
         return self._client
 
@@ -132,19 +152,19 @@ class RedisBlendMemory:
         clients = list(dict.fromkeys(client_ids))
         if not clients:
             return {}
-        keys = [self.key(client) for client in clients]
         window = self.rule.window
-        if self._cluster:
-            pipe: Any = self.redis.pipeline(transaction=False)
-            for key in keys:
-                pipe.lrange(key, -window, -1)
-            lists = pipe.execute()
-        else:
-            lists = self._script("recall", keys, [window])
-        return {
-            client: RecentSketches(self.rule, [entry_of(raw) for raw in raw_list])
-            for client, raw_list in zip(clients, lists, strict=True)
-        }
+        # plain commands, not a script: a script's replies pass through Lua, which cost Redis
+        # ~0.7 ms a batch of 32 clients, and ~0.6 ms more on the screening thread
+        pipe: Any = self.redis.pipeline(transaction=False)
+        for client in clients:
+            pipe.lrange(self.key(client), -window, -1)
+        recents = {}
+        for client, entries in zip(clients, pipe.execute(), strict=True):
+            # entries of another size than the newest (a service with another input size
+            # shared the list) are left out: their sketches are not comparable
+            same = [entry for entry in entries if len(entry) == len(entries[-1])]
+            recents[client] = recent_of(self.rule, b"".join(same), len(same))
+        return recents
 
     def keep(self, added: Mapping[str, Sequence[BlendEntry]], at: float) -> None:
         window = self.rule.window

@@ -53,18 +53,17 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from app.core.flagging import FlagPolicy
 from app.core.guard import Verdict
 from app.core.stateful.blends import (
+    BlendBatch,
     BlendEntry,
     BlendFound,
     BlendMemory,
     BlendRule,
     InProcessBlendMemory,
-    RecentSketches,
     sketches,
 )
 from app.core.stateful.defaults import default_scheme
@@ -267,7 +266,6 @@ class StatefulDetector:
         blends = self._recall_blends(batch, judged) if judged else None
         if blends is None and self.blends is not None:
             judged = []  # the blend memory failed: the batch is answered unscreened
-        added: dict[str, list[BlendEntry]] = {}
         matching = time.perf_counter()
         turn = iter(judged)
 
@@ -276,11 +274,9 @@ class StatefulDetector:
             if blends is None:
                 judged = self._judge(query, evidence)
             else:
-                recent, query_sketch = blends[0][query.client_id], blends[1][i]
-                judged = self._judge(query, evidence, recent.find(query_sketch))
-                entry = BlendEntry(query_sketch, query.digest, judged.kept or query.answer)
-                if recent.add(entry):
-                    added.setdefault(query.client_id, []).append(entry)
+                judged = self._judge(query, evidence, blends.find(i, query.client_id))
+                entry = BlendEntry(blends.sketches[i], query.digest, judged.kept or query.answer)
+                blends.add(query.client_id, entry)
             served[i], outcomes[i], reasons[i] = judged.served, judged.outcome, judged.reason
             return judged.kept
 
@@ -292,8 +288,8 @@ class StatefulDetector:
                 self.store.check_and_store_many(queries, decide, found)
             elif queries:
                 self.store.check_and_store_many(queries, decide)
-            if added and self.blends is not None:
-                self.blends.keep(added, time.time())
+            if blends is not None and blends.added and self.blends is not None:
+                self.blends.keep(blends.added, time.time())
         except REDIS_ERRORS:
             self.failed()  # the queries not judged yet are answered as usual
         finally:
@@ -322,17 +318,16 @@ class StatefulDetector:
         if self.metrics is not None:
             self.metrics.spent_screening(part, seconds)
 
-    def _recall_blends(
-        self, batch: Sequence[Pending], judged: Sequence[int]
-    ) -> tuple[dict[str, RecentSketches], dict[int, npt.NDArray[np.float16]]] | None:
-        """With the blend test on: the judged queries' clients' recent queries, and each judged
-        query's sketch by its index in ``batch``; None when the test is off or its memory
-        failed (Redis down: fails open like the store)."""
+    def _recall_blends(self, batch: Sequence[Pending], judged: Sequence[int]) -> BlendBatch | None:
+        """With the blend test on: the judged queries (indices in ``batch``), their sketches and
+        their clients' recent queries, each client's first query already searched; None when
+        the test is off or its memory failed (Redis down: fails open like the store)."""
         if self.blends is None:
             return None
+        clients = [batch[i].client_id for i in judged]
         started = time.perf_counter()
         try:
-            recents = self.blends.recall(batch[i].client_id for i in judged)
+            recents = self.blends.recall(clients)
         except REDIS_ERRORS:
             self.failed()
             return None
@@ -340,8 +335,8 @@ class StatefulDetector:
             self.spent("match", time.perf_counter() - started)
         # pooled where the pixels lie (a GPU batch's rows: only the sketches come back)
         rows = [batch[i].pixels for i in judged]
-        pixels = stacked_on(rows, rows[0].device)
-        return recents, dict(zip(judged, sketches(pixels, 255.0), strict=True))
+        queries = sketches(stacked_on(rows, rows[0].device), 255.0)
+        return BlendBatch(self.blends.rule, recents, judged, clients, queries)
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence, blend: BlendFound | None = None

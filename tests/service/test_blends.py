@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from app.core.stateful.blends import BlendEntry, BlendRule, InProcessBlendMemory, sketch
 from app.core.stateful.match_rule import Answer
-from app.service.blend_memory import RedisBlendMemory, entry_bytes, entry_of
+from app.service.blend_memory import RedisBlendMemory, entry_bytes, recent_of
 from app.service.main import create_app
 from app.service.settings import Settings
 from app.service.stateful import settings_blends
@@ -160,7 +160,7 @@ def test_a_prefix_with_a_hash_tag_is_refused() -> None:
 
 def test_an_entry_reads_back_as_written() -> None:
     for entry in _entries(np.random.default_rng(0), 3):
-        back = entry_of(entry_bytes(entry))
+        (back,) = recent_of(BlendRule(), entry_bytes(entry), 1).entries
         assert back.digest == entry.digest and back.answer == entry.answer
         assert np.array_equal(back.sketch, entry.sketch) and back.sketch.dtype == np.float16
 
@@ -197,16 +197,50 @@ def test_redis_keeps_what_the_in_process_memory_keeps(
         in_redis.close()
 
 
-def test_one_redis_reads_and_writes_a_batch_in_one_call_each(redis_server: RedisProcess) -> None:
-    """On one Redis, a batch's recall and keep are a script call each, whatever the number of
-    clients: the client's per-command cost, not the round trip, had made the test dear."""
+@pytest.mark.parametrize("where", ["redis_server", "redis_cluster"])
+def test_a_recall_leaves_out_older_entries_of_another_size(
+    where: str, request: pytest.FixtureRequest
+) -> None:
+    """A list whose older entries came from a service of another input size reads back as its
+    newest size's entries only, in order: sketches of two sizes are not comparable."""
+    server: RedisProcess | RedisClusterProcesses = request.getfixturevalue(where)
+    memory = RedisBlendMemory(
+        server.url,
+        BlendRule(),
+        prefix=f"t-{uuid.uuid4().hex[:8]}",
+        cluster=where == "redis_cluster",
+    )
+    rng = np.random.default_rng(3)
+    small = [
+        BlendEntry(sketch(image), bytes([40 + i]) * 16)
+        for i, image in enumerate(rng.integers(0, 256, size=(2, 3, 8, 8), dtype=np.uint8))
+    ]
+    entries = _entries(rng, 3)
+    try:
+        memory.keep({"a": [entries[0], *small]}, 0.0)
+        memory.keep({"a": entries[1:]}, 1.0)
+        recalled = memory.recall(["a", "b"])
+        assert recalled["a"].digests == [entries[i].digest for i in (0, 1, 2)]
+        assert recalled["a"].answers == [entries[i].answer for i in (0, 1, 2)]
+        assert np.array_equal(recalled["a"].sketches, np.stack([e.sketch for e in entries]))
+        memory.keep({"b": small}, 2.0)
+        assert [e.digest for e in memory.recall(["b"])["b"].entries] == [e.digest for e in small]
+    finally:
+        memory.close()
+
+
+def test_one_redis_writes_a_batch_in_one_call_and_reads_it_in_plain_commands(
+    redis_server: RedisProcess,
+) -> None:
+    """On one Redis, a batch's keep is one script call whatever the number of clients (the
+    client's per-command cost, not the round trip, had made the test dear), and its recall
+    one ``LRANGE`` a client, no script (a script's replies pass through Lua)."""
     memory = RedisBlendMemory(redis_server.url, BlendRule(), prefix=f"t-{uuid.uuid4().hex[:8]}")
     entries = _entries(np.random.default_rng(2), 4)
     clients = [f"client-{i}" for i in range(10)]
     admin = memory.redis
     try:
-        memory.keep({"warm": entries}, 0.0)  # loads the scripts
-        memory.recall(["warm"])
+        memory.keep({"warm": entries}, 0.0)  # loads the script
         admin.config_resetstat()
         memory.keep({client: entries[: 1 + i % 4] for i, client in enumerate(clients)}, 1.0)
         recalled = memory.recall(clients)
@@ -214,6 +248,7 @@ def test_one_redis_reads_and_writes_a_batch_in_one_call_each(redis_server: Redis
         assert [len(recalled[client].entries) for client in clients] == [
             1 + i % 4 for i in range(10)
         ]
-        assert stats["cmdstat_evalsha"]["calls"] == 2  # (the scripts' own commands count too)
+        assert stats["cmdstat_evalsha"]["calls"] == 1
+        assert stats["cmdstat_lrange"]["calls"] == 10
     finally:
         memory.close()

@@ -13,11 +13,13 @@ import torch
 
 from app.core.stateful.blends import (
     SKETCH_SIDE,
+    BlendBatch,
     BlendEntry,
     BlendRule,
     InProcessBlendMemory,
     RecentSketches,
     find_blend,
+    find_blends,
     pooled_cells,
     sketch,
     sketches,
@@ -76,6 +78,76 @@ def test_find_blend_matches_the_pairwise_reference(seed: int) -> None:
         assert found.residual == pytest.approx(residual, rel=1e-6, abs=1e-9)
         # the line through i, j is the line through j, i: either order is the same pair
         assert {found.first, found.second} == {i, j}
+
+
+def test_a_batch_search_finds_what_each_query_finds_alone() -> None:
+    """Queries with 0 to 8 recent sketches each, padded into one array, some of them planted
+    blends: the batch gives each query the match of its own search, exactly."""
+    rng = np.random.default_rng(21)
+    counts = np.array([0, 1, 2, 5, 8, 3, 8, 4, 6, 2])
+    recents = np.zeros((len(counts), 8, 768))
+    queries = random_images(rng, len(counts))
+    for row, count in enumerate(counts):
+        recents[row, :count] = rng.uniform(0, 255, size=(count, 768))  # no brightness pairs
+        if row % 2 and count >= 2:
+            first, second = rng.choice(count, size=2, replace=False)
+            t = rng.uniform(0.35, 0.65)
+            queries[row] = np.round((1 - t) * recents[row, first] + t * recents[row, second])
+    batched = find_blends(recents, counts, queries, RULE)
+    alone = [
+        find_blend(recents[row, :count], queries[row], RULE) for row, count in enumerate(counts)
+    ]
+    assert batched == alone
+    planted = [row % 2 == 1 and count >= 2 for row, count in enumerate(counts)]
+    assert [match is not None for match in alone] == planted
+
+
+def test_a_batch_walk_finds_what_a_walk_query_by_query_finds() -> None:
+    """A batch holding several queries of one client (the third a blend of its first two,
+    all new to the memory) and of others: each query judged against what its client sent
+    before it, in the batch or earlier."""
+    rng = np.random.default_rng(8)
+    rule = BlendRule()
+    photos = rng.integers(0, 256, size=(6, 3, 32, 32)).astype(np.float64)
+    midpoint = np.round(0.5 * photos[0] + 0.5 * photos[1])
+    earlier = np.round(0.3 * photos[4] + 0.7 * photos[5])
+    images = [photos[0], photos[2], photos[1], midpoint, photos[3], earlier]
+    clients = ["a", "b", "a", "a", "b", "c"]
+    queries = np.stack([sketch(image.astype(np.uint8)) for image in images])
+    history = [BlendEntry(sketch(photos[i].astype(np.uint8)), bytes([i])) for i in (4, 5)]
+    walked = {client: RecentSketches(rule, history if client == "c" else []) for client in "abc"}
+    expected = []
+    for row, client in enumerate(clients):
+        expected.append(walked[client].find(queries[row]))
+        walked[client].add(BlendEntry(queries[row], bytes([10 + row])))
+    recents = {client: RecentSketches(rule, history if client == "c" else []) for client in "abc"}
+    positions = [2 * row + 1 for row in range(len(clients))]  # indices in a wider batch
+    batch = BlendBatch(rule, recents, positions, clients, queries)
+    found = []
+    for row, client in enumerate(clients):
+        found.append(batch.find(positions[row], client))
+        batch.add(client, BlendEntry(batch.sketches[positions[row]], bytes([10 + row])))
+    assert found == expected
+    assert [f is not None for f in found] == [False, False, False, True, False, True]
+    assert {client: len(entries) for client, entries in batch.added.items()} == {
+        "a": 3,
+        "b": 2,
+        "c": 1,
+    }
+
+
+def test_recent_sketches_of_another_size_are_not_compared() -> None:
+    """A client's recent sketches of another size (a Redis shared with a service of another
+    input size) are no evidence, and the first query of the new size replaces them."""
+    rng = np.random.default_rng(2)
+    small = rng.integers(0, 256, size=(2, 3, 8, 8)).astype(np.uint8)
+    recent = RecentSketches(
+        BlendRule(), [BlendEntry(sketch(s), bytes([i])) for i, s in enumerate(small)]
+    )
+    photo = rng.integers(0, 256, size=(3, 32, 32)).astype(np.uint8)
+    assert recent.find(sketch(photo)) is None
+    assert recent.add(BlendEntry(sketch(photo), b"new"))
+    assert recent.digests == [b"new"] and recent.sketches.shape == (1, 768)
 
 
 @pytest.mark.parametrize("t", [0.5, 0.25, 0.75, 0.4, 0.03, 0.97, 1.5])
