@@ -336,7 +336,11 @@ class StatefulDetector:
         # pooled where the pixels lie (a GPU batch's rows: only the sketches come back)
         rows = [batch[i].pixels for i in judged]
         queries = sketches(stacked_on(rows, rows[0].device), 255.0)
-        return BlendBatch(self.blends.rule, recents, judged, clients, queries)
+        searching = time.perf_counter()  # the batched search is matching too
+        try:
+            return BlendBatch(self.blends.rule, recents, judged, clients, queries)
+        finally:
+            self.spent("match", time.perf_counter() - searching)
 
     def _judge(
         self, query: StoreQuery, evidence: MatchEvidence, blend: BlendFound | None = None
