@@ -22,7 +22,6 @@ time to live.
 from __future__ import annotations
 
 import functools
-import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,8 +31,6 @@ from app.core.stateful.blends import BlendEntry, BlendRule, RecentSketches
 from app.core.stateful.match_rule import Answer
 from app.service.fingerprints import DECISIONS
 from app.service.redis_connection import RedisClient, checked_prefix, connect, hash_tag
-
-_HEAD = struct.Struct("<16sBhdd")  # digest, decision (0: none), class, probability, score
 
 # KEYS: the clients' lists; ARGV: the window, the time to live (ms), then per list its count of
 # new entries and the entries (at most ``window``: only they would survive the trim).
@@ -53,20 +50,18 @@ return #KEYS
 
 
 def entry_bytes(entry: BlendEntry) -> bytes:
-    """One entry as its list element: the head, then the float16 sketch."""
+    """One entry as its list element: one ``_record_dtype`` record (the head, then the float16
+    sketch)."""
     answer = entry.answer
-    head = (
-        _HEAD.pack(entry.digest.ljust(16, b"\0")[:16], 0, 0, 0.0, 0.0)
-        if answer is None
-        else _HEAD.pack(
-            entry.digest.ljust(16, b"\0")[:16],
-            DECISIONS.index(answer.decision),
-            answer.class_index,
-            answer.probability,
-            answer.score,
-        )
-    )
-    return head + entry.sketch.astype("<f2").tobytes()
+    record = np.zeros(1, dtype=_record_dtype(entry.sketch.size))
+    record["digest"] = np.void(entry.digest.ljust(16, b"\0")[:16])
+    if answer is not None:
+        record["decision"] = DECISIONS.index(answer.decision)
+        record["class_index"] = answer.class_index
+        record["probability"] = answer.probability
+        record["score"] = answer.score
+    record["sketch"] = entry.sketch
+    return record.tobytes()
 
 
 def recent_of(rule: BlendRule, joined: bytes, count: int) -> RecentSketches:
@@ -74,8 +69,9 @@ def recent_of(rule: BlendRule, joined: bytes, count: int) -> RecentSketches:
     (``entry_bytes`` each, oldest first), read in one pass as rows of one record array."""
     if count == 0:
         return RecentSketches(rule)
-    dims, odd = divmod(len(joined) // count - _HEAD.size, 2)
-    if odd or len(joined) != count * (_HEAD.size + 2 * dims):
+    head = _record_dtype(0).itemsize
+    dims, odd = divmod(len(joined) // count - head, 2)
+    if odd or len(joined) != count * (head + 2 * dims):
         raise ValueError(f"{count} blend entries cannot fill {len(joined)} bytes")
     records = np.frombuffer(joined, dtype=_record_dtype(dims))
     decisions = records["decision"].tolist()
@@ -95,7 +91,9 @@ def recent_of(rule: BlendRule, joined: bytes, count: int) -> RecentSketches:
 
 @functools.cache
 def _record_dtype(dims: int) -> np.dtype[np.void]:
-    """An entry of a ``dims``-long sketch as a packed record: ``_HEAD``'s fields, the sketch."""
+    """An entry of a ``dims``-long sketch as a packed little-endian record, the one definition of
+    a list element's layout: the head (pixel digest, decision code (0: no answer), class,
+    probability, score; 35 bytes), then the sketch."""
     return np.dtype(
         [
             ("digest", "V16"),
