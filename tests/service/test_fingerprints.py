@@ -376,7 +376,7 @@ def test_a_bucket_list_it_cannot_read_is_dropped(redis_server: RedisProcess) -> 
     red = RedisFingerprintStore(redis_server.url, SCHEME, prefix=uuid.uuid4().hex)
     query = _noise_queries(1, 1.0, 0.0)[0]
     assert query.keys is not None
-    bucket = str(int(buckets(query.keys)[0]))
+    bucket = int(buckets(query.keys)[0]).to_bytes(4, "big")  # a field's name: its 4 bytes
     client = redis.Redis.from_url(redis_server.url)
     client.hset(red.buckets_key, bucket, b"\1\2\3")
     red.check_and_store("bob", query.fingerprint, query.digest, 1.0, None, query.keys)
@@ -441,7 +441,7 @@ def test_stores_of_another_bucket_count_keep_apart(
     prints, keys = SCHEME.fingerprints_and_keys(near)
     digests = pixel_digests(near)
     today = RedisFingerprintStore(redis_server.url, SCHEME, prefix=prefix, timeout_s=2.0)
-    assert today.layout == f"r{today.dtype.itemsize}b{index_keys.BUCKET_BITS}"
+    assert today.layout == f"r{today.dtype.itemsize}b{index_keys.BUCKET_BITS}f4"
     today.check_and_store("a", prints[0], digests[0], 1.0, _answer(1), keys[0])
     monkeypatch.setattr(index_keys, "BUCKET_BITS", 17)  # every store reads it there
     older = RedisFingerprintStore(redis_server.url, SCHEME, prefix=prefix, timeout_s=2.0)
