@@ -370,6 +370,31 @@ def test_the_sweep_lags_the_live_bounds_and_keeps_up(redis_server: RedisProcess)
     assert len(red) == 1 + len(later)  # past the TTL and its lag: all swept, 8 a query
 
 
+def test_a_bucket_drops_the_numbers_of_deleted_entries_when_touched(
+    redis_server: RedisProcess,
+) -> None:
+    """One photo resent past the cap and the sweep's lag: every query reads and rewrites the
+    same buckets, so each list holds exactly the entries not yet deleted (memory follows the
+    live entries; the script skips the trim's copy only where no number is below ``lo``)."""
+    cap = 10
+    red = RedisFingerprintStore(
+        redis_server.url, SCHEME, prefix=uuid.uuid4().hex, max_fingerprints=cap, per_client=4,
+        timeout_s=5.0,
+    )  # fmt: skip
+    photo = _noise_queries(1, 1000.0, 0.0)[0]
+    resent = [replace(photo, client_id=f"id-{i}", at=1000.0 + i * 0.01) for i in range(300)]
+    red.check_and_store_many(resent, lambda q, e: None)
+    client = redis.Redis.from_url(redis_server.url)
+    lowest = int(client.hget(red.meta_key, "lo") or 0)
+    assert lowest == len(resent) - cap - SWEEP_LAG  # the sweep deleted the entries before it
+    assert photo.keys is not None
+    for bucket in np.unique(buckets(photo.keys)).tolist():
+        filed = client.hget(red.buckets_key, int(bucket).to_bytes(4, "big"))
+        assert filed is not None
+        numbers = np.frombuffer(filed, ">u4").tolist()
+        assert numbers == list(range(lowest, len(resent) + 1))
+
+
 def test_a_bucket_list_it_cannot_read_is_dropped(redis_server: RedisProcess) -> None:
     """Foreign bytes in a bucket (no whole entry numbers) would make every lookup through it
     fail: the script drops such a list and files the query afresh there."""
