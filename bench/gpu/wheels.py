@@ -39,6 +39,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 WHEEL_LIST = HERE / "wheels.txt"
+CONSTRAINTS = REPO / "deploy" / "docker" / "constraints.txt"  # the image's pinned versions
 WHEEL_DIR = REPO / ".whl"
 MIB = 1024 * 1024
 CARRY_LIMIT = 64 * MIB  # the device tool's cap on the working tree plus carried paths
@@ -160,6 +161,29 @@ def check(wheels: list[Wheel], budget: int = WHEEL_BUDGET) -> None:
         raise WheelListError(f"wheels total {total / MIB:.1f} MiB, over {budget / MIB:.0f} MiB")
 
 
+def constraint_pins(constraints: Path = CONSTRAINTS) -> dict[str, str]:
+    """The versions the image pins (``name==version`` lines of the constraints file), by name."""
+    pins = {}
+    for raw in constraints.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            name, equals, version = line.partition("==")
+            if not equals:
+                raise WheelListError(f"{constraints.name}: want 'name==version', got {raw!r}")
+            pins[normalise(name.strip())] = version.strip()
+    return pins
+
+
+def off_pin(wheels: list[Wheel], pins: dict[str, str]) -> list[str]:
+    """Carried wheels of another version than the image's pin: the GPU runs would measure
+    other code than the image serves (redis-py 8.1.0 was carried while the image pinned 8.2.0)."""
+    return [
+        f"{w.file} (pinned: {w.name}=={pins[w.name]})"
+        for w in wheels
+        if w.name in pins and w.version != pins[w.name]
+    ]
+
+
 def project_requirements(pyproject: Path = REPO / "pyproject.toml") -> list[str]:
     """Names of what the project needs at run time: pyproject's dependencies + EXTRA_RUNTIME."""
     data = tomllib.loads(pyproject.read_text())
@@ -249,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         missing = missing_on_machine(project_requirements(), wheels)
         if missing:
             raise WheelListError(f"the project needs {missing}: carry them or check the image")
+        other_versions = off_pin(wheels, constraint_pins())
+        if other_versions:
+            raise WheelListError(f"not the versions the image pins: {other_versions}")
         if args.action == "download":
             download(wheels, args.dir)
         if args.action in ("verify", "download"):

@@ -40,6 +40,22 @@ def test_every_runtime_dependency_is_carried_or_on_the_image() -> None:
     ]
 
 
+def test_carried_wheels_are_the_versions_the_image_pins(tmp_path: Path) -> None:
+    pins = wheels.constraint_pins()
+    assert {"redis", "hiredis", "fastapi", "uvicorn"} <= set(pins)
+    assert wheels.off_pin(wheels.read(), pins) == []
+    # another version than the pin is reported; an unpinned package is not
+    stale = [wheels.Wheel("redis-8.1.0-py3-none-any.whl", 1, "0" * 64)]
+    stale.append(wheels.Wheel("starlette-1.10.0-py3-none-any.whl", 1, "0" * 64))
+    assert wheels.off_pin(stale, {"redis": "8.2.0"}) == [
+        "redis-8.1.0-py3-none-any.whl (pinned: redis==8.2.0)"
+    ]
+    unreadable = tmp_path / "constraints.txt"
+    unreadable.write_text("# the image's pins\nredis>=8\n")
+    with pytest.raises(wheels.WheelListError, match="want 'name==version'"):
+        wheels.constraint_pins(unreadable)
+
+
 def test_tree_wheels_and_data_fit_the_carry_cap(tmp_path: Path) -> None:
     """What a device call with carry [".whl", ".gpudata"] sends: the working tree as git lists
     it, the listed wheels and the CIFAR-10 subset, with 8 MiB left for the tree to grow."""
