@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from app.core.stateful.blends import BlendEntry, BlendRule, RecentSketches
-from app.core.stateful.match_rule import Answer
-from app.service.fingerprints import DECISIONS
+from app.service.fingerprints import answers_of, put_answer
 from app.service.redis_connection import RedisClient, checked_prefix, connect, hash_tag
 
 # KEYS: the clients' lists; ARGV: the window, the time to live (ms), then per list its count of
@@ -52,14 +51,10 @@ return #KEYS
 def entry_bytes(entry: BlendEntry) -> bytes:
     """One entry as its list element: one ``_record_dtype`` record (the head, then the float16
     sketch)."""
-    answer = entry.answer
     record = np.zeros(1, dtype=_record_dtype(entry.sketch.size))
     record["digest"] = np.void(entry.digest.ljust(16, b"\0")[:16])
-    if answer is not None:
-        record["decision"] = DECISIONS.index(answer.decision)
-        record["class_index"] = answer.class_index
-        record["probability"] = answer.probability
-        record["score"] = answer.score
+    if entry.answer is not None:
+        put_answer(record[0], entry.answer)
     record["sketch"] = entry.sketch
     return record.tobytes()
 
@@ -74,19 +69,8 @@ def recent_of(rule: BlendRule, joined: bytes, count: int) -> RecentSketches:
     if odd or len(joined) != count * (head + 2 * dims):
         raise ValueError(f"{count} blend entries cannot fill {len(joined)} bytes")
     records = np.frombuffer(joined, dtype=_record_dtype(dims))
-    decisions = records["decision"].tolist()
-    answers = [
-        None if decision == 0 else Answer(DECISIONS[decision], class_index, probability, score)
-        for decision, class_index, probability, score in zip(
-            decisions,
-            records["class_index"].tolist(),
-            records["probability"].tolist(),
-            records["score"].tolist(),
-            strict=True,
-        )
-    ]
     sketches = records["sketch"].astype(np.float16)
-    return RecentSketches.of_rows(rule, sketches, records["digest"].tolist(), answers)
+    return RecentSketches.of_rows(rule, sketches, records["digest"].tolist(), answers_of(records))
 
 
 @functools.cache

@@ -308,12 +308,28 @@ _SCRIPTS = {
 }
 
 
-def _put_answer(record: Any, answer: Answer) -> None:
-    """Write ``answer`` into one record (a row of the store's dtype)."""
+def put_answer(record: Any, answer: Answer) -> None:
+    """Write ``answer`` into one record: a row of any record dtype with the answer's fields
+    (``decision`` as its ``DECISIONS`` code, ``class_index``, ``probability``, ``score``), the
+    store's and the blend memory's."""
     record["decision"] = DECISIONS.index(answer.decision)
     record["class_index"] = answer.class_index
     record["probability"] = answer.probability
     record["score"] = answer.score
+
+
+def answers_of(records: npt.NDArray[Any]) -> list[Answer | None]:
+    """The answers written by ``put_answer`` into each record (None: decision code 0, none)."""
+    return [
+        None if decision == 0 else Answer(DECISIONS[decision], class_index, probability, score)
+        for decision, class_index, probability, score in zip(
+            records["decision"].tolist(),
+            records["class_index"].tolist(),
+            records["probability"].tolist(),
+            records["score"].tolist(),
+            strict=True,
+        )
+    ]
 
 
 def _entry_bytes(entry: int) -> bytes:
@@ -454,27 +470,13 @@ class RedisFingerprintStore:
         record["digest"] = np.void(digest.ljust(16, b"\0")[:16])
         record["entry"] = entry
         if answer is not None:
-            _put_answer(record[0], answer)
+            put_answer(record[0], answer)
         return record
 
     def _answer_bytes(self, answer: Answer) -> bytes:
         record = self._record(np.zeros(self.dtype["sketch"].shape, np.uint64), b"", 0.0, answer)
         start = self._answer_offset
         return record.tobytes()[start : self._entry_offset]
-
-    @staticmethod
-    def _answers(records: npt.NDArray[Any]) -> list[Answer | None]:
-        return [
-            None
-            if int(r["decision"]) == 0
-            else Answer(
-                DECISIONS[int(r["decision"])],  # type: ignore[arg-type]
-                int(r["class_index"]),
-                float(r["probability"]),
-                float(r["score"]),
-            )
-            for r in records
-        ]
 
     def _scope(
         self,
@@ -499,7 +501,7 @@ class RedisFingerprintStore:
             similarities[hits],
             [bytes(d) for d in matched["digest"]],
             [senders[i] for i in hits.tolist()],
-            self._answers(matched),
+            answers_of(matched),
             digest,
             client_id,
             self.scheme.threshold,
@@ -757,7 +759,7 @@ class RedisFingerprintStore:
         for i in rows:
             answer = kept.get(int(entries[i]))
             if answer is not None:
-                _put_answer(out[i], answer)
+                put_answer(out[i], answer)
         return out
 
     def relabel(self, stored: Stored, answer: Answer) -> None:
