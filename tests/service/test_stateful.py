@@ -729,3 +729,58 @@ def test_squares_first_probe_from_another_id_hears_its_photos_answer(
         assert screened.outcomes("refuse", "consistent") == (1 if radius else 0)
         served_by[radius] = screened.served
     assert served_by == {9: [cat, cat], 0: [cat, dog]}
+
+
+@pytest.mark.parametrize("policy", ["refuse", "silent"])
+def test_a_batch_prepared_beside_the_search_is_screened_as_in_one_go(
+    policy: str,
+    photos: np.ndarray,  # noqa: F811
+) -> None:
+    """The batch worker prepares a batch (fingerprints, the blend test's recall) before its
+    answers are known, then screens it (``WorkerScreening``): every query gets what one
+    ``screen`` call would give it, and is flagged and counted alike. Traffic: attack probes
+    around three photos from three clients, resends, blends between two photos, and plain
+    photos, interleaved over batches of 7 with answers that change class now and then."""
+    rng = np.random.default_rng(5)
+    queries: list[tuple[str, np.ndarray]] = []
+    for k, image in enumerate(photos[:3]):
+        queries += [(f"attacker-{k}", probe) for probe in attack_sequence(image, 12, seed=k)]
+    x, s = photos[10].astype(np.float64), photos[11].astype(np.float64)
+    queries += [("blender", np.round((1 - t) * x + t * s)) for t in (0.0, 1.0, 0.5, 0.25, 0.375)]
+    queries += [(f"honest-{i}", photos[12 + i]) for i in range(20)]
+    queries += [("resender", photos[30])] * 4
+    order = rng.permutation(len(queries))
+    pixels = [torch.from_numpy(queries[i][1].astype(np.float32) / 255.0) for i in order]
+    clients = [queries[i][0] for i in order]
+    answers = [Answer("accepted", int(rng.integers(0, 3)), 0.9, 0.5) for _ in order]
+    flagged: dict[str, list[str]] = {"prepared": [], "in one go": []}
+    detectors = {
+        way: build_stateful(
+            Settings(device="cpu", **_settings(policy)),
+            Metrics(),
+            lambda client, reason, at, way=way: flagged[way].append(client) or True,
+            3072,
+        )
+        for way in flagged
+    }
+    results: dict[str, list[tuple[Any, ...]]] = {way: [] for way in flagged}
+    for start in range(0, len(pixels), 7):
+        rows = range(start, min(start + 7, len(pixels)))
+        for way, detector in detectors.items():
+            assert detector is not None
+            batch = [Pending(clients[i], pixels[i], answers[i]) for i in rows]
+            prepared = None
+            if way == "prepared":
+                prepared = detector.prepare([(p.client_id, p.pixels) for p in batch])
+                batch = [
+                    Pending(p.client_id, p.pixels, p.answer, look_up=looked_up)
+                    for p, looked_up in zip(batch, prepared.looked_up, strict=True)
+                ]
+            screened = detector.screen(batch, prepared=prepared)
+            results[way] += zip(screened.served, screened.outcomes, screened.reasons, strict=True)
+    assert results["prepared"] == results["in one go"]
+    assert flagged["prepared"] == flagged["in one go"]
+    reasons = {reason for _, _, reason in results["prepared"]}
+    assert {"blend", None} <= reasons and len(reasons) >= 3  # the rule's parts were exercised
+    outcomes = {outcome for _, outcome, _ in results["prepared"]}
+    assert {"clear", "detected"} <= outcomes
