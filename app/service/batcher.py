@@ -5,10 +5,8 @@ on the loop; the worker answers a batch with one wake-up of it: ``app.service.se
 worker takes the first waiting item, then gathers more until it has ``max_batch_size`` or
 ``max_wait_s`` has passed since the first, and runs one forward pass and one index search for
 the whole batch (the forward pass only when ``guarded`` is false: the guard is off), then, with
-a ``screening`` (the stateful detector, when its store never waits on the network), screens the
-batch's queries: what needs only the queries (their fingerprints, their clients' recent
-queries) is prepared on a helper thread while the worker searches the index, the rest once the
-guard has decided. With a ``before_run``, the batch's look-ups (what its items were submitted
+a ``screen`` (the stateful detector, when its store never waits on the network), screens the
+batch's queries. With a ``before_run``, the batch's look-ups (what its items were submitted
 with) go to it as the batch starts: the stateful detector's screening thread looks them up
 while the model runs them. FAISS GPU indexes are not thread-safe, so the index is only ever
 touched by this thread. A full queue refuses at once (the route answers 503 with
@@ -31,9 +29,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -51,22 +48,10 @@ AUTO_BUDGET_BATCHES = 2.0
 ITEM_TIME_ALPHA = 0.2
 
 
-Query = tuple[str, torch.Tensor]  # a screened item's client id and pixels
-
-
-class Screening(Protocol):
-    """The stateful detector's work on the worker for a guarded batch's items that carry a
-    client id, in arrival order, in two steps (``app.service.stateful.WorkerScreening``, when its
-    store never waits on the network)."""
-
-    def prepare(self, queries: Sequence[Query]) -> object:
-        """What needs the queries alone, run on the batcher's helper thread while the worker
-        searches the index: it must not touch what ``screen`` changes."""
-
-    def screen(
-        self, queries: Sequence[Query], verdicts: Sequence[Verdict], prepared: object
-    ) -> list[Answer | None]:
-        """Per query, the answer to serve, or None to refuse (``prepared``: ``prepare``'s)."""
+# Screens a guarded batch's queries on the worker, in arrival order: (client id, pixels, verdict)
+# each -> the answer to serve each, or None to refuse (the stateful detector's, when its store
+# never waits on the network: app.service.stateful.batch_screening)
+Screen = Callable[[Sequence[tuple[str, torch.Tensor, Verdict]]], list[Answer | None]]
 
 
 class QueueFullError(Exception):
@@ -126,12 +111,10 @@ class Batcher:
         on_expired: Callable[[int], None] = _noop_count,
         clock: Callable[[], float] = time.perf_counter,
         search_threads: int | None = None,
-        screening: Screening | None = None,
+        screen: Screen | None = None,
     ):
         self.guard = guard
-        self.screening = screening  # set before ``start``: the worker screens guarded batches
-        # prepares a batch's screening beside the index search (started with the worker)
-        self._helper: ThreadPoolExecutor | None = None
+        self.screen = screen  # set before ``start``: the worker then screens guarded batches
         # set before ``start``: gets a batch's look-ups as it starts (``submit``'s ``look_up``)
         self.before_run: Callable[[list[Any]], None] | None = None
         self.max_batch_size = max_batch_size
@@ -153,8 +136,6 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="advguard-batcher", daemon=True)
 
     def start(self) -> None:
-        if self.screening is not None:
-            self._helper = ThreadPoolExecutor(1, thread_name_prefix="advguard-screening-prepare")
         self._thread.start()
 
     def qsize(self) -> int:
@@ -196,7 +177,7 @@ class Batcher:
     ) -> asyncio.Future[BatchResult]:
         """Queue one image, from a running event loop: the future of that loop that gets its
         result. ``explain`` also computes its evidence (``app.core.explain``) in the worker, the
-        one thread that may search the index. With ``client_id`` and a ``screening``, a guarded
+        one thread that may search the index. With ``client_id`` and a ``screen``, a guarded
         result is also screened there (``BatchResult.screened``). ``look_up``: handed to
         ``before_run`` when its batch starts (an item never run is never handed)."""
         future: asyncio.Future[BatchResult] = asyncio.get_running_loop().create_future()
@@ -219,8 +200,6 @@ class Batcher:
             self._closed.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-        if self._helper is not None and not self._thread.is_alive():
-            self._helper.shutdown(wait=False)
 
     def _take(self, item: _Item) -> bool:
         """Whether the item goes into the batch: not cancelled (its client went away; read on
@@ -284,19 +263,16 @@ class Batcher:
                 on_device = None if pixels.device.type == "cpu" else pixels
                 features = self.guard.infer(pixels)
                 after_model = self.clock()
-                prepared = self._prepare(batch)
                 evidence = self.guard.evidence(features)
                 after_search = self.clock()
-                verdicts = self.guard.decide(features, evidence.scores)
-                results = list(verdicts)
+                results = list(self.guard.decide(features, evidence.scores))
                 rows = [i for i, item in enumerate(batch) if item.explain]
                 explained = self.guard.explain(features, evidence, rows)
                 explanations = dict(zip(rows, explained, strict=True))
-                served = self._screened(batch, verdicts, prepared)
-            else:  # guard off: the forward pass only, no index search, no screening
+            else:  # guard off: the forward pass only, no index search
                 results = self.guard.classify(pixels)
                 after_model = after_search = self.clock()
-                served = {}
+            served = self._screened(batch, results)
             after_screen = self.clock()
         except Exception as exc:  # the worker must survive anything a batch throws
             settle([(item.future, exc) for item in batch])
@@ -328,31 +304,19 @@ class Batcher:
             ]
         )
 
-    @staticmethod
-    def _screened_rows(batch: list[_Item]) -> tuple[list[int], list[Query]]:
-        """The rows of a guarded batch that are screened (submitted with a client id), and
-        their queries."""
-        rows = [row for row, item in enumerate(batch) if item.client_id is not None]
-        return rows, [(str(batch[row].client_id), batch[row].pixels) for row in rows]
-
-    def _prepare(self, batch: list[_Item]) -> Future[object] | None:
-        """Start preparing the batch's screening on the helper thread (None: nothing to
-        screen). The worker searches the index meanwhile: on two CPU cores the search leaves
-        one mostly idle, where this ~third of the screening's time runs instead of after it."""
-        if self.screening is None or self._helper is None:
-            return None
-        _, queries = self._screened_rows(batch)
-        return self._helper.submit(self.screening.prepare, queries) if queries else None
-
     def _screened(
-        self, batch: list[_Item], verdicts: Sequence[Verdict], prepared: Future[object] | None
+        self, batch: list[_Item], results: list[Classification]
     ) -> dict[int, Answer | None]:
         """Row -> the answer to serve (None: refuse), for the batch's guarded items submitted
-        with a client id, screened in arrival order; empty without a ``screening``. Waits for
-        the preparation (whose failure fails the batch, as the screening's own does)."""
-        if self.screening is None or prepared is None:
+        with a client id, screened in arrival order; empty without a ``screen``."""
+        if self.screen is None:
             return {}
-        rows, queries = self._screened_rows(batch)
-        ready = prepared.result()
-        served = self.screening.screen(queries, [verdicts[row] for row in rows], ready)
-        return dict(zip(rows, served, strict=True))
+        rows: list[int] = []
+        queries: list[tuple[str, torch.Tensor, Verdict]] = []
+        for row, (item, result) in enumerate(zip(batch, results, strict=True)):
+            if item.client_id is not None and isinstance(result, Verdict):
+                rows.append(row)
+                queries.append((item.client_id, item.pixels, result))
+        if not rows:
+            return {}
+        return dict(zip(rows, self.screen(queries), strict=True))

@@ -43,7 +43,7 @@ from app.service.settings import Settings
 from app.service.state import ApiError, Service
 from app.service.stateful import (
     ScreeningWorker,
-    WorkerScreening,
+    batch_screening,
     build_stateful,
     record_screened,
     screens_on_batch_worker,
@@ -167,7 +167,7 @@ def attach_stateful(service: Service) -> None:
     if screens_on_batch_worker(
         service.stateful.store.blocks, tracker.blocks, guard.network.device.type
     ):
-        service.batcher.screening = WorkerScreening(service, service.stateful)
+        service.batcher.screen = batch_screening(service, service.stateful)
     else:
         detector = service.stateful
         early = settings.stateful_look_up_early

@@ -19,12 +19,9 @@ lock back and forth), and the in-process store needed a lock: one owner thread h
 cost, and the store needs no lock. Which thread:
 
 - a store that never waits on the network (in process), with the model on the CPU: the batch
-  worker, right after the guard decides the batch (``WorkerScreening``): no second hand-off and
+  worker, right after the guard decides the batch (``batch_screening``): no second hand-off and
   no second wake-up of the event loop per batch, and the screening never competes for the
-  cores with the model's threads, since it runs between its batches. What needs the queries
-  alone (their fingerprints, their clients' recent queries for the blend test: ``prepare``) is
-  done on the batcher's helper thread while the worker searches the index, which leaves a core
-  mostly idle on a two-core CPU;
+  cores with the model's threads, since it runs between its batches;
 - Redis, or a model on a GPU: its own thread (``ScreeningWorker``), so that the model never
   waits on Redis, and a GPU's batches overlap the screening (``screens_on_batch_worker``).
   With ``ADVGUARD_STATEFUL_LOOK_UP_EARLY`` a query is screened there in two steps: *looked
@@ -73,7 +70,7 @@ from app.core.stateful.defaults import default_scheme
 from app.core.stateful.match_rule import Answer, DetectionReason, DetectionRule, MatchEvidence
 from app.core.stateful.schemes import WindowHashScheme
 from app.core.stateful.store import FingerprintStore, InProcessFingerprintStore, StoreQuery
-from app.service.batcher import Query
+from app.service.batcher import Screen
 from app.service.blend_memory import RedisBlendMemory
 from app.service.fingerprints import Found, RedisFingerprintStore
 from app.service.hashing import FingerprintHasher, is_large, stacked_on
@@ -139,16 +136,6 @@ class Screened:
     served: list[Answer | None]
     outcomes: list[Outcome]
     reasons: list[DetectionReason | None]  # which part of the rule detected it (None: none)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A batch's screening as far as the queries alone take it (``StatefulDetector.prepare``):
-    each query looked up (fingerprinted) and, with the blend test on, the batch against its
-    clients' recent queries (None: the test is off, or its memory failed)."""
-
-    looked_up: list[LookUp]
-    blends: BlendBatch | None
 
 
 @dataclass(frozen=True)
@@ -258,30 +245,13 @@ class StatefulDetector:
             its_print.keys,
         )
 
-    def prepare(self, queries: Sequence[Query]) -> Prepared:
-        """What screening a batch of (client id, pixels) needs before their answers, and
-        changes nothing that ``screen`` reads or writes: the queries fingerprinted and their
-        clients' recent queries for the blend test recalled and searched. For an in-process
-        store, on the batcher's helper thread while the worker searches the index; ``screen``
-        then takes it as ``prepared`` (and must follow before the next ``prepare``)."""
-        looked_up = [LookUp(client_id, pixels) for client_id, pixels in queries]
-        self.look_up(looked_up, store=False)
-        return Prepared(looked_up, self._recall_blends(looked_up, range(len(looked_up))))
-
-    def screen(
-        self,
-        batch: Sequence[Pending],
-        *,
-        write_now: bool = True,
-        prepared: Prepared | None = None,
-    ) -> Screened:
+    def screen(self, batch: Sequence[Pending], *, write_now: bool = True) -> Screened:
         """Match, store and judge the batch's queries in arrival order (fingerprinted here when
         not looked up before), with the store's round trips per batch, not per query: per
         query, the answer to serve (None: refuse) and the outcome. A store that fails (or
         failed at the look-up) answers those queries as usual. Queries looked up early in Redis
         get their answers written now, or with ``write_now`` False by ``write_answers`` once
-        they are served (or the store's next round trip). ``prepared``: ``prepare``'s for this
-        batch (its look-ups then are the ``Pending`` items' own)."""
+        they are served (or the store's next round trip)."""
         looked_up = [
             pending.look_up or LookUp(pending.client_id, pending.pixels) for pending in batch
         ]
@@ -293,10 +263,7 @@ class StatefulDetector:
         reasons: list[DetectionReason | None] = [None] * len(batch)
         available = self.available()
         judged = [i for i, query in enumerate(looked_up) if available and not query.failed]
-        if prepared is not None and len(judged) == len(batch):
-            blends = prepared.blends  # recalled for every query of the batch
-        else:
-            blends = self._recall_blends(looked_up, judged) if judged else None
+        blends = self._recall_blends(batch, judged) if judged else None
         if blends is None and self.blends is not None:
             judged = []  # the blend memory failed: the batch is answered unscreened
         matching = time.perf_counter()
@@ -351,7 +318,7 @@ class StatefulDetector:
         if self.metrics is not None:
             self.metrics.spent_screening(part, seconds)
 
-    def _recall_blends(self, batch: Sequence[LookUp], judged: Sequence[int]) -> BlendBatch | None:
+    def _recall_blends(self, batch: Sequence[Pending], judged: Sequence[int]) -> BlendBatch | None:
         """With the blend test on: the judged queries (indices in ``batch``), their sketches and
         their clients' recent queries, each client's first query already searched; None when
         the test is off or its memory failed (Redis down: fails open like the store)."""
@@ -711,39 +678,25 @@ def screens_on_batch_worker(store_blocks: bool, tracker_blocks: bool, model_devi
     return not store_blocks and not tracker_blocks and model_device == "cpu"
 
 
-class WorkerScreening:
-    """The batch worker's screening (``Batcher.screening``) for a store that never waits on the
-    network: a batch's queries prepared beside its index search (``StatefulDetector.prepare``),
-    then screened in arrival order and recorded in their clients' statistics together, as the
-    screening worker does (``ScreeningWorker``, beside the screening; here there is nothing to
-    wait on, so nothing to overlap)."""
+def batch_screening(service: Service, detector: StatefulDetector) -> Screen:
+    """The batch worker's screening (``Batcher.screen``) for a store that never waits on the
+    network: the batch's queries screened in arrival order, then recorded in their clients'
+    statistics together, as the screening worker does (``ScreeningWorker``, beside the
+    screening; here there is nothing to wait on, so nothing to overlap)."""
 
-    def __init__(self, service: Service, detector: StatefulDetector) -> None:
-        self.service = service
-        self.detector = detector
-
-    def prepare(self, queries: Sequence[Query]) -> Prepared:
-        return self.detector.prepare(queries)
-
-    def screen(
-        self, queries: Sequence[Query], verdicts: Sequence[Verdict], prepared: object
-    ) -> list[Answer | None]:
-        if not isinstance(prepared, Prepared):
-            raise TypeError(f"a batch is screened after its preparation, not {prepared!r}")
+    def screen(queries: Sequence[tuple[str, torch.Tensor, Verdict]]) -> list[Answer | None]:
         at = time.time()
         observations = [
-            observation_of(client, verdict, at, self.service.flag_policy)
-            for (client, _), verdict in zip(queries, verdicts, strict=True)
+            observation_of(client, verdict, at, service.flag_policy)
+            for client, _, verdict in queries
         ]
-        batch = [
-            Pending(client, pixels, answer_of(verdict), look_up=looked_up)
-            for (client, pixels), verdict, looked_up in zip(
-                queries, verdicts, prepared.looked_up, strict=True
-            )
-        ]
-        served = self.detector.screen(batch, prepared=prepared).served
-        record_screened(self.service, observations)
+        served = detector.screen_batch(
+            [Pending(client, pixels, answer_of(verdict)) for client, pixels, verdict in queries]
+        )
+        record_screened(service, observations)
         return served
+
+    return screen
 
 
 def track_all(service: Service, observations: Sequence[Observation]) -> None:

@@ -1,12 +1,11 @@
-"""The batch worker's screening (``Batcher.screening``): the stateful detector runs on the
-worker when its store never waits on the network, prepared on a helper thread beside the index
-search, then finished right after the guard decides a batch."""
+"""The batch worker's screening hook (``Batcher.screen``): the stateful detector runs on the
+worker, right after the guard decides a batch, when its store never waits on the network."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -15,8 +14,10 @@ import torch
 
 from app.core.guard import Guard, Verdict
 from app.core.stateful.match_rule import Answer
-from app.service.batcher import Batcher, BatcherClosedError, BatchResult, Query, QueueFullError
+from app.service.batcher import Batcher, BatcherClosedError, BatchResult, QueueFullError
 from tests.service.helpers import LoopThread
+
+Query = tuple[str, torch.Tensor, Verdict]
 
 
 def _one_batch(
@@ -37,44 +38,22 @@ def _one_batch(
         batcher.stop()
 
 
-class Recording:
-    """A screening that records each step's thread and clients; ``answer`` decides each
-    query's answer from its client and verdict; ``prepare_hook`` runs inside ``prepare``."""
-
-    def __init__(
-        self,
-        answer: Callable[[str, Verdict], Answer | None],
-        prepare_hook: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.answer = answer
-        self.prepare_hook = prepare_hook
-        self.steps: list[tuple[str, str, list[str]]] = []  # (step, thread, client ids)
-
-    def prepare(self, queries: Sequence[Query]) -> object:
-        self.steps.append(("prepare", threading.current_thread().name, [q[0] for q in queries]))
-        self.prepare_hook()
-        return [q[0] for q in queries]
-
-    def screen(
-        self, queries: Sequence[Query], verdicts: Sequence[Verdict], prepared: object
-    ) -> list[Answer | None]:
-        clients = [q[0] for q in queries]
-        assert prepared == clients  # this batch's preparation, in the same order
-        self.steps.append(("screen", threading.current_thread().name, clients))
-        return [self.answer(c, v) for c, v in zip(clients, verdicts, strict=True)]
-
-
 def test_a_batchs_queries_with_a_client_id_are_screened_on_the_worker_in_arrival_order(
     guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
 ) -> None:
-    # refuse the second client's query, answer the others with class 7
-    screening = Recording(lambda c, v: None if c == "b" else Answer("accepted", 7, 0.5, v.score))
-    batcher = Batcher(guard, max_batch_size=4, max_wait_s=30.0, screening=screening)
+    screened: list[tuple[str, list[str]]] = []  # (thread, client ids) per call
+
+    def screen(queries: Sequence[Query]) -> list[Answer | None]:
+        screened.append((threading.current_thread().name, [q[0] for q in queries]))
+        # refuse the second client's query, answer the others with class 7
+        return [
+            None if client == "b" else Answer("accepted", 7, 0.5, verdict.score)
+            for client, _, verdict in queries
+        ]
+
+    batcher = Batcher(guard, max_batch_size=4, max_wait_s=30.0, screen=screen)
     results = _one_batch(batcher, loop_thread, pixels, client_id=["a", None, "b", "a"])
-    assert screening.steps == [
-        ("prepare", "advguard-screening-prepare_0", ["a", "b", "a"]),
-        ("screen", "advguard-batcher", ["a", "b", "a"]),
-    ]
+    assert screened == [("advguard-batcher", ["a", "b", "a"])]
     assert [r.screened for r in results] == [True, False, True, True]
     assert results[2].served is None  # refused
     for r in (results[0], results[3]):
@@ -85,52 +64,18 @@ def test_a_batchs_queries_with_a_client_id_are_screened_on_the_worker_in_arrival
     assert [r.verdict.predicted_class for r in results] == [v.predicted_class for v in expected]
 
 
-def test_a_batchs_screening_is_prepared_while_the_worker_searches_the_index(
+def test_a_failing_screen_fails_its_batch_and_the_worker_goes_on(
     guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
 ) -> None:
-    """The preparation starts after the forward pass and runs beside the search: it sees the
-    search begin before it ends (run one after the other, it would wait in vain)."""
-    searching = threading.Event()
-    seen: list[bool] = []
-    real_infer, real_evidence = guard.infer, guard.evidence
+    calls: list[int] = []
 
-    def infer(batch: torch.Tensor) -> Any:
-        assert not screening.steps  # nothing prepared before the model has run
-        return real_infer(batch)
-
-    def evidence(features: Any) -> Any:
-        searching.set()
-        return real_evidence(features)
-
-    screening = Recording(
-        lambda c, v: Answer("accepted", 1, 0.5, v.score),
-        prepare_hook=lambda: seen.append(searching.wait(timeout=30.0)),
-    )
-    guard.infer = infer  # type: ignore[method-assign]
-    guard.evidence = evidence  # type: ignore[method-assign]
-    try:
-        batcher = Batcher(guard, max_batch_size=4, max_wait_s=30.0, screening=screening)
-        results = _one_batch(batcher, loop_thread, pixels, client_id=["a", "b", "c", "d"])
-    finally:
-        guard.infer, guard.evidence = real_infer, real_evidence  # type: ignore[method-assign]
-    assert seen == [True]
-    assert all(r.screened and r.served is not None for r in results)
-
-
-@pytest.mark.parametrize("failing_step", ["prepare", "screen"])
-def test_a_failing_screening_fails_its_batch_and_the_worker_goes_on(
-    guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread, failing_step: str
-) -> None:
-    def fail_first(step: str) -> None:
-        if failing_step == step and [s for s, _, _ in screening.steps].count(step) == 1:
+    def screen(queries: Sequence[Query]) -> list[Answer | None]:
+        calls.append(len(queries))
+        if len(calls) == 1:
             raise RuntimeError("a bug in the screening")
+        return [None for _ in queries]
 
-    def refuse(client: str, verdict: Verdict) -> Answer | None:
-        fail_first("screen")
-        return None
-
-    screening = Recording(refuse, prepare_hook=lambda: fail_first("prepare"))
-    batcher = Batcher(guard, max_batch_size=1, max_wait_s=0.0, screening=screening)
+    batcher = Batcher(guard, max_batch_size=1, max_wait_s=0.0, screen=screen)
     batcher.start()
     try:
         submit = partial(loop_thread.call, batcher.submit)
@@ -140,9 +85,7 @@ def test_a_failing_screening_fails_its_batch_and_the_worker_goes_on(
         unscreened = loop_thread.result(submit(pixels[2]))
     finally:
         batcher.stop()
-    assert [step for step, _, _ in screening.steps] == (
-        ["prepare", "prepare", "screen"] if failing_step == "prepare" else ["prepare", "screen"] * 2
-    )
+    assert calls == [1, 1]
     assert after.screened and after.served is None
     assert not unscreened.screened
 
@@ -150,18 +93,16 @@ def test_a_failing_screening_fails_its_batch_and_the_worker_goes_on(
 def test_the_guard_off_screens_nothing(
     guard: Guard, pixels: list[torch.Tensor], loop_thread: LoopThread
 ) -> None:
-    def unreachable(client: str, verdict: Verdict) -> Answer | None:
+    def screen(queries: Sequence[Query]) -> list[Answer | None]:
         raise AssertionError("an unguarded result was screened")
 
-    screening = Recording(unreachable)
-    batcher = Batcher(guard, max_batch_size=1, max_wait_s=0.0, guarded=False, screening=screening)
+    batcher = Batcher(guard, max_batch_size=1, max_wait_s=0.0, guarded=False, screen=screen)
     batcher.start()
     try:
         result = loop_thread.result(loop_thread.call(batcher.submit, pixels[0], client_id="a"))
     finally:
         batcher.stop()
     assert not result.screened and not isinstance(result.verdict, Verdict)
-    assert screening.steps == []
 
 
 def test_a_batchs_look_ups_go_to_before_run_together_before_the_model_runs(
