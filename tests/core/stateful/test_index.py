@@ -41,6 +41,23 @@ def test_repeated_at_least_against_a_counter(size: int, times: int) -> None:
         repeated_at_least(short_range, 0, 7, 9)
 
 
+@pytest.mark.parametrize("top", [2**16 - 1, 2**16, 2**31 - 1, 2**31])  # each sort's edges
+def test_repeated_at_least_at_the_sorts_widths(top: int) -> None:
+    """Offsets sorted as 16-, 32- or 64-bit values by the range's width give the same values:
+    the widest offset kept whole (a value at ``top`` counted, not wrapped onto a small one)."""
+    low = 5
+    rng = np.random.default_rng(top % 1_000)
+    body = rng.integers(0, 50, 300, dtype=np.int64)  # many repeats near the low end
+    numbers = np.concatenate([body, [top, top, top, 0]]) + low
+    rng.shuffle(numbers)
+    counts = collections.Counter(numbers.tolist())
+    for times in (1, 3, 8):
+        expected = sorted(value for value, n in counts.items() if n >= times)
+        got = repeated_at_least(numbers, times, low, low + top)
+        assert got.dtype == np.int64
+        assert got.tolist() == expected
+
+
 def test_a_batchs_buckets_against_sets() -> None:
     """``index_buckets_many`` gives each row's ``index_buckets``: the set of its nonzero hashes'
     buckets, ascending; rows with padding, one hash repeated, and padding only."""
