@@ -33,14 +33,15 @@ CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 RESULTS = REPO / "bench" / "results"
 
 
-def test_jpegs(limit: int, tar_path: Path = CIFAR_TAR) -> list[bytes]:
-    """The first ``limit`` CIFAR-10 test JPEGs (``test/<class>/<name>.jpg`` members) of a tar:
-    the full ../shared archive, or a smaller one of the same layout carried elsewhere."""
+def test_jpegs(limit: int, tar_path: Path = CIFAR_TAR, split: str = "test") -> list[bytes]:
+    """The first ``limit`` CIFAR-10 JPEGs of a split (``<split>/<class>/<name>.jpg`` members;
+    the test photos by default, ``train`` for the 50,000 others) of a tar: the full ../shared
+    archive, or a smaller one of the same layout carried elsewhere."""
     images: list[bytes] = []
     with tarfile.open(tar_path) as tar:
         for member in tar:
             parts = member.name.split("/")
-            if member.isfile() and len(parts) >= 3 and parts[-3] == "test":
+            if member.isfile() and len(parts) >= 3 and parts[-3] == split:
                 handle = tar.extractfile(member)
                 assert handle is not None
                 images.append(handle.read())

@@ -182,6 +182,38 @@ class Interleaving:
     device: str
 
 
+@dataclass(frozen=True)
+class Fill:
+    """Untimed queries sent to some services before their warm-up: ``count`` of ``requests``
+    (in turn) to each service named in ``services``, so that the timed slices read a query
+    screening's store that already holds them, as a service long in production does."""
+
+    requests: list[bytes]
+    count: int
+    services: frozenset[str]
+
+
+FILL_SLICE_S = 10.0  # one fill load's length: the fill goes on in such loads until sent
+
+
+async def fill_up(
+    host: str, port: int, admin_port: int, fill: Fill, concurrency: int
+) -> dict[str, Any]:
+    """At least ``fill.count`` requests of ``fill.requests`` sent to one service at
+    ``concurrency`` (closed loop, untimed), in loads of ``FILL_SLICE_S`` until that many have
+    gone (the last load's excess sends the first ones again): how many were sent and answered
+    200, and how long it took."""
+    sent, answered, seconds = 0, 0, 0.0
+    while sent < fill.count:
+        level = await load_level(
+            host, port, admin_port, fill.requests[: fill.count], concurrency, FILL_SLICE_S, sent
+        )
+        sent = level["next_request"]
+        answered += level["statuses"].get("200", 0)
+        seconds += level["seconds"]
+    return {"sent": sent, "answered": answered, "seconds": round(seconds, 1)}
+
+
 def requests_of(jpegs: list[bytes], clients: int) -> list[bytes]:
     """One prebuilt request per image, from ``clients`` ids in turn (``X-Client-ID``); 0: no
     header, so every request is the one client of the load generator's address."""
@@ -206,13 +238,15 @@ def interleaved(
     plan: Interleaving,
     label: str,
     redis_pid: int | None = None,
+    fill: Fill | None = None,
 ) -> dict[str, Any]:
     """Every service of ``envs`` started at once and loaded in turn, one slice each per round
     (the order flipped every round): on a machine shared with other jobs, whose load drifts over
     minutes, each service sees the same drift. Throughput = all answered requests / all loaded
     seconds of the service. Also the CPU time the service (and Redis, when given) spent per
     answered request: on cores shared with other jobs, far steadier than throughput, and what
-    bounds throughput on busy cores."""
+    bounds throughput on busy cores. With ``fill``, its services are sent its untimed queries
+    first (``fill_up``), before the warm-up."""
     with contextlib.ExitStack() as stack:
         ports, pids = {}, {}
         for name, env in envs.items():
@@ -220,6 +254,12 @@ def interleaved(
             host, port_text = base.removeprefix("http://").rsplit(":", 1)
             admin = int(admin_base(server).rsplit(":", 1)[1])
             ports[name], pids[name] = (host, int(port_text), admin), server.pid
+        filled: dict[str, dict[str, Any]] = {}
+        for name in [] if fill is None else [n for n in envs if n in fill.services]:
+            assert fill is not None
+            host, port, admin = ports[name]
+            filled[name] = asyncio.run(fill_up(host, port, admin, fill, plan.concurrency))
+            print(f"{label} {name} filled:", filled[name], flush=True)
         # untimed: a few clients, then one slice each at the measured concurrency, so that no
         # service's first timed slice is its first under full load (batch sizes, caches)
         following = {name: 0 for name in envs}
@@ -259,6 +299,7 @@ def interleaved(
             "stateful_stage_ms_mean": round(float(np.mean(stateful)), 2),
             "screening_ms_per_query": screening_means(levels),
             "levels": levels,
+            **({"filled": filled[name]} if name in filled else {}),
         }
     return out
 

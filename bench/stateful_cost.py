@@ -51,7 +51,7 @@ from bench.common import (
     write_results,
 )
 from bench.load_service import CIFAR_TAR, test_jpegs
-from bench.service_load import Interleaving, interleaved, requests_of
+from bench.service_load import Fill, Interleaving, interleaved, requests_of
 from evaluation.honest_traffic import train_photos
 
 SECRET = b"bench-secret"
@@ -260,6 +260,10 @@ def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
     if args.torch_threads:
         base["ADVGUARD_TORCH_THREADS"] = str(args.torch_threads)
     backends = ["memory"] if args.no_redis_service else ["memory", "redis"]
+    fill = None
+    if args.fill:  # the training photos: none of them is among the timed test uploads
+        photos = test_jpegs(args.fill, split="train")
+        fill = Fill(requests_of(photos, args.clients), args.fill, frozenset({"on"}))
     runs: dict[str, Any] = {}
     for backend in backends:
         with tempfile.TemporaryDirectory() as workdir:
@@ -276,7 +280,7 @@ def throughput(args: argparse.Namespace, jpegs: list[bytes]) -> dict[str, Any]:
                 pid = None if server is None else server.pid
                 plan = Interleaving(args.rounds, args.slice, args.concurrency, args.device)
                 requests = requests_of(jpegs, args.clients)
-                runs[backend] = interleaved(envs, requests, plan, backend, pid)
+                runs[backend] = interleaved(envs, requests, plan, backend, pid, fill)
             finally:
                 if server is not None:
                     server.terminate()
@@ -386,7 +390,9 @@ def _throughput_section(tp: dict[str, Any], args: argparse.Namespace) -> list[st
     lines = [
         "",
         f"Service: both variants started together and loaded in turn ({args.rounds} rounds "
-        f"of {args.slice:g} s each, concurrency {args.concurrency}, {who}).",
+        f"of {args.slice:g} s each, concurrency {args.concurrency}, {who})"
+        + _fill_words(tp, args)
+        + ".",
         "",
         "| service | stateful off | on | on / off | on / off by round (95% interval) "
         "| CPU per request, off / on (service + Redis) |",
@@ -418,6 +424,18 @@ def _throughput_section(tp: dict[str, Any], args: argparse.Namespace) -> list[st
         f"code with `advguard bench pool_rounds --target {THROUGHPUT_TARGET:g}`. The CPU per "
         "request is steadier, and shown beside it.",
     ]
+
+
+def _fill_words(tp: dict[str, Any], args: argparse.Namespace) -> str:
+    """How the screened services' stores were filled before the timed slices (none: nothing)."""
+    if not getattr(args, "fill", 0):
+        return "; the screened services' stores held only the run's own queries"
+    sent = [run["on"]["filled"]["sent"] for run in tp["runs"].values() if "filled" in run["on"]]
+    return (
+        f"; each screened service was first sent {args.fill:,} distinct CIFAR-10 training photos, "
+        f"untimed ({', '.join(f'{n:,}' for n in sent)} sent in all), so that its store held them"
+        " when the timed slices began"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -466,6 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-redis-service",
         action="store_true",
         help="throughput runs with the in-process stores only, none with Redis",
+    )
+    parser.add_argument(
+        "--fill",
+        type=at_least(0),
+        default=0,
+        help="untimed uploads of distinct CIFAR-10 training photos sent to each screened service "
+        "before its warm-up, from the same client ids, so that the timed slices read a store "
+        "that holds them (the default ring: 50000); 0: none (default: %(default)s)",
     )
     parser.add_argument(
         "--out", default="stateful_cost", help="results file name under bench/results"

@@ -59,3 +59,16 @@ def test_a_results_file_from_before_the_interval_still_renders(results: dict) ->
     assert all(
         row.split("|")[5].strip() == "- (target 90%: **not measured**)" for row in rows.values()
     )
+
+
+def test_the_report_says_whether_the_stores_were_filled_first(results: dict) -> None:
+    """A run without ``--fill`` says its stores held only its own queries; one with it says how
+    many training photos each screened service was sent first."""
+    args = argparse.Namespace(**{**results["settings"], "fill": 0})
+    assert "held only the run's own queries" in table(results, args)
+    filled = copy.deepcopy(results)
+    for run in filled["throughput"]["runs"].values():
+        run["on"]["filled"] = {"sent": 52_000, "answered": 52_000, "seconds": 190.0}
+    report = table(filled, argparse.Namespace(**{**results["settings"], "fill": 50_000}))
+    assert "first sent 50,000 distinct CIFAR-10 training photos" in report
+    assert "52,000, 52,000 sent in all" in report
