@@ -97,7 +97,10 @@ def classify(base: str, kind: str, data: bytes | Iterator[bytes]) -> Outcome:
                 assert response.json()["decision"] in ("accepted", "rejected")
         except httpx.ConnectError as exc:
             refused = isinstance(exc.__cause__, ConnectionRefusedError) or "refused" in str(exc)
-            result = "refused" if refused else f"ConnectError: {exc}"
+            # reset while connecting: the kernel queued the handshake on the listener just as
+            # uvicorn closed it (a CI run, 2026-12-07); nothing was sent, so it is dropped
+            reset = isinstance(exc.__cause__, ConnectionResetError) or "reset by peer" in str(exc)
+            result = "refused" if refused else "dropped" if reset else f"ConnectError: {exc}"
         except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
             result = "dropped"  # the connection closed without a response
         except httpx.HTTPError as exc:
