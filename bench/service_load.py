@@ -203,11 +203,10 @@ async def fill_up(
     ``concurrency`` (closed loop, untimed), in loads of ``FILL_SLICE_S`` until that many have
     gone (the last load's excess sends the first ones again): how many were sent and answered
     200, and how long it took."""
+    requests = fill.requests[: fill.count]
     sent, answered, seconds = 0, 0, 0.0
     while sent < fill.count:
-        level = await load_level(
-            host, port, admin_port, fill.requests[: fill.count], concurrency, FILL_SLICE_S, sent
-        )
+        level = await load_level(host, port, admin_port, requests, concurrency, FILL_SLICE_S, sent)
         sent = level["next_request"]
         answered += level["statuses"].get("200", 0)
         seconds += level["seconds"]
@@ -255,11 +254,11 @@ def interleaved(
             admin = int(admin_base(server).rsplit(":", 1)[1])
             ports[name], pids[name] = (host, int(port_text), admin), server.pid
         filled: dict[str, dict[str, Any]] = {}
-        for name in [] if fill is None else [n for n in envs if n in fill.services]:
-            assert fill is not None
-            host, port, admin = ports[name]
-            filled[name] = asyncio.run(fill_up(host, port, admin, fill, plan.concurrency))
-            print(f"{label} {name} filled:", filled[name], flush=True)
+        for name in envs:
+            if fill is not None and name in fill.services:
+                host, port, admin = ports[name]
+                filled[name] = asyncio.run(fill_up(host, port, admin, fill, plan.concurrency))
+                print(f"{label} {name} filled:", filled[name], flush=True)
         # untimed: a few clients, then one slice each at the measured concurrency, so that no
         # service's first timed slice is its first under full load (batch sizes, caches)
         following = {name: 0 for name in envs}

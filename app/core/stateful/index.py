@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from app.core.stateful.hashes import U64
+from app.core.stateful.hashes import U64, distinct_of_sorted
 
 # A store's index files each query under buckets of its window hashes. Two queries whose
 # sketches share the match threshold's 25 bits share about that many window hashes (chance bit
@@ -109,13 +109,8 @@ def repeated_at_least(
     ordered = _sorted_offsets(numbers - low, high - low)
     gap = times - 1
     runs = ordered[gap:][ordered[gap:] == ordered[: len(ordered) - gap]]
-    if len(runs) < 2:
-        repeated: npt.NDArray[np.int64] = runs.astype(np.int64) + low
-        return repeated
-    distinct = np.empty(len(runs), dtype=bool)  # runs are sorted: keep each value's first
-    distinct[0] = True
-    np.not_equal(runs[1:], runs[:-1], out=distinct[1:])
-    repeated = runs[distinct].astype(np.int64) + low
+    # the runs are in sorted order already: no second sort
+    repeated: npt.NDArray[np.int64] = distinct_of_sorted(runs).astype(np.int64) + low
     return repeated
 
 
