@@ -144,9 +144,10 @@ def record_dtype(words: int) -> np.dtype[Any]:
 # {seq before the add, the new entry's number, the entry numbers filed in the query's buckets:
 # one string a bucket, 4 bytes a number, big-endian}: the service joins and counts them
 # (``_filed_of``) and fetches the candidates. The lists are returned as they are, not joined in
-# Lua: ``table.concat`` of a query's ~25 KB of lists cost ~60 us of Redis's ~500 a query on a
-# full default ring, and returning them as 114 strings 25-55 us less in all than joined (ad hoc,
-# 2026-12-08, ``INFO commandstats``); redis-py's parser and ``bytes.join`` take a few us.
+# Lua: ``table.concat`` of a query's ~25 KB of lists was ~60 us of the script's time; on a full
+# default ring the script took 0.63-0.65 ms of Redis a query joined, 0.50-0.52 unjoined
+# (``bench.stateful_cost``'s store figure, two runs each, 2026-12-08; docs/service.md);
+# redis-py's parser and ``bytes.join`` take a few us.
 _GLOBAL_BODY = """
 local sweep_at = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
